@@ -1,0 +1,201 @@
+"""``parkway`` command line: serve, sign, check-config, demo.
+
+``parkway serve ID SECRET --header "Name: value"`` takes Signway's own arguments (and its
+``$PORT``), so a Signway user switches by changing the command name only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from . import logs
+from .config import Config, config_from_dict, load_config
+from .errors import ConfigError
+
+
+def _header_pairs(values: Sequence[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            parser.error(f"invalid header {item.split(':', 1)[0]!r}: expected \"Name: value\"")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def signway_compat_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    """The config Signway's command line implies: one credential, ``0.0.0.0:$PORT``."""
+    listen = args.listen or [f"0.0.0.0:{os.environ.get('PORT', '3000')}"]
+    data: dict = {
+        "server": {"listen": listen},
+        "credentials": [{"id": args.id, "secret": args.secret, "headers": _header_pairs(args.header, parser)}],
+    }
+    cors = {}
+    for key, value in (
+        ("allow_origins", _csv(args.access_control_allow_origin)),
+        ("allow_methods", _csv(args.access_control_allow_methods)),
+        ("allow_headers", _csv(args.access_control_allow_headers)),
+    ):
+        if value is not None:
+            cors[key] = value
+    if cors:
+        data["cors"] = cors
+    if args.log_format:
+        data["log"] = {"format": args.log_format}
+    return config_from_dict(data, os.environ)
+
+
+def _print_problems(source: str, exc: ConfigError) -> None:
+    for problem in exc.problems:
+        print(f"{source}: {problem}", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import trio
+
+    from .app import Parkway, run_until_signalled
+
+    try:
+        if args.config:
+            if args.id or args.secret:
+                parser.error("give either --config FILE or ID SECRET, not both")
+            config = load_config(args.config)
+        elif args.id and args.secret:
+            config = signway_compat_config(args, parser)
+        else:
+            parser.error("serve needs --config FILE, or ID and SECRET like Signway")
+    except ConfigError as exc:
+        _print_problems(args.config or "command line", exc)
+        return 1
+    if args.listen and args.config:
+        from dataclasses import replace
+
+        config = replace(config, server=replace(config.server, listen=tuple(args.listen)))
+    logs.configure(config.log.level, config.log.format)
+    try:
+        trio.run(run_until_signalled, Parkway(config))
+    except OSError as exc:  # e.g. address in use
+        print(f"parkway: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .signing import sign_url
+    from .urls import InvalidURL
+
+    secret = args.secret or (os.environ.get(args.secret_env) if args.secret_env else None)
+    if not secret:
+        parser.error("a secret is needed: --secret or --secret-env NAME")
+    params = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"invalid --param {item!r}: expected key=value")
+        params[key] = value
+    try:
+        url = sign_url(
+            id=args.id,
+            secret=secret,
+            host=args.host,
+            proxy_url=args.proxy,
+            expiry=args.expiry,
+            method=args.method,
+            headers=_header_pairs(args.header, parser) or None,
+            body=args.body,
+            params=params or None,
+        )
+    except InvalidURL as exc:
+        parser.error(f"--proxy: {exc}")
+    print(url)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        _print_problems(args.file, exc)
+        print(f"{args.file}: {len(exc.problems)} problem(s); Parkway would refuse to start", file=sys.stderr)
+        return 1
+    ids = ", ".join(c.id for c in config.credentials) or "none"
+    print(f"{args.file}: OK (listen {', '.join(config.server.listen)}; credentials: {ids})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import trio
+
+    from .demo import run_demo
+
+    logs.configure("info" if args.verbose else "warning", "console")
+    try:
+        return trio.run(run_demo, args.port, args.once, args.delay)
+    except OSError as exc:
+        print(f"parkway demo: cannot listen: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parkway", description="Signed-URL reverse proxy for LLM APIs, on Trio.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy (from --config FILE, or Signway's ID SECRET arguments)")
+    serve.add_argument("id", nargs="?", help="access id that signs URLs for this server (Signway mode)")
+    serve.add_argument("secret", nargs="?", help="secret of that id (Signway mode)")
+    serve.add_argument("--config", "-c", help="TOML configuration file")
+    serve.add_argument("--header", action="append", default=[], metavar="'Name: value'",
+                       help="header added to every forwarded request (repeatable)")
+    serve.add_argument("--listen", action="append", metavar="HOST:PORT",
+                       help="listen address (repeatable); default 0.0.0.0:$PORT, PORT defaulting to 3000")
+    serve.add_argument("--access-control-allow-origin")
+    serve.add_argument("--access-control-allow-methods")
+    serve.add_argument("--access-control-allow-headers")
+    serve.add_argument("--no-bytes-monitor", action="store_true", help="accepted for Signway compatibility")
+    serve.add_argument("--log-format", choices=["json", "console"])
+    serve.set_defaults(func=cmd_serve)
+
+    sign = sub.add_parser("sign", help="print a signed URL")
+    sign.add_argument("--id", required=True)
+    sign.add_argument("--secret")
+    sign.add_argument("--secret-env", metavar="NAME", help="read the secret from this environment variable")
+    sign.add_argument("--proxy", required=True, help="upstream URL the request is forwarded to")
+    sign.add_argument("--method", default="POST")
+    sign.add_argument("--expiry", type=int, default=300, help="seconds the URL stays valid (default 300)")
+    sign.add_argument("--header", action="append", default=[], metavar="'Name: value'",
+                      help="header the client must send with this exact value (repeatable)")
+    sign.add_argument("--body", help="exact request body to sign")
+    sign.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                      help="extra signed query parameter (repeatable)")
+    sign.add_argument("--host", default=os.environ.get("PARKWAY_URL", "http://127.0.0.1:3000"),
+                      help="Parkway's public base URL (default $PARKWAY_URL or http://127.0.0.1:3000)")
+    sign.set_defaults(func=cmd_sign)
+
+    check = sub.add_parser("check-config", help="validate a TOML file and list every problem")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+
+    demo = sub.add_parser("demo", help="Parkway plus a mock OpenAI upstream on loopback; no key, no internet")
+    demo.add_argument("--once", action="store_true", help="send one signed request, show the stream, exit")
+    demo.add_argument("--port", type=int, default=0, help="Parkway's port (default: any free port)")
+    demo.add_argument("--delay", type=float, default=0.08, help="seconds between streamed words")
+    demo.add_argument("--verbose", "-v", action="store_true", help="show Parkway's request log")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

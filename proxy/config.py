@@ -1,0 +1,497 @@
+"""Parkway's configuration: one TOML file read into frozen dataclasses.
+
+Everything here is pure except ``load_config``, the one function that reads a file and the
+process environment, so every rule is tested with plain strings and dictionaries. Validation
+collects every problem with its key path before refusing, so an operator fixes a file in one
+pass. Secrets and injected header values never appear in a ``repr`` or in a problem message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from functools import partial
+from typing import Any, ClassVar, NoReturn
+from urllib.parse import urlsplit
+
+from .errors import ConfigError, ConfigProblem
+from .urls import InvalidURL, normalize_prefix
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Listening addresses, timeouts (seconds) and limits."""
+
+    listen: tuple[str, ...] = ("127.0.0.1:3000",)  # "host:port" or "[v6]:port"; see split_host_port
+    header_read_timeout: float = 10.0  # to receive a full request head
+    keepalive_timeout: float = 75.0  # idle time between requests on a kept-alive connection
+    client_body_timeout: float = 30.0  # max gap between request-body chunks from the client
+    client_write_timeout: float = 60.0  # max time one write to a slow client may take
+    upstream_connect_timeout: float = 10.0
+    upstream_first_byte_timeout: float = 120.0  # until response headers arrive
+    upstream_idle_timeout: float = 120.0  # max gap between upstream body chunks
+    request_timeout: float = 900.0  # overall cap on one request, 0 = none
+    max_header_bytes: int = 16384
+    max_signed_body_bytes: int = 1048576  # max body buffered for signed-body verification
+    max_connections: int = 10000
+    drain_timeout: float = 30.0  # grace for in-flight requests on shutdown, 0 = cancel at once
+    clock_skew: float = 60.0  # tolerance for X-Sw-Date in the future and for expiry
+    max_expiry: int = 604800  # refuse X-Sw-Expires above this (7 days, like SigV4)
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """Who may sign URLs, with which secrets, and what Parkway adds to the upstream request."""
+
+    id: str
+    secrets: tuple[str, ...] = field(repr=False)  # several allow rotation: any one verifies
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # names as written
+    allowed_upstreams: tuple[str, ...] = ()  # URL prefixes; empty = any upstream
+
+
+@dataclass(frozen=True, slots=True)
+class CorsConfig:
+    allow_origins: tuple[str, ...] = ("*",)
+    allow_methods: tuple[str, ...] = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+    allow_headers: tuple[str, ...] = ("*",)
+    expose_headers: tuple[str, ...] = ()
+    max_age: int = 600
+    allow_credentials: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"  # debug | info | warning | error
+    format: str = "json"  # json | console
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``credential(id)`` is the per-request lookup."""
+
+    server: ServerConfig = ServerConfig()
+    credentials: tuple[Credential, ...] = ()
+    cors: CorsConfig = CorsConfig()
+    log: LogConfig = LogConfig()
+
+    # Not a field, so equality, hashing, repr and asdict() ignore it.
+    _by_id: ClassVar[Mapping[str, Credential]]
+
+    def __post_init__(self) -> None:
+        by_id = {c.id: c for c in self.credentials}
+        if len(by_id) != len(self.credentials):
+            raise ValueError("credential ids must be unique")
+        object.__setattr__(self, "_by_id", by_id)
+
+    def credential(self, id: str) -> Credential | None:
+        """The credential named ``id``, or None (O(1): called on every request)."""
+        return self._by_id.get(id)
+
+
+# --- public functions -----------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the file at ``path``; ``env`` defaults to ``os.environ``."""
+    try:
+        with open(path, "rb") as file:
+            text = file.read().decode("utf-8")
+    except OSError as exc:
+        message = f"cannot read {os.fspath(path)!r}: {exc.strerror or exc}"
+        raise ConfigError([ConfigProblem("", message)]) from None
+    except UnicodeDecodeError as exc:
+        message = f"{os.fspath(path)!r} is not UTF-8 (byte {exc.start}), as TOML requires"
+        raise ConfigError([ConfigProblem("", message)]) from None
+    return parse_config(text, os.environ if env is None else env)
+
+
+def parse_config(text: str, env: Mapping[str, str]) -> Config:
+    """Parse TOML ``text``; raises ConfigError listing every problem found."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line L, column C)"
+        raise ConfigError([ConfigProblem("", f"invalid TOML: {exc}")]) from None
+    return config_from_dict(data, env)
+
+
+def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
+    """Validate already-parsed TOML ``data``; raises ConfigError listing every problem found."""
+    if not isinstance(data, Mapping):
+        raise ConfigError([ConfigProblem("", f"expected a table, got {_kind(data)}")])
+    problems: list[ConfigProblem] = []
+    root = _Table(data, "", problems)
+    server = _section(root.table("server"), ServerConfig, _SERVER_RULES)
+    credentials = _credentials(root.tables("credentials"), env)
+    cors = _section(root.table("cors"), CorsConfig, _CORS_RULES)
+    log = _section(root.table("log"), LogConfig, _LOG_RULES)
+    root.finish()
+    if cors.allow_credentials and "*" in cors.allow_origins:
+        root.report(
+            "cors.allow_credentials",
+            "cannot be true while allow_origins contains '*': browsers reject credentialed "
+            "responses for a wildcard origin; list the origins instead",
+        )
+    if problems:
+        raise ConfigError(problems)
+    return Config(server, credentials, cors, log)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENV_REF = re.compile(r"\$\$\{|\$\{(?P<name>[^}]*)(?P<close>\}?)")
+
+
+def expand_env(value: str, env: Mapping[str, str], path: str) -> str:
+    """Replace each ``${NAME}`` with ``env[NAME]``; ``$${`` stands for a literal ``${``.
+
+    Substituted text is not expanded again. Unset or empty variables are refused (an empty
+    API key is never meant). Raises ConfigError at ``path``; messages name variables, never values.
+    """
+    problems: list[ConfigProblem] = []
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match["name"]
+        if match[0] == "$${":
+            return "${"
+        if not match["close"]:
+            problems.append(ConfigProblem(path, "unterminated '${' (write '$${' for a literal '${')"))
+        elif not _ENV_NAME.fullmatch(name):  # not echoed: it may be a secret pasted in by mistake
+            problems.append(ConfigProblem(path, "'${...}' must hold a variable name (letters, digits, _)"))
+        elif not env.get(name):
+            problems.append(ConfigProblem(path, f"environment variable {name} is not set or is empty"))
+        else:
+            return env[name]
+        return ""
+
+    result = _ENV_REF.sub(substitute, value)
+    if problems:
+        raise ConfigError(problems)
+    return result
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6]:port`` into a host (brackets removed) and a port.
+
+    Raises ValueError saying what is wrong; the server uses it to bind the ``listen`` entries.
+    """
+    host, colon, port = address.rpartition(":")
+    if not colon:
+        raise ValueError(f"{address!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"{address!r}: write an IPv6 address in brackets, as in [::1]:3000")
+    if not host:
+        raise ValueError(f"{address!r} has an empty host")
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f"{address!r}: the port must be a number from 0 to 65535")
+    return host, int(port)
+
+
+# --- reading tables ---------------------------------------------------------------------------
+
+# A converter takes (value, key path) and returns the checked value, or raises ConfigError.
+_Convert = Callable[[Any, str], Any]
+_KINDS = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
+
+
+def _kind(value: object) -> str:
+    """The TOML name of ``value``'s type: messages say what was found, never the value itself."""
+    return _KINDS.get(type(value), type(value).__name__)
+
+
+def _fail(path: str, message: str) -> NoReturn:
+    raise ConfigError([ConfigProblem(path, message)])
+
+
+def _all(checks: Iterable[Callable[[], Any]]) -> tuple[Any, ...]:
+    """Run every check; return their values, or raise one ConfigError with all their problems."""
+    values, problems = [], []
+    for check in checks:
+        try:
+            values.append(check())
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return tuple(values)
+
+
+def _join(path: str, key: str) -> str:
+    """Extend a key path the way TOML writes it, quoting keys that are not bare."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        key = json.dumps(key)
+    return f"{path}.{key}" if path else key
+
+
+class _Table:
+    """One TOML table being read: its path, the keys asked for so far, and the shared problem list."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, problems: list[ConfigProblem]):
+        self.data, self.path, self.problems = data, path, problems
+        self.allowed: list[str] = []
+
+    def at(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def report(self, path: str, message: str) -> None:
+        self.problems.append(ConfigProblem(path, message))
+
+    def value(self, key: str, default: Any, convert: _Convert, *, required: bool = False) -> Any:
+        """``convert`` the value at ``key``; on a problem, record it and carry on with ``default``."""
+        self.allowed.append(key)
+        if key not in self.data:
+            if required:
+                self.report(self.at(key), "is required")
+            return default
+        try:
+            return convert(self.data[key], self.at(key))
+        except ConfigError as exc:
+            self.problems.extend(exc.problems)
+            return default
+
+    def table(self, key: str) -> _Table:
+        return _Table(self.value(key, {}, _expect(dict, "a table")), self.at(key), self.problems)
+
+    def tables(self, key: str) -> list[_Table]:
+        items = self.value(key, [], _expect(list, f"an array of tables ([[{key}]])"))
+        tables = []
+        for i, item in enumerate(items):
+            if isinstance(item, dict):
+                tables.append(_Table(item, f"{self.at(key)}[{i}]", self.problems))
+            else:
+                self.report(f"{self.at(key)}[{i}]", f"expected a table, got {_kind(item)}")
+        return tables
+
+    def finish(self) -> None:
+        """Report keys nobody asked for: a typo must not silently leave a default in place."""
+        for key in self.data:
+            if key not in self.allowed:
+                self.report(self.at(key), f"unknown key {key!r}; allowed keys: {', '.join(self.allowed)}")
+
+
+def _section(table: _Table, cls: type, rules: Mapping[str, _Convert]) -> Any:
+    """Build dataclass ``cls`` from ``table`` with one converter per field; absent keys keep defaults."""
+    values = {f.name: table.value(f.name, f.default, rules[f.name]) for f in fields(cls)}
+    table.finish()
+    return cls(**values)
+
+
+# --- converters -------------------------------------------------------------------------------
+
+
+def _expect(kind: type, name: str) -> _Convert:
+    def convert(value: Any, path: str) -> Any:
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            _fail(path, f"expected {name}, got {_kind(value)}")
+        return value
+
+    return convert
+
+
+_str = _expect(str, "a string")
+
+
+def _list_of(item: _Convert, *, single_ok: bool = False, non_empty: bool = False) -> _Convert:
+    """An array whose items are each checked by ``item``; with ``single_ok`` a lone value is one item."""
+
+    def convert(value: Any, path: str) -> tuple[Any, ...]:
+        if single_ok and not isinstance(value, list):
+            return (item(value, path),)
+        items = _expect(list, "an array")(value, path)
+        if non_empty and not items:
+            _fail(path, "must not be empty")
+        return _all(partial(item, each, f"{path}[{i}]") for i, each in enumerate(items))
+
+    return convert
+
+
+def _number(minimum: float, *, above: bool = False, integer: bool = False) -> _Convert:
+    """A finite number >= ``minimum`` (> with ``above``); TOML integers also serve as floats."""
+
+    def convert(value: Any, path: str) -> float | int:
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            _fail(path, f"expected {'an integer' if integer else 'a number'}, got {_kind(value)}")
+        if not math.isfinite(value):
+            _fail(path, "must be a finite number")
+        if value < minimum or (above and value == minimum):
+            _fail(path, f"must be {'greater than' if above else 'at least'} {minimum:g}")
+        return value if integer else float(value)
+
+    return convert
+
+
+def _choice(*options: str) -> _Convert:
+    def convert(value: Any, path: str) -> str:
+        if _str(value, path).lower() not in options:
+            _fail(path, f"must be one of {', '.join(options)}, not {value!r}")
+        return value.lower()
+
+    return convert
+
+
+def _listen_address(value: Any, path: str) -> str:
+    try:
+        split_host_port(_str(value, path))
+    except ValueError as exc:
+        _fail(path, str(exc))
+    return value
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 (RFC 7230 §3.2.6)
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+")
+
+
+def _token(value: Any, path: str) -> str:
+    if not _TOKEN.fullmatch(_str(value, path)):
+        _fail(path, f"{value!r} is not an HTTP token (RFC 9110 §5.6.2)")
+    return value
+
+
+def _origin(value: Any, path: str) -> str:
+    """'*', or an origin the way browsers send it: scheme://host[:port], no path; lower-cased."""
+    if _str(value, path) == "*":
+        return value
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        parts = None
+    if not (parts and parts.hostname and _ORIGIN.fullmatch(value)):
+        _fail(path, f"{value!r} is not '*' or scheme://host[:port] (an Origin has no path, not even '/')")
+    return value.lower()
+
+
+def _upstream_prefix(value: Any, path: str) -> str:
+    """An absolute http(s) URL prefix in the canonical form ``urls.normalize_url`` gives requests.
+
+    Requests are compared with these prefixes as text, so both sides must be spelled alike
+    (lower-case scheme and host, no default port, a bare origin ending in '/').
+    """
+    if re.search(r"\s", _str(value, path)):  # the normaliser would quietly strip it
+        _fail(path, "must not contain whitespace")
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        _fail(path, f"{value!r} is not a valid URL")
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        _fail(path, f"{value!r} must be an absolute http:// or https:// URL with a host")
+    if "@" in parts.netloc:  # not echoed: user info may hold a password
+        _fail(path, "must not contain user info (user:password@)")
+    if "#" in value:
+        _fail(path, f"{value!r} must not contain a fragment ('#'): it is never sent upstream")
+    try:
+        return normalize_prefix(value)
+    except InvalidURL as exc:
+        _fail(path, str(exc))
+
+
+def _non_empty(value: Any, path: str) -> str:
+    if not _str(value, path):
+        _fail(path, "must not be empty")
+    return value
+
+
+def _credential_id(value: Any, path: str) -> str:
+    if "/" in _non_empty(value, path):
+        _fail(path, f"{value!r} must not contain '/': it separates the id from the scope in X-Sw-Credential")
+    return value
+
+
+def _secret_from(env: Mapping[str, str]) -> _Convert:
+    def convert(value: Any, path: str) -> str:
+        if not _ENV_NAME.fullmatch(_str(value, path)):  # not echoed: it may be a misplaced secret
+            _fail(path, "must name an environment variable (letters, digits, _); secrets go in 'secret'")
+        if not env.get(value):
+            _fail(path, f"environment variable {value} is not set or is empty")
+        return env[value]
+
+    return convert
+
+
+_HOP_BY_HOP = "is hop-by-hop (RFC 9110 §7.6.1): it describes one connection and Parkway manages it"
+_NOT_INJECTABLE = {
+    **dict.fromkeys(
+        ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"],
+        _HOP_BY_HOP,
+    ),
+    "host": "is set from the upstream URL",
+    "content-length": "is computed from the body being forwarded",
+}
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
+
+
+def _headers(env: Mapping[str, str]) -> _Convert:
+    """The ``[credentials.headers]`` table: name = value, each value expanded with ``${VAR}``."""
+
+    def header(name: str, value: Any, path: str, seen: set[str]) -> tuple[str, str]:
+        if not _TOKEN.fullmatch(name):
+            _fail(path, f"{name!r} is not a valid header name (an RFC 9110 token)")
+        if reason := _NOT_INJECTABLE.get(name.lower()):
+            _fail(path, f"{name} cannot be injected: it {reason}")
+        if name.lower() in seen:
+            _fail(path, f"{name} is set twice (header names are case-insensitive)")
+        seen.add(name.lower())
+        expanded = expand_env(_str(value, path), env, path)
+        if not _FIELD_VALUE.fullmatch(expanded):
+            # CR/LF/NUL would let a value smuggle in more headers; httpx refuses non-ASCII anyway.
+            _fail(path, "value may hold only visible ASCII, space and tab (no CR, LF, NUL or controls)")
+        return name, expanded
+
+    def convert(value: Any, path: str) -> tuple[tuple[str, str], ...]:
+        table, seen = _expect(dict, "a table")(value, path), set[str]()
+        return _all(partial(header, name, each, _join(path, name), seen) for name, each in table.items())
+
+    return convert
+
+
+def _credentials(tables: list[_Table], env: Mapping[str, str]) -> tuple[Credential, ...]:
+    credentials, first_seen = [], {}
+    for t in tables:
+        cid = t.value("id", "", _credential_id, required=True)
+        inline = t.value("secret", (), _list_of(_non_empty, single_ok=True))
+        from_env = t.value("secret_env", (), _list_of(_secret_from(env), single_ok=True))
+        headers = t.value("headers", (), _headers(env))
+        upstreams = t.value("allowed_upstreams", (), _list_of(_upstream_prefix))
+        t.finish()
+        if all(t.data.get(key) in (None, []) for key in ("secret", "secret_env")):
+            t.report(t.path, "needs at least one secret: set secret_env (or secret)")
+        if cid in first_seen:
+            t.report(t.at("id"), f"duplicate id {cid!r}, first used at {first_seen[cid]}")
+        elif cid:
+            first_seen[cid] = t.at("id")
+        credentials.append(Credential(cid, inline + from_env, headers, upstreams))
+    return tuple(credentials)
+
+
+_TIMEOUTS = ["header_read_timeout", "keepalive_timeout", "client_body_timeout", "client_write_timeout",
+             "upstream_connect_timeout", "upstream_first_byte_timeout", "upstream_idle_timeout"]
+_LIMITS = ["max_header_bytes", "max_signed_body_bytes", "max_connections", "max_expiry"]
+_SERVER_RULES: Mapping[str, _Convert] = {
+    "listen": _list_of(_listen_address, single_ok=True, non_empty=True),
+    **dict.fromkeys(_TIMEOUTS, _number(0, above=True)),
+    # 0 means: no overall cap / cancel in-flight requests at once / no clock tolerance.
+    **dict.fromkeys(["request_timeout", "drain_timeout", "clock_skew"], _number(0)),
+    **dict.fromkeys(_LIMITS, _number(1, integer=True)),
+}
+_CORS_RULES: Mapping[str, _Convert] = {
+    "allow_origins": _list_of(_origin),
+    "allow_methods": _list_of(lambda value, path: _token(value, path).upper()),
+    "allow_headers": _list_of(_token),
+    "expose_headers": _list_of(_token),
+    "max_age": _number(0, integer=True),
+    "allow_credentials": _expect(bool, "a boolean"),
+}
+_LOG_RULES: Mapping[str, _Convert] = {
+    "level": _choice("debug", "info", "warning", "error"),
+    "format": _choice("json", "console"),
+}

@@ -1,0 +1,108 @@
+"""Header policy for both directions of the proxy. Pure functions over header lists.
+
+Request side: hop-by-hop headers and anything naming the client's own connection to
+Parkway are dropped, the browser's cookies for Parkway's site are never passed on, and the
+credential's injected headers replace whatever the client sent under the same names.
+Response side: only hop-by-hop headers go; everything else reaches the browser unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 7.6.1 hop-by-hop fields, plus the legacy ones proxies still see.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Not forwarded upstream: set by Parkway itself (host, framing, forwarding chain), or private
+# to the browser's relationship with Parkway's site (cookies would leak the app's session).
+REQUEST_DROPPED = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"cookie",
+    b"forwarded",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-forwarded-prefix",
+    b"x-real-ip",
+}
+
+# Not passed back: framing is redone by h11 for the client's connection (content-length
+# is kept when the upstream sent one, see :func:`response_headers`).
+RESPONSE_DROPPED = HOP_BY_HOP | {b"set-cookie", b"set-cookie2"}
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """Header names the sender declared hop-by-hop in ``Connection`` (RFC 9110 7.6.1)."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardContext:
+    """What the proxy knows about the client connection, for the ``X-Forwarded-*`` headers."""
+
+    client_ip: str
+    proto: str = "http"
+
+
+def request_headers(
+    client: Iterable[tuple[bytes, bytes]],
+    injected: Iterable[tuple[str, str]],
+    ctx: ForwardContext,
+    *,
+    content_length: int | None = None,
+) -> Headers:
+    """Headers to send upstream.
+
+    ``content_length`` is set when the body is known (a verified signed body, or the
+    client's fixed length for a streamed one); otherwise the upstream client frames it.
+    """
+    client = list(client)
+    dropped = REQUEST_DROPPED | _connection_tokens(client)
+    injected_pairs = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in injected]
+    overridden = {n for n, _ in injected_pairs}
+    out: Headers = [
+        (n, v)
+        for n, v in client
+        if n not in dropped and n not in overridden and not n.startswith(b"x-sw-")
+    ]
+    out.extend(injected_pairs)
+    out.append((b"x-forwarded-for", ctx.client_ip.encode("latin-1")))
+    out.append((b"x-forwarded-proto", ctx.proto.encode("latin-1")))
+    if content_length is not None:
+        out.append((b"content-length", str(content_length).encode()))
+    return out
+
+
+def response_headers(upstream: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """Headers to send to the client: the upstream's, minus hop-by-hop and cookies.
+
+    Cookies set by an API upstream would land on Parkway's (the app's) domain, so they are
+    dropped rather than handed to the browser.
+    """
+    upstream = [(n.lower(), v) for n, v in upstream]
+    dropped = RESPONSE_DROPPED | _connection_tokens(upstream)
+    return [(n, v) for n, v in upstream if n not in dropped]
+
+
+def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    return any(n == b"content-type" and v.lower().startswith(b"text/event-stream") for n, v in headers)

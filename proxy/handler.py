@@ -1,0 +1,278 @@
+"""The gateway: the one place that sees every pure piece, in the order a request needs them.
+
+1. parse the signed URL          (signing.parse_signed_request)
+2. find the credential's secrets (config)
+3. check validity and headers    (signing.check_validity)
+4. read the body only if signed  (http_server, bounded)
+5. verify the signature          (signing.verify_signature)
+6. apply the credential's policy (urls.url_allowed)
+7. forward and stream back       (forwarding + upstream)
+
+Nothing reaches the upstream before step 6 has passed. Every refusal is a
+:class:`~proxy.errors.ParkwayError`, answered by :meth:`Gateway.reject` and logged once.
+"""
+
+from __future__ import annotations
+
+import secrets as _secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import structlog
+import trio
+
+from . import cors, forwarding
+from .config import Config
+from .errors import (
+    BodyTooLarge,
+    Forbidden,
+    ParkwayError,
+    UnknownCredential,
+    UpstreamTimeout,
+    error_response,
+)
+from .http_server import ClientGone, HTTPConnection, RequestHead
+from .signing import check_validity, parse_signed_request, verify_signature
+from .upstream import UpstreamClient, UpstreamRequest
+from .urls import origin_and_target, url_allowed
+
+log = structlog.get_logger("parkway.request")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What the one log line of a request reports; filled in as the request goes."""
+
+    started: float
+    bytes_in_start: int
+    bytes_out_start: int
+    credential: str | None = None
+    upstream_host: str | None = None
+    upstream_path: str | None = None
+    status: int | None = None
+    ttfb: float | None = None
+    outcome: str = "ok"
+    error: str | None = None
+
+
+class Gateway:
+    """The application behind :class:`~proxy.http_server.Server`; ``config`` may be swapped live."""
+
+    def __init__(self, config: Config, upstream: UpstreamClient, *, clock: Callable[[], datetime] = utcnow):
+        self.config = config
+        self.upstream = upstream
+        self.clock = clock
+
+    # --- entry points called by the server ------------------------------------------------
+
+    async def handle(self, head: RequestHead, conn: HTTPConnection) -> None:
+        config = self.config  # one config for the whole request, even across a reload
+        record = RequestRecord(trio.current_time(), conn.bytes_in, conn.bytes_out)
+        request_id = _secrets.token_hex(8)
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                with trio.move_on_after(config.server.request_timeout or float("inf")) as overall:
+                    await self._handle(head, conn, config, record, request_id)
+                if overall.cancelled_caught:
+                    raise UpstreamTimeout(
+                        f"request exceeded the overall limit of {config.server.request_timeout:g} s",
+                        code="request_timeout",
+                    )
+            except ParkwayError as exc:
+                record.outcome = exc.outcome if record.outcome == "ok" else record.outcome
+                record.error = exc.message
+                if conn.can_respond:
+                    record.status = exc.status
+                    await self._send_error(head, conn, config, exc, request_id)
+                else:
+                    conn.abort()
+            except ClientGone as exc:
+                record.outcome = "client_gone"
+                record.error = str(exc)
+                conn.abort()
+            finally:
+                self._log(head, conn, record)
+
+    async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None:
+        """Answer a request the server refused before it reached :meth:`handle` (bad HTTP, too slow)."""
+        config = self.config
+        request_id = _secrets.token_hex(8)
+        log.warning(
+            "request",
+            request_id=request_id,
+            method=head.method if head else None,
+            client=conn.peer,
+            status=exc.status,
+            outcome=exc.outcome,
+            error=exc.message,
+        )
+        await self._send_error(head, conn, config, exc, request_id)
+
+    # --- the steps ------------------------------------------------------------------------
+
+    async def _handle(
+        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, request_id: str
+    ) -> None:
+        origin = head.header(b"origin")
+        if cors.is_preflight(head.method, origin, head.header(b"access-control-request-method")):
+            await self._drain_request_body(conn)
+            headers = cors.preflight_headers(config.cors, origin, head.header(b"access-control-request-headers"))
+            record.status = 204
+            record.outcome = "preflight"
+            await conn.send_full(204, [*headers, (b"x-request-id", request_id.encode())], b"")
+            return
+
+        # 1-3: parse, credential, validity. No body has been read yet.
+        signed = parse_signed_request(head.query)
+        record.credential = signed.credential_id
+        structlog.contextvars.bind_contextvars(credential=signed.credential_id)
+        credential = config.credential(signed.credential_id)
+        if credential is None:
+            raise UnknownCredential(f"unknown credential {signed.credential_id!r}")
+        check_validity(
+            signed, self.clock(), clock_skew=config.server.clock_skew, max_expiry=config.server.max_expiry
+        )
+        headers = _header_map(head)
+
+        # 4: a signed body is read (bounded) and verified before anything is forwarded.
+        body: bytes | None = None
+        if signed.body_signed:
+            limit = config.server.max_signed_body_bytes
+            declared = head.header(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                conn.close_after_response()
+                raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes for signed bodies")
+            body = await conn.read_body(limit)
+
+        # 5-6: signature, then the credential's policy.
+        verify_signature(
+            signed,
+            method=head.method,
+            secrets=credential.secrets,
+            paths=(head.path, "/"),
+            headers=headers,
+            body=body,
+        )
+        _scheme, host, target = origin_and_target(signed.proxy_url)
+        record.upstream_host, record.upstream_path = host, target.partition("?")[0]
+        if not url_allowed(signed.proxy_url, credential.allowed_upstreams):
+            raise Forbidden(
+                f"upstream {host}{record.upstream_path} is not allowed for credential {credential.id!r}",
+                code="upstream_not_allowed",
+            )
+
+        # 7: forward. An unsigned body streams through without buffering.
+        content_length: int | None = None
+        upstream_body = None
+        if body is not None:
+            upstream_body, content_length = body, len(body)
+        elif _has_body(head):
+            declared = head.header(b"content-length")
+            content_length = int(declared) if declared and declared.isdigit() else None
+            upstream_body = conn.body_chunks()
+        else:
+            await self._drain_request_body(conn)
+        request = UpstreamRequest(
+            method=head.method,
+            url=signed.proxy_url.split("#", 1)[0],
+            headers=forwarding.request_headers(
+                head.headers,
+                credential.headers,
+                forwarding.ForwardContext(client_ip=head.peer),
+                content_length=content_length,
+            ),
+            body=upstream_body,
+        )
+        async with self.upstream.open(request) as response:
+            record.ttfb = trio.current_time() - record.started
+            record.status = response.status
+            out_headers = forwarding.response_headers(response.headers)
+            if forwarding.is_event_stream(out_headers):
+                # nginx in front would otherwise buffer the stream (X-Accel-Buffering).
+                out_headers.append((b"x-accel-buffering", b"no"))
+            out_headers += cors.response_headers(config.cors, origin)
+            out_headers.append((b"x-request-id", request_id.encode()))
+            await conn.send_head(response.status, out_headers)
+            await self._relay(conn, response, record)
+
+    async def _relay(self, conn: HTTPConnection, response, record: RequestRecord) -> None:
+        """Copy upstream chunks to the client as they arrive; a client that leaves cancels it all."""
+        async with trio.open_nursery() as nursery:
+            if conn.request_complete:
+                nursery.start_soon(self._watch_client, conn, nursery.cancel_scope, record)
+            async for chunk in response.chunks():
+                await conn.send_data(chunk)
+            await conn.send_end()
+            nursery.cancel_scope.cancel()
+        if record.outcome == "client_gone":
+            conn.abort()
+
+    @staticmethod
+    async def _watch_client(conn: HTTPConnection, scope: trio.CancelScope, record: RequestRecord) -> None:
+        await conn.wait_disconnect()
+        record.outcome = "client_gone"
+        record.error = "client closed the connection during the response"
+        scope.cancel()
+
+    @staticmethod
+    async def _drain_request_body(conn: HTTPConnection) -> None:
+        async for _ in conn.body_chunks():
+            pass
+
+    # --- the one mapping from errors to responses -----------------------------------------
+
+    async def _send_error(
+        self, head: RequestHead | None, conn: HTTPConnection, config: Config, exc: ParkwayError, request_id: str
+    ) -> None:
+        status, headers, body = error_response(exc)
+        origin = head.header(b"origin") if head else None
+        headers += cors.response_headers(config.cors, origin)
+        headers.append((b"x-request-id", request_id.encode()))
+        try:
+            await conn.send_full(status, headers, body)
+        except ClientGone:
+            pass
+
+    def _log(self, head: RequestHead, conn: HTTPConnection, record: RequestRecord) -> None:
+        now = trio.current_time()
+        fields = dict(
+            method=head.method,
+            client=head.peer,
+            upstream_host=record.upstream_host,
+            upstream_path=record.upstream_path,
+            status=record.status,
+            bytes_in=conn.bytes_in - record.bytes_in_start,
+            bytes_out=conn.bytes_out - record.bytes_out_start,
+            ttfb_ms=round(record.ttfb * 1000, 1) if record.ttfb is not None else None,
+            duration_ms=round((now - record.started) * 1000, 1),
+            outcome=record.outcome,
+        )
+        if record.error:
+            fields["error"] = record.error
+        if record.outcome in ("ok", "preflight"):
+            log.info("request", **fields)
+        else:
+            log.warning("request", **fields)
+
+
+def _header_map(head: RequestHead) -> dict[str, str]:
+    """Lower-case name → value (repeats joined), as the signature check wants them."""
+    out: dict[str, str] = {}
+    for name, value in head.headers:
+        key = name.decode("latin-1")
+        try:  # signers sign header values as UTF-8 text
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            text = value.decode("latin-1")
+        out[key] = f"{out[key]}, {text}" if key in out else text
+    return out
+
+
+def _has_body(head: RequestHead) -> bool:
+    length = head.header(b"content-length")
+    return head.header(b"transfer-encoding") is not None or (length is not None and length.strip() != "0")

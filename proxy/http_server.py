@@ -1,0 +1,403 @@
+"""The only module that speaks HTTP/1.1 to client sockets: h11 on Trio, one task per connection.
+
+It knows framing, keep-alive and timeouts, nothing about signatures: each parsed request
+head is handed to an application object, which reads the body and writes the response
+through :class:`HTTPConnection`. Structure follows h11's ``examples/trio-server.py``:
+``send_failed()`` when a send raises, an error response only while h11 still allows one.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import h11
+import structlog
+import trio
+
+from .config import ServerConfig
+from .errors import BadRequest, BodyTooLarge, HeadersTooLarge, Overloaded, ParkwayError, RequestTimeout
+
+log = structlog.get_logger("parkway.server")
+
+RECEIVE_SIZE = 65536
+ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+class ClientGone(Exception):
+    """The client closed the connection or stopped reading; nothing more can be sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: str
+    target: str  # raw request-target as sent
+    path: str
+    query: str
+    headers: tuple[tuple[bytes, bytes], ...]  # names lower-cased by h11
+    http_version: str
+    peer: str  # client IP address
+
+    def header(self, name: bytes) -> str | None:
+        """The value of a header (repeated headers joined with ``, ``), or None."""
+        values = [v for n, v in self.headers if n == name]
+        if not values:
+            return None
+        return ", ".join(v.decode("latin-1") for v in values)
+
+
+class Application(Protocol):
+    async def handle(self, head: RequestHead, conn: HTTPConnection) -> None: ...
+
+    async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None: ...
+
+
+class HTTPConnection:
+    """One client connection: h11 state plus the socket, with a timeout around every wait."""
+
+    def __init__(self, stream: trio.SocketStream, config: ServerConfig, peer: str):
+        self.stream = stream
+        self.config = config
+        self.peer = peer
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._close_after = False
+
+    # --- receiving ------------------------------------------------------------------------
+
+    async def _receive(self) -> bytes:
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ClientGone(str(exc) or type(exc).__name__) from exc
+        self.bytes_in += len(data)
+        return data
+
+    def _next_event(self):
+        try:
+            return self.conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            if exc.error_status_hint == 431:
+                raise HeadersTooLarge(
+                    f"request head exceeds {self.config.max_header_bytes} bytes"
+                ) from exc
+            raise BadRequest(f"malformed HTTP request: {exc}", code="malformed_http") from exc
+
+    async def next_request(self, idle_timeout: float) -> RequestHead | None:
+        """Wait for the next request head; None when the client leaves or idles out between requests.
+
+        The idle wait ends at the first byte; from there the whole head must arrive within
+        ``header_read_timeout`` (slowloris protection).
+        """
+        deadline = trio.current_time() + idle_timeout
+        started = bool(self.conn.trailing_data[0])
+        if started:
+            deadline = trio.current_time() + self.config.header_read_timeout
+        while True:
+            event = self._next_event()
+            if isinstance(event, h11.Request):
+                target = event.target.decode("latin-1")
+                path, _, query = target.partition("?")
+                return RequestHead(
+                    method=event.method.decode("ascii", "replace"),
+                    target=target,
+                    path=path,
+                    query=query,
+                    headers=tuple(event.headers),
+                    http_version=event.http_version.decode("ascii"),
+                    peer=self.peer,
+                )
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return None
+            assert event is h11.NEED_DATA, event
+            data = b""
+            with trio.move_on_at(deadline):
+                data = await self._receive()
+                if not data:
+                    self.conn.receive_data(b"")
+                    if not started:
+                        return None
+                    raise BadRequest("connection closed in the middle of the request head", code="malformed_http")
+                self.conn.receive_data(data)
+                if not started:
+                    started = True
+                    deadline = trio.current_time() + self.config.header_read_timeout
+                continue
+            if started:
+                raise RequestTimeout(
+                    f"request head not received within {self.config.header_read_timeout:g} s"
+                )
+            return None
+
+    async def body_chunks(self) -> AsyncIterator[bytes]:
+        """Yield the request body as it arrives; a gap over ``client_body_timeout`` is a 408."""
+        while True:
+            event = self._next_event()
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+            elif event is h11.NEED_DATA:
+                with trio.move_on_after(self.config.client_body_timeout) as scope:
+                    data = await self._receive()
+                if scope.cancelled_caught:
+                    raise RequestTimeout(
+                        f"no request body data for {self.config.client_body_timeout:g} s"
+                    )
+                self.conn.receive_data(data)
+                if not data and self.conn.their_state is h11.SEND_BODY:
+                    raise ClientGone("client closed the connection before the body was complete")
+            else:  # ConnectionClosed
+                raise ClientGone("client closed the connection before the body was complete")
+
+    async def read_body(self, limit: int) -> bytes:
+        """Read the whole body into memory, refusing with 413 once it passes ``limit`` bytes."""
+        buf = bytearray()
+        async for chunk in self.body_chunks():
+            buf += chunk
+            if len(buf) > limit:
+                self._close_after = True
+                raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes for signed bodies")
+        return bytes(buf)
+
+    @property
+    def request_complete(self) -> bool:
+        return self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+
+    async def wait_disconnect(self) -> None:
+        """Return once the client has closed its side; call only after the request body is read.
+
+        Bytes of a pipelined next request are kept for h11, up to the header limit; past
+        that, watching stops and the send path detects a disconnect instead.
+        """
+        pending = bytearray()
+        while len(pending) <= self.config.max_header_bytes:
+            try:
+                data = await self._receive()
+            except ClientGone:
+                return
+            if not data:
+                return
+            pending += data
+            self.conn.receive_data(bytes(data))
+        await trio.sleep_forever()
+
+    # --- sending --------------------------------------------------------------------------
+
+    async def _send(self, event) -> None:
+        try:
+            data = self.conn.send(event)
+        except h11.LocalProtocolError:
+            self.conn.send_failed()
+            raise
+        if not data:
+            return
+        try:
+            with trio.fail_after(self.config.client_write_timeout):
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.conn.send_failed()
+            raise ClientGone(str(exc) or type(exc).__name__) from exc
+        except trio.TooSlowError as exc:
+            self.conn.send_failed()
+            raise ClientGone(
+                f"client did not read the response for {self.config.client_write_timeout:g} s"
+            ) from exc
+        self.bytes_out += len(data)
+
+    @property
+    def response_started(self) -> bool:
+        return self.conn.our_state is not h11.SEND_RESPONSE
+
+    @property
+    def can_respond(self) -> bool:
+        return self.conn.our_state is h11.SEND_RESPONSE
+
+    def close_after_response(self) -> None:
+        """Ask for ``Connection: close`` on the response (e.g. an unread body, or draining)."""
+        self._close_after = True
+
+    async def send_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if self._close_after or not self.request_complete:
+            # An unread request body cannot be skipped safely: close after this response.
+            headers = [*headers, (b"connection", b"close")]
+        await self._send(h11.Response(status_code=status, headers=headers))
+
+    async def send_data(self, data: bytes) -> None:
+        if data:
+            await self._send(h11.Data(data=data))
+
+    async def send_end(self) -> None:
+        await self._send(h11.EndOfMessage())
+
+    async def send_full(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        await self.send_head(status, headers)
+        await self.send_data(body)
+        await self.send_end()
+
+    def abort(self) -> None:
+        """Give up on the response: the client sees a truncated stream (no chunked terminator)."""
+        if self.conn.our_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR):
+            self.conn.send_failed()
+
+    def reusable(self) -> bool:
+        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+
+
+class Server:
+    """Accept loops and connection tasks, with a connection cap and a graceful drain."""
+
+    def __init__(self, config: ServerConfig, app: Application):
+        self.config = config
+        self.app = app
+        self.open_connections = 0
+        self.draining = False
+        self._idle: set[trio.CancelScope] = set()
+        self._connections: trio.Nursery | None = None
+        self._accepting: trio.CancelScope | None = None
+
+    async def serve(self, listeners: list[trio.SocketListener], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`shutdown` has drained every connection (or the drain deadline hit)."""
+        async with trio.open_nursery() as connections:
+            self._connections = connections
+            with trio.CancelScope() as accepting:
+                self._accepting = accepting
+                async with trio.open_nursery() as accept_loops:
+                    for listener in listeners:
+                        accept_loops.start_soon(self._accept_loop, listener, connections)
+                    task_status.started(listeners)
+            for listener in listeners:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+            # From here the nursery waits for in-flight connections, up to the drain deadline.
+
+    def shutdown(self) -> None:
+        """Stop accepting, close idle keep-alive connections, cancel the rest after ``drain_timeout``."""
+        if self.draining:
+            return
+        self.draining = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for scope in list(self._idle):
+            scope.cancel()
+        if self._connections is not None:
+            self._connections.cancel_scope.deadline = trio.current_time() + self.config.drain_timeout
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in ACCEPT_ERRNOS:
+                    log.error("accept_failed", error=errno.errorcode.get(exc.errno, str(exc.errno)), retry_in=0.1)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            nursery.start_soon(self._connection_task, stream)
+
+    async def _connection_task(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = stream.socket.getpeername()[0]
+        except OSError:
+            peer = "unknown"
+        conn = HTTPConnection(stream, self.config, peer)
+        self.open_connections += 1
+        try:
+            if self.open_connections > self.config.max_connections:
+                await self._refuse_overloaded(conn)
+                return
+            await self._serve_connection(conn)
+        except ClientGone:
+            pass
+        finally:
+            self.open_connections -= 1
+            with trio.CancelScope(shield=True):
+                if not conn.request_complete and conn.response_started:
+                    await _lingering_close(stream)
+                await trio.aclose_forcefully(stream)
+
+    async def _refuse_overloaded(self, conn: HTTPConnection) -> None:
+        exc = Overloaded(
+            f"too many open connections (limit {self.config.max_connections}); retry shortly", retry_after=1
+        )
+        with trio.move_on_after(self.config.header_read_timeout):
+            head = await conn.next_request(self.config.header_read_timeout)
+            conn.close_after_response()
+            await self.app.reject(head, conn, exc)
+
+    async def _serve_connection(self, conn: HTTPConnection) -> None:
+        first = True
+        while not self.draining:
+            with trio.CancelScope() as idle:
+                self._idle.add(idle)
+                try:
+                    head = await conn.next_request(
+                        self.config.header_read_timeout if first else self.config.keepalive_timeout
+                    )
+                except ParkwayError as exc:  # malformed head, too large, too slow
+                    if conn.can_respond:
+                        conn.close_after_response()
+                        await self.app.reject(None, conn, exc)
+                    return
+                finally:
+                    self._idle.discard(idle)
+            if idle.cancelled_caught or head is None:
+                return
+            first = False
+            if self.draining:
+                conn.close_after_response()
+            await self.app.handle(head, conn)
+            if not conn.reusable():
+                return
+            conn.conn.start_next_cycle()
+
+
+async def _lingering_close(stream: trio.SocketStream, seconds: float = 2.0, limit: int = 1 << 20) -> None:
+    """Read and discard an unread request body for a moment before closing.
+
+    Closing a socket with unread input makes the kernel send RST, which can destroy the
+    error response the client has not read yet (nginx's ``lingering_close`` does the same).
+    """
+    with trio.move_on_after(seconds):
+        try:
+            await stream.send_eof()
+            received = 0
+            while received < limit:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    return
+                received += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port)."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def open_listeners(addresses: tuple[str, ...], *, reuse_port: bool = False) -> list[trio.SocketListener]:
+    """Bind every listen address (a backlog sized for thousands of connections)."""
+    listeners: list[trio.SocketListener] = []
+    for address in addresses:
+        host, port = parse_listen(address)
+        sock = trio.socket.socket(
+            trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET, trio.socket.SOCK_STREAM
+        )
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+        await sock.bind((host, port))
+        sock.listen(4096)
+        listeners.append(trio.SocketListener(sock))
+    return listeners
+
+
+def bound_address(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+

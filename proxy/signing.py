@@ -1,0 +1,352 @@
+"""Signway ``SW1-HMAC-SHA256`` presigned URLs: parse, check, verify and sign. No I/O, no clock.
+
+The canonical request (see SIGNING.md) is rebuilt from what the client sent. Real signers
+disagree on a few encodings, so verification tries each spelling a real signer produces
+(never anything looser) and accepts when one of them matches in constant time:
+
+* query encoding: form style (space as ``+``: Python and Ruby SDKs), RFC 3986 style (``%20``:
+  Signway's server) and JavaScript ``encodeURIComponent`` (keeps ``!'()*``);
+* path: the path the request arrived on, plus any the caller adds (``/`` for Signway's
+  server, public path prefixes behind nginx);
+* ``X-Sw-Proxy``: the text as signed, and its normalised form (what Signway's server signs).
+
+Every spelling encodes the same decoded values injectively, so accepting several cannot let
+two different requests share a signature; and Parkway always forwards the *normalised* URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from functools import lru_cache
+from urllib.parse import parse_qsl, quote, quote_plus, urlsplit
+
+from .errors import BadRequest, Forbidden
+from .urls import InvalidURL, normalize_url
+
+ALGORITHM = "SW1-HMAC-SHA256"
+X_ALGORITHM = "X-Sw-Algorithm"
+X_CREDENTIAL = "X-Sw-Credential"
+X_DATE = "X-Sw-Date"
+X_EXPIRES = "X-Sw-Expires"
+X_PROXY = "X-Sw-Proxy"
+X_SIGNED_HEADERS = "X-Sw-SignedHeaders"
+X_BODY = "X-Sw-Body"
+X_SIGNATURE = "X-Sw-Signature"
+REQUIRED_PARAMS = (X_ALGORITHM, X_CREDENTIAL, X_DATE, X_EXPIRES, X_PROXY, X_SIGNED_HEADERS, X_BODY, X_SIGNATURE)
+
+LONG_DATETIME = "%Y%m%dT%H%M%SZ"
+_DATE_RE = re.compile(r"\d{8}T\d{6}Z\Z")
+_SIGNATURE_RE = re.compile(r"[0-9a-fA-F]{64}\Z")
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
+
+
+# --- encodings real signers use for the canonical query -------------------------------------
+
+
+def _form(s: str) -> str:  # Python quote_plus, Ruby CGI.escape
+    return quote_plus(s, safe="")
+
+
+def _rfc3986(s: str) -> str:  # Signway's Rust server
+    return quote(s, safe="")
+
+
+def _js(s: str) -> str:  # encodeURIComponent
+    return quote(s, safe="!'()*")
+
+
+QUERY_ENCODINGS = (_form, _rfc3986, _js)
+
+
+def canonical_query(params: Iterable[tuple[str, str]], encode=_form) -> str:
+    """Sorted ``key=value`` pairs of every parameter but the signature, joined with ``&``."""
+    return "&".join(sorted(f"{encode(k)}={encode(v)}" for k, v in params if k != X_SIGNATURE))
+
+
+def canonical_headers(headers: Sequence[tuple[str, str]]) -> tuple[str, str]:
+    """(canonical header block, signed header names), both sorted by lower-case name."""
+    pairs = sorted((name.lower(), value.strip()) for name, value in headers)
+    return "\n".join(f"{n}:{v}" for n, v in pairs), ";".join(n for n, _ in pairs)
+
+
+def canonical_request(
+    method: str, path: str, query: str, headers: Sequence[tuple[str, str]], body: bytes
+) -> bytes:
+    header_block, names = canonical_headers(headers)
+    head = f"{method}\n{path}\n{query}\n{header_block}\n\n{names}\n"
+    return head.encode("utf-8") + body
+
+
+@lru_cache(maxsize=1024)
+def signing_key(secret: str, day: str) -> bytes:
+    """HMAC key for one secret and one signing day; cached since both repeat constantly."""
+    return hmac.new(f"{ALGORITHM}{secret}".encode(), day.encode(), hashlib.sha256).digest()
+
+
+def signature(secret: str, date_text: str, canonical: bytes) -> str:
+    day = date_text[:8]
+    to_sign = f"{ALGORITHM}\n{date_text}\n{day}\n{hashlib.sha256(canonical).hexdigest()}"
+    return hmac.new(signing_key(secret, day), to_sign.encode(), hashlib.sha256).hexdigest()
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRequest:
+    """The signed-URL parameters of one request, parsed but not yet verified."""
+
+    credential_id: str
+    date: datetime
+    date_text: str
+    expires: int
+    proxy_text: str
+    proxy_url: str  # normalised: the only form ever forwarded
+    signed_headers: tuple[str, ...]  # lower-case, in the order listed
+    body_signed: bool
+    signature: str
+    params: tuple[tuple[str, str], ...]  # every decoded parameter except the signature
+
+    @property
+    def expires_at(self) -> datetime:
+        return self.date + timedelta(seconds=self.expires)
+
+    def extra_params(self) -> dict[str, str]:
+        """Signed parameters beyond Signway's own (e.g. an end-user id added by the signer)."""
+        return {k: v for k, v in self.params if not k.startswith("X-Sw-")}
+
+
+def parse_query(raw_query: str) -> list[tuple[str, str]]:
+    """Form-decode a query string (``+`` is a space), refusing bytes that are not UTF-8."""
+    try:
+        return parse_qsl(raw_query, keep_blank_values=True, errors="strict", max_num_fields=200)
+    except UnicodeDecodeError:
+        raise BadRequest("query string is not valid UTF-8 after percent-decoding", code="malformed_signed_url")
+    except ValueError:
+        raise BadRequest("query string has too many parameters", code="malformed_signed_url")
+
+
+def parse_signed_request(raw_query: str) -> SignedRequest:
+    """Parse the ``X-Sw-*`` parameters; a :class:`BadRequest` names the first missing or invalid one."""
+    pairs = parse_query(raw_query)
+    found: dict[str, str] = {}
+    for key, value in pairs:
+        if key in found and key.startswith("X-Sw-"):
+            raise BadRequest(f"parameter {key} appears more than once", code="malformed_signed_url")
+        found[key] = value
+    if not any(k.startswith("X-Sw-") for k in found):
+        raise BadRequest(
+            "not a signed URL: the X-Sw-* query parameters are missing", code="missing_signature_params"
+        )
+    for name in REQUIRED_PARAMS:
+        if name not in found:
+            raise BadRequest(f"missing parameter {name}", code="malformed_signed_url")
+
+    def invalid(name: str, why: str) -> BadRequest:
+        return BadRequest(f"invalid {name}: {why}", code="malformed_signed_url")
+
+    if found[X_ALGORITHM] != ALGORITHM:
+        raise invalid(X_ALGORITHM, f"only {ALGORITHM} is supported")
+    credential_id = found[X_CREDENTIAL].split("/", 1)[0]
+    if not credential_id:
+        raise invalid(X_CREDENTIAL, "expected <id>/<YYYYMMDD>")
+    date_text = found[X_DATE]
+    try:
+        if not _DATE_RE.match(date_text):
+            raise ValueError
+        date = datetime.strptime(date_text, LONG_DATETIME).replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise invalid(X_DATE, "expected YYYYMMDDTHHMMSSZ in UTC")
+    expires_text = found[X_EXPIRES]
+    if not expires_text.isascii() or not expires_text.isdigit() or len(expires_text) > 10:
+        raise invalid(X_EXPIRES, "expected a whole number of seconds")
+    body_text = found[X_BODY]
+    if body_text not in ("true", "false"):
+        raise invalid(X_BODY, "expected true or false")
+    sig = found[X_SIGNATURE]
+    if not _SIGNATURE_RE.match(sig):
+        raise invalid(X_SIGNATURE, "expected 64 hex digits")
+    names = tuple(n.strip().lower() for n in found[X_SIGNED_HEADERS].split(";") if n.strip())
+    for n in names:
+        if not _HEADER_NAME_RE.match(n):
+            raise invalid(X_SIGNED_HEADERS, f"{n!r} is not a header name")
+    try:
+        proxy_url = normalize_url(found[X_PROXY])
+    except InvalidURL as exc:
+        raise invalid(X_PROXY, str(exc))
+    return SignedRequest(
+        credential_id=credential_id,
+        date=date,
+        date_text=date_text,
+        expires=int(expires_text),
+        proxy_text=found[X_PROXY],
+        proxy_url=proxy_url,
+        signed_headers=names,
+        body_signed=body_text == "true",
+        signature=sig.lower(),
+        params=tuple((k, v) for k, v in pairs if k != X_SIGNATURE),
+    )
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+
+def _iso(dt: datetime) -> str:
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_validity(req: SignedRequest, now: datetime, *, clock_skew: float, max_expiry: int) -> None:
+    """Refuse an expired URL, a date in the future beyond the skew, or an over-long expiry."""
+    skew = timedelta(seconds=clock_skew)
+    if req.expires > max_expiry:
+        raise Forbidden(
+            f"X-Sw-Expires is {req.expires} s, above this server's maximum of {max_expiry} s",
+            code="expiry_too_long",
+        )
+    if req.date - skew > now:
+        raise Forbidden(
+            f"X-Sw-Date {_iso(req.date)} is in the future (server time {_iso(now)}); check the signer's clock",
+            code="date_in_future",
+        )
+    if now > req.expires_at + skew:
+        raise Forbidden(f"signed URL expired at {_iso(req.expires_at)}", code="expired")
+
+
+def signed_header_values(req: SignedRequest, headers: Mapping[str, str], body: bytes | None) -> list[list[tuple[str, str]]]:
+    """The header lists to try for the canonical request, refusing a missing signed header.
+
+    ``headers`` maps lower-case names to values (repeated headers joined by ``, ``). With a
+    signed body, ``content-length`` is the length of the body actually read, and also its
+    length in characters, because the Python and JS SDKs sign ``len(body_string)``.
+    """
+    base: list[tuple[str, str]] = []
+    length_variants: list[str] = []
+    for name in req.signed_headers:
+        if name == "content-length" and body is not None:
+            length_variants = [str(len(body))]
+            try:
+                chars = len(body.decode("utf-8"))
+            except UnicodeDecodeError:
+                chars = len(body)
+            if chars != len(body):
+                length_variants.append(str(chars))
+            continue
+        if name not in headers:
+            raise Forbidden(f"signed header {name} is missing from the request", code="signed_header_missing")
+        base.append((name, headers[name]))
+    if not length_variants:
+        return [base]
+    return [base + [("content-length", v)] for v in length_variants]
+
+
+def candidate_requests(
+    req: SignedRequest, method: str, paths: Sequence[str], header_lists: list[list[tuple[str, str]]], body: bytes
+) -> list[bytes]:
+    """Every canonical request a real signer could have produced for this request, deduplicated."""
+    proxies = [req.proxy_text] if req.proxy_text == req.proxy_url else [req.proxy_text, req.proxy_url]
+    queries: list[str] = []
+    for proxy in proxies:
+        params = [(k, proxy if k == X_PROXY else v) for k, v in req.params]
+        for encode in QUERY_ENCODINGS:
+            q = canonical_query(params, encode)
+            if q not in queries:
+                queries.append(q)
+    out: list[bytes] = []
+    for path in dict.fromkeys(paths):
+        for q in queries:
+            for headers in header_lists:
+                c = canonical_request(method, path, q, headers, body)
+                if c not in out:
+                    out.append(c)
+    return out
+
+
+def verify_signature(
+    req: SignedRequest,
+    *,
+    method: str,
+    secrets: Sequence[str],
+    paths: Sequence[str],
+    headers: Mapping[str, str],
+    body: bytes | None,
+) -> None:
+    """Raise :class:`Forbidden` unless one secret signed one of the candidate canonical requests.
+
+    ``body`` must be given exactly when ``req.body_signed``; ``paths`` are the canonical paths
+    to accept (the request's own first). Comparison is constant-time per candidate.
+    """
+    header_lists = signed_header_values(req, headers, body)
+    candidates = candidate_requests(req, method, paths, header_lists, body or b"")
+    expected = req.signature.encode()
+    ok = False
+    for secret in secrets:
+        for canonical in candidates:
+            ok |= hmac.compare_digest(signature(secret, req.date_text, canonical).encode(), expected)
+    if not ok:
+        what = "the method, URL"
+        if req.signed_headers:
+            what += ", signed headers (" + ", ".join(req.signed_headers) + ")"
+        if req.body_signed:
+            what += ", body"
+        raise Forbidden(
+            f"signature does not match: {what} must be sent exactly as signed, with the credential's secret",
+            code="signature_mismatch",
+        )
+
+
+# --- signing ----------------------------------------------------------------------------------
+
+
+def sign_url(
+    *,
+    id: str,
+    secret: str,
+    host: str,
+    proxy_url: str,
+    expiry: int,
+    method: str,
+    headers: Mapping[str, str] | None = None,
+    body: str | bytes | None = None,
+    datetime_override: datetime | None = None,
+    params: Mapping[str, str] | None = None,
+) -> str:
+    """Sign a URL exactly as the Signway SDKs do (same keyword arguments as ``signway_sdk.sign_url``).
+
+    Differences, all accepted by Signway's server too: the proxy URL is normalised before
+    signing, ``Content-Length`` of a body is its size in bytes, and ``params`` adds extra
+    signed query parameters (e.g. an end-user id) after the ``X-Sw-*`` ones.
+    Without ``datetime_override`` the current UTC time is used (the one clock read here).
+    """
+    if not host.endswith("/"):
+        host += "/"
+    dt = datetime_override or datetime.now(timezone.utc)
+    if dt.tzinfo is not None:
+        dt = dt.astimezone(timezone.utc)
+    date_text = dt.strftime(LONG_DATETIME)
+    signed = dict(headers or {})
+    body_bytes = body.encode("utf-8") if isinstance(body, str) else body
+    if body_bytes is not None:
+        signed = {k: v for k, v in signed.items() if k.lower() != "content-length"}
+        signed["Content-Length"] = str(len(body_bytes))
+    query = [
+        (X_ALGORITHM, ALGORITHM),
+        (X_CREDENTIAL, f"{id}/{date_text[:8]}"),
+        (X_DATE, date_text),
+        (X_EXPIRES, str(int(expiry))),
+        (X_PROXY, normalize_url(proxy_url)),
+        (X_SIGNED_HEADERS, ";".join(k.lower().strip() for k in signed)),
+        (X_BODY, "true" if body_bytes is not None else "false"),
+        *((k, v) for k, v in (params or {}).items()),
+    ]
+    unsigned = host + "?" + "&".join(f"{_form(k)}={_form(v)}" for k, v in query)
+    path = quote(urlsplit(host).path or "/", safe="/")
+    canonical = canonical_request(
+        method.upper(), path, canonical_query(query), list(signed.items()), body_bytes or b""
+    )
+    return f"{unsigned}&{X_SIGNATURE}={signature(secret, date_text, canonical)}"
+

@@ -1,0 +1,116 @@
+"""The only module that talks to httpx: one pooled client for every upstream request.
+
+Bodies are streamed both ways (``aiter_raw``, so encodings and SSE framing pass through
+untouched). Every httpx exception is translated here into :mod:`proxy.errors`; timeouts
+are Trio cancel scopes around the one await they limit, so each is reported precisely.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+from .config import ServerConfig
+from .errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    method: str
+    url: str  # normalised, without fragment
+    headers: Headers
+    body: bytes | AsyncIterator[bytes] | None = None
+
+
+class UpstreamResponse:
+    """Status and headers of an upstream answer, and its body as raw chunks."""
+
+    def __init__(self, response: httpx.Response, host: str, idle_timeout: float):
+        self._response = response
+        self._host = host
+        self._idle_timeout = idle_timeout
+        self.status = response.status_code
+        self.headers: Headers = list(response.headers.raw)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Raw body chunks as they arrive; a gap over ``upstream_idle_timeout`` is a 504."""
+        iterator = self._response.aiter_raw().__aiter__()
+        while True:
+            try:
+                with trio.fail_after(self._idle_timeout):
+                    chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            except trio.TooSlowError:
+                raise UpstreamTimeout(
+                    f"{self._host} sent nothing for {self._idle_timeout:g} s in the middle of the response"
+                ) from None
+            except httpx.HTTPError as exc:
+                raise _translate(exc, self._host) from None
+            yield chunk
+
+
+def _translate(exc: httpx.HTTPError, host: str) -> UpstreamError:
+    """One httpx exception → one Parkway upstream error; messages name the host, never headers."""
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectTimeout):
+        return UpstreamTimeout(f"connecting to {host} timed out")
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"{host} timed out: {reason}")
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamConnectError(f"cannot connect to {host}: {reason}")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return UpstreamProtocolError(f"{host} broke the HTTP protocol or closed the connection: {reason}")
+    if isinstance(exc, httpx.NetworkError):
+        return UpstreamProtocolError(f"connection to {host} lost: {reason}")
+    return UpstreamError(f"request to {host} failed: {reason}")
+
+
+class UpstreamClient:
+    """A shared ``httpx.AsyncClient``: pooled keep-alive connections, TLS verified by default."""
+
+    def __init__(self, config: ServerConfig, *, verify: bool | ssl.SSLContext = True, max_keepalive: int = 512):
+        self.config = config
+        self._client = httpx.AsyncClient(
+            # Connect is limited by httpx (it spans DNS, TCP and TLS); reads and writes by our
+            # own cancel scopes, which tell first-byte and idle-gap timeouts apart.
+            timeout=httpx.Timeout(connect=config.upstream_connect_timeout, read=None, write=None, pool=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=max_keepalive, keepalive_expiry=30),
+            verify=verify,
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    @asynccontextmanager
+    async def open(self, req: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
+        """Send ``req`` and yield the response once its head has arrived; the body streams after.
+
+        Leaving the context (normally, by error or by cancellation) closes the response, which
+        drops the upstream connection when the body was not finished: that stops generation.
+        """
+        request = httpx.Request(req.method, req.url, headers=req.headers, content=req.body)
+        host = request.url.host + (f":{request.url.port}" if request.url.port else "")
+        try:
+            with trio.fail_after(self.config.upstream_first_byte_timeout):
+                response = await self._client.send(request, stream=True)
+        except trio.TooSlowError:
+            raise UpstreamTimeout(
+                f"{host} sent no response within {self.config.upstream_first_byte_timeout:g} s"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise _translate(exc, host) from None
+        try:
+            yield UpstreamResponse(response, host, self.config.upstream_idle_timeout)
+        finally:
+            with trio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,136 @@
+"""Upstream URL normalisation: one canonical text for every spelling of the same URL.
+
+Signers write the upstream URL in different ways (the Python SDK almost verbatim, Ruby after
+``URI()``, Signway after WHATWG parsing). Parkway verifies the text as signed, but always
+*forwards* the normalised form, so two spellings that verify can never reach different places,
+and prefix checks (``allowed_upstreams``) compare like with like.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import SplitResult, urlsplit
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+# WHATWG percent-encode sets (URL Standard, 1.3): the path set and the special-query set,
+# plus everything outside printable ASCII. Existing %XX escapes are kept as they are.
+_PATH_UNSAFE = frozenset(' "#<>?`{}')
+_QUERY_UNSAFE = frozenset(" \"#<>'")
+_FRAGMENT_UNSAFE = frozenset(' "<>`')
+_PCT = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+class InvalidURL(ValueError):
+    """The text is not an absolute http(s) URL Parkway can forward to."""
+
+
+def _escape(text: str, unsafe: frozenset[str]) -> str:
+    out = []
+    for ch in text:
+        if ch in unsafe or ord(ch) <= 0x20 or ord(ch) >= 0x7F:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _is_dot(segment: str, dots: int) -> bool:
+    return segment.lower().replace("%2e", ".") == "." * dots
+
+
+def remove_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4 on whole segments; ``%2e`` counts as a dot, as browsers treat it."""
+    segments = path.split("/")
+    out: list[str] = []
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if _is_dot(seg, 1):
+            if last:
+                out.append("")
+        elif _is_dot(seg, 2):
+            if len(out) > 1:
+                out.pop()
+            if last:
+                out.append("")
+        else:
+            out.append(seg)
+    result = "/".join(out)
+    return result if result.startswith("/") else "/" + result
+
+
+def _host(parts: SplitResult, text: str) -> str:
+    try:
+        host = parts.hostname
+    except ValueError as exc:  # e.g. "[::1" with no closing bracket
+        raise InvalidURL(f"invalid host in {text!r}") from exc
+    if not host:
+        raise InvalidURL(f"no host in {text!r}")
+    if ":" in host:  # IPv6 literal; hostname drops the brackets
+        return f"[{host}]"
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise InvalidURL(f"invalid host name in {text!r}") from exc
+
+
+def normalize_url(text: str, *, schemes: frozenset[str] = frozenset({"http", "https"})) -> str:
+    """Return the canonical form of an absolute URL, or raise :class:`InvalidURL`.
+
+    Lower-case scheme and host, default port dropped, empty path becomes ``/``, dot segments
+    resolved, unsafe and non-ASCII characters percent-encoded (what Signway's WHATWG parser
+    produces, which is what it signs).
+    """
+    text = text.strip()
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:
+        raise InvalidURL(f"cannot parse URL {text!r}") from exc
+    scheme = parts.scheme.lower()
+    if scheme not in schemes:
+        allowed = ", ".join(sorted(schemes))
+        raise InvalidURL(f"scheme of {text!r} is not one of {allowed}")
+    host = _host(parts, text)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidURL(f"invalid port in {text!r}") from exc
+    netloc = host if port is None or port == DEFAULT_PORTS.get(scheme) else f"{host}:{port}"
+    if parts.username is not None:
+        userinfo = _escape(parts.username, frozenset(" @/:"))
+        if parts.password is not None:
+            userinfo += ":" + _escape(parts.password, frozenset(" @/:"))
+        netloc = f"{userinfo}@{netloc}"
+    path = remove_dot_segments(_escape(parts.path, _PATH_UNSAFE) or "/")
+    url = f"{scheme}://{netloc}{path}"
+    if "?" in text.split("#", 1)[0]:
+        url += "?" + _escape(parts.query, _QUERY_UNSAFE)
+    # The fragment never reaches a server; it is dropped when forwarding, kept for matching.
+    if parts.fragment:
+        url += "#" + _escape(parts.fragment, _FRAGMENT_UNSAFE)
+    return url
+
+
+def origin_and_target(url: str) -> tuple[str, str, str]:
+    """Split a normalised URL into (scheme, host[:port], request-target without fragment)."""
+    parts = urlsplit(url)
+    target = parts.path or "/"
+    if "?" in url.split("#", 1)[0]:
+        target += "?" + parts.query
+    return parts.scheme, parts.netloc.rsplit("@", 1)[-1], target
+
+
+def normalize_prefix(prefix: str) -> str:
+    """Normalise an ``allowed_upstreams`` prefix; an origin alone means its whole tree (``/``)."""
+    return normalize_url(prefix)
+
+
+def url_allowed(url: str, prefixes: tuple[str, ...]) -> bool:
+    """True when ``url`` (normalised) starts with one of the normalised ``prefixes``.
+
+    An empty tuple allows any URL. Prefixes end at a path boundary as written: the operator
+    who writes ``https://api.openai.com/v1`` allows ``/v1beta`` too, and ``/v1/`` does not.
+    """
+    if not prefixes:
+        return True
+    return any(url.startswith(p) for p in prefixes)
