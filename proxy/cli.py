@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 
 from . import logs
-from .config import Config, config_from_dict, load_config
+from dataclasses import replace
+
+from .config import Config, config_from_dict, load_config, split_host_port
 from .errors import ConfigError
 
 
@@ -57,6 +59,25 @@ def _print_problems(source: str, exc: ConfigError) -> None:
         print(f"{source}: {problem}", file=sys.stderr)
 
 
+def _run_trio(fn, *args) -> int:
+    """``trio.run`` for a command: an OSError (address in use...) is one line, exit status 1."""
+    import trio
+
+    try:
+        result = trio.run(fn, *args)
+    except OSError as exc:
+        print(f"parkway: {exc}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        matched, rest = group.split(OSError)
+        if rest is not None or matched is None:
+            raise
+        for exc in matched.exceptions:
+            print(f"parkway: {exc}", file=sys.stderr)
+        return 1
+    return result or 0
+
+
 def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import trio
 
@@ -75,16 +96,14 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         _print_problems(args.config or "command line", exc)
         return 1
     if args.listen and args.config:
-        from dataclasses import replace
-
+        for address in args.listen:
+            try:
+                split_host_port(address)
+            except ValueError as exc:
+                parser.error(f"--listen: {exc}")
         config = replace(config, server=replace(config.server, listen=tuple(args.listen)))
     logs.configure(config.log.level, config.log.format)
-    try:
-        trio.run(run_until_signalled, Parkway(config))
-    except OSError as exc:  # e.g. address in use
-        print(f"parkway: cannot listen: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return _run_trio(run_until_signalled, Parkway(config))
 
 
 def cmd_sign(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -136,11 +155,7 @@ def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .demo import run_demo
 
     logs.configure("info" if args.verbose else "warning", "console")
-    try:
-        return trio.run(run_demo, args.port, args.once, args.delay)
-    except OSError as exc:
-        print(f"parkway demo: cannot listen: {exc}", file=sys.stderr)
-        return 1
+    return _run_trio(run_demo, args.port, args.once, args.delay)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -229,7 +229,7 @@ def _all(checks: Iterable[Callable[[], Any]]) -> tuple[Any, ...]:
 def _join(path: str, key: str) -> str:
     """Extend a key path the way TOML writes it, quoting keys that are not bare."""
     if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
-        key = json.dumps(key)
+        key = json.dumps(key, ensure_ascii=False)
     return f"{path}.{key}" if path else key
 
 
@@ -418,15 +418,10 @@ def _secret_from(env: Mapping[str, str]) -> _Convert:
     return convert
 
 
-_HOP_BY_HOP = "is hop-by-hop (RFC 9110 §7.6.1): it describes one connection and Parkway manages it"
-_NOT_INJECTABLE = {
-    **dict.fromkeys(
-        ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"],
-        _HOP_BY_HOP,
-    ),
-    "host": "is set from the upstream URL",
-    "content-length": "is computed from the body being forwarded",
-}
+_NOT_INJECTABLE = dict.fromkeys(
+    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"],
+    "is hop-by-hop (RFC 9110 §7.6.1): it describes one connection and Parkway manages it",
+) | {"host": "is set from the upstream URL", "content-length": "is computed from the body being forwarded"}
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
 

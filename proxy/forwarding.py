@@ -33,6 +33,7 @@ HOP_BY_HOP = frozenset(
 REQUEST_DROPPED = HOP_BY_HOP | {
     b"host",
     b"content-length",
+    b"expect",  # 100-continue is answered by Parkway itself; httpx does not speak it
     b"cookie",
     b"forwarded",
     b"x-forwarded-for",

@@ -72,7 +72,7 @@ class Gateway:
 
     async def handle(self, head: RequestHead, conn: HTTPConnection) -> None:
         config = self.config  # one config for the whole request, even across a reload
-        record = RequestRecord(trio.current_time(), conn.bytes_in, conn.bytes_out)
+        record = RequestRecord(trio.current_time(), conn.head_bytes_in, conn.bytes_out)
         request_id = _secrets.token_hex(8)
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:

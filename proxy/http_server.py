@@ -9,6 +9,7 @@ through :class:`HTTPConnection`. Structure follows h11's ``examples/trio-server.
 from __future__ import annotations
 
 import errno
+from http import HTTPStatus
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,12 +18,13 @@ import h11
 import structlog
 import trio
 
-from .config import ServerConfig
+from .config import ServerConfig, split_host_port
 from .errors import BadRequest, BodyTooLarge, HeadersTooLarge, Overloaded, ParkwayError, RequestTimeout
 
 log = structlog.get_logger("parkway.server")
 
 RECEIVE_SIZE = 65536
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
@@ -64,6 +66,7 @@ class HTTPConnection:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
         self.bytes_in = 0
         self.bytes_out = 0
+        self.head_bytes_in = 0  # bytes_in when the current request began
         self._close_after = False
 
     # --- receiving ------------------------------------------------------------------------
@@ -92,6 +95,7 @@ class HTTPConnection:
         The idle wait ends at the first byte; from there the whole head must arrive within
         ``header_read_timeout`` (slowloris protection).
         """
+        self.head_bytes_in = self.bytes_in - len(self.conn.trailing_data[0])
         deadline = trio.current_time() + idle_timeout
         started = bool(self.conn.trailing_data[0])
         if started:
@@ -134,6 +138,9 @@ class HTTPConnection:
 
     async def body_chunks(self) -> AsyncIterator[bytes]:
         """Yield the request body as it arrives; a gap over ``client_body_timeout`` is a 408."""
+        if self.conn.they_are_waiting_for_100_continue:
+            # curl and others hold larger bodies back until told to go on (RFC 9110 10.1.1).
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         while True:
             event = self._next_event()
             if isinstance(event, h11.Data):
@@ -210,21 +217,34 @@ class HTTPConnection:
 
     @property
     def response_started(self) -> bool:
-        return self.conn.our_state is not h11.SEND_RESPONSE
+        return self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE)
 
     @property
     def can_respond(self) -> bool:
-        return self.conn.our_state is h11.SEND_RESPONSE
+        # IDLE too: after a malformed head h11 still lets us answer 400 (h11's trio example).
+        return self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE)
+
+    def _settle_request(self) -> None:
+        """Consume a request end that is already buffered (a refused GET has no body to wait for)."""
+        while self.conn.their_state is h11.SEND_BODY:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError:
+                return
+            if not isinstance(event, h11.Data):
+                return
 
     def close_after_response(self) -> None:
         """Ask for ``Connection: close`` on the response (e.g. an unread body, or draining)."""
         self._close_after = True
 
     async def send_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self._settle_request()
         if self._close_after or not self.request_complete:
             # An unread request body cannot be skipped safely: close after this response.
             headers = [*headers, (b"connection", b"close")]
-        await self._send(h11.Response(status_code=status, headers=headers))
+        reason = _REASONS.get(status, b"")
+        await self._send(h11.Response(status_code=status, headers=headers, reason=reason))
 
     async def send_data(self, data: bytes) -> None:
         if data:
@@ -374,17 +394,11 @@ async def _lingering_close(stream: trio.SocketStream, seconds: float = 2.0, limi
             return
 
 
-def parse_listen(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` → (host, port)."""
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 async def open_listeners(addresses: tuple[str, ...], *, reuse_port: bool = False) -> list[trio.SocketListener]:
     """Bind every listen address (a backlog sized for thousands of connections)."""
     listeners: list[trio.SocketListener] = []
     for address in addresses:
-        host, port = parse_listen(address)
+        host, port = split_host_port(address)
         sock = trio.socket.socket(
             trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET, trio.socket.SOCK_STREAM
         )

@@ -221,20 +221,14 @@ def signed_header_values(req: SignedRequest, headers: Mapping[str, str], body: b
     """The header lists to try for the canonical request, refusing a missing signed header.
 
     ``headers`` maps lower-case names to values (repeated headers joined by ``, ``). With a
-    signed body, ``content-length`` is the length of the body actually read, and also its
-    length in characters, because the Python and JS SDKs sign ``len(body_string)``.
+    signed body, ``content-length`` is the length of the body actually read, in each unit an
+    SDK counts it in (the Python and JS SDKs sign the length of the body *string*).
     """
     base: list[tuple[str, str]] = []
     length_variants: list[str] = []
     for name in req.signed_headers:
         if name == "content-length" and body is not None:
-            length_variants = [str(len(body))]
-            try:
-                chars = len(body.decode("utf-8"))
-            except UnicodeDecodeError:
-                chars = len(body)
-            if chars != len(body):
-                length_variants.append(str(chars))
+            length_variants = _content_length_variants(body)
             continue
         if name not in headers:
             raise Forbidden(f"signed header {name} is missing from the request", code="signed_header_missing")
@@ -242,6 +236,17 @@ def signed_header_values(req: SignedRequest, headers: Mapping[str, str], body: b
     if not length_variants:
         return [base]
     return [base + [("content-length", v)] for v in length_variants]
+
+
+def _content_length_variants(body: bytes) -> list[str]:
+    """Byte length (Ruby SDK, HTTP), code points (Python ``len(str)``), UTF-16 units (JS ``.length``)."""
+    variants = [len(body)]
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return [str(len(body))]
+    variants += [len(text), len(text.encode("utf-16-le")) // 2]
+    return [str(n) for n in dict.fromkeys(variants)]
 
 
 def candidate_requests(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from urllib.parse import SplitResult, urlsplit
 
+import idna
+
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 # WHATWG percent-encode sets (URL Standard, 1.3): the path set and the special-query set,
@@ -68,9 +70,13 @@ def _host(parts: SplitResult, text: str) -> str:
         raise InvalidURL(f"no host in {text!r}")
     if ":" in host:  # IPv6 literal; hostname drops the brackets
         return f"[{host}]"
-    try:
-        return host.encode("idna").decode("ascii")
-    except UnicodeError as exc:
+    if any(ch.isspace() or ch in '<>"^`{|}%' for ch in host):
+        raise InvalidURL(f"invalid character in the host of {text!r}")
+    if host.isascii():
+        return host.lower()
+    try:  # UTS 46 non-transitional, as WHATWG URL parsers do (faß.de stays distinct from fass.de)
+        return idna.encode(host, uts46=True, transitional=False).decode("ascii")
+    except idna.IDNAError as exc:
         raise InvalidURL(f"invalid host name in {text!r}") from exc
 
 
@@ -82,6 +88,10 @@ def normalize_url(text: str, *, schemes: frozenset[str] = frozenset({"http", "ht
     produces, which is what it signs).
     """
     text = text.strip()
+    head, mark, rest = text.partition("?")
+    # WHATWG: in http(s) URLs a backslash before the query is a path separator, as browsers
+    # and Signway's parser read it; urlsplit would leave it in the host or path.
+    text = head.replace("\\", "/") + mark + rest
     try:
         parts = urlsplit(text)
     except ValueError as exc:

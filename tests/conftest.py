@@ -1,0 +1,60 @@
+"""Fixtures for end-to-end tests: an in-test upstream, Parkway on a real socket, a browser.
+
+Everything runs in the test's own nursery (pytest-trio's ``nursery`` fixture), so it is
+cancelled when the test ends; ``hang_guard`` turns a hung test into a failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from helpers import RunningParkway, Upstream, make_config, start_parkway as _start_parkway
+
+HANG_LIMIT = 10.0  # seconds; the whole e2e file takes a few
+
+
+@pytest.fixture
+async def hang_guard(nursery: trio.Nursery) -> None:
+    """Fail (instead of hanging forever) a test that runs longer than ``HANG_LIMIT``."""
+
+    async def watchdog() -> None:
+        await trio.sleep(HANG_LIMIT)
+        raise TimeoutError(f"test still running after {HANG_LIMIT:g} s: something hung")
+
+    nursery.start_soon(watchdog)
+
+
+@pytest.fixture
+async def upstream(nursery: trio.Nursery, hang_guard: None) -> Upstream:
+    """The in-test upstream (echo by default; set ``upstream.behaviour`` to change it)."""
+    return await nursery.start(Upstream().serve)
+
+
+@pytest.fixture
+def start_parkway(
+    nursery: trio.Nursery, hang_guard: None
+) -> Callable[..., Awaitable[RunningParkway]]:
+    """Factory: ``await start_parkway(credentials=..., cors=..., **server_overrides)``."""
+
+    async def start(**overrides: Any) -> RunningParkway:
+        return await _start_parkway(nursery, make_config(**overrides))
+
+    return start
+
+
+@pytest.fixture
+async def parkway(start_parkway: Callable[..., Awaitable[RunningParkway]]) -> RunningParkway:
+    """Parkway with the test config: credential "app" / "s3cret", injecting the upstream key."""
+    return await start_parkway()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    """The browser: no proxies from the environment, short timeouts."""
+    async with httpx.AsyncClient(trust_env=False, timeout=5.0) as client:
+        yield client
