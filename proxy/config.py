@@ -43,6 +43,8 @@ class ServerConfig:
     drain_timeout: float = 30.0  # grace for in-flight requests on shutdown, 0 = cancel at once
     clock_skew: float = 60.0  # tolerance for X-Sw-Date in the future and for expiry
     max_expiry: int = 604800  # refuse X-Sw-Expires above this (7 days, like SigV4)
+    public_path_prefix: str = ""  # path where browsers reach Parkway, e.g. "/ai" behind nginx
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* headers are believed
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +397,21 @@ def _upstream_prefix(value: Any, path: str) -> str:
         _fail(path, str(exc))
 
 
+def _path_prefix(value: Any, path: str) -> str:
+    """'' or an absolute path without query; stored without a trailing slash ("/ai")."""
+    if _str(value, path) and (not value.startswith("/") or re.search(r"[?#\s]", value)):
+        _fail(path, f"{value!r} must be an absolute path such as '/ai' (no query, no spaces)")
+    return value.rstrip("/")
+
+
+def _network(value: Any, path: str) -> str:
+    """An IP address or CIDR network, stored in canonical form."""
+    try:
+        return str(ipaddress.ip_network(_str(value, path), strict=False))
+    except ValueError:
+        _fail(path, f"{value!r} is not an IP address or CIDR network (e.g. 127.0.0.1/32, 10.0.0.0/8)")
+
+
 def _non_empty(value: Any, path: str) -> str:
     if not _str(value, path):
         _fail(path, "must not be empty")
@@ -477,6 +494,8 @@ _SERVER_RULES: Mapping[str, _Convert] = {
     # 0 means: no overall cap / cancel in-flight requests at once / no clock tolerance.
     **dict.fromkeys(["request_timeout", "drain_timeout", "clock_skew"], _number(0)),
     **dict.fromkeys(_LIMITS, _number(1, integer=True)),
+    "public_path_prefix": lambda value, path: _path_prefix(value, path),
+    "trusted_proxies": _list_of(lambda value, path: _network(value, path), single_ok=True),
 }
 _CORS_RULES: Mapping[str, _Convert] = {
     "allow_origins": _list_of(_origin),

@@ -8,8 +8,10 @@ Response side: only hop-by-hop headers go; everything else reaches the browser u
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import ipaddress
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -59,10 +61,52 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
 
 @dataclass(frozen=True, slots=True)
 class ForwardContext:
-    """What the proxy knows about the client connection, for the ``X-Forwarded-*`` headers."""
+    """Who the client is, as far as Parkway can trust it, for ``X-Forwarded-*`` and logs."""
 
     client_ip: str
     proto: str = "http"
+    forwarded_for: str = ""  # the X-Forwarded-For chain to send upstream
+    prefix: str = ""  # public path prefix reported by a trusted proxy (X-Forwarded-Prefix)
+
+
+@lru_cache(maxsize=64)
+def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def _is_trusted(address: str, networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in n for n in networks)
+
+
+def forward_context(peer: str, headers: Mapping[str, str], trusted_proxies: tuple[str, ...]) -> ForwardContext:
+    """Believe ``X-Forwarded-For/Proto/Prefix`` only when the peer is a trusted proxy.
+
+    The client is the right-most address in the chain that is not itself a trusted proxy:
+    everything left of it could have been written by the client.
+    """
+    networks = _networks(trusted_proxies)
+    if not _is_trusted(peer, networks):
+        return ForwardContext(client_ip=peer, forwarded_for=peer)
+    chain = [a.strip() for a in headers.get("x-forwarded-for", "").split(",") if a.strip()]
+    client = peer
+    for address in reversed(chain):
+        client = address
+        if not _is_trusted(address, networks):
+            break
+    proto = headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    prefix = headers.get("x-forwarded-prefix", "").split(",")[0].strip()
+    if not prefix.startswith("/") or any(c.isspace() or c in "?#" for c in prefix):
+        prefix = ""
+    return ForwardContext(
+        client_ip=client,
+        proto=proto if proto in ("http", "https") else "http",
+        forwarded_for=", ".join([*chain, peer]),
+        prefix=prefix.rstrip("/"),
+    )
 
 
 def request_headers(
@@ -87,7 +131,7 @@ def request_headers(
         if n not in dropped and n not in overridden and not n.startswith(b"x-sw-")
     ]
     out.extend(injected_pairs)
-    out.append((b"x-forwarded-for", ctx.client_ip.encode("latin-1")))
+    out.append((b"x-forwarded-for", (ctx.forwarded_for or ctx.client_ip).encode("latin-1")))
     out.append((b"x-forwarded-proto", ctx.proto.encode("latin-1")))
     if content_length is not None:
         out.append((b"content-length", str(content_length).encode()))

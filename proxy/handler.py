@@ -52,6 +52,7 @@ class RequestRecord:
     bytes_in_start: int
     bytes_out_start: int
     credential: str | None = None
+    client: str | None = None
     upstream_host: str | None = None
     upstream_path: str | None = None
     status: int | None = None
@@ -138,6 +139,8 @@ class Gateway:
             signed, self.clock(), clock_skew=config.server.clock_skew, max_expiry=config.server.max_expiry
         )
         headers = _header_map(head)
+        ctx = forwarding.forward_context(head.peer, headers, config.server.trusted_proxies)
+        record.client = ctx.client_ip
 
         # 4: a signed body is read (bounded) and verified before anything is forwarded.
         body: bytes | None = None
@@ -154,7 +157,7 @@ class Gateway:
             signed,
             method=head.method,
             secrets=credential.secrets,
-            paths=(head.path, "/"),
+            paths=_canonical_paths(head.path, config.server.public_path_prefix, ctx.prefix),
             headers=headers,
             body=body,
         )
@@ -183,7 +186,7 @@ class Gateway:
             headers=forwarding.request_headers(
                 head.headers,
                 credential.headers,
-                forwarding.ForwardContext(client_ip=head.peer),
+                ctx,
                 content_length=content_length,
             ),
             body=upstream_body,
@@ -242,7 +245,7 @@ class Gateway:
         now = trio.current_time()
         fields = dict(
             method=head.method,
-            client=head.peer,
+            client=record.client or head.peer,
             upstream_host=record.upstream_host,
             upstream_path=record.upstream_path,
             status=record.status,
@@ -271,6 +274,16 @@ def _header_map(head: RequestHead) -> dict[str, str]:
             text = value.decode("latin-1")
         out[key] = f"{out[key]}, {text}" if key in out else text
     return out
+
+
+def _canonical_paths(path: str, *prefixes: str) -> tuple[str, ...]:
+    """Paths a signer may have signed: as received, ``/`` (Signway's server), and with the
+    public prefix put back when a proxy in front (nginx at ``/ai``) stripped it."""
+    paths = [path, "/"]
+    for prefix in prefixes:
+        if prefix and not path.startswith(prefix + "/"):
+            paths.append(prefix + path)
+    return tuple(paths)
 
 
 def _has_body(head: RequestHead) -> bool:

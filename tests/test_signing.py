@@ -182,6 +182,14 @@ def test_accepts_our_own_urls(kwargs, forwarded):
     assert req.extra_params() == {"end_user": "Jane Doe (QA)"}
 
 
+def test_our_signer_signs_normal_form_and_byte_length():
+    # Where ours differs from signway_sdk: proxy URL normalised, Content-Length in UTF-8 bytes.
+    ours = sign_url(**sdk_args(proxy_url="HTTPS://API.OpenAI.com:443/v1/x/../chat/completions", body=UNICODE_BODY))
+    expected = emulate(encode=form_encode, canonical_path="/", proxy_sent=CHAT, proxy_signed=CHAT, host=HOST + "/",
+                       headers=[("Content-Length", "75")], header_names=["content-length"], body=UNICODE_BODY.encode())
+    assert ours == expected
+
+
 # --- emulations of the other signers ------------------------------------------------------------
 
 

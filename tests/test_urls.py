@@ -59,6 +59,7 @@ NORMALIZE = {
     "ipv6 lower-cased": ("https://[2001:DB8::1]/", "https://[2001:db8::1]/"),
     "ipv6 default port": ("https://[::1]:443/", "https://[::1]/"),
     "userinfo kept": ("https://u:p@x/", "https://u:p@x/"),
+    "backslash ends the host": ("https://evil.com\\@api.openai.com/", "https://evil.com/@api.openai.com/"),
     # whitespace
     "surrounding spaces": ("  https://x/a  ", "https://x/a"),
     "tab and newline removed": ("https://x/a\tb\n", "https://x/ab"),
@@ -95,6 +96,7 @@ INVALID = {
     "empty": "",
     "garbage": "not a url",
     "space in host": "https://exa mple.com/",
+    "control character in host": "https://a\x01b.example/",
 }
 
 
@@ -125,6 +127,7 @@ ALLOWED = {
     "host suffix attack, prefix without slash": ("https://api.openai.com.evil.com/v1", ("https://api.openai.com",), False),
     "userinfo attack": ("https://api.openai.com@evil.com/", OPENAI, False),
     "userinfo attack, prefix without slash": ("https://api.openai.com@evil.com/", ("https://api.openai.com",), False),
+    "backslash userinfo attack": ("https://evil.com\\@api.openai.com/", OPENAI, False),
     "other port": ("https://api.openai.com:8443/v1", OPENAI, False),
     "other scheme": ("http://api.openai.com/v1", OPENAI, False),
     "url spelled differently": ("HTTPS://API.OPENAI.COM:443/v1/x", V1, True),
