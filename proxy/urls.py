@@ -70,7 +70,7 @@ def _host(parts: SplitResult, text: str) -> str:
         raise InvalidURL(f"no host in {text!r}")
     if ":" in host:  # IPv6 literal; hostname drops the brackets
         return f"[{host}]"
-    if any(ch.isspace() or ch in '<>"^`{|}%' for ch in host):
+    if any(ch.isspace() or ch in '<>"^`{|}%\x7f' or ord(ch) < 0x20 for ch in host):
         raise InvalidURL(f"invalid character in the host of {text!r}")
     if host.isascii():
         return host.lower()

@@ -160,6 +160,8 @@ def test_accepts_real_sdk_urls(kwargs, forwarded):
     assert req.proxy_url == forwarded
     assert req.credential_id == args["id"]
     assert req.body_signed is (body is not None)
+    # the SDK lists names in the caller's order and appends content-length; verification sorts
+    assert req.signed_headers == tuple([k.lower() for k in kwargs.get("headers", {})] + ["content-length"] * (body is not None))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,550 @@
+"""End to end: httpx (the browser) → Parkway on a real socket → an h11 upstream on another.
+
+URLs are signed by the real ``signway-sdk``. The upstream (tests/helpers.py) is written
+with h11 and plain trio sockets, independent of Parkway's own server, and records what
+reached it, so every refusal also proves that nothing was forwarded. Pacing between the
+test and the upstream is done with channels and events, never with sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from urllib.parse import quote_plus
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from helpers import (
+    INJECTED,
+    SECRET,
+    TEST_CREDENTIAL,
+    UPSTREAM_KEY,
+    Exchange,
+    Upstream,
+    closed_port,
+    hang,
+    parse_raw_response,
+    read_until_eof,
+    respond_with,
+    sse_from,
+    sse_then,
+    stream_chunks,
+    watch_logs,
+)
+from proxy.config import CorsConfig, Credential
+
+pytestmark = pytest.mark.usefixtures("hang_guard")
+
+ORIGIN = "https://app.example"
+EVENT_1 = b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'
+EVENT_2 = b'event: message\r\nid: 2\r\ndata: {"choices":[{"delta":{"content":"lo"}}]}\r\n\r\ndata: [DONE]\n\n'
+HOP_BY_HOP = ("connection", "keep-alive", "proxy-authorization", "te", "trailer", "upgrade", "x-hop")
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def assert_refused(response: httpx.Response, status: int, code: str, upstream: Upstream | None = None) -> None:
+    """An OpenAI-shaped JSON error with CORS headers; with ``upstream``, nothing reached it."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert list(body) == ["error"]
+    assert sorted(body["error"]) == ["code", "message", "type"]
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    assert response.headers["access-control-allow-origin"] == "*"
+    if upstream is not None:
+        assert upstream.requests == []
+        assert upstream.connections == 0
+
+
+async def read_exactly(chunks, size: int) -> bytes:
+    """Read at least ``size`` bytes from an async iterator of chunks."""
+    got = b""
+    while len(got) < size:
+        got += await chunks.__anext__()
+    return got
+
+
+# --- forwarding -----------------------------------------------------------------------------------
+
+
+async def test_get_is_forwarded_with_the_header_policy(parkway, upstream, client):
+    url = parkway.sign(f"{upstream.base}/v1/models?limit=2&order=desc")
+    response = await client.get(
+        url,
+        headers={
+            "Authorization": "Bearer client-supplied",
+            "Cookie": "session=app-session",
+            "X-Sw-Extra": "1",
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "named in Connection",
+            "Keep-Alive": "timeout=5",
+            "Proxy-Authorization": "Basic eHl6",
+            "TE": "trailers",
+            "X-Forwarded-For": "6.6.6.6",
+            "X-Client": "kept",
+            "Origin": ORIGIN,
+        },
+    )
+
+    assert response.status_code == 200
+    (seen,) = upstream.requests
+    assert seen.method == "GET"
+    assert seen.target == "/v1/models?limit=2&order=desc"
+    assert seen.headers["host"] == upstream.netloc
+    assert [v for n, v in seen.header_list if n == "authorization"] == [f"Bearer {UPSTREAM_KEY}"]
+    assert seen.headers["x-forwarded-for"] == "127.0.0.1"
+    assert seen.headers["x-forwarded-proto"] == "http"
+    assert seen.headers["x-client"] == "kept"
+    assert seen.headers["origin"] == ORIGIN
+    assert not [n for n in seen.headers if n.startswith("x-sw-")]
+    assert "cookie" not in seen.headers
+    assert not [n for n in HOP_BY_HOP if n in seen.headers], seen.headers
+    assert seen.body == b""
+    # The answer comes back as the upstream sent it.
+    assert response.headers["x-upstream"] == "echo"
+    assert response.headers["content-type"] == "application/json"
+    assert response.content == bytes(upstream.exchanges[0].sent_body)
+    assert response.headers["content-length"] == str(len(response.content))
+    assert response.headers["access-control-allow-origin"] == "*"
+    assert response.headers["x-request-id"]
+
+
+async def test_post_fixed_length_body_both_ways(parkway, upstream, client):
+    body = bytes(range(256)) * 64  # binary, 16 KiB
+    url = parkway.sign(f"{upstream.base}/v1/files", method="POST")
+
+    response = await client.post(url, content=body, headers={"Content-Type": "application/octet-stream"})
+
+    assert response.status_code == 200
+    (seen,) = upstream.requests
+    assert seen.method == "POST"
+    assert seen.body == body
+    assert seen.headers["content-length"] == str(len(body))
+    assert "transfer-encoding" not in seen.headers
+    assert seen.headers["content-type"] == "application/octet-stream"
+    assert response.headers["content-length"] == str(len(response.content))
+    assert response.content == bytes(upstream.exchanges[0].sent_body)
+
+
+async def test_post_chunked_body_both_ways(parkway, upstream, client):
+    chunks = [b"first chunk|", b"\x00\xff binary|", b"x" * 70000, b"|last"]
+    sent_back = [b"answer part 1\n", b"answer \xe2\x9c\x93 part 2\n", b"y" * 50000]
+
+    async def chunked_answer(ex: Exchange) -> None:
+        await ex.send_head(201, [("content-type", "application/x-ndjson"), ("x-answer", "chunked")])
+        for part in sent_back:
+            await ex.send_data(part)
+        await ex.send_end()
+
+    upstream.behaviour = chunked_answer
+    url = parkway.sign(f"{upstream.base}/v1/upload?kind=chunked", method="PUT")
+
+    response = await client.put(url, content=stream_chunks(chunks))
+
+    (seen,) = upstream.requests
+    assert seen.method == "PUT"
+    assert seen.target == "/v1/upload?kind=chunked"
+    assert seen.body == b"".join(chunks)
+    assert seen.headers["transfer-encoding"] == "chunked"
+    assert "content-length" not in seen.headers
+    assert response.status_code == 201
+    assert response.headers["x-answer"] == "chunked"
+    assert response.headers["content-type"] == "application/x-ndjson"
+    assert "content-length" not in response.headers
+    assert response.content == b"".join(sent_back)
+
+
+async def test_upstream_error_status_passes_through(parkway, upstream, client):
+    payload = b'{"error":{"message":"model overloaded"}}'
+    upstream.behaviour = respond_with(500, payload, [("content-type", "application/json"), ("x-upstream", "sad")])
+
+    response = await client.post(parkway.sign(f"{upstream.base}/v1/chat/completions", method="POST"))
+
+    assert response.status_code == 500
+    assert response.content == payload
+    assert response.headers["x-upstream"] == "sad"
+    assert len(upstream.requests) == 1
+
+
+# --- signatures -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(json.dumps({"model": "gpt-4o-mini", "stream": False}), id="ascii"),
+        # The Python SDK signs len(str) as Content-Length; httpx sends the byte length.
+        pytest.param(json.dumps({"content": "héllo wörld ✓"}, ensure_ascii=False), id="non-ascii"),
+    ],
+)
+async def test_signed_headers_and_body_pass(parkway, upstream, client, body):
+    headers = {"Content-Type": "application/json", "X-Client-Version": "1.2"}
+    url = parkway.sign(f"{upstream.base}/v1/chat/completions", method="POST", headers=headers, body=body)
+
+    response = await client.post(url, content=body.encode(), headers=headers)
+
+    assert response.status_code == 200, response.text
+    (seen,) = upstream.requests
+    assert seen.body == body.encode()
+    assert seen.headers["content-length"] == str(len(body.encode()))
+    assert seen.headers["x-client-version"] == "1.2"
+    assert seen.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+
+
+def _request(method: str, url: str, headers: dict | None = None, content: bytes | None = None) -> dict:
+    return {"method": method, "url": url, "headers": {"Origin": ORIGIN, **(headers or {})}, "content": content}
+
+
+# name: (status, code, build(parkway, upstream) -> request)
+REFUSALS = {
+    "expired": (403, "expired", lambda p, u: _request(
+        "GET", p.sign(f"{u.base}/v1/models", expiry=60, when=now() - timedelta(hours=2)))),
+    "date in the future": (403, "date_in_future", lambda p, u: _request(
+        "GET", p.sign(f"{u.base}/v1/models", when=now() + timedelta(hours=1)))),
+    "wrong secret": (403, "signature_mismatch", lambda p, u: _request(
+        "GET", p.sign(f"{u.base}/v1/models", secret="not-the-secret"))),
+    "unknown credential": (401, "unknown_credential", lambda p, u: _request(
+        "GET", p.sign(f"{u.base}/v1/models", id="ghost"))),
+    "signed header missing": (403, "signed_header_missing", lambda p, u: _request(
+        "GET", p.sign(f"{u.base}/v1/models", headers={"X-Client-Version": "1.2"}))),
+    "signed header differs": (403, "signature_mismatch", lambda p, u: _request(
+        "GET", p.sign(f"{u.base}/v1/models", headers={"X-Client-Version": "1.2"}),
+        headers={"X-Client-Version": "1.3"})),
+    "tampered body": (403, "signature_mismatch", lambda p, u: _request(
+        "POST", p.sign(f"{u.base}/v1/chat", method="POST", body='{"n":1}'), content=b'{"n":2}')),
+    "tampered proxy url": (403, "signature_mismatch", lambda p, u: _request(
+        "GET", p.sign(f"{u.base}/v1/models").replace(quote_plus("/v1/models"), quote_plus("/v1/admin")))),
+    "other method": (403, "signature_mismatch", lambda p, u: _request(
+        "DELETE", p.sign(f"{u.base}/v1/models", method="GET"))),
+    "no X-Sw parameters": (400, "missing_signature_params", lambda p, u: _request(
+        "GET", f"{p.base}/?model=gpt")),
+    "X-Sw-Signature missing": (400, "malformed_signed_url", lambda p, u: _request(
+        "GET", p.sign(f"{u.base}/v1/models").rpartition("&X-Sw-Signature=")[0])),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+async def test_refusals_forward_nothing(parkway, upstream, client, case):
+    status, code, build = REFUSALS[case]
+
+    response = await client.request(**build(parkway, upstream))
+
+    assert_refused(response, status, code, upstream)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_signed_body_over_the_limit_is_413(start_parkway, upstream, client, framing):
+    parkway = await start_parkway(max_signed_body_bytes=16)
+    body = "x" * 64
+    url = parkway.sign(f"{upstream.base}/v1/chat", method="POST", body=body)
+    content = body.encode() if framing == "content-length" else stream_chunks([b"x" * 8] * 8)
+
+    response = await client.post(url, content=content)
+
+    assert_refused(response, 413, "body_too_large", upstream)
+
+
+async def test_upstream_outside_allowed_upstreams_is_403(start_parkway, upstream, client):
+    credential = replace(TEST_CREDENTIAL, allowed_upstreams=(f"{upstream.base}/v1/",))
+    parkway = await start_parkway(credentials=(credential,))
+
+    refused = await client.get(parkway.sign(f"{upstream.base}/v2/secret"))
+    assert_refused(refused, 403, "upstream_not_allowed", upstream)
+
+    allowed = await client.get(parkway.sign(f"{upstream.base}/v1/models"))
+    assert allowed.status_code == 200
+    assert [r.path for r in upstream.requests] == ["/v1/models"]
+
+
+async def test_key_rotation_accepts_old_and_new_secrets(start_parkway, upstream, client):
+    parkway = await start_parkway(credentials=(Credential("app", ("old", "new"), INJECTED),))
+
+    for secret in ("old", "new"):
+        response = await client.get(parkway.sign(f"{upstream.base}/v1/models?with={secret}", secret=secret))
+        assert response.status_code == 200, secret
+    third = await client.get(parkway.sign(f"{upstream.base}/v1/models?with=third", secret="third"))
+
+    assert_refused(third, 403, "signature_mismatch")
+    assert [r.target for r in upstream.requests] == ["/v1/models?with=old", "/v1/models?with=new"]
+
+
+# --- streaming ------------------------------------------------------------------------------------
+
+
+async def test_sse_reaches_the_client_event_by_event(parkway, upstream, client):
+    send, receive = trio.open_memory_channel[bytes](0)
+    upstream.behaviour = sse_from(receive)
+    url = parkway.sign(f"{upstream.base}/v1/chat/completions", method="POST")
+
+    async with send, client.stream("POST", url, json={"stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream"
+        assert response.headers["x-accel-buffering"] == "no"
+        chunks = response.aiter_raw()
+        await send.send(EVENT_1)
+        with trio.fail_after(5):
+            got = await read_exactly(chunks, len(EVENT_1))
+        # Event 1 is through while the upstream is still waiting to send event 2.
+        assert got == EVENT_1
+        assert bytes(upstream.exchanges[0].sent_body) == EVENT_1
+        await send.send(EVENT_2)
+        await send.aclose()
+        async for chunk in chunks:
+            got += chunk
+
+    assert got == EVENT_1 + EVENT_2 == bytes(upstream.exchanges[0].sent_body)
+
+
+async def test_client_disconnect_cancels_the_upstream(parkway, upstream, client):
+    send, receive = trio.open_memory_channel[bytes](0)
+    upstream.behaviour = sse_from(receive)
+    url = parkway.sign(f"{upstream.base}/v1/chat/completions", method="POST")
+
+    with watch_logs() as logs:
+        async with send:
+            async with client.stream("POST", url, json={"stream": True}) as response:
+                await send.send(EVENT_1)
+                with trio.fail_after(5):
+                    assert await read_exactly(response.aiter_raw(), len(EVENT_1)) == EVENT_1
+            # Leaving the block closes the unfinished response: httpx drops the connection.
+            with trio.fail_after(5):
+                await upstream.disconnected.wait()
+                entry = await logs.wait_for(event="request", outcome="client_gone")
+
+    assert entry["status"] == 200
+    assert entry["credential"] == "app"
+    assert bytes(upstream.exchanges[0].sent_body) == EVENT_1
+
+
+# --- upstream failures ----------------------------------------------------------------------------
+
+
+async def test_upstream_connection_refused_is_502(parkway, client):
+    response = await client.get(parkway.sign(f"http://127.0.0.1:{closed_port()}/v1/models"))
+
+    assert_refused(response, 502, "upstream_connect_failed")
+
+
+async def test_upstream_that_never_answers_is_504(start_parkway, upstream, client):
+    parkway = await start_parkway(upstream_first_byte_timeout=0.3)
+    upstream.behaviour = hang
+
+    with watch_logs() as logs:
+        response = await client.get(parkway.sign(f"{upstream.base}/v1/models"))
+        with trio.fail_after(5):
+            entry = await logs.wait_for(event="request", outcome="upstream_error")
+
+    assert_refused(response, 504, "upstream_timeout")
+    assert len(upstream.requests) == 1
+    assert entry["status"] == 504
+    with trio.fail_after(5):  # Parkway hung up on the silent upstream
+        await upstream.disconnected.wait()
+
+
+@pytest.mark.parametrize("then", ["hang", "close"])
+async def test_upstream_failing_mid_stream_truncates_the_response(start_parkway, upstream, client, then):
+    parkway = await start_parkway(upstream_idle_timeout=0.3)
+    upstream.behaviour = sse_then([EVENT_1], then)
+    url = parkway.sign(f"{upstream.base}/v1/chat/completions", method="POST")
+
+    got = b""
+    with watch_logs() as logs:
+        async with client.stream("POST", url, json={"stream": True}) as response:
+            assert response.status_code == 200
+            # No chunked terminator: httpx sees an incomplete body, not a clean end.
+            with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+                async for chunk in response.aiter_raw():
+                    got += chunk
+        with trio.fail_after(5):
+            entry = await logs.wait_for(event="request", outcome="upstream_error")
+
+    assert got == EVENT_1
+    assert entry["status"] == 200
+    if then == "hang":
+        assert "0.3 s" in entry["error"]
+
+
+# --- CORS -----------------------------------------------------------------------------------------
+
+
+async def test_preflight_is_answered_locally(parkway, upstream, client):
+    url = parkway.sign(f"{upstream.base}/v1/chat/completions", method="POST")
+
+    response = await client.options(
+        url,
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, x-client-version",
+        },
+    )
+
+    assert response.status_code == 204
+    assert response.content == b""
+    assert response.headers["access-control-allow-origin"] == "*"
+    assert response.headers["access-control-allow-methods"] == "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+    assert response.headers["access-control-allow-headers"] == "content-type, x-client-version"
+    assert response.headers["access-control-max-age"] == "600"
+    assert upstream.requests == [] and upstream.connections == 0
+
+
+async def test_configured_origins_are_echoed_and_others_get_no_cors(start_parkway, upstream, client):
+    parkway = await start_parkway(cors=CorsConfig(allow_origins=(ORIGIN,)))
+    evil = "https://evil.example"
+    preflight = {"Access-Control-Request-Method": "POST"}
+
+    allowed = await client.get(parkway.sign(f"{upstream.base}/v1/models"), headers={"Origin": ORIGIN})
+    other = await client.get(parkway.sign(f"{upstream.base}/v1/models"), headers={"Origin": evil})
+    allowed_preflight = await client.options(parkway.base + "/", headers={"Origin": ORIGIN, **preflight})
+    other_preflight = await client.options(parkway.base + "/", headers={"Origin": evil, **preflight})
+
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == ORIGIN
+    assert "Origin" in allowed.headers["vary"]
+    assert other.status_code == 200  # forwarded; the browser is who withholds the answer
+    assert "access-control-allow-origin" not in other.headers
+    assert allowed_preflight.status_code == 204
+    assert allowed_preflight.headers["access-control-allow-origin"] == ORIGIN
+    assert "access-control-allow-methods" in allowed_preflight.headers
+    assert other_preflight.status_code == 204
+    assert "access-control-allow-origin" not in other_preflight.headers
+    assert "access-control-allow-methods" not in other_preflight.headers
+    assert len(upstream.requests) == 2
+
+
+# --- malformed HTTP -------------------------------------------------------------------------------
+
+BIG = b"X-Big: " + b"a" * 2000 + b"\r\n"
+MALFORMED = {
+    "garbage request line": (b"GARBAGE\r\n\r\n", 400, "malformed_http"),
+    "header line without colon": (b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400, "malformed_http"),
+    "head too large, still arriving": (b"GET / HTTP/1.1\r\nHost: x\r\n" + BIG, 431, "headers_too_large"),
+    "head too large, complete": (b"GET / HTTP/1.1\r\nHost: x\r\n" + BIG + b"\r\n", 431, "headers_too_large"),
+    "head not finished in time": (b"GET / HTTP/1.1\r\nHost: x\r\n", 408, "client_timeout"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+async def test_malformed_http_gets_a_json_error_and_a_close(start_parkway, upstream, client, case):
+    data, status, code = MALFORMED[case]
+    parkway = await start_parkway(max_header_bytes=1024, header_read_timeout=0.3)
+
+    with trio.fail_after(5):
+        async with await trio.open_tcp_stream("127.0.0.1", parkway.port) as stream:
+            await stream.send_all(data)
+            raw = await read_until_eof(stream)  # returns only once Parkway closes
+
+    response = parse_raw_response(raw)
+    assert response.status == status, raw
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["code"] == code
+    assert upstream.requests == []
+    # The server goes on serving.
+    after = await client.get(parkway.sign(f"{upstream.base}/v1/models"))
+    assert after.status_code == 200
+
+
+async def test_silent_connection_is_closed_after_header_read_timeout(start_parkway, upstream, client):
+    parkway = await start_parkway(header_read_timeout=0.3)
+
+    with trio.fail_after(5):
+        async with await trio.open_tcp_stream("127.0.0.1", parkway.port) as stream:
+            assert await read_until_eof(stream) == b""
+
+    assert (await client.get(parkway.sign(f"{upstream.base}/v1/models"))).status_code == 200
+
+
+# --- connections ----------------------------------------------------------------------------------
+
+
+async def test_keep_alive_reuses_one_connection(parkway, upstream, client):
+    first = await client.get(parkway.sign(f"{upstream.base}/v1/models?n=1"))
+    second = await client.get(parkway.sign(f"{upstream.base}/v1/models?n=2"))
+
+    assert first.status_code == second.status_code == 200
+    first_port = first.extensions["network_stream"].get_extra_info("client_addr")[1]
+    second_port = second.extensions["network_stream"].get_extra_info("client_addr")[1]
+    assert first_port == second_port
+    assert parkway.parkway.server.open_connections == 1
+    # Parkway's own upstream pool keeps its connection alive too.
+    assert upstream.connections == 1
+    assert upstream.requests[0].peer_port == upstream.requests[1].peer_port
+
+
+async def test_graceful_drain_finishes_in_flight_streams(start_parkway, upstream, client):
+    parkway = await start_parkway(drain_timeout=5.0)
+    send, receive = trio.open_memory_channel[bytes](0)
+    upstream.behaviour = sse_from(receive)
+    url = parkway.sign(f"{upstream.base}/v1/chat/completions", method="POST")
+
+    async with send, client.stream("POST", url, json={"stream": True}) as response:
+        chunks = response.aiter_raw()
+        await send.send(EVENT_1)
+        with trio.fail_after(5):
+            got = await read_exactly(chunks, len(EVENT_1))
+
+        parkway.parkway.shutdown()
+        await trio.testing.wait_all_tasks_blocked()  # the accept loop has stopped, the listener closed
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", parkway.port)
+
+        await send.send(EVENT_2)
+        await send.aclose()
+        async for chunk in chunks:
+            got += chunk
+
+    assert got == EVENT_1 + EVENT_2
+    with trio.fail_after(5):
+        await parkway.stopped.wait()
+
+
+async def test_drain_timeout_cuts_streams_that_outlive_it(start_parkway, upstream, client):
+    parkway = await start_parkway(drain_timeout=0.2)
+    send, receive = trio.open_memory_channel[bytes](0)
+    upstream.behaviour = sse_from(receive)
+    url = parkway.sign(f"{upstream.base}/v1/chat/completions", method="POST")
+
+    async with send, client.stream("POST", url, json={"stream": True}) as response:
+        chunks = response.aiter_raw()
+        await send.send(EVENT_1)
+        with trio.fail_after(5):
+            got = await read_exactly(chunks, len(EVENT_1))
+        parkway.parkway.shutdown()
+        with trio.fail_after(5), pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+            async for chunk in chunks:
+                got += chunk
+
+    assert got == EVENT_1
+    with trio.fail_after(5):
+        await parkway.stopped.wait()
+        await upstream.disconnected.wait()
+
+
+# --- logs -----------------------------------------------------------------------------------------
+
+
+async def test_secrets_are_never_logged(parkway, upstream, client):
+    with watch_logs() as logs:
+        refused = await client.get(parkway.sign(f"{upstream.base}/v1/models", secret="wrong"))
+        accepted = await client.post(
+            parkway.sign(f"{upstream.base}/v1/chat", method="POST", body='{"q":1}'),
+            content=b'{"q":1}',
+            headers={"Authorization": "Bearer client-supplied"},
+        )
+        with trio.fail_after(5):
+            ok = await logs.wait_for(event="request", outcome="ok")
+            bad = await logs.wait_for(event="request", outcome="refused:signature_mismatch")
+
+    assert refused.status_code == 403 and accepted.status_code == 200
+    assert ok["credential"] == bad["credential"] == "app"
+    text = repr(logs.entries)
+    assert SECRET not in text
+    assert UPSTREAM_KEY not in text
