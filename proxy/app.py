@@ -1,26 +1,39 @@
-"""Wiring: a running Parkway is a config, an upstream client, a gateway and a server.
+"""Wiring: a running Parkway is a config, an upstream client, a gateway and its servers.
 
 ``Parkway.run`` is what ``parkway serve`` runs and what tests start in a nursery:
-``addresses = await nursery.start(parkway.run)`` gives the bound ``host:port`` of each
-listener, and ``parkway.shutdown()`` begins the graceful drain.
+``addresses = await nursery.start(parkway.run)`` gives the bound ``host:port`` of each public
+listener (``parkway.admin_addresses`` those of the admin listener), and ``parkway.shutdown()``
+begins the graceful drain. ``parkway.reload()`` re-reads the TOML file, as SIGHUP does.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import ssl
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 
 import structlog
 import trio
 
-from .config import Config
+from .admin import AdminApp
+from .config import Config, ServerConfig, load_config, split_host_port
+from .errors import ConfigError
 from .handler import Gateway, utcnow
 from .http_server import Server, bound_address, open_listeners
+from .metrics import Metrics
 from .upstream import UpstreamClient
 
 log = structlog.get_logger("parkway")
+
+
+def _offset_port(address: str, offset: int) -> str:
+    host, port = split_host_port(address)
+    if port == 0 or offset == 0:
+        return address
+    return f"[{host}]:{port + offset}" if ":" in host else f"{host}:{port + offset}"
 
 
 class Parkway:
@@ -28,51 +41,120 @@ class Parkway:
         self,
         config: Config,
         *,
+        config_path: str | os.PathLike | None = None,
         upstream_verify: bool | ssl.SSLContext = True,
         clock: Callable[[], datetime] = utcnow,
+        worker_index: int = 0,
+        reuse_port: bool = False,
     ):
         self.config = config
+        self.config_path = config_path
+        self.worker_index = worker_index
+        self.reuse_port = reuse_port
         self.upstream = UpstreamClient(config.server, verify=upstream_verify)
-        self.gateway = Gateway(config, self.upstream, clock=clock)
+        self.metrics = Metrics(open_connections=lambda: self.server.open_connections)
+        self.gateway = Gateway(config, self.upstream, metrics=self.metrics, clock=clock)
         self.server = Server(config.server, self.gateway)
+        self.admin_server = Server(ServerConfig(max_connections=64, drain_timeout=0), AdminApp(self, self.metrics.render))
+        self.addresses: list[str] = []
+        self.admin_addresses: list[str] = []
+        self._accepting = False
+        self._draining = trio.Event()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve until :meth:`shutdown` has drained, then close the upstream pool."""
-        listeners = await open_listeners(self.config.server.listen)
-        addresses = [bound_address(listener) for listener in listeners]
+        listeners = await open_listeners(self.config.server.listen, reuse_port=self.reuse_port)
+        admin_listen = tuple(_offset_port(a, self.worker_index) for a in self.config.admin.listen)
+        admin_listeners = await open_listeners(admin_listen) if admin_listen else []
+        self.addresses = [bound_address(listener) for listener in listeners]
+        self.admin_addresses = [bound_address(listener) for listener in admin_listeners]
         log.info(
             "startup",
-            listen=addresses,
+            listen=self.addresses,
+            admin=self.admin_addresses,
+            worker=self.worker_index,
+            pid=os.getpid(),
             credentials=[c.id for c in self.config.credentials],
             max_connections=self.config.server.max_connections,
         )
         try:
             async with trio.open_nursery() as nursery:
+                if admin_listeners:
+                    await nursery.start(self.admin_server.serve, admin_listeners)
                 await nursery.start(self.server.serve, listeners)
-                task_status.started(addresses)
+                self._accepting = True
+                task_status.started(self.addresses)
+                # The public server returns once drained; the admin one is then stopped.
+                nursery.start_soon(self._stop_admin_after_drain)
         finally:
+            self._accepting = False
             with trio.CancelScope(shield=True):
                 await self.upstream.aclose()
             log.info("shutdown", open_connections=self.server.open_connections)
+
+    async def _stop_admin_after_drain(self) -> None:
+        await self._draining.wait()
+        self.admin_server.shutdown()
 
     def shutdown(self) -> None:
         if not self.server.draining:
             log.info("draining", drain_timeout=self.config.server.drain_timeout,
                      open_connections=self.server.open_connections)
+        self._accepting = False
         self.server.shutdown()
+        self._draining.set()
+
+    # --- operations -----------------------------------------------------------------------
+
+    def readiness(self) -> dict[str, bool]:
+        return {"accepting": self._accepting and not self.server.draining, "config_loaded": True}
+
+    def reload(self) -> list[str]:
+        """Re-read the config file; apply it to new requests, or keep the old one and say why.
+
+        In-flight requests keep the config they started with (the gateway reads it once per
+        request). Listen addresses and upstream pool settings need a restart to change.
+        """
+        if self.config_path is None:
+            problems = ["no configuration file to reload (started without --config)"]
+            log.error("config_reload_failed", problems=problems)
+            self.metrics.reloads.labels("error").inc()
+            return problems
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            problems = [str(p) for p in exc.problems]
+            log.error("config_reload_failed", path=str(self.config_path), problems=problems)
+            self.metrics.reloads.labels("error").inc()
+            return problems
+        if new.server.listen != self.config.server.listen or new.admin != self.config.admin:
+            log.warning("config_reload_needs_restart", reason="listen addresses changed; kept the old ones")
+            new = replace(new, server=replace(new.server, listen=self.config.server.listen), admin=self.config.admin)
+        self.config = new
+        self.gateway.config = new
+        self.server.config = new.server
+        self.metrics.reloads.labels("ok").inc()
+        log.info("config_reloaded", path=str(self.config_path), credentials=[c.id for c in new.credentials])
+        return []
 
 
 async def run_until_signalled(parkway: Parkway) -> None:
-    """Run until SIGTERM or SIGINT, then drain gracefully; a second signal cancels at once."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """Run until SIGTERM or SIGINT, then drain gracefully; a second signal cancels at once.
+
+    SIGHUP reloads the configuration.
+    """
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
-                count = 0
+                stops = 0
                 async for signum in signals:
-                    count += 1
                     log.info("signal", signal=signal.Signals(signum).name)
-                    if count == 1:
+                    if signum == signal.SIGHUP:
+                        parkway.reload()
+                        continue
+                    stops += 1
+                    if stops == 1:
                         parkway.shutdown()
                     else:
                         nursery.cancel_scope.cancel()

@@ -51,6 +51,8 @@ def signway_compat_config(args: argparse.Namespace, parser: argparse.ArgumentPar
         data["cors"] = cors
     if args.log_format:
         data["log"] = {"format": args.log_format}
+    # Signway has no admin port: open one only when asked, so a drop-in never collides.
+    data["admin"] = {"listen": [args.admin] if args.admin else []}
     return config_from_dict(data, os.environ)
 
 
@@ -175,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-control-allow-headers")
     serve.add_argument("--no-bytes-monitor", action="store_true", help="accepted for Signway compatibility")
     serve.add_argument("--log-format", choices=["json", "console"])
+    serve.add_argument("--admin", metavar="HOST:PORT",
+                       help="admin listener (health, metrics, reload) in Signway mode; from TOML: [admin]")
     serve.set_defaults(func=cmd_serve)
 
     sign = sub.add_parser("sign", help="print a signed URL")

@@ -73,6 +73,13 @@ class LogConfig:
     format: str = "json"  # json | console
 
 
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The operators' listener: /healthz, /readyz, /metrics, POST /reload. Empty = off."""
+
+    listen: tuple[str, ...] = ("127.0.0.1:9180",)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration; ``credential(id)`` is the per-request lookup."""
@@ -81,6 +88,9 @@ class Config:
     credentials: tuple[Credential, ...] = ()
     cors: CorsConfig = CorsConfig()
     log: LogConfig = LogConfig()
+    # Off when built in code (tests, embedding, the demo): a fixed port would collide there.
+    # A TOML file without [admin] gets AdminConfig()'s loopback default.
+    admin: AdminConfig = AdminConfig(listen=())
 
     # Not a field, so equality, hashing, repr and asdict() ignore it.
     _by_id: ClassVar[Mapping[str, Credential]]
@@ -132,6 +142,7 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     credentials = _credentials(root.tables("credentials"), env)
     cors = _section(root.table("cors"), CorsConfig, _CORS_RULES)
     log = _section(root.table("log"), LogConfig, _LOG_RULES)
+    admin = _section(root.table("admin"), AdminConfig, _ADMIN_RULES)
     root.finish()
     if cors.allow_credentials and "*" in cors.allow_origins:
         root.report(
@@ -141,7 +152,7 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         )
     if problems:
         raise ConfigError(problems)
-    return Config(server, credentials, cors, log)
+    return Config(server, credentials, cors, log, admin)
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -505,6 +516,7 @@ _CORS_RULES: Mapping[str, _Convert] = {
     "max_age": _number(0, integer=True),
     "allow_credentials": _expect(bool, "a boolean"),
 }
+_ADMIN_RULES: Mapping[str, _Convert] = {"listen": _list_of(_listen_address, single_ok=True)}
 _LOG_RULES: Mapping[str, _Convert] = {
     "level": _choice("debug", "info", "warning", "error"),
     "format": _choice("json", "console"),

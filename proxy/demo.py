@@ -15,7 +15,7 @@ import httpx
 import trio
 
 from .app import Parkway
-from .config import Config, CorsConfig, Credential, ServerConfig
+from .config import AdminConfig, Config, CorsConfig, Credential, ServerConfig
 from .mock_upstream import MockOpenAI, serve_mock
 from .signing import sign_url
 
@@ -73,6 +73,7 @@ async def run_demo(port: int, once: bool, delay: float) -> int:
                 ),
             ),
             cors=CorsConfig(),
+            admin=AdminConfig(listen=()),
         )
         parkway = Parkway(config)
         addresses = await nursery.start(parkway.run)
@@ -91,8 +92,7 @@ async def run_demo(port: int, once: bool, delay: float) -> int:
             _out("Sending it, as the browser would:")
             code = await _play_browser(url)
             _out()
-            _out("Try it yourself while a demo runs (parkway demo):")
-            _out(f"  {curl}")
+            _out("To keep it running and stream it with curl yourself: .venv/bin/parkway demo")
             parkway.shutdown()
             nursery.cancel_scope.cancel()
             return code

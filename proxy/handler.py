@@ -34,7 +34,9 @@ from .errors import (
 )
 from .http_server import ClientGone, HTTPConnection, RequestHead
 from .signing import check_validity, parse_signed_request, verify_signature
+from .metrics import Metrics
 from .upstream import UpstreamClient, UpstreamRequest
+from .usage import Usage, UsageObserver
 from .urls import origin_and_target, url_allowed
 
 log = structlog.get_logger("parkway.request")
@@ -59,14 +61,26 @@ class RequestRecord:
     ttfb: float | None = None
     outcome: str = "ok"
     error: str | None = None
+    error_code: str | None = None
+    overhead: float = 0.0  # time spent in Parkway itself (see metrics.overhead)
+    usage: Usage | None = None
+    head_sent_at: float = 0.0
 
 
 class Gateway:
     """The application behind :class:`~proxy.http_server.Server`; ``config`` may be swapped live."""
 
-    def __init__(self, config: Config, upstream: UpstreamClient, *, clock: Callable[[], datetime] = utcnow):
+    def __init__(
+        self,
+        config: Config,
+        upstream: UpstreamClient,
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ):
         self.config = config
         self.upstream = upstream
+        self.metrics = metrics or Metrics()
         self.clock = clock
 
     # --- entry points called by the server ------------------------------------------------
@@ -86,7 +100,7 @@ class Gateway:
                     )
             except ParkwayError as exc:
                 record.outcome = exc.outcome if record.outcome == "ok" else record.outcome
-                record.error = exc.message
+                record.error, record.error_code = exc.message, exc.code
                 if conn.can_respond:
                     record.status = exc.status
                     await self._send_error(head, conn, config, exc, request_id)
@@ -98,11 +112,14 @@ class Gateway:
                 conn.abort()
             finally:
                 self._log(head, conn, record)
+                self._count(config, conn, record)
 
     async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None:
         """Answer a request the server refused before it reached :meth:`handle` (bad HTTP, too slow)."""
         config = self.config
         request_id = _secrets.token_hex(8)
+        self.metrics.refusals.labels(exc.code).inc()
+        self.metrics.requests.labels("none", f"{exc.status // 100}xx", exc.outcome).inc()
         log.warning(
             "request",
             request_id=request_id,
@@ -191,26 +208,41 @@ class Gateway:
             ),
             body=upstream_body,
         )
-        async with self.upstream.open(request) as response:
-            record.ttfb = trio.current_time() - record.started
-            record.status = response.status
-            out_headers = forwarding.response_headers(response.headers)
-            if forwarding.is_event_stream(out_headers):
-                # nginx in front would otherwise buffer the stream (X-Accel-Buffering).
-                out_headers.append((b"x-accel-buffering", b"no"))
-            out_headers += cors.response_headers(config.cors, origin)
-            out_headers.append((b"x-request-id", request_id.encode()))
-            await conn.send_head(response.status, out_headers)
-            await self._relay(conn, response, record)
+        forward_at = trio.current_time()
+        self.metrics.in_flight.inc()
+        try:
+            async with self.upstream.open(request) as response:
+                head_at = trio.current_time()
+                record.ttfb = head_at - record.started
+                record.status = response.status
+                await self._respond(conn, response, record, config, origin, request_id)
+                record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
+                await self._relay(conn, response, record)
+        finally:
+            self.metrics.in_flight.dec()
+
+    async def _respond(self, conn, response, record, config, origin, request_id) -> None:
+        """Send the client the upstream's status and headers (hop-by-hop ones replaced by ours)."""
+        out_headers = forwarding.response_headers(response.headers)
+        if forwarding.is_event_stream(out_headers):
+            # nginx in front would otherwise buffer the stream (X-Accel-Buffering).
+            out_headers.append((b"x-accel-buffering", b"no"))
+        out_headers += cors.response_headers(config.cors, origin)
+        out_headers.append((b"x-request-id", request_id.encode()))
+        await conn.send_head(response.status, out_headers)
+        record.head_sent_at = trio.current_time()
 
     async def _relay(self, conn: HTTPConnection, response, record: RequestRecord) -> None:
         """Copy upstream chunks to the client as they arrive; a client that leaves cancels it all."""
         async with trio.open_nursery() as nursery:
             if conn.request_complete:
                 nursery.start_soon(self._watch_client, conn, nursery.cancel_scope, record)
+            observer = UsageObserver(response.content_type)
             async for chunk in response.chunks():
                 await conn.send_data(chunk)
+                observer.feed(chunk)  # after the write: accounting never delays the client
             await conn.send_end()
+            record.usage = observer.finish()
             nursery.cancel_scope.cancel()
         if record.outcome == "client_gone":
             conn.abort()
@@ -241,6 +273,27 @@ class Gateway:
         except ClientGone:
             pass
 
+    def _count(self, config: Config, conn: HTTPConnection, record: RequestRecord) -> None:
+        """Metrics for one finished request; labels only from bounded sets."""
+        m = self.metrics
+        cred = record.credential
+        label = "none" if cred is None else (cred if config.credential(cred) is not None else "unknown")
+        status_class = f"{record.status // 100}xx" if record.status else "none"
+        m.requests.labels(label, status_class, record.outcome).inc()
+        m.bytes.labels("in").inc(conn.bytes_in - record.bytes_in_start)
+        m.bytes.labels("out").inc(conn.bytes_out - record.bytes_out_start)
+        m.duration.observe(trio.current_time() - record.started)
+        if record.ttfb is not None:
+            m.ttfb.observe(record.ttfb)
+            m.overhead.observe(record.overhead)
+        if record.outcome.startswith("refused:"):
+            m.refusals.labels(record.error_code or "unknown").inc()
+        elif record.outcome == "upstream_error":
+            m.upstream_errors.labels(record.error_code or "unknown").inc()
+        if record.usage is not None:
+            m.tokens.labels(label, "prompt").inc(record.usage.prompt_tokens)
+            m.tokens.labels(label, "completion").inc(record.usage.completion_tokens)
+
     def _log(self, head: RequestHead, conn: HTTPConnection, record: RequestRecord) -> None:
         now = trio.current_time()
         fields = dict(
@@ -257,6 +310,9 @@ class Gateway:
         )
         if record.error:
             fields["error"] = record.error
+        if record.usage is not None:
+            fields["prompt_tokens"] = record.usage.prompt_tokens
+            fields["completion_tokens"] = record.usage.completion_tokens
         if record.outcome in ("ok", "preflight"):
             log.info("request", **fields)
         else:

@@ -38,6 +38,7 @@ class UpstreamResponse:
         self._idle_timeout = idle_timeout
         self.status = response.status_code
         self.headers: Headers = list(response.headers.raw)
+        self.content_type: str = response.headers.get("content-type", "")
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Raw body chunks as they arrive; a gap over ``upstream_idle_timeout`` is a 504."""

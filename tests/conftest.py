@@ -36,15 +36,28 @@ async def upstream(nursery: trio.Nursery, hang_guard: None) -> Upstream:
 
 
 @pytest.fixture
-def start_parkway(
+async def start_parkway(
     nursery: trio.Nursery, hang_guard: None
-) -> Callable[..., Awaitable[RunningParkway]]:
-    """Factory: ``await start_parkway(credentials=..., cors=..., **server_overrides)``."""
+) -> AsyncIterator[Callable[..., Awaitable[RunningParkway]]]:
+    """Factory: ``await start_parkway(credentials=..., cors=..., **server_overrides)``.
+
+    Teardown drains each Parkway the way an operator stops it (``shutdown()``), rather than
+    cancelling it: cancelling ``Parkway.run`` leaks its listening sockets (see
+    ``test_cancelled_parkway_releases_its_port``), which would fail unrelated tests.
+    """
+    started: list[RunningParkway] = []
 
     async def start(**overrides: Any) -> RunningParkway:
-        return await _start_parkway(nursery, make_config(**overrides))
+        running = await _start_parkway(nursery, make_config(**overrides))
+        started.append(running)
+        return running
 
-    return start
+    yield start
+    for running in started:
+        running.parkway.shutdown()
+    with trio.move_on_after(2):  # then the nursery's cancellation ends what is left
+        for running in started:
+            await running.stopped.wait()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit
 
 import h11
 import structlog
@@ -404,6 +405,19 @@ async def read_until_eof(stream: trio.SocketStream) -> bytes:
         if not data:
             return bytes(out)
         out += data
+
+
+def request_bytes(method: str, url: str, body: bytes = b"", headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """One HTTP/1.1 request, framed by a real h11 client, for tests that hold the socket."""
+    parts = urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    conn = h11.Connection(h11.CLIENT)
+    head = [("host", parts.netloc), ("content-length", str(len(body))), *headers]
+    return b"".join(
+        conn.send(event)
+        for event in (h11.Request(method=method, target=target, headers=head), h11.Data(data=body), h11.EndOfMessage())
+        if not isinstance(event, h11.Data) or body
+    )
 
 
 async def stream_chunks(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:

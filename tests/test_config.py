@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import (
+    AdminConfig,
     Config,
     CorsConfig,
     Credential,
@@ -43,8 +44,11 @@ def problems_of(text: str, env: dict[str, str] = ENV) -> tuple[ConfigProblem, ..
 
 def test_empty_file_gives_the_defaults():
     config = parse_config("", {})
-    assert config == Config()
-    assert config_from_dict({}, {}) == Config()
+    # A file gets the admin listener on loopback; a Config built in code has none.
+    assert config.admin == AdminConfig() and AdminConfig().listen == ("127.0.0.1:9180",)
+    assert Config().admin.listen == ()
+    assert config == dataclasses.replace(Config(), admin=AdminConfig())
+    assert config_from_dict({}, {}) == config
     assert config.server.listen == ("127.0.0.1:3000",)
     assert config.server.request_timeout == 900.0
     assert config.server.max_expiry == 604800
@@ -473,7 +477,7 @@ def test_config_stays_frozen_comparable_and_hashable():
     assert one != parse_config(CRED.replace('"app"', '"b"'), ENV)
     with pytest.raises(dataclasses.FrozenInstanceError):
         one.credentials = ()  # type: ignore[misc]
-    assert [f.name for f in dataclasses.fields(Config)] == ["server", "credentials", "cors", "log"]
+    assert [f.name for f in dataclasses.fields(Config)] == ["server", "credentials", "cors", "log", "admin"]
     replaced = dataclasses.replace(one, credentials=(Credential("new", ("s",)),))
     assert replaced.credential("new") is not None and replaced.credential("app") is None
 

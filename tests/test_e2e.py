@@ -8,7 +8,9 @@ test and the upstream is done with channels and events, never with sleeps.
 
 from __future__ import annotations
 
+import gc
 import json
+from contextlib import aclosing
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from urllib.parse import quote_plus
@@ -29,6 +31,7 @@ from helpers import (
     hang,
     parse_raw_response,
     read_until_eof,
+    request_bytes,
     respond_with,
     sse_from,
     sse_then,
@@ -284,11 +287,14 @@ async def test_sse_reaches_the_client_event_by_event(parkway, upstream, client):
     upstream.behaviour = sse_from(receive)
     url = parkway.sign(f"{upstream.base}/v1/chat/completions", method="POST")
 
-    async with send, client.stream("POST", url, json={"stream": True}) as response:
+    async with (
+        send,
+        client.stream("POST", url, json={"stream": True}) as response,
+        aclosing(response.aiter_raw()) as chunks,
+    ):
         assert response.status_code == 200
         assert response.headers["content-type"] == "text/event-stream"
         assert response.headers["x-accel-buffering"] == "no"
-        chunks = response.aiter_raw()
         await send.send(EVENT_1)
         with trio.fail_after(5):
             got = await read_exactly(chunks, len(EVENT_1))
@@ -310,11 +316,17 @@ async def test_client_disconnect_cancels_the_upstream(parkway, upstream, client)
 
     with watch_logs() as logs:
         async with send:
-            async with client.stream("POST", url, json={"stream": True}) as response:
-                await send.send(EVENT_1)
-                with trio.fail_after(5):
-                    assert await read_exactly(response.aiter_raw(), len(EVENT_1)) == EVENT_1
-            # Leaving the block closes the unfinished response: httpx drops the connection.
+            # A raw socket as the browser: httpx cannot drop a half-read stream under Trio
+            # without leaving its async generators to the garbage collector (ResourceWarning).
+            with trio.fail_after(5):
+                async with await trio.open_tcp_stream("127.0.0.1", parkway.port) as stream:
+                    await stream.send_all(request_bytes("POST", url, b'{"stream": true}'))
+                    await send.send(EVENT_1)
+                    received = b""
+                    while EVENT_1 not in received:
+                        received += await stream.receive_some(65536)
+            assert received.startswith(b"HTTP/1.1 200 ")
+            # The socket is closed: Parkway must notice and hang up on the upstream.
             with trio.fail_after(5):
                 await upstream.disconnected.wait()
                 entry = await logs.wait_for(event="request", outcome="client_gone")
@@ -357,11 +369,14 @@ async def test_upstream_failing_mid_stream_truncates_the_response(start_parkway,
 
     got = b""
     with watch_logs() as logs:
-        async with client.stream("POST", url, json={"stream": True}) as response:
+        async with (
+            client.stream("POST", url, json={"stream": True}) as response,
+            aclosing(response.aiter_raw()) as chunks,
+        ):
             assert response.status_code == 200
             # No chunked terminator: httpx sees an incomplete body, not a clean end.
             with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
-                async for chunk in response.aiter_raw():
+                async for chunk in chunks:
                     got += chunk
         with trio.fail_after(5):
             entry = await logs.wait_for(event="request", outcome="upstream_error")
@@ -485,8 +500,11 @@ async def test_graceful_drain_finishes_in_flight_streams(start_parkway, upstream
     upstream.behaviour = sse_from(receive)
     url = parkway.sign(f"{upstream.base}/v1/chat/completions", method="POST")
 
-    async with send, client.stream("POST", url, json={"stream": True}) as response:
-        chunks = response.aiter_raw()
+    async with (
+        send,
+        client.stream("POST", url, json={"stream": True}) as response,
+        aclosing(response.aiter_raw()) as chunks,
+    ):
         await send.send(EVENT_1)
         with trio.fail_after(5):
             got = await read_exactly(chunks, len(EVENT_1))
@@ -512,8 +530,11 @@ async def test_drain_timeout_cuts_streams_that_outlive_it(start_parkway, upstrea
     upstream.behaviour = sse_from(receive)
     url = parkway.sign(f"{upstream.base}/v1/chat/completions", method="POST")
 
-    async with send, client.stream("POST", url, json={"stream": True}) as response:
-        chunks = response.aiter_raw()
+    async with (
+        send,
+        client.stream("POST", url, json={"stream": True}) as response,
+        aclosing(response.aiter_raw()) as chunks,
+    ):
         await send.send(EVENT_1)
         with trio.fail_after(5):
             got = await read_exactly(chunks, len(EVENT_1))
@@ -548,3 +569,27 @@ async def test_secrets_are_never_logged(parkway, upstream, client):
     text = repr(logs.entries)
     assert SECRET not in text
     assert UPSTREAM_KEY not in text
+
+
+# --- lifecycle ------------------------------------------------------------------------------------
+
+
+async def test_cancelled_parkway_releases_its_port(start_parkway, upstream):
+    """Cancelling ``Parkway.run`` (a second SIGINT, an embedding nursery) must close its listeners."""
+    from proxy.app import Parkway
+
+    from helpers import make_config
+
+    parkway = Parkway(make_config())
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            (address,) = await nursery.start(parkway.run)
+            nursery.cancel_scope.cancel()
+    port = int(address.rpartition(":")[2])
+
+    try:
+        with trio.fail_after(5), pytest.raises(OSError):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.aclose()  # connected: the listening socket is still open
+    finally:
+        gc.collect()  # a leaked listener's ResourceWarning belongs to this test

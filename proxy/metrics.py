@@ -1,0 +1,58 @@
+"""Prometheus metrics for one Parkway process (``prometheus-client``, own registry per instance).
+
+Label values come from bounded sets only: configured credential ids (anything else is
+``unknown``), status classes, outcome and error codes defined in :mod:`proxy.errors`.
+No per-user or per-URL labels, so cardinality stays fixed however the proxy is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Buckets spanning a local mock (sub-millisecond) to a slow LLM answer (minutes).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class Metrics:
+    def __init__(self, open_connections: Callable[[], float] = lambda: 0):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "parkway_requests", "Requests answered, by credential, status class and outcome.",
+            ["credential", "status_class", "outcome"], registry=r,
+        )
+        self.in_flight = Gauge("parkway_streams_in_flight", "Upstream requests in flight.", registry=r)
+        self.connections = Gauge("parkway_open_connections", "Open client connections.", registry=r)
+        self.connections.set_function(open_connections)
+        self.bytes = Counter(
+            "parkway_client_bytes", "Bytes exchanged with clients.", ["direction"], registry=r
+        )
+        self.ttfb = Histogram(
+            "parkway_upstream_ttfb_seconds", "Time from request to the upstream's response head.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.duration = Histogram(
+            "parkway_request_duration_seconds", "Total request duration.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.overhead = Histogram(
+            "parkway_added_latency_seconds",
+            "Time spent in Parkway itself: before forwarding plus from upstream head to client head.",
+            buckets=OVERHEAD_BUCKETS, registry=r,
+        )
+        self.upstream_errors = Counter(
+            "parkway_upstream_errors", "Upstream failures by kind.", ["kind"], registry=r
+        )
+        self.refusals = Counter("parkway_refusals", "Refused requests by reason.", ["reason"], registry=r)
+        self.tokens = Counter(
+            "parkway_tokens", "LLM tokens reported in upstream usage objects.", ["credential", "kind"], registry=r
+        )
+        self.reloads = Counter("parkway_config_reloads", "Configuration reloads by result.", ["result"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
