@@ -105,7 +105,38 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 parser.error(f"--listen: {exc}")
         config = replace(config, server=replace(config.server, listen=tuple(args.listen)))
     logs.configure(config.log.level, config.log.format)
-    return _run_trio(run_until_signalled, Parkway(config))
+    if args.workers > 1:
+        from .supervisor import Supervisor
+
+        worker_argv = [
+            [sys.executable, "-m", "proxy", *_without_workers(args.argv), "--worker-index", str(i)]
+            for i in range(args.workers)
+        ]
+        return _run_trio(Supervisor(worker_argv, config.server.drain_timeout).run)
+    if args.worker_index is not None:
+        import structlog
+
+        structlog.contextvars.bind_contextvars(worker=args.worker_index)
+    parkway = Parkway(
+        config,
+        config_path=args.config,
+        worker_index=args.worker_index or 0,
+        reuse_port=args.worker_index is not None,
+    )
+    return _run_trio(run_until_signalled, parkway)
+
+
+def _without_workers(argv: Sequence[str]) -> list[str]:
+    """The serve arguments a worker gets: the supervisor's own, minus ``--workers N``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
 
 
 def cmd_sign(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -137,6 +168,35 @@ def cmd_sign(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--proxy: {exc}")
     print(url)
     return 0
+
+
+def cmd_reload(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Ask a running Parkway to re-read its TOML: SIGHUP to a pid, or POST /reload to its admin."""
+    if args.pid:
+        import signal
+
+        try:
+            os.kill(args.pid, signal.SIGHUP)
+        except OSError as exc:
+            print(f"parkway reload: cannot signal {args.pid}: {exc}", file=sys.stderr)
+            return 1
+        print(f"sent SIGHUP to {args.pid}; its log says whether the new file was taken")
+        return 0
+    import httpx
+
+    try:
+        response = httpx.post(f"http://{args.admin}/reload", timeout=10, trust_env=False)
+    except httpx.HTTPError as exc:
+        print(f"parkway reload: cannot reach the admin listener at {args.admin}: {exc}", file=sys.stderr)
+        return 1
+    result = response.json()
+    if response.status_code == 200:
+        print("reloaded")
+        return 0
+    for problem in result.get("problems", []):
+        print(problem, file=sys.stderr)
+    print("reload refused; the running configuration is unchanged", file=sys.stderr)
+    return 1
 
 
 def cmd_check_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -177,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-control-allow-headers")
     serve.add_argument("--no-bytes-monitor", action="store_true", help="accepted for Signway compatibility")
     serve.add_argument("--log-format", choices=["json", "console"])
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="run N worker processes sharing the port (SO_REUSEPORT), restarted if they die")
+    serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--admin", metavar="HOST:PORT",
                        help="admin listener (health, metrics, reload) in Signway mode; from TOML: [admin]")
     serve.set_defaults(func=cmd_serve)
@@ -197,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Parkway's public base URL (default $PARKWAY_URL or http://127.0.0.1:3000)")
     sign.set_defaults(func=cmd_sign)
 
+    reload = sub.add_parser("reload", help="make a running Parkway re-read its configuration file")
+    target = reload.add_mutually_exclusive_group()
+    target.add_argument("--admin", default="127.0.0.1:9180", metavar="HOST:PORT",
+                        help="its admin listener (default 127.0.0.1:9180)")
+    target.add_argument("--pid", type=int, help="send SIGHUP to this process (a worker or the supervisor)")
+    reload.set_defaults(func=cmd_reload)
+
     check = sub.add_parser("check-config", help="validate a TOML file and list every problem")
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
@@ -212,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     return args.func(args, parser)
 
 

@@ -380,6 +380,9 @@ class RawResponse:
     def json(self) -> Any:
         return json.loads(self.body)
 
+    def headers_length(self) -> int:
+        return int(self.headers.get("content-length", 0))
+
 
 def parse_raw_response(raw: bytes) -> RawResponse:
     head, sep, rest = raw.partition(b"\r\n\r\n")
@@ -392,6 +395,26 @@ def parse_raw_response(raw: bytes) -> RawResponse:
         headers[name.strip().lower()] = value.strip()
     length = int(headers.get("content-length", len(rest)))
     return RawResponse(status, headers, rest[:length], raw)
+
+
+async def read_response(stream: trio.SocketStream, *, close_within: float = 1.0) -> tuple[RawResponse, bool]:
+    """Read one fixed-length response, then wait up to ``close_within`` s for the server to close.
+
+    Returns the response and whether the connection was closed.
+    """
+    raw = b""
+    while True:
+        head, sep, rest = raw.partition(b"\r\n\r\n")
+        if sep and len(rest) >= parse_raw_response(raw).headers_length():
+            break
+        data = await stream.receive_some(65536)
+        assert data, f"connection closed before a complete response: {raw!r}"
+        raw += data
+    closed = False
+    with trio.move_on_after(close_within):
+        await read_until_eof(stream)
+        closed = True
+    return parse_raw_response(raw), closed
 
 
 async def read_until_eof(stream: trio.SocketStream) -> bytes:

@@ -27,9 +27,11 @@ from helpers import (
     UPSTREAM_KEY,
     Exchange,
     Upstream,
+    SSE_HEADERS,
     closed_port,
+    echo,
     hang,
-    parse_raw_response,
+    read_response,
     read_until_eof,
     request_bytes,
     respond_with,
@@ -385,6 +387,33 @@ async def test_upstream_failing_mid_stream_truncates_the_response(start_parkway,
     assert entry["status"] == 200
     if then == "hang":
         assert "0.3 s" in entry["error"]
+    # One failed upstream ends one response, not the server.
+    upstream.behaviour = echo
+    assert (await client.get(parkway.sign(f"{upstream.base}/v1/models"))).status_code == 200
+
+
+async def test_client_that_stops_reading_is_cut_after_client_write_timeout(start_parkway, upstream, client):
+    parkway = await start_parkway(client_write_timeout=0.3)
+
+    async def flood(ex: Exchange) -> None:
+        await ex.send_head(200, SSE_HEADERS)
+        while True:  # until Parkway hangs up (send fails or the disconnect watcher cancels)
+            await ex.send_data(b"data: " + b"x" * 65536 + b"\n\n")
+
+    upstream.behaviour = flood
+    url = parkway.sign(f"{upstream.base}/v1/chat/completions", method="POST")
+
+    with watch_logs() as logs:
+        with trio.fail_after(5):
+            async with await trio.open_tcp_stream("127.0.0.1", parkway.port) as stream:
+                await stream.send_all(request_bytes("POST", url, b"{}"))
+                # Never read: Parkway's writes block until client_write_timeout.
+                entry = await logs.wait_for(event="request", outcome="client_gone")
+                await upstream.disconnected.wait()
+
+    assert "0.3 s" in entry["error"]
+    upstream.behaviour = echo
+    assert (await client.get(parkway.sign(f"{upstream.base}/v1/models"))).status_code == 200
 
 
 # --- CORS -----------------------------------------------------------------------------------------
@@ -455,12 +484,12 @@ async def test_malformed_http_gets_a_json_error_and_a_close(start_parkway, upstr
     with trio.fail_after(5):
         async with await trio.open_tcp_stream("127.0.0.1", parkway.port) as stream:
             await stream.send_all(data)
-            raw = await read_until_eof(stream)  # returns only once Parkway closes
+            response, closed = await read_response(stream)
 
-    response = parse_raw_response(raw)
-    assert response.status == status, raw
+    assert response.status == status, response.raw
     assert response.headers["content-type"] == "application/json"
     assert response.json()["error"]["code"] == code
+    assert closed, "Parkway kept the connection open after a protocol error"
     assert upstream.requests == []
     # The server goes on serving.
     after = await client.get(parkway.sign(f"{upstream.base}/v1/models"))

@@ -1,0 +1,284 @@
+"""proxy.cli, in process: ``main([...])`` with captured output; nothing here starts a server."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta, timezone
+from urllib.parse import urlsplit
+
+import pytest
+import signway_sdk
+
+from proxy.cli import build_parser, main, signway_compat_config
+from proxy.config import CorsConfig, LogConfig
+from proxy.errors import Forbidden
+from proxy.signing import parse_signed_request, verify_signature
+
+SECRET = "super-secure-string"
+PROXY = "https://api.openai.com/v1/chat/completions"
+HOST = "http://127.0.0.1:8080"
+BODY = '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say this is a test"}]}'
+
+
+# --- sign --------------------------------------------------------------------------------
+
+
+def sign(capsys, *argv: str) -> str:
+    assert main(["sign", "--id", "app-id", "--proxy", PROXY, "--host", HOST, *argv]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.endswith("\n") and out.count("\n") == 1
+    return out.strip()
+
+
+def test_sign_prints_a_url_that_verifies(capsys):
+    url = sign(capsys, "--secret", SECRET, "--expiry", "120")
+    parts = urlsplit(url)
+    req = parse_signed_request(parts.query)
+
+    assert f"{parts.scheme}://{parts.netloc}" == HOST and parts.path == "/"
+    assert (req.credential_id, req.expires, req.proxy_url) == ("app-id", 120, PROXY)
+    assert (req.signed_headers, req.body_signed) == ((), False)
+    assert abs(datetime.now(timezone.utc) - req.date) < timedelta(minutes=5)
+    verify = dict(method="POST", paths=[parts.path], headers={}, body=None)
+    verify_signature(req, secrets=[SECRET], **verify)
+    with pytest.raises(Forbidden):
+        verify_signature(req, secrets=["another-secret"], **verify)
+    with pytest.raises(Forbidden):
+        verify_signature(req, secrets=[SECRET], **{**verify, "method": "GET"})
+    # Byte for byte what the Python SDK makes for the same instant.
+    assert url == signway_sdk.sign_url(
+        id="app-id", secret=SECRET, host=HOST, proxy_url=PROXY, expiry=120, method="POST",
+        datetime_override=req.date.replace(tzinfo=None),
+    )
+
+
+def test_sign_with_headers_body_and_secret_from_env(capsys, monkeypatch):
+    monkeypatch.setenv("PARKWAY_TEST_SIGNING_SECRET", SECRET)
+    url = sign(
+        capsys,
+        "--secret-env", "PARKWAY_TEST_SIGNING_SECRET",
+        "--header", "Content-Type: application/json",
+        "--body", BODY,
+    )
+    assert SECRET not in url
+    req = parse_signed_request(urlsplit(url).query)
+
+    assert req.signed_headers == ("content-type", "content-length") and req.body_signed
+    verify = dict(method="POST", paths=["/"], headers={"content-type": "application/json"})
+    verify_signature(req, secrets=[SECRET], body=BODY.encode(), **verify)
+    with pytest.raises(Forbidden):
+        verify_signature(req, secrets=[SECRET], body=BODY.encode().replace(b"test", b"TEST"), **verify)
+    assert url == signway_sdk.sign_url(
+        id="app-id", secret=SECRET, host=HOST, proxy_url=PROXY, expiry=300, method="POST",
+        headers={"Content-Type": "application/json"}, body=BODY, datetime_override=req.date.replace(tzinfo=None),
+    )
+
+
+def test_sign_with_extra_params_and_get(capsys):
+    url = sign(capsys, "--secret", SECRET, "--method", "GET", "--param", "user=u 42")
+    req = parse_signed_request(urlsplit(url).query)
+    assert req.extra_params() == {"user": "u 42"}
+    verify_signature(req, method="GET", secrets=[SECRET], paths=["/"], headers={}, body=None)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],  # no secret at all
+        ["--secret-env", "PARKWAY_TEST_UNSET_VARIABLE"],
+        ["--secret", SECRET, "--param", "no-equals-sign"],
+        ["--secret", SECRET, "--header", "Content-Type application/json"],
+    ],
+    ids=["no-secret", "unset-secret-env", "bad-param", "bad-header"],
+)
+def test_sign_usage_errors(capsys, monkeypatch, argv):
+    monkeypatch.delenv("PARKWAY_TEST_UNSET_VARIABLE", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(["sign", "--id", "app-id", "--proxy", PROXY, *argv])
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "error:" in err
+
+
+# --- check-config --------------------------------------------------------------------------
+
+VALID = """
+[server]
+listen = ["127.0.0.1:0", "[::1]:0"]
+
+[[credentials]]
+id = "app"
+secret = "TOPSECRET-inline-1234"
+[credentials.headers]
+Authorization = "Bearer ${PARKWAY_TEST_API_KEY}"
+"""
+
+INVALID = """
+[server]
+listen = "nowhere"
+header_read_timeout = -1
+
+[cors]
+allow_origins = ["https://ok.example", "https://bad.example/path"]
+allow_credentials = "yes"
+
+[log]
+colour = "always"
+
+[[credentials]]
+id = "a/b"
+secret = "TOPSECRET-inline-1234"
+[credentials.headers]
+Authorization = "Bearer ${PARKWAY_TEST_UNSET_KEY}"
+X-Api-Key = "${PARKWAY_TEST_BAD_KEY}"
+Host = "evil.example"
+
+[[credentials]]
+id = "second"
+"""
+
+INVALID_PATHS = {
+    "server.listen",
+    "server.header_read_timeout",
+    "cors.allow_origins[1]",
+    "cors.allow_credentials",
+    "log.colour",
+    "credentials[0].id",
+    "credentials[0].headers.Authorization",
+    "credentials[0].headers.X-Api-Key",
+    "credentials[0].headers.Host",
+    "credentials[1]",
+}
+
+
+@pytest.fixture
+def env(monkeypatch):
+    monkeypatch.setenv("PARKWAY_TEST_API_KEY", "sk-live-from-env-5678")
+    # A value that is set but refused (it would smuggle a header): it must not be echoed either.
+    monkeypatch.setenv("PARKWAY_TEST_BAD_KEY", "sk-leaky-9999\r\nX-Injected: 1")
+    monkeypatch.delenv("PARKWAY_TEST_UNSET_KEY", raising=False)
+
+
+def test_check_config_valid_file(tmp_path, capsys, env):
+    path = tmp_path / "parkway.toml"
+    path.write_text(VALID)
+
+    assert main(["check-config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out == f"{path}: OK (listen 127.0.0.1:0, [::1]:0; credentials: app)\n"
+    assert "TOPSECRET" not in out and "sk-live" not in out
+
+
+def test_check_config_lists_every_problem_with_its_key_path(tmp_path, capsys, env):
+    path = tmp_path / "parkway.toml"
+    path.write_text(INVALID)
+
+    assert main(["check-config", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    *problems, summary = err.splitlines()
+    assert summary == f"{path}: {len(INVALID_PATHS)} problem(s); Parkway would refuse to start"
+    paths = []
+    for line in problems:
+        assert line.startswith(f"{path}: "), line
+        paths.append(line.removeprefix(f"{path}: ").split(": ", 1)[0])
+    assert sorted(paths) == sorted(INVALID_PATHS)
+    for secret in ("TOPSECRET", "sk-leaky", "X-Injected"):
+        assert secret not in err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "cannot read"),
+        (b"[server\nlisten = 1", "invalid TOML"),
+        (b"\xff\xfe", "is not UTF-8"),
+    ],
+    ids=["missing", "not-toml", "not-utf8"],
+)
+def test_check_config_unreadable_file(tmp_path, capsys, content, message):
+    path = tmp_path / "parkway.toml"
+    if content is not None:
+        path.write_bytes(content)
+
+    assert main(["check-config", str(path)]) == 1
+    out, err = capsys.readouterr()
+    problem, summary = err.splitlines()
+    assert out == ""
+    assert problem.startswith(f"{path}: ") and message in problem
+    assert summary == f"{path}: 1 problem(s); Parkway would refuse to start"
+
+
+# --- serve, Signway-style -----------------------------------------------------------------
+
+
+def compat_config(*argv: str):
+    parser = build_parser()
+    return signway_compat_config(parser.parse_args(["serve", *argv]), parser)
+
+
+def test_signway_arguments_make_one_credential_on_port_from_env(monkeypatch):
+    monkeypatch.setenv("PORT", "8123")
+    config = compat_config(
+        "app-id", "s3cret", "--header", "Authorization: Bearer X", "--header", "X-Url: https://a.example:8443/x"
+    )
+
+    assert config.server.listen == ("0.0.0.0:8123",)
+    [credential] = config.credentials
+    assert credential.id == "app-id"
+    assert credential.secrets == ("s3cret",)
+    assert credential.headers == (("Authorization", "Bearer X"), ("X-Url", "https://a.example:8443/x"))
+    assert credential.allowed_upstreams == ()
+    assert config.cors == CorsConfig() and config.log == LogConfig()
+    assert "s3cret" not in repr(config) and "Bearer X" not in repr(config)
+
+
+def test_signway_arguments_default_port_and_listen_override(monkeypatch):
+    monkeypatch.delenv("PORT", raising=False)
+    assert compat_config("app-id", "s3cret").server.listen == ("0.0.0.0:3000",)
+    assert compat_config("app-id", "s3cret", "--listen", "127.0.0.1:9000").server.listen == ("127.0.0.1:9000",)
+
+
+def test_signway_cors_flags_are_mapped(monkeypatch):
+    config = compat_config(
+        "app-id", "s3cret",
+        "--access-control-allow-origin", "https://App.example, http://localhost:5173",
+        "--access-control-allow-methods", "get,post",
+        "--access-control-allow-headers", "content-type, authorization",
+        "--log-format", "console",
+    )
+    assert config.cors == CorsConfig(
+        allow_origins=("https://app.example", "http://localhost:5173"),
+        allow_methods=("GET", "POST"),
+        allow_headers=("content-type", "authorization"),
+    )
+    assert config.log.format == "console"
+
+
+@pytest.mark.parametrize("bad", ["Authorization Bearer X", ": no-name", "   : blank-name"])
+def test_malformed_header_is_a_usage_error(capsys, bad):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "app-id", "s3cret", "--header", bad])
+    assert info.value.code == 2
+    assert re.search(r"error: invalid header", capsys.readouterr().err)
+
+
+def test_malformed_header_error_does_not_echo_the_value(capsys):
+    # A forgotten colon is the likely typo; the usage error must not print the API key.
+    with pytest.raises(SystemExit):
+        main(["serve", "app-id", "s3cret", "--header", "Authorization Bearer sk-live-abcdef123456"])
+    assert "sk-live-abcdef123456" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["serve"], ["serve", "app-id"], ["serve", "--config", "parkway.toml", "app-id", "s3cret"]],
+    ids=["nothing", "id-without-secret", "config-and-id"],
+)
+def test_serve_argument_mistakes_are_usage_errors(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "error:" in capsys.readouterr().err
