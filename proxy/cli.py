@@ -22,8 +22,9 @@ def _header_pairs(values: Sequence[str], parser: argparse.ArgumentParser) -> dic
     headers: dict[str, str] = {}
     for item in values:
         name, sep, value = item.partition(":")
-        if not sep or not name.strip():
-            parser.error(f"invalid header {item.split(':', 1)[0]!r}: expected \"Name: value\"")
+        if not sep or not name.strip() or any(c.isspace() for c in name.strip()):
+            # Never echo the argument: a forgotten colon would print the API key.
+            parser.error('invalid --header: expected "Name: value" (the value is not shown here)')
         headers[name.strip()] = value.strip()
     return headers
 

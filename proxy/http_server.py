@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 from http import HTTPStatus
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -103,6 +104,11 @@ class HTTPConnection:
         while True:
             event = self._next_event()
             if isinstance(event, h11.Request):
+                # h11 only bounds heads it is still waiting for; a complete one read in a
+                # single receive is measured here.
+                head_size = self.bytes_in - len(self.conn.trailing_data[0]) - self.head_bytes_in
+                if head_size > self.config.max_header_bytes:
+                    raise HeadersTooLarge(f"request head exceeds {self.config.max_header_bytes} bytes")
                 target = event.target.decode("latin-1")
                 path, _, query = target.partition("?")
                 return RequestHead(
@@ -163,11 +169,12 @@ class HTTPConnection:
     async def read_body(self, limit: int) -> bytes:
         """Read the whole body into memory, refusing with 413 once it passes ``limit`` bytes."""
         buf = bytearray()
-        async for chunk in self.body_chunks():
-            buf += chunk
-            if len(buf) > limit:
-                self._close_after = True
-                raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes for signed bodies")
+        async with aclosing(self.body_chunks()) as chunks:
+            async for chunk in chunks:
+                buf += chunk
+                if len(buf) > limit:
+                    self._close_after = True
+                    raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes for signed bodies")
         return bytes(buf)
 
     @property

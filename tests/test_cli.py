@@ -262,7 +262,7 @@ def test_malformed_header_is_a_usage_error(capsys, bad):
     with pytest.raises(SystemExit) as info:
         main(["serve", "app-id", "s3cret", "--header", bad])
     assert info.value.code == 2
-    assert re.search(r"error: invalid header", capsys.readouterr().err)
+    assert re.search(r"error: invalid --header", capsys.readouterr().err)
 
 
 def test_malformed_header_error_does_not_echo_the_value(capsys):
