@@ -15,6 +15,7 @@ Nothing reaches the upstream before step 6 has passed. Every refusal is a
 from __future__ import annotations
 
 import secrets as _secrets
+from contextlib import aclosing
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -234,16 +235,24 @@ class Gateway:
 
     async def _relay(self, conn: HTTPConnection, response, record: RequestRecord) -> None:
         """Copy upstream chunks to the client as they arrive; a client that leaves cancels it all."""
+        failure: ParkwayError | ClientGone | None = None
         async with trio.open_nursery() as nursery:
             if conn.request_complete:
                 nursery.start_soon(self._watch_client, conn, nursery.cancel_scope, record)
             observer = UsageObserver(response.content_type)
-            async for chunk in response.chunks():
-                await conn.send_data(chunk)
-                observer.feed(chunk)  # after the write: accounting never delays the client
-            await conn.send_end()
-            record.usage = observer.finish()
+            try:
+                async with aclosing(response.chunks()) as chunks:
+                    async for chunk in chunks:
+                        await conn.send_data(chunk)
+                        observer.feed(chunk)  # after the write: accounting never delays the client
+                await conn.send_end()
+                record.usage = observer.finish()
+            except (ParkwayError, ClientGone) as exc:
+                # Raised outside the nursery, so callers see the error itself, not a group.
+                failure = exc
             nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         if record.outcome == "client_gone":
             conn.abort()
 

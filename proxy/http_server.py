@@ -290,15 +290,17 @@ class Server:
         """Serve until :meth:`shutdown` has drained every connection (or the drain deadline hit)."""
         async with trio.open_nursery() as connections:
             self._connections = connections
-            with trio.CancelScope() as accepting:
-                self._accepting = accepting
-                async with trio.open_nursery() as accept_loops:
-                    for listener in listeners:
-                        accept_loops.start_soon(self._accept_loop, listener, connections)
-                    task_status.started(listeners)
-            for listener in listeners:
+            try:
+                with trio.CancelScope() as accepting:
+                    self._accepting = accepting
+                    async with trio.open_nursery() as accept_loops:
+                        for listener in listeners:
+                            accept_loops.start_soon(self._accept_loop, listener, connections)
+                        task_status.started(listeners)
+            finally:
                 with trio.CancelScope(shield=True):
-                    await listener.aclose()
+                    for listener in listeners:
+                        await listener.aclose()
             # From here the nursery waits for in-flight connections, up to the drain deadline.
 
     def shutdown(self) -> None:
@@ -339,6 +341,9 @@ class Server:
             await self._serve_connection(conn)
         except ClientGone:
             pass
+        except Exception:
+            # A bug must cost one connection, never the server and every other stream.
+            log.exception("connection_failed", client=peer)
         finally:
             self.open_connections -= 1
             with trio.CancelScope(shield=True):

@@ -69,9 +69,14 @@ def canonical_query(params: Iterable[tuple[str, str]], encode=_form) -> str:
 
 
 def canonical_headers(headers: Sequence[tuple[str, str]]) -> tuple[str, str]:
-    """(canonical header block, signed header names), both sorted by lower-case name."""
-    pairs = sorted((name.lower(), value.strip()) for name, value in headers)
-    return "\n".join(f"{n}:{v}" for n, v in pairs), ";".join(n for n, _ in pairs)
+    """(canonical header block, signed header names).
+
+    As the SDKs do it: the ``name:value`` lines are sorted as whole strings and the names
+    separately, which differ when one name prefixes another (``accept-language:`` sorts
+    before ``accept:`` because ``-`` < ``:``).
+    """
+    lines = sorted(f"{name.lower()}:{value.strip()}" for name, value in headers)
+    return "\n".join(lines), ";".join(sorted(name.lower() for name, _ in headers))
 
 
 def canonical_request(

@@ -7,7 +7,8 @@ cancelled when the test ends; ``hang_guard`` turns a hung test into a failure.
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator, Awaitable, Callable
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -31,14 +32,28 @@ async def hang_guard(nursery: trio.Nursery) -> None:
 
 
 @pytest.fixture
-async def upstream(nursery: trio.Nursery, hang_guard: None) -> Upstream:
+def contain_crashes() -> Iterator[None]:
+    """Report what a crashed Parkway leaked (sockets, async generators) against its own test.
+
+    pytest keeps the last failure in ``sys.last_value``; its traceback holds the crashed
+    tasks' frames, so their ResourceWarnings would otherwise surface in a later test.
+    """
+    yield
+    sys.last_type = sys.last_value = sys.last_traceback = None
+    if hasattr(sys, "last_exc"):
+        sys.last_exc = None
+    gc.collect()
+
+
+@pytest.fixture
+async def upstream(nursery: trio.Nursery, hang_guard: None, contain_crashes: None) -> Upstream:
     """The in-test upstream (echo by default; set ``upstream.behaviour`` to change it)."""
     return await nursery.start(Upstream().serve)
 
 
 @pytest.fixture
 async def start_parkway(
-    nursery: trio.Nursery, hang_guard: None
+    nursery: trio.Nursery, hang_guard: None, contain_crashes: None
 ) -> AsyncIterator[Callable[..., Awaitable[RunningParkway]]]:
     """Factory: ``await start_parkway(credentials=..., cors=..., **server_overrides)``.
 
@@ -59,8 +74,8 @@ async def start_parkway(
     with trio.move_on_after(2):  # then the nursery's cancellation ends what is left
         for running in started:
             await running.stopped.wait()
-    # A Parkway that crashed leaks its listening sockets; let their ResourceWarning be
-    # reported against this test rather than whichever test the collector runs in.
+    # Collect while Trio still runs, so an async generator Parkway abandoned unexhausted
+    # always raises its ResourceWarning here, not only when a collection happens to run.
     gc.collect()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -223,13 +224,13 @@ class Upstream:
                 self._arrival = trio.Event()
                 ex = Exchange(stream, conn, request)
                 self.exchanges.append(ex)
-                try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._watch_disconnect, ex, nursery.cancel_scope)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_disconnect, ex, nursery.cancel_scope)
+                    try:  # caught here: out of the nursery it would come wrapped in an ExceptionGroup
                         await self.behaviour(ex)
-                        nursery.cancel_scope.cancel()
-                except UpstreamGone:
-                    ex.proxy_left = True
+                    except UpstreamGone:
+                        ex.proxy_left = True
+                    nursery.cancel_scope.cancel()
                 if ex.proxy_left:
                     self.disconnected.set()
                 if ex.closed or ex.proxy_left or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -353,6 +354,27 @@ class RunningParkway:
         )
 
 
+class ParkwayCrashed(Exception):
+    """``Parkway.run`` raised: the whole server died (the original traceback is in the message)."""
+
+
+def _release_frames(exc: BaseException | None, seen: set[int]) -> None:
+    """Clear the frames of ``exc``'s tracebacks, recursively, so what they hold is freed now."""
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None:
+            try:
+                tb.tb_frame.clear()
+            except RuntimeError:  # still executing
+                pass
+            tb = tb.tb_next
+        for sub in getattr(exc, "exceptions", ()):
+            _release_frames(sub, seen)
+        _release_frames(exc.__cause__, seen)
+        exc = exc.__context__
+
+
 async def start_parkway(nursery: trio.Nursery, config: Config) -> RunningParkway:
     parkway = Parkway(config)
     stopped = trio.Event()
@@ -360,6 +382,14 @@ async def start_parkway(nursery: trio.Nursery, config: Config) -> RunningParkway
     async def run(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
         try:
             await parkway.run(task_status=task_status)
+        except Exception as exc:
+            # Fail the test at once with the full story, but drop the crashed frames: they
+            # hold sockets and async generators whose ResourceWarnings would otherwise be
+            # raised in whichever later test the garbage collector happens to run.
+            text = "".join(traceback.format_exception(exc))
+            _release_frames(exc, set())
+            del exc
+            raise ParkwayCrashed(f"Parkway.run crashed; the server is gone:\n{text}") from None
         finally:
             stopped.set()
 

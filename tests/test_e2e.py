@@ -23,14 +23,15 @@ import trio.testing
 from helpers import (
     INJECTED,
     SECRET,
+    SSE_HEADERS,
     TEST_CREDENTIAL,
     UPSTREAM_KEY,
     Exchange,
     Upstream,
-    SSE_HEADERS,
     closed_port,
     echo,
     hang,
+    make_config,
     read_response,
     read_until_eof,
     request_bytes,
@@ -40,6 +41,7 @@ from helpers import (
     stream_chunks,
     watch_logs,
 )
+from proxy.app import Parkway
 from proxy.config import CorsConfig, Credential
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
@@ -392,6 +394,11 @@ async def test_upstream_failing_mid_stream_truncates_the_response(start_parkway,
     assert (await client.get(parkway.sign(f"{upstream.base}/v1/models"))).status_code == 200
 
 
+# When Parkway stops relaying between two chunks, httpx's nested body generators are left
+# suspended and Trio warns as it finalises them: an httpx-under-Trio limitation (closing
+# ``aiter_raw`` does not close the generators inside it), not Parkway's. Parkway's own
+# generators are still checked.
+@pytest.mark.filterwarnings(r"ignore:Async generator 'http(x|core)\._:ResourceWarning")
 async def test_client_that_stops_reading_is_cut_after_client_write_timeout(start_parkway, upstream, client):
     parkway = await start_parkway(client_write_timeout=0.3)
 
@@ -603,12 +610,8 @@ async def test_secrets_are_never_logged(parkway, upstream, client):
 # --- lifecycle ------------------------------------------------------------------------------------
 
 
-async def test_cancelled_parkway_releases_its_port(start_parkway, upstream):
+async def test_cancelled_parkway_releases_its_port(contain_crashes):
     """Cancelling ``Parkway.run`` (a second SIGINT, an embedding nursery) must close its listeners."""
-    from proxy.app import Parkway
-
-    from helpers import make_config
-
     parkway = Parkway(make_config())
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
