@@ -347,6 +347,7 @@ class Limiter:
         self.evictions = 0
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._lease_ids = itertools.count(1)
+        self._live: set[str] = set()  # leases not yet released: at most one per request in flight
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -358,13 +359,14 @@ class Limiter:
     def check_nowait(self, keys: Sequence[LimitKey | tuple[str, str, LimitSpec]], now: float) -> Decision:
         """The decision ``acquire_nowait`` would make, changing nothing."""
         worst: Decision | None = None
-        for scope, key, spec in _unique(keys):
+        for scope, key, spec in unique_limits(keys):
             entry = self._entries.get((scope, key))
             if spec.max_concurrent is not None and entry and entry.in_flight >= spec.max_concurrent:
                 candidate = refused(scope, CONCURRENCY, key, spec, self.concurrency_retry_after)
                 worst = candidate if worst is None or candidate.retry_after > worst.retry_after else worst
             if spec.rate is not None and entry and entry.bucket:
-                bucket = TokenBucket(spec.rate, spec.capacity, min(entry.bucket.tokens, spec.capacity), entry.bucket.updated)
+                tokens = min(entry.bucket.tokens, spec.capacity)  # as acquire will reshape it
+                bucket = TokenBucket(spec.rate, spec.capacity, tokens, entry.bucket.updated)
                 wait = bucket.wait(now)
                 if wait > 0 and (worst is None or wait > worst.retry_after):
                     worst = refused(scope, RATE, key, spec, wait)
@@ -378,7 +380,7 @@ class Limiter:
         if not decision.allowed:
             return decision
         held = []
-        for scope, key, spec in _unique(keys):
+        for scope, key, spec in unique_limits(keys):
             entry = self._entries.get((scope, key))
             if entry is None:
                 entry = self._entries[(scope, key)] = _Entry()
@@ -396,12 +398,15 @@ class Limiter:
         self._enforce_cap()
         if not held:
             return ALLOWED
-        return Decision(True, lease=Lease(f"m{next(self._lease_ids)}", tuple(held)))
+        lease = Lease(f"m{next(self._lease_ids)}", tuple(held))
+        self._live.add(lease.id)
+        return Decision(True, lease=lease)
 
     def release(self, lease: Lease | None) -> None:
-        """Give back the slots of ``lease`` (None: nothing was held). Safe to call once per lease."""
-        if lease is None:
+        """Give back the slots of ``lease`` (None: nothing was held); a second call does nothing."""
+        if lease is None or lease.id not in self._live:
             return
+        self._live.discard(lease.id)
         for scope, key in lease.keys:
             entry = self._entries.get((scope, key))
             if entry is not None and entry.in_flight > 0:
@@ -430,7 +435,7 @@ class Limiter:
                 self.evictions += 1
 
 
-def _unique(keys: Sequence[LimitKey | tuple[str, str, LimitSpec]]) -> Iterator[tuple[str, str, LimitSpec]]:
+def unique_limits(keys: Sequence[LimitKey | tuple[str, str, LimitSpec]]) -> Iterator[tuple[str, str, LimitSpec]]:
     seen = set()
     for scope, key, spec in keys:
         if (scope, key) not in seen and not spec.unlimited:
