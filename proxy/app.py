@@ -59,7 +59,6 @@ class Parkway:
         self.addresses: list[str] = []
         self.admin_addresses: list[str] = []
         self._accepting = False
-        self._draining = trio.Event()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve until :meth:`shutdown` has drained, then close the upstream pool."""
@@ -81,20 +80,21 @@ class Parkway:
             async with trio.open_nursery() as nursery:
                 if admin_listeners:
                     await nursery.start(self.admin_server.serve, admin_listeners)
-                await nursery.start(self.server.serve, listeners)
+                await nursery.start(self._serve_public, listeners)
                 self._accepting = True
                 task_status.started(self.addresses)
-                # The public server returns once drained; the admin one is then stopped.
-                nursery.start_soon(self._stop_admin_after_drain)
         finally:
             self._accepting = False
             with trio.CancelScope(shield=True):
                 await self.upstream.aclose()
             log.info("shutdown", open_connections=self.server.open_connections)
 
-    async def _stop_admin_after_drain(self) -> None:
-        await self._draining.wait()
-        self.admin_server.shutdown()
+    async def _serve_public(self, listeners, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The public server; the admin listener (readyz: 503) stays up until it has drained."""
+        try:
+            await self.server.serve(listeners, task_status=task_status)
+        finally:
+            self.admin_server.shutdown()
 
     def shutdown(self) -> None:
         if not self.server.draining:
@@ -102,7 +102,6 @@ class Parkway:
                      open_connections=self.server.open_connections)
         self._accepting = False
         self.server.shutdown()
-        self._draining.set()
 
     # --- operations -----------------------------------------------------------------------
 

@@ -119,8 +119,7 @@ class Gateway:
         """Answer a request the server refused before it reached :meth:`handle` (bad HTTP, too slow)."""
         config = self.config
         request_id = _secrets.token_hex(8)
-        self.metrics.refusals.labels(exc.code).inc()
-        self.metrics.requests.labels("none", f"{exc.status // 100}xx", exc.outcome).inc()
+        started, out_start = trio.current_time(), conn.bytes_out
         log.warning(
             "request",
             request_id=request_id,
@@ -130,7 +129,12 @@ class Gateway:
             outcome=exc.outcome,
             error=exc.message,
         )
-        await self._send_error(head, conn, config, exc, request_id)
+        try:
+            await self._send_error(head, conn, config, exc, request_id)
+        finally:
+            record = RequestRecord(started, conn.head_bytes_in, out_start, status=exc.status,
+                                   outcome=exc.outcome, error=exc.message, error_code=exc.code)
+            self._count(config, conn, record)
 
     # --- the steps ------------------------------------------------------------------------
 

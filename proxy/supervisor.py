@@ -24,7 +24,12 @@ KILL_GRACE = 5.0
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM this worker if the supervisor dies (Linux prctl)."""
+    """In the child, before exec: SIGTERM this worker if the supervisor dies (Linux prctl).
+
+    SIGHUP is ignored until the worker installs its reload handler: a reload forwarded to a
+    worker still importing must not end it (SIGHUP's default action).
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         import ctypes
 
