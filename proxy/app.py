@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .handler import Gateway, utcnow
 from .http_server import Server, bound_address, open_listeners
 from .metrics import Metrics
+from .state import StateBackend, open_state
 from .upstream import UpstreamClient
 
 log = structlog.get_logger("parkway")
@@ -59,6 +60,7 @@ class Parkway:
         self.addresses: list[str] = []
         self.admin_addresses: list[str] = []
         self._accepting = False
+        self.state: StateBackend | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve until :meth:`shutdown` has drained, then close the upstream pool."""
@@ -77,7 +79,8 @@ class Parkway:
             max_connections=self.config.server.max_connections,
         )
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_state(self.config.state) as state, trio.open_nursery() as nursery:
+                self.gateway.state = self.state = state
                 if admin_listeners:
                     await nursery.start(self.admin_server.serve, admin_listeners)
                 await nursery.start(self._serve_public, listeners)
@@ -106,7 +109,10 @@ class Parkway:
     # --- operations -----------------------------------------------------------------------
 
     def readiness(self) -> dict[str, bool]:
-        return {"accepting": self._accepting and not self.server.draining, "config_loaded": True}
+        checks = {"accepting": self._accepting and not self.server.draining, "config_loaded": True}
+        if self.config.state.backend == "redis":
+            checks["redis"] = self.state is not None and self.state.healthy()
+        return checks
 
     def reload(self) -> list[str]:
         """Re-read the config file; apply it to new requests, or keep the old one and say why.
@@ -126,9 +132,15 @@ class Parkway:
             log.error("config_reload_failed", path=str(self.config_path), problems=problems)
             self.metrics.reloads.labels("error").inc()
             return problems
+        kept = []
         if new.server.listen != self.config.server.listen or new.admin != self.config.admin:
-            log.warning("config_reload_needs_restart", reason="listen addresses changed; kept the old ones")
+            kept.append("listen addresses")
             new = replace(new, server=replace(new.server, listen=self.config.server.listen), admin=self.config.admin)
+        if new.state != self.config.state:
+            kept.append("[state]")
+            new = replace(new, state=self.config.state)
+        if kept:
+            log.warning("config_reload_needs_restart", kept=kept, reason="these settings change only on restart")
         self.config = new
         self.gateway.config = new
         self.server.config = new.server

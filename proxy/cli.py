@@ -98,6 +98,8 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ConfigError as exc:
         _print_problems(args.config or "command line", exc)
         return 1
+    if args.allow_private_upstreams:
+        config = replace(config, server=replace(config.server, allow_private_upstreams=True))
     if args.listen and args.config:
         for address in args.listen:
             try:
@@ -236,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-control-allow-origin")
     serve.add_argument("--access-control-allow-methods")
     serve.add_argument("--access-control-allow-headers")
+    serve.add_argument("--allow-private-upstreams", action="store_true",
+                       help="allow upstreams on loopback/private/link-local addresses (metadata stays refused)")
     serve.add_argument("--no-bytes-monitor", action="store_true", help="accepted for Signway compatibility")
     serve.add_argument("--log-format", choices=["json", "console"])
     serve.add_argument("--workers", type=int, default=1, metavar="N",

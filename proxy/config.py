@@ -21,6 +21,8 @@ from typing import Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
 
 from .errors import ConfigError, ConfigProblem
+from .limits import LimitSpec, limit_spec_from_toml
+from .state import StateConfig
 from .urls import InvalidURL, normalize_prefix
 
 
@@ -45,6 +47,14 @@ class ServerConfig:
     max_expiry: int = 604800  # refuse X-Sw-Expires above this (7 days, like SigV4)
     public_path_prefix: str = ""  # path where browsers reach Parkway, e.g. "/ai" behind nginx
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* headers are believed
+    max_in_flight: int = 10000  # upstream requests at once; past it 503 + Retry-After
+    max_queued: int = 0  # requests that may wait for an in-flight slot; 0 = refuse at once
+    queue_timeout: float = 0.0  # longest such wait, in seconds
+    user_param: str = "pw_user"  # signed query parameter naming the end user ("" = none)
+    single_use_param: str = "pw_single_use"  # signed parameter making one URL single-use
+    allow_private_upstreams: bool = False  # allow loopback/private upstream addresses for all
+    inspect_body_bytes: int = 65536  # most body bytes held back to check JSON body rules
+    body_rules_overflow: str = "refuse"  # rules' fields not within inspect_body_bytes: refuse | stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +65,16 @@ class Credential:
     secrets: tuple[str, ...] = field(repr=False)  # several allow rotation: any one verifies
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # names as written
     allowed_upstreams: tuple[str, ...] = ()  # URL prefixes; empty = any upstream
+    allow_private_upstreams: bool = False  # loopback/private/link-local upstream addresses
+    single_use: bool = False  # every URL of this credential may be used once
+    limits: LimitSpec | None = None  # the credential as a whole
+    user_limits: LimitSpec | None = None  # each end user (server.user_param) of the credential
+    allowed_methods: tuple[str, ...] = ()  # empty = any
+    allowed_paths: tuple[str, ...] = ()  # upstream path prefixes; empty = any
+    max_body_bytes: int | None = None
+    allowed_models: tuple[str, ...] = ()  # JSON body "model"; empty = any
+    max_tokens: int | None = None  # cap on max_tokens / max_completion_tokens
+    max_n: int | None = None  # cap on "n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +111,7 @@ class Config:
     # Off when built in code (tests, embedding, the demo): a fixed port would collide there.
     # A TOML file without [admin] gets AdminConfig()'s loopback default.
     admin: AdminConfig = AdminConfig(listen=())
+    state: StateConfig = StateConfig()
 
     # Not a field, so equality, hashing, repr and asdict() ignore it.
     _by_id: ClassVar[Mapping[str, Credential]]
@@ -143,6 +164,7 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     cors = _section(root.table("cors"), CorsConfig, _CORS_RULES)
     log = _section(root.table("log"), LogConfig, _LOG_RULES)
     admin = _section(root.table("admin"), AdminConfig, _ADMIN_RULES)
+    state = _section(root.table("state"), StateConfig, _state_rules(env))
     root.finish()
     if cors.allow_credentials and "*" in cors.allow_origins:
         root.report(
@@ -152,7 +174,7 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         )
     if problems:
         raise ConfigError(problems)
-    return Config(server, credentials, cors, log, admin)
+    return Config(server, credentials, cors, log, admin, state)
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -485,6 +507,7 @@ def _credentials(tables: list[_Table], env: Mapping[str, str]) -> tuple[Credenti
         from_env = t.value("secret_env", (), _list_of(_secret_from(env), single_ok=True))
         headers = t.value("headers", (), _headers(env))
         upstreams = t.value("allowed_upstreams", (), _list_of(_upstream_prefix))
+        extra = {key: t.value(key, default, rule) for key, (default, rule) in _CREDENTIAL_POLICY_RULES.items()}
         t.finish()
         if all(t.data.get(key) in (None, []) for key in ("secret", "secret_env")):
             t.report(t.path, "needs at least one secret: set secret_env (or secret)")
@@ -492,7 +515,7 @@ def _credentials(tables: list[_Table], env: Mapping[str, str]) -> tuple[Credenti
             t.report(t.at("id"), f"duplicate id {cid!r}, first used at {first_seen[cid]}")
         elif cid:
             first_seen[cid] = t.at("id")
-        credentials.append(Credential(cid, inline + from_env, headers, upstreams))
+        credentials.append(Credential(cid, inline + from_env, headers, upstreams, **extra))
     return tuple(credentials)
 
 
@@ -507,7 +530,48 @@ _SERVER_RULES: Mapping[str, _Convert] = {
     **dict.fromkeys(_LIMITS, _number(1, integer=True)),
     "public_path_prefix": lambda value, path: _path_prefix(value, path),
     "trusted_proxies": _list_of(lambda value, path: _network(value, path), single_ok=True),
+    "max_in_flight": _number(1, integer=True),
+    "max_queued": _number(0, integer=True),
+    "queue_timeout": _number(0),
+    "user_param": _expect(str, "a string"),
+    "single_use_param": _expect(str, "a string"),
+    "allow_private_upstreams": _expect(bool, "a boolean"),
+    "inspect_body_bytes": _number(1, integer=True),
+    "body_rules_overflow": _choice("refuse", "stream"),
 }
+_CREDENTIAL_POLICY_RULES: Mapping[str, tuple[Any, _Convert]] = {
+    "allow_private_upstreams": (False, _expect(bool, "a boolean")),
+    "single_use": (False, _expect(bool, "a boolean")),
+    "limits": (None, limit_spec_from_toml),
+    "user_limits": (None, limit_spec_from_toml),
+    "allowed_methods": ((), _list_of(lambda value, path: _token(value, path).upper())),
+    "allowed_paths": ((), _list_of(lambda value, path: _path_prefix(value, path) or "/")),
+    "max_body_bytes": (None, _number(0, integer=True)),
+    "allowed_models": ((), _list_of(_non_empty)),
+    "max_tokens": (None, _number(1, integer=True)),
+    "max_n": (None, _number(1, integer=True)),
+}
+
+
+def _state_rules(env: Mapping[str, str]) -> Mapping[str, _Convert]:
+    def redis_url(value: Any, path: str) -> str:
+        url = expand_env(_str(value, path), env, path)
+        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            _fail(path, "must be a redis://, rediss:// or unix:// URL")
+        return url
+
+    return {
+        "backend": _choice("memory", "redis"),
+        "url": redis_url,
+        "key_prefix": _expect(str, "a string"),
+        "failure_policy": _choice("open", "closed"),
+        "timeout": _number(0, above=True),
+        "retry_interval": _number(0, above=True),
+        "lease_ttl": _number(1),
+        "max_keys": _number(1, integer=True),
+        "max_signatures": _number(1, integer=True),
+        "concurrency_retry_after": _number(0, above=True),
+    }
 _CORS_RULES: Mapping[str, _Convert] = {
     "allow_origins": _list_of(_origin),
     "allow_methods": _list_of(lambda value, path: _token(value, path).upper()),

@@ -81,6 +81,14 @@ class HeadersTooLarge(Refused):
     code = "headers_too_large"
 
 
+class TooManyRequests(Refused):
+    """A per-credential or per-user limit was hit (429); ``code`` says which, e.g. ``user_rate_limit``."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+
 class Overloaded(Refused):
     status = 503
     type = "server_error"

@@ -15,16 +15,17 @@ Nothing reaches the upstream before step 6 has passed. Every refusal is a
 from __future__ import annotations
 
 import secrets as _secrets
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
+from functools import lru_cache
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import structlog
 import trio
 
-from . import cors, forwarding
-from .config import Config
+from . import cors, forwarding, limits, policy, ssrf
+from .config import Config, Credential
 from .errors import (
     BodyTooLarge,
     Forbidden,
@@ -36,6 +37,7 @@ from .errors import (
 from .http_server import ClientGone, HTTPConnection, RequestHead
 from .signing import check_validity, parse_signed_request, verify_signature
 from .metrics import Metrics
+from .state import MemoryState, StateBackend
 from .upstream import UpstreamClient, UpstreamRequest
 from .usage import Usage, UsageObserver
 from .urls import origin_and_target, url_allowed
@@ -56,6 +58,7 @@ class RequestRecord:
     bytes_out_start: int
     credential: str | None = None
     client: str | None = None
+    user: str | None = None
     upstream_host: str | None = None
     upstream_path: str | None = None
     status: int | None = None
@@ -77,11 +80,18 @@ class Gateway:
         upstream: UpstreamClient,
         *,
         metrics: Metrics | None = None,
+        state: StateBackend | None = None,
         clock: Callable[[], datetime] = utcnow,
     ):
         self.config = config
         self.upstream = upstream
         self.metrics = metrics or Metrics()
+        self.state: StateBackend = state or MemoryState()
+        self.gate = limits.GlobalGate(
+            config.server.max_in_flight,
+            max_waiting=config.server.max_queued,
+            queue_timeout=config.server.queue_timeout,
+        )
         self.clock = clock
 
     # --- entry points called by the server ------------------------------------------------
@@ -174,7 +184,7 @@ class Gateway:
                 raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes for signed bodies")
             body = await conn.read_body(limit)
 
-        # 5-6: signature, then the credential's policy.
+        # 5-6a: signature, then the credential's allowed upstreams.
         verify_signature(
             signed,
             method=head.method,
@@ -191,40 +201,86 @@ class Gateway:
                 code="upstream_not_allowed",
             )
 
-        # 7: forward. An unsigned body streams through without buffering.
-        content_length: int | None = None
-        upstream_body = None
-        if body is not None:
-            upstream_body, content_length = body, len(body)
-        elif _has_body(head):
-            declared = head.header(b"content-length")
-            content_length = int(declared) if declared and declared.isdigit() else None
-            upstream_body = conn.body_chunks()
-        else:
-            await self._drain_request_body(conn)
-        request = UpstreamRequest(
-            method=head.method,
-            url=signed.proxy_url.split("#", 1)[0],
-            headers=forwarding.request_headers(
-                head.headers,
-                credential.headers,
-                ctx,
-                content_length=content_length,
-            ),
-            body=upstream_body,
+        # 6b: request policy (method, path, size), the end user, then admission: global
+        # in-flight cap (503), the credential's and user's limits (429), single use (403).
+        # All after the signature: nobody can spend a credential's budget with forged URLs.
+        extras = signed.extra_params()
+        user = limits.end_user(extras, config.server.user_param)
+        if user is not None:
+            record.user = user
+            structlog.contextvars.bind_contextvars(user=user)
+        rules = _request_policy(credential, config.server.inspect_body_bytes, config.server.body_rules_overflow)
+        declared = head.header(b"content-length")
+        declared_length = len(body) if body is not None else (int(declared) if declared and declared.isdigit() else None)
+        policy.check_request(
+            rules, method=head.method, upstream_path=record.upstream_path, content_length=declared_length
         )
-        forward_at = trio.current_time()
-        self.metrics.in_flight.inc()
-        try:
-            async with self.upstream.open(request) as response:
-                head_at = trio.current_time()
-                record.ttfb = head_at - record.started
-                record.status = response.status
-                await self._respond(conn, response, record, config, origin, request_id)
-                record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
-                await self._relay(conn, response, record)
-        finally:
-            self.metrics.in_flight.dec()
+        async with self.gate.slot():
+            decision = await self.state.acquire(
+                limits.limit_keys(credential.id, credential.limits, user, credential.user_limits),
+                trio.current_time(),
+            )
+            decision.raise_if_refused()
+            try:
+                if limits.wants_single_use(credential.single_use, extras, config.server.single_use_param):
+                    now = self.clock()
+                    last_valid = signed.expires_at + timedelta(seconds=config.server.clock_skew)
+                    if not await self.state.check_and_add_signature(
+                        signed.signature, last_valid.timestamp(), now.timestamp()
+                    ):
+                        raise limits.replay_refusal()
+                await self._forward(head, conn, config, record, request_id, signed, credential, ctx,
+                                    body, declared_length, rules, origin)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.state.release(decision.lease)
+
+    async def _forward(self, head, conn, config, record, request_id, signed, credential, ctx,
+                       body, declared_length, rules, origin) -> None:
+        """Step 7: forward, with the body checked against the JSON rules as it passes, then relay."""
+        async with AsyncExitStack() as stack:
+            content_length: int | None = None
+            upstream_body = None
+            inspector = policy.BodyInspector(rules, declared_length) if rules.inspects_body else None
+            if body is not None:
+                if inspector is not None:
+                    inspector.feed(body)
+                    inspector.end()
+                upstream_body, content_length = body, len(body)
+            elif _has_body(head):
+                # An unsigned body streams through; only what the JSON rules need is held back.
+                content_length = declared_length
+                chunks = await stack.enter_async_context(aclosing(conn.body_chunks()))
+                if inspector is not None:
+                    async for chunk in chunks:
+                        if inspector.feed(chunk):
+                            break
+                    else:
+                        inspector.end()
+                    upstream_body = await stack.enter_async_context(aclosing(inspector.forward(chunks)))
+                else:
+                    upstream_body = chunks
+            else:
+                await self._drain_request_body(conn)
+            request = UpstreamRequest(
+                method=head.method,
+                url=signed.proxy_url.split("#", 1)[0],
+                headers=forwarding.request_headers(head.headers, credential.headers, ctx, content_length=content_length),
+                body=upstream_body,
+                address_policy=_address_policy(credential, config.server.allow_private_upstreams),
+            )
+            forward_at = trio.current_time()
+            self.metrics.in_flight.inc()
+            try:
+                async with self.upstream.open(request) as response:
+                    head_at = trio.current_time()
+                    record.ttfb = head_at - record.started
+                    record.status = response.status
+                    await self._respond(conn, response, record, config, origin, request_id)
+                    record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
+                    await self._relay(conn, response, record)
+            finally:
+                self.metrics.in_flight.dec()
 
     async def _respond(self, conn, response, record, config, origin, request_id) -> None:
         """Send the client the upstream's status and headers (hop-by-hop ones replaced by ours)."""
@@ -312,6 +368,7 @@ class Gateway:
         fields = dict(
             method=head.method,
             client=record.client or head.peer,
+            user=record.user,
             upstream_host=record.upstream_host,
             upstream_path=record.upstream_path,
             status=record.status,
@@ -353,6 +410,29 @@ def _canonical_paths(path: str, *prefixes: str) -> tuple[str, ...]:
         if prefix and not path.startswith(prefix + "/"):
             paths.append(prefix + path)
     return tuple(paths)
+
+
+@lru_cache(maxsize=256)
+def _request_policy(credential: Credential, inspect_bytes: int, overflow: str) -> policy.RequestPolicy:
+    """The credential's rules as the policy module takes them (cached: credentials are frozen)."""
+    return policy.RequestPolicy(
+        allowed_methods=credential.allowed_methods,
+        allowed_path_prefixes=credential.allowed_paths,
+        max_body_bytes=credential.max_body_bytes,
+        allowed_models=credential.allowed_models,
+        max_tokens_cap=credential.max_tokens,
+        max_n=credential.max_n,
+        inspect_bytes=inspect_bytes,
+        overflow=overflow,
+    )
+
+
+@lru_cache(maxsize=256)
+def _address_policy(credential: Credential, allow_private: bool) -> ssrf.AddressPolicy:
+    return ssrf.policy_for(
+        allow_private=allow_private or credential.allow_private_upstreams,
+        allowed_upstreams=credential.allowed_upstreams,
+    )
 
 
 def _has_body(head: RequestHead) -> bool:

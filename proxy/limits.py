@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import trio
 
-from .errors import BadRequest, ConfigError, ConfigProblem, Forbidden, Overloaded, Refused
+from .errors import BadRequest, ConfigError, ConfigProblem, Forbidden, Overloaded, TooManyRequests
 
 # Scopes and limit kinds, as reported in refusals (``Decision.scope`` / ``Decision.limit``).
 CREDENTIAL = "credential"
@@ -36,14 +36,6 @@ CONCURRENCY = "concurrency"
 RATE = "rate"
 
 MAX_USER_ID_CHARS = 200  # longer end-user ids are refused: they end up in keys and log lines
-
-
-class TooManyRequests(Refused):
-    """A per-credential or per-user limit was hit (429); ``code`` says which, e.g. ``user_rate_limit``."""
-
-    status = 429
-    type = "rate_limit_error"
-    code = "rate_limited"
 
 
 # --- limit specifications --------------------------------------------------------------------

@@ -52,6 +52,11 @@ class RequestPolicy:
             raise ValueError("inspect_bytes must be at least 1")
 
     @property
+    def inspects_body(self) -> bool:
+        """Whether a body must pass through a :class:`BodyInspector` (JSON rules or a size cap)."""
+        return self.json_rules or self.max_body_bytes is not None
+
+    @property
     def json_rules(self) -> bool:
         return bool(self.allowed_models) or self.max_tokens_cap is not None or self.max_n is not None
 

@@ -17,6 +17,7 @@ import trio
 
 from .config import ServerConfig
 from .errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from .ssrf import POLICY_EXTENSION, AddressPolicy, guarded_transport
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -27,6 +28,7 @@ class UpstreamRequest:
     url: str  # normalised, without fragment
     headers: Headers
     body: bytes | AsyncIterator[bytes] | None = None
+    address_policy: AddressPolicy | None = None  # which addresses it may connect to (SSRF guard)
 
 
 class UpstreamResponse:
@@ -75,7 +77,11 @@ def _translate(exc: httpx.HTTPError, host: str) -> UpstreamError:
 
 
 class UpstreamClient:
-    """A shared ``httpx.AsyncClient``: pooled keep-alive connections, TLS verified by default."""
+    """A shared ``httpx.AsyncClient``: pooled keep-alive connections, TLS verified by default.
+
+    Its transport is the SSRF guard: every connection is made to an address the request's
+    :class:`~proxy.ssrf.AddressPolicy` allows, checked after DNS resolution.
+    """
 
     def __init__(self, config: ServerConfig, *, verify: bool | ssl.SSLContext = True, max_keepalive: int = 512):
         self.config = config
@@ -83,8 +89,11 @@ class UpstreamClient:
             # Connect is limited by httpx (it spans DNS, TCP and TLS); reads and writes by our
             # own cancel scopes, which tell first-byte and idle-gap timeouts apart.
             timeout=httpx.Timeout(connect=config.upstream_connect_timeout, read=None, write=None, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=max_keepalive, keepalive_expiry=30),
-            verify=verify,
+            transport=guarded_transport(
+                verify=verify,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=max_keepalive, keepalive_expiry=30),
+                default=AddressPolicy(allow_private=config.allow_private_upstreams),
+            ),
             follow_redirects=False,
             trust_env=False,
         )
@@ -96,7 +105,8 @@ class UpstreamClient:
         Leaving the context (normally, by error or by cancellation) closes the response, which
         drops the upstream connection when the body was not finished: that stops generation.
         """
-        request = httpx.Request(req.method, req.url, headers=req.headers, content=req.body)
+        extensions = {POLICY_EXTENSION: req.address_policy} if req.address_policy is not None else None
+        request = httpx.Request(req.method, req.url, headers=req.headers, content=req.body, extensions=extensions)
         host = request.url.host + (f":{request.url.port}" if request.url.port else "")
         try:
             with trio.fail_after(self.config.upstream_first_byte_timeout):

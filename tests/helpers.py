@@ -42,6 +42,9 @@ TEST_SERVER = ServerConfig(
     upstream_idle_timeout=5.0,
     request_timeout=10.0,
     drain_timeout=5.0,
+    # Every test upstream is on loopback, which the SSRF guard refuses by default
+    # (test_e2e.py checks that refusal with this turned off).
+    allow_private_upstreams=True,
 )
 TEST_CREDENTIAL = Credential("app", (SECRET,), INJECTED)
 

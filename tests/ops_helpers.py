@@ -161,6 +161,7 @@ def config_toml(
         "upstream_first_byte_timeout = 5",
         "upstream_idle_timeout = 5",
         "request_timeout = 15",
+        "allow_private_upstreams = true  # the test upstreams are on loopback",
         extra_server,
         "",
         "[admin]",

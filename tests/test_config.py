@@ -22,6 +22,7 @@ from proxy.config import (
     split_host_port,
 )
 from proxy.errors import ConfigError, ConfigProblem
+from proxy.state import StateConfig
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "parkway.toml"
 
@@ -179,8 +180,9 @@ def test_shipped_example_parses_with_its_variables():
 
 def test_shipped_example_documents_every_key():
     text = EXAMPLE.read_text()
-    keys = [f.name for cls in (ServerConfig, CorsConfig, LogConfig) for f in dataclasses.fields(cls)]
-    keys += ["id", "secret", "secret_env", "allowed_upstreams", r"\[credentials\.headers\]"]
+    classes = (ServerConfig, CorsConfig, LogConfig, AdminConfig, StateConfig, Credential)
+    keys = [f.name for cls in classes for f in dataclasses.fields(cls) if f.name not in ("secrets", "headers")]
+    keys += ["secret", "secret_env", r"\[credentials\.headers\]"]
     for key in keys:
         # Written as a setting, possibly commented out, with a comment line right above it.
         assert re.search(rf"^#[^\n]*\n(#[^\n]*\n)*#?\s*{key}(?!\w)", text, re.M), key
@@ -190,7 +192,7 @@ def test_shipped_example_documents_every_key():
 
 PROBLEMS = [
     # top level
-    ("extra = 1", "extra", "unknown key 'extra'; allowed keys: server, credentials, cors, log"),
+    ("extra = 1", "extra", "unknown key 'extra'; allowed keys: server, credentials, cors, log, admin, state"),
     ("server = 3", "server", "expected a table, got integer"),
     ("credentials = 1", "credentials", "expected an array of tables"),
     ("credentials = [1]", "credentials[0]", "expected a table, got integer"),
@@ -477,7 +479,7 @@ def test_config_stays_frozen_comparable_and_hashable():
     assert one != parse_config(CRED.replace('"app"', '"b"'), ENV)
     with pytest.raises(dataclasses.FrozenInstanceError):
         one.credentials = ()  # type: ignore[misc]
-    assert [f.name for f in dataclasses.fields(Config)] == ["server", "credentials", "cors", "log", "admin"]
+    assert [f.name for f in dataclasses.fields(Config)] == ["server", "credentials", "cors", "log", "admin", "state"]
     replaced = dataclasses.replace(one, credentials=(Credential("new", ("s",)),))
     assert replaced.credential("new") is not None and replaced.credential("app") is None
 
