@@ -20,7 +20,7 @@ class Operable(Protocol):
 
     metrics: object
 
-    def readiness(self) -> dict[str, bool]: ...
+    async def readiness(self) -> dict[str, bool]: ...
 
     def reload(self) -> list[str]: ...
 
@@ -49,7 +49,7 @@ class AdminApp:
         if route == ("GET", "/healthz"):
             response = _json(200, {"status": "ok"})
         elif route == ("GET", "/readyz"):
-            checks = self.parkway.readiness()
+            checks = await self.parkway.readiness()
             ready = all(checks.values())
             response = _json(200 if ready else 503, {"ready": ready, "checks": checks})
         elif route == ("GET", "/metrics"):

@@ -108,10 +108,10 @@ class Parkway:
 
     # --- operations -----------------------------------------------------------------------
 
-    def readiness(self) -> dict[str, bool]:
+    async def readiness(self) -> dict[str, bool]:
         checks = {"accepting": self._accepting and not self.server.draining, "config_loaded": True}
         if self.config.state.backend == "redis":
-            checks["redis"] = self.state is not None and self.state.healthy()
+            checks["redis"] = self.state is not None and await self.state.probe()
         return checks
 
     def reload(self) -> list[str]:
@@ -142,7 +142,7 @@ class Parkway:
         if kept:
             log.warning("config_reload_needs_restart", kept=kept, reason="these settings change only on restart")
         self.config = new
-        self.gateway.config = new
+        self.gateway.apply(new)
         self.server.config = new.server
         self.metrics.reloads.labels("ok").inc()
         log.info("config_reloaded", path=str(self.config_path), credentials=[c.id for c in new.credentials])

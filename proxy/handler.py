@@ -69,6 +69,8 @@ class RequestRecord:
     overhead: float = 0.0  # time spent in Parkway itself (see metrics.overhead)
     usage: Usage | None = None
     head_sent_at: float = 0.0
+    expected_length: int | None = None  # the upstream's Content-Length, when it sent one
+    relayed: int = 0  # response body bytes written to the client
 
 
 class Gateway:
@@ -87,12 +89,26 @@ class Gateway:
         self.upstream = upstream
         self.metrics = metrics or Metrics()
         self.state: StateBackend = state or MemoryState()
-        self.gate = limits.GlobalGate(
+        self.gate = self._gate_for(config)
+        self.clock = clock
+
+    @staticmethod
+    def _gate_for(config: Config) -> limits.GlobalGate:
+        return limits.GlobalGate(
             config.server.max_in_flight,
             max_waiting=config.server.max_queued,
             queue_timeout=config.server.queue_timeout,
         )
-        self.clock = clock
+
+    def apply(self, config: Config) -> None:
+        """Take a reloaded config for new requests. A changed in-flight cap gets a new gate;
+        requests admitted by the old one finish and release there, uncounted by the new one."""
+        old = self.config.server
+        if (old.max_in_flight, old.max_queued, old.queue_timeout) != (
+            config.server.max_in_flight, config.server.max_queued, config.server.queue_timeout
+        ):
+            self.gate = self._gate_for(config)
+        self.config = config
 
     # --- entry points called by the server ------------------------------------------------
 
@@ -215,6 +231,34 @@ class Gateway:
         policy.check_request(
             rules, method=head.method, upstream_path=record.upstream_path, content_length=declared_length
         )
+        if body is None and not _has_body(head):
+            # Consume the (empty) body's end now: from here on a client that leaves is noticed,
+            # even while queued for a slot.
+            await self._drain_request_body(conn)
+        await self._unless_client_leaves(
+            conn, record, self._admit_and_forward, head, conn, config, record, request_id, signed, credential,
+            ctx, body, declared_length, rules, origin, extras, user,
+        )
+
+    async def _unless_client_leaves(self, conn: HTTPConnection, record: RequestRecord, work, *args) -> None:
+        """Run ``work``, cancelled the moment the client goes away once its request is complete:
+        while queued for a slot, waiting for the upstream's first byte, or streaming."""
+        failure: ParkwayError | ClientGone | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_client, conn, nursery.cancel_scope, record)
+            try:
+                await work(*args)
+            except (ParkwayError, ClientGone) as exc:
+                # Raised outside the nursery, so callers see the error itself, not a group.
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if record.outcome == "client_gone":
+            conn.abort()
+
+    async def _admit_and_forward(self, head, conn, config, record, request_id, signed, credential, ctx,
+                                 body, declared_length, rules, origin, extras, user) -> None:
         async with self.gate.slot():
             decision = await self.state.acquire(
                 limits.limit_keys(credential.id, credential.limits, user, credential.user_limits),
@@ -252,16 +296,22 @@ class Gateway:
                 content_length = declared_length
                 chunks = await stack.enter_async_context(aclosing(conn.body_chunks()))
                 if inspector is not None:
-                    async for chunk in chunks:
-                        if inspector.feed(chunk):
-                            break
-                    else:
-                        inspector.end()
+                    if inspector.decided:
+                        # Size rule only: read one chunk ahead, so a body already over the cap
+                        # in its first chunk is refused before any connection is made.
+                        first = await anext(chunks, None)
+                        if first is not None:
+                            inspector.feed(first)
+                            inspector.hold(first)
+                    else:  # hold back what the JSON rules need, no more
+                        async for chunk in chunks:
+                            if inspector.feed(chunk):
+                                break
+                        else:
+                            inspector.end()
                     upstream_body = await stack.enter_async_context(aclosing(inspector.forward(chunks)))
                 else:
                     upstream_body = chunks
-            else:
-                await self._drain_request_body(conn)
             request = UpstreamRequest(
                 method=head.method,
                 url=signed.proxy_url.split("#", 1)[0],
@@ -285,6 +335,8 @@ class Gateway:
     async def _respond(self, conn, response, record, config, origin, request_id) -> None:
         """Send the client the upstream's status and headers (hop-by-hop ones replaced by ours)."""
         out_headers = forwarding.response_headers(response.headers)
+        length = next((v for n, v in out_headers if n == b"content-length"), None)
+        record.expected_length = int(length) if length is not None and length.isdigit() else None
         if forwarding.is_event_stream(out_headers):
             # nginx in front would otherwise buffer the stream (X-Accel-Buffering).
             out_headers.append((b"x-accel-buffering", b"no"))
@@ -294,33 +346,24 @@ class Gateway:
         record.head_sent_at = trio.current_time()
 
     async def _relay(self, conn: HTTPConnection, response, record: RequestRecord) -> None:
-        """Copy upstream chunks to the client as they arrive; a client that leaves cancels it all."""
-        failure: ParkwayError | ClientGone | None = None
-        async with trio.open_nursery() as nursery:
-            if conn.request_complete:
-                nursery.start_soon(self._watch_client, conn, nursery.cancel_scope, record)
-            observer = UsageObserver(response.content_type)
-            try:
-                async with aclosing(response.chunks()) as chunks:
-                    async for chunk in chunks:
-                        await conn.send_data(chunk)
-                        observer.feed(chunk)  # after the write: accounting never delays the client
-                await conn.send_end()
-                record.usage = observer.finish()
-            except (ParkwayError, ClientGone) as exc:
-                # Raised outside the nursery, so callers see the error itself, not a group.
-                failure = exc
-            nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        if record.outcome == "client_gone":
-            conn.abort()
+        """Copy upstream chunks to the client as they arrive, each written at once."""
+        observer = UsageObserver(response.content_type)
+        async with aclosing(response.chunks()) as chunks:
+            async for chunk in chunks:
+                await conn.send_data(chunk)
+                record.relayed += len(chunk)
+                observer.feed(chunk)  # after the write: accounting never delays the client
+        await conn.send_end()
+        record.usage = observer.finish()
 
     @staticmethod
     async def _watch_client(conn: HTTPConnection, scope: trio.CancelScope, record: RequestRecord) -> None:
+        await conn.request_done.wait()
         await conn.wait_disconnect()
+        if record.expected_length is not None and record.relayed >= record.expected_length:
+            return  # it read the whole (fixed-length) answer and closed: that is not leaving early
         record.outcome = "client_gone"
-        record.error = "client closed the connection during the response"
+        record.error = "client closed the connection before the response was complete"
         scope.cancel()
 
     @staticmethod

@@ -68,6 +68,7 @@ class HTTPConnection:
         self.bytes_in = 0
         self.bytes_out = 0
         self.head_bytes_in = 0  # bytes_in when the current request began
+        self.request_done = trio.Event()  # set once the current request's body is fully read
         self._close_after = False
 
     # --- receiving ------------------------------------------------------------------------
@@ -97,6 +98,7 @@ class HTTPConnection:
         ``header_read_timeout`` (slowloris protection).
         """
         self.head_bytes_in = self.bytes_in - len(self.conn.trailing_data[0])
+        self.request_done = trio.Event()
         deadline = trio.current_time() + idle_timeout
         started = bool(self.conn.trailing_data[0])
         if started:
@@ -152,6 +154,7 @@ class HTTPConnection:
             if isinstance(event, h11.Data):
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
+                self.request_done.set()
                 return
             elif event is h11.NEED_DATA:
                 with trio.move_on_after(self.config.client_body_timeout) as scope:

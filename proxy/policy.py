@@ -199,6 +199,11 @@ class BodyInspector:
             raise _invalid_json("it ends before the JSON object is complete")
         self.decided = True
 
+    def hold(self, chunk: bytes) -> None:
+        """Keep an already-fed chunk to be forwarded first (a read-ahead by the caller)."""
+        self._held.append(chunk)
+        self._held_bytes += len(chunk)
+
     def take_held(self) -> list[bytes]:
         """The chunks held while deciding, once; afterwards nothing is held."""
         held, self._held, self._held_bytes = self._held, [], 0

@@ -64,6 +64,10 @@ class StateBackend(Protocol):
     def healthy(self) -> bool:
         """False while a shared store is unreachable (for readiness checks and metrics)."""
 
+    async def probe(self) -> bool:
+        """Ask the store now (bounded by its timeout) and return :meth:`healthy`: /readyz must
+        notice an outage, and a recovery, without waiting for request traffic."""
+
 
 class MemoryState:
     """Limits and single-use signatures in this process's memory."""
@@ -88,6 +92,9 @@ class MemoryState:
         return self.signatures.check_and_add(signature, expires_at, now)
 
     def healthy(self) -> bool:
+        return True
+
+    async def probe(self) -> bool:
         return True
 
 

@@ -210,6 +210,13 @@ class RedisState:
     def healthy(self) -> bool:
         return not self.outage.down
 
+    async def probe(self) -> bool:
+        try:
+            await self._call(self._client.ping)
+        except _Unavailable:
+            pass
+        return self.healthy()
+
     # --- the protocol -----------------------------------------------------------------------
 
     async def acquire(self, keys: Sequence[LimitKey], now: float) -> Decision:

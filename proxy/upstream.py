@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import h11
 import httpx
 import trio
 
@@ -117,6 +118,8 @@ class UpstreamClient:
             ) from None
         except httpx.HTTPError as exc:
             raise _translate(exc, host) from None
+        except h11.LocalProtocolError as exc:  # httpcore lets this one through unwrapped
+            raise UpstreamError(f"request to {host} could not be sent: {exc}") from None
         try:
             yield UpstreamResponse(response, host, self.config.upstream_idle_timeout)
         finally:
