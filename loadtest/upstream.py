@@ -44,10 +44,7 @@ def chunk(data: bytes) -> bytes:
 
 def sse_event(size: int) -> bytes:
     """One ``chat.completion.chunk`` event of exactly ``size`` bytes (content padded)."""
-    payload = {
-        "id": "chatcmpl-loadtest", "object": "chat.completion.chunk", "created": 1700000000,
-        "model": "mock-gpt", "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}],
-    }
+    payload = {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": ""}}]}
     base = len(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
     payload["choices"][0]["delta"]["content"] = "x" * max(0, size - base)
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
