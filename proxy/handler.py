@@ -350,8 +350,9 @@ class Gateway:
         observer = UsageObserver(response.content_type)
         async with aclosing(response.chunks()) as chunks:
             async for chunk in chunks:
-                await conn.send_data(chunk)
+                # Counted before the write: the client may read it and close before we resume.
                 record.relayed += len(chunk)
+                await conn.send_data(chunk)
                 observer.feed(chunk)  # after the write: accounting never delays the client
         await conn.send_end()
         record.usage = observer.finish()

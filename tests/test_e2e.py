@@ -398,7 +398,7 @@ async def test_upstream_failing_mid_stream_truncates_the_response(start_parkway,
 # suspended and Trio warns as it finalises them: an httpx-under-Trio limitation (closing
 # ``aiter_raw`` does not close the generators inside it), not Parkway's. Parkway's own
 # generators are still checked.
-@pytest.mark.filterwarnings(r"ignore:Async generator 'http(x|core)\._:ResourceWarning")
+@pytest.mark.filterwarnings(r"ignore:Async generator 'http(x|core)2?\._:ResourceWarning")
 async def test_client_that_stops_reading_is_cut_after_client_write_timeout(start_parkway, upstream, client):
     parkway = await start_parkway(client_write_timeout=0.3)
 
