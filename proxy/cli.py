@@ -185,7 +185,7 @@ def cmd_reload(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             return 1
         print(f"sent SIGHUP to {args.pid}; its log says whether the new file was taken")
         return 0
-    import httpx
+    import httpx2 as httpx
 
     try:
         response = httpx.post(f"http://{args.admin}/reload", timeout=10, trust_env=False)

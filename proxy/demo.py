@@ -11,7 +11,7 @@ import json
 import secrets
 import shlex
 
-import httpx
+import httpx2 as httpx
 import trio
 
 from .app import Parkway

@@ -35,7 +35,7 @@ from .errors import (
     error_response,
 )
 from .http_server import ClientGone, HTTPConnection, RequestHead
-from .signing import check_validity, parse_signed_request, verify_signature
+from .signing import SignedRequest, check_validity, parse_signed_request, verify_signature
 from .metrics import Metrics
 from .state import MemoryState, StateBackend
 from .upstream import UpstreamClient, UpstreamRequest
@@ -47,6 +47,22 @@ log = structlog.get_logger("parkway.request")
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything decided about a request before admission: what steps 1-6 produced."""
+
+    request_id: str
+    signed: SignedRequest
+    credential: Credential
+    ctx: forwarding.ForwardContext
+    origin: str | None
+    body: bytes | None  # a verified signed body, or None when the body streams (or is empty)
+    declared_length: int | None
+    rules: policy.RequestPolicy
+    user: str | None
+    single_use: bool
 
 
 @dataclass(slots=True)
@@ -116,7 +132,9 @@ class Gateway:
         config = self.config  # one config for the whole request, even across a reload
         record = RequestRecord(trio.current_time(), conn.head_bytes_in, conn.bytes_out)
         request_id = _secrets.token_hex(8)
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
+        # credential and user are bound later; binding them here too makes the exit reset them,
+        # so the next request on a kept-alive connection does not inherit them.
+        with structlog.contextvars.bound_contextvars(request_id=request_id, credential=None, user=None):
             try:
                 with trio.move_on_after(config.server.request_timeout or float("inf")) as overall:
                     await self._handle(head, conn, config, record, request_id)
@@ -235,10 +253,19 @@ class Gateway:
             # Consume the (empty) body's end now: from here on a client that leaves is noticed,
             # even while queued for a slot.
             await self._drain_request_body(conn)
-        await self._unless_client_leaves(
-            conn, record, self._admit_and_forward, head, conn, config, record, request_id, signed, credential,
-            ctx, body, declared_length, rules, origin, extras, user,
+        plan = Plan(
+            request_id=request_id,
+            signed=signed,
+            credential=credential,
+            ctx=ctx,
+            origin=origin,
+            body=body,
+            declared_length=declared_length,
+            rules=rules,
+            user=user,
+            single_use=limits.wants_single_use(credential.single_use, extras, config.server.single_use_param),
         )
+        await self._unless_client_leaves(conn, record, self._admit_and_forward, head, conn, config, record, plan)
 
     async def _unless_client_leaves(self, conn: HTTPConnection, record: RequestRecord, work, *args) -> None:
         """Run ``work``, cancelled the moment the client goes away once its request is complete:
@@ -257,35 +284,39 @@ class Gateway:
         if record.outcome == "client_gone":
             conn.abort()
 
-    async def _admit_and_forward(self, head, conn, config, record, request_id, signed, credential, ctx,
-                                 body, declared_length, rules, origin, extras, user) -> None:
+    async def _admit_and_forward(
+        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
+    ) -> None:
+        """Admission (in-flight gate, limits, single use), then forwarding; slots always given back."""
+        credential = plan.credential
         async with self.gate.slot():
             decision = await self.state.acquire(
-                limits.limit_keys(credential.id, credential.limits, user, credential.user_limits),
+                limits.limit_keys(credential.id, credential.limits, plan.user, credential.user_limits),
                 trio.current_time(),
             )
             decision.raise_if_refused()
             try:
-                if limits.wants_single_use(credential.single_use, extras, config.server.single_use_param):
-                    now = self.clock()
-                    last_valid = signed.expires_at + timedelta(seconds=config.server.clock_skew)
+                if plan.single_use:
+                    # Remembered until the last moment the URL could still verify.
+                    last_valid = plan.signed.expires_at + timedelta(seconds=config.server.clock_skew)
                     if not await self.state.check_and_add_signature(
-                        signed.signature, last_valid.timestamp(), now.timestamp()
+                        plan.signed.signature, last_valid.timestamp(), self.clock().timestamp()
                     ):
                         raise limits.replay_refusal()
-                await self._forward(head, conn, config, record, request_id, signed, credential, ctx,
-                                    body, declared_length, rules, origin)
+                await self._forward(head, conn, config, record, plan)
             finally:
                 with trio.CancelScope(shield=True):
                     await self.state.release(decision.lease)
 
-    async def _forward(self, head, conn, config, record, request_id, signed, credential, ctx,
-                       body, declared_length, rules, origin) -> None:
+    async def _forward(
+        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
+    ) -> None:
         """Step 7: forward, with the body checked against the JSON rules as it passes, then relay."""
+        body, declared_length = plan.body, plan.declared_length
         async with AsyncExitStack() as stack:
             content_length: int | None = None
             upstream_body = None
-            inspector = policy.BodyInspector(rules, declared_length) if rules.inspects_body else None
+            inspector = policy.BodyInspector(plan.rules, declared_length) if plan.rules.inspects_body else None
             if body is not None:
                 if inspector is not None:
                     inspector.feed(body)
@@ -314,10 +345,12 @@ class Gateway:
                     upstream_body = chunks
             request = UpstreamRequest(
                 method=head.method,
-                url=signed.proxy_url.split("#", 1)[0],
-                headers=forwarding.request_headers(head.headers, credential.headers, ctx, content_length=content_length),
+                url=plan.signed.proxy_url.split("#", 1)[0],
+                headers=forwarding.request_headers(
+                    head.headers, plan.credential.headers, plan.ctx, content_length=content_length
+                ),
                 body=upstream_body,
-                address_policy=_address_policy(credential, config.server.allow_private_upstreams),
+                address_policy=_address_policy(plan.credential, config.server.allow_private_upstreams),
             )
             forward_at = trio.current_time()
             self.metrics.in_flight.inc()
@@ -326,7 +359,7 @@ class Gateway:
                     head_at = trio.current_time()
                     record.ttfb = head_at - record.started
                     record.status = response.status
-                    await self._respond(conn, response, record, config, origin, request_id)
+                    await self._respond(conn, response, record, config, plan.origin, plan.request_id)
                     record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
                     await self._relay(conn, response, record)
             finally:
@@ -350,8 +383,9 @@ class Gateway:
         observer = UsageObserver(response.content_type)
         async with aclosing(response.chunks()) as chunks:
             async for chunk in chunks:
-                await conn.send_data(chunk)
+                # Counted before the write: the client may read it and close before we resume.
                 record.relayed += len(chunk)
+                await conn.send_data(chunk)
                 observer.feed(chunk)  # after the write: accounting never delays the client
         await conn.send_end()
         record.usage = observer.finish()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
@@ -164,7 +164,9 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
     try:
         if not _DATE_RE.match(date_text):
             raise ValueError
-        date = datetime.strptime(date_text, LONG_DATETIME).replace(tzinfo=timezone.utc)
+        d = date_text  # YYYYMMDDTHHMMSSZ; slicing is ~10x cheaper than strptime
+        date = datetime(int(d[0:4]), int(d[4:6]), int(d[6:8]), int(d[9:11]), int(d[11:13]), int(d[13:15]),
+                        tzinfo=timezone.utc)
     except ValueError:
         raise invalid(X_DATE, "expected YYYYMMDDTHHMMSSZ in UTC")
     expires_text = found[X_EXPIRES]
@@ -256,24 +258,24 @@ def _content_length_variants(body: bytes) -> list[str]:
 
 def candidate_requests(
     req: SignedRequest, method: str, paths: Sequence[str], header_lists: list[list[tuple[str, str]]], body: bytes
-) -> list[bytes]:
-    """Every canonical request a real signer could have produced for this request, deduplicated."""
+) -> Iterator[bytes]:
+    """Every canonical request a real signer could have produced, most likely first, each once.
+
+    Lazy: the request's own path, the proxy text as signed and form encoding (the SDKs) come
+    first, so a normal request is verified by the first candidate and the rest is never built.
+    """
     proxies = [req.proxy_text] if req.proxy_text == req.proxy_url else [req.proxy_text, req.proxy_url]
-    queries: list[str] = []
-    for proxy in proxies:
-        params = [(k, proxy if k == X_PROXY else v) for k, v in req.params]
-        for encode in QUERY_ENCODINGS:
-            q = canonical_query(params, encode)
-            if q not in queries:
-                queries.append(q)
-    out: list[bytes] = []
+    seen: set[bytes] = set()
     for path in dict.fromkeys(paths):
-        for q in queries:
-            for headers in header_lists:
-                c = canonical_request(method, path, q, headers, body)
-                if c not in out:
-                    out.append(c)
-    return out
+        for proxy in proxies:
+            params = [(k, proxy if k == X_PROXY else v) for k, v in req.params]
+            for encode in QUERY_ENCODINGS:
+                query = canonical_query(params, encode)
+                for headers in header_lists:
+                    canonical = canonical_request(method, path, query, headers, body)
+                    if canonical not in seen:
+                        seen.add(canonical)
+                        yield canonical
 
 
 def verify_signature(
@@ -288,15 +290,19 @@ def verify_signature(
     """Raise :class:`Forbidden` unless one secret signed one of the candidate canonical requests.
 
     ``body`` must be given exactly when ``req.body_signed``; ``paths`` are the canonical paths
-    to accept (the request's own first). Comparison is constant-time per candidate.
+    to accept (the request's own first). Each comparison is constant-time; stopping at the
+    first match reveals only which spelling the client itself sent.
     """
     header_lists = signed_header_values(req, headers, body)
-    candidates = candidate_requests(req, method, paths, header_lists, body or b"")
     expected = req.signature.encode()
     ok = False
-    for secret in secrets:
-        for canonical in candidates:
-            ok |= hmac.compare_digest(signature(secret, req.date_text, canonical).encode(), expected)
+    for canonical in candidate_requests(req, method, paths, header_lists, body or b""):
+        for secret in secrets:
+            if hmac.compare_digest(signature(secret, req.date_text, canonical).encode(), expected):
+                ok = True
+                break
+        if ok:
+            break
     if not ok:
         what = "the method, URL"
         if req.signed_headers:

@@ -32,8 +32,8 @@ from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpcore
-import httpx
+import httpcore2 as httpcore  # httpx2's pool; see upstream.py
+import httpx2 as httpx  # the maintained drop-in fork; see upstream.py
 import trio
 
 from .errors import Forbidden

@@ -398,7 +398,7 @@ async def test_upstream_failing_mid_stream_truncates_the_response(start_parkway,
 # suspended and Trio warns as it finalises them: an httpx-under-Trio limitation (closing
 # ``aiter_raw`` does not close the generators inside it), not Parkway's. Parkway's own
 # generators are still checked.
-@pytest.mark.filterwarnings(r"ignore:Async generator 'http(x|core)\._:ResourceWarning")
+@pytest.mark.filterwarnings(r"ignore:Async generator 'http(x|core)2?\._:ResourceWarning")
 async def test_client_that_stops_reading_is_cut_after_client_write_timeout(start_parkway, upstream, client):
     parkway = await start_parkway(client_write_timeout=0.3)
 
@@ -605,6 +605,21 @@ async def test_secrets_are_never_logged(parkway, upstream, client):
     text = repr(logs.entries)
     assert SECRET not in text
     assert UPSTREAM_KEY not in text
+
+
+async def test_request_fields_do_not_leak_into_the_next_request_on_the_connection(parkway, upstream, client):
+    """credential (and user) are bound per request; a kept-alive connection's next request,
+    refused before its credential is known, must not be logged under the previous one."""
+    with watch_logs() as logs:
+        first = await client.get(parkway.sign(f"{upstream.base}/v1/models"))
+        second = await client.get(f"{parkway.base}/no-signature-here")
+        with trio.fail_after(5):
+            ok = await logs.wait_for(event="request", outcome="ok")
+            refused = await logs.wait_for(event="request", outcome="refused:missing_signature_params")
+    assert first.status_code == 200 and second.status_code == 400
+    assert ok["credential"] == "app"
+    assert refused.get("credential") is None
+    assert ok["request_id"] != refused["request_id"]
 
 
 # --- lifecycle ------------------------------------------------------------------------------------

@@ -282,7 +282,7 @@ async def test_a_queued_request_gives_up_after_queue_timeout(start_parkway, upst
 # Parkway forwards the abandoned request and then stops relaying between two chunks; httpx's
 # nested body generators are then finalised by the GC (see test_e2e.py: a known httpx-under-Trio
 # limitation, not what this test is about).
-@pytest.mark.filterwarnings(r"ignore:Async generator 'http(x|core)\._:ResourceWarning")
+@pytest.mark.filterwarnings(r"ignore:Async generator 'http(x|core)2?\._:ResourceWarning")
 async def test_a_client_that_leaves_the_queue_is_never_forwarded(start_parkway, upstream):
     """A browser that gave up while queued must not cost an upstream request (README: if the
     browser goes away, the upstream request is cancelled at once)."""
@@ -321,7 +321,7 @@ async def test_a_client_that_leaves_the_queue_is_never_forwarded(start_parkway, 
     )
 
 
-@pytest.mark.filterwarnings(r"ignore:Async generator 'http(x|core)\._:ResourceWarning")
+@pytest.mark.filterwarnings(r"ignore:Async generator 'http(x|core)2?\._:ResourceWarning")
 async def test_a_client_that_leaves_before_the_first_byte_cancels_the_upstream(start_parkway, upstream):
     """README: if the browser goes away, the upstream request is cancelled at once (that stops
     token billing). LLM upstreams may think for a minute before their first byte."""

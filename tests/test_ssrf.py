@@ -10,8 +10,8 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator
 
-import httpcore
-import httpx
+import httpcore2 as httpcore  # httpx2's pool; see upstream.py
+import httpx2 as httpx  # the maintained drop-in fork; see upstream.py
 import pytest
 import trio
 import trio.testing
