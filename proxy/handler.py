@@ -86,6 +86,7 @@ class RequestRecord:
     usage: Usage | None = None
     head_sent_at: float = 0.0
     expected_length: int | None = None  # the upstream's Content-Length, when it sent one
+    completed: bool = False  # the whole response was written
     relayed: int = 0  # response body bytes written to the client
 
 
@@ -156,6 +157,9 @@ class Gateway:
                 record.error = str(exc)
                 conn.abort()
             finally:
+                if record.outcome == "ok" and not record.completed:
+                    # Cancelled from outside (drain deadline, overall timeout) mid-way.
+                    record.outcome = "cancelled"
                 self._log(head, conn, record)
                 self._count(config, conn, record)
 
@@ -388,6 +392,7 @@ class Gateway:
                 await conn.send_data(chunk)
                 observer.feed(chunk)  # after the write: accounting never delays the client
         await conn.send_end()
+        record.completed = True
         record.usage = observer.finish()
 
     @staticmethod

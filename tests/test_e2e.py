@@ -566,23 +566,27 @@ async def test_drain_timeout_cuts_streams_that_outlive_it(start_parkway, upstrea
     upstream.behaviour = sse_from(receive)
     url = parkway.sign(f"{upstream.base}/v1/chat/completions", method="POST")
 
-    async with (
-        send,
-        client.stream("POST", url, json={"stream": True}) as response,
-        aclosing(response.aiter_raw()) as chunks,
-    ):
-        await send.send(EVENT_1)
-        with trio.fail_after(5):
-            got = await read_exactly(chunks, len(EVENT_1))
-        parkway.parkway.shutdown()
-        with trio.fail_after(5), pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
-            async for chunk in chunks:
-                got += chunk
+    with watch_logs() as logs:
+        async with (
+            send,
+            client.stream("POST", url, json={"stream": True}) as response,
+            aclosing(response.aiter_raw()) as chunks,
+        ):
+            await send.send(EVENT_1)
+            with trio.fail_after(5):
+                got = await read_exactly(chunks, len(EVENT_1))
+            parkway.parkway.shutdown()
+            with trio.fail_after(5), pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+                async for chunk in chunks:
+                    got += chunk
 
-    assert got == EVENT_1
-    with trio.fail_after(5):
-        await parkway.stopped.wait()
-        await upstream.disconnected.wait()
+        assert got == EVENT_1
+        with trio.fail_after(5):
+            await parkway.stopped.wait()
+            await upstream.disconnected.wait()
+            # The cut stream is logged as cancelled, not as a success.
+            line = await logs.wait_for(event="request", upstream_path="/v1/chat/completions")
+    assert line["outcome"] == "cancelled" and line["status"] == 200
 
 
 # --- logs -----------------------------------------------------------------------------------------
