@@ -82,8 +82,6 @@ def _run_trio(fn, *args) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import trio
-
     from .app import Parkway, run_until_signalled
 
     try:
@@ -215,8 +213,6 @@ def cmd_check_config(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 
 def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import trio
-
     from .demo import run_demo
 
     logs.configure("info" if args.verbose else "warning", "console")

@@ -16,19 +16,30 @@ import pytest
 import trio
 
 from helpers import RunningParkway, Upstream, make_config, start_parkway as _start_parkway
+from ops_helpers import ProcessGroup
 
 HANG_LIMIT = 10.0  # seconds; the whole e2e file takes a few
 
 
 @pytest.fixture
-async def hang_guard(nursery: trio.Nursery) -> None:
-    """Fail (instead of hanging forever) a test that runs longer than ``HANG_LIMIT``."""
+async def hang_guard(nursery: trio.Nursery, request: pytest.FixtureRequest) -> None:
+    """Fail (instead of hanging forever) a test that runs longer than ``HANG_LIMIT``
+    (a test module may set its own ``HANG_LIMIT``)."""
+    limit = getattr(request.module, "HANG_LIMIT", HANG_LIMIT)
 
     async def watchdog() -> None:
-        await trio.sleep(HANG_LIMIT)
-        raise TimeoutError(f"test still running after {HANG_LIMIT:g} s: something hung")
+        await trio.sleep(limit)
+        raise TimeoutError(f"test still running after {limit:g} s: something hung")
 
     nursery.start_soon(watchdog)
+
+
+@pytest.fixture
+async def processes(nursery: trio.Nursery) -> AsyncIterator[ProcessGroup]:
+    """Subprocesses started by a test (``python -m proxy serve`` ...), cleaned up after it."""
+    group = ProcessGroup(nursery)
+    yield group
+    await group.cleanup()
 
 
 @pytest.fixture

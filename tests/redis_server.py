@@ -9,12 +9,13 @@ saved, as no persistence is configured); ``start()`` again brings it back on the
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import trio
+
+from ops_helpers import free_port
 
 READY_TIMEOUT = 10.0
 READY_LINE = b"Ready to accept connections"
@@ -33,10 +34,6 @@ def redis_server_binary() -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

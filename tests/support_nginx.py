@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,11 +47,6 @@ def require_binary(name: str, package: str | None = None) -> str:
     return path
 
 
-def free_port() -> int:
-    """A loopback port that was free a moment ago (for programs that cannot report their own)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def wait_listening(proc: trio.Process, port: int, what: str, log_files: list[Path]) -> None:

@@ -37,17 +37,6 @@ HANG_LIMIT = 25.0  # the flood and the Redis tests take a few seconds each; noth
 QUICK = 1.0  # a refusal that is "immediate" answers within this (it never waits for a stream)
 
 
-@pytest.fixture
-async def hang_guard(nursery: trio.Nursery) -> None:
-    """conftest's guard with a limit that fits this file's longer tests (it overrides it here)."""
-
-    async def watchdog() -> None:
-        await trio.sleep(HANG_LIMIT)
-        raise TimeoutError(f"test still running after {HANG_LIMIT:g} s: something hung")
-
-    nursery.start_soon(watchdog)
-
-
 def credential(**policy) -> Credential:
     """The test credential ``app`` / SECRET with ``policy`` (limits, single_use, allowed_*, ...)."""
     return replace(TEST_CREDENTIAL, **policy)
@@ -654,13 +643,6 @@ async def redis(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RedisSer
     yield server
     await server.kill()
     gc.collect()
-
-
-@pytest.fixture
-async def processes(nursery: trio.Nursery) -> AsyncIterator[ProcessGroup]:
-    group = ProcessGroup(nursery)
-    yield group
-    await group.cleanup()
 
 
 async def start_processes(

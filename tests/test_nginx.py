@@ -23,13 +23,13 @@ import signway_sdk
 import trio
 
 from helpers import SECRET, UPSTREAM_KEY, RunningParkway, Upstream, request_bytes, sse_from, watch_logs
+from ops_helpers import free_port
 from proxy.config import CorsConfig
 from proxy.signing import sign_url as parkway_sign_url
 from support_nginx import (
     NGINX_SNIPPET,
     PROXY_PASS_AS_IS,
     BodyProbe,
-    free_port,
     render_nginx_conf,
     serve_nginx,
     snippet_sections,

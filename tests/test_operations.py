@@ -97,13 +97,6 @@ async def start_operable(
     gc.collect()
 
 
-@pytest.fixture
-async def processes(nursery: trio.Nursery) -> AsyncIterator[ProcessGroup]:
-    group = ProcessGroup(nursery)
-    yield group
-    await group.cleanup()
-
-
 def admin_config(**server_overrides) -> Config:
     return Config(
         server=replace(TEST_SERVER, **server_overrides),
