@@ -15,7 +15,7 @@ Nothing reaches the upstream before step 6 has passed. Every refusal is a
 from __future__ import annotations
 
 import secrets as _secrets
-from contextlib import AsyncExitStack, aclosing
+from contextlib import AsyncExitStack, aclosing, suppress
 from functools import lru_cache
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ from .errors import (
     error_response,
 )
 from .http_server import ClientGone, HTTPConnection, RequestHead
-from .signing import SignedRequest, check_validity, parse_signed_request, verify_signature
+from .signing import check_validity, parse_signed_request, verify_signature
 from .metrics import Metrics
 from .state import MemoryState, StateBackend
 from .upstream import UpstreamClient, UpstreamRequest
@@ -44,6 +44,10 @@ from .urls import origin_and_target, url_allowed
 
 log = structlog.get_logger("parkway.request")
 
+# A fixed-length answer up to this size has its head held back and written with the first body
+# chunk (one write instead of two: the upstream sends a small body together with its head).
+SMALL_RESPONSE_BYTES = 16384
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -51,10 +55,17 @@ def utcnow() -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Everything decided about a request before admission: what steps 1-6 produced."""
+    """Everything decided about a request before admission: what steps 1-6 produced.
+
+    Only what admission and forwarding need: a parked stream keeps its plan as long as it
+    lasts, while the parsed signed URL and the header map go once it is made (with the
+    target kept once in RequestHead, 3.5 KB less per parked stream).
+    """
 
     request_id: str
-    signed: SignedRequest
+    upstream_url: str  # the normalised X-Sw-Proxy, without fragment
+    signature: str  # for single use
+    expires_at: datetime
     credential: Credential
     ctx: forwarding.ForwardContext
     origin: str | None
@@ -197,7 +208,14 @@ class Gateway:
             record.outcome = "preflight"
             await conn.send_full(204, [*headers, (b"x-request-id", request_id.encode())], b"")
             return
+        plan = await self._plan(head, conn, config, record, request_id, origin)
+        await self._unless_client_leaves(conn, record, self._admit_and_forward, head, conn, config, record, plan)
 
+    async def _plan(
+        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, request_id: str,
+        origin: str | None,
+    ) -> Plan:
+        """Steps 1-6: everything that can refuse the request before admission."""
         # 1-3: parse, credential, validity. No body has been read yet.
         signed = parse_signed_request(head.query)
         record.credential = signed.credential_id
@@ -257,9 +275,11 @@ class Gateway:
             # Consume the (empty) body's end now: from here on a client that leaves is noticed,
             # even while queued for a slot.
             await self._drain_request_body(conn)
-        plan = Plan(
+        return Plan(
             request_id=request_id,
-            signed=signed,
+            upstream_url=signed.proxy_url.split("#", 1)[0],
+            signature=signed.signature,
+            expires_at=signed.expires_at,
             credential=credential,
             ctx=ctx,
             origin=origin,
@@ -269,7 +289,6 @@ class Gateway:
             user=user,
             single_use=limits.wants_single_use(credential.single_use, extras, config.server.single_use_param),
         )
-        await self._unless_client_leaves(conn, record, self._admit_and_forward, head, conn, config, record, plan)
 
     async def _unless_client_leaves(self, conn: HTTPConnection, record: RequestRecord, work, *args) -> None:
         """Run ``work``, cancelled the moment the client goes away once its request is complete:
@@ -302,9 +321,9 @@ class Gateway:
             try:
                 if plan.single_use:
                     # Remembered until the last moment the URL could still verify.
-                    last_valid = plan.signed.expires_at + timedelta(seconds=config.server.clock_skew)
+                    last_valid = plan.expires_at + timedelta(seconds=config.server.clock_skew)
                     if not await self.state.check_and_add_signature(
-                        plan.signed.signature, last_valid.timestamp(), self.clock().timestamp()
+                        plan.signature, last_valid.timestamp(), self.clock().timestamp()
                     ):
                         raise limits.replay_refusal()
                 await self._forward(head, conn, config, record, plan)
@@ -349,7 +368,7 @@ class Gateway:
                     upstream_body = chunks
             request = UpstreamRequest(
                 method=head.method,
-                url=plan.signed.proxy_url.split("#", 1)[0],
+                url=plan.upstream_url,
                 headers=forwarding.request_headers(
                     head.headers, plan.credential.headers, plan.ctx, content_length=content_length
                 ),
@@ -379,21 +398,52 @@ class Gateway:
             out_headers.append((b"x-accel-buffering", b"no"))
         out_headers += cors.response_headers(config.cors, origin)
         out_headers.append((b"x-request-id", request_id.encode()))
-        await conn.send_head(response.status, out_headers)
+        # A small fixed-length answer's head waits for its body: one write instead of two.
+        small = record.expected_length is not None and record.expected_length <= SMALL_RESPONSE_BYTES
+        await conn.send_head(response.status, out_headers, flush=not small)
         record.head_sent_at = trio.current_time()
 
     async def _relay(self, conn: HTTPConnection, response, record: RequestRecord) -> None:
-        """Copy upstream chunks to the client as they arrive, each written at once."""
+        """Copy upstream chunks to the client as they arrive, each written at once.
+
+        One cancel scope limits the gaps for the whole copy: a scope per read and per write
+        cost as much as the rest of relaying an event. Its deadline is moved only when it
+        leaves the range the next wait needs, about once per ``slack`` (at most a second) on a
+        steady stream: a silent upstream is cut between ``upstream_idle_timeout`` and that
+        plus ``slack`` after its last chunk, and a write gets its own ``client_write_timeout``.
+        """
         observer = UsageObserver(response.content_type)
+        idle, write_limit = response.idle_timeout, conn.config.client_write_timeout
+        slack = min(1.0, idle / 8)
         async with aclosing(response.chunks()) as chunks:
-            async for chunk in chunks:
-                # Counted before the write: the client may read it and close before we resume.
-                record.relayed += len(chunk)
-                await conn.send_data(chunk)
-                observer.feed(chunk)  # after the write: accounting never delays the client
+            with trio.CancelScope(deadline=trio.current_time() + idle + slack) as gap:
+                try:
+                    async for chunk in chunks:
+                        now = trio.current_time()
+                        if gap.deadline < now + write_limit + slack:  # the write's own limit fires first
+                            gap.deadline = now + write_limit + 2 * slack
+                        # Counted before the write: the client may read it and close before we resume.
+                        record.relayed += len(chunk)
+                        await conn.send_data(chunk)
+                        observer.feed(chunk)  # after the write: accounting never delays the client
+                        now = trio.current_time()
+                        if not now + idle <= gap.deadline <= now + idle + slack:  # the next read's limit
+                            gap.deadline = now + idle + slack
+                except ParkwayError:
+                    await self._send_held(conn)
+                    raise
+            if gap.cancelled_caught:
+                await self._send_held(conn)
+                raise response.idle_timeout_error()
         await conn.send_end()
         record.completed = True
         record.usage = observer.finish()
+
+    @staticmethod
+    async def _send_held(conn: HTTPConnection) -> None:
+        """The upstream failed before a small answer's body: its held head still goes out, as unheld."""
+        with suppress(ClientGone):
+            await conn.flush()
 
     @staticmethod
     async def _watch_client(conn: HTTPConnection, scope: trio.CancelScope, record: RequestRecord) -> None:

@@ -394,6 +394,66 @@ async def test_upstream_failing_mid_stream_truncates_the_response(start_parkway,
     assert (await client.get(parkway.sign(f"{upstream.base}/v1/models"))).status_code == 200
 
 
+async def test_steady_stream_outlasting_the_idle_timeout_is_relayed_and_a_later_gap_still_cut(
+    start_parkway, upstream, client
+):
+    # One cancel scope limits every gap of a relay, its deadline moved forward as chunks come:
+    # a stream lasting many idle timeouts is not cut, and a silence after it still is.
+    parkway = await start_parkway(upstream_idle_timeout=0.3)
+    events = [b"data: %d\n\n" % i for i in range(6)]
+
+    async def steady_then_silent(ex: Exchange) -> None:
+        await ex.send_head(200, SSE_HEADERS)
+        for event in events:
+            await ex.send_data(event)
+            await trio.sleep(0.15)  # the upstream's pace is what this test is about
+        await trio.sleep_forever()
+
+    upstream.behaviour = steady_then_silent
+    url = parkway.sign(f"{upstream.base}/v1/chat/completions", method="POST")
+
+    got = b""
+    with watch_logs() as logs:
+        async with (
+            client.stream("POST", url, json={"stream": True}) as response,
+            aclosing(response.aiter_raw()) as chunks,
+        ):
+            with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+                async for chunk in chunks:
+                    got += chunk
+        with trio.fail_after(5):
+            entry = await logs.wait_for(event="request", outcome="upstream_error")
+
+    assert got == b"".join(events)
+    assert "0.3 s" in entry["error"]
+
+
+async def test_small_answer_whose_upstream_dies_before_the_body_still_gets_its_head(
+    start_parkway, upstream
+):
+    # A small fixed-length answer's head is held for its body (one write); when the body never
+    # comes, the client still sees the head and then a truncated body, as without holding.
+    parkway = await start_parkway()
+
+    async def head_then_close(ex: Exchange) -> None:
+        await ex.send_head(200, [("content-type", "application/json"), ("content-length", "100")])
+        await ex.close()
+
+    upstream.behaviour = head_then_close
+    url = parkway.sign(f"{upstream.base}/v1/models")
+
+    with watch_logs() as logs:
+        with trio.fail_after(5):
+            async with await trio.open_tcp_stream("127.0.0.1", parkway.port) as stream:
+                await stream.send_all(request_bytes("GET", url))
+                raw = await read_until_eof(stream)
+            entry = await logs.wait_for(event="request", outcome="upstream_error")
+
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert raw.endswith(b"\r\n\r\n")  # the head, and none of the promised body
+    assert entry["status"] == 200
+
+
 # When Parkway stops relaying between two chunks, httpx's nested body generators are left
 # suspended and Trio warns as it finalises them: an httpx-under-Trio limitation (closing
 # ``aiter_raw`` does not close the generators inside it), not Parkway's. Parkway's own

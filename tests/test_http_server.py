@@ -595,6 +595,35 @@ async def test_response_carries_the_reason_phrase(autojump_clock, status, reason
     assert raw.startswith(b"HTTP/1.1 %d %s\r\n" % (status, reason))
 
 
+async def test_a_whole_response_and_a_held_head_each_go_out_in_one_write(autojump_clock):
+    async def respond(head: RequestHead, conn: HTTPConnection) -> None:
+        if head.path == "/full":
+            await conn.send_full(200, [(b"content-length", b"5")], b"hello")
+        else:  # what the gateway does for a small fixed-length answer
+            await conn.send_head(200, [(b"content-length", b"5")], flush=False)
+            await conn.send_data(b"hello")
+            await conn.send_end()
+
+    async with serving(FakeApp(respond)) as run:
+        client, server_end = run.listener.connect()
+        writes: list[bytes] = []
+        send_all = server_end.send_all
+
+        async def recording_send_all(data) -> None:
+            writes.append(bytes(data))
+            await send_all(data)
+
+        server_end.send_all = recording_send_all
+        for path in ("/full", "/held"):
+            await client.request(target=path)
+            response, body = await client.response()
+            assert (response.status_code, body) == (200, b"hello")
+            client.reuse()
+
+    assert len(writes) == 2, writes
+    assert all(w.startswith(b"HTTP/1.1 200 OK\r\n") and w.endswith(b"\r\n\r\nhello") for w in writes), writes
+
+
 async def test_refused_request_with_unread_body_gets_connection_close(autojump_clock):
     app = FakeApp(refuse_unread)
     async with serving(app) as run:
