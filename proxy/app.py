@@ -171,5 +171,16 @@ async def run_until_signalled(parkway: Parkway) -> None:
                         nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
+            if parkway.worker_index or parkway.reuse_port:
+                nursery.start_soon(_drain_when_orphaned, parkway)
             await parkway.run()
             nursery.cancel_scope.cancel()
+
+
+async def _drain_when_orphaned(parkway: Parkway) -> None:
+    """A worker whose supervisor died (even by SIGKILL) drains instead of living on."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await trio.sleep(1.0)
+    log.error("supervisor_gone", parent=parent)
+    parkway.shutdown()

@@ -24,19 +24,14 @@ KILL_GRACE = 5.0
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM this worker if the supervisor dies (Linux prctl).
+    """In the child, before exec: ignore SIGHUP until the worker installs its reload handler
+    (a reload forwarded to a worker still importing must not end it).
 
-    SIGHUP is ignored until the worker installs its reload handler: a reload forwarded to a
-    worker still importing must not end it (SIGHUP's default action).
+    PR_SET_PDEATHSIG is not used: Linux sends it when the *thread* that spawned the child
+    exits, and Trio spawns from pooled threads that end after 10 s idle. Workers instead
+    watch their parent pid (``app.run_until_signalled``).
     """
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    try:
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 class Supervisor:

@@ -3,8 +3,10 @@
 ``python -m loadtest.experiments.ab --rounds 3 --out DIR NAME=PATH NAME=PATH ...`` runs, for
 each round, ``python -m loadtest run --proxy-path PATH`` for every variant in turn (the order
 alternates between rounds, so drift on a shared machine hits each alike), then prints the
-medians per variant: CPU per small request, small req/s, CPU per relayed event (relay
-workload, and while parked), RSS per parked stream, added p50 latency. Parkway only, no nginx.
+medians per variant (and each round's value): CPU per small request, small req/s, CPU per
+relayed event (relay workload, and while parked), RSS per parked stream, p50 latency of one
+sequential client and, when ``--workload`` has ``pool``, req/s at 512 ÷ at 16 concurrent
+upstream requests. Parkway only, no nginx.
 Each PATH is a directory holding a ``proxy/`` package (a copy of this one with a change);
 ``NAME=PATH|ARGS`` adds runner arguments for that variant only (e.g. ``|--proxy-log warning``).
 """
@@ -28,6 +30,7 @@ FIGURES = [  # (label, workload, key in the run, format)
     ("parked KB RSS/stream", "parked", "rss_per_stream_kb", "{:,.1f}"),
     ("parked TTFE p99 ms", "parked", "ttfe_p99_ms", "{:,.0f}"),
     ("latency p50 µs", "latency", "latency_p50_us", "{:,.0f}"),
+    ("pool req/s at 512 ÷ at 16", "pool", "ratio", "{:.2f}"),  # with --workload ...,pool
 ]
 
 
@@ -67,7 +70,11 @@ def summary(out: Path, names: list[str], rounds: int) -> str:
             path = out / f"{name}-r{r + 1}.json"
             if not path.exists():
                 continue
-            for run in json.loads(path.read_text())["runs"]:
+            runs = json.loads(path.read_text())["runs"]
+            pool = {r["clients"]: r["rps"] for r in runs if r["workload"] == "pool" and r["target"] == "parkway"}
+            if len(pool) == 2 and min(pool.values()):
+                runs.append({"workload": "pool", "target": "parkway", "ratio": pool[max(pool)] / pool[min(pool)]})
+            for run in runs:
                 if run["target"] != "parkway":
                     continue
                 errors[name] = errors.get(name, 0) + (run.get("error_count") or 0)
