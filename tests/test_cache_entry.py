@@ -11,9 +11,14 @@ CHUNKS = (b'data: {"a":1}\n\n', b'data: {"b":2}\n\n', b"", b"data: [DONE]\n\n")
 
 
 def entry(**changes: object) -> CacheEntry:
-    fields: dict = dict(
-        status=200, headers=SSE, chunks=CHUNKS, offsets=(0.0, 0.25, 0.25, 1.5), stored_at=100.0, ttl=60.0
-    )
+    fields: dict = {
+        "status": 200,
+        "headers": SSE,
+        "chunks": CHUNKS,
+        "offsets": (0.0, 0.25, 0.25, 1.5),
+        "stored_at": 100.0,
+        "ttl": 60.0,
+    }
     return CacheEntry(**{**fields, **changes})
 
 

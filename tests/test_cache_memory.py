@@ -40,7 +40,7 @@ def test_a_big_entry_evicts_several() -> None:
         cache.put(key, entry(), 0.0)
     big = entry(b"y" * (2 * SIZE))
     result = cache.put("big", big, 0.0)
-    assert result.stored and result.evicted == 3 and list(k for k in "abcd" if k in cache) == ["d"]
+    assert result.stored and result.evicted == 3 and [k for k in "abcd" if k in cache] == ["d"]
     assert cache.bytes <= cache.max_bytes
 
 

@@ -95,15 +95,15 @@ def test_no_store_is_a_bypass() -> None:
 
 # --- the key -----------------------------------------------------------------------------------------
 
-BASE = dict(
-    scope="cred:app",
-    method="POST",
-    url="https://api.openai.com/v1/chat/completions",
-    body=b'{"model":"gpt-4o-mini","temperature":0,"messages":[{"role":"user","content":"hi"}]}',
-    injected=(("Authorization", "Bearer sk-one"),),
-    key_headers=(b"content-type: application/json",),
-    user=None,
-)
+BASE = {
+    "scope": "cred:app",
+    "method": "POST",
+    "url": "https://api.openai.com/v1/chat/completions",
+    "body": b'{"model":"gpt-4o-mini","temperature":0,"messages":[{"role":"user","content":"hi"}]}',
+    "injected": (("Authorization", "Bearer sk-one"),),
+    "key_headers": (b"content-type: application/json",),
+    "user": None,
+}
 
 PINNED_KEY = "5abf4e2e1ec791a4b487fba1656b6db29ed170b36312a5da8c1360046fa3d83d"
 
@@ -114,18 +114,18 @@ def test_cache_key_golden_vector() -> None:
 
 
 VARIANTS = [
-    ("other credential", dict(scope="cred:other")),
-    ("shared namespace", dict(scope="ns:team")),
-    ("method", dict(method="GET")),
-    ("url", dict(url="https://api.openai.com/v1/chat/completions?x=1")),
-    ("one body byte", dict(body=BASE["body"][:-1] + b" ")),  # type: ignore[index]
-    ("empty body", dict(body=b"")),
-    ("other API key", dict(injected=(("Authorization", "Bearer sk-two"),))),
-    ("injected header name", dict(injected=(("X-Api-Key", "Bearer sk-one"),))),
-    ("no injected header", dict(injected=())),
-    ("accept-encoding", dict(key_headers=(b"content-type: application/json", b"accept-encoding: gzip"))),
-    ("end user", dict(user="alice")),
-    ("empty end user", dict(user="")),
+    ("other credential", {"scope": "cred:other"}),
+    ("shared namespace", {"scope": "ns:team"}),
+    ("method", {"method": "GET"}),
+    ("url", {"url": "https://api.openai.com/v1/chat/completions?x=1"}),
+    ("one body byte", {"body": BASE["body"][:-1] + b" "}),  # type: ignore[index]
+    ("empty body", {"body": b""}),
+    ("other API key", {"injected": (("Authorization", "Bearer sk-two"),)}),
+    ("injected header name", {"injected": (("X-Api-Key", "Bearer sk-one"),)}),
+    ("no injected header", {"injected": ()}),
+    ("accept-encoding", {"key_headers": (b"content-type: application/json", b"accept-encoding: gzip")}),
+    ("end user", {"user": "alice"}),
+    ("empty end user", {"user": ""}),
 ]
 
 
@@ -209,14 +209,14 @@ def test_unstorable_reason(status: int, headers: list, rules: CacheRules, reason
 
 
 STATUS_CASES = [
-    (("hit",), dict(ttl=86399.7), b"parkway; hit; ttl=86399"),
-    (("hit",), dict(ttl=-3), b"parkway; hit; ttl=0"),
-    (("miss",), dict(stored=True), b"parkway; fwd=uri-miss; stored"),
-    (("miss",), dict(), b"parkway; fwd=uri-miss"),
-    (("refresh",), dict(stored=True), b"parkway; fwd=request; stored"),
-    (("collapsed",), dict(), b"parkway; fwd=uri-miss; collapsed"),
-    (("bypass",), dict(), b"parkway; fwd=bypass"),
-    (("miss",), dict(detail='status "429"'), b'parkway; fwd=uri-miss; detail="status 429"'),
+    (("hit",), {"ttl": 86399.7}, b"parkway; hit; ttl=86399"),
+    (("hit",), {"ttl": -3}, b"parkway; hit; ttl=0"),
+    (("miss",), {"stored": True}, b"parkway; fwd=uri-miss; stored"),
+    (("miss",), {}, b"parkway; fwd=uri-miss"),
+    (("refresh",), {"stored": True}, b"parkway; fwd=request; stored"),
+    (("collapsed",), {}, b"parkway; fwd=uri-miss; collapsed"),
+    (("bypass",), {}, b"parkway; fwd=bypass"),
+    (("miss",), {"detail": 'status "429"'}, b'parkway; fwd=uri-miss; detail="status 429"'),
 ]
 
 
@@ -235,9 +235,7 @@ def test_replay_headers_add_age() -> None:
     assert replay_headers(((b"age", b"junk"),), 0.2) == [(b"age", b"0")]
 
 
-@pytest.mark.parametrize(
-    ("cls", "kwargs"), [(CacheRules, dict(replay="sometimes")), (CacheConfig, dict(backend="disk"))]
-)
+@pytest.mark.parametrize(("cls", "kwargs"), [(CacheRules, {"replay": "sometimes"}), (CacheConfig, {"backend": "disk"})])
 def test_dataclasses_refuse_unknown_choices(cls: type, kwargs: dict) -> None:
     with pytest.raises(ValueError):
         cls(**kwargs)
