@@ -25,15 +25,11 @@ import trio
 
 from .cache_entry import CacheEntry, Header, Recording
 from .cache_memory import MemoryCache, Stored
-from .cache_policy import CacheConfig, short_key
+from .cache_policy import CacheConfig, CacheUnavailable, short_key
 
 log = structlog.get_logger("parkway.cache")
 
 LEAD, FOLLOW, ALONE = "lead", "follow", "alone"
-
-
-class CacheUnavailable(Exception):
-    """The store cannot be used right now (Redis down): the request goes on as if uncached."""
 
 
 class LeaderFailed(Exception):

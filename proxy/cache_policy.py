@@ -81,6 +81,11 @@ class CacheConfig:
             raise ValueError(f"backend must be one of {', '.join(CACHE_BACKENDS)}")
 
 
+class CacheUnavailable(Exception):
+    """The entry store cannot be used right now (Redis down): the request goes on uncached.
+    Never answered to a client, so not a :class:`~proxy.errors.ParkwayError`."""
+
+
 # --- who decides: the signer, narrowed by the browser ------------------------------------------
 
 

@@ -25,10 +25,9 @@ import structlog
 import trio
 from coredis.retry import NoRetryPolicy
 
-from .cache import CacheUnavailable
 from .cache_entry import CacheEntry, CorruptEntry, decode_entry, encode_entry
 from .cache_memory import Stored
-from .cache_policy import short_key
+from .cache_policy import CacheUnavailable, short_key
 from .state import Outage
 from .state_redis import _REDIS_FAILURES, _closing_buffers, _without_credentials
 

@@ -18,7 +18,8 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from proxy.cache import CacheUnavailable, ResponseCache, open_cache
+from proxy.cache import ResponseCache, open_cache
+from proxy.cache_policy import CacheUnavailable
 from proxy.cache_entry import CacheEntry, encode_entry
 from proxy.cache_policy import CacheConfig
 from proxy.cache_redis import RedisStore
