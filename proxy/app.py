@@ -19,13 +19,14 @@ import structlog
 import trio
 
 from .admin import AdminApp
-from .config import Config, ServerConfig, load_config, split_host_port
+from .config import Config, ServerConfig, load_config
 from .errors import ConfigError
 from .handler import Gateway, utcnow
 from .http_server import Server, bound_address, open_listeners
 from .metrics import Metrics
 from .state import StateBackend, open_state
 from .upstream import UpstreamClient
+from .urls import split_host_port
 
 log = structlog.get_logger("parkway")
 

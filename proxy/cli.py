@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from . import logs
 from dataclasses import replace
 
-from .config import Config, config_from_dict, load_config, split_host_port
+from .config import Config, config_from_dict, load_config
 from .errors import ConfigError
+from .urls import split_host_port
 
 
 def _header_pairs(values: Sequence[str], parser: argparse.ArgumentParser) -> dict[str, str]:

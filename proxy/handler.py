@@ -25,6 +25,7 @@ import structlog
 import trio
 
 from . import cors, forwarding, limits, policy, ssrf
+from .admission import GlobalGate
 from .config import Config, Credential
 from .errors import (
     BodyTooLarge,
@@ -121,8 +122,8 @@ class Gateway:
         self.clock = clock
 
     @staticmethod
-    def _gate_for(config: Config) -> limits.GlobalGate:
-        return limits.GlobalGate(
+    def _gate_for(config: Config) -> GlobalGate:
+        return GlobalGate(
             config.server.max_in_flight,
             max_waiting=config.server.max_queued,
             queue_timeout=config.server.queue_timeout,

@@ -20,8 +20,9 @@ import h11
 import structlog
 import trio
 
-from .config import ServerConfig, split_host_port
+from .config import ServerConfig
 from .errors import BadRequest, BodyTooLarge, HeadersTooLarge, Overloaded, ParkwayError, RequestTimeout
+from .urls import split_host_port
 
 log = structlog.get_logger("parkway.server")
 

@@ -10,7 +10,7 @@ Each decision is one atomic Lua script, so processes never race:
 * single use: ``SET key 1 NX PX ttl``, the signature remembered exactly until its URL expires.
 
 All keys of one request are checked before any is changed, as in :class:`~proxy.limits.Limiter`.
-Every Redis operation is bounded by ``timeout``. When Redis fails, :class:`~proxy.state.Outage`
+Every Redis operation is bounded by ``timeout``. When Redis fails, :class:`~proxy.outage.Outage`
 records it, one log line says so, and ``failure_policy`` decides: "open" allows (no limits,
 no single-use check), "closed" refuses with 503. One attempt per ``retry_interval`` probes
 Redis; the first success logs the recovery. Only standalone Redis (or a primary) is supported:
@@ -34,7 +34,8 @@ import trio
 from coredis.retry import NoRetryPolicy
 
 from .limits import ALLOWED, CONCURRENCY, RATE, Decision, Lease, LimitKey, unique_limits, refused, storage_key
-from .state import FAILURE_POLICIES, Outage, unavailable
+from .config import FAILURE_POLICIES
+from .outage import Outage, unavailable
 
 log = structlog.get_logger("parkway.state")
 T = TypeVar("T")
@@ -234,7 +235,7 @@ class RedisState:
             reply = await self._call(lambda: self._acquire(keys=redis_keys, args=args))
         except _Unavailable:
             if self.failure_policy == "closed":
-                raise unavailable(self.failure_policy, self.retry_interval) from None
+                raise unavailable(self.retry_interval) from None
             return ALLOWED
         if int(reply[0]) != 1:
             scope, key, spec = limits[int(reply[1]) - 1]
@@ -271,7 +272,7 @@ class RedisState:
             )
         except _Unavailable:
             if self.failure_policy == "closed":
-                raise unavailable(self.failure_policy, self.retry_interval) from None
+                raise unavailable(self.retry_interval) from None
             return True
 
     # --- plumbing ---------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import pytest
 import trio
 from trio.testing import lockstep_stream_pair, memory_stream_pair, wait_all_tasks_blocked
 
-from proxy.config import ServerConfig, split_host_port
+from proxy.config import ServerConfig
+from proxy.urls import split_host_port
 from proxy.errors import (
     BadRequest,
     BodyTooLarge,
