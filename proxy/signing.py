@@ -1,6 +1,6 @@
 """Signway ``SW1-HMAC-SHA256`` presigned URLs: parse, check, verify and sign. No I/O, no clock.
 
-The canonical request (see SIGNING.md) is rebuilt from what the client sent. Real signers
+The canonical request (docs/signing.md) is rebuilt from what the client sent. Real signers
 disagree on a few encodings, so verification tries each spelling a real signer produces
 (never anything looser) and accepts when one of them matches in constant time:
 

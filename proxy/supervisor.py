@@ -23,7 +23,7 @@ HEALTHY_AFTER = 10.0  # a worker that lived this long resets the backoff
 KILL_GRACE = 5.0
 
 
-def _die_with_parent() -> None:
+def _ignore_sighup_until_ready() -> None:
     """In the child, before exec: ignore SIGHUP until the worker installs its reload handler
     (a reload forwarded to a worker still importing must not end it).
 
@@ -71,7 +71,7 @@ class Supervisor:
                 # Own session: a terminal's Ctrl-C reaches the supervisor only, which forwards
                 # one SIGTERM, instead of every worker getting two signals and stopping at once.
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_ignore_sighup_until_ready,
             )
             self.processes[index] = process
             log.info("worker_started", worker=index, pid=process.pid)
