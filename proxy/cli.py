@@ -11,8 +11,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import logs
 from dataclasses import replace
+
+from . import __version__, logs
 
 from .config import Config, config_from_dict, load_config
 from .errors import ConfigError
@@ -222,6 +223,7 @@ def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parkway", description="Signed-URL reverse proxy for LLM APIs, on Trio.")
+    parser.add_argument("--version", action="version", version=f"parkway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy (from --config FILE, or Signway's ID SECRET arguments)")
