@@ -20,10 +20,7 @@ IO_LIBRARIES = ["trio", "h11", "httpx", "httpx2", "httpcore", "httpcore2", "core
 @pytest.mark.parametrize("module", PURE)
 def test_pure_module_loads_no_io_library(module: str) -> None:
     # A fresh interpreter: this test process has imported all of them already.
-    code = (
-        f"import sys, proxy.{module}\n"
-        f"print(','.join(sorted(m for m in {IO_LIBRARIES!r} if m in sys.modules)))\n"
-    )
+    code = f"import sys, proxy.{module}\nprint(','.join(sorted(m for m in {IO_LIBRARIES!r} if m in sys.modules)))\n"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=PACKAGE.parent, check=True
     )
