@@ -63,7 +63,7 @@ class Parkway:
         self._accepting = False
         self.state: StateBackend | None = None
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve until :meth:`shutdown` has drained, then close the upstream pool."""
         listeners = await open_listeners(self.config.server.listen, reuse_port=self.reuse_port)
         admin_listen = tuple(_offset_port(a, self.worker_index) for a in self.config.admin.listen)
@@ -93,7 +93,12 @@ class Parkway:
                 await self.upstream.aclose()
             log.info("shutdown", open_connections=self.server.open_connections)
 
-    async def _serve_public(self, listeners, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _serve_public(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """The public server; the admin listener (readyz: 503) stays up until it has drained."""
         try:
             await self.server.serve(listeners, task_status=task_status)

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 from . import __version__, logs
-
 from .config import Config, config_from_dict, load_config
 from .errors import ConfigError
 from .urls import split_host_port
@@ -64,7 +63,7 @@ def _print_problems(source: str, exc: ConfigError) -> None:
         print(f"{source}: {problem}", file=sys.stderr)
 
 
-def _run_trio(fn, *args) -> int:
+def _run_trio(fn: Callable[..., Awaitable[int | None]], *args: Any) -> int:
     """``trio.run`` for a command: an OSError (address in use...) is one line, exit status 1."""
     import trio
 
@@ -77,8 +76,8 @@ def _run_trio(fn, *args) -> int:
         matched, rest = group.split(OSError)
         if rest is not None or matched is None:
             raise
-        for exc in matched.exceptions:
-            print(f"parkway: {exc}", file=sys.stderr)
+        for error in matched.exceptions:
+            print(f"parkway: {error}", file=sys.stderr)
         return 1
     return result or 0
 

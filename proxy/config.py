@@ -252,7 +252,8 @@ def _fail(path: str, message: str) -> NoReturn:
 
 def _all(checks: Iterable[Callable[[], Any]]) -> tuple[Any, ...]:
     """Run every check; return their values, or raise one ConfigError with all their problems."""
-    values, problems = [], []
+    values: list[Any] = []
+    problems: list[ConfigProblem] = []
     for check in checks:
         try:
             values.append(check())
@@ -538,7 +539,8 @@ def _headers(env: Mapping[str, str]) -> _Convert:
 
 
 def _credentials(tables: list[_Table], env: Mapping[str, str]) -> tuple[Credential, ...]:
-    credentials, first_seen = [], {}
+    credentials: list[Credential] = []
+    first_seen: dict[str, str] = {}
     for t in tables:
         cid = t.value("id", "", _credential_id, required=True)
         inline = t.value("secret", (), _list_of(_non_empty, single_ok=True))

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import errno
 import os
-from http import HTTPStatus
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing, contextmanager, suppress
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Protocol
 
 import h11
@@ -106,7 +106,7 @@ class HTTPConnection:
         self.bytes_in += len(data)
         return data
 
-    def _next_event(self):
+    def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         try:
             return self.conn.next_event()
         except h11.RemoteProtocolError as exc:
@@ -229,7 +229,7 @@ class HTTPConnection:
 
     # --- sending --------------------------------------------------------------------------
 
-    async def _send(self, event, *, flush: bool = True) -> None:
+    async def _send(self, event: h11.Event, *, flush: bool = True) -> None:
         try:
             data = self.conn.send(event)
         except h11.LocalProtocolError:
@@ -339,7 +339,12 @@ class Server:
         self._connections: trio.Nursery | None = None
         self._accepting: trio.CancelScope | None = None
 
-    async def serve(self, listeners: list[trio.SocketListener], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Serve until :meth:`shutdown` has drained every connection (or the drain deadline hit)."""
         async with trio.open_nursery() as connections:
             self._connections = connections

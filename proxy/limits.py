@@ -141,7 +141,9 @@ def wants_single_use(credential_single_use: bool, extra_params: Mapping[str, str
     with the signed parameter ``param`` (``pw_single_use=1``); the signer can only tighten."""
     if credential_single_use:
         return True
-    return bool(param) and extra_params.get(param, "").strip().lower() in _TRUE
+    if not param:
+        return False
+    return extra_params.get(param, "").strip().lower() in _TRUE
 
 
 def limit_keys(

@@ -25,7 +25,7 @@ import ipaddress
 import math
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,7 +38,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class AddressKind(str, Enum):
+class AddressKind(StrEnum):
     PUBLIC = "public"
     LOOPBACK = "loopback"
     PRIVATE = "private"
@@ -254,7 +254,7 @@ Resolver = Callable[[str, int], Awaitable[list[str]]]
 async def resolve(host: str, port: int) -> list[str]:
     """Every address ``host`` resolves to for a TCP connection, in the resolver's order."""
     infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 class GuardedBackend(httpcore.AsyncNetworkBackend):

@@ -19,7 +19,9 @@ from contextlib import asynccontextmanager
 from typing import Protocol, runtime_checkable
 
 from .config import StateConfig
-from .limits import Decision, Lease, LimitKey, Limiter, SeenSignatures
+from .limits import Decision, Lease, Limiter, LimitKey, SeenSignatures
+
+DEFAULT_STATE = StateConfig()  # memory
 
 @runtime_checkable
 class StateBackend(Protocol):
@@ -71,7 +73,7 @@ class MemoryState:
 
 
 @asynccontextmanager
-async def open_state(config: StateConfig = StateConfig()) -> AsyncIterator[StateBackend]:
+async def open_state(config: StateConfig = DEFAULT_STATE) -> AsyncIterator[StateBackend]:
     """The configured backend, open for the duration of the ``async with``."""
     if config.backend == "memory":
         yield MemoryState(

@@ -23,6 +23,7 @@ import math
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,8 +34,8 @@ import structlog
 import trio
 from coredis.retry import NoRetryPolicy
 
-from .limits import ALLOWED, CONCURRENCY, RATE, Decision, Lease, LimitKey, unique_limits, refused, storage_key
 from .config import FAILURE_POLICIES
+from .limits import ALLOWED, CONCURRENCY, RATE, Decision, Lease, LimitKey, refused, storage_key, unique_limits
 from .outage import Outage, unavailable
 
 log = structlog.get_logger("parkway.state")
@@ -142,8 +143,8 @@ def _closing_buffers(cls: type) -> type:
     whose ResourceWarnings surface at garbage collection.
     """
 
-    class Connection(cls):  # type: ignore[misc, valid-type]
-        async def _connect(self):  # noqa: ANN202 - coredis's hook
+    class Connection(cls):
+        async def _connect(self) -> Any:  # coredis's hook
             try:
                 return await super()._connect()
             except BaseException:
@@ -232,7 +233,7 @@ class RedisState:
             redis_keys += [self._bucket_key(scope, key), self._lease_key(scope, key)]
             args += [repr(spec.rate / 1000) if spec.rate else "0", repr(spec.capacity), spec.max_concurrent or 0]
         try:
-            reply = await self._call(lambda: self._acquire(keys=redis_keys, args=args))
+            reply: list[Any] = await self._call(lambda: self._acquire(keys=redis_keys, args=args))
         except _Unavailable:
             if self.failure_policy == "closed":
                 raise unavailable(self.retry_interval) from None
@@ -317,10 +318,9 @@ class RedisState:
         for start in range(0, len(pairs), REFRESH_BATCH):
             batch = pairs[start : start + REFRESH_BATCH]
             ttl_ms = math.ceil(self.lease_ttl * 1000)
+            refresh = partial(self._refresh, keys=[k for k, _ in batch], args=[ttl_ms, *(i for _, i in batch)])
             try:
-                await self._call(
-                    lambda: self._refresh(keys=[k for k, _ in batch], args=[ttl_ms, *(i for _, i in batch)])
-                )
+                await self._call(refresh)
             except _Unavailable:
                 return
 

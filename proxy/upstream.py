@@ -15,7 +15,7 @@ are Trio cancel scopes around the one await they limit, so each is reported prec
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
@@ -53,7 +53,7 @@ class UpstreamResponse:
         self.headers: Headers = list(response.headers.raw)
         self.content_type: str = response.headers.get("content-type", "")
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         """Raw body chunks as they arrive.
 
         The caller bounds the gaps, with one cancel scope for the whole body (a scope per read

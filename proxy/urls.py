@@ -29,7 +29,7 @@ class InvalidURL(ValueError):
 
 
 def _escape(text: str, unsafe: frozenset[str]) -> str:
-    out = []
+    out: list[str] = []
     for ch in text:
         if ch in unsafe or ord(ch) <= 0x20 or ord(ch) >= 0x7F:
             out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))

@@ -72,6 +72,7 @@ class UsageObserver:
     def _append(self, data: bytes) -> None:
         if self._skipping:
             return
+        assert self._buf is not None  # only fed while there is a buffer
         self._buf += data
         if len(self._buf) > MAX_LINE:
             self._buf.clear()

@@ -15,10 +15,10 @@ from proxy.config import (
     Credential,
     LogConfig,
     ServerConfig,
+    StateConfig,
     config_from_dict,
     expand_env,
     load_config,
-    StateConfig,
     parse_config,
 )
 from proxy.errors import ConfigError, ConfigProblem
