@@ -8,9 +8,8 @@ into the relay: one that fails is logged and dropped for the rest of the body.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import aclosing, suppress
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 import trio
@@ -59,8 +58,12 @@ async def relay(
                         # Counted before the write: the client may read it and close before we resume.
                         record.relayed += len(chunk)
                         await conn.send_data(chunk)
-                        if observers:  # after the write: observers never delay the client
-                            observers = _feed(observers, chunk)
+                        # After the write: observers never delay the client.
+                        for observer in observers:
+                            try:
+                                observer.feed(chunk)
+                            except Exception:
+                                observers = _drop(observers, observer)
                         now = trio.current_time()
                         if not now + idle <= gap.deadline <= now + idle + slack:  # the next read's limit
                             gap.deadline = now + idle + slack
@@ -74,7 +77,10 @@ async def relay(
         record.completed = True
     finally:
         for observer in observers:
-            _guarded(observer.finish, record.completed)
+            try:
+                observer.finish(record.completed)
+            except Exception:
+                _drop(observers, observer)
 
 
 async def send_held(conn: HTTPConnection) -> None:
@@ -83,17 +89,7 @@ async def send_held(conn: HTTPConnection) -> None:
         await conn.flush()
 
 
-def _feed(observers: tuple[BodyObserver, ...], chunk: bytes) -> tuple[BodyObserver, ...]:
-    """Feed every observer; the ones that fail are left out from here on."""
-    failed = [observer for observer in observers if not _guarded(observer.feed, chunk)]
-    return tuple(o for o in observers if o not in failed) if failed else observers
-
-
-def _guarded(call: Callable[[Any], None], arg: Any) -> bool:
-    """Call an observer's ``feed`` or ``finish``; False (logged) when it raised."""
-    try:
-        call(arg)
-    except Exception:
-        log.exception("observer_failed", observer=type(getattr(call, "__self__", call)).__name__)
-        return False
-    return True
+def _drop(observers: tuple[BodyObserver, ...], failed: BodyObserver) -> tuple[BodyObserver, ...]:
+    """Log an observer's failure; the observers left without it."""
+    log.exception("observer_failed", observer=type(failed).__name__)
+    return tuple(observer for observer in observers if observer is not failed)
