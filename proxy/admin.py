@@ -18,7 +18,8 @@ from .metrics import CONTENT_TYPE
 class Operable(Protocol):
     """What the admin endpoints need from a running Parkway."""
 
-    metrics: object
+    @property
+    def metrics(self) -> object: ...
 
     async def readiness(self) -> dict[str, bool]: ...
 

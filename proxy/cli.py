@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-
-from . import logs
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
-from .config import Config, config_from_dict, load_config, split_host_port
+from . import __version__, logs
+from .config import Config, config_from_dict, load_config
 from .errors import ConfigError
+from .urls import split_host_port
 
 
 def _header_pairs(values: Sequence[str], parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -62,7 +63,7 @@ def _print_problems(source: str, exc: ConfigError) -> None:
         print(f"{source}: {problem}", file=sys.stderr)
 
 
-def _run_trio(fn, *args) -> int:
+def _run_trio(fn: Callable[..., Awaitable[int | None]], *args: Any) -> int:
     """``trio.run`` for a command: an OSError (address in use...) is one line, exit status 1."""
     import trio
 
@@ -75,8 +76,8 @@ def _run_trio(fn, *args) -> int:
         matched, rest = group.split(OSError)
         if rest is not None or matched is None:
             raise
-        for exc in matched.exceptions:
-            print(f"parkway: {exc}", file=sys.stderr)
+        for error in matched.exceptions:
+            print(f"parkway: {error}", file=sys.stderr)
         return 1
     return result or 0
 
@@ -221,6 +222,7 @@ def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parkway", description="Signed-URL reverse proxy for LLM APIs, on Trio.")
+    parser.add_argument("--version", action="version", version=f"parkway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy (from --config FILE, or Signway's ID SECRET arguments)")

@@ -52,6 +52,7 @@ async def _play_browser(url: str) -> int:
                     _out(delta[0]["delta"]["content"], end="")
     total = trio.current_time() - started
     _out()
+    first = total if first is None else first
     _out(f"\n  {events} SSE events; first after {first * 1000:.0f} ms, last after {total * 1000:.0f} ms:"
          " the answer streamed through Parkway as the upstream produced it.")
     return 0

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-Headers = list[tuple[bytes, bytes]]
+Headers = list[tuple[bytes, bytes]]  # (name, value) pairs as h11 and httpx carry them; the one alias
 
 # RFC 9110 7.6.1 hop-by-hop fields, plus the legacy ones proxies still see.
 HOP_BY_HOP = frozenset(
@@ -74,7 +74,7 @@ def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
 
 
-def _is_trusted(address: str, networks) -> bool:
+def _is_trusted(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

@@ -53,7 +53,7 @@ class MockOpenAI:
         self.text = text
         self.requests: list[tuple[RequestHead, bytes]] = []
 
-    async def reject(self, head, conn: HTTPConnection, exc: ParkwayError) -> None:
+    async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None:
         await conn.send_full(*_json(exc.status, {"error": {"message": exc.message}}))
 
     async def handle(self, head: RequestHead, conn: HTTPConnection) -> None:
@@ -107,7 +107,7 @@ class MockOpenAI:
 
 
 async def serve_mock(app: MockOpenAI, *, host: str = "127.0.0.1", port: int = 0,
-                     task_status=trio.TASK_STATUS_IGNORED) -> None:
+                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` on loopback; ``task_status.started`` gets its base URL."""
     config = ServerConfig(listen=(f"{host}:{port}",), drain_timeout=1.0)
     listeners = await open_listeners(config.listen)

@@ -1,6 +1,6 @@
 """Signway ``SW1-HMAC-SHA256`` presigned URLs: parse, check, verify and sign. No I/O, no clock.
 
-The canonical request (see SIGNING.md) is rebuilt from what the client sent. Real signers
+The canonical request (docs/signing.md) is rebuilt from what the client sent. Real signers
 disagree on a few encodings, so verification tries each spelling a real signer produces
 (never anything looser) and accepts when one of them matches in constant time:
 
@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from urllib.parse import parse_qsl, quote, quote_plus, urlsplit
 
@@ -63,7 +63,7 @@ def _js(s: str) -> str:  # encodeURIComponent
 QUERY_ENCODINGS = (_form, _rfc3986, _js)
 
 
-def canonical_query(params: Iterable[tuple[str, str]], encode=_form) -> str:
+def canonical_query(params: Iterable[tuple[str, str]], encode: Callable[[str], str] = _form) -> str:
     """Sorted ``key=value`` pairs of every parameter but the signature, joined with ``&``."""
     return "&".join(sorted(f"{encode(k)}={encode(v)}" for k, v in params if k != X_SIGNATURE))
 
@@ -131,9 +131,9 @@ def parse_query(raw_query: str) -> list[tuple[str, str]]:
     try:
         return parse_qsl(raw_query, keep_blank_values=True, errors="strict", max_num_fields=200)
     except UnicodeDecodeError:
-        raise BadRequest("query string is not valid UTF-8 after percent-decoding", code="malformed_signed_url")
+        raise BadRequest("query string is not valid UTF-8 after percent-decoding", code="malformed_signed_url") from None
     except ValueError:
-        raise BadRequest("query string has too many parameters", code="malformed_signed_url")
+        raise BadRequest("query string has too many parameters", code="malformed_signed_url") from None
 
 
 def parse_signed_request(raw_query: str) -> SignedRequest:
@@ -166,9 +166,9 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
             raise ValueError
         d = date_text  # YYYYMMDDTHHMMSSZ; slicing is ~10x cheaper than strptime
         date = datetime(int(d[0:4]), int(d[4:6]), int(d[6:8]), int(d[9:11]), int(d[11:13]), int(d[13:15]),
-                        tzinfo=timezone.utc)
+                        tzinfo=UTC)
     except ValueError:
-        raise invalid(X_DATE, "expected YYYYMMDDTHHMMSSZ in UTC")
+        raise invalid(X_DATE, "expected YYYYMMDDTHHMMSSZ in UTC") from None
     expires_text = found[X_EXPIRES]
     if not expires_text.isascii() or not expires_text.isdigit() or len(expires_text) > 10:
         raise invalid(X_EXPIRES, "expected a whole number of seconds")
@@ -185,7 +185,7 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
     try:
         proxy_url = normalize_url(found[X_PROXY])
     except InvalidURL as exc:
-        raise invalid(X_PROXY, str(exc))
+        raise invalid(X_PROXY, str(exc)) from None
     return SignedRequest(
         credential_id=credential_id,
         date=date,
@@ -340,9 +340,9 @@ def sign_url(
     """
     if not host.endswith("/"):
         host += "/"
-    dt = datetime_override or datetime.now(timezone.utc)
+    dt = datetime_override or datetime.now(UTC)
     if dt.tzinfo is not None:
-        dt = dt.astimezone(timezone.utc)
+        dt = dt.astimezone(UTC)
     date_text = dt.strftime(LONG_DATETIME)
     signed = dict(headers or {})
     body_bytes = body.encode("utf-8") if isinstance(body, str) else body

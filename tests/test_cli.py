@@ -282,3 +282,16 @@ def test_serve_argument_mistakes_are_usage_errors(capsys, argv):
         main(argv)
     assert info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+# --- version -----------------------------------------------------------------------------
+
+
+def test_version_is_the_package_version(capsys):
+    import proxy
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"parkway {proxy.__version__}\n"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", proxy.__version__)

@@ -15,14 +15,14 @@ from proxy.config import (
     Credential,
     LogConfig,
     ServerConfig,
+    StateConfig,
     config_from_dict,
     expand_env,
     load_config,
     parse_config,
-    split_host_port,
 )
 from proxy.errors import ConfigError, ConfigProblem
-from proxy.state import StateConfig
+from proxy.urls import split_host_port
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "parkway.toml"
 

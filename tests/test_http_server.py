@@ -20,7 +20,7 @@ import pytest
 import trio
 from trio.testing import lockstep_stream_pair, memory_stream_pair, wait_all_tasks_blocked
 
-from proxy.config import ServerConfig, split_host_port
+from proxy.config import ServerConfig
 from proxy.errors import (
     BadRequest,
     BodyTooLarge,
@@ -31,6 +31,7 @@ from proxy.errors import (
     error_response,
 )
 from proxy.http_server import ClientGone, HTTPConnection, RequestHead, Server
+from proxy.urls import split_host_port
 
 PEER = "203.0.113.7"
 GUARD = 600  # virtual seconds: far beyond every timeout below, so only a hang reaches it

@@ -17,13 +17,15 @@ from pathlib import Path
 import coredis
 import pytest
 import trio
+from redis_server import RedisServer
 from structlog.testing import capture_logs
 
+from proxy.config import StateConfig
 from proxy.errors import Overloaded
 from proxy.limits import ALLOWED, CONCURRENCY, CREDENTIAL, RATE, USER, LimitKey, LimitSpec
-from proxy.state import MemoryState, Outage, StateBackend, StateConfig, open_state
+from proxy.outage import Outage
+from proxy.state import MemoryState, StateBackend, open_state
 from proxy.state_redis import RedisState, _without_credentials
-from redis_server import RedisServer
 
 # --- pure: outages, config, the memory backend ----------------------------------------------------
 
