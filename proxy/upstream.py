@@ -3,7 +3,7 @@
 It is httpx2, the maintained drop-in fork: httpx 0.28's pool (httpcore 1.0) rescans every
 pooled connection several times per request (encode/httpx#3215), which measured as 42 % of
 Parkway's CPU with 64 clients and made 512 concurrent upstream requests reach only 23 % of
-the throughput of 16; httpx2's pool halves the cost per request (loadtest/FINDINGS.md).
+the throughput of 16; httpx2's pool halves the cost per request (docs/performance.md).
 
 Its transport keeps one httpcore connection pool per address policy, each connecting through
 the SSRF guard (:class:`~proxy.ssrf.GuardedBackend`, given as the pool's ``network_backend``).
