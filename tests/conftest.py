@@ -15,8 +15,9 @@ import httpx
 import pytest
 import trio
 
-from helpers import RunningParkway, Upstream, make_config, start_parkway as _start_parkway
-from ops_helpers import ProcessGroup
+from support.parkway import Parkways, RunningParkway, make_config
+from support.processes import ProcessGroup
+from support.upstream import Upstream
 
 HANG_LIMIT = 10.0  # seconds; the whole e2e file takes a few
 
@@ -66,25 +67,15 @@ async def upstream(nursery: trio.Nursery, hang_guard: None, contain_crashes: Non
 async def start_parkway(
     nursery: trio.Nursery, hang_guard: None, contain_crashes: None
 ) -> AsyncIterator[Callable[..., Awaitable[RunningParkway]]]:
-    """Factory: ``await start_parkway(credentials=..., cors=..., **server_overrides)``.
-
-    Teardown drains each Parkway the way an operator stops it (``shutdown()``), rather than
-    cancelling it: cancelling ``Parkway.run`` leaks its listening sockets (see
-    ``test_cancelled_parkway_releases_its_port``), which would fail unrelated tests.
-    """
-    started: list[RunningParkway] = []
+    """Factory: ``await start_parkway(credentials=..., cors=..., **server_overrides)``;
+    each Parkway is drained at teardown (``Parkways.drain``)."""
+    parkways = Parkways(nursery)
 
     async def start(**overrides: Any) -> RunningParkway:
-        running = await _start_parkway(nursery, make_config(**overrides))
-        started.append(running)
-        return running
+        return await parkways.start(make_config(**overrides))
 
     yield start
-    for running in started:
-        running.parkway.shutdown()
-    with trio.move_on_after(2):  # then the nursery's cancellation ends what is left
-        for running in started:
-            await running.stopped.wait()
+    await parkways.drain()
     # Collect while Trio still runs, so an async generator Parkway abandoned unexhausted
     # always raises its ResourceWarning here, not only when a collection happens to run.
     gc.collect()

@@ -1,6 +1,6 @@
 """End to end: httpx (the browser) → Parkway on a real socket → an h11 upstream on another.
 
-URLs are signed by the real ``signway-sdk``. The upstream (tests/helpers.py) is written
+URLs are signed by the real ``signway-sdk``. The upstream (support.upstream) is written
 with h11 and plain trio sockets, independent of Parkway's own server, and records what
 reached it, so every refusal also proves that nothing was forwarded. Pacing between the
 test and the upstream is done with channels and events, never with sleeps.
@@ -20,29 +20,14 @@ import pytest
 import trio
 import trio.testing
 
-from helpers import (
-    INJECTED,
-    SECRET,
-    SSE_HEADERS,
-    TEST_CREDENTIAL,
-    UPSTREAM_KEY,
-    Exchange,
-    Upstream,
-    closed_port,
-    echo,
-    hang,
-    make_config,
-    read_response,
-    read_until_eof,
-    request_bytes,
-    respond_with,
-    sse_from,
-    sse_then,
-    stream_chunks,
-    watch_logs,
-)
 from proxy.app import Parkway
 from proxy.config import CorsConfig, Credential
+from support.http import read_response, read_until_eof, request_bytes, stream_chunks
+from support.logs import watch_logs
+from support.parkway import TEST_CREDENTIAL, make_config
+from support.processes import free_port
+from support.signing import INJECTED, SECRET, UPSTREAM_KEY
+from support.upstream import SSE_HEADERS, Exchange, Upstream, echo, hang, respond_with, sse_from, sse_then
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
 
@@ -344,7 +329,7 @@ async def test_client_disconnect_cancels_the_upstream(parkway, upstream, client)
 
 
 async def test_upstream_connection_refused_is_502(parkway, client):
-    response = await client.get(parkway.sign(f"http://127.0.0.1:{closed_port()}/v1/models"))
+    response = await client.get(parkway.sign(f"http://127.0.0.1:{free_port()}/v1/models"))
 
     assert_refused(response, 502, "upstream_connect_failed")
 
@@ -553,7 +538,7 @@ async def test_malformed_http_gets_a_json_error_and_a_close(start_parkway, upstr
             await stream.send_all(data)
             response, closed = await read_response(stream)
 
-    assert response.status == status, response.raw
+    assert response.status == status, response.body
     assert response.headers["content-type"] == "application/json"
     assert response.json()["error"]["code"] == code
     assert closed, "Parkway kept the connection open after a protocol error"

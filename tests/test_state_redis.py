@@ -1,6 +1,6 @@
 """proxy.state and proxy.state_redis: the backends behind limits and single-use URLs.
 
-The Redis tests run a real ``redis-server`` (tests/redis_server.py). Two :class:`RedisState`
+The Redis tests run a real ``redis-server`` (support.redis). Two :class:`RedisState`
 instances, each with its own coredis client and connections, stand in for two Parkway
 processes: they must enforce one limit and one single-use set. The server is killed (SIGKILL),
 frozen (SIGSTOP: a Redis that hangs) and restarted mid-test.
@@ -23,7 +23,7 @@ from proxy.errors import Overloaded
 from proxy.limits import ALLOWED, CONCURRENCY, CREDENTIAL, RATE, USER, LimitKey, LimitSpec
 from proxy.state import MemoryState, Outage, StateBackend, StateConfig, open_state
 from proxy.state_redis import RedisState, _without_credentials
-from redis_server import RedisServer
+from support.redis import RedisServer
 
 # --- pure: outages, config, the memory backend ----------------------------------------------------
 
