@@ -22,11 +22,16 @@ from support.upstream import Upstream
 HANG_LIMIT = 10.0  # seconds; the whole e2e file takes a few
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "hang_limit(seconds): the hang_guard limit of one slow test")
+
+
 @pytest.fixture
 async def hang_guard(nursery: trio.Nursery, request: pytest.FixtureRequest) -> None:
     """Fail (instead of hanging forever) a test that runs longer than ``HANG_LIMIT``
-    (a test module may set its own ``HANG_LIMIT``)."""
-    limit = getattr(request.module, "HANG_LIMIT", HANG_LIMIT)
+    (a test module may set its own ``HANG_LIMIT``, one test ``@pytest.mark.hang_limit(s)``)."""
+    marker = request.node.get_closest_marker("hang_limit")
+    limit = marker.args[0] if marker else getattr(request.module, "HANG_LIMIT", HANG_LIMIT)
 
     async def watchdog() -> None:
         await trio.sleep(limit)

@@ -262,11 +262,16 @@ async def test_while_down_redis_is_tried_once_per_interval(redis: RedisServer) -
             assert not state.healthy()
 
 
+# Long enough that a live Redis answers within it on a loaded machine (the calls before and
+# after the hang must succeed), short enough that the hung calls show they were cut by it.
+HUNG_TIMEOUT = 0.5
+
+
 async def test_a_hung_redis_costs_at_most_the_timeout(redis: RedisServer) -> None:
     with trio.fail_after(GUARD):
         async with (
-            RedisState(redis.url, failure_policy="open", timeout=0.2, retry_interval=0.0) as open_,
-            RedisState(redis.url, failure_policy="closed", timeout=0.2, retry_interval=0.0) as closed,
+            RedisState(redis.url, failure_policy="open", timeout=HUNG_TIMEOUT, retry_interval=0.0) as open_,
+            RedisState(redis.url, failure_policy="closed", timeout=HUNG_TIMEOUT, retry_interval=0.0) as closed,
         ):
             assert (await open_.acquire(cred(rate=100.0), 0.0)).allowed
             assert (await closed.acquire(cred(rate=100.0), 0.0)).allowed
@@ -276,7 +281,7 @@ async def test_a_hung_redis_costs_at_most_the_timeout(redis: RedisServer) -> Non
                 assert await open_.acquire(cred(rate=100.0), 0.0) is ALLOWED
                 with pytest.raises(Overloaded):
                     await closed.acquire(cred(rate=100.0), 0.0)
-                assert trio.current_time() - start < 1.0
+                assert trio.current_time() - start < 5 * HUNG_TIMEOUT  # two calls, one timeout each
             finally:
                 redis.process.send_signal(signal.SIGCONT)
             assert (await closed.acquire(cred(rate=100.0), 0.0)).allowed
