@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -61,10 +62,22 @@ async def stop_process(proc: trio.Process, grace: float = 5.0) -> None:
 
 
 def free_port() -> int:
-    """A loopback port free right now (bound to 0, then released): nobody listens on it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free right now, for a child process to listen on: nobody listens on it.
+
+    Taken below the kernel's ephemeral range (32768-60999 on Linux), where ``bind(0)`` and
+    every outgoing connection take their ports: on a machine where other test runs open
+    thousands of loopback connections, a port released by ``bind(0)`` is soon some
+    connection's local port, and the child's ``listen`` fails with EADDRINUSE.
+    """
+    for _ in range(100):
+        port = random.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port found below the ephemeral range")
 
 
 def free_port_run(count: int) -> int:
