@@ -33,7 +33,6 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 from support.processes import READY_TIMEOUT, ROOT, require_binary, stop_process
 from support.upstream import SSE_HEADERS, Exchange, Upstream
 
-
 WAIT = 8.0  # bound on each wait for the browser (Chromium's first start is the slowest step)
 
 

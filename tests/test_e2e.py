@@ -545,7 +545,7 @@ async def test_malformed_http_gets_a_json_error_and_a_close(start_parkway, upstr
     with trio.fail_after(5):
         async with await trio.open_tcp_stream("127.0.0.1", parkway.port) as stream:
             await stream.send_all(data)
-            response, closed = await read_response(stream)
+            response, closed = await read_response(stream, close_within=3.0)
 
     assert response.status == status, response.body
     assert response.headers["content-type"] == "application/json"

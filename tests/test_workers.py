@@ -35,7 +35,6 @@ from support.processes import (
 from support.signing import sign
 from support.upstream import Exchange, Upstream, echo, sse_from
 
-
 pytestmark = pytest.mark.usefixtures("hang_guard")
 
 SECRET_A = "secret-A-first"
