@@ -30,8 +30,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from helpers import SSE_HEADERS, Exchange, Upstream
-from support_nginx import ROOT, READY_TIMEOUT, require_binary, stop_process
+from support.processes import READY_TIMEOUT, ROOT, require_binary, stop_process
+from support.upstream import SSE_HEADERS, Exchange, Upstream
 
 WAIT = 8.0  # bound on each wait for the browser (Chromium's first start is the slowest step)
 

@@ -35,35 +35,17 @@ import pytest
 import trio
 import trio.testing
 
-from helpers import (
-    INJECTED,
-    SECRET,
-    SSE_HEADERS,
-    TEST_SERVER,
-    UPSTREAM_KEY,
-    Exchange,
-    RunningParkway,
-    Upstream,
-    closed_port,
-    echo,
-    sse_from,
-    watch_logs,
-)
-from ops_helpers import (
-    ProcessGroup,
-    config_toml,
-    exchange,
-    free_port,
-    scrape,
-    send_raw,
-    sign,
-    start_instance,
-    wait_until_refused,
-)
 from proxy.app import Parkway
 from proxy.cli import main as cli_main
 from proxy.config import AdminConfig, Config, Credential, load_config
 from proxy.mock_upstream import MockOpenAI, serve_mock
+from support.http import exchange, send_raw
+from support.logs import watch_logs
+from support.metrics import scrape
+from support.parkway import TEST_SERVER, Parkways, RunningParkway, config_toml
+from support.processes import ProcessGroup, free_port, wait_until_refused
+from support.signing import INJECTED, SECRET, UPSTREAM_KEY, sign
+from support.upstream import SSE_HEADERS, Exchange, Upstream, echo, sse_from
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
 
@@ -81,19 +63,13 @@ async def start_operable(
     nursery: trio.Nursery, hang_guard: None, contain_crashes: None
 ) -> AsyncIterator[Callable[..., Awaitable[RunningParkway]]]:
     """Factory: ``await start_operable(config, config_path=None)``; drained at teardown."""
-    started: list[RunningParkway] = []
+    parkways = Parkways(nursery)
 
     async def start(config: Config, config_path: Path | None = None) -> RunningParkway:
-        running = await start_instance(nursery, Parkway(config, config_path=config_path))
-        started.append(running)
-        return running
+        return await parkways.start(Parkway(config, config_path=config_path))
 
     yield start
-    for running in started:
-        running.parkway.shutdown()
-    with trio.move_on_after(2):
-        for running in started:
-            await running.stopped.wait()
+    await parkways.drain()
     gc.collect()
 
 
@@ -282,7 +258,7 @@ async def test_metrics_match_the_traffic_sent(start_operable, upstream, nursery,
         await send("GET", f"{running.base}/v1/models", expect=400, code="missing_signature_params")
         long_ago = datetime.now(timezone.utc) - timedelta(hours=1)
         await send("GET", running.sign(f"{upstream.base}/v1/models", when=long_ago), expect=403, code="expired")
-        await send("GET", running.sign(f"http://127.0.0.1:{closed_port()}/v1/models"),
+        await send("GET", running.sign(f"http://127.0.0.1:{free_port()}/v1/models"),
                    expect=502, code="upstream_connect_failed")
         metrics = await scrape(client, running.parkway.admin_addresses[0])
 

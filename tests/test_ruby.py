@@ -18,9 +18,11 @@ import pytest
 import signway_sdk
 import trio
 
-from helpers import SECRET, UPSTREAM_KEY, RunningParkway, Upstream
 from proxy.signing import sign_url
-from support_nginx import ROOT, require_binary
+from support.parkway import RunningParkway
+from support.processes import ROOT, require_binary
+from support.signing import SECRET, UPSTREAM_KEY
+from support.upstream import Upstream
 
 SIGNER_RB = ROOT / "clients" / "ruby" / "parkway_signer.rb"
 RUBY_TIMEOUT = 20.0
