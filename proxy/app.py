@@ -57,7 +57,9 @@ class Parkway:
         self.metrics = Metrics(open_connections=lambda: self.server.open_connections)
         self.gateway = Gateway(config, self.upstream, metrics=self.metrics, clock=clock)
         self.server = Server(config.server, self.gateway)
-        self.admin_server = Server(ServerConfig(max_connections=64, drain_timeout=0), AdminApp(self, self.metrics.render))
+        self.admin_server = Server(
+            ServerConfig(max_connections=64, drain_timeout=0), AdminApp(self, self.metrics.render)
+        )
         self.addresses: list[str] = []
         self.admin_addresses: list[str] = []
         self._accepting = False
@@ -107,8 +109,11 @@ class Parkway:
 
     def shutdown(self) -> None:
         if not self.server.draining:
-            log.info("draining", drain_timeout=self.config.server.drain_timeout,
-                     open_connections=self.server.open_connections)
+            log.info(
+                "draining",
+                drain_timeout=self.config.server.drain_timeout,
+                open_connections=self.server.open_connections,
+            )
         self._accepting = False
         self.server.shutdown()
 

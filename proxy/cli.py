@@ -229,22 +229,42 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("id", nargs="?", help="access id that signs URLs for this server (Signway mode)")
     serve.add_argument("secret", nargs="?", help="secret of that id (Signway mode)")
     serve.add_argument("--config", "-c", help="TOML configuration file")
-    serve.add_argument("--header", action="append", default=[], metavar="'Name: value'",
-                       help="header added to every forwarded request (repeatable)")
-    serve.add_argument("--listen", action="append", metavar="HOST:PORT",
-                       help="listen address (repeatable); default 0.0.0.0:$PORT, PORT defaulting to 3000")
+    serve.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'Name: value'",
+        help="header added to every forwarded request (repeatable)",
+    )
+    serve.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="listen address (repeatable); default 0.0.0.0:$PORT, PORT defaulting to 3000",
+    )
     serve.add_argument("--access-control-allow-origin")
     serve.add_argument("--access-control-allow-methods")
     serve.add_argument("--access-control-allow-headers")
-    serve.add_argument("--allow-private-upstreams", action="store_true",
-                       help="allow upstreams on loopback/private/link-local addresses (metadata stays refused)")
+    serve.add_argument(
+        "--allow-private-upstreams",
+        action="store_true",
+        help="allow upstreams on loopback/private/link-local addresses (metadata stays refused)",
+    )
     serve.add_argument("--no-bytes-monitor", action="store_true", help="accepted for Signway compatibility")
     serve.add_argument("--log-format", choices=["json", "console"])
-    serve.add_argument("--workers", type=int, default=1, metavar="N",
-                       help="run N worker processes sharing the port (SO_REUSEPORT), restarted if they die")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N worker processes sharing the port (SO_REUSEPORT), restarted if they die",
+    )
     serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
-    serve.add_argument("--admin", metavar="HOST:PORT",
-                       help="admin listener (health, metrics, reload) in Signway mode; from TOML: [admin]")
+    serve.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="admin listener (health, metrics, reload) in Signway mode; from TOML: [admin]",
+    )
     serve.set_defaults(func=cmd_serve)
 
     sign = sub.add_parser("sign", help="print a signed URL")
@@ -254,19 +274,29 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("--proxy", required=True, help="upstream URL the request is forwarded to")
     sign.add_argument("--method", default="POST")
     sign.add_argument("--expiry", type=int, default=300, help="seconds the URL stays valid (default 300)")
-    sign.add_argument("--header", action="append", default=[], metavar="'Name: value'",
-                      help="header the client must send with this exact value (repeatable)")
+    sign.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'Name: value'",
+        help="header the client must send with this exact value (repeatable)",
+    )
     sign.add_argument("--body", help="exact request body to sign")
-    sign.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                      help="extra signed query parameter (repeatable)")
-    sign.add_argument("--host", default=os.environ.get("PARKWAY_URL", "http://127.0.0.1:3000"),
-                      help="Parkway's public base URL (default $PARKWAY_URL or http://127.0.0.1:3000)")
+    sign.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="extra signed query parameter (repeatable)"
+    )
+    sign.add_argument(
+        "--host",
+        default=os.environ.get("PARKWAY_URL", "http://127.0.0.1:3000"),
+        help="Parkway's public base URL (default $PARKWAY_URL or http://127.0.0.1:3000)",
+    )
     sign.set_defaults(func=cmd_sign)
 
     reload = sub.add_parser("reload", help="make a running Parkway re-read its configuration file")
     target = reload.add_mutually_exclusive_group()
-    target.add_argument("--admin", default="127.0.0.1:9180", metavar="HOST:PORT",
-                        help="its admin listener (default 127.0.0.1:9180)")
+    target.add_argument(
+        "--admin", default="127.0.0.1:9180", metavar="HOST:PORT", help="its admin listener (default 127.0.0.1:9180)"
+    )
     target.add_argument("--pid", type=int, help="send SIGHUP to this process (a worker or the supervisor)")
     reload.set_defaults(func=cmd_reload)
 

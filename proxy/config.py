@@ -478,7 +478,7 @@ def limit_spec_from_toml(value: Any, path: str) -> LimitSpec:
     per second), ``burst`` (integer >= 1, needs ``rate``). Raises ConfigError listing every problem.
     """
     if not isinstance(value, Mapping):
-        raise ConfigError([ConfigProblem(path, "expected a table such as { max_concurrent = 4, rate = \"10/s\" }")])
+        raise ConfigError([ConfigProblem(path, 'expected a table such as { max_concurrent = 4, rate = "10/s" }')])
     problems: list[ConfigProblem] = []
     values: dict[str, Any] = {}
     for key, item in value.items():
@@ -559,8 +559,15 @@ def _credentials(tables: list[_Table], env: Mapping[str, str]) -> tuple[Credenti
     return tuple(credentials)
 
 
-_TIMEOUTS = ["header_read_timeout", "keepalive_timeout", "client_body_timeout", "client_write_timeout",
-             "upstream_connect_timeout", "upstream_first_byte_timeout", "upstream_idle_timeout"]
+_TIMEOUTS = [
+    "header_read_timeout",
+    "keepalive_timeout",
+    "client_body_timeout",
+    "client_write_timeout",
+    "upstream_connect_timeout",
+    "upstream_first_byte_timeout",
+    "upstream_idle_timeout",
+]
 _LIMITS = ["max_header_bytes", "max_signed_body_bytes", "max_connections", "max_expiry"]
 _SERVER_RULES: Mapping[str, _Convert] = {
     "listen": _list_of(_listen_address, single_ok=True, non_empty=True),
@@ -612,6 +619,8 @@ def _state_rules(env: Mapping[str, str]) -> Mapping[str, _Convert]:
         "max_signatures": _number(1, integer=True),
         "concurrency_retry_after": _number(0, above=True),
     }
+
+
 _CORS_RULES: Mapping[str, _Convert] = {
     "allow_origins": _list_of(_origin),
     "allow_methods": _list_of(lambda value, path: _token(value, path).upper()),

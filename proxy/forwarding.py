@@ -126,9 +126,7 @@ def request_headers(
     injected_pairs = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in injected]
     overridden = {n for n, _ in injected_pairs}
     out: Headers = [
-        (n, v)
-        for n, v in client
-        if n not in dropped and n not in overridden and not n.startswith(b"x-sw-")
+        (n, v) for n, v in client if n not in dropped and n not in overridden and not n.startswith(b"x-sw-")
     ]
     out.extend(injected_pairs)
     out.append((b"x-forwarded-for", (ctx.forwarded_for or ctx.client_ip).encode("latin-1")))

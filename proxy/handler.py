@@ -111,7 +111,9 @@ class Gateway:
         requests admitted by the old one finish and release there, uncounted by the new one."""
         old = self.config.server
         if (old.max_in_flight, old.max_queued, old.queue_timeout) != (
-            config.server.max_in_flight, config.server.max_queued, config.server.queue_timeout
+            config.server.max_in_flight,
+            config.server.max_queued,
+            config.server.queue_timeout,
         ):
             self.gate = self._gate_for(config)
         self.config = config
@@ -170,8 +172,15 @@ class Gateway:
         try:
             await self._send_error(head, conn, config, exc, request_id)
         finally:
-            record = RequestRecord(started, conn.head_bytes_in, out_start, status=exc.status,
-                                   outcome=exc.outcome, error=exc.message, error_code=exc.code)
+            record = RequestRecord(
+                started,
+                conn.head_bytes_in,
+                out_start,
+                status=exc.status,
+                outcome=exc.outcome,
+                error=exc.message,
+                error_code=exc.code,
+            )
             record.settle(conn.bytes_in, conn.bytes_out, trio.current_time())
             count_request(self.metrics, config, record)
 
@@ -192,7 +201,12 @@ class Gateway:
         await self._unless_client_leaves(conn, record, self._admit_and_forward, head, conn, config, record, plan)
 
     async def _plan(
-        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, request_id: str,
+        self,
+        head: RequestHead,
+        conn: HTTPConnection,
+        config: Config,
+        record: RequestRecord,
+        request_id: str,
         origin: str | None,
     ) -> Plan:
         """Steps 1-6: everything that can refuse the request before admission."""
@@ -203,9 +217,7 @@ class Gateway:
         credential = config.credential(signed.credential_id)
         if credential is None:
             raise UnknownCredential(f"unknown credential {signed.credential_id!r}")
-        check_validity(
-            signed, self.clock(), clock_skew=config.server.clock_skew, max_expiry=config.server.max_expiry
-        )
+        check_validity(signed, self.clock(), clock_skew=config.server.clock_skew, max_expiry=config.server.max_expiry)
         headers = _header_map(head)
         ctx = forwarding.forward_context(head.peer, headers, config.server.trusted_proxies)
         record.client = ctx.client_ip
@@ -217,7 +229,9 @@ class Gateway:
             declared = head.header(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 conn.close_after_response()
-                raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes for signed bodies")
+                raise BodyTooLarge(
+                    f"request body of {declared} bytes exceeds the limit of {limit} bytes for signed bodies"
+                )
             body = await conn.read_body(limit)
 
         # 5-6a: signature, then the credential's allowed upstreams.
@@ -247,7 +261,9 @@ class Gateway:
             structlog.contextvars.bind_contextvars(user=user)
         rules = _request_policy(credential, config.server.inspect_body_bytes, config.server.body_rules_overflow)
         declared = head.header(b"content-length")
-        declared_length = len(body) if body is not None else (int(declared) if declared and declared.isdigit() else None)
+        declared_length = (
+            len(body) if body is not None else (int(declared) if declared and declared.isdigit() else None)
+        )
         policy.check_request(
             rules, method=head.method, upstream_path=record.upstream_path, content_length=declared_length
         )

@@ -111,9 +111,7 @@ class HTTPConnection:
             return self.conn.next_event()
         except h11.RemoteProtocolError as exc:
             if exc.error_status_hint == 431:
-                raise HeadersTooLarge(
-                    f"request head exceeds {self.config.max_header_bytes} bytes"
-                ) from exc
+                raise HeadersTooLarge(f"request head exceeds {self.config.max_header_bytes} bytes") from exc
             raise BadRequest(f"malformed HTTP request: {exc}", code="malformed_http") from exc
 
     async def next_request(self, idle_timeout: float) -> RequestHead | None:
@@ -160,9 +158,7 @@ class HTTPConnection:
                     deadline = trio.current_time() + self.config.header_read_timeout
                 continue
             if started:
-                raise RequestTimeout(
-                    f"request head not received within {self.config.header_read_timeout:g} s"
-                )
+                raise RequestTimeout(f"request head not received within {self.config.header_read_timeout:g} s")
             return None
 
     async def body_chunks(self) -> AsyncGenerator[bytes, None]:
@@ -181,9 +177,7 @@ class HTTPConnection:
                 with trio.move_on_after(self.config.client_body_timeout) as scope:
                     data = await self._receive()
                 if scope.cancelled_caught:
-                    raise RequestTimeout(
-                        f"no request body data for {self.config.client_body_timeout:g} s"
-                    )
+                    raise RequestTimeout(f"no request body data for {self.config.client_body_timeout:g} s")
                 self.conn.receive_data(data)
                 if not data and self.conn.their_state is h11.SEND_BODY:
                     raise ClientGone("client closed the connection before the body was complete")
@@ -469,9 +463,7 @@ async def open_listeners(addresses: tuple[str, ...], *, reuse_port: bool = False
     listeners: list[trio.SocketListener] = []
     for address in addresses:
         host, port = split_host_port(address)
-        sock = trio.socket.socket(
-            trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET, trio.socket.SOCK_STREAM
-        )
+        sock = trio.socket.socket(trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET, trio.socket.SOCK_STREAM)
         sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
@@ -484,4 +476,3 @@ async def open_listeners(addresses: tuple[str, ...], *, reuse_port: bool = False
 def bound_address(listener: trio.SocketListener) -> str:
     host, port = listener.socket.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-

@@ -300,8 +300,7 @@ class BodyInspector:
             if value not in policy.allowed_models:
                 shown = value if len(value) <= 100 else value[:100] + "..."
                 raise Forbidden(
-                    f"model {shown!r} is not allowed for this credential "
-                    f"(allowed: {', '.join(policy.allowed_models)})",
+                    f"model {shown!r} is not allowed for this credential (allowed: {', '.join(policy.allowed_models)})",
                     code="model_not_allowed",
                 )
             return

@@ -79,9 +79,7 @@ def canonical_headers(headers: Sequence[tuple[str, str]]) -> tuple[str, str]:
     return "\n".join(lines), ";".join(sorted(name.lower() for name, _ in headers))
 
 
-def canonical_request(
-    method: str, path: str, query: str, headers: Sequence[tuple[str, str]], body: bytes
-) -> bytes:
+def canonical_request(method: str, path: str, query: str, headers: Sequence[tuple[str, str]], body: bytes) -> bytes:
     header_block, names = canonical_headers(headers)
     head = f"{method}\n{path}\n{query}\n{header_block}\n\n{names}\n"
     return head.encode("utf-8") + body
@@ -131,7 +129,9 @@ def parse_query(raw_query: str) -> list[tuple[str, str]]:
     try:
         return parse_qsl(raw_query, keep_blank_values=True, errors="strict", max_num_fields=200)
     except UnicodeDecodeError:
-        raise BadRequest("query string is not valid UTF-8 after percent-decoding", code="malformed_signed_url") from None
+        raise BadRequest(
+            "query string is not valid UTF-8 after percent-decoding", code="malformed_signed_url"
+        ) from None
     except ValueError:
         raise BadRequest("query string has too many parameters", code="malformed_signed_url") from None
 
@@ -145,9 +145,7 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
             raise BadRequest(f"parameter {key} appears more than once", code="malformed_signed_url")
         found[key] = value
     if not any(k.startswith("X-Sw-") for k in found):
-        raise BadRequest(
-            "not a signed URL: the X-Sw-* query parameters are missing", code="missing_signature_params"
-        )
+        raise BadRequest("not a signed URL: the X-Sw-* query parameters are missing", code="missing_signature_params")
     for name in REQUIRED_PARAMS:
         if name not in found:
             raise BadRequest(f"missing parameter {name}", code="malformed_signed_url")
@@ -165,8 +163,7 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
         if not _DATE_RE.match(date_text):
             raise ValueError
         d = date_text  # YYYYMMDDTHHMMSSZ; slicing is ~10x cheaper than strptime
-        date = datetime(int(d[0:4]), int(d[4:6]), int(d[6:8]), int(d[9:11]), int(d[11:13]), int(d[13:15]),
-                        tzinfo=UTC)
+        date = datetime(int(d[0:4]), int(d[4:6]), int(d[6:8]), int(d[9:11]), int(d[11:13]), int(d[13:15]), tzinfo=UTC)
     except ValueError:
         raise invalid(X_DATE, "expected YYYYMMDDTHHMMSSZ in UTC") from None
     expires_text = found[X_EXPIRES]
@@ -224,7 +221,9 @@ def check_validity(req: SignedRequest, now: datetime, *, clock_skew: float, max_
         raise Forbidden(f"signed URL expired at {_iso(req.expires_at)}", code="expired")
 
 
-def signed_header_values(req: SignedRequest, headers: Mapping[str, str], body: bytes | None) -> list[list[tuple[str, str]]]:
+def signed_header_values(
+    req: SignedRequest, headers: Mapping[str, str], body: bytes | None
+) -> list[list[tuple[str, str]]]:
     """The header lists to try for the canonical request, refusing a missing signed header.
 
     ``headers`` maps lower-case names to values (repeated headers joined by ``, ``). With a
@@ -361,8 +360,5 @@ def sign_url(
     ]
     unsigned = host + "?" + "&".join(f"{_form(k)}={_form(v)}" for k, v in query)
     path = quote(urlsplit(host).path or "/", safe="/")
-    canonical = canonical_request(
-        method.upper(), path, canonical_query(query), list(signed.items()), body_bytes or b""
-    )
+    canonical = canonical_request(method.upper(), path, canonical_query(query), list(signed.items()), body_bytes or b"")
     return f"{unsigned}&{X_SIGNATURE}={signature(secret, date_text, canonical)}"
-

@@ -23,6 +23,7 @@ from .limits import Decision, Lease, Limiter, LimitKey, SeenSignatures
 
 DEFAULT_STATE = StateConfig()  # memory
 
+
 @runtime_checkable
 class StateBackend(Protocol):
     async def acquire(self, keys: Sequence[LimitKey], now: float) -> Decision:

@@ -12,7 +12,7 @@ import gc
 import json
 from contextlib import aclosing
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from urllib.parse import quote_plus
 
 import httpx
@@ -44,7 +44,7 @@ PACE = 0.2
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def assert_refused(response: httpx.Response, status: int, code: str, upstream: Upstream | None = None) -> None:
@@ -203,29 +203,63 @@ def _request(method: str, url: str, headers: dict | None = None, content: bytes 
 
 # name: (status, code, build(parkway, upstream) -> request)
 REFUSALS = {
-    "expired": (403, "expired", lambda p, u: _request(
-        "GET", p.sign(f"{u.base}/v1/models", expiry=60, when=now() - timedelta(hours=2)))),
-    "date in the future": (403, "date_in_future", lambda p, u: _request(
-        "GET", p.sign(f"{u.base}/v1/models", when=now() + timedelta(hours=1)))),
-    "wrong secret": (403, "signature_mismatch", lambda p, u: _request(
-        "GET", p.sign(f"{u.base}/v1/models", secret="not-the-secret"))),
-    "unknown credential": (401, "unknown_credential", lambda p, u: _request(
-        "GET", p.sign(f"{u.base}/v1/models", id="ghost"))),
-    "signed header missing": (403, "signed_header_missing", lambda p, u: _request(
-        "GET", p.sign(f"{u.base}/v1/models", headers={"X-Client-Version": "1.2"}))),
-    "signed header differs": (403, "signature_mismatch", lambda p, u: _request(
-        "GET", p.sign(f"{u.base}/v1/models", headers={"X-Client-Version": "1.2"}),
-        headers={"X-Client-Version": "1.3"})),
-    "tampered body": (403, "signature_mismatch", lambda p, u: _request(
-        "POST", p.sign(f"{u.base}/v1/chat", method="POST", body='{"n":1}'), content=b'{"n":2}')),
-    "tampered proxy url": (403, "signature_mismatch", lambda p, u: _request(
-        "GET", p.sign(f"{u.base}/v1/models").replace(quote_plus("/v1/models"), quote_plus("/v1/admin")))),
-    "other method": (403, "signature_mismatch", lambda p, u: _request(
-        "DELETE", p.sign(f"{u.base}/v1/models", method="GET"))),
-    "no X-Sw parameters": (400, "missing_signature_params", lambda p, u: _request(
-        "GET", f"{p.base}/?model=gpt")),
-    "X-Sw-Signature missing": (400, "malformed_signed_url", lambda p, u: _request(
-        "GET", p.sign(f"{u.base}/v1/models").rpartition("&X-Sw-Signature=")[0])),
+    "expired": (
+        403,
+        "expired",
+        lambda p, u: _request("GET", p.sign(f"{u.base}/v1/models", expiry=60, when=now() - timedelta(hours=2))),
+    ),
+    "date in the future": (
+        403,
+        "date_in_future",
+        lambda p, u: _request("GET", p.sign(f"{u.base}/v1/models", when=now() + timedelta(hours=1))),
+    ),
+    "wrong secret": (
+        403,
+        "signature_mismatch",
+        lambda p, u: _request("GET", p.sign(f"{u.base}/v1/models", secret="not-the-secret")),
+    ),
+    "unknown credential": (
+        401,
+        "unknown_credential",
+        lambda p, u: _request("GET", p.sign(f"{u.base}/v1/models", id="ghost")),
+    ),
+    "signed header missing": (
+        403,
+        "signed_header_missing",
+        lambda p, u: _request("GET", p.sign(f"{u.base}/v1/models", headers={"X-Client-Version": "1.2"})),
+    ),
+    "signed header differs": (
+        403,
+        "signature_mismatch",
+        lambda p, u: _request(
+            "GET",
+            p.sign(f"{u.base}/v1/models", headers={"X-Client-Version": "1.2"}),
+            headers={"X-Client-Version": "1.3"},
+        ),
+    ),
+    "tampered body": (
+        403,
+        "signature_mismatch",
+        lambda p, u: _request("POST", p.sign(f"{u.base}/v1/chat", method="POST", body='{"n":1}'), content=b'{"n":2}'),
+    ),
+    "tampered proxy url": (
+        403,
+        "signature_mismatch",
+        lambda p, u: _request(
+            "GET", p.sign(f"{u.base}/v1/models").replace(quote_plus("/v1/models"), quote_plus("/v1/admin"))
+        ),
+    ),
+    "other method": (
+        403,
+        "signature_mismatch",
+        lambda p, u: _request("DELETE", p.sign(f"{u.base}/v1/models", method="GET")),
+    ),
+    "no X-Sw parameters": (400, "missing_signature_params", lambda p, u: _request("GET", f"{p.base}/?model=gpt")),
+    "X-Sw-Signature missing": (
+        400,
+        "malformed_signed_url",
+        lambda p, u: _request("GET", p.sign(f"{u.base}/v1/models").rpartition("&X-Sw-Signature=")[0]),
+    ),
 }
 
 
@@ -419,9 +453,7 @@ async def test_steady_stream_outlasting_the_idle_timeout_is_relayed_and_a_later_
     assert f"{IDLE:g} s" in entry["error"]
 
 
-async def test_small_answer_whose_upstream_dies_before_the_body_still_gets_its_head(
-    start_parkway, upstream
-):
+async def test_small_answer_whose_upstream_dies_before_the_body_still_gets_its_head(start_parkway, upstream):
     # A small fixed-length answer's head is held for its body (one write); when the body never
     # comes, the client still sees the head and then a truncated body, as without holding.
     parkway = await start_parkway()

@@ -612,9 +612,7 @@ async def test_refused_request_with_unread_body_gets_connection_close(autojump_c
     async with serving(app) as run:
         client, stream = run.listener.connect()
         # The head promises a body that has not been sent when the refusal goes out.
-        await client.send(
-            h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "1000")])
-        )
+        await client.send(h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "1000")]))
         response, _ = await client.response()
         await client.assert_closed()
         await stream.closed.wait()

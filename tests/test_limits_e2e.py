@@ -141,8 +141,11 @@ async def test_credential_rate_limit_refuses_at_once_with_retry_after(start_park
 async def test_user_limits_follow_the_signed_user_and_log_it(start_parkway, upstream):
     # Each user 1 per minute; the credential as a whole 3 per minute.
     per_minute = parse_rate("1/min")
-    parkway = await start_parkway(credentials=(credential(
-        limits=LimitSpec(rate=per_minute, burst=3), user_limits=LimitSpec(rate=per_minute, burst=1)),))
+    parkway = await start_parkway(
+        credentials=(
+            credential(limits=LimitSpec(rate=per_minute, burst=3), user_limits=LimitSpec(rate=per_minute, burst=1)),
+        )
+    )
 
     def url(user: str | None, i: int) -> str:
         params = {"pw_user": user} if user else None
@@ -164,7 +167,11 @@ async def test_user_limits_follow_the_signed_user_and_log_it(start_parkway, upst
     lines = {line["request_id"]: line for line in logs.find(event="request")}
     by_reply = [lines[r.headers["x-request-id"]] for r in (alice, alice_again, bob, anonymous, carol)]
     assert [(line["user"], line["status"]) for line in by_reply] == [
-        ("alice", 200), ("alice", 429), ("bob", 200), (None, 200), ("carol", 429),
+        ("alice", 200),
+        ("alice", 429),
+        ("bob", 200),
+        (None, 200),
+        ("carol", 429),
     ]
     assert by_reply[1]["outcome"] == "refused:user_rate_limit"
     assert by_reply[4]["outcome"] == "refused:credential_rate_limit"
@@ -192,8 +199,9 @@ async def test_a_response_read_to_its_end_is_logged_ok_when_the_client_then_clos
     ``ok``, not ``client_gone`` (and a non-streamed answer's token usage must not be lost)."""
     parkway = await start_parkway()
     with watch_logs() as logs:
-        replies = [await call(parkway.port, "GET", sign(parkway.base, f"{upstream.base}/v1/models?i={i}"))
-                   for i in range(5)]
+        replies = [
+            await call(parkway.port, "GET", sign(parkway.base, f"{upstream.base}/v1/models?i={i}")) for i in range(5)
+        ]
         with trio.fail_after(5):
             lines = [await logs.wait_for(event="request", request_id=r.headers["x-request-id"]) for r in replies]
     assert all(r.status == 200 and r.complete for r in replies)
@@ -244,7 +252,7 @@ async def test_a_queued_request_proceeds_when_a_slot_frees(start_parkway, upstre
         nursery.start_soon(request, "d")
         with trio.fail_after(QUICK):
             await first_answer.wait()
-        (refused_key, refused), = replies.items()
+        ((refused_key, refused),) = replies.items()
         assert_refused(refused, 503, "overloaded")
         assert "waited" not in refused.message  # refused without waiting: the queue was full
         assert len(upstream.requests) == 2  # the queued one waits in Parkway, not upstream
@@ -389,24 +397,65 @@ def chat_body(**fields) -> bytes:
 POLICY_REFUSALS = {
     "method": (dict(allowed_methods=("POST",)), "GET", CHAT, {}, 403, "method_not_allowed"),
     "path": (dict(allowed_paths=(CHAT,)), "POST", "/v1/embeddings", dict(body=b"{}"), 403, "path_not_allowed"),
-    "path lookalike": (dict(allowed_paths=("/v1/chat",)), "POST", "/v1/chatty", dict(body=b"{}"),
-                       403, "path_not_allowed"),
+    "path lookalike": (
+        dict(allowed_paths=("/v1/chat",)),
+        "POST",
+        "/v1/chatty",
+        dict(body=b"{}"),
+        403,
+        "path_not_allowed",
+    ),
     "declared body size": (dict(max_body_bytes=64), "POST", CHAT, dict(body=b"x" * 65), 413, "body_too_large"),
     "chunked body size": (dict(max_body_bytes=64), "POST", CHAT, dict(chunks=[b"x" * 65]), 413, "body_too_large"),
-    "model": (dict(allowed_models=(MODEL,)), "POST", CHAT, dict(body=chat_body(model="gpt-4o")),
-              403, "model_not_allowed"),
-    "model across chunks": (dict(allowed_models=(MODEL,)), "POST", CHAT,
-                            dict(chunks=[b'{"messages":[],', b'"model":"gpt', b'-4o"}']), 403, "model_not_allowed"),
-    "model missing": (dict(allowed_models=(MODEL,)), "POST", CHAT, dict(body=b'{"messages":[]}'),
-                      403, "model_not_allowed"),
-    "model twice": (dict(allowed_models=(MODEL,)), "POST", CHAT,
-                    dict(body=b'{"model":"%s","model":"gpt-4o"}' % MODEL.encode()), 403, "duplicate_field"),
+    "model": (
+        dict(allowed_models=(MODEL,)),
+        "POST",
+        CHAT,
+        dict(body=chat_body(model="gpt-4o")),
+        403,
+        "model_not_allowed",
+    ),
+    "model across chunks": (
+        dict(allowed_models=(MODEL,)),
+        "POST",
+        CHAT,
+        dict(chunks=[b'{"messages":[],', b'"model":"gpt', b'-4o"}']),
+        403,
+        "model_not_allowed",
+    ),
+    "model missing": (
+        dict(allowed_models=(MODEL,)),
+        "POST",
+        CHAT,
+        dict(body=b'{"messages":[]}'),
+        403,
+        "model_not_allowed",
+    ),
+    "model twice": (
+        dict(allowed_models=(MODEL,)),
+        "POST",
+        CHAT,
+        dict(body=b'{"model":"%s","model":"gpt-4o"}' % MODEL.encode()),
+        403,
+        "duplicate_field",
+    ),
     "not JSON": (dict(allowed_models=(MODEL,)), "POST", CHAT, dict(body=b"model=gpt-4o"), 400, "invalid_json"),
-    "max_tokens above the cap": (dict(max_tokens=100), "POST", CHAT, dict(body=chat_body(max_tokens=101)),
-                                 403, "max_tokens_too_high"),
-    "max_completion_tokens above the cap": (dict(max_tokens=100), "POST", CHAT,
-                                            dict(body=chat_body(max_completion_tokens=5000)),
-                                            403, "max_tokens_too_high"),
+    "max_tokens above the cap": (
+        dict(max_tokens=100),
+        "POST",
+        CHAT,
+        dict(body=chat_body(max_tokens=101)),
+        403,
+        "max_tokens_too_high",
+    ),
+    "max_completion_tokens above the cap": (
+        dict(max_tokens=100),
+        "POST",
+        CHAT,
+        dict(body=chat_body(max_completion_tokens=5000)),
+        403,
+        "max_tokens_too_high",
+    ),
     "max_tokens required": (dict(max_tokens=100), "POST", CHAT, dict(body=chat_body()), 403, "max_tokens_required"),
     "n above the cap": (dict(max_n=1), "POST", CHAT, dict(chunks=[chat_body(n=2)]), 403, "n_too_high"),
 }
@@ -444,8 +493,14 @@ async def test_streamed_body_over_the_size_cap_never_reaches_the_upstream_whole(
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 async def test_a_request_within_every_rule_passes_byte_for_byte(start_parkway, upstream, framing):
-    policy = dict(allowed_methods=("POST",), allowed_paths=(CHAT,), max_body_bytes=4096,
-                  allowed_models=(MODEL,), max_tokens=100, max_n=1)
+    policy = dict(
+        allowed_methods=("POST",),
+        allowed_paths=(CHAT,),
+        max_body_bytes=4096,
+        allowed_models=(MODEL,),
+        max_tokens=100,
+        max_n=1,
+    )
     parkway = await start_parkway(credentials=(credential(**policy),))
     body = chat_body(max_tokens=100, n=1, stream=True)
     request = dict(body=body) if framing == "content-length" else dict(chunks=[body[:7], body[7:40], body[40:]])
@@ -500,8 +555,11 @@ async def test_localhost_by_name_is_refused(start_parkway, upstream):
 
 @pytest.mark.parametrize("how", ["listed in allowed_upstreams", "credential allow_private_upstreams"])
 async def test_loopback_upstream_allowed_explicitly(start_parkway, upstream, how):
-    policy = (dict(allowed_upstreams=(f"http://127.0.0.1:{upstream.port}/",))
-              if how.startswith("listed") else dict(allow_private_upstreams=True))
+    policy = (
+        dict(allowed_upstreams=(f"http://127.0.0.1:{upstream.port}/",))
+        if how.startswith("listed")
+        else dict(allow_private_upstreams=True)
+    )
     parkway = await start_parkway(credentials=(credential(**policy),), allow_private_upstreams=False)
 
     reply = await call(parkway.port, "GET", sign(parkway.base, f"{upstream.base}/v1/models"))
@@ -669,10 +727,15 @@ async def start_processes(
     for i, policy in enumerate(policies):
         port, admin_port = free_port(), free_port()
         path = tmp_path / f"parkway-{i}-{policy}.toml"
-        path.write_text(redis_parkway_toml(
-            port=port, admin_port=admin_port, redis_url=redis.url, failure_policy=policy,
-            credentials=REDIS_CREDENTIALS,
-        ))
+        path.write_text(
+            redis_parkway_toml(
+                port=port,
+                admin_port=admin_port,
+                redis_url=redis.url,
+                failure_policy=policy,
+                credentials=REDIS_CREDENTIALS,
+            )
+        )
         started.append(await processes.spawn(path, port, admin_port=admin_port))
     for process in started:
         await process.logs.wait_for(event="startup", timeout=10)
@@ -716,8 +779,9 @@ async def test_two_processes_share_limits_and_survive_a_redis_outage(processes, 
     assert [r.target for r in upstream.requests].count("/v1/models?once") == 1
 
     # One concurrency limit: a stream held on one process fills the other's only slot too.
-    stream = await open_stream(fail_open.port, sign(fail_open.base, f"{upstream.base}/v1/chat?hold=solo",
-                                                      id="solo"), "solo")
+    stream = await open_stream(
+        fail_open.port, sign(fail_open.base, f"{upstream.base}/v1/chat?hold=solo", id="solo"), "solo"
+    )
     busy = await get(fail_closed, upstream, "/v1/models?solo=2", id="solo")
     assert_refused(busy, 429, "credential_concurrency_limit")
     held.release("solo")

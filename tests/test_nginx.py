@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -62,8 +62,9 @@ def start_stack(nursery: trio.Nursery, tmp_path, start_parkway: Callable[..., An
     async def start(*, strip_prefix: bool = False, **overrides: Any) -> Stack:
         running = await start_parkway(**overrides)
         port = free_port()
-        conf = render_nginx_conf(tmp_path / "nginx", listen_port=port,
-                                 parkway_address=running.addresses[0], strip_prefix=strip_prefix)
+        conf = render_nginx_conf(
+            tmp_path / "nginx", listen_port=port, parkway_address=running.addresses[0], strip_prefix=strip_prefix
+        )
         await nursery.start(serve_nginx, tmp_path / "nginx", conf, port)
         return Stack(running, port)
 
@@ -108,11 +109,23 @@ def test_snippet_has_what_streaming_needs() -> None:
     """The directives the README promises are in the shipped location, each with a comment."""
     location = snippet_sections()["server: location"]
     lines = location.splitlines()
-    for directive in ("proxy_http_version 1.1;", "proxy_set_header Connection $connection_upgrade;",
-                      "proxy_buffering off;", "proxy_request_buffering off;", "proxy_read_timeout",
-                      "proxy_send_timeout", "client_max_body_size", "X-Forwarded-For", "X-Forwarded-Proto",
-                      "X-Forwarded-Prefix", "proxy_set_header Host", PROXY_PASS_AS_IS):
-        index = next((i for i, line in enumerate(lines) if directive in line and not line.strip().startswith("#")), None)
+    for directive in (
+        "proxy_http_version 1.1;",
+        "proxy_set_header Connection $connection_upgrade;",
+        "proxy_buffering off;",
+        "proxy_request_buffering off;",
+        "proxy_read_timeout",
+        "proxy_send_timeout",
+        "client_max_body_size",
+        "X-Forwarded-For",
+        "X-Forwarded-Proto",
+        "X-Forwarded-Prefix",
+        "proxy_set_header Host",
+        PROXY_PASS_AS_IS,
+    ):
+        index = next(
+            (i for i, line in enumerate(lines) if directive in line and not line.strip().startswith("#")), None
+        )
         assert index is not None, f"{directive!r} missing from {NGINX_SNIPPET}"
         while lines[index - 1].strip() and not lines[index - 1].strip().startswith("#"):
             index -= 1  # a group of related directives shares its comment
@@ -126,12 +139,20 @@ async def test_signed_sse_streams_event_by_event(start_stack, upstream: Upstream
     stack = await start_stack(**MODES[mode])
     send, receive = trio.open_memory_channel[bytes](0)
     upstream.behaviour = sse_from(receive)
-    url = sign(stack.public_base, upstream.base + "/v1/chat/completions", signer=signer, method="POST",
-               headers={"Content-Type": "application/json"}, body=BODY)
+    url = sign(
+        stack.public_base,
+        upstream.base + "/v1/chat/completions",
+        signer=signer,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+        body=BODY,
+    )
     assert url.startswith(stack.public_base + "/?X-Sw-")
     async with httpx.AsyncClient(trust_env=False, timeout=WAIT) as client:
         with trio.fail_after(WAIT):
-            async with client.stream("POST", url, content=BODY, headers={"Content-Type": "application/json"}) as response:
+            async with client.stream(
+                "POST", url, content=BODY, headers={"Content-Type": "application/json"}
+            ) as response:
                 assert response.status_code == 200, (await response.aread()).decode()
                 assert response.headers["content-type"] == "text/event-stream"
                 async with SSEReader(response) as reader:
@@ -161,7 +182,7 @@ async def test_stripped_prefix_needs_configuration(start_stack, upstream: Upstre
 
 
 REFUSALS = {
-    "expired": (403, "expired", dict(when=datetime.now(timezone.utc) - timedelta(minutes=10))),
+    "expired": (403, "expired", dict(when=datetime.now(UTC) - timedelta(minutes=10))),
     "bad_signature": (403, "signature_mismatch", {}),
     "unknown_credential": (401, "unknown_credential", dict(id="someone-else")),
     "not_signed": (400, "missing_signature_params", {}),
@@ -244,7 +265,9 @@ async def test_client_disconnect_at_nginx_cancels_the_upstream(start_stack, upst
 
 
 @pytest.mark.parametrize("trusted", [True, False], ids=["nginx-trusted", "nginx-not-trusted"])
-async def test_forwarded_for_is_believed_only_from_trusted_proxies(start_stack, upstream: Upstream, trusted: bool) -> None:
+async def test_forwarded_for_is_believed_only_from_trusted_proxies(
+    start_stack, upstream: Upstream, trusted: bool
+) -> None:
     # nginx is at 127.0.0.1; the "browser" connects from 127.0.0.2 and forges a chain.
     stack = await start_stack(trusted_proxies=("127.0.0.1/32",) if trusted else ())
     url = sign(stack.public_base, upstream.base + "/v1/models", method="GET")

@@ -347,6 +347,3 @@ async def test_only_http_and_https() -> None:
         await transport.handle_async_request(httpx.Request("GET", "ftp://127.0.0.1/"))
     assert info.value.code == "upstream_scheme_refused"
     await transport.aclose()
-
-
-

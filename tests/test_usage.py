@@ -31,9 +31,7 @@ def delta(text: str, **extra: object) -> dict:
 USAGE_EVENT = event({"object": "chat.completion.chunk", "choices": [], "usage": USAGE})
 # An OpenAI stream with stream_options.include_usage: "usage": null on every chunk, the
 # usage object in the last chunk before [DONE].
-OPENAI_STREAM = (
-    event(delta("Hel", usage=None)) + event(delta("lo", usage=None)) + USAGE_EVENT + b"data: [DONE]\n\n"
-)
+OPENAI_STREAM = event(delta("Hel", usage=None)) + event(delta("lo", usage=None)) + USAGE_EVENT + b"data: [DONE]\n\n"
 
 
 def observe(content_type: str, chunks: list[bytes]) -> Usage | None:

@@ -64,8 +64,9 @@ async def start_workers(processes: ProcessGroup, tmp_path: Path) -> tuple[Parkwa
     return supervisor, pids
 
 
-async def requests_on_fresh_connections(supervisor: ParkwayProcess, upstream: Upstream, secret: str,
-                                        count: int = CONNECTIONS) -> list[int]:
+async def requests_on_fresh_connections(
+    supervisor: ParkwayProcess, upstream: Upstream, secret: str, count: int = CONNECTIONS
+) -> list[int]:
     statuses = []
     for i in range(count):
         url = sign(supervisor.base, f"{upstream.base}/v1/models?n={i}", secret=secret)
@@ -138,9 +139,7 @@ async def test_sighup_to_the_supervisor_reloads_every_worker(processes, upstream
     assert await supervisor.wait_exit() == 0
 
 
-async def test_sigterm_to_the_supervisor_drains_streams_and_leaves_no_workers(
-    processes, upstream, client, tmp_path
-):
+async def test_sigterm_to_the_supervisor_drains_streams_and_leaves_no_workers(processes, upstream, client, tmp_path):
     supervisor, pids = await start_workers(processes, tmp_path)
     send, receive = trio.open_memory_channel[bytes](0)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 import signway_sdk
@@ -39,7 +39,7 @@ def sign(
     (``pw_user``, ``pw_single_use``).
     """
     # Always given: the SDK's own default calls the deprecated datetime.utcnow().
-    when = when or datetime.now(timezone.utc)
+    when = when or datetime.now(UTC)
     if signer == "signway_sdk":
         if params:
             raise ValueError("signway_sdk signs no extra params: use signer='proxy.signing'")
