@@ -19,6 +19,7 @@ import structlog
 import trio
 
 from .admin import AdminApp
+from .cache import ResponseCache, open_cache
 from .config import Config, ServerConfig, load_config
 from .errors import ConfigError
 from .handler import Gateway, utcnow
@@ -82,8 +83,13 @@ class Parkway:
             max_connections=self.config.server.max_connections,
         )
         try:
-            async with open_state(self.config.state) as state, trio.open_nursery() as nursery:
+            async with (
+                open_state(self.config.state) as state,
+                open_cache(self.config.cache, self.config.state.url) as cache,
+                trio.open_nursery() as nursery,
+            ):
                 self.gateway.state = self.state = state
+                self._use_cache(cache)
                 if admin_listeners:
                     await nursery.start(self.admin_server.serve, admin_listeners)
                 await nursery.start(self._serve_public, listeners)
@@ -94,6 +100,11 @@ class Parkway:
             with trio.CancelScope(shield=True):
                 await self.upstream.aclose()
             log.info("shutdown", open_connections=self.server.open_connections)
+
+    def _use_cache(self, cache: ResponseCache) -> None:
+        self.gateway.cache = cache
+        self.metrics.cache_bytes.set_function(lambda: cache.store.stats()[0])
+        self.metrics.cache_entries.set_function(lambda: cache.store.stats()[1])
 
     async def _serve_public(
         self,
@@ -150,6 +161,9 @@ class Parkway:
         if new.state != self.config.state:
             kept.append("[state]")
             new = replace(new, state=self.config.state)
+        if new.cache != self.config.cache:
+            kept.append("[cache]")
+            new = replace(new, cache=self.config.cache)
         if kept:
             log.warning("config_reload_needs_restart", kept=kept, reason="these settings change only on restart")
         self.config = new

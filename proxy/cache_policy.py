@@ -156,6 +156,21 @@ def cache_plan(ttl: int, directives: Directives, method: str) -> CachePlan | Non
     return CachePlan(ttl, lookup=not directives.no_cache, store=True, only_if_cached=directives.only_if_cached)
 
 
+@dataclass(frozen=True, slots=True)
+class CacheRequest:
+    """The cache's part of a request's plan: its key, what the cache may do, the credential's rules."""
+
+    key: str  # "" when the request bypasses the cache before a key is computed
+    plan: CachePlan
+    rules: CacheRules
+    max_entry_bytes: int
+    bypass_reason: str | None = None  # why the cache is skipped although the signer allowed it
+
+    @property
+    def bypass(self) -> bool:
+        return self.bypass_reason is not None or self.plan.bypass
+
+
 # --- the key ------------------------------------------------------------------------------------
 
 

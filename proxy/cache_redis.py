@@ -28,7 +28,7 @@ from coredis.retry import NoRetryPolicy
 from .cache_entry import CacheEntry, CorruptEntry, decode_entry, encode_entry
 from .cache_memory import Stored
 from .cache_policy import CacheUnavailable, short_key
-from .state import Outage
+from .outage import Outage
 from .state_redis import _REDIS_FAILURES, _closing_buffers, _without_credentials
 
 log = structlog.get_logger("parkway.cache")

@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
 
+from .cache_policy import CACHE_BACKENDS, REPLAY_MODES, CacheConfig, CacheRules
 from .errors import ConfigError, ConfigProblem
 from .limits import LimitSpec, parse_rate
 from .policy import OVERFLOW_CHOICES
@@ -78,6 +79,7 @@ class Credential:
     allowed_models: tuple[str, ...] = ()  # JSON body "model"; empty = any
     max_tokens: int | None = None  # cap on max_tokens / max_completion_tokens
     max_n: int | None = None  # cap on "n"
+    cache: CacheRules | None = None  # [credentials.cache]: a default ttl and how entries are kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,7 @@ class Config:
     # A TOML file without [admin] gets AdminConfig()'s loopback default.
     admin: AdminConfig = AdminConfig(listen=())
     state: StateConfig = StateConfig()
+    cache: CacheConfig = CacheConfig()
 
     # Not a field, so equality, hashing, repr and asdict() ignore it.
     _by_id: ClassVar[Mapping[str, Credential]]
@@ -190,7 +193,12 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     log = _section(root.table("log"), LogConfig, _LOG_RULES)
     admin = _section(root.table("admin"), AdminConfig, _ADMIN_RULES)
     state = _section(root.table("state"), StateConfig, _state_rules(env))
+    cache = _section(root.table("cache"), CacheConfig, _cache_rules(env))
     root.finish()
+    signed_params = {"server.user_param": server.user_param, "server.single_use_param": server.single_use_param}
+    for where, name in signed_params.items():
+        if name and name == cache.param:
+            root.report("cache.param", f"{cache.param!r} is already the {where}: each signed parameter has one meaning")
     if cors.allow_credentials and "*" in cors.allow_origins:
         root.report(
             "cors.allow_credentials",
@@ -199,7 +207,7 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         )
     if problems:
         raise ConfigError(problems)
-    return Config(server, credentials, cors, log, admin, state)
+    return Config(server, credentials, cors, log, admin, state, cache)
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -597,19 +605,14 @@ _CREDENTIAL_POLICY_RULES: Mapping[str, tuple[Any, _Convert]] = {
     "allowed_models": ((), _list_of(_non_empty)),
     "max_tokens": (None, _number(1, integer=True)),
     "max_n": (None, _number(1, integer=True)),
+    "cache": (None, lambda value, path: _credential_cache(value, path)),
 }
 
 
 def _state_rules(env: Mapping[str, str]) -> Mapping[str, _Convert]:
-    def redis_url(value: Any, path: str) -> str:
-        url = expand_env(_str(value, path), env, path)
-        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-            _fail(path, "must be a redis://, rediss:// or unix:// URL")
-        return url
-
     return {
         "backend": _choice(*STATE_BACKENDS),
-        "url": redis_url,
+        "url": _redis_url(env),
         "key_prefix": _expect(str, "a string"),
         "failure_policy": _choice(*FAILURE_POLICIES),
         "timeout": _number(0, above=True),
@@ -619,6 +622,55 @@ def _state_rules(env: Mapping[str, str]) -> Mapping[str, _Convert]:
         "max_signatures": _number(1, integer=True),
         "concurrency_retry_after": _number(0, above=True),
     }
+
+
+def _redis_url(env: Mapping[str, str], *, empty_ok: bool = False) -> _Convert:
+    def convert(value: Any, path: str) -> str:
+        url = expand_env(_str(value, path), env, path)
+        if not (empty_ok and url == "") and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            _fail(
+                path,
+                "must be a redis://, rediss:// or unix:// URL" + (' (or "" for the [state] url)' if empty_ok else ""),
+            )
+        return url
+
+    return convert
+
+
+def _cache_rules(env: Mapping[str, str]) -> Mapping[str, _Convert]:
+    return {
+        "backend": _choice(*CACHE_BACKENDS),
+        "url": _redis_url(env, empty_ok=True),
+        "key_prefix": _expect(str, "a string"),
+        **dict.fromkeys(
+            ["max_bytes", "max_entry_bytes", "max_followers", "follower_lag_bytes"], _number(1, integer=True)
+        ),
+        "max_ttl": _number(1, integer=True),
+        "max_body_bytes": _number(0, integer=True),
+        "param": _non_empty,
+        "key_headers": _list_of(lambda value, path: _token(value, path).lower()),
+        "timeout": _number(0, above=True),
+        "retry_interval": _number(0, above=True),
+    }
+
+
+_CREDENTIAL_CACHE_RULES: Mapping[str, _Convert] = {
+    "ttl": _number(0, integer=True),
+    "namespace": _expect(str, "a string"),
+    "per_user": _expect(bool, "a boolean"),
+    "replay": _choice(*REPLAY_MODES),
+    "honour_upstream_no_store": _expect(bool, "a boolean"),
+    "max_entry_bytes": _number(1, integer=True),
+}
+
+
+def _credential_cache(value: Any, path: str) -> CacheRules:
+    """The ``[credentials.cache]`` table, every problem reported with its key path."""
+    problems: list[ConfigProblem] = []
+    rules = _section(_Table(_expect(dict, "a table")(value, path), path, problems), CacheRules, _CREDENTIAL_CACHE_RULES)
+    if problems:
+        raise ConfigError(problems)
+    return rules
 
 
 _CORS_RULES: Mapping[str, _Convert] = {

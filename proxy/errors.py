@@ -89,6 +89,14 @@ class TooManyRequests(Refused):
     code = "rate_limited"
 
 
+class CacheMiss(Refused):
+    """``Cache-Control: only-if-cached`` and no stored answer: 504, the upstream is not called
+    (RFC 9111 §5.2.1.7)."""
+
+    status = 504
+    code = "cache_miss"
+
+
 class Overloaded(Refused):
     status = 503
     type = "server_error"

@@ -22,25 +22,44 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 import trio
 
 from . import cors, forwarding, limits, policy, ssrf
 from .admission import GlobalGate
+from .cache import ALONE, LEAD, FellBehind, Flight, LeaderFailed, ResponseCache
+from .cache_policy import (
+    CacheRequest,
+    CacheRules,
+    CacheUnavailable,
+    cache_key,
+    cache_plan,
+    cache_scope,
+    cache_status,
+    key_header_values,
+    replay_headers,
+    request_directives,
+    signed_ttl,
+    unstorable_reason,
+)
+from .cache_respond import send_followed, send_stored
 from .config import Config, Credential
 from .errors import (
     BodyTooLarge,
+    CacheMiss,
     Forbidden,
     ParkwayError,
     UnknownCredential,
+    UpstreamError,
     UpstreamTimeout,
     error_response,
 )
 from .http_server import ClientGone, HTTPConnection, RequestHead
 from .metrics import Metrics
 from .record import RequestRecord, count_request, log, log_request
-from .relay import relay
+from .relay import BodyObserver, relay
 from .signing import check_validity, parse_signed_request, verify_signature
 from .state import MemoryState, StateBackend
 from .upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
@@ -77,6 +96,7 @@ class Plan:
     rules: policy.RequestPolicy
     user: str | None
     single_use: bool
+    cache: CacheRequest | None = None  # the signer made it cacheable (pw_cache or the credential's ttl)
 
 
 class Gateway:
@@ -89,12 +109,14 @@ class Gateway:
         *,
         metrics: Metrics | None = None,
         state: StateBackend | None = None,
+        cache: ResponseCache | None = None,
         clock: Callable[[], datetime] = utcnow,
     ):
         self.config = config
         self.upstream = upstream
         self.metrics = metrics or Metrics()
         self.state: StateBackend = state or MemoryState()
+        self.cache = cache  # None: nothing is cached (tests and embedding that leave it out)
         self.gate = self._gate_for(config)
         self.clock = clock
 
@@ -198,7 +220,10 @@ class Gateway:
             await conn.send_full(204, [*headers, (b"x-request-id", request_id.encode())], b"")
             return
         plan = await self._plan(head, conn, config, record, request_id, origin)
-        await self._unless_client_leaves(conn, record, self._admit_and_forward, head, conn, config, record, plan)
+        if plan.cache is None:
+            await self._unless_client_leaves(conn, record, self._admit_and_forward, head, conn, config, record, plan)
+        else:
+            await self._unless_client_leaves(conn, record, self._serve_cacheable, head, conn, config, record, plan)
 
     async def _plan(
         self,
@@ -267,13 +292,20 @@ class Gateway:
         policy.check_request(
             rules, method=head.method, upstream_path=record.upstream_path, content_length=declared_length
         )
+        upstream_url = signed.proxy_url.split("#", 1)[0]
+        cached: CacheRequest | None = None
+        if self.cache is not None:
+            # 6c: the cache, only as the signer allowed it; the body is read (bounded) for the key.
+            cached, body = await self._cache_request(
+                head, conn, config, credential, extras, upstream_url, user, body, declared_length
+            )
         if body is None and not _has_body(head):
             # Consume the (empty) body's end now: from here on a client that leaves is noticed,
             # even while queued for a slot.
             await self._drain_request_body(conn)
         return Plan(
             request_id=request_id,
-            upstream_url=signed.proxy_url.split("#", 1)[0],
+            upstream_url=upstream_url,
             signature=signed.signature,
             expires_at=signed.expires_at,
             credential=credential,
@@ -284,7 +316,47 @@ class Gateway:
             rules=rules,
             user=user,
             single_use=limits.wants_single_use(credential.single_use, extras, config.server.single_use_param),
+            cache=cached,
         )
+
+    async def _cache_request(
+        self,
+        head: RequestHead,
+        conn: HTTPConnection,
+        config: Config,
+        credential: Credential,
+        extras: dict[str, str],
+        upstream_url: str,
+        user: str | None,
+        body: bytes | None,
+        declared_length: int | None,
+    ) -> tuple[CacheRequest | None, bytes | None]:
+        """The cache's part of the plan (None: not cacheable), and the body, read if the key needs it."""
+        settings, rules = config.cache, credential.cache or _NO_CACHE_RULES
+        ttl = signed_ttl(extras.get(settings.param), rules.ttl, settings.max_ttl, settings.param)
+        if ttl <= 0:
+            return None, body  # the common case: nothing more to look at
+        directives = request_directives(head.header(b"cache-control"), head.header(b"pragma"))
+        plan = cache_plan(ttl, directives, head.method)
+        if plan is None:
+            return None, body
+        max_entry = rules.max_entry_bytes or settings.max_entry_bytes
+        if plan.bypass:
+            return CacheRequest("", plan, rules, max_entry), body
+        if body is None and _has_body(head):
+            if head.header(b"transfer-encoding") is not None or (declared_length or 0) > settings.max_body_bytes:
+                return CacheRequest("", plan, rules, max_entry, bypass_reason="request body too large to key"), body
+            body = await conn.read_body(settings.max_body_bytes)
+        key = cache_key(
+            scope=cache_scope(credential.id, rules.namespace),
+            method=head.method,
+            url=upstream_url,
+            body=body or b"",
+            injected=credential.headers,
+            key_headers=key_header_values(head.headers, settings.key_headers, (n for n, _ in credential.headers)),
+            user=user if rules.per_user else None,
+        )
+        return CacheRequest(key, plan, rules, max_entry), body
 
     async def _unless_client_leaves(
         self, conn: HTTPConnection, record: RequestRecord, work: Callable[..., Awaitable[None]], *args: Any
@@ -305,32 +377,144 @@ class Gateway:
         if record.outcome == "client_gone":
             conn.abort()
 
-    async def _admit_and_forward(
+    async def _serve_cacheable(
         self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
     ) -> None:
-        """Admission (in-flight gate, limits, single use), then forwarding; slots always given back."""
-        credential = plan.credential
-        async with self.gate.slot():
-            decision = await self.state.acquire(
-                limits.limit_keys(credential.id, credential.limits, plan.user, credential.user_limits),
-                trio.current_time(),
+        """A request the signer made cacheable: a stored answer, an identical request's answer as it
+        arrives, or an upstream call (recorded for the next ones). Admission happens once either way."""
+        cached, cache = plan.cache, self.cache
+        assert cached is not None and cache is not None
+        _check_upstream_nowait(plan, config)
+        if cached.bypass:
+            record.cache = "bypass"
+            if cached.plan.only_if_cached:
+                raise _cache_miss()
+            status = cache_status("bypass", detail=cached.bypass_reason)
+            return await self._admit_and_forward(head, conn, config, record, plan, cache_headers=(status,))
+        if cached.plan.lookup:
+            try:
+                entry = await cache.lookup(cached.key)
+            except CacheUnavailable:
+                record.cache = "unavailable"
+                if cached.plan.only_if_cached:
+                    raise _cache_miss() from None
+                status = cache_status("bypass", detail="cache store unavailable")
+                return await self._admit_and_forward(head, conn, config, record, plan, cache_headers=(status,))
+            if entry is not None:
+                record.cache = "hit"
+                await self._admit_without_upstream(config, plan)
+                now = cache.store.clock()
+                headers = [
+                    *replay_headers(entry.headers, entry.age(now)),
+                    *self._own_headers(config, plan),
+                    cache_status("hit", ttl=entry.remaining(now)),
+                ]
+                record.tokens_saved = (entry.prompt_tokens, entry.completion_tokens)
+                await send_stored(conn, entry, headers, record, paced=cached.rules.replay == "paced")
+                return
+        if cached.plan.only_if_cached:
+            raise _cache_miss()
+        record.cache = "miss"
+        admitted = False
+        for _attempt in range(2):  # a leader that fails before its answer starts: try once more
+            role, flight = cache.join_nowait(
+                cached.key, ttl=cached.plan.ttl, store=cached.plan.store, max_entry_bytes=cached.max_entry_bytes
             )
+            if flight is None or role == ALONE:
+                break
+            if role == LEAD:
+                async with cache.leading(flight):
+                    await self._admit_and_forward(head, conn, config, record, plan, flight=flight, admitted=admitted)
+                if flight.stored:
+                    record.cache = "stored"
+                    self.metrics.cache_evictions.inc(flight.evicted)
+                return
+            try:
+                if not admitted:
+                    await self._admit_without_upstream(config, plan)
+                    admitted = True
+                if await self._follow(conn, config, record, plan, flight):
+                    return
+            finally:
+                flight.followers -= 1
+        status = cache_status("miss", detail="identical request in flight")
+        await self._admit_and_forward(head, conn, config, record, plan, cache_headers=(status,), admitted=admitted)
+
+    async def _follow(
+        self, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan, flight: Flight
+    ) -> bool:
+        """Send the answer an identical request in flight is receiving; False when there is none to
+        follow after all (its leader failed before its head, or the answer is not shared)."""
+        answer = await flight.wait_head()
+        if answer is None:
+            return False
+        record.cache = "collapsed"
+        headers = [*answer.headers, *self._own_headers(config, plan), cache_status("collapsed")]
+        try:
+            await send_followed(conn, flight, answer, headers, record)
+        except (LeaderFailed, FellBehind) as exc:
+            raise UpstreamError(str(exc), code="collapsed_leader_failed") from None
+        record.tokens_saved = flight.usage
+        return True
+
+    async def _admit_without_upstream(self, config: Config, plan: Plan) -> None:
+        """Admission of a request served without an upstream call: request-rate limits and single
+        use, but no in-flight slot and no concurrency lease."""
+        credential = plan.credential
+        keys = limits.limit_keys(credential.id, credential.limits, plan.user, credential.user_limits)
+        rate, _ = limits.split_limits(keys)
+        if rate:
+            decision = await self.state.acquire(rate, trio.current_time())
+            decision.raise_if_refused()
+        await self._check_single_use(config, plan)
+
+    async def _check_single_use(self, config: Config, plan: Plan) -> None:
+        if plan.single_use:
+            # Remembered until the last moment the URL could still verify.
+            last_valid = plan.expires_at + timedelta(seconds=config.server.clock_skew)
+            if not await self.state.check_and_add_signature(
+                plan.signature, last_valid.timestamp(), self.clock().timestamp()
+            ):
+                raise limits.replay_refusal()
+
+    async def _admit_and_forward(
+        self,
+        head: RequestHead,
+        conn: HTTPConnection,
+        config: Config,
+        record: RequestRecord,
+        plan: Plan,
+        *,
+        flight: Flight | None = None,
+        cache_headers: tuple[tuple[bytes, bytes], ...] = (),
+        admitted: bool = False,
+    ) -> None:
+        """Admission (in-flight gate, limits, single use), then forwarding; slots always given back.
+        ``admitted``: rate limits and single use were already passed (a follower going alone)."""
+        credential = plan.credential
+        keys = limits.limit_keys(credential.id, credential.limits, plan.user, credential.user_limits)
+        if admitted:
+            keys = limits.split_limits(keys)[1]
+        async with self.gate.slot():
+            decision = await self.state.acquire(keys, trio.current_time())
             decision.raise_if_refused()
             try:
-                if plan.single_use:
-                    # Remembered until the last moment the URL could still verify.
-                    last_valid = plan.expires_at + timedelta(seconds=config.server.clock_skew)
-                    if not await self.state.check_and_add_signature(
-                        plan.signature, last_valid.timestamp(), self.clock().timestamp()
-                    ):
-                        raise limits.replay_refusal()
-                await self._forward(head, conn, config, record, plan)
+                if not admitted:
+                    await self._check_single_use(config, plan)
+                await self._forward(head, conn, config, record, plan, flight, cache_headers)
             finally:
                 with trio.CancelScope(shield=True):
                     await self.state.release(decision.lease)
 
     async def _forward(
-        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
+        self,
+        head: RequestHead,
+        conn: HTTPConnection,
+        config: Config,
+        record: RequestRecord,
+        plan: Plan,
+        flight: Flight | None = None,
+        cache_headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         """Step 7: forward, with the body checked against the JSON rules as it passes, then relay."""
         async with AsyncExitStack() as stack:
@@ -361,13 +545,41 @@ class Gateway:
                     head_at = trio.current_time()
                     record.ttfb = head_at - record.started
                     record.status = response.status
-                    await self._respond(conn, response, record, config, plan.origin, plan.request_id)
-                    record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
                     usage = UsageObserver(response.content_type)
-                    await relay(conn, response, record, (usage,))
+                    observers: tuple[BodyObserver, ...] = (usage,)
+                    if flight is not None:
+                        cache_headers = (self._begin_flight(flight, response, config, plan),)
+                        observers = (usage, flight)
+                    await self._respond(conn, response, record, config, plan.origin, plan.request_id, cache_headers)
+                    record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
+                    await relay(conn, response, record, observers)
                     record.usage = usage.usage
+                    if flight is not None and usage.usage is not None:
+                        flight.usage = (usage.usage.prompt_tokens, usage.usage.completion_tokens)
             finally:
                 self.metrics.in_flight.dec()
+
+    @staticmethod
+    def _begin_flight(flight: Flight, response: UpstreamResponse, config: Config, plan: Plan) -> tuple[bytes, bytes]:
+        """Tell the flight the upstream's head (whether followers may share it, whether it may be
+        stored once complete); return the leader's Cache-Status."""
+        cached = plan.cache
+        assert cached is not None
+        reason = unstorable_reason(
+            response.status,
+            response.headers,
+            cached.rules,
+            max_entry_bytes=cached.max_entry_bytes,
+            key_headers=config.cache.key_headers,
+        )
+        flight.begin(response.status, tuple(forwarding.response_headers(response.headers)), share=reason is None)
+        result = "miss" if cached.plan.lookup else "refresh"
+        return cache_status(result, stored=flight.store, detail=reason)
+
+    @staticmethod
+    def _own_headers(config: Config, plan: Plan) -> list[tuple[bytes, bytes]]:
+        """What Parkway adds to every answer of this request: CORS and the request id."""
+        return [*cors.response_headers(config.cors, plan.origin), (b"x-request-id", plan.request_id.encode())]
 
     async def _respond(
         self,
@@ -377,6 +589,7 @@ class Gateway:
         config: Config,
         origin: str | None,
         request_id: str,
+        extra_headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         """Send the client the upstream's status and headers (hop-by-hop ones replaced by ours)."""
         out_headers = forwarding.response_headers(response.headers)
@@ -387,6 +600,7 @@ class Gateway:
             out_headers.append((b"x-accel-buffering", b"no"))
         out_headers += cors.response_headers(config.cors, origin)
         out_headers.append((b"x-request-id", request_id.encode()))
+        out_headers += extra_headers
         # A small fixed-length answer's head waits for its body: one write instead of two.
         small = record.expected_length is not None and record.expected_length <= SMALL_RESPONSE_BYTES
         await conn.send_head(response.status, out_headers, flush=not small)
@@ -466,6 +680,26 @@ def _address_policy(credential: Credential, allow_private: bool) -> ssrf.Address
         allow_private=allow_private or credential.allow_private_upstreams,
         allowed_upstreams=credential.allowed_upstreams,
     )
+
+
+_NO_CACHE_RULES = CacheRules()
+
+
+def _check_upstream_nowait(plan: Plan, config: Config) -> None:
+    """The part of the SSRF guard that needs no DNS, for answers served without connecting (a hit,
+    a collapsed follower): the scheme, and an upstream named by its IP address. Names are checked
+    when a connection is made; a hit makes none."""
+    parts = urlsplit(plan.upstream_url)
+    ssrf.check_scheme(parts.scheme)
+    try:
+        ip = ssrf.parse_ip(parts.hostname or "")
+    except ValueError:
+        return
+    _address_policy(plan.credential, config.server.allow_private_upstreams).check(ip, parts.hostname)
+
+
+def _cache_miss() -> CacheMiss:
+    return CacheMiss("no stored answer, and the request said Cache-Control: only-if-cached")
 
 
 def _has_body(head: RequestHead) -> bool:

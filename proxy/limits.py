@@ -18,7 +18,7 @@ import itertools
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -162,6 +162,18 @@ def limit_keys(
     if user is not None and user_limits is not None and not user_limits.unlimited:
         keys.append(LimitKey(USER, f"{credential_id}/{user}", user_limits))
     return tuple(keys)
+
+
+def split_limits(keys: Iterable[LimitKey]) -> tuple[tuple[LimitKey, ...], tuple[LimitKey, ...]]:
+    """``keys`` as their request-rate part and their concurrency part. A request served without
+    an upstream call (a cached answer) counts against the first only: it holds no upstream slot."""
+    rate, concurrency = [], []
+    for scope, key, spec in keys:
+        if spec.rate is not None:
+            rate.append(LimitKey(scope, key, LimitSpec(rate=spec.rate, burst=spec.burst)))
+        if spec.max_concurrent is not None:
+            concurrency.append(LimitKey(scope, key, LimitSpec(max_concurrent=spec.max_concurrent)))
+    return tuple(rate), tuple(concurrency)
 
 
 def storage_key(scope: str, key: str) -> str:

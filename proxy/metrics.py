@@ -53,6 +53,24 @@ class Metrics:
         self.tokens = Counter(
             "parkway_tokens", "LLM tokens reported in upstream usage objects.", ["credential", "kind"], registry=r
         )
+        self.cache_requests = Counter(
+            "parkway_cache_requests",
+            "Cacheable requests by result: hit, miss, collapsed, bypass, unavailable.",
+            ["result"],
+            registry=r,
+        )
+        self.cache_stored = Counter("parkway_cache_stored", "Answers stored in the cache.", registry=r)
+        self.cache_evictions = Counter(
+            "parkway_cache_evictions", "Live cache entries pushed out by the byte bound.", registry=r
+        )
+        self.cache_tokens_saved = Counter(
+            "parkway_cache_tokens_saved",
+            "LLM tokens of answers served from the cache or collapsed.",
+            ["credential", "kind"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge("parkway_cache_bytes", "Bytes held by the cache store.", registry=r)
+        self.cache_entries = Gauge("parkway_cache_entries", "Entries held by the cache store.", registry=r)
         self.reloads = Counter("parkway_config_reloads", "Configuration reloads by result.", ["result"], registry=r)
 
     def render(self) -> bytes:

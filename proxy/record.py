@@ -42,6 +42,8 @@ class RequestRecord:
     expected_length: int | None = None  # the upstream's Content-Length, when it sent one
     completed: bool = False  # the whole response was written
     relayed: int = 0  # response body bytes written to the client
+    cache: str | None = None  # hit | miss | stored | collapsed | bypass | unavailable; None: not cacheable
+    tokens_saved: tuple[int, int] = (0, 0)  # prompt, completion tokens of an answer served without upstream
     # Set by settle() when the request ends.
     bytes_in: int = 0
     bytes_out: int = 0
@@ -69,6 +71,8 @@ def log_request(head: RequestHead, record: RequestRecord) -> None:
         duration_ms=round(record.duration * 1000, 1),
         outcome=record.outcome,
     )
+    if record.cache is not None:
+        fields["cache"] = record.cache
     if record.error:
         fields["error"] = record.error
     if record.usage is not None:
@@ -100,3 +104,10 @@ def count_request(metrics: Metrics, config: Config, record: RequestRecord) -> No
     if record.usage is not None:
         m.tokens.labels(label, "prompt").inc(record.usage.prompt_tokens)
         m.tokens.labels(label, "completion").inc(record.usage.completion_tokens)
+    if record.cache is not None:
+        m.cache_requests.labels("miss" if record.cache == "stored" else record.cache).inc()
+        if record.cache == "stored":
+            m.cache_stored.inc()
+        elif record.cache in ("hit", "collapsed") and record.completed:
+            m.cache_tokens_saved.labels(label, "prompt").inc(record.tokens_saved[0])
+            m.cache_tokens_saved.labels(label, "completion").inc(record.tokens_saved[1])

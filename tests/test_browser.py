@@ -274,3 +274,39 @@ async def test_page_shows_parkways_refusal(start_example, upstream: Upstream, tm
         assert entry["message"].startswith("Parkway said 403 expired: signed URL expired at ")
         assert await text_of(page, "error") == entry["message"]
     assert upstream.requests == []
+
+
+async def test_a_cached_stream_renders_token_by_token(start_example, upstream: Upstream, tmp_path: Path) -> None:
+    """The second identical call is answered from Parkway's cache, replayed paced like the original:
+    the page renders it token by token, with the original's pause in the middle, and the upstream
+    is called once."""
+    release, finished = trio.Event(), trio.Event()
+    upstream.behaviour = held_completion(release, finished)
+    example = await start_example(cache_ttl=600, cache_replay="paced")
+    partial_text = "".join(TOKENS[:HELD_AFTER])
+    pause = 1.0  # the original stream's pause after HELD_AFTER tokens: the replay keeps it
+    async with chromium_page(tmp_path) as page:
+        with trio.fail_after(WAIT):
+            await open_page(page, example.page_url)
+            await page.evaluate(
+                "document.getElementById('prompt').value = 'Cache me';document.getElementById('send').click()"
+            )
+            await page.report(lambda r: r["kind"] == "token" and r["length"] == len(partial_text))
+        await trio.sleep(pause)  # the data's own timing, recorded with the entry: not a synchronisation
+        release.set()
+        with trio.fail_after(WAIT):
+            await page.report(lambda r: r["kind"] == "done")
+            # Again, the same prompt: a hit.
+            await page.evaluate("document.getElementById('send').click()")
+            await page.report(lambda r: r["kind"] == "token" and r["length"] == len(partial_text))
+        # Mid-replay: the page shows the first tokens while the cache is still pacing the rest.
+        assert await text_of(page, "output") == partial_text
+        assert await page.evaluate("window.parkwayProgress.done") is False
+        with trio.fail_after(WAIT + pause):
+            await page.report(lambda r: r["kind"] == "done")
+        assert await text_of(page, "output") == "".join(TOKENS)
+        snapshots = await page.evaluate("window.parkwayProgress.snapshots")
+        assert [s["length"] for s in snapshots] == list(itertools.accumulate(len(t) for t in TOKENS))
+        gap_ms = snapshots[HELD_AFTER]["t"] - snapshots[HELD_AFTER - 1]["t"]
+        assert gap_ms >= 0.9 * pause * 1000
+    assert len(upstream.requests) == 1

@@ -19,11 +19,10 @@ import trio
 from structlog.testing import capture_logs
 
 from proxy.cache import ResponseCache, open_cache
-from proxy.cache_policy import CacheUnavailable
 from proxy.cache_entry import CacheEntry, encode_entry
-from proxy.cache_policy import CacheConfig
+from proxy.cache_policy import CacheConfig, CacheUnavailable
 from proxy.cache_redis import RedisStore
-from redis_server import RedisServer
+from support.redis import RedisServer
 
 GUARD = 10.0  # seconds: no test here may take longer
 SSE = ((b"content-type", b"text/event-stream"),)

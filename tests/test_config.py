@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.cache_policy import CacheConfig, CacheRules
 from proxy.config import (
     AdminConfig,
     Config,
@@ -179,9 +180,10 @@ def test_shipped_example_parses_with_its_variables():
 
 def test_shipped_example_documents_every_key():
     text = EXAMPLE.read_text()
-    classes = (ServerConfig, CorsConfig, LogConfig, AdminConfig, StateConfig, Credential)
-    keys = [f.name for cls in classes for f in dataclasses.fields(cls) if f.name not in ("secrets", "headers")]
-    keys += ["secret", "secret_env", r"\[credentials\.headers\]"]
+    classes = (ServerConfig, CorsConfig, LogConfig, AdminConfig, StateConfig, Credential, CacheConfig, CacheRules)
+    tables = ("secrets", "headers", "cache")
+    keys = [f.name for cls in classes for f in dataclasses.fields(cls) if f.name not in tables]
+    keys += ["secret", "secret_env", r"\[credentials\.headers\]", r"\[credentials\.cache\]"]
     for key in keys:
         # Written as a setting, possibly commented out, with a comment line right above it.
         assert re.search(rf"^#[^\n]*\n(#[^\n]*\n)*#?\s*{key}(?!\w)", text, re.M), key
@@ -191,7 +193,7 @@ def test_shipped_example_documents_every_key():
 
 PROBLEMS = [
     # top level
-    ("extra = 1", "extra", "unknown key 'extra'; allowed keys: server, credentials, cors, log, admin, state"),
+    ("extra = 1", "extra", "unknown key 'extra'; allowed keys: server, credentials, cors, log, admin, state, cache"),
     ("server = 3", "server", "expected a table, got integer"),
     ("credentials = 1", "credentials", "expected an array of tables"),
     ("credentials = [1]", "credentials[0]", "expected a table, got integer"),
@@ -284,7 +286,41 @@ PROBLEMS = [
     ('[log]\nformat = "text"', "log.format", "must be one of json, console"),
     ("[log]\nlevel = 10", "log.level", "expected a string, got integer"),
     ('[log]\ncolour = "auto"', "log.colour", "unknown key 'colour'; allowed keys: level, format"),
+    # cache
+    ('[cache]\nbackend = "disk"', "cache.backend", "must be one of memory, redis, not 'disk'"),
+    ("[cache]\nmax_bytes = 0", "cache.max_bytes", "must be at least 1"),
+    ("[cache]\nmax_followers = 1.5", "cache.max_followers", "expected an integer, got float"),
+    ('[cache]\nurl = "http://cache"', "cache.url", "redis:// , rediss:// or unix:// URL".replace(" ,", ",")),
+    ('[cache]\nparam = ""', "cache.param", "must not be empty"),
+    ('[cache]\nparam = "pw_user"', "cache.param", "'pw_user' is already the server.user_param"),
+    ('[cache]\nkey_headers = ["a b"]', "cache.key_headers[0]", "not an HTTP token"),
+    (f"{CRED}cache = 5", "credentials[0].cache", "expected a table, got integer"),
+    (f"{CRED}[credentials.cache]\nttl = -5", "credentials[0].cache.ttl", "must be at least 0"),
+    (f'{CRED}[credentials.cache]\nreplay = "fast"', "credentials[0].cache.replay", "must be one of instant, paced"),
+    (f"{CRED}[credentials.cache]\nttl_s = 5", "credentials[0].cache.ttl_s", "unknown key 'ttl_s'; allowed keys: ttl,"),
+    (f"{CRED}[credentials.cache]\nmax_entry_bytes = 0", "credentials[0].cache.max_entry_bytes", "at least 1"),
 ]
+
+
+def test_cache_sections() -> None:
+    text = f"""{CRED}[credentials.cache]
+ttl = 86400
+namespace = "team"
+per_user = true
+replay = "PACED"
+honour_upstream_no_store = false
+
+[cache]
+backend = "redis"
+url = "redis://:${{API_KEY}}@cache:6379/1"
+key_headers = ["Accept", "X-Model-Version"]
+"""
+    config = parse_config(text, ENV)
+    assert config.credentials[0].cache == CacheRules(86400, "team", True, "paced", False, None)
+    assert config.cache == CacheConfig(
+        backend="redis", url=f"redis://:{API_KEY}@cache:6379/1", key_headers=("accept", "x-model-version")
+    )
+    assert parse_config(CRED, ENV).credentials[0].cache is None and parse_config(CRED, ENV).cache == CacheConfig()
 
 
 @pytest.mark.parametrize(("text", "path", "message"), PROBLEMS, ids=[p for _, p, _ in PROBLEMS])
@@ -464,7 +500,15 @@ def test_config_stays_frozen_comparable_and_hashable():
     assert one != parse_config(CRED.replace('"app"', '"b"'), ENV)
     with pytest.raises(dataclasses.FrozenInstanceError):
         one.credentials = ()  # type: ignore[misc]
-    assert [f.name for f in dataclasses.fields(Config)] == ["server", "credentials", "cors", "log", "admin", "state"]
+    assert [f.name for f in dataclasses.fields(Config)] == [
+        "server",
+        "credentials",
+        "cors",
+        "log",
+        "admin",
+        "state",
+        "cache",
+    ]
     replaced = dataclasses.replace(one, credentials=(Credential("new", ("s",)),))
     assert replaced.credential("new") is not None and replaced.credential("app") is None
 

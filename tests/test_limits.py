@@ -28,6 +28,7 @@ from proxy.limits import (
     limit_keys,
     parse_rate,
     replay_refusal,
+    split_limits,
     storage_key,
     wants_single_use,
 )
@@ -158,6 +159,21 @@ USR = LimitSpec(max_concurrent=1)
 )
 def test_limit_keys(args: tuple, expected: tuple) -> None:
     assert limit_keys(*args) == expected
+
+
+def test_split_limits_into_rate_and_concurrency() -> None:
+    """A cached answer counts against request rates only: it holds no upstream slot."""
+    both, rate_only, slots_only = (
+        LimitSpec(max_concurrent=2, rate=5.0, burst=7),
+        LimitSpec(rate=1.0),
+        LimitSpec(max_concurrent=1),
+    )
+    keys = (LimitKey(CREDENTIAL, "app", both), LimitKey(USER, "app/a", rate_only), LimitKey(USER, "app/b", slots_only))
+    assert split_limits(keys) == (
+        (LimitKey(CREDENTIAL, "app", LimitSpec(rate=5.0, burst=7)), LimitKey(USER, "app/a", rate_only)),
+        (LimitKey(CREDENTIAL, "app", LimitSpec(max_concurrent=2)), LimitKey(USER, "app/b", slots_only)),
+    )
+    assert split_limits(()) == ((), ())
 
 
 @pytest.mark.parametrize(

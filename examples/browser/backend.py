@@ -28,6 +28,7 @@ from pathlib import Path
 import trio
 
 from proxy.app import Parkway
+from proxy.cache_policy import CacheRules
 from proxy.config import Config, CorsConfig, Credential, ServerConfig
 from proxy.errors import ParkwayError
 from proxy.handler import utcnow
@@ -62,6 +63,7 @@ class Backend:
     secret: str
     parkway_base: str = ""  # set once Parkway listens
     upstream_base: str = ""
+    cache_ttl: int = 0  # > 0: sign with pw_cache, so Parkway may answer a repeated call from its cache
 
     async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None:
         await conn.send_full(*_json(exc.status, {"error": exc.message}))
@@ -100,6 +102,8 @@ class Backend:
             method="POST",
             headers=headers,  # the browser must send this Content-Type ...
             body=text,  # ... and exactly this body
+            # A deterministic call may be answered from Parkway's cache for cache_ttl seconds.
+            params={"pw_cache": str(self.cache_ttl)} if self.cache_ttl else None,
         )
         return _json(200, {"url": url, "headers": headers})
 
@@ -127,6 +131,8 @@ async def serve_example(
     upstream_url: str | None = None,
     delay: float = 0.08,
     parkway_clock: Callable[[], datetime] = utcnow,
+    cache_ttl: int = 0,
+    cache_replay: str = "instant",
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the backend, Parkway and (unless ``upstream_url``) the mock upstream until stopped.
@@ -134,7 +140,7 @@ async def serve_example(
     ``task_status.started`` gets the :class:`Example`; it returns once ``stop()`` has drained all.
     """
     quick = dict(drain_timeout=1.0, keepalive_timeout=5.0)
-    backend = Backend(secret=secrets.token_urlsafe(24))
+    backend = Backend(secret=secrets.token_urlsafe(24), cache_ttl=cache_ttl)
     api_key = "sk-example-" + secrets.token_hex(8)
     example: Example | None = None
     try:
@@ -162,6 +168,7 @@ async def serve_example(
                         secrets=(backend.secret,),
                         headers=(("Authorization", f"Bearer {api_key}"),),
                         allowed_upstreams=(upstream_url + "/v1/",),
+                        cache=CacheRules(replay=cache_replay),
                     ),
                 ),
                 # Only this page may call Parkway from a browser; it may read X-Request-Id.
