@@ -134,7 +134,8 @@ class Flight:
         recording = self.recording
         if recording is None or not data:
             return
-        recording.add(data, trio.current_time())
+        # bytes() keeps a bytes object as it is, and copies a view of a buffer the relay may reuse.
+        recording.add(bytes(data), trio.current_time())
         if not recording.keeping:
             self.accepting = False  # a late follower would need chunks no longer held
         self._lot.unpark_all()

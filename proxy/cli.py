@@ -283,7 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sign.add_argument("--body", help="exact request body to sign")
     sign.add_argument(
-        "--param", action="append", default=[], metavar="KEY=VALUE", help="extra signed query parameter (repeatable)"
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra signed query parameter (repeatable): pw_user=42, pw_single_use=1, pw_cache=86400 (seconds)",
     )
     sign.add_argument(
         "--host",

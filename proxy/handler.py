@@ -385,6 +385,9 @@ class Gateway:
         cached, cache = plan.cache, self.cache
         assert cached is not None and cache is not None
         _check_upstream_nowait(plan, config)
+        if plan.body is not None and plan.rules.inspects_body and not cached.bypass:
+            # The body rules (models, max_tokens...) as they are now, before any stored answer is served.
+            await policy.checked_body(plan.rules, plan.declared_length, plan.body)
         if cached.bypass:
             record.cache = "bypass"
             if cached.plan.only_if_cached:

@@ -324,6 +324,20 @@ async def test_the_address_guard_applies_to_hits(cached_parkway, upstream) -> No
     assert len(upstream.requests) == 1
 
 
+async def test_the_body_rules_apply_to_hits(cached_parkway, upstream) -> None:
+    """An answer stored while a model was allowed is not served once the credential's policy says no."""
+    allowed = replace(TEST_CREDENTIAL, allowed_models=("gpt-4o-mini",))
+    parkway = await cached_parkway(credentials=(allowed,))
+    target = url(parkway, upstream, pw_cache="60")
+    assert (await call(parkway.port, "POST", target, body=BODY)).status == 200
+    config = parkway.parkway.gateway.config
+    narrowed = replace(TEST_CREDENTIAL, allowed_models=("gpt-4o",))
+    parkway.parkway.gateway.apply(replace(config, credentials=(narrowed,)))
+    refused = await call(parkway.port, "POST", target, body=BODY)
+    assert (refused.status, refused.code) == (403, "model_not_allowed")
+    assert len(upstream.requests) == 1
+
+
 async def test_single_use_applies_to_hits(cached_parkway, upstream) -> None:
     parkway = await cached_parkway()
     target = url(parkway, upstream, pw_cache="60")

@@ -10,6 +10,7 @@ from proxy import errors
 from proxy.errors import (
     BadRequest,
     BodyTooLarge,
+    CacheMiss,
     ConfigError,
     ConfigProblem,
     Forbidden,
@@ -41,6 +42,7 @@ MAPPING = {
     BodyTooLarge: (413, "invalid_request_error", "body_too_large", "refused:body_too_large"),
     HeadersTooLarge: (431, "invalid_request_error", "headers_too_large", "refused:headers_too_large"),
     Overloaded: (503, "server_error", "overloaded", "refused:overloaded"),
+    CacheMiss: (504, "invalid_request_error", "cache_miss", "refused:cache_miss"),
     TooManyRequests: (429, "rate_limit_error", "rate_limited", "refused:rate_limited"),
     UpstreamError: (502, "upstream_error", "upstream_error", "upstream_error"),
     UpstreamConnectError: (502, "upstream_error", "upstream_connect_failed", "upstream_error"),
