@@ -726,6 +726,10 @@ Authorization = "Bearer {API_KEY}"
 [log]
 level = "{level}"
 format = "json"
+
+# No admin listener: its default port (9180) is shared by every Parkway on the machine.
+[admin]
+listen = []
 """
 
 

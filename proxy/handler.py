@@ -692,13 +692,26 @@ def _check_upstream_nowait(plan: Plan, config: Config) -> None:
     """The part of the SSRF guard that needs no DNS, for answers served without connecting (a hit,
     a collapsed follower): the scheme, and an upstream named by its IP address. Names are checked
     when a connection is made; a hit makes none."""
-    parts = urlsplit(plan.upstream_url)
-    ssrf.check_scheme(parts.scheme)
+    origin = plan.upstream_url.split("/", 3)[:3]  # scheme:, "", host[:port]
+    refusal = _origin_refusal("/".join(origin), plan.credential, config.server.allow_private_upstreams)
+    if refusal is not None:
+        raise Forbidden(refusal[0], code=refusal[1])
+
+
+@lru_cache(maxsize=1024)
+def _origin_refusal(origin: str, credential: Credential, allow_private: bool) -> tuple[str, str] | None:
+    """Why the address guard refuses ``origin`` outright (message, code), or None (cached: hot path)."""
+    parts = urlsplit(origin)
     try:
-        ip = ssrf.parse_ip(parts.hostname or "")
-    except ValueError:
-        return
-    _address_policy(plan.credential, config.server.allow_private_upstreams).check(ip, parts.hostname)
+        ssrf.check_scheme(parts.scheme)
+        try:
+            ip = ssrf.parse_ip(parts.hostname or "")
+        except ValueError:
+            return None
+        _address_policy(credential, allow_private).check(ip, parts.hostname)
+    except Forbidden as exc:
+        return exc.message, exc.code
+    return None
 
 
 def _cache_miss() -> CacheMiss:
