@@ -56,6 +56,11 @@ class UpstreamConnection:
     def tls(self) -> bool:
         return self._tls is not None
 
+    @property
+    def tls_session(self) -> ssl.SSLSession | None:
+        """The TLS session to resume on the next connection to the same origin (a cheaper handshake)."""
+        return self._tls.session if self._tls is not None else None
+
     # --- connecting ---------------------------------------------------------------------------
 
     @classmethod
@@ -68,6 +73,7 @@ class UpstreamConnection:
         ssl_context: ssl.SSLContext | None,
         timeout: float,
         resolver: Resolver = resolve,
+        tls_session: ssl.SSLSession | None = None,
     ) -> UpstreamConnection:
         """Resolve, check every address, connect to the first that answers, then TLS if asked.
 
@@ -94,7 +100,7 @@ class UpstreamConnection:
                 conn = cls(sock, name)
                 if ssl_context is not None:
                     try:
-                        await conn._start_tls(ssl_context, host.strip("[]"))
+                        await conn._start_tls(ssl_context, host.strip("[]"), tls_session)
                     except BaseException:
                         conn.close()
                         raise
@@ -102,9 +108,9 @@ class UpstreamConnection:
         except trio.TooSlowError:
             raise UpstreamTimeout(f"connecting to {name} timed out") from None
 
-    async def _start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+    async def _start_tls(self, context: ssl.SSLContext, server_hostname: str, session: ssl.SSLSession | None) -> None:
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+        tls = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname, session=session)
         self._tls, self._in, self._out = tls, incoming, outgoing
         while True:
             try:
@@ -174,6 +180,7 @@ class UpstreamConnection:
             self._in.write_eof()
         pieces = []
         eof = not raw
+        incoming = self._in
         while True:
             try:
                 piece = tls.read(RECEIVE_SIZE)
@@ -188,6 +195,8 @@ class UpstreamConnection:
                 eof = True
                 break
             pieces.append(piece)
+            if not incoming.pending and not tls.pending() and raw:
+                break  # every record read: skip the read that would only raise SSLWantReadError
         if self._out.pending:  # a TLS 1.3 key update asks for an answer; it fits in the socket
             try:
                 self.sock.send(self._out.read())

@@ -27,7 +27,8 @@ import h11
 import trio
 
 from .chunked import Framing, body_framing
-from .errors import ParkwayError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from .config import ServerConfig
+from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from .ssrf import DEFAULT_POLICY, AddressPolicy, Resolver, check_scheme, resolve
 from .upstream_conn import UpstreamConnection
 
@@ -87,7 +88,7 @@ class ConnectionPool:
 
 
 @dataclass(frozen=True, slots=True)
-class ProxiedRequest:
+class UpstreamRequest:
     method: str
     url: str  # normalised, without fragment
     headers: Headers
@@ -95,7 +96,7 @@ class ProxiedRequest:
     address_policy: AddressPolicy | None = None
 
 
-class ProxiedResponse:
+class UpstreamResponse:
     """An upstream answer whose head has arrived: status, headers, framing, the raw connection.
 
     ``initial`` holds the body bytes that arrived with the head. The relay sets ``reusable``
@@ -122,30 +123,29 @@ class ProxiedResponse:
         return UpstreamTimeout(f"{self.host} sent nothing for {self.idle_timeout:g} s in the middle of the response")
 
 
-class ProxyClient:
+class UpstreamClient:
     """Sends proxied requests over pooled connections; see the module docstring."""
 
     def __init__(
         self,
+        config: ServerConfig,
         *,
-        connect_timeout: float,
-        first_byte_timeout: float,
-        idle_timeout: float,
-        allow_private: bool = False,
         verify: bool | ssl.SSLContext = True,
-        ca_file: str = "",
         resolver: Resolver = resolve,
         pool: ConnectionPool | None = None,
     ):
-        self.connect_timeout = connect_timeout
-        self.first_byte_timeout = first_byte_timeout
-        self.idle_timeout = idle_timeout
+        self.config = config
+        self.connect_timeout = config.upstream_connect_timeout
+        self.first_byte_timeout = config.upstream_first_byte_timeout
+        self.idle_timeout = config.upstream_idle_timeout
+        allow_private = config.allow_private_upstreams
         self.default_policy = AddressPolicy(allow_private=allow_private) if allow_private else DEFAULT_POLICY
         self.pool = pool or ConnectionPool()
         self._verify = verify
-        self._ca_file = ca_file
+        self._ca_file: str = getattr(config, "upstream_ca_file", "")
         self._ssl: ssl.SSLContext | None = None
         self._resolver = resolver
+        self._sessions: dict[Origin, ssl.SSLSession] = {}  # the last TLS session per origin, to resume
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -160,13 +160,13 @@ class ProxyClient:
         return self._ssl
 
     @asynccontextmanager
-    async def open(self, req: ProxiedRequest) -> AsyncIterator[ProxiedResponse]:
+    async def open(self, req: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
         """Send ``req``; yield the response once its head has arrived. Leaving the context gives
         the connection back to the pool when the relay marked the response reusable, and closes
         it otherwise (an unfinished body: that stops the generation upstream)."""
         origin, target, host_header = _parse(req.url, req.address_policy or self.default_policy)
         name = f"{origin.host}:{origin.port}"
-        response: ProxiedResponse | None = None
+        response: UpstreamResponse | None = None
         try:
             with trio.fail_after(self.first_byte_timeout):
                 response = await self._exchange(req, origin, target, host_header)
@@ -175,12 +175,14 @@ class ProxyClient:
         try:
             yield response
         finally:
+            if origin.scheme == "https" and (session := response.conn.tls_session) is not None:
+                self._sessions[origin] = session
             if response.reusable:
                 self.pool.give_back(origin, response.conn, trio.current_time())
             else:
                 response.conn.close()
 
-    async def _exchange(self, req: ProxiedRequest, origin: Origin, target: bytes, host: bytes) -> ProxiedResponse:
+    async def _exchange(self, req: UpstreamRequest, origin: Origin, target: bytes, host: bytes) -> UpstreamResponse:
         conn = self.pool.take(origin, trio.current_time())
         replayable = not isinstance(req.body, AsyncIterator)
         if conn is not None:
@@ -197,6 +199,7 @@ class ProxyClient:
             ssl_context=self._ssl_context() if origin.scheme == "https" else None,
             timeout=self.connect_timeout,
             resolver=self._resolver,
+            tls_session=self._sessions.get(origin),
         )
         try:
             return await self._send_and_read_head(conn, req, target, host, reused=False)
@@ -205,8 +208,8 @@ class ProxyClient:
             raise UpstreamProtocolError(str(exc)) from None
 
     async def _send_and_read_head(
-        self, conn: UpstreamConnection, req: ProxiedRequest, target: bytes, host: bytes, *, reused: bool
-    ) -> ProxiedResponse:
+        self, conn: UpstreamConnection, req: UpstreamRequest, target: bytes, host: bytes, *, reused: bool
+    ) -> UpstreamResponse:
         try:
             await self._send_request(conn, req, target, host)
             response = await self._read_head(conn, req.method)
@@ -217,7 +220,7 @@ class ProxyClient:
             raise
         return response
 
-    async def _send_request(self, conn: UpstreamConnection, req: ProxiedRequest, target: bytes, host: bytes) -> None:
+    async def _send_request(self, conn: UpstreamConnection, req: UpstreamRequest, target: bytes, host: bytes) -> None:
         headers = [(b"host", host), *req.headers]
         has_length = any(n == b"content-length" for n, _ in req.headers)
         body = req.body
@@ -246,7 +249,7 @@ class ProxyClient:
         except h11.LocalProtocolError as exc:
             raise UpstreamError(f"request to {conn.host} could not be sent: {exc}") from None
 
-    async def _read_head(self, conn: UpstreamConnection, method: str) -> ProxiedResponse:
+    async def _read_head(self, conn: UpstreamConnection, method: str) -> UpstreamResponse:
         h = conn.h11
         buf = b""
         received = False
@@ -283,7 +286,7 @@ class ProxyClient:
                 raise UpstreamProtocolError(f"{conn.host} sent a malformed response")
             headers = list(event.headers)
             framing = body_framing(method, event.status_code, headers)
-            return ProxiedResponse(event.status_code, headers, framing, conn, buf, self.idle_timeout)
+            return UpstreamResponse(event.status_code, headers, framing, conn, buf, self.idle_timeout)
 
     async def aclose(self) -> None:
         self.pool.close()
@@ -322,4 +325,4 @@ def _parse(url: str, policy: AddressPolicy) -> tuple[Origin, bytes, bytes]:
     return Origin(scheme, host, port or default, policy), *encoded
 
 
-__all__ = ["ConnectionPool", "Origin", "ParkwayError", "ProxiedRequest", "ProxiedResponse", "ProxyClient"]
+__all__ = ["ConnectionPool", "Origin", "UpstreamClient", "UpstreamRequest", "UpstreamResponse"]
