@@ -210,6 +210,9 @@ class RelayStream:
             out = b"".join([*conn._unsent, out])
             conn._unsent.clear()
         sent = 0
+        if out and self.client_fd < 0:  # not a socket (an in-memory stream): the driver sends it
+            self.pending = memoryview(out)
+            return BLOCKED
         if out:
             try:
                 sent = os.write(self.client_fd, out)
@@ -242,6 +245,16 @@ class RelayStream:
         if sent != len(self.pending):
             self.pending = self.pending[sent:]
             return BLOCKED
+        self.pending = None
+        if self.unobserved:
+            self._observe()
+        return DONE if self.complete else WROTE
+
+    def sent_all(self) -> int:
+        """The driver sent what was pending by other means (a stream that is not a socket)."""
+        assert self.pending is not None
+        self.conn.bytes_out += len(self.pending)
+        self.relayed += len(self.pending)
         self.pending = None
         if self.unobserved:
             self._observe()
@@ -294,6 +307,14 @@ async def relay_portable(stream: RelayStream, initial: bytes) -> None:
                     stream.blocked_since = trio.current_time()
                     gap.deadline = stream.blocked_since + stream.write_timeout + slack
                     with trio.move_on_after(stream.write_timeout) as write:
+                        if stream.client_fd < 0:
+                            assert stream.pending is not None
+                            try:
+                                await stream.conn.stream.send_all(stream.pending)
+                            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                                stream.conn.conn.send_failed()
+                                raise ClientGone(str(exc) or type(exc).__name__) from None
+                            state = stream.sent_all()
                         while state == BLOCKED:
                             await trio.lowlevel.wait_writable(stream.conn._socket)
                             state = stream.on_client_writable()

@@ -57,6 +57,10 @@ class UpstreamConnection:
         return self._tls is not None
 
     @property
+    def tls_resumed(self) -> bool:
+        return self._tls is not None and self._tls.session_reused
+
+    @property
     def tls_session(self) -> ssl.SSLSession | None:
         """The TLS session to resume on the next connection to the same origin (a cheaper handshake)."""
         return self._tls.session if self._tls is not None else None

@@ -175,12 +175,19 @@ class UpstreamClient:
         try:
             yield response
         finally:
-            if origin.scheme == "https" and (session := response.conn.tls_session) is not None:
-                self._sessions[origin] = session
+            if origin.scheme == "https" and origin not in self._sessions:
+                self._remember_session(origin, response.conn)
             if response.reusable:
                 self.pool.give_back(origin, response.conn, trio.current_time())
             else:
                 response.conn.close()
+
+    def _remember_session(self, origin: Origin, conn: UpstreamConnection) -> None:
+        """Keep one TLS session per origin to resume (reading it costs as much as relaying
+        several events, so it is taken once and forgotten when a handshake did not resume it)."""
+        session = conn.tls_session
+        if session is not None:
+            self._sessions[origin] = session
 
     async def _exchange(self, req: UpstreamRequest, origin: Origin, target: bytes, host: bytes) -> UpstreamResponse:
         conn = self.pool.take(origin, trio.current_time())
@@ -201,6 +208,8 @@ class UpstreamClient:
             resolver=self._resolver,
             tls_session=self._sessions.get(origin),
         )
+        if conn.tls and not conn.tls_resumed:
+            self._sessions.pop(origin, None)  # expired or refused: the next answer's session replaces it
         try:
             return await self._send_and_read_head(conn, req, target, host, reused=False)
         except _StaleConnection as exc:
