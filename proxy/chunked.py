@@ -28,6 +28,7 @@ _SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\n]*)?[ \t]*\r\n")
 _TRAILER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r\n")
 
 _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+_HEX = b"0123456789abcdefABCDEF"
 
 
 class MalformedChunks(UpstreamProtocolError):
@@ -101,6 +102,20 @@ class ChunkScanner:
         return bytes(self._trailers)
 
     def feed(self, data: bytes, out: list[bytes] | None = None) -> int:
+        if self._state == _SIZE and not self._line:
+            # The common case, cheaply: a read holding exactly one whole chunk with a bare hex size.
+            nl = data.find(b"\r\n", 0, 18)
+            if nl > 0:
+                size_text = data[:nl]
+                if not size_text.translate(None, _HEX):
+                    stop = nl + 2 + int(size_text, 16)
+                    if stop + 2 == len(data) and stop > nl + 2 and data[stop:] == b"\r\n":
+                        if out is not None:
+                            out.append(data[nl + 2 : stop])
+                        return stop + 2
+        return self._feed(data, out)
+
+    def _feed(self, data: bytes, out: list[bytes] | None) -> int:
         end = len(data)
         i = 0
         state, left = self._state, self._left

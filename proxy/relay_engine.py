@@ -144,9 +144,13 @@ class RelayStream:
                 self._down_h11.send(h11.EndOfMessage())  # its terminator is the one that passed through
         else:
             out = self._reframe(data, observed)
+        state = self._write(out)
         if observed:
-            self.unobserved += observed
-        return self._write(out)
+            if state == BLOCKED:  # fed once the client has taken it
+                self.unobserved += observed
+            else:
+                self._observe(observed)
+        return state
 
     def _reframe(self, data: bytes, observed: list[bytes] | None) -> bytes:
         """h11 on both sides: de-frame what the upstream sent, frame it for this client."""
@@ -226,8 +230,6 @@ class RelayStream:
             if sent != len(out):
                 self.pending = memoryview(out)[sent:]
                 return BLOCKED
-        if self.unobserved:
-            self._observe()
         return DONE if self.complete else WROTE
 
     def on_client_writable(self) -> int:
@@ -247,7 +249,8 @@ class RelayStream:
             return BLOCKED
         self.pending = None
         if self.unobserved:
-            self._observe()
+            self._observe(self.unobserved)
+            self.unobserved = []
         return DONE if self.complete else WROTE
 
     def sent_all(self) -> int:
@@ -257,11 +260,11 @@ class RelayStream:
         self.relayed += len(self.pending)
         self.pending = None
         if self.unobserved:
-            self._observe()
+            self._observe(self.unobserved)
+            self.unobserved = []
         return DONE if self.complete else WROTE
 
-    def _observe(self) -> None:
-        pieces, self.unobserved = self.unobserved, []
+    def _observe(self, pieces: list[bytes]) -> None:
         for observer in self.observers:
             try:
                 for piece in pieces:
