@@ -66,8 +66,9 @@ TLS = """
             proxy_ssl_session_reuse on;"""
 
 
-def write_config(directory: Path, *, listen: str, upstream: str, api_key: str, nofile: int,
-                 tls_ca: Path | None = None) -> Path:
+def write_config(
+    directory: Path, *, listen: str, upstream: str, api_key: str, nofile: int, tls_ca: Path | None = None
+) -> Path:
     """``tls_ca``: the upstream serves https with this certificate (verified, as a careful operator would)."""
     directory.mkdir(parents=True, exist_ok=True)
     text = CONF.format(

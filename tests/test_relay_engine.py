@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import SSE_HEADERS, Exchange, request_bytes, watch_logs
-from relay_helpers import ScriptedRequest, ScriptedUpstream, TLSUpstream, answer_with, make_certificate
+
+from support.http import request_bytes
+from support.logs import watch_logs
+from support.scripted import ScriptedRequest, ScriptedUpstream, TLSUpstream, answer_with, make_certificate
+from support.upstream import SSE_HEADERS, Exchange
 
 HANG_LIMIT = 20.0
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import pytest
 import trio
-from helpers import RunningParkway, read_until_eof, request_bytes, watch_logs
-from relay_helpers import ScriptedRequest, ScriptedUpstream, answer_with
+
+from support.http import read_until_eof, request_bytes
+from support.logs import watch_logs
+from support.parkway import RunningParkway
+from support.scripted import ScriptedRequest, ScriptedUpstream, answer_with
 
 HANG_LIMIT = 20.0
 POISON = b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nPOISONED"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.urls import InvalidURL, normalize_prefix, normalize_url, origin_and_target, url_allowed
+from proxy.urls import InvalidURL, normalize_prefix, normalize_url, origin_and_target, split_host_port, url_allowed
 
 NORMALIZE = {
     # scheme and host case, default ports
@@ -124,7 +124,11 @@ ALLOWED = {
     "same origin": ("https://api.openai.com/v1/chat", OPENAI, True),
     "origin without slash means its tree": ("https://api.openai.com/v1/chat", ("https://api.openai.com",), True),
     "host suffix attack": ("https://api.openai.com.evil.com/v1", OPENAI, False),
-    "host suffix attack, prefix without slash": ("https://api.openai.com.evil.com/v1", ("https://api.openai.com",), False),
+    "host suffix attack, prefix without slash": (
+        "https://api.openai.com.evil.com/v1",
+        ("https://api.openai.com",),
+        False,
+    ),
     "userinfo attack": ("https://api.openai.com@evil.com/", OPENAI, False),
     "userinfo attack, prefix without slash": ("https://api.openai.com@evil.com/", ("https://api.openai.com",), False),
     "backslash userinfo attack": ("https://evil.com\\@api.openai.com/", OPENAI, False),
@@ -164,7 +168,10 @@ def test_normalize_prefix(prefix, expected):
 
 
 TARGETS = {
-    "path, query, fragment dropped": ("https://api.example.com/v1/x?a=1&b=2#frag", ("https", "api.example.com", "/v1/x?a=1&b=2")),
+    "path, query, fragment dropped": (
+        "https://api.example.com/v1/x?a=1&b=2#frag",
+        ("https", "api.example.com", "/v1/x?a=1&b=2"),
+    ),
     "port kept": ("http://127.0.0.1:8080/", ("http", "127.0.0.1:8080", "/")),
     "ipv6": ("http://[::1]:8080/x", ("http", "[::1]:8080", "/x")),
     "userinfo dropped": ("https://u:p@h.example/x", ("https", "h.example", "/x")),
@@ -183,3 +190,25 @@ def test_origin_and_target(url, expected):
 def test_origin_and_target_of_normalised_url():
     url = normalize_url("HTTPS://H.example:443/a/../b c?x y#frag")
     assert origin_and_target(url) == ("https", "h.example", "/b%20c?x%20y")
+
+
+# --- listen addresses -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "split"),
+    [
+        ("127.0.0.1:3000", ("127.0.0.1", 3000)),
+        ("localhost:0", ("localhost", 0)),
+        ("[::1]:65535", ("::1", 65535)),
+        ("[::]:80", ("::", 80)),
+    ],
+)
+def test_split_host_port(address, split):
+    assert split_host_port(address) == split
+
+
+@pytest.mark.parametrize("address", ["3000", "host:", "host:65536", ":80", "::1:80", "[::1:80", "[x]:80", "h:٣"])
+def test_split_host_port_refuses(address):
+    with pytest.raises(ValueError):
+        split_host_port(address)

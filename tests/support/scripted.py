@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import Upstream
+
+from support.upstream import Upstream
 
 Answer = Callable[["ScriptedRequest"], Awaitable[None]]
 
