@@ -264,7 +264,9 @@ class Bench:
                 break
             except OSError:
                 if time.monotonic() > deadline or not front.alive():
-                    raise SetupError(f"the TLS front did not start: {(directory / 'error.log').read_text()[-500:]}") from None
+                    raise SetupError(
+                        f"the TLS front did not start: {(directory / 'error.log').read_text()[-500:]}"
+                    ) from None
                 time.sleep(0.05)
         time.sleep(0.3)
         # Its CPU counts as the upstream's: both sit on the auxiliary cores.

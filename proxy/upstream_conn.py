@@ -124,7 +124,7 @@ class UpstreamConnection:
                 await self._send_raw(outgoing.read())
                 data = await self._recv_raw()
                 if not data:
-                    raise UpstreamConnectError(f"{self.host} closed the connection during the TLS handshake")
+                    raise UpstreamConnectError(f"{self.host} closed the connection during the TLS handshake") from None
                 incoming.write(data)
             except ssl.SSLError as exc:
                 raise UpstreamConnectError(f"TLS with {self.host} failed: {exc.reason or exc}") from None

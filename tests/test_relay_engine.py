@@ -24,13 +24,7 @@ HANG_LIMIT = 20.0
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 
 
-@pytest.fixture(params=["epoll", "portable"], autouse=True)
-def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs on both relay drivers."""
-    if request.param == "epoll" and not hasattr(__import__("select"), "epoll"):
-        pytest.skip("no epoll on this platform")
-    monkeypatch.setenv("PARKWAY_RELAY", request.param)
-    return request.param
+pytestmark = pytest.mark.usefixtures("relay_path")  # every test on both drivers (conftest)
 
 
 @pytest.fixture
