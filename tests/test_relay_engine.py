@@ -263,3 +263,26 @@ async def test_answers_without_a_body_complete_at_once(start_parkway, scripted):
             raw = await receive_until(stream, b"\r\n\r\n")
 
     assert raw.startswith(b"HTTP/1.1 204 ") and raw.endswith(b"\r\n\r\n")
+
+
+async def test_a_client_leaving_mid_stream_hangs_up_on_the_upstream_at_once(start_parkway, upstream):
+    parkway = await start_parkway(upstream_idle_timeout=30.0)
+
+    async def one_event_then_wait(ex: Exchange) -> None:
+        await ex.send_head(200, SSE_HEADERS)
+        await ex.send_data(b"data: 1\n\n")
+        await trio.sleep_forever()  # a model still thinking: only the client leaving ends this
+
+    upstream.behaviour = one_event_then_wait
+    with watch_logs() as logs:
+        with trio.fail_after(5):
+            stream = await open_stream(parkway.port, parkway.sign(f"{upstream.base}/v1/chat"))
+            await receive_until(stream, b"data: 1\n\n")
+            await stream.aclose()
+            left = trio.current_time()
+            await upstream.disconnected.wait()
+            hung_up = trio.current_time() - left
+            entry = await logs.wait_for(event="request", outcome="client_gone")
+
+    assert hung_up < 1.0  # noticed by the relay itself, not by a timeout
+    assert entry["status"] == 200
