@@ -17,6 +17,7 @@ PURE = [
     "cache_entry",
     "cache_memory",
     "cache_policy",
+    "chunked",
     "config",
     "cors",
     "errors",
