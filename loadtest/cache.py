@@ -171,7 +171,7 @@ class CacheBench:
                     self.measure(parkway, "parkway-miss", ("Cache-Control: no-cache",), throughput=False)
                     | {"repeat": repeat}
                 )
-                plain = b._sign(parkway.port, "small=1")
+                plain = b._sign(parkway, "small=1")
                 runs.append(self.measure(parkway, "parkway-uncached", request=plain) | {"repeat": repeat})
             finally:
                 parkway.stop()

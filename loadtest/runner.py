@@ -806,10 +806,6 @@ listen = []  # the default port may be taken by another run on a shared machine
 [log]
 level = "{level}"
 format = "json"
-
-# No admin listener: its default port (9180) is shared by every Parkway on the machine.
-[admin]
-listen = []
 """
 
 
