@@ -30,10 +30,12 @@ def redact(_logger, _method, event_dict: dict) -> dict:
 
 def configure(level: str = "info", fmt: str = "json", stream=None) -> None:
     """Configure structlog process-wide; called once by the command line."""
-    renderer = (
-        structlog.processors.JSONRenderer()
+    # JSON lines carry a traceback as text in "exception" (exc_info alone renders as `true`);
+    # the console renderer formats exc_info itself, and warns if it was formatted before it.
+    tail = (
+        [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
+        else [structlog.dev.ConsoleRenderer(colors=False)]
     )
     structlog.configure(
         processors=[
@@ -41,7 +43,7 @@ def configure(level: str = "info", fmt: str = "json", stream=None) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact,
-            renderer,
+            *tail,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         # One write() per line: workers share stderr, and print() writes the newline apart.
