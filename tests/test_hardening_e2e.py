@@ -6,6 +6,7 @@ records everything: every refusal also proves that nothing reached the upstream.
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ from helpers import (
     Upstream,
     make_config,
     read_response,
+    read_until_eof,
     request_bytes,
     watch_logs,
 )
@@ -277,6 +279,40 @@ async def test_a_bug_in_the_request_path_is_a_500_with_a_logged_traceback(
     finally:
         running.parkway.shutdown()
     assert_nothing_forwarded(upstream)
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["before the response", "after the head"])
+async def test_a_bug_outside_the_gateway_costs_one_connection_and_is_logged(
+    upstream: Upstream, parkway: RunningParkway, client: httpx.AsyncClient, monkeypatch, started: bool
+) -> None:
+    """The connection task's last resort: a 500 while nothing was sent, else a truncated stream;
+    either way the traceback is logged and every other connection is untouched."""
+
+    async def broken_handle(head, conn) -> None:
+        if started:
+            await conn.send_head(200, [(b"content-type", b"text/plain")])
+            await conn.send_data(b"partial")
+        raise RuntimeError("a bug in the application")
+
+    monkeypatch.setattr(parkway.parkway.server.app, "handle", broken_handle)
+    with watch_logs() as logs:
+        request = request_bytes("GET", parkway.sign(f"{upstream.base}/v1/models"), headers=[("connection", "keep-alive")])
+        with trio.fail_after(5):
+            async with await trio.open_tcp_stream("127.0.0.1", parkway.port) as stream:
+                await stream.send_all(request)
+                raw = await read_until_eof(stream)
+        (failed,) = logs.find(event="connection_failed")
+        assert failed["exc_info"] is True and failed["client"] == "127.0.0.1"
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if started:
+        assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in head.lower()
+        assert body == b"7\r\npartial\r\n"  # no terminating chunk: the client sees the truncation
+    else:
+        assert head.startswith(b"HTTP/1.1 500 ") and b"connection: close" in head.lower()
+        assert json.loads(body)["error"]["code"] == "internal_error"
+        assert b"RuntimeError" not in raw
+    monkeypatch.undo()
+    assert (await client.get(parkway.sign(f"{upstream.base}/v1/models"))).status_code == 200
 
 
 # --- item 5: Content-Length and Transfer-Encoding together from the client ------------------------------
