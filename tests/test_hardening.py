@@ -12,7 +12,7 @@ import json
 import sys
 import unicodedata
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
@@ -25,15 +25,22 @@ from proxy.signing import check_validity, parse_signed_request, sign_url
 from proxy.urls import InvalidURL, check_unambiguous_path, normalize_url, path_ambiguity
 
 SECRET = "s3cret"
-NOW = datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 UPSTREAM = "https://api.example.com/v1/chat/completions"
 
 
 SIGNED_PARAMS = dict(
     parse_qsl(
         urlsplit(
-            sign_url(id="app", secret=SECRET, host="http://proxy.example", proxy_url=UPSTREAM, expiry=60,
-                     method="POST", datetime_override=NOW)
+            sign_url(
+                id="app",
+                secret=SECRET,
+                host="http://proxy.example",
+                proxy_url=UPSTREAM,
+                expiry=60,
+                method="POST",
+                datetime_override=NOW,
+            )
         ).query,
         keep_blank_values=True,
     )
@@ -78,8 +85,11 @@ def test_calendar_edges_are_refused_not_raised(date, expires, expected):
 
 
 @pytest.mark.parametrize("date, expires, expected", CALENDAR_EDGES.values(), ids=CALENDAR_EDGES.keys())
-@pytest.mark.parametrize("now", [datetime.min.replace(tzinfo=timezone.utc), datetime.max.replace(tzinfo=timezone.utc)],
-                         ids=["now in year 1", "now in year 9999"])
+@pytest.mark.parametrize(
+    "now",
+    [datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)],
+    ids=["now in year 1", "now in year 9999"],
+)
 def test_calendar_edges_at_odd_server_times(date, expires, expected, now):
     # A server clock at either end of the calendar: valid or refused, never another exception.
     try:
@@ -229,8 +239,17 @@ def test_ambiguous_paths_are_refused(path):
 
 @pytest.mark.parametrize(
     "path",
-    ["/v1/chat/completions", "/v1/models/gemini-1.5-pro:generateContent", "/v1/a%20b", "/v1/%25", "/v1/100%25",
-     "/v1/%2", "/v1/caf%C3%A9", "/", "/v1/.well-known/x"],
+    [
+        "/v1/chat/completions",
+        "/v1/models/gemini-1.5-pro:generateContent",
+        "/v1/a%20b",
+        "/v1/%25",
+        "/v1/100%25",
+        "/v1/%2",
+        "/v1/caf%C3%A9",
+        "/",
+        "/v1/.well-known/x",
+    ],
 )
 def test_plain_paths_pass(path):
     assert path_ambiguity(path) is None

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import signal
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
 import pytest
 import trio
-
 from helpers import (
     SECRET,
     TEST_CREDENTIAL,
@@ -30,6 +29,7 @@ from helpers import (
     watch_logs,
 )
 from ops_helpers import ProcessGroup, free_port, sign, start_instance
+
 from proxy.app import Parkway
 from proxy.cli import build_parser, serve_config
 from proxy.config import Credential, load_config
@@ -130,8 +130,10 @@ Authorization = "Bearer {key}"
 FLAGS = {
     "--allow-private-upstreams": (["--allow-private-upstreams"], lambda c: c.server.allow_private_upstreams is True),
     "--listen": (["--listen", "127.0.0.1:0"], lambda c: c.server.listen == ("127.0.0.1:0",)),
-    "--listen twice": (["--listen", "127.0.0.1:0", "--listen", "[::1]:0"],
-                       lambda c: c.server.listen == ("127.0.0.1:0", "[::1]:0")),
+    "--listen twice": (
+        ["--listen", "127.0.0.1:0", "--listen", "[::1]:0"],
+        lambda c: c.server.listen == ("127.0.0.1:0", "[::1]:0"),
+    ),
     "--admin": (["--admin", "127.0.0.1:0"], lambda c: c.admin.listen == ("127.0.0.1:0",)),
     "--log-format": (["--log-format", "console"], lambda c: c.log.format == "console"),
 }
@@ -170,7 +172,8 @@ async def test_flags_apply_to_what_a_reload_changes(tmp_path: Path, flags: list[
 
 
 @pytest.mark.parametrize(
-    "flag", ["--header", "--access-control-allow-origin", "--access-control-allow-methods", "--access-control-allow-headers"]
+    "flag",
+    ["--header", "--access-control-allow-origin", "--access-control-allow-methods", "--access-control-allow-headers"],
 )
 async def test_signway_mode_flags_are_refused_with_a_config_file(tmp_path: Path, flag: str, capsys) -> None:
     # With --config they would be silently ignored (and then again at every reload).
@@ -185,8 +188,14 @@ async def test_signway_mode_flags_are_refused_with_a_config_file(tmp_path: Path,
 
 @pytest.mark.parametrize(
     "flags",
-    [["--header", "X-Title: app"], ["--access-control-allow-origin", "https://app.example"], ["--log-format", "console"],
-     ["--allow-private-upstreams"], ["--admin", "127.0.0.1:0"], ["--listen", "127.0.0.1:0"]],
+    [
+        ["--header", "X-Title: app"],
+        ["--access-control-allow-origin", "https://app.example"],
+        ["--log-format", "console"],
+        ["--allow-private-upstreams"],
+        ["--admin", "127.0.0.1:0"],
+        ["--listen", "127.0.0.1:0"],
+    ],
 )
 async def test_signway_mode_flags_survive_a_reload_request(flags: list[str]) -> None:
     parser = build_parser()
@@ -203,7 +212,13 @@ async def test_allow_private_upstreams_survives_sighup_and_post_reload(
     port, admin_port = free_port(), free_port()
     path = write_file_config(tmp_path / "parkway.toml", file_port=free_port(), file_admin=free_port())
     running = await processes.spawn(
-        path, port, "--allow-private-upstreams", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin_port}",
+        path,
+        port,
+        "--allow-private-upstreams",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--admin",
+        f"127.0.0.1:{admin_port}",
         admin_port=admin_port,
     )
     await running.logs.wait_for(event="startup", timeout=10)
@@ -296,7 +311,9 @@ async def test_a_bug_outside_the_gateway_costs_one_connection_and_is_logged(
 
     monkeypatch.setattr(parkway.parkway.server.app, "handle", broken_handle)
     with watch_logs() as logs:
-        request = request_bytes("GET", parkway.sign(f"{upstream.base}/v1/models"), headers=[("connection", "keep-alive")])
+        request = request_bytes(
+            "GET", parkway.sign(f"{upstream.base}/v1/models"), headers=[("connection", "keep-alive")]
+        )
         with trio.fail_after(5):
             async with await trio.open_tcp_stream("127.0.0.1", parkway.port) as stream:
                 await stream.send_all(request)
@@ -354,8 +371,13 @@ async def test_ambiguous_request_framing_is_refused_and_the_connection_closed(
 
 @pytest.mark.parametrize(
     "param, value",
-    [("X-Sw-Date", "2026112\u0669T120000Z"), ("X-Sw-Date", "\uff12\uff10\uff12\uff16" + "1129T120000Z"),
-     ("X-Sw-Date", "20261129T12000\U0001d7ceZ"), ("X-Sw-Expires", "6\u0660"), ("X-Sw-Expires", "\u00b2")],
+    [
+        ("X-Sw-Date", "2026112\u0669T120000Z"),
+        ("X-Sw-Date", "\uff12\uff10\uff12\uff16" + "1129T120000Z"),
+        ("X-Sw-Date", "20261129T12000\U0001d7ceZ"),
+        ("X-Sw-Expires", "6\u0660"),
+        ("X-Sw-Expires", "\u00b2"),
+    ],
 )
 async def test_non_ascii_digits_in_date_and_expires_are_refused(
     upstream: Upstream, parkway: RunningParkway, client: httpx.AsyncClient, param: str, value: str
@@ -369,8 +391,15 @@ async def test_non_ascii_digits_in_date_and_expires_are_refused(
 
 # --- item 7: encoded separators and dots in a prefix-checked path -----------------------------------------
 
-AMBIGUOUS = ["/v1/..%2F..%2Fadmin", "/v1/..%2f..%2fadmin", "/v1/..%5Cadmin", "/v1/%2E%2E%2Fadmin",
-             "/v1/..%252F..%252Fadmin", "/v1/%252e%252e/admin", "/v1/..%25252Fadmin"]
+AMBIGUOUS = [
+    "/v1/..%2F..%2Fadmin",
+    "/v1/..%2f..%2fadmin",
+    "/v1/..%5Cadmin",
+    "/v1/%2E%2E%2Fadmin",
+    "/v1/..%252F..%252Fadmin",
+    "/v1/%252e%252e/admin",
+    "/v1/..%25252Fadmin",
+]
 
 
 @pytest.mark.parametrize("path", AMBIGUOUS)
@@ -414,4 +443,3 @@ async def test_malformed_header_line_is_echoed_capped_and_escaped(
     assert logged["error"] == message
     assert closed
     assert_nothing_forwarded(upstream)
-

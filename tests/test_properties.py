@@ -10,7 +10,7 @@ request was admitted and counted.
 from __future__ import annotations
 
 import string
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from urllib.parse import quote, urlencode, urlsplit
 
 import httpx2
@@ -63,44 +63,127 @@ expiries = st.one_of(
 )
 credential_ids = st.one_of(st.just("app"), ANY_TEXT, st.text(max_size=200))
 header_names = st.one_of(
-    st.sampled_from(["content-type", "x-model", "content-length", "authorization", "connection", "host",
-                     "x-forwarded-for", "x-forwarded-proto", "x-forwarded-prefix", "transfer-encoding"]),
+    st.sampled_from(
+        [
+            "content-type",
+            "x-model",
+            "content-length",
+            "authorization",
+            "connection",
+            "host",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-prefix",
+            "transfer-encoding",
+        ]
+    ),
     st.text(string.ascii_letters + "-_!#%", min_size=1, max_size=20),
     ANY_TEXT,
 )
 
 _octet = st.integers(0, 255)
 hosts = st.one_of(
-    st.sampled_from(["api.example.com", "localhost", "127.0.0.1", "0177.0.0.1", "127.0.0.01", "010.0.0.1", "127.1",
-                     "2130706433", "0x7f.0.0.1", "[::1]", "[::ffff:127.0.0.1]", "[fe80::1%25eth0]", "[v1.x]",
-                     "bücher.example", "xn--bcher-kva.example", "faß.de", "a..b", ".x", "x.", "-a.com", "a_b.com",
-                     "\uff10\uff11\uff17\uff17.0.0.1", "\uff11\uff12\uff17.0.0.1", "١٢٧.0.0.1", "[]", "[::1", "a b",
-                     "user:pw@api.example.com", "@x", "x:99999", "x:-1", "x:0", "x:", "x:00080", "evil.com\\@good.com"]),
+    st.sampled_from(
+        [
+            "api.example.com",
+            "localhost",
+            "127.0.0.1",
+            "0177.0.0.1",
+            "127.0.0.01",
+            "010.0.0.1",
+            "127.1",
+            "2130706433",
+            "0x7f.0.0.1",
+            "[::1]",
+            "[::ffff:127.0.0.1]",
+            "[fe80::1%25eth0]",
+            "[v1.x]",
+            "bücher.example",
+            "xn--bcher-kva.example",
+            "faß.de",
+            "a..b",
+            ".x",
+            "x.",
+            "-a.com",
+            "a_b.com",
+            "\uff10\uff11\uff17\uff17.0.0.1",
+            "\uff11\uff12\uff17.0.0.1",
+            "١٢٧.0.0.1",
+            "[]",
+            "[::1",
+            "a b",
+            "user:pw@api.example.com",
+            "@x",
+            "x:99999",
+            "x:-1",
+            "x:0",
+            "x:",
+            "x:00080",
+            "evil.com\\@good.com",
+        ]
+    ),
     st.tuples(*[st.one_of(_octet.map(str), _octet.map(lambda n: f"0{n:o}"), _octet.map(hex))] * 4).map(".".join),
-    st.lists(st.one_of(st.from_regex(r"[a-z0-9-]{1,10}", fullmatch=True), st.integers(0, 2**32).map(str)),
-             min_size=1, max_size=5).map(".".join),
+    st.lists(
+        st.one_of(st.from_regex(r"[a-z0-9-]{1,10}", fullmatch=True), st.integers(0, 2**32).map(str)),
+        min_size=1,
+        max_size=5,
+    ).map(".".join),
     st.text(max_size=20),
 )
 ports = st.one_of(st.just(""), st.integers(0, 70000).map(lambda p: f":{p}"), st.text(max_size=6).map(lambda p: f":{p}"))
 segments = st.one_of(
-    st.sampled_from([".", "..", "%2e", "%2E%2e", ".%2e", "%2F", "%2f", "%5C", "..%2F..%2Fadmin", "%252F", "%252e%252e",
-                     "%25", "%", "a\\b", "v1", "chat", "?", "#", "%zz", "é", "\x00", "\r\n"]),
+    st.sampled_from(
+        [
+            ".",
+            "..",
+            "%2e",
+            "%2E%2e",
+            ".%2e",
+            "%2F",
+            "%2f",
+            "%5C",
+            "..%2F..%2Fadmin",
+            "%252F",
+            "%252e%252e",
+            "%25",
+            "%",
+            "a\\b",
+            "v1",
+            "chat",
+            "?",
+            "#",
+            "%zz",
+            "é",
+            "\x00",
+            "\r\n",
+        ]
+    ),
     st.text(max_size=10),
 )
 paths = st.lists(segments, max_size=6).map(lambda s: "/" + "/".join(s))
 proxy_urls = st.one_of(
-    st.builds(lambda scheme, host, port, path, query: f"{scheme}://{host}{port}{path}{query}",
-              st.sampled_from(["http", "https", "HTTPS", "ftp", "ws", ""]), hosts, ports, paths,
-              st.one_of(st.just(""), st.text(max_size=15).map(lambda q: "?" + q))),
+    st.builds(
+        lambda scheme, host, port, path, query: f"{scheme}://{host}{port}{path}{query}",
+        st.sampled_from(["http", "https", "HTTPS", "ftp", "ws", ""]),
+        hosts,
+        ports,
+        paths,
+        st.one_of(st.just(""), st.text(max_size=15).map(lambda q: "?" + q)),
+    ),
     ANY_TEXT,
 )
-plain_urls = st.builds(lambda host, path: f"https://{host}{path}",
-                       st.sampled_from(["api.example.com", "127.0.0.1:8080", "[::1]", "bücher.example"]),
-                       st.lists(st.one_of(st.from_regex(r"[a-z0-9.-]{0,8}", fullmatch=True), segments), max_size=4)
-                       .map(lambda s: "/" + "/".join(s)))
-header_values = st.one_of(st.binary(max_size=30), st.sampled_from([b"small", b"application/json", b"keep-alive, x-model"]))
+plain_urls = st.builds(
+    lambda host, path: f"https://{host}{path}",
+    st.sampled_from(["api.example.com", "127.0.0.1:8080", "[::1]", "bücher.example"]),
+    st.lists(st.one_of(st.from_regex(r"[a-z0-9.-]{0,8}", fullmatch=True), segments), max_size=4).map(
+        lambda s: "/" + "/".join(s)
+    ),
+)
+header_values = st.one_of(
+    st.binary(max_size=30), st.sampled_from([b"small", b"application/json", b"keep-alive, x-model"])
+)
 header_sets = st.lists(st.tuples(header_names.map(lambda n: n.lower().encode("utf-8")), header_values), max_size=8)
-nows = st.datetimes(min_value=datetime.min, max_value=datetime.max, timezones=st.just(timezone.utc))
+nows = st.datetimes(min_value=datetime.min, max_value=datetime.max, timezones=st.just(UTC))
 
 
 @st.composite
@@ -116,8 +199,11 @@ def queries(draw: st.DrawFn) -> str:
         (X_BODY, draw(st.sampled_from(["true", "false", "TRUE", ""]))),
         (X_SIGNATURE, draw(st.one_of(st.text("0123456789abcdef", min_size=64, max_size=64), ANY_TEXT))),
     ]
-    params = draw(st.lists(st.sampled_from(params), min_size=len(params) - 1, max_size=len(params) + 1, unique=False)) \
-        if draw(st.booleans()) else params
+    params = (
+        draw(st.lists(st.sampled_from(params), min_size=len(params) - 1, max_size=len(params) + 1, unique=False))
+        if draw(st.booleans())
+        else params
+    )
     params += draw(st.lists(st.tuples(ANY_TEXT, ANY_TEXT), max_size=2))
     encoded = urlencode(params)
     if draw(st.booleans()):  # raw bytes a client may put in the target: stray %, invalid UTF-8
@@ -142,7 +228,7 @@ def run_request_path(query: str, headers: list[tuple[bytes, bytes]], body: bytes
     """What the gateway does before forwarding: parse, check, verify, check the path and headers."""
     signed = parse_signed_request(query)
     check_validity(signed, now, clock_skew=skew, max_expiry=604800)
-    signed.expires_at  # used for single use after verification
+    assert signed.expires_at >= signed.date  # computed for single use, after verification
     verify_signature(
         signed,
         method="POST",
@@ -156,8 +242,13 @@ def run_request_path(query: str, headers: list[tuple[bytes, bytes]], body: bytes
 
 
 @FAST
-@given(query=queries(), headers=header_sets, body=st.binary(max_size=20), now=nows,
-       skew=st.one_of(st.just(60.0), st.floats(0, 1e15)))
+@given(
+    query=queries(),
+    headers=header_sets,
+    body=st.binary(max_size=20),
+    now=nows,
+    skew=st.one_of(st.just(60.0), st.floats(0, 1e15)),
+)
 def test_generated_signed_urls_only_ever_raise_parkway_errors(query, headers, body, now, skew):
     try:
         run_request_path(query, headers, body, now, skew)
@@ -168,15 +259,22 @@ def test_generated_signed_urls_only_ever_raise_parkway_errors(query, headers, bo
 @st.composite
 def validly_signed(draw: st.DrawFn) -> tuple[str, list[tuple[bytes, bytes]], bytes, datetime]:
     """A URL signed by Parkway's own signer from generated parts, and a request that may match it."""
-    signed_at = draw(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime.max, timezones=st.just(timezone.utc)))
+    signed_at = draw(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime.max, timezones=st.just(UTC)))
     names = draw(st.lists(st.sampled_from(["x-model", "content-type", "accept", "x-title"]), max_size=3, unique=True))
     signed_headers = {n: draw(st.text(string.printable.strip(), max_size=10)) for n in names}
     body = draw(st.one_of(st.none(), st.text(max_size=20)))
     try:
-        url = sign_url(id=draw(st.sampled_from(["app", "other"])), secret="s3cret", host="http://proxy.example",
-                       proxy_url=draw(st.one_of(plain_urls, plain_urls, plain_urls, proxy_urls)), expiry=draw(st.integers(0, 10**6)),
-                       method="POST",
-                       headers=signed_headers, body=body, datetime_override=signed_at)
+        url = sign_url(
+            id=draw(st.sampled_from(["app", "other"])),
+            secret="s3cret",
+            host="http://proxy.example",
+            proxy_url=draw(st.one_of(plain_urls, plain_urls, plain_urls, proxy_urls)),
+            expiry=draw(st.integers(0, 10**6)),
+            method="POST",
+            headers=signed_headers,
+            body=body,
+            datetime_override=signed_at,
+        )
     except InvalidURL:
         url = "http://proxy.example/?X-Sw-Proxy=" + quote(draw(ANY_TEXT))
     sent = [(n.encode(), v.encode()) for n, v in signed_headers.items()] + draw(header_sets)
@@ -222,8 +320,12 @@ def test_url_layer_raises_only_invalid_url(text):
 
 
 @FAST
-@given(headers=header_sets, signed=st.lists(header_names, max_size=3),
-       peer=st.sampled_from(["127.0.0.1", "::1", "203.0.113.9", "unknown"]), trusted=st.booleans())
+@given(
+    headers=header_sets,
+    signed=st.lists(header_names, max_size=3),
+    peer=st.sampled_from(["127.0.0.1", "::1", "203.0.113.9", "unknown"]),
+    trusted=st.booleans(),
+)
 def test_header_policy_refuses_only_with_parkway_errors(headers, signed, peer, trusted):
     try:
         forwarding.check_connection_header(headers, signed, (("Authorization", "Bearer k"),))
