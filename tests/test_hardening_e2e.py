@@ -425,6 +425,7 @@ MALFORMED = {
     "escape sequence": b"X-Bad\x1b[31m: v",
     "very long line without a colon": b"A" * 12000,
     "very long name with a control character": b"X-" + b"B" * 12000 + b"\x7f: v",
+    "bytes beyond ASCII": b"X-Bad\xff\xfe\x00: v",
 }
 
 
@@ -441,5 +442,25 @@ async def test_malformed_header_line_is_echoed_capped_and_escaped(
     assert len(message) < 400 and message.isprintable() and "\x1b" not in message
     (logged,) = logs.find(event="request")
     assert logged["error"] == message
+    assert closed
+    assert_nothing_forwarded(upstream)
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GET /\x1b[31m HTTP/1.1",
+        b"GET /" + b"a" * 12000 + b"\x00 HTTP/1.1",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    ],
+    ids=["escape sequence", "very long target with NUL", "TLS hello on the plain port"],
+)
+async def test_malformed_request_line_is_echoed_capped_and_escaped(
+    upstream: Upstream, parkway: RunningParkway, request_line: bytes
+) -> None:
+    error, closed, _ = await raw_exchange(parkway.port, request_line + b"\r\nHost: x\r\n\r\n")
+    message = error["error"]["message"]
+    assert error["status"] == 400 and error["error"]["code"] == "malformed_http"
+    assert len(message) < 400 and message.isprintable()
     assert closed
     assert_nothing_forwarded(upstream)
