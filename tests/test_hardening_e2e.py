@@ -426,6 +426,8 @@ MALFORMED = {
     "very long line without a colon": b"A" * 12000,
     "very long name with a control character": b"X-" + b"B" * 12000 + b"\x7f: v",
     "bytes beyond ASCII": b"X-Bad\xff\xfe\x00: v",
+    "control character in a folded line": b"X-Title: a\r\n \x1b[2J",
+    "NUL in a folded line": b"X-Title: a\r\n\t\x00b",
 }
 
 
