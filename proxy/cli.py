@@ -9,13 +9,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
-from . import logs
-from dataclasses import replace
-
-from .config import Config, config_from_dict, load_config, split_host_port
+from . import __version__, logs
+from .config import Config, config_from_dict, load_config
 from .errors import ConfigError
+from .overrides import ConfigOverrides
+from .urls import split_host_port
+
+# Flags that only Signway's command line (ID SECRET) takes: with --config they would be ignored.
+SIGNWAY_ONLY_FLAGS = {
+    "header": "--header",
+    "access_control_allow_origin": "--access-control-allow-origin",
+    "access_control_allow_methods": "--access-control-allow-methods",
+    "access_control_allow_headers": "--access-control-allow-headers",
+}
 
 
 def _header_pairs(values: Sequence[str], parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -57,12 +66,47 @@ def signway_compat_config(args: argparse.Namespace, parser: argparse.ArgumentPar
     return config_from_dict(data, os.environ)
 
 
+def command_line_overrides(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ConfigOverrides:
+    """The ``serve`` flags that override a configuration, checked here so a typo fails at once."""
+    for flag, values in (("--listen", args.listen or []), ("--admin", [args.admin] if args.admin else [])):
+        for address in values:
+            try:
+                split_host_port(address)
+            except ValueError as exc:
+                parser.error(f"{flag}: {exc}")
+    return ConfigOverrides(
+        listen=tuple(args.listen or ()),
+        admin=(args.admin,) if args.admin else None,
+        allow_private_upstreams=args.allow_private_upstreams,
+        log_format=args.log_format,
+    )
+
+
+def serve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Config, ConfigOverrides]:
+    """The configuration ``serve`` starts with, and the flags every reload applies again.
+
+    Raises :class:`ConfigError` for a bad file; a bad flag is a usage error (exit 2).
+    """
+    if args.config:
+        if args.id or args.secret:
+            parser.error("give either --config FILE or ID SECRET, not both")
+        for dest, flag in SIGNWAY_ONLY_FLAGS.items():
+            if getattr(args, dest):
+                parser.error(f"{flag} is for Signway's command line (ID SECRET); with --config, set it in the file")
+        overrides = command_line_overrides(args, parser)
+        return overrides.apply(load_config(args.config)), overrides
+    if not (args.id and args.secret):
+        parser.error("serve needs --config FILE, or ID and SECRET like Signway")
+    overrides = command_line_overrides(args, parser)
+    return overrides.apply(signway_compat_config(args, parser)), overrides
+
+
 def _print_problems(source: str, exc: ConfigError) -> None:
     for problem in exc.problems:
         print(f"{source}: {problem}", file=sys.stderr)
 
 
-def _run_trio(fn, *args) -> int:
+def _run_trio(fn: Callable[..., Awaitable[int | None]], *args: Any) -> int:
     """``trio.run`` for a command: an OSError (address in use...) is one line, exit status 1."""
     import trio
 
@@ -75,8 +119,8 @@ def _run_trio(fn, *args) -> int:
         matched, rest = group.split(OSError)
         if rest is not None or matched is None:
             raise
-        for exc in matched.exceptions:
-            print(f"parkway: {exc}", file=sys.stderr)
+        for error in matched.exceptions:
+            print(f"parkway: {error}", file=sys.stderr)
         return 1
     return result or 0
 
@@ -85,26 +129,10 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .app import Parkway, run_until_signalled
 
     try:
-        if args.config:
-            if args.id or args.secret:
-                parser.error("give either --config FILE or ID SECRET, not both")
-            config = load_config(args.config)
-        elif args.id and args.secret:
-            config = signway_compat_config(args, parser)
-        else:
-            parser.error("serve needs --config FILE, or ID and SECRET like Signway")
+        config, overrides = serve_config(args, parser)
     except ConfigError as exc:
         _print_problems(args.config or "command line", exc)
         return 1
-    if args.allow_private_upstreams:
-        config = replace(config, server=replace(config.server, allow_private_upstreams=True))
-    if args.listen and args.config:
-        for address in args.listen:
-            try:
-                split_host_port(address)
-            except ValueError as exc:
-                parser.error(f"--listen: {exc}")
-        config = replace(config, server=replace(config.server, listen=tuple(args.listen)))
     logs.configure(config.log.level, config.log.format)
     if args.workers > 1:
         from .supervisor import Supervisor
@@ -121,6 +149,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     parkway = Parkway(
         config,
         config_path=args.config,
+        overrides=overrides,
         worker_index=args.worker_index or 0,
         reuse_port=args.worker_index is not None,
     )
@@ -221,28 +250,49 @@ def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parkway", description="Signed-URL reverse proxy for LLM APIs, on Trio.")
+    parser.add_argument("--version", action="version", version=f"parkway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy (from --config FILE, or Signway's ID SECRET arguments)")
     serve.add_argument("id", nargs="?", help="access id that signs URLs for this server (Signway mode)")
     serve.add_argument("secret", nargs="?", help="secret of that id (Signway mode)")
     serve.add_argument("--config", "-c", help="TOML configuration file")
-    serve.add_argument("--header", action="append", default=[], metavar="'Name: value'",
-                       help="header added to every forwarded request (repeatable)")
-    serve.add_argument("--listen", action="append", metavar="HOST:PORT",
-                       help="listen address (repeatable); default 0.0.0.0:$PORT, PORT defaulting to 3000")
+    serve.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'Name: value'",
+        help="header added to every forwarded request (repeatable)",
+    )
+    serve.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="listen address (repeatable); default 0.0.0.0:$PORT, PORT defaulting to 3000",
+    )
     serve.add_argument("--access-control-allow-origin")
     serve.add_argument("--access-control-allow-methods")
     serve.add_argument("--access-control-allow-headers")
-    serve.add_argument("--allow-private-upstreams", action="store_true",
-                       help="allow upstreams on loopback/private/link-local addresses (metadata stays refused)")
+    serve.add_argument(
+        "--allow-private-upstreams",
+        action="store_true",
+        help="allow upstreams on loopback/private/link-local addresses (metadata stays refused)",
+    )
     serve.add_argument("--no-bytes-monitor", action="store_true", help="accepted for Signway compatibility")
     serve.add_argument("--log-format", choices=["json", "console"])
-    serve.add_argument("--workers", type=int, default=1, metavar="N",
-                       help="run N worker processes sharing the port (SO_REUSEPORT), restarted if they die")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N worker processes sharing the port (SO_REUSEPORT), restarted if they die",
+    )
     serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
-    serve.add_argument("--admin", metavar="HOST:PORT",
-                       help="admin listener (health, metrics, reload) in Signway mode; from TOML: [admin]")
+    serve.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="admin listener (health, metrics, reload); replaces [admin] listen of a TOML file",
+    )
     serve.set_defaults(func=cmd_serve)
 
     sign = sub.add_parser("sign", help="print a signed URL")
@@ -252,19 +302,29 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("--proxy", required=True, help="upstream URL the request is forwarded to")
     sign.add_argument("--method", default="POST")
     sign.add_argument("--expiry", type=int, default=300, help="seconds the URL stays valid (default 300)")
-    sign.add_argument("--header", action="append", default=[], metavar="'Name: value'",
-                      help="header the client must send with this exact value (repeatable)")
+    sign.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'Name: value'",
+        help="header the client must send with this exact value (repeatable)",
+    )
     sign.add_argument("--body", help="exact request body to sign")
-    sign.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                      help="extra signed query parameter (repeatable)")
-    sign.add_argument("--host", default=os.environ.get("PARKWAY_URL", "http://127.0.0.1:3000"),
-                      help="Parkway's public base URL (default $PARKWAY_URL or http://127.0.0.1:3000)")
+    sign.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="extra signed query parameter (repeatable)"
+    )
+    sign.add_argument(
+        "--host",
+        default=os.environ.get("PARKWAY_URL", "http://127.0.0.1:3000"),
+        help="Parkway's public base URL (default $PARKWAY_URL or http://127.0.0.1:3000)",
+    )
     sign.set_defaults(func=cmd_sign)
 
     reload = sub.add_parser("reload", help="make a running Parkway re-read its configuration file")
     target = reload.add_mutually_exclusive_group()
-    target.add_argument("--admin", default="127.0.0.1:9180", metavar="HOST:PORT",
-                        help="its admin listener (default 127.0.0.1:9180)")
+    target.add_argument(
+        "--admin", default="127.0.0.1:9180", metavar="HOST:PORT", help="its admin listener (default 127.0.0.1:9180)"
+    )
     target.add_argument("--pid", type=int, help="send SIGHUP to this process (a worker or the supervisor)")
     reload.set_defaults(func=cmd_reload)
 

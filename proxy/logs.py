@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
 
 import structlog
 
 SECRET_KEYS = frozenset({"secret", "secrets", "authorization", "api_key", "password", "signature", "headers"})
 
 
-def redact(_logger, _method, event_dict: dict) -> dict:
+def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Replace values of secret-bearing keys; a signature is shortened to a recognisable prefix."""
     for key in list(event_dict):
         lowered = key.lower()
@@ -28,7 +30,7 @@ def redact(_logger, _method, event_dict: dict) -> dict:
     return event_dict
 
 
-def configure(level: str = "info", fmt: str = "json", stream=None) -> None:
+def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Configure structlog process-wide; called once by the command line."""
     # JSON lines carry a traceback as text in "exception" (exc_info alone renders as `true`);
     # the console renderer formats exc_info itself, and warns if it was formatted before it.
