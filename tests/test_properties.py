@@ -15,7 +15,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import httpx2
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proxy import forwarding
@@ -186,26 +186,40 @@ header_sets = st.lists(st.tuples(header_names.map(lambda n: n.lower().encode("ut
 nows = st.datetimes(min_value=datetime.min, max_value=datetime.max, timezones=st.just(UTC))
 
 
+VALID_PARAMS = {
+    X_ALGORITHM: "SW1-HMAC-SHA256",
+    X_CREDENTIAL: "app/20261129",
+    X_DATE: "20261129T120000Z",
+    X_EXPIRES: "60",
+    X_PROXY: "https://api.example.com/v1/chat/completions",
+    X_SIGNED_HEADERS: "",
+    X_BODY: "false",
+    X_SIGNATURE: "0" * 64,
+}
+GENERATED = {
+    X_ALGORITHM: st.sampled_from(["SW1-HMAC-SHA256", "SW1-HMAC-SHA1", ""]),
+    X_CREDENTIAL: st.builds(str.__add__, credential_ids, st.sampled_from(["/20261129", "", "/"])),
+    X_DATE: dates,
+    X_EXPIRES: expiries,
+    X_PROXY: proxy_urls,
+    X_SIGNED_HEADERS: st.lists(header_names, max_size=4).map(";".join),
+    X_BODY: st.sampled_from(["true", "false", "TRUE", ""]),
+    X_SIGNATURE: st.one_of(st.text("0123456789abcdef", min_size=64, max_size=64), ANY_TEXT),
+}
+
+
 @st.composite
 def queries(draw: st.DrawFn) -> str:
-    """A signed-URL query: every parameter generated, some left out, repeated or raw."""
-    params: list[tuple[str, str]] = [
-        (X_ALGORITHM, draw(st.sampled_from(["SW1-HMAC-SHA256", "SW1-HMAC-SHA1", ""]))),
-        (X_CREDENTIAL, draw(credential_ids) + draw(st.sampled_from(["/20261129", "", "/"]))),
-        (X_DATE, draw(dates)),
-        (X_EXPIRES, draw(expiries)),
-        (X_PROXY, draw(proxy_urls)),
-        (X_SIGNED_HEADERS, ";".join(draw(st.lists(header_names, max_size=4)))),
-        (X_BODY, draw(st.sampled_from(["true", "false", "TRUE", ""]))),
-        (X_SIGNATURE, draw(st.one_of(st.text("0123456789abcdef", min_size=64, max_size=64), ANY_TEXT))),
-    ]
-    params = (
-        draw(st.lists(st.sampled_from(params), min_size=len(params) - 1, max_size=len(params) + 1, unique=False))
-        if draw(st.booleans())
-        else params
-    )
-    params += draw(st.lists(st.tuples(ANY_TEXT, ANY_TEXT), max_size=2))
-    encoded = urlencode(params)
+    """A signed-URL query: valid parameters with a few generated in their place (so most
+    examples get past parsing to the checks behind it), some left out, repeated or raw."""
+    params = dict(VALID_PARAMS)
+    for name in draw(st.sets(st.sampled_from(sorted(GENERATED)), max_size=4)):
+        params[name] = draw(GENERATED[name])
+    pairs = list(params.items())
+    if draw(st.booleans()):  # a parameter left out or repeated
+        pairs = draw(st.lists(st.sampled_from(pairs), min_size=len(pairs) - 1, max_size=len(pairs) + 1))
+    pairs += draw(st.lists(st.tuples(ANY_TEXT, ANY_TEXT), max_size=2))
+    encoded = urlencode(pairs)
     if draw(st.booleans()):  # raw bytes a client may put in the target: stray %, invalid UTF-8
         encoded += draw(st.sampled_from(["&%", "&%ff=1", "&x=%C3", "&&", "&=", "&X-Sw-Date=1"]))
     return encoded
@@ -241,7 +255,16 @@ def run_request_path(query: str, headers: list[tuple[bytes, bytes]], body: bytes
     forwarding.check_connection_header(headers, signed.signed_headers, (("Authorization", "Bearer k"),))
 
 
+# The reported case (year 1, a known credential id) and a configured skew beyond timedelta's
+# range, always tried whatever the generator draws.
+_NOW = datetime(2026, 11, 29, 12, tzinfo=UTC)
+_YEAR_1 = urlencode({**VALID_PARAMS, X_DATE: "00010101T000000Z"})
+
+
 @FAST
+@example(query=_YEAR_1, headers=[], body=b"", now=_NOW, skew=60.0)
+@example(query=urlencode(VALID_PARAMS), headers=[], body=b"", now=_NOW, skew=1e15)
+@example(query=urlencode({**VALID_PARAMS, X_DATE: "99991231T235959Z"}), headers=[], body=b"", now=_NOW, skew=60.0)
 @given(
     query=queries(),
     headers=header_sets,
@@ -259,7 +282,12 @@ def test_generated_signed_urls_only_ever_raise_parkway_errors(query, headers, bo
 @st.composite
 def validly_signed(draw: st.DrawFn) -> tuple[str, list[tuple[bytes, bytes]], bytes, datetime]:
     """A URL signed by Parkway's own signer from generated parts, and a request that may match it."""
-    signed_at = draw(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime.max, timezones=st.just(UTC)))
+    signed_at = draw(
+        st.one_of(
+            st.sampled_from([datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)]),
+            st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime.max, timezones=st.just(UTC)),
+        )
+    )
     names = draw(st.lists(st.sampled_from(["x-model", "content-type", "accept", "x-title"]), max_size=3, unique=True))
     signed_headers = {n: draw(st.text(string.printable.strip(), max_size=10)) for n in names}
     body = draw(st.one_of(st.none(), st.text(max_size=20)))
@@ -278,7 +306,10 @@ def validly_signed(draw: st.DrawFn) -> tuple[str, list[tuple[bytes, bytes]], byt
     except InvalidURL:
         url = "http://proxy.example/?X-Sw-Proxy=" + quote(draw(ANY_TEXT))
     sent = [(n.encode(), v.encode()) for n, v in signed_headers.items()] + draw(header_sets)
-    now = signed_at + timedelta(seconds=draw(st.integers(-100, 100))) if signed_at.year < 9999 else signed_at
+    try:  # the server's clock near the signing time (at the calendar's ends, the signing time)
+        now = signed_at + timedelta(seconds=draw(st.integers(-100, 100)))
+    except OverflowError:
+        now = signed_at
     return urlsplit(url).query, sent, (body or "").encode(), now
 
 
