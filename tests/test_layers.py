@@ -24,6 +24,7 @@ PURE = [
     "forwarding",
     "limits",
     "outage",
+    "overrides",
     "policy",
     "signing",
     "urls",
