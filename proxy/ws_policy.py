@@ -39,7 +39,9 @@ class WebSocketConfig:
     # Whole messages buffered per direction before the reader stops reading that side (back
     # pressure): memory per direction is at most (queue + 2) x max_message_size.
     message_queue_size: int = 4
-    idle_timeout: float = 300.0  # no message either way for this long ends the session, 0 = none
+    # No message either way for this long ends the session (0 = none); below the shipped nginx
+    # snippet's proxy_read_timeout (300 s), so Parkway closes first and says why.
+    idle_timeout: float = 240.0
     max_session_duration: float = 3600.0  # 0 = none
     handshake_timeout: float = 10.0  # upstream DNS, TCP, TLS and WebSocket handshake together
     close_timeout: float = 5.0  # how long to wait for a peer to answer our close frame
