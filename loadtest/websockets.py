@@ -96,7 +96,7 @@ async def _load(url: str, headers: list[tuple[bytes, bytes]], sessions: int, mes
                     await trio.sleep(interval)
             finally:
                 await ws_cm.__aexit__(None, None, None)
-        except Exception as exc:  # counted, never fatal: the run reports them
+        except Exception as exc:  # noqa: BLE001  # counted, never fatal: the run reports them
             errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
             if opened + sum(errors.values()) >= sessions:
                 all_open.set()

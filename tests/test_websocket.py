@@ -8,7 +8,9 @@ trio-websocket client (or a raw wsproto one that sends fragments or drops the co
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +29,7 @@ from ws_support import (
     plan_for,
     proxy_with,
     raw_server,
+    self_signed,
     ws_client,
 )
 from wsproto.events import AcceptConnection, CloseConnection, Message, TextMessage
@@ -46,8 +49,8 @@ async def realtime(nursery: trio.Nursery) -> RealtimeUpstream:
 
 @pytest.fixture
 def start_harness(nursery: trio.Nursery) -> Callable[..., Any]:
-    async def start(plan: SessionPlan, **settings: Any) -> SessionHarness:
-        return await nursery.start(SessionHarness(proxy_with(**settings), plan).serve)
+    async def start(plan: SessionPlan, ssl_context: ssl.SSLContext | None = None, **settings: Any) -> SessionHarness:
+        return await nursery.start(SessionHarness(proxy_with(ssl_context, **settings), plan).serve)
 
     return start
 
@@ -455,3 +458,30 @@ async def test_an_unreachable_upstream_is_a_502(start_harness: Callable[..., Any
         refused = await _refused(harness)
     assert refused.status_code == 502
     assert json.loads(refused.body or b"")["error"]["code"] == "upstream_connect_failed"
+
+
+async def test_a_wss_upstream_is_reached_over_verified_tls(
+    start_harness: Callable[..., Any], nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    server_tls, client_tls = self_signed(tmp_path)
+    upstream = await nursery.start(RealtimeUpstream(echo, ssl_context=server_tls).serve)
+    harness = await start_harness(plan_for(upstream.url), ssl_context=client_tls)
+    with trio.fail_after(WAIT):
+        async with _connect(harness) as ws:
+            await ws.send_message("over tls")
+            assert await ws.get_message() == "over tls"
+    assert upstream.sessions[0].headers["authorization"] == "Bearer sk-upstream-key"
+
+
+async def test_a_wss_upstream_with_an_untrusted_certificate_is_refused(
+    start_harness: Callable[..., Any], nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    server_tls, _ = self_signed(tmp_path)
+    upstream = await nursery.start(RealtimeUpstream(echo, ssl_context=server_tls).serve)
+    harness = await start_harness(plan_for(upstream.url))  # the system's trust store only
+    with trio.fail_after(WAIT):
+        refused = await _refused(harness)
+    assert refused.status_code == 502
+    error = json.loads(refused.body or b"")["error"]
+    assert error["code"] == "upstream_connect_failed" and "TLS" in error["message"]
+    assert upstream.sessions == []

@@ -15,10 +15,13 @@
 from __future__ import annotations
 
 import json
+import ssl
+import subprocess
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -110,9 +113,12 @@ async def echo(session: UpstreamSession) -> None:
 class RealtimeUpstream:
     """A trio-websocket server on 127.0.0.1, port 0; set ``behaviour`` before the session opens."""
 
-    def __init__(self, behaviour: Behaviour = realtime, *, key: str = UPSTREAM_KEY):
+    def __init__(
+        self, behaviour: Behaviour = realtime, *, key: str = UPSTREAM_KEY, ssl_context: ssl.SSLContext | None = None
+    ):
         self.behaviour = behaviour
         self.key = key
+        self.ssl_context = ssl_context
         self.handshakes: list[dict[str, str]] = []  # headers of every handshake, refused ones too
         self.sessions: list[UpstreamSession] = []
         self.port = 0
@@ -120,13 +126,15 @@ class RealtimeUpstream:
 
     @property
     def url(self) -> str:
+        if self.ssl_context is not None:
+            return f"wss://localhost:{self.port}/v1/realtime?model=gpt-realtime"
         return f"ws://127.0.0.1:{self.port}/v1/realtime?model=gpt-realtime"
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(
                 lambda task_status: serve_websocket(
-                    self._handler, "127.0.0.1", 0, None, max_message_size=64 << 20, task_status=task_status
+                    self._handler, "127.0.0.1", 0, self.ssl_context, max_message_size=64 << 20, task_status=task_status
                 )
             )
             self.port = server.port
@@ -355,5 +363,40 @@ class SessionHarness:
             await trio.aclose_forcefully(stream)
 
 
-def proxy_with(**settings: Any) -> WebSocketProxy:
-    return WebSocketProxy(WebSocketConfig(**settings))
+def proxy_with(ssl_context: ssl.SSLContext | None = None, **settings: Any) -> WebSocketProxy:
+    return WebSocketProxy(WebSocketConfig(**settings), ssl_context=ssl_context)
+
+
+def self_signed(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context trusting it) for ``localhost`` and 127.0.0.1, made with
+    the openssl command (a throwaway EC key; nothing leaves the test's directory)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=str(cert))
+    return server, client
