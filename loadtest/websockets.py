@@ -65,8 +65,16 @@ async def _upstream(max_seconds: float) -> None:
 # --- the load generator ------------------------------------------------------------------------------
 
 
-async def _load(url: str, headers: list[tuple[bytes, bytes]], sessions: int, messages: int, interval: float,
-                size: int, hold: float, max_seconds: float) -> None:
+async def _load(
+    url: str,
+    headers: list[tuple[bytes, bytes]],
+    sessions: int,
+    messages: int,
+    interval: float,
+    size: int,
+    hold: float,
+    max_seconds: float,
+) -> None:
     import trio
     from trio_websocket import open_websocket_url
 
@@ -126,8 +134,9 @@ async def _load(url: str, headers: list[tuple[bytes, bytes]], sessions: int, mes
 # --- the runner ----------------------------------------------------------------------------------------
 
 
-def _python(module_args: list[str], *, cpus: set[int] | None, name: str, env_path: Path = ROOT,
-            log: Path | None = None) -> Proc:
+def _python(
+    module_args: list[str], *, cpus: set[int] | None, name: str, env_path: Path = ROOT, log: Path | None = None
+) -> Proc:
     env = {**os.environ, "PYTHONPATH": str(env_path), "PYTHONDONTWRITEBYTECODE": "1"}
     return Proc(name, [sys.executable, *module_args], cpus=cpus, log=log, env=env, stdout=subprocess.PIPE)
 
@@ -136,7 +145,7 @@ def _expect(proc: Proc, prefix: str) -> str:
     line = proc.popen.stdout.readline() if proc.popen.stdout else ""
     if not line.startswith(prefix):
         raise RuntimeError(f"{proc.name}: expected {prefix!r}, got {line!r}")
-    return line[len(prefix):].strip()
+    return line[len(prefix) :].strip()
 
 
 def parkway_config(port: int, upstream_port: int) -> str:
@@ -162,12 +171,34 @@ level = "warning"
 """
 
 
-def measure(name: str, url: str, headers: list[str], args: argparse.Namespace, groups: dict[str, procstat.Group],
-            aux: set[int] | None) -> dict[str, Any]:
+def measure(
+    name: str,
+    url: str,
+    headers: list[str],
+    args: argparse.Namespace,
+    groups: dict[str, procstat.Group],
+    aux: set[int] | None,
+) -> dict[str, Any]:
     """Drive one target; read RSS with every session open, CPU around the message phase."""
-    argv = ["-m", "loadtest.websockets", "load", "--url", url, "--sessions", str(args.sessions),
-            "--messages", str(args.messages), "--interval-ms", str(args.interval_ms), "--size", str(args.size),
-            "--hold", str(args.hold), "--max-seconds", str(args.max_minutes * 60)]
+    argv = [
+        "-m",
+        "loadtest.websockets",
+        "load",
+        "--url",
+        url,
+        "--sessions",
+        str(args.sessions),
+        "--messages",
+        str(args.messages),
+        "--interval-ms",
+        str(args.interval_ms),
+        "--size",
+        str(args.size),
+        "--hold",
+        str(args.hold),
+        "--max-seconds",
+        str(args.max_minutes * 60),
+    ]
     for header in headers:
         argv += ["--header", header]
     before = {g: group.read() for g, group in groups.items()}
@@ -194,14 +225,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     allowed = sorted(os.sched_getaffinity(0))
     proxy_cpus, aux = ({allowed[0]}, set(allowed[1:])) if len(allowed) >= 2 else (None, None)
     tmp = Path(tempfile.mkdtemp(prefix="parkway-ws-loadtest-"))
-    upstream = _python(["-m", "loadtest.websockets", "upstream", "--max-seconds", str(args.max_minutes * 60)],
-                       cpus=aux, name="upstream")
+    upstream = _python(
+        ["-m", "loadtest.websockets", "upstream", "--max-seconds", str(args.max_minutes * 60)],
+        cpus=aux,
+        name="upstream",
+    )
     procs = [upstream]
     try:
         upstream_port = int(_expect(upstream, "READY "))
         up = procstat.Group("upstream", [upstream.pid])
-        runs = [measure("direct", f"ws://127.0.0.1:{upstream_port}{RESOURCE}",
-                        [f"Authorization: Bearer {API_KEY}"], args, {"upstream": up}, aux)]
+        runs = [
+            measure(
+                "direct",
+                f"ws://127.0.0.1:{upstream_port}{RESOURCE}",
+                [f"Authorization: Bearer {API_KEY}"],
+                args,
+                {"upstream": up},
+                aux,
+            )
+        ]
 
         from proxy.signing import sign_url
 
@@ -209,8 +251,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         config = tmp / "parkway.toml"
         config.write_text(parkway_config(port, upstream_port))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
-        parkway = Proc("parkway", [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
-                       cpus=proxy_cpus, log=tmp / "parkway.log", env=env)
+        parkway = Proc(
+            "parkway",
+            [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+            cpus=proxy_cpus,
+            log=tmp / "parkway.log",
+            env=env,
+        )
         procs.append(parkway)
         deadline = time.monotonic() + 20
         while True:
@@ -221,13 +268,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 break
             except OSError:
                 if time.monotonic() > deadline or not parkway.alive():
-                    raise RuntimeError(f"parkway did not start: {(tmp / 'parkway.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"parkway did not start: {(tmp / 'parkway.log').read_text()[-2000:]}") from None
                 time.sleep(0.05)
-        signed = sign_url(id=CREDENTIAL, secret=SECRET, host=f"http://127.0.0.1:{port}",
-                          proxy_url=f"ws://127.0.0.1:{upstream_port}{RESOURCE}", method="GET", expiry=3600)
+        signed = sign_url(
+            id=CREDENTIAL,
+            secret=SECRET,
+            host=f"http://127.0.0.1:{port}",
+            proxy_url=f"ws://127.0.0.1:{upstream_port}{RESOURCE}",
+            method="GET",
+            expiry=3600,
+        )
         url = "ws://" + signed.split("://", 1)[1]
-        runs.append(measure("parkway", url, [], args,
-                            {"parkway": procstat.Group("parkway", [parkway.pid]), "upstream": up}, aux))
+        runs.append(
+            measure(
+                "parkway", url, [], args, {"parkway": procstat.Group("parkway", [parkway.pid]), "upstream": up}, aux
+            )
+        )
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -250,8 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("load")
     g.add_argument("--url", required=True)
     g.add_argument("--header", action="append", default=[])
-    for name, kind in (("sessions", int), ("messages", int), ("interval-ms", float), ("size", int),
-                       ("hold", float), ("max-seconds", float)):
+    for name, kind in (
+        ("sessions", int),
+        ("messages", int),
+        ("interval-ms", float),
+        ("size", int),
+        ("hold", float),
+        ("max-seconds", float),
+    ):
         g.add_argument(f"--{name}", type=kind, required=True)
     args = parser.parse_args(argv)
 
@@ -263,8 +325,17 @@ def main(argv: list[str] | None = None) -> int:
         import trio
 
         headers = [(h.split(":", 1)[0].strip().encode(), h.split(":", 1)[1].strip().encode()) for h in args.header]
-        trio.run(_load, args.url, headers, args.sessions, args.messages, args.interval_ms / 1000, args.size,
-                 args.hold, args.max_seconds)
+        trio.run(
+            _load,
+            args.url,
+            headers,
+            args.sessions,
+            args.messages,
+            args.interval_ms / 1000,
+            args.size,
+            args.hold,
+            args.max_seconds,
+        )
     else:
         results = run(args)
         text = json.dumps(results, indent=2)
@@ -273,10 +344,16 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).write_text(text + "\n")
         direct, parkway = results["runs"]
         if parkway["opened"] and direct["opened"]:
-            print(f"memory per session: parkway {parkway['parkway_rss_per_session_kb']} KiB, "
-                  f"upstream direct {direct['upstream_rss_per_session_kb']} KiB", file=sys.stderr)
-            print(f"CPU per message: parkway {parkway['parkway_cpu_per_message_us']} us, "
-                  f"upstream direct {direct['upstream_cpu_per_message_us']} us", file=sys.stderr)
+            print(
+                f"memory per session: parkway {parkway['parkway_rss_per_session_kb']} KiB, "
+                f"upstream direct {direct['upstream_rss_per_session_kb']} KiB",
+                file=sys.stderr,
+            )
+            print(
+                f"CPU per message: parkway {parkway['parkway_cpu_per_message_us']} us, "
+                f"upstream direct {direct['upstream_cpu_per_message_us']} us",
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -26,7 +26,13 @@ class MockRealtime:
         self.delay = delay
         self.port = 0
 
-    async def serve(self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[MockRealtime] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(serve_websocket, self._handle, host, port, None)
             self.port = server.port

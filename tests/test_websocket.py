@@ -17,7 +17,12 @@ import pytest
 import trio
 import wsproto
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
-from ws_support import (
+from wsproto.events import AcceptConnection, CloseConnection, Message, TextMessage
+
+from proxy.usage import Usage
+from proxy.websocket import SessionPlan
+from support.processes import free_port
+from support.websocket import (
     USAGE,
     RawPeer,
     RealtimeUpstream,
@@ -32,10 +37,6 @@ from ws_support import (
     self_signed,
     ws_client,
 )
-from wsproto.events import AcceptConnection, CloseConnection, Message, TextMessage
-
-from proxy.usage import Usage
-from proxy.websocket import SessionPlan
 
 HANG_LIMIT = 15.0
 WAIT = 5.0  # bound on each wait below
@@ -451,9 +452,7 @@ async def test_an_upstream_that_never_answers_the_handshake_times_out(
 
 
 async def test_an_unreachable_upstream_is_a_502(start_harness: Callable[..., Any]) -> None:
-    from helpers import closed_port
-
-    harness = await start_harness(plan_for(f"ws://127.0.0.1:{closed_port()}/"))
+    harness = await start_harness(plan_for(f"ws://127.0.0.1:{free_port()}/"))  # nobody listens there
     with trio.fail_after(WAIT):
         refused = await _refused(harness)
     assert refused.status_code == 502

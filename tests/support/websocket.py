@@ -48,8 +48,8 @@ from proxy.ws_policy import (
     split_subprotocols,
     upstream_target,
 )
+from support.signing import UPSTREAM_KEY
 
-UPSTREAM_KEY = "sk-upstream-key"
 SUPPORTED_SUBPROTOCOLS = ("realtime",)
 USAGE = {"total_tokens": 18, "input_tokens": 11, "output_tokens": 7}
 
