@@ -27,6 +27,7 @@ from .metrics import Metrics
 from .state import StateBackend, open_state
 from .upstream import UpstreamClient
 from .urls import split_host_port
+from .websocket import WebSocketProxy
 
 log = structlog.get_logger("parkway")
 
@@ -54,8 +55,11 @@ class Parkway:
         self.worker_index = worker_index
         self.reuse_port = reuse_port
         self.upstream = UpstreamClient(config.server, verify=upstream_verify)
-        self.metrics = Metrics(open_connections=lambda: self.server.open_connections)
-        self.gateway = Gateway(config, self.upstream, metrics=self.metrics, clock=clock)
+        self.websockets = WebSocketProxy(config.websocket, ssl_context=self.upstream.ssl_context)
+        self.metrics = Metrics(
+            open_connections=lambda: self.server.open_connections, websocket_sessions=lambda: self.websockets.active
+        )
+        self.gateway = Gateway(config, self.upstream, metrics=self.metrics, clock=clock, websockets=self.websockets)
         self.server = Server(config.server, self.gateway)
         self.admin_server = Server(
             ServerConfig(max_connections=64, drain_timeout=0), AdminApp(self, self.metrics.render)

@@ -222,6 +222,8 @@ class UpstreamClient:
 
     def __init__(self, config: ServerConfig, *, verify: bool | ssl.SSLContext = True, max_keepalive: int = 512):
         self.config = config
+        # The same certificate checks for the WebSocket upstreams (proxy.websocket opens those).
+        self.ssl_context = httpx.create_ssl_context(verify=verify, trust_env=False)
         self._client = httpx.AsyncClient(
             # Connect is limited by httpx (it spans DNS, TCP and TLS); reads and writes by our
             # own cancel scopes, which tell first-byte and idle-gap timeouts apart.

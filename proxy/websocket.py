@@ -78,6 +78,7 @@ class SessionReport:
     outcome: str | None = None  # see ws_policy's outcomes
     level: str = "info"
     usage: Usage | None = None
+    duration: float = 0.0  # seconds from the 101 to the end of the close
 
 
 class _HandoverStream(trio.abc.Stream):
@@ -306,6 +307,7 @@ class WebSocketProxy:
                 await self._relay_and_close(client, upstream, settings, report)
             finally:
                 self.active -= 1
+                report.duration = trio.current_time() - report.opened_at
         finally:
             # Both sockets go now, whatever state the close handshakes reached (never waited for here).
             with trio.CancelScope(shield=True):

@@ -56,7 +56,8 @@ def _tokens(value: str | None) -> set[str]:
 
 def is_websocket_request(method: str, headers: Mapping[str, str]) -> bool:
     """A ``GET`` asking to upgrade to ``websocket``; ``headers`` maps lower-case names to values."""
-    return method == "GET" and "websocket" in _tokens(headers.get("upgrade"))
+    upgrade = headers.get("upgrade")
+    return upgrade is not None and method == "GET" and "websocket" in _tokens(upgrade)
 
 
 def check_handshake(http_version: str, headers: Mapping[str, str]) -> None:
@@ -79,6 +80,8 @@ def check_handshake(http_version: str, headers: Mapping[str, str]) -> None:
         raise bad("Sec-WebSocket-Version must be 13")
     if not headers.get("sec-websocket-key", "").strip():
         raise bad("Sec-WebSocket-Key is missing")
+    if "transfer-encoding" in headers or headers.get("content-length", "0").strip() != "0":
+        raise bad("a handshake has no body")
 
 
 def handshake_request(target: str, headers: Iterable[tuple[bytes, bytes]]) -> bytes:

@@ -63,6 +63,8 @@ def test_is_websocket_request(method: str, headers: dict[str, str], expected: bo
         ("1.1", {"connection": "keep-alive"}, "Connection"),
         ("1.1", {"sec-websocket-version": "8"}, "Sec-WebSocket-Version"),
         ("1.1", {"sec-websocket-key": ""}, "Sec-WebSocket-Key"),
+        ("1.1", {"content-length": "5"}, "no body"),
+        ("1.1", {"transfer-encoding": "chunked"}, "no body"),
     ],
 )
 def test_check_handshake_names_the_wrong_header(version: str, change: dict[str, str], names: str) -> None:
