@@ -262,7 +262,9 @@ class Gateway:
             headers=headers,
             body=body,
         )
-        # 6a': a WebSocket handshake (valid, from an allowed origin) for a WebSocket URL, and a
+        _scheme, host, target = origin_and_target(signed.proxy_url)
+        record.upstream_host, record.upstream_path = host, target.partition("?")[0]
+        # A WebSocket handshake (valid, from an allowed origin) for a WebSocket URL, and a
         # WebSocket URL only with a handshake; allowed_upstreams match it in its http(s) form.
         websocket = ws_policy.is_websocket_request(head.method, headers)
         if websocket:
@@ -273,8 +275,6 @@ class Gateway:
                 "X-Sw-Proxy is a WebSocket URL: open it with a WebSocket handshake (GET, Upgrade: websocket)",
                 code="websocket_required",
             )
-        _scheme, host, target = origin_and_target(signed.proxy_url)
-        record.upstream_host, record.upstream_path = host, target.partition("?")[0]
         matched = ws_policy.http_form(signed.proxy_url) if websocket else signed.proxy_url
         if not url_allowed(matched, credential.allowed_upstreams):
             raise Forbidden(

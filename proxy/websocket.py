@@ -94,6 +94,7 @@ class _HandoverStream(trio.abc.Stream):
         self._prefix = memoryview(prefix) if prefix else None
         self._peer = peer
         self.handshaking = peer is not None
+        self._answer_tail: bytes | None = b"" if peer is not None else None  # until the answer's head is in
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._prefix is not None:
@@ -105,13 +106,18 @@ class _HandoverStream(trio.abc.Stream):
         try:
             data = bytes(await self.inner.receive_some(max_bytes))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            if self.handshaking:
+            if self._answer_tail is not None:
                 raise UpstreamProtocolError(
                     f"{self._peer} dropped the connection during the WebSocket handshake"
                 ) from None
             raise
-        if not data and self.handshaking:
-            raise UpstreamProtocolError(f"{self._peer} closed the connection during the WebSocket handshake")
+        if self._answer_tail is not None:
+            # Once the whole answer head is in, an end of the stream is the session's to handle
+            # (a 101 and a close can come in one read, before the handshake's waiter has run).
+            if not data:
+                raise UpstreamProtocolError(f"{self._peer} closed the connection during the WebSocket handshake")
+            seen = self._answer_tail + data
+            self._answer_tail = None if b"\r\n\r\n" in seen else seen[-3:]
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
