@@ -120,6 +120,11 @@ class _HandoverStream(trio.abc.Stream):
             self._answer_tail = None if b"\r\n\r\n" in seen else seen[-3:]
         return data
 
+    def handshake_over(self) -> None:
+        """From now on the stream's end and errors are the session's (or our own doing)."""
+        self.handshaking = False
+        self._answer_tail = None
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
 
@@ -268,10 +273,10 @@ class WebSocketProxy:
                 receive_buffer_size=RECEIVE_SIZE,
             )
         except BaseException:
-            stream.handshaking = False  # what follows is our doing, not the upstream's
+            stream.handshake_over()  # what follows is our doing, not the upstream's
             await trio.aclose_forcefully(raw)
             raise
-        stream.handshaking = False
+        stream.handshake_over()
         return upstream, raw
 
     # --- steps 2-4: the client, the relay, the close ----------------------------------------
