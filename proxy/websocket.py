@@ -150,8 +150,9 @@ def _ending(side: str, exc: ConnectionClosed) -> Ending:
     if reason is None:
         return Ending(side)
     # trio-websocket closes a side with 1009 and this reason when a message passes the limit.
-    overflow = reason.code == ws_policy.MESSAGE_TOO_BIG and (reason.reason or "").startswith("Exceeded maximum")
-    return Ending(side, reason.code, reason.reason, overflow=overflow)
+    code = int(reason.code)  # wsproto's enum for known codes: a plain int in logs and decisions
+    overflow = code == ws_policy.MESSAGE_TOO_BIG and (reason.reason or "").startswith("Exceeded maximum")
+    return Ending(side, code, reason.reason, overflow=overflow)
 
 
 def _single(group: BaseExceptionGroup, host: str, answered: bool) -> BaseException:

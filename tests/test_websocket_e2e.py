@@ -1,4 +1,5 @@
-"""WebSocket sessions through a running Parkway: signed, verified before the upgrade, relayed.
+"""WebSocket sessions through a running Parkway: signed, verified before the upgrade, relayed,
+and the same behind a real nginx running the shipped snippet.
 
 The upstream is the Realtime API stand-in (``support.websocket``), the client trio-websocket;
 URLs are signed by the real ``signway_sdk`` (or Parkway's signer for extra parameters).
@@ -23,7 +24,9 @@ from proxy.ws_policy import WebSocketConfig
 from support.http import call, parse_response, send_raw
 from support.logs import watch_logs
 from support.metrics import parse_metrics
+from support.nginx import render_nginx_conf, serve_nginx
 from support.parkway import TEST_CREDENTIAL, RunningParkway
+from support.processes import free_port
 from support.signing import SECRET, UPSTREAM_KEY, sign
 from support.websocket import USAGE, RealtimeUpstream, UpstreamSession, event, raw_server, ws_client
 
@@ -295,3 +298,54 @@ async def test_a_session_outlives_request_timeout_and_a_drain_closes_it_with_100
                 await ws.get_message()
     assert caught.value.reason is not None
     assert (caught.value.reason.code, caught.value.reason.reason) == (1001, "server shutting down")
+
+
+# --- behind nginx with the shipped snippet -------------------------------------------------------------
+
+
+@pytest.fixture
+async def behind_nginx(
+    nursery: trio.Nursery, tmp_path: Any, start_parkway: Callable[..., Any]
+) -> tuple[RunningParkway, int]:
+    """Parkway behind a real nginx running the shipped snippet (as shipped: /ai passed on)."""
+    parkway = await start_parkway()
+    port = free_port()
+    conf = render_nginx_conf(
+        tmp_path / "nginx", listen_port=port, parkway_address=parkway.addresses[0], strip_prefix=False
+    )
+    await nursery.start(serve_nginx, tmp_path / "nginx", conf, port)
+    return parkway, port
+
+
+async def test_a_session_through_nginx_with_the_shipped_snippet(
+    behind_nginx: tuple[RunningParkway, int], realtime: RealtimeUpstream
+) -> None:
+    parkway, port = behind_nginx
+    url = sign(f"http://127.0.0.1:{port}/ai", realtime.url)  # the public URL, as a backend signs it
+    with watch_logs() as logs, trio.fail_after(WAIT):
+        async with ws_client(port, resource(url), subprotocols=["realtime"], max_message_size=8 << 20) as ws:
+            assert ws.subprotocol == "realtime"
+            assert json.loads(await ws.get_message())["type"] == "session.created"
+            big = "a" * (3 << 20)  # several MiB through nginx's buffers, both ways
+            await ws.send_message(big)
+            assert await ws.get_message() == big
+            await ws.aclose(4001, "done")
+        session = await realtime.wait_session()
+        await session.ended.wait()
+        line = await logs.wait_for(event="request", status=101)
+    assert session.close is not None and (session.close.code, session.close.reason) == (4001, "done")
+    assert session.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert line["outcome"] == "ok" and line["bytes_from_client"] == 3 << 20
+    assert type(line["client_close_code"]) is int and line["client_close_code"] == 4001
+
+
+async def test_a_refusal_through_nginx_keeps_its_json(
+    behind_nginx: tuple[RunningParkway, int], realtime: RealtimeUpstream
+) -> None:
+    _parkway, port = behind_nginx
+    url = sign(f"http://127.0.0.1:{port}/ai", realtime.url, secret="wrong")
+    with trio.fail_after(WAIT), pytest.raises(ConnectionRejected) as caught:
+        async with ws_client(port, resource(url)):
+            pass
+    assert (caught.value.status_code, error_of(caught.value)["code"]) == (403, "signature_mismatch")
+    assert realtime.handshakes == []
