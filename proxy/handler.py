@@ -275,8 +275,10 @@ class Gateway:
                 "X-Sw-Proxy is a WebSocket URL: open it with a WebSocket handshake (GET, Upgrade: websocket)",
                 code="websocket_required",
             )
-        matched = ws_policy.http_form(signed.proxy_url) if websocket else signed.proxy_url
-        if not url_allowed(matched, credential.allowed_upstreams):
+        allowed = url_allowed(signed.proxy_url, credential.allowed_upstreams)
+        if websocket and not allowed:  # an https:// prefix (as the config stores wss://) covers wss://
+            allowed = url_allowed(ws_policy.http_form(signed.proxy_url), credential.allowed_upstreams)
+        if not allowed:
             raise Forbidden(
                 f"upstream {host}{record.upstream_path} is not allowed for credential {credential.id!r}",
                 code="upstream_not_allowed",

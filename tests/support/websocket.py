@@ -92,12 +92,20 @@ class UpstreamSession:
 Behaviour = Callable[[UpstreamSession], Awaitable[None]]
 
 
+def _type_of(message: str) -> object:
+    try:
+        parsed = json.loads(message)
+    except ValueError:
+        return None
+    return parsed.get("type") if isinstance(parsed, dict) else None
+
+
 async def realtime(session: UpstreamSession) -> None:
     """The Realtime API in miniature: events on ``response.create``, echo otherwise."""
     await session.ws.send_message(event("session.created", session={"id": "sess_1"}))
     while True:
         message = await session.receive()
-        if isinstance(message, str) and message.startswith('{"type": "response.create"'):
+        if isinstance(message, str) and _type_of(message) == "response.create":
             for i in range(3):
                 await session.ws.send_message(event("response.output_audio.delta", delta="AAAA" * 64, n=i))
             await session.ws.send_message(event("response.done", response={"id": "resp_1", "usage": USAGE}))
