@@ -29,12 +29,29 @@ from pathlib import Path
 from typing import Any
 
 from . import procstat
-from .runner import ROOT, Proc, free_port
+from .runner import ROOT, Proc
 
 API_KEY = "sk-loadtest"
 CREDENTIAL = "loadtest"
 SECRET = "loadtest-secret-not-a-real-one"
 RESOURCE = "/v1/realtime?model=loadtest"
+
+
+def free_port() -> int:
+    """A loopback port below the kernel's ephemeral range: after a run has opened thousands of
+    connections, a port from ``bind(0)`` is often some connection's local port already."""
+    import random
+    import socket
+
+    for _ in range(100):
+        port = random.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 # --- the upstream: an echo that checks the key ---------------------------------------------------
@@ -265,6 +282,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 import socket
 
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                if not parkway.alive():  # someone else answered on that port
+                    raise OSError("parkway exited")
                 break
             except OSError:
                 if time.monotonic() > deadline or not parkway.alive():
