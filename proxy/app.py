@@ -9,6 +9,7 @@ begins the graceful drain. ``parkway.reload()`` re-reads the TOML file, as SIGHU
 from __future__ import annotations
 
 import os
+import select
 import signal
 import ssl
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from .errors import ConfigError
 from .handler import Gateway, utcnow
 from .http_server import Server, bound_address, open_listeners
 from .metrics import Metrics
+from .relay import EpollEngine
 from .state import StateBackend, open_state
 from .upstream import UpstreamClient
 from .urls import split_host_port
@@ -55,11 +57,18 @@ class Parkway:
         self.worker_index = worker_index
         self.reuse_port = reuse_port
         self.upstream = UpstreamClient(config.server, verify=upstream_verify)
+        # The relay's driver: one epoll engine for every stream (Linux), or each request's own
+        # task (PARKWAY_RELAY=portable, and wherever there is no epoll).
+        relay = os.environ.get("PARKWAY_RELAY", "epoll" if hasattr(select, "epoll") else "portable")
+        self.engine = EpollEngine() if relay == "epoll" and hasattr(select, "epoll") else None
+        self._engine_scope = trio.CancelScope()
         self.websockets = WebSocketProxy(config.websocket, ssl_context=self.upstream.ssl_context)
         self.metrics = Metrics(
             open_connections=lambda: self.server.open_connections, websocket_sessions=lambda: self.websockets.active
         )
-        self.gateway = Gateway(config, self.upstream, metrics=self.metrics, clock=clock, websockets=self.websockets)
+        self.gateway = Gateway(
+            config, self.upstream, metrics=self.metrics, clock=clock, engine=self.engine, websockets=self.websockets
+        )
         self.server = Server(config.server, self.gateway)
         self.admin_server = Server(
             ServerConfig(max_connections=64, drain_timeout=0), AdminApp(self, self.metrics.render)
@@ -88,6 +97,8 @@ class Parkway:
         try:
             async with open_state(self.config.state) as state, trio.open_nursery() as nursery:
                 self.gateway.state = self.state = state
+                if self.engine is not None:
+                    await nursery.start(self._run_engine)
                 if admin_listeners:
                     await nursery.start(self.admin_server.serve, admin_listeners)
                 await nursery.start(self._serve_public, listeners)
@@ -105,11 +116,18 @@ class Parkway:
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """The public server; the admin listener (readyz: 503) stays up until it has drained."""
+        """The public server; the admin listener (readyz: 503) stays up until it has drained,
+        and the relay engine until the last stream it relays has ended."""
         try:
             await self.server.serve(listeners, task_status=task_status)
         finally:
+            self._engine_scope.cancel()
             self.admin_server.shutdown()
+
+    async def _run_engine(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        assert self.engine is not None
+        with self._engine_scope:
+            await self.engine.run(task_status=task_status)
 
     def shutdown(self) -> None:
         if not self.server.draining:

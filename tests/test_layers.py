@@ -13,7 +13,20 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 
 # Decisions without I/O: these modules must load without any of the I/O libraries.
-PURE = ["config", "cors", "errors", "forwarding", "limits", "outage", "policy", "signing", "urls", "usage", "ws_policy"]
+PURE = [
+    "chunked",
+    "config",
+    "cors",
+    "errors",
+    "forwarding",
+    "limits",
+    "outage",
+    "policy",
+    "signing",
+    "urls",
+    "usage",
+    "ws_policy",
+]
 IO_LIBRARIES = ["trio", "h11", "httpx", "httpx2", "httpcore", "httpcore2", "coredis", "anyio"]
 
 
