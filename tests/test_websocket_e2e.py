@@ -183,6 +183,22 @@ async def test_concurrency_limits_count_open_sessions(
     assert len(realtime.handshakes) == 2
 
 
+async def test_user_concurrency_limits_count_open_sessions(
+    start_parkway: Callable[..., Any], realtime: RealtimeUpstream
+) -> None:
+    per_user = Credential("app", (SECRET,), TEST_CREDENTIAL.headers, user_limits=LimitSpec(max_concurrent=1))
+    parkway = await start_parkway(credentials=(per_user,))
+    alice, bob = (sign(parkway.base, realtime.url, signer="proxy.signing", params={"pw_user": u}) for u in "ab")
+    with trio.fail_after(WAIT):
+        async with open_session(parkway, alice) as first:
+            await first.get_message()
+            rejected = await refused(parkway, alice)
+            assert (rejected.status_code, error_of(rejected)["code"]) == (429, "user_concurrency_limit")
+            async with open_session(parkway, bob) as other:  # another user of the same credential
+                await other.get_message()
+    assert len(realtime.handshakes) == 2
+
+
 async def test_a_single_use_url_opens_one_session(
     start_parkway: Callable[..., Any], realtime: RealtimeUpstream
 ) -> None:
