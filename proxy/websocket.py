@@ -1,25 +1,19 @@
 """The only module that runs WebSockets: one proxied session, trio-websocket on both sides.
 
-The gateway has verified the signed handshake and admitted it; :meth:`WebSocketProxy.run`
-then does the rest, in this order:
-
-1. connect to the upstream through the SSRF guard (resolve once, check every address,
-   connect to a checked address, TLS against the host name) and do its WebSocket handshake
-   with the credential's headers and the client's key-free subprotocols;
-2. only then take the client connection over from the HTTP server (h11 has parsed the head;
-   the head and any bytes after it are replayed to trio-websocket's server side) and accept
-   it with the subprotocol the upstream chose;
-3. relay messages both ways at once, each direction a task with bounded queues, until one
-   side closes, a message is too big, the session idles or reaches its maximum duration;
-4. close the other side with the code :func:`~proxy.ws_policy.decide_close` chose.
-
-Anything that fails in step 1 raises a :class:`~proxy.errors.ParkwayError` while the client
-still waits for an HTTP answer, so the gateway answers it as JSON like any refusal. From
-step 2 on, the session ends with close frames and is described by its :class:`SessionReport`.
+After the gateway has verified and admitted the handshake, :meth:`WebSocketProxy.run`:
+1. connects to the upstream through the SSRF guard and does its handshake (the credential's
+   headers, the client's key-free subprotocols); a failure here is a ParkwayError, answered
+   by the gateway as JSON while the client still waits for HTTP;
+2. only then takes the client connection over from the HTTP server (the parsed head and any
+   bytes after it replayed to trio-websocket) and accepts it with the upstream's subprotocol;
+3. relays both ways at once with bounded queues, until a side closes, a message is too big,
+   or the idle or maximum-duration deadline passes; 4. closes the other side as
+   :func:`~proxy.ws_policy.decide_close` says. The :class:`SessionReport` tells what happened.
 """
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +31,8 @@ from wsproto.utilities import ProtocolError as WSProtocolError
 
 from . import ws_policy
 from .errors import ParkwayError, UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from .ssrf import AddressPolicy, Resolver, parse_ip, resolve
+from .ssrf import AddressPolicy, Resolver, resolve
+from .upstream_conn import UpstreamConnection
 from .usage import Usage
 from .ws_policy import CLIENT, UPSTREAM, Ending, UpstreamTarget, WebSocketConfig
 
@@ -137,14 +132,6 @@ class _HandoverStream(trio.abc.Stream):
             raise UpstreamProtocolError(f"{self._peer} sent an invalid WebSocket handshake answer")
 
 
-def _address_literal(host: str) -> bool:
-    try:
-        parse_ip(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _ending(side: str, exc: ConnectionClosed) -> Ending:
     reason = exc.reason
     if reason is None:
@@ -161,17 +148,11 @@ def _single(group: BaseExceptionGroup, host: str, answered: bool) -> BaseExcepti
     Before the client is ``answered``, the upstream's reader task can only fail over the
     handshake: a refusal, or an answer wsproto or h11 will not take.
     """
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        exc = stack.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            stack.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    if len(leaves) != 1:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+        leaf = leaf.exceptions[0]
+    if isinstance(leaf, BaseExceptionGroup):
         return group
-    (leaf,) = leaves
     if isinstance(leaf, ParkwayError):
         return leaf
     if answered:
@@ -225,33 +206,19 @@ class WebSocketProxy:
     # --- step 1: the upstream ---------------------------------------------------------------
 
     async def _connect(self, target: UpstreamTarget, policy: AddressPolicy) -> trio.abc.Stream:
-        """TCP (and TLS) to an address the policy allows; the name is resolved once, here."""
-        if _address_literal(target.host):
-            addresses = [target.host]
-        else:
-            try:
-                addresses = await self._resolve(target.host, target.port)
-            except OSError as exc:
-                raise UpstreamConnectError(f"cannot resolve {target.host}: {exc.strerror or exc}") from None
-        for address in addresses:  # all of them: a mixed answer is refused, not filtered
-            policy.check(address, host=target.host)
-        error: OSError | None = None
-        for address in addresses:
-            try:
-                stream: trio.abc.Stream = await trio.open_tcp_stream(address, target.port)
-                break
-            except OSError as exc:
-                error = exc
-        else:
-            raise UpstreamConnectError(f"cannot connect to {target.host_header}: {error}") from None
+        """TCP through the SSRF guard that proxied requests use (the name resolved once, every
+        address checked, a checked address connected), then TLS against the name."""
+        conn = await UpstreamConnection.connect(
+            target.host, target.port, policy=policy, ssl_context=None, timeout=math.inf, resolver=self._resolve
+        )
+        stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn.sock))
         if target.tls:
             tls = trio.SSLStream(stream, self.ssl_context, server_hostname=target.host, https_compatible=True)
             try:
                 await tls.do_handshake()
             except trio.BrokenResourceError as exc:
                 await trio.aclose_forcefully(stream)
-                cause = exc.__cause__ or exc
-                raise UpstreamConnectError(f"TLS with {target.host_header} failed: {cause}") from None
+                raise UpstreamConnectError(f"TLS with {target.host_header} failed: {exc.__cause__ or exc}") from None
             stream = tls
         return stream
 
