@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .handler import Gateway, utcnow
 from .http_server import Server, bound_address, open_listeners
 from .metrics import Metrics
+from .overrides import ConfigOverrides
 from .relay import EpollEngine
 from .state import StateBackend, open_state
 from .upstream import UpstreamClient
@@ -47,6 +48,7 @@ class Parkway:
         config: Config,
         *,
         config_path: str | os.PathLike | None = None,
+        overrides: ConfigOverrides | None = None,
         upstream_verify: bool | ssl.SSLContext = True,
         clock: Callable[[], datetime] = utcnow,
         worker_index: int = 0,
@@ -54,6 +56,7 @@ class Parkway:
     ):
         self.config = config
         self.config_path = config_path
+        self.overrides = overrides or ConfigOverrides()  # command-line flags, applied to every reloaded file
         self.worker_index = worker_index
         self.reuse_port = reuse_port
         self.upstream = UpstreamClient(config.server, verify=upstream_verify)
@@ -159,7 +162,7 @@ class Parkway:
             self.metrics.reloads.labels("error").inc()
             return problems
         try:
-            new = load_config(self.config_path)
+            new = self.overrides.apply(load_config(self.config_path))
         except ConfigError as exc:
             problems = [str(p) for p in exc.problems]
             log.error("config_reload_failed", path=str(self.config_path), problems=problems)

@@ -21,6 +21,7 @@ PURE = [
     "forwarding",
     "limits",
     "outage",
+    "overrides",
     "policy",
     "signing",
     "urls",
