@@ -7,6 +7,7 @@
 5. verify the signature          (signing.verify_signature)
 6. apply the credential's policy (urls.url_allowed)
 7. forward and stream back       (forwarding + upstream, policy.checked_body, relay)
+   or, for a WebSocket handshake, open the session (ws_policy + websocket)
 
 Nothing reaches the upstream before step 6 has passed. Every refusal is a
 :class:`~proxy.errors.ParkwayError`, answered by :meth:`Gateway.reject` and logged once
@@ -15,19 +16,20 @@ Nothing reaches the upstream before step 6 has passed. Every refusal is a
 
 from __future__ import annotations
 
+import math
 import secrets as _secrets
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
 import trio
 
-from . import cors, forwarding, limits, policy, ssrf
+from . import cors, forwarding, limits, policy, ssrf, ws_policy
 from .admission import GlobalGate
 from .cache import ALONE, LEAD, FellBehind, Flight, LeaderFailed, ResponseCache
 from .cache_policy import (
@@ -47,6 +49,7 @@ from .cache_policy import (
 from .cache_respond import send_followed, send_stored
 from .config import Config, Credential
 from .errors import (
+    BadRequest,
     BodyTooLarge,
     CacheMiss,
     Forbidden,
@@ -67,6 +70,7 @@ from .state import MemoryState, StateBackend
 from .upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
 from .urls import check_unambiguous_path, origin_and_target, url_allowed
 from .usage import UsageObserver
+from .websocket import SessionPlan, SessionReport, WebSocketProxy
 
 # A fixed-length answer up to this size has its head held back and written with the first body
 # chunk (one write instead of two: the upstream sends a small body together with its head).
@@ -98,6 +102,7 @@ class Plan:
     rules: policy.RequestPolicy
     user: str | None
     single_use: bool
+    websocket: bool = False  # a WebSocket handshake: step 7 opens a session
     cache: CacheRequest | None = None  # the signer made it cacheable (pw_cache or the credential's ttl)
 
 
@@ -114,6 +119,7 @@ class Gateway:
         cache: ResponseCache | None = None,
         clock: Callable[[], datetime] = utcnow,
         engine: EpollEngine | None = None,
+        websockets: WebSocketProxy | None = None,
     ):
         self.config = config
         self.upstream = upstream
@@ -123,6 +129,7 @@ class Gateway:
         self.cache = cache  # None: nothing is cached (tests and embedding that leave it out)
         self.gate = self._gate_for(config)
         self.clock = clock
+        self.websockets = websockets or WebSocketProxy(config.websocket)
 
     @staticmethod
     def _gate_for(config: Config) -> GlobalGate:
@@ -142,6 +149,7 @@ class Gateway:
             config.server.queue_timeout,
         ):
             self.gate = self._gate_for(config)
+        self.websockets.settings = config.websocket
         self.config = config
 
     # --- entry points called by the server ------------------------------------------------
@@ -155,7 +163,7 @@ class Gateway:
         with structlog.contextvars.bound_contextvars(request_id=request_id, credential=None, user=None):
             try:
                 with trio.move_on_after(config.server.request_timeout or float("inf")) as overall:
-                    await self._handle(head, conn, config, record, request_id)
+                    await self._handle(head, conn, config, record, request_id, overall)
                 if overall.cancelled_caught:
                     raise UpstreamTimeout(
                         f"request exceeded the overall limit of {config.server.request_timeout:g} s",
@@ -225,7 +233,13 @@ class Gateway:
     # --- the steps ------------------------------------------------------------------------
 
     async def _handle(
-        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, request_id: str
+        self,
+        head: RequestHead,
+        conn: HTTPConnection,
+        config: Config,
+        record: RequestRecord,
+        request_id: str,
+        overall: trio.CancelScope,
     ) -> None:
         origin = head.header(b"origin")
         if cors.is_preflight(head.method, origin, head.header(b"access-control-request-method")):
@@ -236,8 +250,12 @@ class Gateway:
             await conn.send_full(204, [*headers, (b"x-request-id", request_id.encode())], b"")
             return
         plan = await self._plan(head, conn, config, record, request_id, origin)
-        if plan.cache is None:
-            await self._unless_client_leaves(conn, record, self._admit_and_forward, head, conn, config, record, plan)
+        if plan.websocket:
+            # A session has limits of its own (idle_timeout, max_session_duration), not request_timeout.
+            overall.deadline = math.inf
+            await self._admit(head, conn, config, record, plan, self._open_session)
+        elif plan.cache is None:
+            await self._unless_client_leaves(conn, record, self._admit, head, conn, config, record, plan, self._forward)
         else:
             await self._unless_client_leaves(conn, record, self._serve_cacheable, head, conn, config, record, plan)
 
@@ -289,7 +307,21 @@ class Gateway:
         forwarding.check_connection_header(head.headers, signed.signed_headers, credential.headers)
         _scheme, host, target = origin_and_target(signed.proxy_url)
         record.upstream_host, record.upstream_path = host, target.partition("?")[0]
-        if not url_allowed(signed.proxy_url, credential.allowed_upstreams):
+        # A WebSocket handshake (valid, from an allowed origin) for a WebSocket URL, and a
+        # WebSocket URL only with a handshake; allowed_upstreams match it in its http(s) form.
+        websocket = ws_policy.is_websocket_request(head.method, headers)
+        if websocket:
+            ws_policy.check_handshake(head.http_version, headers)
+            ws_policy.check_origin(config.cors.allow_origins, origin)
+        elif ws_policy.is_websocket_url(signed.proxy_url):
+            raise BadRequest(
+                "X-Sw-Proxy is a WebSocket URL: open it with a WebSocket handshake (GET, Upgrade: websocket)",
+                code="websocket_required",
+            )
+        allowed = url_allowed(signed.proxy_url, credential.allowed_upstreams)
+        if websocket and not allowed:  # an https:// prefix (as the config stores wss://) covers wss://
+            allowed = url_allowed(ws_policy.http_form(signed.proxy_url), credential.allowed_upstreams)
+        if not allowed:
             raise Forbidden(
                 f"upstream {host}{record.upstream_path} is not allowed for credential {credential.id!r}",
                 code="upstream_not_allowed",
@@ -315,7 +347,7 @@ class Gateway:
         )
         upstream_url = signed.proxy_url.split("#", 1)[0]
         cached: CacheRequest | None = None
-        if self.cache is not None:
+        if self.cache is not None and not websocket:
             # 6c: the cache, only as the signer allowed it; the body is read (bounded) for the key.
             cached, body = await self._cache_request(
                 head, conn, config, credential, extras, upstream_url, user, body, declared_length
@@ -337,6 +369,7 @@ class Gateway:
             rules=rules,
             user=user,
             single_use=limits.wants_single_use(credential.single_use, extras, config.server.single_use_param),
+            websocket=websocket,
             cache=cached,
         )
 
@@ -414,7 +447,7 @@ class Gateway:
             if cached.plan.only_if_cached:
                 raise _cache_miss()
             status = cache_status("bypass", detail=cached.bypass_reason)
-            return await self._admit_and_forward(head, conn, config, record, plan, cache_headers=(status,))
+            return await self._admit(head, conn, config, record, plan, partial(self._forward, cache_headers=(status,)))
         if cached.plan.lookup:
             try:
                 entry = await cache.lookup(cached.key)
@@ -423,7 +456,9 @@ class Gateway:
                 if cached.plan.only_if_cached:
                     raise _cache_miss() from None
                 status = cache_status("bypass", detail="cache store unavailable")
-                return await self._admit_and_forward(head, conn, config, record, plan, cache_headers=(status,))
+                return await self._admit(
+                    head, conn, config, record, plan, partial(self._forward, cache_headers=(status,))
+                )
             if entry is not None:
                 record.cache = "hit"
                 await self._admit_without_upstream(config, plan)
@@ -448,7 +483,8 @@ class Gateway:
                 break
             if role == LEAD:
                 async with cache.leading(flight):
-                    await self._admit_and_forward(head, conn, config, record, plan, flight=flight, admitted=admitted)
+                    step7 = partial(self._forward, flight=flight)
+                    await self._admit(head, conn, config, record, plan, step7, admitted=admitted)
                 if flight.stored:
                     record.cache = "stored"
                     self.metrics.cache_evictions.inc(flight.evicted)
@@ -462,7 +498,8 @@ class Gateway:
             finally:
                 flight.followers -= 1
         status = cache_status("miss", detail="identical request in flight")
-        await self._admit_and_forward(head, conn, config, record, plan, cache_headers=(status,), admitted=admitted)
+        step7 = partial(self._forward, cache_headers=(status,))
+        await self._admit(head, conn, config, record, plan, step7, admitted=admitted)
 
     async def _follow(
         self, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan, flight: Flight
@@ -501,20 +538,21 @@ class Gateway:
             ):
                 raise limits.replay_refusal()
 
-    async def _admit_and_forward(
+    async def _admit(
         self,
         head: RequestHead,
         conn: HTTPConnection,
         config: Config,
         record: RequestRecord,
         plan: Plan,
+        step7: Callable[[RequestHead, HTTPConnection, Config, RequestRecord, Plan], Awaitable[None]],
         *,
-        flight: Flight | None = None,
-        cache_headers: tuple[tuple[bytes, bytes], ...] = (),
         admitted: bool = False,
     ) -> None:
-        """Admission (in-flight gate, limits, single use), then forwarding; slots always given back.
-        ``admitted``: rate limits and single use were already passed (a follower going alone)."""
+        """Admission (in-flight gate, limits, single use), then step 7; slots always given back.
+        ``admitted``: rate limits and single use were already passed (a follower going alone).
+
+        A WebSocket session holds its slots for its whole life, as a stream does."""
         credential = plan.credential
         keys = limits.limit_keys(credential.id, credential.limits, plan.user, credential.user_limits)
         if admitted:
@@ -525,7 +563,7 @@ class Gateway:
             try:
                 if not admitted:
                     await self._check_single_use(config, plan)
-                await self._forward(head, conn, config, record, plan, flight, cache_headers)
+                await step7(head, conn, config, record, plan)
             finally:
                 with trio.CancelScope(shield=True):
                     await self.state.release(decision.lease)
@@ -582,6 +620,43 @@ class Gateway:
                         flight.usage = (usage.usage.prompt_tokens, usage.usage.completion_tokens)
             finally:
                 self.metrics.in_flight.dec()
+
+    async def _open_session(
+        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
+    ) -> None:
+        """Step 7 for a WebSocket: the upstream's handshake, then the client's 101, then the session.
+
+        Until the upstream has accepted, a failure is an HTTP error like any other; from the 101
+        on, the session ends with close frames and its report fills the request's record.
+        """
+        proposed = ws_policy.parse_subprotocols(head.header(b"sec-websocket-protocol"))
+        offered, dropped = ws_policy.split_subprotocols(proposed)
+        if dropped:  # the count only: each was an API key
+            log.warning("websocket_key_subprotocol_dropped", count=dropped)
+        session = SessionPlan(
+            target=ws_policy.upstream_target(plan.upstream_url),
+            headers=ws_policy.upstream_headers(head.headers, plan.credential.headers, plan.ctx),
+            subprotocols=offered,
+            address_policy=_address_policy(plan.credential, config.server.allow_private_upstreams),
+            response_headers=[(b"x-request-id", plan.request_id.encode())],
+        )
+
+        def hand_over() -> tuple[trio.abc.Stream, bytes]:
+            stream, after_head = conn.hand_over()
+            return stream, ws_policy.handshake_request(head.target, head.headers) + after_head
+
+        record.session = report = SessionReport()
+        self.metrics.in_flight.inc()
+        try:
+            await self.websockets.run(session, hand_over, report)
+        finally:
+            self.metrics.in_flight.dec()
+            if report.outcome is not None:  # the client was handed over: the session decided
+                record.status = 101 if report.accepted else None
+                record.outcome, record.completed, record.usage = report.outcome, True, report.usage
+                if report.outcome == ws_policy.UPSTREAM_ERROR:
+                    record.error = f"the upstream ended the session with {report.client_code}"
+                    record.error_code = "upstream_websocket_error"
 
     @staticmethod
     def _begin_flight(flight: Flight, response: UpstreamResponse, config: Config, plan: Plan) -> tuple[bytes, bytes]:

@@ -29,6 +29,7 @@ PURE = [
     "signing",
     "urls",
     "usage",
+    "ws_policy",
 ]
 IO_LIBRARIES = ["trio", "h11", "httpx", "httpx2", "httpcore", "httpcore2", "coredis", "anyio"]
 
