@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import trio
@@ -27,6 +28,7 @@ from support.processes import ParkwayProcess, ProcessGroup, free_port, poll
 from support.redis import RedisServer
 from support.signing import SECRET, sign
 from support.upstream import Upstream, respond_with, sse_from, sse_then
+from support.websocket import RealtimeUpstream, ws_client
 
 HANG_LIMIT = 20.0
 EVENTS = [b'data: {"choices":[{"delta":{"content":"tok%d"}}]}\n\n' % i for i in range(8)] + [
@@ -423,3 +425,19 @@ async def test_two_processes_share_entries_and_survive_a_redis_outage(processes,
 
     again = await poll(hit_on_one, timeout=5)
     assert again.body == b"".join(EVENTS)
+
+
+async def test_a_websocket_session_is_never_cached(start_parkway, nursery: trio.Nursery) -> None:
+    """A WebSocket handshake is a GET, but a session is not an answer: it is never looked up,
+    stored or collapsed, even for a credential whose default ttl caches everything else."""
+    realtime = await nursery.start(RealtimeUpstream().serve)
+    parkway = await start_parkway(credentials=(replace(TEST_CREDENTIAL, cache=CacheRules(ttl=600)),))
+    target = urlsplit(sign(parkway.base, realtime.url, signer="proxy.signing", params={"pw_cache": "600"}))
+    with watch_logs() as logs:
+        for _ in range(2):
+            with trio.fail_after(5):
+                async with ws_client(parkway.port, f"{target.path}?{target.query}") as ws:
+                    assert json.loads(await ws.get_message())["type"] == "session.created"
+        await logs.wait_for(event="request", status=101)
+    assert len(realtime.sessions) == 2
+    assert all("cache" not in line for line in logs.find(event="request"))
