@@ -24,7 +24,7 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import structlog
@@ -227,22 +227,18 @@ class JobRunner:
         return jobs.completed(job, result, now=now(), result_ttl=settings.result_ttl)
 
     async def _fetch(self, request: UpstreamRequest, limit: int) -> JobResult:
-        async with self.upstream.open(request) as response:
+        async with self.upstream.open(request) as response, aclosing(response.chunks()) as chunks:
             body = bytearray()
-            chunks = response.chunks()
-            try:
-                while True:
-                    with trio.move_on_after(response.idle_timeout) as gap:
-                        chunk = await anext(chunks, None)
-                    if gap.cancelled_caught:
-                        raise response.idle_timeout_error()
-                    if chunk is None:
-                        break
-                    body += chunk
-                    if len(body) > limit:
-                        raise UpstreamError(f"the answer exceeds max_result_bytes ({limit})", code="result_too_large")
-            finally:
-                await chunks.aclose()
+            while True:
+                with trio.move_on_after(response.idle_timeout) as gap:
+                    chunk = await anext(chunks, None)
+                if gap.cancelled_caught:
+                    raise response.idle_timeout_error()
+                if chunk is None:
+                    break
+                body += chunk
+                if len(body) > limit:
+                    raise UpstreamError(f"the answer exceeds max_result_bytes ({limit})", code="result_too_large")
             headers = tuple(
                 (n.decode("latin-1"), v.decode("latin-1"))
                 for n, v in forwarding.response_headers(response.headers)
