@@ -26,13 +26,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 import trio
 
 from . import forwarding, jobs, ssrf, webhooks
 from .config import Config, Credential
-from .errors import ParkwayError, UpstreamError
+from .errors import Forbidden, ParkwayError, UpstreamError
 from .jobs import AttemptOutcome, Job, JobError, JobResult, JobsConfig
 from .jobstore import JobStore, StoreStats
 from .state import StateConfig
@@ -44,6 +45,7 @@ DELIVERY_CONCURRENCY = 32  # delivery attempts at once per process
 DELIVERY_LEASE_MARGIN = 30.0  # a delivery is hidden this much longer than its timeout
 RESPONSE_READ_LIMIT = 65536  # of a receiver's answer, only this much is read (and ignored)
 USER_AGENT = b"Parkway-Webhooks/1"
+CALLBACK_RESOLVE_TIMEOUT = 5.0
 
 
 @asynccontextmanager
@@ -71,6 +73,35 @@ def callback_policy(credential: Credential, allow_private: bool) -> ssrf.Address
         allow_private=allow_private or credential.allow_private_upstreams,
         allowed_upstreams=credential.allowed_callbacks,
     )
+
+
+async def check_callback_address(url: str, policy: ssrf.AddressPolicy, resolver: ssrf.Resolver = ssrf.resolve) -> None:
+    """Refuse at once a callback whose address the SSRF guard would refuse at delivery.
+
+    Delivery checks again, after its own resolution (the one that counts); this only spares a
+    signer a job whose result could never be delivered. A name that does not resolve now is let
+    through: it may by the time the job finishes.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with trio.move_on_after(CALLBACK_RESOLVE_TIMEOUT):
+            addresses = [host] if _is_ip(host) else await resolver(host, port)
+            for address in addresses:
+                policy.check(address, host=host)
+    except Forbidden as exc:
+        raise Forbidden(exc.message.replace("upstream", "callback", 1), code="callback_address_refused") from None
+    except (OSError, ValueError):
+        return
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ssrf.parse_ip(host)
+    except ValueError:
+        return False
+    return True
 
 
 class JobRunner:
