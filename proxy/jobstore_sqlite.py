@@ -83,23 +83,24 @@ class SQLiteJobStore:
 
     # --- running a transaction ------------------------------------------------------------------
 
-    async def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work`` in one write transaction on a worker thread. It always runs to its end
-        (a thread cannot be interrupted), so a cancelled caller never leaves half a change."""
+    async def _transaction(self, work: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
+        """Run ``work`` in one transaction on a worker thread (a write one takes SQLite's lock at
+        once). It always runs to its end (a thread cannot be interrupted), so a cancelled
+        caller never leaves half a change."""
         try:
-            return await trio.to_thread.run_sync(self._locked, work)
+            return await trio.to_thread.run_sync(self._locked, work, write)
         except sqlite3.Error as exc:  # locked past busy_timeout, disk full, I/O error
             log.error("job_store_error", store="sqlite", error=str(exc))
             raise Overloaded(
                 f"the job store (SQLite) failed: {exc}", code="job_store_unavailable", retry_after=1
             ) from None
 
-    def _locked(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def _locked(self, work: Callable[[sqlite3.Connection], T], write: bool) -> T:
         with self._lock:
             db = self._db
             if db is None:
                 raise RuntimeError("the job store is closed")
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 result = work(db)
             except BaseException:
@@ -142,7 +143,7 @@ class SQLiteJobStore:
         await self._transaction(work)
 
     async def get(self, job_id: str, *, now: float) -> Job | None:
-        job = await self._transaction(lambda db: self._read(db, job_id))
+        job = await self._transaction(lambda db: self._read(db, job_id), write=False)
         return None if job is None or expired(job, now) else job
 
     async def claim(self, owner: str, *, now: float, lease: float) -> Job | None:
@@ -220,7 +221,7 @@ class SQLiteJobStore:
             (oldest,) = db.execute("SELECT min(queued_at) FROM jobs").fetchone()
             return StoreStats(by_status, pending, max(0.0, now - oldest) if oldest is not None else 0.0)
 
-        return await self._transaction(work)
+        return await self._transaction(work, write=False)
 
 
 def _decode(db: sqlite3.Connection, job_id: str, record: bytes) -> Job | None:

@@ -310,3 +310,15 @@ async def test_metrics_show_jobs_and_deliveries(parkway, upstream, receiver, cli
     assert metrics.value("parkway_jobs", status="completed") == 1
     assert metrics.value("parkway_jobs", status="queued") == 0
     assert "parkway_jobs_oldest_queued_age_seconds" in {name for name, _ in metrics.samples}
+
+
+async def test_the_credentials_body_rules_apply_before_queueing(launch, tmp_path, upstream, receiver, client) -> None:
+    config = job_config(tmp_path, upstream, receiver)
+    cred = replace(config.credentials[0], allowed_models=("m",))
+    parkway = await launch(replace(config, credentials=(cred,)))
+    url = background_url(parkway, upstream, receiver)
+    refused = await client.post(url, json={**CHAT, "model": "gpt-4o"})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "model_not_allowed"
+    assert (await client.post(url, json=CHAT)).status_code == 202
+    await receiver.wait_for_requests(1)
+    assert len(upstream.requests) == 1 and json.loads(upstream.requests[0].body)["model"] == "m"
