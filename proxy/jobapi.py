@@ -29,7 +29,7 @@ Headers = list[tuple[bytes, bytes]]
 class MethodNotAllowed(ParkwayError):
     status = 405
     type = "invalid_request_error"
-    code = "method_not_allowed"
+    code = "job_method_not_allowed"
 
 
 def _json(document: object) -> bytes:
