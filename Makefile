@@ -16,8 +16,11 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/parkway demo --once
 
-## make test: every test. Installs what the tests need from Debian when it is missing.
+## make test: lint, format and type checks, then every test. Installs what the tests need from Debian when it is missing.
 test: $(STAMP) system-deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy proxy
 	$(PY) -m pytest
 
 system-deps:

@@ -225,9 +225,20 @@ def run_streams(args: argparse.Namespace) -> dict:
             epoll.register(s.fd, EPOLLOUT)
         if now >= next_stat:
             next_stat = now + args.stat_interval
-            print("STAT " + json.dumps({"t": now - t0, "started": started, "open": open_now,
-                                         "completed": completed, "events": events,
-                                         "errors": sum(errors.values())}), flush=True)
+            print(
+                "STAT "
+                + json.dumps(
+                    {
+                        "t": now - t0,
+                        "started": started,
+                        "open": open_now,
+                        "completed": completed,
+                        "events": events,
+                        "errors": sum(errors.values()),
+                    }
+                ),
+                flush=True,
+            )
         if started >= args.streams and not streams:
             break
         if now > deadline:
@@ -235,7 +246,7 @@ def run_streams(args: argparse.Namespace) -> dict:
                 fail(s, "deadline_" + s.state)
             break
         timeout = 0.002 if started < args.streams else min(0.2, max(0.0, next_stat - now))
-        for fd, mask in epoll.poll(timeout, 4096):
+        for fd, _mask in epoll.poll(timeout, 4096):
             s = streams.get(fd)
             if s is None:
                 continue
@@ -292,10 +303,19 @@ def run_streams(args: argparse.Namespace) -> dict:
                     finish(s)
     t_end = time.monotonic() - t0
     return {
-        "mode": "stream", "streams": args.streams, "completed": completed, "errors": errors,
-        "error_count": sum(errors.values()), "events": events, "ttfe_s": percentiles(ttfe),
-        "connect_s": percentiles(connect_times), "duration_s": percentiles(durations),
-        "max_open": max_open, "t_all_open": t_all_open, "t_first_done": t_first_done, "t_end": t_end,
+        "mode": "stream",
+        "streams": args.streams,
+        "completed": completed,
+        "errors": errors,
+        "error_count": sum(errors.values()),
+        "events": events,
+        "ttfe_s": percentiles(ttfe),
+        "connect_s": percentiles(connect_times),
+        "duration_s": percentiles(durations),
+        "max_open": max_open,
+        "t_all_open": t_all_open,
+        "t_first_done": t_first_done,
+        "t_end": t_end,
     }
 
 
@@ -337,9 +357,12 @@ def run_small(args: argparse.Namespace) -> dict:
             break
         if now >= next_stat:
             next_stat = now + args.stat_interval
-            print("STAT " + json.dumps({"t": now - t0, "requests": total, "counted": counted,
-                                         "errors": sum(errors.values())}), flush=True)
-        for fd, mask in epoll.poll(0.2, 1024):
+            print(
+                "STAT "
+                + json.dumps({"t": now - t0, "requests": total, "counted": counted, "errors": sum(errors.values())}),
+                flush=True,
+            )
+        for fd, _mask in epoll.poll(0.2, 1024):
             c = clients[fd]
             try:
                 data = c.sock.recv(65536)
@@ -370,9 +393,15 @@ def run_small(args: argparse.Namespace) -> dict:
     for c in clients.values():
         c.sock.close()
     return {
-        "mode": "small", "clients": args.clients, "seconds": args.seconds, "requests": total,
-        "counted": counted, "rps": counted / args.seconds, "errors": errors,
-        "error_count": sum(errors.values()), "latency_s": percentiles(latencies),
+        "mode": "small",
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "requests": total,
+        "counted": counted,
+        "rps": counted / args.seconds,
+        "errors": errors,
+        "error_count": sum(errors.values()),
+        "latency_s": percentiles(latencies),
     }
 
 
@@ -406,8 +435,13 @@ def run_latency(args: argparse.Namespace) -> dict:
         elif i >= args.warmup_requests:
             latencies.append(elapsed)
     sock.close()
-    return {"mode": "latency", "requests": len(latencies), "errors": errors,
-            "error_count": sum(errors.values()), "latency_s": percentiles(latencies)}
+    return {
+        "mode": "latency",
+        "requests": len(latencies),
+        "errors": errors,
+        "error_count": sum(errors.values()),
+        "latency_s": percentiles(latencies),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--target", required=True, help="request-target: path and query")
     parser.add_argument("--header", action="append", default=[], metavar="'Name: value'")
-    parser.add_argument("--body", default='{"model":"mock-gpt","stream":true,"messages":[{"role":"user","content":"hi"}]}')
+    parser.add_argument(
+        "--body", default='{"model":"mock-gpt","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    )
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--rate", type=float, default=2000, help="new streams per second")
     parser.add_argument("--expect-events", type=int, default=100)

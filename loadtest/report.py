@@ -57,8 +57,9 @@ def _completion(runs: Runs, target: str, repeat: int, opts: Any) -> float | None
     run = _pick(runs, workload="parked", target=target, repeat=repeat, streams=max(opts["streams"]))
     if run is None:
         return None
-    return run["completed"] / run["streams"] if run["error_count"] == 0 else min(
-        run["completed"] / run["streams"], 0.9999)
+    return (
+        run["completed"] / run["streams"] if run["error_count"] == 0 else min(run["completed"] / run["streams"], 0.9999)
+    )
 
 
 def _small_rps(runs: Runs, target: str, repeat: int, opts: Any) -> float | None:
@@ -85,35 +86,74 @@ def _pool_ratio(runs: Runs, target: str, repeat: int, opts: Any) -> float | None
 
 def _workers_ratio(runs: Runs, target: str, repeat: int, opts: Any) -> float | None:
     one = _pick(runs, workload="workers", target=target, repeat=repeat, workers=1)
-    many = [r for r in runs if r["workload"] == "workers" and r["target"] == target and r["repeat"] == repeat
-            and (r["workers"] or 0) > 1]
+    many = [
+        r
+        for r in runs
+        if r["workload"] == "workers" and r["target"] == target and r["repeat"] == repeat and (r["workers"] or 0) > 1
+    ]
     if one is None or not many or not one["rps"]:
         return None
     return many[0]["rps"] / one["rps"]
 
 
 FIGURES = [
-    Figure("parked_completed", "Parked streams completed with zero errors (fraction)", "all (1.000)",
-           _completion, lambda v: v >= 1.0, 3),
+    Figure(
+        "parked_completed",
+        "Parked streams completed with zero errors (fraction)",
+        "all (1.000)",
+        _completion,
+        lambda v: v >= 1.0,
+        3,
+    ),
     Figure("ttfe_p99_ms", "Time to first event p99, ms", "< 100", _parked("ttfe_p99_ms"), lambda v: v < 100),
-    Figure("rss_per_stream_kb", "RSS per parked stream, KB", "≤ 20", _parked("rss_per_stream_kb"),
-           lambda v: v <= 20),
-    Figure("cpu_per_event_parked_us", "CPU per relayed event while parked, µs", "≤ 25",
-           _parked("cpu_per_event_us"), lambda v: v <= 25),
-    Figure("steady_cpu_pct", "CPU while all streams parked, % of one core", "(info)",
-           _parked("steady_cpu_pct"), None, 0),
-    Figure("cpu_per_event_relay_us", "CPU per relayed event, relay workload, µs", "≤ 25",
-           _field("relay", "cpu_per_event_us"), lambda v: v <= 25),
-    Figure("small_rps", "Small requests/s, 64 keep-alive clients, one core", "≥ 4,000", _small_rps,
-           lambda v: v >= 4000, 0),
-    Figure("small_cpu_per_request_us", "CPU per small request, µs (1e6 ÷ this = req/s one core could give)",
-           "≤ 250 (for 4,000/s)", _field("small", "cpu_per_request_us"), None, 0),
-    Figure("added_latency_p50_us", "Added latency p50, one sequential client, µs", "≤ 250", _added_latency,
-           lambda v: v <= 250, 0),
-    Figure("pool_ratio", "Pool: req/s at 512 ÷ req/s at 16 concurrent upstream requests", "≥ 0.90",
-           _pool_ratio, lambda v: v >= 0.9, 2),
-    Figure("workers_ratio", "`--workers 2` ÷ `--workers 1` small req/s", "≥ 1.8", _workers_ratio,
-           lambda v: v >= 1.8, 2),
+    Figure("rss_per_stream_kb", "RSS per parked stream, KB", "≤ 20", _parked("rss_per_stream_kb"), lambda v: v <= 20),
+    Figure(
+        "cpu_per_event_parked_us",
+        "CPU per relayed event while parked, µs",
+        "≤ 25",
+        _parked("cpu_per_event_us"),
+        lambda v: v <= 25,
+    ),
+    Figure(
+        "steady_cpu_pct", "CPU while all streams parked, % of one core", "(info)", _parked("steady_cpu_pct"), None, 0
+    ),
+    Figure(
+        "cpu_per_event_relay_us",
+        "CPU per relayed event, relay workload, µs",
+        "≤ 25",
+        _field("relay", "cpu_per_event_us"),
+        lambda v: v <= 25,
+    ),
+    Figure(
+        "small_rps", "Small requests/s, 64 keep-alive clients, one core", "≥ 4,000", _small_rps, lambda v: v >= 4000, 0
+    ),
+    Figure(
+        "small_cpu_per_request_us",
+        "CPU per small request, µs (1e6 ÷ this = req/s one core could give)",
+        "≤ 250 (for 4,000/s)",
+        _field("small", "cpu_per_request_us"),
+        None,
+        0,
+    ),
+    Figure(
+        "added_latency_p50_us",
+        "Added latency p50, one sequential client, µs",
+        "≤ 250",
+        _added_latency,
+        lambda v: v <= 250,
+        0,
+    ),
+    Figure(
+        "pool_ratio",
+        "Pool: req/s at 512 ÷ req/s at 16 concurrent upstream requests",
+        "≥ 0.90",
+        _pool_ratio,
+        lambda v: v >= 0.9,
+        2,
+    ),
+    Figure(
+        "workers_ratio", "`--workers 2` ÷ `--workers 1` small req/s", "≥ 1.8", _workers_ratio, lambda v: v >= 1.8, 2
+    ),
 ]
 
 
@@ -128,10 +168,13 @@ def summarise(runs: Runs, args: Any) -> dict[str, Any]:
         ratios = [p / n for p, n in zip(per["parkway"], per["nginx"]) if p is not None and n]
         parkway = _median(per["parkway"])
         summary[fig.key] = {
-            "label": fig.label, "target": fig.target,
-            "parkway": parkway, "nginx": _median(per["nginx"]),
+            "label": fig.label,
+            "target": fig.target,
+            "parkway": parkway,
+            "nginx": _median(per["nginx"]),
             "ratio_vs_nginx": _median(ratios),
-            "parkway_repeats": per["parkway"], "nginx_repeats": per["nginx"],
+            "parkway_repeats": per["parkway"],
+            "nginx_repeats": per["nginx"],
             "met": None if fig.met is None or parkway is None else bool(fig.met(parkway)),
         }
         if fig.key == "parked_completed":
@@ -141,15 +184,20 @@ def summarise(runs: Runs, args: Any) -> dict[str, Any]:
             summary[fig.key]["met"] = not any(r["error_count"] for r in runs if r["workload"] == "workers")
         if fig.key == "rss_per_stream_kb" and summary[fig.key]["met"]:
             # Only a proxy that held every stream at once meets a per-parked-stream target.
-            held = [r for r in runs if r["workload"] == "parked" and r["target"] == "parkway"
-                    and r["streams"] == max(opts["streams"])]
+            held = [
+                r
+                for r in runs
+                if r["workload"] == "parked" and r["target"] == "parkway" and r["streams"] == max(opts["streams"])
+            ]
             summary[fig.key]["met"] = all(r.get("parked_peak", 0) >= r["streams"] for r in held)
     summary["sweep"] = _sweep(runs)
     summary["errors"] = [
         f"{r['workload']} {r['target']} (repeat {r['repeat'] + 1}"
         + (f", {r['streams']:,} streams" if "streams" in r else f", {r.get('clients')} clients")
-        + (f", --workers {r['workers']}" if r.get("workers") else "") + f"): {r['errors']}"
-        for r in runs if r.get("error_count")
+        + (f", --workers {r['workers']}" if r.get("workers") else "")
+        + f"): {r['errors']}"
+        for r in runs
+        if r.get("error_count")
     ]
     return summary
 
@@ -160,20 +208,24 @@ def _sweep(runs: Runs) -> list[dict[str, Any]]:
     keys = sorted({(r["target"], r["streams"]) for r in runs if r["workload"] == "parked"})
     for target, streams in keys:
         group = [r for r in runs if r["workload"] == "parked" and r["target"] == target and r["streams"] == streams]
-        points.append({
-            "target": target, "streams": streams, "repeats": len(group),
-            "completed": _median([r["completed"] for r in group]),
-            "parked_peak": _median([r.get("parked_peak") for r in group]),
-            "errors": sum(r["error_count"] for r in group),
-            "rss_above_idle_mb": _median([(r["peak_rss_kb"] - r["idle_rss_kb"]) / 1024 for r in group]),
-            "idle_rss_mb": _median([r["idle_rss_kb"] / 1024 for r in group]),
-            "rss_per_stream_kb": _median([r["rss_per_stream_kb"] for r in group]),
-            "steady_cpu_pct": _median([r["steady_cpu_pct"] for r in group]),
-            "cpu_per_event_us": _median([r["cpu_per_event_us"] for r in group]),
-            "ttfe_p99_ms": _median([r["ttfe_p99_ms"] for r in group]),
-            "upstream_cpu_pct": _median([r["upstream_cpu_pct"] for r in group]),
-            "loadgen_cpu_pct": _median([r["loadgen_cpu_pct"] for r in group]),
-        })
+        points.append(
+            {
+                "target": target,
+                "streams": streams,
+                "repeats": len(group),
+                "completed": _median([r["completed"] for r in group]),
+                "parked_peak": _median([r.get("parked_peak") for r in group]),
+                "errors": sum(r["error_count"] for r in group),
+                "rss_above_idle_mb": _median([(r["peak_rss_kb"] - r["idle_rss_kb"]) / 1024 for r in group]),
+                "idle_rss_mb": _median([r["idle_rss_kb"] / 1024 for r in group]),
+                "rss_per_stream_kb": _median([r["rss_per_stream_kb"] for r in group]),
+                "steady_cpu_pct": _median([r["steady_cpu_pct"] for r in group]),
+                "cpu_per_event_us": _median([r["cpu_per_event_us"] for r in group]),
+                "ttfe_p99_ms": _median([r["ttfe_p99_ms"] for r in group]),
+                "upstream_cpu_pct": _median([r["upstream_cpu_pct"] for r in group]),
+                "loadgen_cpu_pct": _median([r["loadgen_cpu_pct"] for r in group]),
+            }
+        )
     return points
 
 
@@ -200,8 +252,10 @@ def markdown(results: dict[str, Any]) -> str:
             continue
         met = {True: "yes", False: "**no**", None: ""}[row["met"]]
         ratio = "–" if row["ratio_vs_nginx"] is None else f"{row['ratio_vs_nginx']:.2f}×"
-        lines.append(f"| {fig.label} | {fig.target} | {_fmt(row['parkway'], fig.digits)} | "
-                     f"{_fmt(row['nginx'], fig.digits)} | {ratio} | {met} |")
+        lines.append(
+            f"| {fig.label} | {fig.target} | {_fmt(row['parkway'], fig.digits)} | "
+            f"{_fmt(row['nginx'], fig.digits)} | {ratio} | {met} |"
+        )
     sweep = summary.get("sweep") or []
     if sweep:
         lines += [
@@ -218,14 +272,22 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {p['errors']} | "
                 f"{_fmt(p['rss_above_idle_mb'], 1)} | {_fmt(p['rss_per_stream_kb'], 1)} | "
                 f"{_fmt(p['steady_cpu_pct'], 0)} | {_fmt(p['cpu_per_event_us'], 1)} | {_fmt(p['ttfe_p99_ms'], 1)} | "
-                f"{_fmt(p['upstream_cpu_pct'], 0)} | {_fmt(p['loadgen_cpu_pct'], 0)} |")
+                f"{_fmt(p['upstream_cpu_pct'], 0)} | {_fmt(p['loadgen_cpu_pct'], 0)} |"
+            )
     if results.get("notes"):
         lines += [""] + [f"- {note}" for note in results["notes"]]
     if summary.get("errors"):
-        lines += ["", "Runs with errors (kinds counted by the load generator; the proxy's log tail is in the JSON):", ""]
+        lines += [
+            "",
+            "Runs with errors (kinds counted by the load generator; the proxy's log tail is in the JSON):",
+            "",
+        ]
         lines += [f"- {line}" for line in summary["errors"]]
-    lines += ["", f"Command: `{meta['command']}` ({meta['date']}, {meta['elapsed_s']:.0f} s; "
-              f"versions {', '.join(f'{k} {v}' for k, v in meta['versions'].items())})."]
+    lines += [
+        "",
+        f"Command: `{meta['command']}` ({meta['date']}, {meta['elapsed_s']:.0f} s; "
+        f"versions {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -252,21 +314,35 @@ def draw_chart(results: dict[str, Any], path: Path) -> bool:
         xs = [p.get("parked_peak") or p["streams"] for p in pts]
         for ax, key in ((ax_rss, "rss_above_idle_mb"), (ax_cpu, "steady_cpu_pct")):
             ys = [p[key] or 0 for p in pts]
-            ax.plot(xs, ys, marker=marker, color=color, label=label,
-                    linestyle="-" if xs == sorted(xs) and len(set(xs)) == len(xs) else "none")
+            ax.plot(
+                xs,
+                ys,
+                marker=marker,
+                color=color,
+                label=label,
+                linestyle="-" if xs == sorted(xs) and len(set(xs)) == len(xs) else "none",
+            )
             for x, y, p in zip(xs, ys, pts):
                 if x < 0.95 * p["streams"]:
-                    ax.annotate(f"{p['streams']:,} asked", (x, y), textcoords="offset points",
-                                xytext=(6, -4 - 9 * pts.index(p)), fontsize=7, color=color)
+                    ax.annotate(
+                        f"{p['streams']:,} asked",
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(6, -4 - 9 * pts.index(p)),
+                        fontsize=7,
+                        color=color,
+                    )
     events_per_s = 1000 / opts["interval_ms"]
     top = max(xs_all)
     ax_rss.plot([0, top], [0, top * 20 / 1024], "--", color="tab:green", label="target: 20 KB/stream")
-    ax_cpu.plot([0, top], [0, top * events_per_s * 25e-6 * 100], "--", color="tab:green",
-                label="target: 25 µs/event")
+    ax_cpu.plot([0, top], [0, top * events_per_s * 25e-6 * 100], "--", color="tab:green", label="target: 25 µs/event")
     ax_cpu.axhline(100, color="tab:red", linewidth=0.8, label="one core")
     ax_rss.set(xlabel="SSE streams held at once", ylabel="RSS above idle (MB)", title="Memory")
-    ax_cpu.set(xlabel="SSE streams held at once", ylabel="CPU (% of one core)",
-               title=f"CPU, one event / {opts['interval_ms']:g} ms / stream")
+    ax_cpu.set(
+        xlabel="SSE streams held at once",
+        ylabel="CPU (% of one core)",
+        title=f"CPU, one event / {opts['interval_ms']:g} ms / stream",
+    )
     for ax in (ax_rss, ax_cpu):
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)

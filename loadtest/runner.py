@@ -30,14 +30,13 @@ import resource
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -67,14 +66,27 @@ class SetupError(Exception):
 class Proc:
     """A child process started by the runner: pinned, logged to a file, stopped by its pid."""
 
-    def __init__(self, name: str, argv: list[str], *, cpus: set[int] | None, log: Path | None,
-                 env: dict[str, str] | None = None, stdout: int | None = None, cwd: Path = ROOT):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        cpus: set[int] | None,
+        log: Path | None,
+        env: dict[str, str] | None = None,
+        stdout: int | None = None,
+        cwd: Path = ROOT,
+    ):
         self.name = name
         self.argv = argv
         self._log = open(log, "wb") if log else subprocess.DEVNULL
         self.popen = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-            stdout=stdout if stdout is not None else self._log, stderr=self._log,
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else self._log,
+            stderr=self._log,
             start_new_session=True,  # a Ctrl-C on the runner does not reach it; stop() does
             text=stdout is not None,
         )
@@ -118,8 +130,10 @@ def free_port() -> int:
 def one_request(port: int, target: str, body: str, headers: tuple[str, ...] = (), timeout: float = 10) -> Response:
     """A single blocking request (warm-up and readiness checks)."""
     extra = "".join(f"{h}\r\n" for h in headers)
-    data = (f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"{extra}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}").encode()
+    data = (
+        f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"{extra}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}"
+    ).encode()
     resp = Response()
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
@@ -174,8 +188,10 @@ class Bench:
             os.sched_setaffinity(0, self.aux_cpus)
         else:
             self.proxy_cpus = self.aux_cpus = None
-            self.notes.append(f"not pinned ({len(allowed)} core(s) allowed or --no-pin): "
-                              "the proxy shares its core with the load generator")
+            self.notes.append(
+                f"not pinned ({len(allowed)} core(s) allowed or --no-pin): "
+                "the proxy shares its core with the load generator"
+            )
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
         self.nofile = hard
@@ -196,8 +212,16 @@ class Bench:
 
     def start_upstream(self) -> None:
         deadline = str(self.args.max_minutes * 60 + 60)
-        self.upstream = self._python("loadtest.upstream", "--api-key", API_KEY, "--max-seconds", deadline,
-                                     cpus=self.aux_cpus, log=None, stdout=subprocess.PIPE)
+        self.upstream = self._python(
+            "loadtest.upstream",
+            "--api-key",
+            API_KEY,
+            "--max-seconds",
+            deadline,
+            cpus=self.aux_cpus,
+            log=None,
+            stdout=subprocess.PIPE,
+        )
         line = self.upstream.popen.stdout.readline()
         if not line.startswith("READY "):
             raise SetupError(f"the load-test upstream did not start: {line!r}")
@@ -205,8 +229,14 @@ class Bench:
         self.upstream_group = procstat.Group("upstream", [self.upstream.pid])
 
     def parkway_supports_workers(self) -> bool:
-        out = subprocess.run([self.proxy_python, "-m", "proxy", "serve", "--help"], cwd=self.proxy_path,
-                             env=self._proxy_env(), capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [self.proxy_python, "-m", "proxy", "serve", "--help"],
+            cwd=self.proxy_path,
+            env=self._proxy_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return "--workers" in out.stdout
 
     def _proxy_env(self) -> dict[str, str]:
@@ -219,11 +249,13 @@ class Bench:
         if name == "nginx":
             binary = nginx.nginx_binary()
             if binary is None:
-                raise SetupError("nginx is not installed: run `bash .ci/system-deps` (Debian package nginx), "
-                                 "or pass --no-reference")
+                raise SetupError(
+                    "nginx is not installed: run `bash .ci/system-deps` (Debian package nginx), or pass --no-reference"
+                )
             directory = self.tmp / f"nginx-{port}"
-            config = nginx.write_config(directory, listen=f"127.0.0.1:{port}", upstream=upstream,
-                                        api_key=API_KEY, nofile=self.nofile)
+            config = nginx.write_config(
+                directory, listen=f"127.0.0.1:{port}", upstream=upstream, api_key=API_KEY, nofile=self.nofile
+            )
             proc = Proc("nginx", nginx.command(binary, directory, config), cpus=self.proxy_cpus, log=log)
         else:
             config = self.tmp / f"parkway-{port}.toml"
@@ -245,8 +277,13 @@ class Bench:
             # cwd too: `python -m` puts the working directory first on sys.path.
             proc = Proc("parkway", argv, cpus=cpus, log=log, env=env, cwd=self.proxy_path)
         self.procs.append(proc)
-        target = Target(name, port, proc, procstat.Group(name, []),
-                        log=self.tmp / f"nginx-{port}" / "error.log" if name == "nginx" else log)
+        target = Target(
+            name,
+            port,
+            proc,
+            procstat.Group(name, []),
+            log=self.tmp / f"nginx-{port}" / "error.log" if name == "nginx" else log,
+        )
         try:
             self._wait_ready(target, log)
             target.signed = {q: self._sign(port, q) for q in queries}
@@ -262,9 +299,14 @@ class Bench:
         return target
 
     def _sign(self, port: int, query: str) -> str:
-        url = sign_url(id=CREDENTIAL, secret=SECRET, host=f"http://127.0.0.1:{port}",
-                       proxy_url=f"http://127.0.0.1:{self.upstream_port}/v1/chat/completions?{query}",
-                       method="POST", expiry=6 * 3600)
+        url = sign_url(
+            id=CREDENTIAL,
+            secret=SECRET,
+            host=f"http://127.0.0.1:{port}",
+            proxy_url=f"http://127.0.0.1:{self.upstream_port}/v1/chat/completions?{query}",
+            method="POST",
+            expiry=6 * 3600,
+        )
         parts = urlsplit(url)
         return f"{parts.path}?{parts.query}"
 
@@ -295,16 +337,34 @@ class Bench:
 
     # --- one measured run -----------------------------------------------------------------
 
-    def drive(self, target: Target, mode: str, loadgen_args: list[str], deadline: float,
-              profile_name: str | None = None, parked: int | None = None) -> dict[str, Any]:
+    def drive(
+        self,
+        target: Target,
+        mode: str,
+        loadgen_args: list[str],
+        deadline: float,
+        profile_name: str | None = None,
+        parked: int | None = None,
+    ) -> dict[str, Any]:
         """Run the load generator against ``target`` while sampling it; return the raw measurements."""
         headers = ["--header", f"Authorization: Bearer {API_KEY}"] if target.name == "direct" else []
         if parked and self._snapshot_due(target):
             os.kill(target.proc.pid, signal.SIGUSR1)  # loadtest.tracemem: the idle baseline
             time.sleep(1.0)
         idle = target.group.read()
-        lg = self._python("loadtest.loadgen", mode, "--port", str(target.port), "--deadline", str(deadline),
-                          *headers, *loadgen_args, cpus=self.aux_cpus, log=None, stdout=subprocess.PIPE)
+        lg = self._python(
+            "loadtest.loadgen",
+            mode,
+            "--port",
+            str(target.port),
+            "--deadline",
+            str(deadline),
+            *headers,
+            *loadgen_args,
+            cpus=self.aux_cpus,
+            log=None,
+            stdout=subprocess.PIPE,
+        )
         lg_group = procstat.Group("loadgen", [lg.pid])
         groups = [target.group, self.upstream_group, lg_group]
         watchdog = threading.Timer(deadline + 30, lambda: lg.alive() and lg.popen.kill())
@@ -344,8 +404,7 @@ class Bench:
         series = [(s.t - t_start, s.cpu, s.rss) for s in target.group.samples]
         for group in groups:
             group.samples.clear()
-        return {"result": result, "stats": [(t - t_start, s) for t, s in stats], "measured": measured,
-                "series": series}
+        return {"result": result, "stats": [(t - t_start, s) for t, s in stats], "measured": measured, "series": series}
 
     def _tracemem_out(self, target: Target) -> str:
         return self._tracemem[target.port]
@@ -363,9 +422,24 @@ class Bench:
         out = Path(self.args.out) / f"{self.args.label}-profile-{name}.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
         # Raw collapsed stacks: loadtest.profile turns them into a breakdown by component.
-        return Proc("py-spy", [spy, "record", "--pid", str(target.proc.pid), "--rate", "200", "--nonblocking",
-                               "--format", "raw", "--output", str(out)], cpus=self.aux_cpus,
-                    log=self.tmp / "py-spy.log")
+        return Proc(
+            "py-spy",
+            [
+                spy,
+                "record",
+                "--pid",
+                str(target.proc.pid),
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(out),
+            ],
+            cpus=self.aux_cpus,
+            log=self.tmp / "py-spy.log",
+        )
 
     def _stop_profiler(self, proc: Proc | None) -> None:
         if proc is not None:
@@ -382,62 +456,122 @@ class Bench:
         a = self.args
         return self._streams("relay", name, repeat, a.relay_streams, a.relay_events, a.relay_interval_ms, profile)
 
-    def _streams(self, workload: str, name: str, repeat: int, streams: int, events: int, interval_ms: float,
-                 profile: bool) -> dict[str, Any]:
+    def _streams(
+        self, workload: str, name: str, repeat: int, streams: int, events: int, interval_ms: float, profile: bool
+    ) -> dict[str, Any]:
         a = self.args
         query = f"events={events}&interval_ms={interval_ms:g}&size={a.event_bytes}"
         target = self.start_target(name, queries=(query,))
         try:
             ramp_s = streams / a.ramp
             deadline = ramp_s + events * interval_ms / 1000 * 3 + 60
-            raw = self.drive(target, "stream", [
-                "--target", target.request_target(query), "--body", STREAM_BODY, "--streams", str(streams),
-                "--rate", str(a.ramp), "--expect-events", str(events)], deadline,
-                profile_name=f"{workload}-{streams}" if profile else None, parked=streams)
+            raw = self.drive(
+                target,
+                "stream",
+                [
+                    "--target",
+                    target.request_target(query),
+                    "--body",
+                    STREAM_BODY,
+                    "--streams",
+                    str(streams),
+                    "--rate",
+                    str(a.ramp),
+                    "--expect-events",
+                    str(events),
+                ],
+                deadline,
+                profile_name=f"{workload}-{streams}" if profile else None,
+                parked=streams,
+            )
         finally:
             target.stop()
         r, m = raw["result"], raw["measured"]
         steady = _steady(raw, streams, target.group)
         return {
-            "workload": workload, "target": name, "repeat": repeat, "streams": streams,
-            "events_per_stream": events, "interval_ms": interval_ms, "event_bytes": a.event_bytes,
-            "completed": r["completed"], "errors": r["errors"], "error_count": r["error_count"],
+            "workload": workload,
+            "target": name,
+            "repeat": repeat,
+            "streams": streams,
+            "events_per_stream": events,
+            "interval_ms": interval_ms,
+            "event_bytes": a.event_bytes,
+            "completed": r["completed"],
+            "errors": r["errors"],
+            "error_count": r["error_count"],
             "events": r["events"],
-            "ttfe_p50_ms": _ms(r["ttfe_s"]["p50"]), "ttfe_p99_ms": _ms(r["ttfe_s"]["p99"]),
+            "ttfe_p50_ms": _ms(r["ttfe_s"]["p50"]),
+            "ttfe_p99_ms": _ms(r["ttfe_s"]["p99"]),
             "ttfe_max_ms": _ms(r["ttfe_s"]["max"]),
-            "duration_p50_s": r["duration_s"]["p50"], "duration_max_s": r["duration_s"]["max"],
-            "idle_rss_kb": m["idle_rss_kb"], "peak_rss_kb": m["peak_rss_kb"],
+            "duration_p50_s": r["duration_s"]["p50"],
+            "duration_max_s": r["duration_s"]["max"],
+            "idle_rss_kb": m["idle_rss_kb"],
+            "peak_rss_kb": m["peak_rss_kb"],
             # Per stream actually parked at once: a proxy that could not take them all is not
             # flattered by dividing by streams it never held.
             "parked_peak": r["max_open"],
             "rss_per_stream_kb": (m["peak_rss_kb"] - m["idle_rss_kb"]) / max(1, r["max_open"]),
-            "cpu_s": m["cpu_s"], "cpu_per_event_us": 1e6 * m["cpu_s"] / r["events"] if r["events"] else None,
+            "cpu_s": m["cpu_s"],
+            "cpu_per_event_us": 1e6 * m["cpu_s"] / r["events"] if r["events"] else None,
             **steady,
-            "upstream_cpu_pct": m["upstream_cpu_pct"], "loadgen_cpu_pct": m["loadgen_cpu_pct"],
-            "wall_s": m["wall_s"], "series": raw["series"],
+            "upstream_cpu_pct": m["upstream_cpu_pct"],
+            "loadgen_cpu_pct": m["loadgen_cpu_pct"],
+            "wall_s": m["wall_s"],
+            "series": raw["series"],
             **({"proxy_log_tail": target.log_tail()} if r["error_count"] else {}),
         }
 
-    def small(self, name: str, repeat: int, clients: int, workload: str = "small", workers: int | None = None,
-              profile: bool = False) -> dict[str, Any]:
+    def small(
+        self,
+        name: str,
+        repeat: int,
+        clients: int,
+        workload: str = "small",
+        workers: int | None = None,
+        profile: bool = False,
+    ) -> dict[str, Any]:
         a = self.args
         target = self.start_target(name, workers=workers, queries=("small=1",))
         try:
-            raw = self.drive(target, "small", [
-                "--target", target.request_target("small=1"), "--body", SMALL_BODY, "--clients", str(clients),
-                "--seconds", str(a.seconds), "--warmup", str(a.warmup)], a.seconds + a.warmup + 60,
-                profile_name=f"{workload}-{clients}" if profile else None)
+            raw = self.drive(
+                target,
+                "small",
+                [
+                    "--target",
+                    target.request_target("small=1"),
+                    "--body",
+                    SMALL_BODY,
+                    "--clients",
+                    str(clients),
+                    "--seconds",
+                    str(a.seconds),
+                    "--warmup",
+                    str(a.warmup),
+                ],
+                a.seconds + a.warmup + 60,
+                profile_name=f"{workload}-{clients}" if profile else None,
+            )
         finally:
             target.stop()
         r, m = raw["result"], raw["measured"]
         return {
-            "workload": workload, "target": name, "repeat": repeat, "clients": clients, "workers": workers,
-            "rps": r["rps"], "requests": r["counted"], "errors": r["errors"], "error_count": r["error_count"],
-            "latency_p50_us": _us(r["latency_s"]["p50"]), "latency_p99_us": _us(r["latency_s"]["p99"]),
+            "workload": workload,
+            "target": name,
+            "repeat": repeat,
+            "clients": clients,
+            "workers": workers,
+            "rps": r["rps"],
+            "requests": r["counted"],
+            "errors": r["errors"],
+            "error_count": r["error_count"],
+            "latency_p50_us": _us(r["latency_s"]["p50"]),
+            "latency_p99_us": _us(r["latency_s"]["p99"]),
             "cpu_pct": 100 * m["cpu_s"] / m["wall_s"],
             "cpu_per_request_us": 1e6 * m["cpu_s"] / r["requests"] if r["requests"] else None,
-            "upstream_cpu_pct": m["upstream_cpu_pct"], "loadgen_cpu_pct": m["loadgen_cpu_pct"],
-            "idle_rss_kb": m["idle_rss_kb"], "peak_rss_kb": m["peak_rss_kb"],
+            "upstream_cpu_pct": m["upstream_cpu_pct"],
+            "loadgen_cpu_pct": m["loadgen_cpu_pct"],
+            "idle_rss_kb": m["idle_rss_kb"],
+            "peak_rss_kb": m["peak_rss_kb"],
             **({"proxy_log_tail": target.log_tail()} if r["error_count"] else {}),
         }
 
@@ -445,17 +579,34 @@ class Bench:
         a = self.args
         target = self.direct() if name == "direct" else self.start_target(name, queries=("small=1",))
         try:
-            raw = self.drive(target, "latency", [
-                "--target", target.request_target("small=1"), "--body", SMALL_BODY,
-                "--requests", str(a.requests), "--warmup-requests", str(min(500, a.requests))], 120,
-                profile_name="latency" if profile else None)
+            raw = self.drive(
+                target,
+                "latency",
+                [
+                    "--target",
+                    target.request_target("small=1"),
+                    "--body",
+                    SMALL_BODY,
+                    "--requests",
+                    str(a.requests),
+                    "--warmup-requests",
+                    str(min(500, a.requests)),
+                ],
+                120,
+                profile_name="latency" if profile else None,
+            )
         finally:
             target.stop()
         r = raw["result"]
         return {
-            "workload": "latency", "target": name, "repeat": repeat, "requests": r["requests"],
-            "errors": r["errors"], "error_count": r["error_count"],
-            "latency_p50_us": _us(r["latency_s"]["p50"]), "latency_p90_us": _us(r["latency_s"]["p90"]),
+            "workload": "latency",
+            "target": name,
+            "repeat": repeat,
+            "requests": r["requests"],
+            "errors": r["errors"],
+            "error_count": r["error_count"],
+            "latency_p50_us": _us(r["latency_s"]["p50"]),
+            "latency_p90_us": _us(r["latency_s"]["p90"]),
             "latency_p99_us": _us(r["latency_s"]["p99"]),
         }
 
@@ -495,16 +646,24 @@ class Bench:
                         self._record(self.relay(name, repeat, profile and name == "parkway"))
                     elif workload == "small":
                         workers = a.workers if workers_ok and name == "parkway" and a.workers else None
-                        self._record(self.small(name, repeat, a.clients, workers=workers,
-                                                profile=profile and name == "parkway"))
+                        self._record(
+                            self.small(name, repeat, a.clients, workers=workers, profile=profile and name == "parkway")
+                        )
                     elif workload == "latency":
                         if name == order[0]:
                             self._record(self.latency("direct", repeat))
                         self._record(self.latency(name, repeat, profile and name == "parkway"))
                     elif workload == "pool":
                         for clients in a.pool_clients:
-                            self._record(self.small(name, repeat, clients, workload="pool",
-                                                    profile=profile and name == "parkway" and clients == max(a.pool_clients)))
+                            self._record(
+                                self.small(
+                                    name,
+                                    repeat,
+                                    clients,
+                                    workload="pool",
+                                    profile=profile and name == "parkway" and clients == max(a.pool_clients),
+                                )
+                            )
                     elif workload == "workers" and workers_ok and name == "parkway":
                         for n in (1, a.workers or 2):
                             self._record(self.small("parkway", repeat, a.clients, workload="workers", workers=n))
@@ -512,8 +671,11 @@ class Bench:
 
     def _record(self, run: dict[str, Any]) -> None:
         self.runs.append(run)
-        brief = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in run.items()
-                 if k not in ("series", "errors", "proxy_log_tail") and v is not None}
+        brief = {
+            k: (round(v, 2) if isinstance(v, float) else v)
+            for k, v in run.items()
+            if k not in ("series", "errors", "proxy_log_tail") and v is not None
+        }
         self._log("  " + json.dumps(brief))
 
     def _log(self, text: str) -> None:
@@ -524,18 +686,23 @@ class Bench:
         a = self.args
         meta = {
             "command": "python -m loadtest " + " ".join(a.argv),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "elapsed_s": round(time.monotonic() - started, 1),
-            "machine": {"cores": os.cpu_count(), "allowed": sorted(os.sched_getaffinity(0) | (self.proxy_cpus or set())),
-                        "proxy_cpus": sorted(self.proxy_cpus or ()), "aux_cpus": sorted(self.aux_cpus or ()),
-                        "open_files": self.nofile, "python": platform.python_version(),
-                        "kernel": platform.release()},
+            "machine": {
+                "cores": os.cpu_count(),
+                "allowed": sorted(os.sched_getaffinity(0) | (self.proxy_cpus or set())),
+                "proxy_cpus": sorted(self.proxy_cpus or ()),
+                "aux_cpus": sorted(self.aux_cpus or ()),
+                "open_files": self.nofile,
+                "python": platform.python_version(),
+                "kernel": platform.release(),
+            },
             "options": {k: v for k, v in vars(a).items() if k != "argv"},
-            "proxy_python": self.proxy_python, "proxy_path": str(self.proxy_path),
+            "proxy_python": self.proxy_python,
+            "proxy_path": str(self.proxy_path),
             "versions": _versions(self.proxy_python, self.proxy_path),
         }
-        return {"meta": meta, "notes": self.notes, "runs": self.runs,
-                "summary": report.summarise(self.runs, a)}
+        return {"meta": meta, "notes": self.notes, "runs": self.runs, "summary": report.summarise(self.runs, a)}
 
     def close(self) -> None:
         for proc in reversed(self.procs):
@@ -615,12 +782,20 @@ def _us(seconds: float | None) -> float | None:
 
 
 def _versions(python: str, path: Path) -> dict[str, str]:
-    code = ("import importlib.metadata as m, json\nout = {}\n"
-            "for n in ('trio', 'h11', 'httpx', 'httpcore', 'httpx2', 'httpcore2', 'structlog'):\n"
-            "    try: out[n] = m.version(n)\n    except Exception: pass\nprint(json.dumps(out))")
+    code = (
+        "import importlib.metadata as m, json\nout = {}\n"
+        "for n in ('trio', 'h11', 'httpx', 'httpcore', 'httpx2', 'httpcore2', 'structlog'):\n"
+        "    try: out[n] = m.version(n)\n    except Exception: pass\nprint(json.dumps(out))"
+    )
     try:
-        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=30, cwd=path,
-                             env={**os.environ, "PYTHONPATH": str(path)})
+        out = subprocess.run(
+            [python, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=path,
+            env={**os.environ, "PYTHONPATH": str(path)},
+        )
         versions = json.loads(out.stdout)
     except (OSError, ValueError, subprocess.TimeoutExpired):
         versions = {}
@@ -652,12 +827,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start everything on loopback and measure")
-    run.add_argument("--workload", type=_workloads, default=["parked"],
-                     help=f"comma-separated: {', '.join(WORKLOADS)}, or all (default parked)")
+    run.add_argument(
+        "--workload",
+        type=_workloads,
+        default=["parked"],
+        help=f"comma-separated: {', '.join(WORKLOADS)}, or all (default parked)",
+    )
     g = run.add_argument_group("parked and relay streams")
     g.add_argument("--streams", type=_ints, default=[9500], help="parked streams; a list (1000,5000,9500) sweeps")
-    g.add_argument("--sweep-every-repeat", action="store_true",
-                   help="run every --streams count in every repeat (default: the largest only after the first)")
+    g.add_argument(
+        "--sweep-every-repeat",
+        action="store_true",
+        help="run every --streams count in every repeat (default: the largest only after the first)",
+    )
     g.add_argument("--stream-seconds", type=float, default=20.0)
     g.add_argument("--interval-ms", type=float, default=200.0, help="time between events of one stream")
     g.add_argument("--event-bytes", type=int, default=140)
@@ -676,17 +858,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeat", type=int, default=3, help="repeats; figures are medians")
     g.add_argument("--max-minutes", type=float, default=45.0, help="stop starting new runs after this")
     g.add_argument("--no-reference", action="store_true", help="skip nginx")
-    g.add_argument("--targets", type=lambda t: [x.strip() for x in t.split(",")], default=list(TARGETS),
-                   help="proxies to measure (default nginx,parkway)")
+    g.add_argument(
+        "--targets",
+        type=lambda t: [x.strip() for x in t.split(",")],
+        default=list(TARGETS),
+        help="proxies to measure (default nginx,parkway)",
+    )
     g.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     g.add_argument("--proxy-python", help="Python that runs Parkway (e.g. a scratch venv)")
     g.add_argument("--proxy-path", help="directory holding the proxy/ package to measure (default: this repo)")
-    g.add_argument("--proxy-log", default="info", choices=["debug", "info", "warning", "error"],
-                   help="Parkway's log level (default info: one JSON line per request, as deployed)")
-    g.add_argument("--profile", default="none", choices=["none", "py-spy", "tracemalloc"],
-                   help="py-spy: record Parkway's stacks during the first repeat of each workload "
-                        "(loadtest.profile summarises them); tracemalloc: run Parkway under "
-                        "loadtest.tracemem and snapshot its memory once every stream is parked")
+    g.add_argument(
+        "--proxy-log",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="Parkway's log level (default info: one JSON line per request, as deployed)",
+    )
+    g.add_argument(
+        "--profile",
+        default="none",
+        choices=["none", "py-spy", "tracemalloc"],
+        help="py-spy: record Parkway's stacks during the first repeat of each workload "
+        "(loadtest.profile summarises them); tracemalloc: run Parkway under "
+        "loadtest.tracemem and snapshot its memory once every stream is parked",
+    )
     g.add_argument("--sample-interval", type=float, default=0.1)
     g.add_argument("--out", default=str(ROOT / "loadtest" / "results"), help="directory for JSON, Markdown, PNG")
     g.add_argument("--label", default="results", help="base name of the result files")

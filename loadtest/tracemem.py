@@ -57,7 +57,8 @@ def dump(*_args) -> None:
     lines = [
         f"Python allocations that grew since idle: {total} bytes for {streams or '?'} parked streams "
         f"({per(total).strip()} bytes/stream); RSS now {rss} bytes (RSS also holds allocator slack)",
-        "", "   bytes/stream  blocks/stream  component",
+        "",
+        "   bytes/stream  blocks/stream  component",
     ]
     for name, (size, count) in sorted(by_component.items(), key=lambda kv: -kv[1][0])[:25]:
         blocks = f"{count / streams:9.1f}" if streams else "        –"

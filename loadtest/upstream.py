@@ -50,14 +50,20 @@ def sse_event(size: int) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-SMALL_BODY = json.dumps({
-    "id": "chatcmpl-loadtest", "object": "chat.completion", "created": 1700000000, "model": "mock-gpt",
-    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hello!"}}],
-    "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
-}, separators=(",", ":")).encode()
-SMALL_RESPONSE = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-    % (len(SMALL_BODY), SMALL_BODY)
+SMALL_BODY = json.dumps(
+    {
+        "id": "chatcmpl-loadtest",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "mock-gpt",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hello!"}}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+    },
+    separators=(",", ":"),
+).encode()
+SMALL_RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+    len(SMALL_BODY),
+    SMALL_BODY,
 )
 UNAUTHORIZED = b"HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"

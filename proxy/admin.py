@@ -18,7 +18,8 @@ from .metrics import CONTENT_TYPE
 class Operable(Protocol):
     """What the admin endpoints need from a running Parkway."""
 
-    metrics: object
+    @property
+    def metrics(self) -> object: ...
 
     async def readiness(self) -> dict[str, bool]: ...
 
@@ -27,11 +28,15 @@ class Operable(Protocol):
 
 def _json(status: int, payload: dict) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     body = json.dumps(payload, separators=(",", ":")).encode()
-    return status, [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-    ], body
+    return (
+        status,
+        [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+        ],
+        body,
+    )
 
 
 class AdminApp:
@@ -54,8 +59,11 @@ class AdminApp:
             response = _json(200 if ready else 503, {"ready": ready, "checks": checks})
         elif route == ("GET", "/metrics"):
             body = self.render_metrics()
-            response = (200, [(b"content-type", CONTENT_TYPE.encode()),
-                              (b"content-length", str(len(body)).encode())], body)
+            response = (
+                200,
+                [(b"content-type", CONTENT_TYPE.encode()), (b"content-length", str(len(body)).encode())],
+                body,
+            )
         elif route == ("POST", "/reload"):
             problems = self.parkway.reload()
             response = (
@@ -64,6 +72,14 @@ class AdminApp:
                 else _json(400, {"reloaded": False, "problems": problems})
             )
         else:
-            response = _json(404, {"error": {"type": "invalid_request_error", "code": "not_found",
-                                             "message": f"no admin endpoint {head.method} {head.path}"}})
+            response = _json(
+                404,
+                {
+                    "error": {
+                        "type": "invalid_request_error",
+                        "code": "not_found",
+                        "message": f"no admin endpoint {head.method} {head.path}",
+                    }
+                },
+            )
         await conn.send_full(*response)

@@ -19,13 +19,14 @@ import structlog
 import trio
 
 from .admin import AdminApp
-from .config import Config, ServerConfig, load_config, split_host_port
+from .config import Config, ServerConfig, load_config
 from .errors import ConfigError
 from .handler import Gateway, utcnow
 from .http_server import Server, bound_address, open_listeners
 from .metrics import Metrics
 from .state import StateBackend, open_state
 from .upstream import UpstreamClient
+from .urls import split_host_port
 
 log = structlog.get_logger("parkway")
 
@@ -56,13 +57,15 @@ class Parkway:
         self.metrics = Metrics(open_connections=lambda: self.server.open_connections)
         self.gateway = Gateway(config, self.upstream, metrics=self.metrics, clock=clock)
         self.server = Server(config.server, self.gateway)
-        self.admin_server = Server(ServerConfig(max_connections=64, drain_timeout=0), AdminApp(self, self.metrics.render))
+        self.admin_server = Server(
+            ServerConfig(max_connections=64, drain_timeout=0), AdminApp(self, self.metrics.render)
+        )
         self.addresses: list[str] = []
         self.admin_addresses: list[str] = []
         self._accepting = False
         self.state: StateBackend | None = None
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve until :meth:`shutdown` has drained, then close the upstream pool."""
         listeners = await open_listeners(self.config.server.listen, reuse_port=self.reuse_port)
         admin_listen = tuple(_offset_port(a, self.worker_index) for a in self.config.admin.listen)
@@ -92,7 +95,12 @@ class Parkway:
                 await self.upstream.aclose()
             log.info("shutdown", open_connections=self.server.open_connections)
 
-    async def _serve_public(self, listeners, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _serve_public(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """The public server; the admin listener (readyz: 503) stays up until it has drained."""
         try:
             await self.server.serve(listeners, task_status=task_status)
@@ -101,8 +109,11 @@ class Parkway:
 
     def shutdown(self) -> None:
         if not self.server.draining:
-            log.info("draining", drain_timeout=self.config.server.drain_timeout,
-                     open_connections=self.server.open_connections)
+            log.info(
+                "draining",
+                drain_timeout=self.config.server.drain_timeout,
+                open_connections=self.server.open_connections,
+            )
         self._accepting = False
         self.server.shutdown()
 

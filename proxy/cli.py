@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-
-from . import logs
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
-from .config import Config, config_from_dict, load_config, split_host_port
+from . import __version__, logs
+from .config import Config, config_from_dict, load_config
 from .errors import ConfigError
+from .urls import split_host_port
 
 
 def _header_pairs(values: Sequence[str], parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -62,7 +63,7 @@ def _print_problems(source: str, exc: ConfigError) -> None:
         print(f"{source}: {problem}", file=sys.stderr)
 
 
-def _run_trio(fn, *args) -> int:
+def _run_trio(fn: Callable[..., Awaitable[int | None]], *args: Any) -> int:
     """``trio.run`` for a command: an OSError (address in use...) is one line, exit status 1."""
     import trio
 
@@ -75,8 +76,8 @@ def _run_trio(fn, *args) -> int:
         matched, rest = group.split(OSError)
         if rest is not None or matched is None:
             raise
-        for exc in matched.exceptions:
-            print(f"parkway: {exc}", file=sys.stderr)
+        for error in matched.exceptions:
+            print(f"parkway: {error}", file=sys.stderr)
         return 1
     return result or 0
 
@@ -221,28 +222,49 @@ def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parkway", description="Signed-URL reverse proxy for LLM APIs, on Trio.")
+    parser.add_argument("--version", action="version", version=f"parkway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy (from --config FILE, or Signway's ID SECRET arguments)")
     serve.add_argument("id", nargs="?", help="access id that signs URLs for this server (Signway mode)")
     serve.add_argument("secret", nargs="?", help="secret of that id (Signway mode)")
     serve.add_argument("--config", "-c", help="TOML configuration file")
-    serve.add_argument("--header", action="append", default=[], metavar="'Name: value'",
-                       help="header added to every forwarded request (repeatable)")
-    serve.add_argument("--listen", action="append", metavar="HOST:PORT",
-                       help="listen address (repeatable); default 0.0.0.0:$PORT, PORT defaulting to 3000")
+    serve.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'Name: value'",
+        help="header added to every forwarded request (repeatable)",
+    )
+    serve.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="listen address (repeatable); default 0.0.0.0:$PORT, PORT defaulting to 3000",
+    )
     serve.add_argument("--access-control-allow-origin")
     serve.add_argument("--access-control-allow-methods")
     serve.add_argument("--access-control-allow-headers")
-    serve.add_argument("--allow-private-upstreams", action="store_true",
-                       help="allow upstreams on loopback/private/link-local addresses (metadata stays refused)")
+    serve.add_argument(
+        "--allow-private-upstreams",
+        action="store_true",
+        help="allow upstreams on loopback/private/link-local addresses (metadata stays refused)",
+    )
     serve.add_argument("--no-bytes-monitor", action="store_true", help="accepted for Signway compatibility")
     serve.add_argument("--log-format", choices=["json", "console"])
-    serve.add_argument("--workers", type=int, default=1, metavar="N",
-                       help="run N worker processes sharing the port (SO_REUSEPORT), restarted if they die")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N worker processes sharing the port (SO_REUSEPORT), restarted if they die",
+    )
     serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
-    serve.add_argument("--admin", metavar="HOST:PORT",
-                       help="admin listener (health, metrics, reload) in Signway mode; from TOML: [admin]")
+    serve.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="admin listener (health, metrics, reload) in Signway mode; from TOML: [admin]",
+    )
     serve.set_defaults(func=cmd_serve)
 
     sign = sub.add_parser("sign", help="print a signed URL")
@@ -252,19 +274,29 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("--proxy", required=True, help="upstream URL the request is forwarded to")
     sign.add_argument("--method", default="POST")
     sign.add_argument("--expiry", type=int, default=300, help="seconds the URL stays valid (default 300)")
-    sign.add_argument("--header", action="append", default=[], metavar="'Name: value'",
-                      help="header the client must send with this exact value (repeatable)")
+    sign.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'Name: value'",
+        help="header the client must send with this exact value (repeatable)",
+    )
     sign.add_argument("--body", help="exact request body to sign")
-    sign.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                      help="extra signed query parameter (repeatable)")
-    sign.add_argument("--host", default=os.environ.get("PARKWAY_URL", "http://127.0.0.1:3000"),
-                      help="Parkway's public base URL (default $PARKWAY_URL or http://127.0.0.1:3000)")
+    sign.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="extra signed query parameter (repeatable)"
+    )
+    sign.add_argument(
+        "--host",
+        default=os.environ.get("PARKWAY_URL", "http://127.0.0.1:3000"),
+        help="Parkway's public base URL (default $PARKWAY_URL or http://127.0.0.1:3000)",
+    )
     sign.set_defaults(func=cmd_sign)
 
     reload = sub.add_parser("reload", help="make a running Parkway re-read its configuration file")
     target = reload.add_mutually_exclusive_group()
-    target.add_argument("--admin", default="127.0.0.1:9180", metavar="HOST:PORT",
-                        help="its admin listener (default 127.0.0.1:9180)")
+    target.add_argument(
+        "--admin", default="127.0.0.1:9180", metavar="HOST:PORT", help="its admin listener (default 127.0.0.1:9180)"
+    )
     target.add_argument("--pid", type=int, help="send SIGHUP to this process (a worker or the supervisor)")
     reload.set_defaults(func=cmd_reload)
 

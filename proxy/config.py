@@ -21,9 +21,12 @@ from typing import Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
 
 from .errors import ConfigError, ConfigProblem
-from .limits import LimitSpec, limit_spec_from_toml
-from .state import StateConfig
-from .urls import InvalidURL, normalize_prefix
+from .limits import LimitSpec, parse_rate
+from .policy import OVERFLOW_CHOICES
+from .urls import InvalidURL, normalize_prefix, split_host_port
+
+STATE_BACKENDS = ("memory", "redis")
+FAILURE_POLICIES = ("open", "closed")  # of a shared state store that cannot be reached
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,28 @@ class AdminConfig:
     """The operators' listener: /healthz, /readyz, /metrics, POST /reload. Empty = off."""
 
     listen: tuple[str, ...] = ("127.0.0.1:9180",)
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """The ``[state]`` section: where limits and single-use signatures live (see :mod:`proxy.state`)."""
+
+    backend: str = "memory"  # memory | redis
+    url: str = "redis://127.0.0.1:6379/0"  # redis:// or rediss://; a password may come from ${ENV}
+    key_prefix: str = "parkway:"  # several Parkway deployments can share one Redis
+    failure_policy: str = "open"  # when Redis is unreachable: open (serve unlimited) | closed (503)
+    timeout: float = 0.25  # seconds for one Redis operation, connecting included
+    retry_interval: float = 1.0  # while Redis is down, try it again at most this often
+    lease_ttl: float = 60.0  # a concurrency slot of a crashed process is freed after this
+    max_keys: int = 100_000  # memory backend: rate/concurrency keys kept (LRU beyond)
+    max_signatures: int = 100_000  # memory backend: live single-use signatures remembered
+    concurrency_retry_after: float = 1.0  # Retry-After for a concurrency refusal (no better guess exists)
+
+    def __post_init__(self) -> None:
+        if self.backend not in STATE_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(STATE_BACKENDS)}")
+        if self.failure_policy not in FAILURE_POLICIES:
+            raise ValueError(f"failure_policy must be one of {', '.join(FAILURE_POLICIES)}")
 
 
 @dataclass(frozen=True)
@@ -209,29 +234,6 @@ def expand_env(value: str, env: Mapping[str, str], path: str) -> str:
     return result
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    """Split ``host:port`` or ``[v6]:port`` into a host (brackets removed) and a port.
-
-    Raises ValueError saying what is wrong; the server uses it to bind the ``listen`` entries.
-    """
-    host, colon, port = address.rpartition(":")
-    if not colon:
-        raise ValueError(f"{address!r} is not host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IPv6 address") from None
-    elif ":" in host or "[" in host or "]" in host:
-        raise ValueError(f"{address!r}: write an IPv6 address in brackets, as in [::1]:3000")
-    if not host:
-        raise ValueError(f"{address!r} has an empty host")
-    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise ValueError(f"{address!r}: the port must be a number from 0 to 65535")
-    return host, int(port)
-
-
 # --- reading tables ---------------------------------------------------------------------------
 
 # A converter takes (value, key path) and returns the checked value, or raises ConfigError.
@@ -250,7 +252,8 @@ def _fail(path: str, message: str) -> NoReturn:
 
 def _all(checks: Iterable[Callable[[], Any]]) -> tuple[Any, ...]:
     """Run every check; return their values, or raise one ConfigError with all their problems."""
-    values, problems = [], []
+    values: list[Any] = []
+    problems: list[ConfigProblem] = []
     for check in checks:
         try:
             values.append(check())
@@ -468,6 +471,42 @@ def _secret_from(env: Mapping[str, str]) -> _Convert:
     return convert
 
 
+def limit_spec_from_toml(value: Any, path: str) -> LimitSpec:
+    """Converter for a ``limits`` / ``user_limits`` table (a ``_Convert``): TOML into a LimitSpec.
+
+    Keys: ``max_concurrent`` (integer >= 1), ``rate`` (``"10/s"``, ``"600/min"``, or a number
+    per second), ``burst`` (integer >= 1, needs ``rate``). Raises ConfigError listing every problem.
+    """
+    if not isinstance(value, Mapping):
+        raise ConfigError([ConfigProblem(path, 'expected a table such as { max_concurrent = 4, rate = "10/s" }')])
+    problems: list[ConfigProblem] = []
+    values: dict[str, Any] = {}
+    for key, item in value.items():
+        at = f"{path}.{key}"
+        if key in ("max_concurrent", "burst"):
+            if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+                problems.append(ConfigProblem(at, "expected an integer of at least 1"))
+            else:
+                values[key] = item
+        elif key == "rate":
+            if isinstance(item, str):
+                try:
+                    values[key] = parse_rate(item)
+                except ValueError as exc:
+                    problems.append(ConfigProblem(at, str(exc)))
+            elif isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item) and item > 0:
+                values[key] = float(item)
+            else:
+                problems.append(ConfigProblem(at, "expected a rate such as '10/s' or a number per second above 0"))
+        else:
+            problems.append(ConfigProblem(at, f"unknown key {key!r}; allowed keys: max_concurrent, rate, burst"))
+    if "burst" in value and "rate" not in value:
+        problems.append(ConfigProblem(f"{path}.burst", "needs a rate: burst is the size of the rate's bucket"))
+    if problems:
+        raise ConfigError(problems)
+    return LimitSpec(**values)
+
+
 _NOT_INJECTABLE = dict.fromkeys(
     ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"],
     "is hop-by-hop (RFC 9110 §7.6.1): it describes one connection and Parkway manages it",
@@ -500,7 +539,8 @@ def _headers(env: Mapping[str, str]) -> _Convert:
 
 
 def _credentials(tables: list[_Table], env: Mapping[str, str]) -> tuple[Credential, ...]:
-    credentials, first_seen = [], {}
+    credentials: list[Credential] = []
+    first_seen: dict[str, str] = {}
     for t in tables:
         cid = t.value("id", "", _credential_id, required=True)
         inline = t.value("secret", (), _list_of(_non_empty, single_ok=True))
@@ -519,8 +559,15 @@ def _credentials(tables: list[_Table], env: Mapping[str, str]) -> tuple[Credenti
     return tuple(credentials)
 
 
-_TIMEOUTS = ["header_read_timeout", "keepalive_timeout", "client_body_timeout", "client_write_timeout",
-             "upstream_connect_timeout", "upstream_first_byte_timeout", "upstream_idle_timeout"]
+_TIMEOUTS = [
+    "header_read_timeout",
+    "keepalive_timeout",
+    "client_body_timeout",
+    "client_write_timeout",
+    "upstream_connect_timeout",
+    "upstream_first_byte_timeout",
+    "upstream_idle_timeout",
+]
 _LIMITS = ["max_header_bytes", "max_signed_body_bytes", "max_connections", "max_expiry"]
 _SERVER_RULES: Mapping[str, _Convert] = {
     "listen": _list_of(_listen_address, single_ok=True, non_empty=True),
@@ -537,7 +584,7 @@ _SERVER_RULES: Mapping[str, _Convert] = {
     "single_use_param": _expect(str, "a string"),
     "allow_private_upstreams": _expect(bool, "a boolean"),
     "inspect_body_bytes": _number(1, integer=True),
-    "body_rules_overflow": _choice("refuse", "stream"),
+    "body_rules_overflow": _choice(*OVERFLOW_CHOICES),
 }
 _CREDENTIAL_POLICY_RULES: Mapping[str, tuple[Any, _Convert]] = {
     "allow_private_upstreams": (False, _expect(bool, "a boolean")),
@@ -561,10 +608,10 @@ def _state_rules(env: Mapping[str, str]) -> Mapping[str, _Convert]:
         return url
 
     return {
-        "backend": _choice("memory", "redis"),
+        "backend": _choice(*STATE_BACKENDS),
         "url": redis_url,
         "key_prefix": _expect(str, "a string"),
-        "failure_policy": _choice("open", "closed"),
+        "failure_policy": _choice(*FAILURE_POLICIES),
         "timeout": _number(0, above=True),
         "retry_interval": _number(0, above=True),
         "lease_ttl": _number(1),
@@ -572,6 +619,8 @@ def _state_rules(env: Mapping[str, str]) -> Mapping[str, _Convert]:
         "max_signatures": _number(1, integer=True),
         "concurrency_retry_after": _number(0, above=True),
     }
+
+
 _CORS_RULES: Mapping[str, _Convert] = {
     "allow_origins": _list_of(_origin),
     "allow_methods": _list_of(lambda value, path: _token(value, path).upper()),

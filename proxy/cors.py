@@ -7,8 +7,7 @@ opaque network failure.
 from __future__ import annotations
 
 from .config import CorsConfig
-
-Headers = list[tuple[bytes, bytes]]
+from .forwarding import Headers
 
 
 def _allowed_origin(cors: CorsConfig, origin: str | None) -> str | None:

@@ -52,8 +52,11 @@ async def _play_browser(url: str) -> int:
                     _out(delta[0]["delta"]["content"], end="")
     total = trio.current_time() - started
     _out()
-    _out(f"\n  {events} SSE events; first after {first * 1000:.0f} ms, last after {total * 1000:.0f} ms:"
-         " the answer streamed through Parkway as the upstream produced it.")
+    first = total if first is None else first
+    _out(
+        f"\n  {events} SSE events; first after {first * 1000:.0f} ms, last after {total * 1000:.0f} ms:"
+        " the answer streamed through Parkway as the upstream produced it."
+    )
     return 0
 
 
@@ -78,8 +81,14 @@ async def run_demo(port: int, once: bool, delay: float) -> int:
         parkway = Parkway(config)
         addresses = await nursery.start(parkway.run)
         base = f"http://{addresses[0]}"
-        url = sign_url(id="demo", secret=secret, host=base, proxy_url=upstream_url + "/v1/chat/completions",
-                       expiry=600, method="POST")
+        url = sign_url(
+            id="demo",
+            secret=secret,
+            host=base,
+            proxy_url=upstream_url + "/v1/chat/completions",
+            expiry=600,
+            method="POST",
+        )
         _out("Parkway demo (everything on loopback)")
         _out(f"  mock upstream  {upstream_url}   OpenAI-style; demands an API key the browser never sees")
         _out(f"  parkway        {base}   credential 'demo' injects 'Authorization: Bearer sk-demo-…'")
@@ -110,4 +119,3 @@ async def _stop_on_signal(parkway: Parkway, scope: trio.CancelScope) -> None:
             _out("\nstopping", end="\n")
             scope.cancel()
             return
-

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-Headers = list[tuple[bytes, bytes]]
+Headers = list[tuple[bytes, bytes]]  # (name, value) pairs as h11 and httpx carry them; the one alias
 
 # RFC 9110 7.6.1 hop-by-hop fields, plus the legacy ones proxies still see.
 HOP_BY_HOP = frozenset(
@@ -74,7 +74,7 @@ def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
 
 
-def _is_trusted(address: str, networks) -> bool:
+def _is_trusted(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -126,9 +126,7 @@ def request_headers(
     injected_pairs = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in injected]
     overridden = {n for n, _ in injected_pairs}
     out: Headers = [
-        (n, v)
-        for n, v in client
-        if n not in dropped and n not in overridden and not n.startswith(b"x-sw-")
+        (n, v) for n, v in client if n not in dropped and n not in overridden and not n.startswith(b"x-sw-")
     ]
     out.extend(injected_pairs)
     out.append((b"x-forwarded-for", (ctx.forwarded_for or ctx.client_ip).encode("latin-1")))

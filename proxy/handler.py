@@ -6,25 +6,28 @@
 4. read the body only if signed  (http_server, bounded)
 5. verify the signature          (signing.verify_signature)
 6. apply the credential's policy (urls.url_allowed)
-7. forward and stream back       (forwarding + upstream)
+7. forward and stream back       (forwarding + upstream, policy.checked_body, relay)
 
 Nothing reaches the upstream before step 6 has passed. Every refusal is a
-:class:`~proxy.errors.ParkwayError`, answered by :meth:`Gateway.reject` and logged once.
+:class:`~proxy.errors.ParkwayError`, answered by :meth:`Gateway.reject` and logged once
+(the request's record, log line and metrics: :mod:`proxy.record`).
 """
 
 from __future__ import annotations
 
 import secrets as _secrets
-from contextlib import AsyncExitStack, aclosing, suppress
-from functools import lru_cache
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from typing import Any
 
 import structlog
 import trio
 
 from . import cors, forwarding, limits, policy, ssrf
+from .admission import GlobalGate
 from .config import Config, Credential
 from .errors import (
     BodyTooLarge,
@@ -35,14 +38,14 @@ from .errors import (
     error_response,
 )
 from .http_server import ClientGone, HTTPConnection, RequestHead
-from .signing import check_validity, parse_signed_request, verify_signature
 from .metrics import Metrics
+from .record import RequestRecord, count_request, log, log_request
+from .relay import relay
+from .signing import check_validity, parse_signed_request, verify_signature
 from .state import MemoryState, StateBackend
-from .upstream import UpstreamClient, UpstreamRequest
-from .usage import Usage, UsageObserver
+from .upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
 from .urls import origin_and_target, url_allowed
-
-log = structlog.get_logger("parkway.request")
+from .usage import UsageObserver
 
 # A fixed-length answer up to this size has its head held back and written with the first body
 # chunk (one write instead of two: the upstream sends a small body together with its head).
@@ -50,7 +53,7 @@ SMALL_RESPONSE_BYTES = 16384
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,31 +79,6 @@ class Plan:
     single_use: bool
 
 
-@dataclass(slots=True)
-class RequestRecord:
-    """What the one log line of a request reports; filled in as the request goes."""
-
-    started: float
-    bytes_in_start: int
-    bytes_out_start: int
-    credential: str | None = None
-    client: str | None = None
-    user: str | None = None
-    upstream_host: str | None = None
-    upstream_path: str | None = None
-    status: int | None = None
-    ttfb: float | None = None
-    outcome: str = "ok"
-    error: str | None = None
-    error_code: str | None = None
-    overhead: float = 0.0  # time spent in Parkway itself (see metrics.overhead)
-    usage: Usage | None = None
-    head_sent_at: float = 0.0
-    expected_length: int | None = None  # the upstream's Content-Length, when it sent one
-    completed: bool = False  # the whole response was written
-    relayed: int = 0  # response body bytes written to the client
-
-
 class Gateway:
     """The application behind :class:`~proxy.http_server.Server`; ``config`` may be swapped live."""
 
@@ -121,8 +99,8 @@ class Gateway:
         self.clock = clock
 
     @staticmethod
-    def _gate_for(config: Config) -> limits.GlobalGate:
-        return limits.GlobalGate(
+    def _gate_for(config: Config) -> GlobalGate:
+        return GlobalGate(
             config.server.max_in_flight,
             max_waiting=config.server.max_queued,
             queue_timeout=config.server.queue_timeout,
@@ -133,7 +111,9 @@ class Gateway:
         requests admitted by the old one finish and release there, uncounted by the new one."""
         old = self.config.server
         if (old.max_in_flight, old.max_queued, old.queue_timeout) != (
-            config.server.max_in_flight, config.server.max_queued, config.server.queue_timeout
+            config.server.max_in_flight,
+            config.server.max_queued,
+            config.server.queue_timeout,
         ):
             self.gate = self._gate_for(config)
         self.config = config
@@ -171,8 +151,9 @@ class Gateway:
                 if record.outcome == "ok" and not record.completed:
                     # Cancelled from outside (drain deadline, overall timeout) mid-way.
                     record.outcome = "cancelled"
-                self._log(head, conn, record)
-                self._count(config, conn, record)
+                record.settle(conn.bytes_in, conn.bytes_out, trio.current_time())
+                log_request(head, record)
+                count_request(self.metrics, config, record)
 
     async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None:
         """Answer a request the server refused before it reached :meth:`handle` (bad HTTP, too slow)."""
@@ -191,9 +172,17 @@ class Gateway:
         try:
             await self._send_error(head, conn, config, exc, request_id)
         finally:
-            record = RequestRecord(started, conn.head_bytes_in, out_start, status=exc.status,
-                                   outcome=exc.outcome, error=exc.message, error_code=exc.code)
-            self._count(config, conn, record)
+            record = RequestRecord(
+                started,
+                conn.head_bytes_in,
+                out_start,
+                status=exc.status,
+                outcome=exc.outcome,
+                error=exc.message,
+                error_code=exc.code,
+            )
+            record.settle(conn.bytes_in, conn.bytes_out, trio.current_time())
+            count_request(self.metrics, config, record)
 
     # --- the steps ------------------------------------------------------------------------
 
@@ -212,7 +201,12 @@ class Gateway:
         await self._unless_client_leaves(conn, record, self._admit_and_forward, head, conn, config, record, plan)
 
     async def _plan(
-        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, request_id: str,
+        self,
+        head: RequestHead,
+        conn: HTTPConnection,
+        config: Config,
+        record: RequestRecord,
+        request_id: str,
         origin: str | None,
     ) -> Plan:
         """Steps 1-6: everything that can refuse the request before admission."""
@@ -223,9 +217,7 @@ class Gateway:
         credential = config.credential(signed.credential_id)
         if credential is None:
             raise UnknownCredential(f"unknown credential {signed.credential_id!r}")
-        check_validity(
-            signed, self.clock(), clock_skew=config.server.clock_skew, max_expiry=config.server.max_expiry
-        )
+        check_validity(signed, self.clock(), clock_skew=config.server.clock_skew, max_expiry=config.server.max_expiry)
         headers = _header_map(head)
         ctx = forwarding.forward_context(head.peer, headers, config.server.trusted_proxies)
         record.client = ctx.client_ip
@@ -237,7 +229,9 @@ class Gateway:
             declared = head.header(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 conn.close_after_response()
-                raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes for signed bodies")
+                raise BodyTooLarge(
+                    f"request body of {declared} bytes exceeds the limit of {limit} bytes for signed bodies"
+                )
             body = await conn.read_body(limit)
 
         # 5-6a: signature, then the credential's allowed upstreams.
@@ -267,7 +261,9 @@ class Gateway:
             structlog.contextvars.bind_contextvars(user=user)
         rules = _request_policy(credential, config.server.inspect_body_bytes, config.server.body_rules_overflow)
         declared = head.header(b"content-length")
-        declared_length = len(body) if body is not None else (int(declared) if declared and declared.isdigit() else None)
+        declared_length = (
+            len(body) if body is not None else (int(declared) if declared and declared.isdigit() else None)
+        )
         policy.check_request(
             rules, method=head.method, upstream_path=record.upstream_path, content_length=declared_length
         )
@@ -290,7 +286,9 @@ class Gateway:
             single_use=limits.wants_single_use(credential.single_use, extras, config.server.single_use_param),
         )
 
-    async def _unless_client_leaves(self, conn: HTTPConnection, record: RequestRecord, work, *args) -> None:
+    async def _unless_client_leaves(
+        self, conn: HTTPConnection, record: RequestRecord, work: Callable[..., Awaitable[None]], *args: Any
+    ) -> None:
         """Run ``work``, cancelled the moment the client goes away once its request is complete:
         while queued for a slot, waiting for the upstream's first byte, or streaming."""
         failure: ParkwayError | ClientGone | None = None
@@ -335,37 +333,18 @@ class Gateway:
         self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
     ) -> None:
         """Step 7: forward, with the body checked against the JSON rules as it passes, then relay."""
-        body, declared_length = plan.body, plan.declared_length
         async with AsyncExitStack() as stack:
             content_length: int | None = None
-            upstream_body = None
-            inspector = policy.BodyInspector(plan.rules, declared_length) if plan.rules.inspects_body else None
-            if body is not None:
-                if inspector is not None:
-                    inspector.feed(body)
-                    inspector.end()
-                upstream_body, content_length = body, len(body)
+            upstream_body: bytes | AsyncGenerator[bytes, None] | None = None
+            if plan.body is not None:
+                upstream_body = await policy.checked_body(plan.rules, plan.declared_length, plan.body)
+                content_length = len(plan.body)
             elif _has_body(head):
-                # An unsigned body streams through; only what the JSON rules need is held back.
-                content_length = declared_length
+                # An unsigned body streams through; only what the body rules need is held back.
+                content_length = plan.declared_length
                 chunks = await stack.enter_async_context(aclosing(conn.body_chunks()))
-                if inspector is not None:
-                    if inspector.decided:
-                        # Size rule only: read one chunk ahead, so a body already over the cap
-                        # in its first chunk is refused before any connection is made.
-                        first = await anext(chunks, None)
-                        if first is not None:
-                            inspector.feed(first)
-                            inspector.hold(first)
-                    else:  # hold back what the JSON rules need, no more
-                        async for chunk in chunks:
-                            if inspector.feed(chunk):
-                                break
-                        else:
-                            inspector.end()
-                    upstream_body = await stack.enter_async_context(aclosing(inspector.forward(chunks)))
-                else:
-                    upstream_body = chunks
+                checked = await policy.checked_body(plan.rules, plan.declared_length, chunks)
+                upstream_body = await stack.enter_async_context(aclosing(checked))
             request = UpstreamRequest(
                 method=head.method,
                 url=plan.upstream_url,
@@ -384,11 +363,21 @@ class Gateway:
                     record.status = response.status
                     await self._respond(conn, response, record, config, plan.origin, plan.request_id)
                     record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
-                    await self._relay(conn, response, record)
+                    usage = UsageObserver(response.content_type)
+                    await relay(conn, response, record, (usage,))
+                    record.usage = usage.usage
             finally:
                 self.metrics.in_flight.dec()
 
-    async def _respond(self, conn, response, record, config, origin, request_id) -> None:
+    async def _respond(
+        self,
+        conn: HTTPConnection,
+        response: UpstreamResponse,
+        record: RequestRecord,
+        config: Config,
+        origin: str | None,
+        request_id: str,
+    ) -> None:
         """Send the client the upstream's status and headers (hop-by-hop ones replaced by ours)."""
         out_headers = forwarding.response_headers(response.headers)
         length = next((v for n, v in out_headers if n == b"content-length"), None)
@@ -402,48 +391,6 @@ class Gateway:
         small = record.expected_length is not None and record.expected_length <= SMALL_RESPONSE_BYTES
         await conn.send_head(response.status, out_headers, flush=not small)
         record.head_sent_at = trio.current_time()
-
-    async def _relay(self, conn: HTTPConnection, response, record: RequestRecord) -> None:
-        """Copy upstream chunks to the client as they arrive, each written at once.
-
-        One cancel scope limits the gaps for the whole copy: a scope per read and per write
-        cost as much as the rest of relaying an event. Its deadline is moved only when it
-        leaves the range the next wait needs, about once per ``slack`` (at most a second) on a
-        steady stream: a silent upstream is cut between ``upstream_idle_timeout`` and that
-        plus ``slack`` after its last chunk, and a write gets its own ``client_write_timeout``.
-        """
-        observer = UsageObserver(response.content_type)
-        idle, write_limit = response.idle_timeout, conn.config.client_write_timeout
-        slack = min(1.0, idle / 8)
-        async with aclosing(response.chunks()) as chunks:
-            with trio.CancelScope(deadline=trio.current_time() + idle + slack) as gap:
-                try:
-                    async for chunk in chunks:
-                        now = trio.current_time()
-                        if gap.deadline < now + write_limit + slack:  # the write's own limit fires first
-                            gap.deadline = now + write_limit + 2 * slack
-                        # Counted before the write: the client may read it and close before we resume.
-                        record.relayed += len(chunk)
-                        await conn.send_data(chunk)
-                        observer.feed(chunk)  # after the write: accounting never delays the client
-                        now = trio.current_time()
-                        if not now + idle <= gap.deadline <= now + idle + slack:  # the next read's limit
-                            gap.deadline = now + idle + slack
-                except ParkwayError:
-                    await self._send_held(conn)
-                    raise
-            if gap.cancelled_caught:
-                await self._send_held(conn)
-                raise response.idle_timeout_error()
-        await conn.send_end()
-        record.completed = True
-        record.usage = observer.finish()
-
-    @staticmethod
-    async def _send_held(conn: HTTPConnection) -> None:
-        """The upstream failed before a small answer's body: its held head still goes out, as unheld."""
-        with suppress(ClientGone):
-            await conn.flush()
 
     @staticmethod
     async def _watch_client(conn: HTTPConnection, scope: trio.CancelScope, record: RequestRecord) -> None:
@@ -473,52 +420,6 @@ class Gateway:
             await conn.send_full(status, headers, body)
         except ClientGone:
             pass
-
-    def _count(self, config: Config, conn: HTTPConnection, record: RequestRecord) -> None:
-        """Metrics for one finished request; labels only from bounded sets."""
-        m = self.metrics
-        cred = record.credential
-        label = "none" if cred is None else (cred if config.credential(cred) is not None else "unknown")
-        status_class = f"{record.status // 100}xx" if record.status else "none"
-        m.requests.labels(label, status_class, record.outcome).inc()
-        m.bytes.labels("in").inc(conn.bytes_in - record.bytes_in_start)
-        m.bytes.labels("out").inc(conn.bytes_out - record.bytes_out_start)
-        m.duration.observe(trio.current_time() - record.started)
-        if record.ttfb is not None:
-            m.ttfb.observe(record.ttfb)
-            m.overhead.observe(record.overhead)
-        if record.outcome.startswith("refused:"):
-            m.refusals.labels(record.error_code or "unknown").inc()
-        elif record.outcome == "upstream_error":
-            m.upstream_errors.labels(record.error_code or "unknown").inc()
-        if record.usage is not None:
-            m.tokens.labels(label, "prompt").inc(record.usage.prompt_tokens)
-            m.tokens.labels(label, "completion").inc(record.usage.completion_tokens)
-
-    def _log(self, head: RequestHead, conn: HTTPConnection, record: RequestRecord) -> None:
-        now = trio.current_time()
-        fields = dict(
-            method=head.method,
-            client=record.client or head.peer,
-            user=record.user,
-            upstream_host=record.upstream_host,
-            upstream_path=record.upstream_path,
-            status=record.status,
-            bytes_in=conn.bytes_in - record.bytes_in_start,
-            bytes_out=conn.bytes_out - record.bytes_out_start,
-            ttfb_ms=round(record.ttfb * 1000, 1) if record.ttfb is not None else None,
-            duration_ms=round((now - record.started) * 1000, 1),
-            outcome=record.outcome,
-        )
-        if record.error:
-            fields["error"] = record.error
-        if record.usage is not None:
-            fields["prompt_tokens"] = record.usage.prompt_tokens
-            fields["completion_tokens"] = record.usage.completion_tokens
-        if record.outcome in ("ok", "preflight"):
-            log.info("request", **fields)
-        else:
-            log.warning("request", **fields)
 
 
 def _header_map(head: RequestHead) -> dict[str, str]:

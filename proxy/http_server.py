@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import errno
 import os
-from http import HTTPStatus
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import aclosing, contextmanager, suppress
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Protocol
 
 import h11
 import structlog
 import trio
 
-from .config import ServerConfig, split_host_port
+from .config import ServerConfig
 from .errors import BadRequest, BodyTooLarge, HeadersTooLarge, Overloaded, ParkwayError, RequestTimeout
+from .urls import split_host_port
 
 log = structlog.get_logger("parkway.server")
 
@@ -32,6 +33,21 @@ ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 class ClientGone(Exception):
     """The client closed the connection or stopped reading; nothing more can be sent."""
+
+
+_SOCKET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@contextmanager
+def client_gone_on_socket_error(conn: h11.Connection | None = None) -> Iterator[None]:
+    """Translate a failed socket operation into :class:`ClientGone` (as httpcore's
+    ``map_exceptions`` does); with ``conn``, h11 is told the send failed."""
+    try:
+        yield
+    except _SOCKET_ERRORS as exc:
+        if conn is not None:
+            conn.send_failed()
+        raise ClientGone(str(exc) or type(exc).__name__) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,21 +101,17 @@ class HTTPConnection:
     # --- receiving ------------------------------------------------------------------------
 
     async def _receive(self) -> bytes:
-        try:
+        with client_gone_on_socket_error():
             data = await self.stream.receive_some(RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise ClientGone(str(exc) or type(exc).__name__) from exc
         self.bytes_in += len(data)
         return data
 
-    def _next_event(self):
+    def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         try:
             return self.conn.next_event()
         except h11.RemoteProtocolError as exc:
             if exc.error_status_hint == 431:
-                raise HeadersTooLarge(
-                    f"request head exceeds {self.config.max_header_bytes} bytes"
-                ) from exc
+                raise HeadersTooLarge(f"request head exceeds {self.config.max_header_bytes} bytes") from exc
             raise BadRequest(f"malformed HTTP request: {exc}", code="malformed_http") from exc
 
     async def next_request(self, idle_timeout: float) -> RequestHead | None:
@@ -146,12 +158,10 @@ class HTTPConnection:
                     deadline = trio.current_time() + self.config.header_read_timeout
                 continue
             if started:
-                raise RequestTimeout(
-                    f"request head not received within {self.config.header_read_timeout:g} s"
-                )
+                raise RequestTimeout(f"request head not received within {self.config.header_read_timeout:g} s")
             return None
 
-    async def body_chunks(self) -> AsyncIterator[bytes]:
+    async def body_chunks(self) -> AsyncGenerator[bytes, None]:
         """Yield the request body as it arrives; a gap over ``client_body_timeout`` is a 408."""
         if self.conn.they_are_waiting_for_100_continue:
             # curl and others hold larger bodies back until told to go on (RFC 9110 10.1.1).
@@ -167,9 +177,7 @@ class HTTPConnection:
                 with trio.move_on_after(self.config.client_body_timeout) as scope:
                     data = await self._receive()
                 if scope.cancelled_caught:
-                    raise RequestTimeout(
-                        f"no request body data for {self.config.client_body_timeout:g} s"
-                    )
+                    raise RequestTimeout(f"no request body data for {self.config.client_body_timeout:g} s")
                 self.conn.receive_data(data)
                 if not data and self.conn.their_state is h11.SEND_BODY:
                     raise ClientGone("client closed the connection before the body was complete")
@@ -215,7 +223,7 @@ class HTTPConnection:
 
     # --- sending --------------------------------------------------------------------------
 
-    async def _send(self, event, *, flush: bool = True) -> None:
+    async def _send(self, event: h11.Event, *, flush: bool = True) -> None:
         try:
             data = self.conn.send(event)
         except h11.LocalProtocolError:
@@ -239,23 +247,15 @@ class HTTPConnection:
         self._unsent.clear()
         sent = 0
         if self._socket is not None:
-            try:
+            with client_gone_on_socket_error(self.conn), suppress(BlockingIOError):
                 sent = os.write(self._socket.fileno(), data)  # the socket is non-blocking
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                self.conn.send_failed()
-                raise ClientGone(str(exc) or type(exc).__name__) from exc
             self.bytes_out += sent
         if sent == len(data):
             return
         rest = memoryview(data)[sent:] if sent else data
-        try:
+        with client_gone_on_socket_error(self.conn):
             with trio.CancelScope(deadline=trio.current_time() + self.config.client_write_timeout) as scope:
                 await self.stream.send_all(rest)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self.conn.send_failed()
-            raise ClientGone(str(exc) or type(exc).__name__) from exc
         if scope.cancelled_caught:
             self.conn.send_failed()
             raise ClientGone(f"client did not read the response for {self.config.client_write_timeout:g} s")
@@ -316,6 +316,10 @@ class HTTPConnection:
     def reusable(self) -> bool:
         return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
 
+    def start_next_cycle(self) -> None:
+        """Get ready for the next request on a kept-alive connection (after :meth:`reusable`)."""
+        self.conn.start_next_cycle()
+
 
 class Server:
     """Accept loops and connection tasks, with a connection cap and a graceful drain."""
@@ -329,7 +333,12 @@ class Server:
         self._connections: trio.Nursery | None = None
         self._accepting: trio.CancelScope | None = None
 
-    async def serve(self, listeners: list[trio.SocketListener], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Serve until :meth:`shutdown` has drained every connection (or the drain deadline hit)."""
         async with trio.open_nursery() as connections:
             self._connections = connections
@@ -427,7 +436,7 @@ class Server:
             await self.app.handle(head, conn)
             if not conn.reusable():
                 return
-            conn.conn.start_next_cycle()
+            conn.start_next_cycle()
 
 
 async def _lingering_close(stream: trio.SocketStream, seconds: float = 2.0, limit: int = 1 << 20) -> None:
@@ -445,7 +454,7 @@ async def _lingering_close(stream: trio.SocketStream, seconds: float = 2.0, limi
                 if not data:
                     return
                 received += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except _SOCKET_ERRORS:
             return
 
 
@@ -454,9 +463,7 @@ async def open_listeners(addresses: tuple[str, ...], *, reuse_port: bool = False
     listeners: list[trio.SocketListener] = []
     for address in addresses:
         host, port = split_host_port(address)
-        sock = trio.socket.socket(
-            trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET, trio.socket.SOCK_STREAM
-        )
+        sock = trio.socket.socket(trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET, trio.socket.SOCK_STREAM)
         sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
@@ -469,4 +476,3 @@ async def open_listeners(addresses: tuple[str, ...], *, reuse_port: bool = False
 def bound_address(listener: trio.SocketListener) -> str:
     host, port = listener.socket.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-

@@ -1,9 +1,7 @@
-"""Limits: per-credential and per-user rate and concurrency, the global in-flight gate, and
-the single-use signature set.
+"""Limits: per-credential and per-user rate and concurrency, and the single-use signature set.
 
-Everything here decides without I/O and without reading a clock: callers pass ``now``. The
-one exception is :meth:`GlobalGate.acquire`, which may wait (bounded) for a slot when the
-optional queue is on. Memory is bounded everywhere: idle buckets are forgotten once they would
+Everything here decides without I/O and without reading a clock: callers pass ``now`` (the
+global in-flight gate, which may wait, is :mod:`proxy.admission`). Memory is bounded everywhere: idle buckets are forgotten once they would
 be full again (forgetting them changes nothing), the number of keys has an LRU cap, and
 remembered signatures leave with their URL's expiry.
 
@@ -21,13 +19,10 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import trio
-
-from .errors import BadRequest, ConfigError, ConfigProblem, Forbidden, Overloaded, TooManyRequests
+from .errors import BadRequest, Forbidden, Overloaded, TooManyRequests
 
 # Scopes and limit kinds, as reported in refusals (``Decision.scope`` / ``Decision.limit``).
 CREDENTIAL = "credential"
@@ -108,42 +103,6 @@ class LimitSpec:
         return ", ".join(parts) or "unlimited"
 
 
-def limit_spec_from_toml(value: Any, path: str) -> LimitSpec:
-    """Config converter for a ``limits`` / ``user_limits`` table (the ``_Convert`` shape of config.py).
-
-    Keys: ``max_concurrent`` (integer >= 1), ``rate`` (``"10/s"``, ``"600/min"``, or a number
-    per second), ``burst`` (integer >= 1, needs ``rate``). Raises ConfigError listing every problem.
-    """
-    if not isinstance(value, Mapping):
-        raise ConfigError([ConfigProblem(path, "expected a table such as { max_concurrent = 4, rate = \"10/s\" }")])
-    problems: list[ConfigProblem] = []
-    values: dict[str, Any] = {}
-    for key, item in value.items():
-        at = f"{path}.{key}"
-        if key in ("max_concurrent", "burst"):
-            if isinstance(item, bool) or not isinstance(item, int) or item < 1:
-                problems.append(ConfigProblem(at, "expected an integer of at least 1"))
-            else:
-                values[key] = item
-        elif key == "rate":
-            if isinstance(item, str):
-                try:
-                    values[key] = parse_rate(item)
-                except ValueError as exc:
-                    problems.append(ConfigProblem(at, str(exc)))
-            elif isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item) and item > 0:
-                values[key] = float(item)
-            else:
-                problems.append(ConfigProblem(at, "expected a rate such as '10/s' or a number per second above 0"))
-        else:
-            problems.append(ConfigProblem(at, f"unknown key {key!r}; allowed keys: max_concurrent, rate, burst"))
-    if "burst" in value and "rate" not in value:
-        problems.append(ConfigProblem(f"{path}.burst", "needs a rate: burst is the size of the rate's bucket"))
-    if problems:
-        raise ConfigError(problems)
-    return LimitSpec(**values)
-
-
 # --- who a request counts against -------------------------------------------------------------
 
 
@@ -182,7 +141,9 @@ def wants_single_use(credential_single_use: bool, extra_params: Mapping[str, str
     with the signed parameter ``param`` (``pw_single_use=1``); the signer can only tighten."""
     if credential_single_use:
         return True
-    return bool(param) and extra_params.get(param, "").strip().lower() in _TRUE
+    if not param:
+        return False
+    return extra_params.get(param, "").strip().lower() in _TRUE
 
 
 def limit_keys(
@@ -415,7 +376,7 @@ class Limiter:
                 return  # refilling: later entries were used more recently
 
     def _enforce_cap(self) -> None:
-        # Entries holding slots are bounded by the requests in flight (GlobalGate), so this ends.
+        # Entries holding slots are bounded by the requests in flight (admission.GlobalGate), so this ends.
         looked = 0
         while len(self._entries) > self.max_keys and looked < len(self._entries):
             key, entry = next(iter(self._entries.items()))
@@ -433,86 +394,6 @@ def unique_limits(keys: Sequence[LimitKey | tuple[str, str, LimitSpec]]) -> Iter
         if (scope, key) not in seen and not spec.unlimited:
             seen.add((scope, key))
             yield scope, key, spec
-
-
-# --- the global gate ------------------------------------------------------------------------------
-
-
-class GlobalGate:
-    """A cap on requests in flight to upstreams, with an optional short, bounded wait queue.
-
-    With ``max_waiting == 0`` or ``queue_timeout == 0`` (the default) a request past the cap is
-    refused at once with 503 and Retry-After; nothing queues and nothing grows. Otherwise up to
-    ``max_waiting`` requests wait, first come first served, for at most ``queue_timeout``
-    seconds each. Requests already admitted are never disturbed.
-    """
-
-    def __init__(
-        self,
-        max_in_flight: int | None,
-        *,
-        max_waiting: int = 0,
-        queue_timeout: float = 0.0,
-        retry_after: int = 1,
-    ):
-        if max_in_flight is not None and max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1 (or None for no cap)")
-        self.max_in_flight = max_in_flight
-        self.max_waiting = max_waiting if queue_timeout > 0 else 0
-        self.queue_timeout = queue_timeout
-        self.retry_after = retry_after
-        self.in_flight = 0
-        self.waiting = 0
-        # trio.Semaphore is FIFO-fair: while anyone waits, a newcomer's acquire_nowait fails.
-        self._slots = trio.Semaphore(max_in_flight) if max_in_flight is not None else None
-
-    def _overloaded(self, waited: bool) -> Overloaded:
-        why = f"{self.in_flight} upstream requests are in flight, the limit is {self.max_in_flight}"
-        if waited:
-            why += f" (waited {self.queue_timeout:g} s for a slot)"
-        return Overloaded(f"server busy: {why}; retry after {self.retry_after} s", retry_after=self.retry_after)
-
-    def acquire_nowait(self) -> None:
-        """Take a slot now or raise Overloaded."""
-        if self._slots is not None:
-            try:
-                self._slots.acquire_nowait()
-            except trio.WouldBlock:
-                raise self._overloaded(False) from None
-        self.in_flight += 1
-
-    async def acquire(self) -> None:
-        """Take a slot; wait in the bounded queue if it is on and has room; else raise Overloaded."""
-        try:
-            self.acquire_nowait()
-            return
-        except Overloaded:
-            if self.waiting >= self.max_waiting:
-                raise
-        assert self._slots is not None
-        self.waiting += 1
-        try:
-            with trio.move_on_after(self.queue_timeout):
-                await self._slots.acquire()
-                self.in_flight += 1
-                return
-        finally:
-            self.waiting -= 1
-        raise self._overloaded(True)
-
-    def release(self) -> None:
-        self.in_flight -= 1
-        if self._slots is not None:
-            self._slots.release()
-
-    @asynccontextmanager
-    async def slot(self):
-        """``async with gate.slot():`` around the upstream exchange."""
-        await self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
 
 
 # --- single-use signatures ------------------------------------------------------------------------

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
 
 import structlog
 
 SECRET_KEYS = frozenset({"secret", "secrets", "authorization", "api_key", "password", "signature", "headers"})
 
 
-def redact(_logger, _method, event_dict: dict) -> dict:
+def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Replace values of secret-bearing keys; a signature is shortened to a recognisable prefix."""
     for key in list(event_dict):
         lowered = key.lower()
@@ -28,13 +30,9 @@ def redact(_logger, _method, event_dict: dict) -> dict:
     return event_dict
 
 
-def configure(level: str = "info", fmt: str = "json", stream=None) -> None:
+def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Configure structlog process-wide; called once by the command line."""
-    renderer = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

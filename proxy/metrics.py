@@ -24,18 +24,20 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "parkway_requests", "Requests answered, by credential, status class and outcome.",
-            ["credential", "status_class", "outcome"], registry=r,
+            "parkway_requests",
+            "Requests answered, by credential, status class and outcome.",
+            ["credential", "status_class", "outcome"],
+            registry=r,
         )
         self.in_flight = Gauge("parkway_streams_in_flight", "Upstream requests in flight.", registry=r)
         self.connections = Gauge("parkway_open_connections", "Open client connections.", registry=r)
         self.connections.set_function(open_connections)
-        self.bytes = Counter(
-            "parkway_client_bytes", "Bytes exchanged with clients.", ["direction"], registry=r
-        )
+        self.bytes = Counter("parkway_client_bytes", "Bytes exchanged with clients.", ["direction"], registry=r)
         self.ttfb = Histogram(
-            "parkway_upstream_ttfb_seconds", "Time from request to the upstream's response head.",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "parkway_upstream_ttfb_seconds",
+            "Time from request to the upstream's response head.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.duration = Histogram(
             "parkway_request_duration_seconds", "Total request duration.", buckets=LATENCY_BUCKETS, registry=r
@@ -43,11 +45,10 @@ class Metrics:
         self.overhead = Histogram(
             "parkway_added_latency_seconds",
             "Time spent in Parkway itself: before forwarding plus from upstream head to client head.",
-            buckets=OVERHEAD_BUCKETS, registry=r,
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
         )
-        self.upstream_errors = Counter(
-            "parkway_upstream_errors", "Upstream failures by kind.", ["kind"], registry=r
-        )
+        self.upstream_errors = Counter("parkway_upstream_errors", "Upstream failures by kind.", ["kind"], registry=r)
         self.refusals = Counter("parkway_refusals", "Refused requests by reason.", ["reason"], registry=r)
         self.tokens = Counter(
             "parkway_tokens", "LLM tokens reported in upstream usage objects.", ["credential", "kind"], registry=r

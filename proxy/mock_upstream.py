@@ -53,7 +53,7 @@ class MockOpenAI:
         self.text = text
         self.requests: list[tuple[RequestHead, bytes]] = []
 
-    async def reject(self, head, conn: HTTPConnection, exc: ParkwayError) -> None:
+    async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None:
         await conn.send_full(*_json(exc.status, {"error": {"message": exc.message}}))
 
     async def handle(self, head: RequestHead, conn: HTTPConnection) -> None:
@@ -61,8 +61,16 @@ class MockOpenAI:
         self.requests.append((head, body))
         if self.api_key is not None and head.header(b"authorization") != f"Bearer {self.api_key}":
             await conn.send_full(
-                *_json(401, {"error": {"type": "invalid_request_error", "code": "invalid_api_key",
-                                       "message": "missing or wrong API key"}})
+                *_json(
+                    401,
+                    {
+                        "error": {
+                            "type": "invalid_request_error",
+                            "code": "invalid_api_key",
+                            "message": "missing or wrong API key",
+                        }
+                    },
+                )
             )
             return
         if head.method == "GET" and head.path == "/v1/models":
@@ -85,12 +93,25 @@ class MockOpenAI:
         cid = "chatcmpl-mock"
         usage = {"prompt_tokens": 9, "completion_tokens": len(words), "total_tokens": 9 + len(words)}
         if not request.get("stream"):
-            await conn.send_full(*_json(200, {
-                "id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": self.text}}],
-                "usage": usage,
-            }))
+            await conn.send_full(
+                *_json(
+                    200,
+                    {
+                        "id": cid,
+                        "object": "chat.completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": self.text},
+                            }
+                        ],
+                        "usage": usage,
+                    },
+                )
+            )
             return
         await conn.send_head(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")])
         await conn.send_data(_chunk(cid, created, model, {"role": "assistant", "content": ""}))
@@ -99,15 +120,26 @@ class MockOpenAI:
             await conn.send_data(_chunk(cid, created, model, {"content": word if i == 0 else " " + word}))
         await conn.send_data(_chunk(cid, created, model, {}, "stop"))
         if (request.get("stream_options") or {}).get("include_usage"):
-            payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [], "usage": usage}
+            payload = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
             await conn.send_data(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
         await conn.send_data(b"data: [DONE]\n\n")
         await conn.send_end()
 
 
-async def serve_mock(app: MockOpenAI, *, host: str = "127.0.0.1", port: int = 0,
-                     task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_mock(
+    app: MockOpenAI,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve ``app`` on loopback; ``task_status.started`` gets its base URL."""
     config = ServerConfig(listen=(f"{host}:{port}",), drain_timeout=1.0)
     listeners = await open_listeners(config.listen)

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from .errors import BadRequest, BodyTooLarge, Forbidden
 
@@ -61,7 +61,46 @@ class RequestPolicy:
         return bool(self.allowed_models) or self.max_tokens_cap is not None or self.max_n is not None
 
 
-NO_POLICY = RequestPolicy()
+# --- the body, as forwarded ----------------------------------------------------------------
+
+
+@overload
+async def checked_body(policy: RequestPolicy, declared_length: int | None, body: bytes) -> bytes: ...
+@overload
+async def checked_body(
+    policy: RequestPolicy, declared_length: int | None, body: AsyncGenerator[bytes, None]
+) -> AsyncGenerator[bytes, None]: ...
+async def checked_body(
+    policy: RequestPolicy, declared_length: int | None, body: bytes | AsyncGenerator[bytes, None]
+) -> bytes | AsyncGenerator[bytes, None]:
+    """The request body to forward upstream, under the credential's body rules.
+
+    A body already read whole (a signed body) is checked at once and returned. Of a streamed
+    body, it first reads what the rules need to decide (one chunk ahead for a size cap alone,
+    so a body already over it is refused before any connection is made; up to
+    ``inspect_bytes`` for the JSON rules), raising on a violation; the body it returns yields
+    the held chunks, then the rest, each checked before it goes. Without body rules it is
+    ``body`` itself. Close a returned generator (``aclosing``) as well as ``body``.
+    """
+    if not policy.inspects_body:
+        return body
+    inspector = BodyInspector(policy, declared_length)
+    if isinstance(body, bytes):
+        inspector.feed(body)
+        inspector.end()
+        return body
+    if inspector.decided:
+        first = await anext(body, None)
+        if first is not None:
+            inspector.feed(first)
+            inspector.hold(first)
+    else:  # hold back what the JSON rules need, no more
+        async for chunk in body:
+            if inspector.feed(chunk):
+                break
+        else:
+            inspector.end()
+    return inspector.forward(body)
 
 
 # --- method, path, declared length ----------------------------------------------------------
@@ -209,7 +248,7 @@ class BodyInspector:
         held, self._held, self._held_bytes = self._held, [], 0
         return held
 
-    async def forward(self, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def forward(self, rest: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
         """The body to send upstream: the held chunks, then ``rest``, each checked before it goes."""
         for chunk in self.take_held():
             yield chunk
@@ -261,8 +300,7 @@ class BodyInspector:
             if value not in policy.allowed_models:
                 shown = value if len(value) <= 100 else value[:100] + "..."
                 raise Forbidden(
-                    f"model {shown!r} is not allowed for this credential "
-                    f"(allowed: {', '.join(policy.allowed_models)})",
+                    f"model {shown!r} is not allowed for this credential (allowed: {', '.join(policy.allowed_models)})",
                     code="model_not_allowed",
                 )
             return

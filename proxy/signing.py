@@ -1,6 +1,6 @@
 """Signway ``SW1-HMAC-SHA256`` presigned URLs: parse, check, verify and sign. No I/O, no clock.
 
-The canonical request (see SIGNING.md) is rebuilt from what the client sent. Real signers
+The canonical request (docs/signing.md) is rebuilt from what the client sent. Real signers
 disagree on a few encodings, so verification tries each spelling a real signer produces
 (never anything looser) and accepts when one of them matches in constant time:
 
@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from urllib.parse import parse_qsl, quote, quote_plus, urlsplit
 
@@ -63,7 +63,7 @@ def _js(s: str) -> str:  # encodeURIComponent
 QUERY_ENCODINGS = (_form, _rfc3986, _js)
 
 
-def canonical_query(params: Iterable[tuple[str, str]], encode=_form) -> str:
+def canonical_query(params: Iterable[tuple[str, str]], encode: Callable[[str], str] = _form) -> str:
     """Sorted ``key=value`` pairs of every parameter but the signature, joined with ``&``."""
     return "&".join(sorted(f"{encode(k)}={encode(v)}" for k, v in params if k != X_SIGNATURE))
 
@@ -79,9 +79,7 @@ def canonical_headers(headers: Sequence[tuple[str, str]]) -> tuple[str, str]:
     return "\n".join(lines), ";".join(sorted(name.lower() for name, _ in headers))
 
 
-def canonical_request(
-    method: str, path: str, query: str, headers: Sequence[tuple[str, str]], body: bytes
-) -> bytes:
+def canonical_request(method: str, path: str, query: str, headers: Sequence[tuple[str, str]], body: bytes) -> bytes:
     header_block, names = canonical_headers(headers)
     head = f"{method}\n{path}\n{query}\n{header_block}\n\n{names}\n"
     return head.encode("utf-8") + body
@@ -131,9 +129,11 @@ def parse_query(raw_query: str) -> list[tuple[str, str]]:
     try:
         return parse_qsl(raw_query, keep_blank_values=True, errors="strict", max_num_fields=200)
     except UnicodeDecodeError:
-        raise BadRequest("query string is not valid UTF-8 after percent-decoding", code="malformed_signed_url")
+        raise BadRequest(
+            "query string is not valid UTF-8 after percent-decoding", code="malformed_signed_url"
+        ) from None
     except ValueError:
-        raise BadRequest("query string has too many parameters", code="malformed_signed_url")
+        raise BadRequest("query string has too many parameters", code="malformed_signed_url") from None
 
 
 def parse_signed_request(raw_query: str) -> SignedRequest:
@@ -145,9 +145,7 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
             raise BadRequest(f"parameter {key} appears more than once", code="malformed_signed_url")
         found[key] = value
     if not any(k.startswith("X-Sw-") for k in found):
-        raise BadRequest(
-            "not a signed URL: the X-Sw-* query parameters are missing", code="missing_signature_params"
-        )
+        raise BadRequest("not a signed URL: the X-Sw-* query parameters are missing", code="missing_signature_params")
     for name in REQUIRED_PARAMS:
         if name not in found:
             raise BadRequest(f"missing parameter {name}", code="malformed_signed_url")
@@ -165,10 +163,9 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
         if not _DATE_RE.match(date_text):
             raise ValueError
         d = date_text  # YYYYMMDDTHHMMSSZ; slicing is ~10x cheaper than strptime
-        date = datetime(int(d[0:4]), int(d[4:6]), int(d[6:8]), int(d[9:11]), int(d[11:13]), int(d[13:15]),
-                        tzinfo=timezone.utc)
+        date = datetime(int(d[0:4]), int(d[4:6]), int(d[6:8]), int(d[9:11]), int(d[11:13]), int(d[13:15]), tzinfo=UTC)
     except ValueError:
-        raise invalid(X_DATE, "expected YYYYMMDDTHHMMSSZ in UTC")
+        raise invalid(X_DATE, "expected YYYYMMDDTHHMMSSZ in UTC") from None
     expires_text = found[X_EXPIRES]
     if not expires_text.isascii() or not expires_text.isdigit() or len(expires_text) > 10:
         raise invalid(X_EXPIRES, "expected a whole number of seconds")
@@ -185,7 +182,7 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
     try:
         proxy_url = normalize_url(found[X_PROXY])
     except InvalidURL as exc:
-        raise invalid(X_PROXY, str(exc))
+        raise invalid(X_PROXY, str(exc)) from None
     return SignedRequest(
         credential_id=credential_id,
         date=date,
@@ -224,7 +221,9 @@ def check_validity(req: SignedRequest, now: datetime, *, clock_skew: float, max_
         raise Forbidden(f"signed URL expired at {_iso(req.expires_at)}", code="expired")
 
 
-def signed_header_values(req: SignedRequest, headers: Mapping[str, str], body: bytes | None) -> list[list[tuple[str, str]]]:
+def signed_header_values(
+    req: SignedRequest, headers: Mapping[str, str], body: bytes | None
+) -> list[list[tuple[str, str]]]:
     """The header lists to try for the canonical request, refusing a missing signed header.
 
     ``headers`` maps lower-case names to values (repeated headers joined by ``, ``). With a
@@ -340,9 +339,9 @@ def sign_url(
     """
     if not host.endswith("/"):
         host += "/"
-    dt = datetime_override or datetime.now(timezone.utc)
+    dt = datetime_override or datetime.now(UTC)
     if dt.tzinfo is not None:
-        dt = dt.astimezone(timezone.utc)
+        dt = dt.astimezone(UTC)
     date_text = dt.strftime(LONG_DATETIME)
     signed = dict(headers or {})
     body_bytes = body.encode("utf-8") if isinstance(body, str) else body
@@ -361,8 +360,5 @@ def sign_url(
     ]
     unsigned = host + "?" + "&".join(f"{_form(k)}={_form(v)}" for k, v in query)
     path = quote(urlsplit(host).path or "/", safe="/")
-    canonical = canonical_request(
-        method.upper(), path, canonical_query(query), list(signed.items()), body_bytes or b""
-    )
+    canonical = canonical_request(method.upper(), path, canonical_query(query), list(signed.items()), body_bytes or b"")
     return f"{unsigned}&{X_SIGNATURE}={signature(secret, date_text, canonical)}"
-

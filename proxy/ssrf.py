@@ -15,25 +15,21 @@ The pure core is :func:`classify` and :func:`check_address`. The check is enforc
 socket is opened: :class:`GuardedBackend` is an httpcore network backend that resolves the
 host once, checks every address, and connects to the checked address itself, so a DNS answer
 that changes between check and connect (rebinding) cannot slip through. TLS still verifies
-the certificate against the host name. :class:`GuardedTransport` keeps one connection pool per
-policy, so a keep-alive connection opened for a credential that may reach private addresses
-is never reused by one that may not.
+the certificate against the host name. :mod:`proxy.upstream` gives it to its connection pools
+(one per policy) as their ``network_backend``.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpcore2 as httpcore  # httpx2's pool; see upstream.py
-import httpx2 as httpx  # the maintained drop-in fork; see upstream.py
+import httpcore2 as httpcore  # httpx2's connection pool, which takes this backend
 import trio
 
 from .errors import Forbidden
@@ -42,7 +38,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class AddressKind(str, Enum):
+class AddressKind(StrEnum):
     PUBLIC = "public"
     LOOPBACK = "loopback"
     PRIVATE = "private"
@@ -82,8 +78,15 @@ _NETWORKS: tuple[tuple[AddressKind, tuple[IPNetwork, ...]], ...] = tuple(
         (
             AddressKind.RESERVED,
             (
-                "192.0.0.0/24", "192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
-                "240.0.0.0/4", "100::/64", "2001::/23", "2001:db8::/32",
+                "192.0.0.0/24",
+                "192.0.2.0/24",
+                "198.18.0.0/15",
+                "198.51.100.0/24",
+                "203.0.113.0/24",
+                "240.0.0.0/4",
+                "100::/64",
+                "2001::/23",
+                "2001:db8::/32",
             ),
         ),  # fmt: skip
     )
@@ -258,7 +261,7 @@ Resolver = Callable[[str, int], Awaitable[list[str]]]
 async def resolve(host: str, port: int) -> list[str]:
     """Every address ``host`` resolves to for a TCP connection, in the resolver's order."""
     infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 class GuardedBackend(httpcore.AsyncNetworkBackend):
@@ -318,80 +321,3 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
-
-
-# The policy of the request being sent: set by the handler around the upstream call, or given
-# per request as ``httpx.Request(..., extensions={POLICY_EXTENSION: policy})``.
-POLICY_EXTENSION = "parkway.address_policy"
-current_policy: ContextVar[AddressPolicy | None] = ContextVar("parkway_address_policy", default=None)
-
-
-@contextmanager
-def address_policy(policy: AddressPolicy) -> Iterator[None]:
-    """``with address_policy(p): await client.send(...)``: requests sent inside use ``p``."""
-    token = current_policy.set(policy)
-    try:
-        yield
-    finally:
-        current_policy.reset(token)
-
-
-PolicyLookup = Callable[[httpx.Request], AddressPolicy | None]
-
-
-def _from_request(request: httpx.Request) -> AddressPolicy | None:
-    policy = request.extensions.get(POLICY_EXTENSION)
-    return policy if isinstance(policy, AddressPolicy) else current_policy.get()
-
-
-class GuardedTransport(httpx.AsyncBaseTransport):
-    """An httpx transport whose connections pass :class:`GuardedBackend`, one pool per policy.
-
-    ``transport_kwargs`` go to each ``httpx.AsyncHTTPTransport`` (``verify``, ``limits``,
-    ``http2``, ...). Proxies are not supported: the guard must see the upstream's address.
-    """
-
-    def __init__(
-        self,
-        policy_lookup: PolicyLookup | None = None,
-        *,
-        default: AddressPolicy = DEFAULT_POLICY,
-        resolver: Resolver = resolve,
-        inner_backend: httpcore.AsyncNetworkBackend | None = None,
-        **transport_kwargs: Any,
-    ):
-        if "proxy" in transport_kwargs or "uds" in transport_kwargs:
-            raise ValueError("the SSRF guard needs direct TCP connections: no proxy, no uds")
-        self._lookup = policy_lookup or _from_request
-        self._default = default
-        self._resolver = resolver
-        self._inner_backend = inner_backend
-        self._kwargs = transport_kwargs
-        self._transports: dict[AddressPolicy, httpx.AsyncHTTPTransport] = {}
-
-    def _transport(self, policy: AddressPolicy) -> httpx.AsyncHTTPTransport:
-        transport = self._transports.get(policy)
-        if transport is None:
-            transport = httpx.AsyncHTTPTransport(**self._kwargs)
-            pool = getattr(transport, "_pool", None)
-            # httpx has no public way to hand its pool a network backend; fail loudly if that changes.
-            if not isinstance(pool, httpcore.AsyncConnectionPool) or not hasattr(pool, "_network_backend"):
-                raise RuntimeError("httpx/httpcore internals changed: cannot install the SSRF guard")
-            pool._network_backend = GuardedBackend(policy, self._inner_backend, self._resolver)
-            self._transports[policy] = transport
-        return transport
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        check_scheme(request.url.scheme)
-        policy = self._lookup(request) or self._default
-        return await self._transport(policy).handle_async_request(request)
-
-    async def aclose(self) -> None:
-        transports, self._transports = list(self._transports.values()), {}
-        for transport in transports:
-            await transport.aclose()
-
-
-def guarded_transport(policy_lookup: PolicyLookup | None = None, **kwargs: Any) -> GuardedTransport:
-    """``httpx.AsyncClient(transport=guarded_transport(verify=..., limits=...))``."""
-    return GuardedTransport(policy_lookup, **kwargs)

@@ -14,39 +14,14 @@ Both are async context managers: ``async with open_state(config.state) as state:
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from .errors import Overloaded
-from .limits import Decision, Lease, LimitKey, Limiter, SeenSignatures
+from .config import StateConfig
+from .limits import Decision, Lease, Limiter, LimitKey, SeenSignatures
 
-BACKENDS = ("memory", "redis")
-FAILURE_POLICIES = ("open", "closed")
-
-
-@dataclass(frozen=True, slots=True)
-class StateConfig:
-    """The ``[state]`` section."""
-
-    backend: str = "memory"  # memory | redis
-    url: str = "redis://127.0.0.1:6379/0"  # redis:// or rediss://; a password may come from ${ENV}
-    key_prefix: str = "parkway:"  # several Parkway deployments can share one Redis
-    failure_policy: str = "open"  # when Redis is unreachable: open (serve unlimited) | closed (503)
-    timeout: float = 0.25  # seconds for one Redis operation, connecting included
-    retry_interval: float = 1.0  # while Redis is down, try it again at most this often
-    lease_ttl: float = 60.0  # a concurrency slot of a crashed process is freed after this
-    max_keys: int = 100_000  # memory backend: rate/concurrency keys kept (LRU beyond)
-    max_signatures: int = 100_000  # memory backend: live single-use signatures remembered
-    concurrency_retry_after: float = 1.0  # Retry-After for a concurrency refusal (no better guess exists)
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}")
-        if self.failure_policy not in FAILURE_POLICIES:
-            raise ValueError(f"failure_policy must be one of {', '.join(FAILURE_POLICIES)}")
+DEFAULT_STATE = StateConfig()  # memory
 
 
 @runtime_checkable
@@ -98,62 +73,8 @@ class MemoryState:
         return True
 
 
-# --- outages of a shared store (pure) -------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Outage:
-    """Whether a shared store is down, and whether it is time to try it again.
-
-    While it is down, one attempt per ``retry_interval`` goes through (the first caller after
-    the interval claims it); every other request follows the failure policy at once instead of
-    waiting for a timeout.
-    """
-
-    retry_interval: float
-    down_since: float | None = None
-    next_attempt: float = 0.0
-
-    @property
-    def down(self) -> bool:
-        return self.down_since is not None
-
-    def claim_attempt(self, now: float) -> bool:
-        if self.down_since is None:
-            return True
-        if now >= self.next_attempt:
-            self.next_attempt = now + self.retry_interval
-            return True
-        return False
-
-    def failed(self, now: float) -> bool:
-        """Record a failure; True when it starts an outage (log it then, and only then)."""
-        self.next_attempt = now + self.retry_interval
-        if self.down_since is None:
-            self.down_since = now
-            return True
-        return False
-
-    def succeeded(self, now: float) -> float | None:
-        """Record a success; the outage's length when it ends one, else None."""
-        if self.down_since is None:
-            return None
-        length, self.down_since = now - self.down_since, None
-        return length
-
-
-def unavailable(policy: str, retry_interval: float) -> Overloaded:
-    """The 503 of failure_policy = "closed"."""
-    retry = max(1, math.ceil(retry_interval))
-    return Overloaded(
-        f"shared limit state (Redis) is unreachable and failure_policy is 'closed'; retry after {retry} s",
-        code="state_unavailable",
-        retry_after=retry,
-    )
-
-
 @asynccontextmanager
-async def open_state(config: StateConfig = StateConfig()) -> AsyncIterator[StateBackend]:
+async def open_state(config: StateConfig = DEFAULT_STATE) -> AsyncIterator[StateBackend]:
     """The configured backend, open for the duration of the ``async with``."""
     if config.backend == "memory":
         yield MemoryState(

@@ -10,7 +10,7 @@ Each decision is one atomic Lua script, so processes never race:
 * single use: ``SET key 1 NX PX ttl``, the signature remembered exactly until its URL expires.
 
 All keys of one request are checked before any is changed, as in :class:`~proxy.limits.Limiter`.
-Every Redis operation is bounded by ``timeout``. When Redis fails, :class:`~proxy.state.Outage`
+Every Redis operation is bounded by ``timeout``. When Redis fails, :class:`~proxy.outage.Outage`
 records it, one log line says so, and ``failure_policy`` decides: "open" allows (no limits,
 no single-use check), "closed" refuses with 503. One attempt per ``retry_interval`` probes
 Redis; the first success logs the recovery. Only standalone Redis (or a primary) is supported:
@@ -23,6 +23,7 @@ import math
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,8 +34,9 @@ import structlog
 import trio
 from coredis.retry import NoRetryPolicy
 
-from .limits import ALLOWED, CONCURRENCY, RATE, Decision, Lease, LimitKey, unique_limits, refused, storage_key
-from .state import FAILURE_POLICIES, Outage, unavailable
+from .config import FAILURE_POLICIES
+from .limits import ALLOWED, CONCURRENCY, RATE, Decision, Lease, LimitKey, refused, storage_key, unique_limits
+from .outage import Outage, unavailable
 
 log = structlog.get_logger("parkway.state")
 T = TypeVar("T")
@@ -141,8 +143,8 @@ def _closing_buffers(cls: type) -> type:
     whose ResourceWarnings surface at garbage collection.
     """
 
-    class Connection(cls):  # type: ignore[misc, valid-type]
-        async def _connect(self):  # noqa: ANN202 - coredis's hook
+    class Connection(cls):
+        async def _connect(self) -> Any:  # coredis's hook
             try:
                 return await super()._connect()
             except BaseException:
@@ -231,10 +233,10 @@ class RedisState:
             redis_keys += [self._bucket_key(scope, key), self._lease_key(scope, key)]
             args += [repr(spec.rate / 1000) if spec.rate else "0", repr(spec.capacity), spec.max_concurrent or 0]
         try:
-            reply = await self._call(lambda: self._acquire(keys=redis_keys, args=args))
+            reply: list[Any] = await self._call(lambda: self._acquire(keys=redis_keys, args=args))
         except _Unavailable:
             if self.failure_policy == "closed":
-                raise unavailable(self.failure_policy, self.retry_interval) from None
+                raise unavailable(self.retry_interval) from None
             return ALLOWED
         if int(reply[0]) != 1:
             scope, key, spec = limits[int(reply[1]) - 1]
@@ -271,7 +273,7 @@ class RedisState:
             )
         except _Unavailable:
             if self.failure_policy == "closed":
-                raise unavailable(self.failure_policy, self.retry_interval) from None
+                raise unavailable(self.retry_interval) from None
             return True
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -316,10 +318,9 @@ class RedisState:
         for start in range(0, len(pairs), REFRESH_BATCH):
             batch = pairs[start : start + REFRESH_BATCH]
             ttl_ms = math.ceil(self.lease_ttl * 1000)
+            refresh = partial(self._refresh, keys=[k for k, _ in batch], args=[ttl_ms, *(i for _, i in batch)])
             try:
-                await self._call(
-                    lambda: self._refresh(keys=[k for k, _ in batch], args=[ttl_ms, *(i for _, i in batch)])
-                )
+                await self._call(refresh)
             except _Unavailable:
                 return
 

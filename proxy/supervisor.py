@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import structlog
 import trio
@@ -23,7 +23,7 @@ HEALTHY_AFTER = 10.0  # a worker that lived this long resets the backoff
 KILL_GRACE = 5.0
 
 
-def _die_with_parent() -> None:
+def _ignore_sighup_until_ready() -> None:
     """In the child, before exec: ignore SIGHUP until the worker installs its reload handler
     (a reload forwarded to a worker still importing must not end it).
 
@@ -44,7 +44,7 @@ class Supervisor:
         self._changed = trio.Event()  # a worker exited or stopping began
         self._stop_requested = trio.Event()
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> int:
+    async def run(self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED) -> int:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 for index in range(len(self.worker_argv)):
@@ -71,7 +71,7 @@ class Supervisor:
                 # Own session: a terminal's Ctrl-C reaches the supervisor only, which forwards
                 # one SIGTERM, instead of every worker getting two signals and stopping at once.
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_ignore_sighup_until_ready,
             )
             self.processes[index] = process
             log.info("worker_started", worker=index, pid=process.pid)
@@ -90,7 +90,7 @@ class Supervisor:
             with trio.move_on_after(backoff):
                 await self._stop_requested.wait()
 
-    async def _watch_signals(self, signals, nursery: trio.Nursery) -> None:
+    async def _watch_signals(self, signals: AsyncIterator[int], nursery: trio.Nursery) -> None:
         async for signum in signals:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:

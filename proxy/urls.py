@@ -8,6 +8,7 @@ and prefix checks (``allowed_upstreams``) compare like with like.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from urllib.parse import SplitResult, urlsplit
 
@@ -28,7 +29,7 @@ class InvalidURL(ValueError):
 
 
 def _escape(text: str, unsafe: frozenset[str]) -> str:
-    out = []
+    out: list[str] = []
     for ch in text:
         if ch in unsafe or ord(ch) <= 0x20 or ord(ch) >= 0x7F:
             out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
@@ -144,3 +145,27 @@ def url_allowed(url: str, prefixes: tuple[str, ...]) -> bool:
     if not prefixes:
         return True
     return any(url.startswith(p) for p in prefixes)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6]:port`` into a host (brackets removed) and a port.
+
+    Raises ValueError saying what is wrong; config checks ``listen`` entries with it and the
+    server binds them.
+    """
+    host, colon, port = address.rpartition(":")
+    if not colon:
+        raise ValueError(f"{address!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"{address!r}: write an IPv6 address in brackets, as in [::1]:3000")
+    if not host:
+        raise ValueError(f"{address!r} has an empty host")
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f"{address!r}: the port must be a number from 0 to 65535")
+    return host, int(port)

@@ -37,7 +37,8 @@ def _usage(obj: object) -> Usage | None:
 
 
 class UsageObserver:
-    """Feed raw response chunks; ``usage`` holds the last usage object seen, if any."""
+    """A body observer (see :mod:`proxy.relay`): ``feed`` it the response body as it is written,
+    then ``finish``; ``usage`` is then the response's usage, if it reported one."""
 
     __slots__ = ("_sse", "_buf", "_skipping", "usage")
 
@@ -71,6 +72,7 @@ class UsageObserver:
     def _append(self, data: bytes) -> None:
         if self._skipping:
             return
+        assert self._buf is not None  # only fed while there is a buffer
         self._buf += data
         if len(self._buf) > MAX_LINE:
             self._buf.clear()
@@ -86,9 +88,12 @@ class UsageObserver:
         if found is not None:
             self.usage = found
 
-    def finish(self) -> Usage | None:
-        """Call at the end of the body: parses a buffered JSON body."""
-        if self._buf is not None and not self._sse and self._buf:
+    def finish(self, complete: bool) -> None:
+        """The body has ended: a buffered JSON body is parsed now. A response cut short
+        (``complete`` False) reports no usage. Calling it again changes nothing."""
+        if not complete:
+            self._buf, self.usage = None, None
+        elif self._buf is not None and not self._sse and self._buf:
             try:
                 self.usage = _usage(json.loads(self._buf)) or self.usage
             except ValueError:
@@ -96,4 +101,4 @@ class UsageObserver:
             self._buf = None
         elif self._sse and self._buf:
             self._line(bytes(self._buf).rstrip(b"\r"))
-        return self.usage
+            self._buf = None

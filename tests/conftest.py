@@ -15,17 +15,23 @@ import httpx
 import pytest
 import trio
 
-from helpers import RunningParkway, Upstream, make_config, start_parkway as _start_parkway
-from ops_helpers import ProcessGroup
+from support.parkway import Parkways, RunningParkway, make_config
+from support.processes import ProcessGroup
+from support.upstream import Upstream
 
 HANG_LIMIT = 10.0  # seconds; the whole e2e file takes a few
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "hang_limit(seconds): the hang_guard limit of one slow test")
 
 
 @pytest.fixture
 async def hang_guard(nursery: trio.Nursery, request: pytest.FixtureRequest) -> None:
     """Fail (instead of hanging forever) a test that runs longer than ``HANG_LIMIT``
-    (a test module may set its own ``HANG_LIMIT``)."""
-    limit = getattr(request.module, "HANG_LIMIT", HANG_LIMIT)
+    (a test module may set its own ``HANG_LIMIT``, one test ``@pytest.mark.hang_limit(s)``)."""
+    marker = request.node.get_closest_marker("hang_limit")
+    limit = marker.args[0] if marker else getattr(request.module, "HANG_LIMIT", HANG_LIMIT)
 
     async def watchdog() -> None:
         await trio.sleep(limit)
@@ -66,25 +72,15 @@ async def upstream(nursery: trio.Nursery, hang_guard: None, contain_crashes: Non
 async def start_parkway(
     nursery: trio.Nursery, hang_guard: None, contain_crashes: None
 ) -> AsyncIterator[Callable[..., Awaitable[RunningParkway]]]:
-    """Factory: ``await start_parkway(credentials=..., cors=..., **server_overrides)``.
-
-    Teardown drains each Parkway the way an operator stops it (``shutdown()``), rather than
-    cancelling it: cancelling ``Parkway.run`` leaks its listening sockets (see
-    ``test_cancelled_parkway_releases_its_port``), which would fail unrelated tests.
-    """
-    started: list[RunningParkway] = []
+    """Factory: ``await start_parkway(credentials=..., cors=..., **server_overrides)``;
+    each Parkway is drained at teardown (``Parkways.drain``)."""
+    parkways = Parkways(nursery)
 
     async def start(**overrides: Any) -> RunningParkway:
-        running = await _start_parkway(nursery, make_config(**overrides))
-        started.append(running)
-        return running
+        return await parkways.start(make_config(**overrides))
 
     yield start
-    for running in started:
-        running.parkway.shutdown()
-    with trio.move_on_after(2):  # then the nursery's cancellation ends what is left
-        for running in started:
-            await running.stopped.wait()
+    await parkways.drain()
     # Collect while Trio still runs, so an async generator Parkway abandoned unexhausted
     # always raises its ResourceWarning here, not only when a collection happens to run.
     gc.collect()

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from helpers import SSE_HEADERS, Exchange, Upstream
-from support_nginx import ROOT, READY_TIMEOUT, require_binary, stop_process
+from support.processes import READY_TIMEOUT, ROOT, require_binary, stop_process
+from support.upstream import SSE_HEADERS, Exchange, Upstream
 
 WAIT = 8.0  # bound on each wait for the browser (Chromium's first start is the slowest step)
 
@@ -54,8 +54,11 @@ HELD_AFTER = 4  # tokens sent before the upstream waits for the test
 
 
 def completion_chunk(token: str) -> bytes:
-    payload = {"id": "chatcmpl-test", "object": "chat.completion.chunk",
-               "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]}
+    payload = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}],
+    }
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
@@ -102,7 +105,9 @@ class PageSession:
             elif message.get("method") == "Runtime.bindingCalled" and message["params"]["name"] == "parkwayReport":
                 self._reports_in.send_nowait(json.loads(message["params"]["payload"]))
             elif message.get("method") == "Runtime.consoleAPICalled":
-                self.console.append(" ".join(str(a.get("value", a.get("description"))) for a in message["params"]["args"]))
+                self.console.append(
+                    " ".join(str(a.get("value", a.get("description"))) for a in message["params"]["args"])
+                )
             elif message.get("method") == "Runtime.exceptionThrown":
                 self.console.append(json.dumps(message["params"]["exceptionDetails"])[:500])
 
@@ -146,20 +151,36 @@ async def chromium_page(tmp_path: Path) -> AsyncIterator[PageSession]:
     profile = tmp_path / "chromium-profile"
     profile.mkdir()
     command = [
-        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank",
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--remote-debugging-port=0",
+        "about:blank",
     ]
     with open(tmp_path / "chromium.log", "wb") as log:
         # Its own process group, so the renderer and helper processes go with it.
-        proc = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                                start_new_session=True)
+        proc = await trio.lowlevel.open_process(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
         try:
             port = await _devtools_port(profile, proc)
             async with httpx.AsyncClient(trust_env=False, timeout=WAIT) as client:
                 with trio.fail_after(READY_TIMEOUT):
-                    while not (pages := [t for t in (await client.get(f"http://127.0.0.1:{port}/json/list")).json()
-                                         if t["type"] == "page"]):
+                    while not (
+                        pages := [
+                            t
+                            for t in (await client.get(f"http://127.0.0.1:{port}/json/list")).json()
+                            if t["type"] == "page"
+                        ]
+                    ):
                         await trio.sleep(0.05)
             async with open_websocket_url(pages[0]["webSocketDebuggerUrl"]) as ws, trio.open_nursery() as nursery:
                 session = PageSession(ws)
@@ -216,8 +237,9 @@ async def test_page_renders_the_stream_token_by_token(start_example, upstream: U
     async with chromium_page(tmp_path) as page:
         with trio.fail_after(WAIT):
             await open_page(page, example.page_url)
-            await page.evaluate("document.getElementById('prompt').value = 'Hello, Parkway?';"
-                                "document.getElementById('send').click()")
+            await page.evaluate(
+                "document.getElementById('prompt').value = 'Hello, Parkway?';document.getElementById('send').click()"
+            )
             partial_text = "".join(TOKENS[:HELD_AFTER])
             await page.report(lambda r: r["kind"] == "token" and r["length"] == len(partial_text))
         # The upstream is holding the rest back: what the page shows now, it showed mid-stream.
@@ -241,7 +263,7 @@ async def test_page_renders_the_stream_token_by_token(start_example, upstream: U
 
 async def test_page_shows_parkways_refusal(start_example, upstream: Upstream, tmp_path: Path) -> None:
     # Parkway's clock is an hour ahead, so the URL the backend just signed has expired.
-    example = await start_example(parkway_clock=lambda: datetime.now(timezone.utc) + timedelta(hours=1))
+    example = await start_example(parkway_clock=lambda: datetime.now(UTC) + timedelta(hours=1))
     async with chromium_page(tmp_path) as page:
         with trio.fail_after(WAIT):
             await open_page(page, example.page_url)

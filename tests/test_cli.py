@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import pytest
@@ -39,7 +39,7 @@ def test_sign_prints_a_url_that_verifies(capsys):
     assert f"{parts.scheme}://{parts.netloc}" == HOST and parts.path == "/"
     assert (req.credential_id, req.expires, req.proxy_url) == ("app-id", 120, PROXY)
     assert (req.signed_headers, req.body_signed) == ((), False)
-    assert abs(datetime.now(timezone.utc) - req.date) < timedelta(minutes=5)
+    assert abs(datetime.now(UTC) - req.date) < timedelta(minutes=5)
     verify = dict(method="POST", paths=[parts.path], headers={}, body=None)
     verify_signature(req, secrets=[SECRET], **verify)
     with pytest.raises(Forbidden):
@@ -48,7 +48,12 @@ def test_sign_prints_a_url_that_verifies(capsys):
         verify_signature(req, secrets=[SECRET], **{**verify, "method": "GET"})
     # Byte for byte what the Python SDK makes for the same instant.
     assert url == signway_sdk.sign_url(
-        id="app-id", secret=SECRET, host=HOST, proxy_url=PROXY, expiry=120, method="POST",
+        id="app-id",
+        secret=SECRET,
+        host=HOST,
+        proxy_url=PROXY,
+        expiry=120,
+        method="POST",
         datetime_override=req.date.replace(tzinfo=None),
     )
 
@@ -57,9 +62,12 @@ def test_sign_with_headers_body_and_secret_from_env(capsys, monkeypatch):
     monkeypatch.setenv("PARKWAY_TEST_SIGNING_SECRET", SECRET)
     url = sign(
         capsys,
-        "--secret-env", "PARKWAY_TEST_SIGNING_SECRET",
-        "--header", "Content-Type: application/json",
-        "--body", BODY,
+        "--secret-env",
+        "PARKWAY_TEST_SIGNING_SECRET",
+        "--header",
+        "Content-Type: application/json",
+        "--body",
+        BODY,
     )
     assert SECRET not in url
     req = parse_signed_request(urlsplit(url).query)
@@ -70,8 +78,15 @@ def test_sign_with_headers_body_and_secret_from_env(capsys, monkeypatch):
     with pytest.raises(Forbidden):
         verify_signature(req, secrets=[SECRET], body=BODY.encode().replace(b"test", b"TEST"), **verify)
     assert url == signway_sdk.sign_url(
-        id="app-id", secret=SECRET, host=HOST, proxy_url=PROXY, expiry=300, method="POST",
-        headers={"Content-Type": "application/json"}, body=BODY, datetime_override=req.date.replace(tzinfo=None),
+        id="app-id",
+        secret=SECRET,
+        host=HOST,
+        proxy_url=PROXY,
+        expiry=300,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+        body=BODY,
+        datetime_override=req.date.replace(tzinfo=None),
     )
 
 
@@ -243,11 +258,16 @@ def test_signway_arguments_default_port_and_listen_override(monkeypatch):
 
 def test_signway_cors_flags_are_mapped(monkeypatch):
     config = compat_config(
-        "app-id", "s3cret",
-        "--access-control-allow-origin", "https://App.example, http://localhost:5173",
-        "--access-control-allow-methods", "get,post",
-        "--access-control-allow-headers", "content-type, authorization",
-        "--log-format", "console",
+        "app-id",
+        "s3cret",
+        "--access-control-allow-origin",
+        "https://App.example, http://localhost:5173",
+        "--access-control-allow-methods",
+        "get,post",
+        "--access-control-allow-headers",
+        "content-type, authorization",
+        "--log-format",
+        "console",
     )
     assert config.cors == CorsConfig(
         allow_origins=("https://app.example", "http://localhost:5173"),
@@ -282,3 +302,16 @@ def test_serve_argument_mistakes_are_usage_errors(capsys, argv):
         main(argv)
     assert info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+# --- version -----------------------------------------------------------------------------
+
+
+def test_version_is_the_package_version(capsys):
+    import proxy
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"parkway {proxy.__version__}\n"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", proxy.__version__)

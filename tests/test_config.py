@@ -15,14 +15,14 @@ from proxy.config import (
     Credential,
     LogConfig,
     ServerConfig,
+    StateConfig,
     config_from_dict,
     expand_env,
     load_config,
     parse_config,
-    split_host_port,
 )
 from proxy.errors import ConfigError, ConfigProblem
-from proxy.state import StateConfig
+from proxy.urls import split_host_port
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "parkway.toml"
 
@@ -234,14 +234,22 @@ PROBLEMS = [
     ('[[credentials]]\nid = "app"\nsecret = ["ok", ""]', "credentials[0].secret[1]", "must not be empty"),
     ('[[credentials]]\nid = "app"\nsecret = 5', "credentials[0].secret", "expected a string, got integer"),
     ('[[credentials]]\nid = "app"\nsecret_env = "NOPE"', "credentials[0].secret_env", "variable NOPE is not set"),
-    ('[[credentials]]\nid = "app"\nsecret_env = "EMPTY"', "credentials[0].secret_env", "variable EMPTY is not set or is empty"),
+    (
+        '[[credentials]]\nid = "app"\nsecret_env = "EMPTY"',
+        "credentials[0].secret_env",
+        "variable EMPTY is not set or is empty",
+    ),
     ('[[credentials]]\nid = "a"\nsecret_env = ["APP_SECRET", "NOPE"]', "credentials[0].secret_env[1]", "NOPE"),
     ('[[credentials]]\nid = "app"\nsecret_env = ""', "credentials[0].secret_env", "must name an environment variable"),
     (CRED + 'secrets = ["x"]', "credentials[0].secrets", "unknown key 'secrets'; allowed keys: id, secret, "),
     (CRED + CRED.replace('"app"', '"b"') + "header = 1", "credentials[1].header", "unknown key 'header'"),
     # headers
     (CRED + 'headers = "Authorization: x"', "credentials[0].headers", "expected a table, got string"),
-    (CRED + '[credentials.headers]\n"Bad Header" = "x"', 'credentials[0].headers."Bad Header"', "not a valid header name"),
+    (
+        CRED + '[credentials.headers]\n"Bad Header" = "x"',
+        'credentials[0].headers."Bad Header"',
+        "not a valid header name",
+    ),
     (CRED + '[credentials.headers]\n"X-Ä" = "x"', 'credentials[0].headers."X-Ä"', "not a valid header name"),
     (CRED + "[credentials.headers]\nX-Num = 1", "credentials[0].headers.X-Num", "expected a string, got integer"),
     (CRED + '[credentials.headers]\nX-A = "a\\r\\nX-Evil: 1"', "credentials[0].headers.X-A", "no CR, LF, NUL"),

@@ -16,10 +16,10 @@ from proxy.errors import (
     HeadersTooLarge,
     NotFound,
     Overloaded,
-    TooManyRequests,
     ParkwayError,
     Refused,
     RequestTimeout,
+    TooManyRequests,
     UnknownCredential,
     UpstreamConnectError,
     UpstreamError,
@@ -116,7 +116,7 @@ def test_error_response_with_retry_after():
 
 
 def test_error_body_is_compact_utf8_json():
-    assert error_body(Forbidden("naïve \"quote\"", code="expired")) == (
+    assert error_body(Forbidden('naïve "quote"', code="expired")) == (
         '{"error":{"type":"permission_error","code":"expired","message":"naïve \\"quote\\""}}'.encode()
     )
 

@@ -20,7 +20,7 @@ import pytest
 import trio
 from trio.testing import lockstep_stream_pair, memory_stream_pair, wait_all_tasks_blocked
 
-from proxy.config import ServerConfig, split_host_port
+from proxy.config import ServerConfig
 from proxy.errors import (
     BadRequest,
     BodyTooLarge,
@@ -31,6 +31,8 @@ from proxy.errors import (
     error_response,
 )
 from proxy.http_server import ClientGone, HTTPConnection, RequestHead, Server
+from proxy.urls import split_host_port
+from support.http import parse_response, read_until_eof
 
 PEER = "203.0.113.7"
 GUARD = 600  # virtual seconds: far beyond every timeout below, so only a hang reaches it
@@ -178,28 +180,6 @@ class Client:
         self.h11.start_next_cycle()
 
 
-async def read_until_eof(stream: trio.abc.ReceiveStream) -> bytes:
-    data = bytearray()
-    while chunk := await stream.receive_some():
-        data += chunk
-    return bytes(data)
-
-
-def parse_response(raw: bytes) -> tuple[h11.Response, bytes]:
-    """Parse a complete raw response (for clients that sent raw bytes rather than h11 events)."""
-    conn = h11.Connection(h11.CLIENT)
-    conn.receive_data(raw)
-    conn.receive_data(b"")
-    response = conn.next_event()
-    assert isinstance(response, h11.Response), response
-    body = bytearray()
-    while isinstance(event := conn.next_event(), h11.Data):
-        body += event.data
-    assert isinstance(event, h11.EndOfMessage), event
-    assert conn.next_event() == h11.ConnectionClosed()
-    return response, bytes(body)
-
-
 def header(response: h11.Response, name: bytes) -> list[bytes]:
     return [v for n, v in response.headers if n == name]
 
@@ -321,10 +301,11 @@ async def test_head_trickling_in_past_header_read_timeout_gets_408_then_close(au
             await stream.closed.wait()
 
     assert answered - started == pytest.approx(5.0)
-    response, body = parse_response(raw)
-    assert response.status_code == 408
-    assert error_of(body)["code"] == "client_timeout"
-    assert b"close" in header(response, b"connection")
+    reply = parse_response(raw)
+    assert reply.closed
+    assert reply.status == 408
+    assert error_of(reply.body)["code"] == "client_timeout"
+    assert b"close" in reply.values("connection")
     assert app.heads == []
     [(head, exc)] = app.rejected
     assert head is None and isinstance(exc, RequestTimeout)
@@ -393,10 +374,11 @@ async def test_head_larger_than_max_header_bytes_gets_431_then_close(autojump_cl
     async with serving(app) as run:
         client, _ = run.listener.connect()
         await client.stream.send_all(raw)
-        response, body = parse_response(await read_until_eof(client.stream))
+        reply = parse_response(await read_until_eof(client.stream))
 
-    assert response.status_code == 431
-    assert error_of(body)["code"] == "headers_too_large"
+    assert reply.closed
+    assert reply.status == 431
+    assert error_of(reply.body)["code"] == "headers_too_large"
     assert app.heads == []
     [(head, exc)] = app.rejected
     assert head is None and isinstance(exc, HeadersTooLarge)
@@ -407,15 +389,16 @@ async def test_garbage_request_line_gets_400_json_then_close(autojump_clock):
     async with serving(app) as run:
         client, stream = run.listener.connect()
         await client.stream.send_all(b"HELLO THERE\r\n\r\n")
-        response, body = parse_response(await read_until_eof(client.stream))
+        reply = parse_response(await read_until_eof(client.stream))
         await stream.closed.wait()
 
-    assert response.status_code == 400
-    assert response.reason == b"Bad Request"
-    assert header(response, b"content-type") == [b"application/json"]
-    assert header(response, b"content-length") == [str(len(body)).encode()]
-    assert b"close" in header(response, b"connection")
-    error = error_of(body)
+    assert reply.closed
+    assert reply.status == 400
+    assert reply.reason == b"Bad Request"
+    assert reply.values("content-type") == [b"application/json"]
+    assert reply.values("content-length") == [str(len(reply.body)).encode()]
+    assert b"close" in reply.values("connection")
+    error = error_of(reply.body)
     assert (error["type"], error["code"]) == ("invalid_request_error", "malformed_http")
     assert app.heads == []
     [(head, exc)] = app.rejected
@@ -629,9 +612,7 @@ async def test_refused_request_with_unread_body_gets_connection_close(autojump_c
     async with serving(app) as run:
         client, stream = run.listener.connect()
         # The head promises a body that has not been sent when the refusal goes out.
-        await client.send(
-            h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "1000")])
-        )
+        await client.send(h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "1000")]))
         response, _ = await client.response()
         await client.assert_closed()
         await stream.closed.wait()

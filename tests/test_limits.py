@@ -12,6 +12,8 @@ import pytest
 import trio
 import trio.testing
 
+from proxy.admission import GlobalGate
+from proxy.config import limit_spec_from_toml
 from proxy.errors import BadRequest, ConfigError, Overloaded
 from proxy.limits import (
     ALLOWED,
@@ -19,16 +21,14 @@ from proxy.limits import (
     CREDENTIAL,
     RATE,
     USER,
-    GlobalGate,
-    LimitKey,
     Limiter,
+    LimitKey,
     LimitSpec,
     SeenSignatures,
     TokenBucket,
     TooManyRequests,
     end_user,
     limit_keys,
-    limit_spec_from_toml,
     parse_rate,
     replay_refusal,
     storage_key,

@@ -11,17 +11,38 @@ import pytest
 from loadtest import nginx, runner
 
 ARGV = [
-    "run", "--workload", "parked,small,latency",
-    "--streams", "200", "--stream-seconds", "1", "--interval-ms", "100", "--ramp", "1000",
-    "--seconds", "1", "--warmup", "0.3", "--requests", "200",
-    "--repeat", "1", "--max-minutes", "2", "--no-chart", "--quiet",
+    "run",
+    "--workload",
+    "parked,small,latency",
+    "--streams",
+    "200",
+    "--stream-seconds",
+    "1",
+    "--interval-ms",
+    "100",
+    "--ramp",
+    "1000",
+    "--seconds",
+    "1",
+    "--warmup",
+    "0.3",
+    "--requests",
+    "200",
+    "--repeat",
+    "1",
+    "--max-minutes",
+    "2",
+    "--no-chart",
+    "--quiet",
 ]
 
 
 def test_runner_measures_parkway_and_nginx_on_a_tiny_load(tmp_path):
     if nginx.nginx_binary() is None:
-        pytest.fail("nginx is not installed; the load tests use it as the reference proxy. "
-                    "Install it with `bash .ci/system-deps` (`make test` does).")
+        pytest.fail(
+            "nginx is not installed; the load tests use it as the reference proxy. "
+            "Install it with `bash .ci/system-deps` (`make test` does)."
+        )
     argv = [*ARGV, "--out", str(tmp_path), "--label", "smoke"]
     args = runner.build_parser().parse_args(argv)
     args.argv = argv
@@ -31,7 +52,8 @@ def test_runner_measures_parkway_and_nginx_on_a_tiny_load(tmp_path):
     assert (tmp_path / "smoke.md").read_text().startswith("Medians of 1 repeat")
     runs = {(r["workload"], r["target"]): r for r in results["runs"]}
     assert set(runs) == {(w, t) for w in ("parked", "small", "latency") for t in ("parkway", "nginx")} | {
-        ("latency", "direct")}
+        ("latency", "direct")
+    }
 
     for target in ("parkway", "nginx"):
         parked = runs["parked", target]
@@ -45,8 +67,14 @@ def test_runner_measures_parkway_and_nginx_on_a_tiny_load(tmp_path):
         assert runs["latency", target]["error_count"] == 0
 
     summary = results["summary"]
-    for key in ("parked_completed", "ttfe_p99_ms", "rss_per_stream_kb", "cpu_per_event_parked_us",
-                "small_rps", "added_latency_p50_us"):
+    for key in (
+        "parked_completed",
+        "ttfe_p99_ms",
+        "rss_per_stream_kb",
+        "cpu_per_event_parked_us",
+        "small_rps",
+        "added_latency_p50_us",
+    ):
         assert summary[key]["parkway"] is not None and summary[key]["nginx"] is not None, key
         assert summary[key]["ratio_vs_nginx"] is not None, key
     assert summary["parked_completed"]["parkway"] == 1.0

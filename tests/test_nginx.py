@@ -14,50 +14,27 @@ import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
-import signway_sdk
 import trio
 
-from helpers import SECRET, UPSTREAM_KEY, RunningParkway, Upstream, request_bytes, sse_from, watch_logs
-from ops_helpers import free_port
 from proxy.config import CorsConfig
-from proxy.signing import sign_url as parkway_sign_url
-from support_nginx import (
-    NGINX_SNIPPET,
-    PROXY_PASS_AS_IS,
-    BodyProbe,
-    render_nginx_conf,
-    serve_nginx,
-    snippet_sections,
-)
+from support.body_upstreams import BodyProbe
+from support.http import request_bytes
+from support.logs import watch_logs
+from support.nginx import NGINX_SNIPPET, PROXY_PASS_AS_IS, render_nginx_conf, serve_nginx, snippet_sections
+from support.parkway import RunningParkway
+from support.processes import free_port
+from support.signing import SIGNERS, UPSTREAM_KEY, sign
+from support.upstream import Upstream, sse_from
 
 ORIGIN = "https://app.example.com"
 BODY = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
 EVENTS = [f'data: {{"n":{i},"delta":"token {i}"}}\n\n'.encode() for i in range(1, 6)] + [b"data: [DONE]\n\n"]
 WAIT = 5.0  # bound on every single wait below
-
-
-# --- signers --------------------------------------------------------------------------------
-
-
-def sign_with_sdk(host: str, proxy_url: str, **kw: Any) -> str:
-    """The real Python ``signway_sdk`` (it adds Content-Length to ``headers`` itself)."""
-    kw.setdefault("datetime_override", datetime.now(timezone.utc))
-    kw["headers"] = dict(kw.get("headers") or {}) or None
-    return signway_sdk.sign_url(id=kw.pop("id", "app"), secret=kw.pop("secret", SECRET), host=host,
-                                proxy_url=proxy_url, expiry=kw.pop("expiry", 60), **kw)
-
-
-def sign_with_parkway(host: str, proxy_url: str, **kw: Any) -> str:
-    return parkway_sign_url(id=kw.pop("id", "app"), secret=kw.pop("secret", SECRET), host=host,
-                            proxy_url=proxy_url, expiry=kw.pop("expiry", 60), **kw)
-
-
-SIGNERS: dict[str, Callable[..., str]] = {"signway_sdk": sign_with_sdk, "proxy.signing": sign_with_parkway}
 
 
 # --- the stack: upstream <- Parkway <- nginx <- test client -------------------------------------
@@ -85,8 +62,9 @@ def start_stack(nursery: trio.Nursery, tmp_path, start_parkway: Callable[..., An
     async def start(*, strip_prefix: bool = False, **overrides: Any) -> Stack:
         running = await start_parkway(**overrides)
         port = free_port()
-        conf = render_nginx_conf(tmp_path / "nginx", listen_port=port,
-                                 parkway_address=running.addresses[0], strip_prefix=strip_prefix)
+        conf = render_nginx_conf(
+            tmp_path / "nginx", listen_port=port, parkway_address=running.addresses[0], strip_prefix=strip_prefix
+        )
         await nursery.start(serve_nginx, tmp_path / "nginx", conf, port)
         return Stack(running, port)
 
@@ -131,11 +109,23 @@ def test_snippet_has_what_streaming_needs() -> None:
     """The directives the README promises are in the shipped location, each with a comment."""
     location = snippet_sections()["server: location"]
     lines = location.splitlines()
-    for directive in ("proxy_http_version 1.1;", "proxy_set_header Connection $connection_upgrade;",
-                      "proxy_buffering off;", "proxy_request_buffering off;", "proxy_read_timeout",
-                      "proxy_send_timeout", "client_max_body_size", "X-Forwarded-For", "X-Forwarded-Proto",
-                      "X-Forwarded-Prefix", "proxy_set_header Host", PROXY_PASS_AS_IS):
-        index = next((i for i, line in enumerate(lines) if directive in line and not line.strip().startswith("#")), None)
+    for directive in (
+        "proxy_http_version 1.1;",
+        "proxy_set_header Connection $connection_upgrade;",
+        "proxy_buffering off;",
+        "proxy_request_buffering off;",
+        "proxy_read_timeout",
+        "proxy_send_timeout",
+        "client_max_body_size",
+        "X-Forwarded-For",
+        "X-Forwarded-Proto",
+        "X-Forwarded-Prefix",
+        "proxy_set_header Host",
+        PROXY_PASS_AS_IS,
+    ):
+        index = next(
+            (i for i, line in enumerate(lines) if directive in line and not line.strip().startswith("#")), None
+        )
         assert index is not None, f"{directive!r} missing from {NGINX_SNIPPET}"
         while lines[index - 1].strip() and not lines[index - 1].strip().startswith("#"):
             index -= 1  # a group of related directives shares its comment
@@ -149,12 +139,20 @@ async def test_signed_sse_streams_event_by_event(start_stack, upstream: Upstream
     stack = await start_stack(**MODES[mode])
     send, receive = trio.open_memory_channel[bytes](0)
     upstream.behaviour = sse_from(receive)
-    url = SIGNERS[signer](stack.public_base, upstream.base + "/v1/chat/completions", method="POST",
-                          headers={"Content-Type": "application/json"}, body=BODY)
+    url = sign(
+        stack.public_base,
+        upstream.base + "/v1/chat/completions",
+        signer=signer,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+        body=BODY,
+    )
     assert url.startswith(stack.public_base + "/?X-Sw-")
     async with httpx.AsyncClient(trust_env=False, timeout=WAIT) as client:
         with trio.fail_after(WAIT):
-            async with client.stream("POST", url, content=BODY, headers={"Content-Type": "application/json"}) as response:
+            async with client.stream(
+                "POST", url, content=BODY, headers={"Content-Type": "application/json"}
+            ) as response:
                 assert response.status_code == 200, (await response.aread()).decode()
                 assert response.headers["content-type"] == "text/event-stream"
                 async with SSEReader(response) as reader:
@@ -175,7 +173,7 @@ async def test_signed_sse_streams_event_by_event(start_stack, upstream: Upstream
 async def test_stripped_prefix_needs_configuration(start_stack, upstream: Upstream) -> None:
     """Without public_path_prefix or trusted_proxies, a stripped /ai cannot be verified."""
     stack = await start_stack(strip_prefix=True)
-    url = sign_with_sdk(stack.public_base, upstream.base + "/v1/models", method="GET")
+    url = sign(stack.public_base, upstream.base + "/v1/models", method="GET")
     async with httpx.AsyncClient(trust_env=False, timeout=WAIT) as client:
         response = await client.get(url)
     assert response.status_code == 403
@@ -184,7 +182,7 @@ async def test_stripped_prefix_needs_configuration(start_stack, upstream: Upstre
 
 
 REFUSALS = {
-    "expired": (403, "expired", dict(datetime_override=datetime.now(timezone.utc) - timedelta(minutes=10))),
+    "expired": (403, "expired", dict(when=datetime.now(UTC) - timedelta(minutes=10))),
     "bad_signature": (403, "signature_mismatch", {}),
     "unknown_credential": (401, "unknown_credential", dict(id="someone-else")),
     "not_signed": (400, "missing_signature_params", {}),
@@ -195,7 +193,7 @@ REFUSALS = {
 async def test_refusals_pass_through_nginx_with_json_and_cors(start_stack, upstream: Upstream, case: str) -> None:
     stack = await start_stack(cors=CorsConfig(allow_origins=(ORIGIN,)))
     status, code, sign_kw = REFUSALS[case]
-    url = sign_with_sdk(stack.public_base, upstream.base + "/v1/chat/completions", method="POST", **sign_kw)
+    url = sign(stack.public_base, upstream.base + "/v1/chat/completions", method="POST", **sign_kw)
     if case == "bad_signature":
         url = url[:-1] + ("0" if url[-1] != "0" else "1")
     elif case == "not_signed":
@@ -215,7 +213,7 @@ async def test_refusals_pass_through_nginx_with_json_and_cors(start_stack, upstr
 async def test_large_unsigned_body_streams_through_intact(start_stack, nursery: trio.Nursery) -> None:
     probe = await nursery.start(BodyProbe().serve)
     stack = await start_stack()
-    url = sign_with_parkway(stack.public_base, f"http://127.0.0.1:{probe.port}/v1/files", method="POST")
+    url = sign(stack.public_base, f"http://127.0.0.1:{probe.port}/v1/files", signer="proxy.signing", method="POST")
     block = bytes(range(256)) * 256  # 64 KiB
     blocks = 80  # 5 MiB
     held_back_from = 32  # 2 MiB sent, 3 MiB held back until the upstream has seen 1 MiB
@@ -244,7 +242,7 @@ async def test_client_disconnect_at_nginx_cancels_the_upstream(start_stack, upst
     stack = await start_stack()
     send, receive = trio.open_memory_channel[bytes](0)
     upstream.behaviour = sse_from(receive)
-    url = sign_with_sdk(stack.public_base, upstream.base + "/v1/chat/completions", method="POST")
+    url = sign(stack.public_base, upstream.base + "/v1/chat/completions", method="POST")
     with watch_logs() as logs:
         async with send:
             # A raw socket as the browser: httpx cannot drop a half-read stream under Trio
@@ -267,10 +265,12 @@ async def test_client_disconnect_at_nginx_cancels_the_upstream(start_stack, upst
 
 
 @pytest.mark.parametrize("trusted", [True, False], ids=["nginx-trusted", "nginx-not-trusted"])
-async def test_forwarded_for_is_believed_only_from_trusted_proxies(start_stack, upstream: Upstream, trusted: bool) -> None:
+async def test_forwarded_for_is_believed_only_from_trusted_proxies(
+    start_stack, upstream: Upstream, trusted: bool
+) -> None:
     # nginx is at 127.0.0.1; the "browser" connects from 127.0.0.2 and forges a chain.
     stack = await start_stack(trusted_proxies=("127.0.0.1/32",) if trusted else ())
-    url = sign_with_sdk(stack.public_base, upstream.base + "/v1/models", method="GET")
+    url = sign(stack.public_base, upstream.base + "/v1/models", method="GET")
     transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
     with watch_logs() as logs:
         async with httpx.AsyncClient(trust_env=False, timeout=WAIT, transport=transport) as client:

@@ -27,7 +27,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -35,35 +35,17 @@ import pytest
 import trio
 import trio.testing
 
-from helpers import (
-    INJECTED,
-    SECRET,
-    SSE_HEADERS,
-    TEST_SERVER,
-    UPSTREAM_KEY,
-    Exchange,
-    RunningParkway,
-    Upstream,
-    closed_port,
-    echo,
-    sse_from,
-    watch_logs,
-)
-from ops_helpers import (
-    ProcessGroup,
-    config_toml,
-    exchange,
-    free_port,
-    scrape,
-    send_raw,
-    sign,
-    start_instance,
-    wait_until_refused,
-)
 from proxy.app import Parkway
 from proxy.cli import main as cli_main
 from proxy.config import AdminConfig, Config, Credential, load_config
 from proxy.mock_upstream import MockOpenAI, serve_mock
+from support.http import exchange, send_raw
+from support.logs import watch_logs
+from support.metrics import scrape
+from support.parkway import TEST_SERVER, Parkways, RunningParkway, config_toml
+from support.processes import ProcessGroup, free_port, wait_until_refused
+from support.signing import INJECTED, SECRET, UPSTREAM_KEY, sign
+from support.upstream import SSE_HEADERS, Exchange, Upstream, echo, sse_from
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
 
@@ -81,19 +63,13 @@ async def start_operable(
     nursery: trio.Nursery, hang_guard: None, contain_crashes: None
 ) -> AsyncIterator[Callable[..., Awaitable[RunningParkway]]]:
     """Factory: ``await start_operable(config, config_path=None)``; drained at teardown."""
-    started: list[RunningParkway] = []
+    parkways = Parkways(nursery)
 
     async def start(config: Config, config_path: Path | None = None) -> RunningParkway:
-        running = await start_instance(nursery, Parkway(config, config_path=config_path))
-        started.append(running)
-        return running
+        return await parkways.start(Parkway(config, config_path=config_path))
 
     yield start
-    for running in started:
-        running.parkway.shutdown()
-    with trio.move_on_after(2):
-        for running in started:
-            await running.stopped.wait()
+    await parkways.drain()
     gc.collect()
 
 
@@ -188,7 +164,10 @@ async def test_health_readiness_and_unknown_admin_paths(start_operable, client):
     public = await client.get(f"{running.base}/healthz")
 
     assert (health.status_code, health.json()) == (200, {"status": "ok"})
-    assert (ready.status_code, ready.json()) == (200, {"ready": True, "checks": {"accepting": True, "config_loaded": True}})
+    assert (ready.status_code, ready.json()) == (
+        200,
+        {"ready": True, "checks": {"accepting": True, "config_loaded": True}},
+    )
     for response in (unknown, wrong_method, reload_by_get):
         assert response.status_code == 404
         assert error_code(response) == "not_found"
@@ -275,15 +254,18 @@ async def test_metrics_match_the_traffic_sent(start_operable, upstream, nursery,
         mock_stream = await send("POST", completions, chat(stream=True), expect=200)
         mock_json = await send("POST", completions, chat(stream=False), expect=200)
         for _ in range(2):
-            await send("GET", running.sign(f"{upstream.base}/v1/models", secret="wrong"),
-                       expect=403, code="signature_mismatch")
-        await send("GET", running.sign(f"{upstream.base}/v1/models", id="stranger"),
-                   expect=401, code="unknown_credential")
+            await send(
+                "GET", running.sign(f"{upstream.base}/v1/models", secret="wrong"), expect=403, code="signature_mismatch"
+            )
+        await send(
+            "GET", running.sign(f"{upstream.base}/v1/models", id="stranger"), expect=401, code="unknown_credential"
+        )
         await send("GET", f"{running.base}/v1/models", expect=400, code="missing_signature_params")
-        long_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+        long_ago = datetime.now(UTC) - timedelta(hours=1)
         await send("GET", running.sign(f"{upstream.base}/v1/models", when=long_ago), expect=403, code="expired")
-        await send("GET", running.sign(f"http://127.0.0.1:{closed_port()}/v1/models"),
-                   expect=502, code="upstream_connect_failed")
+        await send(
+            "GET", running.sign(f"http://127.0.0.1:{free_port()}/v1/models"), expect=502, code="upstream_connect_failed"
+        )
         metrics = await scrape(client, running.parkway.admin_addresses[0])
 
     # What the client received is what the upstream sent: accounting did not touch the stream.
@@ -338,8 +320,11 @@ async def test_metrics_match_the_traffic_sent(start_operable, upstream, nursery,
     mock_lines = logs.find(event="request", upstream_path="/v1/chat/completions")
     assert [(e["prompt_tokens"], e["completion_tokens"]) for e in mock_lines] == [(9, 4), (9, 4)]
     assert sum(e["bytes_out"] for e in lines) == sum(e.received for e in exchanges)
-    assert all("prompt_tokens" not in e for e in lines if e.get("upstream_path") != "/v1/chat/completions"
-               and e.get("upstream_path") != "/v1/stream")
+    assert all(
+        "prompt_tokens" not in e
+        for e in lines
+        if e.get("upstream_path") != "/v1/chat/completions" and e.get("upstream_path") != "/v1/stream"
+    )
 
 
 async def test_malformed_requests_are_counted_like_every_other_request(start_operable, client):
@@ -406,8 +391,12 @@ async def test_reload_applies_to_new_requests_and_spares_the_stream_in_flight(
     send = streams.open("long")
 
     with watch_logs() as logs:
-        async with send, stream_through(client, running.sign(f"{upstream.base}/v1/stream/long", method="POST",
-                                                           secret=SECRET_A)) as flight:
+        async with (
+            send,
+            stream_through(
+                client, running.sign(f"{upstream.base}/v1/stream/long", method="POST", secret=SECRET_A)
+            ) as flight,
+        ):
             await start_stream(send, flight)
 
             path.write_text(config_toml(secret=[SECRET_B]))
@@ -433,10 +422,14 @@ async def test_reload_applies_to_new_requests_and_spares_the_stream_in_flight(
 
 BROKEN_FILES = {
     "invalid-toml": ("[server\nlisten = ", "invalid TOML"),
-    "unknown-key": (config_toml(secret=[SECRET_B], extra_server="listen_adress = '127.0.0.1:1'"),
-                    "server.listen_adress"),
-    "unset-secret-env": (config_toml(secret_env=["PARKWAY_TEST_UNSET_SECRET"]),
-                         "environment variable PARKWAY_TEST_UNSET_SECRET is not set"),
+    "unknown-key": (
+        config_toml(secret=[SECRET_B], extra_server="listen_adress = '127.0.0.1:1'"),
+        "server.listen_adress",
+    ),
+    "unset-secret-env": (
+        config_toml(secret_env=["PARKWAY_TEST_UNSET_SECRET"]),
+        "environment variable PARKWAY_TEST_UNSET_SECRET is not set",
+    ),
 }
 
 

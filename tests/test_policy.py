@@ -124,7 +124,7 @@ MESSAGES = '"messages":[{"role":"user","content":"hi {\\"model\\": \\"evil\\"} ]
 # (policy, body, None when allowed or the refusal code)
 BODIES = [
     (RULES, '{"model":"gpt-4o-mini","max_tokens":100,' + MESSAGES + "}", None),
-    (RULES, '{' + MESSAGES + ',"model":"gpt-4o","max_completion_tokens":1000,"n":2}', None),
+    (RULES, "{" + MESSAGES + ',"model":"gpt-4o","max_completion_tokens":1000,"n":2}', None),
     (RULES, ' \n{ "model" : "gpt-4o" , "max_tokens" : 0 , "n" : null }\r\n', None),
     (RULES, '{"model":"gpt-4","max_tokens":100}', "model_not_allowed"),
     (RULES, '{"max_tokens":100}', "model_not_allowed"),
@@ -157,7 +157,7 @@ BODIES = [
     (TOKENS, '{"max_tokens":{"value":1}}', "invalid_field"),
     (MODELS, '{"model":"' + "x" * 2000 + '"}', "invalid_field"),
     (N, '{"n":1}', None),
-    (N, '{}', None),
+    (N, "{}", None),
     (N, '{"n":2.0}', "invalid_field"),
     # Not a JSON object.
     (MODELS, '["model","gpt-4o-mini"]', "invalid_json"),
@@ -208,7 +208,7 @@ def test_body_rules(policy: RequestPolicy, body: str, code: str | None, size: in
     [
         (MODELS, '{"model":"gpt-4"}', "model 'gpt-4' is not allowed for this credential (allowed: gpt-4o-mini)"),
         (TOKENS, '{"max_tokens":5000}', "max_tokens is 5000, above this credential's cap of 1000"),
-        (TOKENS, '{}', "max_tokens or max_completion_tokens is required for this credential (at most 1000)"),
+        (TOKENS, "{}", "max_tokens or max_completion_tokens is required for this credential (at most 1000)"),
         (N, '{"n":9}', "n is 9, above this credential's limit of 2"),
         (MODELS, '{"model":"gpt-4o-mini","model":"b"}', "field 'model' appears more than once in the JSON body"),
     ],

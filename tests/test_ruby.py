@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,11 @@ import pytest
 import signway_sdk
 import trio
 
-from helpers import SECRET, UPSTREAM_KEY, RunningParkway, Upstream
 from proxy.signing import sign_url
-from support_nginx import ROOT, require_binary
+from support.parkway import RunningParkway
+from support.processes import ROOT, require_binary
+from support.signing import SECRET, UPSTREAM_KEY
+from support.upstream import Upstream
 
 SIGNER_RB = ROOT / "clients" / "ruby" / "parkway_signer.rb"
 RUBY_TIMEOUT = 20.0
@@ -105,7 +107,7 @@ async def ruby_sign(tmp_path: Path, cases: list[dict[str, Any]]) -> list[str]:
 
 # --- 1. byte-for-byte parity with proxy.signing.sign_url -------------------------------------
 
-NOV_20 = int(datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc).timestamp())
+NOV_20 = int(datetime(2026, 11, 20, 12, 0, tzinfo=UTC).timestamp())
 VECTOR = dict(id="app-id", secret="super-secure-string", host="http://127.0.0.1:8080", now=[NOV_20, 0])
 OPENAI = "https://api.openai.com/v1/chat/completions"
 CHAT = '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say this is a test"}]}'
@@ -121,7 +123,9 @@ GOLDEN = {
         "http://127.0.0.1:8080/?X-Sw-Algorithm=SW1-HMAC-SHA256&X-Sw-Credential=app-id%2F20261120&X-Sw-Date=20261120T120000Z&X-Sw-Expires=60&X-Sw-Proxy=https%3A%2F%2Fapi.openai.com%2Fv1%2Fmodels%3Flimit%3D2%26order%3Ddesc&X-Sw-SignedHeaders=&X-Sw-Body=false&X-Sw-Signature=69fe4cddb3010db59f29ea85e17a66661fe13ba2a2810b5304be918a31e39540",
     ),
     "signed-body": (
-        dict(VECTOR, method="POST", expiry=300, proxy_url=OPENAI, headers={"Content-Type": "application/json"}, body=CHAT),
+        dict(
+            VECTOR, method="POST", expiry=300, proxy_url=OPENAI, headers={"Content-Type": "application/json"}, body=CHAT
+        ),
         "http://127.0.0.1:8080/?X-Sw-Algorithm=SW1-HMAC-SHA256&X-Sw-Credential=app-id%2F20261120&X-Sw-Date=20261120T120000Z&X-Sw-Expires=300&X-Sw-Proxy=https%3A%2F%2Fapi.openai.com%2Fv1%2Fchat%2Fcompletions&X-Sw-SignedHeaders=content-type%3Bcontent-length&X-Sw-Body=true&X-Sw-Signature=074a09a715d734c60444a1dc962016001b69e8695a491b19657bdb4ce0621a70",
     ),
     "host-with-path": (
@@ -132,30 +136,60 @@ GOLDEN = {
 
 TABLE: dict[str, dict[str, Any]] = {
     **{name: args for name, (args, _) in GOLDEN.items()},
-    "non-ascii-body-and-header": dict(VECTOR, method="POST", expiry=120, proxy_url=OPENAI,
-                                      headers={"Content-Type": "text/plain; charset=utf-8", "X-User": "  Zoë  "},
-                                      body="héllo — 你好 🙂"),
+    "non-ascii-body-and-header": dict(
+        VECTOR,
+        method="POST",
+        expiry=120,
+        proxy_url=OPENAI,
+        headers={"Content-Type": "text/plain; charset=utf-8", "X-User": "  Zoë  "},
+        body="héllo — 你好 🙂",
+    ),
     "empty-body-is-signed": dict(VECTOR, method="POST", expiry=30, proxy_url=OPENAI, body=""),
-    "content-length-replaced": dict(VECTOR, method="PUT", expiry=30, proxy_url=OPENAI,
-                                    headers={"content-length": "999", "Accept": "*/*"}, body="abc"),
-    "content-length-kept-without-body": dict(VECTOR, method="GET", expiry=30, proxy_url=OPENAI,
-                                             headers={"Content-Length": "0"}),
-    "headers-sharing-a-prefix": dict(VECTOR, method="GET", expiry=30, proxy_url=OPENAI,
-                                     headers={"Accept-Language": "fr", "Accept": "text/event-stream", "X-A-B": "1", "X-A": "2"}),
-    "extra-params": dict(VECTOR, method="POST", expiry=300, proxy_url=OPENAI,
-                         params={"user": "alice smith", "tier": "gold/ü+~*", "empty": ""}),
+    "content-length-replaced": dict(
+        VECTOR,
+        method="PUT",
+        expiry=30,
+        proxy_url=OPENAI,
+        headers={"content-length": "999", "Accept": "*/*"},
+        body="abc",
+    ),
+    "content-length-kept-without-body": dict(
+        VECTOR, method="GET", expiry=30, proxy_url=OPENAI, headers={"Content-Length": "0"}
+    ),
+    "headers-sharing-a-prefix": dict(
+        VECTOR,
+        method="GET",
+        expiry=30,
+        proxy_url=OPENAI,
+        headers={"Accept-Language": "fr", "Accept": "text/event-stream", "X-A-B": "1", "X-A": "2"},
+    ),
+    "extra-params": dict(
+        VECTOR,
+        method="POST",
+        expiry=300,
+        proxy_url=OPENAI,
+        params={"user": "alice smith", "tier": "gold/ü+~*", "empty": ""},
+    ),
     "lower-case-method": dict(VECTOR, method="post", expiry=300, proxy_url=OPENAI),
-    "host-trailing-slash-and-space": dict(VECTOR, host="https://Example.com/my ai/", method="GET", expiry=9,
-                                          proxy_url=OPENAI),
-    "proxy-upper-case-default-port": dict(VECTOR, method="GET", expiry=60,
-                                          proxy_url="HTTPS://API.OpenAI.com:443/v1/models"),
+    "host-trailing-slash-and-space": dict(
+        VECTOR, host="https://Example.com/my ai/", method="GET", expiry=9, proxy_url=OPENAI
+    ),
+    "proxy-upper-case-default-port": dict(
+        VECTOR, method="GET", expiry=60, proxy_url="HTTPS://API.OpenAI.com:443/v1/models"
+    ),
     "proxy-no-path": dict(VECTOR, method="GET", expiry=60, proxy_url="https://api.example.com"),
     "proxy-other-port": dict(VECTOR, method="GET", expiry=60, proxy_url="http://api.example.com:8080?x=1"),
-    "proxy-dot-segments-and-specials": dict(VECTOR, method="GET", expiry=60,
-                                            proxy_url='http://127.0.0.1:80/a/./b/../c d/%2e%2E/e?q="x y"&r=<\'z\'>#frag ment'),
+    "proxy-dot-segments-and-specials": dict(
+        VECTOR,
+        method="GET",
+        expiry=60,
+        proxy_url="http://127.0.0.1:80/a/./b/../c d/%2e%2E/e?q=\"x y\"&r=<'z'>#frag ment",
+    ),
     "proxy-non-ascii-path": dict(VECTOR, method="GET", expiry=60, proxy_url="https://api.example.com/résumé?q=ü"),
     "proxy-ipv6-userinfo": dict(VECTOR, method="GET", expiry=60, proxy_url="http://user:p w@[::1]:8080/v1"),
-    "proxy-backslash-and-whitespace": dict(VECTOR, method="GET", expiry=60, proxy_url=" https://api.example.com\\v1\\x?a=\\b \n"),
+    "proxy-backslash-and-whitespace": dict(
+        VECTOR, method="GET", expiry=60, proxy_url=" https://api.example.com\\v1\\x?a=\\b \n"
+    ),
     "now-with-offset": dict(VECTOR, method="GET", expiry=60, proxy_url=OPENAI, now=[NOV_20 + 3599, 7200]),
     "integer-like-expiry-and-id": dict(VECTOR, id="team/app é", method="GET", expiry=604800, proxy_url=OPENAI),
 }
@@ -188,14 +222,16 @@ async def test_ruby_signer_refuses_what_it_cannot_normalise(tmp_path: Path) -> N
         "%w[ftp://x/ https://bücher.example/ http://h:99999/ mailto:a@b].each do |proxy|\n"
         "  begin\n"
         "    ParkwaySigner.sign_url(id: 'a', secret: 's', host: 'http://h', proxy_url: proxy, expiry: 1, method: 'GET')\n"
-        "    puts \"accepted #{proxy}\"\n"
+        '    puts "accepted #{proxy}"\n'
         "  rescue ParkwaySigner::InvalidURL => e\n"
-        "    puts \"refused #{e.message}\"\n"
+        '    puts "refused #{e.message}"\n'
         "  end\n"
         "end\n"
     )
     with trio.fail_after(RUBY_TIMEOUT):
-        result = await trio.run_process([ruby, str(script), str(SIGNER_RB)], capture_stdout=True, capture_stderr=True, check=False)
+        result = await trio.run_process(
+            [ruby, str(script), str(SIGNER_RB)], capture_stdout=True, capture_stderr=True, check=False
+        )
     assert result.returncode == 0, result.stderr.decode()
     lines = result.stdout.decode().splitlines()
     assert len(lines) == 4 and all(line.startswith("refused ") for line in lines), lines
@@ -206,40 +242,59 @@ async def test_ruby_signer_refuses_what_it_cannot_normalise(tmp_path: Path) -> N
 
 
 def now_pair() -> list[int]:
-    return [int(datetime.now(timezone.utc).timestamp()), 0]
+    return [int(datetime.now(UTC).timestamp()), 0]
 
 
 def live_cases(parkway: RunningParkway, upstream: Upstream, signer: str) -> dict[str, dict[str, Any]]:
     """Requests a Rails backend would sign for a browser, each with what the browser then sends."""
     common = dict(signer=signer, id="app", secret=SECRET, host=parkway.base, expiry=60, now=now_pair())
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Grüße, ça va? 你好"}]}, ensure_ascii=False)
+    body = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "Grüße, ça va? 你好"}]}, ensure_ascii=False
+    )
     cases = {
-        "post-signed-json-body": dict(common, method="POST", proxy_url=f"{upstream.base}/v1/chat/completions",
-                                      headers={"Content-Type": "application/json"}, body=body),
+        "post-signed-json-body": dict(
+            common,
+            method="POST",
+            proxy_url=f"{upstream.base}/v1/chat/completions",
+            headers={"Content-Type": "application/json"},
+            body=body,
+        ),
         "get-proxy-query": dict(common, method="GET", proxy_url=f"{upstream.base}/v1/models?limit=2&order=desc"),
         "proxy-no-path": dict(common, method="GET", proxy_url=upstream.base),
         "proxy-dot-segments-and-quotes": dict(common, method="GET", proxy_url=f'{upstream.base}/v1/../v1/search?q="x"'),
-        "host-with-path-behind-nginx": dict(common, method="POST", host=parkway.base + "/ai",
-                                            proxy_url=f"{upstream.base}/v1/chat/completions", body="plain"),
-        "headers-sharing-a-prefix": dict(common, method="GET", proxy_url=f"{upstream.base}/v1/models",
-                                         headers={"Accept": "application/json", "Accept-Language": "fr"}),
+        "host-with-path-behind-nginx": dict(
+            common,
+            method="POST",
+            host=parkway.base + "/ai",
+            proxy_url=f"{upstream.base}/v1/chat/completions",
+            body="plain",
+        ),
+        "headers-sharing-a-prefix": dict(
+            common,
+            method="GET",
+            proxy_url=f"{upstream.base}/v1/models",
+            headers={"Accept": "application/json", "Accept-Language": "fr"},
+        ),
     }
     if signer == "parkway":
-        cases["extra-params"] = dict(common, method="GET", proxy_url=f"{upstream.base}/v1/models",
-                                     params={"user": "alice smith"})
+        cases["extra-params"] = dict(
+            common, method="GET", proxy_url=f"{upstream.base}/v1/models", params={"user": "alice smith"}
+        )
     return cases
 
 
 async def send_as_browser(client, url: str, case: dict[str, Any]):
     headers = dict(case.get("headers") or {})
     body = case.get("body")
-    return await client.request(case["method"], url, headers=headers,
-                                content=body.encode() if body is not None else None)
+    return await client.request(
+        case["method"], url, headers=headers, content=body.encode() if body is not None else None
+    )
 
 
 @pytest.mark.parametrize("signer", ["parkway", "gem"], ids=["parkway_signer.rb", "signway_sdk-gem-algorithm"])
-async def test_parkway_accepts_ruby_signed_urls(tmp_path: Path, parkway: RunningParkway, upstream: Upstream,
-                                                client, signer: str) -> None:
+async def test_parkway_accepts_ruby_signed_urls(
+    tmp_path: Path, parkway: RunningParkway, upstream: Upstream, client, signer: str
+) -> None:
     cases = live_cases(parkway, upstream, signer)
     urls = await ruby_sign(tmp_path, list(cases.values()))
     for (name, case), url in zip(cases.items(), urls):
@@ -254,8 +309,9 @@ async def test_parkway_accepts_ruby_signed_urls(tmp_path: Path, parkway: Running
 
 
 @pytest.mark.parametrize("signer", ["parkway", "gem"], ids=["parkway_signer.rb", "signway_sdk-gem-algorithm"])
-async def test_tampered_ruby_signed_urls_are_refused(tmp_path: Path, parkway: RunningParkway, upstream: Upstream,
-                                                     client, signer: str) -> None:
+async def test_tampered_ruby_signed_urls_are_refused(
+    tmp_path: Path, parkway: RunningParkway, upstream: Upstream, client, signer: str
+) -> None:
     cases = live_cases(parkway, upstream, signer)
     urls = await ruby_sign(tmp_path, list(cases.values()))
     by_name = dict(zip(cases, urls))
@@ -265,7 +321,10 @@ async def test_tampered_ruby_signed_urls_are_refused(tmp_path: Path, parkway: Ru
         # the signed body changed by the browser
         (by_name["post-signed-json-body"], dict(cases["post-signed-json-body"], body='{"model":"gpt-4o"}')),
         # the signed Content-Type changed
-        (by_name["post-signed-json-body"], dict(cases["post-signed-json-body"], headers={"Content-Type": "text/plain"})),
+        (
+            by_name["post-signed-json-body"],
+            dict(cases["post-signed-json-body"], headers={"Content-Type": "text/plain"}),
+        ),
         # a signed URL for POST used with GET
         (by_name["host-with-path-behind-nginx"], dict(cases["host-with-path-behind-nginx"], method="PUT")),
     ]
@@ -290,23 +349,40 @@ async def test_gem_algorithm_agrees_with_python_sdk_where_the_sdks_agree(tmp_pat
     for case, url in zip(cases, urls):
         args = dict(case)
         epoch, _ = args.pop("now")
-        expected = signway_sdk.sign_url(**args, datetime_override=datetime.fromtimestamp(epoch, timezone.utc))
+        expected = signway_sdk.sign_url(**args, datetime_override=datetime.fromtimestamp(epoch, UTC))
         assert url == expected
     assert urls[0] == GOLDEN["post"][1]
 
 
 @pytest.mark.parametrize("sdk", ["gem", "python-sdk"])
-async def test_sdk_signed_headers_sharing_a_prefix_are_accepted(tmp_path: Path, parkway: RunningParkway,
-                                                                upstream: Upstream, client, sdk: str) -> None:
+async def test_sdk_signed_headers_sharing_a_prefix_are_accepted(
+    tmp_path: Path, parkway: RunningParkway, upstream: Upstream, client, sdk: str
+) -> None:
     """Both SDKs sort header lines as "name:value" strings, so "accept-language:..." comes
     before "accept:..." ('-' < ':'); Parkway must verify what they actually sign."""
-    case = dict(signer="gem", id="app", secret=SECRET, host=parkway.base, expiry=60, now=now_pair(), method="GET",
-                proxy_url=f"{upstream.base}/v1/models", headers={"Accept": "text/event-stream", "Accept-Language": "fr"})
+    case = dict(
+        signer="gem",
+        id="app",
+        secret=SECRET,
+        host=parkway.base,
+        expiry=60,
+        now=now_pair(),
+        method="GET",
+        proxy_url=f"{upstream.base}/v1/models",
+        headers={"Accept": "text/event-stream", "Accept-Language": "fr"},
+    )
     if sdk == "gem":
         (url,) = await ruby_sign(tmp_path, [case])
     else:
-        url = signway_sdk.sign_url(id="app", secret=SECRET, host=parkway.base, proxy_url=case["proxy_url"],
-                                   expiry=60, method="GET", headers=dict(case["headers"]),
-                                   datetime_override=datetime.now(timezone.utc))
+        url = signway_sdk.sign_url(
+            id="app",
+            secret=SECRET,
+            host=parkway.base,
+            proxy_url=case["proxy_url"],
+            expiry=60,
+            method="GET",
+            headers=dict(case["headers"]),
+            datetime_override=datetime.now(UTC),
+        )
     response = await send_as_browser(client, url, case)
     assert response.status_code == 200, response.text

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from urllib.parse import quote, quote_plus, urlsplit
 
 import pytest
@@ -32,7 +32,7 @@ ID = "app-id"
 SECRET = "super-secure-string"
 OLD_SECRET = "the-0ld-rotated-secret"
 DT = datetime(2026, 11, 20, 12, 0, 0)  # naive UTC, as the SDK takes it
-SIGNED_AT = DT.replace(tzinfo=timezone.utc)
+SIGNED_AT = DT.replace(tzinfo=UTC)
 NOW = SIGNED_AT + timedelta(seconds=30)
 HOST = "http://127.0.0.1:8080"
 CHAT = "https://api.openai.com/v1/chat/completions"
@@ -66,8 +66,15 @@ GOLDEN = {
         "&X-Sw-Signature=c587e7327b50ba598ab0a436e0bceb8033a001cd2dddc6bc62f2f5552554a36b",
     ),
 }
-EPOCH_ARGS = dict(id="foo", secret="secret", host="http://localhost:3000", proxy_url="https://github.com/",
-                  expiry=600, method="POST", datetime_override=datetime(1970, 1, 1))
+EPOCH_ARGS = dict(
+    id="foo",
+    secret="secret",
+    host="http://localhost:3000",
+    proxy_url="https://github.com/",
+    expiry=600,
+    method="POST",
+    datetime_override=datetime(1970, 1, 1),
+)
 EPOCH_SIGNATURE = "ed15db76d806155fd5119e093a0f030063c90d943dfdd27e011a9044a77a90a6"
 
 
@@ -130,23 +137,38 @@ def send_headers(signed: dict | None, body: bytes | None) -> dict:
 SDK_ACCEPTS = {  # sign_url arguments, normalised proxy URL Parkway must forward
     "GET": (dict(method="GET", proxy_url=CHAT), CHAT),
     "POST": (dict(proxy_url=CHAT), CHAT),
-    "proxy with its own query": (dict(method="GET", proxy_url="https://api.openai.com/v1/models?limit=2&order=desc"),
-                                 "https://api.openai.com/v1/models?limit=2&order=desc"),
+    "proxy with its own query": (
+        dict(method="GET", proxy_url="https://api.openai.com/v1/models?limit=2&order=desc"),
+        "https://api.openai.com/v1/models?limit=2&order=desc",
+    ),
     "several signed headers, caller order": (
-        dict(proxy_url=CHAT, headers={"X-Request-Id": "r-42", "Content-Type": "application/json", "Accept": "text/event-stream"}),
-        CHAT),
+        dict(
+            proxy_url=CHAT,
+            headers={"X-Request-Id": "r-42", "Content-Type": "application/json", "Accept": "text/event-stream"},
+        ),
+        CHAT,
+    ),
     "ascii body": (dict(proxy_url=CHAT, headers={"Content-Type": "application/json"}, body=CHAT_BODY), CHAT),
     "non-ascii body, Content-Length in characters": (dict(proxy_url=CHAT, body=UNICODE_BODY), CHAT),
     "empty body": (dict(proxy_url=CHAT, body=""), CHAT),
-    "values with spaces": (dict(id="team one", proxy_url="https://api.example.com/search?q=hello world&lang=en",
-                                headers={"X-Title": "  My App  "}), "https://api.example.com/search?q=hello%20world&lang=en"),
+    "values with spaces": (
+        dict(
+            id="team one",
+            proxy_url="https://api.example.com/search?q=hello world&lang=en",
+            headers={"X-Title": "  My App  "},
+        ),
+        "https://api.example.com/search?q=hello%20world&lang=en",
+    ),
     "proxy without a path": (dict(proxy_url="https://api.example.com"), "https://api.example.com/"),
     "proxy with dot segments": (dict(proxy_url="https://a.example.com/x/../v1/chat"), "https://a.example.com/v1/chat"),
     "proxy with raw space, quote, non-ascii": (
         dict(proxy_url='https://api.example.com/files/my "report" café.txt?q=naïve "x"'),
-        "https://api.example.com/files/my%20%22report%22%20caf%C3%A9.txt?q=na%C3%AFve%20%22x%22"),
-    "proxy with upper-case host and default port": (dict(proxy_url="HTTPS://API.OpenAI.com:443/v1/models"),
-                                                    "https://api.openai.com/v1/models"),
+        "https://api.example.com/files/my%20%22report%22%20caf%C3%A9.txt?q=na%C3%AFve%20%22x%22",
+    ),
+    "proxy with upper-case host and default port": (
+        dict(proxy_url="HTTPS://API.OpenAI.com:443/v1/models"),
+        "https://api.openai.com/v1/models",
+    ),
     "signer host with a path": (dict(proxy_url=CHAT, host="https://example.com/ai"), CHAT),
 }
 
@@ -161,13 +183,19 @@ def test_accepts_real_sdk_urls(kwargs, forwarded):
     assert req.credential_id == args["id"]
     assert req.body_signed is (body is not None)
     # the SDK lists names in the caller's order and appends content-length; verification sorts
-    assert req.signed_headers == tuple([k.lower() for k in kwargs.get("headers", {})] + ["content-length"] * (body is not None))
+    assert req.signed_headers == tuple(
+        [k.lower() for k in kwargs.get("headers", {})] + ["content-length"] * (body is not None)
+    )
 
 
 @pytest.mark.parametrize(
     "signed_with, secrets",
-    [(SECRET, [OLD_SECRET, SECRET]), (SECRET, [SECRET, OLD_SECRET]), (OLD_SECRET, [OLD_SECRET, SECRET]),
-     (OLD_SECRET, [SECRET, OLD_SECRET])],
+    [
+        (SECRET, [OLD_SECRET, SECRET]),
+        (SECRET, [SECRET, OLD_SECRET]),
+        (OLD_SECRET, [OLD_SECRET, SECRET]),
+        (OLD_SECRET, [SECRET, OLD_SECRET]),
+    ],
 )
 def test_rotation_either_secret_verifies(signed_with, secrets):
     url = signway_sdk.sign_url(**sdk_args(proxy_url=CHAT, secret=signed_with))
@@ -187,8 +215,16 @@ def test_accepts_our_own_urls(kwargs, forwarded):
 def test_our_signer_signs_normal_form_and_byte_length():
     # Where ours differs from signway_sdk: proxy URL normalised, Content-Length in UTF-8 bytes.
     ours = sign_url(**sdk_args(proxy_url="HTTPS://API.OpenAI.com:443/v1/x/../chat/completions", body=UNICODE_BODY))
-    expected = emulate(encode=form_encode, canonical_path="/", proxy_sent=CHAT, proxy_signed=CHAT, host=HOST + "/",
-                       headers=[("Content-Length", "75")], header_names=["content-length"], body=UNICODE_BODY.encode())
+    expected = emulate(
+        encode=form_encode,
+        canonical_path="/",
+        proxy_sent=CHAT,
+        proxy_signed=CHAT,
+        host=HOST + "/",
+        headers=[("Content-Length", "75")],
+        header_names=["content-length"],
+        body=UNICODE_BODY.encode(),
+    )
     assert ours == expected
 
 
@@ -215,14 +251,33 @@ def uri_component(s: str) -> str:  # JS encodeURIComponent: also keeps ! ' ( ) *
     return quote(s, safe="!'()*")
 
 
-def emulate(*, encode, canonical_path, proxy_sent, proxy_signed, headers, header_names, body, host,
-            id=ID, method="POST", expiry=300, extra=()) -> str:
+def emulate(
+    *,
+    encode,
+    canonical_path,
+    proxy_sent,
+    proxy_signed,
+    headers,
+    header_names,
+    body,
+    host,
+    id=ID,
+    method="POST",
+    expiry=300,
+    extra=(),
+) -> str:
     """A signed URL whose canonical request uses ``encode``, ``canonical_path`` and ``proxy_signed``,
     while the URL itself carries ``proxy_sent``; ``headers`` include any Content-Length."""
-    params = [("X-Sw-Algorithm", "SW1-HMAC-SHA256"), ("X-Sw-Credential", f"{id}/20261120"),
-              ("X-Sw-Date", "20261120T120000Z"), ("X-Sw-Expires", str(expiry)), ("X-Sw-Proxy", proxy_sent),
-              ("X-Sw-SignedHeaders", ";".join(header_names)),
-              ("X-Sw-Body", "false" if body is None else "true"), *extra]
+    params = [
+        ("X-Sw-Algorithm", "SW1-HMAC-SHA256"),
+        ("X-Sw-Credential", f"{id}/20261120"),
+        ("X-Sw-Date", "20261120T120000Z"),
+        ("X-Sw-Expires", str(expiry)),
+        ("X-Sw-Proxy", proxy_sent),
+        ("X-Sw-SignedHeaders", ";".join(header_names)),
+        ("X-Sw-Body", "false" if body is None else "true"),
+        *extra,
+    ]
     signed = [(k, proxy_signed if k == "X-Sw-Proxy" else v) for k, v in params]
     query = "&".join(sorted(f"{encode(k)}={encode(v)}" for k, v in signed))
     pairs = sorted((n.lower(), v.strip()) for n, v in headers)
@@ -236,8 +291,17 @@ def sign_like_signway_server(*, proxy_written, proxy_whatwg, headers=(), body=No
     """What Signway's Rust server accepts: canonical query over the WHATWG-normalised proxy URL,
     RFC 3986 encoding (space as %20), canonical path always "/", Content-Length in bytes."""
     headers = list(headers) + ([("Content-Length", str(len(body)))] if body is not None else [])
-    return emulate(encode=rfc3986_encode, canonical_path="/", proxy_sent=proxy_written, proxy_signed=proxy_whatwg,
-                   headers=headers, header_names=[n.lower() for n, _ in headers], body=body, host=host, extra=extra)
+    return emulate(
+        encode=rfc3986_encode,
+        canonical_path="/",
+        proxy_sent=proxy_written,
+        proxy_signed=proxy_whatwg,
+        headers=headers,
+        header_names=[n.lower() for n, _ in headers],
+        body=body,
+        host=host,
+        extra=extra,
+    )
 
 
 def sign_like_ruby(*, proxy_after_uri, headers=(), body="", id=ID, host=HOST + "/"):
@@ -246,9 +310,17 @@ def sign_like_ruby(*, proxy_after_uri, headers=(), body="", id=ID, host=HOST + "
     an empty body means no body."""
     raw = body.encode() if body else None
     headers = list(headers) + ([("Content-Length", str(len(raw)))] if raw else [])
-    return emulate(encode=form_encode, canonical_path=urlsplit(host).path, proxy_sent=proxy_after_uri,
-                   proxy_signed=proxy_after_uri, headers=headers, header_names=sorted(n.lower() for n, _ in headers),
-                   body=raw, host=host, id=id)
+    return emulate(
+        encode=form_encode,
+        canonical_path=urlsplit(host).path,
+        proxy_sent=proxy_after_uri,
+        proxy_signed=proxy_after_uri,
+        headers=headers,
+        header_names=sorted(n.lower() for n, _ in headers),
+        body=raw,
+        host=host,
+        id=id,
+    )
 
 
 def sign_like_js(*, proxy_after_new_url, headers=(), body=None, id=ID, host=HOST + "/"):
@@ -257,9 +329,17 @@ def sign_like_js(*, proxy_after_new_url, headers=(), body=None, id=ID, host=HOST
     raw = body.encode() if body is not None else None
     if body is not None:
         headers = list(headers) + [("Content-Length", str(len(body.encode("utf-16-le")) // 2))]
-    return emulate(encode=uri_component, canonical_path=urlsplit(host).path, proxy_sent=proxy_after_new_url,
-                   proxy_signed=proxy_after_new_url, headers=list(headers), header_names=[n.lower() for n, _ in headers],
-                   body=raw, host=host, id=id)
+    return emulate(
+        encode=uri_component,
+        canonical_path=urlsplit(host).path,
+        proxy_sent=proxy_after_new_url,
+        proxy_signed=proxy_after_new_url,
+        headers=list(headers),
+        header_names=[n.lower() for n, _ in headers],
+        body=raw,
+        host=host,
+        id=id,
+    )
 
 
 JSON = [("Content-Type", "application/json")]
@@ -268,30 +348,65 @@ EMULATED = {  # url factory, signed headers the client sends, body sent, URL Par
         lambda: sign_like_signway_server(
             proxy_written="HTTPS://API.Example.com:443/v1/../chat/completions?user=Jane Doe",
             proxy_whatwg="https://api.example.com/chat/completions?user=Jane%20Doe",
-            extra=[("end_user", "Jane Doe")], host="https://example.com/ai/"),
-        [], None, "https://api.example.com/chat/completions?user=Jane%20Doe"),
+            extra=[("end_user", "Jane Doe")],
+            host="https://example.com/ai/",
+        ),
+        [],
+        None,
+        "https://api.example.com/chat/completions?user=Jane%20Doe",
+    ),
     "signway server: proxy without path, utf-8 body": (
-        lambda: sign_like_signway_server(proxy_written="https://api.example.com", proxy_whatwg="https://api.example.com/",
-                                         headers=JSON, body=UNICODE_BODY.encode()),
-        JSON, UNICODE_BODY, "https://api.example.com/"),
+        lambda: sign_like_signway_server(
+            proxy_written="https://api.example.com",
+            proxy_whatwg="https://api.example.com/",
+            headers=JSON,
+            body=UNICODE_BODY.encode(),
+        ),
+        JSON,
+        UNICODE_BODY,
+        "https://api.example.com/",
+    ),
     "ruby: URI() proxy, sorted names, bytesize, host path": (
-        lambda: sign_like_ruby(proxy_after_uri="https://API.Example.com/v1/../files/a%20b%22%3Cx%3E.txt?q=%22hi%22",
-                               headers=[("X-Title", "My App"), *JSON], body=UNICODE_BODY, id="team one",
-                               host="https://example.com/ai/"),
-        [("X-Title", "My App"), *JSON], UNICODE_BODY, "https://api.example.com/files/a%20b%22%3Cx%3E.txt?q=%22hi%22"),
+        lambda: sign_like_ruby(
+            proxy_after_uri="https://API.Example.com/v1/../files/a%20b%22%3Cx%3E.txt?q=%22hi%22",
+            headers=[("X-Title", "My App"), *JSON],
+            body=UNICODE_BODY,
+            id="team one",
+            host="https://example.com/ai/",
+        ),
+        [("X-Title", "My App"), *JSON],
+        UNICODE_BODY,
+        "https://api.example.com/files/a%20b%22%3Cx%3E.txt?q=%22hi%22",
+    ),
     "ruby: no body": (
         lambda: sign_like_ruby(proxy_after_uri="https://api.example.com/v1/models?q=a%20b"),
-        [], None, "https://api.example.com/v1/models?q=a%20b"),
+        [],
+        None,
+        "https://api.example.com/v1/models?q=a%20b",
+    ),
     "js: encodeURIComponent keeps ' ( )": (
-        lambda: sign_like_js(proxy_after_new_url="https://api.example.com/v1/report(1)'s.txt?name=it%27s%20(final)",
-                             headers=[("X-Title", "My App (beta)"), *JSON], body=CHAT_BODY, id="app (web)"),
-        [("X-Title", "My App (beta)"), *JSON], CHAT_BODY, "https://api.example.com/v1/report(1)'s.txt?name=it%27s%20(final)"),
+        lambda: sign_like_js(
+            proxy_after_new_url="https://api.example.com/v1/report(1)'s.txt?name=it%27s%20(final)",
+            headers=[("X-Title", "My App (beta)"), *JSON],
+            body=CHAT_BODY,
+            id="app (web)",
+        ),
+        [("X-Title", "My App (beta)"), *JSON],
+        CHAT_BODY,
+        "https://api.example.com/v1/report(1)'s.txt?name=it%27s%20(final)",
+    ),
     "js: accented body, UTF-16 length = characters": (
         lambda: sign_like_js(proxy_after_new_url=CHAT, body='{"content":"¿Qué tal?"}', host="https://example.com/ai/"),
-        [], '{"content":"¿Qué tal?"}', CHAT),
+        [],
+        '{"content":"¿Qué tal?"}',
+        CHAT,
+    ),
     "js: emoji body, UTF-16 length differs": (
         lambda: sign_like_js(proxy_after_new_url=CHAT, headers=JSON, body=UNICODE_BODY),
-        JSON, UNICODE_BODY, CHAT),
+        JSON,
+        UNICODE_BODY,
+        CHAT,
+    ),
 }
 
 
@@ -311,9 +426,18 @@ def test_emulation_reproduces_golden_vectors(kwargs, expected):
     if body is not None:
         headers.append(("Content-Length", str(len(body))))
     host = args["host"].rstrip("/") + "/"
-    url = emulate(encode=form_encode, canonical_path=urlsplit(host).path, proxy_sent=args["proxy_url"],
-                  proxy_signed=args["proxy_url"], headers=headers, header_names=[n.lower() for n, _ in headers],
-                  body=body, host=host, method=args["method"], expiry=args["expiry"])
+    url = emulate(
+        encode=form_encode,
+        canonical_path=urlsplit(host).path,
+        proxy_sent=args["proxy_url"],
+        proxy_signed=args["proxy_url"],
+        headers=headers,
+        header_names=[n.lower() for n, _ in headers],
+        body=body,
+        host=host,
+        method=args["method"],
+        expiry=args["expiry"],
+    )
     assert url == expected
 
 
@@ -323,8 +447,10 @@ BASE_BODY = '{"a":1}'
 
 
 def base_url(**kwargs) -> str:
-    return signway_sdk.sign_url(**sdk_args(proxy_url=CHAT, headers={"X-Foo": "foo", "Content-Type": "application/json"},
-                                           body=BASE_BODY) | kwargs)
+    return signway_sdk.sign_url(
+        **sdk_args(proxy_url=CHAT, headers={"X-Foo": "foo", "Content-Type": "application/json"}, body=BASE_BODY)
+        | kwargs
+    )
 
 
 BASE_URL = base_url()
@@ -342,15 +468,18 @@ class Attempt:
     now: datetime = NOW
 
     def run(self):
-        return verify_url(self.url, method=self.method, headers=dict(self.headers), body=self.body,
-                          secrets=self.secrets, now=self.now)
+        return verify_url(
+            self.url, method=self.method, headers=dict(self.headers), body=self.body, secrets=self.secrets, now=self.now
+        )
 
 
 def set_param(url: str, name: str, value: str | None) -> str:
     """Replace (or, with None, drop) parameter ``name`` in the URL's query, keeping the rest verbatim."""
     base, query = url.split("?", 1)
-    pairs = [p if p.split("=", 1)[0] != name else (None if value is None else f"{name}={form_encode(value)}")
-             for p in query.split("&")]
+    pairs = [
+        p if p.split("=", 1)[0] != name else (None if value is None else f"{name}={form_encode(value)}")
+        for p in query.split("&")
+    ]
     return base + "?" + "&".join(p for p in pairs if p is not None)
 
 
@@ -373,7 +502,13 @@ def malformed(needle):
 MISMATCH = (Forbidden, 403, "signature_mismatch", "signature does not match")
 REFUSALS = {
     **{f"missing {n}": (param(n, None), *malformed(f"missing parameter {n}")) for n in REQUIRED_PARAMS},
-    "no X-Sw parameters": (change(url=HOST + "/?model=gpt"), BadRequest, 400, "missing_signature_params", "not a signed URL"),
+    "no X-Sw parameters": (
+        change(url=HOST + "/?model=gpt"),
+        BadRequest,
+        400,
+        "missing_signature_params",
+        "not a signed URL",
+    ),
     "empty query": (change(url=HOST + "/"), BadRequest, 400, "missing_signature_params", "not a signed URL"),
     "bad algorithm": (param("X-Sw-Algorithm", "AWS4-HMAC-SHA256"), *malformed("X-Sw-Algorithm")),
     "credential without id": (param("X-Sw-Credential", "/20261120"), *malformed("X-Sw-Credential")),
@@ -393,22 +528,40 @@ REFUSALS = {
     "proxy bad port": (param("X-Sw-Proxy", "https://api.openai.com:99999/"), *malformed("X-Sw-Proxy")),
     "proxy not a url": (param("X-Sw-Proxy", "not a url"), *malformed("X-Sw-Proxy")),
     "signed headers not names": (param("X-Sw-SignedHeaders", "x foo;content-type"), *malformed("X-Sw-SignedHeaders")),
-    "duplicate X-Sw-Proxy": (appended("X-Sw-Proxy=https%3A%2F%2Fevil.example%2F"), *malformed("X-Sw-Proxy appears more")),
+    "duplicate X-Sw-Proxy": (
+        appended("X-Sw-Proxy=https%3A%2F%2Fevil.example%2F"),
+        *malformed("X-Sw-Proxy appears more"),
+    ),
     "duplicate X-Sw-Signature": (appended("X-Sw-Signature=" + "0" * 64), *malformed("X-Sw-Signature appears more")),
     "duplicate X-Sw-Expires, same value": (appended("X-Sw-Expires=300"), *malformed("X-Sw-Expires appears more")),
     "query not utf-8": (appended("note=%FF"), *malformed("UTF-8")),
     "expired": (change(now=EXPIRES_AT + timedelta(seconds=61)), Forbidden, 403, "expired", "2026-11-20T12:05:00Z"),
-    "date in the future beyond skew": (change(now=SIGNED_AT - timedelta(seconds=61)), Forbidden, 403,
-                                       "date_in_future", "2026-11-20T12:00:00Z"),
+    "date in the future beyond skew": (
+        change(now=SIGNED_AT - timedelta(seconds=61)),
+        Forbidden,
+        403,
+        "date_in_future",
+        "2026-11-20T12:00:00Z",
+    ),
     "expiry above maximum": (change(url=base_url(expiry=604801)), Forbidden, 403, "expiry_too_long", "604801"),
-    "signed header missing": (change(headers=(("content-type", "application/json"),)), Forbidden, 403,
-                              "signed_header_missing", "x-foo"),
-    "signed header with another value": (change(headers=(("x-foo", "bar"), ("content-type", "application/json"))),
-                                         *MISMATCH),
+    "signed header missing": (
+        change(headers=(("content-type", "application/json"),)),
+        Forbidden,
+        403,
+        "signed_header_missing",
+        "x-foo",
+    ),
+    "signed header with another value": (
+        change(headers=(("x-foo", "bar"), ("content-type", "application/json"))),
+        *MISMATCH,
+    ),
     "proxy path tampered": (param("X-Sw-Proxy", "https://api.openai.com/v1/files"), *MISMATCH),
     "proxy host tampered": (param("X-Sw-Proxy", "https://evil.example/v1/chat/completions"), *MISMATCH),
     "proxy respelled to another path": (param("X-Sw-Proxy", CHAT + "/../../files"), *MISMATCH),
-    "proxy respelled to another port": (param("X-Sw-Proxy", "https://api.openai.com:8443/v1/chat/completions"), *MISMATCH),
+    "proxy respelled to another port": (
+        param("X-Sw-Proxy", "https://api.openai.com:8443/v1/chat/completions"),
+        *MISMATCH,
+    ),
     "proxy respelled to http": (param("X-Sw-Proxy", "http://api.openai.com/v1/chat/completions"), *MISMATCH),
     "expiry tampered": (param("X-Sw-Expires", "3000"), *MISMATCH),
     "date tampered": (param("X-Sw-Date", "20261120T120010Z"), *MISMATCH),
@@ -506,7 +659,10 @@ CANONICAL_JS = "X-Sw-Proxy=https%3A%2F%2Fx%2F%3Fq%3Da%20b&a=it's%20(x)&b=1"  # e
 def test_canonical_query_sorts_encodes_and_excludes_signature():
     assert canonical_query(CANONICAL_PARAMS) == CANONICAL_FORM
     assert [canonical_query(CANONICAL_PARAMS, e) for e in QUERY_ENCODINGS] == [
-        CANONICAL_FORM, CANONICAL_RFC3986, CANONICAL_JS]
+        CANONICAL_FORM,
+        CANONICAL_RFC3986,
+        CANONICAL_JS,
+    ]
 
 
 def test_canonical_query_of_golden_vector():
@@ -521,8 +677,14 @@ def test_signing_key_cache_does_not_mix_secrets():
     def expected(secret, day):
         return hmac.new(f"SW1-HMAC-SHA256{secret}".encode(), day.encode(), hashlib.sha256).digest()
 
-    calls = [("alpha", "20261120"), ("beta", "20261120"), ("alpha", "20261121"), ("alpha", "20261120"),
-             ("SW1", "20261120"), ("", "20261120")]
+    calls = [
+        ("alpha", "20261120"),
+        ("beta", "20261120"),
+        ("alpha", "20261121"),
+        ("alpha", "20261120"),
+        ("SW1", "20261120"),
+        ("", "20261120"),
+    ]
     keys = [signing_key(s, d) for s, d in calls] + [signing_key(s, d) for s, d in reversed(calls)]
     assert keys == [expected(s, d) for s, d in calls + calls[::-1]]
     assert len(set(keys)) == 5

@@ -18,17 +18,15 @@ import trio.testing
 
 from proxy.errors import Forbidden
 from proxy.ssrf import (
-    POLICY_EXTENSION,
     AddressKind,
     AddressPolicy,
     GuardedBackend,
-    address_policy,
     check_address,
     classify,
     explicit_addresses,
-    guarded_transport,
     policy_for,
 )
+from proxy.upstream import POLICY_EXTENSION, GuardedTransport
 
 K = AddressKind
 CLASSES = [
@@ -290,7 +288,7 @@ async def upstream(nursery: trio.Nursery) -> CountingUpstream:
 
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=guarded_transport(), trust_env=False, timeout=5.0) as client:
+    async with httpx.AsyncClient(transport=GuardedTransport(), trust_env=False, timeout=5.0) as client:
         yield client
 
 
@@ -309,9 +307,11 @@ async def test_localhost_by_name_is_refused(upstream: CountingUpstream, client: 
 
 
 async def test_allow_private_reaches_loopback(upstream: CountingUpstream, client: httpx.AsyncClient) -> None:
-    with trio.fail_after(5), address_policy(AddressPolicy(allow_private=True)):
-        response = await client.get(f"http://127.0.0.1:{upstream.port}/")
-        by_name = await client.get(f"http://localhost:{upstream.port}/")  # every address it resolves to is checked
+    private = {POLICY_EXTENSION: AddressPolicy(allow_private=True)}
+    with trio.fail_after(5):
+        response = await client.get(f"http://127.0.0.1:{upstream.port}/", extensions=private)
+        # every address it resolves to is checked
+        by_name = await client.get(f"http://localhost:{upstream.port}/", extensions=private)
     assert (response.status_code, response.text, by_name.status_code) == (200, "ok", 200)
     assert upstream.hosts == [f"127.0.0.1:{upstream.port}", f"localhost:{upstream.port}"]
 
@@ -332,9 +332,9 @@ async def test_connections_are_not_shared_across_policies(
     """A kept-alive connection opened for a permissive credential is never lent to a strict one."""
     url = f"http://127.0.0.1:{upstream.port}/"
     with trio.fail_after(5):
-        with address_policy(AddressPolicy(allow_private=True)):
-            assert (await client.get(url)).status_code == 200
-            assert (await client.get(url)).status_code == 200  # reused
+        private = {POLICY_EXTENSION: AddressPolicy(allow_private=True)}
+        assert (await client.get(url, extensions=private)).status_code == 200
+        assert (await client.get(url, extensions=private)).status_code == 200  # reused
         assert upstream.connections == 1
         with pytest.raises(Forbidden):
             await client.get(url)
@@ -342,15 +342,8 @@ async def test_connections_are_not_shared_across_policies(
 
 
 async def test_only_http_and_https() -> None:
-    transport = guarded_transport()
+    transport = GuardedTransport()
     with pytest.raises(Forbidden) as info:
         await transport.handle_async_request(httpx.Request("GET", "ftp://127.0.0.1/"))
     assert info.value.code == "upstream_scheme_refused"
     await transport.aclose()
-
-
-def test_proxies_are_refused() -> None:
-    with pytest.raises(ValueError, match="no proxy"):
-        guarded_transport(proxy="http://127.0.0.1:3128")
-
-

@@ -124,7 +124,11 @@ ALLOWED = {
     "same origin": ("https://api.openai.com/v1/chat", OPENAI, True),
     "origin without slash means its tree": ("https://api.openai.com/v1/chat", ("https://api.openai.com",), True),
     "host suffix attack": ("https://api.openai.com.evil.com/v1", OPENAI, False),
-    "host suffix attack, prefix without slash": ("https://api.openai.com.evil.com/v1", ("https://api.openai.com",), False),
+    "host suffix attack, prefix without slash": (
+        "https://api.openai.com.evil.com/v1",
+        ("https://api.openai.com",),
+        False,
+    ),
     "userinfo attack": ("https://api.openai.com@evil.com/", OPENAI, False),
     "userinfo attack, prefix without slash": ("https://api.openai.com@evil.com/", ("https://api.openai.com",), False),
     "backslash userinfo attack": ("https://evil.com\\@api.openai.com/", OPENAI, False),
@@ -164,7 +168,10 @@ def test_normalize_prefix(prefix, expected):
 
 
 TARGETS = {
-    "path, query, fragment dropped": ("https://api.example.com/v1/x?a=1&b=2#frag", ("https", "api.example.com", "/v1/x?a=1&b=2")),
+    "path, query, fragment dropped": (
+        "https://api.example.com/v1/x?a=1&b=2#frag",
+        ("https", "api.example.com", "/v1/x?a=1&b=2"),
+    ),
     "port kept": ("http://127.0.0.1:8080/", ("http", "127.0.0.1:8080", "/")),
     "ipv6": ("http://[::1]:8080/x", ("http", "[::1]:8080", "/x")),
     "userinfo dropped": ("https://u:p@h.example/x", ("https", "h.example", "/x")),

@@ -31,16 +31,15 @@ def delta(text: str, **extra: object) -> dict:
 USAGE_EVENT = event({"object": "chat.completion.chunk", "choices": [], "usage": USAGE})
 # An OpenAI stream with stream_options.include_usage: "usage": null on every chunk, the
 # usage object in the last chunk before [DONE].
-OPENAI_STREAM = (
-    event(delta("Hel", usage=None)) + event(delta("lo", usage=None)) + USAGE_EVENT + b"data: [DONE]\n\n"
-)
+OPENAI_STREAM = event(delta("Hel", usage=None)) + event(delta("lo", usage=None)) + USAGE_EVENT + b"data: [DONE]\n\n"
 
 
 def observe(content_type: str, chunks: list[bytes]) -> Usage | None:
     observer = UsageObserver(content_type)
     for chunk in chunks:
         observer.feed(chunk)
-    return observer.finish()
+    observer.finish(complete=True)
+    return observer.usage
 
 
 def split_at(data: bytes, *cuts: int) -> list[bytes]:
@@ -151,7 +150,8 @@ def peak_memory_while_feeding(content_type: str, chunk: bytes, count: int) -> tu
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    return peak, observer.finish()
+    observer.finish(complete=True)
+    return peak, observer.usage
 
 
 def test_a_line_that_never_ends_keeps_memory_bounded():
@@ -237,5 +237,17 @@ def test_json_body_at_the_cap_is_read():
 def test_finish_is_safe_to_call_twice():
     observer = UsageObserver(JSON)
     observer.feed(COMPLETION)
-    assert observer.finish() == Usage(9, 12, 21)
-    assert observer.finish() == Usage(9, 12, 21)
+    observer.finish(complete=True)
+    assert observer.usage == Usage(9, 12, 21)
+    observer.finish(complete=True)
+    assert observer.usage == Usage(9, 12, 21)
+
+
+@pytest.mark.parametrize("content_type", [JSON, SSE])
+def test_a_response_cut_short_reports_no_usage(content_type):
+    # The relay says complete=False when the body did not all reach the client.
+    body = COMPLETION if content_type == JSON else OPENAI_STREAM
+    observer = UsageObserver(content_type)
+    observer.feed(body)
+    observer.finish(complete=False)
+    assert observer.usage is None

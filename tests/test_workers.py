@@ -13,7 +13,6 @@ import ast
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 
@@ -21,20 +20,20 @@ import httpx
 import pytest
 import trio
 
-from helpers import Exchange, Upstream, echo, sse_from
-from ops_helpers import (
+from support.http import exchange
+from support.metrics import scrape
+from support.parkway import config_toml
+from support.processes import (
     ROOT,
     ParkwayProcess,
     ProcessGroup,
-    config_toml,
-    exchange,
     free_port,
     free_port_run,
     process_alive,
-    scrape,
-    sign,
     wait_until_refused,
 )
+from support.signing import sign
+from support.upstream import Exchange, Upstream, echo, sse_from
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
 
@@ -43,13 +42,6 @@ SECRET_B = "secret-B-second"
 CONNECTIONS = 16  # fresh connections per check: both workers are hit unless 1 in 2^15
 EVENT_1 = b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'
 EVENT_2 = b'data: {"choices":[{"delta":{"content":"lo"}}]}\n\ndata: [DONE]\n\n'
-
-
-@pytest.fixture
-async def processes(nursery: trio.Nursery) -> AsyncIterator[ProcessGroup]:
-    group = ProcessGroup(nursery)
-    yield group
-    await group.cleanup()
 
 
 def write_config(path: Path, port: int, admin_port: int, secret: str) -> None:
@@ -72,8 +64,9 @@ async def start_workers(processes: ProcessGroup, tmp_path: Path) -> tuple[Parkwa
     return supervisor, pids
 
 
-async def requests_on_fresh_connections(supervisor: ParkwayProcess, upstream: Upstream, secret: str,
-                                        count: int = CONNECTIONS) -> list[int]:
+async def requests_on_fresh_connections(
+    supervisor: ParkwayProcess, upstream: Upstream, secret: str, count: int = CONNECTIONS
+) -> list[int]:
     statuses = []
     for i in range(count):
         url = sign(supervisor.base, f"{upstream.base}/v1/models?n={i}", secret=secret)
@@ -146,9 +139,7 @@ async def test_sighup_to_the_supervisor_reloads_every_worker(processes, upstream
     assert await supervisor.wait_exit() == 0
 
 
-async def test_sigterm_to_the_supervisor_drains_streams_and_leaves_no_workers(
-    processes, upstream, client, tmp_path
-):
+async def test_sigterm_to_the_supervisor_drains_streams_and_leaves_no_workers(processes, upstream, client, tmp_path):
     supervisor, pids = await start_workers(processes, tmp_path)
     send, receive = trio.open_memory_channel[bytes](0)
 

@@ -81,7 +81,7 @@ module ParkwaySigner
     "#{unsigned}&X-Sw-Signature=#{signature(secret, date, canonical)}"
   end
 
-  # METHOD, path, query, header block, blank line, header names, body: see SIGNING.md.
+  # METHOD, path, query, header block, blank line, header names, body: see docs/signing.md.
   def canonical_request(method, path, query, headers, body)
     # As every SDK and Parkway's canonical_headers do it: the "name:value" lines sorted as
     # whole strings, the names sorted separately ("accept-language:" sorts before "accept:").

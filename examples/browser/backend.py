@@ -43,8 +43,11 @@ URL_LIFETIME = 60  # seconds: the browser uses the URL at once
 
 
 def _response(status: int, content_type: bytes, body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store")]
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
     return status, headers, body
 
 
@@ -144,20 +147,23 @@ async def serve_example(
 
             if upstream_url is None:
                 mock_listeners = await open_listeners((f"{host}:0",))
-                mock_server = Server(ServerConfig(listen=(f"{host}:0",), **quick),
-                                     MockOpenAI(api_key=api_key, delay=delay))
+                mock_server = Server(
+                    ServerConfig(listen=(f"{host}:0",), **quick), MockOpenAI(api_key=api_key, delay=delay)
+                )
                 await nursery.start(mock_server.serve, mock_listeners)
                 upstream_url = f"http://{bound_address(mock_listeners[0])}"
                 servers.append(mock_server)
 
             config = Config(
                 server=ServerConfig(listen=(f"{host}:{parkway_port}",), **quick),
-                credentials=(Credential(
-                    id=CREDENTIAL_ID,
-                    secrets=(backend.secret,),
-                    headers=(("Authorization", f"Bearer {api_key}"),),
-                    allowed_upstreams=(upstream_url + "/v1/",),
-                ),),
+                credentials=(
+                    Credential(
+                        id=CREDENTIAL_ID,
+                        secrets=(backend.secret,),
+                        headers=(("Authorization", f"Bearer {api_key}"),),
+                        allowed_upstreams=(upstream_url + "/v1/",),
+                    ),
+                ),
                 # Only this page may call Parkway from a browser; it may read X-Request-Id.
                 cors=CorsConfig(allow_origins=(page_url,), expose_headers=("x-request-id",)),
             )

@@ -8,32 +8,15 @@ saved, as no persistence is configured); ``start()`` again brings it back on the
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import trio
 
-from ops_helpers import free_port
+from support.processes import READY_TIMEOUT, free_port, require_binary
 
-READY_TIMEOUT = 10.0
 READY_LINE = b"Ready to accept connections"
-
-
-def redis_server_binary() -> str:
-    path = shutil.which("redis-server")
-    if path is None and Path("/usr/bin/redis-server").is_file():
-        path = "/usr/bin/redis-server"
-    if path is None:
-        pytest.fail(
-            "redis-server is not installed: `make test` installs it (bash .ci/system-deps), "
-            "or run `apt-get install redis-server`",
-            pytrace=False,
-        )
-    return path
-
-
 
 
 class RedisServer:
@@ -59,7 +42,7 @@ class RedisServer:
         assert not self.running, "already running"
         self.log.clear()
         command = [
-            redis_server_binary(),
+            require_binary("redis-server"),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.directory),

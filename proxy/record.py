@@ -1,0 +1,102 @@
+"""The record of one request: filled in as the request goes, then its one log line and its metrics.
+
+Both read the same figures: :meth:`RequestRecord.settle` computes the byte counts and the
+duration once, when the request ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from .config import Config
+from .http_server import RequestHead
+from .metrics import Metrics
+from .usage import Usage
+
+log = structlog.get_logger("parkway.request")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What the one log line of a request reports; filled in as the request goes."""
+
+    started: float
+    bytes_in_start: int
+    bytes_out_start: int
+    credential: str | None = None
+    client: str | None = None
+    user: str | None = None
+    upstream_host: str | None = None
+    upstream_path: str | None = None
+    status: int | None = None
+    ttfb: float | None = None
+    outcome: str = "ok"
+    error: str | None = None
+    error_code: str | None = None
+    overhead: float = 0.0  # time spent in Parkway itself (see metrics.overhead)
+    usage: Usage | None = None
+    head_sent_at: float = 0.0
+    expected_length: int | None = None  # the upstream's Content-Length, when it sent one
+    completed: bool = False  # the whole response was written
+    relayed: int = 0  # response body bytes written to the client
+    # Set by settle() when the request ends.
+    bytes_in: int = 0
+    bytes_out: int = 0
+    duration: float = 0.0
+
+    def settle(self, bytes_in: int, bytes_out: int, now: float) -> None:
+        """Fix the request's byte counts (from the connection's running totals) and its duration."""
+        self.bytes_in = bytes_in - self.bytes_in_start
+        self.bytes_out = bytes_out - self.bytes_out_start
+        self.duration = now - self.started
+
+
+def log_request(head: RequestHead, record: RequestRecord) -> None:
+    """The request's one log line: info when it was served, warning otherwise."""
+    fields: dict[str, Any] = dict(
+        method=head.method,
+        client=record.client or head.peer,
+        user=record.user,
+        upstream_host=record.upstream_host,
+        upstream_path=record.upstream_path,
+        status=record.status,
+        bytes_in=record.bytes_in,
+        bytes_out=record.bytes_out,
+        ttfb_ms=round(record.ttfb * 1000, 1) if record.ttfb is not None else None,
+        duration_ms=round(record.duration * 1000, 1),
+        outcome=record.outcome,
+    )
+    if record.error:
+        fields["error"] = record.error
+    if record.usage is not None:
+        fields["prompt_tokens"] = record.usage.prompt_tokens
+        fields["completion_tokens"] = record.usage.completion_tokens
+    if record.outcome in ("ok", "preflight"):
+        log.info("request", **fields)
+    else:
+        log.warning("request", **fields)
+
+
+def count_request(metrics: Metrics, config: Config, record: RequestRecord) -> None:
+    """Metrics for one finished request; labels only from bounded sets."""
+    m = metrics
+    cred = record.credential
+    label = "none" if cred is None else (cred if config.credential(cred) is not None else "unknown")
+    status_class = f"{record.status // 100}xx" if record.status else "none"
+    m.requests.labels(label, status_class, record.outcome).inc()
+    m.bytes.labels("in").inc(record.bytes_in)
+    m.bytes.labels("out").inc(record.bytes_out)
+    m.duration.observe(record.duration)
+    if record.ttfb is not None:
+        m.ttfb.observe(record.ttfb)
+        m.overhead.observe(record.overhead)
+    if record.outcome.startswith("refused:"):
+        m.refusals.labels(record.error_code or "unknown").inc()
+    elif record.outcome == "upstream_error":
+        m.upstream_errors.labels(record.error_code or "unknown").inc()
+    if record.usage is not None:
+        m.tokens.labels(label, "prompt").inc(record.usage.prompt_tokens)
+        m.tokens.labels(label, "completion").inc(record.usage.completion_tokens)
