@@ -12,6 +12,7 @@ import os
 import signal
 import ssl
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from datetime import datetime
 
@@ -23,12 +24,15 @@ from .config import Config, ServerConfig, load_config
 from .errors import ConfigError
 from .handler import Gateway, utcnow
 from .http_server import Server, bound_address, open_listeners
+from .jobapi import JobAPI
+from .jobrunner import JobRunner, open_job_store
 from .metrics import Metrics
 from .state import StateBackend, open_state
 from .upstream import UpstreamClient
 from .urls import split_host_port
 
 log = structlog.get_logger("parkway")
+JOB_STATS_INTERVAL = 5.0  # seconds between job store counts for the metrics
 
 
 def _offset_port(address: str, offset: int) -> str:
@@ -64,6 +68,8 @@ class Parkway:
         self.admin_addresses: list[str] = []
         self._accepting = False
         self.state: StateBackend | None = None
+        self.runner: JobRunner | None = None
+        self._job_stats = trio.CancelScope()
 
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve until :meth:`shutdown` has drained, then close the upstream pool."""
@@ -82,8 +88,17 @@ class Parkway:
             max_connections=self.config.server.max_connections,
         )
         try:
-            async with open_state(self.config.state) as state, trio.open_nursery() as nursery:
+            async with AsyncExitStack() as stack:
+                state = await stack.enter_async_context(open_state(self.config.state))
                 self.gateway.state = self.state = state
+                if self.config.jobs.enabled:
+                    store = await stack.enter_async_context(open_job_store(self.config.jobs, self.config.state))
+                    self.runner = JobRunner(store, self.upstream, lambda: self.config, metrics=self.metrics)
+                    self.gateway.jobs = JobAPI(store, self.runner, metrics=self.metrics)
+                nursery = await stack.enter_async_context(trio.open_nursery())
+                if self.runner is not None:
+                    await nursery.start(self.runner.run)
+                    nursery.start_soon(self._refresh_job_stats)
                 if admin_listeners:
                     await nursery.start(self.admin_server.serve, admin_listeners)
                 await nursery.start(self._serve_public, listeners)
@@ -107,7 +122,18 @@ class Parkway:
         finally:
             self.admin_server.shutdown()
 
+    async def _refresh_job_stats(self) -> None:
+        """The store's counts into the metrics, until the drain begins."""
+        assert self.runner is not None
+        with self._job_stats:
+            while True:
+                await self.runner.refresh_stats()
+                await trio.sleep(JOB_STATS_INTERVAL)
+
     def shutdown(self) -> None:
+        self._job_stats.cancel()
+        if self.runner is not None:
+            self.runner.drain(self.config.server.drain_timeout)
         if not self.server.draining:
             log.info(
                 "draining",
@@ -150,6 +176,12 @@ class Parkway:
         if new.state != self.config.state:
             kept.append("[state]")
             new = replace(new, state=self.config.state)
+        old_jobs = self.config.jobs
+        if (new.jobs.enabled, new.jobs.store, new.jobs.path) != (old_jobs.enabled, old_jobs.store, old_jobs.path):
+            kept.append("[jobs] enabled, store and path")
+            new = replace(
+                new, jobs=replace(new.jobs, enabled=old_jobs.enabled, store=old_jobs.store, path=old_jobs.path)
+            )
         if kept:
             log.warning("config_reload_needs_restart", kept=kept, reason="these settings change only on restart")
         self.config = new

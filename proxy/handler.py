@@ -28,16 +28,19 @@ import trio
 
 from . import cors, forwarding, limits, policy, ssrf
 from .admission import GlobalGate
+from .background import BackgroundAsk, background_ask, job_id_from_path
 from .config import Config, Credential
 from .errors import (
     BodyTooLarge,
     Forbidden,
+    Overloaded,
     ParkwayError,
     UnknownCredential,
     UpstreamTimeout,
     error_response,
 )
 from .http_server import ClientGone, HTTPConnection, RequestHead
+from .jobapi import JobAPI, no_such_job
 from .metrics import Metrics
 from .record import RequestRecord, count_request, log, log_request
 from .relay import relay
@@ -77,6 +80,8 @@ class Plan:
     rules: policy.RequestPolicy
     user: str | None
     single_use: bool
+    background: BackgroundAsk | None = None  # run as a job (proxy.background)
+    prefix: str = ""  # the public path prefix this client reached Parkway under
 
 
 class Gateway:
@@ -97,6 +102,7 @@ class Gateway:
         self.state: StateBackend = state or MemoryState()
         self.gate = self._gate_for(config)
         self.clock = clock
+        self.jobs: JobAPI | None = None  # set by the app when [jobs] is on
 
     @staticmethod
     def _gate_for(config: Config) -> GlobalGate:
@@ -126,7 +132,7 @@ class Gateway:
         request_id = _secrets.token_hex(8)
         # credential and user are bound later; binding them here too makes the exit reset them,
         # so the next request on a kept-alive connection does not inherit them.
-        with structlog.contextvars.bound_contextvars(request_id=request_id, credential=None, user=None):
+        with structlog.contextvars.bound_contextvars(request_id=request_id, credential=None, user=None, job=None):
             try:
                 with trio.move_on_after(config.server.request_timeout or float("inf")) as overall:
                     await self._handle(head, conn, config, record, request_id)
@@ -196,6 +202,10 @@ class Gateway:
             record.status = 204
             record.outcome = "preflight"
             await conn.send_full(204, [*headers, (b"x-request-id", request_id.encode())], b"")
+            return
+        job_id = job_id_from_path(head.path, (config.server.public_path_prefix,))
+        if job_id is not None:
+            await self._serve_job(head, conn, config, record, request_id, job_id)
             return
         plan = await self._plan(head, conn, config, record, request_id, origin)
         await self._unless_client_leaves(conn, record, self._admit_and_forward, head, conn, config, record, plan)
@@ -267,6 +277,10 @@ class Gateway:
         policy.check_request(
             rules, method=head.method, upstream_path=record.upstream_path, content_length=declared_length
         )
+        background = background_ask(
+            extras, head.header(b"prefer"), config.jobs,
+            credential=credential.id, allowed_callbacks=credential.allowed_callbacks,
+        )  # fmt: skip
         if body is None and not _has_body(head):
             # Consume the (empty) body's end now: from here on a client that leaves is noticed,
             # even while queued for a slot.
@@ -284,6 +298,8 @@ class Gateway:
             rules=rules,
             user=user,
             single_use=limits.wants_single_use(credential.single_use, extras, config.server.single_use_param),
+            background=background,
+            prefix=config.server.public_path_prefix or ctx.prefix,
         )
 
     async def _unless_client_leaves(
@@ -324,10 +340,35 @@ class Gateway:
                         plan.signature, last_valid.timestamp(), self.clock().timestamp()
                     ):
                         raise limits.replay_refusal()
-                await self._forward(head, conn, config, record, plan)
+                if plan.background is not None:
+                    await self._enqueue(head, conn, config, record, plan)
+                else:
+                    await self._forward(head, conn, config, record, plan)
             finally:
                 with trio.CancelScope(shield=True):
                     await self.state.release(decision.lease)
+
+    async def _enqueue(
+        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
+    ) -> None:
+        """Step 7 of a background request: stored as a job, answered 202 at once (proxy.jobapi)."""
+        if self.jobs is None:
+            raise Overloaded("background jobs are not running in this process", code="jobs_unavailable")
+        job = await self.jobs.accept(head, conn, config, plan)
+        structlog.contextvars.bind_contextvars(job=job.id[:12])
+        record.status, record.completed = 202, True
+
+    async def _serve_job(
+        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, request_id: str,
+        job_id: str,
+    ) -> None:  # fmt: skip
+        """``GET``/``DELETE /jobs/<id>``: the id is the capability; no signature is involved."""
+        await self._drain_request_body(conn)
+        record.upstream_path = "/jobs/…"  # never the id in a log line: it grants access to the job
+        if self.jobs is None:
+            raise no_such_job(config)
+        record.status = await self.jobs.serve(head, conn, config, job_id, request_id)
+        record.completed = True
 
     async def _forward(
         self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan

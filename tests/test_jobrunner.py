@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import INJECTED, SECRET, TEST_SERVER, UPSTREAM_KEY, Exchange, Upstream, hang, respond_with
 from standardwebhooks.webhooks import Webhook
 
 from proxy import jobs, webhooks
@@ -23,6 +22,9 @@ from proxy.jobrunner import JobRunner, run_headers
 from proxy.jobs import JobRequest, JobsConfig
 from proxy.jobstore_sqlite import SQLiteJobStore
 from proxy.upstream import UpstreamClient
+from support.parkway import TEST_SERVER
+from support.signing import INJECTED, SECRET, UPSTREAM_KEY
+from support.upstream import Exchange, Upstream, hang, respond_with
 
 HANG_LIMIT = 15.0
 WHSEC = webhooks.format_secret(bytes(range(32)))

@@ -17,25 +17,16 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from helpers import (
-    INJECTED,
-    SECRET,
-    UPSTREAM_KEY,
-    RunningParkway,
-    Upstream,
-    hang,
-    make_config,
-    respond_with,
-    start_parkway,
-)  # fmt: skip
-from limits_helpers import signed
-from ops_helpers import scrape
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from proxy import jobs, webhooks
 from proxy.config import AdminConfig, Credential
 from proxy.jobs import JobsConfig
 from proxy.limits import LimitSpec
+from support.metrics import scrape
+from support.parkway import RunningParkway, make_config, run_parkway
+from support.signing import INJECTED, SECRET, UPSTREAM_KEY, sign
+from support.upstream import Upstream, hang, respond_with
 
 HANG_LIMIT = 15.0
 WHSEC = webhooks.format_secret(bytes(range(32)))
@@ -78,7 +69,7 @@ async def launch(nursery: trio.Nursery, hang_guard: None, contain_crashes: None)
     started: list[RunningParkway] = []
 
     async def start(config) -> RunningParkway:
-        running = await start_parkway(nursery, config)
+        running = await run_parkway(nursery, config)
         started.append(running)
         return running
 
@@ -95,10 +86,14 @@ async def parkway(launch, tmp_path: Path, upstream: Upstream, receiver: Receiver
     return await launch(job_config(tmp_path, upstream, receiver))
 
 
+def _signed(base: str, proxy_url: str, **kwargs: Any) -> str:
+    return sign(base, proxy_url, signer="proxy.signing", **kwargs)  # it alone signs extra params
+
+
 def background_url(parkway: RunningParkway, upstream: Upstream, receiver: Upstream | None, **params: str) -> str:
     if receiver is not None:
         params.setdefault("pw_callback", f"{receiver.base}/hooks/summary?id=42")
-    return signed(parkway.base, f"{upstream.base}/v1/chat/completions", method="POST", params=params)
+    return _signed(parkway.base, f"{upstream.base}/v1/chat/completions", method="POST", params=params)
 
 
 def verify(delivery) -> dict:
@@ -141,13 +136,13 @@ async def test_prefer_respond_async_on_a_url_that_allows_it(parkway, upstream, c
     queued = await client.post(url, json=CHAT, headers={"Prefer": "respond-async, wait=5"})
     assert queued.status_code == 202
     await upstream.wait_for_requests(2)
-    plain = signed(parkway.base, f"{upstream.base}/v1/chat/completions", method="POST")
+    plain = _signed(parkway.base, f"{upstream.base}/v1/chat/completions", method="POST")
     ignored = await client.post(plain, json=CHAT, headers={"Prefer": "respond-async"})
     assert ignored.status_code == 200  # the URL does not allow it: the preference is ignored
 
 
 async def test_the_browser_cannot_turn_a_url_into_a_background_one(parkway, upstream, receiver, client) -> None:
-    url = signed(parkway.base, f"{upstream.base}/v1/chat/completions", method="POST")
+    url = _signed(parkway.base, f"{upstream.base}/v1/chat/completions", method="POST")
     tampered = url + "&pw_callback=" + httpx.QueryParams({"x": f"{receiver.base}/hooks/x"})["x"]
     response = await client.post(tampered, json=CHAT)
     assert response.status_code == 403 and response.json()["error"]["code"] == "signature_mismatch"
@@ -157,7 +152,7 @@ async def test_the_browser_cannot_turn_a_url_into_a_background_one(parkway, upst
 
 
 async def test_callback_outside_allowed_callbacks_is_refused(parkway, upstream, client) -> None:
-    url = signed(parkway.base, f"{upstream.base}/v1/chat/completions", method="POST",
+    url = _signed(parkway.base, f"{upstream.base}/v1/chat/completions", method="POST",
                  params={"pw_callback": "http://127.0.0.1:9/admin"})  # fmt: skip
     response = await client.post(url, json=CHAT)
     assert response.status_code == 403 and response.json()["error"]["code"] == "callback_not_allowed"
@@ -167,7 +162,7 @@ async def test_callback_outside_allowed_callbacks_is_refused(parkway, upstream, 
 async def test_receiver_down_then_up_gets_it_with_the_same_webhook_id(
     launch, nursery: trio.Nursery, tmp_path: Path, upstream: Upstream, client
 ) -> None:
-    from ops_helpers import free_port
+    from support.processes import free_port
 
     port = free_port()  # nothing listens yet: the receiver is down
     down = Receiver(respond_with(204, b""))
@@ -242,7 +237,7 @@ async def test_a_private_callback_address_is_refused(
     )
     server = replace(config.server, allow_private_upstreams=allow_private)
     parkway = await launch(replace(config, credentials=(cred,), server=server))
-    url = signed(parkway.base, f"{upstream.base}/v1/chat/completions", method="POST",
+    url = _signed(parkway.base, f"{upstream.base}/v1/chat/completions", method="POST",
                  params={"pw_callback": f"http://localhost:{receiver.port}/hooks/x"})  # fmt: skip
     response = await client.post(url, json=CHAT)
     if allow_private:

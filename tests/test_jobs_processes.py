@@ -11,19 +11,20 @@ from __future__ import annotations
 import json
 import signal
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
-from helpers import SECRET, UPSTREAM_KEY, Exchange, Upstream, echo, respond_with
-from limits_helpers import signed
-from ops_helpers import ParkwayProcess, ProcessGroup, free_port
-from redis_server import RedisServer
 from standardwebhooks.webhooks import Webhook
 
 from proxy import webhooks
+from support.processes import ParkwayProcess, ProcessGroup, free_port
+from support.redis import RedisServer
+from support.signing import SECRET, UPSTREAM_KEY, sign
+from support.upstream import Exchange, Upstream, echo, respond_with
 
 HANG_LIMIT = 40.0
 WHSEC = webhooks.format_secret(bytes(range(32)))
@@ -85,7 +86,7 @@ async def spawn(processes: ProcessGroup, tmp_path: Path, name: str, text_for_por
 
 
 async def submit(running: ParkwayProcess, upstream: Upstream, receiver: Upstream) -> dict[str, Any]:
-    url = signed(running.base, f"{upstream.base}/v1/chat/completions", method="POST",
+    url = sign(running.base, f"{upstream.base}/v1/chat/completions", method="POST", signer="proxy.signing",
                  params={"pw_callback": f"{receiver.base}/hooks/done"})  # fmt: skip
     async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
         response = await client.post(url, json=CHAT)
@@ -135,7 +136,7 @@ async def test_sigterm_leaves_the_running_job_queued_for_the_next_start(
 ) -> None:
     upstream.behaviour = FirstCallHangs()
     store = tmp_path / "jobs.sqlite3"
-    toml = lambda port: jobs_toml(port, receiver, path=store, drain_timeout=0.3)
+    toml = partial(jobs_toml, receiver=receiver, path=store, drain_timeout=0.3)
     first = await spawn(processes, tmp_path, "first", toml)
     job = await submit(first, upstream, receiver)
     await upstream.wait_for_requests(1)
@@ -161,7 +162,7 @@ async def test_two_processes_on_redis_one_killed_the_other_finishes(
         await redis.start()
     try:
         upstream.behaviour = FirstCallHangs()
-        toml = lambda port: jobs_toml(port, receiver, redis_url=redis.url)
+        toml = partial(jobs_toml, receiver=receiver, redis_url=redis.url)
         a = await spawn(processes, tmp_path, "a", toml)
         b = await spawn(processes, tmp_path, "b", toml)
         job = await submit(a, upstream, receiver)

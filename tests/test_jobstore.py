@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import trio
-from redis_server import RedisServer
 
 from proxy import jobs
 from proxy.jobs import AttemptOutcome, JobError, JobRequest, JobResult, RetrySchedule
 from proxy.jobstore import JobStore, QueueFull, index_of, job_from_json, job_to_json
 from proxy.jobstore_redis import RedisJobStore
 from proxy.jobstore_sqlite import SQLiteJobStore
+from support.redis import RedisServer
 
 NOW = 1_800_000_000.0
 TTL = 600.0

@@ -11,9 +11,9 @@ from typing import Any
 
 import trio
 from standardwebhooks.webhooks import Webhook
-from support_nginx import ROOT, require_binary
 
 from proxy import webhooks
+from support.processes import ROOT, require_binary
 
 VERIFIER_RB = ROOT / "clients" / "ruby" / "parkway_webhook.rb"
 RUBY_TIMEOUT = 20.0
