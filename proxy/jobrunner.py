@@ -36,6 +36,7 @@ from .config import Config, Credential
 from .errors import Forbidden, ParkwayError, UpstreamError
 from .jobs import AttemptOutcome, Job, JobError, JobResult, JobsConfig
 from .jobstore import JobStore, StoreStats
+from .outage import Outage
 from .state import StateConfig
 from .upstream import UpstreamClient, UpstreamRequest
 
@@ -130,6 +131,7 @@ class JobRunner:
         self._wake_deliveries = trio.Event()
         self._slots = trio.Semaphore(DELIVERY_CONCURRENCY)
         self.changed = trio.Event()  # set (and replaced) after each job run or delivery attempt
+        self.outage = Outage(retry_interval=0)  # only for logging an outage once
 
     @property
     def settings(self) -> JobsConfig:
@@ -353,13 +355,18 @@ class JobRunner:
     # --- plumbing -------------------------------------------------------------------------------
 
     async def _quietly(self, operation: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """A store call whose failure is logged and answered with None: the runner tries again
-        on its next round rather than dying with the process."""
+        """A store call whose failure is answered with None: the runner tries again on its next
+        round rather than dying with the process. An outage is logged when it starts and ends."""
         try:
-            return await operation(*args, **kwargs)
+            result = await operation(*args, **kwargs)
         except ParkwayError as exc:
-            log.error("job_store_error", error=exc.message)
+            if self.outage.failed(trio.current_time()):
+                log.error("job_store_unavailable", error=exc.message)
             return None
+        length = self.outage.succeeded(trio.current_time())
+        if length is not None:
+            log.warning("job_store_recovered", outage_s=round(length, 3))
+        return result
 
     def _count_run(self, outcome: str) -> None:
         if self.metrics is not None:

@@ -284,3 +284,36 @@ def test_run_headers_inject_the_credentials_and_override_the_clients() -> None:
     assert run_headers(job, cred) == [
         (b"accept", b"*/*"), (b"authorization", b"Bearer injected"), (b"content-length", b"3"),
     ]  # fmt: skip
+
+
+async def test_a_redis_outage_is_logged_once_and_jobs_run_after_it(
+    nursery: trio.Nursery, tmp_path: Path, upstream: Upstream
+) -> None:
+    from proxy.jobstore_redis import RedisJobStore
+    from support.logs import watch_logs
+    from support.redis import RedisServer
+
+    redis = RedisServer(nursery, tmp_path)
+    await redis.start()
+    receiver = await nursery.start(Upstream(respond_with(204, b"")).serve)
+    h = Harness(tmp_path, upstream, receiver)
+    h.store = RedisJobStore(redis.url, timeout=0.5)  # type: ignore[assignment]
+    h.runner = JobRunner(h.store, h.client, lambda: h.config)
+    done = trio.Event()
+    with watch_logs() as logs:
+        async with h.store:
+            await nursery.start(_start, h.runner, done)
+            await redis.kill()
+            await logs.wait_for(event="job_store_unavailable")
+            await redis.start()  # polls failed meanwhile (every 0.05 s), quietly; it is back, empty
+
+            await logs.wait_for(event="job_store_recovered")
+            job = await h.add(h.job())
+            await receiver.wait_for_requests(1)
+            assert (await h.stored(job.id)).status == "completed"
+            h.runner.drain(0)
+            with trio.fail_after(5):
+                await done.wait()
+    assert len(logs.find(event="job_store_unavailable")) == 1
+    await h.client.aclose()
+    await redis.kill()
