@@ -317,3 +317,38 @@ async def test_the_credentials_body_rules_apply_before_queueing(launch, tmp_path
     assert (await client.post(url, json=CHAT)).status_code == 202
     await receiver.wait_for_requests(1)
     assert len(upstream.requests) == 1 and json.loads(upstream.requests[0].body)["model"] == "m"
+
+
+async def test_a_streamed_answer_is_stored_whole_and_replayed_event_by_event(
+    launch, tmp_path, upstream, receiver, client
+) -> None:
+    events = [b'data: {"n":1}\n\n', b'data: {"n":2}\n\n', b"data: [DONE]\n\n"]
+
+    async def sse(ex: Exchange) -> None:
+        await ex.send_head(200, [("content-type", "text/event-stream")])
+        for event in events:
+            await ex.send_data(event)
+        await ex.send_end()
+
+    upstream.behaviour = sse
+    config = job_config(tmp_path, upstream, receiver)
+    parkway = await launch(replace(config, server=replace(config.server, public_path_prefix="/ai")))
+    url = sign(parkway.base + "/ai", f"{upstream.base}/v1/chat/completions", method="POST", signer="proxy.signing",
+               params={"pw_callback": f"{receiver.base}/hooks/s"})  # fmt: skip
+    accepted = await client.post(url, json={**CHAT, "stream": True})
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["id"]
+    assert accepted.headers["location"] == f"/ai/jobs/{job_id}"
+    assert accepted.json()["status_url"] == f"{parkway.base}/ai/jobs/{job_id}"
+    (delivery,) = await receiver.wait_for_requests(1)
+    assert verify(delivery)["data"]["response"]["body"] == b"".join(events).decode()
+    chunks = []
+    async with client.stream("GET", f"{parkway.base}/ai/jobs/{job_id}?stream=true") as replay:
+        assert replay.headers["content-type"] == "text/event-stream" and "content-length" not in replay.headers
+        async for chunk in replay.aiter_raw():
+            chunks.append(chunk)
+    assert b"".join(chunks) == b"".join(events)
+    # the same job under the path nginx leaves when it strips the prefix; other methods refused
+    assert (await client.get(f"{parkway.base}/jobs/{job_id}")).json()["status"] == "completed"
+    refused = await client.post(f"{parkway.base}/jobs/{job_id}")
+    assert refused.status_code == 405 and refused.json()["error"]["code"] == "job_method_not_allowed"
