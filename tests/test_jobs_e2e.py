@@ -26,7 +26,7 @@ from proxy.limits import LimitSpec
 from support.metrics import scrape
 from support.parkway import RunningParkway, make_config, run_parkway
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY, sign
-from support.upstream import Upstream, hang, respond_with
+from support.upstream import Exchange, Upstream, hang, respond_with
 
 HANG_LIMIT = 15.0
 WHSEC = webhooks.format_secret(bytes(range(32)))
