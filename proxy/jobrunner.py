@@ -36,6 +36,7 @@ from .config import Config, Credential
 from .errors import Forbidden, ParkwayError, UpstreamError
 from .jobs import AttemptOutcome, Job, JobError, JobResult, JobsConfig
 from .jobstore import JobStore, StoreStats
+from .metrics import Metrics
 from .outage import Outage
 from .state import StateConfig
 from .upstream import UpstreamClient, UpstreamRequest
@@ -114,7 +115,7 @@ class JobRunner:
         upstream: UpstreamClient,
         config: Callable[[], Config],
         *,
-        metrics: Any = None,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         owner: str | None = None,
     ):
