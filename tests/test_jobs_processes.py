@@ -181,3 +181,22 @@ async def test_two_processes_on_redis_one_killed_the_other_finishes(
         assert await other.wait_exit() == 0
     finally:
         await redis.kill()
+
+
+async def test_two_workers_share_the_sqlite_file_and_run_each_job_once(processes, tmp_path, upstream, receiver) -> None:
+    """``--workers 2``: two processes claim from one SQLite file; BEGIN IMMEDIATE keeps claims apart."""
+    store = tmp_path / "jobs.sqlite3"
+    port = free_port()
+    config = tmp_path / "workers.toml"
+    config.write_text(jobs_toml(port, receiver, path=store))
+    supervisor = await processes.spawn(config, port, "--workers", "2")
+    await supervisor.logs.wait_for(2, event="startup", timeout=15)
+    submitted = [await submit(supervisor, upstream, receiver) for _ in range(8)]
+    await receiver.wait_for_requests(8)
+    delivered = sorted(Webhook(WHSEC).verify(d.body, dict(d.headers))["data"]["id"] for d in receiver.requests)
+    assert delivered == sorted(job["id"] for job in submitted)  # each job delivered once
+    assert len(upstream.requests) == 8  # and run once
+    started = supervisor.logs.find(event="job_started")
+    assert len(started) == 8 and len({line["job"] for line in started}) == 8
+    supervisor.signal(signal.SIGTERM)
+    assert await supervisor.wait_exit(timeout=15) == 0
