@@ -19,13 +19,12 @@ from . import cors, forwarding, jobs, policy
 from .background import BackgroundAsk, status_url_prefix, stored_headers
 from .config import Config, Credential
 from .errors import BodyTooLarge, MethodNotAllowed, NotFound
+from .forwarding import Headers
 from .http_server import HTTPConnection, RequestHead
 from .jobrunner import JobRunner, callback_policy, check_callback_address
 from .jobs import Job, JobRequest
 from .jobstore import JobStore
 from .metrics import Metrics
-
-Headers = list[tuple[bytes, bytes]]
 
 
 class Planned(Protocol):
