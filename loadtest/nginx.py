@@ -39,7 +39,7 @@ http {{
     server {{
         listen {listen} backlog=4096;
         location /v1/ {{
-            proxy_pass http://llm;
+            proxy_pass {scheme}://llm;{tls}
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Authorization "Bearer {api_key}";
@@ -59,7 +59,17 @@ def nginx_binary() -> str | None:
     )
 
 
-def write_config(directory: Path, *, listen: str, upstream: str, api_key: str, nofile: int) -> Path:
+TLS = """
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {ca};
+            proxy_ssl_name 127.0.0.1;
+            proxy_ssl_session_reuse on;"""
+
+
+def write_config(
+    directory: Path, *, listen: str, upstream: str, api_key: str, nofile: int, tls_ca: Path | None = None
+) -> Path:
+    """``tls_ca``: the upstream serves https with this certificate (verified, as a careful operator would)."""
     directory.mkdir(parents=True, exist_ok=True)
     text = CONF.format(
         dir=directory,
@@ -67,16 +77,22 @@ def write_config(directory: Path, *, listen: str, upstream: str, api_key: str, n
         upstream=upstream,
         api_key=api_key,
         nofile=nofile,
+        scheme="https" if tls_ca else "http",
+        tls=TLS.format(ca=tls_ca) if tls_ca else "",
         # Two sockets per proxied stream, and a few for listeners and logs. nginx starts closing
         # "reusable" connections (fresh ones still waiting for their request) once fewer than
         # 1/16 of its slots are free, so the slots go above the file limit.
         connections=max(1024, nofile * 17 // 16 + 64),
-        # As root the master would hand the worker to "nobody", who cannot write our directory.
-        user="user root;" if os.geteuid() == 0 else "",
+        user=user_line(),
     )
     path = directory / "nginx.conf"
     path.write_text(text)
     return path
+
+
+def user_line() -> str:
+    """As root the master would hand the worker to "nobody", who cannot write our directory."""
+    return "user root;" if os.geteuid() == 0 else ""
 
 
 def command(binary: str, directory: Path, config: Path) -> list[str]:

@@ -11,6 +11,9 @@ Workloads (figures in brackets):
 * ``parked``: ``--streams`` SSE streams (a list makes a sweep for the chart), each
   ``--stream-seconds`` long with an event of ``--event-bytes`` every ``--interval-ms``
   [completion, errors, time to first event, RSS per parked stream, CPU per event];
+* ``parked-tls``: ``parked`` from an https upstream (nginx terminating TLS in front of the lean
+  upstream, :mod:`loadtest.tls`; nginx the reference with ``proxy_pass https://``), at the
+  largest ``--streams`` count [the same figures];
 * ``relay``: fewer, faster streams [CPU per relayed event];
 * ``small``: ``--clients`` keep-alive clients, small non-streaming requests [requests/s];
 * ``latency``: one sequential client, also straight to the upstream [added p50 latency];
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import shutil
 import signal
@@ -43,7 +47,7 @@ from urllib.parse import urlsplit
 
 from proxy.signing import sign_url
 
-from . import nginx, procstat, report
+from . import nginx, procstat, report, tls
 from .loadgen import Response
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +56,7 @@ CREDENTIAL = "loadtest"
 SECRET = "loadtest-secret-not-a-real-one"
 STREAM_BODY = '{"model":"mock-gpt","stream":true,"messages":[{"role":"user","content":"Tell me a story"}]}'
 SMALL_BODY = '{"model":"mock-gpt","messages":[{"role":"user","content":"Say hello"}]}'
-WORKLOADS = ("parked", "relay", "small", "latency", "pool", "workers")
+WORKLOADS = ("parked", "parked-tls", "relay", "small", "latency", "pool", "workers")
 TARGETS = ("nginx", "parkway")
 
 
@@ -122,9 +126,17 @@ class Proc:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free right now, taken below the kernel's ephemeral range (32768+ on Linux):
+    a port released by ``bind(0)`` is soon some outgoing connection's local port on a busy machine."""
+    for _ in range(100):
+        port = random.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port found below the ephemeral range")
 
 
 def one_request(port: int, target: str, body: str, headers: tuple[str, ...] = (), timeout: float = 10) -> Response:
@@ -158,6 +170,7 @@ class Target:
     signed: dict[str, str] = field(default_factory=dict)  # upstream query -> request-target
 
     log: Path | None = None  # where the proxy's own output goes (nginx: its error.log)
+    upstream: str = ""  # scheme://host:port of the upstream it relays from
 
     def log_tail(self, lines: int = 12) -> list[str]:
         """The end of the proxy's log, kept in the results when a run saw errors."""
@@ -201,6 +214,8 @@ class Bench:
         self.upstream: Proc | None = None
         self.upstream_port = 0
         self.upstream_group: procstat.Group | None = None
+        self.front_port = 0  # the TLS front (parked-tls), started when first needed
+        self.front_cert: Path | None = None
 
     # --- processes ------------------------------------------------------------------------
 
@@ -228,6 +243,46 @@ class Bench:
         self.upstream_port = int(line.split()[1])
         self.upstream_group = procstat.Group("upstream", [self.upstream.pid])
 
+    def start_tls_front(self) -> None:
+        """nginx serving https on loopback in front of the lean upstream (see :mod:`loadtest.tls`)."""
+        if self.front_port:
+            return
+        binary = nginx.nginx_binary()
+        if binary is None:
+            raise SetupError("parked-tls needs nginx as the TLS front: run `bash .ci/system-deps`")
+        directory = self.tmp / "tls-front"
+        cert, key = tls.make_certificate(directory)
+        port = free_port()
+        config = tls.write_front_config(
+            directory,
+            listen=f"127.0.0.1:{port}",
+            upstream=f"127.0.0.1:{self.upstream_port}",
+            cert=cert,
+            key=key,
+            nofile=self.nofile,
+            user=nginx.user_line(),
+        )
+        front = Proc(
+            "nginx-front", nginx.command(binary, directory, config), cpus=self.aux_cpus, log=directory / "stderr.log"
+        )
+        self.procs.append(front)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or not front.alive():
+                    raise SetupError(
+                        f"the TLS front did not start: {(directory / 'error.log').read_text()[-500:]}"
+                    ) from None
+                time.sleep(0.05)
+        time.sleep(0.3)
+        # Its CPU counts as the upstream's: both sit on the auxiliary cores.
+        assert self.upstream_group is not None
+        self.upstream_group.pids = [self.upstream_group.pids[0], *procstat.tree(front.pid)]
+        self.front_port, self.front_cert = port, cert
+
     def parkway_supports_workers(self) -> bool:
         out = subprocess.run(
             [self.proxy_python, "-m", "proxy", "serve", "--help"],
@@ -242,10 +297,13 @@ class Bench:
     def _proxy_env(self) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(self.proxy_path), "PYTHONDONTWRITEBYTECODE": "1"}
 
-    def start_target(self, name: str, *, workers: int | None = None, queries: tuple[str, ...] = ()) -> Target:
+    def start_target(
+        self, name: str, *, workers: int | None = None, queries: tuple[str, ...] = (), https: bool = False
+    ) -> Target:
         port = free_port()
         log = self.tmp / f"{name}-{port}.log"
-        upstream = f"127.0.0.1:{self.upstream_port}"
+        upstream = f"127.0.0.1:{self.front_port if https else self.upstream_port}"
+        ca = self.front_cert if https else None
         if name == "nginx":
             binary = nginx.nginx_binary()
             if binary is None:
@@ -254,12 +312,12 @@ class Bench:
                 )
             directory = self.tmp / f"nginx-{port}"
             config = nginx.write_config(
-                directory, listen=f"127.0.0.1:{port}", upstream=upstream, api_key=API_KEY, nofile=self.nofile
+                directory, listen=f"127.0.0.1:{port}", upstream=upstream, api_key=API_KEY, nofile=self.nofile, tls_ca=ca
             )
             proc = Proc("nginx", nginx.command(binary, directory, config), cpus=self.proxy_cpus, log=log)
         else:
             config = self.tmp / f"parkway-{port}.toml"
-            config.write_text(parkway_config(port, upstream, self.args.proxy_log))
+            config.write_text(parkway_config(port, upstream, self.args.proxy_log, ca=ca))
             env = self._proxy_env()
             module = "proxy"
             if self.args.profile == "tracemalloc":
@@ -283,10 +341,11 @@ class Bench:
             proc,
             procstat.Group(name, []),
             log=self.tmp / f"nginx-{port}" / "error.log" if name == "nginx" else log,
+            upstream=f"{'https' if https else 'http'}://{upstream}",
         )
         try:
             self._wait_ready(target, log)
-            target.signed = {q: self._sign(port, q) for q in queries}
+            target.signed = {q: self._sign(target, q) for q in queries}
             self._warm_up(target)
         except BaseException:
             target.stop()
@@ -298,12 +357,12 @@ class Bench:
         target.group.pids = pids
         return target
 
-    def _sign(self, port: int, query: str) -> str:
+    def _sign(self, target: Target, query: str) -> str:
         url = sign_url(
             id=CREDENTIAL,
             secret=SECRET,
-            host=f"http://127.0.0.1:{port}",
-            proxy_url=f"http://127.0.0.1:{self.upstream_port}/v1/chat/completions?{query}",
+            host=f"http://127.0.0.1:{target.port}",
+            proxy_url=f"{target.upstream}/v1/chat/completions?{query}",
             method="POST",
             expiry=6 * 3600,
         )
@@ -326,7 +385,7 @@ class Bench:
     def _warm_up(self, target: Target) -> None:
         query = "events=2&interval_ms=1&size=140"
         if target.name == "parkway" and query not in target.signed:
-            target.signed[query] = self._sign(target.port, query)
+            target.signed[query] = self._sign(target, query)
         for body in (SMALL_BODY, STREAM_BODY):
             resp = one_request(target.port, target.request_target(query), body)
             if resp.status != 200 or resp.error:
@@ -452,16 +511,30 @@ class Bench:
         events = max(2, round(a.stream_seconds * 1000 / a.interval_ms))
         return self._streams("parked", name, repeat, streams, events, a.interval_ms, profile)
 
+    def parked_tls(self, name: str, repeat: int, streams: int, profile: bool) -> dict[str, Any]:
+        a = self.args
+        self.start_tls_front()
+        events = max(2, round(a.stream_seconds * 1000 / a.interval_ms))
+        return self._streams("parked-tls", name, repeat, streams, events, a.interval_ms, profile, https=True)
+
     def relay(self, name: str, repeat: int, profile: bool) -> dict[str, Any]:
         a = self.args
         return self._streams("relay", name, repeat, a.relay_streams, a.relay_events, a.relay_interval_ms, profile)
 
     def _streams(
-        self, workload: str, name: str, repeat: int, streams: int, events: int, interval_ms: float, profile: bool
+        self,
+        workload: str,
+        name: str,
+        repeat: int,
+        streams: int,
+        events: int,
+        interval_ms: float,
+        profile: bool,
+        https: bool = False,
     ) -> dict[str, Any]:
         a = self.args
         query = f"events={events}&interval_ms={interval_ms:g}&size={a.event_bytes}"
-        target = self.start_target(name, queries=(query,))
+        target = self.start_target(name, queries=(query,), https=https)
         try:
             ramp_s = streams / a.ramp
             deadline = ramp_s + events * interval_ms / 1000 * 3 + 60
@@ -642,6 +715,8 @@ class Bench:
                         counts = a.streams if repeat == 0 or a.sweep_every_repeat else [max(a.streams)]
                         for streams in counts:
                             self._record(self.parked(name, repeat, streams, profile and name == "parkway"))
+                    elif workload == "parked-tls":
+                        self._record(self.parked_tls(name, repeat, max(a.streams), profile and name == "parkway"))
                     elif workload == "relay":
                         self._record(self.relay(name, repeat, profile and name == "parkway"))
                     elif workload == "small":
@@ -710,18 +785,23 @@ class Bench:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def parkway_config(port: int, upstream: str, level: str) -> str:
+def parkway_config(port: int, upstream: str, level: str, ca: Path | None = None) -> str:
+    scheme = "https" if ca else "http"
+    ca_line = f'upstream_ca_file = "{ca}"\n' if ca else ""
     return f"""\
 [server]
 listen = ["127.0.0.1:{port}"]
 drain_timeout = 2
-
+{ca_line}
 [[credentials]]
 id = "{CREDENTIAL}"
 secret = "{SECRET}"
-allowed_upstreams = ["http://{upstream}/v1/"]
+allowed_upstreams = ["{scheme}://{upstream}/v1/"]
 [credentials.headers]
 Authorization = "Bearer {API_KEY}"
+
+[admin]
+listen = []  # the default port may be taken by another run on a shared machine
 
 [log]
 level = "{level}"

@@ -9,6 +9,7 @@ begins the graceful drain. ``parkway.reload()`` re-reads the TOML file, as SIGHU
 from __future__ import annotations
 
 import os
+import select
 import signal
 import ssl
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from .http_server import Server, bound_address, open_listeners
 from .jobapi import JobAPI
 from .jobrunner import JobRunner, open_job_store
 from .metrics import Metrics
+from .outbound import outbound_client
+from .relay import EpollEngine
 from .state import StateBackend, open_state
 from .upstream import UpstreamClient
 from .urls import split_host_port
@@ -58,8 +61,14 @@ class Parkway:
         self.worker_index = worker_index
         self.reuse_port = reuse_port
         self.upstream = UpstreamClient(config.server, verify=upstream_verify)
+        self.upstream_verify = upstream_verify  # Parkway's own calls (jobs) verify TLS alike
+        # The relay's driver: one epoll engine for every stream (Linux), or each request's own
+        # task (PARKWAY_RELAY=portable, and wherever there is no epoll).
+        relay = os.environ.get("PARKWAY_RELAY", "epoll" if hasattr(select, "epoll") else "portable")
+        self.engine = EpollEngine() if relay == "epoll" and hasattr(select, "epoll") else None
+        self._engine_scope = trio.CancelScope()
         self.metrics = Metrics(open_connections=lambda: self.server.open_connections)
-        self.gateway = Gateway(config, self.upstream, metrics=self.metrics, clock=clock)
+        self.gateway = Gateway(config, self.upstream, metrics=self.metrics, clock=clock, engine=self.engine)
         self.server = Server(config.server, self.gateway)
         self.admin_server = Server(
             ServerConfig(max_connections=64, drain_timeout=0), AdminApp(self, self.metrics.render)
@@ -93,9 +102,15 @@ class Parkway:
                 self.gateway.state = self.state = state
                 if self.config.jobs.enabled:
                     store = await stack.enter_async_context(open_job_store(self.config.jobs, self.config.state))
-                    self.runner = JobRunner(store, self.upstream, lambda: self.config, metrics=self.metrics)
+                    verify = self.upstream_verify
+                    if verify is True and self.config.server.upstream_ca_file:  # a private CA, as for proxying
+                        verify = ssl.create_default_context(cafile=self.config.server.upstream_ca_file)
+                    client = await stack.enter_async_context(outbound_client(verify=verify))
+                    self.runner = JobRunner(store, client, lambda: self.config, metrics=self.metrics)
                     self.gateway.jobs = JobAPI(store, self.runner, metrics=self.metrics)
                 nursery = await stack.enter_async_context(trio.open_nursery())
+                if self.engine is not None:
+                    await nursery.start(self._run_engine)
                 if self.runner is not None:
                     await nursery.start(self.runner.run)
                     nursery.start_soon(self._refresh_job_stats)
@@ -116,11 +131,18 @@ class Parkway:
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """The public server; the admin listener (readyz: 503) stays up until it has drained."""
+        """The public server; the admin listener (readyz: 503) stays up until it has drained,
+        and the relay engine until the last stream it relays has ended."""
         try:
             await self.server.serve(listeners, task_status=task_status)
         finally:
+            self._engine_scope.cancel()
             self.admin_server.shutdown()
+
+    async def _run_engine(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        assert self.engine is not None
+        with self._engine_scope:
+            await self.engine.run(task_status=task_status)
 
     async def _refresh_job_stats(self) -> None:
         """The store's counts into the metrics, until the drain begins."""

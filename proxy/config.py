@@ -58,6 +58,7 @@ class ServerConfig:
     user_param: str = "pw_user"  # signed query parameter naming the end user ("" = none)
     single_use_param: str = "pw_single_use"  # signed parameter making one URL single-use
     allow_private_upstreams: bool = False  # allow loopback/private upstream addresses for all
+    upstream_ca_file: str = ""  # PEM certificates trusted for https upstreams instead of the system's
     inspect_body_bytes: int = 65536  # most body bytes held back to check JSON body rules
     body_rules_overflow: str = "refuse"  # rules' fields not within inspect_body_bytes: refuse | stream
 
@@ -611,6 +612,7 @@ _SERVER_RULES: Mapping[str, _Convert] = {
     "user_param": _expect(str, "a string"),
     "single_use_param": _expect(str, "a string"),
     "allow_private_upstreams": _expect(bool, "a boolean"),
+    "upstream_ca_file": _expect(str, "a string"),
     "inspect_body_bytes": _number(1, integer=True),
     "body_rules_overflow": _choice(*OVERFLOW_CHOICES),
 }

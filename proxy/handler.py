@@ -43,7 +43,7 @@ from .http_server import ClientGone, HTTPConnection, RequestHead
 from .jobapi import JobAPI, no_such_job
 from .metrics import Metrics
 from .record import RequestRecord, count_request, log, log_request
-from .relay import relay
+from .relay import EpollEngine, relay
 from .signing import check_validity, parse_signed_request, verify_signature
 from .state import MemoryState, StateBackend
 from .upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
@@ -95,9 +95,11 @@ class Gateway:
         metrics: Metrics | None = None,
         state: StateBackend | None = None,
         clock: Callable[[], datetime] = utcnow,
+        engine: EpollEngine | None = None,
     ):
         self.config = config
         self.upstream = upstream
+        self.engine = engine  # relays every stream's body when running; else each request's own task
         self.metrics = metrics or Metrics()
         self.state: StateBackend = state or MemoryState()
         self.gate = self._gate_for(config)
@@ -405,7 +407,7 @@ class Gateway:
                     await self._respond(conn, response, record, config, plan.origin, plan.request_id)
                     record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
                     usage = UsageObserver(response.content_type)
-                    await relay(conn, response, record, (usage,))
+                    await relay(conn, response, record, (usage,), engine=self.engine, watcher=record.client_watch)
                     record.usage = usage.usage
             finally:
                 self.metrics.in_flight.dec()
@@ -435,8 +437,12 @@ class Gateway:
 
     @staticmethod
     async def _watch_client(conn: HTTPConnection, scope: trio.CancelScope, record: RequestRecord) -> None:
-        await conn.request_done.wait()
-        await conn.wait_disconnect()
+        # The relay engine stops this watch once it relays the body: it watches the client itself.
+        with trio.CancelScope() as record.client_watch:
+            await conn.request_done.wait()
+            await conn.wait_disconnect()
+        if record.client_watch.cancelled_caught:
+            return
         if record.expected_length is not None and record.relayed >= record.expected_length:
             return  # it read the whole (fixed-length) answer and closed: that is not leaving early
         record.outcome = "client_gone"

@@ -234,6 +234,17 @@ class HTTPConnection:
         if flush:
             await self.flush()
 
+    @property
+    def socket(self) -> trio.socket.SocketType | None:
+        """The client's socket, for a relay that writes to it directly (None for in-memory streams)."""
+        return self._socket
+
+    def take_unsent(self) -> bytes:
+        """What sends with ``flush=False`` held back, for a caller that writes it itself."""
+        data = b"".join(self._unsent)
+        self._unsent.clear()
+        return data
+
     async def flush(self) -> None:
         """Write what sends with ``flush=False`` held back, together with anything since, in one write.
 

@@ -21,7 +21,8 @@ from .config import Config, Credential
 from .errors import BodyTooLarge, MethodNotAllowed, NotFound
 from .forwarding import Headers
 from .http_server import HTTPConnection, RequestHead
-from .jobrunner import JobRunner, callback_policy, check_callback_address
+from .jobcalls import callback_policy, check_callback_address
+from .jobrunner import JobRunner
 from .jobs import Job, JobRequest
 from .jobstore import JobStore
 from .metrics import Metrics

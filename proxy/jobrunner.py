@@ -2,10 +2,10 @@
 
 It runs in the app's nursery beside the servers. One task claims jobs from the store while
 fewer than ``max_jobs_in_flight`` run here; each job is one task that makes the upstream call
-through the shared :class:`~proxy.upstream.UpstreamClient` (so the SSRF guard and the
-credential's injected headers apply as for a browser's request), reads the answer whole and
-stores it. Another task claims due deliveries and POSTs each, signed as Standard Webhooks,
-through the same client with the credential's ``allowed_callbacks`` as its address policy.
+with Parkway's own httpx2 client (:mod:`proxy.jobcalls`: the SSRF guard and the credential's
+injected headers apply as for a browser's request), reads the answer whole and stores it.
+Another task claims due deliveries and POSTs each, signed as Standard Webhooks, through the
+same client with the credential's ``allowed_callbacks`` as its address policy.
 
 Leases make it safe to run many runners on one store: a running job's lease is renewed every
 ``lease / 3``; a process that dies stops renewing and, ``lease`` seconds later, any runner
@@ -24,30 +24,26 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
+import httpx2 as httpx
 import structlog
 import trio
 
-from . import forwarding, jobs, ssrf, webhooks
-from .config import Config, Credential
-from .errors import Forbidden, ParkwayError, UpstreamError
-from .jobs import AttemptOutcome, Job, JobError, JobResult, JobsConfig
+from . import jobs
+from .config import Config, StateConfig
+from .errors import ParkwayError
+from .jobcalls import fetch_answer, post_webhook
+from .jobs import AttemptOutcome, Job, JobError, JobsConfig
 from .jobstore import JobStore, StoreStats
 from .metrics import Metrics
 from .outage import Outage
-from .state import StateConfig
-from .upstream import UpstreamClient, UpstreamRequest
 
 log = structlog.get_logger("parkway.jobs")
 
 DELIVERY_CONCURRENCY = 32  # delivery attempts at once per process
 DELIVERY_LEASE_MARGIN = 30.0  # a delivery is hidden this much longer than its timeout
-RESPONSE_READ_LIMIT = 65536  # of a receiver's answer, only this much is read (and ignored)
-USER_AGENT = b"Parkway-Webhooks/1"
-CALLBACK_RESOLVE_TIMEOUT = 5.0
 
 
 @asynccontextmanager
@@ -65,54 +61,13 @@ async def open_job_store(config: JobsConfig, state: StateConfig) -> AsyncIterato
         yield sqlite_store
 
 
-def webhook_keys(credential: Credential) -> tuple[bytes, ...]:
-    return tuple(webhooks.parse_secret(s) for s in credential.webhook_secrets)
-
-
-def callback_policy(credential: Credential, allow_private: bool) -> ssrf.AddressPolicy:
-    """Where a credential's deliveries may connect: as its upstreams, with its callbacks listed."""
-    return ssrf.policy_for(
-        allow_private=allow_private or credential.allow_private_upstreams,
-        allowed_upstreams=credential.allowed_callbacks,
-    )
-
-
-async def check_callback_address(url: str, policy: ssrf.AddressPolicy, resolver: ssrf.Resolver = ssrf.resolve) -> None:
-    """Refuse at once a callback whose address the SSRF guard would refuse at delivery.
-
-    Delivery checks again, after its own resolution (the one that counts); this only spares a
-    signer a job whose result could never be delivered. A name that does not resolve now is let
-    through: it may by the time the job finishes.
-    """
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        with trio.move_on_after(CALLBACK_RESOLVE_TIMEOUT):
-            addresses = [host] if _is_ip(host) else await resolver(host, port)
-            for address in addresses:
-                policy.check(address, host=host)
-    except Forbidden as exc:
-        raise Forbidden(exc.message.replace("upstream", "callback", 1), code="callback_address_refused") from None
-    except (OSError, ValueError):
-        return
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ssrf.parse_ip(host)
-    except ValueError:
-        return False
-    return True
-
-
 class JobRunner:
     """Runs the jobs of ``store``; ``config()`` is read afresh for each job (reloads apply)."""
 
     def __init__(
         self,
         store: JobStore,
-        upstream: UpstreamClient,
+        client: httpx.AsyncClient,
         config: Callable[[], Config],
         *,
         metrics: Metrics | None = None,
@@ -120,7 +75,7 @@ class JobRunner:
         owner: str | None = None,
     ):
         self.store = store
-        self.upstream = upstream
+        self.client = client
         self.config = config
         self.metrics = metrics
         self.clock = clock
@@ -240,45 +195,15 @@ class JobRunner:
         if credential is None:
             error = JobError("unknown_credential", f"credential {job.credential!r} is no longer configured")
             return jobs.failed(job, error, now=now(), result_ttl=settings.result_ttl)
-        request = UpstreamRequest(
-            method=job.request.method,
-            url=job.request.url,
-            headers=run_headers(job, credential),
-            body=job.request.body or None,
-            address_policy=ssrf.policy_for(
-                allow_private=config.server.allow_private_upstreams or credential.allow_private_upstreams,
-                allowed_upstreams=credential.allowed_upstreams,
-            ),
-        )
         try:
             with trio.fail_after(config.server.request_timeout or float("inf")):
-                result = await self._fetch(request, settings.max_result_bytes)
+                result = await fetch_answer(self.client, job, credential, config)
         except trio.TooSlowError:
             error = JobError("request_timeout", f"the upstream call exceeded {config.server.request_timeout:g} s")
             return jobs.failed(job, error, now=now(), result_ttl=settings.result_ttl)
         except ParkwayError as exc:
             return jobs.failed(job, JobError(exc.code, exc.message), now=now(), result_ttl=settings.result_ttl)
         return jobs.completed(job, result, now=now(), result_ttl=settings.result_ttl)
-
-    async def _fetch(self, request: UpstreamRequest, limit: int) -> JobResult:
-        async with self.upstream.open(request) as response, aclosing(response.chunks()) as chunks:
-            body = bytearray()
-            while True:
-                with trio.move_on_after(response.idle_timeout) as gap:
-                    chunk = await anext(chunks, None)
-                if gap.cancelled_caught:
-                    raise response.idle_timeout_error()
-                if chunk is None:
-                    break
-                body += chunk
-                if len(body) > limit:
-                    raise UpstreamError(f"the answer exceeds max_result_bytes ({limit})", code="result_too_large")
-            headers = tuple(
-                (n.decode("latin-1"), v.decode("latin-1"))
-                for n, v in forwarding.response_headers(response.headers)
-                if n != b"content-length"  # replays set their own
-            )
-            return JobResult(response.status, headers, bytes(body))
 
     async def _renew_leases(self) -> None:
         """Keep this process's jobs its own; a job cancelled or taken over elsewhere is stopped."""
@@ -329,29 +254,7 @@ class JobRunner:
         if credential is None or not credential.webhook_secrets or job.callback is None:
             return AttemptOutcome(None, error="credential or its webhook secret is gone", permanent=True)
         body = jobs.webhook_payload(job, inline_limit=settings.inline_payload_bytes)
-        signed = webhooks.headers(webhook_keys(credential), job.webhook_id, int(self.clock()), body)
-        headers = [(n.encode(), v.encode()) for n, v in signed]
-        headers += [(b"content-type", b"application/json"), (b"user-agent", USER_AGENT)]
-        headers.append((b"content-length", str(len(body)).encode()))
-        request = UpstreamRequest(
-            "POST", job.callback, headers, body, callback_policy(credential, config.server.allow_private_upstreams)
-        )
-        try:
-            with trio.fail_after(settings.delivery_timeout):
-                async with self.upstream.open(request) as response:
-                    retry_after = next(
-                        (v.decode("latin-1") for n, v in response.headers if n.lower() == b"retry-after"), None
-                    )
-                    read = 0
-                    async for chunk in response.chunks():  # read a little, so the connection can be reused
-                        read += len(chunk)
-                        if read > RESPONSE_READ_LIMIT:
-                            break
-                    return AttemptOutcome(response.status, retry_after)
-        except trio.TooSlowError:
-            return AttemptOutcome(None, error=f"no answer within {settings.delivery_timeout:g} s")
-        except ParkwayError as exc:
-            return AttemptOutcome(None, error=exc.message, permanent=exc.code.endswith("_refused"))
+        return await post_webhook(self.client, job, credential, config, now=self.clock(), body=body)
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -383,13 +286,3 @@ class JobRunner:
             self.metrics.jobs_oldest_queued_age.set(stats.oldest_queued_age)
             self.metrics.jobs_running.set(len(self.running))
         return stats
-
-
-def run_headers(job: Job, credential: Credential) -> list[tuple[bytes, bytes]]:
-    """The stored request headers with the credential's injected ones added (they override)."""
-    injected = {n.lower() for n, _ in credential.headers}
-    out = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in job.request.headers if n.lower() not in injected]
-    out += [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in credential.headers]
-    if job.request.body or job.request.method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
-        out.append((b"content-length", str(len(job.request.body)).encode()))
-    return out

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+import trio
 
 from .config import Config
 from .http_server import RequestHead
@@ -41,7 +42,8 @@ class RequestRecord:
     head_sent_at: float = 0.0
     expected_length: int | None = None  # the upstream's Content-Length, when it sent one
     completed: bool = False  # the whole response was written
-    relayed: int = 0  # response body bytes written to the client
+    relayed: int = 0  # response body bytes written to the client, as framed on its connection
+    client_watch: trio.CancelScope | None = None  # the task watching for the client to leave (handler)
     # Set by settle() when the request ends.
     bytes_in: int = 0
     bytes_out: int = 0

@@ -12,11 +12,13 @@ operator's own network. So by default Parkway connects only to public addresses:
 * unspecified, multicast and reserved addresses are refused unless listed.
 
 The pure core is :func:`classify` and :func:`check_address`. The check is enforced where the
-socket is opened: :class:`GuardedBackend` is an httpcore network backend that resolves the
-host once, checks every address, and connects to the checked address itself, so a DNS answer
-that changes between check and connect (rebinding) cannot slip through. TLS still verifies
-the certificate against the host name. :mod:`proxy.upstream` gives it to its connection pools
-(one per policy) as their ``network_backend``.
+socket is opened, in the same way on both of Parkway's clients: the host is resolved once,
+every address is checked, and the checked address itself is connected to, so a DNS answer
+that changes between check and connect (rebinding) cannot slip through; TLS still verifies
+the certificate against the host name. Proxied requests connect in
+:meth:`proxy.upstream_conn.UpstreamConnection.connect`; Parkway's own httpx2 calls
+(:mod:`proxy.outbound`) through :class:`GuardedBackend`, an httpcore network backend given to
+each of its connection pools (one per policy).
 """
 
 from __future__ import annotations

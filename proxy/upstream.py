@@ -1,36 +1,90 @@
-"""The one module that owns upstream connections: one pooled client for every upstream request.
+"""Proxied exchanges: the request goes out, the response head comes back, the body is the relay's.
 
-It is httpx2, the maintained drop-in fork: httpx 0.28's pool (httpcore 1.0) rescans every
-pooled connection several times per request (encode/httpx#3215), which measured as 42 % of
-Parkway's CPU with 64 clients and made 512 concurrent upstream requests reach only 23 % of
-the throughput of 16; httpx2's pool halves the cost per request (docs/performance.md).
+This module owns the upstream connections of proxied requests: an O(1) pool per origin (the
+newest idle connection of the origin, checked with one ``recv(MSG_PEEK)``: a connection with
+anything to read is never reused), the SSRF guard at connect (:mod:`proxy.upstream_conn`), TLS,
+and h11 as the authority for the request head, the response head and keep-alive. A response
+is handed to the relay with its raw connection; the relay reports whether the body ended
+cleanly, and only then does the connection go back to the pool.
 
-Its transport keeps one httpcore connection pool per address policy, each connecting through
-the SSRF guard (:class:`~proxy.ssrf.GuardedBackend`, given as the pool's ``network_backend``).
-Bodies are streamed both ways (``aiter_raw``, so encodings and SSE framing pass through
-untouched). Every httpx exception is translated here into :mod:`proxy.errors`; timeouts
-are Trio cancel scopes around the one await they limit, so each is reported precisely.
+Why not httpx here: the performance notes (docs/performance.md) measured this shape of client best on every
+figure (the pool scan, the per-chunk async iterators and the Request/Response objects were a
+third of a small request's CPU and 9.6 KB per parked stream). httpx2 stays the HTTP client for
+Parkway's own calls.
 """
 
 from __future__ import annotations
 
+import re
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import h11
-import httpcore2 as httpcore
-import httpx2 as httpx  # the maintained drop-in fork (see above)
 import trio
 
+from .chunked import Framing, body_framing
 from .config import ServerConfig
-from .errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from .forwarding import Headers
-from .ssrf import DEFAULT_POLICY, AddressPolicy, GuardedBackend, Resolver, check_scheme, resolve
+from .errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from .ssrf import DEFAULT_POLICY, AddressPolicy, Resolver, check_scheme, resolve
+from .upstream_conn import UpstreamConnection
 
-# The policy of one request: ``httpx.Request(..., extensions={POLICY_EXTENSION: policy})``.
-POLICY_EXTENSION = "parkway.address_policy"
+Headers = list[tuple[bytes, bytes]]
+
+MAX_HEAD = 65536
+_HEAD_END = re.compile(rb"\n\r?\n")
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a connection goes and under which address policy (a pool key)."""
+
+    scheme: str
+    host: str
+    port: int
+    policy: AddressPolicy
+
+
+class ConnectionPool:
+    """Idle keep-alive connections per origin, newest last: taking and giving back are O(1)."""
+
+    def __init__(self, *, max_idle_per_origin: int = 512, keepalive_expiry: float = 30.0):
+        self.max_idle = max_idle_per_origin
+        self.expiry = keepalive_expiry
+        self._idle: dict[Origin, deque[UpstreamConnection]] = {}
+
+    def take(self, origin: Origin, now: float) -> UpstreamConnection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since > self.expiry or conn.has_unexpected_bytes():
+                conn.close()
+                continue
+            return conn
+        return None
+
+    def give_back(self, origin: Origin, conn: UpstreamConnection, now: float) -> None:
+        conn.h11.start_next_cycle()
+        conn.idle_since = now
+        idle = self._idle.setdefault(origin, deque())
+        idle.append(conn)
+        if len(idle) > self.max_idle:
+            idle.popleft().close()
+
+    def idle_count(self, origin: Origin | None = None) -> int:
+        if origin is not None:
+            return len(self._idle.get(origin, ()))
+        return sum(len(d) for d in self._idle.values())
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,228 +93,247 @@ class UpstreamRequest:
     url: str  # normalised, without fragment
     headers: Headers
     body: bytes | AsyncIterator[bytes] | None = None
-    address_policy: AddressPolicy | None = None  # which addresses it may connect to (SSRF guard)
+    address_policy: AddressPolicy | None = None
 
 
 class UpstreamResponse:
-    """Status and headers of an upstream answer, and its body as raw chunks."""
+    """An upstream answer whose head has arrived: status, headers, framing, the raw connection.
 
-    def __init__(self, response: httpx.Response, host: str, idle_timeout: float):
-        self._response = response
-        self._host = host
-        self.idle_timeout = idle_timeout  # the longest gap between body chunks (upstream_idle_timeout)
-        self.status = response.status_code
-        self.headers: Headers = list(response.headers.raw)
-        self.content_type: str = response.headers.get("content-type", "")
-
-    async def chunks(self) -> AsyncGenerator[bytes, None]:
-        """Raw body chunks as they arrive.
-
-        The caller bounds the gaps, with one cancel scope for the whole body (a scope per read
-        was a visible share of relaying an event), and raises :meth:`idle_timeout_error` when
-        a gap exceeds :attr:`idle_timeout`.
-        """
-        iterator = self._response.aiter_raw().__aiter__()
-        while True:
-            try:
-                chunk = await iterator.__anext__()
-            except StopAsyncIteration:
-                return
-            except httpx.HTTPError as exc:
-                raise _translate(exc, self._host) from None
-            yield chunk
-
-    def idle_timeout_error(self) -> UpstreamTimeout:
-        return UpstreamTimeout(f"{self._host} sent nothing for {self.idle_timeout:g} s in the middle of the response")
-
-
-def _translate(exc: httpx.HTTPError, host: str) -> UpstreamError:
-    """One httpx exception → one Parkway upstream error; messages name the host, never headers."""
-    reason = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.ConnectTimeout):
-        return UpstreamTimeout(f"connecting to {host} timed out")
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout(f"{host} timed out: {reason}")
-    if isinstance(exc, httpx.ConnectError):
-        return UpstreamConnectError(f"cannot connect to {host}: {reason}")
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return UpstreamProtocolError(f"{host} broke the HTTP protocol or closed the connection: {reason}")
-    if isinstance(exc, httpx.NetworkError):
-        return UpstreamProtocolError(f"connection to {host} lost: {reason}")
-    return UpstreamError(f"request to {host} failed: {reason}")
-
-
-# --- the transport: one guarded connection pool per address policy -------------------------------
-
-DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)  # httpx's
-
-# httpcore exceptions as the httpx ones httpx's own transport raises, most specific first.
-_HTTPX_EXCEPTIONS: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
-    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
-    (httpcore.ReadTimeout, httpx.ReadTimeout),
-    (httpcore.WriteTimeout, httpx.WriteTimeout),
-    (httpcore.PoolTimeout, httpx.PoolTimeout),
-    (httpcore.TimeoutException, httpx.TimeoutException),
-    (httpcore.ConnectError, httpx.ConnectError),
-    (httpcore.ReadError, httpx.ReadError),
-    (httpcore.WriteError, httpx.WriteError),
-    (httpcore.NetworkError, httpx.NetworkError),
-    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
-    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
-    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
-    (httpcore.ProtocolError, httpx.ProtocolError),
-    (httpcore.ProxyError, httpx.ProxyError),
-)
-
-
-@contextmanager
-def _as_httpx_errors() -> Iterator[None]:
-    """httpcore's exceptions as httpx's (what httpx's transport does, so callers see one family)."""
-    try:
-        yield
-    except Exception as exc:
-        for core, mapped in _HTTPX_EXCEPTIONS:
-            if isinstance(exc, core):
-                raise mapped(str(exc)) from exc
-        raise
-
-
-class _ResponseStream(httpx.AsyncByteStream):
-    """An httpcore response body as httpx reads it, with httpx's exceptions."""
-
-    def __init__(self, stream: AsyncIterable[bytes]) -> None:
-        self._stream = stream
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _as_httpx_errors():
-            async for part in self._stream:
-                yield part
-
-    async def aclose(self) -> None:
-        aclose = getattr(self._stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-class GuardedTransport(httpx.AsyncBaseTransport):
-    """An httpx transport over httpcore pools whose connections pass the SSRF guard.
-
-    One pool per :class:`~proxy.ssrf.AddressPolicy` (a request's ``POLICY_EXTENSION``, else
-    ``default``), so a kept-alive connection opened for a credential that may reach private
-    addresses is never lent to one that may not. No proxies: the guard must see the
-    upstream's own address.
+    ``initial`` holds the body bytes that arrived with the head. The relay sets ``reusable``
+    when the body ended cleanly with nothing after it.
     """
 
-    def __init__(
-        self,
-        *,
-        default: AddressPolicy = DEFAULT_POLICY,
-        verify: bool | ssl.SSLContext = True,
-        limits: httpx.Limits = DEFAULT_LIMITS,
-        resolver: Resolver = resolve,
-        inner_backend: httpcore.AsyncNetworkBackend | None = None,
-    ):
-        self._default = default
-        # trust_env=False: no certificate settings from the environment.
-        self._ssl_context = httpx.create_ssl_context(verify=verify, trust_env=False)
-        self._limits = limits
-        self._resolver = resolver
-        self._inner_backend = inner_backend
-        self._pools: dict[AddressPolicy, httpcore.AsyncConnectionPool] = {}
+    __slots__ = ("conn", "content_type", "framing", "headers", "host", "idle_timeout", "initial", "reusable", "status")
 
-    def _pool(self, policy: AddressPolicy) -> httpcore.AsyncConnectionPool:
-        pool = self._pools.get(policy)
-        if pool is None:
-            pool = self._pools[policy] = httpcore.AsyncConnectionPool(
-                ssl_context=self._ssl_context,
-                max_connections=self._limits.max_connections,
-                max_keepalive_connections=self._limits.max_keepalive_connections,
-                keepalive_expiry=self._limits.keepalive_expiry,
-                network_backend=GuardedBackend(policy, self._inner_backend, self._resolver),
-            )
-        return pool
+    def __init__(self, status: int, headers: Headers, framing: Framing, conn: UpstreamConnection, initial: bytes,
+                 idle_timeout: float):  # fmt: skip
+        self.status = status
+        if framing.kind == "chunked":  # RFC 9112 6.1: the chunks frame it, a Content-Length beside them goes
+            headers = [(n, v) for n, v in headers if n != b"content-length"]
+        self.headers = headers
+        self.content_type = next((v.decode("latin-1") for n, v in headers if n == b"content-type"), "")
+        self.framing = framing
+        self.conn = conn
+        self.initial = initial
+        self.host = conn.host
+        self.idle_timeout = idle_timeout
+        self.reusable = False
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        check_scheme(request.url.scheme)
-        policy = request.extensions.get(POLICY_EXTENSION)
-        pool = self._pool(policy if isinstance(policy, AddressPolicy) else self._default)
-        assert isinstance(request.stream, httpx.AsyncByteStream)
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=request.url.raw_scheme,
-                host=request.url.raw_host,
-                port=request.url.port,
-                target=request.url.raw_path,
-            ),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
-        )
-        with _as_httpx_errors():
-            response = await pool.handle_async_request(core_request)
-        assert isinstance(response.stream, AsyncIterable)
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.headers,
-            stream=_ResponseStream(response.stream),
-            extensions=response.extensions,
-        )
-
-    async def aclose(self) -> None:
-        pools, self._pools = list(self._pools.values()), {}
-        for pool in pools:
-            await pool.aclose()
+    def idle_timeout_error(self) -> UpstreamTimeout:
+        return UpstreamTimeout(f"{self.host} sent nothing for {self.idle_timeout:g} s in the middle of the response")
 
 
 class UpstreamClient:
-    """A shared ``httpx.AsyncClient``: pooled keep-alive connections, TLS verified by default.
+    """Sends proxied requests over pooled connections; see the module docstring."""
 
-    Its transport is the SSRF guard: every connection is made to an address the request's
-    :class:`~proxy.ssrf.AddressPolicy` allows, checked after DNS resolution.
-    """
-
-    def __init__(self, config: ServerConfig, *, verify: bool | ssl.SSLContext = True, max_keepalive: int = 512):
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        verify: bool | ssl.SSLContext = True,
+        resolver: Resolver = resolve,
+        pool: ConnectionPool | None = None,
+    ):
         self.config = config
-        self._client = httpx.AsyncClient(
-            # Connect is limited by httpx (it spans DNS, TCP and TLS); reads and writes by our
-            # own cancel scopes, which tell first-byte and idle-gap timeouts apart.
-            timeout=httpx.Timeout(connect=config.upstream_connect_timeout, read=None, write=None, pool=None),
-            transport=GuardedTransport(
-                verify=verify,
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=max_keepalive, keepalive_expiry=30),
-                default=AddressPolicy(allow_private=config.allow_private_upstreams),
-            ),
-            follow_redirects=False,
-            trust_env=False,  # no proxy or certificate settings from the environment
-        )
+        self.connect_timeout = config.upstream_connect_timeout
+        self.first_byte_timeout = config.upstream_first_byte_timeout
+        self.idle_timeout = config.upstream_idle_timeout
+        allow_private = config.allow_private_upstreams
+        self.default_policy = AddressPolicy(allow_private=allow_private) if allow_private else DEFAULT_POLICY
+        self.pool = pool or ConnectionPool()
+        self._verify = verify
+        self._ca_file = config.upstream_ca_file
+        self._ssl: ssl.SSLContext | None = None
+        self._resolver = resolver
+        self._sessions: dict[Origin, ssl.SSLSession] = {}  # the last TLS session per origin, to resume
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            if isinstance(self._verify, ssl.SSLContext):
+                self._ssl = self._verify
+            elif self._ca_file and self._verify:  # a private CA instead of the system's
+                self._ssl = ssl.create_default_context(cafile=self._ca_file)
+            else:
+                import httpx2  # the same certificate store and defaults as Parkway's own httpx2 calls
+
+                self._ssl = httpx2.create_ssl_context(verify=self._verify, trust_env=False)
+        return self._ssl
 
     @asynccontextmanager
     async def open(self, req: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
-        """Send ``req`` and yield the response once its head has arrived; the body streams after.
-
-        Leaving the context (normally, by error or by cancellation) closes the response, which
-        drops the upstream connection when the body was not finished: that stops generation.
-        """
-        extensions = {POLICY_EXTENSION: req.address_policy} if req.address_policy is not None else None
-        request = httpx.Request(req.method, req.url, headers=req.headers, content=req.body, extensions=extensions)
-        host = request.url.host + (f":{request.url.port}" if request.url.port else "")
+        """Send ``req``; yield the response once its head has arrived. Leaving the context gives
+        the connection back to the pool when the relay marked the response reusable, and closes
+        it otherwise (an unfinished body: that stops the generation upstream)."""
+        origin, target, host_header = _parse(req.url, req.address_policy or self.default_policy)
+        name = f"{origin.host}:{origin.port}"
+        response: UpstreamResponse | None = None
         try:
-            with trio.fail_after(self.config.upstream_first_byte_timeout):
-                response = await self._client.send(request, stream=True)
+            with trio.fail_after(self.first_byte_timeout):
+                response = await self._exchange(req, origin, target, host_header)
         except trio.TooSlowError:
-            raise UpstreamTimeout(
-                f"{host} sent no response within {self.config.upstream_first_byte_timeout:g} s"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise _translate(exc, host) from None
-        except h11.LocalProtocolError as exc:  # httpcore lets this one through unwrapped
-            raise UpstreamError(f"request to {host} could not be sent: {exc}") from None
+            raise UpstreamTimeout(f"{name} sent no response within {self.first_byte_timeout:g} s") from None
         try:
-            yield UpstreamResponse(response, host, self.config.upstream_idle_timeout)
+            yield response
         finally:
-            with trio.CancelScope(shield=True):
-                await response.aclose()
+            if origin.scheme == "https" and origin not in self._sessions:
+                self._remember_session(origin, response.conn)
+            if response.reusable:
+                self.pool.give_back(origin, response.conn, trio.current_time())
+            else:
+                response.conn.close()
+
+    def _remember_session(self, origin: Origin, conn: UpstreamConnection) -> None:
+        """Keep one TLS session per origin to resume (reading it costs as much as relaying
+        several events, so it is taken once and forgotten when a handshake did not resume it)."""
+        session = conn.tls_session
+        if session is not None:
+            self._sessions[origin] = session
+
+    async def _exchange(self, req: UpstreamRequest, origin: Origin, target: bytes, host: bytes) -> UpstreamResponse:
+        conn = self.pool.take(origin, trio.current_time())
+        replayable = not isinstance(req.body, AsyncIterator)
+        if conn is not None:
+            try:
+                return await self._send_and_read_head(conn, req, target, host, reused=True)
+            except _StaleConnection:
+                conn.close()
+                if not replayable:
+                    raise UpstreamProtocolError(
+                        f"{conn.host} closed a kept-alive connection before answering"
+                    ) from None
+        conn = await UpstreamConnection.connect(
+            origin.host,
+            origin.port,
+            policy=origin.policy,
+            ssl_context=self._ssl_context() if origin.scheme == "https" else None,
+            timeout=self.connect_timeout,
+            resolver=self._resolver,
+            tls_session=self._sessions.get(origin),
+        )
+        if conn.tls and not conn.tls_resumed:
+            self._sessions.pop(origin, None)  # expired or refused: the next answer's session replaces it
+        try:
+            return await self._send_and_read_head(conn, req, target, host, reused=False)
+        except _StaleConnection as exc:
+            conn.close()
+            raise UpstreamProtocolError(str(exc)) from None
+
+    async def _send_and_read_head(
+        self, conn: UpstreamConnection, req: UpstreamRequest, target: bytes, host: bytes, *, reused: bool
+    ) -> UpstreamResponse:
+        try:
+            await self._send_request(conn, req, target, host)
+            response = await self._read_head(conn, req.method)
+        except _StaleConnection:
+            raise
+        except BaseException:
+            conn.close()
+            raise
+        return response
+
+    async def _send_request(self, conn: UpstreamConnection, req: UpstreamRequest, target: bytes, host: bytes) -> None:
+        headers = [(b"host", host), *req.headers]
+        has_length = any(n == b"content-length" for n, _ in req.headers)
+        body = req.body
+        if isinstance(body, bytes):
+            if not has_length:
+                headers.append((b"content-length", str(len(body)).encode()))
+        elif body is not None:
+            if not has_length:
+                headers.append((b"transfer-encoding", b"chunked"))
+        elif req.method in _BODY_METHODS and not has_length:
+            headers.append((b"content-length", b"0"))
+        h = conn.h11
+        try:
+            data = h.send(h11.Request(method=req.method, target=target, headers=headers))
+            if body is None or isinstance(body, bytes):
+                if body:
+                    data += h.send(h11.Data(data=body))
+                data += h.send(h11.EndOfMessage())
+                await _send_first(conn, data)
+                return
+            await _send_first(conn, data)
+            async for chunk in body:
+                if chunk:
+                    await conn.send_all(h.send(h11.Data(data=chunk)))
+            await conn.send_all(h.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError as exc:
+            raise UpstreamError(f"request to {conn.host} could not be sent: {exc}") from None
+
+    async def _read_head(self, conn: UpstreamConnection, method: str) -> UpstreamResponse:
+        h = conn.h11
+        buf = b""
+        received = False
+        while True:
+            match = _HEAD_END.search(buf)
+            if match is None:
+                if len(buf) > MAX_HEAD:
+                    raise UpstreamProtocolError(f"{conn.host} sent a response head over {MAX_HEAD} bytes")
+                try:
+                    data = await conn.recv()
+                except UpstreamProtocolError as exc:
+                    if not received:
+                        raise _StaleConnection(str(exc)) from None
+                    raise
+                if not data:
+                    if not received:
+                        raise _StaleConnection(f"{conn.host} closed the connection before answering")
+                    raise UpstreamProtocolError(f"{conn.host} closed the connection in the middle of the response head")
+                received = True
+                buf += data
+                continue
+            end = match.end()
+            head, buf = buf[:end], buf[end:]
+            try:
+                h.receive_data(head)
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamProtocolError(f"{conn.host} sent a malformed response: {exc}") from None
+            if type(event) is h11.InformationalResponse:
+                if event.status_code == 101:
+                    raise UpstreamProtocolError(f"{conn.host} switched protocols, which a proxied request cannot")
+                continue  # 100 Continue, 103 Early Hints: the final answer follows
+            if type(event) is not h11.Response:
+                raise UpstreamProtocolError(f"{conn.host} sent a malformed response")
+            headers = list(event.headers)
+            framing = body_framing(method, event.status_code, headers)
+            return UpstreamResponse(event.status_code, headers, framing, conn, buf, self.idle_timeout)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        self.pool.close()
+
+
+class _StaleConnection(Exception):
+    """A connection failed before any byte of the response: a kept-alive one may be retried."""
+
+
+async def _send_first(conn: UpstreamConnection, data: bytes) -> None:
+    try:
+        await conn.send_all(data)
+    except UpstreamProtocolError as exc:
+        raise _StaleConnection(str(exc)) from None
+
+
+def _parse(url: str, policy: AddressPolicy) -> tuple[Origin, bytes, bytes]:
+    """Origin, request-target and Host header of a normalised URL."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = parts.hostname
+    except ValueError as exc:
+        raise UpstreamError(f"invalid upstream URL: {exc}") from None
+    check_scheme(parts.scheme)
+    if not host:
+        raise UpstreamError("invalid upstream URL: no host")
+    scheme = parts.scheme.lower()
+    default = 443 if scheme == "https" else 80
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    target = (parts.path or "/") + (f"?{parts.query}" if "?" in url else "")
+    try:
+        encoded = target.encode("ascii"), netloc.encode("ascii")
+    except UnicodeEncodeError:
+        raise UpstreamError("invalid upstream URL: not ASCII") from None
+    return Origin(scheme, host, port or default, policy), *encoded
+
+
+__all__ = ["ConnectionPool", "Origin", "UpstreamClient", "UpstreamRequest", "UpstreamResponse"]

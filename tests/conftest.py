@@ -7,6 +7,7 @@ cancelled when the test ends; ``hang_guard`` turns a hung test into a failure.
 from __future__ import annotations
 
 import gc
+import select
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -46,6 +47,16 @@ async def processes(nursery: trio.Nursery) -> AsyncIterator[ProcessGroup]:
     group = ProcessGroup(nursery)
     yield group
     await group.cleanup()
+
+
+@pytest.fixture(params=["epoll", "portable"])
+def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on each of the relay's drivers (proxy.relay_engine): the epoll engine and the
+    portable one; Parkways started by the test read ``PARKWAY_RELAY``."""
+    if request.param == "epoll" and not hasattr(select, "epoll"):
+        pytest.skip("no epoll on this platform")
+    monkeypatch.setenv("PARKWAY_RELAY", request.param)
+    return str(request.param)
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from proxy.config import (
 )
 from proxy.errors import ConfigError, ConfigProblem
 from proxy.jobs import JobsConfig
-from proxy.urls import split_host_port
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "parkway.toml"
 
@@ -485,28 +484,6 @@ def test_expand_env_problems(value, messages):
     for problem, message in zip(info.value.problems, messages):
         assert message in problem.message
     assert "not-a-name" not in str(info.value)
-
-
-# --- listen addresses -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("address", "split"),
-    [
-        ("127.0.0.1:3000", ("127.0.0.1", 3000)),
-        ("localhost:0", ("localhost", 0)),
-        ("[::1]:65535", ("::1", 65535)),
-        ("[::]:80", ("::", 80)),
-    ],
-)
-def test_split_host_port(address, split):
-    assert split_host_port(address) == split
-
-
-@pytest.mark.parametrize("address", ["3000", "host:", "host:65536", ":80", "::1:80", "[::1:80", "[x]:80", "h:٣"])
-def test_split_host_port_refuses(address):
-    with pytest.raises(ValueError):
-        split_host_port(address)
 
 
 # --- Config objects ---------------------------------------------------------------------------

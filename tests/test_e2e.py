@@ -29,7 +29,8 @@ from support.processes import free_port
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY
 from support.upstream import SSE_HEADERS, Exchange, Upstream, echo, hang, respond_with, sse_from, sse_then
 
-pytestmark = pytest.mark.usefixtures("hang_guard")
+# Every case on both relay drivers (the epoll engine and the portable one).
+pytestmark = pytest.mark.usefixtures("hang_guard", "relay_path")
 
 ORIGIN = "https://app.example"
 EVENT_1 = b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'

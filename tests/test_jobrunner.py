@@ -18,10 +18,11 @@ from standardwebhooks.webhooks import Webhook
 
 from proxy import jobs, webhooks
 from proxy.config import Config, Credential
-from proxy.jobrunner import JobRunner, run_headers
+from proxy.jobcalls import run_headers
+from proxy.jobrunner import JobRunner
 from proxy.jobs import JobRequest, JobsConfig
 from proxy.jobstore_sqlite import SQLiteJobStore
-from proxy.upstream import UpstreamClient
+from proxy.outbound import outbound_client
 from support.parkway import TEST_SERVER
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY
 from support.upstream import Exchange, Upstream, hang, respond_with
@@ -44,7 +45,7 @@ class Harness:
                             poll_interval=0.05, lease=1.0, result_ttl=60, max_jobs_in_flight=4),
         )  # fmt: skip
         self.store = SQLiteJobStore(self.config.jobs.path)
-        self.client = UpstreamClient(self.config.server)
+        self.client = outbound_client()
         self.runner = JobRunner(self.store, self.client, lambda: self.config)
 
     def job(self, *, callback: bool = True, path: str = "/v1/chat/completions", body: bytes = b'{"q":1}') -> jobs.Job:
@@ -167,7 +168,6 @@ async def test_429_retry_after_is_honoured(harness: Harness) -> None:
 
 async def test_upstream_failure_fails_the_job_and_is_delivered(harness: Harness) -> None:
     harness.config = replace(harness.config, server=replace(TEST_SERVER, upstream_first_byte_timeout=0.2))
-    harness.runner.upstream = harness.client = UpstreamClient(harness.config.server)
     harness.upstream.behaviour = hang
     job = await harness.add(harness.job())
     (delivery,) = await harness.receiver.wait_for_requests(1)

@@ -1,13 +1,14 @@
-"""proxy.relay: the body copied to the client, and the observers on its side.
+"""proxy.relay: the body moved to the client, and the observers on its side.
 
 A real :class:`~proxy.http_server.HTTPConnection` on an in-memory stream, with a real
-``h11.Connection(h11.CLIENT)`` reading what the relay wrote; the upstream response is a stand-in
-that yields given chunks (and may fail after them).
+``h11.Connection(h11.CLIENT)`` reading what the relay wrote (the portable driver: an in-memory
+stream has no socket for the engine); the upstream is a real socket pair whose far end the test
+writes a chunked body to (and may close in the middle of it).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import socket
 from typing import Any
 
 import h11
@@ -16,31 +17,47 @@ import trio
 from structlog.testing import capture_logs
 from trio.testing import memory_stream_pair
 
+from proxy.chunked import Framing
 from proxy.config import ServerConfig
-from proxy.errors import UpstreamProtocolError, UpstreamTimeout
+from proxy.errors import UpstreamProtocolError
 from proxy.http_server import HTTPConnection
 from proxy.record import RequestRecord
 from proxy.relay import relay
+from proxy.upstream import UpstreamResponse
+from proxy.upstream_conn import UpstreamConnection
 
 CHUNKS = [b"data: one\n\n", b"data: two\n\n", b"data: [DONE]\n\n"]
 
 
 class Upstream:
-    """Stands in for UpstreamResponse: yields ``chunks``, then raises ``fail`` if given."""
+    """A socket pair: Parkway's end is an upstream connection whose response head was read;
+    :meth:`send` writes ``chunks`` (chunk-framed) to the other end, then the terminator, or
+    closes the connection after them when ``fail``."""
 
-    def __init__(self, chunks: list[bytes], fail: Exception | None = None):
+    def __init__(self, chunks: list[bytes], fail: bool = False):
         self._chunks, self._fail = chunks, fail
-        self.idle_timeout = 30.0
+        ours, self.theirs = socket.socketpair()
+        ours.setblocking(False)
+        self.conn = UpstreamConnection(ours, "upstream.test")
+        self.conn.h11.send(h11.Request(method="GET", target="/", headers=[("host", "upstream.test")]))
+        self.conn.h11.send(h11.EndOfMessage())
+        self.conn.h11.receive_data(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        head = self.conn.h11.next_event()
+        assert isinstance(head, h11.Response)
+        self.response = UpstreamResponse(200, list(head.headers), Framing("chunked"), self.conn, b"", 30.0)
 
-    async def chunks(self) -> AsyncGenerator[bytes, None]:
+    async def send(self) -> None:
         for chunk in self._chunks:
-            await trio.lowlevel.checkpoint()
-            yield chunk
-        if self._fail is not None:
-            raise self._fail
+            self.theirs.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            await trio.sleep(0.01)  # one event at a time, as a model streams them
+        if self._fail:
+            self.theirs.close()
+        else:
+            self.theirs.sendall(b"0\r\n\r\n")
 
-    def idle_timeout_error(self) -> UpstreamTimeout:
-        return UpstreamTimeout("idle")
+    def close(self) -> None:
+        self.conn.close()
+        self.theirs.close()
 
 
 class Recorder:
@@ -94,19 +111,22 @@ async def relay_to_client(
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read)
+            nursery.start_soon(upstream.send)
             try:
-                await relay(conn, upstream, record, observers)
+                await relay(conn, upstream.response, record, observers)
             except Exception as exc:
                 raised = exc
                 conn.abort()
             await server_end.aclose()
+    upstream.close()
     return record, bytes(body), raised
 
 
 async def test_observers_see_the_body_in_order_then_finish_complete() -> None:
     first, second = Recorder(), Recorder()
     record, body, raised = await relay_to_client(Upstream(CHUNKS), (first, second))
-    assert raised is None and record.completed and record.relayed == len(b"".join(CHUNKS))
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in CHUNKS) + b"0\r\n\r\n"
+    assert raised is None and record.completed and record.relayed == len(framed)  # passed through as framed
     assert body == b"".join(CHUNKS)
     for observer in (first, second):
         assert observer.fed == CHUNKS
@@ -125,9 +145,8 @@ async def test_an_observer_that_raises_is_dropped_and_the_relay_goes_on() -> Non
 
 async def test_an_upstream_failure_finishes_observers_incomplete() -> None:
     recorder = Recorder()
-    failure = UpstreamProtocolError("upstream closed mid-body")
-    record, body, raised = await relay_to_client(Upstream(CHUNKS[:2], fail=failure), (recorder,))
-    assert raised is failure and not record.completed
+    record, body, raised = await relay_to_client(Upstream(CHUNKS[:2], fail=True), (recorder,))
+    assert isinstance(raised, UpstreamProtocolError) and not record.completed
     assert body == b"".join(CHUNKS[:2])  # what was written before the failure
     assert recorder.fed == CHUNKS[:2] and recorder.finished == [False]
 

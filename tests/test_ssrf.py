@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 from proxy.errors import Forbidden
+from proxy.outbound import POLICY_EXTENSION, GuardedTransport
 from proxy.ssrf import (
     AddressKind,
     AddressPolicy,
@@ -26,7 +27,6 @@ from proxy.ssrf import (
     explicit_addresses,
     policy_for,
 )
-from proxy.upstream import POLICY_EXTENSION, GuardedTransport
 
 K = AddressKind
 CLASSES = [

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.urls import InvalidURL, normalize_prefix, normalize_url, origin_and_target, url_allowed
+from proxy.urls import InvalidURL, normalize_prefix, normalize_url, origin_and_target, split_host_port, url_allowed
 
 NORMALIZE = {
     # scheme and host case, default ports
@@ -190,3 +190,25 @@ def test_origin_and_target(url, expected):
 def test_origin_and_target_of_normalised_url():
     url = normalize_url("HTTPS://H.example:443/a/../b c?x y#frag")
     assert origin_and_target(url) == ("https", "h.example", "/b%20c?x%20y")
+
+
+# --- listen addresses -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "split"),
+    [
+        ("127.0.0.1:3000", ("127.0.0.1", 3000)),
+        ("localhost:0", ("localhost", 0)),
+        ("[::1]:65535", ("::1", 65535)),
+        ("[::]:80", ("::", 80)),
+    ],
+)
+def test_split_host_port(address, split):
+    assert split_host_port(address) == split
+
+
+@pytest.mark.parametrize("address", ["3000", "host:", "host:65536", ":80", "::1:80", "[::1:80", "[x]:80", "h:٣"])
+def test_split_host_port_refuses(address):
+    with pytest.raises(ValueError):
+        split_host_port(address)

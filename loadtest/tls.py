@@ -1,0 +1,89 @@
+"""The https upstream of the ``parked-tls`` workload: nginx terminating TLS in front of the lean upstream.
+
+Every real LLM API is behind TLS, so the proxies are also measured relaying from an https
+upstream: an nginx ("the TLS front", on the auxiliary cores like the lean upstream) serves
+https on loopback with a throwaway certificate made at run time (ECDSA P-256, for 127.0.0.1
+only, valid one day, in the run's private directory) and passes every request on to the lean
+upstream with buffering off. Both proxies verify that certificate: Parkway with
+``upstream_ca_file``, nginx with ``proxy_ssl_verify``. Nothing here is committed or reused.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+FRONT_CONF = """\
+worker_processes 1;
+worker_rlimit_nofile {nofile};
+error_log {dir}/error.log warn;
+pid {dir}/nginx.pid;
+daemon off;
+{user}
+events {{
+    worker_connections {connections};
+    multi_accept on;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    upstream lean {{
+        server {upstream};
+        keepalive 1024;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {listen} ssl backlog=4096;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:front:10m;
+        location / {{
+            proxy_pass http://lean;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 300s;
+        }}
+    }}
+}}
+"""
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A throwaway self-signed certificate for 127.0.0.1 (also its own CA); (cert, key) paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "front-cert.pem", directory / "front-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-addext", "basicConstraints=critical,CA:TRUE"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
+def write_front_config(directory: Path, *, listen: str, upstream: str, cert: Path, key: Path, nofile: int,
+                       user: str) -> Path:  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "front.conf"
+    path.write_text(
+        FRONT_CONF.format(
+            dir=directory,
+            listen=listen,
+            upstream=upstream,
+            cert=cert,
+            key=key,
+            nofile=nofile,
+            connections=max(1024, nofile * 17 // 16 + 64),
+            user=user,
+        )
+    )
+    return path
