@@ -29,6 +29,7 @@ from .jobapi import JobAPI
 from .jobrunner import JobRunner, open_job_store
 from .metrics import Metrics
 from .outbound import outbound_client
+from .overrides import ConfigOverrides
 from .relay import EpollEngine
 from .state import StateBackend, open_state
 from .upstream import UpstreamClient
@@ -51,6 +52,7 @@ class Parkway:
         config: Config,
         *,
         config_path: str | os.PathLike | None = None,
+        overrides: ConfigOverrides | None = None,
         upstream_verify: bool | ssl.SSLContext = True,
         clock: Callable[[], datetime] = utcnow,
         worker_index: int = 0,
@@ -58,6 +60,7 @@ class Parkway:
     ):
         self.config = config
         self.config_path = config_path
+        self.overrides = overrides or ConfigOverrides()  # command-line flags, applied to every reloaded file
         self.worker_index = worker_index
         self.reuse_port = reuse_port
         self.upstream = UpstreamClient(config.server, verify=upstream_verify)
@@ -185,7 +188,7 @@ class Parkway:
             self.metrics.reloads.labels("error").inc()
             return problems
         try:
-            new = load_config(self.config_path)
+            new = self.overrides.apply(load_config(self.config_path))
         except ConfigError as exc:
             problems = [str(p) for p in exc.problems]
             log.error("config_reload_failed", path=str(self.config_path), problems=problems)

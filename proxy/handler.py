@@ -33,10 +33,12 @@ from .config import Config, Credential
 from .errors import (
     BodyTooLarge,
     Forbidden,
+    InternalError,
     Overloaded,
     ParkwayError,
     UnknownCredential,
     UpstreamTimeout,
+    client_text,
     error_response,
 )
 from .http_server import ClientGone, HTTPConnection, RequestHead
@@ -47,7 +49,7 @@ from .relay import EpollEngine, relay
 from .signing import check_validity, parse_signed_request, verify_signature
 from .state import MemoryState, StateBackend
 from .upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
-from .urls import origin_and_target, url_allowed
+from .urls import check_unambiguous_path, origin_and_target, url_allowed
 from .usage import UsageObserver
 
 # A fixed-length answer up to this size has its head held back and written with the first body
@@ -155,6 +157,18 @@ class Gateway:
                 record.outcome = "client_gone"
                 record.error = str(exc)
                 conn.abort()
+            except Exception:
+                # A bug: the traceback goes to the log under this request id, the client gets a
+                # 500 if nothing was sent yet, and the connection closes (its state is unknown).
+                log.exception("internal_error", method=head.method)
+                error = InternalError()
+                record.outcome, record.error, record.error_code = error.outcome, error.message, error.code
+                if conn.can_respond:
+                    record.status = error.status
+                    conn.close_after_response()
+                    await self._send_error(head, conn, config, error, request_id)
+                else:
+                    conn.abort()
             finally:
                 if record.outcome == "ok" and not record.completed:
                     # Cancelled from outside (drain deadline, overall timeout) mid-way.
@@ -224,11 +238,12 @@ class Gateway:
         """Steps 1-6: everything that can refuse the request before admission."""
         # 1-3: parse, credential, validity. No body has been read yet.
         signed = parse_signed_request(head.query)
-        record.credential = signed.credential_id
-        structlog.contextvars.bind_contextvars(credential=signed.credential_id)
         credential = config.credential(signed.credential_id)
+        # An unknown id is client text: logged capped and escaped, never whole.
+        record.credential = signed.credential_id if credential else client_text(signed.credential_id, 64, quoted=False)
+        structlog.contextvars.bind_contextvars(credential=record.credential)
         if credential is None:
-            raise UnknownCredential(f"unknown credential {signed.credential_id!r}")
+            raise UnknownCredential(f"unknown credential {client_text(signed.credential_id)}")
         check_validity(signed, self.clock(), clock_skew=config.server.clock_skew, max_expiry=config.server.max_expiry)
         headers = _header_map(head)
         ctx = forwarding.forward_context(head.peer, headers, config.server.trusted_proxies)
@@ -255,6 +270,8 @@ class Gateway:
             headers=headers,
             body=body,
         )
+        # A signed header must reach the upstream as signed: no Connection header may strip it.
+        forwarding.check_connection_header(head.headers, signed.signed_headers, credential.headers)
         _scheme, host, target = origin_and_target(signed.proxy_url)
         record.upstream_host, record.upstream_path = host, target.partition("?")[0]
         if not url_allowed(signed.proxy_url, credential.allowed_upstreams):
@@ -262,6 +279,8 @@ class Gateway:
                 f"upstream {host}{record.upstream_path} is not allowed for credential {credential.id!r}",
                 code="upstream_not_allowed",
             )
+        if credential.allowed_upstreams or credential.allowed_paths:
+            check_unambiguous_path(signed.proxy_url)  # what was checked is what the upstream reads
 
         # 6b: request policy (method, path, size), the end user, then admission: global
         # in-flight cap (503), the credential's and user's limits (429), single use (403).

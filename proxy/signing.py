@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from urllib.parse import parse_qsl, quote, quote_plus, urlsplit
 
-from .errors import BadRequest, Forbidden
+from .errors import BadRequest, Forbidden, client_text
 from .urls import InvalidURL, normalize_url
 
 ALGORITHM = "SW1-HMAC-SHA256"
@@ -39,8 +39,9 @@ X_BODY = "X-Sw-Body"
 X_SIGNATURE = "X-Sw-Signature"
 REQUIRED_PARAMS = (X_ALGORITHM, X_CREDENTIAL, X_DATE, X_EXPIRES, X_PROXY, X_SIGNED_HEADERS, X_BODY, X_SIGNATURE)
 
-LONG_DATETIME = "%Y%m%dT%H%M%SZ"
-_DATE_RE = re.compile(r"\d{8}T\d{6}Z\Z")
+# ASCII digits only: \d and int() also take other scripts' digits, which no signer writes.
+_DATE_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z\Z")
+_EXPIRES_RE = re.compile(r"[0-9]{1,10}\Z")
 _SIGNATURE_RE = re.compile(r"[0-9a-fA-F]{64}\Z")
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
 
@@ -142,7 +143,9 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
     found: dict[str, str] = {}
     for key, value in pairs:
         if key in found and key.startswith("X-Sw-"):
-            raise BadRequest(f"parameter {key} appears more than once", code="malformed_signed_url")
+            raise BadRequest(
+                f"parameter {client_text(key, quoted=False)} appears more than once", code="malformed_signed_url"
+            )
         found[key] = value
     if not any(k.startswith("X-Sw-") for k in found):
         raise BadRequest("not a signed URL: the X-Sw-* query parameters are missing", code="missing_signature_params")
@@ -167,8 +170,12 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
     except ValueError:
         raise invalid(X_DATE, "expected YYYYMMDDTHHMMSSZ in UTC") from None
     expires_text = found[X_EXPIRES]
-    if not expires_text.isascii() or not expires_text.isdigit() or len(expires_text) > 10:
-        raise invalid(X_EXPIRES, "expected a whole number of seconds")
+    if not _EXPIRES_RE.match(expires_text):
+        raise invalid(X_EXPIRES, "expected a whole number of seconds (ASCII digits, at most 10)")
+    try:  # the validity check adds them: year 9999 plus an expiry leaves the calendar
+        date + timedelta(seconds=int(expires_text))
+    except OverflowError:
+        raise invalid(X_EXPIRES, "the URL would expire after the year 9999") from None
     body_text = found[X_BODY]
     if body_text not in ("true", "false"):
         raise invalid(X_BODY, "expected true or false")
@@ -178,7 +185,7 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
     names = tuple(n.strip().lower() for n in found[X_SIGNED_HEADERS].split(";") if n.strip())
     for n in names:
         if not _HEADER_NAME_RE.match(n):
-            raise invalid(X_SIGNED_HEADERS, f"{n!r} is not a header name")
+            raise invalid(X_SIGNED_HEADERS, f"{client_text(n)} is not a header name")
     try:
         proxy_url = normalize_url(found[X_PROXY])
     except InvalidURL as exc:
@@ -201,23 +208,27 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
 
 
 def _iso(dt: datetime) -> str:
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.replace(tzinfo=None).isoformat(timespec="seconds") + "Z"  # year 1 as 0001, unlike strftime
 
 
 def check_validity(req: SignedRequest, now: datetime, *, clock_skew: float, max_expiry: int) -> None:
-    """Refuse an expired URL, a date in the future beyond the skew, or an over-long expiry."""
-    skew = timedelta(seconds=clock_skew)
+    """Refuse an expired URL, a date in the future beyond the skew, or an over-long expiry.
+
+    Compared as POSIX seconds: datetime arithmetic with the skew overflows for a date in the
+    year 1 or 9999, which any client knowing a credential id could send.
+    """
     if req.expires > max_expiry:
         raise Forbidden(
             f"X-Sw-Expires is {req.expires} s, above this server's maximum of {max_expiry} s",
             code="expiry_too_long",
         )
-    if req.date - skew > now:
+    date, current = req.date.timestamp(), now.timestamp()
+    if date - clock_skew > current:
         raise Forbidden(
             f"X-Sw-Date {_iso(req.date)} is in the future (server time {_iso(now)}); check the signer's clock",
             code="date_in_future",
         )
-    if now > req.expires_at + skew:
+    if current > date + req.expires + clock_skew:
         raise Forbidden(f"signed URL expired at {_iso(req.expires_at)}", code="expired")
 
 
@@ -342,7 +353,8 @@ def sign_url(
     dt = datetime_override or datetime.now(UTC)
     if dt.tzinfo is not None:
         dt = dt.astimezone(UTC)
-    date_text = dt.strftime(LONG_DATETIME)
+    # Formatted by hand: strftime writes years before 1000 without their leading zeros.
+    date_text = f"{dt.year:04d}{dt.month:02d}{dt.day:02d}T{dt.hour:02d}{dt.minute:02d}{dt.second:02d}Z"
     signed = dict(headers or {})
     body_bytes = body.encode("utf-8") if isinstance(body, str) else body
     if body_bytes is not None:

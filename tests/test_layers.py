@@ -14,9 +14,23 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 
 # Decisions without I/O: these modules must load without any of the I/O libraries.
 PURE = [
-    "background", "chunked", "config", "cors", "errors", "forwarding", "jobs", "jobstore", "limits", "outage",
-    "policy", "signing", "urls", "usage", "webhooks",
-]  # fmt: skip
+    "background",
+    "chunked",
+    "config",
+    "cors",
+    "errors",
+    "forwarding",
+    "jobs",
+    "jobstore",
+    "limits",
+    "outage",
+    "overrides",
+    "policy",
+    "signing",
+    "urls",
+    "usage",
+    "webhooks",
+]
 IO_LIBRARIES = ["trio", "h11", "httpx", "httpx2", "httpcore", "httpcore2", "coredis", "anyio"]
 
 
