@@ -34,6 +34,7 @@ from .relay import EpollEngine
 from .state import StateBackend, open_state
 from .upstream import UpstreamClient
 from .urls import split_host_port
+from .websocket import WebSocketProxy
 
 log = structlog.get_logger("parkway")
 JOB_STATS_INTERVAL = 5.0  # seconds between job store counts for the metrics
@@ -70,8 +71,13 @@ class Parkway:
         relay = os.environ.get("PARKWAY_RELAY", "epoll" if hasattr(select, "epoll") else "portable")
         self.engine = EpollEngine() if relay == "epoll" and hasattr(select, "epoll") else None
         self._engine_scope = trio.CancelScope()
-        self.metrics = Metrics(open_connections=lambda: self.server.open_connections)
-        self.gateway = Gateway(config, self.upstream, metrics=self.metrics, clock=clock, engine=self.engine)
+        self.websockets = WebSocketProxy(config.websocket, ssl_context=self.upstream.ssl_context)
+        self.metrics = Metrics(
+            open_connections=lambda: self.server.open_connections, websocket_sessions=lambda: self.websockets.active
+        )
+        self.gateway = Gateway(
+            config, self.upstream, metrics=self.metrics, clock=clock, engine=self.engine, websockets=self.websockets
+        )
         self.server = Server(config.server, self.gateway)
         self.admin_server = Server(
             ServerConfig(max_connections=64, drain_timeout=0), AdminApp(self, self.metrics.render)

@@ -26,6 +26,7 @@ from .jobs import STORES, JobsConfig
 from .limits import LimitSpec, parse_rate
 from .policy import OVERFLOW_CHOICES
 from .urls import InvalidURL, normalize_prefix, split_host_port
+from .ws_policy import WebSocketConfig, http_form
 
 STATE_BACKENDS = ("memory", "redis")
 FAILURE_POLICIES = ("open", "closed")  # of a shared state store that cannot be reached
@@ -142,6 +143,7 @@ class Config:
     # A TOML file without [admin] gets AdminConfig()'s loopback default.
     admin: AdminConfig = AdminConfig(listen=())
     state: StateConfig = StateConfig()
+    websocket: WebSocketConfig = WebSocketConfig()
     jobs: JobsConfig = JobsConfig()
 
     # Not a field, so equality, hashing, repr and asdict() ignore it.
@@ -196,6 +198,7 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     log = _section(root.table("log"), LogConfig, _LOG_RULES)
     admin = _section(root.table("admin"), AdminConfig, _ADMIN_RULES)
     state = _section(root.table("state"), StateConfig, _state_rules(env))
+    websocket = _section(root.table("websocket"), WebSocketConfig, _WEBSOCKET_RULES)
     jobs = _section(root.table("jobs"), JobsConfig, _JOBS_RULES)
     if "jobs" in data and "enabled" not in data.get("jobs", {}):
         jobs = replace(jobs, enabled=True)  # a [jobs] table turns them on
@@ -208,7 +211,7 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         )
     if problems:
         raise ConfigError(problems)
-    return Config(server, credentials, cors, log, admin, state, jobs)
+    return Config(server, credentials, cors, log, admin, state, websocket, jobs)
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -422,16 +425,18 @@ def _upstream_prefix(value: Any, path: str) -> str:
     """An absolute http(s) URL prefix in the canonical form ``urls.normalize_url`` gives requests.
 
     Requests are compared with these prefixes as text, so both sides must be spelled alike
-    (lower-case scheme and host, no default port, a bare origin ending in '/').
+    (lower-case scheme and host, no default port, a bare origin ending in '/'). A ws(s)://
+    prefix is kept in its http(s) form, the one WebSocket URLs are matched in.
     """
     if re.search(r"\s", _str(value, path)):  # the normaliser would quietly strip it
         _fail(path, "must not contain whitespace")
+    value = http_form(value)
     try:
         parts = urlsplit(value)
     except ValueError:
         _fail(path, f"{value!r} is not a valid URL")
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        _fail(path, f"{value!r} must be an absolute http:// or https:// URL with a host")
+        _fail(path, f"{value!r} must be an absolute http:// or https:// (or ws:// or wss://) URL with a host")
     if "@" in parts.netloc:  # not echoed: user info may hold a password
         _fail(path, "must not contain user info (user:password@)")
     if "#" in value:
@@ -673,6 +678,13 @@ _CORS_RULES: Mapping[str, _Convert] = {
     "allow_credentials": _expect(bool, "a boolean"),
 }
 _ADMIN_RULES: Mapping[str, _Convert] = {"listen": _list_of(_listen_address, single_ok=True)}
+_WEBSOCKET_RULES: Mapping[str, _Convert] = {
+    "max_message_size": _number(1024, integer=True),
+    "message_queue_size": _number(1, integer=True),
+    # 0 means: no idle limit / no maximum duration.
+    **dict.fromkeys(["idle_timeout", "max_session_duration"], _number(0)),
+    **dict.fromkeys(["handshake_timeout", "close_timeout"], _number(0, above=True)),
+}
 _LOG_RULES: Mapping[str, _Convert] = {
     "level": _choice("debug", "info", "warning", "error"),
     "format": _choice("json", "console"),

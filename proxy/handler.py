@@ -7,6 +7,7 @@
 5. verify the signature          (signing.verify_signature)
 6. apply the credential's policy (urls.url_allowed)
 7. forward and stream back       (forwarding + upstream, policy.checked_body, relay)
+   or, for a WebSocket handshake, open the session (ws_policy + websocket)
 
 Nothing reaches the upstream before step 6 has passed. Every refusal is a
 :class:`~proxy.errors.ParkwayError`, answered by :meth:`Gateway.reject` and logged once
@@ -15,6 +16,7 @@ Nothing reaches the upstream before step 6 has passed. Every refusal is a
 
 from __future__ import annotations
 
+import math
 import secrets as _secrets
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing
@@ -26,11 +28,12 @@ from typing import Any
 import structlog
 import trio
 
-from . import cors, forwarding, limits, policy, ssrf
+from . import cors, forwarding, limits, policy, ssrf, ws_policy
 from .admission import GlobalGate
 from .background import BackgroundAsk, background_ask, job_id_from_path
 from .config import Config, Credential
 from .errors import (
+    BadRequest,
     BodyTooLarge,
     Forbidden,
     InternalError,
@@ -51,6 +54,7 @@ from .state import MemoryState, StateBackend
 from .upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
 from .urls import check_unambiguous_path, origin_and_target, url_allowed
 from .usage import UsageObserver
+from .websocket import SessionPlan, SessionReport, WebSocketProxy
 
 # A fixed-length answer up to this size has its head held back and written with the first body
 # chunk (one write instead of two: the upstream sends a small body together with its head).
@@ -82,6 +86,7 @@ class Plan:
     rules: policy.RequestPolicy
     user: str | None
     single_use: bool
+    websocket: bool = False  # a WebSocket handshake: step 7 opens a session
     background: BackgroundAsk | None = None  # run as a job (proxy.background)
     prefix: str = ""  # the public path prefix this client reached Parkway under
 
@@ -98,6 +103,7 @@ class Gateway:
         state: StateBackend | None = None,
         clock: Callable[[], datetime] = utcnow,
         engine: EpollEngine | None = None,
+        websockets: WebSocketProxy | None = None,
     ):
         self.config = config
         self.upstream = upstream
@@ -106,6 +112,7 @@ class Gateway:
         self.state: StateBackend = state or MemoryState()
         self.gate = self._gate_for(config)
         self.clock = clock
+        self.websockets = websockets or WebSocketProxy(config.websocket)
         self.jobs: JobAPI | None = None  # set by the app when [jobs] is on
 
     @staticmethod
@@ -126,6 +133,7 @@ class Gateway:
             config.server.queue_timeout,
         ):
             self.gate = self._gate_for(config)
+        self.websockets.settings = config.websocket
         self.config = config
 
     # --- entry points called by the server ------------------------------------------------
@@ -139,7 +147,7 @@ class Gateway:
         with structlog.contextvars.bound_contextvars(request_id=request_id, credential=None, user=None, job=None):
             try:
                 with trio.move_on_after(config.server.request_timeout or float("inf")) as overall:
-                    await self._handle(head, conn, config, record, request_id)
+                    await self._handle(head, conn, config, record, request_id, overall)
                 if overall.cancelled_caught:
                     raise UpstreamTimeout(
                         f"request exceeded the overall limit of {config.server.request_timeout:g} s",
@@ -209,7 +217,13 @@ class Gateway:
     # --- the steps ------------------------------------------------------------------------
 
     async def _handle(
-        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, request_id: str
+        self,
+        head: RequestHead,
+        conn: HTTPConnection,
+        config: Config,
+        record: RequestRecord,
+        request_id: str,
+        overall: trio.CancelScope,
     ) -> None:
         origin = head.header(b"origin")
         if cors.is_preflight(head.method, origin, head.header(b"access-control-request-method")):
@@ -224,7 +238,13 @@ class Gateway:
             await self._serve_job(head, conn, config, record, request_id, job_id)
             return
         plan = await self._plan(head, conn, config, record, request_id, origin)
-        await self._unless_client_leaves(conn, record, self._admit_and_forward, head, conn, config, record, plan)
+        if plan.websocket:
+            # A session has limits of its own (idle_timeout, max_session_duration), not request_timeout.
+            overall.deadline = math.inf
+            await self._admit(head, conn, config, record, plan, self._open_session)
+        else:
+            step7 = self._forward if plan.background is None else self._enqueue
+            await self._unless_client_leaves(conn, record, self._admit, head, conn, config, record, plan, step7)
 
     async def _plan(
         self,
@@ -274,7 +294,21 @@ class Gateway:
         forwarding.check_connection_header(head.headers, signed.signed_headers, credential.headers)
         _scheme, host, target = origin_and_target(signed.proxy_url)
         record.upstream_host, record.upstream_path = host, target.partition("?")[0]
-        if not url_allowed(signed.proxy_url, credential.allowed_upstreams):
+        # A WebSocket handshake (valid, from an allowed origin) for a WebSocket URL, and a
+        # WebSocket URL only with a handshake; allowed_upstreams match it in its http(s) form.
+        websocket = ws_policy.is_websocket_request(head.method, headers)
+        if websocket:
+            ws_policy.check_handshake(head.http_version, headers)
+            ws_policy.check_origin(config.cors.allow_origins, origin)
+        elif ws_policy.is_websocket_url(signed.proxy_url):
+            raise BadRequest(
+                "X-Sw-Proxy is a WebSocket URL: open it with a WebSocket handshake (GET, Upgrade: websocket)",
+                code="websocket_required",
+            )
+        allowed = url_allowed(signed.proxy_url, credential.allowed_upstreams)
+        if websocket and not allowed:  # an https:// prefix (as the config stores wss://) covers wss://
+            allowed = url_allowed(ws_policy.http_form(signed.proxy_url), credential.allowed_upstreams)
+        if not allowed:
             raise Forbidden(
                 f"upstream {host}{record.upstream_path} is not allowed for credential {credential.id!r}",
                 code="upstream_not_allowed",
@@ -298,7 +332,7 @@ class Gateway:
         policy.check_request(
             rules, method=head.method, upstream_path=record.upstream_path, content_length=declared_length
         )
-        background = background_ask(
+        background = None if websocket else background_ask(
             extras, head.header(b"prefer"), config.jobs,
             credential=credential.id, allowed_callbacks=credential.allowed_callbacks,
         )  # fmt: skip
@@ -319,6 +353,7 @@ class Gateway:
             rules=rules,
             user=user,
             single_use=limits.wants_single_use(credential.single_use, extras, config.server.single_use_param),
+            websocket=websocket,
             background=background,
             prefix=config.server.public_path_prefix or ctx.prefix,
         )
@@ -342,10 +377,18 @@ class Gateway:
         if record.outcome == "client_gone":
             conn.abort()
 
-    async def _admit_and_forward(
-        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
+    async def _admit(
+        self,
+        head: RequestHead,
+        conn: HTTPConnection,
+        config: Config,
+        record: RequestRecord,
+        plan: Plan,
+        step7: Callable[[RequestHead, HTTPConnection, Config, RequestRecord, Plan], Awaitable[None]],
     ) -> None:
-        """Admission (in-flight gate, limits, single use), then forwarding; slots always given back."""
+        """Admission (in-flight gate, limits, single use), then step 7; slots always given back.
+
+        A WebSocket session holds its slots for its whole life, as a stream does."""
         credential = plan.credential
         async with self.gate.slot():
             decision = await self.state.acquire(
@@ -361,10 +404,7 @@ class Gateway:
                         plan.signature, last_valid.timestamp(), self.clock().timestamp()
                     ):
                         raise limits.replay_refusal()
-                if plan.background is not None:
-                    await self._enqueue(head, conn, config, record, plan)
-                else:
-                    await self._forward(head, conn, config, record, plan)
+                await step7(head, conn, config, record, plan)
             finally:
                 with trio.CancelScope(shield=True):
                     await self.state.release(decision.lease)
@@ -430,6 +470,43 @@ class Gateway:
                     record.usage = usage.usage
             finally:
                 self.metrics.in_flight.dec()
+
+    async def _open_session(
+        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
+    ) -> None:
+        """Step 7 for a WebSocket: the upstream's handshake, then the client's 101, then the session.
+
+        Until the upstream has accepted, a failure is an HTTP error like any other; from the 101
+        on, the session ends with close frames and its report fills the request's record.
+        """
+        proposed = ws_policy.parse_subprotocols(head.header(b"sec-websocket-protocol"))
+        offered, dropped = ws_policy.split_subprotocols(proposed)
+        if dropped:  # the count only: each was an API key
+            log.warning("websocket_key_subprotocol_dropped", count=dropped)
+        session = SessionPlan(
+            target=ws_policy.upstream_target(plan.upstream_url),
+            headers=ws_policy.upstream_headers(head.headers, plan.credential.headers, plan.ctx),
+            subprotocols=offered,
+            address_policy=_address_policy(plan.credential, config.server.allow_private_upstreams),
+            response_headers=[(b"x-request-id", plan.request_id.encode())],
+        )
+
+        def hand_over() -> tuple[trio.abc.Stream, bytes]:
+            stream, after_head = conn.hand_over()
+            return stream, ws_policy.handshake_request(head.target, head.headers) + after_head
+
+        record.session = report = SessionReport()
+        self.metrics.in_flight.inc()
+        try:
+            await self.websockets.run(session, hand_over, report)
+        finally:
+            self.metrics.in_flight.dec()
+            if report.outcome is not None:  # the client was handed over: the session decided
+                record.status = 101 if report.accepted else None
+                record.outcome, record.completed, record.usage = report.outcome, True, report.usage
+                if report.outcome == ws_policy.UPSTREAM_ERROR:
+                    record.error = f"the upstream ended the session with {report.client_code}"
+                    record.error_code = "upstream_websocket_error"
 
     async def _respond(
         self,

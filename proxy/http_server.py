@@ -104,6 +104,7 @@ class HTTPConnection:
         self.head_bytes_in = 0  # bytes_in when the current request began
         self.request_done = trio.Event()  # set once the current request's body is fully read
         self._close_after = False
+        self.handed_over = False  # the connection now speaks another protocol (see hand_over)
         self._unsent: list[bytes] = []  # encoded by a send with flush=False, written at the next flush
         # Written to directly when it is a real socket (see flush); None for in-memory streams.
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -338,6 +339,14 @@ class HTTPConnection:
         if self.conn.our_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR):
             self.conn.send_failed()
 
+    def hand_over(self) -> tuple[trio.abc.Stream, bytes]:
+        """Give the connection to another protocol (a WebSocket after its upgrade was accepted):
+        the stream, and the bytes h11 received after the request head. HTTP on it is over:
+        nothing more is sent or read here, and the server closes it when the handler returns."""
+        self.handed_over = True
+        self.conn.send_failed()  # no HTTP response may follow, and the connection is not reused
+        return self.stream, bytes(self.conn.trailing_data[0])
+
     def reusable(self) -> bool:
         return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
 
@@ -426,7 +435,7 @@ class Server:
         finally:
             self.open_connections -= 1
             with trio.CancelScope(shield=True):
-                if not conn.request_complete and conn.response_started:
+                if not conn.request_complete and conn.response_started and not conn.handed_over:
                     await _lingering_close(stream)
                 await trio.aclose_forcefully(stream)
 

@@ -28,6 +28,9 @@ from urllib.parse import parse_qsl, quote, quote_plus, urlsplit
 from .errors import BadRequest, Forbidden, client_text
 from .urls import InvalidURL, normalize_url
 
+# What X-Sw-Proxy may name: HTTP upstreams, and WebSocket ones (opened with a WebSocket handshake).
+PROXY_SCHEMES = frozenset({"http", "https", "ws", "wss"})
+
 ALGORITHM = "SW1-HMAC-SHA256"
 X_ALGORITHM = "X-Sw-Algorithm"
 X_CREDENTIAL = "X-Sw-Credential"
@@ -187,7 +190,7 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
         if not _HEADER_NAME_RE.match(n):
             raise invalid(X_SIGNED_HEADERS, f"{client_text(n)} is not a header name")
     try:
-        proxy_url = normalize_url(found[X_PROXY])
+        proxy_url = normalize_url(found[X_PROXY], schemes=PROXY_SCHEMES)
     except InvalidURL as exc:
         raise invalid(X_PROXY, str(exc)) from None
     return SignedRequest(
@@ -365,7 +368,7 @@ def sign_url(
         (X_CREDENTIAL, f"{id}/{date_text[:8]}"),
         (X_DATE, date_text),
         (X_EXPIRES, str(int(expiry))),
-        (X_PROXY, normalize_url(proxy_url)),
+        (X_PROXY, normalize_url(proxy_url, schemes=PROXY_SCHEMES)),
         (X_SIGNED_HEADERS, ";".join(k.lower().strip() for k in signed)),
         (X_BODY, "true" if body_bytes is not None else "false"),
         *((k, v) for k, v in (params or {}).items()),

@@ -23,6 +23,7 @@ from proxy.config import (
 )
 from proxy.errors import ConfigError, ConfigProblem
 from proxy.jobs import JobsConfig
+from proxy.ws_policy import WebSocketConfig
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "parkway.toml"
 
@@ -156,6 +157,9 @@ def test_listen_accepts_a_single_string():
         ("https://api.example.com", "https://api.example.com/"),  # cannot match api.example.com.evil
         ("https://api.example.com:443/v1/", "https://api.example.com/v1/"),  # as requests are normalised
         ("http://10.0.0.2:8080/v1?x=1", "http://10.0.0.2:8080/v1?x=1"),
+        # WebSocket prefixes are kept in the http(s) form WebSocket URLs are matched in
+        ("wss://API.OpenAI.com/v1/realtime", "https://api.openai.com/v1/realtime"),
+        ("ws://127.0.0.1:8080", "http://127.0.0.1:8080/"),
     ],
 )
 def test_allowed_upstreams_are_normalised(written, stored):
@@ -170,6 +174,7 @@ def test_shipped_example_parses_with_its_variables():
     assert config.server == ServerConfig()
     assert config.cors == dataclasses.replace(CorsConfig(), allow_origins=("https://app.example.com",))
     assert config.log == LogConfig()
+    assert config.websocket == WebSocketConfig()
     assert config.credentials == (
         Credential(
             id="my-app",
@@ -182,7 +187,7 @@ def test_shipped_example_parses_with_its_variables():
 
 def test_shipped_example_documents_every_key():
     text = EXAMPLE.read_text()
-    classes = (ServerConfig, CorsConfig, LogConfig, AdminConfig, StateConfig, Credential, JobsConfig)
+    classes = (ServerConfig, CorsConfig, LogConfig, AdminConfig, StateConfig, WebSocketConfig, Credential, JobsConfig)
     not_keys = ("secrets", "headers", "webhook_secrets")
     keys = [f.name for cls in classes for f in dataclasses.fields(cls) if f.name not in not_keys]
     keys += ["secret", "secret_env", "webhook_secret", "webhook_secret_env", r"\[credentials\.headers\]", r"\[jobs\]"]
@@ -195,7 +200,18 @@ def test_shipped_example_documents_every_key():
 
 PROBLEMS = [
     # top level
-    ("extra = 1", "extra", "unknown key 'extra'; allowed keys: server, credentials, cors, log, admin, state, jobs"),
+    (
+        "extra = 1",
+        "extra",
+        "unknown key 'extra'; allowed keys: server, credentials, cors, log, admin, state, websocket, jobs",
+    ),
+    # websocket
+    ("[websocket]\nmax_message_size = 100", "websocket.max_message_size", "must be at least 1024"),
+    ("[websocket]\nmax_message_size = 1.5e6", "websocket.max_message_size", "expected an integer, got float"),
+    ("[websocket]\nmessage_queue_size = 0", "websocket.message_queue_size", "must be at least 1"),
+    ("[websocket]\nidle_timeout = -1", "websocket.idle_timeout", "must be at least 0"),
+    ("[websocket]\nhandshake_timeout = 0", "websocket.handshake_timeout", "must be greater than 0"),
+    ("[websocket]\nclose_timout = 1", "websocket.close_timout", "unknown key 'close_timout'"),
     ("server = 3", "server", "expected a table, got integer"),
     ("credentials = 1", "credentials", "expected an array of tables"),
     ("credentials = [1]", "credentials[0]", "expected a table, got integer"),
@@ -489,6 +505,12 @@ def test_expand_env_problems(value, messages):
 # --- Config objects ---------------------------------------------------------------------------
 
 
+def test_websocket_table():
+    config = parse_config("[websocket]\nmax_message_size = 33554432\nidle_timeout = 0\nclose_timeout = 1.5", ENV)
+    assert config.websocket == WebSocketConfig(max_message_size=33554432, idle_timeout=0.0, close_timeout=1.5)
+    assert parse_config("", ENV).websocket == WebSocketConfig()
+
+
 def test_credential_lookup():
     config = parse_config(CRED + '[[credentials]]\nid = "b"\nsecret = "x"', ENV)
     assert config.credential("app") is config.credentials[0]
@@ -510,6 +532,7 @@ def test_config_stays_frozen_comparable_and_hashable():
         "log",
         "admin",
         "state",
+        "websocket",
         "jobs",
     ]
     replaced = dataclasses.replace(one, credentials=(Credential("new", ("s",)),))

@@ -30,6 +30,7 @@ PURE = [
     "urls",
     "usage",
     "webhooks",
+    "ws_policy",
 ]
 IO_LIBRARIES = ["trio", "h11", "httpx", "httpx2", "httpcore", "httpcore2", "coredis", "anyio"]
 
