@@ -15,13 +15,15 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from typing import Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
 
+from . import webhooks
 from .cache_policy import CACHE_BACKENDS, REPLAY_MODES, CacheConfig, CacheRules
 from .errors import ConfigError, ConfigProblem
+from .jobs import STORES, JobsConfig
 from .limits import LimitSpec, parse_rate
 from .policy import OVERFLOW_CHOICES
 from .urls import InvalidURL, normalize_prefix, split_host_port
@@ -81,6 +83,8 @@ class Credential:
     allowed_models: tuple[str, ...] = ()  # JSON body "model"; empty = any
     max_tokens: int | None = None  # cap on max_tokens / max_completion_tokens
     max_n: int | None = None  # cap on "n"
+    allowed_callbacks: tuple[str, ...] = ()  # URL prefixes a signed pw_callback may name; empty = none
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)  # whsec_...: each signs deliveries
     cache: CacheRules | None = None  # [credentials.cache]: a default ttl and how entries are kept
 
 
@@ -142,6 +146,7 @@ class Config:
     admin: AdminConfig = AdminConfig(listen=())
     state: StateConfig = StateConfig()
     websocket: WebSocketConfig = WebSocketConfig()
+    jobs: JobsConfig = JobsConfig()
     cache: CacheConfig = CacheConfig()
 
     # Not a field, so equality, hashing, repr and asdict() ignore it.
@@ -197,6 +202,9 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     admin = _section(root.table("admin"), AdminConfig, _ADMIN_RULES)
     state = _section(root.table("state"), StateConfig, _state_rules(env))
     websocket = _section(root.table("websocket"), WebSocketConfig, _WEBSOCKET_RULES)
+    jobs = _section(root.table("jobs"), JobsConfig, _JOBS_RULES)
+    if "jobs" in data and "enabled" not in data.get("jobs", {}):
+        jobs = replace(jobs, enabled=True)  # a [jobs] table turns them on
     cache = _section(root.table("cache"), CacheConfig, _cache_rules(env))
     root.finish()
     signed_params = {"server.user_param": server.user_param, "server.single_use_param": server.single_use_param}
@@ -211,7 +219,7 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         )
     if problems:
         raise ConfigError(problems)
-    return Config(server, credentials, cors, log, admin, state, websocket, cache)
+    return Config(server, credentials, cors, log, admin, state, websocket, jobs, cache)
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -552,6 +560,14 @@ def _headers(env: Mapping[str, str]) -> _Convert:
     return convert
 
 
+def _webhook_secret(value: Any, path: str) -> str:
+    try:
+        webhooks.parse_secret(_str(value, path))
+    except webhooks.InvalidWebhookSecret as exc:  # the message never holds the secret
+        _fail(path, f"is not a Standard Webhooks secret: {exc}")
+    return value
+
+
 def _credentials(tables: list[_Table], env: Mapping[str, str]) -> tuple[Credential, ...]:
     credentials: list[Credential] = []
     first_seen: dict[str, str] = {}
@@ -562,14 +578,26 @@ def _credentials(tables: list[_Table], env: Mapping[str, str]) -> tuple[Credenti
         headers = t.value("headers", (), _headers(env))
         upstreams = t.value("allowed_upstreams", (), _list_of(_upstream_prefix))
         extra = {key: t.value(key, default, rule) for key, (default, rule) in _CREDENTIAL_POLICY_RULES.items()}
+        callbacks = t.value("allowed_callbacks", (), _list_of(_upstream_prefix))
+        hook_inline = t.value("webhook_secret", (), _list_of(_webhook_secret, single_ok=True))
+        hook_env = t.value(
+            "webhook_secret_env", (), _list_of(lambda v, p: _webhook_secret(_secret_from(env)(v, p), p), single_ok=True)
+        )
         t.finish()
+        if callbacks and not any(t.data.get(key) for key in ("webhook_secret", "webhook_secret_env")):
+            t.report(t.at("allowed_callbacks"), "needs webhook_secret_env (or webhook_secret) to sign deliveries")
         if all(t.data.get(key) in (None, []) for key in ("secret", "secret_env")):
             t.report(t.path, "needs at least one secret: set secret_env (or secret)")
         if cid in first_seen:
             t.report(t.at("id"), f"duplicate id {cid!r}, first used at {first_seen[cid]}")
         elif cid:
             first_seen[cid] = t.at("id")
-        credentials.append(Credential(cid, inline + from_env, headers, upstreams, **extra))
+        credentials.append(
+            Credential(
+                cid, inline + from_env, headers, upstreams, **extra,
+                allowed_callbacks=callbacks, webhook_secrets=hook_inline + hook_env,
+            )
+        )  # fmt: skip
     return tuple(credentials)
 
 
@@ -629,6 +657,21 @@ def _state_rules(env: Mapping[str, str]) -> Mapping[str, _Convert]:
         "max_signatures": _number(1, integer=True),
         "concurrency_retry_after": _number(0, above=True),
     }
+
+
+_JOBS_RULES: Mapping[str, _Convert] = {
+    "enabled": _expect(bool, "a boolean"),
+    "store": _choice(*STORES),
+    "path": _non_empty,
+    **dict.fromkeys(
+        ["max_jobs_in_flight", "max_jobs_queued", "max_attempts", "max_result_bytes"], _number(1, integer=True)
+    ),
+    "inline_payload_bytes": _number(0, integer=True),
+    **dict.fromkeys(["result_ttl", "max_delivery_age", "lease", "poll_interval"], _number(0, above=True)),
+    "delivery_timeout": _number(0, above=True),
+    "retry_schedule": _list_of(_number(0), non_empty=True),
+    **dict.fromkeys(["async_param", "callback_param"], _non_empty),
+}
 
 
 def _redis_url(env: Mapping[str, str], *, empty_ok: bool = False) -> _Convert:

@@ -94,6 +94,11 @@ class NotFound(Refused):
     code = "not_found"
 
 
+class MethodNotAllowed(Refused):
+    status = 405
+    code = "job_method_not_allowed"
+
+
 class RequestTimeout(Refused):
     status = 408
     code = "client_timeout"

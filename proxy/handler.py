@@ -31,6 +31,7 @@ import trio
 
 from . import cors, forwarding, limits, policy, ssrf, ws_policy
 from .admission import GlobalGate
+from .background import BackgroundAsk, background_ask, job_id_from_path
 from .cache import ALONE, LEAD, FellBehind, Flight, LeaderFailed, ResponseCache
 from .cache_policy import (
     CacheRequest,
@@ -54,6 +55,7 @@ from .errors import (
     CacheMiss,
     Forbidden,
     InternalError,
+    Overloaded,
     ParkwayError,
     UnknownCredential,
     UpstreamError,
@@ -62,6 +64,7 @@ from .errors import (
     error_response,
 )
 from .http_server import ClientGone, HTTPConnection, RequestHead
+from .jobapi import JobAPI, no_such_job
 from .metrics import Metrics
 from .record import RequestRecord, count_request, log, log_request
 from .relay import BodyObserver, EpollEngine, relay
@@ -103,6 +106,8 @@ class Plan:
     user: str | None
     single_use: bool
     websocket: bool = False  # a WebSocket handshake: step 7 opens a session
+    background: BackgroundAsk | None = None  # run as a job (proxy.background)
+    prefix: str = ""  # the public path prefix this client reached Parkway under
     cache: CacheRequest | None = None  # the signer made it cacheable (pw_cache or the credential's ttl)
 
 
@@ -130,6 +135,7 @@ class Gateway:
         self.gate = self._gate_for(config)
         self.clock = clock
         self.websockets = websockets or WebSocketProxy(config.websocket)
+        self.jobs: JobAPI | None = None  # set by the app when [jobs] is on
 
     @staticmethod
     def _gate_for(config: Config) -> GlobalGate:
@@ -160,7 +166,7 @@ class Gateway:
         request_id = _secrets.token_hex(8)
         # credential and user are bound later; binding them here too makes the exit reset them,
         # so the next request on a kept-alive connection does not inherit them.
-        with structlog.contextvars.bound_contextvars(request_id=request_id, credential=None, user=None):
+        with structlog.contextvars.bound_contextvars(request_id=request_id, credential=None, user=None, job=None):
             try:
                 with trio.move_on_after(config.server.request_timeout or float("inf")) as overall:
                     await self._handle(head, conn, config, record, request_id, overall)
@@ -249,15 +255,20 @@ class Gateway:
             record.outcome = "preflight"
             await conn.send_full(204, [*headers, (b"x-request-id", request_id.encode())], b"")
             return
+        job_id = job_id_from_path(head.path, (config.server.public_path_prefix,))
+        if job_id is not None:
+            await self._serve_job(head, conn, config, record, request_id, job_id)
+            return
         plan = await self._plan(head, conn, config, record, request_id, origin)
         if plan.websocket:
             # A session has limits of its own (idle_timeout, max_session_duration), not request_timeout.
             overall.deadline = math.inf
             await self._admit(head, conn, config, record, plan, self._open_session)
-        elif plan.cache is None:
-            await self._unless_client_leaves(conn, record, self._admit, head, conn, config, record, plan, self._forward)
-        else:
+        elif plan.cache is not None:
             await self._unless_client_leaves(conn, record, self._serve_cacheable, head, conn, config, record, plan)
+        else:
+            step7 = self._forward if plan.background is None else self._enqueue
+            await self._unless_client_leaves(conn, record, self._admit, head, conn, config, record, plan, step7)
 
     async def _plan(
         self,
@@ -345,10 +356,14 @@ class Gateway:
         policy.check_request(
             rules, method=head.method, upstream_path=record.upstream_path, content_length=declared_length
         )
+        background = None if websocket else background_ask(
+            extras, head.header(b"prefer"), config.jobs,
+            credential=credential.id, allowed_callbacks=credential.allowed_callbacks,
+        )  # fmt: skip
         upstream_url = signed.proxy_url.split("#", 1)[0]
         cached: CacheRequest | None = None
-        if self.cache is not None and not websocket:
-            # 6c: the cache, only as the signer allowed it; the body is read (bounded) for the key.
+        if self.cache is not None and not websocket and background is None:
+            # 6c: the cache, only as the signer allowed it (a job's answer goes to its job, not the cache); the body is read (bounded) for the key.
             cached, body = await self._cache_request(
                 head, conn, config, credential, extras, upstream_url, user, body, declared_length
             )
@@ -370,6 +385,8 @@ class Gateway:
             user=user,
             single_use=limits.wants_single_use(credential.single_use, extras, config.server.single_use_param),
             websocket=websocket,
+            background=background,
+            prefix=config.server.public_path_prefix or ctx.prefix,
             cache=cached,
         )
 
@@ -567,6 +584,28 @@ class Gateway:
             finally:
                 with trio.CancelScope(shield=True):
                     await self.state.release(decision.lease)
+
+    async def _enqueue(
+        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
+    ) -> None:
+        """Step 7 of a background request: stored as a job, answered 202 at once (proxy.jobapi)."""
+        if self.jobs is None:
+            raise Overloaded("background jobs are not running in this process", code="jobs_unavailable")
+        job = await self.jobs.accept(head, conn, config, plan)
+        structlog.contextvars.bind_contextvars(job=job.id[:12])
+        record.status, record.completed = 202, True
+
+    async def _serve_job(
+        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, request_id: str,
+        job_id: str,
+    ) -> None:  # fmt: skip
+        """``GET``/``DELETE /jobs/<id>``: the id is the capability; no signature is involved."""
+        await self._drain_request_body(conn)
+        record.upstream_path = "/jobs/…"  # never the id in a log line: it grants access to the job
+        if self.jobs is None:
+            raise no_such_job(config)
+        record.status = await self.jobs.serve(head, conn, config, job_id, request_id)
+        record.completed = True
 
     async def _forward(
         self,

@@ -95,6 +95,33 @@ class Metrics:
         self.cache_bytes = Gauge("parkway_cache_bytes", "Bytes held by the cache store.", registry=r)
         self.cache_entries = Gauge("parkway_cache_entries", "Entries held by the cache store.", registry=r)
         self.reloads = Counter("parkway_config_reloads", "Configuration reloads by result.", ["result"], registry=r)
+        # Background jobs: the store's view (all processes sharing it) and this process's work.
+        self.jobs = Gauge("parkway_jobs", "Jobs in the job store, by status.", ["status"], registry=r)
+        self.jobs_oldest_queued_age = Gauge(
+            "parkway_jobs_oldest_queued_age_seconds", "Age of the oldest queued job.", registry=r
+        )
+        self.jobs_deliveries_pending = Gauge(
+            "parkway_jobs_deliveries_pending", "Jobs whose webhook delivery is not over.", registry=r
+        )
+        self.jobs_running = Gauge("parkway_jobs_running", "Jobs running in this process.", registry=r)
+        self.jobs_created = Counter(
+            "parkway_jobs_created",
+            "Jobs accepted, by credential and mode (callback | poll).",
+            ["credential", "mode"],
+            registry=r,
+        )
+        self.job_runs = Counter(
+            "parkway_job_runs",
+            "Job runs that ended here, by outcome (completed, failed, requeued, lost).",
+            ["outcome"],
+            registry=r,
+        )
+        self.job_deliveries = Counter(
+            "parkway_webhook_deliveries",
+            "Webhook delivery attempts, by result (delivered, retry, stopped, failed).",
+            ["result"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

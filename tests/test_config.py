@@ -23,6 +23,7 @@ from proxy.config import (
     parse_config,
 )
 from proxy.errors import ConfigError, ConfigProblem
+from proxy.jobs import JobsConfig
 from proxy.ws_policy import WebSocketConfig
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "parkway.toml"
@@ -33,6 +34,8 @@ ENV = {"APP_SECRET": SECRET, "API_KEY": API_KEY, "EMPTY": ""}
 
 # A valid credential that problem cases extend or sit next to.
 CRED = '[[credentials]]\nid = "app"\nsecret_env = "APP_SECRET"\n'
+WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the Standard Webhooks spec's example secret
+HOOK = f'webhook_secret = "{WHSEC}"\n'
 
 
 def problems_of(text: str, env: dict[str, str] = ENV) -> tuple[ConfigProblem, ...]:
@@ -193,12 +196,14 @@ def test_shipped_example_documents_every_key():
         StateConfig,
         WebSocketConfig,
         Credential,
+        JobsConfig,
         CacheConfig,
         CacheRules,
     )
-    tables = ("secrets", "headers", "cache")
-    keys = [f.name for cls in classes for f in dataclasses.fields(cls) if f.name not in tables]
-    keys += ["secret", "secret_env", r"\[credentials\.headers\]", r"\[credentials\.cache\]"]
+    not_keys = ("secrets", "headers", "webhook_secrets", "cache")
+    keys = [f.name for cls in classes for f in dataclasses.fields(cls) if f.name not in not_keys]
+    keys += ["secret", "secret_env", "webhook_secret", "webhook_secret_env", r"\[credentials\.headers\]", r"\[jobs\]"]
+    keys += [r"\[credentials\.cache\]"]
     for key in keys:
         # Written as a setting, possibly commented out, with a comment line right above it.
         assert re.search(rf"^#[^\n]*\n(#[^\n]*\n)*#?\s*{key}(?!\w)", text, re.M), key
@@ -211,7 +216,7 @@ PROBLEMS = [
     (
         "extra = 1",
         "extra",
-        "unknown key 'extra'; allowed keys: server, credentials, cors, log, admin, state, websocket, cache",
+        "unknown key 'extra'; allowed keys: server, credentials, cors, log, admin, state, websocket, jobs, cache",
     ),
     # websocket
     ("[websocket]\nmax_message_size = 100", "websocket.max_message_size", "must be at least 1024"),
@@ -312,6 +317,22 @@ PROBLEMS = [
     ('[log]\nformat = "text"', "log.format", "must be one of json, console"),
     ("[log]\nlevel = 10", "log.level", "expected a string, got integer"),
     ('[log]\ncolour = "auto"', "log.colour", "unknown key 'colour'; allowed keys: level, format"),
+    # background jobs: the credential's callbacks and webhook secrets, the [jobs] table
+    (CRED + 'allowed_callbacks = ["https://app/hooks/"]', "credentials[0].allowed_callbacks", "needs webhook_secret"),
+    (CRED + 'allowed_callbacks = ["ftp://app/"]\n' + HOOK, "credentials[0].allowed_callbacks[0]", "absolute http"),
+    (CRED + 'webhook_secret = "whsec_c2hvcnQ="', "credentials[0].webhook_secret", "decodes to 5 bytes"),
+    (CRED + 'webhook_secret = "sk-not-base64!"', "credentials[0].webhook_secret", "not whsec_ followed by base64"),
+    (CRED + 'webhook_secret_env = ["NOPE"]', "credentials[0].webhook_secret_env[0]", "variable NOPE is not set"),
+    (CRED + 'webhook_secret_env = "APP_SECRET"', "credentials[0].webhook_secret_env", "not a Standard Webhooks"),
+    ('[jobs]\nstore = "postgres"', "jobs.store", "must be one of sqlite, redis"),
+    ('[jobs]\npath = ""', "jobs.path", "must not be empty"),
+    ("[jobs]\nretry_schedule = []", "jobs.retry_schedule", "must not be empty"),
+    ("[jobs]\nretry_schedule = [5, -1]", "jobs.retry_schedule[1]", "must be at least 0"),
+    ("[jobs]\nmax_jobs_queued = 0", "jobs.max_jobs_queued", "must be at least 1"),
+    ("[jobs]\nmax_jobs_in_flight = 1.5", "jobs.max_jobs_in_flight", "expected an integer, got float"),
+    ("[jobs]\nlease = 0", "jobs.lease", "must be greater than 0"),
+    ('[jobs]\nenabled = "yes"', "jobs.enabled", "expected a boolean, got string"),
+    ("[jobs]\nqueue = 1", "jobs.queue", "unknown key 'queue'; allowed keys: enabled, store, path, "),
     # cache
     ('[cache]\nbackend = "disk"', "cache.backend", "must be one of memory, redis, not 'disk'"),
     ("[cache]\nmax_bytes = 0", "cache.max_bytes", "must be at least 1"),
@@ -326,6 +347,25 @@ PROBLEMS = [
     (f"{CRED}[credentials.cache]\nttl_s = 5", "credentials[0].cache.ttl_s", "unknown key 'ttl_s'; allowed keys: ttl,"),
     (f"{CRED}[credentials.cache]\nmax_entry_bytes = 0", "credentials[0].cache.max_entry_bytes", "at least 1"),
 ]
+
+
+def test_jobs_are_off_without_the_table_and_on_with_it():
+    assert parse_config("", {}).jobs == JobsConfig() and not JobsConfig().enabled
+    config = parse_config('[jobs]\npath = "/var/lib/parkway/jobs.sqlite3"\nretry_schedule = [1, 2.5]', {})
+    assert config.jobs == JobsConfig(enabled=True, path="/var/lib/parkway/jobs.sqlite3", retry_schedule=(1.0, 2.5))
+    assert not parse_config("[jobs]\nenabled = false", {}).jobs.enabled
+
+
+def test_credential_callbacks_and_rotated_webhook_secrets():
+    env = {**ENV, "HOOK": WHSEC, "HOOK_NEXT": "whsec_" + "A" * 43 + "="}
+    text = CRED + 'allowed_callbacks = ["HTTPS://App.example.com/hooks/"]\nwebhook_secret_env = ["HOOK", "HOOK_NEXT"]'
+    (cred,) = parse_config(text, env).credentials
+    assert cred.allowed_callbacks == ("https://app.example.com/hooks/",)
+    assert cred.webhook_secrets == (WHSEC, env["HOOK_NEXT"])
+    assert WHSEC not in repr(cred)
+    # a bad secret is named by its key, never shown
+    (problem,) = problems_of(CRED + 'webhook_secret = "whsec_c2VjcmV0LXNob3J0"')
+    assert "c2VjcmV0" not in problem.message
 
 
 def test_cache_sections() -> None:
@@ -540,6 +580,7 @@ def test_config_stays_frozen_comparable_and_hashable():
         "admin",
         "state",
         "websocket",
+        "jobs",
         "cache",
     ]
     replaced = dataclasses.replace(one, credentials=(Credential("new", ("s",)),))

@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 
 # Decisions without I/O: these modules must load without any of the I/O libraries.
 PURE = [
+    "background",
     "cache_entry",
     "cache_memory",
     "cache_policy",
@@ -22,6 +23,8 @@ PURE = [
     "cors",
     "errors",
     "forwarding",
+    "jobs",
+    "jobstore",
     "limits",
     "outage",
     "overrides",
@@ -29,6 +32,7 @@ PURE = [
     "signing",
     "urls",
     "usage",
+    "webhooks",
     "ws_policy",
 ]
 IO_LIBRARIES = ["trio", "h11", "httpx", "httpx2", "httpcore", "httpcore2", "coredis", "anyio"]
