@@ -19,6 +19,7 @@ import trio
 
 from proxy.cache_policy import CacheConfig, CacheRules
 from proxy.config import Config, Credential
+from proxy.jobs import JobsConfig
 from proxy.limits import LimitSpec
 from support.http import Call, Reply, call, read_until_eof, request_bytes
 from support.logs import watch_logs
@@ -441,3 +442,20 @@ async def test_a_websocket_session_is_never_cached(start_parkway, nursery: trio.
         await logs.wait_for(event="request", status=101)
     assert len(realtime.sessions) == 2
     assert all("cache" not in line for line in logs.find(event="request"))
+
+
+async def test_a_background_request_bypasses_the_cache(nursery: trio.Nursery, upstream, tmp_path: Path) -> None:
+    """An answer stored for direct calls is not what a job gets: a job makes its own upstream call."""
+    jobs = JobsConfig(enabled=True, path=str(tmp_path / "jobs.sqlite3"), poll_interval=0.05)
+    parkways = Parkways(nursery)
+    parkway = await parkways.start(replace(make_config(), jobs=jobs))
+    try:
+        target = url(parkway, upstream, pw_cache="600", pw_async="1")
+        assert (await call(parkway.port, "POST", target, body=BODY)).headers["cache-status"].endswith("stored")
+        assert (await call(parkway.port, "POST", target, body=BODY)).headers["cache-status"].startswith("parkway; hit")
+        queued = await call(parkway.port, "POST", target, body=BODY, headers=[("prefer", "respond-async")])
+        assert queued.status == 202 and "cache-status" not in queued.headers
+        with trio.fail_after(5):
+            await upstream.wait_for_requests(2)  # the job's own call
+    finally:
+        await parkways.drain()
