@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import shutil
 import signal
@@ -125,9 +126,17 @@ class Proc:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free right now, taken below the kernel's ephemeral range (32768+ on Linux):
+    a port released by ``bind(0)`` is soon some outgoing connection's local port on a busy machine."""
+    for _ in range(100):
+        port = random.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port found below the ephemeral range")
 
 
 def one_request(port: int, target: str, body: str, headers: tuple[str, ...] = (), timeout: float = 10) -> Response:

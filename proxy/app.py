@@ -13,6 +13,7 @@ import select
 import signal
 import ssl
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from datetime import datetime
 
@@ -24,13 +25,19 @@ from .config import Config, ServerConfig, load_config
 from .errors import ConfigError
 from .handler import Gateway, utcnow
 from .http_server import Server, bound_address, open_listeners
+from .jobapi import JobAPI
+from .jobrunner import JobRunner, open_job_store
 from .metrics import Metrics
+from .outbound import outbound_client
+from .overrides import ConfigOverrides
 from .relay import EpollEngine
 from .state import StateBackend, open_state
 from .upstream import UpstreamClient
 from .urls import split_host_port
+from .websocket import WebSocketProxy
 
 log = structlog.get_logger("parkway")
+JOB_STATS_INTERVAL = 5.0  # seconds between job store counts for the metrics
 
 
 def _offset_port(address: str, offset: int) -> str:
@@ -46,6 +53,7 @@ class Parkway:
         config: Config,
         *,
         config_path: str | os.PathLike | None = None,
+        overrides: ConfigOverrides | None = None,
         upstream_verify: bool | ssl.SSLContext = True,
         clock: Callable[[], datetime] = utcnow,
         worker_index: int = 0,
@@ -53,16 +61,23 @@ class Parkway:
     ):
         self.config = config
         self.config_path = config_path
+        self.overrides = overrides or ConfigOverrides()  # command-line flags, applied to every reloaded file
         self.worker_index = worker_index
         self.reuse_port = reuse_port
         self.upstream = UpstreamClient(config.server, verify=upstream_verify)
+        self.upstream_verify = upstream_verify  # Parkway's own calls (jobs) verify TLS alike
         # The relay's driver: one epoll engine for every stream (Linux), or each request's own
         # task (PARKWAY_RELAY=portable, and wherever there is no epoll).
         relay = os.environ.get("PARKWAY_RELAY", "epoll" if hasattr(select, "epoll") else "portable")
         self.engine = EpollEngine() if relay == "epoll" and hasattr(select, "epoll") else None
         self._engine_scope = trio.CancelScope()
-        self.metrics = Metrics(open_connections=lambda: self.server.open_connections)
-        self.gateway = Gateway(config, self.upstream, metrics=self.metrics, clock=clock, engine=self.engine)
+        self.websockets = WebSocketProxy(config.websocket, ssl_context=self.upstream.ssl_context)
+        self.metrics = Metrics(
+            open_connections=lambda: self.server.open_connections, websocket_sessions=lambda: self.websockets.active
+        )
+        self.gateway = Gateway(
+            config, self.upstream, metrics=self.metrics, clock=clock, engine=self.engine, websockets=self.websockets
+        )
         self.server = Server(config.server, self.gateway)
         self.admin_server = Server(
             ServerConfig(max_connections=64, drain_timeout=0), AdminApp(self, self.metrics.render)
@@ -71,6 +86,8 @@ class Parkway:
         self.admin_addresses: list[str] = []
         self._accepting = False
         self.state: StateBackend | None = None
+        self.runner: JobRunner | None = None
+        self._job_stats = trio.CancelScope()
 
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve until :meth:`shutdown` has drained, then close the upstream pool."""
@@ -89,10 +106,23 @@ class Parkway:
             max_connections=self.config.server.max_connections,
         )
         try:
-            async with open_state(self.config.state) as state, trio.open_nursery() as nursery:
+            async with AsyncExitStack() as stack:
+                state = await stack.enter_async_context(open_state(self.config.state))
                 self.gateway.state = self.state = state
+                if self.config.jobs.enabled:
+                    store = await stack.enter_async_context(open_job_store(self.config.jobs, self.config.state))
+                    verify = self.upstream_verify
+                    if verify is True and self.config.server.upstream_ca_file:  # a private CA, as for proxying
+                        verify = ssl.create_default_context(cafile=self.config.server.upstream_ca_file)
+                    client = await stack.enter_async_context(outbound_client(verify=verify))
+                    self.runner = JobRunner(store, client, lambda: self.config, metrics=self.metrics)
+                    self.gateway.jobs = JobAPI(store, self.runner, metrics=self.metrics)
+                nursery = await stack.enter_async_context(trio.open_nursery())
                 if self.engine is not None:
                     await nursery.start(self._run_engine)
+                if self.runner is not None:
+                    await nursery.start(self.runner.run)
+                    nursery.start_soon(self._refresh_job_stats)
                 if admin_listeners:
                     await nursery.start(self.admin_server.serve, admin_listeners)
                 await nursery.start(self._serve_public, listeners)
@@ -123,7 +153,18 @@ class Parkway:
         with self._engine_scope:
             await self.engine.run(task_status=task_status)
 
+    async def _refresh_job_stats(self) -> None:
+        """The store's counts into the metrics, until the drain begins."""
+        assert self.runner is not None
+        with self._job_stats:
+            while True:
+                await self.runner.refresh_stats()
+                await trio.sleep(JOB_STATS_INTERVAL)
+
     def shutdown(self) -> None:
+        self._job_stats.cancel()
+        if self.runner is not None:
+            self.runner.drain(self.config.server.drain_timeout)
         if not self.server.draining:
             log.info(
                 "draining",
@@ -153,7 +194,7 @@ class Parkway:
             self.metrics.reloads.labels("error").inc()
             return problems
         try:
-            new = load_config(self.config_path)
+            new = self.overrides.apply(load_config(self.config_path))
         except ConfigError as exc:
             problems = [str(p) for p in exc.problems]
             log.error("config_reload_failed", path=str(self.config_path), problems=problems)
@@ -166,6 +207,12 @@ class Parkway:
         if new.state != self.config.state:
             kept.append("[state]")
             new = replace(new, state=self.config.state)
+        old_jobs = self.config.jobs
+        if (new.jobs.enabled, new.jobs.store, new.jobs.path) != (old_jobs.enabled, old_jobs.store, old_jobs.path):
+            kept.append("[jobs] enabled, store and path")
+            new = replace(
+                new, jobs=replace(new.jobs, enabled=old_jobs.enabled, store=old_jobs.store, path=old_jobs.path)
+            )
         if kept:
             log.warning("config_reload_needs_restart", kept=kept, reason="these settings change only on restart")
         self.config = new

@@ -10,13 +10,21 @@ import argparse
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 from . import __version__, logs
 from .config import Config, config_from_dict, load_config
 from .errors import ConfigError
+from .overrides import ConfigOverrides
 from .urls import split_host_port
+
+# Flags that only Signway's command line (ID SECRET) takes: with --config they would be ignored.
+SIGNWAY_ONLY_FLAGS = {
+    "header": "--header",
+    "access_control_allow_origin": "--access-control-allow-origin",
+    "access_control_allow_methods": "--access-control-allow-methods",
+    "access_control_allow_headers": "--access-control-allow-headers",
+}
 
 
 def _header_pairs(values: Sequence[str], parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -58,6 +66,41 @@ def signway_compat_config(args: argparse.Namespace, parser: argparse.ArgumentPar
     return config_from_dict(data, os.environ)
 
 
+def command_line_overrides(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ConfigOverrides:
+    """The ``serve`` flags that override a configuration, checked here so a typo fails at once."""
+    for flag, values in (("--listen", args.listen or []), ("--admin", [args.admin] if args.admin else [])):
+        for address in values:
+            try:
+                split_host_port(address)
+            except ValueError as exc:
+                parser.error(f"{flag}: {exc}")
+    return ConfigOverrides(
+        listen=tuple(args.listen or ()),
+        admin=(args.admin,) if args.admin else None,
+        allow_private_upstreams=args.allow_private_upstreams,
+        log_format=args.log_format,
+    )
+
+
+def serve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Config, ConfigOverrides]:
+    """The configuration ``serve`` starts with, and the flags every reload applies again.
+
+    Raises :class:`ConfigError` for a bad file; a bad flag is a usage error (exit 2).
+    """
+    if args.config:
+        if args.id or args.secret:
+            parser.error("give either --config FILE or ID SECRET, not both")
+        for dest, flag in SIGNWAY_ONLY_FLAGS.items():
+            if getattr(args, dest):
+                parser.error(f"{flag} is for Signway's command line (ID SECRET); with --config, set it in the file")
+        overrides = command_line_overrides(args, parser)
+        return overrides.apply(load_config(args.config)), overrides
+    if not (args.id and args.secret):
+        parser.error("serve needs --config FILE, or ID and SECRET like Signway")
+    overrides = command_line_overrides(args, parser)
+    return overrides.apply(signway_compat_config(args, parser)), overrides
+
+
 def _print_problems(source: str, exc: ConfigError) -> None:
     for problem in exc.problems:
         print(f"{source}: {problem}", file=sys.stderr)
@@ -86,26 +129,10 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .app import Parkway, run_until_signalled
 
     try:
-        if args.config:
-            if args.id or args.secret:
-                parser.error("give either --config FILE or ID SECRET, not both")
-            config = load_config(args.config)
-        elif args.id and args.secret:
-            config = signway_compat_config(args, parser)
-        else:
-            parser.error("serve needs --config FILE, or ID and SECRET like Signway")
+        config, overrides = serve_config(args, parser)
     except ConfigError as exc:
         _print_problems(args.config or "command line", exc)
         return 1
-    if args.allow_private_upstreams:
-        config = replace(config, server=replace(config.server, allow_private_upstreams=True))
-    if args.listen and args.config:
-        for address in args.listen:
-            try:
-                split_host_port(address)
-            except ValueError as exc:
-                parser.error(f"--listen: {exc}")
-        config = replace(config, server=replace(config.server, listen=tuple(args.listen)))
     logs.configure(config.log.level, config.log.format)
     if args.workers > 1:
         from .supervisor import Supervisor
@@ -122,6 +149,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     parkway = Parkway(
         config,
         config_path=args.config,
+        overrides=overrides,
         worker_index=args.worker_index or 0,
         reuse_port=args.worker_index is not None,
     )
@@ -263,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--admin",
         metavar="HOST:PORT",
-        help="admin listener (health, metrics, reload) in Signway mode; from TOML: [admin]",
+        help="admin listener (health, metrics, reload); replaces [admin] listen of a TOML file",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -15,15 +15,18 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from typing import Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
 
+from . import webhooks
 from .errors import ConfigError, ConfigProblem
+from .jobs import STORES, JobsConfig
 from .limits import LimitSpec, parse_rate
 from .policy import OVERFLOW_CHOICES
 from .urls import InvalidURL, normalize_prefix, split_host_port
+from .ws_policy import WebSocketConfig, http_form
 
 STATE_BACKENDS = ("memory", "redis")
 FAILURE_POLICIES = ("open", "closed")  # of a shared state store that cannot be reached
@@ -79,6 +82,8 @@ class Credential:
     allowed_models: tuple[str, ...] = ()  # JSON body "model"; empty = any
     max_tokens: int | None = None  # cap on max_tokens / max_completion_tokens
     max_n: int | None = None  # cap on "n"
+    allowed_callbacks: tuple[str, ...] = ()  # URL prefixes a signed pw_callback may name; empty = none
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)  # whsec_...: each signs deliveries
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +143,8 @@ class Config:
     # A TOML file without [admin] gets AdminConfig()'s loopback default.
     admin: AdminConfig = AdminConfig(listen=())
     state: StateConfig = StateConfig()
+    websocket: WebSocketConfig = WebSocketConfig()
+    jobs: JobsConfig = JobsConfig()
 
     # Not a field, so equality, hashing, repr and asdict() ignore it.
     _by_id: ClassVar[Mapping[str, Credential]]
@@ -191,6 +198,10 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     log = _section(root.table("log"), LogConfig, _LOG_RULES)
     admin = _section(root.table("admin"), AdminConfig, _ADMIN_RULES)
     state = _section(root.table("state"), StateConfig, _state_rules(env))
+    websocket = _section(root.table("websocket"), WebSocketConfig, _WEBSOCKET_RULES)
+    jobs = _section(root.table("jobs"), JobsConfig, _JOBS_RULES)
+    if "jobs" in data and "enabled" not in data.get("jobs", {}):
+        jobs = replace(jobs, enabled=True)  # a [jobs] table turns them on
     root.finish()
     if cors.allow_credentials and "*" in cors.allow_origins:
         root.report(
@@ -200,7 +211,7 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         )
     if problems:
         raise ConfigError(problems)
-    return Config(server, credentials, cors, log, admin, state)
+    return Config(server, credentials, cors, log, admin, state, websocket, jobs)
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -414,16 +425,18 @@ def _upstream_prefix(value: Any, path: str) -> str:
     """An absolute http(s) URL prefix in the canonical form ``urls.normalize_url`` gives requests.
 
     Requests are compared with these prefixes as text, so both sides must be spelled alike
-    (lower-case scheme and host, no default port, a bare origin ending in '/').
+    (lower-case scheme and host, no default port, a bare origin ending in '/'). A ws(s)://
+    prefix is kept in its http(s) form, the one WebSocket URLs are matched in.
     """
     if re.search(r"\s", _str(value, path)):  # the normaliser would quietly strip it
         _fail(path, "must not contain whitespace")
+    value = http_form(value)
     try:
         parts = urlsplit(value)
     except ValueError:
         _fail(path, f"{value!r} is not a valid URL")
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        _fail(path, f"{value!r} must be an absolute http:// or https:// URL with a host")
+        _fail(path, f"{value!r} must be an absolute http:// or https:// (or ws:// or wss://) URL with a host")
     if "@" in parts.netloc:  # not echoed: user info may hold a password
         _fail(path, "must not contain user info (user:password@)")
     if "#" in value:
@@ -539,6 +552,14 @@ def _headers(env: Mapping[str, str]) -> _Convert:
     return convert
 
 
+def _webhook_secret(value: Any, path: str) -> str:
+    try:
+        webhooks.parse_secret(_str(value, path))
+    except webhooks.InvalidWebhookSecret as exc:  # the message never holds the secret
+        _fail(path, f"is not a Standard Webhooks secret: {exc}")
+    return value
+
+
 def _credentials(tables: list[_Table], env: Mapping[str, str]) -> tuple[Credential, ...]:
     credentials: list[Credential] = []
     first_seen: dict[str, str] = {}
@@ -549,14 +570,26 @@ def _credentials(tables: list[_Table], env: Mapping[str, str]) -> tuple[Credenti
         headers = t.value("headers", (), _headers(env))
         upstreams = t.value("allowed_upstreams", (), _list_of(_upstream_prefix))
         extra = {key: t.value(key, default, rule) for key, (default, rule) in _CREDENTIAL_POLICY_RULES.items()}
+        callbacks = t.value("allowed_callbacks", (), _list_of(_upstream_prefix))
+        hook_inline = t.value("webhook_secret", (), _list_of(_webhook_secret, single_ok=True))
+        hook_env = t.value(
+            "webhook_secret_env", (), _list_of(lambda v, p: _webhook_secret(_secret_from(env)(v, p), p), single_ok=True)
+        )
         t.finish()
+        if callbacks and not any(t.data.get(key) for key in ("webhook_secret", "webhook_secret_env")):
+            t.report(t.at("allowed_callbacks"), "needs webhook_secret_env (or webhook_secret) to sign deliveries")
         if all(t.data.get(key) in (None, []) for key in ("secret", "secret_env")):
             t.report(t.path, "needs at least one secret: set secret_env (or secret)")
         if cid in first_seen:
             t.report(t.at("id"), f"duplicate id {cid!r}, first used at {first_seen[cid]}")
         elif cid:
             first_seen[cid] = t.at("id")
-        credentials.append(Credential(cid, inline + from_env, headers, upstreams, **extra))
+        credentials.append(
+            Credential(
+                cid, inline + from_env, headers, upstreams, **extra,
+                allowed_callbacks=callbacks, webhook_secrets=hook_inline + hook_env,
+            )
+        )  # fmt: skip
     return tuple(credentials)
 
 
@@ -623,6 +656,19 @@ def _state_rules(env: Mapping[str, str]) -> Mapping[str, _Convert]:
     }
 
 
+_JOBS_RULES: Mapping[str, _Convert] = {
+    "enabled": _expect(bool, "a boolean"),
+    "store": _choice(*STORES),
+    "path": _non_empty,
+    **dict.fromkeys(
+        ["max_jobs_in_flight", "max_jobs_queued", "max_attempts", "max_result_bytes"], _number(1, integer=True)
+    ),
+    "inline_payload_bytes": _number(0, integer=True),
+    **dict.fromkeys(["result_ttl", "max_delivery_age", "lease", "poll_interval"], _number(0, above=True)),
+    "delivery_timeout": _number(0, above=True),
+    "retry_schedule": _list_of(_number(0), non_empty=True),
+    **dict.fromkeys(["async_param", "callback_param"], _non_empty),
+}
 _CORS_RULES: Mapping[str, _Convert] = {
     "allow_origins": _list_of(_origin),
     "allow_methods": _list_of(lambda value, path: _token(value, path).upper()),
@@ -632,6 +678,13 @@ _CORS_RULES: Mapping[str, _Convert] = {
     "allow_credentials": _expect(bool, "a boolean"),
 }
 _ADMIN_RULES: Mapping[str, _Convert] = {"listen": _list_of(_listen_address, single_ok=True)}
+_WEBSOCKET_RULES: Mapping[str, _Convert] = {
+    "max_message_size": _number(1024, integer=True),
+    "message_queue_size": _number(1, integer=True),
+    # 0 means: no idle limit / no maximum duration.
+    **dict.fromkeys(["idle_timeout", "max_session_duration"], _number(0)),
+    **dict.fromkeys(["handshake_timeout", "close_timeout"], _number(0, above=True)),
+}
 _LOG_RULES: Mapping[str, _Convert] = {
     "level": _choice("debug", "info", "warning", "error"),
     "format": _choice("json", "console"),

@@ -8,14 +8,20 @@ the answer arriving word by word.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shlex
+import shutil
+import tempfile
 
 import httpx2 as httpx
 import trio
 
+from . import webhooks
 from .app import Parkway
 from .config import AdminConfig, Config, CorsConfig, Credential, ServerConfig
+from .demo_jobs import DemoReceiver, play_background, serve_receiver
+from .jobs import JobsConfig
 from .mock_upstream import MockOpenAI, serve_mock
 from .signing import sign_url
 
@@ -63,8 +69,12 @@ async def _play_browser(url: str) -> int:
 async def run_demo(port: int, once: bool, delay: float) -> int:
     api_key = "sk-demo-" + secrets.token_hex(8)
     secret = secrets.token_urlsafe(24)
+    hook_key = secrets.token_bytes(32)
+    receiver = DemoReceiver(hook_key)
     async with trio.open_nursery() as nursery:
         upstream_url = await nursery.start(serve_mock, MockOpenAI(api_key=api_key, delay=delay))
+        receiver_url = await nursery.start(serve_receiver, receiver)
+        jobs_dir = tempfile.mkdtemp(prefix="parkway-demo-")
         config = Config(
             server=ServerConfig(listen=(f"127.0.0.1:{port}",), drain_timeout=2.0),
             credentials=(
@@ -73,10 +83,13 @@ async def run_demo(port: int, once: bool, delay: float) -> int:
                     secrets=(secret,),
                     headers=(("Authorization", f"Bearer {api_key}"),),
                     allowed_upstreams=(upstream_url + "/v1/",),
+                    allowed_callbacks=(receiver_url + "/hooks/",),
+                    webhook_secrets=(webhooks.format_secret(hook_key),),
                 ),
             ),
             cors=CorsConfig(),
             admin=AdminConfig(listen=()),
+            jobs=JobsConfig(enabled=True, path=os.path.join(jobs_dir, "jobs.sqlite3"), poll_interval=0.2),
         )
         parkway = Parkway(config)
         addresses = await nursery.start(parkway.run)
@@ -97,16 +110,32 @@ async def run_demo(port: int, once: bool, delay: float) -> int:
         _out(f"  {url}")
         _out()
         curl = f"curl -N -X POST {shlex.quote(url)} -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(DEMO_BODY))}"
+        background = sign_url(
+            id="demo",
+            secret=secret,
+            host=base,
+            proxy_url=upstream_url + "/v1/chat/completions",
+            expiry=600,
+            method="POST",
+            params={"pw_callback": receiver_url + "/hooks/summary"},
+        )
         if once:
             _out("Sending it, as the browser would:")
             code = await _play_browser(url)
             _out()
+            _out("In the background, as a Sidekiq job would (the backend signs pw_callback; Parkway calls back):")
+            code = code or await play_background(background, receiver, _out)
+            _out()
             _out("To keep it running and stream it with curl yourself: .venv/bin/parkway demo")
             parkway.shutdown()
             nursery.cancel_scope.cancel()
+            shutil.rmtree(jobs_dir, ignore_errors=True)
             return code
         _out("Stream it with curl (Ctrl-C here stops the demo):")
         _out(f"  {curl}")
+        _out()
+        _out("Or run it in the background: 202 at once, the signed result POSTed to the demo's receiver:")
+        _out(f"  curl -i -X POST {shlex.quote(background)} -H 'Content-Type: application/json' -d '{{}}'")
         nursery.start_soon(_stop_on_signal, parkway, nursery.cancel_scope)
     return 0
 

@@ -32,6 +32,34 @@ class ParkwayError(Exception):
         return f"refused:{self.code}"
 
 
+class InternalError(ParkwayError):
+    """A bug met while handling a request (500). The message never says more: the traceback,
+    which may hold request data, goes only to the log, under the same request id."""
+
+    def __init__(self, message: str = "internal error: Parkway failed to handle this request; its log has the details"):
+        super().__init__(message)
+
+    @property
+    def outcome(self) -> str:
+        return "internal_error"
+
+
+def client_text(value: str | bytes, limit: int = 100, *, quoted: bool = True) -> str:
+    """Text the client sent, fit for an error message and a log line.
+
+    At most ``limit`` characters of it are shown, with control and other non-printable
+    characters escaped, so a terminal or log viewer never interprets them and a 16 KB header
+    line is not echoed back whole. ``quoted`` shows it as a Python literal (``'x-a\\x01'``);
+    without, printable characters are kept as they are (for text that is quoted already).
+    """
+    text = bytes(value).decode("latin-1") if isinstance(value, (bytes, bytearray)) else value
+    cut = text[:limit]
+    shown = repr(cut) if quoted else "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in cut)
+    if len(text) > limit:
+        shown += f"… ({len(text) - limit} more characters)"
+    return shown
+
+
 # --- client refusals: nothing is forwarded -------------------------------------------------
 
 
@@ -64,6 +92,11 @@ class Forbidden(Refused):
 class NotFound(Refused):
     status = 404
     code = "not_found"
+
+
+class MethodNotAllowed(Refused):
+    status = 405
+    code = "job_method_not_allowed"
 
 
 class RequestTimeout(Refused):

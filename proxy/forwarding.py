@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .errors import BadRequest
+
 Headers = list[tuple[bytes, bytes]]  # (name, value) pairs as h11 and httpx carry them; the one alias
 
 # RFC 9110 7.6.1 hop-by-hop fields, plus the legacy ones proxies still see.
@@ -57,6 +59,29 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
         if name.lower() == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return tokens
+
+
+def check_connection_header(
+    client: Iterable[tuple[bytes, bytes]], signed: Iterable[str], injected: Iterable[tuple[str, str]]
+) -> None:
+    """Refuse (400) a request whose ``Connection`` header names a signed or an injected header.
+
+    Every header named in ``Connection`` is dropped before forwarding (RFC 9110 7.6.1), so a
+    client could otherwise verify a signature with a header and then have it stripped: a
+    signed header must reach the upstream exactly as signed. Repeated ``Connection`` headers,
+    any case and any spacing count alike.
+    """
+    tokens = {t.decode("latin-1") for t in _connection_tokens(client)}
+    if not tokens:
+        return
+    named = sorted(tokens & ({n.lower() for n in signed} | {n.lower() for n, _ in injected}))
+    if named:
+        listed = ", ".join(named)
+        raise BadRequest(
+            f"the Connection header lists {listed}, which must reach the upstream as signed "
+            "(or as this credential sets it): remove it from Connection",
+            code="signed_header_in_connection",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +154,8 @@ def request_headers(
         (n, v) for n, v in client if n not in dropped and n not in overridden and not n.startswith(b"x-sw-")
     ]
     out.extend(injected_pairs)
-    out.append((b"x-forwarded-for", (ctx.forwarded_for or ctx.client_ip).encode("latin-1")))
+    # The chain is header text from trusted proxies, decoded as UTF-8 where it was valid.
+    out.append((b"x-forwarded-for", (ctx.forwarded_for or ctx.client_ip).encode("utf-8")))
     out.append((b"x-forwarded-proto", ctx.proto.encode("latin-1")))
     if content_length is not None:
         out.append((b"content-length", str(content_length).encode()))

@@ -7,6 +7,7 @@
 5. verify the signature          (signing.verify_signature)
 6. apply the credential's policy (urls.url_allowed)
 7. forward and stream back       (forwarding + upstream, policy.checked_body, relay)
+   or, for a WebSocket handshake, open the session (ws_policy + websocket)
 
 Nothing reaches the upstream before step 6 has passed. Every refusal is a
 :class:`~proxy.errors.ParkwayError`, answered by :meth:`Gateway.reject` and logged once
@@ -15,6 +16,7 @@ Nothing reaches the upstream before step 6 has passed. Every refusal is a
 
 from __future__ import annotations
 
+import math
 import secrets as _secrets
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing
@@ -26,26 +28,33 @@ from typing import Any
 import structlog
 import trio
 
-from . import cors, forwarding, limits, policy, ssrf
+from . import cors, forwarding, limits, policy, ssrf, ws_policy
 from .admission import GlobalGate
+from .background import BackgroundAsk, background_ask, job_id_from_path
 from .config import Config, Credential
 from .errors import (
+    BadRequest,
     BodyTooLarge,
     Forbidden,
+    InternalError,
+    Overloaded,
     ParkwayError,
     UnknownCredential,
     UpstreamTimeout,
+    client_text,
     error_response,
 )
 from .http_server import ClientGone, HTTPConnection, RequestHead
+from .jobapi import JobAPI, no_such_job
 from .metrics import Metrics
 from .record import RequestRecord, count_request, log, log_request
 from .relay import EpollEngine, relay
 from .signing import check_validity, parse_signed_request, verify_signature
 from .state import MemoryState, StateBackend
 from .upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
-from .urls import origin_and_target, url_allowed
+from .urls import check_unambiguous_path, origin_and_target, url_allowed
 from .usage import UsageObserver
+from .websocket import SessionPlan, SessionReport, WebSocketProxy
 
 # A fixed-length answer up to this size has its head held back and written with the first body
 # chunk (one write instead of two: the upstream sends a small body together with its head).
@@ -77,6 +86,9 @@ class Plan:
     rules: policy.RequestPolicy
     user: str | None
     single_use: bool
+    websocket: bool = False  # a WebSocket handshake: step 7 opens a session
+    background: BackgroundAsk | None = None  # run as a job (proxy.background)
+    prefix: str = ""  # the public path prefix this client reached Parkway under
 
 
 class Gateway:
@@ -91,6 +103,7 @@ class Gateway:
         state: StateBackend | None = None,
         clock: Callable[[], datetime] = utcnow,
         engine: EpollEngine | None = None,
+        websockets: WebSocketProxy | None = None,
     ):
         self.config = config
         self.upstream = upstream
@@ -99,6 +112,8 @@ class Gateway:
         self.state: StateBackend = state or MemoryState()
         self.gate = self._gate_for(config)
         self.clock = clock
+        self.websockets = websockets or WebSocketProxy(config.websocket)
+        self.jobs: JobAPI | None = None  # set by the app when [jobs] is on
 
     @staticmethod
     def _gate_for(config: Config) -> GlobalGate:
@@ -118,6 +133,7 @@ class Gateway:
             config.server.queue_timeout,
         ):
             self.gate = self._gate_for(config)
+        self.websockets.settings = config.websocket
         self.config = config
 
     # --- entry points called by the server ------------------------------------------------
@@ -128,10 +144,10 @@ class Gateway:
         request_id = _secrets.token_hex(8)
         # credential and user are bound later; binding them here too makes the exit reset them,
         # so the next request on a kept-alive connection does not inherit them.
-        with structlog.contextvars.bound_contextvars(request_id=request_id, credential=None, user=None):
+        with structlog.contextvars.bound_contextvars(request_id=request_id, credential=None, user=None, job=None):
             try:
                 with trio.move_on_after(config.server.request_timeout or float("inf")) as overall:
-                    await self._handle(head, conn, config, record, request_id)
+                    await self._handle(head, conn, config, record, request_id, overall)
                 if overall.cancelled_caught:
                     raise UpstreamTimeout(
                         f"request exceeded the overall limit of {config.server.request_timeout:g} s",
@@ -149,6 +165,18 @@ class Gateway:
                 record.outcome = "client_gone"
                 record.error = str(exc)
                 conn.abort()
+            except Exception:
+                # A bug: the traceback goes to the log under this request id, the client gets a
+                # 500 if nothing was sent yet, and the connection closes (its state is unknown).
+                log.exception("internal_error", method=head.method)
+                error = InternalError()
+                record.outcome, record.error, record.error_code = error.outcome, error.message, error.code
+                if conn.can_respond:
+                    record.status = error.status
+                    conn.close_after_response()
+                    await self._send_error(head, conn, config, error, request_id)
+                else:
+                    conn.abort()
             finally:
                 if record.outcome == "ok" and not record.completed:
                     # Cancelled from outside (drain deadline, overall timeout) mid-way.
@@ -189,7 +217,13 @@ class Gateway:
     # --- the steps ------------------------------------------------------------------------
 
     async def _handle(
-        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, request_id: str
+        self,
+        head: RequestHead,
+        conn: HTTPConnection,
+        config: Config,
+        record: RequestRecord,
+        request_id: str,
+        overall: trio.CancelScope,
     ) -> None:
         origin = head.header(b"origin")
         if cors.is_preflight(head.method, origin, head.header(b"access-control-request-method")):
@@ -199,8 +233,18 @@ class Gateway:
             record.outcome = "preflight"
             await conn.send_full(204, [*headers, (b"x-request-id", request_id.encode())], b"")
             return
+        job_id = job_id_from_path(head.path, (config.server.public_path_prefix,))
+        if job_id is not None:
+            await self._serve_job(head, conn, config, record, request_id, job_id)
+            return
         plan = await self._plan(head, conn, config, record, request_id, origin)
-        await self._unless_client_leaves(conn, record, self._admit_and_forward, head, conn, config, record, plan)
+        if plan.websocket:
+            # A session has limits of its own (idle_timeout, max_session_duration), not request_timeout.
+            overall.deadline = math.inf
+            await self._admit(head, conn, config, record, plan, self._open_session)
+        else:
+            step7 = self._forward if plan.background is None else self._enqueue
+            await self._unless_client_leaves(conn, record, self._admit, head, conn, config, record, plan, step7)
 
     async def _plan(
         self,
@@ -214,11 +258,12 @@ class Gateway:
         """Steps 1-6: everything that can refuse the request before admission."""
         # 1-3: parse, credential, validity. No body has been read yet.
         signed = parse_signed_request(head.query)
-        record.credential = signed.credential_id
-        structlog.contextvars.bind_contextvars(credential=signed.credential_id)
         credential = config.credential(signed.credential_id)
+        # An unknown id is client text: logged capped and escaped, never whole.
+        record.credential = signed.credential_id if credential else client_text(signed.credential_id, 64, quoted=False)
+        structlog.contextvars.bind_contextvars(credential=record.credential)
         if credential is None:
-            raise UnknownCredential(f"unknown credential {signed.credential_id!r}")
+            raise UnknownCredential(f"unknown credential {client_text(signed.credential_id)}")
         check_validity(signed, self.clock(), clock_skew=config.server.clock_skew, max_expiry=config.server.max_expiry)
         headers = _header_map(head)
         ctx = forwarding.forward_context(head.peer, headers, config.server.trusted_proxies)
@@ -245,13 +290,31 @@ class Gateway:
             headers=headers,
             body=body,
         )
+        # A signed header must reach the upstream as signed: no Connection header may strip it.
+        forwarding.check_connection_header(head.headers, signed.signed_headers, credential.headers)
         _scheme, host, target = origin_and_target(signed.proxy_url)
         record.upstream_host, record.upstream_path = host, target.partition("?")[0]
-        if not url_allowed(signed.proxy_url, credential.allowed_upstreams):
+        # A WebSocket handshake (valid, from an allowed origin) for a WebSocket URL, and a
+        # WebSocket URL only with a handshake; allowed_upstreams match it in its http(s) form.
+        websocket = ws_policy.is_websocket_request(head.method, headers)
+        if websocket:
+            ws_policy.check_handshake(head.http_version, headers)
+            ws_policy.check_origin(config.cors.allow_origins, origin)
+        elif ws_policy.is_websocket_url(signed.proxy_url):
+            raise BadRequest(
+                "X-Sw-Proxy is a WebSocket URL: open it with a WebSocket handshake (GET, Upgrade: websocket)",
+                code="websocket_required",
+            )
+        allowed = url_allowed(signed.proxy_url, credential.allowed_upstreams)
+        if websocket and not allowed:  # an https:// prefix (as the config stores wss://) covers wss://
+            allowed = url_allowed(ws_policy.http_form(signed.proxy_url), credential.allowed_upstreams)
+        if not allowed:
             raise Forbidden(
                 f"upstream {host}{record.upstream_path} is not allowed for credential {credential.id!r}",
                 code="upstream_not_allowed",
             )
+        if credential.allowed_upstreams or credential.allowed_paths:
+            check_unambiguous_path(signed.proxy_url)  # what was checked is what the upstream reads
 
         # 6b: request policy (method, path, size), the end user, then admission: global
         # in-flight cap (503), the credential's and user's limits (429), single use (403).
@@ -269,6 +332,10 @@ class Gateway:
         policy.check_request(
             rules, method=head.method, upstream_path=record.upstream_path, content_length=declared_length
         )
+        background = None if websocket else background_ask(
+            extras, head.header(b"prefer"), config.jobs,
+            credential=credential.id, allowed_callbacks=credential.allowed_callbacks,
+        )  # fmt: skip
         if body is None and not _has_body(head):
             # Consume the (empty) body's end now: from here on a client that leaves is noticed,
             # even while queued for a slot.
@@ -286,6 +353,9 @@ class Gateway:
             rules=rules,
             user=user,
             single_use=limits.wants_single_use(credential.single_use, extras, config.server.single_use_param),
+            websocket=websocket,
+            background=background,
+            prefix=config.server.public_path_prefix or ctx.prefix,
         )
 
     async def _unless_client_leaves(
@@ -333,10 +403,18 @@ class Gateway:
         record.error = "client closed the connection before the response was complete"
         scope.cancel()
 
-    async def _admit_and_forward(
-        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
+    async def _admit(
+        self,
+        head: RequestHead,
+        conn: HTTPConnection,
+        config: Config,
+        record: RequestRecord,
+        plan: Plan,
+        step7: Callable[[RequestHead, HTTPConnection, Config, RequestRecord, Plan], Awaitable[None]],
     ) -> None:
-        """Admission (in-flight gate, limits, single use), then forwarding; slots always given back."""
+        """Admission (in-flight gate, limits, single use), then step 7; slots always given back.
+
+        A WebSocket session holds its slots for its whole life, as a stream does."""
         credential = plan.credential
         async with self.gate.slot():
             decision = await self.state.acquire(
@@ -352,10 +430,32 @@ class Gateway:
                         plan.signature, last_valid.timestamp(), self.clock().timestamp()
                     ):
                         raise limits.replay_refusal()
-                await self._forward(head, conn, config, record, plan)
+                await step7(head, conn, config, record, plan)
             finally:
                 with trio.CancelScope(shield=True):
                     await self.state.release(decision.lease)
+
+    async def _enqueue(
+        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
+    ) -> None:
+        """Step 7 of a background request: stored as a job, answered 202 at once (proxy.jobapi)."""
+        if self.jobs is None:
+            raise Overloaded("background jobs are not running in this process", code="jobs_unavailable")
+        job = await self.jobs.accept(head, conn, config, plan)
+        structlog.contextvars.bind_contextvars(job=job.id[:12])
+        record.status, record.completed = 202, True
+
+    async def _serve_job(
+        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, request_id: str,
+        job_id: str,
+    ) -> None:  # fmt: skip
+        """``GET``/``DELETE /jobs/<id>``: the id is the capability; no signature is involved."""
+        await self._drain_request_body(conn)
+        record.upstream_path = "/jobs/…"  # never the id in a log line: it grants access to the job
+        if self.jobs is None:
+            raise no_such_job(config)
+        record.status = await self.jobs.serve(head, conn, config, job_id, request_id)
+        record.completed = True
 
     async def _forward(
         self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
@@ -396,6 +496,43 @@ class Gateway:
                     record.usage = usage.usage
             finally:
                 self.metrics.in_flight.dec()
+
+    async def _open_session(
+        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
+    ) -> None:
+        """Step 7 for a WebSocket: the upstream's handshake, then the client's 101, then the session.
+
+        Until the upstream has accepted, a failure is an HTTP error like any other; from the 101
+        on, the session ends with close frames and its report fills the request's record.
+        """
+        proposed = ws_policy.parse_subprotocols(head.header(b"sec-websocket-protocol"))
+        offered, dropped = ws_policy.split_subprotocols(proposed)
+        if dropped:  # the count only: each was an API key
+            log.warning("websocket_key_subprotocol_dropped", count=dropped)
+        session = SessionPlan(
+            target=ws_policy.upstream_target(plan.upstream_url),
+            headers=ws_policy.upstream_headers(head.headers, plan.credential.headers, plan.ctx),
+            subprotocols=offered,
+            address_policy=_address_policy(plan.credential, config.server.allow_private_upstreams),
+            response_headers=[(b"x-request-id", plan.request_id.encode())],
+        )
+
+        def hand_over() -> tuple[trio.abc.Stream, bytes]:
+            stream, after_head = conn.hand_over()
+            return stream, ws_policy.handshake_request(head.target, head.headers) + after_head
+
+        record.session = report = SessionReport()
+        self.metrics.in_flight.inc()
+        try:
+            await self.websockets.run(session, hand_over, report)
+        finally:
+            self.metrics.in_flight.dec()
+            if report.outcome is not None:  # the client was handed over: the session decided
+                record.status = 101 if report.accepted else None
+                record.outcome, record.completed, record.usage = report.outcome, True, report.usage
+                if report.outcome == ws_policy.UPSTREAM_ERROR:
+                    record.error = f"the upstream ended the session with {report.client_code}"
+                    record.error_code = "upstream_websocket_error"
 
     async def _respond(
         self,

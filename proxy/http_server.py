@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import AsyncGenerator, Iterator
+import re
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from contextlib import aclosing, contextmanager, suppress
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -21,7 +22,16 @@ import structlog
 import trio
 
 from .config import ServerConfig
-from .errors import BadRequest, BodyTooLarge, HeadersTooLarge, Overloaded, ParkwayError, RequestTimeout
+from .errors import (
+    BadRequest,
+    BodyTooLarge,
+    HeadersTooLarge,
+    InternalError,
+    Overloaded,
+    ParkwayError,
+    RequestTimeout,
+    client_text,
+)
 from .urls import split_host_port
 
 log = structlog.get_logger("parkway.server")
@@ -94,6 +104,7 @@ class HTTPConnection:
         self.head_bytes_in = 0  # bytes_in when the current request began
         self.request_done = trio.Event()  # set once the current request's body is fully read
         self._close_after = False
+        self.handed_over = False  # the connection now speaks another protocol (see hand_over)
         self._unsent: list[bytes] = []  # encoded by a send with flush=False, written at the next flush
         # Written to directly when it is a real socket (see flush); None for in-memory streams.
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -112,7 +123,10 @@ class HTTPConnection:
         except h11.RemoteProtocolError as exc:
             if exc.error_status_hint == 431:
                 raise HeadersTooLarge(f"request head exceeds {self.config.max_header_bytes} bytes") from exc
-            raise BadRequest(f"malformed HTTP request: {exc}", code="malformed_http") from exc
+            # h11 quotes the offending line: shown capped and escaped, never whole (up to 16 KB).
+            raise BadRequest(
+                f"malformed HTTP request: {client_text(str(exc), 160, quoted=False)}", code="malformed_http"
+            ) from exc
 
     async def next_request(self, idle_timeout: float) -> RequestHead | None:
         """Wait for the next request head; None when the client leaves or idles out between requests.
@@ -134,6 +148,7 @@ class HTTPConnection:
                 head_size = self.bytes_in - len(self.conn.trailing_data[0]) - self.head_bytes_in
                 if head_size > self.config.max_header_bytes:
                     raise HeadersTooLarge(f"request head exceeds {self.config.max_header_bytes} bytes")
+                _check_head(event.headers)
                 return RequestHead(
                     method=event.method.decode("ascii", "replace"),
                     target=event.target.decode("latin-1"),
@@ -324,6 +339,14 @@ class HTTPConnection:
         if self.conn.our_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR):
             self.conn.send_failed()
 
+    def hand_over(self) -> tuple[trio.abc.Stream, bytes]:
+        """Give the connection to another protocol (a WebSocket after its upgrade was accepted):
+        the stream, and the bytes h11 received after the request head. HTTP on it is over:
+        nothing more is sent or read here, and the server closes it when the handler returns."""
+        self.handed_over = True
+        self.conn.send_failed()  # no HTTP response may follow, and the connection is not reused
+        return self.stream, bytes(self.conn.trailing_data[0])
+
     def reusable(self) -> bool:
         return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
 
@@ -405,14 +428,28 @@ class Server:
         except ClientGone:
             pass
         except Exception:
-            # A bug must cost one connection, never the server and every other stream.
+            # A bug must cost one connection, never the server and every other stream; the
+            # client still gets an answer when none has started.
             log.exception("connection_failed", client=peer)
+            await self._answer_internal_error(conn)
         finally:
             self.open_connections -= 1
             with trio.CancelScope(shield=True):
-                if not conn.request_complete and conn.response_started:
+                if not conn.request_complete and conn.response_started and not conn.handed_over:
                     await _lingering_close(stream)
                 await trio.aclose_forcefully(stream)
+
+    async def _answer_internal_error(self, conn: HTTPConnection) -> None:
+        """500 ``internal_error`` if a response can still be sent, else a truncated one."""
+        if not conn.can_respond:
+            conn.abort()
+            return
+        conn.close_after_response()
+        with trio.move_on_after(self.config.client_write_timeout):
+            try:
+                await self.app.reject(None, conn, InternalError())
+            except Exception:  # the answer itself failed: the connection just closes
+                log.exception("internal_error_response_failed", client=conn.peer)
 
     async def _refuse_overloaded(self, conn: HTTPConnection) -> None:
         exc = Overloaded(
@@ -448,6 +485,33 @@ class Server:
             if not conn.reusable():
                 return
             conn.start_next_cycle()
+
+
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _check_head(headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """What h11 lets through but a proxy must refuse (then close the connection after answering).
+
+    * Content-Length and Transfer-Encoding together (RFC 9112 6.1): h11 frames the body by
+      Transfer-Encoding, and the client's Content-Length could be passed on beside a body of
+      another length.
+    * A control character in a header value: h11 unfolds an obsolete folded line (RFC 9112 5.2)
+      without checking it, and the value would reach the upstream, or a log viewer.
+    """
+    names = {name for name, _ in headers}
+    if b"transfer-encoding" in names and b"content-length" in names:
+        raise BadRequest(
+            "malformed HTTP request: both Content-Length and Transfer-Encoding are present; send one",
+            code="malformed_http",
+        )
+    for name, value in headers:
+        if _CONTROL.search(value):
+            raise BadRequest(
+                f"malformed HTTP request: header {client_text(name, 64, quoted=False)} has a control character "
+                "(or an obsolete folded line)",
+                code="malformed_http",
+            )
 
 
 async def _lingering_close(stream: trio.SocketStream, seconds: float = 2.0, limit: int = 1 << 20) -> None:

@@ -16,11 +16,14 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # Buckets spanning a local mock (sub-millisecond) to a slow LLM answer (minutes).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+SESSION_BUCKETS = (0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)  # WebSocket sessions, seconds
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
 class Metrics:
-    def __init__(self, open_connections: Callable[[], float] = lambda: 0):
+    def __init__(
+        self, open_connections: Callable[[], float] = lambda: 0, websocket_sessions: Callable[[], float] = lambda: 0
+    ):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -53,7 +56,54 @@ class Metrics:
         self.tokens = Counter(
             "parkway_tokens", "LLM tokens reported in upstream usage objects.", ["credential", "kind"], registry=r
         )
+        self.ws_sessions = Counter(
+            "parkway_websocket_sessions",
+            "WebSocket sessions that reached the relay, by credential and outcome.",
+            ["credential", "outcome"],
+            registry=r,
+        )
+        self.ws_active = Gauge("parkway_websocket_sessions_active", "WebSocket sessions open now.", registry=r)
+        self.ws_active.set_function(websocket_sessions)
+        self.ws_messages = Counter(
+            "parkway_websocket_messages", "WebSocket messages relayed, by sender.", ["direction"], registry=r
+        )
+        self.ws_bytes = Counter(
+            "parkway_websocket_bytes", "WebSocket message payload bytes relayed, by sender.", ["direction"], registry=r
+        )
+        self.ws_duration = Histogram(
+            "parkway_websocket_session_duration_seconds",
+            "WebSocket session duration, from the 101 to the close.",
+            buckets=SESSION_BUCKETS,
+            registry=r,
+        )
         self.reloads = Counter("parkway_config_reloads", "Configuration reloads by result.", ["result"], registry=r)
+        # Background jobs: the store's view (all processes sharing it) and this process's work.
+        self.jobs = Gauge("parkway_jobs", "Jobs in the job store, by status.", ["status"], registry=r)
+        self.jobs_oldest_queued_age = Gauge(
+            "parkway_jobs_oldest_queued_age_seconds", "Age of the oldest queued job.", registry=r
+        )
+        self.jobs_deliveries_pending = Gauge(
+            "parkway_jobs_deliveries_pending", "Jobs whose webhook delivery is not over.", registry=r
+        )
+        self.jobs_running = Gauge("parkway_jobs_running", "Jobs running in this process.", registry=r)
+        self.jobs_created = Counter(
+            "parkway_jobs_created",
+            "Jobs accepted, by credential and mode (callback | poll).",
+            ["credential", "mode"],
+            registry=r,
+        )
+        self.job_runs = Counter(
+            "parkway_job_runs",
+            "Job runs that ended here, by outcome (completed, failed, requeued, lost).",
+            ["outcome"],
+            registry=r,
+        )
+        self.job_deliveries = Counter(
+            "parkway_webhook_deliveries",
+            "Webhook delivery attempts, by result (delivered, retry, stopped, failed).",
+            ["result"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

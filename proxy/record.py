@@ -16,6 +16,7 @@ from .config import Config
 from .http_server import RequestHead
 from .metrics import Metrics
 from .usage import Usage
+from .websocket import SessionReport
 
 log = structlog.get_logger("parkway.request")
 
@@ -44,6 +45,7 @@ class RequestRecord:
     completed: bool = False  # the whole response was written
     relayed: int = 0  # response body bytes written to the client, as framed on its connection
     client_watch: trio.CancelScope | None = None  # the task watching for the client to leave (handler)
+    session: SessionReport | None = None  # a WebSocket session's figures (status 101)
     # Set by settle() when the request ends.
     bytes_in: int = 0
     bytes_out: int = 0
@@ -76,7 +78,22 @@ def log_request(head: RequestHead, record: RequestRecord) -> None:
     if record.usage is not None:
         fields["prompt_tokens"] = record.usage.prompt_tokens
         fields["completion_tokens"] = record.usage.completion_tokens
-    if record.outcome in ("ok", "preflight"):
+    session = record.session
+    if session is not None and session.accepted:
+        fields.update(
+            subprotocol=session.subprotocol,
+            messages_from_client=session.from_client.messages,
+            bytes_from_client=session.from_client.bytes,
+            messages_from_upstream=session.from_upstream.messages,
+            bytes_from_upstream=session.from_upstream.bytes,
+            session_ms=round(session.duration * 1000, 1),
+            client_close_code=session.client_code,
+            upstream_close_code=session.upstream_code,
+            closed_by=session.closed_by,
+        )
+        # An upstream that vanished is an error, never a success; the client leaving is not.
+        {"error": log.error, "warning": log.warning}.get(session.level, log.info)("request", **fields)
+    elif record.outcome in ("ok", "preflight"):
         log.info("request", **fields)
     else:
         log.warning("request", **fields)
@@ -99,6 +116,14 @@ def count_request(metrics: Metrics, config: Config, record: RequestRecord) -> No
         m.refusals.labels(record.error_code or "unknown").inc()
     elif record.outcome == "upstream_error":
         m.upstream_errors.labels(record.error_code or "unknown").inc()
+    session = record.session
+    if session is not None and session.accepted:
+        m.ws_sessions.labels(label, record.outcome).inc()
+        m.ws_messages.labels("from_client").inc(session.from_client.messages)
+        m.ws_messages.labels("from_upstream").inc(session.from_upstream.messages)
+        m.ws_bytes.labels("from_client").inc(session.from_client.bytes)
+        m.ws_bytes.labels("from_upstream").inc(session.from_upstream.bytes)
+        m.ws_duration.observe(session.duration)
     if record.usage is not None:
         m.tokens.labels(label, "prompt").inc(record.usage.prompt_tokens)
         m.tokens.labels(label, "completion").inc(record.usage.completion_tokens)

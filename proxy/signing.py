@@ -25,8 +25,11 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from urllib.parse import parse_qsl, quote, quote_plus, urlsplit
 
-from .errors import BadRequest, Forbidden
+from .errors import BadRequest, Forbidden, client_text
 from .urls import InvalidURL, normalize_url
+
+# What X-Sw-Proxy may name: HTTP upstreams, and WebSocket ones (opened with a WebSocket handshake).
+PROXY_SCHEMES = frozenset({"http", "https", "ws", "wss"})
 
 ALGORITHM = "SW1-HMAC-SHA256"
 X_ALGORITHM = "X-Sw-Algorithm"
@@ -39,8 +42,9 @@ X_BODY = "X-Sw-Body"
 X_SIGNATURE = "X-Sw-Signature"
 REQUIRED_PARAMS = (X_ALGORITHM, X_CREDENTIAL, X_DATE, X_EXPIRES, X_PROXY, X_SIGNED_HEADERS, X_BODY, X_SIGNATURE)
 
-LONG_DATETIME = "%Y%m%dT%H%M%SZ"
-_DATE_RE = re.compile(r"\d{8}T\d{6}Z\Z")
+# ASCII digits only: \d and int() also take other scripts' digits, which no signer writes.
+_DATE_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z\Z")
+_EXPIRES_RE = re.compile(r"[0-9]{1,10}\Z")
 _SIGNATURE_RE = re.compile(r"[0-9a-fA-F]{64}\Z")
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
 
@@ -142,7 +146,9 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
     found: dict[str, str] = {}
     for key, value in pairs:
         if key in found and key.startswith("X-Sw-"):
-            raise BadRequest(f"parameter {key} appears more than once", code="malformed_signed_url")
+            raise BadRequest(
+                f"parameter {client_text(key, quoted=False)} appears more than once", code="malformed_signed_url"
+            )
         found[key] = value
     if not any(k.startswith("X-Sw-") for k in found):
         raise BadRequest("not a signed URL: the X-Sw-* query parameters are missing", code="missing_signature_params")
@@ -167,8 +173,12 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
     except ValueError:
         raise invalid(X_DATE, "expected YYYYMMDDTHHMMSSZ in UTC") from None
     expires_text = found[X_EXPIRES]
-    if not expires_text.isascii() or not expires_text.isdigit() or len(expires_text) > 10:
-        raise invalid(X_EXPIRES, "expected a whole number of seconds")
+    if not _EXPIRES_RE.match(expires_text):
+        raise invalid(X_EXPIRES, "expected a whole number of seconds (ASCII digits, at most 10)")
+    try:  # the validity check adds them: year 9999 plus an expiry leaves the calendar
+        date + timedelta(seconds=int(expires_text))
+    except OverflowError:
+        raise invalid(X_EXPIRES, "the URL would expire after the year 9999") from None
     body_text = found[X_BODY]
     if body_text not in ("true", "false"):
         raise invalid(X_BODY, "expected true or false")
@@ -178,9 +188,9 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
     names = tuple(n.strip().lower() for n in found[X_SIGNED_HEADERS].split(";") if n.strip())
     for n in names:
         if not _HEADER_NAME_RE.match(n):
-            raise invalid(X_SIGNED_HEADERS, f"{n!r} is not a header name")
+            raise invalid(X_SIGNED_HEADERS, f"{client_text(n)} is not a header name")
     try:
-        proxy_url = normalize_url(found[X_PROXY])
+        proxy_url = normalize_url(found[X_PROXY], schemes=PROXY_SCHEMES)
     except InvalidURL as exc:
         raise invalid(X_PROXY, str(exc)) from None
     return SignedRequest(
@@ -201,23 +211,27 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
 
 
 def _iso(dt: datetime) -> str:
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.replace(tzinfo=None).isoformat(timespec="seconds") + "Z"  # year 1 as 0001, unlike strftime
 
 
 def check_validity(req: SignedRequest, now: datetime, *, clock_skew: float, max_expiry: int) -> None:
-    """Refuse an expired URL, a date in the future beyond the skew, or an over-long expiry."""
-    skew = timedelta(seconds=clock_skew)
+    """Refuse an expired URL, a date in the future beyond the skew, or an over-long expiry.
+
+    Compared as POSIX seconds: datetime arithmetic with the skew overflows for a date in the
+    year 1 or 9999, which any client knowing a credential id could send.
+    """
     if req.expires > max_expiry:
         raise Forbidden(
             f"X-Sw-Expires is {req.expires} s, above this server's maximum of {max_expiry} s",
             code="expiry_too_long",
         )
-    if req.date - skew > now:
+    date, current = req.date.timestamp(), now.timestamp()
+    if date - clock_skew > current:
         raise Forbidden(
             f"X-Sw-Date {_iso(req.date)} is in the future (server time {_iso(now)}); check the signer's clock",
             code="date_in_future",
         )
-    if now > req.expires_at + skew:
+    if current > date + req.expires + clock_skew:
         raise Forbidden(f"signed URL expired at {_iso(req.expires_at)}", code="expired")
 
 
@@ -342,7 +356,8 @@ def sign_url(
     dt = datetime_override or datetime.now(UTC)
     if dt.tzinfo is not None:
         dt = dt.astimezone(UTC)
-    date_text = dt.strftime(LONG_DATETIME)
+    # Formatted by hand: strftime writes years before 1000 without their leading zeros.
+    date_text = f"{dt.year:04d}{dt.month:02d}{dt.day:02d}T{dt.hour:02d}{dt.minute:02d}{dt.second:02d}Z"
     signed = dict(headers or {})
     body_bytes = body.encode("utf-8") if isinstance(body, str) else body
     if body_bytes is not None:
@@ -353,7 +368,7 @@ def sign_url(
         (X_CREDENTIAL, f"{id}/{date_text[:8]}"),
         (X_DATE, date_text),
         (X_EXPIRES, str(int(expiry))),
-        (X_PROXY, normalize_url(proxy_url)),
+        (X_PROXY, normalize_url(proxy_url, schemes=PROXY_SCHEMES)),
         (X_SIGNED_HEADERS, ";".join(k.lower().strip() for k in signed)),
         (X_BODY, "true" if body_bytes is not None else "false"),
         *((k, v) for k, v in (params or {}).items()),

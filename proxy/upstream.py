@@ -147,6 +147,11 @@ class UpstreamClient:
         self._resolver = resolver
         self._sessions: dict[Origin, ssl.SSLSession] = {}  # the last TLS session per origin, to resume
 
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The certificate checks of every upstream, for the WebSocket ones too (proxy.websocket)."""
+        return self._ssl_context()
+
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
             if isinstance(self._verify, ssl.SSLContext):

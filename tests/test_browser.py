@@ -32,6 +32,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 from support.processes import READY_TIMEOUT, ROOT, require_binary, stop_process
 from support.upstream import SSE_HEADERS, Exchange, Upstream
+from support.websocket import RealtimeUpstream
 
 WAIT = 8.0  # bound on each wait for the browser (Chromium's first start is the slowest step)
 
@@ -274,3 +275,49 @@ async def test_page_shows_parkways_refusal(start_example, upstream: Upstream, tm
         assert entry["message"].startswith("Parkway said 403 expired: signed URL expired at ")
         assert await text_of(page, "error") == entry["message"]
     assert upstream.requests == []
+
+
+# --- the realtime page: a WebSocket on a signed URL ----------------------------------------------------
+
+REALTIME_KEY = "sk-example-realtime-key-5150"
+
+
+async def test_realtime_page_talks_both_ways_and_never_sees_the_key(
+    start_example, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    realtime = await nursery.start(RealtimeUpstream(key=REALTIME_KEY).serve)
+    example = await start_example(realtime_url=f"ws://127.0.0.1:{realtime.port}", api_key=REALTIME_KEY)
+    reports: list[dict] = []
+    async with chromium_page(tmp_path) as page:
+        with trio.fail_after(WAIT):
+            await open_page(page, example.page_url + "realtime.html")
+            await page.evaluate("document.getElementById('start').click()")
+            opened = await page.report(lambda r: r["kind"] in ("open", "closed"))
+            assert opened == {"kind": "open", "protocol": "realtime"}
+            # Until both the binary echo and response.done are in (their order is the upstream's).
+            while not ({"binary", "response.done"} <= {r.get("type", r["kind"]) for r in reports}):
+                entry = await page.report(lambda r: r["kind"] in ("event", "binary", "closed"))
+                assert entry["kind"] != "closed", entry
+                reports.append(entry)
+            await page.evaluate("document.getElementById('close').click()")
+            closed = await page.report(lambda r: r["kind"] == "closed")
+            page_text = await page.evaluate(
+                "document.documentElement.outerHTML + JSON.stringify(performance.getEntries().map(e => e.name))"
+            )
+        session = await realtime.wait_session()
+        with trio.fail_after(WAIT):
+            await session.ended.wait()
+    # Messages both ways: the page's text and binary message reached the upstream ...
+    assert json.loads(session.received[0])["type"] == "response.create"
+    assert session.received[1] == b"PK\x00\xff"
+    # ... and the upstream's events and the binary echo reached the page.
+    assert [r["bytes"] for r in reports if r["kind"] == "binary"] == [[80, 75, 0, 255]]
+    events = [r for r in reports if r["kind"] == "event"]
+    assert events[0]["type"] == "session.created" and events[-1]["type"] == "response.done"
+    assert events[-1]["usage"]["output_tokens"] == 7
+    # The page closed with an application code; the upstream got it as sent.
+    assert (closed["code"], session.close.code, session.close.reason) == (4001, 4001, "user closed the page")
+    # Parkway added the key; nothing the page had or received contains it.
+    assert session.headers["authorization"] == f"Bearer {REALTIME_KEY}"
+    assert REALTIME_KEY not in page_text and REALTIME_KEY not in json.dumps([opened, *reports, closed])
+    assert "5150" not in page_text

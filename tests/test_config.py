@@ -22,6 +22,8 @@ from proxy.config import (
     parse_config,
 )
 from proxy.errors import ConfigError, ConfigProblem
+from proxy.jobs import JobsConfig
+from proxy.ws_policy import WebSocketConfig
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "parkway.toml"
 
@@ -31,6 +33,8 @@ ENV = {"APP_SECRET": SECRET, "API_KEY": API_KEY, "EMPTY": ""}
 
 # A valid credential that problem cases extend or sit next to.
 CRED = '[[credentials]]\nid = "app"\nsecret_env = "APP_SECRET"\n'
+WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the Standard Webhooks spec's example secret
+HOOK = f'webhook_secret = "{WHSEC}"\n'
 
 
 def problems_of(text: str, env: dict[str, str] = ENV) -> tuple[ConfigProblem, ...]:
@@ -153,6 +157,9 @@ def test_listen_accepts_a_single_string():
         ("https://api.example.com", "https://api.example.com/"),  # cannot match api.example.com.evil
         ("https://api.example.com:443/v1/", "https://api.example.com/v1/"),  # as requests are normalised
         ("http://10.0.0.2:8080/v1?x=1", "http://10.0.0.2:8080/v1?x=1"),
+        # WebSocket prefixes are kept in the http(s) form WebSocket URLs are matched in
+        ("wss://API.OpenAI.com/v1/realtime", "https://api.openai.com/v1/realtime"),
+        ("ws://127.0.0.1:8080", "http://127.0.0.1:8080/"),
     ],
 )
 def test_allowed_upstreams_are_normalised(written, stored):
@@ -167,6 +174,7 @@ def test_shipped_example_parses_with_its_variables():
     assert config.server == ServerConfig()
     assert config.cors == dataclasses.replace(CorsConfig(), allow_origins=("https://app.example.com",))
     assert config.log == LogConfig()
+    assert config.websocket == WebSocketConfig()
     assert config.credentials == (
         Credential(
             id="my-app",
@@ -179,9 +187,10 @@ def test_shipped_example_parses_with_its_variables():
 
 def test_shipped_example_documents_every_key():
     text = EXAMPLE.read_text()
-    classes = (ServerConfig, CorsConfig, LogConfig, AdminConfig, StateConfig, Credential)
-    keys = [f.name for cls in classes for f in dataclasses.fields(cls) if f.name not in ("secrets", "headers")]
-    keys += ["secret", "secret_env", r"\[credentials\.headers\]"]
+    classes = (ServerConfig, CorsConfig, LogConfig, AdminConfig, StateConfig, WebSocketConfig, Credential, JobsConfig)
+    not_keys = ("secrets", "headers", "webhook_secrets")
+    keys = [f.name for cls in classes for f in dataclasses.fields(cls) if f.name not in not_keys]
+    keys += ["secret", "secret_env", "webhook_secret", "webhook_secret_env", r"\[credentials\.headers\]", r"\[jobs\]"]
     for key in keys:
         # Written as a setting, possibly commented out, with a comment line right above it.
         assert re.search(rf"^#[^\n]*\n(#[^\n]*\n)*#?\s*{key}(?!\w)", text, re.M), key
@@ -191,7 +200,18 @@ def test_shipped_example_documents_every_key():
 
 PROBLEMS = [
     # top level
-    ("extra = 1", "extra", "unknown key 'extra'; allowed keys: server, credentials, cors, log, admin, state"),
+    (
+        "extra = 1",
+        "extra",
+        "unknown key 'extra'; allowed keys: server, credentials, cors, log, admin, state, websocket, jobs",
+    ),
+    # websocket
+    ("[websocket]\nmax_message_size = 100", "websocket.max_message_size", "must be at least 1024"),
+    ("[websocket]\nmax_message_size = 1.5e6", "websocket.max_message_size", "expected an integer, got float"),
+    ("[websocket]\nmessage_queue_size = 0", "websocket.message_queue_size", "must be at least 1"),
+    ("[websocket]\nidle_timeout = -1", "websocket.idle_timeout", "must be at least 0"),
+    ("[websocket]\nhandshake_timeout = 0", "websocket.handshake_timeout", "must be greater than 0"),
+    ("[websocket]\nclose_timout = 1", "websocket.close_timout", "unknown key 'close_timout'"),
     ("server = 3", "server", "expected a table, got integer"),
     ("credentials = 1", "credentials", "expected an array of tables"),
     ("credentials = [1]", "credentials[0]", "expected a table, got integer"),
@@ -284,7 +304,42 @@ PROBLEMS = [
     ('[log]\nformat = "text"', "log.format", "must be one of json, console"),
     ("[log]\nlevel = 10", "log.level", "expected a string, got integer"),
     ('[log]\ncolour = "auto"', "log.colour", "unknown key 'colour'; allowed keys: level, format"),
+    # background jobs: the credential's callbacks and webhook secrets, the [jobs] table
+    (CRED + 'allowed_callbacks = ["https://app/hooks/"]', "credentials[0].allowed_callbacks", "needs webhook_secret"),
+    (CRED + 'allowed_callbacks = ["ftp://app/"]\n' + HOOK, "credentials[0].allowed_callbacks[0]", "absolute http"),
+    (CRED + 'webhook_secret = "whsec_c2hvcnQ="', "credentials[0].webhook_secret", "decodes to 5 bytes"),
+    (CRED + 'webhook_secret = "sk-not-base64!"', "credentials[0].webhook_secret", "not whsec_ followed by base64"),
+    (CRED + 'webhook_secret_env = ["NOPE"]', "credentials[0].webhook_secret_env[0]", "variable NOPE is not set"),
+    (CRED + 'webhook_secret_env = "APP_SECRET"', "credentials[0].webhook_secret_env", "not a Standard Webhooks"),
+    ('[jobs]\nstore = "postgres"', "jobs.store", "must be one of sqlite, redis"),
+    ('[jobs]\npath = ""', "jobs.path", "must not be empty"),
+    ("[jobs]\nretry_schedule = []", "jobs.retry_schedule", "must not be empty"),
+    ("[jobs]\nretry_schedule = [5, -1]", "jobs.retry_schedule[1]", "must be at least 0"),
+    ("[jobs]\nmax_jobs_queued = 0", "jobs.max_jobs_queued", "must be at least 1"),
+    ("[jobs]\nmax_jobs_in_flight = 1.5", "jobs.max_jobs_in_flight", "expected an integer, got float"),
+    ("[jobs]\nlease = 0", "jobs.lease", "must be greater than 0"),
+    ('[jobs]\nenabled = "yes"', "jobs.enabled", "expected a boolean, got string"),
+    ("[jobs]\nqueue = 1", "jobs.queue", "unknown key 'queue'; allowed keys: enabled, store, path, "),
 ]
+
+
+def test_jobs_are_off_without_the_table_and_on_with_it():
+    assert parse_config("", {}).jobs == JobsConfig() and not JobsConfig().enabled
+    config = parse_config('[jobs]\npath = "/var/lib/parkway/jobs.sqlite3"\nretry_schedule = [1, 2.5]', {})
+    assert config.jobs == JobsConfig(enabled=True, path="/var/lib/parkway/jobs.sqlite3", retry_schedule=(1.0, 2.5))
+    assert not parse_config("[jobs]\nenabled = false", {}).jobs.enabled
+
+
+def test_credential_callbacks_and_rotated_webhook_secrets():
+    env = {**ENV, "HOOK": WHSEC, "HOOK_NEXT": "whsec_" + "A" * 43 + "="}
+    text = CRED + 'allowed_callbacks = ["HTTPS://App.example.com/hooks/"]\nwebhook_secret_env = ["HOOK", "HOOK_NEXT"]'
+    (cred,) = parse_config(text, env).credentials
+    assert cred.allowed_callbacks == ("https://app.example.com/hooks/",)
+    assert cred.webhook_secrets == (WHSEC, env["HOOK_NEXT"])
+    assert WHSEC not in repr(cred)
+    # a bad secret is named by its key, never shown
+    (problem,) = problems_of(CRED + 'webhook_secret = "whsec_c2VjcmV0LXNob3J0"')
+    assert "c2VjcmV0" not in problem.message
 
 
 @pytest.mark.parametrize(("text", "path", "message"), PROBLEMS, ids=[p for _, p, _ in PROBLEMS])
@@ -450,6 +505,12 @@ def test_expand_env_problems(value, messages):
 # --- Config objects ---------------------------------------------------------------------------
 
 
+def test_websocket_table():
+    config = parse_config("[websocket]\nmax_message_size = 33554432\nidle_timeout = 0\nclose_timeout = 1.5", ENV)
+    assert config.websocket == WebSocketConfig(max_message_size=33554432, idle_timeout=0.0, close_timeout=1.5)
+    assert parse_config("", ENV).websocket == WebSocketConfig()
+
+
 def test_credential_lookup():
     config = parse_config(CRED + '[[credentials]]\nid = "b"\nsecret = "x"', ENV)
     assert config.credential("app") is config.credentials[0]
@@ -464,7 +525,16 @@ def test_config_stays_frozen_comparable_and_hashable():
     assert one != parse_config(CRED.replace('"app"', '"b"'), ENV)
     with pytest.raises(dataclasses.FrozenInstanceError):
         one.credentials = ()  # type: ignore[misc]
-    assert [f.name for f in dataclasses.fields(Config)] == ["server", "credentials", "cors", "log", "admin", "state"]
+    assert [f.name for f in dataclasses.fields(Config)] == [
+        "server",
+        "credentials",
+        "cors",
+        "log",
+        "admin",
+        "state",
+        "websocket",
+        "jobs",
+    ]
     replaced = dataclasses.replace(one, credentials=(Credential("new", ("s",)),))
     assert replaced.credential("new") is not None and replaced.credential("app") is None
 

@@ -180,7 +180,7 @@ def test_quick_start_is_exactly_two_make_targets_that_exist():
 
 # Class defaults that are never answered as such (every raise names a code), and the admin
 # listener's 404, which users of the public listener never see.
-UNDOCUMENTED_CODES = {"internal_error", "bad_request", "forbidden", "rate_limited", "not_found"}
+UNDOCUMENTED_CODES = {"bad_request", "forbidden", "rate_limited", "not_found"}
 _CODE = re.compile(r"\bcode(?:\s*:\s*str)?\s*=\s*\"([a-z_]+)\"")
 
 

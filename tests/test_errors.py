@@ -14,6 +14,8 @@ from proxy.errors import (
     ConfigProblem,
     Forbidden,
     HeadersTooLarge,
+    InternalError,
+    MethodNotAllowed,
     NotFound,
     Overloaded,
     ParkwayError,
@@ -32,11 +34,13 @@ from proxy.errors import (
 # class: (status, type, code, outcome)
 MAPPING = {
     ParkwayError: (500, "server_error", "internal_error", "refused:internal_error"),
+    InternalError: (500, "server_error", "internal_error", "internal_error"),
     Refused: (400, "invalid_request_error", "bad_request", "refused:bad_request"),
     BadRequest: (400, "invalid_request_error", "bad_request", "refused:bad_request"),
     UnknownCredential: (401, "authentication_error", "unknown_credential", "refused:unknown_credential"),
     Forbidden: (403, "permission_error", "forbidden", "refused:forbidden"),
     NotFound: (404, "invalid_request_error", "not_found", "refused:not_found"),
+    MethodNotAllowed: (405, "invalid_request_error", "job_method_not_allowed", "refused:job_method_not_allowed"),
     RequestTimeout: (408, "invalid_request_error", "client_timeout", "refused:client_timeout"),
     BodyTooLarge: (413, "invalid_request_error", "body_too_large", "refused:body_too_large"),
     HeadersTooLarge: (431, "invalid_request_error", "headers_too_large", "refused:headers_too_large"),
@@ -67,6 +71,11 @@ def test_each_class_maps_to_its_status_type_code_and_outcome(cls, expected):
     assert (exc.status, exc.type, exc.code, exc.outcome) == expected
     assert exc.message == str(exc) == "why it happened"
     assert exc.retry_after is None
+
+
+def test_internal_error_says_nothing_of_the_bug_by_default():
+    assert InternalError().message.startswith("internal error:")
+    assert json.loads(error_body(InternalError()))["error"]["code"] == "internal_error"
 
 
 @pytest.mark.parametrize(
@@ -124,6 +133,9 @@ def test_error_body_is_compact_utf8_json():
 def test_refusals_and_upstream_failures_are_separate_families():
     for cls in MAPPING:
         if cls in (ParkwayError, Refused, UpstreamError):
+            continue
+        if cls is InternalError:  # a bug: neither the client's fault nor the upstream's
+            assert not issubclass(cls, (Refused, UpstreamError))
             continue
         assert issubclass(cls, Refused) != issubclass(cls, UpstreamError), cls
     assert not issubclass(ConfigError, ParkwayError)  # never answered to a client

@@ -637,6 +637,36 @@ async def test_refused_get_without_body_keeps_the_connection_reusable(autojump_c
     assert [h.path for h in app.heads] == ["/one", "/two"]
 
 
+async def test_an_upgrade_hands_the_connection_over_with_the_bytes_after_the_head(autojump_clock):
+    """After hand_over() the application owns the stream: it gets what h11 read past the head,
+    the server writes nothing more (no HTTP response) and closes it once the handler returns."""
+    handed: list[tuple[bytes, bytes]] = []
+
+    async def upgrade(head: RequestHead, conn: HTTPConnection) -> None:
+        async for _ in conn.body_chunks():  # the (empty) body's end, as the gateway drains it
+            pass
+        stream, after_head = conn.hand_over()
+        assert not conn.can_respond and not conn.reusable()
+        await stream.send_all(b"101 from the new protocol")
+        handed.append((after_head, await stream.receive_some(64)))
+
+    app = FakeApp(upgrade)
+    async with serving(app) as run:
+        client, stream = run.listener.connect()
+        request = client.encode(
+            h11.Request(method="GET", target="/ws", headers=[("Host", "parkway.test"), ("Connection", "Upgrade"),
+                                                            ("Upgrade", "websocket")]),
+            h11.EndOfMessage(),
+        )  # fmt: skip
+        await client.stream.send_all(request + b"frame-1")  # a frame right behind the head
+        assert await client.stream.receive_some() == b"101 from the new protocol"
+        await client.stream.send_all(b"frame-2")
+        await stream.closed.wait()
+        assert await client.stream.receive_some() == b""  # nothing else was written: no HTTP answer
+
+    assert handed == [(b"frame-1", b"frame-2")]
+
+
 async def test_connection_over_max_connections_gets_503_with_retry_after(autojump_clock):
     app = FakeApp()
     async with serving(app, max_connections=1) as run:

@@ -13,7 +13,25 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 
 # Decisions without I/O: these modules must load without any of the I/O libraries.
-PURE = ["chunked", "config", "cors", "errors", "forwarding", "limits", "outage", "policy", "signing", "urls", "usage"]
+PURE = [
+    "background",
+    "chunked",
+    "config",
+    "cors",
+    "errors",
+    "forwarding",
+    "jobs",
+    "jobstore",
+    "limits",
+    "outage",
+    "overrides",
+    "policy",
+    "signing",
+    "urls",
+    "usage",
+    "webhooks",
+    "ws_policy",
+]
 IO_LIBRARIES = ["trio", "h11", "httpx", "httpx2", "httpcore", "httpcore2", "coredis", "anyio"]
 
 

@@ -79,3 +79,21 @@ def test_runner_measures_parkway_and_nginx_on_a_tiny_load(tmp_path):
         assert summary[key]["ratio_vs_nginx"] is not None, key
     assert summary["parked_completed"]["parkway"] == 1.0
     assert [p["streams"] for p in summary["sweep"]] == [200, 200]
+
+
+def test_websocket_workload_measures_parkway_and_a_direct_connection(tmp_path):
+    """``python -m loadtest.websockets run`` with tiny numbers: sessions open and echo through
+    Parkway and directly, and every figure is there."""
+    from loadtest import websockets
+
+    out = tmp_path / "ws.json"
+    argv = ["run", "--sessions", "20", "--messages", "3", "--interval-ms", "10", "--hold", "0.4",
+            "--max-minutes", "1", "--out", str(out)]  # fmt: skip
+    assert websockets.main(argv) == 0
+    direct, parkway = json.loads(out.read_text())["runs"]
+    for run in (direct, parkway):
+        assert (run["opened"], run["messages"], run["errors"]) == (20, 60, {}), run
+    # Tiny numbers: the figures exist; their size is measured by hand (docs/websockets.md).
+    for key in ("parkway_rss_per_session_kb", "parkway_cpu_per_message_us", "upstream_cpu_per_message_us"):
+        assert isinstance(parkway[key], float), key
+    assert isinstance(direct["upstream_rss_per_session_kb"], float)

@@ -7,8 +7,10 @@ It starts three things on loopback, as ``parkway demo`` does:
 * this backend: serves ``index.html`` and ``app.js`` and answers ``POST /sign`` with
   ``{"url", "headers"}``, a URL signed with ``proxy.signing.sign_url`` for exactly the body
   it was given (in Rails this is a controller action using clients/ruby/parkway_signer.rb);
+  ``realtime.html`` is a realtime page, whose ``POST /sign-realtime`` gets a URL for a WebSocket;
 * Parkway, holding the (mock) API key and allowing this page's origin (CORS);
-* a mock OpenAI upstream (``proxy.mock_upstream.MockOpenAI``), unless ``upstream_url`` is given.
+* a mock OpenAI upstream (``proxy.mock_upstream.MockOpenAI``), unless ``upstream_url`` is given,
+  and a mock Realtime API (``proxy.mock_realtime.MockRealtime``), unless ``realtime_url`` is.
 
 The backend knows only the signing secret; the API key lives in Parkway alone.
 """
@@ -32,11 +34,17 @@ from proxy.config import Config, CorsConfig, Credential, ServerConfig
 from proxy.errors import ParkwayError
 from proxy.handler import utcnow
 from proxy.http_server import HTTPConnection, RequestHead, Server, bound_address, open_listeners
+from proxy.mock_realtime import MockRealtime
 from proxy.mock_upstream import MockOpenAI
 from proxy.signing import sign_url
 
 HERE = Path(__file__).resolve().parent
-STATIC = {"/": ("index.html", b"text/html; charset=utf-8"), "/app.js": ("app.js", b"text/javascript; charset=utf-8")}
+STATIC = {
+    "/": ("index.html", b"text/html; charset=utf-8"),
+    "/app.js": ("app.js", b"text/javascript; charset=utf-8"),
+    "/realtime.html": ("realtime.html", b"text/html; charset=utf-8"),
+    "/realtime.js": ("realtime.js", b"text/javascript; charset=utf-8"),
+}
 CREDENTIAL_ID = "browser-example"
 MAX_SIGNED_BODY = 64 * 1024
 URL_LIFETIME = 60  # seconds: the browser uses the URL at once
@@ -62,6 +70,7 @@ class Backend:
     secret: str
     parkway_base: str = ""  # set once Parkway listens
     upstream_base: str = ""
+    realtime_base: str = ""  # ws://host:port of the realtime API
 
     async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None:
         await conn.send_full(*_json(exc.status, {"error": exc.message}))
@@ -77,8 +86,30 @@ class Backend:
                 await conn.send_full(*_json(exc.status, {"error": exc.message}))
                 return
             await conn.send_full(*self.sign(body))
+        elif head.method == "POST" and head.path == "/sign-realtime":
+            await self._drain(conn)
+            await conn.send_full(*self.sign_realtime())
         else:
             await conn.send_full(*_json(404, {"error": f"no route {head.method} {head.path}"}))
+
+    @staticmethod
+    async def _drain(conn: HTTPConnection) -> None:
+        async for _ in conn.body_chunks():
+            pass
+
+    def sign_realtime(self) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """A GET signed for the realtime WebSocket: the page opens it, Parkway adds the key.
+        A real backend would also sign ``pw_user`` (limits per user) and ``pw_single_use``."""
+        url = sign_url(
+            id=CREDENTIAL_ID,
+            secret=self.secret,
+            host=self.parkway_base,
+            proxy_url=f"{self.realtime_base}/v1/realtime?model=gpt-realtime",
+            expiry=URL_LIFETIME,
+            method="GET",
+            params={"pw_single_use": "1"},  # one session per URL
+        )
+        return _json(200, {"url": url})
 
     def sign(self, body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Sign exactly ``body`` for Parkway. A real backend first checks who is asking, rate
@@ -111,12 +142,16 @@ class Example:
     page_url: str
     parkway_url: str
     upstream_url: str
+    realtime_url: str = ""
     servers: list[Server | Parkway] = field(default_factory=list)
+    mocks: list[trio.CancelScope] = field(default_factory=list)  # the realtime mock: cancelled
     stopped: trio.Event = field(default_factory=trio.Event)
 
     def stop(self) -> None:
         for server in self.servers:
             server.shutdown()
+        for scope in self.mocks:
+            scope.cancel()
 
 
 async def serve_example(
@@ -125,6 +160,8 @@ async def serve_example(
     port: int = 0,
     parkway_port: int = 0,
     upstream_url: str | None = None,
+    realtime_url: str | None = None,
+    api_key: str | None = None,
     delay: float = 0.08,
     parkway_clock: Callable[[], datetime] = utcnow,
     task_status=trio.TASK_STATUS_IGNORED,
@@ -135,8 +172,9 @@ async def serve_example(
     """
     quick = dict(drain_timeout=1.0, keepalive_timeout=5.0)
     backend = Backend(secret=secrets.token_urlsafe(24))
-    api_key = "sk-example-" + secrets.token_hex(8)
+    api_key = api_key or "sk-example-" + secrets.token_hex(8)
     example: Example | None = None
+    mocks: list[trio.CancelScope] = []
     try:
         async with trio.open_nursery() as nursery:
             page_listeners = await open_listeners((f"{host}:{port}",))
@@ -153,6 +191,16 @@ async def serve_example(
                 await nursery.start(mock_server.serve, mock_listeners)
                 upstream_url = f"http://{bound_address(mock_listeners[0])}"
                 servers.append(mock_server)
+            if realtime_url is None:
+                scope = trio.CancelScope()
+                mocks.append(scope)
+
+                async def run_mock(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                    with scope:
+                        await MockRealtime(api_key=api_key, delay=delay).serve(host, task_status=task_status)
+
+                mock = await nursery.start(run_mock)
+                realtime_url = f"ws://{host}:{mock.port}"
 
             config = Config(
                 server=ServerConfig(listen=(f"{host}:{parkway_port}",), **quick),
@@ -161,7 +209,7 @@ async def serve_example(
                         id=CREDENTIAL_ID,
                         secrets=(backend.secret,),
                         headers=(("Authorization", f"Bearer {api_key}"),),
-                        allowed_upstreams=(upstream_url + "/v1/",),
+                        allowed_upstreams=(upstream_url + "/v1/", realtime_url + "/v1/realtime"),
                     ),
                 ),
                 # Only this page may call Parkway from a browser; it may read X-Request-Id.
@@ -172,7 +220,8 @@ async def serve_example(
             servers.append(parkway)
             backend.parkway_base = f"http://{addresses[0]}"
             backend.upstream_base = upstream_url
-            example = Example(page_url + "/", backend.parkway_base, upstream_url, servers)
+            backend.realtime_base = realtime_url
+            example = Example(page_url + "/", backend.parkway_base, upstream_url, realtime_url, servers, mocks)
             task_status.started(example)
     finally:
         if example is not None:
@@ -192,6 +241,7 @@ async def main() -> None:
         print(f"page      {example.page_url}   <- open this in a browser", flush=True)
         print(f"parkway   {example.parkway_url}", flush=True)
         print(f"upstream  {example.upstream_url}   (mock OpenAI)", flush=True)
+        print(f"realtime  {example.page_url}realtime.html   <- a realtime session over a WebSocket", flush=True)
         print("Ctrl-C stops", flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:

@@ -11,4 +11,5 @@
   ports, and polling what another process does on its own clock.
 * ``logs`` and ``metrics``: structlog lines a test can await; Prometheus samples.
 * ``redis`` and ``nginx``: a real redis-server; a real nginx around the shipped snippet.
+* ``websocket``: a Realtime API stand-in, raw wsproto peers, a harness for the WebSocket shell.
 """

@@ -17,6 +17,7 @@ import trio
 
 from proxy.app import Parkway
 from proxy.config import Config, CorsConfig, Credential, ServerConfig
+from proxy.ws_policy import WebSocketConfig
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY, sign
 
 # Small limits so every timeout test finishes in well under a second.
@@ -42,12 +43,14 @@ def make_config(
     *,
     credentials: tuple[Credential, ...] | None = None,
     cors: CorsConfig | None = None,
+    websocket: WebSocketConfig | None = None,
     **server_overrides: Any,
 ) -> Config:
     return Config(
         server=replace(TEST_SERVER, **server_overrides),
         credentials=(TEST_CREDENTIAL,) if credentials is None else credentials,
         cors=CorsConfig() if cors is None else cors,
+        websocket=WebSocketConfig() if websocket is None else websocket,
     )
 
 
