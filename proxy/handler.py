@@ -433,7 +433,25 @@ class Gateway:
         self, conn: HTTPConnection, record: RequestRecord, work: Callable[..., Awaitable[None]], *args: Any
     ) -> None:
         """Run ``work``, cancelled the moment the client goes away once its request is complete:
-        while queued for a slot, waiting for the upstream's first byte, or streaming."""
+        while queued for a slot, waiting for the upstream's first byte, or streaming.
+
+        With the relay engine running, the engine watches the client's socket (one epoll
+        registration, and the relay takes it over); otherwise a watcher task does.
+        """
+        engine, sock = self.engine, conn.socket
+        if engine is not None and sock is not None:
+            with trio.CancelScope() as scope:
+                fd = sock.fileno()
+                watched = engine.watch_client(fd, partial(self._client_left, scope, record))
+                if watched:
+                    try:
+                        await work(*args)
+                    finally:
+                        engine.unwatch_client(fd)
+            if watched:
+                if record.outcome == "client_gone":
+                    conn.abort()
+                return
         failure: ParkwayError | ClientGone | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_client, conn, nursery.cancel_scope, record)
@@ -554,6 +572,14 @@ class Gateway:
                 plan.signature, last_valid.timestamp(), self.clock().timestamp()
             ):
                 raise limits.replay_refusal()
+
+    @staticmethod
+    def _client_left(scope: trio.CancelScope, record: RequestRecord) -> None:
+        if record.expected_length is not None and record.relayed >= record.expected_length:
+            return  # it read the whole (fixed-length) answer and closed: that is not leaving early
+        record.outcome = "client_gone"
+        record.error = "client closed the connection before the response was complete"
+        scope.cancel()
 
     async def _admit(
         self,
@@ -739,9 +765,10 @@ class Gateway:
         out_headers += cors.response_headers(config.cors, origin)
         out_headers.append((b"x-request-id", request_id.encode()))
         out_headers += extra_headers
-        # A small fixed-length answer's head waits for its body: one write instead of two.
+        # A small fixed-length answer's head waits for its body, and so does any head whose first
+        # body bytes came with it (an SSE answer's first event): one write instead of two.
         small = record.expected_length is not None and record.expected_length <= SMALL_RESPONSE_BYTES
-        await conn.send_head(response.status, out_headers, flush=not small)
+        await conn.send_head(response.status, out_headers, flush=not (small or response.initial))
         record.head_sent_at = trio.current_time()
 
     @staticmethod

@@ -16,6 +16,7 @@ both drivers.
 from __future__ import annotations
 
 import select
+from collections.abc import Callable
 
 import outcome
 import structlog
@@ -84,6 +85,7 @@ class EpollEngine:
     def __init__(self) -> None:
         self._epoll: select.epoll | None = None
         self._streams: dict[int, RelayStream] = {}  # fd (upstream's and client's) -> stream
+        self._watched: dict[int, Callable[[], None]] = {}  # client fd -> what to call when it leaves
         self._tick = 1.0
 
     @property
@@ -101,10 +103,26 @@ class EpollEngine:
                 await self._loop(epoll)
         finally:
             self._epoll = None
+            self._watched.clear()
             for stream in list(dict.fromkeys(self._streams.values())):
                 self._finish(stream, UpstreamProtocolError("the relay engine stopped"))
             trio.lowlevel.notify_closing(epoll.fileno())
             epoll.close()
+
+    def watch_client(self, fd: int, gone: Callable[[], None]) -> bool:
+        """Call ``gone`` (from the engine's task) once the client on ``fd`` closes its side, until
+        :meth:`unwatch_client` or a relay on it takes over. One epoll registration instead of a
+        watcher task per request. False when the engine is not running (watch some other way)."""
+        epoll = self._epoll
+        if epoll is None or fd in self._watched or fd in self._streams:
+            return False
+        epoll.register(fd, _RDHUP)
+        self._watched[fd] = gone
+        return True
+
+    def unwatch_client(self, fd: int) -> None:
+        if self._watched.pop(fd, None) is not None and self._epoll is not None:
+            self._epoll.unregister(fd)
 
     async def relay(self, stream: RelayStream, initial: bytes) -> None:
         """Relay ``stream`` to its end; returns when its body is complete, raises on failure.
@@ -120,13 +138,15 @@ class EpollEngine:
         stream.task = trio.lowlevel.current_task()
         streams = self._streams
         streams[stream.up.fd] = streams[stream.client_fd] = stream
+        # A watched client stays registered: the stream takes the registration over.
+        client = epoll.modify if self._watched.pop(stream.client_fd, None) is not None else epoll.register
         if state == BLOCKED:
             stream.blocked_since = trio.current_time()
             epoll.register(stream.up.fd, 0)
-            epoll.register(stream.client_fd, _OUT | _RDHUP)
+            client(stream.client_fd, _OUT | _RDHUP)
         else:
             epoll.register(stream.up.fd, _IN)
-            epoll.register(stream.client_fd, _RDHUP)
+            client(stream.client_fd, _RDHUP)
         self._tick = min(self._tick, stream.idle_timeout / 8, stream.write_timeout / 8)
 
         def abort(_: object) -> trio.lowlevel.Abort:
@@ -146,6 +166,13 @@ class EpollEngine:
             for fd, events in poll(0):
                 stream = streams.get(fd)
                 if stream is None:
+                    gone = self._watched.pop(fd, None)
+                    if gone is not None:  # a client left while its request waited (queue, upstream head)
+                        epoll.unregister(fd)
+                        try:
+                            gone()
+                        except Exception:
+                            log.exception("client_watch_failed")
                     continue
                 try:
                     if fd != stream.client_fd:

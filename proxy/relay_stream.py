@@ -204,7 +204,10 @@ class RelayStream:
         conn = self.conn
         if self.first_write:  # a held head goes out with the first body bytes
             self.first_write = False
-            out = conn.take_unsent() + out
+            held = conn.take_unsent()
+            if held:
+                out = held + out
+                self.relayed -= len(held)  # body bytes only
         sent = 0
         if out and self.client_fd < 0:  # not a socket (an in-memory stream): the driver sends it
             self.pending = memoryview(out)

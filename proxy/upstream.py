@@ -257,11 +257,18 @@ class UpstreamClient:
                 data += h.send(h11.EndOfMessage())
                 await _send_first(conn, data)
                 return
+            # The head goes out with the body's first chunk (usually the whole of a small body).
+            chunks = aiter(body)
+            first = await anext(chunks, b"")
+            if first:
+                data += h.send(h11.Data(data=first))
             await _send_first(conn, data)
-            async for chunk in body:
+            async for chunk in chunks:
                 if chunk:
                     await conn.send_all(h.send(h11.Data(data=chunk)))
-            await conn.send_all(h.send(h11.EndOfMessage()))
+            end = h.send(h11.EndOfMessage())
+            if end:
+                await conn.send_all(end)
         except h11.LocalProtocolError as exc:
             raise UpstreamError(f"request to {conn.host} could not be sent: {exc}") from None
 
@@ -275,7 +282,7 @@ class UpstreamClient:
                 if len(buf) > MAX_HEAD:
                     raise UpstreamProtocolError(f"{conn.host} sent a response head over {MAX_HEAD} bytes")
                 try:
-                    data = await conn.recv()
+                    data = await conn.recv(wait_first=not received)  # nothing can be there before we wait
                 except UpstreamProtocolError as exc:
                     if not received:
                         raise _StaleConnection(str(exc)) from None

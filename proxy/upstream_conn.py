@@ -210,8 +210,11 @@ class UpstreamConnection:
             return pieces[0] if len(pieces) == 1 else b"".join(pieces)
         return b"" if eof else None
 
-    async def recv(self) -> bytes:
-        """The next plaintext bytes (``b""`` at the end of the stream), waiting for them."""
+    async def recv(self, *, wait_first: bool = False) -> bytes:
+        """The next plaintext bytes (``b""`` at the end of the stream), waiting for them;
+        ``wait_first`` skips the read that would find nothing (an answer just asked for)."""
+        if wait_first:
+            await trio.lowlevel.wait_readable(self.sock)
         while True:
             data = self.recv_nowait()
             if data is not None:

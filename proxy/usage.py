@@ -57,6 +57,10 @@ class UsageObserver:
             if len(self._buf) > MAX_JSON_BODY:
                 self._buf = None
             return
+        if not self._buf and chunk.endswith(b"\n") and b'"usage"' not in chunk:
+            # Whole lines, none of them about usage (most events): nothing to parse or keep.
+            self._skipping = False
+            return
         if b"\n" not in chunk:
             self._append(chunk)
             return

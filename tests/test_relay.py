@@ -79,7 +79,7 @@ class Broken(Recorder):
 
 
 async def relay_to_client(
-    upstream: Upstream, observers: tuple[Any, ...]
+    upstream: Upstream, observers: tuple[Any, ...], *, hold_head: bool = False
 ) -> tuple[RequestRecord, bytes, Exception | None]:
     """Relay ``upstream`` to a real h11 client; the record, the body it read, and what relay raised."""
     client_end, server_end = memory_stream_pair()
@@ -90,7 +90,7 @@ async def relay_to_client(
     assert await conn.next_request(5) is not None
     async for _ in conn.body_chunks():
         pass
-    await conn.send_head(200, [(b"content-type", b"text/event-stream")])
+    await conn.send_head(200, [(b"content-type", b"text/event-stream")], flush=not hold_head)
     record = RequestRecord(trio.current_time(), 0, 0)
     raised: Exception | None = None
     body = bytearray()
@@ -155,3 +155,10 @@ async def test_an_upstream_failure_finishes_observers_incomplete() -> None:
 async def test_relay_with_and_without_observers_writes_the_same(observers: tuple[Any, ...]) -> None:
     _record, body, raised = await relay_to_client(Upstream(CHUNKS), observers)
     assert raised is None and body == b"".join(CHUNKS)
+
+
+async def test_a_held_head_goes_out_with_the_first_body_bytes_and_is_not_counted_as_body() -> None:
+    record, body, raised = await relay_to_client(Upstream(CHUNKS), (), hold_head=True)
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in CHUNKS) + b"0\r\n\r\n"
+    assert raised is None and body == b"".join(CHUNKS)
+    assert record.relayed == len(framed)  # the head is not body
