@@ -7,7 +7,11 @@
 5. verify the signature          (signing.verify_signature)
 6. apply the credential's policy (urls.url_allowed)
 7. forward and stream back       (forwarding + upstream, policy.checked_body, relay)
-   or, for a WebSocket handshake, open the session (ws_policy + websocket)
+   or, for a WebSocket handshake, open the session (gateway_ws), for a background request
+   store a job (gateway_jobs), for a cacheable one answer from the cache (gateway_cache)
+
+What steps 1-6 decide is a :class:`~proxy.plan.Plan`; a client that leaves mid-way cancels
+the work (:mod:`proxy.client_watch`).
 
 Nothing reaches the upstream before step 6 has passed. Every refusal is a
 :class:`~proxy.errors.ParkwayError`, answered by :meth:`Gateway.reject` and logged once
@@ -20,52 +24,37 @@ import math
 import secrets as _secrets
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache, partial
-from typing import Any
-from urllib.parse import urlsplit
+from functools import partial
 
 import structlog
 import trio
 
-from . import cors, forwarding, limits, policy, ssrf, ws_policy
+from . import cors, forwarding, limits, policy, ws_policy
 from .admission import GlobalGate
-from .background import BackgroundAsk, background_ask, job_id_from_path
-from .cache import ALONE, LEAD, FellBehind, Flight, LeaderFailed, ResponseCache
-from .cache_policy import (
-    CacheRequest,
-    CacheRules,
-    CacheUnavailable,
-    cache_key,
-    cache_plan,
-    cache_scope,
-    cache_status,
-    key_header_values,
-    replay_headers,
-    request_directives,
-    signed_ttl,
-    unstorable_reason,
-)
-from .cache_respond import send_followed, send_stored
-from .config import Config, Credential
+from .background import background_ask, job_id_from_path
+from .cache import Flight, ResponseCache
+from .cache_policy import CacheRequest
+from .client_watch import unless_client_leaves
+from .config import Config
 from .errors import (
     BadRequest,
     BodyTooLarge,
-    CacheMiss,
     Forbidden,
     InternalError,
-    Overloaded,
     ParkwayError,
     UnknownCredential,
-    UpstreamError,
     UpstreamTimeout,
     client_text,
     error_response,
 )
+from .gateway_cache import begin_flight, cache_request, serve_cacheable
+from .gateway_jobs import enqueue, serve_job
+from .gateway_ws import open_session
 from .http_server import ClientGone, HTTPConnection, RequestHead
-from .jobapi import JobAPI, no_such_job
+from .jobapi import JobAPI
 from .metrics import Metrics
+from .plan import Plan, address_policy, canonical_paths, has_body, header_map, request_policy
 from .record import RequestRecord, count_request, log, log_request
 from .relay import BodyObserver, EpollEngine, relay
 from .signing import check_validity, parse_signed_request, verify_signature
@@ -73,7 +62,7 @@ from .state import MemoryState, StateBackend
 from .upstream import UpstreamClient, UpstreamRequest, UpstreamResponse
 from .urls import check_unambiguous_path, origin_and_target, url_allowed
 from .usage import UsageObserver
-from .websocket import SessionPlan, SessionReport, WebSocketProxy
+from .websocket import WebSocketProxy
 
 # A fixed-length answer up to this size has its head held back and written with the first body
 # chunk (one write instead of two: the upstream sends a small body together with its head).
@@ -82,33 +71,6 @@ SMALL_RESPONSE_BYTES = 16384
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """Everything decided about a request before admission: what steps 1-6 produced.
-
-    Only what admission and forwarding need: a parked stream keeps its plan as long as it
-    lasts, while the parsed signed URL and the header map go once it is made (with the
-    target kept once in RequestHead, 3.5 KB less per parked stream).
-    """
-
-    request_id: str
-    upstream_url: str  # the normalised X-Sw-Proxy, without fragment
-    signature: str  # for single use
-    expires_at: datetime
-    credential: Credential
-    ctx: forwarding.ForwardContext
-    origin: str | None
-    body: bytes | None  # a verified signed body, or None when the body streams (or is empty)
-    declared_length: int | None
-    rules: policy.RequestPolicy
-    user: str | None
-    single_use: bool
-    websocket: bool = False  # a WebSocket handshake: step 7 opens a session
-    background: BackgroundAsk | None = None  # run as a job (proxy.background)
-    prefix: str = ""  # the public path prefix this client reached Parkway under
-    cache: CacheRequest | None = None  # the signer made it cacheable (pw_cache or the credential's ttl)
 
 
 class Gateway:
@@ -257,18 +219,20 @@ class Gateway:
             return
         job_id = job_id_from_path(head.path, (config.server.public_path_prefix,))
         if job_id is not None:
-            await self._serve_job(head, conn, config, record, request_id, job_id)
+            await serve_job(self.jobs, head, conn, config, record, request_id, job_id)
             return
         plan = await self._plan(head, conn, config, record, request_id, origin)
         if plan.websocket:
             # A session has limits of its own (idle_timeout, max_session_duration), not request_timeout.
             overall.deadline = math.inf
-            await self._admit(head, conn, config, record, plan, self._open_session)
+            await self._admit(head, conn, config, record, plan, partial(open_session, self.websockets, self.metrics))
         elif plan.cache is not None:
-            await self._unless_client_leaves(conn, record, self._serve_cacheable, head, conn, config, record, plan)
+            await unless_client_leaves(
+                self.engine, conn, record, partial(serve_cacheable, self), head, conn, config, record, plan
+            )
         else:
-            step7 = self._forward if plan.background is None else self._enqueue
-            await self._unless_client_leaves(conn, record, self._admit, head, conn, config, record, plan, step7)
+            step7 = self._forward if plan.background is None else partial(enqueue, self.jobs)
+            await unless_client_leaves(self.engine, conn, record, self._admit, head, conn, config, record, plan, step7)
 
     async def _plan(
         self,
@@ -289,7 +253,7 @@ class Gateway:
         if credential is None:
             raise UnknownCredential(f"unknown credential {client_text(signed.credential_id)}")
         check_validity(signed, self.clock(), clock_skew=config.server.clock_skew, max_expiry=config.server.max_expiry)
-        headers = _header_map(head)
+        headers = header_map(head)
         ctx = forwarding.forward_context(head.peer, headers, config.server.trusted_proxies)
         record.client = ctx.client_ip
 
@@ -310,7 +274,7 @@ class Gateway:
             signed,
             method=head.method,
             secrets=credential.secrets,
-            paths=_canonical_paths(head.path, config.server.public_path_prefix, ctx.prefix),
+            paths=canonical_paths(head.path, config.server.public_path_prefix, ctx.prefix),
             headers=headers,
             body=body,
         )
@@ -348,7 +312,7 @@ class Gateway:
         if user is not None:
             record.user = user
             structlog.contextvars.bind_contextvars(user=user)
-        rules = _request_policy(credential, config.server.inspect_body_bytes, config.server.body_rules_overflow)
+        rules = request_policy(credential, config.server.inspect_body_bytes, config.server.body_rules_overflow)
         declared = head.header(b"content-length")
         declared_length = (
             len(body) if body is not None else (int(declared) if declared and declared.isdigit() else None)
@@ -364,10 +328,10 @@ class Gateway:
         cached: CacheRequest | None = None
         if self.cache is not None and not websocket and background is None:
             # 6c: the cache, only as the signer allowed it (a job's answer goes to its job, not the cache); the body is read (bounded) for the key.
-            cached, body = await self._cache_request(
+            cached, body = await cache_request(
                 head, conn, config, credential, extras, upstream_url, user, body, declared_length
             )
-        if body is None and not _has_body(head):
+        if body is None and not has_body(head):
             # Consume the (empty) body's end now: from here on a client that leaves is noticed,
             # even while queued for a slot.
             await self._drain_request_body(conn)
@@ -390,180 +354,6 @@ class Gateway:
             cache=cached,
         )
 
-    async def _cache_request(
-        self,
-        head: RequestHead,
-        conn: HTTPConnection,
-        config: Config,
-        credential: Credential,
-        extras: dict[str, str],
-        upstream_url: str,
-        user: str | None,
-        body: bytes | None,
-        declared_length: int | None,
-    ) -> tuple[CacheRequest | None, bytes | None]:
-        """The cache's part of the plan (None: not cacheable), and the body, read if the key needs it."""
-        settings, rules = config.cache, credential.cache or _NO_CACHE_RULES
-        ttl = signed_ttl(extras.get(settings.param), rules.ttl, settings.max_ttl, settings.param)
-        if ttl <= 0:
-            return None, body  # the common case: nothing more to look at
-        directives = request_directives(head.header(b"cache-control"), head.header(b"pragma"))
-        plan = cache_plan(ttl, directives, head.method)
-        if plan is None:
-            return None, body
-        max_entry = rules.max_entry_bytes or settings.max_entry_bytes
-        if plan.bypass:
-            return CacheRequest("", plan, rules, max_entry), body
-        if body is None and _has_body(head):
-            if head.header(b"transfer-encoding") is not None or (declared_length or 0) > settings.max_body_bytes:
-                return CacheRequest("", plan, rules, max_entry, bypass_reason="request body too large to key"), body
-            body = await conn.read_body(settings.max_body_bytes)
-        key = cache_key(
-            scope=cache_scope(credential.id, rules.namespace),
-            method=head.method,
-            url=upstream_url,
-            body=body or b"",
-            injected=credential.headers,
-            key_headers=key_header_values(head.headers, settings.key_headers, (n for n, _ in credential.headers)),
-            user=user if rules.per_user else None,
-        )
-        return CacheRequest(key, plan, rules, max_entry), body
-
-    async def _unless_client_leaves(
-        self, conn: HTTPConnection, record: RequestRecord, work: Callable[..., Awaitable[None]], *args: Any
-    ) -> None:
-        """Run ``work``, cancelled the moment the client goes away once its request is complete:
-        while queued for a slot, waiting for the upstream's first byte, or streaming.
-
-        With the relay engine running, the engine watches the client's socket (one epoll
-        registration, and the relay takes it over); otherwise a watcher task does.
-        """
-        engine, sock = self.engine, conn.socket
-        if engine is not None and sock is not None:
-            with trio.CancelScope() as scope:
-                fd = sock.fileno()
-                watched = engine.watch_client(fd, partial(self._client_left, scope, record))
-                if watched:
-                    try:
-                        await work(*args)
-                    finally:
-                        engine.unwatch_client(fd)
-            if watched:
-                if record.outcome == "client_gone":
-                    conn.abort()
-                return
-        failure: ParkwayError | ClientGone | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_client, conn, nursery.cancel_scope, record)
-            try:
-                await work(*args)
-            except (ParkwayError, ClientGone) as exc:
-                # Raised outside the nursery, so callers see the error itself, not a group.
-                failure = exc
-            nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        if record.outcome == "client_gone":
-            conn.abort()
-
-    async def _serve_cacheable(
-        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
-    ) -> None:
-        """A request the signer made cacheable: a stored answer, an identical request's answer as it
-        arrives, or an upstream call (recorded for the next ones). Admission happens once either way."""
-        cached, cache = plan.cache, self.cache
-        assert cached is not None and cache is not None
-        _check_upstream_nowait(plan, config)
-        if plan.body is not None and plan.rules.inspects_body and not cached.bypass:
-            # The body rules (models, max_tokens...) as they are now, before any stored answer is served.
-            await policy.checked_body(plan.rules, plan.declared_length, plan.body)
-        if cached.bypass:
-            record.cache = "bypass"
-            if cached.plan.only_if_cached:
-                raise _cache_miss()
-            status = cache_status("bypass", detail=cached.bypass_reason)
-            return await self._admit(head, conn, config, record, plan, partial(self._forward, cache_headers=(status,)))
-        if cached.plan.lookup:
-            try:
-                entry = await cache.lookup(cached.key)
-            except CacheUnavailable:
-                record.cache = "unavailable"
-                if cached.plan.only_if_cached:
-                    raise _cache_miss() from None
-                status = cache_status("bypass", detail="cache store unavailable")
-                return await self._admit(
-                    head, conn, config, record, plan, partial(self._forward, cache_headers=(status,))
-                )
-            if entry is not None:
-                record.cache = "hit"
-                await self._admit_without_upstream(config, plan)
-                now = cache.store.clock()
-                headers = [
-                    *replay_headers(entry.headers, entry.age(now)),
-                    *self._own_headers(config, plan),
-                    cache_status("hit", ttl=entry.remaining(now)),
-                ]
-                record.tokens_saved = (entry.prompt_tokens, entry.completion_tokens)
-                await send_stored(conn, entry, headers, record, paced=cached.rules.replay == "paced")
-                return
-        if cached.plan.only_if_cached:
-            raise _cache_miss()
-        record.cache = "miss"
-        admitted = False
-        for _attempt in range(2):  # a leader that fails before its answer starts: try once more
-            role, flight = cache.join_nowait(
-                cached.key, ttl=cached.plan.ttl, store=cached.plan.store, max_entry_bytes=cached.max_entry_bytes
-            )
-            if flight is None or role == ALONE:
-                break
-            if role == LEAD:
-                async with cache.leading(flight):
-                    step7 = partial(self._forward, flight=flight)
-                    await self._admit(head, conn, config, record, plan, step7, admitted=admitted)
-                if flight.stored:
-                    record.cache = "stored"
-                    self.metrics.cache_evictions.inc(flight.evicted)
-                return
-            try:
-                if not admitted:
-                    await self._admit_without_upstream(config, plan)
-                    admitted = True
-                if await self._follow(conn, config, record, plan, flight):
-                    return
-            finally:
-                flight.followers -= 1
-        status = cache_status("miss", detail="identical request in flight")
-        step7 = partial(self._forward, cache_headers=(status,))
-        await self._admit(head, conn, config, record, plan, step7, admitted=admitted)
-
-    async def _follow(
-        self, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan, flight: Flight
-    ) -> bool:
-        """Send the answer an identical request in flight is receiving; False when there is none to
-        follow after all (its leader failed before its head, or the answer is not shared)."""
-        answer = await flight.wait_head()
-        if answer is None:
-            return False
-        record.cache = "collapsed"
-        headers = [*answer.headers, *self._own_headers(config, plan), cache_status("collapsed")]
-        try:
-            await send_followed(conn, flight, answer, headers, record)
-        except (LeaderFailed, FellBehind) as exc:
-            raise UpstreamError(str(exc), code="collapsed_leader_failed") from None
-        record.tokens_saved = flight.usage
-        return True
-
-    async def _admit_without_upstream(self, config: Config, plan: Plan) -> None:
-        """Admission of a request served without an upstream call: request-rate limits and single
-        use, but no in-flight slot and no concurrency lease."""
-        credential = plan.credential
-        keys = limits.limit_keys(credential.id, credential.limits, plan.user, credential.user_limits)
-        rate, _ = limits.split_limits(keys)
-        if rate:
-            decision = await self.state.acquire(rate, trio.current_time())
-            decision.raise_if_refused()
-        await self._check_single_use(config, plan)
-
     async def _check_single_use(self, config: Config, plan: Plan) -> None:
         if plan.single_use:
             # Remembered until the last moment the URL could still verify.
@@ -572,14 +362,6 @@ class Gateway:
                 plan.signature, last_valid.timestamp(), self.clock().timestamp()
             ):
                 raise limits.replay_refusal()
-
-    @staticmethod
-    def _client_left(scope: trio.CancelScope, record: RequestRecord) -> None:
-        if record.expected_length is not None and record.relayed >= record.expected_length:
-            return  # it read the whole (fixed-length) answer and closed: that is not leaving early
-        record.outcome = "client_gone"
-        record.error = "client closed the connection before the response was complete"
-        scope.cancel()
 
     async def _admit(
         self,
@@ -611,28 +393,6 @@ class Gateway:
                 with trio.CancelScope(shield=True):
                     await self.state.release(decision.lease)
 
-    async def _enqueue(
-        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
-    ) -> None:
-        """Step 7 of a background request: stored as a job, answered 202 at once (proxy.jobapi)."""
-        if self.jobs is None:
-            raise Overloaded("background jobs are not running in this process", code="jobs_unavailable")
-        job = await self.jobs.accept(head, conn, config, plan)
-        structlog.contextvars.bind_contextvars(job=job.id[:12])
-        record.status, record.completed = 202, True
-
-    async def _serve_job(
-        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, request_id: str,
-        job_id: str,
-    ) -> None:  # fmt: skip
-        """``GET``/``DELETE /jobs/<id>``: the id is the capability; no signature is involved."""
-        await self._drain_request_body(conn)
-        record.upstream_path = "/jobs/…"  # never the id in a log line: it grants access to the job
-        if self.jobs is None:
-            raise no_such_job(config)
-        record.status = await self.jobs.serve(head, conn, config, job_id, request_id)
-        record.completed = True
-
     async def _forward(
         self,
         head: RequestHead,
@@ -650,7 +410,7 @@ class Gateway:
             if plan.body is not None:
                 upstream_body = await policy.checked_body(plan.rules, plan.declared_length, plan.body)
                 content_length = len(plan.body)
-            elif _has_body(head):
+            elif has_body(head):
                 # An unsigned body streams through; only what the body rules need is held back.
                 content_length = plan.declared_length
                 chunks = await stack.enter_async_context(aclosing(conn.body_chunks()))
@@ -663,7 +423,7 @@ class Gateway:
                     head.headers, plan.credential.headers, plan.ctx, content_length=content_length
                 ),
                 body=upstream_body,
-                address_policy=_address_policy(plan.credential, config.server.allow_private_upstreams),
+                address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
             )
             forward_at = trio.current_time()
             self.metrics.in_flight.inc()
@@ -675,7 +435,7 @@ class Gateway:
                     usage = UsageObserver(response.content_type)
                     observers: tuple[BodyObserver, ...] = (usage,)
                     if flight is not None:
-                        cache_headers = (self._begin_flight(flight, response, config, plan),)
+                        cache_headers = (begin_flight(flight, response, config, plan),)
                         observers = (usage, flight)
                     await self._respond(conn, response, record, config, plan.origin, plan.request_id, cache_headers)
                     record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
@@ -685,65 +445,6 @@ class Gateway:
                         flight.usage = (usage.usage.prompt_tokens, usage.usage.completion_tokens)
             finally:
                 self.metrics.in_flight.dec()
-
-    async def _open_session(
-        self, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
-    ) -> None:
-        """Step 7 for a WebSocket: the upstream's handshake, then the client's 101, then the session.
-
-        Until the upstream has accepted, a failure is an HTTP error like any other; from the 101
-        on, the session ends with close frames and its report fills the request's record.
-        """
-        proposed = ws_policy.parse_subprotocols(head.header(b"sec-websocket-protocol"))
-        offered, dropped = ws_policy.split_subprotocols(proposed)
-        if dropped:  # the count only: each was an API key
-            log.warning("websocket_key_subprotocol_dropped", count=dropped)
-        session = SessionPlan(
-            target=ws_policy.upstream_target(plan.upstream_url),
-            headers=ws_policy.upstream_headers(head.headers, plan.credential.headers, plan.ctx),
-            subprotocols=offered,
-            address_policy=_address_policy(plan.credential, config.server.allow_private_upstreams),
-            response_headers=[(b"x-request-id", plan.request_id.encode())],
-        )
-
-        def hand_over() -> tuple[trio.abc.Stream, bytes]:
-            stream, after_head = conn.hand_over()
-            return stream, ws_policy.handshake_request(head.target, head.headers) + after_head
-
-        record.session = report = SessionReport()
-        self.metrics.in_flight.inc()
-        try:
-            await self.websockets.run(session, hand_over, report)
-        finally:
-            self.metrics.in_flight.dec()
-            if report.outcome is not None:  # the client was handed over: the session decided
-                record.status = 101 if report.accepted else None
-                record.outcome, record.completed, record.usage = report.outcome, True, report.usage
-                if report.outcome == ws_policy.UPSTREAM_ERROR:
-                    record.error = f"the upstream ended the session with {report.client_code}"
-                    record.error_code = "upstream_websocket_error"
-
-    @staticmethod
-    def _begin_flight(flight: Flight, response: UpstreamResponse, config: Config, plan: Plan) -> tuple[bytes, bytes]:
-        """Tell the flight the upstream's head (whether followers may share it, whether it may be
-        stored once complete); return the leader's Cache-Status."""
-        cached = plan.cache
-        assert cached is not None
-        reason = unstorable_reason(
-            response.status,
-            response.headers,
-            cached.rules,
-            max_entry_bytes=cached.max_entry_bytes,
-            key_headers=config.cache.key_headers,
-        )
-        flight.begin(response.status, tuple(forwarding.response_headers(response.headers)), share=reason is None)
-        result = "miss" if cached.plan.lookup else "refresh"
-        return cache_status(result, stored=flight.store, detail=reason)
-
-    @staticmethod
-    def _own_headers(config: Config, plan: Plan) -> list[tuple[bytes, bytes]]:
-        """What Parkway adds to every answer of this request: CORS and the request id."""
-        return [*cors.response_headers(config.cors, plan.origin), (b"x-request-id", plan.request_id.encode())]
 
     async def _respond(
         self,
@@ -772,20 +473,6 @@ class Gateway:
         record.head_sent_at = trio.current_time()
 
     @staticmethod
-    async def _watch_client(conn: HTTPConnection, scope: trio.CancelScope, record: RequestRecord) -> None:
-        # The relay engine stops this watch once it relays the body: it watches the client itself.
-        with trio.CancelScope() as record.client_watch:
-            await conn.request_done.wait()
-            await conn.wait_disconnect()
-        if record.client_watch.cancelled_caught:
-            return
-        if record.expected_length is not None and record.relayed >= record.expected_length:
-            return  # it read the whole (fixed-length) answer and closed: that is not leaving early
-        record.outcome = "client_gone"
-        record.error = "client closed the connection before the response was complete"
-        scope.cancel()
-
-    @staticmethod
     async def _drain_request_body(conn: HTTPConnection) -> None:
         async for _ in conn.body_chunks():
             pass
@@ -803,87 +490,3 @@ class Gateway:
             await conn.send_full(status, headers, body)
         except ClientGone:
             pass
-
-
-def _header_map(head: RequestHead) -> dict[str, str]:
-    """Lower-case name → value (repeats joined), as the signature check wants them."""
-    out: dict[str, str] = {}
-    for name, value in head.headers:
-        key = name.decode("latin-1")
-        try:  # signers sign header values as UTF-8 text
-            text = value.decode("utf-8")
-        except UnicodeDecodeError:
-            text = value.decode("latin-1")
-        out[key] = f"{out[key]}, {text}" if key in out else text
-    return out
-
-
-def _canonical_paths(path: str, *prefixes: str) -> tuple[str, ...]:
-    """Paths a signer may have signed: as received, ``/`` (Signway's server), and with the
-    public prefix put back when a proxy in front (nginx at ``/ai``) stripped it."""
-    paths = [path, "/"]
-    for prefix in prefixes:
-        if prefix and not path.startswith(prefix + "/"):
-            paths.append(prefix + path)
-    return tuple(paths)
-
-
-@lru_cache(maxsize=256)
-def _request_policy(credential: Credential, inspect_bytes: int, overflow: str) -> policy.RequestPolicy:
-    """The credential's rules as the policy module takes them (cached: credentials are frozen)."""
-    return policy.RequestPolicy(
-        allowed_methods=credential.allowed_methods,
-        allowed_path_prefixes=credential.allowed_paths,
-        max_body_bytes=credential.max_body_bytes,
-        allowed_models=credential.allowed_models,
-        max_tokens_cap=credential.max_tokens,
-        max_n=credential.max_n,
-        inspect_bytes=inspect_bytes,
-        overflow=overflow,
-    )
-
-
-@lru_cache(maxsize=256)
-def _address_policy(credential: Credential, allow_private: bool) -> ssrf.AddressPolicy:
-    return ssrf.policy_for(
-        allow_private=allow_private or credential.allow_private_upstreams,
-        allowed_upstreams=credential.allowed_upstreams,
-    )
-
-
-_NO_CACHE_RULES = CacheRules()
-
-
-def _check_upstream_nowait(plan: Plan, config: Config) -> None:
-    """The part of the SSRF guard that needs no DNS, for answers served without connecting (a hit,
-    a collapsed follower): the scheme, and an upstream named by its IP address. Names are checked
-    when a connection is made; a hit makes none."""
-    origin = plan.upstream_url.split("/", 3)[:3]  # scheme:, "", host[:port]
-    refusal = _origin_refusal("/".join(origin), plan.credential, config.server.allow_private_upstreams)
-    if refusal is not None:
-        raise Forbidden(refusal[0], code=refusal[1])
-
-
-@lru_cache(maxsize=1024)
-def _origin_refusal(origin: str, credential: Credential, allow_private: bool) -> tuple[str, str] | None:
-    """Why the address guard refuses ``origin`` outright (message, code), or None (cached: hot path)."""
-    parts = urlsplit(origin)
-    try:
-        ssrf.check_scheme(parts.scheme)
-        try:
-            ip = ssrf.parse_ip(parts.hostname or "")
-        except ValueError:
-            return None
-        _address_policy(credential, allow_private).check(ip, parts.hostname)
-    except Forbidden as exc:
-        return exc.message, exc.code
-    return None
-
-
-def _cache_miss() -> CacheMiss:
-    return CacheMiss("no stored answer, and the request said Cache-Control: only-if-cached")
-
-
-def _has_body(head: RequestHead) -> bool:
-    length = head.header(b"content-length")
-    return head.header(b"transfer-encoding") is not None or (length is not None and length.strip() != "0")
