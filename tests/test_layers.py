@@ -20,6 +20,7 @@ PURE = [
     "cache_policy",
     "chunked",
     "config",
+    "config_values",
     "cors",
     "errors",
     "forwarding",
