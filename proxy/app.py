@@ -25,13 +25,13 @@ from .cache import ResponseCache, open_cache
 from .config import Config, ServerConfig, load_config
 from .errors import ConfigError
 from .handler import Gateway, utcnow
-from .http_server import Server, bound_address, open_listeners
 from .jobapi import JobAPI
 from .jobrunner import JobRunner, open_job_store
 from .metrics import Metrics
 from .outbound import outbound_client
 from .overrides import ConfigOverrides
 from .relay import EpollEngine
+from .server import Server, bound_address, open_listeners
 from .state import StateBackend, open_state
 from .upstream import UpstreamClient
 from .urls import split_host_port

@@ -18,7 +18,8 @@ import trio
 from . import webhooks
 from .config import ServerConfig
 from .errors import ParkwayError
-from .http_server import HTTPConnection, RequestHead, Server, bound_address, open_listeners
+from .http_server import HTTPConnection, RequestHead
+from .server import Server, bound_address, open_listeners
 
 BACKGROUND_BODY = {"model": "mock-gpt", "messages": [{"role": "user", "content": "Summarise Parkway in one line."}]}
 

@@ -74,7 +74,7 @@ def utcnow() -> datetime:
 
 
 class Gateway:
-    """The application behind :class:`~proxy.http_server.Server`; ``config`` may be swapped live."""
+    """The application behind :class:`~proxy.server.Server`; ``config`` may be swapped live."""
 
     def __init__(
         self,

@@ -20,7 +20,8 @@ import trio
 
 from .config import ServerConfig
 from .errors import ParkwayError
-from .http_server import HTTPConnection, RequestHead, Server, bound_address, open_listeners
+from .http_server import HTTPConnection, RequestHead
+from .server import Server, bound_address, open_listeners
 
 DEMO_TEXT = (
     "Parkway verified the signed URL, added the API key the browser never saw, and is relaying "
@@ -45,7 +46,7 @@ def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None =
 
 
 class MockOpenAI:
-    """The application object for :class:`~proxy.http_server.Server`."""
+    """The application object for :class:`~proxy.server.Server`."""
 
     def __init__(self, *, api_key: str | None = None, delay: float = 0.05, text: str = DEMO_TEXT):
         self.api_key = api_key

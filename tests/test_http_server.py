@@ -30,7 +30,8 @@ from proxy.errors import (
     RequestTimeout,
     error_response,
 )
-from proxy.http_server import ClientGone, HTTPConnection, RequestHead, Server
+from proxy.http_server import ClientGone, HTTPConnection, RequestHead
+from proxy.server import Server
 from proxy.urls import split_host_port
 from support.http import parse_response, read_until_eof
 

@@ -34,9 +34,10 @@ from proxy.cache_policy import CacheRules
 from proxy.config import Config, CorsConfig, Credential, ServerConfig
 from proxy.errors import ParkwayError
 from proxy.handler import utcnow
-from proxy.http_server import HTTPConnection, RequestHead, Server, bound_address, open_listeners
+from proxy.http_server import HTTPConnection, RequestHead
 from proxy.mock_realtime import MockRealtime
 from proxy.mock_upstream import MockOpenAI
+from proxy.server import Server, bound_address, open_listeners
 from proxy.signing import sign_url
 
 HERE = Path(__file__).resolve().parent
@@ -66,7 +67,7 @@ def _json(status: int, payload: dict) -> tuple[int, list[tuple[bytes, bytes]], b
 
 @dataclass
 class Backend:
-    """The application object for :class:`proxy.http_server.Server`: static files and /sign."""
+    """The application object for :class:`proxy.server.Server`: static files and /sign."""
 
     secret: str
     parkway_base: str = ""  # set once Parkway listens
