@@ -36,6 +36,10 @@ from support.signing import sign
 from support.upstream import Exchange, Upstream, echo, sse_from
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
+# Each test starts three Python processes (supervisor and two workers) and waits up to 10 s for
+# each one's startup line: ~1.5 s on a quiet 2-core machine, several times that on a loaded one.
+# The limits only turn a hang into a failure; the waits inside name what did not happen.
+HANG_LIMIT = 30.0
 
 SECRET_A = "secret-A-first"
 SECRET_B = "secret-B-second"
@@ -84,6 +88,9 @@ async def healthz(client: httpx.AsyncClient, admin_port: int) -> int:
     return (await client.get(f"http://127.0.0.1:{admin_port}/healthz")).status_code
 
 
+# A fourth process (the replacement) and 40 requests on fresh connections: 3.6 s quiet, past 10 s
+# loaded; its own bounded waits (startup, worker_started, startup: 10 s each) fit inside 45 s.
+@pytest.mark.hang_limit(45)
 async def test_both_workers_answer_and_a_killed_worker_is_replaced(processes, upstream, client, tmp_path):
     supervisor, pids = await start_workers(processes, tmp_path)
     admin = supervisor.admin_port
