@@ -390,8 +390,9 @@ class Gateway:
                     await self._check_single_use(config, plan)
                 await step7(head, conn, config, record, plan)
             finally:
-                with trio.CancelScope(shield=True):
-                    await self.state.release(decision.lease)
+                if decision.lease is not None:  # None: no concurrency limit counted this request
+                    with trio.CancelScope(shield=True):
+                        await self.state.release(decision.lease)
 
     async def _forward(
         self,

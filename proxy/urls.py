@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from functools import lru_cache
 from urllib.parse import SplitResult, urlsplit
 
 import idna
@@ -115,6 +116,7 @@ def _check_ipv4_spelling(host: str, text: str) -> None:
     )
 
 
+@lru_cache(maxsize=512)  # pure, and the same upstream URLs come back request after request
 def normalize_url(text: str, *, schemes: frozenset[str] = frozenset({"http", "https"})) -> str:
     """Return the canonical form of an absolute URL, or raise :class:`InvalidURL`.
 
