@@ -29,29 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from . import procstat
-from .runner import ROOT, Proc
+from .runner import ROOT, Proc, free_port
 
 API_KEY = "sk-loadtest"
 CREDENTIAL = "loadtest"
 SECRET = "loadtest-secret-not-a-real-one"
 RESOURCE = "/v1/realtime?model=loadtest"
-
-
-def free_port() -> int:
-    """A loopback port below the kernel's ephemeral range: after a run has opened thousands of
-    connections, a port from ``bind(0)`` is often some connection's local port already."""
-    import random
-    import socket
-
-    for _ in range(100):
-        port = random.randrange(20000, 32768)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 # --- the upstream: an echo that checks the key ---------------------------------------------------
