@@ -10,6 +10,7 @@ import gc
 import select
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ import trio
 
 from support.parkway import Parkways, RunningParkway, make_config
 from support.processes import ProcessGroup
+from support.redis import RedisServer
 from support.upstream import Upstream
 
 HANG_LIMIT = 10.0  # seconds; the whole e2e file takes a few
@@ -108,3 +110,14 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
     """The browser: no proxies from the environment, short timeouts."""
     async with httpx.AsyncClient(trust_env=False, timeout=5.0) as client:
         yield client
+
+
+@pytest.fixture
+async def redis(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A real redis-server on loopback for this test, killed after it."""
+    server = RedisServer(nursery, tmp_path)
+    with trio.fail_after(10):
+        await server.start()
+    yield server
+    await server.kill()
+    gc.collect()  # a leaked connection's warnings belong to this test, not a later one

@@ -7,11 +7,9 @@ outage), never hang a request and never crash; once Redis is back, entries are w
 
 from __future__ import annotations
 
-import gc
 import signal
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import coredis
 import pytest
@@ -26,16 +24,6 @@ from support.redis import RedisServer
 
 GUARD = 10.0  # seconds: no test here may take longer
 SSE = ((b"content-type", b"text/event-stream"),)
-
-
-@pytest.fixture
-async def redis(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(nursery, tmp_path)
-    with trio.fail_after(GUARD):
-        await server.start()
-    yield server
-    await server.kill()
-    gc.collect()  # a leaked connection's warnings belong to this test, not a later one
 
 
 @pytest.fixture

@@ -8,11 +8,9 @@ frozen (SIGSTOP: a Redis that hangs) and restarted mid-test.
 
 from __future__ import annotations
 
-import gc
 import signal
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import coredis
 import pytest
@@ -78,16 +76,6 @@ async def test_memory_state_is_a_backend() -> None:
 # --- Redis ------------------------------------------------------------------------------------------
 
 GUARD = 10.0  # seconds: no Redis test may take longer
-
-
-@pytest.fixture
-async def redis(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(nursery, tmp_path)
-    with trio.fail_after(GUARD):
-        await server.start()
-    yield server
-    await server.kill()
-    gc.collect()  # a leaked connection's warnings belong to this test, not a later one
 
 
 @pytest.fixture
