@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from proxy.cache_entry import CacheEntry
-from proxy.cache_memory import MemoryCache
+from proxy.cache.entry import CacheEntry
+from proxy.cache.memory import MemoryCache
 from proxy.signing import sign_url
 
 from . import nginx, procstat

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .errors import ParkwayError, error_response
-from .http_server import HTTPConnection, RequestHead
+from .http.connection import HTTPConnection, RequestHead
 from .metrics import CONTENT_TYPE
 
 

@@ -21,21 +21,21 @@ import structlog
 import trio
 
 from .admin import AdminApp
-from .cache import ResponseCache, open_cache
+from .cache.flight import ResponseCache, open_cache
 from .config import Config, ServerConfig, load_config
 from .errors import ConfigError
-from .handler import Gateway, utcnow
-from .jobapi import JobAPI
-from .jobrunner import JobRunner, open_job_store
+from .gateway.handler import Gateway, utcnow
+from .http.server import Server, bound_address, open_listeners
+from .jobs.api import JobAPI
+from .jobs.runner import JobRunner, open_job_store
+from .limits.state import StateBackend, open_state
 from .metrics import Metrics
-from .outbound import outbound_client
 from .overrides import ConfigOverrides
-from .relay import EpollEngine
-from .server import Server, bound_address, open_listeners
-from .state import StateBackend, open_state
-from .upstream import UpstreamClient
+from .relay.pump import EpollEngine
+from .upstream.client import UpstreamClient
+from .upstream.outbound import outbound_client
 from .urls import split_host_port
-from .websocket import WebSocketProxy
+from .websocket.session import WebSocketProxy
 
 log = structlog.get_logger("parkway")
 JOB_STATS_INTERVAL = 5.0  # seconds between job store counts for the metrics

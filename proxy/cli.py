@@ -242,7 +242,7 @@ def cmd_check_config(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 
 def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     logs.configure("info" if args.verbose else "warning", "console")
     return _run_trio(run_demo, args.port, args.once, args.delay)

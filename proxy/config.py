@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from .cache_policy import CACHE_BACKENDS, REPLAY_MODES, CacheConfig, CacheRules
+from .cache.policy import CACHE_BACKENDS, REPLAY_MODES, CacheConfig, CacheRules
 from .config_values import (
     _choice,
     _Convert,
@@ -45,10 +45,10 @@ from .config_values import (
     limit_spec_from_toml,
 )
 from .errors import ConfigError, ConfigProblem
-from .jobs import STORES, JobsConfig
-from .limits import LimitSpec
+from .jobs.model import STORES, JobsConfig
+from .limits.limiter import LimitSpec
 from .policy import OVERFLOW_CHOICES
-from .ws_policy import WebSocketConfig
+from .websocket.policy import WebSocketConfig
 
 __all__ = [  # the names other modules and the tests import from here
     "FAILURE_POLICIES",
@@ -151,7 +151,7 @@ class AdminConfig:
 
 @dataclass(frozen=True, slots=True)
 class StateConfig:
-    """The ``[state]`` section: where limits and single-use signatures live (see :mod:`proxy.state`)."""
+    """The ``[state]`` section: where limits and single-use signatures live (see :mod:`proxy.limits.state`)."""
 
     backend: str = "memory"  # memory | redis
     url: str = "redis://127.0.0.1:6379/0"  # redis:// or rediss://; a password may come from ${ENV}

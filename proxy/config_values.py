@@ -17,11 +17,11 @@ from functools import partial
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-from . import webhooks
 from .errors import ConfigError, ConfigProblem
-from .limits import LimitSpec, parse_rate
+from .jobs import webhooks
+from .limits.limiter import LimitSpec, parse_rate
 from .urls import InvalidURL, normalize_prefix, split_host_port
-from .ws_policy import http_form
+from .websocket.policy import http_form
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ENV_REF = re.compile(r"\$\$\{|\$\{(?P<name>[^}]*)(?P<close>\}?)")

@@ -13,10 +13,10 @@ import structlog
 import trio
 
 from .config import Config
-from .http_server import RequestHead
+from .http.connection import RequestHead
 from .metrics import Metrics
-from .usage import Usage
-from .websocket import SessionReport
+from .relay.usage import Usage
+from .websocket.session import SessionReport
 
 log = structlog.get_logger("parkway.request")
 

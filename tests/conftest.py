@@ -53,7 +53,7 @@ async def processes(nursery: trio.Nursery) -> AsyncIterator[ProcessGroup]:
 
 @pytest.fixture(params=["epoll", "portable"])
 def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test on each of the relay's drivers (proxy.relay_engine): the epoll engine and the
+    """Run a test on each of the relay's drivers (proxy.relay.engine): the epoll engine and the
     portable one; Parkways started by the test read ``PARKWAY_RELAY``."""
     if request.param == "epoll" and not hasattr(select, "epoll"):
         pytest.skip("no epoll on this platform")

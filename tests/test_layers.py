@@ -14,27 +14,27 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 
 # Decisions without I/O: these modules must load without any of the I/O libraries.
 PURE = [
-    "background",
-    "cache_entry",
-    "cache_memory",
-    "cache_policy",
-    "chunked",
+    "cache.entry",
+    "cache.memory",
+    "cache.policy",
     "config",
     "config_values",
     "cors",
     "errors",
     "forwarding",
-    "jobs",
-    "jobstore",
-    "limits",
-    "outage",
+    "http.chunked",
+    "jobs.background",
+    "jobs.model",
+    "jobs.store",
+    "jobs.webhooks",
+    "limits.limiter",
+    "limits.outage",
     "overrides",
     "policy",
+    "relay.usage",
     "signing",
     "urls",
-    "usage",
-    "webhooks",
-    "ws_policy",
+    "websocket.policy",
 ]
 IO_LIBRARIES = ["trio", "h11", "httpx", "httpx2", "httpcore", "httpcore2", "coredis", "anyio"]
 
@@ -49,24 +49,55 @@ def test_pure_module_loads_no_io_library(module: str) -> None:
     assert result.stdout.strip() == "", f"proxy.{module} loads {result.stdout.strip()}"
 
 
-def proxy_imports(path: Path) -> set[str]:
-    """The proxy modules ``path`` imports, at module level or inside functions (lazy imports count)."""
-    found = set()
+def module_name(path: Path) -> str:
+    """``proxy/cache/policy.py`` -> ``cache.policy``; a package's ``__init__.py`` is the package."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def resolve(importer: str, is_package: bool, level: int, module: str | None) -> str:
+    """The absolute name (below ``proxy``) of a relative import in ``importer``."""
+    base = importer.split(".") if importer else []
+    if not is_package:
+        base = base[:-1]
+    base = base[: len(base) - (level - 1)] if level > 1 else base
+    return ".".join([*base, *(module.split(".") if module else [])])
+
+
+def proxy_imports(path: Path, modules: set[str]) -> dict[str, set[str]]:
+    """The proxy modules ``path`` imports (lazy imports inside functions count), each with the
+    names taken from it. ``from . import x`` names a module when ``x`` is one."""
+    name = module_name(path)
+    found: dict[str, set[str]] = {}
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module is None:  # from . import a, b
-                found.update(alias.name for alias in node.names)
-            elif node.level == 1:
-                found.add(node.module.split(".")[0])
-            elif node.module and node.module.startswith("proxy."):
-                found.add(node.module.split(".")[1])
+            if node.level:
+                target = resolve(name, path.name == "__init__.py", node.level, node.module)
+            elif node.module and (node.module == "proxy" or node.module.startswith("proxy.")):
+                target = node.module.removeprefix("proxy").removeprefix(".")
+            else:
+                continue
+            for alias in node.names:
+                sub = f"{target}.{alias.name}" if target else alias.name
+                if sub in modules:
+                    found.setdefault(sub, set())
+                else:
+                    found.setdefault(target, set()).add(alias.name)
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("proxy."))
+            for a in node.names:
+                if a.name.startswith("proxy."):
+                    found.setdefault(a.name.removeprefix("proxy."), set())
+    found.pop(name, None)
     return found
 
 
+def all_modules() -> dict[str, Path]:
+    return {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
 def import_graph() -> dict[str, set[str]]:
-    return {path.stem: proxy_imports(path) - {path.stem} for path in PACKAGE.glob("*.py")}
+    modules = all_modules()
+    return {name: set(proxy_imports(path, set(modules))) - {""} for name, path in modules.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -94,14 +125,38 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycles_among_proxy_modules() -> None:
     graph = import_graph()
-    assert "state" in graph and "config" in graph  # the parser found the package
+    assert "limits.state" in graph and "config" in graph  # the parser found the package
+    assert "limits.limiter" in graph["limits.state"]  # relative imports are resolved
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
 
 def test_pure_modules_import_only_pure_modules() -> None:
     graph = import_graph()
+    allowed = set(PURE) | {"", *(name for name in graph if all_modules()[name].name == "__init__.py")}
     for module in PURE:
-        assert graph[module] <= set(PURE), f"{module} imports {sorted(graph[module] - set(PURE))}"
+        assert graph[module] <= allowed, f"{module} imports {sorted(graph[module] - allowed)}"
+
+
+def package_of(module: str) -> str:
+    return module.rpartition(".")[0]
+
+
+def test_no_module_takes_private_names_from_another_package() -> None:
+    # A leading underscore is the package's own business: what two packages share is a public name
+    # (``proxy._redis`` is a private module of the whole package, with public names in it).
+    modules = all_modules()
+    for name, path in modules.items():
+        for target, names in proxy_imports(path, set(modules)).items():
+            private = sorted(n for n in names if n.startswith("_") and n != "__version__")
+            if package_of(target) != package_of(name):
+                assert not private, f"{name} imports {private} from {target}"
+
+
+def test_the_import_parser_resolves_relative_imports() -> None:
+    assert resolve("cache.redis", False, 2, "limits.outage") == "limits.outage"
+    assert resolve("cache.redis", False, 1, "entry") == "cache.entry"
+    assert resolve("config", False, 1, "jobs.webhooks") == "jobs.webhooks"
+    assert resolve("cache", True, 1, "policy") == "cache.policy"
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:

@@ -9,8 +9,8 @@ It starts three things on loopback, as ``parkway demo`` does:
   it was given (in Rails this is a controller action using clients/ruby/parkway_signer.rb);
   ``realtime.html`` is a realtime page, whose ``POST /sign-realtime`` gets a URL for a WebSocket;
 * Parkway, holding the (mock) API key and allowing this page's origin (CORS);
-* a mock OpenAI upstream (``proxy.mock_upstream.MockOpenAI``), unless ``upstream_url`` is given,
-  and a mock Realtime API (``proxy.mock_realtime.MockRealtime``), unless ``realtime_url`` is.
+* a mock OpenAI upstream (``proxy.demo.mock_openai.MockOpenAI``), unless ``upstream_url`` is given,
+  and a mock Realtime API (``proxy.demo.mock_realtime.MockRealtime``), unless ``realtime_url`` is.
 
 The backend knows only the signing secret; the API key lives in Parkway alone.
 """
@@ -30,14 +30,14 @@ from pathlib import Path
 import trio
 
 from proxy.app import Parkway
-from proxy.cache_policy import CacheRules
+from proxy.cache.policy import CacheRules
 from proxy.config import Config, CorsConfig, Credential, ServerConfig
 from proxy.errors import ParkwayError
-from proxy.handler import utcnow
-from proxy.http_server import HTTPConnection, RequestHead
-from proxy.mock_realtime import MockRealtime
-from proxy.mock_upstream import MockOpenAI
-from proxy.server import Server, bound_address, open_listeners
+from proxy.gateway.handler import utcnow
+from proxy.http.connection import HTTPConnection, RequestHead
+from proxy.demo.mock_realtime import MockRealtime
+from proxy.demo.mock_openai import MockOpenAI
+from proxy.http.server import Server, bound_address, open_listeners
 from proxy.signing import sign_url
 
 HERE = Path(__file__).resolve().parent
@@ -67,7 +67,7 @@ def _json(status: int, payload: dict) -> tuple[int, list[tuple[bytes, bytes]], b
 
 @dataclass
 class Backend:
-    """The application object for :class:`proxy.server.Server`: static files and /sign."""
+    """The application object for :class:`proxy.http.server.Server`: static files and /sign."""
 
     secret: str
     parkway_base: str = ""  # set once Parkway listens

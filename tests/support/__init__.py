@@ -4,7 +4,7 @@
   parsed and counted) for tests that hold the socket themselves.
 * ``signing``: the test credential's secrets and :func:`~support.signing.sign`, by the real
   ``signway_sdk`` or by Parkway's own signer.
-* ``upstream``: upstreams on 127.0.0.1 port 0, written without ``proxy.http_server`` so the
+* ``upstream``: upstreams on 127.0.0.1 port 0, written without ``proxy.http.connection`` so the
   code under test is not its own witness, and the behaviours tests give them.
 * ``parkway``: Parkway in the test's nursery, its test config and TOML config files.
 * ``processes``: programs run as child processes (``parkway serve``, nginx, redis-server),

@@ -1,7 +1,7 @@
 """Parkway for the tests: its test configuration, run in the test's nursery, and config files.
 
 The timeouts of :data:`TEST_SERVER` are generous on purpose: a test that wants one to fire
-sets it itself, with a margin that holds on a loaded machine (see ``test_e2e.py``).
+sets it itself, with a margin that holds on a loaded machine (see ``test_proxy.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import trio
 
 from proxy.app import Parkway
 from proxy.config import Config, CorsConfig, Credential, ServerConfig
-from proxy.ws_policy import WebSocketConfig
+from proxy.websocket.policy import WebSocketConfig
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY, sign
 
 # Small limits so every timeout test finishes in well under a second.
@@ -33,7 +33,7 @@ TEST_SERVER = ServerConfig(
     request_timeout=10.0,
     drain_timeout=5.0,
     # Every test upstream is on loopback, which the SSRF guard refuses by default
-    # (test_e2e.py checks that refusal with this turned off).
+    # (test_proxy.py checks that refusal with this turned off).
     allow_private_upstreams=True,
 )
 TEST_CREDENTIAL = Credential("app", (SECRET,), INJECTED)

@@ -1,6 +1,6 @@
 """The in-test upstream: HTTP/1.1 with ``h11`` over plain ``trio`` sockets on 127.0.0.1 port 0.
 
-Written on purpose without ``proxy.http_server``: the code under test must not be its own
+Written on purpose without ``proxy.http.connection``: the code under test must not be its own
 witness. It records every request and runs one *behaviour* coroutine per request, so each
 test states how the upstream answers (echo, SSE paced by the test, streams held until the
 test releases them, hang, close mid-stream, ...).

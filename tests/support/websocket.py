@@ -9,7 +9,7 @@
 * :class:`RawPeer` speaks wsproto over a plain stream, for what trio-websocket will not do
   (send fragments, drop the TCP connection without a close frame, answer a bad handshake).
 * :class:`SessionHarness` parses a request head with h11 (as the HTTP server does) and hands
-  the connection to :class:`proxy.websocket.WebSocketProxy`, so the shell is tested alone.
+  the connection to :class:`proxy.websocket.session.WebSocketProxy`, so the shell is tested alone.
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ from trio_websocket import (
 from wsproto.events import AcceptConnection, Event, Request
 
 from proxy.errors import ParkwayError, error_response
-from proxy.ssrf import AddressPolicy
-from proxy.websocket import SessionPlan, SessionReport, WebSocketProxy
-from proxy.ws_policy import (
+from proxy.upstream.ssrf import AddressPolicy
+from proxy.websocket.policy import (
     WebSocketConfig,
     handshake_request,
     parse_subprotocols,
     split_subprotocols,
     upstream_target,
 )
+from proxy.websocket.session import SessionPlan, SessionReport, WebSocketProxy
 from support.signing import UPSTREAM_KEY
 
 SUPPORTED_SUBPROTOCOLS = ("realtime",)

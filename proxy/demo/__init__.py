@@ -1,0 +1,1 @@
+"""``parkway demo`` and the mock upstreams it runs on loopback (OpenAI-style HTTP, Realtime WebSocket)."""

@@ -1,0 +1,150 @@
+"""``parkway demo``: the whole story on loopback, with no internet and no API key.
+
+A mock OpenAI-style upstream that demands a key, Parkway holding that key for credential
+``demo``, and a URL signed for the browser. ``--once`` plays the browser itself and shows
+the answer arriving word by word.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import shutil
+import tempfile
+
+import httpx2 as httpx
+import trio
+
+from ..app import Parkway
+from ..config import AdminConfig, Config, CorsConfig, Credential, ServerConfig
+from ..jobs import webhooks
+from ..jobs.model import JobsConfig
+from ..signing import sign_url
+from .jobs import DemoReceiver, play_background, serve_receiver
+from .mock_openai import MockOpenAI, serve_mock
+
+DEMO_BODY = {
+    "model": "mock-gpt",
+    "stream": True,
+    "messages": [{"role": "user", "content": "What does Parkway do?"}],
+}
+
+
+def _out(text: str = "", end: str = "\n") -> None:
+    print(text, end=end, flush=True)
+
+
+async def _play_browser(url: str) -> int:
+    """POST the signed URL and print each SSE event's text as it arrives; exit code 0 on success."""
+    started = trio.current_time()
+    first: float | None = None
+    events = 0
+    async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+        async with client.stream("POST", url, json=DEMO_BODY) as response:
+            if response.status_code != 200:
+                _out(f"unexpected status {response.status_code}: {(await response.aread()).decode()}")
+                return 1
+            _out("  assistant> ", end="")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                events += 1
+                if first is None:
+                    first = trio.current_time() - started
+                delta = json.loads(line[6:])["choices"]
+                if delta and "content" in delta[0]["delta"]:
+                    _out(delta[0]["delta"]["content"], end="")
+    total = trio.current_time() - started
+    _out()
+    first = total if first is None else first
+    _out(
+        f"\n  {events} SSE events; first after {first * 1000:.0f} ms, last after {total * 1000:.0f} ms:"
+        " the answer streamed through Parkway as the upstream produced it."
+    )
+    return 0
+
+
+async def run_demo(port: int, once: bool, delay: float) -> int:
+    api_key = "sk-demo-" + secrets.token_hex(8)
+    secret = secrets.token_urlsafe(24)
+    hook_key = secrets.token_bytes(32)
+    receiver = DemoReceiver(hook_key)
+    async with trio.open_nursery() as nursery:
+        upstream_url = await nursery.start(serve_mock, MockOpenAI(api_key=api_key, delay=delay))
+        receiver_url = await nursery.start(serve_receiver, receiver)
+        jobs_dir = tempfile.mkdtemp(prefix="parkway-demo-")
+        config = Config(
+            server=ServerConfig(listen=(f"127.0.0.1:{port}",), drain_timeout=2.0),
+            credentials=(
+                Credential(
+                    id="demo",
+                    secrets=(secret,),
+                    headers=(("Authorization", f"Bearer {api_key}"),),
+                    allowed_upstreams=(upstream_url + "/v1/",),
+                    allowed_callbacks=(receiver_url + "/hooks/",),
+                    webhook_secrets=(webhooks.format_secret(hook_key),),
+                ),
+            ),
+            cors=CorsConfig(),
+            admin=AdminConfig(listen=()),
+            jobs=JobsConfig(enabled=True, path=os.path.join(jobs_dir, "jobs.sqlite3"), poll_interval=0.2),
+        )
+        parkway = Parkway(config)
+        addresses = await nursery.start(parkway.run)
+        base = f"http://{addresses[0]}"
+        url = sign_url(
+            id="demo",
+            secret=secret,
+            host=base,
+            proxy_url=upstream_url + "/v1/chat/completions",
+            expiry=600,
+            method="POST",
+        )
+        _out("Parkway demo (everything on loopback)")
+        _out(f"  mock upstream  {upstream_url}   OpenAI-style; demands an API key the browser never sees")
+        _out(f"  parkway        {base}   credential 'demo' injects 'Authorization: Bearer sk-demo-…'")
+        _out()
+        _out("A backend signed this URL for the browser (valid 10 minutes, POST only):")
+        _out(f"  {url}")
+        _out()
+        curl = f"curl -N -X POST {shlex.quote(url)} -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(DEMO_BODY))}"
+        background = sign_url(
+            id="demo",
+            secret=secret,
+            host=base,
+            proxy_url=upstream_url + "/v1/chat/completions",
+            expiry=600,
+            method="POST",
+            params={"pw_callback": receiver_url + "/hooks/summary"},
+        )
+        if once:
+            _out("Sending it, as the browser would:")
+            code = await _play_browser(url)
+            _out()
+            _out("In the background, as a Sidekiq job would (the backend signs pw_callback; Parkway calls back):")
+            code = code or await play_background(background, receiver, _out)
+            _out()
+            _out("To keep it running and stream it with curl yourself: .venv/bin/parkway demo")
+            parkway.shutdown()
+            nursery.cancel_scope.cancel()
+            shutil.rmtree(jobs_dir, ignore_errors=True)
+            return code
+        _out("Stream it with curl (Ctrl-C here stops the demo):")
+        _out(f"  {curl}")
+        _out()
+        _out("Or run it in the background: 202 at once, the signed result POSTed to the demo's receiver:")
+        _out(f"  curl -i -X POST {shlex.quote(background)} -H 'Content-Type: application/json' -d '{{}}'")
+        nursery.start_soon(_stop_on_signal, parkway, nursery.cancel_scope)
+    return 0
+
+
+async def _stop_on_signal(parkway: Parkway, scope: trio.CancelScope) -> None:
+    import signal
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            _out("\nstopping", end="\n")
+            scope.cancel()
+            return

@@ -1,0 +1,182 @@
+"""HTTP/1.1 response body framing, without I/O: which framing a response has, and a chunk scanner.
+
+When the upstream answers ``Transfer-Encoding: chunked`` and the client speaks HTTP/1.1, the
+chunked framing going out is the framing coming in, so the relay passes the bytes through
+unchanged. :class:`ChunkScanner` is what it still needs to know about them: where the body
+ends (the terminator), whether the framing is well formed (anything else is refused, never
+guessed at), and the de-framed data for observers. It follows RFC 9112 §7.1 with h11's
+tolerances (chunk extensions and trailing whitespace on the size line are accepted and ignored).
+
+:func:`body_framing` is RFC 9112 §6.3 for a response: a body that cannot exist (HEAD, 1xx,
+204, 304) is empty whatever the headers say; ``Transfer-Encoding: chunked`` beats
+``Content-Length`` (§6.1: such an answer is framed by the chunks, its length is dropped and its
+connection is not reused); otherwise ``Content-Length``; otherwise the body runs to the close.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from ..errors import UpstreamProtocolError
+
+MAX_SIZE_LINE = 4096  # a chunk-size line with its extensions
+MAX_TRAILERS = 16384  # the whole trailer section
+
+_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\n]*)?[ \t]*\r\n")
+_TRAILER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r\n")
+
+_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+_HEX = b"0123456789abcdefABCDEF"
+
+
+class MalformedChunks(UpstreamProtocolError):
+    """The upstream's chunked framing is broken: the stream is cut, the connection dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class Framing:
+    """How a response body is delimited on the upstream connection."""
+
+    kind: Literal["empty", "length", "chunked", "close"]
+    length: int = 0  # for "length"
+    dropped_length: bool = False  # chunked and Content-Length together: the length was ignored
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the framing itself allows keeping the connection once the body is read."""
+        return self.kind in ("empty", "length", "chunked") and not self.dropped_length
+
+
+def body_framing(method: str, status: int, headers: list[tuple[bytes, bytes]]) -> Framing:
+    """The framing of a response to ``method`` with ``status`` and (lower-case) ``headers``.
+
+    Raises :class:`~proxy.errors.UpstreamProtocolError` for framing no recipient may act on:
+    a transfer coding other than chunked, or conflicting lengths.
+    """
+    if method == "HEAD" or status < 200 or status in (204, 304):
+        return Framing("empty")
+    codings: list[bytes] = []
+    lengths: set[bytes] = set()
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            codings += [c.strip().lower() for c in value.split(b",") if c.strip()]
+        elif name == b"content-length":
+            lengths.update(v.strip() for v in value.split(b","))
+    if codings:
+        if codings != [b"chunked"]:
+            raise UpstreamProtocolError(f"upstream used an unsupported transfer coding: {b', '.join(codings)!r}")
+        return Framing("chunked", dropped_length=bool(lengths))
+    if lengths:
+        if len(lengths) != 1:
+            raise UpstreamProtocolError("upstream sent conflicting Content-Length values")
+        (text,) = lengths
+        if not text.isdigit() or len(text) > 18:
+            raise UpstreamProtocolError(f"upstream sent a malformed Content-Length: {text[:40]!r}")
+        return Framing("length", int(text))
+    return Framing("close")
+
+
+class ChunkScanner:
+    """Tracks chunk boundaries across reads of a chunked body.
+
+    ``feed(data, out)`` returns how many bytes of ``data`` belong to the body (all of them until
+    the terminator arrives, then the index just past it, so the caller sees any excess) and,
+    when ``out`` is a list, appends the de-framed data to it. :attr:`done` is True once the
+    terminator (``0``, trailers, blank line) has been read; :attr:`terminator` is its bytes,
+    as h11 needs them to complete its own state.
+    """
+
+    __slots__ = ("_left", "_line", "_state", "_trailers", "done")
+
+    def __init__(self) -> None:
+        self._state = _SIZE
+        self._left = 0  # bytes left in the current chunk
+        self._line = b""  # a size or trailer line split across reads
+        self._trailers = bytearray()  # the terminator so far: b"0...\r\n" and the trailer lines
+        self.done = False
+
+    @property
+    def terminator(self) -> bytes:
+        return bytes(self._trailers)
+
+    def feed(self, data: bytes, out: list[bytes] | None = None) -> int:
+        if self._state == _SIZE and not self._line:
+            # The common case, cheaply: a read holding exactly one whole chunk with a bare hex size.
+            nl = data.find(b"\r\n", 0, 18)
+            if nl > 0:
+                size_text = data[:nl]
+                if not size_text.translate(None, _HEX):
+                    stop = nl + 2 + int(size_text, 16)
+                    if stop + 2 == len(data) and stop > nl + 2 and data[stop:] == b"\r\n":
+                        if out is not None:
+                            out.append(data[nl + 2 : stop])
+                        return stop + 2
+        return self._feed(data, out)
+
+    def _feed(self, data: bytes, out: list[bytes] | None) -> int:
+        end = len(data)
+        i = 0
+        state, left = self._state, self._left
+        while i < end:
+            if state == _DATA:
+                take = min(end - i, left)
+                if out is not None:
+                    out.append(data[i : i + take] if take != end or i else data)
+                i += take
+                left -= take
+                if not left:
+                    state = _DATA_END
+            elif state == _SIZE or state == _TRAILER:
+                nl = data.find(b"\n", i)
+                if nl < 0:
+                    self._line += data[i:]
+                    i = end
+                    if len(self._line) > MAX_SIZE_LINE:
+                        raise MalformedChunks("upstream sent an over-long chunk-size or trailer line")
+                    break
+                line = data[i : nl + 1]
+                if self._line:
+                    line, self._line = self._line + line, b""
+                i = nl + 1
+                if state == _SIZE:
+                    match = _SIZE_LINE.fullmatch(line)
+                    if match is None:
+                        raise MalformedChunks(f"upstream sent a malformed chunk-size line: {line[:40]!r}")
+                    left = int(match[1], 16)
+                    if left:
+                        state = _DATA
+                    else:
+                        self._trailers += line
+                        state = _TRAILER
+                else:
+                    self._trailers += line
+                    if len(self._trailers) > MAX_TRAILERS:
+                        raise MalformedChunks("upstream sent over-long trailers")
+                    if line == b"\r\n":
+                        state = _DONE
+                        self.done = True
+                        break
+                    if _TRAILER_LINE.fullmatch(line) is None:
+                        raise MalformedChunks(f"upstream sent a malformed trailer line: {line[:40]!r}")
+            elif state == _DATA_END:
+                # The CRLF after a chunk's data, possibly split across reads.
+                if self._line:  # b"\r" seen at the end of the previous read
+                    if data[i : i + 1] != b"\n":
+                        raise MalformedChunks("upstream sent chunk data longer than its size")
+                    self._line = b""
+                    i += 1
+                    state = _SIZE
+                elif data[i : i + 2] == b"\r\n":
+                    i += 2
+                    state = _SIZE
+                elif data[i:] == b"\r":
+                    self._line = b"\r"
+                    i = end
+                else:
+                    raise MalformedChunks("upstream sent chunk data longer than its size")
+            else:  # _DONE
+                break
+        self._state, self._left = state, left
+        return i

@@ -1,0 +1,195 @@
+"""The listening side of the HTTP server: listening sockets, accept loops, one task per
+connection, the connection cap and the graceful drain. Each connection is an
+:class:`~proxy.http.connection.HTTPConnection`; this module never touches h11 itself.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Protocol
+
+import trio
+
+from ..config import ServerConfig
+from ..errors import InternalError, Overloaded, ParkwayError
+from ..urls import split_host_port
+from .connection import _SOCKET_ERRORS, RECEIVE_SIZE, ClientGone, HTTPConnection, RequestHead, log
+
+ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+class Application(Protocol):
+    async def handle(self, head: RequestHead, conn: HTTPConnection) -> None: ...
+
+    async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None: ...
+
+
+class Server:
+    """Accept loops and connection tasks, with a connection cap and a graceful drain."""
+
+    def __init__(self, config: ServerConfig, app: Application):
+        self.config = config
+        self.app = app
+        self.open_connections = 0
+        self.draining = False
+        self._idle: set[trio.CancelScope] = set()
+        self._connections: trio.Nursery | None = None
+        self._accepting: trio.CancelScope | None = None
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until :meth:`shutdown` has drained every connection (or the drain deadline hit)."""
+        async with trio.open_nursery() as connections:
+            self._connections = connections
+            try:
+                with trio.CancelScope() as accepting:
+                    self._accepting = accepting
+                    async with trio.open_nursery() as accept_loops:
+                        for listener in listeners:
+                            accept_loops.start_soon(self._accept_loop, listener, connections)
+                        task_status.started(listeners)
+            finally:
+                with trio.CancelScope(shield=True):
+                    for listener in listeners:
+                        await listener.aclose()
+            # From here the nursery waits for in-flight connections, up to the drain deadline.
+
+    def shutdown(self) -> None:
+        """Stop accepting, close idle keep-alive connections, cancel the rest after ``drain_timeout``."""
+        if self.draining:
+            return
+        self.draining = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for scope in list(self._idle):
+            scope.cancel()
+        if self._connections is not None:
+            self._connections.cancel_scope.deadline = trio.current_time() + self.config.drain_timeout
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in ACCEPT_ERRNOS:
+                    log.error("accept_failed", error=errno.errorcode.get(exc.errno, str(exc.errno)), retry_in=0.1)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            nursery.start_soon(self._connection_task, stream)
+
+    async def _connection_task(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = stream.socket.getpeername()[0]
+        except OSError:
+            peer = "unknown"
+        conn = HTTPConnection(stream, self.config, peer)
+        self.open_connections += 1
+        try:
+            if self.open_connections > self.config.max_connections:
+                await self._refuse_overloaded(conn)
+                return
+            await self._serve_connection(conn)
+        except ClientGone:
+            pass
+        except Exception:
+            # A bug must cost one connection, never the server and every other stream; the
+            # client still gets an answer when none has started.
+            log.exception("connection_failed", client=peer)
+            await self._answer_internal_error(conn)
+        finally:
+            self.open_connections -= 1
+            with trio.CancelScope(shield=True):
+                if not conn.request_complete and conn.response_started and not conn.handed_over:
+                    await _lingering_close(stream)
+                await trio.aclose_forcefully(stream)
+
+    async def _answer_internal_error(self, conn: HTTPConnection) -> None:
+        """500 ``internal_error`` if a response can still be sent, else a truncated one."""
+        if not conn.can_respond:
+            conn.abort()
+            return
+        conn.close_after_response()
+        with trio.move_on_after(self.config.client_write_timeout):
+            try:
+                await self.app.reject(None, conn, InternalError())
+            except Exception:  # the answer itself failed: the connection just closes
+                log.exception("internal_error_response_failed", client=conn.peer)
+
+    async def _refuse_overloaded(self, conn: HTTPConnection) -> None:
+        exc = Overloaded(
+            f"too many open connections (limit {self.config.max_connections}); retry shortly", retry_after=1
+        )
+        with trio.move_on_after(self.config.header_read_timeout):
+            head = await conn.next_request(self.config.header_read_timeout)
+            conn.close_after_response()
+            await self.app.reject(head, conn, exc)
+
+    async def _serve_connection(self, conn: HTTPConnection) -> None:
+        first = True
+        while not self.draining:
+            with trio.CancelScope() as idle:
+                self._idle.add(idle)
+                try:
+                    head = await conn.next_request(
+                        self.config.header_read_timeout if first else self.config.keepalive_timeout
+                    )
+                except ParkwayError as exc:  # malformed head, too large, too slow
+                    if conn.can_respond:
+                        conn.close_after_response()
+                        await self.app.reject(None, conn, exc)
+                    return
+                finally:
+                    self._idle.discard(idle)
+            if idle.cancelled_caught or head is None:
+                return
+            first = False
+            if self.draining:
+                conn.close_after_response()
+            await self.app.handle(head, conn)
+            if not conn.reusable():
+                return
+            conn.start_next_cycle()
+
+
+async def _lingering_close(stream: trio.SocketStream, seconds: float = 2.0, limit: int = 1 << 20) -> None:
+    """Read and discard an unread request body for a moment before closing.
+
+    Closing a socket with unread input makes the kernel send RST, which can destroy the
+    error response the client has not read yet (nginx's ``lingering_close`` does the same).
+    """
+    with trio.move_on_after(seconds):
+        try:
+            await stream.send_eof()
+            received = 0
+            while received < limit:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    return
+                received += len(data)
+        except _SOCKET_ERRORS:
+            return
+
+
+async def open_listeners(addresses: tuple[str, ...], *, reuse_port: bool = False) -> list[trio.SocketListener]:
+    """Bind every listen address (a backlog sized for thousands of connections)."""
+    listeners: list[trio.SocketListener] = []
+    for address in addresses:
+        host, port = split_host_port(address)
+        sock = trio.socket.socket(trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+        await sock.bind((host, port))
+        sock.listen(4096)
+        listeners.append(trio.SocketListener(sock))
+    return listeners
+
+
+def bound_address(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,288 @@
+"""The job runner: makes queued jobs' upstream calls and delivers their results (Trio).
+
+It runs in the app's nursery beside the servers. One task claims jobs from the store while
+fewer than ``max_jobs_in_flight`` run here; each job is one task that makes the upstream call
+with Parkway's own httpx2 client (:mod:`proxy.jobs.calls`: the SSRF guard and the credential's
+injected headers apply as for a browser's request), reads the answer whole and stores it.
+Another task claims due deliveries and POSTs each, signed as Standard Webhooks, through the
+same client with the credential's ``allowed_callbacks`` as its address policy.
+
+Leases make it safe to run many runners on one store: a running job's lease is renewed every
+``lease / 3``; a process that dies stops renewing and, ``lease`` seconds later, any runner
+claims the job again and repeats its upstream call (so a non-idempotent upstream call may run
+twice; see docs/jobs.md). A delivery is hidden for ``delivery_timeout`` + a margin while it is
+attempted, and becomes due again if its runner dies: at least once, same ``webhook-id``.
+
+:meth:`JobRunner.drain` (SIGTERM) stops claiming, lets running jobs finish until the drain
+deadline, then puts the ones still running back in the queue for the next start.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx2 as httpx
+import structlog
+import trio
+
+from ..config import Config, StateConfig
+from ..errors import ParkwayError
+from ..limits.outage import Outage
+from ..metrics import Metrics
+from . import model as jobs
+from .calls import fetch_answer, post_webhook
+from .model import AttemptOutcome, Job, JobError, JobsConfig
+from .store import JobStore, StoreStats
+
+log = structlog.get_logger("parkway.jobs")
+
+DELIVERY_CONCURRENCY = 32  # delivery attempts at once per process
+DELIVERY_LEASE_MARGIN = 30.0  # a delivery is hidden this much longer than its timeout
+
+
+@asynccontextmanager
+async def open_job_store(config: JobsConfig, state: StateConfig) -> AsyncIterator[JobStore]:
+    """The configured store, open for the ``async with``; Redis is the ``[state]`` server."""
+    if config.store == "redis":
+        from .redis import RedisJobStore  # coredis only when Redis is configured
+
+        async with RedisJobStore(state.url, key_prefix=state.key_prefix) as redis_store:
+            yield redis_store
+        return
+    from .sqlite import SQLiteJobStore
+
+    async with SQLiteJobStore(config.path) as sqlite_store:
+        yield sqlite_store
+
+
+class JobRunner:
+    """Runs the jobs of ``store``; ``config()`` is read afresh for each job (reloads apply)."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        client: httpx.AsyncClient,
+        config: Callable[[], Config],
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        owner: str | None = None,
+    ):
+        self.store = store
+        self.client = client
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.running: dict[str, trio.CancelScope] = {}
+        self.accepting = True
+        self._work: trio.Nursery | None = None
+        self._wake_jobs = trio.Event()
+        self._wake_deliveries = trio.Event()
+        self._slots = trio.Semaphore(DELIVERY_CONCURRENCY)
+        self.changed = trio.Event()  # set (and replaced) after each job run or delivery attempt
+        self.outage = Outage(retry_interval=0)  # only for logging an outage once
+
+    @property
+    def settings(self) -> JobsConfig:
+        return self.config().jobs
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Claim and run jobs and deliveries until :meth:`drain` has finished."""
+        async with trio.open_nursery() as outer:
+            outer.start_soon(self._renew_leases)
+            async with trio.open_nursery() as work:
+                self._work = work
+                work.start_soon(self._claim_jobs)
+                work.start_soon(self._claim_deliveries)
+                task_status.started()
+            outer.cancel_scope.cancel()
+        log.info("jobs_drained", requeued_to_store=True)
+
+    def notify(self) -> None:
+        """A job was just queued: look for it now instead of at the next poll."""
+        self._wake_jobs.set()
+
+    def drain(self, timeout: float) -> None:
+        """Stop claiming; running jobs get ``timeout`` seconds, then go back to the queue."""
+        if not self.accepting:
+            return
+        self.accepting = False
+        log.info("jobs_draining", running=len(self.running), drain_timeout=timeout)
+        self._wake_jobs.set()
+        self._wake_deliveries.set()
+        if self._work is not None:
+            self._work.cancel_scope.deadline = trio.current_time() + timeout
+
+    def cancel_local(self, job_id: str) -> None:
+        """Stop the upstream call of a job cancelled through this process (DELETE)."""
+        scope = self.running.get(job_id)
+        if scope is not None:
+            scope.cancel()
+
+    async def _sleep_until_woken(self, event_name: str) -> None:
+        with trio.move_on_after(self.settings.poll_interval):
+            await getattr(self, event_name).wait()
+        setattr(self, event_name, trio.Event())
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    async def _claim_jobs(self) -> None:
+        assert self._work is not None
+        while self.accepting:
+            settings = self.settings
+            job = None
+            if len(self.running) < settings.max_jobs_in_flight:
+                job = await self._quietly(self.store.claim, self.owner, now=self.clock(), lease=settings.lease)
+            if job is None:
+                await self._sleep_until_woken("_wake_jobs")
+                continue
+            scope = trio.CancelScope()
+            self.running[job.id] = scope
+            self._work.start_soon(self._run_job, job, scope)
+
+    def _changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def _run_job(self, job: Job, scope: trio.CancelScope) -> None:
+        settings = self.settings
+        log.info("job_started", job=job.id[:12], credential=job.credential, attempt=job.attempts)
+        try:
+            final: Job | None = None
+            with scope:
+                if job.attempts > settings.max_attempts:
+                    error = JobError("job_abandoned", f"abandoned after {settings.max_attempts} interrupted runs")
+                    final = jobs.failed(job, error, now=self.clock(), result_ttl=settings.result_ttl)
+                else:
+                    final = await self._execute(job, settings)
+            if final is None:  # cancelled by DELETE or lease lost: the store already says so
+                log.info("job_stopped", job=job.id[:12], reason="cancelled or taken over")
+                return
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                written = await self._quietly(self.store.finish, final, self.owner)
+            self._count_run(final.status if written else "lost")
+            log.info("job_finished", job=job.id[:12], status=final.status, stored=bool(written),
+                     upstream_status=final.result.status if final.result else None,
+                     error=final.error.code if final.error else None)  # fmt: skip
+            if written and final.delivery.state == jobs.PENDING:
+                self._wake_deliveries.set()
+        except trio.Cancelled:
+            # The drain deadline: back to the queue for the next start (or another process).
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await self._quietly(self.store.finish, jobs.requeued(job), self.owner)
+            self._count_run("requeued")
+            log.warning("job_requeued", job=job.id[:12], reason="drain deadline")
+            raise
+        finally:
+            del self.running[job.id]
+            self._wake_jobs.set()
+            self._changed()
+
+    async def _execute(self, job: Job, settings: JobsConfig) -> Job:
+        """The upstream call, its answer read whole: a completed or failed job."""
+        config = self.config()
+        now = self.clock
+        credential = config.credential(job.credential)
+        if credential is None:
+            error = JobError("unknown_credential", f"credential {job.credential!r} is no longer configured")
+            return jobs.failed(job, error, now=now(), result_ttl=settings.result_ttl)
+        try:
+            with trio.fail_after(config.server.request_timeout or float("inf")):
+                result = await fetch_answer(self.client, job, credential, config)
+        except trio.TooSlowError:
+            error = JobError("request_timeout", f"the upstream call exceeded {config.server.request_timeout:g} s")
+            return jobs.failed(job, error, now=now(), result_ttl=settings.result_ttl)
+        except ParkwayError as exc:
+            return jobs.failed(job, JobError(exc.code, exc.message), now=now(), result_ttl=settings.result_ttl)
+        return jobs.completed(job, result, now=now(), result_ttl=settings.result_ttl)
+
+    async def _renew_leases(self) -> None:
+        """Keep this process's jobs its own; a job cancelled or taken over elsewhere is stopped."""
+        while True:
+            await trio.sleep(self.settings.lease / 3)
+            settings = self.settings
+            for job_id, scope in list(self.running.items()):
+                until = self.clock() + settings.lease
+                if await self._quietly(self.store.renew, job_id, self.owner, until=until) is False:
+                    scope.cancel()
+
+    # --- deliveries -----------------------------------------------------------------------------
+
+    async def _claim_deliveries(self) -> None:
+        assert self._work is not None
+        while self.accepting:
+            await self._slots.acquire()
+            lease = self.settings.delivery_timeout + DELIVERY_LEASE_MARGIN
+            job = await self._quietly(self.store.claim_delivery, now=self.clock(), lease=lease)
+            if job is None:
+                self._slots.release()
+                await self._sleep_until_woken("_wake_deliveries")
+                continue
+            self._work.start_soon(self._deliver, job)
+
+    async def _deliver(self, job: Job) -> None:
+        try:
+            outcome = await self.attempt_delivery(job)
+            updated = jobs.after_attempt(job, outcome, now=self.clock(), schedule=self.settings.schedule)
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await self._quietly(self.store.delivered, updated)
+            d = updated.delivery
+            result = "retry" if d.state == jobs.PENDING else d.state
+            if self.metrics is not None:
+                self.metrics.job_deliveries.labels(result).inc()
+            log.info("webhook_delivery", job=job.id[:12], webhook_id=job.webhook_id, attempt=d.attempts,
+                     status=outcome.status, error=outcome.error, result=result,
+                     next_in_s=round(d.next_at - self.clock(), 1) if d.next_at else None)  # fmt: skip
+        finally:
+            self._slots.release()
+            self._changed()
+
+    async def attempt_delivery(self, job: Job) -> AttemptOutcome:
+        """POST the job's webhook once; what the receiver answered (or why nothing came)."""
+        config = self.config()
+        settings = config.jobs
+        credential = config.credential(job.credential)
+        if credential is None or not credential.webhook_secrets or job.callback is None:
+            return AttemptOutcome(None, error="credential or its webhook secret is gone", permanent=True)
+        body = jobs.webhook_payload(job, inline_limit=settings.inline_payload_bytes)
+        return await post_webhook(self.client, job, credential, config, now=self.clock(), body=body)
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    async def _quietly(self, operation: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A store call whose failure is answered with None: the runner tries again on its next
+        round rather than dying with the process. An outage is logged when it starts and ends."""
+        try:
+            result = await operation(*args, **kwargs)
+        except ParkwayError as exc:
+            if self.outage.failed(trio.current_time()):
+                log.error("job_store_unavailable", error=exc.message)
+            return None
+        length = self.outage.succeeded(trio.current_time())
+        if length is not None:
+            log.warning("job_store_recovered", outage_s=round(length, 3))
+        return result
+
+    def _count_run(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.job_runs.labels(outcome).inc()
+
+    async def refresh_stats(self) -> StoreStats | None:
+        """Store counts into the gauges (called by the metrics endpoint's refresh loop)."""
+        stats = await self._quietly(self.store.stats, now=self.clock())
+        if stats is not None and self.metrics is not None:
+            for status, count in stats.by_status.items():
+                self.metrics.jobs.labels(status).set(count)
+            self.metrics.jobs_deliveries_pending.set(stats.deliveries_pending)
+            self.metrics.jobs_oldest_queued_age.set(stats.oldest_queued_age)
+            self.metrics.jobs_running.set(len(self.running))
+        return stats

@@ -1,0 +1,1 @@
+"""Limits: the global admission gate, per-credential and per-user rates and concurrency, single-use signatures, and where their state lives (memory or Redis)."""

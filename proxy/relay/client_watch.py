@@ -1,0 +1,80 @@
+"""The client's side of a request in flight: the request's work is cancelled the moment the
+client goes away once its request is complete (while queued, waiting, or streaming).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import trio
+
+from ..errors import ParkwayError
+from ..http.connection import ClientGone, HTTPConnection
+from ..record import RequestRecord
+from .pump import EpollEngine
+
+
+async def unless_client_leaves(
+    engine: EpollEngine | None,
+    conn: HTTPConnection,
+    record: RequestRecord,
+    work: Callable[..., Awaitable[None]],
+    *args: Any,
+) -> None:
+    """Run ``work``, cancelled the moment the client goes away once its request is complete:
+    while queued for a slot, waiting for the upstream's first byte, or streaming.
+
+    With the relay engine running, the engine watches the client's socket (one epoll
+    registration, and the relay takes it over); otherwise a watcher task does.
+    """
+    sock = conn.socket
+    if engine is not None and sock is not None:
+        with trio.CancelScope() as scope:
+            fd = sock.fileno()
+            watched = engine.watch_client(fd, partial(client_left, scope, record))
+            if watched:
+                try:
+                    await work(*args)
+                finally:
+                    engine.unwatch_client(fd)
+        if watched:
+            if record.outcome == "client_gone":
+                conn.abort()
+            return
+    failure: ParkwayError | ClientGone | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_client, conn, nursery.cancel_scope, record)
+        try:
+            await work(*args)
+        except (ParkwayError, ClientGone) as exc:
+            # Raised outside the nursery, so callers see the error itself, not a group.
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if record.outcome == "client_gone":
+        conn.abort()
+
+
+async def watch_client(conn: HTTPConnection, scope: trio.CancelScope, record: RequestRecord) -> None:
+    # The relay engine stops this watch once it relays the body: it watches the client itself.
+    with trio.CancelScope() as record.client_watch:
+        await conn.request_done.wait()
+        await conn.wait_disconnect()
+    if record.client_watch.cancelled_caught:
+        return
+    if record.expected_length is not None and record.relayed >= record.expected_length:
+        return  # it read the whole (fixed-length) answer and closed: that is not leaving early
+    record.outcome = "client_gone"
+    record.error = "client closed the connection before the response was complete"
+    scope.cancel()
+
+
+def client_left(scope: trio.CancelScope, record: RequestRecord) -> None:
+    if record.expected_length is not None and record.relayed >= record.expected_length:
+        return  # it read the whole (fixed-length) answer and closed: that is not leaving early
+    record.outcome = "client_gone"
+    record.error = "client closed the connection before the response was complete"
+    scope.cancel()

@@ -1,0 +1,292 @@
+"""One response body in flight: what each upstream read becomes on the client's socket.
+
+:class:`RelayStream` decides, without waiting for anything (its drivers in
+:mod:`proxy.relay.engine` wait for the sockets):
+
+* upstream ``chunked`` to an HTTP/1.1 client: the bytes pass through unchanged, and the pure
+  :class:`~proxy.http.chunked.ChunkScanner` finds the terminator, refuses broken framing and gives the
+  observers the de-framed data; the terminator that passed through is the one h11 would have
+  written, so both h11 connections are then completed with it (RFC 9112 §7.1);
+* every other case (a fixed length, a body that ends at the close, an HTTP/1.0 client) goes
+  through h11 on both sides, as before: these are small answers or rare clients.
+
+Each step is one ``recv`` and one ``write`` on the raw sockets. When the client's socket does
+not take a whole write, the rest waits in :attr:`RelayStream.pending` and the driver stops
+reading the upstream until it is gone (back pressure: one read at most, no queue). Observers
+are fed the de-framed data after the write, guarded, and cost nothing when there are none.
+The upstream connection is reusable only when the body ended cleanly with nothing after it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import h11
+import structlog
+import trio
+
+from ..errors import UpstreamProtocolError, UpstreamTimeout
+from ..http.chunked import ChunkScanner, Framing
+from ..http.connection import ClientGone
+
+if TYPE_CHECKING:
+    from ..http.connection import HTTPConnection
+    from ..upstream.connection import UpstreamConnection
+
+log = structlog.get_logger("parkway.relay")
+
+WAIT, WROTE, BLOCKED, DONE = range(4)  # what a step left: nothing read, all written, client full, body done
+
+
+class BodyObserver(Protocol):
+    def feed(self, data: bytes) -> None: ...
+
+    def finish(self, complete: bool) -> None: ...
+
+
+class RelayStream:
+    """One response body from ``upstream`` to ``conn``'s client, after its head was sent."""
+
+    __slots__ = (
+        "_down_h11",
+        "_up_h11",
+        "blocked_since",
+        "client_fd",
+        "complete",
+        "conn",
+        "first_write",
+        "framing",
+        "host",
+        "idle_timeout",
+        "last_read",
+        "observers",
+        "passthrough",
+        "pending",
+        "relayed",
+        "reusable",
+        "scanner",
+        "task",
+        "unobserved",
+        "up",
+        "write_timeout",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        conn: HTTPConnection,
+        upstream: UpstreamConnection,
+        framing: Framing,
+        *,
+        idle_timeout: float,
+        observers: Sequence[BodyObserver] = (),
+    ):
+        self.conn = conn
+        self.up = upstream
+        self.host = upstream.host
+        self.framing = framing
+        self._up_h11 = upstream.h11
+        self._down_h11 = conn.conn
+        # The framing going out is the framing coming in: h11 would chunk the answer for this client.
+        self.passthrough = framing.kind == "chunked" and _client_gets_chunked(conn.conn)
+        self.scanner = ChunkScanner() if framing.kind == "chunked" else None
+        self.observers = tuple(observers)
+        self.pending: memoryview | None = None  # what the client's socket has not taken yet
+        self.unobserved: list[bytes] = []  # de-framed data written but not yet fed to observers
+        sock = conn.socket
+        self.client_fd = sock.fileno() if sock is not None else -1
+        self.last_read = trio.current_time()
+        self.blocked_since = 0.0
+        self.relayed = 0
+        self.complete = False
+        self.reusable = False  # the upstream connection may carry another request
+        self.task: trio.lowlevel.Task | None = None
+        self.idle_timeout = idle_timeout
+        self.write_timeout = conn.config.client_write_timeout
+        self.first_write = True
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def start(self, initial: bytes) -> int:
+        """Relay the body bytes that came with the head; a body that cannot exist ends here."""
+        if self.framing.kind == "empty":
+            try:
+                event = self._up_h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamProtocolError(f"{self.host} broke the HTTP protocol: {exc}") from None
+            self._ended(excess=len(initial) if type(event) is h11.EndOfMessage else 1)
+            return self._write(self._down_h11.send(h11.EndOfMessage()) or b"")
+        return self.on_upstream(initial) if initial else WROTE
+
+    def on_upstream(self, data: bytes | None) -> int:
+        """Relay what one read gave (``b""``: the upstream closed; None: nothing yet)."""
+        if data is None:
+            return WAIT
+        observed: list[bytes] | None = [] if self.observers else None
+        if self.passthrough:
+            assert self.scanner is not None
+            if not data:
+                raise UpstreamProtocolError(f"{self.host} closed the connection in the middle of the response")
+            used = self.scanner.feed(data, observed)
+            out = data
+            if self.scanner.done:
+                out = data[:used] if used != len(data) else data
+                self._end_chunked(excess=len(data) - used)
+                self._down_h11.send(h11.EndOfMessage())  # its terminator is the one that passed through
+        else:
+            out = self._reframe(data, observed)
+        state = self._write(out)
+        if observed:
+            if state == BLOCKED:  # fed once the client has taken it
+                self.unobserved += observed
+            else:
+                self._observe(observed)
+        return state
+
+    def _reframe(self, data: bytes, observed: list[bytes] | None) -> bytes:
+        """h11 on both sides: de-frame what the upstream sent, frame it for this client."""
+        pieces: list[bytes] = []
+        if self.scanner is not None:  # chunked upstream, HTTP/1.0 client
+            if not data:
+                raise UpstreamProtocolError(f"{self.host} closed the connection in the middle of the response")
+            used = self.scanner.feed(data, pieces)
+            if self.scanner.done:
+                self._end_chunked(excess=len(data) - used)
+        else:
+            up = self._up_h11
+            try:
+                up.receive_data(data)
+                while True:
+                    event = up.next_event()
+                    if type(event) is h11.Data:
+                        pieces.append(bytes(event.data))
+                    elif type(event) is h11.EndOfMessage:
+                        self._ended(excess=len(up.trailing_data[0]))
+                        break
+                    else:
+                        break
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamProtocolError(f"{self.host} broke the HTTP protocol: {exc}") from None
+        down = self._down_h11
+        out = [down.send(h11.Data(data=p)) or b"" for p in pieces if p]
+        if self.complete:
+            out.append(down.send(h11.EndOfMessage()) or b"")
+        if observed is not None:
+            observed += pieces
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _end_chunked(self, excess: int) -> None:
+        assert self.scanner is not None
+        up = self._up_h11
+        try:
+            up.receive_data(self.scanner.terminator)
+            event = up.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamProtocolError(f"{self.host} sent malformed trailers: {exc}") from None
+        if type(event) is not h11.EndOfMessage:  # the scanner and h11 disagree: never reuse
+            excess = 1
+        self._ended(excess)
+
+    def _ended(self, excess: int) -> None:
+        """The upstream's end of body arrived; keep its connection only when nothing else did."""
+        self.complete = True
+        up = self._up_h11
+        # RFC 9112 §6.1/§9.3: stray bytes after a complete response (pipelined junk, a body on a
+        # response that has none) are never taken as the next answer; nginx drops them too.
+        self.reusable = not excess and self.framing.reusable and up.our_state is h11.DONE and up.their_state is h11.DONE
+        if excess:
+            log.warning("upstream_stray_bytes", upstream_host=self.host, bytes=excess)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def _write(self, out: bytes) -> int:
+        conn = self.conn
+        if self.first_write:  # a held head goes out with the first body bytes
+            self.first_write = False
+            held = conn.take_unsent()
+            if held:
+                out = held + out
+                self.relayed -= len(held)  # body bytes only
+        sent = 0
+        if out and self.client_fd < 0:  # not a socket (an in-memory stream): the driver sends it
+            self.pending = memoryview(out)
+            return BLOCKED
+        if out:
+            try:
+                sent = os.write(self.client_fd, out)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self._down_h11.send_failed()
+                raise ClientGone(exc.strerror or type(exc).__name__) from None
+            conn.bytes_out += sent
+            self.relayed += sent
+            if sent != len(out):
+                self.pending = memoryview(out)[sent:]
+                return BLOCKED
+        return DONE if self.complete else WROTE
+
+    def on_client_writable(self) -> int:
+        """Write what the client did not take; True once all of it went."""
+        assert self.pending is not None
+        try:
+            sent = os.write(self.client_fd, self.pending)
+        except BlockingIOError:
+            return BLOCKED
+        except OSError as exc:
+            self._down_h11.send_failed()
+            raise ClientGone(exc.strerror or type(exc).__name__) from None
+        self.conn.bytes_out += sent
+        self.relayed += sent
+        if sent != len(self.pending):
+            self.pending = self.pending[sent:]
+            return BLOCKED
+        self.pending = None
+        if self.unobserved:
+            self._observe(self.unobserved)
+            self.unobserved = []
+        return DONE if self.complete else WROTE
+
+    def sent_all(self) -> int:
+        """The driver sent what was pending by other means (a stream that is not a socket)."""
+        assert self.pending is not None
+        self.conn.bytes_out += len(self.pending)
+        self.relayed += len(self.pending)
+        self.pending = None
+        if self.unobserved:
+            self._observe(self.unobserved)
+            self.unobserved = []
+        return DONE if self.complete else WROTE
+
+    def _observe(self, pieces: list[bytes]) -> None:
+        for observer in self.observers:
+            try:
+                for piece in pieces:
+                    observer.feed(piece)
+            except Exception:
+                log.exception("observer_failed", observer=type(observer).__name__)
+                self.observers = tuple(o for o in self.observers if o is not observer)
+
+    def finish_observers(self) -> None:
+        for observer in self.observers:
+            try:
+                observer.finish(self.complete and self.pending is None)
+            except Exception:
+                log.exception("observer_failed", observer=type(observer).__name__)
+        self.observers = ()
+
+    def idle_error(self) -> UpstreamTimeout:
+        return UpstreamTimeout(f"{self.host} sent nothing for {self.idle_timeout:g} s in the middle of the response")
+
+    def write_timeout_error(self) -> ClientGone:
+        self._down_h11.send_failed()
+        return ClientGone(f"client did not read the response for {self.write_timeout:g} s")
+
+
+def _client_gets_chunked(server: h11.Connection) -> bool:
+    """Whether h11 frames the current response to this client with chunks: its body writer's
+    choice (HTTP/1.1 client, no Content-Length, a body the status allows). h11 has no public
+    name for it; if that ever changes, this says no and the body takes the h11 path, as correct
+    and only slower (tests/test_relay_engine.py checks the pass-through byte for byte)."""
+    return type(getattr(server, "_writer", None)).__name__ == "ChunkedWriter"

@@ -1,0 +1,264 @@
+"""One upstream connection as the relay wants it: a raw non-blocking socket, TLS in memory, h11.
+
+The relay moves body bytes with one ``recv`` and one ``send`` per event and no trio stream
+layers, so a connection is the stdlib socket itself plus, for ``https``, an ``ssl.SSLObject``
+over memory BIOs (what trio's ``SSLStream`` does inside): :meth:`recv_nowait` returns the
+plaintext that is there now, or None, and never leaves decrypted bytes behind in the TLS
+object, so "the socket is readable" stays the only readiness signal the relay watches.
+
+Connecting is where the SSRF guard sits: the name is resolved once, every address it gives is
+checked against the request's :class:`~proxy.upstream.ssrf.AddressPolicy` (a mixed answer is refused,
+not filtered), and only checked addresses are connected to, never the name again.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import math
+import os
+import socket
+import ssl
+
+import h11
+import trio
+
+from ..errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from .ssrf import AddressPolicy, Resolver, resolve
+
+RECEIVE_SIZE = 65536
+
+
+def _literal(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return None
+
+
+class UpstreamConnection:
+    """A connected (and, for https, TLS-established) socket to one upstream origin."""
+
+    __slots__ = ("_in", "_out", "_tls", "fd", "h11", "host", "idle_since", "sock")
+
+    def __init__(self, sock: socket.socket, host: str, tls: ssl.SSLObject | None = None,
+                 bios: tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None = None):  # fmt: skip
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.host = host  # host[:port], for messages
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
+        self._tls = tls
+        self._in: ssl.MemoryBIO | None = bios[0] if bios is not None else None
+        self._out: ssl.MemoryBIO | None = bios[1] if bios is not None else None
+
+    @property
+    def tls(self) -> bool:
+        return self._tls is not None
+
+    @property
+    def tls_resumed(self) -> bool:
+        return self._tls is not None and self._tls.session_reused
+
+    @property
+    def tls_session(self) -> ssl.SSLSession | None:
+        """The TLS session to resume on the next connection to the same origin (a cheaper handshake)."""
+        return self._tls.session if self._tls is not None else None
+
+    # --- connecting ---------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        policy: AddressPolicy,
+        ssl_context: ssl.SSLContext | None,
+        timeout: float,
+        resolver: Resolver = resolve,
+        tls_session: ssl.SSLSession | None = None,
+    ) -> UpstreamConnection:
+        """Resolve, check every address, connect to the first that answers, then TLS if asked.
+
+        Raises ``Forbidden`` (the SSRF guard), :class:`UpstreamConnectError` or
+        :class:`UpstreamTimeout`; the whole of it is limited by ``timeout``.
+        """
+        name = f"{host}:{port}"
+        deadline = trio.current_time() + timeout if timeout and math.isfinite(timeout) else math.inf
+        try:
+            with trio.fail_at(deadline):
+                literal = _literal(host)
+                if literal is not None:
+                    addresses = [literal]
+                else:
+                    try:
+                        addresses = await resolver(host, port)
+                    except OSError as exc:
+                        raise UpstreamConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+                    if not addresses:
+                        raise UpstreamConnectError(f"{host} has no address")
+                for address in addresses:  # all of them: a mixed answer is refused, not filtered
+                    policy.check(address, host=host)
+                sock = await _connect_first(addresses, port, name)
+                conn = cls(sock, name)
+                if ssl_context is not None:
+                    try:
+                        await conn._start_tls(ssl_context, host.strip("[]"), tls_session)
+                    except BaseException:
+                        conn.close()
+                        raise
+                return conn
+        except trio.TooSlowError:
+            raise UpstreamTimeout(f"connecting to {name} timed out") from None
+
+    async def _start_tls(self, context: ssl.SSLContext, server_hostname: str, session: ssl.SSLSession | None) -> None:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname, session=session)
+        self._tls, self._in, self._out = tls, incoming, outgoing
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._send_raw(outgoing.read())
+                data = await self._recv_raw()
+                if not data:
+                    raise UpstreamConnectError(f"{self.host} closed the connection during the TLS handshake") from None
+                incoming.write(data)
+            except ssl.SSLError as exc:
+                raise UpstreamConnectError(f"TLS with {self.host} failed: {exc.reason or exc}") from None
+        await self._send_raw(outgoing.read())
+
+    # --- raw socket ---------------------------------------------------------------------------
+
+    async def _recv_raw(self) -> bytes:
+        while True:
+            try:
+                return self.sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+            except OSError as exc:
+                raise UpstreamProtocolError(f"connection to {self.host} lost: {exc.strerror or exc}") from None
+
+    async def _send_raw(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
+            except OSError as exc:
+                raise UpstreamProtocolError(f"connection to {self.host} lost: {exc.strerror or exc}") from None
+            view = view[sent:]
+
+    # --- what the exchange and the relay use --------------------------------------------------
+
+    async def send_all(self, data: bytes) -> None:
+        """Send ``data`` (encrypted for TLS); waits while the socket is full."""
+        if self._tls is not None:
+            assert self._out is not None
+            try:
+                self._tls.write(data)
+            except ssl.SSLError as exc:
+                raise UpstreamProtocolError(f"TLS with {self.host} failed: {exc.reason or exc}") from None
+            data = self._out.read()
+        await self._send_raw(data)
+
+    def recv_nowait(self) -> bytes | None:
+        """Plaintext available now: bytes, ``b""`` at the end of the stream, None when nothing yet."""
+        try:
+            raw = self.sock.recv(RECEIVE_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise UpstreamProtocolError(f"connection to {self.host} lost: {exc.strerror or exc}") from None
+        tls = self._tls
+        if tls is None:
+            return raw
+        assert self._in is not None and self._out is not None
+        if raw:
+            self._in.write(raw)
+        else:
+            self._in.write_eof()
+        pieces = []
+        eof = not raw
+        incoming = self._in
+        while True:
+            try:
+                piece = tls.read(RECEIVE_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):  # close_notify, or a TCP close without it
+                eof = True
+                break
+            except ssl.SSLError as exc:
+                raise UpstreamProtocolError(f"TLS with {self.host} failed: {exc.reason or exc}") from None
+            if not piece:
+                eof = True
+                break
+            pieces.append(piece)
+            if not incoming.pending and not tls.pending() and raw:
+                break  # every record read: skip the read that would only raise SSLWantReadError
+        if self._out.pending:  # a TLS 1.3 key update asks for an answer; it fits in the socket
+            try:
+                self.sock.send(self._out.read())
+            except OSError:
+                pass
+        if pieces:
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return b"" if eof else None
+
+    async def recv(self, *, wait_first: bool = False) -> bytes:
+        """The next plaintext bytes (``b""`` at the end of the stream), waiting for them;
+        ``wait_first`` skips the read that would find nothing (an answer just asked for)."""
+        if wait_first:
+            await trio.lowlevel.wait_readable(self.sock)
+        while True:
+            data = self.recv_nowait()
+            if data is not None:
+                return data
+            await trio.lowlevel.wait_readable(self.sock)
+
+    def has_unexpected_bytes(self) -> bool:
+        """True when the idle connection has something to read (stray bytes, or the peer closed):
+        it must not carry another request. One ``recv(MSG_PEEK)``, no wait."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        return True
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+        self.fd = -1
+
+
+async def _connect_first(addresses: list[str], port: int, name: str) -> socket.socket:
+    error: str | None = None
+    for address in addresses:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            code = sock.connect_ex((address, port))
+            if code in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+                await trio.lowlevel.wait_writable(sock)
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except BaseException:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+            raise
+        if code == 0:
+            return sock
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+        error = f"cannot connect to {name}: [Errno {code}] {os.strerror(code)}"
+    raise UpstreamConnectError(error or f"cannot connect to {name}")

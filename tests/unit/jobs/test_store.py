@@ -1,0 +1,273 @@
+"""Job stores (proxy.jobs.store and its two backends), one contract run against each.
+
+SQLite runs on real files in ``tmp_path``; Redis on a real ``redis-server``. "Two runners" are
+two store objects (two connections) on the same file or server, as two processes would have.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import trio
+
+from proxy.jobs import model as jobs
+from proxy.jobs.model import AttemptOutcome, JobError, JobRequest, JobResult, RetrySchedule
+from proxy.jobs.redis import RedisJobStore
+from proxy.jobs.sqlite import SQLiteJobStore
+from proxy.jobs.store import JobStore, QueueFull, index_of, job_from_json, job_to_json
+from support.redis import RedisServer
+
+NOW = 1_800_000_000.0
+TTL = 600.0
+GUARD = 10.0
+
+
+def make_job(n: int = 0, *, callback: str | None = None, body: bytes = b'{"n":0}') -> jobs.Job:
+    return jobs.new_job(
+        credential="app",
+        request=JobRequest("POST", "http://127.0.0.1:1/v1/x", (("content-type", "application/json"),), body),
+        status_url_prefix="http://parkway/jobs",
+        callback=callback,
+        user=None,
+        now=NOW + n,
+    )
+
+
+def test_record_round_trip_keeps_every_field() -> None:
+    job = make_job(callback="http://app/hooks", body=bytes(range(256)))
+    running = jobs.claimed(job, "r", now=NOW, lease=30)
+    done = jobs.completed(running, JobResult(201, (("a", "1"), ("a", "2")), b"\x00\xff"), now=NOW + 1, result_ttl=TTL)
+    done = jobs.after_attempt(done, AttemptOutcome(503, "7", error="x"), now=NOW + 2, schedule=RetrySchedule())
+    failed = jobs.failed(running, JobError("c", "m"), now=NOW, result_ttl=TTL)
+    for record in (job, running, done, failed):
+        assert job_from_json(job_to_json(record)) == record
+    with pytest.raises(ValueError, match="unreadable job record"):
+        job_from_json(b'{"id": "x"}')
+    assert index_of(done).delivery_at == NOW + 9 and index_of(done).expires_at is None
+    assert index_of(failed).expires_at is None  # kept while its delivery may run
+    quiet = jobs.failed(jobs.claimed(make_job(), "r", now=NOW, lease=30), JobError("c", "m"), now=NOW, result_ttl=TTL)
+    assert index_of(quiet).expires_at == NOW + TTL and index_of(job).queued_at == NOW
+
+
+class Backend:
+    """One backing store (a SQLite file or a Redis server); ``open()`` gives one more store object
+    on it, as another process would have. Stores are entered and left in the test's own task."""
+
+    def __init__(self, kind: str, tmp_path: Path, redis: RedisServer | None):
+        self.kind, self.tmp_path, self.redis = kind, tmp_path, redis
+
+    def open(self) -> SQLiteJobStore | RedisJobStore:
+        if self.redis is not None:
+            return RedisJobStore(self.redis.url, key_prefix="t:")
+        return SQLiteJobStore(self.tmp_path / "jobs.sqlite3")
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def backend(request: pytest.FixtureRequest, nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Backend]:
+    server: RedisServer | None = None
+    if request.param == "redis":
+        server = RedisServer(nursery, tmp_path)
+        with trio.fail_after(GUARD):
+            await server.start()
+    yield Backend(request.param, tmp_path, server)
+    if server is not None:
+        await server.kill()
+    gc.collect()
+
+
+async def test_add_get_and_the_queue_bound(backend: Backend) -> None:
+    async with backend.open() as store:
+        first, second, third = make_job(0), make_job(1), make_job(2)
+        await store.add(first, max_queued=2)
+        await store.add(second, max_queued=2)
+        with pytest.raises(QueueFull):
+            await store.add(third, max_queued=2)
+        assert await store.get(first.id, now=NOW) == first
+        assert await store.get(third.id, now=NOW) is None  # refused, so never stored
+        assert await store.get(jobs.new_job_id(), now=NOW) is None
+
+
+async def test_claims_are_fifo_and_exclusive_between_runners(backend: Backend) -> None:
+    async with backend.open() as a, backend.open() as b:
+        queued = [make_job(i) for i in range(6)]
+        for job in queued:
+            await a.add(job, max_queued=100)
+        claimed: list[tuple[str, jobs.Job]] = []
+
+        async def runner(store: JobStore, owner: str) -> None:
+            while job := await store.claim(owner, now=NOW + 10, lease=30):
+                claimed.append((owner, job))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner, a, "a")
+            nursery.start_soon(runner, b, "b")
+        ids = [job.id for _, job in claimed]
+        assert sorted(ids) == sorted(j.id for j in queued) and len(ids) == 6  # each exactly once
+        for owner, job in claimed:
+            stored = await a.get(job.id, now=NOW + 10)
+            assert stored is not None and stored.status == "in_progress" and stored.owner == owner
+            assert stored.lease_until == NOW + 40 and stored.attempts == 1
+        # one runner alone takes them in creation order
+        async with backend.open() as c:
+            later = [make_job(100 + i) for i in range(3)]
+            for job in reversed(later):
+                await c.add(job, max_queued=100)
+            order = [(await c.claim("c", now=NOW + 20, lease=30)).id for _ in range(3)]  # type: ignore[union-attr]
+            assert order == [j.id for j in later]
+
+
+async def test_a_dead_runners_job_is_reclaimed_after_its_lease(backend: Backend) -> None:
+    async with backend.open() as dead, backend.open() as alive:
+        job = make_job()
+        await dead.add(job, max_queued=10)
+        taken = await dead.claim("dead", now=NOW, lease=30)
+        assert taken is not None
+        assert await alive.claim("alive", now=NOW + 29, lease=30) is None  # lease still running
+        assert await dead.renew(job.id, "dead", until=NOW + 60)
+        assert await alive.claim("alive", now=NOW + 59, lease=30) is None
+        again = await alive.claim("alive", now=NOW + 61, lease=30)  # it stopped renewing
+        assert again is not None and again.owner == "alive" and again.attempts == 2
+        # the dead runner, were it only slow, has lost it: it can neither renew nor finish
+        assert not await dead.renew(job.id, "dead", until=NOW + 100)
+        done = jobs.completed(taken, JobResult(200), now=NOW + 62, result_ttl=TTL)
+        assert not await dead.finish(done, "dead")
+        assert await alive.finish(jobs.completed(again, JobResult(200), now=NOW + 62, result_ttl=TTL), "alive")
+
+
+async def test_finish_requeue_and_cancel(backend: Backend) -> None:
+    async with backend.open() as store:
+        first, second = make_job(0, callback="http://app/h"), make_job(1)
+        await store.add(first, max_queued=10)
+        await store.add(second, max_queued=10)
+        running = await store.claim("r", now=NOW, lease=30)
+        assert running is not None and running.id == first.id
+        # drain: back to the queue, still first in line
+        assert await store.finish(jobs.requeued(running), "r")
+        again = await store.claim("r2", now=NOW + 1, lease=30)
+        assert again is not None and again.id == first.id and again.attempts == 2
+        # cancelled while running: the runner's renew and finish now fail
+        cancelled = await store.cancel(first.id, now=NOW + 2, result_ttl=TTL)
+        assert cancelled is not None and cancelled.status == "cancelled" and cancelled.delivery.state == "pending"
+        assert not await store.renew(first.id, "r2", until=NOW + 50)
+        assert not await store.finish(jobs.completed(again, JobResult(200), now=NOW + 3, result_ttl=TTL), "r2")
+        # cancelling a terminal job changes nothing; an unknown one is None
+        assert await store.cancel(first.id, now=NOW + 4, result_ttl=TTL) == cancelled
+        assert await store.cancel(jobs.new_job_id(), now=NOW, result_ttl=TTL) is None
+        # a queued job cancelled is no longer claimable
+        assert (await store.cancel(second.id, now=NOW + 5, result_ttl=TTL)).status == "cancelled"  # type: ignore[union-attr]
+        assert await store.claim("r", now=NOW + 6, lease=30) is None
+
+
+async def test_deliveries_are_hidden_while_attempted_and_due_again(backend: Backend) -> None:
+    async with backend.open() as a, backend.open() as b:
+        job = make_job(callback="http://app/h")
+        await a.add(job, max_queued=10)
+        running = await a.claim("r", now=NOW, lease=30)
+        assert running is not None
+        assert await a.finish(jobs.completed(running, JobResult(200, (), b"ok"), now=NOW + 1, result_ttl=TTL), "r")
+        assert await b.claim_delivery(now=NOW, lease=45) is None  # not due yet
+        due = await a.claim_delivery(now=NOW + 1, lease=45)
+        assert due is not None and due.id == job.id and due.delivery.state == "pending"
+        assert await b.claim_delivery(now=NOW + 2, lease=45) is None  # hidden while a attempts it
+        # a died mid-attempt: due again once the lease ends, with the same webhook id
+        again = await b.claim_delivery(now=NOW + 47, lease=45)
+        assert again is not None and again.webhook_id == job.webhook_id
+        retry = jobs.after_attempt(again, AttemptOutcome(500), now=NOW + 47, schedule=RetrySchedule())
+        await b.delivered(retry)
+        assert await a.claim_delivery(now=NOW + 51, lease=45) is None
+        last = await a.claim_delivery(now=NOW + 52, lease=45)
+        assert last is not None and last.delivery.attempts == 1
+        await a.delivered(jobs.after_attempt(last, AttemptOutcome(204), now=NOW + 52, schedule=RetrySchedule()))
+        stored = await a.get(job.id, now=NOW + 53)
+        assert stored is not None and stored.delivery.state == "delivered" and stored.delivery.attempts == 2
+        assert await a.claim_delivery(now=NOW + 10**6, lease=45) is None
+
+
+async def test_results_expire_after_their_ttl_but_not_before_delivery(backend: Backend) -> None:
+    async with backend.open() as store:
+        quiet, hooked = make_job(0), make_job(1, callback="http://app/h")
+        for job in (quiet, hooked):
+            await store.add(job, max_queued=10)
+            running = await store.claim("r", now=NOW, lease=30)
+            assert running is not None
+            assert await store.finish(jobs.completed(running, JobResult(200), now=NOW, result_ttl=TTL), "r")
+        assert await store.purge(now=NOW + TTL - 1) == 0
+        assert await store.get(quiet.id, now=NOW + TTL + 1) is None  # expired reads as absent at once
+        assert await store.purge(now=NOW + TTL + 1) == 1
+        assert await store.get(hooked.id, now=NOW + TTL + 1) is not None  # its delivery is still pending
+        due = await store.claim_delivery(now=NOW + TTL + 1, lease=45)
+        assert due is not None
+        await store.delivered(jobs.after_attempt(due, AttemptOutcome(200), now=NOW + TTL + 1, schedule=RetrySchedule()))
+        assert await store.purge(now=NOW + TTL + 2) == 1
+        assert await store.get(hooked.id, now=NOW) is None
+
+
+async def test_stats(backend: Backend) -> None:
+    async with backend.open() as store:
+        for i in range(3):
+            await store.add(make_job(i, callback="http://app/h"), max_queued=10)
+        running = await store.claim("r", now=NOW + 10, lease=30)
+        assert running is not None
+        await store.finish(jobs.failed(running, JobError("x", "y"), now=NOW + 10, result_ttl=TTL), "r")
+        await store.claim("r", now=NOW + 10, lease=30)
+        stats = await store.stats(now=NOW + 10)
+        assert {k: v for k, v in stats.by_status.items() if v} == {"queued": 1, "in_progress": 1, "failed": 1}
+        assert stats.deliveries_pending == 1
+        assert stats.oldest_queued_age == 8.0
+
+
+async def test_sqlite_survives_reopening(tmp_path: Path) -> None:
+    """A restart: a new store object on the same file finds the jobs, running ones included."""
+    path = tmp_path / "sub" / "jobs.sqlite3"
+    job = make_job()
+    async with SQLiteJobStore(path) as before:
+        await before.add(job, max_queued=10)
+        await before.add(make_job(1), max_queued=10)
+        assert await before.claim("old-process", now=NOW, lease=30) is not None
+    async with SQLiteJobStore(path) as after:
+        assert (await after.get(job.id, now=NOW)).status == "in_progress"  # type: ignore[union-attr]
+        second = await after.claim("new-process", now=NOW + 1, lease=30)
+        assert second is not None and second.id != job.id
+        reclaimed = await after.claim("new-process", now=NOW + 31, lease=30)
+        assert reclaimed is not None and reclaimed.id == job.id and reclaimed.attempts == 2
+
+
+async def test_an_unreadable_sqlite_record_is_dropped_not_blocking(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "jobs.sqlite3"
+    async with SQLiteJobStore(path) as store:
+        good = make_job(1)
+        await store.add(good, max_queued=10)
+        db = sqlite3.connect(path)
+        db.execute("INSERT INTO jobs (id, status, queued_at, record) VALUES ('job_bad', 'queued', 0, 'not json')")
+        db.commit()
+        db.close()
+        claimed = await store.claim("r", now=NOW + 5, lease=30)
+        assert claimed is not None and claimed.id == good.id
+
+
+async def test_a_stopped_redis_is_a_503_not_a_crash(nursery: trio.Nursery, tmp_path: Path) -> None:
+    from proxy.errors import Overloaded
+
+    server = RedisServer(nursery, tmp_path)
+    with trio.fail_after(GUARD):
+        await server.start()
+        async with RedisJobStore(server.url, timeout=0.5) as store:
+            await store.add(make_job(), max_queued=10)
+            await server.kill()
+            with pytest.raises(Overloaded) as caught:
+                await store.add(make_job(1), max_queued=10)
+            assert caught.value.status == 503 and caught.value.code == "job_store_unavailable"
+    gc.collect()
+
+
+def test_queue_full_is_a_503_with_retry_after() -> None:
+    exc = QueueFull("full")
+    assert (exc.status, exc.code, exc.retry_after) == (503, "job_queue_full", 5)
+    job = replace(make_job(), status="completed")
+    assert index_of(job).queued_at is None

@@ -1,0 +1,253 @@
+"""proxy.relay.usage: token usage read beside the relayed bytes, fed chunk by chunk (pure, no I/O).
+
+The observer sees exactly the chunks Parkway relays, wherever the network cut them, so
+every case is checked under many chunkings: whole, byte by byte, and split at every
+position of the usage line.
+"""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import pytest
+
+from proxy.relay.usage import MAX_JSON_BODY, MAX_LINE, Usage, UsageObserver
+
+SSE = "text/event-stream"
+JSON = "application/json"
+
+USAGE = {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}
+
+
+def event(payload: object, eol: bytes = b"\n") -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + eol + eol
+
+
+def delta(text: str, **extra: object) -> dict:
+    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text}}], **extra}
+
+
+USAGE_EVENT = event({"object": "chat.completion.chunk", "choices": [], "usage": USAGE})
+# An OpenAI stream with stream_options.include_usage: "usage": null on every chunk, the
+# usage object in the last chunk before [DONE].
+OPENAI_STREAM = event(delta("Hel", usage=None)) + event(delta("lo", usage=None)) + USAGE_EVENT + b"data: [DONE]\n\n"
+
+
+def observe(content_type: str, chunks: list[bytes]) -> Usage | None:
+    observer = UsageObserver(content_type)
+    for chunk in chunks:
+        observer.feed(chunk)
+    observer.finish(complete=True)
+    return observer.usage
+
+
+def split_at(data: bytes, *cuts: int) -> list[bytes]:
+    bounds = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def chunkings(data: bytes) -> dict[str, list[bytes]]:
+    """The same body cut the ways a network may cut it."""
+    return {
+        "whole": [data],
+        "bytes": [data[i : i + 1] for i in range(len(data))],
+        "sevens": [data[i : i + 7] for i in range(0, len(data), 7)],
+    }
+
+
+# --- streams ------------------------------------------------------------------------------------
+
+
+def test_usage_chunk_of_an_openai_stream_is_found():
+    for name, chunks in chunkings(OPENAI_STREAM).items():
+        assert observe(SSE, chunks) == Usage(9, 12, 21), name
+
+
+def test_usage_chunk_split_at_every_byte_position():
+    start = OPENAI_STREAM.index(USAGE_EVENT)
+    for cut in range(start, start + len(USAGE_EVENT) + 1):
+        assert observe(SSE, split_at(OPENAI_STREAM, cut)) == Usage(9, 12, 21), cut
+        # Three pieces: the usage line is also cut in its middle by a second boundary.
+        middle = start + len(USAGE_EVENT) // 2
+        cuts = sorted({cut, middle})
+        assert observe(SSE, split_at(OPENAI_STREAM, *cuts)) == Usage(9, 12, 21), (cut, middle)
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"], ids=["crlf", "lf"])
+def test_line_endings(eol):
+    stream = event(delta("Hi"), eol) + event({"choices": [], "usage": USAGE}, eol) + b"data: [DONE]" + eol + eol
+    start = stream.index(b'{"choices":[]')
+    for name, chunks in chunkings(stream).items():
+        assert observe(SSE, chunks) == Usage(9, 12, 21), name
+    for cut in range(start, len(stream) + 1):  # a cut between "\r" and "\n" included
+        assert observe(SSE, split_at(stream, cut)) == Usage(9, 12, 21), cut
+
+
+@pytest.mark.parametrize("eol", [b"", b"\r"], ids=["bare", "cr"])
+def test_last_line_without_a_newline_is_read_at_finish(eol):
+    stream = event(delta("Hi")) + b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}' + eol
+    for name, chunks in chunkings(stream).items():
+        assert observe(SSE, chunks) == Usage(1, 2, 3), name
+
+
+def test_data_without_a_space_and_the_last_usage_wins():
+    stream = (
+        b'data:{"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+        + b'data: {"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":99}}\n\n'
+        + event(delta("after", usage=None))
+    )
+    for name, chunks in chunkings(stream).items():
+        assert observe(SSE, chunks) == Usage(5, 6, 99), name
+
+
+NO_USAGE_STREAMS = {
+    "none-at-all": event(delta("Hello")) + b"data: [DONE]\n\n",
+    "usage-null": event(delta("Hello", usage=None)) + b"data: [DONE]\n\n",
+    "word-in-content": event(delta('the "usage" of words')) + event(delta("usage")),
+    "usage-not-a-table": b'data: {"usage": [1, 2]}\n\n',
+    "tokens-not-integers": b'data: {"usage": {"prompt_tokens": "9", "completion_tokens": 1}}\n\n',
+    "only-one-count": b'data: {"usage": {"prompt_tokens": 9}}\n\n',
+    "broken-json": b'data: {"usage": {"prompt_tokens": 9, \n\n',
+    "comment-line": b': {"usage": {"prompt_tokens": 9, "completion_tokens": 1}}\n\n',
+    "other-field": b'event: {"usage": {"prompt_tokens": 9, "completion_tokens": 1}}\n\n',
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("stream", NO_USAGE_STREAMS.values(), ids=NO_USAGE_STREAMS.keys())
+def test_streams_without_usage(stream):
+    for name, chunks in chunkings(stream).items():
+        assert observe(SSE, chunks) is None, name
+
+
+HUGE_USAGE_LINE = (
+    b'data: {"usage":{"prompt_tokens":1000,"completion_tokens":1000},"pad":"' + b"x" * MAX_LINE + b'"}\n\n'
+)
+
+
+@pytest.mark.parametrize("piece", [len(HUGE_USAGE_LINE), 4096, 65536], ids=["line-per-chunk", "4k", "64k"])
+def test_huge_line_is_skipped_and_the_next_line_still_read(piece):
+    # The huge line carries a usage object of its own: it is skipped, not parsed.
+    stream = HUGE_USAGE_LINE + USAGE_EVENT + b"data: [DONE]\n\n"
+    chunks = [stream[i : i + piece] for i in range(0, len(stream), piece)]
+    assert observe(SSE, chunks) == Usage(9, 12, 21)
+
+
+def test_huge_usage_line_alone_gives_nothing():
+    huge = b'data: {"usage":{"prompt_tokens":1,"completion_tokens":2},"pad":"' + b"x" * MAX_LINE + b'"}'
+    assert observe(SSE, [huge[i : i + 1000] for i in range(0, len(huge), 1000)]) is None
+    assert observe(SSE, [huge[i : i + 1000] for i in range(0, len(huge), 1000)] + [b"\n\n"]) is None
+
+
+def peak_memory_while_feeding(content_type: str, chunk: bytes, count: int) -> tuple[int, Usage | None]:
+    """Peak bytes allocated while ``count`` copies of ``chunk`` are fed (the chunk itself excluded)."""
+    observer = UsageObserver(content_type)
+    tracemalloc.start()
+    try:
+        for _ in range(count):
+            observer.feed(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    observer.finish(complete=True)
+    return peak, observer.usage
+
+
+def test_a_line_that_never_ends_keeps_memory_bounded():
+    chunk = b"data: " + b"x" * 65530  # 64 KiB, no newline, 16 MiB in all
+    peak, usage = peak_memory_while_feeding(SSE, chunk, 256)
+    assert usage is None
+    assert peak < 4 * MAX_LINE, peak
+
+
+# --- JSON bodies ----------------------------------------------------------------------------------
+
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}],
+        "usage": USAGE,
+    }
+).encode()
+
+
+@pytest.mark.parametrize("content_type", [JSON, "application/json; charset=utf-8", "Application/JSON"])
+def test_json_body_with_usage(content_type):
+    for name, chunks in chunkings(COMPLETION).items():
+        assert observe(content_type, chunks) == Usage(9, 12, 21), name
+
+
+def test_input_and_output_tokens_spelling():
+    # The Responses API (and Anthropic) spell them input_tokens / output_tokens.
+    body = json.dumps({"object": "response", "usage": {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}})
+    assert observe(JSON, [body.encode()]) == Usage(7, 3, 10)
+    no_total = b'{"usage": {"input_tokens": 7, "output_tokens": 3}}'
+    assert observe(JSON, [no_total]) == Usage(7, 3, 10)
+    stream = b'data: {"usage": {"input_tokens": 4, "output_tokens": 5}}\n\ndata: [DONE]\n\n'
+    for name, chunks in chunkings(stream).items():
+        assert observe(SSE, chunks) == Usage(4, 5, 9), name
+
+
+NO_USAGE_BODIES = {
+    "no-usage": b'{"object": "list", "data": []}',
+    "usage-null": b'{"usage": null}',
+    "not-json": b"<html>Bad gateway</html>",
+    "truncated": COMPLETION[:-5],
+    "array": b"[1, 2, 3]",
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("body", NO_USAGE_BODIES.values(), ids=NO_USAGE_BODIES.keys())
+def test_json_bodies_without_usage(body):
+    assert observe(JSON, [body]) is None
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/octet-stream", ""])
+def test_other_content_types_are_not_inspected(content_type):
+    assert observe(content_type, [COMPLETION]) is None
+    assert observe(content_type, [USAGE_EVENT]) is None
+
+
+def test_json_body_over_the_cap_is_ignored():
+    # Usage first, so a parser that kept the start of the body would find it.
+    head = b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2}, "pad": "'
+    filler = b"x" * 65536
+    count = MAX_JSON_BODY // len(filler) + 1
+    body = head + filler * count + b'"}'
+    assert len(body) > MAX_JSON_BODY
+    assert observe(JSON, [head, *([filler] * count), b'"}']) is None
+    assert observe(JSON, [body]) is None
+
+    # Memory stays near the cap however much more arrives (16 MiB here).
+    peak, usage = peak_memory_while_feeding(JSON, filler, 256)
+    assert usage is None
+    assert peak < 2 * MAX_JSON_BODY + 4 * len(filler), peak
+
+
+def test_json_body_at_the_cap_is_read():
+    head = b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2}, "pad": "'
+    body = head + b"x" * (MAX_JSON_BODY - len(head) - 2) + b'"}'
+    assert len(body) == MAX_JSON_BODY
+    assert observe(JSON, [body[i : i + 65536] for i in range(0, len(body), 65536)]) == Usage(1, 2, 3)
+
+
+def test_finish_is_safe_to_call_twice():
+    observer = UsageObserver(JSON)
+    observer.feed(COMPLETION)
+    observer.finish(complete=True)
+    assert observer.usage == Usage(9, 12, 21)
+    observer.finish(complete=True)
+    assert observer.usage == Usage(9, 12, 21)
+
+
+@pytest.mark.parametrize("content_type", [JSON, SSE])
+def test_a_response_cut_short_reports_no_usage(content_type):
+    # The relay says complete=False when the body did not all reach the client.
+    body = COMPLETION if content_type == JSON else OPENAI_STREAM
+    observer = UsageObserver(content_type)
+    observer.feed(body)
+    observer.finish(complete=False)
+    assert observer.usage is None
