@@ -32,11 +32,11 @@ import trio
 from proxy.app import Parkway
 from proxy.cache.policy import CacheRules
 from proxy.config import Config, CorsConfig, Credential, ServerConfig
+from proxy.demo.mock_openai import MockOpenAI
+from proxy.demo.mock_realtime import MockRealtime
 from proxy.errors import ParkwayError
 from proxy.gateway.handler import utcnow
 from proxy.http.connection import HTTPConnection, RequestHead
-from proxy.demo.mock_realtime import MockRealtime
-from proxy.demo.mock_openai import MockOpenAI
 from proxy.http.server import Server, bound_address, open_listeners
 from proxy.signing import sign_url
 
