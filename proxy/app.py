@@ -28,6 +28,7 @@ from .gateway.handler import Gateway, utcnow
 from .http.server import Server, bound_address, open_listeners
 from .jobs.api import JobAPI
 from .jobs.runner import JobRunner, open_job_store
+from .limits.budget_state import open_budgets
 from .limits.state import StateBackend, open_state
 from .metrics import Metrics
 from .overrides import ConfigOverrides
@@ -110,6 +111,9 @@ class Parkway:
             async with AsyncExitStack() as stack:
                 state = await stack.enter_async_context(open_state(self.config.state))
                 self.gateway.state = self.state = state
+                self.gateway.budgets = await stack.enter_async_context(
+                    open_budgets(self.config.state, self.gateway.clock)
+                )
                 self._use_cache(await stack.enter_async_context(open_cache(self.config.cache, self.config.state.url)))
                 if self.config.jobs.enabled:
                     store = await stack.enter_async_context(open_job_store(self.config.jobs, self.config.state))

@@ -18,6 +18,7 @@ class ParkwayError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str = "internal_error"
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # more response headers (RateLimit of a budget refusal)
 
     def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = None):
         super().__init__(message)
@@ -208,4 +209,5 @@ def error_response(exc: ParkwayError) -> tuple[int, list[tuple[bytes, bytes]], b
     ]
     if exc.retry_after is not None:
         headers.append((b"retry-after", str(exc.retry_after).encode()))
+    headers += exc.headers
     return exc.status, headers, body

@@ -28,6 +28,7 @@ PURE = [
     "jobs.store",
     "jobs.webhooks",
     "limits.limiter",
+    "limits.budget",
     "limits.outage",
     "overrides",
     "policy",

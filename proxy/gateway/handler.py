@@ -50,6 +50,7 @@ from ..jobs.api import JobAPI
 from ..jobs.background import background_ask, job_id_from_path
 from ..limits import limiter as limits
 from ..limits.admission import GlobalGate
+from ..limits.budget_state import BudgetStore, MemoryBudgets
 from ..limits.state import MemoryState, StateBackend
 from ..metrics import Metrics
 from ..record import RequestRecord, count_request, log, log_request
@@ -61,6 +62,7 @@ from ..upstream.client import UpstreamClient, UpstreamRequest, UpstreamResponse
 from ..urls import check_unambiguous_path, origin_and_target, url_allowed
 from ..websocket import policy as ws_policy
 from ..websocket.session import WebSocketProxy
+from .budget import budget_headers, budget_hold, usage_remover
 from .cache import begin_flight, cache_request, serve_cacheable
 from .jobs import enqueue, serve_job
 from .plan import Plan, address_policy, canonical_paths, has_body, header_map, request_policy
@@ -98,6 +100,7 @@ class Gateway:
         self.cache = cache  # None: nothing is cached (tests and embedding that leave it out)
         self.gate = self._gate_for(config)
         self.clock = clock
+        self.budgets: BudgetStore = MemoryBudgets(clock)  # the app puts the configured store here
         self.websockets = websockets or WebSocketProxy(config.websocket)
         self.jobs: JobAPI | None = None  # set by the app when [jobs] is on
 
@@ -390,7 +393,8 @@ class Gateway:
             try:
                 if not admitted:
                     await self._check_single_use(config, plan)
-                await step7(head, conn, config, record, plan)
+                async with budget_hold(self, head, conn, config, record, plan) as plan:
+                    await step7(head, conn, config, record, plan)
             finally:
                 if decision.lease is not None:  # None: no concurrency limit counted this request
                     with trio.CancelScope(shield=True):
@@ -436,16 +440,21 @@ class Gateway:
                     record.ttfb = head_at - record.started
                     record.status = response.status
                     usage = UsageObserver(response.content_type)
+                    remover = usage_remover(plan, response)  # the usage chunk a budget asked for, not the client
                     observers: tuple[BodyObserver, ...] = (usage,)
                     if flight is not None:
                         cache_headers = (begin_flight(flight, response, config, plan),)
                         observers = (usage, flight)
-                    await self._respond(conn, response, record, config, plan.origin, plan.request_id, cache_headers)
+                    await self._respond(
+                        conn, response, record, config, plan.origin, plan.request_id,
+                        (*cache_headers, *budget_headers(plan)),
+                    )  # fmt: skip
                     record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
-                    await relay(conn, response, record, observers, engine=self.engine, watcher=record.client_watch)
-                    record.usage = usage.usage
-                    if flight is not None and usage.usage is not None:
-                        flight.usage = (usage.usage.prompt_tokens, usage.usage.completion_tokens)
+                    await relay(conn, response, record, observers, engine=self.engine, watcher=record.client_watch,
+                                rewrite=remover)  # fmt: skip
+                    record.usage = usage.usage or (remover.usage if remover is not None else None)
+                    if flight is not None and record.usage is not None:
+                        flight.usage = (record.usage.prompt_tokens, record.usage.completion_tokens)
             finally:
                 self.metrics.in_flight.dec()
 

@@ -14,6 +14,7 @@ from ..cache.policy import CacheRequest
 from ..config import Credential
 from ..http.connection import RequestHead
 from ..jobs.background import BackgroundAsk
+from ..limits.budget import BudgetTicket
 from ..upstream import ssrf
 
 
@@ -42,6 +43,7 @@ class Plan:
     background: BackgroundAsk | None = None  # run as a job (proxy.jobs.background)
     prefix: str = ""  # the public path prefix this client reached Parkway under
     cache: CacheRequest | None = None  # the signer made it cacheable (pw_cache or the credential's ttl)
+    budget: BudgetTicket | None = None  # admitted under budgets (gateway.budget): its hold and headers
 
 
 def header_map(head: RequestHead) -> dict[str, str]:

@@ -1,0 +1,207 @@
+"""The budgets' step of the gateway: hold a request's worst case before it is forwarded, replace
+the hold by what it really cost when it ends (docs/budgets.md; the arithmetic is
+:mod:`proxy.limits.budget`, the stores :mod:`proxy.limits.budget_state`).
+
+The gateway wraps step 7 in :func:`budget_hold`; for a credential without budgets it does
+nothing. This module never imports the handler.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import datetime
+from typing import Any, Protocol
+
+import structlog
+import trio
+
+from .. import policy
+from ..config import Config, Credential
+from ..errors import BodyTooLarge, Forbidden, ParkwayError
+from ..http.connection import ClientGone, HTTPConnection, RequestHead
+from ..limits.budget import (
+    NANO_USD,
+    USAGE,
+    BudgetTicket,
+    Charge,
+    amount,
+    applied_budgets,
+    charge_for,
+    rate_limit_headers,
+    refusal,
+    request_cost,
+)
+from ..limits.budget_state import BudgetStore
+from ..metrics import Metrics
+from ..record import RequestRecord
+from ..relay.usage import UsageChunkRemover
+from ..upstream.client import UpstreamResponse
+from .plan import Plan, has_body
+
+log = structlog.get_logger("parkway.budget")
+
+# The log fields of a request served without an upstream call.
+FREE = {"budget_charge": 0, "budget_estimate": "free:cache"}
+
+
+class BudgetGateway(Protocol):
+    budgets: BudgetStore
+    metrics: Metrics
+    clock: Callable[[], datetime]
+
+
+def has_budget(credential: Credential) -> bool:
+    return credential.budget is not None or credential.user_budget is not None
+
+
+@asynccontextmanager
+async def budget_hold(
+    gw: BudgetGateway, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
+) -> AsyncIterator[Plan]:
+    """Hold the request's worst case in every budget that applies (or refuse it: 429
+    ``budget_exhausted``, nothing forwarded), yield the plan to forward (its body with the output
+    cap written in), and charge what it cost when it ends, however it ends."""
+    credential = plan.credential
+    if not has_budget(credential):
+        yield plan
+        return
+    if plan.websocket:
+        raise Forbidden(
+            f"credential {credential.id!r} has a budget, and a WebSocket session's cost cannot be held in advance "
+            "(see docs/budgets.md)",
+            code="budget_unmetered",
+        )
+    body = plan.body
+    if body is None and has_body(head):
+        # The hold needs the body's size, and the cap is written into it: read it whole, bounded.
+        limit = credential.max_body_bytes or config.server.max_signed_body_bytes
+        if plan.declared_length is not None and plan.declared_length > limit:
+            conn.close_after_response()
+            raise BodyTooLarge(f"request body of {plan.declared_length} bytes exceeds {limit} bytes under a budget")
+        body = await conn.read_body(limit)
+    cost = request_cost(
+        body,
+        path=record.upstream_path or "",
+        settings=config.budgets,
+        cap=credential.max_tokens,
+        want_usage=plan.background is None,
+    )
+    if cost.body is not None and plan.rules.inspects_body:
+        await policy.checked_body(plan.rules, len(cost.body), cost.body)  # refused before anything is held
+    now = gw.clock()
+    budgets, price = applied_budgets(
+        credential.id, credential.budget, plan.user, credential.user_budget, cost, config.budgets.price_table, now
+    )
+    hold_id = secrets.token_hex(12)
+    reservation = await gw.budgets.reserve(budgets, hold_id)
+    fields: dict[str, Any] = {"budget_hold": cost.tokens}
+    if cost.unbounded:
+        fields["budget_unbounded"] = list(cost.unbounded)
+    if not reservation.allowed:
+        refused = budgets[reservation.refused]
+        gw.metrics.budget_refusals.labels(refused.name).inc()
+        record.budget = {**fields, "budget": refused.name}
+        raise refusal(refused, reservation.levels[0], now.timestamp())
+    if not reservation.enforced:
+        fields["budget_enforced"] = False
+        log.warning("budget_unenforced", reason="the shared budget store is unreachable and failure_policy is open")
+    headers = rate_limit_headers(list(zip(budgets, reservation.levels, strict=True)), now.timestamp())
+    ticket = BudgetTicket(hold_id, budgets, cost, price, headers, reservation.enforced)
+    record.budget = fields
+    forwarded = replace(
+        plan,
+        body=cost.body,
+        declared_length=len(cost.body) if cost.body is not None else plan.declared_length,
+        budget=ticket,
+    )
+    failure: BaseException | None = None
+    try:
+        yield forwarded
+    except BaseException as exc:
+        failure = exc
+        raise
+    finally:
+        with trio.CancelScope(shield=True):
+            await _settle(gw, record, forwarded, ticket, failure, config.budgets.price_table.version)
+
+
+async def _settle(
+    gw: BudgetGateway,
+    record: RequestRecord,
+    plan: Plan,
+    ticket: BudgetTicket,
+    failure: BaseException | None,
+    prices_version: str,
+) -> None:
+    outcome, code = record.outcome, record.error_code
+    if isinstance(failure, ParkwayError):
+        outcome, code = failure.outcome, failure.code
+    elif isinstance(failure, ClientGone) or (failure is not None and record.outcome == "ok"):
+        outcome = "client_gone" if isinstance(failure, ClientGone) else "cancelled"
+    usage = record.usage
+    charge = charge_for(
+        ticket.cost,
+        (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens) if usage is not None else None,
+        status=record.status,
+        outcome=outcome,
+        error_code=code,
+        background=plan.background is not None,
+    )
+    amounts = [amount(b, charge, ticket.price) for b in ticket.budgets]
+    recorded = await gw.budgets.settle(ticket.budgets, ticket.hold_id, amounts)
+    _tell(gw, record, plan, ticket, charge, recorded, prices_version)
+
+
+def _tell(
+    gw: BudgetGateway,
+    record: RequestRecord,
+    plan: Plan,
+    ticket: BudgetTicket,
+    charge: Charge,
+    recorded: bool,
+    prices_version: str,
+) -> None:
+    """The charge in the request's log line and the metrics; a lost charge is an error."""
+    tokens = charge.input_tokens + charge.output_tokens
+    fields = record.budget if record.budget is not None else {}
+    fields.update(
+        budget_charge=tokens, budget_estimate=f"{charge.kind}:{charge.why}" if charge.kind != USAGE else USAGE
+    )
+    usd = None
+    if ticket.price is not None:
+        usd = ticket.price.cost(charge.input_tokens, charge.cached_tokens, charge.output_tokens) / NANO_USD
+        fields.update(budget_charge_usd=round(usd, 9), prices_version=prices_version)
+    record.budget = fields
+    credential = plan.credential.id
+    if tokens:
+        gw.metrics.budget_tokens.labels(credential).inc(tokens)
+    if usd:
+        gw.metrics.budget_usd.labels(credential).inc(usd)
+    if charge.kind == USAGE and tokens > ticket.cost.tokens:
+        log.warning(
+            "budget_hold_exceeded", hold=ticket.cost.tokens, charge=tokens, unbounded=list(ticket.cost.unbounded)
+        )
+    if not recorded:
+        log.error(
+            "budget_charge_lost",
+            charge=tokens,
+            budgets=[b.name for b in ticket.budgets],
+            reason="the shared budget store is unreachable; the hold expires with its lease",
+        )
+
+
+def usage_remover(plan: Plan, response: UpstreamResponse) -> UsageChunkRemover | None:
+    """The SSE rewrite that takes out the usage chunk Parkway asked for on the client's behalf."""
+    ticket = plan.budget
+    if ticket is None or not ticket.cost.strip_usage:
+        return None
+    if not response.content_type.lower().startswith("text/event-stream"):
+        return None
+    return UsageChunkRemover()
+
+
+def budget_headers(plan: Plan) -> tuple[tuple[bytes, bytes], ...]:
+    return plan.budget.headers if plan.budget is not None else ()
