@@ -49,10 +49,13 @@ def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None =
 class MockOpenAI:
     """The application object for :class:`~proxy.http.server.Server`."""
 
-    def __init__(self, *, api_key: str | None = None, delay: float = 0.05, text: str = DEMO_TEXT):
+    def __init__(
+        self, *, api_key: str | None = None, delay: float = 0.05, text: str = DEMO_TEXT, created: int | None = None
+    ):
         self.api_key = api_key
         self.delay = delay
         self.text = text
+        self.created = created  # a fixed "created", so that answers can be compared byte for byte
         self.requests: list[tuple[RequestHead, bytes]] = []
 
     async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None:
@@ -94,7 +97,7 @@ class MockOpenAI:
         cap = request.get("max_completion_tokens", request.get("max_tokens"))
         if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
             words = words[:cap]  # one word is one token here, and the answer stops at the cap, as OpenAI's does
-        created = int(time.time())
+        created = self.created if self.created is not None else int(time.time())
         cid = "chatcmpl-mock"
         usage = {"prompt_tokens": 9, "completion_tokens": len(words), "total_tokens": 9 + len(words)}
         if not request.get("stream"):

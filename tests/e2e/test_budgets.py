@@ -1,0 +1,295 @@
+"""Token and spend budgets end to end (docs/budgets.md): real sockets, the mock OpenAI upstream
+(which stops at max_tokens and reports usage), Parkway in process or as ``parkway serve``
+processes on one real redis-server.
+
+The upstream's own count is the referee: whatever Parkway decides, the usage the upstream
+reported for the requests it served never adds up to more than the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import trio
+
+from proxy.demo.mock_openai import MockOpenAI, serve_mock
+from proxy.limits.budget import (
+    NANO_USD,
+    USD,
+    BudgetsConfig,
+    BudgetSpec,
+    Price,
+    PriceTable,
+    budget_key,
+)
+from proxy.limits.budget_redis import RedisBudgets
+from support.http import Call, Reply, call
+from support.logs import watch_logs
+from support.parkway import TEST_CREDENTIAL, redis_parkway_toml
+from support.processes import ProcessGroup, free_port
+from support.redis import RedisServer
+from support.signing import sign
+
+pytestmark = pytest.mark.usefixtures("hang_guard")
+HANG_LIMIT = 40.0
+
+CHAT = "/v1/chat/completions"
+WORDS = " ".join(f"w{i}" for i in range(400))  # answers as long as max_tokens allows
+CREATED = 1_733_529_600
+
+
+def chat(max_tokens: int | None = 200, *, model: str = "mock-gpt", **more: object) -> bytes:
+    body: dict[str, object] = {"model": model, "messages": [{"role": "user", "content": "hi"}], **more}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def signed(base: str, upstream: str, user: str | None = "alice", *, path: str = CHAT) -> str:
+    params = {"pw_user": user} if user else None
+    return sign(base, upstream + path, method="POST", signer="proxy.signing", params=params)
+
+
+async def post(port: int, url: str, body: bytes, timeout: float = 10.0) -> Reply:
+    return await call(port, "POST", url, body=body, headers=[("content-type", "application/json")], timeout=timeout)
+
+
+@pytest.fixture
+async def mock(nursery: trio.Nursery) -> tuple[MockOpenAI, str]:
+    app = MockOpenAI(text=WORDS, delay=0.0, created=CREATED)
+    return app, await nursery.start(serve_mock, app)
+
+
+def served_usage(app: MockOpenAI) -> int:
+    """Tokens the upstream charged for what it served: its own count (prompt 9 + one per word)."""
+    total = 0
+    for _head, body in app.requests:
+        request = json.loads(body)
+        cap = request.get("max_completion_tokens", request.get("max_tokens"))
+        total += 9 + min(cap, 400)
+    return total
+
+
+# --- one budget, forty requests at once ------------------------------------------------------------
+
+
+async def test_forty_concurrent_requests_never_overspend_a_user_budget(start_parkway, mock):
+    app, upstream = mock
+    budget = BudgetSpec(1000, "tokens", "day")
+    parkway = await start_parkway(credentials=(replace(TEST_CREDENTIAL, user_budget=budget),))
+    body = chat(200)  # holds len(body) + 200 = ~275 tokens: three fit in 1,000, a fourth does not
+    replies: list[Reply] = []
+
+    async def one() -> None:
+        replies.append(await post(parkway.port, signed(parkway.base, upstream), body))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(40):
+            nursery.start_soon(one)
+
+    served = [r for r in replies if r.status == 200]
+    refused = [r for r in replies if r.status != 200]
+    assert len(served) >= 3
+    assert len(served) + len(refused) == 40
+    assert all(r.status == 429 and r.code == "budget_exhausted" for r in refused), {r.status for r in refused}
+    assert len(app.requests) == len(served)  # a refused request never reached the upstream
+    reported = sum(r.json()["usage"]["total_tokens"] for r in served)
+    assert reported == served_usage(app) <= 1000
+    refusal = refused[0]
+    assert "'user-day'" in refusal.message and 0 < int(refusal.headers["retry-after"]) <= 86400
+    assert refusal.headers["ratelimit-policy"] == '"user-day";q=1000;w=86400'
+    assert refusal.headers["ratelimit"].startswith('"user-day";r=')
+    # Answers tell the client its budget; browsers may read it.
+    assert served[0].headers["ratelimit-policy"] == '"user-day";q=1000;w=86400'
+    assert "RateLimit" in " ".join(v.decode() for v in served[0].values("access-control-expose-headers"))
+
+    # Another user of the same credential has a budget of their own.
+    other = await post(parkway.port, signed(parkway.base, upstream, "bob"), body)
+    assert other.status == 200
+    assert len(app.requests) == len(served) + 1
+
+
+async def test_a_user_budget_needs_a_signed_user_and_an_output_cap_is_written(start_parkway, mock):
+    app, upstream = mock
+    parkway = await start_parkway(
+        credentials=(replace(TEST_CREDENTIAL, user_budget=BudgetSpec(10_000, "tokens", "day"), max_tokens=50),)
+    )
+    anonymous = await post(parkway.port, signed(parkway.base, upstream, None), chat(10))
+    assert (anonymous.status, anonymous.code) == (400, "user_required")
+    assert app.requests == []
+
+    # No max_tokens in the body: the credential's cap is written in, so the hold is bounded.
+    with watch_logs() as logs:
+        reply = await post(parkway.port, signed(parkway.base, upstream), chat(None))
+        line = await logs.wait_for(event="request", request_id=reply.headers["x-request-id"])
+    assert reply.status == 200
+    forwarded = json.loads(app.requests[0][1])
+    assert forwarded["max_completion_tokens"] == 50
+    assert reply.json()["usage"]["completion_tokens"] == 50
+    assert line["budget_estimate"] == "usage" and line["budget_charge"] == 59
+    assert line["budget_hold"] == len(chat(None)) + 50  # the client's body bounds the prompt
+
+
+# --- streams ----------------------------------------------------------------------------------------
+
+
+async def test_a_stream_is_charged_from_the_usage_parkway_asked_for_and_the_client_never_sees_it(
+    start_parkway, mock, relay_path
+):
+    app, upstream = mock
+    parkway = await start_parkway(credentials=(replace(TEST_CREDENTIAL, budget=BudgetSpec(10_000, "tokens", "day")),))
+    body = chat(30, stream=True)
+    with watch_logs() as logs:
+        reply = await post(parkway.port, signed(parkway.base, upstream), body)
+        line = await logs.wait_for(event="request", request_id=reply.headers["x-request-id"])
+    assert reply.status == 200 and reply.complete
+    forwarded = json.loads(app.requests[0][1])
+    assert forwarded["stream_options"] == {"include_usage": True}
+    # Byte for byte the answer the upstream gives a client that did not ask for usage.
+    direct = await post(int(upstream.rpartition(":")[2]), upstream + CHAT, body)
+    assert b'"usage"' not in direct.body
+    assert reply.body == direct.body
+    assert line["budget_estimate"] == "usage" and line["budget_charge"] == 9 + 30
+
+    # A client that asked for usage itself gets its chunk, untouched.
+    asked = chat(30, stream=True, stream_options={"include_usage": True})
+    own = await post(parkway.port, signed(parkway.base, upstream), asked)
+    direct = await post(int(upstream.rpartition(":")[2]), upstream + CHAT, asked)
+    assert b'"usage"' in own.body and own.body == direct.body
+
+
+async def test_a_client_that_leaves_mid_stream_is_charged_its_hold(start_parkway, nursery):
+    app = MockOpenAI(text=WORDS, delay=0.05, created=CREATED)
+    upstream = await nursery.start(serve_mock, app)
+    budget = BudgetSpec(10_000, "tokens", "day")
+    parkway = await start_parkway(credentials=(replace(TEST_CREDENTIAL, user_budget=budget),))
+    body = chat(300, stream=True)
+    with watch_logs() as logs:
+        stream = await Call.open(parkway.port, "POST", signed(parkway.base, upstream), body=body)
+        with trio.fail_after(5):
+            await stream.read_until(b'"content":"w0"')
+        await stream.aclose()
+        line = await logs.wait_for(event="request", outcome="client_gone")
+    hold = len(body) + 300
+    assert line["budget_hold"] == hold
+    assert line["budget_estimate"] == "hold:client_gone" and line["budget_charge"] == hold
+    key = budget_key("user", "app", "alice", budget, parkway.parkway.gateway.clock())
+    [level] = await parkway.parkway.gateway.budgets.levels([key])
+    assert (level.spent, level.held) == (hold, 0)
+
+
+# --- spend budgets ------------------------------------------------------------------------------------
+
+PRICES = PriceTable((Price("mock-*", input=1000.0, output=2000.0, cached_input=500.0),), version="test-2026-12")
+
+
+async def test_a_usd_budget_charges_the_price_table_and_refuses_unpriced_models(start_parkway, mock):
+    app, upstream = mock
+    # $0.50 a day; each request may cost (len(body) + 100 output) * $0.001-0.002: about $0.28 held.
+    budget = BudgetSpec(NANO_USD // 2, USD, "day")
+    parkway = await start_parkway(credentials=(replace(TEST_CREDENTIAL, user_budget=budget),))
+    parkway.parkway.gateway.apply(replace(parkway.config, budgets=BudgetsConfig(price_table=PRICES)))
+
+    unpriced = await post(parkway.port, signed(parkway.base, upstream), chat(100, model="gpt-unknown"))
+    assert (unpriced.status, unpriced.code) == (403, "model_unpriced")
+    assert app.requests == []
+
+    with watch_logs() as logs:
+        first = await post(parkway.port, signed(parkway.base, upstream), chat(100))
+        line = await logs.wait_for(event="request", request_id=first.headers["x-request-id"])
+    assert first.status == 200
+    assert line["budget_charge_usd"] == pytest.approx((9 * 1000 + 100 * 2000) / 1e6)
+    assert line["prices_version"] == "test-2026-12"
+    policy = first.headers["ratelimit-policy"]
+    assert policy == '"user-day-usd";q=500000;w=86400'  # micro-dollars
+    second = await post(parkway.port, signed(parkway.base, upstream), chat(100))
+    third = await post(parkway.port, signed(parkway.base, upstream), chat(100))
+    assert second.status == 200  # 0.209 spent + 0.28 held <= 0.5
+    assert (third.status, third.code) == (429, "budget_exhausted")
+    assert len(app.requests) == 2
+
+
+# --- Redis: exact across processes, leases --------------------------------------------------------------
+
+
+def budget_toml(port: int, admin_port: int, redis: RedisServer, lease_ttl: float = 60) -> str:
+    text = redis_parkway_toml(
+        port=port,
+        admin_port=admin_port,
+        redis_url=redis.url,
+        failure_policy="closed",
+        credentials=[
+            {
+                "id": "app",
+                "secret": "s3cret",
+                "user_budget": {"tokens": 1000, "per": "day"},
+                "headers": {"Authorization": "Bearer sk-upstream-key"},
+            }
+        ],
+    )
+    return text.replace("[state]\n", f"[state]\nlease_ttl = {lease_ttl}\n")
+
+
+async def test_two_processes_on_one_redis_never_overspend_one_budget(processes: ProcessGroup, redis, mock, tmp_path):
+    app, upstream = mock
+    started = []
+    for i in range(2):
+        port, admin_port = free_port(), free_port()
+        path = tmp_path / f"parkway-{i}.toml"
+        path.write_text(budget_toml(port, admin_port, redis))
+        started.append(await processes.spawn(path, port, admin_port=admin_port))
+    for process in started:
+        await process.logs.wait_for(event="startup", timeout=10)
+    body = chat(200)
+    replies: list[Reply] = []
+
+    async def one(i: int) -> None:
+        process = started[i % 2]
+        replies.append(await post(process.port, signed(process.base, upstream), body))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(40):
+            nursery.start_soon(one, i)
+
+    served = [r for r in replies if r.status == 200]
+    assert len(served) >= 3
+    assert all(r.status == 429 and r.code == "budget_exhausted" for r in replies if r.status != 200)
+    assert len(app.requests) == len(served)
+    assert sum(r.json()["usage"]["total_tokens"] for r in served) == served_usage(app) <= 1000
+    other = await post(started[1].port, signed(started[1].base, upstream, "bob"), body)
+    assert other.status == 200
+
+
+async def test_a_killed_process_holds_are_released_after_the_lease(
+    processes: ProcessGroup, redis, nursery, tmp_path: Path
+):
+    app = MockOpenAI(text=WORDS, delay=0.2, created=CREATED)
+    upstream = await nursery.start(serve_mock, app)
+    port, admin_port = free_port(), free_port()
+    path = tmp_path / "parkway.toml"
+    path.write_text(budget_toml(port, admin_port, redis, lease_ttl=1))
+    process = await processes.spawn(path, port, admin_port=admin_port)
+    await process.logs.wait_for(event="startup", timeout=10)
+    body = chat(300, stream=True)
+    stream = await Call.open(port, "POST", signed(process.base, upstream), body=body)
+    with trio.fail_after(5):
+        await stream.read_until(b'"role":"assistant"')
+
+    from datetime import UTC, datetime
+
+    key = budget_key("user", "app", "alice", BudgetSpec(1000, "tokens", "day"), datetime.now(UTC))
+    async with RedisBudgets(redis.url, key_prefix="parkway-e2e:", lease_ttl=1) as store:
+        [level] = await store.levels([key])
+        assert level.held == len(body) + 300  # the stream's hold, kept alive by its process
+        process.signal(signal.SIGKILL)
+        await process.wait_exit()
+        await stream.aclose()
+        with trio.fail_after(5):  # the lease (1 s) runs out; nothing settles it
+            while (await store.levels([key]))[0].held:
+                await trio.sleep(0.1)
+        [level] = await store.levels([key])
+    assert (level.spent, level.held) == (0, 0)
