@@ -13,8 +13,8 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Protocol
 
-from ..config import StateConfig
-from .budget import Applied, BudgetLedger, Level, Reservation
+from ..config import Config, StateConfig
+from .budget import CREDENTIAL, USER, Applied, BudgetLedger, BudgetSpec, Level, Reservation, budget_key, window
 
 
 class BudgetStore(Protocol):
@@ -65,3 +65,32 @@ async def open_budgets(config: StateConfig, clock: Callable[[], datetime]) -> As
         lease_ttl=config.lease_ttl,
     ) as store:
         yield store
+
+
+async def budget_report(config: Config, credential_id: str, user: str | None, now: datetime) -> list[str]:
+    """``parkway budget show``: spent, held and remaining of each budget of a credential (and
+    user), in their current windows, from the configured shared store. Raises ValueError with
+    the reason when there is nothing to show."""
+    credential = config.credential(credential_id)
+    if credential is None:
+        raise ValueError(f"no credential {credential_id!r} in the configuration")
+    wanted: list[tuple[str, str | None, BudgetSpec | None]] = [(CREDENTIAL, None, credential.budget)]
+    if user is not None:
+        wanted.append((USER, user, credential.user_budget))
+    chosen = [(scope, who, spec) for scope, who, spec in wanted if spec is not None]
+    if not chosen:
+        raise ValueError(f"credential {credential_id!r} has no {'user_budget' if user else 'budget'}")
+    if config.state.backend != "redis":
+        raise ValueError("[state] backend is memory: each Parkway process keeps its own budgets; nothing is shared")
+    keys = [budget_key(scope, credential.id, who, spec, now) for scope, who, spec in chosen]
+    async with open_budgets(config.state, lambda: now) as store:
+        levels = await store.levels(keys)
+    lines = []
+    for (scope, _who, spec), level in zip(chosen, levels, strict=True):
+        start, end = window(spec.per, now)
+        left = max(0, spec.limit - level.spent - level.held)
+        lines.append(
+            f"{scope}-{spec.per}: limit {spec.shown()}, spent {spec.shown(level.spent)}, held {spec.shown(level.held)}, "
+            f"remaining {spec.shown(left)}; window {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
+        )
+    return lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -262,6 +263,23 @@ async def test_two_processes_on_one_redis_never_overspend_one_budget(processes: 
     assert sum(r.json()["usage"]["total_tokens"] for r in served) == served_usage(app) <= 1000
     other = await post(started[1].port, signed(started[1].base, upstream, "bob"), body)
     assert other.status == 200
+
+    # Every request logged (so settled): the operator's view from the shared state.
+    await started[0].logs.wait_for(count=20, event="request", timeout=10)
+    await started[1].logs.wait_for(count=21, event="request", timeout=10)
+    shown = await trio.run_process(
+        [sys.executable, "-m", "proxy", "budget", "show", "--credential", "app", "--user", "alice",
+         "--config", str(tmp_path / "parkway-0.toml")],
+        capture_stdout=True, capture_stderr=True,
+    )  # fmt: skip
+    spent = served_usage(app) - (9 + 200)  # bob's request is not alice's
+    assert (
+        shown.stdout.decode()
+        .strip()
+        .startswith(
+            f"user-day: limit 1000 tokens, spent {spent} tokens, held 0 tokens, remaining {1000 - spent} tokens; window "
+        )
+    ), shown.stderr
 
 
 async def test_a_killed_process_holds_are_released_after_the_lease(
