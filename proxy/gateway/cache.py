@@ -40,6 +40,7 @@ from ..metrics import Metrics
 from ..record import RequestRecord
 from ..upstream import ssrf
 from ..upstream.client import UpstreamResponse
+from .budget import FREE, has_budget
 from .plan import Plan, address_policy, has_body
 
 
@@ -145,6 +146,8 @@ async def serve_cacheable(
                 cache_status("hit", ttl=entry.remaining(now)),
             ]
             record.tokens_saved = (entry.prompt_tokens, entry.completion_tokens)
+            if has_budget(plan.credential):
+                record.budget = dict(FREE)  # no upstream call: no budget is charged, and the log says so
             await send_stored(conn, entry, headers, record, paced=cached.rules.replay == "paced")
             return
     if cached.plan.only_if_cached:
@@ -191,6 +194,8 @@ async def follow(conn: HTTPConnection, config: Config, record: RequestRecord, pl
     except (LeaderFailed, FellBehind) as exc:
         raise UpstreamError(str(exc), code="collapsed_leader_failed") from None
     record.tokens_saved = flight.usage
+    if has_budget(plan.credential):
+        record.budget = dict(FREE)
     return True
 
 

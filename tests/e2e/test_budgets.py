@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from proxy.cache.policy import CacheRules
 from proxy.demo.mock_openai import MockOpenAI, serve_mock
 from proxy.limits.budget import (
     NANO_USD,
@@ -181,6 +182,24 @@ async def test_a_client_that_leaves_mid_stream_is_charged_its_hold(start_parkway
     key = budget_key("user", "app", "alice", budget, parkway.parkway.gateway.clock())
     [level] = await parkway.parkway.gateway.budgets.levels([key])
     assert (level.spent, level.held) == (hold, 0)
+
+
+async def test_a_cache_hit_costs_nothing_and_says_so(start_parkway, mock):
+    app, upstream = mock
+    budget = BudgetSpec(10_000, "tokens", "day")
+    parkway = await start_parkway(credentials=(replace(TEST_CREDENTIAL, user_budget=budget, cache=CacheRules(ttl=60)),))
+    url = signed(parkway.base, upstream)
+    with watch_logs() as logs:
+        first = await post(parkway.port, url, chat(20))
+        miss = await logs.wait_for(event="request", request_id=first.headers["x-request-id"])
+        second = await post(parkway.port, url, chat(20))
+        hit = await logs.wait_for(event="request", request_id=second.headers["x-request-id"])
+    assert (first.status, second.status, len(app.requests)) == (200, 200, 1)
+    assert miss["budget_estimate"] == "usage" and miss["budget_charge"] == 29
+    assert (hit["cache"], hit["budget_estimate"], hit["budget_charge"]) == ("hit", "free:cache", 0)
+    key = budget_key("user", "app", "alice", budget, parkway.parkway.gateway.clock())
+    [level] = await parkway.parkway.gateway.budgets.levels([key])
+    assert (level.spent, level.held) == (29, 0)
 
 
 # --- spend budgets ------------------------------------------------------------------------------------
