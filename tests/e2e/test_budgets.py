@@ -12,6 +12,7 @@ import json
 import signal
 import sys
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ import trio
 
 from proxy.cache.policy import CacheRules
 from proxy.demo.mock_openai import MockOpenAI, serve_mock
+from proxy.errors import Overloaded
+from proxy.jobs.model import JobsConfig
 from proxy.limits.budget import (
     NANO_USD,
     USD,
@@ -26,12 +29,15 @@ from proxy.limits.budget import (
     BudgetSpec,
     Price,
     PriceTable,
+    applied_budgets,
     budget_key,
+    request_cost,
 )
 from proxy.limits.budget_redis import RedisBudgets
 from support.http import Call, Reply, call
 from support.logs import watch_logs
-from support.parkway import TEST_CREDENTIAL, redis_parkway_toml
+from support.metrics import Scrape, parse_metrics
+from support.parkway import TEST_CREDENTIAL, make_config, redis_parkway_toml, run_parkway
 from support.processes import ProcessGroup, free_port
 from support.redis import RedisServer
 from support.signing import sign
@@ -113,6 +119,10 @@ async def test_forty_concurrent_requests_never_overspend_a_user_budget(start_par
     other = await post(parkway.port, signed(parkway.base, upstream, "bob"), body)
     assert other.status == 200
     assert len(app.requests) == len(served) + 1
+    metrics = Scrape(parse_metrics(parkway.parkway.metrics.render().decode()))
+    assert metrics.value("parkway_budget_refusals_total", budget="user-day") == len(refused)
+    charged = metrics.value("parkway_budget_tokens_charged_total", credential="app")
+    assert charged == reported + other.json()["usage"]["total_tokens"]
 
 
 async def test_a_user_budget_needs_a_signed_user_and_an_output_cap_is_written(start_parkway, mock):
@@ -200,6 +210,32 @@ async def test_a_cache_hit_costs_nothing_and_says_so(start_parkway, mock):
     key = budget_key("user", "app", "alice", budget, parkway.parkway.gateway.clock())
     [level] = await parkway.parkway.gateway.budgets.levels([key])
     assert (level.spent, level.held) == (29, 0)
+
+
+async def test_a_background_job_is_charged_its_hold_when_accepted(nursery, mock, tmp_path):
+    app, upstream = mock
+    budget = BudgetSpec(1000, "tokens", "day")
+    config = replace(
+        make_config(credentials=(replace(TEST_CREDENTIAL, user_budget=budget),)),
+        jobs=JobsConfig(enabled=True, path=str(tmp_path / "jobs.sqlite3"), poll_interval=0.05),
+    )
+    parkway = await run_parkway(nursery, config)
+    url = sign(
+        parkway.base, upstream + CHAT, method="POST", signer="proxy.signing",
+        params={"pw_user": "alice", "pw_async": "1"},
+    )  # fmt: skip
+    body = chat(200)
+    with watch_logs() as logs:
+        queued = await call(
+            parkway.port, "POST", url, body=body,
+            headers=[("content-type", "application/json"), ("prefer", "respond-async")],
+        )  # fmt: skip
+        line = await logs.wait_for(event="request", request_id=queued.headers["x-request-id"])
+    assert queued.status == 202
+    assert (line["budget_estimate"], line["budget_charge"]) == ("hold:job", len(body) + 200)
+    key = budget_key("user", "app", "alice", budget, parkway.parkway.gateway.clock())
+    assert (await parkway.parkway.gateway.budgets.levels([key]))[0].spent == len(body) + 200
+    parkway.parkway.shutdown()
 
 
 # --- spend budgets ------------------------------------------------------------------------------------
@@ -316,8 +352,6 @@ async def test_a_killed_process_holds_are_released_after_the_lease(
     with trio.fail_after(5):
         await stream.read_until(b'"role":"assistant"')
 
-    from datetime import UTC, datetime
-
     key = budget_key("user", "app", "alice", BudgetSpec(1000, "tokens", "day"), datetime.now(UTC))
     async with RedisBudgets(redis.url, key_prefix="parkway-e2e:", lease_ttl=1) as store:
         [level] = await store.levels([key])
@@ -330,3 +364,21 @@ async def test_a_killed_process_holds_are_released_after_the_lease(
                 await trio.sleep(0.1)
         [level] = await store.levels([key])
     assert (level.spent, level.held) == (0, 0)
+
+
+async def test_redis_unreachable_follows_the_failure_policy(redis: RedisServer) -> None:
+    spec = BudgetSpec(1000, "tokens", "day")
+    cost = request_cost(chat(100), path=CHAT, settings=BudgetsConfig(), cap=None, want_usage=True)
+    budgets, _ = applied_budgets("app", None, "alice", spec, cost, PriceTable(), datetime.now(UTC))
+    async with (
+        RedisBudgets(redis.url, failure_policy="closed", retry_interval=0.05) as closed,
+        RedisBudgets(redis.url, failure_policy="open", retry_interval=0.05) as opened,
+    ):
+        assert (await closed.reserve(budgets, "1")).levels[0].held == cost.tokens
+        await redis.kill()
+        with pytest.raises(Overloaded) as info:
+            await closed.reserve(budgets, "2")
+        assert info.value.code == "state_unavailable" and info.value.status == 503
+        admitted = await opened.reserve(budgets, "3")
+        assert admitted.allowed and not admitted.enforced
+        assert not await opened.settle(budgets, "3", [10])  # the charge could not be written: said so

@@ -19,6 +19,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from proxy.config import CorsConfig, Credential
+from proxy.limits.budget import BudgetSpec
 from proxy.limits.limiter import LimitSpec
 from proxy.websocket.policy import WebSocketConfig
 from support.http import call, parse_response, send_raw
@@ -133,6 +134,12 @@ REFUSALS: dict[str, tuple[dict[str, Any], dict[str, Any], int, str]] = {
         "origin_not_allowed",
     ),  # fmt: skip
     "private upstream": ({"allow_private_upstreams": False}, {}, 403, "upstream_address_refused"),
+    "under a budget": (
+        {"credentials": (Credential("app", (SECRET,), budget=BudgetSpec(1000, "tokens", "day")),)},
+        {},
+        403,
+        "budget_unmetered",
+    ),
 }
 
 

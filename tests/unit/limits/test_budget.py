@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import trio
 
-from proxy.config import parse_config
+from proxy.config import load_config, parse_config
 from proxy.errors import BadRequest, ConfigError, Forbidden
 from proxy.limits.budget import (
     NANO_USD,
@@ -356,3 +357,20 @@ def test_only_held_is_the_event_in_progress() -> None:
     remover = UsageChunkRemover()
     assert remover.feed(b'data: {"choices":[{"delta":{}}]}\n\ndata: {"cho') == b'data: {"choices":[{"delta":{}}]}\n\n'
     assert remover.end() == b'data: {"cho'  # a stream cut mid-event: what was held goes on as it was
+
+
+def test_the_price_table_is_read_beside_the_config_and_its_problems_named(tmp_path: Path) -> None:
+    (tmp_path / "prices.toml").write_text('version = "v7"\n[models."mock-*"]\ninput = 1\noutput = 2\n')
+    config_file = tmp_path / "parkway.toml"
+    config_file.write_text(
+        '[budgets]\nprices = "prices.toml"\n[[credentials]]\nid = "a"\nsecret = "x"\n'
+        'budget = { usd = 5, per = "month" }\n'
+    )
+    config = load_config(config_file)
+    assert config.budgets.price_table == PriceTable((Price("mock-*", 1.0, 2.0),), "v7")
+    (tmp_path / "prices.toml").write_text('[models."mock-*"]\ninput = "cheap"\noutput = 2\n')
+    with pytest.raises(ConfigError, match=r'budgets.prices.models."mock-\*".input'):
+        load_config(config_file)
+    (tmp_path / "prices.toml").unlink()
+    with pytest.raises(ConfigError, match="cannot read the price table 'prices.toml'"):
+        load_config(config_file)
