@@ -364,6 +364,7 @@ _BUDGETS_RULES: Mapping[str, _Convert] = {
     "input_bytes_per_token": _number(1),
     "unbounded_hold": _number(0, integer=True),
     "default_max_tokens": _number(1, integer=True),
+    "session_hold": _number(1, integer=True),
     "price_table": lambda value, path: _fail(path, "is read from the file named by prices"),
 }
 

@@ -25,19 +25,23 @@ from ..http.connection import ClientGone, HTTPConnection, RequestHead
 from ..limits.budget import (
     NANO_USD,
     USAGE,
+    USD,
     BudgetTicket,
     Charge,
+    RequestCost,
     amount,
     applied_budgets,
     charge_for,
     rate_limit_headers,
     refusal,
     request_cost,
+    session_cap,
+    session_charge,
 )
 from ..limits.budget_state import BudgetStore
 from ..metrics import Metrics
 from ..record import RequestRecord
-from ..relay.usage import UsageChunkRemover
+from ..relay.usage import Usage, UsageChunkRemover
 from ..upstream.client import UpstreamResponse
 from .plan import Plan, has_body
 
@@ -68,27 +72,32 @@ async def budget_hold(
     if not has_budget(credential):
         yield plan
         return
-    if plan.websocket:
-        raise Forbidden(
-            f"credential {credential.id!r} has a budget, and a WebSocket session's cost cannot be held in advance "
-            "(see docs/budgets.md)",
-            code="budget_unmetered",
-        )
     body = plan.body
-    if body is None and has_body(head):
+    if plan.websocket:
+        if any(spec is not None and spec.unit == USD for spec in (credential.budget, credential.user_budget)):
+            raise Forbidden(
+                f"credential {credential.id!r} has a usd budget, and realtime audio is not priced by the price table "
+                "(see docs/budgets.md)",
+                code="budget_unmetered",
+            )
+        # A session holds a fixed amount, and is closed once it has used it (session_cap).
+        hold = config.budgets.session_hold
+        cost = RequestCost(hold, 0, None, None, unbounded=("a WebSocket session",))
+    elif body is None and has_body(head):
         # The hold needs the body's size, and the cap is written into it: read it whole, bounded.
         limit = credential.max_body_bytes or config.server.max_signed_body_bytes
         if plan.declared_length is not None and plan.declared_length > limit:
             conn.close_after_response()
             raise BodyTooLarge(f"request body of {plan.declared_length} bytes exceeds {limit} bytes under a budget")
         body = await conn.read_body(limit)
-    cost = request_cost(
-        body,
-        path=record.upstream_path or "",
-        settings=config.budgets,
-        cap=credential.max_tokens,
-        want_usage=plan.background is None,
-    )
+    if not plan.websocket:
+        cost = request_cost(
+            body,
+            path=record.upstream_path or "",
+            settings=config.budgets,
+            cap=credential.max_tokens,
+            want_usage=plan.background is None,
+        )
     if cost.body is not None and plan.rules.inspects_body:
         await policy.checked_body(plan.rules, len(cost.body), cost.body)  # refused before anything is held
     now = gw.clock()
@@ -142,14 +151,14 @@ async def _settle(
     elif isinstance(failure, ClientGone) or (failure is not None and record.outcome == "ok"):
         outcome = "client_gone" if isinstance(failure, ClientGone) else "cancelled"
     usage = record.usage
-    charge = charge_for(
-        ticket.cost,
-        (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens) if usage is not None else None,
-        status=record.status,
-        outcome=outcome,
-        error_code=code,
-        background=plan.background is not None,
-    )
+    used = (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens) if usage is not None else None
+    if plan.websocket and record.session is not None and record.session.accepted:
+        charge = session_charge(ticket.cost, used, record.session.responses_open)
+    else:
+        charge = charge_for(
+            ticket.cost, used, status=record.status, outcome=outcome, error_code=code,
+            background=plan.background is not None,
+        )  # fmt: skip
     amounts = [amount(b, charge, ticket.price) for b in ticket.budgets]
     recorded = await gw.budgets.settle(ticket.budgets, ticket.hold_id, amounts)
     _tell(gw, record, plan, ticket, charge, recorded, prices_version)
@@ -201,6 +210,14 @@ def usage_remover(plan: Plan, response: UpstreamResponse) -> UsageChunkRemover |
     if not response.content_type.lower().startswith("text/event-stream"):
         return None
     return UsageChunkRemover()
+
+
+def usage_cap(plan: Plan) -> Callable[[Usage], str | None] | None:
+    """For a WebSocket session under a budget: the reason to close it once it used its hold."""
+    if plan.budget is None:
+        return None
+    cap = session_cap(plan.budget.cost.tokens)
+    return lambda usage: cap(usage.total_tokens)
 
 
 def budget_headers(plan: Plan) -> tuple[tuple[bytes, bytes], ...]:

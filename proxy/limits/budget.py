@@ -25,7 +25,7 @@ import json
 import math
 import tomllib
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -186,6 +186,7 @@ class BudgetsConfig:
     input_bytes_per_token: float = 1.0  # body bytes per token of input, at least; 1 is a true bound
     unbounded_hold: int = 2000  # tokens held more per image/audio/file input, or for a non-JSON body
     default_max_tokens: int = 4096  # the output cap written into a body that has none (without a credential cap)
+    session_hold: int = 20_000  # tokens a WebSocket (realtime) session holds; it is closed once it used them
     price_table: PriceTable = field(default=PriceTable(), repr=False)  # read from ``prices`` by load_config
 
     def __post_init__(self) -> None:
@@ -488,6 +489,26 @@ def charge_for(
 
 def _why(charge: Charge, why: str) -> Charge:
     return Charge(charge.input_tokens, charge.cached_tokens, charge.output_tokens, charge.kind, why)
+
+
+def session_charge(cost: RequestCost, usage: tuple[int, int, int] | None, responses_open: int) -> Charge:
+    """What a WebSocket session is charged: the usage of its ``response.done`` events, or its
+    whole hold when a response was cut short (billed upstream, never reported)."""
+    prompt, cached, completion = usage or (0, 0, 0)
+    if responses_open:
+        return Charge(max(prompt, cost.input_tokens), 0, max(completion, cost.output_tokens), HOLD, "response_cut")
+    return Charge(prompt, cached, completion, USAGE, "usage")
+
+
+def session_cap(hold: int) -> Callable[[int], str | None]:
+    """When a session must end: once its usage reached what it holds."""
+
+    def cap(used: int) -> str | None:
+        if used < hold:
+            return None
+        return f"budget: this session used {used} tokens of the {hold} its budget held for it; open a new one"
+
+    return cap
 
 
 def amount(budget: Applied, charge: Charge, price: Price | None) -> int:

@@ -14,9 +14,11 @@ import sys
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from proxy.cache.policy import CacheRules
 from proxy.demo.mock_openai import MockOpenAI, serve_mock
@@ -27,6 +29,7 @@ from proxy.limits.budget import (
     USD,
     BudgetsConfig,
     BudgetSpec,
+    Level,
     Price,
     PriceTable,
     applied_budgets,
@@ -41,6 +44,7 @@ from support.parkway import TEST_CREDENTIAL, make_config, redis_parkway_toml, ru
 from support.processes import ProcessGroup, free_port
 from support.redis import RedisServer
 from support.signing import sign
+from support.websocket import RealtimeUpstream, event, ws_client
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
 HANG_LIMIT = 40.0
@@ -236,6 +240,38 @@ async def test_a_background_job_is_charged_its_hold_when_accepted(nursery, mock,
     key = budget_key("user", "app", "alice", budget, parkway.parkway.gateway.clock())
     assert (await parkway.parkway.gateway.budgets.levels([key]))[0].spent == len(body) + 200
     parkway.parkway.shutdown()
+
+
+async def test_a_realtime_session_is_closed_with_1008_once_it_used_its_hold(start_parkway, nursery):
+    realtime = await nursery.start(RealtimeUpstream().serve)  # each response.done reports 18 tokens
+    budget = BudgetSpec(60, "tokens", "day")
+    parkway = await start_parkway(credentials=(replace(TEST_CREDENTIAL, user_budget=budget),))
+    parkway.parkway.gateway.apply(replace(parkway.config, budgets=BudgetsConfig(session_hold=30)))
+    url = sign(parkway.base, realtime.url, signer="proxy.signing", params={"pw_user": "alice"})
+    parts = urlsplit(url)
+    with watch_logs() as logs:
+        with trio.fail_after(10):
+            async with ws_client(parkway.port, f"{parts.path}?{parts.query}") as ws:
+                assert json.loads(await ws.get_message())["type"] == "session.created"
+                for _ in range(2):  # 18 tokens, then 36: past the 30 held
+                    await ws.send_message(event("response.create"))
+                    for _ in range(4):
+                        last = json.loads(await ws.get_message())
+                    assert last["type"] == "response.done"
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+        line = await logs.wait_for(event="request", status=101)
+    assert closed.value.reason.code == 1008 and "used 36 tokens of the 30" in closed.value.reason.reason
+    assert (line["outcome"], line["client_close_code"], line["closed_by"]) == ("budget_exhausted", 1008, "parkway")
+    assert (line["budget_hold"], line["budget_charge"], line["budget_estimate"]) == (30, 36, "usage")
+    key = budget_key("user", "app", "alice", budget, parkway.parkway.gateway.clock())
+    assert (await parkway.parkway.gateway.budgets.levels([key]))[0] == Level(36, 0)
+    # 36 spent + 30 more to hold would pass 60: the next session is refused before its 101.
+    with pytest.raises(ConnectionRejected) as rejected:
+        async with ws_client(parkway.port, f"{parts.path}?{parts.query}"):
+            pass
+    assert rejected.value.status_code == 429
+    assert json.loads(rejected.value.body or b"")["error"]["code"] == "budget_exhausted"
 
 
 # --- spend budgets ------------------------------------------------------------------------------------

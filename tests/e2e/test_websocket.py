@@ -134,8 +134,8 @@ REFUSALS: dict[str, tuple[dict[str, Any], dict[str, Any], int, str]] = {
         "origin_not_allowed",
     ),  # fmt: skip
     "private upstream": ({"allow_private_upstreams": False}, {}, 403, "upstream_address_refused"),
-    "under a budget": (
-        {"credentials": (Credential("app", (SECRET,), budget=BudgetSpec(1000, "tokens", "day")),)},
+    "under a usd budget": (
+        {"credentials": (Credential("app", (SECRET,), budget=BudgetSpec(1000, "usd", "day")),)},
         {},
         403,
         "budget_unmetered",

@@ -374,3 +374,31 @@ def test_the_price_table_is_read_beside_the_config_and_its_problems_named(tmp_pa
     (tmp_path / "prices.toml").unlink()
     with pytest.raises(ConfigError, match="cannot read the price table 'prices.toml'"):
         load_config(config_file)
+
+
+def test_a_session_is_charged_its_usage_or_its_hold_when_a_response_was_cut() -> None:
+    from proxy.limits.budget import RequestCost, session_cap, session_charge
+
+    hold = RequestCost(30, 0, None, None)
+    assert session_charge(hold, (20, 0, 16), 0).kind == "usage"
+    cut = session_charge(hold, (5, 0, 2), 1)
+    assert (cut.kind, cut.why, cut.input_tokens + cut.output_tokens) == ("hold", "response_cut", 32)
+    cap = session_cap(30)
+    assert cap(29) is None and "used 30 tokens of the 30" in (cap(30) or "")
+
+
+def test_realtime_usage_counts_responses_begun_and_not_done() -> None:
+    from proxy.websocket.policy import BUDGET_SPENT, Ending, RealtimeUsage, decide_close
+
+    usage = RealtimeUsage()
+    usage.feed('{"type":"response.created","response":{"id":"r1"}}')
+    assert usage.open == 1
+    usage.feed('{"type":"response.done","response":{"usage":{"input_tokens":3,"output_tokens":4}}}')
+    usage.feed('{"type":"response.created","response":{"id":"r2"}}')
+    assert (usage.open, usage.responses, usage.total_tokens) == (1, 1, 7)
+    closing = decide_close(Ending(why=BUDGET_SPENT, reason="budget: used up"))
+    assert (closing.to_client, closing.to_upstream, closing.outcome) == (
+        (1008, "budget: used up"),
+        (1000, "budget: used up"),
+        "budget_exhausted",
+    )
