@@ -24,6 +24,7 @@ from ..errors import BodyTooLarge, Forbidden, ParkwayError
 from ..http.connection import ClientGone, HTTPConnection, RequestHead
 from ..limits.budget import (
     NANO_USD,
+    NOTHING,
     USAGE,
     USD,
     BudgetTicket,
@@ -72,27 +73,11 @@ async def budget_hold(
     if not has_budget(credential):
         yield plan
         return
-    body = plan.body
     if plan.websocket:
-        if any(spec is not None and spec.unit == USD for spec in (credential.budget, credential.user_budget)):
-            raise Forbidden(
-                f"credential {credential.id!r} has a usd budget, and realtime audio is not priced by the price table "
-                "(see docs/budgets.md)",
-                code="budget_unmetered",
-            )
-        # A session holds a fixed amount, and is closed once it has used it (session_cap).
-        hold = config.budgets.session_hold
-        cost = RequestCost(hold, 0, None, None, unbounded=("a WebSocket session",))
-    elif body is None and has_body(head):
-        # The hold needs the body's size, and the cap is written into it: read it whole, bounded.
-        limit = credential.max_body_bytes or config.server.max_signed_body_bytes
-        if plan.declared_length is not None and plan.declared_length > limit:
-            conn.close_after_response()
-            raise BodyTooLarge(f"request body of {plan.declared_length} bytes exceeds {limit} bytes under a budget")
-        body = await conn.read_body(limit)
-    if not plan.websocket:
+        cost = _session_cost(credential, config)
+    else:
         cost = request_cost(
-            body,
+            await _whole_body(head, conn, config, plan),
             path=record.upstream_path or "",
             settings=config.budgets,
             cap=credential.max_tokens,
@@ -137,6 +122,28 @@ async def budget_hold(
             await _settle(gw, record, forwarded, ticket, failure, config.budgets.price_table.version)
 
 
+def _session_cost(credential: Credential, config: Config) -> RequestCost:
+    """A WebSocket session holds a fixed amount, and is closed once it has used it (:func:`usage_cap`)."""
+    if any(spec is not None and spec.unit == USD for spec in (credential.budget, credential.user_budget)):
+        raise Forbidden(
+            f"credential {credential.id!r} has a usd budget, and realtime audio is not priced by the price table "
+            "(see docs/budgets.md)",
+            code="budget_unmetered",
+        )
+    return RequestCost(config.budgets.session_hold, 0, None, None, unbounded=("a WebSocket session",))
+
+
+async def _whole_body(head: RequestHead, conn: HTTPConnection, config: Config, plan: Plan) -> bytes | None:
+    """The request body, read whole (bounded): the hold needs its size, and the cap is written into it."""
+    if plan.body is not None or not has_body(head):
+        return plan.body
+    limit = plan.credential.max_body_bytes or config.server.max_signed_body_bytes
+    if plan.declared_length is not None and plan.declared_length > limit:
+        conn.close_after_response()
+        raise BodyTooLarge(f"request body of {plan.declared_length} bytes exceeds {limit} bytes under a budget")
+    return await conn.read_body(limit)
+
+
 async def _settle(
     gw: BudgetGateway,
     record: RequestRecord,
@@ -152,8 +159,12 @@ async def _settle(
         outcome = "client_gone" if isinstance(failure, ClientGone) else "cancelled"
     usage = record.usage
     used = (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens) if usage is not None else None
-    if plan.websocket and record.session is not None and record.session.accepted:
-        charge = session_charge(ticket.cost, used, record.session.responses_open)
+    if plan.websocket:
+        session = record.session
+        if session is not None and session.accepted:
+            charge = session_charge(ticket.cost, used, session.responses_open)
+        else:  # the upstream or the client gave up before the 101: no session, nothing billed
+            charge = Charge(0, 0, 0, NOTHING, "session_not_opened")
     else:
         charge = charge_for(
             ticket.cost, used, status=record.status, outcome=outcome, error_code=code,

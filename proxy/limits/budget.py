@@ -474,15 +474,15 @@ def charge_for(
     hold = Charge(cost.input_tokens, 0, cost.output_tokens, HOLD, "")
     if background:
         return _why(hold, "job")  # a job is charged its worst case when accepted
-    if status is None:
-        if error_code in ("upstream_connect_failed", "upstream_address_refused") or outcome.startswith("refused:"):
-            return Charge(0, 0, 0, NOTHING, error_code or outcome)  # nothing was sent upstream
-        return _why(hold, "client_gone" if outcome == "client_gone" else "upstream_error")
-    if 400 <= status < 500 and outcome == "ok":
+    if status is None and (
+        error_code in ("upstream_connect_failed", "upstream_address_refused") or outcome.startswith("refused:")
+    ):
+        return Charge(0, 0, 0, NOTHING, error_code or outcome)  # nothing was sent upstream
+    if status is not None and 400 <= status < 500 and outcome == "ok":
         return Charge(0, 0, 0, NOTHING, f"upstream_refused_{status}")  # a refusal is not billed
-    if outcome == "client_gone":
-        return _why(hold, "client_gone")
-    if outcome != "ok":
+    if outcome in ("client_gone", "cancelled"):
+        return _why(hold, outcome)
+    if outcome != "ok" or status is None:
         return _why(hold, "upstream_error")
     return _why(hold, "no_usage")
 
