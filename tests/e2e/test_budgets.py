@@ -323,7 +323,8 @@ def budget_toml(port: int, admin_port: int, redis: RedisServer, lease_ttl: float
             }
         ],
     )
-    return text.replace("[state]\n", f"[state]\nlease_ttl = {lease_ttl}\n")
+    # A loaded test machine can take longer than the usual 0.5 s for a script; closed would then be 503.
+    return text.replace("[state]\n", f"[state]\nlease_ttl = {lease_ttl}\n").replace("timeout = 0.5", "timeout = 5")
 
 
 async def test_two_processes_on_one_redis_never_overspend_one_budget(processes: ProcessGroup, redis, mock, tmp_path):
@@ -349,7 +350,8 @@ async def test_two_processes_on_one_redis_never_overspend_one_budget(processes: 
 
     served = [r for r in replies if r.status == 200]
     assert len(served) >= 3
-    assert all(r.status == 429 and r.code == "budget_exhausted" for r in replies if r.status != 200)
+    others = [(r.status, r.body[:200]) for r in replies if r.status != 200]
+    assert all(r.status == 429 and r.code == "budget_exhausted" for r in replies if r.status != 200), others
     assert len(app.requests) == len(served)
     assert sum(r.json()["usage"]["total_tokens"] for r in served) == served_usage(app) <= 1000
     other = await post(started[1].port, signed(started[1].base, upstream, "bob"), body)
