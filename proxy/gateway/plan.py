@@ -1,19 +1,22 @@
-"""What steps 1-6 of the gateway decide about a request (:class:`Plan`), and the small pure
-helpers they use: the header map the signature check wants, the paths a signer may have
-signed, the credential's request rules and address policy.
+"""What steps 1-6 of the gateway decide about a request (:class:`Plan`), the one object every
+later step takes (:class:`Request`), and the small pure helpers steps 1-6 use: the header map
+the signature check wants, the paths a signer may have signed, the credential's request rules
+and address policy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
 from .. import forwarding, policy
 from ..cache.policy import CacheRequest
-from ..config import Credential
-from ..http.connection import RequestHead
+from ..config import Config, Credential
+from ..http.connection import HTTPConnection, RequestHead
 from ..jobs.background import BackgroundAsk
+from ..record import RequestRecord
 from ..upstream import ssrf
 
 
@@ -42,6 +45,25 @@ class Plan:
     background: BackgroundAsk | None = None  # run as a job (proxy.jobs.background)
     prefix: str = ""  # the public path prefix this client reached Parkway under
     cache: CacheRequest | None = None  # the signer made it cacheable (pw_cache or the credential's ttl)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One planned request as admission and step 7 take it: one argument instead of five.
+
+    Frozen: a step cannot swap the connection or the config under a later one. What a step
+    learns goes into ``record`` (mutable by design: it becomes the log line and the metrics).
+    """
+
+    head: RequestHead
+    conn: HTTPConnection
+    config: Config  # read once per request: a reload mid-way does not change it
+    record: RequestRecord
+    plan: Plan
+
+
+Step = Callable[[Request], Awaitable[None]]
+"""Step 7 in any of its forms (forward, store a job, open a WebSocket session), as admission runs it."""
 
 
 def header_map(head: RequestHead) -> dict[str, str]:
