@@ -29,7 +29,7 @@ from .http.connection import HTTPConnection, RequestHead
 from .http.server import Server, bound_address, open_listeners
 from .jobs.api import JobAPI
 from .jobs.runner import JobRunner, open_job_store
-from .limits.state import StateBackend, open_state
+from .limits import StateBackend, open_state
 from .metrics import Metrics
 from .overrides import ConfigOverrides
 from .relay.pump import EpollEngine

@@ -8,10 +8,9 @@ from datetime import datetime, timedelta
 
 import trio
 
+from .. import limits
 from ..config import Config
-from ..limits import limiter as limits
-from ..limits.admission import GlobalGate
-from ..limits.state import StateBackend
+from ..limits import GlobalGate, StateBackend
 from .plan import Plan, Request, Step
 
 

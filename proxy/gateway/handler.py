@@ -33,7 +33,7 @@ from functools import partial
 import structlog
 import trio
 
-from .. import cors, forwarding, policy
+from .. import cors, forwarding, limits, policy
 from ..cache.flight import ResponseCache
 from ..config import Config
 from ..errors import (
@@ -50,9 +50,7 @@ from ..errors import (
 from ..http.connection import ClientGone, HTTPConnection, RequestHead
 from ..jobs.api import JobAPI
 from ..jobs.background import background_ask, job_id_from_path
-from ..limits import limiter as limits
-from ..limits.admission import GlobalGate
-from ..limits.state import MemoryState, StateBackend
+from ..limits import GlobalGate, MemoryState, StateBackend
 from ..metrics import Metrics
 from ..record import RequestRecord, count_request, log, log_request
 from ..relay.client_watch import unless_client_leaves
