@@ -35,11 +35,10 @@ import trio
 
 from .. import cors, forwarding, limits, policy
 from ..cache.flight import ResponseCache
+from ..cache.policy import CacheRequest
 from ..config import Config
 from ..errors import (
-    BadRequest,
     BodyTooLarge,
-    Forbidden,
     InternalError,
     ParkwayError,
     UnknownCredential,
@@ -49,7 +48,7 @@ from ..errors import (
 )
 from ..http.connection import ClientGone, HTTPConnection, RequestHead
 from ..jobs.api import JobAPI
-from ..jobs.background import background_ask, job_id_from_path
+from ..jobs.background import BackgroundAsk, background_ask, job_id_from_path
 from ..limits import GlobalGate, MemoryState, StateBackend
 from ..metrics import Metrics
 from ..record import RequestRecord, count_request, log, log_request
@@ -57,14 +56,13 @@ from ..relay.client_watch import unless_client_leaves
 from ..relay.pump import EpollEngine
 from ..signing import check_validity, parse_signed_request, verify_signature
 from ..upstream.client import UpstreamClient
-from ..urls import check_unambiguous_path, origin_and_target, url_allowed
-from ..websocket import policy as ws_policy
+from ..urls import origin_and_target
 from ..websocket.session import WebSocketProxy
 from .admit import Admission
 from .cache import ServeCacheable, cache_ask, keyed
 from .forward import Forward
 from .jobs import enqueue, serve_job
-from .plan import Plan, Request, Step, canonical_paths, has_body, header_map, request_policy
+from .plan import Plan, Request, Step, canonical_paths, check_upstream, has_body, header_map, request_policy
 from .websocket import open_session
 
 
@@ -270,27 +268,9 @@ class Gateway:
         forwarding.check_connection_header(head.headers, signed.signed_headers, credential.headers)
         _scheme, host, target = origin_and_target(signed.proxy_url)
         record.upstream_host, record.upstream_path = host, target.partition("?")[0]
-        # A WebSocket handshake (valid, from an allowed origin) for a WebSocket URL, and a
-        # WebSocket URL only with a handshake; allowed_upstreams match it in its http(s) form.
-        websocket = ws_policy.is_websocket_request(head.method, headers)
-        if websocket:
-            ws_policy.check_handshake(head.http_version, headers)
-            ws_policy.check_origin(config.cors.allow_origins, origin)
-        elif ws_policy.is_websocket_url(signed.proxy_url):
-            raise BadRequest(
-                "X-Sw-Proxy is a WebSocket URL: open it with a WebSocket handshake (GET, Upgrade: websocket)",
-                code="websocket_required",
-            )
-        allowed = url_allowed(signed.proxy_url, credential.allowed_upstreams)
-        if websocket and not allowed:  # an https:// prefix (as the config stores wss://) covers wss://
-            allowed = url_allowed(ws_policy.http_form(signed.proxy_url), credential.allowed_upstreams)
-        if not allowed:
-            raise Forbidden(
-                f"upstream {host}{record.upstream_path} is not allowed for credential {credential.id!r}",
-                code="upstream_not_allowed",
-            )
-        if credential.allowed_upstreams or credential.allowed_paths:
-            check_unambiguous_path(signed.proxy_url)  # what was checked is what the upstream reads
+        websocket = check_upstream(
+            head, headers, config, credential, signed.proxy_url, origin, f"{host}{record.upstream_path}"
+        )
 
         # 6b: request policy (method, path, size), the end user, then admission: global
         # in-flight cap (503), the credential's and user's limits (429), single use (403).
@@ -313,18 +293,12 @@ class Gateway:
             credential=credential.id, allowed_callbacks=credential.allowed_callbacks,
         )  # fmt: skip
         upstream_url = signed.proxy_url.split("#", 1)[0]
-        # 6c: the cache, only as the signer allowed it (a job's answer goes to its job, not the cache).
         cached = None
         if self.cache is not None and not websocket and background is None:
+            # 6c: the cache, only as the signer allowed it (a job's answer goes to its job, not the cache).
             cached = cache_ask(head, config, credential, extras, body is not None, declared_length)
-        # An unsigned body is read here, the one other place, when the request needs it whole:
-        # a job stores it (bounded as a signed body), the cache keys on it (bounded by its own
-        # limit: past it the request bypassed the cache above and its body streams).
         if body is None and has_body(head):
-            if background is not None:
-                body = await read_body(conn, head, config.server.max_signed_body_bytes, "background requests")
-            elif cached is not None and not cached.bypass:
-                body = await read_body(conn, head, config.cache.max_body_bytes, "cache keys")
+            body = await read_body_if_needed(conn, head, config, background, cached)
         if cached is not None and not cached.bypass:
             cached = keyed(cached, head, config, credential, upstream_url, user, body)
         if body is None and not has_body(head):
@@ -370,9 +344,26 @@ class Gateway:
             pass
 
 
+async def read_body_if_needed(
+    conn: HTTPConnection,
+    head: RequestHead,
+    config: Config,
+    background: BackgroundAsk | None,
+    cached: CacheRequest | None,
+) -> bytes | None:
+    """An unsigned body, read whole when the request needs it so: a job stores it (bounded as a
+    signed body), the cache keys on it (bounded by its own limit: past it the request bypassed
+    the cache and its body streams). Otherwise None: the body streams to the upstream."""
+    if background is not None:
+        return await read_body(conn, head, config.server.max_signed_body_bytes, "background requests")
+    if cached is not None and not cached.bypass:
+        return await read_body(conn, head, config.cache.max_body_bytes, "cache keys")
+    return None
+
+
 async def read_body(conn: HTTPConnection, head: RequestHead, limit: int, what: str) -> bytes:
-    """The request body, whole: the one place the gateway reads one (a signed body, a job's, a
-    cache key's). Past ``limit`` it is refused with 413 and the connection closes after the answer."""
+    """The request body, whole: the one place the gateway reads one (a signed body at step 4, a
+    job's or a cache key's after the policy). Past ``limit``: 413, and the connection closes."""
     declared = head.header(b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         conn.close_after_response()
