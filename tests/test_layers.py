@@ -185,6 +185,42 @@ def test_the_limits_face_loads_no_io_library_until_asked() -> None:
     assert result.stdout.strip() == "", f"proxy.limits loads {result.stdout.strip()}"
 
 
+# The request path: every step has a signature mypy checks (no ``*args: Any`` seam), and the
+# request body is read by one function (proxy.gateway.handler.read_body), nowhere else.
+REQUEST_PATH = ["gateway", "relay/client_watch.py", "cache", "jobs/api.py", "websocket", "http/server.py"]
+
+
+def request_path_files() -> list[Path]:
+    files: list[Path] = []
+    for part in REQUEST_PATH:
+        path = PACKAGE / part
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return files
+
+
+def test_no_untyped_variadic_seam_on_the_request_path() -> None:
+    for path in request_path_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                for arg in (node.args.vararg, node.args.kwarg):
+                    if arg is not None:
+                        annotation = ast.unparse(arg.annotation) if arg.annotation else "Any"
+                        assert annotation != "Any", f"{path.name}:{node.lineno} {node.name}(*{arg.arg}: Any)"
+
+
+def test_the_request_body_is_read_in_one_place() -> None:
+    readers = []
+    for path in request_path_files():
+        tree = ast.parse(path.read_text(), str(path))
+        for func in ast.walk(tree):
+            if isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+                for node in ast.walk(func):
+                    call = node.func if isinstance(node, ast.Call) else None
+                    if isinstance(call, ast.Attribute) and call.attr == "read_body":
+                        readers.append(f"{module_name(path)}.{func.name}")
+    assert sorted(set(readers)) == ["gateway.handler.read_body"]
+
+
 def test_the_import_parser_resolves_relative_imports() -> None:
     assert resolve("cache.redis", False, 2, "limits.outage") == "limits.outage"
     assert resolve("cache.redis", False, 1, "entry") == "cache.entry"
