@@ -245,7 +245,7 @@ def cmd_budget_show(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     """Spent, held and remaining of a credential's budgets (and a user's), from the shared state."""
     from datetime import UTC, datetime
 
-    from .limits.budget_state import budget_report
+    from .limits import budget_report
 
     try:
         config = load_config(args.config)

@@ -21,7 +21,7 @@ from ..app import Parkway
 from ..config import AdminConfig, Config, CorsConfig, Credential, ServerConfig
 from ..jobs import webhooks
 from ..jobs.model import JobsConfig
-from ..limits.budget import BudgetSpec
+from ..limits import BudgetSpec
 from ..signing import sign_url
 from .jobs import DemoReceiver, play_background, serve_receiver
 from .mock_openai import MockOpenAI, serve_mock

@@ -2,8 +2,8 @@
 the hold by what it really cost when it ends (docs/budgets.md; the arithmetic is
 :mod:`proxy.limits.budget`, the stores :mod:`proxy.limits.budget_state`).
 
-The gateway wraps step 7 in :func:`budget_hold`; for a credential without budgets it does
-nothing. This module never imports the handler.
+Admission (:mod:`proxy.gateway.admit`) wraps step 7 in :func:`budget_hold`; for a credential
+without budgets it does nothing. This module never imports the handler.
 """
 
 from __future__ import annotations
@@ -11,22 +11,23 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 import trio
 
 from .. import policy
 from ..config import Config, Credential
-from ..errors import BodyTooLarge, Forbidden, ParkwayError
-from ..http.connection import ClientGone, HTTPConnection, RequestHead
-from ..limits.budget import (
+from ..errors import Forbidden, ParkwayError
+from ..http.connection import ClientGone
+from ..limits import (
     NANO_USD,
     NOTHING,
     USAGE,
     USD,
+    BudgetStore,
     BudgetTicket,
     Charge,
     RequestCost,
@@ -39,12 +40,11 @@ from ..limits.budget import (
     session_cap,
     session_charge,
 )
-from ..limits.budget_state import BudgetStore
 from ..metrics import Metrics
 from ..record import RequestRecord
 from ..relay.usage import Usage, UsageChunkRemover
 from ..upstream.client import UpstreamResponse
-from .plan import Plan, has_body
+from .plan import Plan, Request
 
 log = structlog.get_logger("parkway.budget")
 
@@ -52,8 +52,11 @@ log = structlog.get_logger("parkway.budget")
 FREE = {"budget_charge": 0, "budget_estimate": "free:cache"}
 
 
-class BudgetGateway(Protocol):
-    budgets: BudgetStore
+@dataclass(frozen=True, slots=True)
+class Budgets:
+    """What the budget step needs: the store, the metrics, the clock that picks windows."""
+
+    store: BudgetStore
     metrics: Metrics
     clock: Callable[[], datetime]
 
@@ -63,21 +66,21 @@ def has_budget(credential: Credential) -> bool:
 
 
 @asynccontextmanager
-async def budget_hold(
-    gw: BudgetGateway, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
-) -> AsyncIterator[Plan]:
+async def budget_hold(gw: Budgets, req: Request) -> AsyncIterator[Request]:
     """Hold the request's worst case in every budget that applies (or refuse it: 429
-    ``budget_exhausted``, nothing forwarded), yield the plan to forward (its body with the output
-    cap written in), and charge what it cost when it ends, however it ends."""
+    ``budget_exhausted``, nothing forwarded), yield the request to forward (its body with the
+    output cap written in), and charge what it cost when it ends, however it ends. The body was
+    read whole by the plan (:func:`~proxy.gateway.handler.read_body_if_needed`)."""
+    config, record, plan = req.config, req.record, req.plan
     credential = plan.credential
     if not has_budget(credential):
-        yield plan
+        yield req
         return
     if plan.websocket:
         cost = _session_cost(credential, config)
     else:
         cost = request_cost(
-            await _whole_body(head, conn, config, plan),
+            plan.body,
             path=record.upstream_path or "",
             settings=config.budgets,
             cap=credential.max_tokens,
@@ -90,7 +93,7 @@ async def budget_hold(
         credential.id, credential.budget, plan.user, credential.user_budget, cost, config.budgets.price_table, now
     )
     hold_id = secrets.token_hex(12)
-    reservation = await gw.budgets.reserve(budgets, hold_id)
+    reservation = await gw.store.reserve(budgets, hold_id)
     fields: dict[str, Any] = {"budget_hold": cost.tokens}
     if cost.unbounded:
         fields["budget_unbounded"] = list(cost.unbounded)
@@ -113,7 +116,7 @@ async def budget_hold(
     )
     failure: BaseException | None = None
     try:
-        yield forwarded
+        yield replace(req, plan=forwarded)
     except BaseException as exc:
         failure = exc
         raise
@@ -133,19 +136,8 @@ def _session_cost(credential: Credential, config: Config) -> RequestCost:
     return RequestCost(config.budgets.session_hold, 0, None, None, unbounded=("a WebSocket session",))
 
 
-async def _whole_body(head: RequestHead, conn: HTTPConnection, config: Config, plan: Plan) -> bytes | None:
-    """The request body, read whole (bounded): the hold needs its size, and the cap is written into it."""
-    if plan.body is not None or not has_body(head):
-        return plan.body
-    limit = plan.credential.max_body_bytes or config.server.max_signed_body_bytes
-    if plan.declared_length is not None and plan.declared_length > limit:
-        conn.close_after_response()
-        raise BodyTooLarge(f"request body of {plan.declared_length} bytes exceeds {limit} bytes under a budget")
-    return await conn.read_body(limit)
-
-
 async def _settle(
-    gw: BudgetGateway,
+    gw: Budgets,
     record: RequestRecord,
     plan: Plan,
     ticket: BudgetTicket,
@@ -171,12 +163,12 @@ async def _settle(
             background=plan.background is not None,
         )  # fmt: skip
     amounts = [amount(b, charge, ticket.price) for b in ticket.budgets]
-    recorded = await gw.budgets.settle(ticket.budgets, ticket.hold_id, amounts)
+    recorded = await gw.store.settle(ticket.budgets, ticket.hold_id, amounts)
     _tell(gw, record, plan, ticket, charge, recorded, prices_version)
 
 
 def _tell(
-    gw: BudgetGateway,
+    gw: Budgets,
     record: RequestRecord,
     plan: Plan,
     ticket: BudgetTicket,
