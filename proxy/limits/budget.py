@@ -42,6 +42,12 @@ MICRO_USD = 1_000_000  # RateLimit headers state usd budgets in micro-dollars (s
 MEDIA_PARTS = frozenset(
     {"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file", "input_video", "video_url"}
 )
+# Fields that make the upstream add input the body does not show: earlier turns it stored, a
+# stored prompt, and hosted tools whose results become input (Responses API names).
+SERVER_SIDE_INPUT = ("previous_response_id", "conversation", "prompt")
+HOSTED_TOOLS = frozenset(
+    {"web_search", "web_search_preview", "file_search", "code_interpreter", "computer_use_preview", "mcp"}
+)
 # Endpoints with no generated output: nothing to cap, nothing to inject.
 NO_OUTPUT_PATHS = ("/embeddings", "/moderations")
 
@@ -291,6 +297,16 @@ def request_cost(
     if media:
         input_tokens += media * settings.unbounded_hold
         unbounded.append(f"{media} image/audio/file input{'s' if media > 1 else ''}")
+    stored = [name for name in SERVER_SIDE_INPUT if top.get(name) not in (None, "", {}, [])]
+    tools = top.get("tools")
+    hosted = sorted(
+        {t["type"] for t in tools if isinstance(t, dict) and t.get("type") in HOSTED_TOOLS}
+        if isinstance(tools, list)
+        else set()
+    )
+    for why in [*(f"input the upstream stored ({name})" for name in stored), *(f"{t} results" for t in hosted)]:
+        input_tokens += settings.unbounded_hold
+        unbounded.append(why)
     fields, inject_as = _token_fields(path)
     given = [top[f] for f in fields if top.get(f) is not None]
     for value in given:

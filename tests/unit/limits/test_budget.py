@@ -403,3 +403,19 @@ def test_realtime_usage_counts_responses_begun_and_not_done() -> None:
         (1000, "budget: used up"),
         "budget_exhausted",
     )
+
+
+def test_input_the_upstream_adds_itself_is_held_as_configured_and_named() -> None:
+    raw = json.dumps(
+        {
+            "model": "gpt-4.1",
+            "input": "and then?",
+            "previous_response_id": "resp_1",
+            "tools": [{"type": "web_search"}, {"type": "function", "name": "f"}],
+            "max_output_tokens": 100,
+        }
+    ).encode()
+    cost = request_cost(raw, path="/v1/responses", settings=SETTINGS, cap=None, want_usage=True)
+    assert cost.unbounded == ("input the upstream stored (previous_response_id)", "web_search results")
+    assert cost.input_tokens == len(raw) + 2 * SETTINGS.unbounded_hold
+    assert (cost.output_tokens, cost.body) == (100, raw)
