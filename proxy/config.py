@@ -430,6 +430,7 @@ _ADMIN_RULES: Mapping[str, _Convert] = {"listen": _list_of(_listen_address, sing
 _WEBSOCKET_RULES: Mapping[str, _Convert] = {
     "max_message_size": _number(1024, integer=True),
     "message_queue_size": _number(1, integer=True),
+    "max_message_frames": _number(1, integer=True),
     # 0 means: no idle limit / no maximum duration.
     **dict.fromkeys(["idle_timeout", "max_session_duration"], _number(0)),
     **dict.fromkeys(["handshake_timeout", "close_timeout"], _number(0, above=True)),
