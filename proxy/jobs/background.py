@@ -21,9 +21,10 @@ from ..urls import InvalidURL, normalize_url
 from .model import JobsConfig, Pairs
 
 _TRUE = frozenset({"1", "true", "yes"})
-# Not kept for the upstream call: framing, the preference itself (Parkway honours it, the
-# upstream must answer normally) and compression (the answer is stored and shown as text).
-_NOT_STORED = frozenset({"content-length", "prefer", "accept-encoding"})
+# Not kept for the upstream call: framing and the preference itself (Parkway honours it, the
+# upstream must answer normally). Accept-Encoding is kept: the job asks for what the client
+# asked for, as a proxied request does (none: an identity answer, stored as text).
+_NOT_STORED = frozenset({"content-length", "prefer"})
 
 
 @dataclass(frozen=True, slots=True)

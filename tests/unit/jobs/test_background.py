@@ -109,5 +109,6 @@ def test_status_url_prefix_and_stored_headers() -> None:
     ]
     assert stored_headers(forwarded, [("Authorization", "Bearer sk-injected")]) == (
         ("content-type", "application/json"),
+        ("accept-encoding", "gzip"),  # the job asks for what its client asked for
         ("x-forwarded-for", "1.2.3.4"),
     )

@@ -276,6 +276,18 @@ async def _start(runner: JobRunner, done: trio.Event, *, task_status=trio.TASK_S
         done.set()
 
 
+@pytest.mark.parametrize(("sent", "expected"), [((), None), ((("Accept-Encoding", "br"),), "br")])
+async def test_the_upstream_call_asks_for_the_clients_encoding_or_none(
+    harness: Harness, sent: tuple[tuple[str, str], ...], expected: str | None
+) -> None:
+    """httpx's default ``gzip, deflate`` would store gzip bytes the client never asked for."""
+    job = harness.job(callback=False)
+    await harness.add(replace(job, request=replace(job.request, headers=job.request.headers + sent)))
+    (call,) = await harness.upstream.wait_for_requests(1)
+    assert call.headers.get("accept-encoding") == expected
+    assert "user-agent" not in call.headers and "accept" not in call.headers  # nothing the client did not send
+
+
 def test_run_headers_inject_the_credentials_and_override_the_clients() -> None:
     job = replace(
         jobs.new_job(credential="app", request=JobRequest("POST", "http://u/", (("Authorization", "Bearer client"),
