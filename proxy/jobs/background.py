@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from ..errors import Forbidden
-from ..urls import InvalidURL, normalize_url
+from ..urls import InvalidURL, client_text, normalize_url, path_ambiguity
 from .model import JobsConfig, Pairs
 
 _TRUE = frozenset({"1", "true", "yes"})
@@ -78,6 +79,15 @@ def check_callback(url: str, credential: str, allowed_callbacks: tuple[str, ...]
         normalised = normalize_url(url)
     except InvalidURL as exc:
         raise Forbidden(f"{url!r} is not a callback URL: {exc}", code="callback_not_allowed") from None
+    # The prefix check below is only as good as the path it reads: the same rule as for upstreams.
+    path = urlsplit(normalised).path
+    ambiguity = path_ambiguity(path)
+    if ambiguity is not None:
+        raise Forbidden(
+            f"callback path {client_text(path)} is refused: {ambiguity}, which a receiver may decode into "
+            "another path than the one allowed",
+            code="ambiguous_path",
+        )
     if not any(normalised.startswith(prefix) for prefix in allowed_callbacks):
         raise Forbidden(
             f"callback {normalised.split('?', 1)[0]} is not within the allowed_callbacks of credential {credential!r}",
