@@ -22,7 +22,7 @@ import trio
 
 from .admin import AdminApp
 from .cache.flight import ResponseCache, open_cache
-from .config import Config, ServerConfig, load_config
+from .config import Config, ServerConfig, jobs_problems, load_config
 from .errors import ConfigError
 from .gateway.handler import Gateway, utcnow
 from .http.server import Server, bound_address, open_listeners
@@ -92,6 +92,8 @@ class Parkway:
 
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve until :meth:`shutdown` has drained, then close the upstream pool."""
+        if problems := jobs_problems(self.config.jobs):  # a configuration built in code: not checked yet
+            raise ConfigError(problems)
         listeners = await open_listeners(self.config.server.listen, reuse_port=self.reuse_port)
         admin_listen = tuple(_offset_port(a, self.worker_index) for a in self.config.admin.listen)
         admin_listeners = await open_listeners(admin_listen) if admin_listen else []

@@ -34,6 +34,7 @@ from .config_values import (
     _number,
     _origin,
     _path_prefix,
+    _public_url,
     _secret_from,
     _section,
     _str,
@@ -62,6 +63,7 @@ __all__ = [  # the names other modules and the tests import from here
     "StateConfig",
     "config_from_dict",
     "expand_env",
+    "jobs_problems",
     "limit_spec_from_toml",
     "load_config",
     "parse_config",
@@ -245,6 +247,8 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         jobs = replace(jobs, enabled=True)  # a [jobs] table turns them on
     cache = _section(root.table("cache"), CacheConfig, _cache_rules(env))
     root.finish()
+    if not any(p.path == "jobs.public_url" for p in problems):
+        problems.extend(jobs_problems(jobs))
     signed_params = {"server.user_param": server.user_param, "server.single_use_param": server.single_use_param}
     for where, name in signed_params.items():
         if name and name == cache.param:
@@ -258,6 +262,19 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     if problems:
         raise ConfigError(problems)
     return Config(server, credentials, cors, log, admin, state, websocket, jobs, cache)
+
+
+def jobs_problems(jobs: JobsConfig) -> list[ConfigProblem]:
+    """What keeps jobs from starting: they are on without a ``public_url`` to build their URLs from.
+    Checked on load and again when Parkway starts (a configuration built in code)."""
+    if jobs.enabled and not jobs.public_url:
+        message = (
+            "is required when jobs are enabled: the absolute URL where clients reach Parkway, public prefix "
+            'included (e.g. "https://app.example.com/ai"); job status URLs and webhook links are built from '
+            "it, never from the request's Host header, which the client chooses"
+        )
+        return [ConfigProblem("jobs.public_url", message)]
+    return []
 
 
 # --- the sections' rules ----------------------------------------------------------------------
@@ -356,6 +373,7 @@ def _state_rules(env: Mapping[str, str]) -> Mapping[str, _Convert]:
 
 _JOBS_RULES: Mapping[str, _Convert] = {
     "enabled": _expect(bool, "a boolean"),
+    "public_url": _public_url,
     "store": _choice(*STORES),
     "path": _non_empty,
     **dict.fromkeys(

@@ -112,11 +112,10 @@ class JobAPI:
             await check_callback_address(callback, callback_policy(credential, config.server.allow_private_upstreams))
         forwarded = forwarding.request_headers(head.headers, credential.headers, plan.ctx)
         request = JobRequest(head.method, plan.upstream_url, stored_headers(forwarded, credential.headers), body)
-        host = head.header(b"host") or "localhost"
         job = jobs.new_job(
             credential=credential.id,
             request=request,
-            status_url_prefix=status_url_prefix(plan.ctx.proto, host, plan.prefix),
+            status_url_prefix=status_url_prefix(config.jobs.public_url),
             callback=callback,
             user=plan.user,
             now=self.clock(),
@@ -128,7 +127,7 @@ class JobAPI:
             self.metrics.jobs_created.labels(credential.id, "poll" if callback is None else "callback").inc()
         answer = _json(jobs.accepted_document(job))
         headers = _json_headers(answer) + [
-            (b"location", f"{plan.prefix}/jobs/{job.id}".encode()),
+            (b"location", job.status_url.encode()),
             (b"preference-applied", b"respond-async"),
             *_extra_headers(config, plan.origin, plan.request_id),
         ]

@@ -107,9 +107,11 @@ def job_id_from_path(path: str, prefixes: Iterable[str] = ()) -> str | None:
     return None
 
 
-def status_url_prefix(proto: str, host: str, prefix: str) -> str:
-    """Where this client reaches the jobs, as seen from outside (``https://app.example/ai/jobs``)."""
-    return f"{proto}://{host}{prefix}/jobs"
+def status_url_prefix(public_url: str) -> str:
+    """Where clients reach the jobs from outside (``https://app.example/ai/jobs``): from the
+    configured ``[jobs] public_url`` alone, never from a request's Host or X-Forwarded-* headers,
+    which would let a client point a signed webhook's ``body_url`` at a host of its choosing."""
+    return f"{public_url.rstrip('/')}/jobs"
 
 
 def stored_headers(forwarded: Iterable[tuple[bytes, bytes]], injected: Iterable[tuple[str, str]]) -> Pairs:

@@ -53,6 +53,10 @@ class JobsConfig:
     deliveries are retried. A TOML file turns jobs on by having the table."""
 
     enabled: bool = False
+    # Where clients reach Parkway from outside, public prefix included ("https://app.example.com/ai"):
+    # job URLs (the 202, status documents, webhooks) are <public_url>/jobs/<id>, never built from
+    # a request's Host, which the client chooses. Required when jobs are on.
+    public_url: str = ""
     store: str = "sqlite"  # sqlite | redis (the [state] Redis: its url and key_prefix)
     path: str = "parkway-jobs.sqlite3"  # the SQLite file
     max_jobs_in_flight: int = 16  # upstream calls this process runs at once
@@ -140,7 +144,7 @@ class Job:
     credential: str
     created_at: float
     request: JobRequest
-    status_url: str  # absolute, as the client reached Parkway
+    status_url: str  # absolute: [jobs] public_url + /jobs/<id>
     webhook_id: str
     callback: str | None = None
     user: str | None = None

@@ -19,13 +19,15 @@ import pytest
 import trio
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from proxy.app import Parkway
 from proxy.config import AdminConfig, Credential
+from proxy.errors import ConfigError
 from proxy.jobs import model as jobs
 from proxy.jobs import webhooks
 from proxy.jobs.model import JobsConfig
 from proxy.limits.limiter import LimitSpec
 from support.metrics import scrape
-from support.parkway import RunningParkway, make_config, run_parkway
+from support.parkway import RunningParkway, make_config, run_parkway, with_jobs
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY, sign
 from support.upstream import Exchange, Upstream, hang, respond_with
 
@@ -51,17 +53,14 @@ async def receiver(nursery: trio.Nursery) -> Receiver:
     return await nursery.start(Receiver(respond_with(204, b"")).serve)
 
 
-def job_config(tmp_path: Path, upstream: Upstream, receiver: Upstream, **jobs_overrides: Any):
+def job_config(tmp_path: Path, upstream: Upstream, receiver: Upstream, *, prefix: str = "", **jobs_overrides: Any):
     credential = Credential(
         "app", (SECRET,), INJECTED, allowed_callbacks=(f"{receiver.base}/hooks/",), webhook_secrets=(WHSEC,)
     )
     settings = {"enabled": True, "path": str(tmp_path / "jobs.sqlite3"), "retry_schedule": (0.1, 0.1, 0.1),
                     "poll_interval": 0.05, "lease": 2.0}  # fmt: skip
-    return replace(
-        make_config(credentials=(credential,)),
-        jobs=JobsConfig(**{**settings, **jobs_overrides}),
-        admin=AdminConfig(listen=("127.0.0.1:0",)),
-    )
+    config = replace(make_config(credentials=(credential,)), admin=AdminConfig(listen=("127.0.0.1:0",)))
+    return with_jobs(config, JobsConfig(**{**settings, **jobs_overrides}), prefix=prefix)
 
 
 @pytest.fixture
@@ -108,7 +107,7 @@ async def test_background_request_end_to_end(parkway, upstream, receiver, client
     accepted = response.json()
     job_id = accepted["id"]
     assert accepted["status"] == "queued" and jobs.valid_job_id(job_id)
-    assert response.headers["location"] == f"/jobs/{job_id}"
+    assert response.headers["location"] == f"{parkway.base}/jobs/{job_id}"
     assert response.headers["preference-applied"] == "respond-async"
     assert accepted["status_url"] == f"{parkway.base}/jobs/{job_id}"
 
@@ -320,6 +319,43 @@ async def test_the_credentials_body_rules_apply_before_queueing(launch, tmp_path
     assert len(upstream.requests) == 1 and json.loads(upstream.requests[0].body)["model"] == "m"
 
 
+@pytest.mark.parametrize(
+    "spoof",
+    [
+        {"host": "attacker.example"},
+        {"x-forwarded-host": "attacker.example", "x-forwarded-proto": "https", "x-forwarded-prefix": "/evil"},
+    ],
+)
+async def test_job_urls_come_from_public_url_never_from_the_requests_host(
+    launch, tmp_path, upstream, receiver, client, spoof: dict[str, str]
+) -> None:
+    """A client's Host must not reach the signed webhook: receivers fetch ``body_url`` for large answers."""
+    upstream.behaviour = respond_with(200, b"x" * 5000, [("content-type", "text/plain")])
+    config = job_config(tmp_path, upstream, receiver, prefix="/ai", inline_payload_bytes=1000)
+    parkway = await launch(replace(config, server=replace(config.server, trusted_proxies=("127.0.0.1/32",))))
+    public = f"{parkway.base}/ai"
+    url = background_url(parkway, upstream, receiver)
+    response = await client.post(url, json=CHAT, headers=spoof)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    assert response.json()["status_url"] == f"{public}/jobs/{job_id}" == response.headers["location"]
+    (delivery,) = await receiver.wait_for_requests(1)
+    data = verify(delivery)["data"]
+    assert data["status_url"] == f"{public}/jobs/{job_id}"
+    assert data["response"]["body_url"] == f"{public}/jobs/{job_id}?stream=true"
+    assert b"attacker" not in delivery.body and b"evil" not in delivery.body
+    status = await client.get(f"{parkway.base}/jobs/{job_id}", headers=spoof)
+    assert status.json()["status_url"] == f"{public}/jobs/{job_id}"
+
+
+async def test_jobs_on_without_public_url_refuse_to_start(tmp_path, upstream, receiver) -> None:
+    config = job_config(tmp_path, upstream, receiver)
+    with pytest.raises(ConfigError) as caught:
+        await Parkway(replace(config, jobs=replace(config.jobs, public_url=""))).run()
+    (problem,) = caught.value.problems
+    assert problem.path == "jobs.public_url" and "Host" in problem.message
+
+
 async def test_a_streamed_answer_is_stored_whole_and_replayed_event_by_event(
     launch, tmp_path, upstream, receiver, client
 ) -> None:
@@ -332,14 +368,14 @@ async def test_a_streamed_answer_is_stored_whole_and_replayed_event_by_event(
         await ex.send_end()
 
     upstream.behaviour = sse
-    config = job_config(tmp_path, upstream, receiver)
+    config = job_config(tmp_path, upstream, receiver, prefix="/ai")
     parkway = await launch(replace(config, server=replace(config.server, public_path_prefix="/ai")))
     url = sign(parkway.base + "/ai", f"{upstream.base}/v1/chat/completions", method="POST", signer="proxy.signing",
                params={"pw_callback": f"{receiver.base}/hooks/s"})  # fmt: skip
     accepted = await client.post(url, json={**CHAT, "stream": True})
     assert accepted.status_code == 202, accepted.text
     job_id = accepted.json()["id"]
-    assert accepted.headers["location"] == f"/ai/jobs/{job_id}"
+    assert accepted.headers["location"] == f"{parkway.base}/ai/jobs/{job_id}"
     assert accepted.json()["status_url"] == f"{parkway.base}/ai/jobs/{job_id}"
     (delivery,) = await receiver.wait_for_requests(1)
     assert verify(delivery)["data"]["response"]["body"] == b"".join(events).decode()

@@ -103,7 +103,8 @@ def test_job_id_from_path(path: str, expected: str | None) -> None:
 
 
 def test_status_url_prefix_and_stored_headers() -> None:
-    assert status_url_prefix("https", "app.example.com", "/ai") == "https://app.example.com/ai/jobs"
+    assert status_url_prefix("https://app.example.com/ai") == "https://app.example.com/ai/jobs"
+    assert status_url_prefix("https://app.example.com/") == "https://app.example.com/jobs"
     forwarded = [
         (b"content-type", b"application/json"),
         (b"prefer", b"respond-async"),
