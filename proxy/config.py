@@ -380,7 +380,9 @@ _JOBS_RULES: Mapping[str, _Convert] = {
         ["max_jobs_in_flight", "max_jobs_queued", "max_attempts", "max_result_bytes"], _number(1, integer=True)
     ),
     "inline_payload_bytes": _number(0, integer=True),
-    **dict.fromkeys(["result_ttl", "max_delivery_age", "lease", "poll_interval"], _number(0, above=True)),
+    **dict.fromkeys(
+        ["result_ttl", "max_delivery_age", "lease", "poll_interval", "purge_interval"], _number(0, above=True)
+    ),
     "delivery_timeout": _number(0, above=True),
     "retry_schedule": _list_of(_number(0), non_empty=True),
     **dict.fromkeys(["async_param", "callback_param"], _non_empty),

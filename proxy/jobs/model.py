@@ -70,6 +70,7 @@ class JobsConfig:
     max_result_bytes: int = 16 * 1024 * 1024  # a larger answer fails the job
     inline_payload_bytes: int = 256 * 1024  # larger answers are linked from the webhook, not inlined
     poll_interval: float = 1.0  # how often the store is asked for work other processes queued
+    purge_interval: float = 60.0  # how often expired jobs (prompt and answer) are deleted from the store
     async_param: str = "pw_async"  # signed parameter allowing Prefer: respond-async
     callback_param: str = "pw_callback"  # signed parameter naming where to deliver
 

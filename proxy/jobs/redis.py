@@ -15,6 +15,7 @@ Only standalone Redis (or a primary): the script touches several keys.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
@@ -37,7 +38,8 @@ PURGE_BATCH = 500
 
 # KEYS: job hash, queued, running, deliveries, done:completed, done:failed, done:cancelled.
 # ARGV: expected version ("" = must not exist), record, status, queued_at, lease_until,
-#       delivery_at, done score, id, max queued ("" = no check). Empty score = not in that set.
+#       delivery_at, done score, id, max queued ("" = no check), expiry in UNIX ms ("" = none).
+#       Empty score = not in that set.
 # Returns 1 written, 0 version changed (or gone), -1 already exists, -2 queue full.
 CAS = """
 local v = redis.call('HGET', KEYS[1], 'v')
@@ -58,6 +60,8 @@ put(KEYS[3], ARGV[5])
 put(KEYS[4], ARGV[6])
 local done = {completed = KEYS[5], failed = KEYS[6], cancelled = KEYS[7]}
 if done[ARGV[3]] then put(done[ARGV[3]], ARGV[7]) end
+-- A job past its result TTL goes by itself even if no purge runs; until then it is kept.
+if ARGV[10] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[10]) else redis.call('PERSIST', KEYS[1]) end
 return 1
 """
 
@@ -130,6 +134,7 @@ class RedisJobStore:
         args: list[str | bytes] = [
             version, job_to_json(job), job.status, _score(i.queued_at), _score(i.lease_until),
             _score(i.delivery_at), done, job.id, "" if max_queued is None else str(max_queued),
+            "" if i.expires_at is None else str(math.ceil(i.expires_at * 1000)),
         ]  # fmt: skip
         return int(await self._call(self._cas, keys=keys, args=args))
 
@@ -234,16 +239,22 @@ class RedisJobStore:
         await self._change(job.id, lambda current: job)
 
     async def purge(self, *, now: float) -> int:
+        """Delete expired jobs and their index entries (a hash whose TTL already took it leaves
+        its id in the done set until here)."""
         removed = 0
         for key in self.done.values():
-            old = await self._call(
-                self._client.zrange, key, "-inf", now, sortby=coredis.PureToken.BYSCORE, offset=0, count=PURGE_BATCH
-            )
-            ids = [m.decode() if isinstance(m, bytes) else str(m) for m in old]
-            if ids:
+            while True:
+                old = await self._call(
+                    self._client.zrange, key, "-inf", now, sortby=coredis.PureToken.BYSCORE, offset=0, count=PURGE_BATCH
+                )
+                ids = [m.decode() if isinstance(m, bytes) else str(m) for m in old]
+                if not ids:
+                    break
                 await self._call(self._client.delete, [self._key(i) for i in ids])
                 await self._call(self._client.zrem, key, ids)
                 removed += len(ids)
+                if len(ids) < PURGE_BATCH:
+                    break
         return removed
 
     async def stats(self, *, now: float) -> StoreStats:

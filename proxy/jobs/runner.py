@@ -99,6 +99,7 @@ class JobRunner:
         """Claim and run jobs and deliveries until :meth:`drain` has finished."""
         async with trio.open_nursery() as outer:
             outer.start_soon(self._renew_leases)
+            outer.start_soon(self._purge_expired)
             async with trio.open_nursery() as work:
                 self._work = work
                 work.start_soon(self._claim_jobs)
@@ -214,6 +215,16 @@ class JobRunner:
                 until = self.clock() + settings.lease
                 if await self._quietly(self.store.renew, job_id, self.owner, until=until) is False:
                     scope.cancel()
+
+    async def _purge_expired(self) -> None:
+        """Delete jobs past their ``result_ttl`` (prompt and answer with them), at start and then
+        every ``purge_interval``: a 404 alone would leave them on disk. Any process may purge."""
+        while True:
+            purged = await self._quietly(self.store.purge, now=self.clock())
+            if purged:
+                log.info("jobs_purged", count=purged)
+                self._changed()
+            await trio.sleep(self.settings.purge_interval)
 
     # --- deliveries -----------------------------------------------------------------------------
 

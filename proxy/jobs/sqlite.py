@@ -71,6 +71,8 @@ class SQLiteJobStore:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
+            # A deleted record's bytes (the prompt, the answer) are overwritten, not left in free pages.
+            db.execute("PRAGMA secure_delete=ON")
             db.executescript(SCHEMA)
         except BaseException:
             db.close()
@@ -210,7 +212,22 @@ class SQLiteJobStore:
         await self._transaction(lambda db: self._write(db, job))
 
     async def purge(self, *, now: float) -> int:
-        return await self._transaction(lambda db: db.execute("DELETE FROM jobs WHERE expires_at <= ?", (now,)).rowcount)
+        """Delete expired jobs; their bytes are zeroed in the file (``secure_delete``) and the WAL,
+        which still holds the pages as they were, is checkpointed and truncated."""
+        purged = await self._transaction(
+            lambda db: db.execute("DELETE FROM jobs WHERE expires_at <= ?", (now,)).rowcount
+        )
+        if purged:
+            try:
+                await trio.to_thread.run_sync(self._checkpoint)
+            except sqlite3.Error as exc:  # busy: the next purge's checkpoint does it
+                log.warning("job_store_checkpoint_failed", store="sqlite", error=str(exc))
+        return int(purged)
+
+    def _checkpoint(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     async def stats(self, *, now: float) -> StoreStats:
         def work(db: sqlite3.Connection) -> StoreStats:

@@ -6,7 +6,9 @@ Deliveries are verified with the real ``standardwebhooks`` package. Waiting is o
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -43,7 +45,8 @@ class Harness:
                            webhook_secrets=(WHSEC, NEXT_WHSEC)),
             ),
             jobs=JobsConfig(enabled=True, path=str(tmp_path / "jobs.sqlite3"), retry_schedule=(0.05, 0.05, 0.05),
-                            poll_interval=0.05, lease=1.0, result_ttl=60, max_jobs_in_flight=4),
+                            poll_interval=0.05, lease=1.0, result_ttl=60, max_jobs_in_flight=4,
+                            purge_interval=0.1),
         )  # fmt: skip
         self.store = SQLiteJobStore(self.config.jobs.path)
         self.client = outbound_client()
@@ -116,6 +119,20 @@ async def test_a_job_runs_and_is_delivered_signed(harness: Harness) -> None:
     assert answer["status"] == 200 and json.loads(answer["body"])["target"] == "/v1/chat/completions"
     stored = await harness.stored(job.id)
     assert stored.status == "completed" and stored.result is not None and stored.attempts == 1
+
+
+async def test_expired_jobs_are_purged_on_a_schedule(harness: Harness) -> None:
+    """After ``result_ttl`` the row goes from the file, not only from GET's answers."""
+    harness.config = replace(harness.config, jobs=replace(harness.config.jobs, result_ttl=0.3))
+    job = await harness.add(harness.job(callback=False))
+
+    def rows() -> int:
+        with contextlib.closing(sqlite3.connect(harness.config.jobs.path)) as db:
+            return int(db.execute("SELECT count(*) FROM jobs WHERE id = ?", (job.id,)).fetchone()[0])
+
+    assert rows() == 1
+    with trio.fail_after(10):
+        await harness.until(lambda: rows() == 0)  # no read, no restart: the runner's schedule did it
 
 
 async def test_receiver_down_then_up_gets_it_with_the_same_webhook_id(harness: Harness) -> None:

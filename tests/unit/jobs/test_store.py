@@ -6,11 +6,13 @@ two store objects (two connections) on the same file or server, as two processes
 
 from __future__ import annotations
 
+import base64
 import gc
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+import coredis
 import pytest
 import trio
 
@@ -271,3 +273,54 @@ def test_queue_full_is_a_503_with_retry_after() -> None:
     assert (exc.status, exc.code, exc.retry_after) == (503, "job_queue_full", 5)
     job = replace(make_job(), status="completed")
     assert index_of(job).queued_at is None
+
+
+async def test_a_purged_job_leaves_no_bytes_in_the_sqlite_files(tmp_path: Path) -> None:
+    """A 404 is not enough: the prompt and the answer must be gone from the disk (issue 19)."""
+    prompt = b'{"messages":[{"content":"the patient\'s diagnosis is confidential-7f3a"}]}' * 50
+    answer = b"the model's answer: confidential-9c1e " * 200
+    path = tmp_path / "jobs.sqlite3"
+
+    def on_disk(needle: bytes) -> bool:
+        return any(needle in p.read_bytes() for p in tmp_path.glob("jobs.sqlite3*"))
+
+    async with SQLiteJobStore(path) as store:
+        for n in range(3):  # later writes reuse pages: the purged job must not survive in a free one
+            job = make_job(n, body=prompt if n == 0 else b"{}")
+            await store.add(job, max_queued=10)
+            running = await store.claim("r", now=NOW, lease=30)
+            assert running is not None
+            result = JobResult(200, (), answer if n == 0 else b"ok")
+            assert await store.finish(jobs.completed(running, result, now=NOW, result_ttl=TTL * (n + 1)), "r")
+        needles = (base64.b64encode(prompt)[:60], base64.b64encode(answer)[:60])  # stored as base64 in the record
+        assert all(on_disk(n) for n in needles)
+        assert await store.purge(now=NOW + TTL + 1) == 1
+        assert not any(on_disk(n) for n in needles)
+    assert not any(on_disk(n) for n in needles)
+
+
+async def test_redis_job_hashes_expire_with_their_result_and_purge_cleans_the_indexes(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    server = RedisServer(nursery, tmp_path)
+    with trio.fail_after(GUARD):
+        await server.start()
+    raw = coredis.Redis.from_url(server.url)
+    async with raw, RedisJobStore(server.url, key_prefix="t:") as store:
+        quiet, hooked = make_job(0), make_job(1, callback="http://app/h")
+        for job in (quiet, hooked):
+            await store.add(job, max_queued=10)
+            assert await raw.pttl(f"t:job:{job.id}") == -1  # queued: kept whatever happens
+            running = await store.claim("r", now=NOW, lease=30)
+            assert running is not None
+            assert await store.finish(jobs.completed(running, JobResult(200), now=NOW, result_ttl=TTL), "r")
+        assert (await raw.pexpiretime(f"t:job:{quiet.id}")).timestamp() == NOW + TTL
+        assert await raw.pttl(f"t:job:{hooked.id}") == -1  # its delivery may still run
+        due = await store.claim_delivery(now=NOW, lease=45)
+        assert due is not None
+        await store.delivered(jobs.after_attempt(due, AttemptOutcome(200), now=NOW, schedule=RetrySchedule()))
+        assert (await raw.pexpiretime(f"t:job:{hooked.id}")).timestamp() == NOW + TTL
+        await raw.delete([f"t:job:{quiet.id}"])  # as its TTL would: the index still names it
+        assert await store.purge(now=NOW + TTL + 1) == 2
+        assert await raw.keys("t:*") == set()  # no hash, and no index left holding an id
+    await server.kill()
