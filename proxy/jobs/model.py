@@ -17,10 +17,11 @@ the stores persist them and the runner does the I/O. Ids come from :mod:`secrets
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -324,9 +325,10 @@ def response_url(job: Job) -> str:
     return f"{job.status_url}?stream=true"
 
 
-def status_document(job: Job, *, inline_limit: int | None = None) -> dict[str, Any]:
+def status_document(job: Job, *, inline_limit: int | None = None, include_body: bool = True) -> dict[str, Any]:
     """The JSON of ``GET /jobs/<id>`` and of a delivery's ``data``; the answer's body inline
-    (text, or ``body_base64`` when not UTF-8) up to ``inline_limit`` bytes, else a link."""
+    (text, or ``body_base64`` when not UTF-8) up to ``inline_limit`` bytes, else a link.
+    ``include_body=False`` leaves the inline body out (:func:`status_document_chunks` adds it)."""
     doc: dict[str, Any] = {
         "id": job.id,
         "object": "job",
@@ -342,7 +344,7 @@ def status_document(job: Job, *, inline_limit: int | None = None) -> dict[str, A
         if inline_limit is not None and len(r.body) > inline_limit:
             response["body_url"] = response_url(job)
             response["body_bytes"] = len(r.body)
-        else:
+        elif include_body:
             try:
                 response["body"] = r.body.decode("utf-8")
             except UnicodeDecodeError:
@@ -351,6 +353,49 @@ def status_document(job: Job, *, inline_limit: int | None = None) -> dict[str, A
     if job.error is not None:
         doc["error"] = {"code": job.error.code, "message": job.error.message}
     return doc
+
+
+def _dumps(document: object) -> bytes:
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _is_utf8(data: bytes, chunk_bytes: int) -> bool:
+    """Whether ``data`` is UTF-8, checked piece by piece (no second copy of it as text)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        for i in range(0, len(data), chunk_bytes):
+            decoder.decode(data[i : i + chunk_bytes])
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def status_document_chunks(job: Job, *, chunk_bytes: int = 65536) -> Iterator[bytes]:
+    """:func:`status_document` as JSON bytes, in pieces of about ``chunk_bytes``: the answer's body
+    is encoded piece by piece as they are sent, so a large answer is never held a second and a
+    third time (as text, then as JSON), and a reader that stops reading holds one piece.
+
+    The pieces joined are exactly the JSON of :func:`status_document`.
+    """
+    result = job.result
+    if result is None or job.error is not None:
+        yield _dumps(status_document(job))
+        return
+    head = _dumps(status_document(job, include_body=False))  # the response object comes last
+    body = result.body
+    text = _is_utf8(body, chunk_bytes)
+    yield head[:-2] + (b',"body":"' if text else b',"body_base64":"')
+    if text:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        for i in range(0, len(body), chunk_bytes):
+            piece = decoder.decode(body[i : i + chunk_bytes], final=i + chunk_bytes >= len(body))
+            yield json.dumps(piece, ensure_ascii=False)[1:-1].encode()
+    else:
+        step = max(3, chunk_bytes // 4 * 3)  # whole base64 quanta: the pieces join without padding
+        for i in range(0, len(body), step):
+            yield base64.b64encode(body[i : i + step])
+    yield b'"}}'
 
 
 def accepted_document(job: Job) -> dict[str, Any]:
@@ -370,14 +415,19 @@ def webhook_payload(job: Job, *, inline_limit: int) -> bytes:
         "timestamp": _iso(job.finished_at),
         "data": status_document(job, inline_limit=inline_limit),
     }
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    return _dumps(payload)
 
 
-def replay_chunks(result: JobResult, chunk_bytes: int = 65536) -> list[bytes]:
+_EVENT = re.compile(rb".*?(?:\n\n|\r\n\r\n)|.+", re.DOTALL)
+
+
+def replay_chunks(result: JobResult, chunk_bytes: int = 65536) -> Iterator[bytes]:
     """A stored answer cut where it was written: an event stream by its events (blank line
-    after each), anything else in ``chunk_bytes`` pieces."""
+    after each), anything else in ``chunk_bytes`` pieces; made as they are sent, not all at once."""
     body = result.body
     if "text/event-stream" in result.content_type.lower():
-        events = re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", body)
-        return [e for e in events if e]
-    return [body[i : i + chunk_bytes] for i in range(0, len(body), chunk_bytes)]
+        for event in _EVENT.finditer(body):
+            yield event.group()
+        return
+    for i in range(0, len(body), chunk_bytes):
+        yield body[i : i + chunk_bytes]
