@@ -119,7 +119,7 @@ class Parkway:
                     if verify is True and self.config.server.upstream_ca_file:  # a private CA, as for proxying
                         verify = ssl.create_default_context(cafile=self.config.server.upstream_ca_file)
                     client = await stack.enter_async_context(outbound_client(verify=verify))
-                    self.runner = JobRunner(store, client, lambda: self.config, metrics=self.metrics)
+                    self.runner = JobRunner(store, client, lambda: self.config, metrics=self.metrics, state=state)
                     self.gateway.jobs = JobAPI(store, self.runner, metrics=self.metrics)
                 nursery = await stack.enter_async_context(trio.open_nursery())
                 if self.engine is not None:

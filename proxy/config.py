@@ -46,7 +46,7 @@ from .config_values import (
     limit_spec_from_toml,
 )
 from .errors import ConfigError, ConfigProblem
-from .jobs.model import STORES, JobsConfig
+from .jobs.model import STORES, JobsConfig, credential_job_limits
 from .limits.limiter import LimitSpec
 from .policy import OVERFLOW_CHOICES
 from .websocket.policy import WebSocketConfig
@@ -125,6 +125,8 @@ class Credential:
     max_n: int | None = None  # cap on "n"
     allowed_callbacks: tuple[str, ...] = ()  # URL prefixes a signed pw_callback may name; empty = none
     webhook_secrets: tuple[str, ...] = field(default=(), repr=False)  # whsec_...: each signs deliveries
+    max_jobs_queued: int | None = None  # this credential's queued jobs; None = its share of [jobs] max_jobs_queued
+    max_jobs_running: int | None = None  # its jobs one process runs at once; None = its share of max_jobs_in_flight
     cache: CacheRules | None = None  # [credentials.cache]: a default ttl and how entries are kept
 
 
@@ -201,6 +203,15 @@ class Config:
     def credential(self, id: str) -> Credential | None:
         """The credential named ``id``, or None (O(1): called on every request)."""
         return self._by_id.get(id)
+
+    def job_limits(self, credential: Credential) -> tuple[int, int]:
+        """(queued, running per process) jobs of ``credential``: see :func:`proxy.jobs.model.credential_job_limits`."""
+        return credential_job_limits(
+            self.jobs,
+            max_queued=credential.max_jobs_queued,
+            max_running=credential.max_jobs_running,
+            credentials=len(self.credentials),
+        )
 
 
 # --- public functions -----------------------------------------------------------------------
@@ -352,6 +363,8 @@ _CREDENTIAL_POLICY_RULES: Mapping[str, tuple[Any, _Convert]] = {
     "allowed_models": ((), _list_of(_non_empty)),
     "max_tokens": (None, _number(1, integer=True)),
     "max_n": (None, _number(1, integer=True)),
+    "max_jobs_queued": (None, _number(1, integer=True)),
+    "max_jobs_running": (None, _number(1, integer=True)),
     "cache": (None, lambda value, path: _credential_cache(value, path)),
 }
 

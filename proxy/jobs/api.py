@@ -131,7 +131,9 @@ class JobAPI:
             user=plan.user,
             now=self.clock(),
         )
-        await self.store.add(job, max_queued=config.jobs.max_jobs_queued)
+        await self.store.add(
+            job, max_queued=config.jobs.max_jobs_queued, max_queued_credential=config.job_limits(credential)[0]
+        )
         if self.runner is not None:
             self.runner.notify()
         if self.metrics is not None:

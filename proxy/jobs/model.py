@@ -84,6 +84,22 @@ class JobsConfig:
         return RetrySchedule(self.retry_schedule, self.max_delivery_age)
 
 
+def credential_job_limits(
+    settings: JobsConfig, *, max_queued: int | None, max_running: int | None, credentials: int
+) -> tuple[int, int]:
+    """(jobs one credential may have queued, jobs of it one process runs at once).
+
+    Unset, each is the credential's share of the global limit (``max_jobs_queued`` and
+    ``max_jobs_in_flight`` divided by the number of credentials), so one tenant filling its
+    share leaves every other one its own. Set, they may add up to more than the global limits,
+    which still hold.
+    """
+    share = max(1, credentials)
+    queued = max_queued if max_queued is not None else max(1, settings.max_jobs_queued // share)
+    running = max_running if max_running is not None else max(1, -(-settings.max_jobs_in_flight // share))
+    return queued, running
+
+
 def new_job_id() -> str:
     """An unguessable id (192 random bits): it is the capability to read and cancel the job."""
     return ID_PREFIX + secrets.token_urlsafe(24)
@@ -240,6 +256,14 @@ def cancelled(job: Job, *, now: float, result_ttl: float) -> Job:
 def requeued(job: Job) -> Job:
     """Given back unfinished (drain): queued again for the next runner, attempt kept."""
     return _move(job, QUEUED, owner=None, lease_until=None)
+
+
+def released(job: Job) -> Job:
+    """Given back before its run began (its credential or user was at ``max_concurrent``): queued
+    again in its place, the claim not counted as an attempt."""
+    if job.status != IN_PROGRESS:
+        raise InvalidTransition(f"job {job.id[:12]}… is {job.status}, not claimed")
+    return _move(job, QUEUED, owner=None, lease_until=None, attempts=max(0, job.attempts - 1), started_at=None)
 
 
 # --- delivery schedule ----------------------------------------------------------------------------

@@ -227,6 +227,30 @@ async def test_queue_full_is_503_with_retry_after(launch, tmp_path, upstream, re
     assert len(upstream.requests) == 1
 
 
+async def test_one_credential_filling_its_queue_leaves_the_other_able_to_queue(
+    launch, tmp_path, upstream, receiver, client
+) -> None:
+    """Issue 19: each credential's share of max_jobs_queued (here 4 / 2 credentials = 2 each)."""
+    upstream.behaviour = hang
+    config = job_config(tmp_path, upstream, receiver, max_jobs_in_flight=1, max_jobs_queued=4)
+    other = replace(config.credentials[0], id="other")
+    parkway = await launch(replace(config, credentials=(config.credentials[0], other)))
+    greedy = background_url(parkway, upstream, receiver)
+    assert (await client.post(greedy, json=CHAT)).status_code == 202
+    await upstream.wait_for_requests(1)  # running: out of the queue
+    for _ in range(2):
+        assert (await client.post(greedy, json=CHAT)).status_code == 202
+    full = await client.post(greedy, json=CHAT)
+    assert full.status_code == 503 and full.json()["error"]["code"] == "job_queue_full"
+    assert "credential 'app'" in full.json()["error"]["message"] and "retry-after" in full.headers
+    polite = sign(parkway.base, f"{upstream.base}/v1/chat/completions", method="POST", signer="proxy.signing",
+                  id="other", params={"pw_callback": f"{receiver.base}/hooks/o"})  # fmt: skip
+    for _ in range(2):
+        assert (await client.post(polite, json=CHAT)).status_code == 202
+    assert (await client.post(polite, json=CHAT)).status_code == 503
+    assert len(upstream.requests) == 1
+
+
 @pytest.mark.parametrize("allow_private", [False, True])
 async def test_a_private_callback_address_is_refused(
     launch, tmp_path, upstream, receiver, client, allow_private: bool

@@ -249,3 +249,31 @@ def test_config_checks_its_store() -> None:
     with pytest.raises(ValueError, match="store must be one of sqlite, redis"):
         jobs.JobsConfig(store="postgres")
     assert jobs.JobsConfig().schedule == RetrySchedule()
+
+
+@pytest.mark.parametrize(
+    ("queued", "running", "credentials", "expected"),
+    [
+        (None, None, 1, (1000, 16)),  # alone: the whole of the global limits
+        (None, None, 2, (500, 8)),  # each its share, so one cannot take the other's
+        (None, None, 3, (333, 6)),  # running rounds up, queued down: the global bounds still hold
+        (None, None, 5000, (1, 1)),
+        (50, 2, 3, (50, 2)),  # set per credential
+    ],
+)
+def test_credential_job_limits(
+    queued: int | None, running: int | None, credentials: int, expected: tuple[int, int]
+) -> None:
+    settings = jobs.JobsConfig(max_jobs_queued=1000, max_jobs_in_flight=16)
+    assert jobs.credential_job_limits(settings, max_queued=queued, max_running=running, credentials=credentials) == (
+        expected
+    )
+
+
+def test_a_released_job_is_queued_again_without_counting_the_claim() -> None:
+    job = make_job()
+    running = jobs.claimed(job, "r", now=NOW, lease=30)
+    back = jobs.released(running)
+    assert back.status == "queued" and back.attempts == 0 and back.owner is None and back.lease_until is None
+    with pytest.raises(InvalidTransition):
+        jobs.released(job)

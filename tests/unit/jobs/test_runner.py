@@ -25,6 +25,8 @@ from proxy.jobs.calls import run_headers
 from proxy.jobs.model import JobRequest, JobsConfig
 from proxy.jobs.runner import JobRunner
 from proxy.jobs.sqlite import SQLiteJobStore
+from proxy.limits.limiter import LimitSpec
+from proxy.limits.state import MemoryState
 from proxy.upstream.outbound import outbound_client
 from support.parkway import TEST_SERVER
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY
@@ -347,3 +349,66 @@ async def test_a_redis_outage_is_logged_once_and_jobs_run_after_it(
     assert len(logs.find(event="job_store_unavailable")) == 1
     await h.client.aclose()
     await redis.kill()
+
+
+async def test_a_credential_runs_its_share_and_max_concurrent_applies_to_job_runs(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Issue 19: one credential's jobs must not take every runner slot, and a credential's or
+    user's ``max_concurrent`` counts job runs as it counts proxied streams."""
+    gate = trio.Event()
+
+    async def gated(ex: Exchange) -> None:
+        await gate.wait()
+        await ex.respond(200, [("content-type", "text/plain")], b"ok")
+
+    upstream = await nursery.start(Upstream(gated).serve)
+    config = Config(
+        server=TEST_SERVER,
+        credentials=(
+            Credential("busy", (SECRET,), INJECTED, max_jobs_running=2),
+            Credential("other", (SECRET,), INJECTED),
+            Credential("users", (SECRET,), INJECTED, user_limits=LimitSpec(max_concurrent=1)),
+        ),
+        jobs=JobsConfig(enabled=True, path=str(tmp_path / "jobs.sqlite3"), poll_interval=0.05, max_jobs_in_flight=8),
+    )
+    store, client, state = SQLiteJobStore(config.jobs.path), outbound_client(), MemoryState()
+    runner = JobRunner(store, client, lambda: config, state=state)
+
+    def job(credential: str, name: str, user: str | None = None) -> jobs.Job:
+        request = JobRequest("GET", f"{upstream.base}/{name}")
+        return jobs.new_job(credential=credential, request=request, status_url_prefix="http://p/jobs",
+                            callback=None, user=user, now=time.time())  # fmt: skip
+
+    async def all_completed() -> bool:
+        for one in added:
+            stored = await store.get(one.id, now=time.time())
+            if stored is None or stored.status != "completed":
+                return False
+        return True
+
+    done = trio.Event()
+    async with store:
+        added = [job("busy", f"busy{i}") for i in range(4)] + [job("other", "other0")]
+        added += [job("users", "alice0", "alice"), job("users", "alice1", "alice"), job("users", "bob0", "bob")]
+        for one in added:
+            await store.add(one, max_queued=100)
+        await nursery.start(_start, runner, done)
+        with trio.fail_after(10):
+            calls = await upstream.wait_for_requests(5)
+            while runner.deferred == {}:  # alice's second job was given back, not run
+                await runner.changed.wait()
+        paths = sorted(c.path for c in calls)
+        assert paths == ["/alice0", "/bob0", "/busy0", "/busy1", "/other0"], paths
+        assert runner.running_by_credential == {"busy": 2, "other": 1, "users": 2}
+        waiting = await store.get(added[6].id, now=time.time())
+        assert waiting is not None and waiting.status == "queued" and waiting.attempts == 0
+        gate.set()
+        with trio.fail_after(10):
+            await upstream.wait_for_requests(8)
+            while not await all_completed():
+                await runner.changed.wait()
+        runner.drain(0)
+        with trio.fail_after(5):
+            await done.wait()
+    await client.aclose()

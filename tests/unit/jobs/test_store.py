@@ -28,9 +28,9 @@ TTL = 600.0
 GUARD = 10.0
 
 
-def make_job(n: int = 0, *, callback: str | None = None, body: bytes = b'{"n":0}') -> jobs.Job:
+def make_job(n: int = 0, *, callback: str | None = None, body: bytes = b'{"n":0}', credential: str = "app") -> jobs.Job:
     return jobs.new_job(
-        credential="app",
+        credential=credential,
         request=JobRequest("POST", "http://127.0.0.1:1/v1/x", (("content-type", "application/json"),), body),
         status_url_prefix="http://parkway/jobs",
         callback=callback,
@@ -91,6 +91,39 @@ async def test_add_get_and_the_queue_bound(backend: Backend) -> None:
         assert await store.get(first.id, now=NOW) == first
         assert await store.get(third.id, now=NOW) is None  # refused, so never stored
         assert await store.get(jobs.new_job_id(), now=NOW) is None
+
+
+async def test_each_credential_has_its_own_queue_bound(backend: Backend) -> None:
+    """One tenant filling its share leaves the other able to queue (issue 19)."""
+    async with backend.open() as store:
+        for n in range(2):
+            await store.add(make_job(n, credential="greedy"), max_queued=10, max_queued_credential=2)
+        with pytest.raises(QueueFull) as caught:
+            await store.add(make_job(2, credential="greedy"), max_queued=10, max_queued_credential=2)
+        assert "credential 'greedy'" in caught.value.message and "max_jobs_queued = 2" in caught.value.message
+        await store.add(make_job(3, credential="other"), max_queued=10, max_queued_credential=2)
+        # a claimed job no longer counts as queued: its credential may queue another
+        claimed = await store.claim("r", now=NOW, lease=30, skip_credentials={"other"})
+        assert claimed is not None and claimed.credential == "greedy"
+        await store.add(make_job(4, credential="greedy"), max_queued=10, max_queued_credential=2)
+
+
+async def test_claims_pass_over_skipped_credentials_and_ids(backend: Backend) -> None:
+    async with backend.open() as store:
+        a0, a1, b0 = make_job(0, credential="a"), make_job(1, credential="a"), make_job(2, credential="b")
+        for job in (a0, a1, b0):
+            await store.add(job, max_queued=10)
+        first = await store.claim("r", now=NOW, lease=30, skip_credentials={"a"})
+        assert first is not None and first.id == b0.id
+        assert await store.claim("r", now=NOW, lease=30, skip_credentials={"a", "b"}) is None
+        second = await store.claim("r", now=NOW, lease=30, skip_ids={a0.id})
+        assert second is not None and second.id == a1.id
+        # given back before it ran: queued again in its place, the claim not counted
+        assert await store.finish(jobs.released(second), "r")
+        again = await store.claim("r", now=NOW, lease=30)
+        assert again is not None and again.id == a0.id
+        third = await store.claim("r", now=NOW, lease=30)
+        assert third is not None and third.id == a1.id and third.attempts == 1
 
 
 async def test_claims_are_fifo_and_exclusive_between_runners(backend: Backend) -> None:
@@ -322,5 +355,26 @@ async def test_redis_job_hashes_expire_with_their_result_and_purge_cleans_the_in
         assert (await raw.pexpiretime(f"t:job:{hooked.id}")).timestamp() == NOW + TTL
         await raw.delete([f"t:job:{quiet.id}"])  # as its TTL would: the index still names it
         assert await store.purge(now=NOW + TTL + 1) == 2
-        assert await raw.keys("t:*") == set()  # no hash, and no index left holding an id
+        assert await raw.keys("t:*") == {b"t:jobs:credentials"}  # no hash, and no index left holding an id
     await server.kill()
+
+
+async def test_a_sqlite_file_from_before_the_credential_column_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    old = make_job(0, credential="legacy")
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, status TEXT NOT NULL, queued_at REAL, lease_until REAL,"
+        " delivery_at REAL, expires_at REAL, record BLOB NOT NULL);"
+    )
+    db.execute("INSERT INTO jobs VALUES (?, 'queued', ?, NULL, NULL, NULL, ?)", (old.id, NOW, job_to_json(old)))
+    db.commit()
+    db.close()
+    async with SQLiteJobStore(path) as store:
+        with pytest.raises(QueueFull):  # the old job counts against its credential
+            await store.add(make_job(1, credential="legacy"), max_queued=10, max_queued_credential=1)
+        assert await store.claim("r", now=NOW, lease=30, skip_credentials={"legacy"}) is None
+        claimed = await store.claim("r", now=NOW, lease=30)
+        assert claimed is not None and claimed.id == old.id
