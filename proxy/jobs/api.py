@@ -19,7 +19,7 @@ import trio
 
 from .. import cors, forwarding, policy
 from ..config import Config, Credential
-from ..errors import BodyTooLarge, MethodNotAllowed, NotFound, Overloaded
+from ..errors import MethodNotAllowed, NotFound, Overloaded
 from ..forwarding import Headers
 from ..http.connection import HTTPConnection, RequestHead
 from ..metrics import Metrics
@@ -102,22 +102,16 @@ class JobAPI:
         self.reads_waiting = 0  # large reads waiting for their turn (they hold no answer meanwhile)
 
     async def accept(self, head: RequestHead, conn: HTTPConnection, config: Config, plan: Planned) -> Job:
-        """Read the body, check it, store the job and answer 202 at once.
+        """Check the body, store the job and answer 202 at once.
 
-        Raises like a forwarded request would (body too large, body rules), ``403
+        The gateway has read the body (bounded, as for a signed one) into the plan; a request
+        without one has ``b""``. Raises like a forwarded request would (body rules), ``403
         callback_address_refused`` for a callback the SSRF guard refuses, and ``503
         job_queue_full`` past ``max_jobs_queued``.
         """
         assert plan.background is not None
         credential = plan.credential
-        body = plan.body
-        if body is None:
-            limit = config.server.max_signed_body_bytes
-            if plan.declared_length is not None and plan.declared_length > limit:
-                conn.close_after_response()
-                raise BodyTooLarge(f"a background request body of {plan.declared_length} bytes exceeds {limit} bytes")
-            body = await conn.read_body(limit)
-        body = await policy.checked_body(plan.rules, len(body), body)
+        body = await policy.checked_body(plan.rules, len(plan.body or b""), plan.body or b"")
         callback = plan.background.callback
         if callback is not None:
             await check_callback_address(callback, callback_policy(credential, config.server.allow_private_upstreams))

@@ -32,12 +32,10 @@ import httpx2 as httpx
 import structlog
 import trio
 
+from .. import limits
 from ..config import Config, StateConfig
 from ..errors import ParkwayError
-from ..limits import limiter as limits
-from ..limits.limiter import Lease
-from ..limits.outage import Outage
-from ..limits.state import StateBackend
+from ..limits import Lease, Outage, StateBackend
 from ..metrics import Metrics
 from . import model as jobs
 from .calls import fetch_answer, post_webhook

@@ -17,7 +17,6 @@ import math
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import h11
 import trio
@@ -72,9 +71,29 @@ class _BoundedConnection(WebSocketConnection):
     into one buffer, and past a bound the peer is closed with 1009 saying which bound.
     """
 
-    def __init__(self, *args: Any, max_message_frames: int, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.budget = ws_policy.MessageBudget(self._max_message_size, max_message_frames)
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ws_connection: WSConnection,
+        *,
+        settings: WebSocketConfig,
+        host: str | None = None,
+        path: str | None = None,
+        client_subprotocols: tuple[str, ...] = (),
+        client_extra_headers: Headers | None = None,
+    ):
+        super().__init__(
+            stream,
+            ws_connection,
+            host=host,
+            path=path,
+            client_subprotocols=client_subprotocols,
+            client_extra_headers=client_extra_headers,
+            message_queue_size=settings.message_queue_size,
+            max_message_size=settings.max_message_size,
+            receive_buffer_size=RECEIVE_SIZE,
+        )
+        self.budget = ws_policy.MessageBudget(settings.max_message_size, settings.max_message_frames)
         self.overflow: str | None = None  # why Parkway closed this side with 1009
         self._buffer = bytearray()  # an unfinished message's payload so far
 
@@ -113,10 +132,8 @@ async def _wrap_client(
 ) -> _BoundedConnection:  # fmt: skip
     """trio-websocket's ``wrap_client_stream`` with :class:`_BoundedConnection`."""
     connection = _BoundedConnection(
-        stream, WSConnection(ConnectionType.CLIENT), host=host, path=resource, client_subprotocols=subprotocols,
-        client_extra_headers=extra_headers, message_queue_size=settings.message_queue_size,
-        max_message_size=settings.max_message_size, receive_buffer_size=RECEIVE_SIZE,
-        max_message_frames=settings.max_message_frames,
+        stream, WSConnection(ConnectionType.CLIENT), settings=settings, host=host, path=resource,
+        client_subprotocols=subprotocols, client_extra_headers=extra_headers,
     )  # fmt: skip
     nursery.start_soon(connection._reader_task)
     await connection._open_handshake.wait()
@@ -125,11 +142,7 @@ async def _wrap_client(
 
 async def _wrap_server(nursery: trio.Nursery, stream: trio.abc.Stream, settings: WebSocketConfig) -> WebSocketRequest:
     """trio-websocket's ``wrap_server_stream`` with :class:`_BoundedConnection`."""
-    connection = _BoundedConnection(
-        stream, WSConnection(ConnectionType.SERVER), message_queue_size=settings.message_queue_size,
-        max_message_size=settings.max_message_size, receive_buffer_size=RECEIVE_SIZE,
-        max_message_frames=settings.max_message_frames,
-    )  # fmt: skip
+    connection = _BoundedConnection(stream, WSConnection(ConnectionType.SERVER), settings=settings)
     nursery.start_soon(connection._reader_task)
     return await connection._get_request()
 

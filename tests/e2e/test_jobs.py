@@ -28,7 +28,7 @@ from proxy.jobs import model as jobs
 from proxy.jobs import webhooks
 from proxy.jobs.api import LARGE_READS
 from proxy.jobs.model import JobsConfig
-from proxy.limits.limiter import LimitSpec
+from proxy.limits import LimitSpec
 from support.metrics import scrape
 from support.parkway import RunningParkway, make_config, run_parkway, with_jobs
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY, sign
