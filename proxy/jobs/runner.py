@@ -89,6 +89,8 @@ class JobRunner:
         # Jobs given back because their credential or user was at max_concurrent: passed over
         # until this (trio) time, or until a run here ends.
         self.deferred: dict[str, float] = {}
+        self.deferred_credentials: dict[str, float] = {}  # the same for a credential at its max_concurrent
+        self.deferrals: Counter[str] = Counter()  # jobs given back, by the scope of the full limit
         self.accepting = True
         self._work: trio.Nursery | None = None
         self._wake_jobs = trio.Event()
@@ -162,9 +164,11 @@ class JobRunner:
             if len(self.running) < settings.max_jobs_in_flight:
                 moment = trio.current_time()
                 self.deferred = {i: until for i, until in self.deferred.items() if until > moment}
+                self.deferred_credentials = {c: u for c, u in self.deferred_credentials.items() if u > moment}
+                skip_credentials = self._full_credentials(config) | self.deferred_credentials.keys()
                 job = await self._quietly(
                     self.store.claim, self.owner, now=self.clock(), lease=settings.lease,
-                    skip_credentials=self._full_credentials(config), skip_ids=frozenset(self.deferred),
+                    skip_credentials=skip_credentials, skip_ids=frozenset(self.deferred),
                 )  # fmt: skip
             if job is None:
                 await self._sleep_until_woken("_wake_jobs")
@@ -195,8 +199,14 @@ class JobRunner:
             decision = limits.Decision(False)
         if decision.allowed:
             return decision.lease
-        self.deferred[job.id] = trio.current_time() + config.jobs.poll_interval
+        until = trio.current_time() + config.jobs.poll_interval
+        if decision.scope == limits.CREDENTIAL:  # none of its jobs can run: pass over all of them
+            self.deferred_credentials[job.credential] = until
+        else:  # its user's: other users' jobs of the credential may run
+            self.deferred[job.id] = until
         await self._quietly(self.store.finish, jobs.released(job), self.owner)
+        self.deferrals[decision.scope or "unknown"] += 1
+        self._changed()
         log.info("job_deferred", job=job.id[:12], credential=job.credential, limit=decision.limit, scope=decision.scope)
         return False
 
@@ -242,6 +252,7 @@ class JobRunner:
                 with trio.CancelScope(shield=True):
                     await self.state.release(lease)
             self.deferred.clear()  # a slot may have come free: jobs passed over may run now
+            self.deferred_credentials.clear()
             self._wake_jobs.set()
             self._changed()
 

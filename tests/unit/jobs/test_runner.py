@@ -369,6 +369,7 @@ async def test_a_credential_runs_its_share_and_max_concurrent_applies_to_job_run
             Credential("busy", (SECRET,), INJECTED, max_jobs_running=2),
             Credential("other", (SECRET,), INJECTED),
             Credential("users", (SECRET,), INJECTED, user_limits=LimitSpec(max_concurrent=1)),
+            Credential("capped", (SECRET,), INJECTED, limits=LimitSpec(max_concurrent=1)),
         ),
         jobs=JobsConfig(enabled=True, path=str(tmp_path / "jobs.sqlite3"), poll_interval=0.05, max_jobs_in_flight=8),
     )
@@ -391,21 +392,24 @@ async def test_a_credential_runs_its_share_and_max_concurrent_applies_to_job_run
     async with store:
         added = [job("busy", f"busy{i}") for i in range(4)] + [job("other", "other0")]
         added += [job("users", "alice0", "alice"), job("users", "alice1", "alice"), job("users", "bob0", "bob")]
+        added += [job("capped", "capped0"), job("capped", "capped1")]
         for one in added:
             await store.add(one, max_queued=100)
         await nursery.start(_start, runner, done)
         with trio.fail_after(10):
-            calls = await upstream.wait_for_requests(5)
-            while runner.deferred == {}:  # alice's second job was given back, not run
+            calls = await upstream.wait_for_requests(6)
+            # alice's second job (her user_limits) and capped's second (its limits) were given back, not run
+            while not (runner.deferrals["user"] and runner.deferrals["credential"]):
                 await runner.changed.wait()
         paths = sorted(c.path for c in calls)
-        assert paths == ["/alice0", "/bob0", "/busy0", "/busy1", "/other0"], paths
-        assert runner.running_by_credential == {"busy": 2, "other": 1, "users": 2}
-        waiting = await store.get(added[6].id, now=time.time())
-        assert waiting is not None and waiting.status == "queued" and waiting.attempts == 0
+        assert paths == ["/alice0", "/bob0", "/busy0", "/busy1", "/capped0", "/other0"], paths
+        assert runner.running_by_credential == {"busy": 2, "other": 1, "users": 2, "capped": 1}
+        for waiting_id in (added[6].id, added[9].id):
+            waiting = await store.get(waiting_id, now=time.time())
+            assert waiting is not None and waiting.status == "queued" and waiting.attempts == 0
         gate.set()
         with trio.fail_after(10):
-            await upstream.wait_for_requests(8)
+            await upstream.wait_for_requests(10)
             while not await all_completed():
                 await runner.changed.wait()
         runner.drain(0)
