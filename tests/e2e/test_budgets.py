@@ -40,7 +40,7 @@ from proxy.limits.budget_redis import RedisBudgets
 from support.http import Call, Reply, call
 from support.logs import watch_logs
 from support.metrics import Scrape, parse_metrics
-from support.parkway import TEST_CREDENTIAL, make_config, redis_parkway_toml, run_parkway
+from support.parkway import TEST_CREDENTIAL, make_config, redis_parkway_toml, run_parkway, with_jobs
 from support.processes import ProcessGroup, free_port
 from support.redis import RedisServer
 from support.signing import sign
@@ -219,9 +219,9 @@ async def test_a_cache_hit_costs_nothing_and_says_so(start_parkway, mock):
 async def test_a_background_job_is_charged_its_hold_when_accepted(nursery, mock, tmp_path):
     app, upstream = mock
     budget = BudgetSpec(1000, "tokens", "day")
-    config = replace(
+    config = with_jobs(
         make_config(credentials=(replace(TEST_CREDENTIAL, user_budget=budget),)),
-        jobs=JobsConfig(enabled=True, path=str(tmp_path / "jobs.sqlite3"), poll_interval=0.05),
+        JobsConfig(enabled=True, path=str(tmp_path / "jobs.sqlite3"), poll_interval=0.05),
     )
     parkway = await run_parkway(nursery, config)
     url = sign(
