@@ -135,7 +135,9 @@ class Parkway:
                     if verify is True and self.config.server.upstream_ca_file:  # a private CA, as for proxying
                         verify = ssl.create_default_context(cafile=self.config.server.upstream_ca_file)
                     client = await stack.enter_async_context(outbound_client(verify=verify))
-                    self.runner = JobRunner(store, client, lambda: self.config, metrics=self.metrics, state=state)
+                    self.runner = JobRunner(
+                        store, client, lambda: self.config, metrics=self.metrics, state=state, budgets=budgets
+                    )
                     jobs = JobAPI(store, self.runner, metrics=self.metrics)
                 self.server.app = self.gateway = Gateway(
                     self.config,

@@ -106,7 +106,7 @@ async def budget_hold(gw: Budgets, req: Request) -> AsyncIterator[Request]:
         fields["budget_enforced"] = False
         log.warning("budget_unenforced", reason="the shared budget store is unreachable and failure_policy is open")
     headers = rate_limit_headers(list(zip(budgets, reservation.levels, strict=True)), now.timestamp())
-    ticket = BudgetTicket(hold_id, budgets, cost, price, headers, reservation.enforced)
+    ticket = BudgetTicket(hold_id, budgets, cost, price, headers, reservation.enforced, gw.store.ledger)
     record.budget = fields
     forwarded = replace(
         plan,
@@ -188,9 +188,10 @@ def _tell(
         fields.update(budget_charge_usd=round(usd, 9), prices_version=prices_version)
     record.budget = fields
     credential = plan.credential.id
-    if tokens:
+    provisional = plan.background is not None  # a job's hold: the runner counts what it really cost
+    if tokens and not provisional:
         gw.metrics.budget_tokens.labels(credential).inc(tokens)
-    if usd:
+    if usd and not provisional:
         gw.metrics.budget_usd.labels(credential).inc(usd)
     if charge.kind == USAGE and tokens > ticket.cost.tokens:
         log.warning(

@@ -22,6 +22,7 @@ from ..config import Config, Credential
 from ..errors import MethodNotAllowed, NotFound, Overloaded
 from ..forwarding import Headers
 from ..http.connection import HTTPConnection, RequestHead
+from ..limits import BudgetTicket, JobHold
 from ..metrics import Metrics
 from . import model as jobs
 from .background import BackgroundAsk, status_url_prefix, stored_headers
@@ -54,6 +55,8 @@ class Planned(Protocol):
     def user(self) -> str | None: ...
     @property
     def background(self) -> BackgroundAsk | None: ...
+    @property
+    def budget(self) -> BudgetTicket | None: ...
     @property
     def prefix(self) -> str: ...
 
@@ -124,6 +127,7 @@ class JobAPI:
             callback=callback,
             user=plan.user,
             now=self.clock(),
+            budget=None if plan.budget is None else JobHold.of(plan.budget).to_json(),
         )
         await self.store.add(
             job, max_queued=config.jobs.max_jobs_queued, max_queued_credential=config.job_limits(credential)[0]

@@ -176,6 +176,9 @@ class Job:
     error: JobError | None = None
     delivery: Delivery = Delivery()
     expires_at: float | None = None  # a terminal job is forgotten after this
+    # Accepted under budgets: what it holds, settled when it ends (a limits.JobHold's JSON; kept
+    # opaque here so that this module, which config imports, stays below proxy.limits).
+    budget: Mapping[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -191,6 +194,7 @@ def new_job(
     user: str | None,
     now: float,
     job_id: str | None = None,
+    budget: Mapping[str, Any] | None = None,
 ) -> Job:
     """A queued job; its status URL is ``status_url_prefix`` + ``/`` + its id."""
     job_id = job_id or new_job_id()
@@ -203,6 +207,7 @@ def new_job(
         webhook_id=new_webhook_id(),
         callback=callback,
         user=user,
+        budget=budget,
     )
 
 

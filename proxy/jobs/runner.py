@@ -35,8 +35,9 @@ import trio
 from .. import limits
 from ..config import Config, StateConfig
 from ..errors import ParkwayError
-from ..limits import Lease, Outage, StateBackend
+from ..limits import BudgetStore, Lease, Outage, StateBackend
 from ..metrics import Metrics
+from ..relay.usage import UsageObserver
 from . import model as jobs
 from .calls import fetch_answer, post_webhook
 from .model import AttemptOutcome, Job, JobError, JobsConfig
@@ -46,6 +47,7 @@ log = structlog.get_logger("parkway.jobs")
 
 DELIVERY_CONCURRENCY = 32  # delivery attempts at once per process
 DELIVERY_LEASE_MARGIN = 30.0  # a delivery is hidden this much longer than its timeout
+NOT_CALLED = ("unknown_credential", "job_abandoned")  # a run that failed with these never called the upstream
 
 
 @asynccontextmanager
@@ -76,8 +78,10 @@ class JobRunner:
         clock: Callable[[], float] = time.time,
         owner: str | None = None,
         state: StateBackend | None = None,
+        budgets: BudgetStore | None = None,
     ):
         self.store = store
+        self.budgets = budgets  # where a job accepted under budgets is settled (docs/budgets.md#jobs)
         self.state = state  # the limits' state: a run holds its credential's and user's max_concurrent slots
         self.client = client
         self.config = config
@@ -236,6 +240,9 @@ class JobRunner:
                      error=final.error.code if final.error else None)  # fmt: skip
             if written and final.delivery.state == jobs.PENDING:
                 self._wake_deliveries.set()
+            if written and job.budget is not None:  # only the run whose end was stored settles
+                with trio.CancelScope(shield=True):
+                    await self._settle_budget(job, final)
         except trio.Cancelled:
             # The drain deadline: back to the queue for the next start (or another process).
             with trio.CancelScope(shield=True), trio.move_on_after(10):
@@ -273,6 +280,56 @@ class JobRunner:
         except ParkwayError as exc:
             return jobs.failed(job, JobError(exc.code, exc.message), now=now(), result_ttl=settings.result_ttl)
         return jobs.completed(job, result, now=now(), result_ttl=settings.result_ttl)
+
+    async def _settle_budget(self, job: Job, final: Job) -> None:
+        """Replace the hold the gateway charged when it accepted ``job`` by what this run cost:
+        the usage its upstream reported, else the hold (an honest upper estimate), nothing when
+        the upstream was never called; plus the hold for each earlier run that was cut off."""
+        assert job.budget is not None
+        try:
+            hold = limits.JobHold.from_json(job.budget)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("job_budget_unreadable", job=job.id[:12], error=f"{type(exc).__name__}: {exc}",
+                      charged="the hold, when it was accepted")  # fmt: skip
+            return
+        if final.result is not None:
+            status = final.result.status
+            observer = UsageObserver(dict((n.lower(), v) for n, v in final.result.headers).get("content-type", ""))
+            observer.feed(final.result.body)
+            observer.finish(True)
+            usage = observer.usage
+            used = None if usage is None else (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+            charge = limits.charge_for(hold.cost, used, status=status, outcome="ok", error_code=None, background=False)
+        else:
+            code = final.error.code if final.error is not None else "unknown"
+            # The credential gone, or too many interrupted runs: this run never called the upstream.
+            outcome = f"refused:{code}" if code in NOT_CALLED else "upstream_error"
+            charge = limits.charge_for(hold.cost, None, status=None, outcome=outcome, error_code=code, background=False)
+        interrupted = max(0, job.attempts - 1)
+        budgets = self.budgets
+        ledger = budgets.ledger if budgets is not None else ""
+        amounts = limits.job_settlement(hold, charge, interrupted=interrupted, ledger=ledger)
+        recorded = budgets is not None and await budgets.settle(hold.budgets, "job", amounts)
+        tokens = charge.input_tokens + charge.output_tokens + interrupted * hold.cost.tokens
+        estimate = limits.USAGE if charge.kind == limits.USAGE else f"{charge.kind}:{charge.why}"
+        if recorded and self.metrics is not None:
+            if tokens:
+                self.metrics.budget_tokens.labels(job.credential).inc(tokens)
+            if hold.price is not None:
+                c, h = charge, hold.cost
+                nano = hold.price.cost(
+                    c.input_tokens, c.cached_tokens, c.output_tokens
+                ) + interrupted * hold.price.cost(h.input_tokens, 0, h.output_tokens)
+                self.metrics.budget_usd.labels(job.credential).inc(nano / limits.NANO_USD)
+        fields: dict[str, Any] = dict(
+            job=job.id[:12], credential=job.credential, budget_hold=hold.cost.tokens, budget_charge=tokens,
+            budget_estimate=estimate, interrupted_runs=interrupted, same_ledger=ledger == hold.ledger,
+        )  # fmt: skip
+        if recorded:
+            log.info("job_budget_settled", **fields)
+        else:
+            log.error("budget_charge_lost", **fields, reason="the budget store is unreachable or not running here; "
+                      "the job stays charged its hold")  # fmt: skip
 
     async def _renew_leases(self) -> None:
         """Keep this process's jobs its own; a job cancelled or taken over elsewhere is stopped."""

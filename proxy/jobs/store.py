@@ -66,6 +66,8 @@ def job_to_json(job: Job) -> bytes:
         record["result"] = {"status": res.status, "headers": list(map(list, res.headers)), "body": _b64(res.body)}
     if job.error is not None:
         record["error"] = {"code": job.error.code, "message": job.error.message}
+    if job.budget is not None:
+        record["budget"] = job.budget
     return json.dumps(record, separators=(",", ":")).encode()
 
 
@@ -80,6 +82,7 @@ def job_from_json(data: bytes | str) -> Job:
         req, d = rec["request"], rec["delivery"]
         result = rec.get("result")
         error = rec.get("error")
+        budget = rec.get("budget")  # absent in records written before jobs were settled
         return Job(
             id=rec["id"], credential=rec["credential"], created_at=rec["created_at"],
             request=JobRequest(req["method"], req["url"], _pairs(req["headers"]), base64.b64decode(req["body"])),
@@ -91,6 +94,7 @@ def job_from_json(data: bytes | str) -> Job:
             ),
             error=None if error is None else JobError(error["code"], error["message"]),
             delivery=Delivery(d["state"], d["attempts"], d["next_at"], d["first_at"], d["last_status"], d["last_error"]),
+            budget=None if budget is None else dict(budget),
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"unreadable job record: {type(exc).__name__}: {exc}") from None

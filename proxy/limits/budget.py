@@ -489,7 +489,11 @@ def charge_for(
         return Charge(prompt, cached, completion, USAGE, "usage")
     hold = Charge(cost.input_tokens, 0, cost.output_tokens, HOLD, "")
     if background:
-        return _why(hold, "job")  # a job is charged its worst case when accepted
+        # A job stored is charged its hold now, settled by the runner from what its upstream call
+        # cost (JobHold); one refused before it was stored (queue full, body rules) never runs.
+        if status == 202 or outcome in ("client_gone", "cancelled"):
+            return _why(hold, "job")
+        return Charge(0, 0, 0, NOTHING, "job_not_accepted")
     if status is None and (
         error_code in ("upstream_connect_failed", "upstream_address_refused") or outcome.startswith("refused:")
     ):
@@ -618,3 +622,79 @@ class BudgetTicket:
     price: Price | None
     headers: tuple[tuple[bytes, bytes], ...] = ()  # RateLimit-Policy, RateLimit
     enforced: bool = True  # False: the shared store was unreachable and failure_policy is open
+    ledger: str = ""  # the store that holds it (:attr:`BudgetStore.ledger`): a job's settlement checks it
+
+
+# --- background jobs ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JobHold:
+    """What a job accepted under budgets holds, kept in the job's record so that whichever runner
+    finishes it (after a restart too) can settle it.
+
+    The gateway charges a job its hold as spent when it accepts it (a queued job may wait longer
+    than any lease); the runner then adds the difference between what the job cost and that hold
+    (:func:`job_settlement`). ``ledger`` names the store the hold was charged in: a memory store
+    that has since restarted no longer has it, so the job is then charged what it cost in full.
+    """
+
+    ledger: str
+    budgets: tuple[Applied, ...]
+    input_tokens: int
+    output_tokens: int
+    price: Price | None = None
+
+    @classmethod
+    def of(cls, ticket: BudgetTicket) -> JobHold:
+        return cls(ticket.ledger, ticket.budgets, ticket.cost.input_tokens, ticket.cost.output_tokens, ticket.price)
+
+    @property
+    def cost(self) -> RequestCost:
+        return RequestCost(self.input_tokens, self.output_tokens, None, None)
+
+    def to_json(self) -> dict[str, Any]:
+        p = self.price
+        return {
+            "ledger": self.ledger, "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+            "price": None if p is None else [p.pattern, p.input, p.output, p.cached_input],
+            "budgets": [
+                [b.name, b.key, b.spec.limit, b.spec.unit, b.spec.per, b.window_start, b.window_end, b.hold]
+                for b in self.budgets
+            ],
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, rec: Mapping[str, Any]) -> JobHold:
+        """Inverse of :meth:`to_json`; raises KeyError, TypeError or ValueError on a record it cannot read."""
+        price = rec["price"]
+        budgets = tuple(
+            Applied(
+                str(name), str(key), BudgetSpec(int(limit), str(unit), str(per)), float(start), float(end), int(hold)
+            )
+            for name, key, limit, unit, per, start, end, hold in rec["budgets"]
+        )
+        return cls(
+            str(rec["ledger"]), budgets, int(rec["input_tokens"]), int(rec["output_tokens"]),
+            None if price is None else Price(str(price[0]), float(price[1]), float(price[2]),
+                                             None if price[3] is None else float(price[3])),
+        )  # fmt: skip
+
+
+def job_settlement(hold: JobHold, charge: Charge, *, interrupted: int, ledger: str) -> list[int]:
+    """What a finished job adds to each budget it was accepted under, the hold charged at
+    acceptance being already spent there.
+
+    ``charge`` is what this run cost; each of the ``interrupted`` runs before it (a process that
+    died or was drained mid-call) may have reached the upstream without anyone reading its usage,
+    so each is charged the hold. In the ledger that charged the hold, the difference is added
+    (negative when the job cost less); in another one (a memory store restarted since), the
+    hold is gone with it and the whole cost is added.
+    """
+    held = hold.cost
+    whole = Charge(held.input_tokens, 0, held.output_tokens, HOLD, "interrupted")
+    out = []
+    for b in hold.budgets:
+        cost = amount(b, charge, hold.price) + interrupted * amount(b, whole, hold.price)
+        out.append(cost - b.hold if ledger == hold.ledger else cost)
+    return out

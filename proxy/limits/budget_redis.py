@@ -163,6 +163,7 @@ class RedisBudgets:
         self._holds: dict[str, tuple[str, ...]] = {}  # live hold id -> its sorted-set keys
         self._stack = AsyncExitStack()
         self._location = without_credentials(url)
+        self.ledger = f"redis:{self._location}:{key_prefix}"
 
     async def __aenter__(self) -> RedisBudgets:
         async with AsyncExitStack() as stack:

@@ -8,6 +8,7 @@ holds of a process that died expire; in memory they die with the process.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -18,6 +19,8 @@ from .budget import CREDENTIAL, USER, Applied, BudgetLedger, BudgetSpec, Level, 
 
 
 class BudgetStore(Protocol):
+    ledger: str  # names where holds and charges live: a job settled elsewhere is charged in full
+
     async def reserve(self, budgets: Sequence[Applied], hold_id: str) -> Reservation:
         """Hold each budget's ``hold`` if every one has room (``spent + held + hold <= limit``),
         else hold nothing. With Redis unreachable: 503 (closed) or an unenforced admission (open)."""
@@ -34,18 +37,19 @@ class MemoryBudgets:
 
     def __init__(self, clock: Callable[[], datetime], max_windows: int = 100_000):
         self.clock = clock
-        self.ledger = BudgetLedger(max_windows)
+        self.ledger = f"memory:{secrets.token_hex(8)}"  # this process's, gone with it
+        self.book = BudgetLedger(max_windows)
 
     async def reserve(self, budgets: Sequence[Applied], hold_id: str) -> Reservation:
-        return self.ledger.reserve(budgets, hold_id, self.clock().timestamp())
+        return self.book.reserve(budgets, hold_id, self.clock().timestamp())
 
     async def settle(self, budgets: Sequence[Applied], hold_id: str, amounts: Sequence[int]) -> bool:
-        self.ledger.settle(budgets, hold_id, amounts, self.clock().timestamp())
+        self.book.settle(budgets, hold_id, amounts, self.clock().timestamp())
         return True
 
     async def levels(self, keys: Sequence[str]) -> list[Level]:
         now = self.clock().timestamp()
-        return [self.ledger.level(key, now) for key in keys]
+        return [self.book.level(key, now) for key in keys]
 
 
 @asynccontextmanager

@@ -21,6 +21,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from proxy.cache.policy import CacheRules
+from proxy.config import Config, StateConfig
 from proxy.demo.mock_openai import MockOpenAI, serve_mock
 from proxy.errors import Overloaded
 from proxy.jobs.model import JobsConfig
@@ -37,10 +38,11 @@ from proxy.limits.budget import (
     request_cost,
 )
 from proxy.limits.budget_redis import RedisBudgets
+from proxy.limits.budget_state import budget_report
 from support.http import Call, Reply, call
 from support.logs import watch_logs
 from support.metrics import Scrape, parse_metrics
-from support.parkway import TEST_CREDENTIAL, make_config, redis_parkway_toml, run_parkway, with_jobs
+from support.parkway import TEST_CREDENTIAL, RunningParkway, make_config, redis_parkway_toml, run_parkway, with_jobs
 from support.processes import ProcessGroup, free_port
 from support.redis import RedisServer
 from support.signing import sign
@@ -216,29 +218,95 @@ async def test_a_cache_hit_costs_nothing_and_says_so(start_parkway, mock):
     assert (level.spent, level.held) == (29, 0)
 
 
-async def test_a_background_job_is_charged_its_hold_when_accepted(nursery, mock, tmp_path):
-    app, upstream = mock
-    budget = BudgetSpec(1000, "tokens", "day")
+def job_parkway_config(tmp_path: Path, budget: BudgetSpec, state: StateConfig | None = None) -> Config:
     config = with_jobs(
         make_config(credentials=(replace(TEST_CREDENTIAL, user_budget=budget),)),
         JobsConfig(enabled=True, path=str(tmp_path / "jobs.sqlite3"), poll_interval=0.05),
     )
-    parkway = await run_parkway(nursery, config)
+    return config if state is None else replace(config, state=state)
+
+
+async def run_job(parkway: RunningParkway, upstream: str, body: bytes) -> tuple[dict, dict, dict]:
+    """Submit ``body`` as alice's background job; its request log line (the hold charged when
+    accepted), the runner's settlement line, and the job's stored answer."""
     url = sign(
         parkway.base, upstream + CHAT, method="POST", signer="proxy.signing",
         params={"pw_user": "alice", "pw_async": "1"},
     )  # fmt: skip
-    body = chat(200)
     with watch_logs() as logs:
         queued = await call(
             parkway.port, "POST", url, body=body,
             headers=[("content-type", "application/json"), ("prefer", "respond-async")],
         )  # fmt: skip
-        line = await logs.wait_for(event="request", request_id=queued.headers["x-request-id"])
-    assert queued.status == 202
-    assert (line["budget_estimate"], line["budget_charge"]) == ("hold:job", len(body) + 200)
-    key = budget_key("user", "app", "alice", budget, parkway.parkway.gateway.clock())
-    assert (await parkway.parkway.gateway.budgets.levels([key]))[0].spent == len(body) + 200
+        assert queued.status == 202, queued.body
+        accepted = await logs.wait_for(event="request", request_id=queued.headers["x-request-id"])
+        with trio.fail_after(20):  # the runner settles the job once its upstream call ended
+            settled = await logs.wait_for(event="job_budget_settled")
+    status = await call(parkway.port, "GET", urlsplit(queued.headers["location"]).path)
+    return accepted, settled, status.json()
+
+
+def alice_key(parkway: RunningParkway, budget: BudgetSpec) -> str:
+    return budget_key("user", "app", "alice", budget, parkway.parkway.gateway.clock())
+
+
+async def test_a_background_job_is_charged_the_usage_its_upstream_reported(nursery, mock, tmp_path):
+    app, upstream = mock
+    budget = BudgetSpec(1000, "tokens", "day")
+    parkway = await run_parkway(nursery, job_parkway_config(tmp_path, budget))
+    body = chat(200)
+    accepted, settled, job = await run_job(parkway, upstream, body)
+    usage = json.loads(job["response"]["body"])["usage"]["total_tokens"]
+    assert usage == served_usage(app) == 9 + 200 < len(body) + 200
+    # Held in full when accepted, then replaced by what the upstream reported.
+    assert (accepted["budget_estimate"], accepted["budget_charge"]) == ("hold:job", len(body) + 200)
+    assert (settled["budget_estimate"], settled["budget_charge"], settled["same_ledger"]) == ("usage", usage, True)
+    [level] = await parkway.parkway.gateway.budgets.levels([alice_key(parkway, budget)])
+    assert (level.spent, level.held) == (usage, 0)
+    metrics = Scrape(parse_metrics(parkway.parkway.metrics.render().decode()))
+    assert metrics.value("parkway_budget_tokens_charged_total", credential="app") == usage  # not the hold as well
+    parkway.parkway.shutdown()
+
+
+async def test_a_background_job_on_redis_is_settled_in_the_shared_budget(nursery, mock, redis, tmp_path):
+    app, upstream = mock
+    budget = BudgetSpec(1000, "tokens", "day")
+    state = StateConfig(backend="redis", url=redis.url, key_prefix="parkway-e2e:", timeout=5)
+    parkway = await run_parkway(nursery, job_parkway_config(tmp_path, budget, state))
+    _accepted, settled, job = await run_job(parkway, upstream, chat(200))
+    usage = json.loads(job["response"]["body"])["usage"]["total_tokens"]
+    assert (settled["budget_estimate"], settled["budget_charge"]) == ("usage", usage)
+    # What `parkway budget show` prints, from Redis.
+    [shown] = await budget_report(parkway.config, "app", "alice", parkway.parkway.gateway.clock())
+    assert shown.startswith(
+        f"user-day: limit 1000 tokens, spent {usage} tokens, held 0 tokens, remaining {1000 - usage} tokens"
+    ), shown
+    parkway.parkway.shutdown()
+
+
+async def test_a_background_job_without_usage_is_charged_its_hold(nursery, mock, tmp_path):
+    _app, upstream = mock
+    budget = BudgetSpec(1000, "tokens", "day")
+    parkway = await run_parkway(nursery, job_parkway_config(tmp_path, budget))
+    body = chat(200, stream=True)  # a stream that did not ask for usage: the upstream reports none
+    _accepted, settled, job = await run_job(parkway, upstream, body)
+    assert b'"usage"' not in job["response"]["body"].encode()
+    hold = len(body) + 200
+    assert (settled["budget_estimate"], settled["budget_charge"]) == ("hold:no_usage", hold)
+    [level] = await parkway.parkway.gateway.budgets.levels([alice_key(parkway, budget)])
+    assert (level.spent, level.held) == (hold, 0)
+    parkway.parkway.shutdown()
+
+
+async def test_a_background_job_whose_upstream_is_never_reached_is_charged_nothing(nursery, tmp_path):
+    budget = BudgetSpec(1000, "tokens", "day")
+    parkway = await run_parkway(nursery, job_parkway_config(tmp_path, budget))
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: the connection is refused
+    _accepted, settled, job = await run_job(parkway, closed, chat(200))
+    assert job["status"] == "failed"
+    assert (settled["budget_estimate"], settled["budget_charge"]) == ("nothing:upstream_connect_failed", 0)
+    [level] = await parkway.parkway.gateway.budgets.levels([alice_key(parkway, budget)])
+    assert (level.spent, level.held) == (0, 0)
     parkway.parkway.shutdown()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -49,6 +50,10 @@ def test_record_round_trip_keeps_every_field() -> None:
         assert job_from_json(job_to_json(record)) == record
     with pytest.raises(ValueError, match="unreadable job record"):
         job_from_json(b'{"id": "x"}')
+    held = replace(job, budget={"ledger": "memory:a", "budgets": [], "input_tokens": 1, "output_tokens": 2})
+    assert job_from_json(job_to_json(held)) == held
+    older = json.loads(job_to_json(job))  # a record written before jobs were settled has no "budget"
+    assert "budget" not in older and job_from_json(json.dumps(older)).budget is None
     assert index_of(done).delivery_at == NOW + 9 and index_of(done).expires_at is None
     assert index_of(failed).expires_at is None  # kept while its delivery may run
     quiet = jobs.failed(jobs.claimed(make_job(), "r", now=NOW, lease=30), JobError("c", "m"), now=NOW, result_ttl=TTL)

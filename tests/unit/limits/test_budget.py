@@ -16,9 +16,12 @@ from proxy.limits.budget import (
     NANO_USD,
     TOKENS,
     USD,
+    Applied,
     BudgetLedger,
     BudgetsConfig,
     BudgetSpec,
+    Charge,
+    JobHold,
     Level,
     Price,
     PriceTable,
@@ -26,6 +29,7 @@ from proxy.limits.budget import (
     budget_key,
     budget_spec_from_toml,
     charge_for,
+    job_settlement,
     parse_prices,
     rate_limit_headers,
     refusal,
@@ -245,6 +249,9 @@ COST = request_cost(body(max_tokens=100), path=CHAT, settings=SETTINGS, cap=None
         (None, None, "refused:invalid_json", "invalid_json", False, "nothing", "invalid_json"),
         (None, 400, "ok", None, False, "nothing", "upstream_refused_400"),
         (None, 202, "ok", None, True, "hold", "job"),
+        (None, None, "client_gone", None, True, "hold", "job"),  # stored, then the 202 could not be sent
+        (None, 503, "refused:job_queue_full", "job_queue_full", True, "nothing", "job_not_accepted"),
+        (None, 400, "refused:invalid_json", "invalid_json", True, "nothing", "job_not_accepted"),
     ],
 )
 def test_what_an_answer_is_charged(usage, status, outcome, code, background, kind, why) -> None:
@@ -419,3 +426,43 @@ def test_input_the_upstream_adds_itself_is_held_as_configured_and_named() -> Non
     assert cost.unbounded == ("input the upstream stored (previous_response_id)", "web_search results")
     assert cost.input_tokens == len(raw) + 2 * SETTINGS.unbounded_hold
     assert (cost.output_tokens, cost.body) == (100, raw)
+
+
+# --- background jobs ----------------------------------------------------------------------------------------
+
+
+def job_hold(ledger: str = "memory:a", price: Price | None = None) -> JobHold:
+    user = BudgetSpec(1000, "tokens", "day")
+    usd = BudgetSpec(5 * NANO_USD, "usd", "day")
+    budgets = (
+        Applied("user-day", "user:app/alice:day:0", user, 0.0, 86400.0, 300),
+        Applied("credential-day-usd", "credential:app:day:0", usd, 0.0, 86400.0, 1_000_000),
+    )
+    return JobHold(ledger, budgets, 100, 200, price)
+
+
+def test_a_job_hold_survives_its_record() -> None:
+    price = Price("mock-*", 1.0, 2.0, 0.5)
+    for hold in (job_hold(), job_hold(price=price)):
+        assert JobHold.from_json(json.loads(json.dumps(hold.to_json()))) == hold
+    with pytest.raises((KeyError, TypeError, ValueError)):
+        JobHold.from_json({"ledger": "x"})
+
+
+@pytest.mark.parametrize(
+    ("charge", "interrupted", "ledger", "tokens_added"),
+    [
+        (Charge(9, 0, 200, "usage", "usage"), 0, "memory:a", 209 - 300),  # the hold replaced by the usage
+        (Charge(100, 0, 200, "hold", "no_usage"), 0, "memory:a", 0),  # no usage: stays charged its hold
+        (Charge(0, 0, 0, "nothing", "upstream_connect_failed"), 0, "memory:a", -300),  # never called: released
+        (Charge(9, 0, 200, "usage", "usage"), 1, "memory:a", 209),  # one earlier run cut off: its hold too
+        (Charge(9, 0, 200, "usage", "usage"), 0, "memory:b", 209),  # charged where the hold is gone: in full
+    ],
+)
+def test_what_a_finished_job_adds_to_its_budgets(charge, interrupted, ledger, tokens_added) -> None:
+    price = Price("mock-*", 1.0, 2.0)
+    hold = job_hold(price=price)
+    tokens, usd = job_settlement(hold, charge, interrupted=interrupted, ledger=ledger)
+    assert tokens == tokens_added
+    cost = price.cost(charge.input_tokens, 0, charge.output_tokens) + interrupted * price.cost(100, 0, 200)
+    assert usd == cost - (1_000_000 if ledger == hold.ledger else 0)
