@@ -97,7 +97,8 @@ class _Table:
 
     def __init__(self, data: Mapping[str, Any], path: str, problems: list[ConfigProblem]):
         self.data, self.path, self.problems = data, path, problems
-        self.allowed: list[str] = []
+        self.allowed: list[str] = []  # named in an unknown key's message
+        self.asked: set[str] = set()  # the allowed ones and those only refused with a reason (derived fields)
 
     def at(self, key: str) -> str:
         return _join(self.path, key)
@@ -105,9 +106,12 @@ class _Table:
     def report(self, path: str, message: str) -> None:
         self.problems.append(ConfigProblem(path, message))
 
-    def value(self, key: str, default: Any, convert: _Convert, *, required: bool = False) -> Any:
-        """``convert`` the value at ``key``; on a problem, record it and carry on with ``default``."""
-        self.allowed.append(key)
+    def value(self, key: str, default: Any, convert: _Convert, *, required: bool = False, listed: bool = True) -> Any:
+        """``convert`` the value at ``key``; on a problem, record it and carry on with ``default``.
+        A key not ``listed`` is not offered as allowed (a field set from elsewhere, whose converter refuses it)."""
+        self.asked.add(key)
+        if listed:
+            self.allowed.append(key)
         if key not in self.data:
             if required:
                 self.report(self.at(key), "is required")
@@ -134,13 +138,16 @@ class _Table:
     def finish(self) -> None:
         """Report keys nobody asked for: a typo must not silently leave a default in place."""
         for key in self.data:
-            if key not in self.allowed:
+            if key not in self.asked:
                 self.report(self.at(key), f"unknown key {key!r}; allowed keys: {', '.join(self.allowed)}")
 
 
 def _section(table: _Table, cls: type, rules: Mapping[str, _Convert]) -> Any:
-    """Build dataclass ``cls`` from ``table`` with one converter per field; absent keys keep defaults."""
-    values = {f.name: table.value(f.name, f.default, rules[f.name]) for f in fields(cls)}
+    """Build dataclass ``cls`` from ``table`` with one converter per field; absent keys keep defaults.
+    A field with ``metadata={"derived": True}`` is not a key of the table (its rule says why)."""
+    values = {
+        f.name: table.value(f.name, f.default, rules[f.name], listed=not f.metadata.get("derived")) for f in fields(cls)
+    }
     table.finish()
     return cls(**values)
 

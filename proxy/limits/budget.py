@@ -193,7 +193,8 @@ class BudgetsConfig:
     unbounded_hold: int = 2000  # tokens held more per image/audio/file input, or for a non-JSON body
     default_max_tokens: int = 4096  # the output cap written into a body that has none (without a credential cap)
     session_hold: int = 20_000  # tokens a WebSocket (realtime) session holds; it is closed once it used them
-    price_table: PriceTable = field(default=PriceTable(), repr=False)  # read from ``prices`` by load_config
+    # read from ``prices`` by load_config; derived: not a key of [budgets]
+    price_table: PriceTable = field(default=PriceTable(), repr=False, metadata={"derived": True})
 
     def __post_init__(self) -> None:
         if self.input_bytes_per_token < 1:

@@ -634,3 +634,14 @@ def test_load_config_not_utf8(tmp_path):
         load_config(path, {})
     (problem,) = info.value.problems
     assert problem.path == "" and "not UTF-8" in problem.message
+
+
+def test_an_unknown_budgets_key_lists_only_keys_that_may_be_set():
+    [problem] = problems_of("[budgets]\nprice = 1")
+    assert problem.path == "budgets.price"
+    assert problem.message == (
+        "unknown key 'price'; allowed keys: prices, input_bytes_per_token, unbounded_hold, default_max_tokens, "
+        "session_hold"
+    )  # price_table is filled from the file named by prices: never offered as a key
+    [refused] = problems_of("[budgets]\nprice_table = 1")
+    assert (refused.path, refused.message) == ("budgets.price_table", "is read from the file named by prices")
