@@ -37,7 +37,7 @@ from ..http.connection import HTTPConnection, RequestHead
 from ..limits import limiter as limits
 from ..limits.state import StateBackend
 from ..metrics import Metrics
-from ..record import RequestRecord
+from ..record import RequestRecord, traced
 from ..upstream import ssrf
 from ..upstream.client import UpstreamResponse
 from .plan import Plan, address_policy, has_body
@@ -128,7 +128,8 @@ async def serve_cacheable(
         return await gw._admit(head, conn, config, record, plan, partial(gw._forward, cache_headers=(status,)))
     if cached.plan.lookup:
         try:
-            entry = await cache.lookup(cached.key)
+            with traced(record, "parkway.cache.lookup"):
+                entry = await cache.lookup(cached.key)
         except CacheUnavailable:
             record.cache = "unavailable"
             if cached.plan.only_if_cached:
@@ -169,8 +170,9 @@ async def serve_cacheable(
             if not admitted:
                 await admit_without_upstream(gw, config, plan)
                 admitted = True
-            if await follow(conn, config, record, plan, flight):
-                return
+            with traced(record, "parkway.cache.collapse"):
+                if await follow(conn, config, record, plan, flight):
+                    return
         finally:
             flight.followers -= 1
     status = cache_status("miss", detail="identical request in flight")

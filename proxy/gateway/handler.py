@@ -26,6 +26,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AsyncExitStack, aclosing
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -52,7 +53,7 @@ from ..limits import limiter as limits
 from ..limits.admission import GlobalGate
 from ..limits.state import MemoryState, StateBackend
 from ..metrics import Metrics
-from ..record import RequestRecord, count_request, log, log_request
+from ..record import RequestRecord, count_request, finish_trace, log, log_request, trace_route
 from ..relay.client_watch import unless_client_leaves
 from ..relay.pump import BodyObserver, EpollEngine, relay
 from ..relay.usage import UsageObserver
@@ -65,6 +66,9 @@ from .cache import begin_flight, cache_request, serve_cacheable
 from .jobs import enqueue, serve_job
 from .plan import Plan, address_policy, canonical_paths, has_body, header_map, request_policy
 from .websocket import open_session
+
+if TYPE_CHECKING:  # loaded only when tracing is on
+    from ..telemetry.tracing import Tracing
 
 # A fixed-length answer up to this size has its head held back and written with the first body
 # chunk (one write instead of two: the upstream sends a small body together with its head).
@@ -100,6 +104,7 @@ class Gateway:
         self.clock = clock
         self.websockets = websockets or WebSocketProxy(config.websocket)
         self.jobs: JobAPI | None = None  # set by the app when [jobs] is on
+        self.tracing: Tracing | None = None  # set by the app when [telemetry] names an endpoint
 
     @staticmethod
     def _gate_for(config: Config) -> GlobalGate:
@@ -128,6 +133,11 @@ class Gateway:
         config = self.config  # one config for the whole request, even across a reload
         record = RequestRecord(trio.current_time(), conn.head_bytes_in, conn.bytes_out)
         request_id = _secrets.token_hex(8)
+        if self.tracing is not None:
+            record.trace = self.tracing.request(
+                head.method, head.path, head.query, head.peer, head.header(b"traceparent"),
+                user_param=config.server.user_param,
+            )  # fmt: skip
         # credential and user are bound later; binding them here too makes the exit reset them,
         # so the next request on a kept-alive connection does not inherit them.
         with structlog.contextvars.bound_contextvars(request_id=request_id, credential=None, user=None, job=None):
@@ -170,6 +180,8 @@ class Gateway:
                 record.settle(conn.bytes_in, conn.bytes_out, trio.current_time())
                 log_request(head, record)
                 count_request(self.metrics, config, record)
+                if record.trace is not None:
+                    finish_trace(head, record, config, request_id)
 
     async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None:
         """Answer a request the server refused before it reached :meth:`handle` (bad HTTP, too slow)."""
@@ -224,6 +236,8 @@ class Gateway:
             await serve_job(self.jobs, head, conn, config, record, request_id, job_id)
             return
         plan = await self._plan(head, conn, config, record, request_id, origin)
+        if record.trace is not None:
+            record.trace.verified(trace_route(head, config))
         if plan.websocket:
             # A session has limits of its own (idle_timeout, max_session_duration), not request_timeout.
             overall.deadline = math.inf
@@ -384,12 +398,15 @@ class Gateway:
         keys = limits.limit_keys(credential.id, credential.limits, plan.user, credential.user_limits)
         if admitted:
             keys = limits.split_limits(keys)[1]
+        step = record.trace.start_step("parkway.limits") if record.trace is not None else None
         async with self.gate.slot():
             decision = await self.state.acquire(keys, trio.current_time())
             decision.raise_if_refused()
             try:
                 if not admitted:
                     await self._check_single_use(config, plan)
+                if record.trace is not None:
+                    record.trace.end_step(step)  # refused: the trace's end closes it with the error
                 await step7(head, conn, config, record, plan)
             finally:
                 if decision.lease is not None:  # None: no concurrency limit counted this request
@@ -419,23 +436,36 @@ class Gateway:
                 chunks = await stack.enter_async_context(aclosing(conn.body_chunks()))
                 checked = await policy.checked_body(plan.rules, plan.declared_length, chunks)
                 upstream_body = await stack.enter_async_context(aclosing(checked))
+            headers = forwarding.request_headers(
+                head.headers, plan.credential.headers, plan.ctx, content_length=content_length
+            )
+            forward_at = trio.current_time()
+            call = None
+            if record.trace is not None:  # the CLIENT span; its traceparent only where the credential allows
+                call = record.trace.upstream_call(
+                    head.method, plan.upstream_url, plan.body, propagate=plan.credential.propagate_trace, now=forward_at
+                )
+                if call.traceparent is not None:
+                    headers = [(n, v) for n, v in headers if n not in (b"traceparent", b"tracestate")]
+                    headers.append((b"traceparent", call.traceparent.encode()))
             request = UpstreamRequest(
                 method=head.method,
                 url=plan.upstream_url,
-                headers=forwarding.request_headers(
-                    head.headers, plan.credential.headers, plan.ctx, content_length=content_length
-                ),
+                headers=headers,
                 body=upstream_body,
                 address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
             )
-            forward_at = trio.current_time()
+            usage: UsageObserver | None = None
             self.metrics.in_flight.inc()
             try:
                 async with self.upstream.open(request) as response:
                     head_at = trio.current_time()
                     record.ttfb = head_at - record.started
                     record.status = response.status
-                    usage = UsageObserver(response.content_type)
+                    record.streamed = response.content_type.lower().startswith("text/event-stream")
+                    usage = UsageObserver(
+                        response.content_type, details=call is not None, on_first_chunk=record.first_chunk_now
+                    )
                     observers: tuple[BodyObserver, ...] = (usage,)
                     if flight is not None:
                         cache_headers = (begin_flight(flight, response, config, plan),)
@@ -443,9 +473,18 @@ class Gateway:
                     await self._respond(conn, response, record, config, plan.origin, plan.request_id, cache_headers)
                     record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
                     await relay(conn, response, record, observers, engine=self.engine, watcher=record.client_watch)
-                    record.usage = usage.usage
+                    record.usage, record.model = usage.usage, usage.model
                     if flight is not None and usage.usage is not None:
                         flight.usage = (usage.usage.prompt_tokens, usage.usage.completion_tokens)
+            except BaseException as exc:
+                if call is not None:
+                    call.status, call.first_chunk = record.status if usage is not None else None, record.first_chunk
+                    call.end(usage, False, exc)
+                raise
+            else:
+                if call is not None:
+                    call.status, call.first_chunk = record.status, record.first_chunk
+                    call.end(usage, record.completed)
             finally:
                 self.metrics.in_flight.dec()
 

@@ -21,6 +21,8 @@ async def enqueue(
         raise Overloaded("background jobs are not running in this process", code="jobs_unavailable")
     job = await jobs.accept(head, conn, config, plan)
     structlog.contextvars.bind_contextvars(job=job.id[:12])
+    if record.trace is not None:  # the job's own trace will link back to this request
+        record.trace.created_job(job.id)
     record.status, record.completed = 202, True
 
 
