@@ -443,8 +443,9 @@ def _telemetry(root: _Table, data: Mapping[str, Any], env: Mapping[str, str]) ->
     """``[telemetry]``, or without that table the standard OTEL_EXPORTER_OTLP_ENDPOINT and
     OTEL_SERVICE_NAME. An endpoint needs the ``otel`` extra: without it the file is refused here
     rather than the traces silently missing."""
+    table = root.table("telemetry")
     if "telemetry" in data:
-        telemetry = _section(root.table("telemetry"), TelemetryConfig, _TELEMETRY_RULES)
+        telemetry = _section(table, TelemetryConfig, _TELEMETRY_RULES)
         where = "telemetry.otlp_endpoint"
     else:
         endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()

@@ -33,6 +33,7 @@ PURE = [
     "policy",
     "relay.usage",
     "signing",
+    "telemetry.model",
     "urls",
     "websocket.policy",
 ]

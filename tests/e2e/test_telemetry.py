@@ -271,3 +271,31 @@ def test_an_endpoint_without_the_otel_extra_is_refused_at_load() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=cwd)
     assert result.returncode == 0, result.stderr
     assert "telemetry.otlp_endpoint" in result.stdout and "parkway[otel]" in result.stdout
+
+
+async def test_genai_metrics_without_traces(mock, parkways, client) -> None:
+    """The GenAI metrics are on /metrics whether or not traces are; never labelled by user."""
+    mock_base, _app = mock
+    config = telemetry_config("")
+    running = await parkways.start(replace(config, admin=replace(config.admin, listen=("127.0.0.1:0",))))
+    assert running.parkway.tracing is None
+    started = trio.current_time()
+    reply = await exchange(
+        running.port, "POST", signed_chat(running, mock_base, pw_user="u-4242"), chat_body().encode(),
+        [("content-type", "application/json")],
+    )  # fmt: skip
+    elapsed = trio.current_time() - started
+    assert reply.status == 200
+    metrics = await scrape(client, running.parkway.admin_addresses[0])
+    labels = {"credential": "app", "model": MODEL, "outcome": "ok"}
+    assert metrics.value("gen_ai_server_request_duration_seconds_count", **labels) == 1
+    ttft = metrics.value("gen_ai_server_time_to_first_token_seconds_sum", **labels)
+    duration = metrics.value("gen_ai_server_request_duration_seconds_sum", **labels)
+    # The words come 10 ms apart: the first chunk is well before the last.
+    assert 0 < ttft < duration <= elapsed
+    assert duration - ttft >= 4 * 0.01 * 0.9
+    assert metrics.value("gen_ai_server_time_per_output_token_seconds_count", **labels) == 1
+    assert metrics.value("gen_ai_client_token_usage_sum", **labels, token_type="input") == 9
+    assert metrics.value("gen_ai_client_token_usage_sum", **labels, token_type="output") == 4
+    assert "u-4242" not in metrics.label_values("model") | metrics.label_values("credential")
+    assert "user" not in {k for (_, labels_), _ in metrics.samples.items() for k, _ in labels_}
