@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import trio
@@ -16,6 +17,8 @@ import trio
 from proxy.app import Parkway
 from proxy.config import Config, Credential
 from proxy.demo.mock_openai import MockOpenAI, serve_mock
+from proxy.jobs import webhooks
+from proxy.jobs.model import JobsConfig
 from proxy.telemetry.model import TelemetryConfig
 from support.http import exchange, request_bytes, send_raw
 from support.metrics import scrape
@@ -23,7 +26,9 @@ from support.otlp import Receiver, otlp_receiver
 from support.parkway import TEST_SERVER, Parkways, RunningParkway
 from support.processes import free_port
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY, sign
-from support.upstream import sse_then
+from support.upstream import Upstream, respond_with, sse_then
+from support.websocket import RealtimeUpstream, ws_client
+from support.websocket import event as ws_event
 
 HANG_LIMIT = 40.0
 PROMPT = "the-secret-prompt-text"
@@ -299,3 +304,69 @@ async def test_genai_metrics_without_traces(mock, parkways, client) -> None:
     assert metrics.value("gen_ai_client_token_usage_sum", **labels, token_type="output") == 4
     assert "u-4242" not in metrics.label_values("model") | metrics.label_values("credential")
     assert "user" not in {k for (_, labels_), _ in metrics.samples.items() for k, _ in labels_}
+
+
+async def test_a_job_has_its_own_trace_linked_to_the_request_that_created_it(
+    mock, receiver, parkways, nursery, tmp_path
+) -> None:
+    mock_base, _app = mock
+    hooks = await nursery.start(Upstream(respond_with(204, b"")).serve)
+    credential = Credential(
+        "app", (SECRET,), INJECTED, allowed_callbacks=(f"{hooks.base}/hooks/",),
+        webhook_secrets=(webhooks.format_secret(bytes(range(32))),),
+    )  # fmt: skip
+    config = replace(
+        telemetry_config(receiver.endpoint), credentials=(credential,),
+        jobs=JobsConfig(enabled=True, path=str(tmp_path / "jobs.sqlite3"), poll_interval=0.05),
+    )  # fmt: skip
+    running = await parkways.start(config)
+    body = chat_body(stream=False)
+    url = sign(
+        running.base, f"{mock_base}/v1/chat/completions", signer="proxy.signing", method="POST", body=body,
+        params={"pw_callback": f"{hooks.base}/hooks/done", "pw_traceparent": f"00-{SIGNER_TRACE}-{SIGNER_SPAN}-01"},
+    )  # fmt: skip
+    reply = await exchange(running.port, "POST", url, body.encode(), [("content-type", "application/json")])
+    assert reply.status == 202, reply.body
+    await hooks.wait_for_requests(1)
+    await flush(running.parkway)
+    await wait_for_spans(receiver, lambda r: bool(r.named("POST webhook")) and bool(r.named("parkway.job")))
+
+    (server,) = [s for s in receiver.spans if s.kind == "server"]
+    (job,) = receiver.named("parkway.job")
+    (call,) = [s for s in receiver.spans if s.kind == "client" and s.parent_id == job.span_id]
+    (delivery,) = receiver.named("POST webhook")
+    assert server.trace_id == SIGNER_TRACE and server.attributes["http.response.status_code"] == 202
+    # The job runs later, in a trace of its own that links back to the request.
+    assert job.trace_id != SIGNER_TRACE and job.parent_id == ""
+    assert [(t, s) for t, s, _ in job.links] == [(SIGNER_TRACE, server.span_id)]
+    assert call.name == f"chat {MODEL}" and call.trace_id == job.trace_id
+    assert (call.attributes["gen_ai.usage.input_tokens"], call.attributes["gen_ai.usage.output_tokens"]) == (9, 4)
+    assert call.attributes["gen_ai.response.finish_reasons"] == ("stop",)
+    assert delivery.kind == "client" and [(t, s) for t, s, _ in delivery.links] == [(SIGNER_TRACE, server.span_id)]
+    assert delivery.attributes["http.response.status_code"] == 204 and not delivery.error
+    assert PROMPT.encode() not in b"".join(receiver.bodies)
+
+
+async def test_a_websocket_session_is_a_trace_with_its_upstream_side(receiver, parkways, nursery) -> None:
+    realtime = await nursery.start(RealtimeUpstream().serve)
+    running = await parkways.start(telemetry_config(receiver.endpoint))
+    url = urlsplit(sign(running.base, realtime.url, params={"pw_traceparent": f"00-{SIGNER_TRACE}-{SIGNER_SPAN}-01"},
+                        signer="proxy.signing"))  # fmt: skip
+    with trio.fail_after(10):
+        async with ws_client(running.port, f"{url.path}?{url.query}", subprotocols=["realtime"]) as ws:
+            assert json.loads(await ws.get_message())["type"] == "session.created"
+            await ws.send_message(ws_event("response.create"))
+            for _ in range(4):
+                last = json.loads(await ws.get_message())
+            assert last["type"] == "response.done"
+    await flush(running.parkway)
+    # The session's spans end when Parkway has closed both sides; the processor's next export brings them.
+    await wait_for_spans(receiver, lambda r: any(s.kind == "server" for s in r.spans))
+    (server,) = [s for s in receiver.spans if s.kind == "server"]
+    (session,) = [s for s in receiver.spans if s.kind == "client"]
+    assert (server.trace_id, server.parent_id) == (SIGNER_TRACE, SIGNER_SPAN)
+    assert server.attributes["http.response.status_code"] == 101
+    assert session.name == "websocket session" and session.parent_id == server.span_id
+    a = session.attributes
+    assert a["parkway.websocket.closed_by"] == "client" and a["parkway.websocket.messages_from_client"] == 1
+    assert a["parkway.websocket.close_code_upstream"] == 1000 and not session.error
