@@ -18,6 +18,7 @@ from .http.connection import RequestHead
 from .jobs.background import job_id_from_path
 from .metrics import Metrics
 from .relay.usage import Usage
+from .telemetry.model import operation_name
 from .websocket.session import SessionReport
 
 if TYPE_CHECKING:  # only imported when tracing is on (it loads OpenTelemetry)
@@ -143,7 +144,8 @@ def count_request(metrics: Metrics, config: Config, record: RequestRecord) -> No
     if record.usage is not None:
         m.tokens.labels(label, "prompt").inc(record.usage.prompt_tokens)
         m.tokens.labels(label, "completion").inc(record.usage.completion_tokens)
-    if record.ttfb is not None and session is None:  # an upstream answered over HTTP: the GenAI figures
+    reached = record.ttfb is not None or record.outcome == "upstream_error"  # an upstream call was made
+    if reached and session is None and record.upstream_path and operation_name(record.upstream_path):
         usage = record.usage
         m.genai.observe(
             label, record.model, record.outcome, duration=record.duration,

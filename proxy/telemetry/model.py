@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import unquote_plus
 
 TRACEPARENT_PARAM = "pw_traceparent"  # the signed query parameter carrying the signer's trace context
@@ -113,6 +114,7 @@ _PROVIDERS = (
 )
 
 
+@lru_cache(maxsize=1024)  # per request, for the GenAI metrics: a lookup instead of a scan
 def operation_name(upstream_path: str) -> str | None:
     """The GenAI operation an upstream path names, or None for a call that is not one."""
     path = upstream_path.partition("?")[0].rstrip("/").lower()

@@ -291,7 +291,16 @@ async def test_genai_metrics_without_traces(mock, parkways, client) -> None:
     )  # fmt: skip
     elapsed = trio.current_time() - started
     assert reply.status == 200
+    # Not a GenAI call: not in these metrics. A GenAI call that failed: counted, by its outcome.
+    models = sign(running.base, f"{mock_base}/v1/models", signer="proxy.signing")
+    assert (await exchange(running.port, "GET", models)).status == 200
+    gone = sign(running.base, f"http://127.0.0.1:{free_port()}/v1/chat/completions", signer="proxy.signing")
+    assert (await exchange(running.port, "GET", gone)).status == 502
     metrics = await scrape(client, running.parkway.admin_addresses[0])
+    assert metrics.by("gen_ai_server_request_duration_seconds_count", "model", "outcome") == {
+        (MODEL, "ok"): 1,
+        ("unknown", "upstream_error"): 1,
+    }
     labels = {"credential": "app", "model": MODEL, "outcome": "ok"}
     assert metrics.value("gen_ai_server_request_duration_seconds_count", **labels) == 1
     ttft = metrics.value("gen_ai_server_time_to_first_token_seconds_sum", **labels)
