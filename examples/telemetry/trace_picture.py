@@ -58,10 +58,16 @@ class Receiver:
                     for ss in rs.scope_spans:
                         for s in ss.spans:
                             receiver.spans.append(
-                                dict(service=service, name=s.name, kind=KINDS.get(s.kind, "?"), id=s.span_id.hex(),
-                                     parent=s.parent_span_id.hex(), start=s.start_time_unix_nano,
-                                     end=s.end_time_unix_nano,
-                                     attributes={a.key: a.value for a in s.attributes})  # fmt: skip
+                                dict(
+                                    service=service,
+                                    name=s.name,
+                                    kind=KINDS.get(s.kind, "?"),
+                                    id=s.span_id.hex(),
+                                    parent=s.parent_span_id.hex(),
+                                    start=s.start_time_unix_nano,
+                                    end=s.end_time_unix_nano,
+                                    attributes={a.key: a.value for a in s.attributes},
+                                )  # fmt: skip
                             )
                 self.send_response(200)
                 self.send_header("content-length", "0")
