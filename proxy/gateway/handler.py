@@ -237,7 +237,7 @@ class Gateway:
             return
         plan = await self._plan(head, conn, config, record, request_id, origin)
         if record.trace is not None:
-            record.trace.verified(trace_route(head, config))
+            record.trace.planned()
         if plan.websocket:
             # A session has limits of its own (idle_timeout, max_session_duration), not request_timeout.
             overall.deadline = math.inf
@@ -294,6 +294,8 @@ class Gateway:
             headers=headers,
             body=body,
         )
+        if record.trace is not None:  # from here the signed pw_traceparent may be the trace's parent
+            record.trace.verified(trace_route(head, config))
         # A signed header must reach the upstream as signed: no Connection header may strip it.
         forwarding.check_connection_header(head.headers, signed.signed_headers, credential.headers)
         _scheme, host, target = origin_and_target(signed.proxy_url)

@@ -333,6 +333,7 @@ class RequestTrace:
         )  # fmt: skip
         self.span: Span | None = None
         self.open_steps: list[Span] = []
+        self._authorize: Span | None = None
 
     # --- the SERVER span -----------------------------------------------------------------------
 
@@ -355,16 +356,18 @@ class RequestTrace:
         )  # fmt: skip
 
     def verified(self, route: str) -> None:
-        """The signature verified: the signed query's ``pw_traceparent`` may be the parent now."""
+        """The signature verified: the signed query's ``pw_traceparent`` may be the parent now.
+        The SERVER span starts (back-dated), and the authorization step, open until :meth:`planned`."""
         if self.span is not None:
             return
         signed = dict(parse_query(self.query)).get(TRACEPARENT_PARAM)
         self.span = self._server_span(parse_traceparent(signed), route)
-        step = self.tracing.tracer.start_span(
-            "parkway.authorize", context=_context(self.span), start_time=self.started_ns,
-            attributes={"parkway.step": "signature and policy"},
-        )  # fmt: skip
-        step.end()
+        self._authorize = self.start_step("parkway.authorize", start_time=self.started_ns)
+
+    def planned(self) -> None:
+        """Signature, policy and the cache key passed: the authorization step ends."""
+        self.end_step(self._authorize)
+        self._authorize = None
 
     @property
     def context(self) -> SpanContext | None:
@@ -372,11 +375,11 @@ class RequestTrace:
 
     # --- steps and calls -----------------------------------------------------------------------
 
-    def start_step(self, name: str) -> Span | None:
+    def start_step(self, name: str, start_time: int | None = None) -> Span | None:
         """An INTERNAL span for a step that can take time (limits, cache); end it with :meth:`end_step`."""
         if self.span is None:
             return None
-        step = self.tracing.tracer.start_span(name, context=_context(self.span))
+        step = self.tracing.tracer.start_span(name, context=_context(self.span), start_time=start_time)
         self.open_steps.append(step)
         return step
 

@@ -379,3 +379,24 @@ async def test_a_websocket_session_is_a_trace_with_its_upstream_side(receiver, p
     a = session.attributes
     assert a["parkway.websocket.closed_by"] == "client" and a["parkway.websocket.messages_from_client"] == 1
     assert a["parkway.websocket.close_code_upstream"] == 1000 and not session.error
+
+
+async def test_a_policy_refusal_after_the_signature_keeps_the_signers_parent(mock, receiver, parkways) -> None:
+    mock_base, app = mock
+    config = telemetry_config(receiver.endpoint)
+    only_elsewhere = replace(config.credentials[0], allowed_upstreams=("https://api.openai.com/v1/",))
+    running = await parkways.start(replace(config, credentials=(only_elsewhere,)))
+    url = signed_chat(running, mock_base, pw_traceparent=f"00-{SIGNER_TRACE}-{SIGNER_SPAN}-01")
+    reply = await exchange(running.port, "POST", url, chat_body().encode(), [("content-type", "application/json")])
+    assert reply.status == 403 and reply.code == "upstream_not_allowed"
+    await flush(running.parkway)
+    await wait_for_spans(receiver, lambda r: any(s.kind == "server" for s in r.spans))
+    (server,) = [s for s in receiver.spans if s.kind == "server"]
+    (authorize,) = receiver.named("parkway.authorize")
+    # The signature verified, so the signer's trace holds the refusal; the step that refused says why.
+    assert (server.trace_id, server.parent_id) == (SIGNER_TRACE, SIGNER_SPAN)
+    assert server.attributes["error.type"] == "upstream_not_allowed" and not server.error  # a 4xx
+    assert authorize.parent_id == server.span_id and authorize.error
+    assert authorize.attributes["error.type"] == "upstream_not_allowed"
+    assert authorize.start_ns == server.start_ns
+    assert not app.requests
