@@ -263,24 +263,21 @@ def _start_call(tracer: trace.Tracer, parent: Span | SpanContext, method: str, u
 
 
 def record_answer(span: Span, status: int | None, usage: UsageObserver | None, first_chunk: float | None) -> None:
-    """What the upstream's answer said of itself, on its CLIENT span."""
-    if status is not None:
-        span.set_attribute("http.response.status_code", status)
-        if status >= 400:
-            _fail(span, str(status))
-    if first_chunk is not None:
-        span.set_attribute("gen_ai.response.time_to_first_chunk", first_chunk)
-    if usage is None:
-        return
-    if usage.model is not None:
-        span.set_attribute("gen_ai.response.model", usage.model)
-    if usage.response_id is not None:
-        span.set_attribute("gen_ai.response.id", usage.response_id)
-    if usage.finish_reasons:
-        span.set_attribute("gen_ai.response.finish_reasons", usage.finish_reasons)
-    if usage.usage is not None:
-        span.set_attribute("gen_ai.usage.input_tokens", usage.usage.prompt_tokens)
-        span.set_attribute("gen_ai.usage.output_tokens", usage.usage.completion_tokens)
+    """What the upstream's answer said of itself, on its CLIENT span (set at once: the SDK locks per call)."""
+    found: dict[str, Any] = {
+        "http.response.status_code": status,
+        "gen_ai.response.time_to_first_chunk": first_chunk,
+    }
+    if usage is not None:
+        found["gen_ai.response.model"] = usage.model
+        found["gen_ai.response.id"] = usage.response_id
+        found["gen_ai.response.finish_reasons"] = usage.finish_reasons or None
+        if usage.usage is not None:
+            found["gen_ai.usage.input_tokens"] = usage.usage.prompt_tokens
+            found["gen_ai.usage.output_tokens"] = usage.usage.completion_tokens
+    span.set_attributes({k: v for k, v in found.items() if v is not None})
+    if status is not None and status >= 400:
+        _fail(span, str(status))
 
 
 class UpstreamCall:
@@ -451,15 +448,10 @@ class RequestTrace:
             _fail(step, error_code or outcome)
             step.end()
         self.open_steps.clear()
-        if status is not None:
-            span.set_attribute("http.response.status_code", status)
-        span.set_attribute("parkway.outcome", outcome)
-        for key, value in attributes.items():
-            if value is not None:
-                span.set_attribute(key, value)
+        found = {**attributes, "http.response.status_code": status, "parkway.outcome": outcome}
         if error_code is not None:
-            span.set_attribute("error.type", error_code)
-            span.set_attribute("parkway.error.code", error_code)
+            found["error.type"] = found["parkway.error.code"] = error_code
+        span.set_attributes({k: v for k, v in found.items() if v is not None})
         # HTTP conventions: a server span is an error for a 5xx, or when no answer went out.
         if (status is not None and status >= 500) or (status is None and outcome not in ("ok", "preflight")):
             span.set_status(Status(StatusCode.ERROR, error_code or outcome))
