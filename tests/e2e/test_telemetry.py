@@ -400,3 +400,26 @@ async def test_a_policy_refusal_after_the_signature_keeps_the_signers_parent(moc
     assert authorize.attributes["error.type"] == "upstream_not_allowed"
     assert authorize.start_ns == server.start_ns
     assert not app.requests
+
+
+async def test_a_cache_hit_is_a_lookup_without_an_upstream_call(mock, receiver, parkways) -> None:
+    mock_base, app = mock
+    running = await parkways.start(telemetry_config(receiver.endpoint))
+    url = sign(
+        running.base, f"{mock_base}/v1/chat/completions", signer="proxy.signing", method="POST",
+        headers={"Content-Type": "application/json"}, body=chat_body(stream=False), params={"pw_cache": "60"},
+    )  # fmt: skip
+    for _ in range(2):
+        reply = await exchange(
+            running.port, "POST", url, chat_body(stream=False).encode(), [("content-type", "application/json")]
+        )
+        assert reply.status == 200
+    await flush(running.parkway)
+    await wait_for_spans(receiver, lambda r: len([s for s in r.spans if s.kind == "server"]) == 2)
+    stored, hit = sorted((s for s in receiver.spans if s.kind == "server"), key=lambda s: s.start_ns)
+    assert (stored.attributes["parkway.cache"], hit.attributes["parkway.cache"]) == ("stored", "hit")
+    calls = [s for s in receiver.spans if s.kind == "client"]
+    assert len(calls) == 1 and calls[0].trace_id == stored.trace_id and len(app.requests) == 1
+    lookups = {s.trace_id: s for s in receiver.named("parkway.cache.lookup")}
+    assert lookups.keys() == {stored.trace_id, hit.trace_id}
+    assert lookups[hit.trace_id].parent_id == hit.span_id
