@@ -68,6 +68,8 @@ class Forward:
                 if call.traceparent is not None:
                     headers = [(n, v) for n, v in headers if n not in (b"traceparent", b"tracestate")]
                     headers.append((b"traceparent", call.traceparent.encode()))
+                if upstream_body is not None and not isinstance(upstream_body, bytes):
+                    upstream_body = await stack.enter_async_context(aclosing(call.watch_body(upstream_body)))
             request = UpstreamRequest(
                 method=head.method,
                 url=plan.upstream_url,

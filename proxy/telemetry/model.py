@@ -18,6 +18,9 @@ TRACEPARENT_PARAM = "pw_traceparent"  # the signed query parameter carrying the 
 REDACTED = "REDACTED"  # the OpenTelemetry convention for a value a URL attribute must not show
 MAX_MODEL_BODY = 1 << 20  # a request body larger than this is not parsed for its model
 
+# A JSON key "model" and its string value: unescaped quotes around a key occur only in keys.
+_MODEL_KEY = re.compile(rb'"model"\s*:\s*"([^"\\]{1,128})"')
+MODEL_SNIFF_BYTES = 65536  # of a streamed request body, looked at for its model (only while tracing)
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 
 
@@ -131,6 +134,12 @@ def provider_name(host: str) -> str:
         if host == suffix or host.endswith(suffix if suffix.startswith(".") else "." + suffix):
             return name
     return host
+
+
+def model_in_prefix(data: bytes) -> str | None:
+    """The ``model`` named in the first bytes of a JSON body that streams (it cannot be parsed whole)."""
+    match = _MODEL_KEY.search(data, 0, MODEL_SNIFF_BYTES)
+    return match[1].decode("utf-8", "replace") if match else None
 
 
 def request_model(body: bytes | None) -> str | None:

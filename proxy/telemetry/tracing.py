@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,10 +39,12 @@ from .. import __version__
 from ..relay.usage import UsageObserver
 from ..signing import parse_query
 from .model import (
+    MODEL_SNIFF_BYTES,
     TRACEPARENT_PARAM,
     TelemetryConfig,
     TraceParent,
     format_traceparent,
+    model_in_prefix,
     operation_name,
     parse_traceparent,
     provider_name,
@@ -283,10 +285,11 @@ def record_answer(span: Span, status: int | None, usage: UsageObserver | None, f
 class UpstreamCall:
     """One upstream call's CLIENT span, open from the request going out to the answer's last byte."""
 
-    __slots__ = ("span", "started", "first_chunk", "status", "traceparent")
+    __slots__ = ("span", "started", "first_chunk", "status", "traceparent", "operation")
 
-    def __init__(self, span: Span, started: float, propagate: bool):
+    def __init__(self, span: Span, started: float, propagate: bool, operation: str | None = None):
         self.span = span
+        self.operation = operation  # a GenAI call whose request model is not known yet (a streamed body)
         self.started = started  # trio clock, for the time to the first chunk
         self.first_chunk: float | None = None
         self.status: int | None = None
@@ -297,6 +300,21 @@ class UpstreamCall:
             if propagate and ctx.is_valid
             else None
         )
+
+    async def watch_body(self, chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+        """A streamed request body, passed on unchanged, its first bytes read for the model the
+        span is named by (a signed or buffered body was read whole when the span started)."""
+        seen = b""
+        async for chunk in chunks:
+            if self.operation is not None:
+                seen += chunk
+                model = model_in_prefix(seen)
+                if model is not None or len(seen) >= MODEL_SNIFF_BYTES:
+                    if model is not None:
+                        self.span.update_name(f"{self.operation} {model}")
+                        self.span.set_attribute("gen_ai.request.model", model)
+                    self.operation, seen = None, b""
+            yield chunk
 
     def end(self, usage: UsageObserver | None, complete: bool, error: BaseException | None = None) -> None:
         first = self.first_chunk - self.started if self.first_chunk is not None else None
@@ -399,8 +417,13 @@ class RequestTrace:
         self.end_step(span)
 
     def upstream_call(self, method: str, url: str, body: bytes | None, *, propagate: bool, now: float) -> UpstreamCall:
+        """The CLIENT span of the request's upstream call; ``body`` None: it streams (see
+        :meth:`UpstreamCall.watch_body`)."""
         assert self.span is not None, "a call goes upstream only after the signature verified"
-        return UpstreamCall(_start_call(self.tracing.tracer, self.span, method, url, body), now, propagate)
+        span = _start_call(self.tracing.tracer, self.span, method, url, body)
+        operation = operation_name(url.split("/", 3)[-1] if url.count("/") >= 3 else "/")
+        unnamed = operation if body is None and operation is not None else None
+        return UpstreamCall(span, now, propagate, unnamed)
 
     def websocket(self, url: str) -> Span:
         """A WebSocket session's upstream side: a CLIENT span from the handshake to the close."""

@@ -423,3 +423,19 @@ async def test_a_cache_hit_is_a_lookup_without_an_upstream_call(mock, receiver, 
     lookups = {s.trace_id: s for s in receiver.named("parkway.cache.lookup")}
     assert lookups.keys() == {stored.trace_id, hit.trace_id}
     assert lookups[hit.trace_id].parent_id == hit.span_id
+
+
+async def test_an_unsigned_streamed_body_names_the_span_by_its_model(mock, receiver, parkways) -> None:
+    """The usual browser request: the prompt is not signed, so the body streams to the upstream."""
+    mock_base, app = mock
+    running = await parkways.start(telemetry_config(receiver.endpoint))
+    url = sign(running.base, f"{mock_base}/v1/chat/completions", signer="proxy.signing", method="POST")
+    body = chat_body().encode()
+    request = request_bytes("POST", url, chunks=[body[:7], body[7:]], headers=[("connection", "close")])
+    _sent, raw = await send_raw(running.port, request)
+    assert raw.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in raw
+    await flush(running.parkway)
+    await wait_for_spans(receiver, lambda r: any(s.kind == "client" for s in r.spans))
+    (client,) = [s for s in receiver.spans if s.kind == "client"]
+    assert client.name == f"chat {MODEL}" and client.attributes["gen_ai.request.model"] == MODEL
+    assert app.requests[-1][1] == body  # passed on unchanged

@@ -7,6 +7,7 @@ import pytest
 from proxy.telemetry.model import (
     TraceParent,
     format_traceparent,
+    model_in_prefix,
     operation_name,
     parse_traceparent,
     provider_name,
@@ -111,3 +112,18 @@ def test_provider_name(host, provider):
 )
 def test_request_model(body, model):
     assert request_model(body) == model
+
+
+@pytest.mark.parametrize(
+    ("prefix", "model"),
+    [
+        (b'{"model":"gpt-4o-mini","messages":[', "gpt-4o-mini"),
+        (b'{"stream": true, "model" : "claude-sonnet-4", "max_tokens"', "claude-sonnet-4"),
+        (b'{"messages":[{"role":"user","content":"say \\"model\\": \\"x\\""}],"model":"m2"}', "m2"),
+        (b'{"model":"gpt-4o-mi', None),  # not all there yet
+        (b'{"messages":[{"content":"model"}]', None),  # a value, not a key
+        (b"", None),
+    ],
+)
+def test_model_in_prefix(prefix, model):
+    assert model_in_prefix(prefix) == model
