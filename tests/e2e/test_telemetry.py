@@ -23,7 +23,7 @@ from proxy.telemetry.model import TelemetryConfig
 from support.http import exchange, request_bytes, send_raw
 from support.metrics import scrape
 from support.otlp import Receiver, otlp_receiver
-from support.parkway import TEST_SERVER, Parkways, RunningParkway
+from support.parkway import TEST_SERVER, Parkways, RunningParkway, with_jobs
 from support.processes import free_port
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY, sign
 from support.upstream import Upstream, respond_with, sse_then
@@ -324,10 +324,10 @@ async def test_a_job_has_its_own_trace_linked_to_the_request_that_created_it(
         "app", (SECRET,), INJECTED, allowed_callbacks=(f"{hooks.base}/hooks/",),
         webhook_secrets=(webhooks.format_secret(bytes(range(32))),),
     )  # fmt: skip
-    config = replace(
-        telemetry_config(receiver.endpoint), credentials=(credential,),
-        jobs=JobsConfig(enabled=True, path=str(tmp_path / "jobs.sqlite3"), poll_interval=0.05),
-    )  # fmt: skip
+    config = with_jobs(
+        replace(telemetry_config(receiver.endpoint), credentials=(credential,)),
+        JobsConfig(enabled=True, path=str(tmp_path / "jobs.sqlite3"), poll_interval=0.05),
+    )
     running = await parkways.start(config)
     body = chat_body(stream=False)
     url = sign(
