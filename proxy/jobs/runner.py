@@ -276,7 +276,8 @@ class JobRunner:
                 if tracing is not None
                 else nullcontext() as call,
             ):
-                result = await fetch_answer(self.client, job, credential, config)
+                propagated = tracing.traceparent(call) if tracing is not None and credential.propagate_trace else None
+                result = await fetch_answer(self.client, job, credential, config, traceparent=propagated)
                 if tracing is not None and call is not None:
                     tracing.job_answer(call, result.status, result.content_type, result.body)
         except trio.TooSlowError:

@@ -218,6 +218,14 @@ class Tracing:
             span.end()
 
     @staticmethod
+    def traceparent(span: Span | None) -> str | None:
+        """The W3C header naming ``span`` as the parent (for a credential with propagate_trace)."""
+        ctx = span.get_span_context() if span is not None else None
+        if ctx is None or not ctx.is_valid:
+            return None
+        return format_traceparent(ctx.trace_id, ctx.span_id, ctx.trace_flags.sampled)
+
+    @staticmethod
     def job_answer(call: Span, status: int, content_type: str, body: bytes) -> None:
         """A job's upstream answer (read whole) on its CLIENT span."""
         usage = UsageObserver(content_type, details=True)

@@ -318,11 +318,11 @@ async def test_genai_metrics_without_traces(mock, parkways, client) -> None:
 async def test_a_job_has_its_own_trace_linked_to_the_request_that_created_it(
     mock, receiver, parkways, nursery, tmp_path
 ) -> None:
-    mock_base, _app = mock
+    mock_base, app = mock
     hooks = await nursery.start(Upstream(respond_with(204, b"")).serve)
     credential = Credential(
         "app", (SECRET,), INJECTED, allowed_callbacks=(f"{hooks.base}/hooks/",),
-        webhook_secrets=(webhooks.format_secret(bytes(range(32))),),
+        webhook_secrets=(webhooks.format_secret(bytes(range(32))),), propagate_trace=True,
     )  # fmt: skip
     config = with_jobs(
         replace(telemetry_config(receiver.endpoint), credentials=(credential,)),
@@ -349,6 +349,9 @@ async def test_a_job_has_its_own_trace_linked_to_the_request_that_created_it(
     assert job.trace_id != SIGNER_TRACE and job.parent_id == ""
     assert [(t, s) for t, s, _ in job.links] == [(SIGNER_TRACE, server.span_id)]
     assert call.name == f"chat {MODEL}" and call.trace_id == job.trace_id
+    # This credential propagates: the job's upstream call carries its CLIENT span's context.
+    (head, _body) = app.requests[-1]
+    assert head.header(b"traceparent") == f"00-{call.trace_id}-{call.span_id}-01"
     assert (call.attributes["gen_ai.usage.input_tokens"], call.attributes["gen_ai.usage.output_tokens"]) == (9, 4)
     assert call.attributes["gen_ai.response.finish_reasons"] == ("stop",)
     assert delivery.kind == "client" and [(t, s) for t, s, _ in delivery.links] == [(SIGNER_TRACE, server.span_id)]
