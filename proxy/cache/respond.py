@@ -16,6 +16,7 @@ from ..http.connection import HTTPConnection
 from ..record import RequestRecord
 from .entry import CacheEntry, Recording
 from .flight import Flight, follow, replay
+from .policy import content_length
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -55,7 +56,7 @@ async def _send_head(conn: HTTPConnection, status: int, headers: Headers, record
     out = list(headers)
     length = next((v for n, v in out if n == b"content-length"), None)
     record.status = status
-    record.expected_length = int(length) if length is not None and length.isdigit() else None
+    record.expected_length = content_length(length)
     if forwarding.is_event_stream(out):
         out.append((b"x-accel-buffering", b"no"))
     # A small fixed-length answer goes out as one write, head and body together.

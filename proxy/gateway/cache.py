@@ -7,11 +7,12 @@ in :mod:`proxy.gateway.handler`); this module never imports the handler.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import lru_cache, partial
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import h11
 import trio
 
 from .. import cors, forwarding, policy
@@ -25,6 +26,7 @@ from ..cache.policy import (
     cache_scope,
     cache_status,
     key_header_values,
+    keyed_request_headers,
     replay_headers,
     request_directives,
     signed_ttl,
@@ -32,14 +34,15 @@ from ..cache.policy import (
 )
 from ..cache.respond import send_followed, send_stored
 from ..config import Config, Credential
-from ..errors import CacheMiss, Forbidden, UpstreamError
+from ..errors import CacheMiss, CacheUserRequired, Forbidden, ParkwayError, UpstreamError, UpstreamProtocolError
 from ..http.connection import HTTPConnection, RequestHead
 from ..limits import limiter as limits
 from ..limits.state import StateBackend
 from ..metrics import Metrics
 from ..record import RequestRecord
+from ..relay.usage import UsageObserver
 from ..upstream import ssrf
-from ..upstream.client import UpstreamResponse
+from ..upstream.client import UpstreamClient, UpstreamRequest, UpstreamResponse
 from .plan import Plan, address_policy, has_body
 
 
@@ -47,6 +50,7 @@ class CacheGateway(Protocol):
     """What the cache steps use of the gateway: its cache, state and metrics, admission and step 7."""
 
     cache: ResponseCache | None
+    upstream: UpstreamClient
     state: StateBackend
     metrics: Metrics
 
@@ -91,22 +95,32 @@ async def cache_request(
     if plan is None:
         return None, body
     max_entry = rules.max_entry_bytes or settings.max_entry_bytes
+    if rules.per_user and user is None:
+        # Every such URL would share one entry: one user's answer served to another. Never.
+        raise CacheUserRequired(
+            f"credential {credential.id!r} caches per end user, but this URL was signed without "
+            f"{config.server.user_param or 'the end-user parameter'}: sign it with the user, or without {settings.param}"
+        )
     if plan.bypass:
         return CacheRequest("", plan, rules, max_entry), body
     if body is None and has_body(head):
         if head.header(b"transfer-encoding") is not None or (declared_length or 0) > settings.max_body_bytes:
             return CacheRequest("", plan, rules, max_entry, bypass_reason="request body too large to key"), body
         body = await conn.read_body(settings.max_body_bytes)
+    # What the key covers is all the upstream will see of the client: the key headers that survive
+    # hop-by-hop removal (a header named in Connection is neither keyed nor forwarded).
+    injected = {n.lower().encode("latin-1") for n, _ in credential.headers}
+    keyed = keyed_request_headers(forwarding.forwarded_client_headers(head.headers, injected), settings.key_headers)
     key = cache_key(
         scope=cache_scope(credential.id, rules.namespace),
         method=head.method,
         url=upstream_url,
         body=body or b"",
         injected=credential.headers,
-        key_headers=key_header_values(head.headers, settings.key_headers, (n for n, _ in credential.headers)),
+        key_headers=key_header_values(keyed, settings.key_headers),
         user=user if rules.per_user else None,
     )
-    return CacheRequest(key, plan, rules, max_entry), body
+    return CacheRequest(key, plan, rules, max_entry, keyed_headers=tuple(keyed)), body
 
 
 async def serve_cacheable(
@@ -151,19 +165,19 @@ async def serve_cacheable(
         raise cache_miss()
     record.cache = "miss"
     admitted = False
-    for _attempt in range(2):  # a leader that fails before its answer starts: try once more
+    for _attempt in range(2):  # a fetch that fails before its answer starts: followers try once more
         role, flight = cache.join_nowait(
             cached.key, ttl=cached.plan.ttl, store=cached.plan.store, max_entry_bytes=cached.max_entry_bytes
         )
         if flight is None or role == ALONE:
             break
         if role == LEAD:
-            async with cache.leading(flight):
-                step7 = partial(gw._forward, flight=flight)
-                await gw._admit(head, conn, config, record, plan, step7, admitted=admitted)
-            if flight.stored:
-                record.cache = "stored"
-                gw.metrics.cache_evictions.inc(flight.evicted)
+            try:
+                await gw._admit(head, conn, config, record, plan, partial(lead, gw, flight), admitted=admitted)
+            finally:
+                if flight.scope is None:
+                    cache.abandon(flight)  # refused before it started: followers go their own way
+                flight.leave()
             return
         try:
             if not admitted:
@@ -172,15 +186,127 @@ async def serve_cacheable(
             if await follow(conn, config, record, plan, flight):
                 return
         finally:
-            flight.followers -= 1
+            flight.leave()
     status = cache_status("miss", detail="identical request in flight")
     step7 = partial(gw._forward, cache_headers=(status,))
     await gw._admit(head, conn, config, record, plan, step7, admitted=admitted)
 
 
+async def lead(
+    gw: CacheGateway,
+    flight: Flight,
+    head: RequestHead,
+    conn: HTTPConnection,
+    config: Config,
+    record: RequestRecord,
+    plan: Plan,
+) -> None:
+    """Step 7 of the request that starts ``flight``: the upstream call runs as the cache's task
+    (:func:`fetch`), and this client reads its answer like any follower, at its own pace."""
+    cache, cached = gw.cache, plan.cache
+    assert cache is not None and cached is not None
+    cache.start(flight, partial(fetch, gw, head.method, config, plan))
+    answer = await flight.head()  # the fetch's error before the head is this client's answer
+    record.status = answer.status
+    record.ttfb = flight.head_at - record.started
+    result = "miss" if cached.plan.lookup else "refresh"
+    status = cache_status(result, stored=flight.store, detail=flight.detail)
+    headers = [*answer.headers, *own_headers(config, plan), status]
+    try:
+        await send_followed(conn, flight, answer, headers, record)
+    except (LeaderFailed, FellBehind) as exc:
+        if isinstance(flight.error, ParkwayError):
+            raise flight.error from None
+        raise UpstreamError(str(exc), code="collapsed_leader_failed") from None
+    record.usage = flight.usage_detail  # type: ignore[assignment]
+    # The answer is whole; its entry is written next (bounded by the store's timeout), and this
+    # request's log line says whether it was.
+    with trio.move_on_after(max(config.cache.timeout, 0.1) * 4):
+        await flight.settled.wait()
+    if flight.stored:
+        record.cache = "stored"
+        gw.metrics.cache_evictions.inc(flight.evicted)
+
+
+async def fetch(gw: CacheGateway, method: str, config: Config, plan: Plan, flight: Flight) -> None:
+    """The upstream call of a flight, at the upstream's pace, into its recording. Only the headers
+    the key covers go upstream with the credential's own (and the body the key was computed from)."""
+    cached = plan.cache
+    assert cached is not None
+    body = await policy.checked_body(plan.rules, plan.declared_length, plan.body) if plan.body is not None else None
+    headers = [
+        *cached.keyed_headers,
+        *((n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in plan.credential.headers),
+    ]
+    if plan.body is not None:
+        headers.append((b"content-length", str(len(plan.body)).encode()))
+    request = UpstreamRequest(
+        method=method,
+        url=plan.upstream_url,
+        headers=headers,
+        body=body,
+        address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
+    )
+    gw.metrics.in_flight.inc()
+    try:
+        async with gw.upstream.open(request) as response:
+            usage = UsageObserver(response.content_type)
+            reason = unstorable_reason(
+                response.status,
+                response.headers,
+                cached.rules,
+                max_entry_bytes=cached.max_entry_bytes,
+                key_headers=config.cache.key_headers,
+                close_delimited=response.framing.kind == "close",
+            )
+            flight.detail = reason
+            flight.begin(response.status, tuple(forwarding.response_headers(response.headers)), share=reason is None)
+            async for chunk in body_chunks(response):
+                await flight.room(len(chunk))
+                flight.feed(chunk)
+                usage.feed(chunk)
+            usage.finish(True)
+            if usage.usage is not None:
+                flight.usage = (usage.usage.prompt_tokens, usage.usage.completion_tokens)
+                flight.usage_detail = usage.usage
+            flight.finish(True)
+    finally:
+        gw.metrics.in_flight.dec()
+
+
+async def body_chunks(response: UpstreamResponse) -> AsyncIterator[bytes]:
+    """An upstream answer's de-framed body, read as fast as the upstream sends it (no client to
+    wait for); a silent upstream is cut after its idle timeout, broken framing is an error."""
+    up = response.conn.h11
+    data: bytes | None = response.initial or None  # b"" would tell h11 the upstream closed
+    while True:
+        try:
+            if data is not None:
+                up.receive_data(data)
+            while True:
+                event = up.next_event()
+                if type(event) is h11.Data:
+                    yield bytes(event.data)
+                elif type(event) is h11.EndOfMessage:
+                    excess = len(up.trailing_data[0])
+                    response.reusable = (
+                        not excess and response.framing.reusable
+                        and up.our_state is h11.DONE and up.their_state is h11.DONE
+                    )  # fmt: skip
+                    return
+                else:
+                    break
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamProtocolError(f"{response.host} broke the HTTP protocol: {exc}") from None
+        with trio.move_on_after(response.idle_timeout) as idle:
+            data = await response.conn.recv()
+        if idle.cancelled_caught:
+            raise response.idle_timeout_error()
+
+
 async def follow(conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan, flight: Flight) -> bool:
     """Send the answer an identical request in flight is receiving; False when there is none to
-    follow after all (its leader failed before its head, or the answer is not shared)."""
+    follow after all (its fetch failed before its head, or the answer is not shared)."""
     answer = await flight.wait_head()
     if answer is None:
         return False
@@ -204,23 +330,6 @@ async def admit_without_upstream(gw: CacheGateway, config: Config, plan: Plan) -
         decision = await gw.state.acquire(rate, trio.current_time())
         decision.raise_if_refused()
     await gw._check_single_use(config, plan)
-
-
-def begin_flight(flight: Flight, response: UpstreamResponse, config: Config, plan: Plan) -> tuple[bytes, bytes]:
-    """Tell the flight the upstream's head (whether followers may share it, whether it may be
-    stored once complete); return the leader's Cache-Status."""
-    cached = plan.cache
-    assert cached is not None
-    reason = unstorable_reason(
-        response.status,
-        response.headers,
-        cached.rules,
-        max_entry_bytes=cached.max_entry_bytes,
-        key_headers=config.cache.key_headers,
-    )
-    flight.begin(response.status, tuple(forwarding.response_headers(response.headers)), share=reason is None)
-    result = "miss" if cached.plan.lookup else "refresh"
-    return cache_status(result, stored=flight.store, detail=reason)
 
 
 def own_headers(config: Config, plan: Plan) -> list[tuple[bytes, bytes]]:

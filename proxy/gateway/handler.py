@@ -31,7 +31,7 @@ import structlog
 import trio
 
 from .. import cors, forwarding, policy
-from ..cache.flight import Flight, ResponseCache
+from ..cache.flight import ResponseCache
 from ..cache.policy import CacheRequest
 from ..config import Config
 from ..errors import (
@@ -61,7 +61,7 @@ from ..upstream.client import UpstreamClient, UpstreamRequest, UpstreamResponse
 from ..urls import check_unambiguous_path, origin_and_target, url_allowed
 from ..websocket import policy as ws_policy
 from ..websocket.session import WebSocketProxy
-from .cache import begin_flight, cache_request, serve_cacheable
+from .cache import cache_request, serve_cacheable
 from .jobs import enqueue, serve_job
 from .plan import Plan, address_policy, canonical_paths, has_body, header_map, request_policy
 from .websocket import open_session
@@ -403,7 +403,6 @@ class Gateway:
         config: Config,
         record: RequestRecord,
         plan: Plan,
-        flight: Flight | None = None,
         cache_headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         """Step 7: forward, with the body checked against the JSON rules as it passes, then relay."""
@@ -437,15 +436,10 @@ class Gateway:
                     record.status = response.status
                     usage = UsageObserver(response.content_type)
                     observers: tuple[BodyObserver, ...] = (usage,)
-                    if flight is not None:
-                        cache_headers = (begin_flight(flight, response, config, plan),)
-                        observers = (usage, flight)
                     await self._respond(conn, response, record, config, plan.origin, plan.request_id, cache_headers)
                     record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
                     await relay(conn, response, record, observers, engine=self.engine, watcher=record.client_watch)
                     record.usage = usage.usage
-                    if flight is not None and usage.usage is not None:
-                        flight.usage = (usage.usage.prompt_tokens, usage.usage.completion_tokens)
             finally:
                 self.metrics.in_flight.dec()
 

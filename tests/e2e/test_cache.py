@@ -179,18 +179,73 @@ async def test_a_follower_leaving_disturbs_nobody(cached_parkway, upstream) -> N
     assert hit.headers["cache-status"].startswith("parkway; hit") and len(upstream.requests) == 1
 
 
-async def test_the_leader_leaving_fails_its_followers_and_stores_nothing(cached_parkway, upstream) -> None:
-    """Known limit: the leader's upstream call is its client's; when that client hangs up, the call
-    stops, and followers that already have part of the answer are cut (never passed off as complete)."""
+async def test_the_leader_leaving_does_not_stop_its_followers(cached_parkway, upstream) -> None:
+    """The upstream call belongs to the flight, not to the client whose request started it: when
+    that client hangs up, the call goes on for the followers, and the answer is stored."""
     parkway = await cached_parkway()
     (leader, *followers), send = await open_collapsed(parkway, upstream, 3)
     async with send:
-        await leader.aclose()
-        replies = [await each.finish() for each in followers]
-    assert not any(r.complete for r in replies)
-    upstream.behaviour = stream_events(upstream)
-    again = await call(parkway.port, "POST", url(parkway, upstream, pw_cache="60"), body=BODY)
-    assert again.headers["cache-status"] == "parkway; fwd=uri-miss; stored" and len(upstream.requests) == 2
+        with watch_logs() as logs:
+            await leader.aclose()
+            gone = await logs.wait_for(event="request", outcome="client_gone")
+        assert gone["cache"] == "miss"
+        for event in EVENTS[1:]:
+            await send.send(event)
+    replies = [await each.finish() for each in followers]
+    assert all(r.complete and r.body == b"".join(EVENTS) for r in replies)
+    hit = await call(parkway.port, "POST", url(parkway, upstream, pw_cache="60"), body=BODY)
+    assert hit.headers["cache-status"].startswith("parkway; hit") and hit.body == b"".join(EVENTS)
+    assert len(upstream.requests) == 1
+
+
+async def test_when_every_client_leaves_the_upstream_call_stops(cached_parkway, upstream) -> None:
+    parkway = await cached_parkway()
+    calls, send = await open_collapsed(parkway, upstream, 2)
+    async with send:
+        for each in calls:
+            await each.aclose()
+        with trio.fail_after(5):
+            await upstream.disconnected.wait()  # the proxy hung up on the upstream
+    assert len(upstream.requests) == 1
+
+
+BIG_CHUNK = b"x" * 65536
+BIG_CHUNKS = 192  # 12 MiB: more than loopback socket buffers take from a client that reads nothing
+
+
+def big_answer(upstream: Upstream) -> Callable[[Any], Awaitable[None]]:
+    async def behaviour(ex: Any) -> None:
+        await ex.send_head(200, [("content-type", "application/octet-stream")])
+        for _ in range(BIG_CHUNKS):
+            await ex.send_data(BIG_CHUNK)
+        await ex.send_end()
+
+    return behaviour
+
+
+async def test_a_stalled_leader_client_delays_no_follower(cached_parkway, upstream) -> None:
+    """The attack of issue 19: the client that starts a collapsed request stops reading. Followers
+    get the whole answer at their own pace; the stalled client is cut alone."""
+    upstream.behaviour = big_answer(upstream)
+    parkway = await cached_parkway(max_entry_bytes=16 << 20)
+    target = url(parkway, upstream, pw_cache="60")
+    stalled = await trio.open_tcp_stream("127.0.0.1", parkway.port)
+    await stalled.send_all(request_bytes("POST", target, BODY, headers=[("connection", "close")]))
+    await upstream.wait_for_requests(1)
+    try:
+        with watch_logs() as logs, trio.fail_after(HANG_LIMIT):
+            followers = [await Call.open(parkway.port, "POST", target, body=BODY) for _ in range(3)]
+            start = trio.current_time()
+            replies = [await each.finish() for each in followers]
+            elapsed = trio.current_time() - start
+            cut = await logs.wait_for(event="request", cache="miss")  # the stalled one, cut by its write timeout
+    finally:
+        await stalled.aclose()
+    assert all(r.complete and len(r.body) == BIG_CHUNKS * len(BIG_CHUNK) for r in replies)
+    assert all(r.headers["cache-status"] == "parkway; fwd=uri-miss; collapsed" for r in replies)
+    assert elapsed < 2.0  # under client_write_timeout: nobody waited for the stalled client
+    assert cut["outcome"] in ("client_gone", "upstream_error") and "did not read" in cut["error"]
+    assert len(upstream.requests) == 1
 
 
 async def test_an_interrupted_stream_is_not_stored_and_fails_its_followers(cached_parkway, upstream) -> None:
