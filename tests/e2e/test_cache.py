@@ -27,6 +27,7 @@ from support.metrics import parse_metrics
 from support.parkway import TEST_CREDENTIAL, Parkways, RunningParkway, make_config, redis_parkway_toml
 from support.processes import ParkwayProcess, ProcessGroup, free_port, poll
 from support.redis import RedisServer
+from support.scripted import ScriptedUpstream, answer_with
 from support.signing import SECRET, sign
 from support.upstream import Upstream, respond_with, sse_from, sse_then
 from support.websocket import RealtimeUpstream, ws_client
@@ -514,3 +515,98 @@ async def test_a_background_request_bypasses_the_cache(nursery: trio.Nursery, up
             await upstream.wait_for_requests(2)  # the job's own call
     finally:
         await parkways.drain()
+
+
+# --- issue 19: what the key does not cover, the upstream does not see; per_user; hostile numbers ----
+
+
+def echo_org(upstream: Upstream) -> Callable[[Any], Awaitable[None]]:
+    """An upstream that answers with what it saw of the headers an attacker might play with."""
+
+    async def behaviour(ex: Any) -> None:
+        seen = {n: ex.request.headers.get(n) for n in ("openai-organization", "x-evil", "cache-control", "user-agent")}
+        await ex.respond(200, [("content-type", "application/json")], json.dumps(seen).encode())
+
+    return behaviour
+
+
+async def test_connection_cannot_poison_the_cache(cached_parkway, upstream) -> None:
+    """The attack of issue 19, finding 1: an organisation header named in Connection is stripped
+    before the upstream, so its answer must not be stored under that organisation's key, and a
+    Cache-Control: no-cache must not overwrite the good entry with it."""
+    upstream.behaviour = echo_org(upstream)
+    parkway = await cached_parkway()
+    target = url(parkway, upstream, pw_cache="600")
+    victim = [("openai-organization", "org-victim")]
+    first = await call(parkway.port, "POST", target, body=BODY, headers=victim)
+    assert first.json()["openai-organization"] == "org-victim"
+
+    attack = [*victim, ("connection", "OpenAI-Organization"), ("x-evil", "1"), ("cache-control", "no-cache"),
+              ("user-agent", "attacker")]  # fmt: skip
+    poisoned = await call(parkway.port, "POST", target, body=BODY, headers=attack)
+    # The upstream saw none of what the key does not cover: no organisation, no other header.
+    assert poisoned.json() == {"openai-organization": None, "x-evil": None, "cache-control": None, "user-agent": None}
+    assert poisoned.headers["cache-status"] == "parkway; fwd=request; stored"  # stored under the no-org key
+
+    again = await call(parkway.port, "POST", target, body=BODY, headers=victim)
+    assert again.headers["cache-status"].startswith("parkway; hit")
+    assert again.json()["openai-organization"] == "org-victim"  # the victim's entry is intact
+    none = await call(parkway.port, "POST", target, body=BODY)
+    assert none.headers["cache-status"].startswith("parkway; hit") and none.json()["openai-organization"] is None
+    assert len(upstream.requests) == 2
+    assert "x-evil" not in upstream.requests[1].headers and "user-agent" not in upstream.requests[1].headers
+
+
+async def test_an_uncacheable_request_still_forwards_every_header(cached_parkway, upstream) -> None:
+    """The narrowing applies only where an answer may be stored or shared."""
+    upstream.behaviour = echo_org(upstream)
+    parkway = await cached_parkway()
+    target = url(parkway, upstream)  # no pw_cache
+    seen = await call(parkway.port, "POST", target, body=BODY, headers=[("x-evil", "1"), ("user-agent", "ua")])
+    assert seen.json()["x-evil"] == "1" and seen.json()["user-agent"] == "ua"
+
+
+async def test_per_user_without_a_signed_user_is_refused(cached_parkway, upstream) -> None:
+    per_user = replace(TEST_CREDENTIAL, cache=CacheRules(per_user=True))
+    parkway = await cached_parkway(credentials=(per_user,))
+    for _ in range(2):
+        refused = await call(parkway.port, "POST", url(parkway, upstream, pw_cache="60"), body=BODY)
+        assert (refused.status, refused.code) == (400, "cache_user_required")
+        assert "pw_user" in refused.message
+    assert upstream.requests == []
+    alice = await call(parkway.port, "POST", url(parkway, upstream, pw_cache="60", pw_user="alice"), body=BODY)
+    bob = await call(parkway.port, "POST", url(parkway, upstream, pw_cache="60", pw_user="bob"), body=BODY)
+    assert alice.status == bob.status == 200 and "hit" not in bob.headers["cache-status"]
+    assert len(upstream.requests) == 2
+
+
+async def test_a_hostile_age_never_makes_a_hit_fail(cached_parkway, upstream) -> None:
+    upstream.behaviour = respond_with(200, b"{}", [("content-type", "application/json"), ("age", "9" * 5000)])
+    parkway = await cached_parkway()
+    target = url(parkway, upstream, pw_cache="60")
+    stored = await call(parkway.port, "POST", target, body=BODY)
+    assert stored.status == 200 and stored.headers["cache-status"].endswith("stored")
+    for _ in range(2):
+        hit = await call(parkway.port, "POST", target, body=BODY)
+        assert (hit.status, hit.body) == (200, b"{}") and hit.headers["cache-status"].startswith("parkway; hit")
+        assert hit.headers["age"] == str(2**31)
+    assert len(upstream.requests) == 1
+
+
+@pytest.fixture
+async def scripted(nursery: trio.Nursery) -> ScriptedUpstream:
+    return await nursery.start(ScriptedUpstream().serve)
+
+
+async def test_a_close_delimited_answer_is_never_stored(cached_parkway, scripted) -> None:
+    """Neither a length nor chunked: the body ends when the upstream closes, as a crash would end it."""
+    answer = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{"n":1}'
+    scripted.answers = [answer_with(answer, close=True), answer_with(answer, close=True)]
+    parkway = await cached_parkway()
+    target = signed(parkway.base, scripted.base + "/v1/x", method="POST", params={"pw_cache": "60"})
+    replies = [await call(parkway.port, "POST", target, body=BODY) for _ in range(2)]
+    assert [r.body for r in replies] == [b'{"n":1}'] * 2
+    assert replies[0].headers["cache-status"] == (
+        'parkway; fwd=uri-miss; detail="answer ends at the connection\'s close (no length, not chunked)"'
+    )
+    assert len(scripted.requests) == 2
