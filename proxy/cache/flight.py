@@ -44,6 +44,10 @@ class LeaderFailed(Exception):
     """The answer a follower was reading broke off before its end."""
 
 
+class NotShared(Exception):
+    """The answer another process is fetching is not one to share: make the call yourself."""
+
+
 class FellBehind(Exception):
     """A follower read too slowly for an answer too big to keep whole; it was cut loose."""
 
@@ -63,6 +67,11 @@ class CacheStore(Protocol):
 
     def healthy(self) -> bool:
         """False while a shared store is unreachable."""
+
+
+class SharedRunner(Protocol):
+    async def run(self, flight: Flight, fetch: Callable[[Flight], Awaitable[None]]) -> None:
+        """Feed ``flight`` by ``fetch`` or from another process's recording."""
 
 
 class MemoryStore:
@@ -117,6 +126,7 @@ class Flight:
         "max_bytes",
         "readers",
         "recording",
+        "remote",
         "scope",
         "settled",
         "shared",
@@ -135,6 +145,7 @@ class Flight:
         self.shared = False  # followers may receive this answer
         self.accepting = True  # new followers may join
         self.readers = 1  # clients reading (or about to), the one that started the flight included
+        self.remote = False  # fed by another process's recording (collapsing through Redis)
         self.done = False
         self.complete = False
         self.stored = False
@@ -154,6 +165,16 @@ class Flight:
     @property
     def followers(self) -> int:
         return self.readers - 1
+
+    @property
+    def head_ready(self) -> trio.Event:
+        """Set once the head arrived or the fetch ended without one."""
+        return self._head
+
+    async def changed(self) -> None:
+        """Wait for the next chunk or the end (for a reader that does not count as a client)."""
+        if not self.done:
+            await self._lot.park()
 
     # --- the fetch ----------------------------------------------------------------------------------
 
@@ -282,10 +303,17 @@ class ResponseCache:
     """Lookups, single flight and storing, over one :class:`CacheStore`. Fetches run in ``nursery``
     (the app's, through :func:`open_cache`), so no client's task owns an upstream call others read."""
 
-    def __init__(self, config: CacheConfig, store: CacheStore, nursery: trio.Nursery | None = None):
+    def __init__(
+        self,
+        config: CacheConfig,
+        store: CacheStore,
+        nursery: trio.Nursery | None = None,
+        shared: SharedRunner | None = None,
+    ):
         self.config = config
         self.store = store
         self.nursery = nursery
+        self.shared = shared  # collapsing across processes (Redis), or None: within this process
         self._flights: dict[str, Flight] = {}
 
     @property
@@ -338,7 +366,10 @@ class ResponseCache:
         with flight.scope:
             try:
                 async with self.leading(flight):
-                    await fetch(flight)
+                    if self.shared is None:
+                        await fetch(flight)
+                    else:
+                        await self.shared.run(flight, fetch)
             except Exception as exc:  # the starting client's task raises it; nobody else must see it
                 flight.fail(exc)
             finally:
@@ -383,13 +414,14 @@ async def open_cache(config: CacheConfig, redis_url: str = "") -> AsyncIterator[
             nursery.cancel_scope.cancel()
         return
     from .redis import RedisStore  # coredis is only imported when Redis is configured
+    from .shared import SharedFlights
 
     url = config.url or redis_url
     async with RedisStore(
         url, key_prefix=config.key_prefix, timeout=config.timeout, retry_interval=config.retry_interval
     ) as store:
-        async with trio.open_nursery() as nursery:
-            yield ResponseCache(config, store, nursery)
+        async with SharedFlights(store, config, url) as shared, trio.open_nursery() as nursery:
+            yield ResponseCache(config, store, nursery, shared)
             nursery.cancel_scope.cancel()
 
 

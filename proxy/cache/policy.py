@@ -75,6 +75,9 @@ class CacheConfig:
     key_headers: tuple[str, ...] = DEFAULT_KEY_HEADERS
     timeout: float = 0.25  # seconds for one Redis operation
     retry_interval: float = 1.0  # while Redis is down, try it again at most this often
+    # Redis only: collapsing across processes.
+    lock_timeout: float = 2.0  # a leader silent this long (its process died) is replaced
+    stream_readers: int = 16  # connections blocked reading shared recordings, per process
 
     def __post_init__(self) -> None:
         if self.backend not in CACHE_BACKENDS:

@@ -16,7 +16,7 @@ import h11
 import trio
 
 from .. import cors, forwarding, policy
-from ..cache.flight import ALONE, LEAD, FellBehind, Flight, LeaderFailed, ResponseCache
+from ..cache.flight import ALONE, LEAD, FellBehind, Flight, LeaderFailed, NotShared, ResponseCache
 from ..cache.policy import (
     CacheRequest,
     CacheRules,
@@ -206,11 +206,18 @@ async def lead(
     cache, cached = gw.cache, plan.cache
     assert cache is not None and cached is not None
     cache.start(flight, partial(fetch, gw, head.method, config, plan))
-    answer = await flight.head()  # the fetch's error before the head is this client's answer
+    try:
+        answer = await flight.head()  # the fetch's error before the head is this client's answer
+    except NotShared:  # another process's answer that is not to be shared: call on our own
+        status = cache_status("miss", detail="identical request in flight")
+        return await gw._forward(head, conn, config, record, plan, cache_headers=(status,))
     record.status = answer.status
     record.ttfb = flight.head_at - record.started
-    result = "miss" if cached.plan.lookup else "refresh"
-    status = cache_status(result, stored=flight.store, detail=flight.detail)
+    if flight.remote:  # another process makes the call: this request follows it
+        record.cache = "collapsed"
+        status = cache_status("collapsed")
+    else:
+        status = cache_status("miss" if cached.plan.lookup else "refresh", stored=flight.store, detail=flight.detail)
     headers = [*answer.headers, *own_headers(config, plan), status]
     try:
         await send_followed(conn, flight, answer, headers, record)
@@ -218,7 +225,10 @@ async def lead(
         if isinstance(flight.error, ParkwayError):
             raise flight.error from None
         raise UpstreamError(str(exc), code="collapsed_leader_failed") from None
-    record.usage = flight.usage_detail  # type: ignore[assignment]
+    if flight.remote:
+        record.tokens_saved = flight.usage
+    else:
+        record.usage = flight.usage_detail  # type: ignore[assignment]
     # The answer is whole; its entry is written next (bounded by the store's timeout), and this
     # request's log line says whether it was.
     with trio.move_on_after(max(config.cache.timeout, 0.1) * 4):
