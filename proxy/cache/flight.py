@@ -44,10 +44,6 @@ class LeaderFailed(Exception):
     """The answer a follower was reading broke off before its end."""
 
 
-class NotShared(Exception):
-    """The answer another process is fetching is not one to share: make the call yourself."""
-
-
 class FellBehind(Exception):
     """A follower read too slowly for an answer too big to keep whole; it was cut loose."""
 

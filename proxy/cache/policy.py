@@ -89,6 +89,10 @@ class CacheUnavailable(Exception):
     Never answered to a client, so not a :class:`~proxy.errors.ParkwayError`."""
 
 
+class NotShared(Exception):
+    """The answer another process is fetching is not one to share: make the call yourself."""
+
+
 # --- who decides: the signer, narrowed by the browser ------------------------------------------
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from functools import partial
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import coredis
 import structlog
@@ -51,13 +51,14 @@ from .entry import (
     CorruptEntry,
     End,
     Head,
+    Header,
+    Recording,
     decode_record,
     encode_data,
     encode_end,
     encode_head,
 )
-from .flight import Flight, NotShared
-from .policy import CacheConfig, CacheUnavailable, short_key
+from .policy import CacheConfig, CacheUnavailable, NotShared, short_key
 from .redis import RedisStore
 
 log = structlog.get_logger("parkway.cache")
@@ -77,7 +78,37 @@ if ARGV[4] == '1' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEY
 return 1
 """
 
-Fetch = Callable[[Flight], Awaitable[None]]
+
+class Flight(Protocol):
+    """What this module uses of a :class:`~proxy.cache.flight.Flight` (which imports this module)."""
+
+    key: str
+    store: bool
+    remote: bool
+    readers: int
+    recording: Recording | None
+    shared: bool
+    done: bool
+    complete: bool
+    usage: tuple[int, int]
+
+    @property
+    def head_ready(self) -> trio.Event: ...
+
+    def begin(self, status: int, headers: tuple[Header, ...], *, share: bool) -> None: ...
+
+    def feed(self, data: bytes) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+    def finish(self, complete: bool) -> None: ...
+
+    def leave(self) -> None: ...
+
+    async def changed(self) -> None: ...
+
+
+Fetch = Callable[[Any], Awaitable[None]]
 
 
 class SharedFlights:

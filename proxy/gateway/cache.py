@@ -16,11 +16,12 @@ import h11
 import trio
 
 from .. import cors, forwarding, policy
-from ..cache.flight import ALONE, LEAD, FellBehind, Flight, LeaderFailed, NotShared, ResponseCache
+from ..cache.flight import ALONE, LEAD, FellBehind, Flight, LeaderFailed, ResponseCache
 from ..cache.policy import (
     CacheRequest,
     CacheRules,
     CacheUnavailable,
+    NotShared,
     cache_key,
     cache_plan,
     cache_scope,
