@@ -66,8 +66,13 @@ class CacheStore(Protocol):
 
 
 class SharedRunner(Protocol):
-    async def run(self, flight: Flight, fetch: Callable[[Flight], Awaitable[None]]) -> None:
-        """Feed ``flight`` by ``fetch`` or from another process's recording."""
+    async def run(
+        self,
+        flight: Flight,
+        fetch: Callable[[Flight], Awaitable[None]],
+        store: Callable[[Flight], Awaitable[None]],
+    ) -> None:
+        """Feed ``flight`` by ``fetch`` (then ``store`` it) or from another process's recording."""
 
 
 class MemoryStore:
@@ -120,6 +125,7 @@ class Flight:
         "head_at",
         "key",
         "max_bytes",
+        "put_done",
         "readers",
         "recording",
         "remote",
@@ -148,6 +154,7 @@ class Flight:
         self.error: BaseException | None = None  # why the fetch failed (before the head or after)
         self.detail: str | None = None  # why the answer will not be stored (Cache-Status detail)
         self.settled = trio.Event()  # the fetch is over and the answer stored (or not)
+        self.put_done = False  # the answer was offered to the store (once)
         self.head_at = 0.0
         self.evicted = 0  # entries the store pushed out to make room for this one
         self.usage: tuple[int, int] = (0, 0)  # prompt, completion tokens of the answer
@@ -365,7 +372,7 @@ class ResponseCache:
                     if self.shared is None:
                         await fetch(flight)
                     else:
-                        await self.shared.run(flight, fetch)
+                        await self.shared.run(flight, fetch, self.store_flight)
             except Exception as exc:  # the starting client's task raises it; nobody else must see it
                 flight.fail(exc)
             finally:
@@ -381,13 +388,20 @@ class ResponseCache:
         finally:
             flight.finish(False)  # a no-op when the fetch finished it; wakes readers otherwise
             try:
-                entry = flight.entry(self.store.clock())
-                if entry is not None:
-                    with trio.CancelScope(shield=True):  # the answer is whole; storing must not be cut
-                        await self._put(flight, entry)
+                await self.store_flight(flight)
             finally:
                 if self._flights.get(flight.key) is flight:
                     del self._flights[flight.key]
+
+    async def store_flight(self, flight: Flight) -> None:
+        """Store the flight's answer if it completed and may be stored; once."""
+        if flight.put_done:
+            return
+        flight.put_done = True
+        entry = flight.entry(self.store.clock())
+        if entry is not None:
+            with trio.CancelScope(shield=True):  # the answer is whole; storing must not be cut
+                await self._put(flight, entry)
 
     async def _put(self, flight: Flight, entry: CacheEntry) -> None:
         try:

@@ -7,7 +7,7 @@ same sequence of chunks, one write each, so a streamed answer still arrives toke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -37,7 +37,12 @@ async def send_stored(
 
 
 async def send_followed(
-    conn: HTTPConnection, flight: Flight, head: Recording, headers: Headers, record: RequestRecord
+    conn: HTTPConnection,
+    flight: Flight,
+    head: Recording,
+    headers: Headers,
+    record: RequestRecord,
+    before_end: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Send the answer ``flight``'s leader is receiving, as it arrives. Raises
     :class:`~proxy.cache.flight.LeaderFailed` or :class:`~proxy.cache.flight.FellBehind` mid-body."""
@@ -48,6 +53,8 @@ async def send_followed(
         await conn.send_data(chunk)
 
     await follow(flight, send)
+    if before_end is not None:
+        await before_end()
     await conn.send_end()
     record.completed = True
 

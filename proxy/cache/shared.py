@@ -70,6 +70,11 @@ ATTEMPTS = 3  # leaders that fail before their head, at most, before this proces
 POLL_SECONDS = 0.05  # the wait between reads of a flight that found no free reading connection
 
 # KEYS: lock, stream. ARGV: generation, lock ms, stream ms, "1" to release the lock, records...
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 for i = 5, #ARGV do redis.call('XADD', KEYS[2], '*', 'r', ARGV[i]) end
@@ -133,6 +138,7 @@ class SharedFlights:
         pool = self._reading.connection_pool
         pool.connection_class = closing_buffers(pool.connection_class)
         self._append = store.client.register_script(APPEND)
+        self._unlock = store.client.register_script(RELEASE)
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> Self:
@@ -146,9 +152,9 @@ class SharedFlights:
 
     # --- one flight ---------------------------------------------------------------------------------
 
-    async def run(self, flight: Flight, fetch: Fetch) -> None:
-        """Feed ``flight``: by leading (``fetch``, the upstream call, published for the others) or by
-        following another process's recording."""
+    async def run(self, flight: Flight, fetch: Fetch, store_answer: Fetch) -> None:
+        """Feed ``flight``: by leading (``fetch``, the upstream call, published for the others, then
+        ``store_answer`` before the lock is let go) or by following another process's recording."""
         store = flight.store
         for _ in range(ATTEMPTS):
             try:
@@ -156,7 +162,15 @@ class SharedFlights:
             except CacheUnavailable:
                 break  # Redis is not there: collapsed within this process only
             if generation > 0:
-                await self._lead(flight, fetch, generation)
+                try:
+                    if not await self._stored_meanwhile(flight):
+                        await self._lead(flight, fetch, store_answer, generation)
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(self.store.timeout):
+                        try:
+                            await self._release(flight.key, generation)
+                        except CacheUnavailable:
+                            pass  # it expires by itself
                 return
             flight.remote, flight.store = True, False
             try:
@@ -185,7 +199,24 @@ class SharedFlights:
                 return -int(current)
         raise CacheUnavailable("the collapsing lock changed hands on every attempt")
 
-    async def _lead(self, flight: Flight, fetch: Fetch, generation: int) -> None:
+    async def _stored_meanwhile(self, flight: Flight) -> bool:
+        """The answer another process stored between this one's lookup and its claim: fed from the
+        entry, with no upstream call."""
+        try:
+            entry = await self.store.get(flight.key)
+        except CacheUnavailable:
+            return False
+        if entry is None:
+            return False
+        flight.remote, flight.store = True, False
+        flight.begin(entry.status, entry.headers, share=True)
+        for chunk in entry.chunks:
+            flight.feed(chunk)
+        flight.usage = (entry.prompt_tokens, entry.completion_tokens)
+        flight.finish(True)
+        return True
+
+    async def _lead(self, flight: Flight, fetch: Fetch, store_answer: Fetch, generation: int) -> None:
         flight.readers += 1  # the publisher reads too: followers elsewhere may need the whole answer
         try:
             async with trio.open_nursery() as nursery:
@@ -194,8 +225,13 @@ class SharedFlights:
                     await fetch(flight)
                 finally:
                     flight.finish(False)  # a no-op after a complete answer; ends the publisher otherwise
+            # Stored before the lock goes: a process that claims it next finds the entry.
+            await store_answer(flight)
         finally:
             flight.leave()
+
+    async def _release(self, key: str, generation: int) -> None:
+        await self.store.call(lambda: self._unlock(keys=[self._lock(key)], args=[str(generation)]))
 
     # --- the leader's side --------------------------------------------------------------------------
 
@@ -246,7 +282,7 @@ class SharedFlights:
                 if last:
                     outcome = COMPLETE if flight.complete else FAILED
                     pending.append(encode_end(End(outcome, *flight.usage)))
-                if not await append(pending, last=last):
+                if not await append(pending):  # the lock is let go once the answer is stored
                     log.warning("cache_lock_lost", key=short_key(flight.key), generation=generation)
                     return
                 pending, last_flush = [], trio.current_time()

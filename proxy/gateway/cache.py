@@ -220,8 +220,16 @@ async def lead(
     else:
         status = cache_status("miss" if cached.plan.lookup else "refresh", stored=flight.store, detail=flight.detail)
     headers = [*answer.headers, *own_headers(config, plan), status]
+
+    async def settled() -> None:
+        # The answer is whole; its entry is written before the last bytes go out (bounded by the
+        # store's timeout): this client's next identical request is a hit, and its log line says
+        # whether it was stored.
+        with trio.move_on_after(max(config.cache.timeout, 0.1) * 4):
+            await flight.settled.wait()
+
     try:
-        await send_followed(conn, flight, answer, headers, record)
+        await send_followed(conn, flight, answer, headers, record, settled)
     except (LeaderFailed, FellBehind) as exc:
         if isinstance(flight.error, ParkwayError):
             raise flight.error from None
@@ -230,10 +238,6 @@ async def lead(
         record.tokens_saved = flight.usage
     else:
         record.usage = flight.usage_detail  # type: ignore[assignment]
-    # The answer is whole; its entry is written next (bounded by the store's timeout), and this
-    # request's log line says whether it was.
-    with trio.move_on_after(max(config.cache.timeout, 0.1) * 4):
-        await flight.settled.wait()
     if flight.stored:
         record.cache = "stored"
         gw.metrics.cache_evictions.inc(flight.evicted)

@@ -214,20 +214,25 @@ BIG_CHUNK = b"x" * 65536
 BIG_CHUNKS = 192  # 12 MiB: more than loopback socket buffers take from a client that reads nothing
 
 
-def big_answer(upstream: Upstream) -> Callable[[Any], Awaitable[None]]:
-    async def behaviour(ex: Any) -> None:
+class BigAnswer:
+    """12 MiB as fast as the proxy takes it, once the test says go (after the first chunk)."""
+
+    def __init__(self) -> None:
+        self.go = trio.Event()
+
+    async def __call__(self, ex: Any) -> None:
         await ex.send_head(200, [("content-type", "application/octet-stream")])
-        for _ in range(BIG_CHUNKS):
+        await ex.send_data(BIG_CHUNK)
+        await self.go.wait()
+        for _ in range(BIG_CHUNKS - 1):
             await ex.send_data(BIG_CHUNK)
         await ex.send_end()
-
-    return behaviour
 
 
 async def test_a_stalled_leader_client_delays_no_follower(cached_parkway, upstream) -> None:
     """The attack of issue 19: the client that starts a collapsed request stops reading. Followers
     get the whole answer at their own pace; the stalled client is cut alone."""
-    upstream.behaviour = big_answer(upstream)
+    upstream.behaviour = big = BigAnswer()
     parkway = await cached_parkway(max_entry_bytes=16 << 20)
     target = url(parkway, upstream, pw_cache="60")
     stalled = await trio.open_tcp_stream("127.0.0.1", parkway.port)
@@ -236,6 +241,9 @@ async def test_a_stalled_leader_client_delays_no_follower(cached_parkway, upstre
     try:
         with watch_logs() as logs, trio.fail_after(HANG_LIMIT):
             followers = [await Call.open(parkway.port, "POST", target, body=BODY) for _ in range(3)]
+            for each in followers:
+                await each.head()  # every follower is in before the rest of the answer comes
+            big.go.set()
             start = trio.current_time()
             replies = [await each.finish() for each in followers]
             elapsed = trio.current_time() - start

@@ -105,15 +105,23 @@ BIG_CHUNK = b"x" * 65536
 BIG_CHUNKS = 192  # 12 MiB: more than the socket buffers take from a client that reads nothing
 
 
-async def big_answer(ex: Any) -> None:
-    await ex.send_head(200, [("content-type", "application/octet-stream")])
-    for _ in range(BIG_CHUNKS):
+class BigAnswer:
+    """12 MiB as fast as the proxy takes it, once the test says go (after the first chunk)."""
+
+    def __init__(self) -> None:
+        self.go = trio.Event()
+
+    async def __call__(self, ex: Any) -> None:
+        await ex.send_head(200, [("content-type", "application/octet-stream")])
         await ex.send_data(BIG_CHUNK)
-    await ex.send_end()
+        await self.go.wait()
+        for _ in range(BIG_CHUNKS - 1):
+            await ex.send_data(BIG_CHUNK)
+        await ex.send_end()
 
 
 async def test_a_stalled_client_delays_nobody_on_either_process(processes, redis, upstream, tmp_path) -> None:
-    upstream.behaviour = big_answer
+    upstream.behaviour = big = BigAnswer()
     one, two = await start_two(processes, redis, tmp_path, cache="max_entry_bytes = 16777216")
     stalled = await trio.open_tcp_stream("127.0.0.1", one.port)
     try:
@@ -121,12 +129,16 @@ async def test_a_stalled_client_delays_nobody_on_either_process(processes, redis
         with trio.fail_after(GUARD):
             await upstream.wait_for_requests(1)
             followers = [await Call.open(p.port, "POST", target(p, upstream), body=BODY) for p in (one, two, two)]
+            for each in followers:
+                await each.head()  # every follower is in before the rest of the answer comes
+            big.go.set()
             start = trio.current_time()
             replies = [await each.finish() for each in followers]
             elapsed = trio.current_time() - start
     finally:
         await stalled.aclose()
     assert all(r.complete and len(r.body) == BIG_CHUNKS * len(BIG_CHUNK) for r in replies)
+    assert all(r.headers["cache-status"] == "parkway; fwd=uri-miss; collapsed" for r in replies)
     assert elapsed < 10  # far under the stalled client's client_write_timeout (30 s by default)
     assert len(upstream.requests) == 1
 
