@@ -128,6 +128,7 @@ class Flight:
         "put_done",
         "readers",
         "recording",
+        "refresh",
         "remote",
         "scope",
         "settled",
@@ -148,6 +149,7 @@ class Flight:
         self.accepting = True  # new followers may join
         self.readers = 1  # clients reading (or about to), the one that started the flight included
         self.remote = False  # fed by another process's recording (collapsing through Redis)
+        self.refresh = False  # started by a client's no-cache: a stored answer must not feed it
         self.done = False
         self.complete = False
         self.stored = False
@@ -327,14 +329,18 @@ class ResponseCache:
         """The stored answer, or None; raises :class:`CacheUnavailable` (the caller goes upstream)."""
         return await self.store.get(key)
 
-    def join_nowait(self, key: str, *, ttl: float, store: bool, max_entry_bytes: int) -> tuple[str, Flight | None]:
+    def join_nowait(
+        self, key: str, *, ttl: float, store: bool, max_entry_bytes: int, refresh: bool = False
+    ) -> tuple[str, Flight | None]:
         """Decide, without waiting, how a request for ``key`` goes:
 
         * ``(LEAD, flight)``: no identical call is in flight; this request starts it. The flight is
           registered at once (so the next identical request follows it); the caller starts its
           fetch with :meth:`start` and reads it like any follower.
         * ``(FOLLOW, flight)``: an identical call is in flight and takes followers.
-        * ``(ALONE, None)``: one is, but it takes no more followers: go upstream uncollapsed.
+        * ``(ALONE, None)``: one is, but it takes no more followers: go upstream uncollapsed. So does
+          a ``refresh`` (the client's ``no-cache``) once that call's answer has begun: it would not
+          be an answer produced after this request.
 
         Every LEAD or FOLLOW is a reader of the flight and must call :meth:`Flight.leave` once done.
         """
@@ -344,6 +350,8 @@ class ResponseCache:
             flight = Flight(key, ttl=ttl, store=store, max_bytes=max_entry_bytes, window_bytes=window)
             self._flights[key] = flight
             return LEAD, flight
+        if refresh and flight.recording is not None:
+            return ALONE, None
         if flight.accepting and flight.followers < self.config.max_followers:
             flight.readers += 1
             return FOLLOW, flight

@@ -65,6 +65,7 @@ log = structlog.get_logger("parkway.cache")
 
 BATCH_SECONDS = 0.02  # a batch waits this long for more chunks ...
 BATCH_BYTES = 4096  # ... unless this many bytes are there
+MAX_APPEND_BYTES = 256 * 1024  # at most this much body per script call (a fast upstream is split)
 STREAM_TTL_MS = 60_000  # a recording outlives its last append by this (late joiners replay it)
 ATTEMPTS = 3  # leaders that fail before their head, at most, before this process calls itself
 POLL_SECONDS = 0.05  # the wait between reads of a flight that found no free reading connection
@@ -96,6 +97,7 @@ class Flight(Protocol):
     done: bool
     complete: bool
     usage: tuple[int, int]
+    refresh: bool
 
     @property
     def head_ready(self) -> trio.Event: ...
@@ -172,6 +174,8 @@ class SharedFlights:
                         except CacheUnavailable:
                             pass  # it expires by itself
                 return
+            if flight.refresh:
+                break  # the client's no-cache: never an answer another process began before it
             flight.remote, flight.store = True, False
             try:
                 if await self._follow(flight, -generation):
@@ -201,7 +205,9 @@ class SharedFlights:
 
     async def _stored_meanwhile(self, flight: Flight) -> bool:
         """The answer another process stored between this one's lookup and its claim: fed from the
-        entry, with no upstream call."""
+        entry, with no upstream call. Not for a refresh (the client's ``no-cache``)."""
+        if flight.refresh:
+            return False
         try:
             entry = await self.store.get(flight.key)
         except CacheUnavailable:
@@ -273,10 +279,14 @@ class SharedFlights:
                     reason = "over max_entry_bytes"
                     ended = await append([*pending, encode_end(End(FAILED, reason=reason))], last=True)
                     return
-                chunks = [recording.chunks[i - recording.base] for i in range(number, recording.end)]
-                number = recording.end
+                chunks, size = [], 0
+                while number < recording.end and size < MAX_APPEND_BYTES:  # one script call stays small
+                    chunk = recording.chunks[number - recording.base]
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    number += 1
                 if chunks:
-                    published += sum(len(c) for c in chunks)
+                    published += size
                     pending.append(encode_data(chunks))
                 last = flight.done and number >= recording.end
                 if last:
@@ -353,13 +363,13 @@ class SharedFlights:
         if block and self._try_reader():
             try:
                 result = await self.store.call(
-                    lambda: self._reading.xread({stream: last}, count=512, block=self.block_ms),
+                    lambda: self._reading.xread({stream: last}, count=64, block=self.block_ms),
                     timeout=self.block_ms / 1000 + self.store.timeout,
                 )
             finally:
                 self.readers.release()
         else:
-            result = await self.store.call(lambda: self.store.client.xread({stream: last}, count=512))
+            result = await self.store.call(lambda: self.store.client.xread({stream: last}, count=64))
             if block and not result:
                 await trio.sleep(POLL_SECONDS)
         if not result:

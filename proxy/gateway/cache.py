@@ -168,7 +168,11 @@ async def serve_cacheable(
     admitted = False
     for _attempt in range(2):  # a fetch that fails before its answer starts: followers try once more
         role, flight = cache.join_nowait(
-            cached.key, ttl=cached.plan.ttl, store=cached.plan.store, max_entry_bytes=cached.max_entry_bytes
+            cached.key,
+            ttl=cached.plan.ttl,
+            store=cached.plan.store,
+            max_entry_bytes=cached.max_entry_bytes,
+            refresh=not cached.plan.lookup,
         )
         if flight is None or role == ALONE:
             break
@@ -206,6 +210,7 @@ async def lead(
     (:func:`fetch`), and this client reads its answer like any follower, at its own pace."""
     cache, cached = gw.cache, plan.cache
     assert cache is not None and cached is not None
+    flight.refresh = not cached.plan.lookup
     cache.start(flight, partial(fetch, gw, head.method, config, plan))
     try:
         answer = await flight.head()  # the fetch's error before the head is this client's answer
@@ -222,9 +227,8 @@ async def lead(
     headers = [*answer.headers, *own_headers(config, plan), status]
 
     async def settled() -> None:
-        # The answer is whole; its entry is written before the last bytes go out (bounded by the
-        # store's timeout): this client's next identical request is a hit, and its log line says
-        # whether it was stored.
+        # The answer is whole; its entry is written before the end of the body goes out (bounded
+        # by the store's timeout), so this request's log line says whether it was stored.
         with trio.move_on_after(max(config.cache.timeout, 0.1) * 4):
             await flight.settled.wait()
 

@@ -193,3 +193,26 @@ async def test_the_leaders_process_killed_mid_answer_cuts_streaming_followers(
     assert again.status == 200 and again.body == b"".join(EVENTS) and again.headers["cache-status"].endswith("stored")
     assert trio.current_time() - start_again < GUARD
     assert len(upstream.requests) == 2
+
+
+async def test_no_cache_refreshes_across_processes(processes, redis, upstream, tmp_path) -> None:
+    """A client's no-cache is never answered from an entry another process stored."""
+    answers = iter([b'{"n":1}', b'{"n":2}'])
+
+    async def numbered(ex: Any) -> None:
+        await ex.respond(200, [("content-type", "application/json")], next(answers))
+
+    upstream.behaviour = numbered
+    one, two = await start_two(processes, redis, tmp_path)
+    with trio.fail_after(GUARD):
+        first = await call(one.port, "POST", target(one, upstream), body=BODY)
+        refreshed = await call(two.port, "POST", target(two, upstream), body=BODY,
+                               headers=[("cache-control", "no-cache")])  # fmt: skip
+        # A fixed-length answer is all with its client before its entry is written: the log line
+        # comes once it is.
+        await two.logs.wait_for(event="request", request_id=refreshed.headers["x-request-id"], timeout=GUARD)
+        hit = await call(one.port, "POST", target(one, upstream), body=BODY)
+    assert first.body == b'{"n":1}' and first.headers["cache-status"] == "parkway; fwd=uri-miss; stored"
+    assert refreshed.body == b'{"n":2}' and refreshed.headers["cache-status"] == "parkway; fwd=request; stored"
+    assert hit.body == b'{"n":2}' and hit.headers["cache-status"].startswith("parkway; hit")
+    assert len(upstream.requests) == 2

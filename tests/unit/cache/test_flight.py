@@ -393,3 +393,13 @@ async def test_a_fetch_failing_before_its_head_answers_the_starting_client() -> 
         with pytest.raises(ConnectionRefusedError):
             await flight.head()
         assert follower is not None and await follower.wait_head() is None  # the follower tries itself
+
+
+async def test_a_refresh_follows_only_an_answer_not_begun_yet() -> None:
+    """no-cache asks for an answer produced after the request: one already under way is not that."""
+    cache = make_cache()
+    flight = lead(cache)
+    assert cache.join_nowait("k", ttl=60, store=True, max_entry_bytes=1 << 20, refresh=True)[0] == FOLLOW
+    flight.begin(200, SSE, share=True)
+    assert cache.join_nowait("k", ttl=60, store=True, max_entry_bytes=1 << 20, refresh=True) == (ALONE, None)
+    assert join(cache)[0] == FOLLOW
