@@ -1,21 +1,22 @@
 """The cache's steps of the gateway: a request the signer made cacheable is answered from a stored
 answer, from an identical request's answer as it arrives, or by an upstream call that records it.
 
-The gateway calls these with itself as ``gw`` (:class:`CacheGateway`: admission and step 7 stay
-in :mod:`proxy.gateway.handler`); this module never imports the handler.
+:func:`cache_ask` and :func:`keyed` are the cache's part of the plan; :class:`ServeCacheable` is
+step 7 of a cacheable request, given admission and forwarding (:mod:`proxy.gateway.admit`,
+:mod:`proxy.gateway.forward`) when the gateway is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from functools import lru_cache, partial
-from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import h11
 import trio
 
-from .. import cors, forwarding, policy
+from .. import cors, forwarding, limits, policy
 from ..cache.flight import ALONE, LEAD, FellBehind, Flight, LeaderFailed, ResponseCache
 from ..cache.policy import (
     CacheRequest,
@@ -35,262 +36,256 @@ from ..cache.policy import (
 )
 from ..cache.respond import send_followed, send_stored
 from ..config import Config, Credential
-from ..errors import CacheMiss, CacheUserRequired, Forbidden, ParkwayError, UpstreamError, UpstreamProtocolError
-from ..http.connection import HTTPConnection, RequestHead
-from ..limits import limiter as limits
-from ..limits.state import StateBackend
+from ..errors import (
+    CacheMiss,
+    CacheUserRequired,
+    Forbidden,
+    ParkwayError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from ..http.connection import RequestHead
 from ..metrics import Metrics
-from ..record import RequestRecord
 from ..relay.usage import UsageObserver
 from ..upstream import ssrf
 from ..upstream.client import UpstreamClient, UpstreamRequest, UpstreamResponse
-from .plan import Plan, address_policy, has_body
-
-
-class CacheGateway(Protocol):
-    """What the cache steps use of the gateway: its cache, state and metrics, admission and step 7."""
-
-    cache: ResponseCache | None
-    upstream: UpstreamClient
-    state: StateBackend
-    metrics: Metrics
-
-    async def _admit(
-        self,
-        head: RequestHead,
-        conn: HTTPConnection,
-        config: Config,
-        record: RequestRecord,
-        plan: Plan,
-        step7: Callable[[RequestHead, HTTPConnection, Config, RequestRecord, Plan], Awaitable[None]],
-        *,
-        admitted: bool = False,
-    ) -> None: ...
-
-    async def _forward(self, *args: Any, **kwargs: Any) -> None: ...
-
-    async def _check_single_use(self, config: Config, plan: Plan) -> None: ...
-
+from .admit import Admission
+from .forward import Forward
+from .plan import Plan, Request, address_policy, has_body
 
 NO_CACHE_RULES = CacheRules()
 
 
-async def cache_request(
+def cache_ask(
     head: RequestHead,
-    conn: HTTPConnection,
     config: Config,
     credential: Credential,
     extras: dict[str, str],
-    upstream_url: str,
-    user: str | None,
-    body: bytes | None,
+    body_read: bool,
     declared_length: int | None,
-) -> tuple[CacheRequest | None, bytes | None]:
-    """The cache's part of the plan (None: not cacheable), and the body, read if the key needs it."""
+) -> CacheRequest | None:
+    """The cache's part of the plan, before the key (None: not cacheable). Unless it bypasses
+    the cache, the key is made by :func:`keyed` once the body is read (bounded by the caller)."""
     settings, rules = config.cache, credential.cache or NO_CACHE_RULES
     ttl = signed_ttl(extras.get(settings.param), rules.ttl, settings.max_ttl, settings.param)
     if ttl <= 0:
-        return None, body  # the common case: nothing more to look at
+        return None  # the common case: nothing more to look at
     directives = request_directives(head.header(b"cache-control"), head.header(b"pragma"))
     plan = cache_plan(ttl, directives, head.method)
     if plan is None:
-        return None, body
+        return None
     max_entry = rules.max_entry_bytes or settings.max_entry_bytes
-    if rules.per_user and user is None:
+    if rules.per_user and limits.end_user(extras, config.server.user_param) is None:
         # Every such URL would share one entry: one user's answer served to another. Never.
         raise CacheUserRequired(
             f"credential {credential.id!r} caches per end user, but this URL was signed without "
             f"{config.server.user_param or 'the end-user parameter'}: sign it with the user, or without {settings.param}"
         )
-    if plan.bypass:
-        return CacheRequest("", plan, rules, max_entry), body
-    if body is None and has_body(head):
+    if not plan.bypass and not body_read and has_body(head):
         if head.header(b"transfer-encoding") is not None or (declared_length or 0) > settings.max_body_bytes:
-            return CacheRequest("", plan, rules, max_entry, bypass_reason="request body too large to key"), body
-        body = await conn.read_body(settings.max_body_bytes)
-    # What the key covers is all the upstream will see of the client: the key headers that survive
-    # hop-by-hop removal (a header named in Connection is neither keyed nor forwarded).
+            return CacheRequest("", plan, rules, max_entry, bypass_reason="request body too large to key")
+    return CacheRequest("", plan, rules, max_entry)
+
+
+def keyed(
+    cached: CacheRequest,
+    head: RequestHead,
+    config: Config,
+    credential: Credential,
+    upstream_url: str,
+    user: str | None,
+    body: bytes | None,
+) -> CacheRequest:
+    """``cached`` with its key: what makes two requests the same answer. What the key covers is
+    all the upstream will see of the client: the key headers that survive hop-by-hop removal (a
+    header named in Connection is neither keyed nor forwarded)."""
     injected = {n.lower().encode("latin-1") for n, _ in credential.headers}
-    keyed = keyed_request_headers(forwarding.forwarded_client_headers(head.headers, injected), settings.key_headers)
+    forwarded = keyed_request_headers(
+        forwarding.forwarded_client_headers(head.headers, injected), config.cache.key_headers
+    )
     key = cache_key(
-        scope=cache_scope(credential.id, rules.namespace),
+        scope=cache_scope(credential.id, cached.rules.namespace),
         method=head.method,
         url=upstream_url,
         body=body or b"",
         injected=credential.headers,
-        key_headers=key_header_values(keyed, settings.key_headers),
-        user=user if rules.per_user else None,
+        key_headers=key_header_values(forwarded, config.cache.key_headers),
+        user=user if cached.rules.per_user else None,
     )
-    return CacheRequest(key, plan, rules, max_entry, keyed_headers=tuple(keyed)), body
+    return replace(cached, key=key, keyed_headers=tuple(forwarded))
 
 
-async def serve_cacheable(
-    gw: CacheGateway, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
-) -> None:
-    """A request the signer made cacheable: a stored answer, an identical request's answer as it
-    arrives, or an upstream call (recorded for the next ones). Admission happens once either way."""
-    cached, cache = plan.cache, gw.cache
-    assert cached is not None and cache is not None
-    check_upstream_nowait(plan, config)
-    if plan.body is not None and plan.rules.inspects_body and not cached.bypass:
-        # The body rules (models, max_tokens...) as they are now, before any stored answer is served.
-        await policy.checked_body(plan.rules, plan.declared_length, plan.body)
-    if cached.bypass:
-        record.cache = "bypass"
+@dataclass(frozen=True, slots=True)
+class ServeCacheable:
+    """Step 7 of a cacheable request (``await serve(req)``): a stored answer, an identical
+    request's answer as it arrives, or an upstream call (recorded for the next ones).
+    Admission happens once either way."""
+
+    cache: ResponseCache
+    admission: Admission
+    forward: Forward
+    metrics: Metrics
+    upstream: UpstreamClient
+
+    async def __call__(self, req: Request) -> None:
+        conn, config, record, plan = req.conn, req.config, req.record, req.plan
+        cached, cache, admission = plan.cache, self.cache, self.admission
+        assert cached is not None
+        check_upstream_nowait(plan, config)
+        if plan.body is not None and plan.rules.inspects_body and not cached.bypass:
+            # The body rules (models, max_tokens...) as they are now, before any stored answer is served.
+            await policy.checked_body(plan.rules, plan.declared_length, plan.body)
+        if cached.bypass:
+            record.cache = "bypass"
+            if cached.plan.only_if_cached:
+                raise cache_miss()
+            status = cache_status("bypass", detail=cached.bypass_reason)
+            return await admission.admit(req, partial(self.forward, cache_headers=(status,)))
+        if cached.plan.lookup:
+            try:
+                entry = await cache.lookup(cached.key)
+            except CacheUnavailable:
+                record.cache = "unavailable"
+                if cached.plan.only_if_cached:
+                    raise cache_miss() from None
+                status = cache_status("bypass", detail="cache store unavailable")
+                return await admission.admit(req, partial(self.forward, cache_headers=(status,)))
+            if entry is not None:
+                record.cache = "hit"
+                await admission.admit_without_upstream(req)
+                now = cache.store.clock()
+                headers = [
+                    *replay_headers(entry.headers, entry.age(now)),
+                    *own_headers(config, plan),
+                    cache_status("hit", ttl=entry.remaining(now)),
+                ]
+                record.tokens_saved = (entry.prompt_tokens, entry.completion_tokens)
+                await send_stored(conn, entry, headers, record, paced=cached.rules.replay == "paced")
+                return
         if cached.plan.only_if_cached:
             raise cache_miss()
-        status = cache_status("bypass", detail=cached.bypass_reason)
-        return await gw._admit(head, conn, config, record, plan, partial(gw._forward, cache_headers=(status,)))
-    if cached.plan.lookup:
-        try:
-            entry = await cache.lookup(cached.key)
-        except CacheUnavailable:
-            record.cache = "unavailable"
-            if cached.plan.only_if_cached:
-                raise cache_miss() from None
-            status = cache_status("bypass", detail="cache store unavailable")
-            return await gw._admit(head, conn, config, record, plan, partial(gw._forward, cache_headers=(status,)))
-        if entry is not None:
-            record.cache = "hit"
-            await admit_without_upstream(gw, config, plan)
-            now = cache.store.clock()
-            headers = [
-                *replay_headers(entry.headers, entry.age(now)),
-                *own_headers(config, plan),
-                cache_status("hit", ttl=entry.remaining(now)),
-            ]
-            record.tokens_saved = (entry.prompt_tokens, entry.completion_tokens)
-            await send_stored(conn, entry, headers, record, paced=cached.rules.replay == "paced")
-            return
-    if cached.plan.only_if_cached:
-        raise cache_miss()
-    record.cache = "miss"
-    admitted = False
-    for _attempt in range(2):  # a fetch that fails before its answer starts: followers try once more
-        role, flight = cache.join_nowait(
-            cached.key,
-            ttl=cached.plan.ttl,
-            store=cached.plan.store,
-            max_entry_bytes=cached.max_entry_bytes,
-            refresh=not cached.plan.lookup,
-        )
-        if flight is None or role == ALONE:
-            break
-        if role == LEAD:
-            try:
-                await gw._admit(head, conn, config, record, plan, partial(lead, gw, flight), admitted=admitted)
-            finally:
-                if flight.scope is None:
-                    cache.abandon(flight)  # refused before it started: followers go their own way
-                flight.leave()
-            return
-        try:
-            if not admitted:
-                await admit_without_upstream(gw, config, plan)
-                admitted = True
-            if await follow(conn, config, record, plan, flight):
-                return
-        finally:
-            flight.leave()
-    status = cache_status("miss", detail="identical request in flight")
-    step7 = partial(gw._forward, cache_headers=(status,))
-    await gw._admit(head, conn, config, record, plan, step7, admitted=admitted)
-
-
-async def lead(
-    gw: CacheGateway,
-    flight: Flight,
-    head: RequestHead,
-    conn: HTTPConnection,
-    config: Config,
-    record: RequestRecord,
-    plan: Plan,
-) -> None:
-    """Step 7 of the request that starts ``flight``: the upstream call runs as the cache's task
-    (:func:`fetch`), and this client reads its answer like any follower, at its own pace."""
-    cache, cached = gw.cache, plan.cache
-    assert cache is not None and cached is not None
-    flight.refresh = not cached.plan.lookup
-    cache.start(flight, partial(fetch, gw, head.method, config, plan))
-    try:
-        answer = await flight.head()  # the fetch's error before the head is this client's answer
-    except NotShared:  # another process's answer that is not to be shared: call on our own
-        status = cache_status("miss", detail="identical request in flight")
-        return await gw._forward(head, conn, config, record, plan, cache_headers=(status,))
-    record.status = answer.status
-    record.ttfb = flight.head_at - record.started
-    if flight.remote:  # another process makes the call: this request follows it
-        record.cache = "collapsed"
-        status = cache_status("collapsed")
-    else:
-        status = cache_status("miss" if cached.plan.lookup else "refresh", stored=flight.store, detail=flight.detail)
-    headers = [*answer.headers, *own_headers(config, plan), status]
-
-    async def settled() -> None:
-        # The answer is whole; its entry is written before the end of the body goes out (bounded
-        # by the store's timeout), so this request's log line says whether it was stored.
-        with trio.move_on_after(max(config.cache.timeout, 0.1) * 4):
-            await flight.settled.wait()
-
-    try:
-        await send_followed(conn, flight, answer, headers, record, settled)
-    except (LeaderFailed, FellBehind) as exc:
-        if isinstance(flight.error, ParkwayError):
-            raise flight.error from None
-        raise UpstreamError(str(exc), code="collapsed_leader_failed") from None
-    if flight.remote:
-        record.tokens_saved = flight.usage
-    else:
-        record.usage = flight.usage_detail  # type: ignore[assignment]
-    if flight.stored:
-        record.cache = "stored"
-        gw.metrics.cache_evictions.inc(flight.evicted)
-
-
-async def fetch(gw: CacheGateway, method: str, config: Config, plan: Plan, flight: Flight) -> None:
-    """The upstream call of a flight, at the upstream's pace, into its recording. Only the headers
-    the key covers go upstream with the credential's own (and the body the key was computed from)."""
-    cached = plan.cache
-    assert cached is not None
-    body = await policy.checked_body(plan.rules, plan.declared_length, plan.body) if plan.body is not None else None
-    headers = [
-        *cached.keyed_headers,
-        *((n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in plan.credential.headers),
-    ]
-    if plan.body is not None:
-        headers.append((b"content-length", str(len(plan.body)).encode()))
-    request = UpstreamRequest(
-        method=method,
-        url=plan.upstream_url,
-        headers=headers,
-        body=body,
-        address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
-    )
-    gw.metrics.in_flight.inc()
-    try:
-        async with gw.upstream.open(request) as response:
-            usage = UsageObserver(response.content_type)
-            reason = unstorable_reason(
-                response.status,
-                response.headers,
-                cached.rules,
+        record.cache = "miss"
+        admitted = False
+        for _attempt in range(2):  # a fetch that fails before its answer starts: followers try once more
+            role, flight = cache.join_nowait(
+                cached.key,
+                ttl=cached.plan.ttl,
+                store=cached.plan.store,
                 max_entry_bytes=cached.max_entry_bytes,
-                key_headers=config.cache.key_headers,
-                close_delimited=response.framing.kind == "close",
+                refresh=not cached.plan.lookup,
             )
-            flight.detail = reason
-            flight.begin(response.status, tuple(forwarding.response_headers(response.headers)), share=reason is None)
-            async for chunk in body_chunks(response):
-                await flight.room(len(chunk))
-                flight.feed(chunk)
-                usage.feed(chunk)
-            usage.finish(True)
-            if usage.usage is not None:
-                flight.usage = (usage.usage.prompt_tokens, usage.usage.completion_tokens)
-                flight.usage_detail = usage.usage
-            flight.finish(True)
-    finally:
-        gw.metrics.in_flight.dec()
+            if flight is None or role == ALONE:
+                break
+            if role == LEAD:
+                try:
+                    await admission.admit(req, partial(self.lead, flight), limits_passed=admitted)
+                finally:
+                    if flight.scope is None:
+                        cache.abandon(flight)  # refused before it started: followers go their own way
+                    flight.leave()
+                return
+            try:
+                if not admitted:
+                    await admission.admit_without_upstream(req)
+                    admitted = True
+                if await follow(req, flight):
+                    return
+            finally:
+                flight.leave()
+        status = cache_status("miss", detail="identical request in flight")
+        await admission.admit(req, partial(self.forward, cache_headers=(status,)), limits_passed=admitted)
+
+    async def lead(self, flight: Flight, req: Request) -> None:
+        """Step 7 of the request that starts ``flight``: the upstream call runs as the cache's task
+        (:meth:`fetch`), and this client reads its answer like any follower, at its own pace."""
+        conn, config, record, plan = req.conn, req.config, req.record, req.plan
+        cached = plan.cache
+        assert cached is not None
+        flight.refresh = not cached.plan.lookup
+        self.cache.start(flight, partial(self.fetch, req))
+        try:
+            answer = await flight.head()  # the fetch's error before the head is this client's answer
+        except NotShared:  # another process's answer that is not to be shared: call on our own
+            status = cache_status("miss", detail="identical request in flight")
+            return await self.forward(req, cache_headers=(status,))
+        record.status = answer.status
+        record.ttfb = flight.head_at - record.started
+        if flight.remote:  # another process makes the call: this request follows it
+            record.cache = "collapsed"
+            status = cache_status("collapsed")
+        else:
+            result = "miss" if cached.plan.lookup else "refresh"
+            status = cache_status(result, stored=flight.store, detail=flight.detail)
+        headers = [*answer.headers, *own_headers(config, plan), status]
+
+        async def settled() -> None:
+            # The answer is whole; its entry is written before the end of the body goes out (bounded
+            # by the store's timeout), so this request's log line says whether it was stored.
+            with trio.move_on_after(max(config.cache.timeout, 0.1) * 4):
+                await flight.settled.wait()
+
+        try:
+            await send_followed(conn, flight, answer, headers, record, settled)
+        except (LeaderFailed, FellBehind) as exc:
+            if isinstance(flight.error, ParkwayError):
+                raise flight.error from None
+            raise UpstreamError(str(exc), code="collapsed_leader_failed") from None
+        if flight.remote:
+            record.tokens_saved = flight.usage
+        else:
+            record.usage = flight.usage_detail  # type: ignore[assignment]
+        if flight.stored:
+            record.cache = "stored"
+            self.metrics.cache_evictions.inc(flight.evicted)
+
+    async def fetch(self, req: Request, flight: Flight) -> None:
+        """The upstream call of a flight, at the upstream's pace, into its recording. Only the
+        headers the key covers go upstream with the credential's own (and the body the key was
+        computed from)."""
+        config, plan = req.config, req.plan
+        cached = plan.cache
+        assert cached is not None
+        body = await policy.checked_body(plan.rules, plan.declared_length, plan.body) if plan.body is not None else None
+        headers = [
+            *cached.keyed_headers,
+            *((n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in plan.credential.headers),
+        ]
+        if plan.body is not None:
+            headers.append((b"content-length", str(len(plan.body)).encode()))
+        request = UpstreamRequest(
+            method=req.head.method,
+            url=plan.upstream_url,
+            headers=headers,
+            body=body,
+            address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
+        )
+        self.metrics.in_flight.inc()
+        try:
+            async with self.upstream.open(request) as response:
+                usage = UsageObserver(response.content_type)
+                reason = unstorable_reason(
+                    response.status,
+                    response.headers,
+                    cached.rules,
+                    max_entry_bytes=cached.max_entry_bytes,
+                    key_headers=config.cache.key_headers,
+                    close_delimited=response.framing.kind == "close",
+                )
+                flight.detail = reason
+                headers_out = tuple(forwarding.response_headers(response.headers))
+                flight.begin(response.status, headers_out, share=reason is None)
+                async for chunk in body_chunks(response):
+                    await flight.room(len(chunk))
+                    flight.feed(chunk)
+                    usage.feed(chunk)
+                usage.finish(True)
+                if usage.usage is not None:
+                    flight.usage = (usage.usage.prompt_tokens, usage.usage.completion_tokens)
+                    flight.usage_detail = usage.usage
+                flight.finish(True)
+        finally:
+            self.metrics.in_flight.dec()
 
 
 async def body_chunks(response: UpstreamResponse) -> AsyncIterator[bytes]:
@@ -316,16 +311,19 @@ async def body_chunks(response: UpstreamResponse) -> AsyncIterator[bytes]:
                 else:
                     break
         except h11.RemoteProtocolError as exc:
-            raise UpstreamProtocolError(f"{response.host} broke the HTTP protocol: {exc}") from None
+            raise UpstreamProtocolError(f"{response.conn.host} broke the HTTP protocol: {exc}") from None
         with trio.move_on_after(response.idle_timeout) as idle:
             data = await response.conn.recv()
         if idle.cancelled_caught:
-            raise response.idle_timeout_error()
+            raise UpstreamTimeout(
+                f"{response.conn.host} sent nothing for {response.idle_timeout:g} s in the middle of the response"
+            )
 
 
-async def follow(conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan, flight: Flight) -> bool:
+async def follow(req: Request, flight: Flight) -> bool:
     """Send the answer an identical request in flight is receiving; False when there is none to
     follow after all (its fetch failed before its head, or the answer is not shared)."""
+    conn, config, record, plan = req.conn, req.config, req.record, req.plan
     answer = await flight.wait_head()
     if answer is None:
         return False
@@ -337,18 +335,6 @@ async def follow(conn: HTTPConnection, config: Config, record: RequestRecord, pl
         raise UpstreamError(str(exc), code="collapsed_leader_failed") from None
     record.tokens_saved = flight.usage
     return True
-
-
-async def admit_without_upstream(gw: CacheGateway, config: Config, plan: Plan) -> None:
-    """Admission of a request served without an upstream call: request-rate limits and single
-    use, but no in-flight slot and no concurrency lease."""
-    credential = plan.credential
-    keys = limits.limit_keys(credential.id, credential.limits, plan.user, credential.user_limits)
-    rate, _ = limits.split_limits(keys)
-    if rate:
-        decision = await gw.state.acquire(rate, trio.current_time())
-        decision.raise_if_refused()
-    await gw._check_single_use(config, plan)
 
 
 def own_headers(config: Config, plan: Plan) -> list[tuple[bytes, bytes]]:
