@@ -3,7 +3,9 @@ answer, from an identical request's answer as it arrives, or by an upstream call
 
 :func:`cache_ask` and :func:`keyed` are the cache's part of the plan; :class:`ServeCacheable` is
 step 7 of a cacheable request, given admission and forwarding (:mod:`proxy.gateway.admit`,
-:mod:`proxy.gateway.forward`) when the gateway is built.
+:mod:`proxy.gateway.forward`) when the gateway is built. A miss's upstream call is not the
+client's: :meth:`ServeCacheable.fetch` runs as the cache's task and every client, the one that
+started it included, reads its recording at its own pace (:mod:`proxy.cache.flight`).
 """
 
 from __future__ import annotations
