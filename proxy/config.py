@@ -459,6 +459,8 @@ def _cache_rules(env: Mapping[str, str]) -> Mapping[str, _Convert]:
         "key_headers": _list_of(lambda value, path: _token(value, path).lower()),
         "timeout": _number(0, above=True),
         "retry_interval": _number(0, above=True),
+        "lock_timeout": _number(0.1),
+        "stream_readers": _number(1, integer=True),
     }
 
 

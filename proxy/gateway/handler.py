@@ -100,7 +100,7 @@ class Gateway:
         # Step 7 in its forms; each takes one Request (proxy.gateway.plan.Step).
         self.forward = Forward(upstream, self.metrics, engine)
         self.serve_cacheable = (
-            ServeCacheable(cache, self.admission, self.forward, self.metrics) if cache is not None else None
+            ServeCacheable(cache, self.admission, self.forward, self.metrics, upstream) if cache is not None else None
         )
         self.enqueue: Step = partial(enqueue, jobs)
         self.open_session: Step = partial(open_session, self.websockets, self.metrics)
