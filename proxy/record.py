@@ -54,6 +54,7 @@ class RequestRecord:
     session: SessionReport | None = None  # a WebSocket session's figures (status 101)
     cache: str | None = None  # hit | miss | stored | collapsed | bypass | unavailable; None: not cacheable
     tokens_saved: tuple[int, int] = (0, 0)  # prompt, completion tokens of an answer served without upstream
+    budget: dict[str, Any] | None = None  # the budget's log fields: hold, charge, estimate (gateway.budget)
     first_chunk: float | None = None  # when the first body bytes of the upstream's answer were written
     streamed: bool = False  # the answer was an event stream
     model: str | None = None  # the model the answer named (GenAI metrics)
@@ -92,6 +93,8 @@ def log_request(head: RequestHead, record: RequestRecord) -> None:
         fields["cache"] = record.cache
     if record.error:
         fields["error"] = record.error
+    if record.budget:
+        fields.update(record.budget)
     if record.usage is not None:
         fields["prompt_tokens"] = record.usage.prompt_tokens
         fields["completion_tokens"] = record.usage.completion_tokens

@@ -36,7 +36,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanK
 from prometheus_client import Counter
 
 from .. import __version__
-from ..relay.usage import UsageObserver
+from ..relay.usage import Usage, UsageObserver
 from ..signing import parse_query
 from .model import (
     MODEL_SNIFF_BYTES,
@@ -272,7 +272,9 @@ def _start_call(tracer: trace.Tracer, parent: Span | SpanContext, method: str, u
     return tracer.start_span(name, context=_context(parent), kind=SpanKind.CLIENT, attributes=attributes)
 
 
-def record_answer(span: Span, status: int | None, usage: UsageObserver | None, first_chunk: float | None) -> None:
+def record_answer(
+    span: Span, status: int | None, usage: UsageObserver | None, first_chunk: float | None, tokens: Usage | None = None
+) -> None:
     """What the upstream's answer said of itself, on its CLIENT span (set at once: the SDK locks per call)."""
     found: dict[str, Any] = {
         "http.response.status_code": status,
@@ -282,9 +284,10 @@ def record_answer(span: Span, status: int | None, usage: UsageObserver | None, f
         found["gen_ai.response.model"] = usage.model
         found["gen_ai.response.id"] = usage.response_id
         found["gen_ai.response.finish_reasons"] = usage.finish_reasons or None
-        if usage.usage is not None:
-            found["gen_ai.usage.input_tokens"] = usage.usage.prompt_tokens
-            found["gen_ai.usage.output_tokens"] = usage.usage.completion_tokens
+    counted = tokens or (usage.usage if usage is not None else None)
+    if counted is not None:
+        found["gen_ai.usage.input_tokens"] = counted.prompt_tokens
+        found["gen_ai.usage.output_tokens"] = counted.completion_tokens
     span.set_attributes({k: v for k, v in found.items() if v is not None})
     if status is not None and status >= 400:
         _fail(span, str(status))
@@ -324,9 +327,13 @@ class UpstreamCall:
                     self.operation, seen = None, b""
             yield chunk
 
-    def end(self, usage: UsageObserver | None, complete: bool, error: BaseException | None = None) -> None:
+    def end(
+        self, usage: UsageObserver | None, complete: bool, error: BaseException | None = None, *,
+        tokens: Usage | None = None,
+    ) -> None:  # fmt: skip
+        """The call is over: what the answer said (``tokens``: its usage, when read elsewhere)."""
         first = self.first_chunk - self.started if self.first_chunk is not None else None
-        record_answer(self.span, self.status, usage, first)
+        record_answer(self.span, self.status, usage, first, tokens)
         if error is not None:
             _fail(self.span, getattr(error, "code", None) or type(error).__name__, str(error)[:200])
         elif not complete:

@@ -600,6 +600,7 @@ def test_config_stays_frozen_comparable_and_hashable():
         "websocket",
         "jobs",
         "cache",
+        "budgets",
         "telemetry",
     ]
     replaced = dataclasses.replace(one, credentials=(Credential("new", ("s",)),))
