@@ -220,7 +220,7 @@ PROBLEMS = [
         "extra = 1",
         "extra",
         "unknown key 'extra'; allowed keys: server, credentials, cors, log, admin, state, websocket, jobs, cache, "
-        "telemetry",
+        "budgets, telemetry",
     ),
     # websocket
     ("[websocket]\nmax_message_size = 100", "websocket.max_message_size", "must be at least 1024"),
