@@ -131,6 +131,14 @@ class CacheMiss(Refused):
     code = "cache_miss"
 
 
+class CacheUserRequired(Refused):
+    """A credential whose cache is per user got a URL signed without the end user: sharing its
+    entry with every other such URL would serve one user's answer to another (400, never shared)."""
+
+    status = 400
+    code = "cache_user_required"
+
+
 class Overloaded(Refused):
     status = 503
     type = "server_error"

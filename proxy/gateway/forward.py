@@ -1,6 +1,6 @@
 """Step 7 of a proxied request: forward it (the body checked against the JSON rules as it
-passes), send the client the upstream's head, relay the body. A cacheable request's leader
-also tells its :class:`~proxy.cache.flight.Flight` what the upstream answered.
+passes), send the client the upstream's head, relay the body. (A cacheable request's upstream
+call is the cache's own: :meth:`proxy.gateway.cache.ServeCacheable.fetch`.)
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import trio
 
 from .. import cors, forwarding, policy
-from ..cache.flight import Flight
-from ..cache.policy import cache_status, unstorable_reason
 from ..config import Config
 from ..http.connection import HTTPConnection
 from ..metrics import Metrics
@@ -39,11 +37,9 @@ class Forward:
     metrics: Metrics
     engine: EpollEngine | None  # relays every stream's body when running; else each request's own task
 
-    async def __call__(
-        self, req: Request, *, flight: Flight | None = None, cache_headers: tuple[Header, ...] = ()
-    ) -> None:
+    async def __call__(self, req: Request, *, cache_headers: tuple[Header, ...] = ()) -> None:
         """Forward, with the body checked against the JSON rules as it passes, then relay.
-        ``flight``: this request leads a cache flight; ``cache_headers``: its Cache-Status."""
+        ``cache_headers``: its Cache-Status (a cacheable request that goes upstream alone)."""
         head, conn, config, record, plan = req.head, req.conn, req.config, req.record, req.plan
         async with AsyncExitStack() as stack:
             content_length: int | None = None
@@ -57,35 +53,55 @@ class Forward:
                 chunks = await stack.enter_async_context(aclosing(conn.body_chunks()))
                 checked = await policy.checked_body(plan.rules, plan.declared_length, chunks)
                 upstream_body = await stack.enter_async_context(aclosing(checked))
+            headers = forwarding.request_headers(
+                head.headers, plan.credential.headers, plan.ctx, content_length=content_length
+            )
+            forward_at = trio.current_time()
+            call = None
+            if record.trace is not None:  # the CLIENT span; its traceparent only where the credential allows
+                call = record.trace.upstream_call(
+                    head.method, plan.upstream_url, plan.body, propagate=plan.credential.propagate_trace, now=forward_at
+                )
+                if call.traceparent is not None:
+                    headers = [(n, v) for n, v in headers if n not in (b"traceparent", b"tracestate")]
+                    headers.append((b"traceparent", call.traceparent.encode()))
+                if upstream_body is not None and not isinstance(upstream_body, bytes):
+                    upstream_body = await stack.enter_async_context(aclosing(call.watch_body(upstream_body)))
             request = UpstreamRequest(
                 method=head.method,
                 url=plan.upstream_url,
-                headers=forwarding.request_headers(
-                    head.headers, plan.credential.headers, plan.ctx, content_length=content_length
-                ),
+                headers=headers,
                 body=upstream_body,
                 address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
             )
-            forward_at = trio.current_time()
+            usage: UsageObserver | None = None
             self.metrics.in_flight.inc()
             try:
                 async with self.upstream.open(request) as response:
                     head_at = trio.current_time()
                     record.ttfb = head_at - record.started
                     record.status = response.status
-                    usage = UsageObserver(response.content_type)
+                    record.streamed = response.content_type.lower().startswith("text/event-stream")
+                    usage = UsageObserver(
+                        response.content_type, details=call is not None, on_first_chunk=record.first_chunk_now
+                    )
                     remover = usage_remover(plan, response)  # the usage chunk a budget asked for, not the client
                     observers: tuple[BodyObserver, ...] = (usage,)
-                    if flight is not None:
-                        cache_headers = (begin_flight(flight, response, config, plan),)
-                        observers = (usage, flight)
                     await respond(conn, response, record, config, plan, (*cache_headers, *budget_headers(plan)))
                     record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
                     await relay(conn, response, record, observers, engine=self.engine, watcher=record.client_watch,
                                 rewrite=remover)  # fmt: skip
                     record.usage = usage.usage or (remover.usage if remover is not None else None)
-                    if flight is not None and record.usage is not None:
-                        flight.usage = (record.usage.prompt_tokens, record.usage.completion_tokens)
+                    record.model = usage.model
+            except BaseException as exc:
+                if call is not None:
+                    call.status, call.first_chunk = record.status if usage is not None else None, record.first_chunk
+                    call.end(usage, False, exc)
+                raise
+            else:
+                if call is not None:
+                    call.status, call.first_chunk = record.status, record.first_chunk
+                    call.end(usage, record.completed, tokens=record.usage)  # a budget's usage chunk included
             finally:
                 self.metrics.in_flight.dec()
 
@@ -113,20 +129,3 @@ async def respond(
     small = record.expected_length is not None and record.expected_length <= SMALL_RESPONSE_BYTES
     await conn.send_head(response.status, out_headers, flush=not (small or response.initial))
     record.head_sent_at = trio.current_time()
-
-
-def begin_flight(flight: Flight, response: UpstreamResponse, config: Config, plan: Plan) -> Header:
-    """Tell the flight the upstream's head (whether followers may share it, whether it may be
-    stored once complete); return the leader's Cache-Status."""
-    cached = plan.cache
-    assert cached is not None
-    reason = unstorable_reason(
-        response.status,
-        response.headers,
-        cached.rules,
-        max_entry_bytes=cached.max_entry_bytes,
-        key_headers=config.cache.key_headers,
-    )
-    flight.begin(response.status, tuple(forwarding.response_headers(response.headers)), share=reason is None)
-    result = "miss" if cached.plan.lookup else "refresh"
-    return cache_status(result, stored=flight.store, detail=reason)
