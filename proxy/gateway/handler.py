@@ -66,10 +66,6 @@ from .jobs import enqueue, serve_job
 from .plan import Plan, address_policy, canonical_paths, has_body, header_map, request_policy
 from .websocket import open_session
 
-# A fixed-length answer up to this size has its head held back and written with the first body
-# chunk (one write instead of two: the upstream sends a small body together with its head).
-SMALL_RESPONSE_BYTES = 16384
-
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -469,10 +465,12 @@ class Gateway:
         out_headers += cors.response_headers(config.cors, origin)
         out_headers.append((b"x-request-id", request_id.encode()))
         out_headers += extra_headers
-        # A small fixed-length answer's head waits for its body, and so does any head whose first
-        # body bytes came with it (an SSE answer's first event): one write instead of two.
-        small = record.expected_length is not None and record.expected_length <= SMALL_RESPONSE_BYTES
-        await conn.send_head(response.status, out_headers, flush=not (small or response.initial))
+        # A head whose first body bytes came with it (an SSE answer's first event, a small JSON
+        # answer), or whose answer has no body, goes out with them in one write: the relay's
+        # first write takes it. Any other head goes out now, so a client sees it as soon as
+        # it arrived, whether or when the body follows (docs/proxying.md).
+        hold = bool(response.initial) or response.framing.bodiless
+        await conn.send_head(response.status, out_headers, flush=not hold)
         record.head_sent_at = trio.current_time()
 
     @staticmethod

@@ -44,6 +44,12 @@ class Framing:
     dropped_length: bool = False  # chunked and Content-Length together: the length was ignored
 
     @property
+    def bodiless(self) -> bool:
+        """No body byte will follow the head: the answer is complete once its head is read
+        (``Content-Length: 0`` too, so the relay never waits for a body that cannot come)."""
+        return self.kind == "empty" or (self.kind == "length" and not self.length)
+
+    @property
     def reusable(self) -> bool:
         """Whether the framing itself allows keeping the connection once the body is read."""
         return self.kind in ("empty", "length", "chunked") and not self.dropped_length

@@ -109,8 +109,9 @@ class RelayStream:
     # --- reading ----------------------------------------------------------------------------
 
     def start(self, initial: bytes) -> int:
-        """Relay the body bytes that came with the head; a body that cannot exist ends here."""
-        if self.framing.kind == "empty":
+        """Relay the body bytes that came with the head; a body that cannot exist, or has
+        ``Content-Length: 0``, ends here (nothing more is awaited from the upstream)."""
+        if self.framing.bodiless:
             try:
                 event = self._up_h11.next_event()
             except h11.RemoteProtocolError as exc:

@@ -159,3 +159,9 @@ def test_framing_reusability() -> None:
 def test_framing_no_one_may_act_on_is_refused(headers) -> None:
     with pytest.raises(UpstreamProtocolError):
         body_framing("GET", 200, headers)
+
+
+def test_a_zero_length_is_bodiless_like_a_body_that_cannot_exist():
+    # The relay ends these at the head: nothing more is awaited from the upstream (issue 18, harm 1).
+    assert Framing("empty").bodiless and Framing("length", 0).bodiless
+    assert not Framing("length", 1).bodiless and not Framing("chunked").bodiless and not Framing("close").bodiless

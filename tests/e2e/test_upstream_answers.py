@@ -1,0 +1,106 @@
+"""Upstream answers relayed as RFC 9110/9112 require (issue 18), through Parkway on real sockets.
+
+Each test scripts the upstream's exact bytes (tests/support/scripted.py) and keeps its socket
+open unless the case says otherwise, so a relay that waits for more than the answer has
+hangs into the ``fail_after`` guard instead of passing by luck. Both relay drivers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from support.http import Call, call
+from support.parkway import RunningParkway
+from support.scripted import ScriptedRequest, ScriptedUpstream, answer_with
+
+pytestmark = pytest.mark.usefixtures("relay_path")
+FRESH = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nfresh"
+GUARD = 5.0  # far below upstream_idle_timeout: a relay waiting for a body that cannot come fails
+
+
+@pytest.fixture
+async def scripted(nursery: trio.Nursery) -> ScriptedUpstream:
+    return await nursery.start(ScriptedUpstream().serve)
+
+
+async def get(parkway: RunningParkway, url: str, method: str = "GET", **kwargs: object):  # noqa: ANN201
+    return await call(parkway.port, method, parkway.sign(url, method=method), timeout=GUARD, **kwargs)
+
+
+# --- harm 1: an empty body on a kept-alive connection ends at once --------------------------------
+
+EMPTY_KEPT = {
+    **{f"{s} length 0": (b"HTTP/1.1 %d X\r\ncontent-length: 0\r\n\r\n" % s, s) for s in (200, 201, 202, 302, 401, 404, 500)},
+    "205 length 0": (b"HTTP/1.1 205 Reset Content\r\ncontent-length: 0\r\n\r\n", 205),
+    "after 100 Continue": (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 200),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", EMPTY_KEPT)
+async def test_an_empty_body_ends_at_once_and_keeps_its_connection(start_parkway, scripted, case):
+    answer, status = EMPTY_KEPT[case]
+    scripted.answers = [answer_with(answer), answer_with(FRESH)]
+    parkway = await start_parkway()
+
+    first = await get(parkway, f"{scripted.base}/v1/a")
+    second = await get(parkway, f"{scripted.base}/v1/b")
+
+    assert (first.status, first.body, first.complete) == (status, b"", True)
+    assert second.body == b"fresh"
+    assert [r.connection for r in scripted.requests] == [1, 1]  # clean: back to the pool
+
+
+EMPTY_CLOSING = {
+    "HTTP/1.0 keep-alive": b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n",
+    "close left open": b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", EMPTY_CLOSING)
+async def test_an_empty_body_that_ends_the_connection_ends_at_once_and_is_not_reused(start_parkway, scripted, case):
+    scripted.answers = [answer_with(EMPTY_CLOSING[case]), answer_with(FRESH)]  # the socket stays open
+    parkway = await start_parkway()
+
+    first = await get(parkway, f"{scripted.base}/v1/a")
+    second = await get(parkway, f"{scripted.base}/v1/b")
+
+    assert (first.status, first.body, first.complete) == (200, b"", True)
+    assert second.body == b"fresh"
+    assert [r.connection for r in scripted.requests] == [1, 2]
+
+
+async def test_an_empty_body_reaches_an_http10_client(start_parkway, scripted):
+    scripted.answers = [answer_with(b"HTTP/1.1 302 Found\r\nlocation: /x\r\ncontent-length: 0\r\n\r\n")]
+    parkway = await start_parkway()
+    url = parkway.sign(f"{scripted.base}/v1/a")
+    target = url.split(parkway.base, 1)[1]
+
+    with trio.fail_after(GUARD):
+        async with await trio.open_tcp_stream("127.0.0.1", parkway.port) as stream:
+            await stream.send_all(f"GET {target} HTTP/1.0\r\nhost: x\r\n\r\n".encode())
+            raw = b""
+            while data := await stream.receive_some(65536):
+                raw += data
+
+    assert raw.startswith(b"HTTP/1.1 302 ") and raw.endswith(b"\r\n\r\n")
+
+
+async def test_a_head_is_sent_before_its_body_arrives(start_parkway, scripted):
+    seen = trio.Event()
+
+    async def paused(req: ScriptedRequest) -> None:
+        await req.send(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+        await seen.wait()  # the body comes only once the client has the head
+        await req.send(b"hello")
+
+    scripted.answers = [paused]
+    parkway = await start_parkway()
+
+    with trio.fail_after(GUARD):
+        opened = await Call.open(parkway.port, "GET", parkway.sign(f"{scripted.base}/v1/a"))
+        assert await opened.head() == 200
+        seen.set()
+        reply = await opened.finish()
+
+    assert reply.body == b"hello" and reply.complete
