@@ -92,6 +92,7 @@ class HTTPConnection:
         self.head_bytes_in = 0  # bytes_in when the current request began
         self.request_done = trio.Event()  # set once the current request's body is fully read
         self._close_after = False
+        self.head_only = False  # the current request is HEAD: its response has no body (RFC 9110 §9.3.2)
         self.handed_over = False  # the connection now speaks another protocol (see hand_over)
         self._unsent: list[bytes] = []  # encoded by a send with flush=False, written at the next flush
         # Written to directly when it is a real socket (see flush); None for in-memory streams.
@@ -124,6 +125,7 @@ class HTTPConnection:
         """
         self.head_bytes_in = self.bytes_in - len(self.conn.trailing_data[0])
         self.request_done = trio.Event()
+        self.head_only = False
         deadline = trio.current_time() + idle_timeout
         started = bool(self.conn.trailing_data[0])
         if started:
@@ -131,6 +133,7 @@ class HTTPConnection:
         while True:
             event = self._next_event()
             if isinstance(event, h11.Request):
+                self.head_only = event.method == b"HEAD"  # known before any refusal below is answered
                 # h11 only bounds heads it is still waiting for; a complete one read in a
                 # single receive is measured here.
                 head_size = self.bytes_in - len(self.conn.trailing_data[0]) - self.head_bytes_in

@@ -104,3 +104,54 @@ async def test_a_head_is_sent_before_its_body_arrives(start_parkway, scripted):
         reply = await opened.finish()
 
     assert reply.body == b"hello" and reply.complete
+
+
+# --- harm 2: an error for a HEAD request is its head, without a body -------------------------------
+
+
+async def head_twice(port: int, first: str, second: str) -> tuple[bytes, bytes]:
+    """Two requests on one connection, the first a HEAD: what came back for each."""
+    with trio.fail_after(GUARD):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(f"HEAD {first} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+            await stream.send_all(f"GET {second} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
+            raw = b""
+            while data := await stream.receive_some(65536):
+                raw += data
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    return head, rest
+
+
+async def test_an_unsigned_head_gets_its_error_head_and_the_connection_lives(start_parkway):
+    parkway = await start_parkway()
+
+    head, rest = await head_twice(parkway.port, "/", "/")
+
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-length: " in head
+    assert rest.startswith(b"HTTP/1.1 400 ")  # no body between: the next answer follows the head
+    assert rest.endswith(b"}")
+
+
+async def test_a_head_answered_with_garbage_gets_a_502_head(start_parkway, scripted):
+    scripted.answers = [answer_with(b"HELLO THERE\r\n\r\n", close=True)]
+    parkway = await start_parkway()
+
+    reply = await get(parkway, f"{scripted.base}/v1/a", method="HEAD")
+
+    assert (reply.status, reply.body, reply.complete) == (502, b"", True)
+    assert int(reply.headers["content-length"]) > 0  # GET's length, as RFC 9110 §9.3.2 allows
+
+
+async def test_a_malformed_head_request_gets_its_error_head(start_parkway):
+    parkway = await start_parkway()
+
+    with trio.fail_after(GUARD):
+        async with await trio.open_tcp_stream("127.0.0.1", parkway.port) as stream:
+            await stream.send_all(
+                b"HEAD / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\ntransfer-encoding: chunked\r\n\r\n"
+            )
+            raw = b""
+            while data := await stream.receive_some(65536):
+                raw += data
+
+    assert raw.startswith(b"HTTP/1.1 400 ") and raw.endswith(b"\r\n\r\n")
