@@ -4,8 +4,11 @@ When the upstream answers ``Transfer-Encoding: chunked`` and the client speaks H
 chunked framing going out is the framing coming in, so the relay passes the bytes through
 unchanged. :class:`ChunkScanner` is what it still needs to know about them: where the body
 ends (the terminator), whether the framing is well formed (anything else is refused, never
-guessed at), and the de-framed data for observers. It follows RFC 9112 §7.1 with h11's
-tolerances (chunk extensions and trailing whitespace on the size line are accepted and ignored).
+guessed at), and the de-framed data for observers. It follows RFC 9112 §7.1: chunk extensions
+(with the bad whitespace §7.1.1 allows before ``;``) and trailing whitespace on the size line
+are accepted and ignored; a bare CR anywhere in a size line is refused (§2.2), and so is a bare
+LF as its end. :attr:`ChunkScanner.tail` tells the relay when the terminator has begun, so the
+trailers can be held back and filtered before they pass (:meth:`ChunkScanner.trailer_lines`).
 
 :func:`body_framing` is RFC 9112 §6.3 for a response: a body that cannot exist (HEAD, 1xx,
 204, 304) is empty whatever the headers say; ``Transfer-Encoding: chunked`` beats
@@ -24,7 +27,8 @@ from ..errors import UpstreamProtocolError
 MAX_SIZE_LINE = 4096  # a chunk-size line with its extensions
 MAX_TRAILERS = 16384  # the whole trailer section
 
-_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\n]*)?[ \t]*\r\n")
+# chunk-size [BWS ";" chunk-ext] CRLF; an extension is ignored, but never with a bare CR in it.
+_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
 _TRAILER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r\n")
 
 _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
@@ -94,18 +98,41 @@ class ChunkScanner:
     as h11 needs them to complete its own state.
     """
 
-    __slots__ = ("_left", "_line", "_state", "_trailers", "done")
+    __slots__ = ("_left", "_line", "_state", "_trailers", "_zero_line", "done", "tail", "tail_at", "tail_written")
 
     def __init__(self) -> None:
         self._state = _SIZE
         self._left = 0  # bytes left in the current chunk
         self._line = b""  # a size or trailer line split across reads
         self._trailers = bytearray()  # the terminator so far: b"0...\r\n" and the trailer lines
+        self._zero_line = 0  # the length of the last-chunk line, at the start of the terminator
         self.done = False
+        # Set when the last-chunk line is complete: ``tail_at`` is where the terminator began in
+        # the read that completed it (the relay resets it to 0 once used), ``tail_written`` how many
+        # of its bytes came in earlier reads (a split last-chunk line: already passed through).
+        self.tail = False
+        self.tail_at = 0
+        self.tail_written = 0
 
     @property
     def terminator(self) -> bytes:
         return bytes(self._trailers)
+
+    @property
+    def last_chunk_line(self) -> bytes:
+        """The ``0...\\r\\n`` line that begins the terminator, as received."""
+        return bytes(self._trailers[: self._zero_line])
+
+    def trailer_lines(self) -> list[bytes]:
+        """The trailer field lines of a complete terminator, each with its CRLF."""
+        section = bytes(self._trailers[self._zero_line : -2])
+        return section.splitlines(keepends=True)
+
+    @property
+    def canonical_terminator(self) -> bytes:
+        """The terminator with a bare last-chunk line, as h11 parses it (h11 refuses the bad
+        whitespace RFC 9112 §7.1.1 allows before an extension; the extension means nothing here)."""
+        return b"0\r\n" + bytes(self._trailers[self._zero_line :])
 
     def feed(self, data: bytes, out: list[bytes] | None = None) -> int:
         if self._state == _SIZE and not self._line:
@@ -143,6 +170,7 @@ class ChunkScanner:
                         raise MalformedChunks("upstream sent an over-long chunk-size or trailer line")
                     break
                 line = data[i : nl + 1]
+                start = i
                 if self._line:
                     line, self._line = self._line + line, b""
                 i = nl + 1
@@ -155,6 +183,8 @@ class ChunkScanner:
                         state = _DATA
                     else:
                         self._trailers += line
+                        self._zero_line = len(line)
+                        self.tail, self.tail_at, self.tail_written = True, start, len(line) - (i - start)
                         state = _TRAILER
                 else:
                     self._trailers += line

@@ -5,8 +5,9 @@
 
 * upstream ``chunked`` to an HTTP/1.1 client: the bytes pass through unchanged, and the pure
   :class:`~proxy.http.chunked.ChunkScanner` finds the terminator, refuses broken framing and gives the
-  observers the de-framed data; the terminator that passed through is the one h11 would have
-  written, so both h11 connections are then completed with it (RFC 9112 §7.1);
+  observers the de-framed data; the terminator is held from its first byte until complete and
+  then written with its trailers filtered by the response header policy (no ``Set-Cookie``, no
+  hop-by-hop field), and both h11 connections are completed with it (RFC 9112 §7.1);
 * every other case (a fixed length, a body that ends at the close, an HTTP/1.0 client) goes
   through h11 on both sides, as before: these are small answers or rare clients.
 
@@ -27,6 +28,7 @@ import h11
 import structlog
 import trio
 
+from .. import forwarding
 from ..errors import UpstreamProtocolError, UpstreamTimeout
 from ..http.chunked import ChunkScanner, Framing
 from ..http.connection import ClientGone
@@ -130,11 +132,7 @@ class RelayStream:
             if not data:
                 raise UpstreamProtocolError(f"{self.host} closed the connection in the middle of the response")
             used = self.scanner.feed(data, observed)
-            out = data
-            if self.scanner.done:
-                out = data[:used] if used != len(data) else data
-                self._end_chunked(excess=len(data) - used)
-                self._down_h11.send(h11.EndOfMessage())  # its terminator is the one that passed through
+            out = data if not self.scanner.tail else self._tail(data, used)
         else:
             out = self._reframe(data, observed)
         state = self._write(out)
@@ -144,6 +142,20 @@ class RelayStream:
             else:
                 self._observe(observed)
         return state
+
+    def _tail(self, data: bytes, used: int) -> bytes:
+        """Pass-through once the terminator has begun: the body bytes before it go now, the
+        terminator is held until complete and then goes with its trailers filtered
+        (:func:`~proxy.forwarding.response_trailers`). Once per response, not per event."""
+        scanner = self.scanner
+        assert scanner is not None
+        before, scanner.tail_at = data[: scanner.tail_at], 0
+        if not scanner.done:
+            return before
+        self._end_chunked(excess=len(data) - used)
+        self._down_h11.send(h11.EndOfMessage())  # the terminator written below completes the framing
+        kept = b"".join(forwarding.response_trailers(scanner.trailer_lines()))
+        return before + (scanner.last_chunk_line + kept + b"\r\n")[scanner.tail_written :]
 
     def _reframe(self, data: bytes, observed: list[bytes] | None) -> bytes:
         """h11 on both sides: de-frame what the upstream sent, frame it for this client."""
@@ -181,7 +193,7 @@ class RelayStream:
         assert self.scanner is not None
         up = self._up_h11
         try:
-            up.receive_data(self.scanner.terminator)
+            up.receive_data(self.scanner.canonical_terminator)
             event = up.next_event()
         except h11.RemoteProtocolError as exc:
             raise UpstreamProtocolError(f"{self.host} sent malformed trailers: {exc}") from None

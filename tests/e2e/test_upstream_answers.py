@@ -155,3 +155,47 @@ async def test_a_malformed_head_request_gets_its_error_head(start_parkway):
                 raw += data
 
     assert raw.startswith(b"HTTP/1.1 400 ") and raw.endswith(b"\r\n\r\n")
+
+
+# --- harm 3 and trailers: chunk extensions with bad whitespace, trailers under the header policy ---
+
+
+async def raw_exchange(port: int, target: str, version: str = "1.1") -> bytes:
+    """One request (Connection: close); every byte the server sent until it closed."""
+    with trio.fail_after(GUARD):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(f"GET {target} HTTP/{version}\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
+            raw = b""
+            while data := await stream.receive_some(65536):
+                raw += data
+    return raw
+
+
+CHUNKED_BWS = b"5 ;foo=bar\r\nhello\r\n0\r\nx-usage: 3\r\nset-cookie: s=1\r\n\r\n"
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+async def test_chunk_extensions_with_bad_whitespace_are_relayed_whole(start_parkway, scripted, version):
+    scripted.answers = [answer_with(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + CHUNKED_BWS)]
+    parkway = await start_parkway()
+    target = parkway.sign(f"{scripted.base}/v1/a").split(parkway.base, 1)[1]
+
+    raw = await raw_exchange(parkway.port, target, version)
+
+    body = raw.partition(b"\r\n\r\n")[2]
+    if version == "1.1":  # passed through as sent, minus the cookie trailer
+        assert body == b"5 ;foo=bar\r\nhello\r\n0\r\nx-usage: 3\r\n\r\n"
+    else:  # de-framed for an HTTP/1.0 client, whose body ends at the close
+        assert body == b"hello"
+
+
+async def test_a_bare_cr_in_a_chunk_extension_cuts_the_stream(start_parkway, scripted):
+    wire = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;a\rb\r\nhello\r\n0\r\n\r\n"
+    scripted.answers = [answer_with(wire)]
+    parkway = await start_parkway()
+    target = parkway.sign(f"{scripted.base}/v1/a").split(parkway.base, 1)[1]
+
+    raw = await raw_exchange(parkway.port, target)
+
+    assert b"\r" not in raw.partition(b"\r\n\r\n")[2].replace(b"\r\n", b"")  # never passed on
+    assert not raw.endswith(b"0\r\n\r\n")  # cut: the client sees an incomplete body

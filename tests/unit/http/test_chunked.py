@@ -165,3 +165,43 @@ def test_a_zero_length_is_bodiless_like_a_body_that_cannot_exist():
     # The relay ends these at the head: nothing more is awaited from the upstream (issue 18, harm 1).
     assert Framing("empty").bodiless and Framing("length", 0).bodiless
     assert not Framing("length", 1).bodiless and not Framing("chunked").bodiless and not Framing("close").bodiless
+
+
+# RFC 9112 §7.1.1: BWS before ";" (h11 refuses it, so these are not in the h11 agreement test).
+WELL_FORMED_BWS = [
+    (b"5 ;foo=bar\r\nhello\r\n0\r\n\r\n", b"hello", b"0\r\n\r\n"),
+    (b"5\t; foo = bar\r\nhello\r\n0 ;last\r\n\r\n", b"hello", b"0 ;last\r\n\r\n"),
+    (b'3 ; a="q;" \r\nabc\r\n0\r\nx-t: 1\r\n\r\n', b"abc", b"0\r\nx-t: 1\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize(("wire", "data", "terminator"), WELL_FORMED_BWS)
+def test_bad_whitespace_before_a_chunk_extension_is_accepted(wire, data, terminator) -> None:
+    for cut in range(len(wire) + 1):
+        got, end, scanner = scan(wire, [cut])
+        assert (got, end, scanner.terminator) == (data, len(wire), terminator), cut
+        assert scanner.canonical_terminator == b"0\r\n" + terminator.partition(b"\r\n")[2]
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [b"5;a\rb\r\nhello\r\n0\r\n\r\n", b"5 \r;a\r\nhello\r\n0\r\n\r\n", b"5\r\nhello\r\n0;x\ry\r\n\r\n"],
+)
+def test_a_bare_cr_in_a_size_line_is_refused(wire) -> None:
+    # RFC 9112 §2.2: a bare CR is rejected, never passed on to a client that may read it as a line end.
+    with pytest.raises(MalformedChunks):
+        scan(wire, [])
+
+
+def test_the_tail_marks_where_the_terminator_began() -> None:
+    scanner = ChunkScanner()
+    scanner.feed(b"2\r\nok\r\n")
+    assert not scanner.tail
+    scanner.feed(b"0\r\nx-a: 1\r")
+    assert scanner.tail and (scanner.tail_at, scanner.tail_written) == (0, 0) and not scanner.done
+    scanner = ChunkScanner()
+    scanner.feed(b"2\r\nok\r\n0;e")  # the last-chunk line split: its first part passed through
+    scanner.feed(b"\r\nx-a: 1\r\nset-cookie: s=1\r\n\r\n")
+    assert scanner.tail and scanner.done and (scanner.tail_at, scanner.tail_written) == (0, 3)
+    assert scanner.last_chunk_line == b"0;e\r\n"
+    assert scanner.trailer_lines() == [b"x-a: 1\r\n", b"set-cookie: s=1\r\n"]
