@@ -199,3 +199,127 @@ async def test_a_bare_cr_in_a_chunk_extension_cuts_the_stream(start_parkway, scr
 
     assert b"\r" not in raw.partition(b"\r\n\r\n")[2].replace(b"\r\n", b"")  # never passed on
     assert not raw.endswith(b"0\r\n\r\n")  # cut: the client sees an incomplete body
+
+
+# --- harm 4: a request that reached the upstream is never sent twice unless that is safe ------------
+
+CLEAN = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
+
+
+async def hang_up(req: ScriptedRequest) -> None:
+    req.close_after = True  # read the whole request, then close without a word
+
+
+SIGNED_BODY = '{"model":"m","input":"hi"}'
+
+
+@pytest.mark.parametrize(
+    ("method", "signed", "sent_again"),
+    [("POST", True, False), ("POST", False, False), ("PATCH", True, False), ("PUT", True, True), ("PUT", False, False)],
+    ids=["POST-signed", "POST-streamed", "PATCH-signed", "PUT-held", "PUT-streamed"],
+)
+async def test_a_request_the_upstream_read_is_sent_again_only_when_safe(
+    start_parkway, scripted, method, signed, sent_again
+):
+    scripted.answers = [answer_with(CLEAN), hang_up, answer_with(FRESH)]
+    parkway = await start_parkway()
+    await get(parkway, f"{scripted.base}/v1/warm")  # a kept-alive connection in the pool
+
+    url = parkway.sign(f"{scripted.base}/v1/charge", method=method, body=SIGNED_BODY if signed else None)
+    reply = await call(parkway.port, method, url, body=SIGNED_BODY.encode(), timeout=GUARD)
+
+    if sent_again:  # idempotent with its body held whole (RFC 9110 §9.2.2)
+        assert reply.body == b"fresh"
+        assert [r.connection for r in scripted.requests] == [1, 1, 2]
+    else:
+        assert reply.status == 502 and reply.code == "upstream_protocol_error"
+        assert len(scripted.requests) == 2  # the upstream saw it once
+
+
+# --- harm 5: an early answer is relayed, the rest of the body is not forwarded ---------------------
+
+
+class EarlyAnswer:
+    """An upstream that answers 413 + Connection: close after reading only the request head, then
+    stops reading (``close``: closes its socket at once; else counts what still arrives)."""
+
+    def __init__(self, close: bool):
+        self.close = close
+        self.port = 0
+        self.after_head = -1  # request bytes that arrived after the head, until Parkway closed
+
+    async def serve(self, *, task_status: trio.TaskStatus[EarlyAnswer] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self)
+        await trio.serve_listeners(self._connection, listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += await stream.receive_some(65536)
+        await stream.send_all(
+            b"HTTP/1.1 413 Payload Too Large\r\nconnection: close\r\ncontent-length: 8\r\n\r\ntoo big!"
+        )
+        if self.close:
+            await trio.aclose_forcefully(stream)
+            return
+        await trio.sleep(0.5)  # stop reading for a while, as such an upstream does; then count what came
+        received = len(buf.partition(b"\r\n\r\n")[2])
+        try:
+            while data := await stream.receive_some(65536):
+                received += len(data)
+        except trio.BrokenResourceError:
+            pass
+        self.after_head = received
+        await trio.aclose_forcefully(stream)
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["keeps-socket", "closes"])
+async def test_an_early_answer_reaches_the_client_and_the_body_stops(start_parkway, nursery, close):
+    upstream = await nursery.start(EarlyAnswer(close).serve)
+    parkway = await start_parkway()
+    size = 4 << 20
+    target = parkway.sign(f"http://127.0.0.1:{upstream.port}/v1/upload", method="POST").split(parkway.base, 1)[1]
+
+    with trio.fail_after(GUARD):
+        stream = await trio.open_tcp_stream("127.0.0.1", parkway.port)
+        async with stream, trio.open_nursery() as sending:
+
+            async def send() -> None:
+                try:
+                    await stream.send_all(
+                        f"POST {target} HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n".encode()
+                    )
+                    await stream.send_all(b"x" * size)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # Parkway stopped reading the body, as RFC 9112 §9.6 lets it
+
+            sending.start_soon(send)
+            raw = b""
+            while b"too big!" not in raw:
+                data = await stream.receive_some(65536)
+                assert data, raw
+                raw += data
+            sending.cancel_scope.cancel()
+
+    assert raw.startswith(b"HTTP/1.1 413 ") and b"connection: close" in raw.lower()
+    if not close:
+        with trio.fail_after(GUARD):
+            while upstream.after_head < 0:
+                await trio.sleep(0.05)
+        assert upstream.after_head < size  # the rest of the client's body was not forwarded
+
+
+# --- deviation: the head size limit on every head --------------
+
+
+@pytest.mark.parametrize(("size", "status"), [(60_000, 200), (70_000, 502), (120_000, 502)])
+async def test_the_head_size_limit_holds_however_the_head_arrives(start_parkway, scripted, size, status):
+    big = b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * size + b"\r\ncontent-length: 2\r\n\r\nok"
+    scripted.answers = [answer_with(big)]  # one write: the end of the head is buffered at once
+    parkway = await start_parkway()
+
+    reply = await get(parkway, f"{scripted.base}/v1/a")
+
+    assert reply.status == status
