@@ -71,6 +71,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+async def _pass_informational(conn: HTTPConnection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    """An upstream's unasked 1xx (103 Early Hints) to the client, under the response header policy."""
+    await conn.send_informational(status, forwarding.response_headers(headers))
+
+
 class Gateway:
     """The application behind :class:`~proxy.http.server.Server`; ``config`` may be swapped live."""
 
@@ -423,6 +428,7 @@ class Gateway:
                 ),
                 body=upstream_body,
                 address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
+                informational=partial(_pass_informational, conn),
             )
             forward_at = trio.current_time()
             self.metrics.in_flight.inc()

@@ -301,6 +301,14 @@ class HTTPConnection:
         """Ask for ``Connection: close`` on the response (e.g. an unread body, or draining)."""
         self._close_after = True
 
+    async def send_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """A 1xx head before the response (103 Early Hints, 102 Processing), to an HTTP/1.1
+        client only: RFC 9110 §15.2, an HTTP/1.0 client cannot tell it from the answer."""
+        if self.conn.our_state is not h11.SEND_RESPONSE or self.conn.their_http_version != b"1.1":
+            return
+        reason = _REASONS.get(status, b"")
+        await self._send(h11.InformationalResponse(status_code=status, headers=headers, reason=reason))
+
     async def send_head(self, status: int, headers: list[tuple[bytes, bytes]], *, flush: bool = True) -> None:
         """Send the response head; with ``flush=False`` it is held and goes out with the next write."""
         self._settle_request()

@@ -311,7 +311,31 @@ async def test_an_early_answer_reaches_the_client_and_the_body_stops(start_parkw
         assert upstream.after_head < size  # the rest of the client's body was not forwarded
 
 
-# --- deviation: the head size limit on every head --------------
+# --- deviations: 1xx forwarded to HTTP/1.1 clients, the head size limit on every head --------------
+
+HINTS = (
+    b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\nset-cookie: s=1\r\n\r\n"
+    b"HTTP/1.1 102 Processing\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+)
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+async def test_unasked_1xx_reach_http11_clients_only(start_parkway, scripted, version):
+    scripted.answers = [answer_with(HINTS)]
+    parkway = await start_parkway()
+    target = parkway.sign(f"{scripted.base}/v1/a").split(parkway.base, 1)[1]
+
+    raw = await raw_exchange(parkway.port, target, version)
+
+    if version == "1.1":
+        hints, processing, final = raw.split(b"\r\n\r\n", 2)
+        assert hints.startswith(b"HTTP/1.1 103 ") and b"link: </a.css>; rel=preload" in hints
+        assert b"set-cookie" not in hints.lower()  # the response header policy applies
+        assert processing.startswith(b"HTTP/1.1 102 ")
+        assert final.startswith(b"HTTP/1.1 200 ") and final.endswith(b"ok")
+    else:
+        assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"ok") and b" 103 " not in raw
 
 
 @pytest.mark.parametrize(("size", "status"), [(60_000, 200), (70_000, 502), (120_000, 502)])
