@@ -152,6 +152,22 @@ class UpstreamClient:
         self._resolver = resolver
         self._sessions: dict[Origin, ssl.SSLSession] = {}  # the last TLS session per origin, to resume
 
+    def apply(self, config: ServerConfig) -> None:
+        """Take a reloaded ``[server]`` for new requests: the upstream timeouts, the private-address
+        default and the CA file. A new CA drops the idle connections and TLS sessions made under
+        the old one; requests in flight keep what they started with."""
+        self.config = config
+        self.connect_timeout = config.upstream_connect_timeout
+        self.first_byte_timeout = config.upstream_first_byte_timeout
+        self.idle_timeout = config.upstream_idle_timeout
+        allow_private = config.allow_private_upstreams
+        self.default_policy = AddressPolicy(allow_private=allow_private) if allow_private else DEFAULT_POLICY
+        if config.upstream_ca_file != self._ca_file:
+            self._ca_file = config.upstream_ca_file
+            self._ssl = None
+            self._sessions.clear()
+            self.pool.close()
+
     @property
     def ssl_context(self) -> ssl.SSLContext:
         """The certificate checks of every upstream, for the WebSocket ones too (proxy.websocket.session)."""
