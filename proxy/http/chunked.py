@@ -7,8 +7,9 @@ ends (the terminator), whether the framing is well formed (anything else is refu
 guessed at), and the de-framed data for observers. It follows RFC 9112 §7.1: chunk extensions
 (with the bad whitespace §7.1.1 allows before ``;``) and trailing whitespace on the size line
 are accepted and ignored; a bare CR anywhere in a size line is refused (§2.2), and so is a bare
-LF as its end. :attr:`ChunkScanner.tail` tells the relay when the terminator has begun, so the
-trailers can be held back and filtered before they pass (:meth:`ChunkScanner.trailer_lines`).
+LF as its end. For pass-through, :attr:`ChunkScanner.rewritten` says when a read must not go on
+as it came: an extension is dropped, a split size line held until whole, and the terminator
+held until complete so its trailers can be filtered (:meth:`ChunkScanner.trailer_lines`).
 
 :func:`body_framing` is RFC 9112 §6.3 for a response: a body that cannot exist (HEAD, 1xx,
 204, 304) is empty whatever the headers say; ``Transfer-Encoding: chunked`` beats
@@ -98,7 +99,7 @@ class ChunkScanner:
     as h11 needs them to complete its own state.
     """
 
-    __slots__ = ("_left", "_line", "_state", "_trailers", "_zero_line", "done", "tail", "tail_at", "tail_written")
+    __slots__ = ("_left", "_line", "_state", "_trailers", "_zero_line", "done", "rewritten")
 
     def __init__(self) -> None:
         self._state = _SIZE
@@ -107,21 +108,16 @@ class ChunkScanner:
         self._trailers = bytearray()  # the terminator so far: b"0...\r\n" and the trailer lines
         self._zero_line = 0  # the length of the last-chunk line, at the start of the terminator
         self.done = False
-        # Set when the last-chunk line is complete: ``tail_at`` is where the terminator began in
-        # the read that completed it (the relay resets it to 0 once used), ``tail_written`` how many
-        # of its bytes came in earlier reads (a split last-chunk line: already passed through).
-        self.tail = False
-        self.tail_at = 0
-        self.tail_written = 0
+        # For pass-through: None while the reads pass on exactly as they came; else what the last
+        # read becomes (the caller takes it and sets None again). A size line with an extension or
+        # whitespace goes on as bare hex (the extension means nothing to Parkway, and h11-based
+        # clients refuse the whitespace RFC 9112 §7.1.1 allows); a size line split across reads is
+        # held until complete; the terminator is held whole, for the caller to filter its trailers.
+        self.rewritten: bytes | None = None
 
     @property
     def terminator(self) -> bytes:
         return bytes(self._trailers)
-
-    @property
-    def last_chunk_line(self) -> bytes:
-        """The ``0...\\r\\n`` line that begins the terminator, as received."""
-        return bytes(self._trailers[: self._zero_line])
 
     def trailer_lines(self) -> list[bytes]:
         """The trailer field lines of a complete terminator, each with its CRLF."""
@@ -152,6 +148,10 @@ class ChunkScanner:
         end = len(data)
         i = 0
         state, left = self._state, self._left
+        passed: list[bytes] | None = None  # what goes on of this read, once anything differs from it
+        emit = 0  # data[emit:] is not in ``passed`` yet
+        if state == _TRAILER:  # the terminator is being held
+            passed, emit = [], end
         while i < end:
             if state == _DATA:
                 take = min(end - i, left)
@@ -164,6 +164,9 @@ class ChunkScanner:
             elif state == _SIZE or state == _TRAILER:
                 nl = data.find(b"\n", i)
                 if nl < 0:
+                    if state == _SIZE:  # held until the line is whole
+                        passed = [*(passed or ()), data[emit:i]]
+                        emit = end
                     self._line += data[i:]
                     i = end
                     if len(self._line) > MAX_SIZE_LINE:
@@ -171,20 +174,26 @@ class ChunkScanner:
                     break
                 line = data[i : nl + 1]
                 start = i
-                if self._line:
+                split = bool(self._line)
+                if split:
                     line, self._line = self._line + line, b""
                 i = nl + 1
                 if state == _SIZE:
                     match = _SIZE_LINE.fullmatch(line)
                     if match is None:
                         raise MalformedChunks(f"upstream sent a malformed chunk-size line: {line[:40]!r}")
-                    left = int(match[1], 16)
+                    digits = match[1]
+                    left = int(digits, 16)
                     if left:
+                        if split or len(line) != len(digits) + 2:  # held, or not bare hex: bare hex goes on
+                            passed = [*(passed or ()), data[emit:start], digits + b"\r\n"]
+                            emit = i
                         state = _DATA
-                    else:
+                    else:  # the terminator: held from here, for the caller
+                        passed = [*(passed or ()), data[emit:start]]
+                        emit = end
                         self._trailers += line
                         self._zero_line = len(line)
-                        self.tail, self.tail_at, self.tail_written = True, start, len(line) - (i - start)
                         state = _TRAILER
                 else:
                     self._trailers += line
@@ -215,4 +224,8 @@ class ChunkScanner:
             else:  # _DONE
                 break
         self._state, self._left = state, left
+        if passed is not None:
+            if emit < i:
+                passed.append(data[emit:i])
+            self.rewritten = b"".join(passed)
         return i

@@ -5,9 +5,10 @@
 
 * upstream ``chunked`` to an HTTP/1.1 client: the bytes pass through unchanged, and the pure
   :class:`~proxy.http.chunked.ChunkScanner` finds the terminator, refuses broken framing and gives the
-  observers the de-framed data; the terminator is held from its first byte until complete and
-  then written with its trailers filtered by the response header policy (no ``Set-Cookie``, no
-  hop-by-hop field), and both h11 connections are completed with it (RFC 9112 §7.1);
+  observers the de-framed data; chunk extensions are dropped (a size line goes on as bare hex),
+  the terminator is held until complete and then written with its trailers filtered by the
+  response header policy (no ``Set-Cookie``, no hop-by-hop field), and both h11 connections
+  are completed with it (RFC 9112 §7.1);
 * every other case (a fixed length, a body that ends at the close, an HTTP/1.0 client) goes
   through h11 on both sides, as before: these are small answers or rare clients.
 
@@ -132,7 +133,7 @@ class RelayStream:
             if not data:
                 raise UpstreamProtocolError(f"{self.host} closed the connection in the middle of the response")
             used = self.scanner.feed(data, observed)
-            out = data if not self.scanner.tail else self._tail(data, used)
+            out = data if self.scanner.rewritten is None else self._rewritten(data, used)
         else:
             out = self._reframe(data, observed)
         state = self._write(out)
@@ -143,19 +144,18 @@ class RelayStream:
                 self._observe(observed)
         return state
 
-    def _tail(self, data: bytes, used: int) -> bytes:
-        """Pass-through once the terminator has begun: the body bytes before it go now, the
-        terminator is held until complete and then goes with its trailers filtered
-        (:func:`~proxy.forwarding.response_trailers`). Once per response, not per event."""
+    def _rewritten(self, data: bytes, used: int) -> bytes:
+        """Pass-through of a read the scanner changed (an extension dropped, a split size line or
+        the terminator held); once the terminator is complete it goes with its trailers filtered
+        (:func:`~proxy.forwarding.response_trailers`). Not the common read: one whole chunk."""
         scanner = self.scanner
-        assert scanner is not None
-        before, scanner.tail_at = data[: scanner.tail_at], 0
+        assert scanner is not None and scanner.rewritten is not None
+        out, scanner.rewritten = scanner.rewritten, None
         if not scanner.done:
-            return before
+            return out
         self._end_chunked(excess=len(data) - used)
-        self._down_h11.send(h11.EndOfMessage())  # the terminator written below completes the framing
-        kept = b"".join(forwarding.response_trailers(scanner.trailer_lines()))
-        return before + (scanner.last_chunk_line + kept + b"\r\n")[scanner.tail_written :]
+        self._down_h11.send(h11.EndOfMessage())  # the terminator written here completes the framing
+        return out + b"0\r\n" + b"".join(forwarding.response_trailers(scanner.trailer_lines())) + b"\r\n"
 
     def _reframe(self, data: bytes, observed: list[bytes] | None) -> bytes:
         """h11 on both sides: de-frame what the upstream sent, frame it for this client."""
