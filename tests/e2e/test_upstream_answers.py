@@ -347,3 +347,22 @@ async def test_the_head_size_limit_holds_however_the_head_arrives(start_parkway,
     reply = await get(parkway, f"{scripted.base}/v1/a")
 
     assert reply.status == status
+
+
+async def test_a_request_body_with_bad_whitespace_before_an_extension_is_refused(start_parkway, scripted):
+    # Documented deviation (docs/proxying.md): request bodies are parsed by h11, which refuses it.
+    parkway = await start_parkway()
+    target = parkway.sign(f"{scripted.base}/v1/a", method="POST").split(parkway.base, 1)[1]
+
+    with trio.fail_after(GUARD):
+        async with await trio.open_tcp_stream("127.0.0.1", parkway.port) as stream:
+            await stream.send_all(
+                f"POST {target} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".encode()
+                + b"5 ;a=b\r\nhello\r\n0\r\n\r\n"
+            )
+            raw = b""
+            while data := await stream.receive_some(65536):
+                raw += data
+
+    assert raw.startswith(b"HTTP/1.1 400 ") and b"malformed_http" in raw
+    assert scripted.requests == []
