@@ -66,13 +66,14 @@ from .jobs import enqueue, serve_job
 from .plan import Plan, address_policy, canonical_paths, has_body, header_map, request_policy
 from .websocket import open_session
 
-# A fixed-length answer up to this size has its head held back and written with the first body
-# chunk (one write instead of two: the upstream sends a small body together with its head).
-SMALL_RESPONSE_BYTES = 16384
-
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+async def _pass_informational(conn: HTTPConnection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    """An upstream's unasked 1xx (103 Early Hints) to the client, under the response header policy."""
+    await conn.send_informational(status, forwarding.response_headers(headers))
 
 
 class Gateway:
@@ -427,6 +428,7 @@ class Gateway:
                 ),
                 body=upstream_body,
                 address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
+                informational=partial(_pass_informational, conn),
             )
             forward_at = trio.current_time()
             self.metrics.in_flight.inc()
@@ -469,10 +471,12 @@ class Gateway:
         out_headers += cors.response_headers(config.cors, origin)
         out_headers.append((b"x-request-id", request_id.encode()))
         out_headers += extra_headers
-        # A small fixed-length answer's head waits for its body, and so does any head whose first
-        # body bytes came with it (an SSE answer's first event): one write instead of two.
-        small = record.expected_length is not None and record.expected_length <= SMALL_RESPONSE_BYTES
-        await conn.send_head(response.status, out_headers, flush=not (small or response.initial))
+        # A head whose first body bytes came with it (an SSE answer's first event, a small JSON
+        # answer), or whose answer has no body, goes out with them in one write: the relay's
+        # first write takes it. Any other head goes out now, so a client sees it as soon as
+        # it arrived, whether or when the body follows (docs/proxying.md).
+        hold = bool(response.initial) or response.framing.bodiless
+        await conn.send_head(response.status, out_headers, flush=not hold)
         record.head_sent_at = trio.current_time()
 
     @staticmethod
@@ -485,7 +489,7 @@ class Gateway:
     async def _send_error(
         self, head: RequestHead | None, conn: HTTPConnection, config: Config, exc: ParkwayError, request_id: str
     ) -> None:
-        status, headers, body = error_response(exc)
+        status, headers, body = error_response(exc, head_only=conn.head_only)
         origin = head.header(b"origin") if head else None
         headers += cors.response_headers(config.cors, origin)
         headers.append((b"x-request-id", request_id.encode()))
