@@ -106,6 +106,11 @@ HARM2 = "harm 2: an error for a HEAD request drops the connection with no answer
 HARM3 = "harm 3: chunk extensions with whitespace are refused"
 HARM4 = "harm 4: a POST is sent to the upstream twice"
 HARM5 = "harm 5: an early answer is lost"
+NGINX_1XX = "takes a 1xx for the final answer and relays the real one as its body (RFC 9110 §15.2)"
+NGINX_NO_ANSWER = "closes the client connection with no answer at all when the framing breaks before the head went out"
+NGINX_09 = "relays a status line that is not HTTP/1.x as if it were the answer (RFC 9112 §4: a 502)"
+NGINX_HEAD_LIMIT = "limits an upstream head to proxy_buffer_size (one memory page): a 502 beyond it"
+NGINX_POOL = "which request meets a reused upstream connection is each proxy's own pool timing"
 
 
 def _behaviours() -> list[Behaviour]:
@@ -149,23 +154,26 @@ def _behaviours() -> list[Behaviour]:
     add(B("304 with a stray chunked body", resp(304, b"", framing="none", headers=(b"Transfer-Encoding: chunked",))
           + b"5\r\nhello\r\n0\r\n\r\n"))  # fmt: skip
 
-    # 1xx before the final answer.
-    add(B("100 Continue then 200", info(100) + resp(body=TEXT)))
-    add(B("100 Continue then 200 Content-Length 0", info(100) + OK0, harm=HARM1))
-    add(B("102 Processing then 200", info(102) + resp(body=TEXT)))
-    add(B("103 Early Hints then 200", info(103, b"Link: </s.css>; rel=preload") + resp(body=TEXT)))
-    add(B("two 103 then 200", info(103, b"Link: </a>") + info(103, b"Link: </b>") + resp(body=TEXT)))
-    add(B("100, 102, 103 then 200", info(100) + info(102) + info(103) + resp(body=TEXT)))
-    add(B("103 then 204", info(103) + resp(204, b"", framing="none")))
-    add(B("103 then chunked", info(103) + resp(body=TEXT, framing="chunked")))
-    add(B("103 then 404", info(103) + resp(404, TEXT)))
-    add(B("199 unknown 1xx then 200", info(199) + resp(body=TEXT)))
-    add(B("103 then close", info(103), then="close"))
-    add(B("103 then silence", info(103), then="silent"))
-    add(B("103 split from its 200", info(103) + resp(body=TEXT), split_at=(len(info(103)),)))
-    add(B("103, pause, 200", info(103) + resp(body=TEXT), pause=(len(info(103)), 0.3)))
+    # 1xx before the final answer (nginx 1.22 takes a 1xx for the final answer: see NGINX_1XX).
+    one = {"nginx_wrong": NGINX_1XX}
+    add(B("100 Continue then 200", info(100) + resp(body=TEXT), deviation="unasked-100-dropped", **one))
+    add(B("100 Continue then 200 Content-Length 0", info(100) + OK0, harm=HARM1, deviation="unasked-100-dropped",
+          **one))  # fmt: skip
+    add(B("102 Processing then 200", info(102) + resp(body=TEXT), **one))
+    add(B("103 Early Hints then 200", info(103, b"Link: </s.css>; rel=preload") + resp(body=TEXT), **one))
+    add(B("two 103 then 200", info(103, b"Link: </a>") + info(103, b"Link: </b>") + resp(body=TEXT), **one))
+    add(B("100, 102, 103 then 200", info(100) + info(102) + info(103) + resp(body=TEXT),
+          deviation="unasked-100-dropped", **one))  # fmt: skip
+    add(B("103 then 204", info(103) + resp(204, b"", framing="none"), **one))
+    add(B("103 then chunked", info(103) + resp(body=TEXT, framing="chunked"), **one))
+    add(B("103 then 404", info(103) + resp(404, TEXT), **one))
+    add(B("199 unknown 1xx then 200", info(199) + resp(body=TEXT), **one))
+    add(B("103 then close", info(103), then="close", **one))
+    add(B("103 then silence", info(103), then="silent", **one))
+    add(B("103 split from its 200", info(103) + resp(body=TEXT), split_at=(len(info(103)),), **one))
+    add(B("103, pause, 200", info(103) + resp(body=TEXT), pause=(len(info(103)), 0.3), **one))
     add(B("101 not asked for", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n",
-          then="close"))  # fmt: skip
+          then="close", nginx_wrong="relays a 101 nobody asked for, then the raw bytes (RFC 9110 §15.2.2)"))  # fmt: skip
 
     # Content-Length 1, around the held-head size, large.
     add(B("Content-Length 1", resp(body=b"x")))
@@ -176,11 +184,15 @@ def _behaviours() -> list[Behaviour]:
     add(B("gzip body passed as is", resp(body=b"\x1f\x8b\x08\x00" + BINARY[:64],
           headers=(b"Content-Encoding: gzip",)), present=(b"content-encoding",)))  # fmt: skip
     add(B("identical duplicate Content-Length", resp(body=HELLO, headers=(b"Content-Length: 5",))))
-    add(B("Content-Length list 5, 5", b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"))
-    add(B("conflicting Content-Length", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"))
-    add(B("Content-Length +5", b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello"))
-    add(B("Content-Length -1", b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nhello", then="close"))
-    add(B("Content-Length not a number", b"HTTP/1.1 200 OK\r\nContent-Length: five\r\n\r\nhello", then="close"))
+    add(B("Content-Length list 5, 5", b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello",
+          nginx_wrong="passes the list on and frames the answer wrongly (RFC 9112 §6.3 item 5)"))  # fmt: skip
+    bad_length = {"nginx_wrong": "relays an answer whose Content-Length is invalid (RFC 9112 §6.3 item 5: an error)"}
+    add(B("conflicting Content-Length", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+          **bad_length))  # fmt: skip
+    add(B("Content-Length +5", b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello", **bad_length))
+    add(B("Content-Length -1", b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nhello", then="close", **bad_length))
+    add(B("Content-Length not a number", b"HTTP/1.1 200 OK\r\nContent-Length: five\r\n\r\nhello", then="close",
+          **bad_length))  # fmt: skip
     add(B("body longer than Content-Length", resp(body=HELLO) + b"EXTRA"))
     add(B("body shorter than Content-Length, then close", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello",
           then="close"))  # fmt: skip
@@ -192,7 +204,9 @@ def _behaviours() -> list[Behaviour]:
     # Chunked: plain, extensions (with BWS), trailers, odd sizes.
     add(B("chunked", resp(body=TEXT, framing="chunked")))
     add(B("chunked empty body", resp(body=b"", framing="chunked")))
-    add(B("chunked one byte chunks", resp(body=TEXT, framing="chunked", chunks=tuple(b"1\r\n%c\r\n" % c for c in TEXT))))
+    add(
+        B("chunked one byte chunks", resp(body=TEXT, framing="chunked", chunks=tuple(b"1\r\n%c\r\n" % c for c in TEXT)))
+    )
     add(B("chunked 1 MiB chunk", resp(body=b"C" * (1 << 20), framing="chunked",
           chunks=(b"100000\r\n" + b"C" * (1 << 20) + b"\r\n",))))  # fmt: skip
     add(B("chunked upper-case hex", resp(body=b"x" * 26, framing="chunked", chunks=(b"1A\r\n" + b"x" * 26 + b"\r\n",))))
@@ -208,7 +222,7 @@ def _behaviours() -> list[Behaviour]:
     add(B("chunked extension on the last chunk", resp(body=HELLO, framing="chunked", chunks=(b"5\r\nhello\r\n",))
           .replace(b"0\r\n\r\n", b"0;end=1\r\n\r\n")))  # fmt: skip
     add(B("chunked bare CR in an extension", resp(body=HELLO, framing="chunked", chunks=(b"5;a=b\rc\r\nhello\r\n",)),
-          either=Expect(None, head=200)))  # fmt: skip
+          either=Expect(None, head=200), nginx_wrong=NGINX_NO_ANSWER))  # fmt: skip
     add(B("chunked trailing space on the size", resp(body=HELLO, framing="chunked", chunks=(b"5 \r\nhello\r\n",))))
     add(B("chunked with a trailer", resp(body=TEXT, framing="chunked", trailers=b"X-Checksum: 42\r\n")))
     add(B("chunked with Set-Cookie trailer", resp(body=TEXT, framing="chunked", trailers=b"Set-Cookie: a=b\r\n")))
@@ -216,18 +230,20 @@ def _behaviours() -> list[Behaviour]:
           trailers=b"X-Sum: 1\r\n")))  # fmt: skip
     add(B("chunked and Content-Length", resp(body=HELLO, framing="chunked", headers=(b"Content-Length: 5",))))
     add(B("chunked twice in Transfer-Encoding", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"
-          b"5\r\nhello\r\n0\r\n\r\n", either=Expect(200, HELLO)))  # fmt: skip
+          b"5\r\nhello\r\n0\r\n\r\n", either=Expect(200, HELLO),
+          nginx_wrong="accepts chunked applied twice (RFC 9112 §6.1: a sender MUST NOT)"))  # fmt: skip
     add(B("Transfer-Encoding gzip, chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
-          b"5\r\nhello\r\n0\r\n\r\n", either=Expect(200, HELLO)))  # fmt: skip
+          b"5\r\nhello\r\n0\r\n\r\n", either=Expect(200, HELLO), deviation="transfer-codings"))  # fmt: skip
     add(B("Transfer-Encoding chunked, gzip", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nhello",
-          then="close"))  # fmt: skip
-    add(B("chunked invalid size", resp(body=HELLO, framing="chunked", chunks=(b"zz\r\nhello\r\n",)), then="close"))
+          then="close", nginx_wrong=NGINX_NO_ANSWER))  # fmt: skip
+    bad_chunks = {"then": "close", "nginx_wrong": NGINX_NO_ANSWER}
+    add(B("chunked invalid size", resp(body=HELLO, framing="chunked", chunks=(b"zz\r\nhello\r\n",)), **bad_chunks))
     add(B("chunked size overflow", resp(body=HELLO, framing="chunked", chunks=(b"fffffffffffffffff\r\nhello\r\n",)),
-          then="close"))  # fmt: skip
+          **bad_chunks))  # fmt: skip
     add(B("chunked data longer than its size", resp(body=HELLO, framing="chunked", chunks=(b"3\r\nhello\r\n",)),
-          then="close"))  # fmt: skip
+          **bad_chunks))  # fmt: skip
     add(B("chunked missing CRLF after data", resp(body=HELLO, framing="chunked", chunks=(b"5\r\nhelloX",)),
-          then="close"))  # fmt: skip
+          **bad_chunks))  # fmt: skip
     add(B("chunked then close mid-chunk", resp(body=TEXT, framing="chunked")[:-20], then="close"))
     add(B("chunked then close before the last chunk", resp(body=HELLO, framing="chunked")[:-5], then="close"))
     add(B("chunked then close mid-trailers", resp(body=HELLO, framing="chunked", trailers=b"X-A: 1\r\n")[:-6],
@@ -276,13 +292,15 @@ def _behaviours() -> list[Behaviour]:
     add(B("head split before its last CRLF", resp(body=TEXT), split_at=(len(resp(body=TEXT)) - len(TEXT) - 2,)))
     add(B("head and body in separate writes", resp(body=TEXT), split_at=(len(resp(body=TEXT)) - len(TEXT),)))
     add(B("bare LF line endings", b"HTTP/1.1 200 OK\nContent-Length: 5\n\nhello"))
-    add(B("obsolete line folding", b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 5\r\n\r\nhello"))
+    add(B("obsolete line folding", b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 5\r\n\r\nhello",
+          either=Expect(None), nginx_differs="rejects obs-fold with a 502 where Parkway (h11) unfolds it; RFC 9112 §5.2 "
+          "allows either"))  # fmt: skip
     add(B("status line without reason", b"HTTP/1.1 200 \r\nContent-Length: 5\r\n\r\nhello"))
     add(B("status line without reason or space", b"HTTP/1.1 200\r\nContent-Length: 5\r\n\r\nhello"))
     add(B("pause before the head", resp(body=TEXT), pause=(0, 0.4)))
     n_head = len(resp(body=TEXT)) - len(TEXT)
-    add(B("pause between head and body", resp(body=TEXT), pause=(n_head, 0.8), head_first=True))
-    add(B("pause between head and 4 KiB body", resp(body=b"p" * 4096), pause=(len(resp(body=b"p" * 4096)) - 4096, 0.8),
+    add(B("pause between head and body", resp(body=TEXT), pause=(n_head, 1.0), head_first=True))
+    add(B("pause between head and 4 KiB body", resp(body=b"p" * 4096), pause=(len(resp(body=b"p" * 4096)) - 4096, 1.0),
           head_first=True))  # fmt: skip
     add(B("pause mid-body", resp(body=TEXT), pause=(n_head + 10, 0.4)))
     add(B("pause mid-head", resp(body=TEXT), pause=(12, 0.4)))
@@ -302,8 +320,8 @@ def _behaviours() -> list[Behaviour]:
     add(B("read the head only, then close", b"", then="close", read_body=False))
 
     # Oversized and duplicate headers.
-    add(B("8 KiB header", resp(body=HELLO, headers=(b"X-Big: " + b"a" * 8192,))))
-    add(B("20 KiB header", resp(body=HELLO, headers=(b"X-Big: " + b"a" * 20480,))))
+    add(B("8 KiB header", resp(body=HELLO, headers=(b"X-Big: " + b"a" * 8192,)), nginx_differs=NGINX_HEAD_LIMIT))
+    add(B("20 KiB header", resp(body=HELLO, headers=(b"X-Big: " + b"a" * 20480,)), nginx_differs=NGINX_HEAD_LIMIT))
     add(B("100 headers", resp(body=HELLO, headers=tuple(b"X-H%d: %d" % (i, i) for i in range(100)))))
     # Over Parkway's documented 64 KiB limit on an upstream head (h11 checks its limit only
     # while the head is incomplete, so it is no oracle here): a 502, however the head arrives.
@@ -314,7 +332,8 @@ def _behaviours() -> list[Behaviour]:
     add(B("several Set-Cookie", resp(body=HELLO, headers=(b"Set-Cookie: a=1", b"Set-Cookie: b=2"))))
     add(B("header without a value", resp(body=HELLO, headers=(b"X-Empty:",))))
     add(B("header with a space before the colon", resp(body=HELLO, headers=(b"X-Bad : 1",)), then="close"))
-    add(B("header line without a colon", resp(body=HELLO, headers=(b"NoColon",)), then="close"))
+    add(B("header line without a colon", resp(body=HELLO, headers=(b"NoColon",)), then="close",
+          nginx_wrong="skips the line it cannot parse and relays the rest of an invalid head (RFC 9112 §5)"))  # fmt: skip
     add(B("header value with a bare CR", resp(body=HELLO, headers=(b"X-Cr: a\rb",)), then="close"))
     add(B("header named in Connection", resp(body=HELLO, headers=(b"Connection: X-Secret", b"X-Secret: 1")),
           absent=(b"x-secret",)))  # fmt: skip
@@ -322,14 +341,15 @@ def _behaviours() -> list[Behaviour]:
     add(B("Proxy-Authenticate passes", resp(407, HELLO, headers=(b"Proxy-Authenticate: Basic",))))
 
     # Broken status lines.
-    add(B("not HTTP at all", b"HELLO THERE\r\n\r\n", then="close", harm=HARM2))
-    add(B("not HTTP, socket left open", b"HELLO THERE\r\n\r\n", harm=HARM2))
-    add(B("HTTP/0.9 style body", b"<html>hello</html>\n", then="close", harm=HARM2))
-    add(B("status 1000", b"HTTP/1.1 1000 OK\r\nContent-Length: 0\r\n\r\n", then="close", harm=HARM2))
-    add(B("status 099", b"HTTP/1.1 099 OK\r\nContent-Length: 0\r\n\r\n", then="close", harm=HARM2))
+    nine = {"harm": HARM2, "nginx_wrong": NGINX_09}
+    add(B("not HTTP at all", b"HELLO THERE\r\n\r\n", then="close", **nine))
+    add(B("not HTTP, socket left open", b"HELLO THERE\r\n\r\n", **nine))
+    add(B("HTTP/0.9 style body", b"<html>hello</html>\n", then="close", **nine))
+    add(B("status 1000", b"HTTP/1.1 1000 OK\r\nContent-Length: 0\r\n\r\n", then="close", **nine))
+    add(B("status 099", b"HTTP/1.1 099 OK\r\nContent-Length: 0\r\n\r\n", then="close", **nine))
     add(B("HTTP/2.0 status line", b"HTTP/2.0 200 OK\r\nContent-Length: 5\r\n\r\nhello", then="close",
           either=Expect(None)))  # fmt: skip
-    add(B("lower-case http", b"http/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", then="close", harm=HARM2))
+    add(B("lower-case http", b"http/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", then="close", **nine))
 
     # Answers sent before the request body was read.
     e413 = resp(413, b'{"error":"too large"}', headers=(b"Connection: close",))
@@ -341,17 +361,19 @@ def _behaviours() -> list[Behaviour]:
     add(B("early 401 with small body, then close", resp(401, TEXT, headers=(b"Connection: close",)), read_body=False,
           then="drain_close"))  # fmt: skip
 
-    # A reused upstream connection that fails (a POST is never sent twice).
+    # A reused upstream connection that fails (a POST is never sent twice). Which request of a
+    # shape meets the reused connection is each proxy's pool timing, so outcomes may differ.
+    pool = {"nginx_differs": NGINX_POOL}
     add(B("reused connection closed after reading the request", resp(body=TEXT),
-          on_reuse=B("", b"", then="close"), either=Expect(None), harm=HARM4))  # fmt: skip
+          on_reuse=B("", b"", then="close"), either=Expect(None), harm=HARM4, **pool))  # fmt: skip
     add(B("reused connection reset after reading the request", resp(body=TEXT),
-          on_reuse=B("", b"", then="reset"), either=Expect(None), harm=HARM4))  # fmt: skip
-    add(B("reused connection closed mid-head", resp(body=TEXT),
-          on_reuse=B("", b"HTTP/1.1 200 OK\r\n", then="close"), either=Expect(None)))  # fmt: skip
+          on_reuse=B("", b"", then="reset"), either=Expect(None), harm=HARM4, **pool))  # fmt: skip
+    add(B("reused connection closed mid-head", resp(body=TEXT), on_reuse=B("", b"HTTP/1.1 200 OK\r\n", then="close"),
+          either=Expect(None), deviation="no-retry-once-answered", **pool))  # fmt: skip
     add(B("reused connection answers 503 then closes", resp(body=TEXT),
-          on_reuse=B("", resp(503, TEXT), then="close"), either=Expect(503, TEXT)))  # fmt: skip
+          on_reuse=B("", resp(503, TEXT), then="close"), either=Expect(503, TEXT), **pool))  # fmt: skip
     add(B("reused connection closed without reading", resp(body=TEXT),
-          on_reuse=B("", b"", then="close", read_body=False), either=Expect(None), harm=HARM4))  # fmt: skip
+          on_reuse=B("", b"", then="close", read_body=False), either=Expect(None), harm=HARM4, **pool))  # fmt: skip
     return out
 
 
@@ -434,7 +456,9 @@ secret = ["{SECRET}"]
 """
 
 
-async def serve_parkway(tmp: Path, driver: str, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_parkway(
+    tmp: Path, driver: str, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
     """``parkway serve`` on ``driver`` (PARKWAY_RELAY) as its own process, as an operator runs it;
     its port is started with. Its own process, so the proxies do not share the test's CPU."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -585,18 +609,17 @@ def test_case(matrix: Matrix, behaviour: Behaviour, shape: Shape) -> None:
     story = "\n".join(runs[t].brief() for t in TARGETS)
     for driver in ("epoll", "portable"):
         assert not found[driver], f"Parkway ({driver}) breaks the RFC:\n" + "\n".join(found[driver]) + "\n" + story
-    ours, theirs = ([o.signature() for o in runs[t].outcomes] for t in ("epoll", "portable"))
-    assert ours == theirs, "the relay drivers answer differently:\n" + story
-    if verdict == "nginx_wrong":
-        assert behaviour.nginx_wrong, (
-            "nginx breaks the RFC here and Parkway does not: name the rule in nginx_wrong:\n"
+    if behaviour.on_reuse is None:  # with a reused connection, which request meets it is timing
+        ours, theirs = ([o.signature() for o in runs[t].outcomes] for t in ("epoll", "portable"))
+        assert ours == theirs, "the relay drivers answer differently:\n" + story
+    if verdict != "same":
+        assert behaviour.nginx_wrong or behaviour.deviation or behaviour.nginx_differs, (
+            f"Parkway answers differently from nginx ({verdict}): classify the case (nginx_wrong names the rule "
+            "nginx breaks, deviation the docs/proxying.md entry, nginx_differs nginx's own choice):\n"
             + "\n".join(found["nginx"]) + "\n" + story
         )  # fmt: skip
-    elif verdict == "deviation":
-        why = behaviour.deviation or behaviour.nginx_differs
-        assert why, "Parkway answers differently from nginx (both within the RFC): classify it:\n" + story
-        if behaviour.deviation:
-            assert f"`{behaviour.deviation}`" in DOC.read_text(), f"deviation {behaviour.deviation!r} not in {DOC.name}"
+    if behaviour.deviation:
+        assert f"`{behaviour.deviation}`" in DOC.read_text(), f"deviation {behaviour.deviation!r} not in {DOC.name}"
 
 
 def test_table_is_big_enough() -> None:

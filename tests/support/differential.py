@@ -216,7 +216,9 @@ class BehaviourServer:
                 then = await _play(stream, b, b.answer_for(method))
                 if then in ("close", "reset"):
                     if then == "reset":
-                        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                        stream.socket.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                        )
                     return
                 if then == "drain_close":
                     await stream.send_eof()
@@ -328,6 +330,7 @@ class Outcome:
     headers: tuple[tuple[bytes, bytes], ...] = ()
     body: bytes = b""
     head_at: float | None = None  # seconds from the request to the head
+    body_at: float | None = None  # ... to the first body byte
     closed: bool = False  # the proxy closed the connection after this answer
     stray: int = 0  # bytes after a complete answer the client did not ask for
     detail: str = ""
@@ -416,6 +419,8 @@ class ResponseReader:
                 out.head_at = trio.current_time() - started
                 out.kind = "cut"  # until its end arrives
             elif type(event) is h11.Data:
+                if out.body_at is None:
+                    out.body_at = trio.current_time() - started
                 body += event.data
                 out.body = bytes(body)
             elif type(event) is h11.EndOfMessage:
@@ -566,7 +571,9 @@ def violations(b: Behaviour, shape: Shape, run: CaseRun) -> list[str]:
         if not ok:
             found.append(f"{tag}: expected {_describe(exp)}, got {out.brief()}")
         if out.kind == "answer" and out.detail == "connection not closed":
-            found.append(f"{tag}: connection left open after an answer to a request that asked to close (RFC 9112 §9.6)")
+            found.append(
+                f"{tag}: connection left open after an answer to a request that asked to close (RFC 9112 §9.6)"
+            )
         if ask.method == "HEAD" and (out.body or out.stray):
             found.append(f"{tag}: a body on a HEAD answer (RFC 9110 §9.3.2)")
         if ask.http10:
@@ -585,8 +592,10 @@ def violations(b: Behaviour, shape: Shape, run: CaseRun) -> list[str]:
             for name in b.present:
                 if out.header(name) is None:
                     found.append(f"{tag}: header {name.decode()} lost")
-        if b.head_first and b.pause and out.head_at is not None and out.head_at >= b.pause[1]:
-            found.append(f"{tag}: head held back {out.head_at:.2f} s, until the body came")
+        if b.head_first and b.pause and out.head_at is not None and out.body_at is not None:
+            # The upstream paused between head and body: the client must see that gap too.
+            if out.body_at - out.head_at < b.pause[1] / 2:
+                found.append(f"{tag}: head held back until the body came ({out.body_at - out.head_at:.2f} s apart)")
     for path, reqs in run.received.items():
         posts = [r for r in reqs if r.method == "POST"]
         if len(posts) > 1:

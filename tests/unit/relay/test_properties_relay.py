@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import h11
 import trio
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from trio.testing import memory_stream_pair
 
@@ -128,8 +128,9 @@ def answers(draw: st.DrawFn, method: str) -> Wire:
         wire, oracle = wire + junk, oracle + junk
     elif damage == "conflict" and framing == "length" and not no_body:
         extra = b"Content-Length: %d\r\n" % (len(body) + 1)
-        wire, oracle = wire.replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n", 1), oracle.replace(
-            b"\r\n\r\n", b"\r\n" + extra + b"\r\n", 1
+        wire, oracle = (
+            wire.replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n", 1),
+            oracle.replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n", 1),
         )
     elif damage == "garbage":
         wire = oracle = draw(st.sampled_from([b"HELLO THERE\r\n\r\n", b"HTTP/1.1 2000 OK\r\n\r\n", b"\x16\x03\x01junk",
@@ -301,5 +302,6 @@ def examples(draw: st.DrawFn) -> tuple[str, Wire, list[int]]:
 async def test_the_client_gets_what_h11_reads(example: tuple[str, Wire, list[int]]) -> None:
     method, answer, pieces = example
     verdict = oracle(answer.oracle, method, answer.close)
+    event("complete" if verdict.status is not None else "failed after the head" if verdict.head else "failed")
     got = await through_parkway(answer, pieces, method)
     check(verdict, got, method)
