@@ -26,7 +26,7 @@ import trio
 from coredis.retry import NoRetryPolicy
 
 from .._redis import REDIS_FAILURES, closing_buffers, without_credentials
-from ..limits.outage import Outage
+from ..limits import Outage
 from .entry import CacheEntry, CorruptEntry, decode_entry, encode_entry
 from .memory import Stored
 from .policy import CacheUnavailable, short_key
