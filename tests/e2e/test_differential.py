@@ -226,7 +226,8 @@ def _behaviours() -> list[Behaviour]:
           either=Expect(None, head=200), nginx_wrong=NGINX_NO_ANSWER))  # fmt: skip
     add(B("chunked trailing space on the size", resp(body=HELLO, framing="chunked", chunks=(b"5 \r\nhello\r\n",))))
     add(B("chunked with a trailer", resp(body=TEXT, framing="chunked", trailers=b"X-Checksum: 42\r\n")))
-    add(B("chunked with Set-Cookie trailer", resp(body=TEXT, framing="chunked", trailers=b"Set-Cookie: a=b\r\n")))
+    add(B("chunked with Set-Cookie trailer", resp(body=TEXT, framing="chunked", trailers=b"Set-Cookie: a=b\r\n"),
+          absent=(b"set-cookie",)))  # fmt: skip
     add(B("chunked with a Trailer header", resp(body=TEXT, framing="chunked", headers=(b"Trailer: X-Sum",),
           trailers=b"X-Sum: 1\r\n")))  # fmt: skip
     add(B("chunked and Content-Length", resp(body=HELLO, framing="chunked", headers=(b"Content-Length: 5",))))
@@ -330,7 +331,8 @@ def _behaviours() -> list[Behaviour]:
         add(B(f"{size} KiB head", resp(body=HELLO, headers=tuple(b"X-H%d: " % i + b"b" * 1000 for i in range(size))),
               expect=Expect(None)))  # fmt: skip
     add(B("duplicate custom headers", resp(body=HELLO, headers=(b"X-Dup: 1", b"X-Dup: 2")), present=(b"x-dup",)))
-    add(B("several Set-Cookie", resp(body=HELLO, headers=(b"Set-Cookie: a=1", b"Set-Cookie: b=2"))))
+    add(B("several Set-Cookie", resp(body=HELLO, headers=(b"Set-Cookie: a=1", b"Set-Cookie: b=2")),
+          absent=(b"set-cookie",)))  # fmt: skip
     add(B("header without a value", resp(body=HELLO, headers=(b"X-Empty:",))))
     add(B("header with a space before the colon", resp(body=HELLO, headers=(b"X-Bad : 1",)), then="close"))
     add(B("header line without a colon", resp(body=HELLO, headers=(b"NoColon",)), then="close",
@@ -597,8 +599,9 @@ def _write_report(path: Path, matrix: Matrix) -> None:
 
 def _cases() -> Iterator[object]:
     for b in BEHAVIOURS:
+        marks = [pytest.mark.xfail(strict=True, reason=b.still_harmed)] if b.still_harmed else []
         for shape in SHAPES:
-            yield pytest.param(b, shape, id=f"{b.id}:{shape.name}")
+            yield pytest.param(b, shape, id=f"{b.id}:{shape.name}", marks=marks)
 
 
 @pytest.mark.parametrize(("behaviour", "shape"), list(_cases()))
