@@ -45,12 +45,12 @@ class AdminApp:
         self.render_metrics = render_metrics
 
     async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None:
-        await conn.send_full(*error_response(exc))
+        await conn.send_full(*error_response(exc, head_only=conn.head_only))
 
     async def handle(self, head: RequestHead, conn: HTTPConnection) -> None:
         async for _ in conn.body_chunks():
             pass
-        route = (head.method, head.path)
+        route = ("GET" if head.method == "HEAD" else head.method, head.path)  # HEAD: GET's head, no body
         if route == ("GET", "/healthz"):
             response = _json(200, {"status": "ok"})
         elif route == ("GET", "/readyz"):
@@ -82,4 +82,5 @@ class AdminApp:
                     }
                 },
             )
-        await conn.send_full(*response)
+        status, headers, body = response
+        await conn.send_full(status, headers, b"" if conn.head_only else body)

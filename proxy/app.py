@@ -14,6 +14,7 @@ import signal
 import ssl
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from dataclasses import fields as dataclass_fields
 from dataclasses import replace
 from datetime import datetime
 
@@ -214,7 +215,9 @@ class Parkway:
         """Re-read the config file; apply it to new requests, or keep the old one and say why.
 
         In-flight requests keep the config they started with (the gateway reads it once per
-        request). Listen addresses and upstream pool settings need a restart to change.
+        request). The upstream timeouts and CA file apply to new proxied requests; listen
+        addresses, ``[admin]``, ``[state]``, ``[cache]`` and the jobs store need a restart, and
+        a reload that changes them keeps the old values and logs each key path.
         """
         if self.config_path is None:
             problems = ["no configuration file to reload (started without --config)"]
@@ -228,31 +231,46 @@ class Parkway:
             log.error("config_reload_failed", path=str(self.config_path), problems=problems)
             self.metrics.reloads.labels("error").inc()
             return problems
-        kept = []
-        if new.server.listen != self.config.server.listen or new.admin != self.config.admin:
-            kept.append("listen addresses")
-            new = replace(new, server=replace(new.server, listen=self.config.server.listen), admin=self.config.admin)
-        if new.state != self.config.state:
-            kept.append("[state]")
-            new = replace(new, state=self.config.state)
-        old_jobs = self.config.jobs
-        if (new.jobs.enabled, new.jobs.store, new.jobs.path) != (old_jobs.enabled, old_jobs.store, old_jobs.path):
-            kept.append("[jobs] enabled, store and path")
-            new = replace(
-                new, jobs=replace(new.jobs, enabled=old_jobs.enabled, store=old_jobs.store, path=old_jobs.path)
-            )
-        if new.cache != self.config.cache:
-            kept.append("[cache]")
-            new = replace(new, cache=self.config.cache)
-        if kept:
-            log.warning("config_reload_needs_restart", kept=kept, reason="these settings change only on restart")
+        old = self.config
+        if new.server.upstream_ca_file != old.server.upstream_ca_file and new.server.upstream_ca_file:
+            try:  # refused here, not at the first proxied request
+                ssl.create_default_context(cafile=new.server.upstream_ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                problems = [f"server.upstream_ca_file: cannot be loaded: {exc}"]
+                log.error("config_reload_failed", path=str(self.config_path), problems=problems)
+                self.metrics.reloads.labels("error").inc()
+                return problems
+        # Settings read only at start: the old values stay, and each changed key is named.
+        keys = _changed(old.server, new.server, "server", ("listen",)) + _changed(old.admin, new.admin, "admin")
+        keys += _changed(old.state, new.state, "state") + _changed(old.cache, new.cache, "cache")
+        keys += _changed(old.jobs, new.jobs, "jobs", ("enabled", "store", "path"))
+        if old.jobs.enabled and new.server.upstream_ca_file != old.server.upstream_ca_file:
+            keys.append("server.upstream_ca_file (for job calls; proxied requests use the new one)")
+        new = replace(
+            new,
+            server=replace(new.server, listen=old.server.listen),
+            admin=old.admin,
+            state=old.state,
+            cache=old.cache,
+            jobs=replace(new.jobs, enabled=old.jobs.enabled, store=old.jobs.store, path=old.jobs.path),
+        )
+        if keys:
+            log.warning("config_reload_needs_restart", keys=keys, reason="these settings change only on restart")
         self.config = new
         if self.gateway is not None:  # else run() builds it from self.config
             self.gateway.apply(new)
+        self.upstream.apply(new.server)
+        self.websockets.ssl_context = self.upstream.ssl_context
         self.server.config = new.server
         self.metrics.reloads.labels("ok").inc()
         log.info("config_reloaded", path=str(self.config_path), credentials=[c.id for c in new.credentials])
         return []
+
+
+def _changed(old: object, new: object, section: str, names: tuple[str, ...] | None = None) -> list[str]:
+    """The key paths (``cache.max_bytes``) of ``section`` whose values differ; only ``names`` if given."""
+    fields = names if names is not None else tuple(f.name for f in dataclass_fields(old))  # type: ignore[arg-type]
+    return [f"{section}.{name}" for name in fields if getattr(old, name) != getattr(new, name)]
 
 
 async def run_until_signalled(parkway: Parkway) -> None:

@@ -198,8 +198,11 @@ def error_body(exc: ParkwayError) -> bytes:
     ).encode()
 
 
-def error_response(exc: ParkwayError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """Status, headers and body for ``exc``; CORS headers are added by the caller."""
+def error_response(exc: ParkwayError, *, head_only: bool = False) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and body for ``exc``; CORS headers are added by the caller.
+
+    ``head_only`` (the request was HEAD): the same status and headers, Content-Length
+    included, and no body (RFC 9110 §9.3.2; h11 refuses a body on a HEAD response)."""
     body = error_body(exc)
     headers = [
         (b"content-type", b"application/json"),
@@ -208,4 +211,4 @@ def error_response(exc: ParkwayError) -> tuple[int, list[tuple[bytes, bytes]], b
     ]
     if exc.retry_after is not None:
         headers.append((b"retry-after", str(exc.retry_after).encode()))
-    return exc.status, headers, body
+    return exc.status, headers, b"" if head_only else body

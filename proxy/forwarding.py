@@ -173,5 +173,28 @@ def response_headers(upstream: Iterable[tuple[bytes, bytes]]) -> Headers:
     return [(n, v) for n, v in upstream if n not in dropped]
 
 
+# Never taken from a trailer section (RFC 9110 §6.5.1: framing, routing, content metadata and
+# response control belong in the head), besides what the head's policy drops.
+TRAILER_DROPPED = RESPONSE_DROPPED | {
+    b"content-length",
+    b"content-encoding",
+    b"content-type",
+    b"content-range",
+    b"host",
+    b"cache-control",
+    b"expires",
+    b"location",
+    b"retry-after",
+    b"vary",
+    b"www-authenticate",
+}
+
+
+def response_trailers(lines: Iterable[bytes]) -> list[bytes]:
+    """The trailer field lines (``name: value\\r\\n``, as received) the client may see: the
+    head's policy (no hop-by-hop field, no cookie) plus the fields a trailer must not carry."""
+    return [line for line in lines if line.partition(b":")[0].strip().lower() not in TRAILER_DROPPED]
+
+
 def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return any(n == b"content-type" and v.lower().startswith(b"text/event-stream") for n, v in headers)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -23,11 +24,12 @@ from ..relay.usage import UsageObserver
 from ..upstream.client import UpstreamClient, UpstreamRequest, UpstreamResponse
 from .plan import Plan, Request, address_policy, has_body
 
-# A fixed-length answer up to this size has its head held back and written with the first body
-# chunk (one write instead of two: the upstream sends a small body together with its head).
-SMALL_RESPONSE_BYTES = 16384
-
 Header = tuple[bytes, bytes]
+
+
+async def _pass_informational(conn: HTTPConnection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    """An upstream's unasked 1xx (103 Early Hints) to the client, under the response header policy."""
+    await conn.send_informational(status, forwarding.response_headers(headers))
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,7 @@ class Forward:
                 ),
                 body=upstream_body,
                 address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
+                informational=partial(_pass_informational, conn),
             )
             forward_at = trio.current_time()
             self.metrics.in_flight.inc()
@@ -105,10 +108,12 @@ async def respond(
     out_headers += cors.response_headers(config.cors, plan.origin)
     out_headers.append((b"x-request-id", plan.request_id.encode()))
     out_headers += extra_headers
-    # A small fixed-length answer's head waits for its body, and so does any head whose first
-    # body bytes came with it (an SSE answer's first event): one write instead of two.
-    small = record.expected_length is not None and record.expected_length <= SMALL_RESPONSE_BYTES
-    await conn.send_head(response.status, out_headers, flush=not (small or response.initial))
+    # A head whose first body bytes came with it (an SSE answer's first event, a small JSON
+    # answer), or whose answer has no body, goes out with them in one write: the relay's
+    # first write takes it. Any other head goes out now, so a client sees it as soon as
+    # it arrived, whether or when the body follows (docs/proxying.md).
+    hold = bool(response.initial) or response.framing.bodiless
+    await conn.send_head(response.status, out_headers, flush=not hold)
     record.head_sent_at = trio.current_time()
 
 

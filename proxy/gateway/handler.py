@@ -334,7 +334,7 @@ class Gateway:
     async def _send_error(
         self, head: RequestHead | None, conn: HTTPConnection, config: Config, exc: ParkwayError, request_id: str
     ) -> None:
-        status, headers, body = error_response(exc)
+        status, headers, body = error_response(exc, head_only=conn.head_only)
         origin = head.header(b"origin") if head else None
         headers += cors.response_headers(config.cors, origin)
         headers.append((b"x-request-id", request_id.encode()))

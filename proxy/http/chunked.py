@@ -4,8 +4,12 @@ When the upstream answers ``Transfer-Encoding: chunked`` and the client speaks H
 chunked framing going out is the framing coming in, so the relay passes the bytes through
 unchanged. :class:`ChunkScanner` is what it still needs to know about them: where the body
 ends (the terminator), whether the framing is well formed (anything else is refused, never
-guessed at), and the de-framed data for observers. It follows RFC 9112 §7.1 with h11's
-tolerances (chunk extensions and trailing whitespace on the size line are accepted and ignored).
+guessed at), and the de-framed data for observers. It follows RFC 9112 §7.1: chunk extensions
+(with the bad whitespace §7.1.1 allows before ``;``) and trailing whitespace on the size line
+are accepted and ignored; a bare CR anywhere in a size line is refused (§2.2), and so is a bare
+LF as its end. For pass-through, :attr:`ChunkScanner.rewritten` says when a read must not go on
+as it came: an extension is dropped, a split size line held until whole, and the terminator
+held until complete so its trailers can be filtered (:meth:`ChunkScanner.trailer_lines`).
 
 :func:`body_framing` is RFC 9112 §6.3 for a response: a body that cannot exist (HEAD, 1xx,
 204, 304) is empty whatever the headers say; ``Transfer-Encoding: chunked`` beats
@@ -24,7 +28,8 @@ from ..errors import UpstreamProtocolError
 MAX_SIZE_LINE = 4096  # a chunk-size line with its extensions
 MAX_TRAILERS = 16384  # the whole trailer section
 
-_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\n]*)?[ \t]*\r\n")
+# chunk-size [BWS ";" chunk-ext] CRLF; an extension is ignored, but never with a bare CR in it.
+_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r\n")
 _TRAILER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r\n")
 
 _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
@@ -42,6 +47,12 @@ class Framing:
     kind: Literal["empty", "length", "chunked", "close"]
     length: int = 0  # for "length"
     dropped_length: bool = False  # chunked and Content-Length together: the length was ignored
+
+    @property
+    def bodiless(self) -> bool:
+        """No body byte will follow the head: the answer is complete once its head is read
+        (``Content-Length: 0`` too, so the relay never waits for a body that cannot come)."""
+        return self.kind == "empty" or (self.kind == "length" and not self.length)
 
     @property
     def reusable(self) -> bool:
@@ -88,18 +99,36 @@ class ChunkScanner:
     as h11 needs them to complete its own state.
     """
 
-    __slots__ = ("_left", "_line", "_state", "_trailers", "done")
+    __slots__ = ("_left", "_line", "_state", "_trailers", "_zero_line", "done", "rewritten")
 
     def __init__(self) -> None:
         self._state = _SIZE
         self._left = 0  # bytes left in the current chunk
         self._line = b""  # a size or trailer line split across reads
         self._trailers = bytearray()  # the terminator so far: b"0...\r\n" and the trailer lines
+        self._zero_line = 0  # the length of the last-chunk line, at the start of the terminator
         self.done = False
+        # For pass-through: None while the reads pass on exactly as they came; else what the last
+        # read becomes (the caller takes it and sets None again). A size line with an extension or
+        # whitespace goes on as bare hex (the extension means nothing to Parkway, and h11-based
+        # clients refuse the whitespace RFC 9112 §7.1.1 allows); a size line split across reads is
+        # held until complete; the terminator is held whole, for the caller to filter its trailers.
+        self.rewritten: bytes | None = None
 
     @property
     def terminator(self) -> bytes:
         return bytes(self._trailers)
+
+    def trailer_lines(self) -> list[bytes]:
+        """The trailer field lines of a complete terminator, each with its CRLF."""
+        section = bytes(self._trailers[self._zero_line : -2])
+        return section.splitlines(keepends=True)
+
+    @property
+    def canonical_terminator(self) -> bytes:
+        """The terminator with a bare last-chunk line, as h11 parses it (h11 refuses the bad
+        whitespace RFC 9112 §7.1.1 allows before an extension; the extension means nothing here)."""
+        return b"0\r\n" + bytes(self._trailers[self._zero_line :])
 
     def feed(self, data: bytes, out: list[bytes] | None = None) -> int:
         if self._state == _SIZE and not self._line:
@@ -119,6 +148,10 @@ class ChunkScanner:
         end = len(data)
         i = 0
         state, left = self._state, self._left
+        passed: list[bytes] | None = None  # what goes on of this read, once anything differs from it
+        emit = 0  # data[emit:] is not in ``passed`` yet
+        if state == _TRAILER:  # the terminator is being held
+            passed, emit = [], end
         while i < end:
             if state == _DATA:
                 take = min(end - i, left)
@@ -131,24 +164,36 @@ class ChunkScanner:
             elif state == _SIZE or state == _TRAILER:
                 nl = data.find(b"\n", i)
                 if nl < 0:
+                    if state == _SIZE:  # held until the line is whole
+                        passed = [*(passed or ()), data[emit:i]]
+                        emit = end
                     self._line += data[i:]
                     i = end
                     if len(self._line) > MAX_SIZE_LINE:
                         raise MalformedChunks("upstream sent an over-long chunk-size or trailer line")
                     break
                 line = data[i : nl + 1]
-                if self._line:
+                start = i
+                split = bool(self._line)
+                if split:
                     line, self._line = self._line + line, b""
                 i = nl + 1
                 if state == _SIZE:
                     match = _SIZE_LINE.fullmatch(line)
                     if match is None:
                         raise MalformedChunks(f"upstream sent a malformed chunk-size line: {line[:40]!r}")
-                    left = int(match[1], 16)
+                    digits = match[1]
+                    left = int(digits, 16)
                     if left:
+                        if split or len(line) != len(digits) + 2:  # held, or not bare hex: bare hex goes on
+                            passed = [*(passed or ()), data[emit:start], digits + b"\r\n"]
+                            emit = i
                         state = _DATA
-                    else:
+                    else:  # the terminator: held from here, for the caller
+                        passed = [*(passed or ()), data[emit:start]]
+                        emit = end
                         self._trailers += line
+                        self._zero_line = len(line)
                         state = _TRAILER
                 else:
                     self._trailers += line
@@ -179,4 +224,8 @@ class ChunkScanner:
             else:  # _DONE
                 break
         self._state, self._left = state, left
+        if passed is not None:
+            if emit < i:
+                passed.append(data[emit:i])
+            self.rewritten = b"".join(passed)
         return i

@@ -92,6 +92,7 @@ class HTTPConnection:
         self.head_bytes_in = 0  # bytes_in when the current request began
         self.request_done = trio.Event()  # set once the current request's body is fully read
         self._close_after = False
+        self.head_only = False  # the current request is HEAD: its response has no body (RFC 9110 §9.3.2)
         self.handed_over = False  # the connection now speaks another protocol (see hand_over)
         self._unsent: list[bytes] = []  # encoded by a send with flush=False, written at the next flush
         # Written to directly when it is a real socket (see flush); None for in-memory streams.
@@ -124,6 +125,7 @@ class HTTPConnection:
         """
         self.head_bytes_in = self.bytes_in - len(self.conn.trailing_data[0])
         self.request_done = trio.Event()
+        self.head_only = False
         deadline = trio.current_time() + idle_timeout
         started = bool(self.conn.trailing_data[0])
         if started:
@@ -131,6 +133,7 @@ class HTTPConnection:
         while True:
             event = self._next_event()
             if isinstance(event, h11.Request):
+                self.head_only = event.method == b"HEAD"  # known before any refusal below is answered
                 # h11 only bounds heads it is still waiting for; a complete one read in a
                 # single receive is measured here.
                 head_size = self.bytes_in - len(self.conn.trailing_data[0]) - self.head_bytes_in
@@ -297,6 +300,14 @@ class HTTPConnection:
     def close_after_response(self) -> None:
         """Ask for ``Connection: close`` on the response (e.g. an unread body, or draining)."""
         self._close_after = True
+
+    async def send_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """A 1xx head before the response (103 Early Hints, 102 Processing), to an HTTP/1.1
+        client only: RFC 9110 §15.2, an HTTP/1.0 client cannot tell it from the answer."""
+        if self.conn.our_state is not h11.SEND_RESPONSE or self.conn.their_http_version != b"1.1":
+            return
+        reason = _REASONS.get(status, b"")
+        await self._send(h11.InformationalResponse(status_code=status, headers=headers, reason=reason))
 
     async def send_head(self, status: int, headers: list[tuple[bytes, bytes]], *, flush: bool = True) -> None:
         """Send the response head; with ``flush=False`` it is held and goes out with the next write."""

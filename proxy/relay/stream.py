@@ -5,8 +5,10 @@
 
 * upstream ``chunked`` to an HTTP/1.1 client: the bytes pass through unchanged, and the pure
   :class:`~proxy.http.chunked.ChunkScanner` finds the terminator, refuses broken framing and gives the
-  observers the de-framed data; the terminator that passed through is the one h11 would have
-  written, so both h11 connections are then completed with it (RFC 9112 §7.1);
+  observers the de-framed data; chunk extensions are dropped (a size line goes on as bare hex),
+  the terminator is held until complete and then written with its trailers filtered by the
+  response header policy (no ``Set-Cookie``, no hop-by-hop field), and both h11 connections
+  are completed with it (RFC 9112 §7.1);
 * every other case (a fixed length, a body that ends at the close, an HTTP/1.0 client) goes
   through h11 on both sides, as before: these are small answers or rare clients.
 
@@ -27,6 +29,7 @@ import h11
 import structlog
 import trio
 
+from .. import forwarding
 from ..errors import UpstreamProtocolError, UpstreamTimeout
 from ..http.chunked import ChunkScanner, Framing
 from ..http.connection import ClientGone
@@ -109,8 +112,9 @@ class RelayStream:
     # --- reading ----------------------------------------------------------------------------
 
     def start(self, initial: bytes) -> int:
-        """Relay the body bytes that came with the head; a body that cannot exist ends here."""
-        if self.framing.kind == "empty":
+        """Relay the body bytes that came with the head; a body that cannot exist, or has
+        ``Content-Length: 0``, ends here (nothing more is awaited from the upstream)."""
+        if self.framing.bodiless:
             try:
                 event = self._up_h11.next_event()
             except h11.RemoteProtocolError as exc:
@@ -129,11 +133,7 @@ class RelayStream:
             if not data:
                 raise UpstreamProtocolError(f"{self.host} closed the connection in the middle of the response")
             used = self.scanner.feed(data, observed)
-            out = data
-            if self.scanner.done:
-                out = data[:used] if used != len(data) else data
-                self._end_chunked(excess=len(data) - used)
-                self._down_h11.send(h11.EndOfMessage())  # its terminator is the one that passed through
+            out = data if self.scanner.rewritten is None else self._rewritten(data, used)
         else:
             out = self._reframe(data, observed)
         state = self._write(out)
@@ -143,6 +143,19 @@ class RelayStream:
             else:
                 self._observe(observed)
         return state
+
+    def _rewritten(self, data: bytes, used: int) -> bytes:
+        """Pass-through of a read the scanner changed (an extension dropped, a split size line or
+        the terminator held); once the terminator is complete it goes with its trailers filtered
+        (:func:`~proxy.forwarding.response_trailers`). Not the common read: one whole chunk."""
+        scanner = self.scanner
+        assert scanner is not None and scanner.rewritten is not None
+        out, scanner.rewritten = scanner.rewritten, None
+        if not scanner.done:
+            return out
+        self._end_chunked(excess=len(data) - used)
+        self._down_h11.send(h11.EndOfMessage())  # the terminator written here completes the framing
+        return out + b"0\r\n" + b"".join(forwarding.response_trailers(scanner.trailer_lines())) + b"\r\n"
 
     def _reframe(self, data: bytes, observed: list[bytes] | None) -> bytes:
         """h11 on both sides: de-frame what the upstream sent, frame it for this client."""
@@ -180,7 +193,7 @@ class RelayStream:
         assert self.scanner is not None
         up = self._up_h11
         try:
-            up.receive_data(self.scanner.terminator)
+            up.receive_data(self.scanner.canonical_terminator)
             event = up.next_event()
         except h11.RemoteProtocolError as exc:
             raise UpstreamProtocolError(f"{self.host} sent malformed trailers: {exc}") from None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -82,6 +82,9 @@ class ConnectionPool:
                 conn.close()
 
 
+Informational = Callable[[int, Headers], Awaitable[None]]
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
     method: str
@@ -89,6 +92,8 @@ class UpstreamRequest:
     headers: Headers
     body: bytes | AsyncIterator[bytes] | None = None
     address_policy: AddressPolicy | None = None
+    # Where 1xx heads other than 100 go (103 Early Hints, 102): the client's, when it may have them.
+    informational: Informational | None = None
 
 
 class UpstreamResponse:
@@ -138,6 +143,22 @@ class UpstreamClient:
         self._resolver = resolver
         self._sessions: dict[Origin, ssl.SSLSession] = {}  # the last TLS session per origin, to resume
 
+    def apply(self, config: ServerConfig) -> None:
+        """Take a reloaded ``[server]`` for new requests: the upstream timeouts, the private-address
+        default and the CA file. A new CA drops the idle connections and TLS sessions made under
+        the old one; requests in flight keep what they started with."""
+        self.config = config
+        self.connect_timeout = config.upstream_connect_timeout
+        self.first_byte_timeout = config.upstream_first_byte_timeout
+        self.idle_timeout = config.upstream_idle_timeout
+        allow_private = config.allow_private_upstreams
+        self.default_policy = AddressPolicy(allow_private=allow_private) if allow_private else DEFAULT_POLICY
+        if config.upstream_ca_file != self._ca_file:
+            self._ca_file = config.upstream_ca_file
+            self._ssl = None
+            self._sessions.clear()
+            self.pool.close()
+
     @property
     def ssl_context(self) -> ssl.SSLContext:
         """The certificate checks of every upstream, for the WebSocket ones too (proxy.websocket.session)."""
@@ -186,16 +207,23 @@ class UpstreamClient:
             self._sessions[origin] = session
 
     async def _exchange(self, req: UpstreamRequest, origin: Origin, target: bytes, host: bytes) -> UpstreamResponse:
+        first, rest = b"", None
+        if isinstance(req.body, AsyncIterator):
+            # The first chunk is held, so a request whose connection is found dead before any
+            # byte of it went out can still be sent whole on another (the rest is not read yet).
+            rest = req.body
+            first = await anext(rest, b"")
         conn = self.pool.take(origin, trio.current_time())
-        replayable = not isinstance(req.body, AsyncIterator)
         if conn is not None:
+            before = conn.sent
             try:
-                return await self._send_and_read_head(conn, req, target, host, reused=True)
+                return await self._send_and_read_head(conn, req, target, host, first, rest)
             except _StaleConnection:
                 conn.close()
-                if not replayable:
+                if not may_retry(req.method, written=conn.sent != before, streamed=rest is not None):
                     raise UpstreamProtocolError(
-                        f"{conn.host} closed a kept-alive connection before answering"
+                        f"{conn.host} closed a kept-alive connection before answering; "
+                        f"a {req.method} request is not sent twice"
                     ) from None
         conn = await UpstreamConnection.connect(
             origin.host,
@@ -209,32 +237,48 @@ class UpstreamClient:
         if conn.tls and not conn.tls_resumed:
             self._sessions.pop(origin, None)  # expired or refused: the next answer's session replaces it
         try:
-            return await self._send_and_read_head(conn, req, target, host, reused=False)
+            return await self._send_and_read_head(conn, req, target, host, first, rest)
         except _StaleConnection as exc:
             conn.close()
             raise UpstreamProtocolError(str(exc)) from None
 
     async def _send_and_read_head(
-        self, conn: UpstreamConnection, req: UpstreamRequest, target: bytes, host: bytes, *, reused: bool
+        self,
+        conn: UpstreamConnection,
+        req: UpstreamRequest,
+        target: bytes,
+        host: bytes,
+        first: bytes,
+        rest: AsyncIterator[bytes] | None,
     ) -> UpstreamResponse:
+        heads = _HeadReader(conn, req.method, self.idle_timeout, req.informational)
         try:
-            await self._send_request(conn, req, target, host)
-            response = await self._read_head(conn, req.method)
+            early = await self._send_request(conn, req, target, host, first, rest, heads)
+            return early or heads.final or await heads.read()
         except _StaleConnection:
             raise
         except BaseException:
             conn.close()
             raise
-        return response
 
-    async def _send_request(self, conn: UpstreamConnection, req: UpstreamRequest, target: bytes, host: bytes) -> None:
+    async def _send_request(
+        self,
+        conn: UpstreamConnection,
+        req: UpstreamRequest,
+        target: bytes,
+        host: bytes,
+        first: bytes,
+        rest: AsyncIterator[bytes] | None,
+        heads: _HeadReader,
+    ) -> UpstreamResponse | None:
+        """Send the request while watching for an early answer; the answer that stops the body, if any."""
         headers = [(b"host", host), *req.headers]
         has_length = any(n == b"content-length" for n, _ in req.headers)
         body = req.body
         if isinstance(body, bytes):
             if not has_length:
                 headers.append((b"content-length", str(len(body)).encode()))
-        elif body is not None:
+        elif rest is not None:
             if not has_length:
                 headers.append((b"transfer-encoding", b"chunked"))
         elif req.method in _BODY_METHODS and not has_length:
@@ -242,51 +286,155 @@ class UpstreamClient:
         h = conn.h11
         try:
             data = h.send(h11.Request(method=req.method, target=target, headers=headers))
-            if body is None or isinstance(body, bytes):
-                if body:
+            if rest is None:
+                if isinstance(body, bytes) and body:
                     data += h.send(h11.Data(data=body))
                 data += h.send(h11.EndOfMessage())
-                await _send_first(conn, data)
-                return
+                return await heads.send(data)
             # The head goes out with the body's first chunk (usually the whole of a small body).
-            chunks = aiter(body)
-            first = await anext(chunks, b"")
             if first:
                 data += h.send(h11.Data(data=first))
-            await _send_first(conn, data)
-            async for chunk in chunks:
+            early = await heads.send(data)
+            if early is not None:
+                return early
+            async for chunk in rest:
                 if chunk:
-                    await conn.send_all(h.send(h11.Data(data=chunk)))
+                    early = await heads.send(h.send(h11.Data(data=chunk)), peek=True)
+                    if early is not None:
+                        return early
             end = h.send(h11.EndOfMessage())
-            if end:
-                await conn.send_all(end)
+            return await heads.send(end) if end else None
         except h11.LocalProtocolError as exc:
             raise UpstreamError(f"request to {conn.host} could not be sent: {exc}") from None
 
-    async def _read_head(self, conn: UpstreamConnection, method: str) -> UpstreamResponse:
-        h = conn.h11
-        buf = b""
-        received = False
+    async def aclose(self) -> None:
+        self.pool.close()
+
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})  # RFC 9110 §9.2.2
+
+
+def may_retry(method: str, *, written: bool, streamed: bool) -> bool:
+    """Whether a request whose kept-alive connection failed before any answer may go again on a
+    new one. Always when none of it was written (the connection was dead before use); else
+    only an idempotent method (RFC 9110 §9.2.2: a proxy MUST NOT retry a non-idempotent one, a
+    POST to an LLM is a second bill) whose body is held whole (a streamed body cannot be replayed)."""
+    return not written or (method in IDEMPOTENT and not streamed)
+
+
+class _StaleConnection(Exception):
+    """A connection failed before any byte of the response: a kept-alive one may be retried."""
+
+
+class _HeadReader:
+    """The response heads of one exchange, read while the request goes out and after it.
+
+    Informational (1xx) heads are handed to ``informational`` (100 Continue and 101 excepted)
+    and skipped; the final head becomes the :class:`UpstreamResponse`. Every head is limited
+    to :data:`MAX_HEAD` bytes, however it arrived.
+    """
+
+    __slots__ = ("buf", "closing", "conn", "final", "idle_timeout", "informational", "method", "received")
+
+    def __init__(
+        self,
+        conn: UpstreamConnection,
+        method: str,
+        idle_timeout: float,
+        informational: Informational | None,
+    ):
+        self.conn = conn
+        self.method = method
+        self.idle_timeout = idle_timeout
+        self.informational = informational
+        self.buf = b""
+        self.received = False
+        self.closing = False  # the final head says the upstream closes after it
+        self.final: UpstreamResponse | None = None  # an early answer that still wants the body
+
+    async def send(self, data: bytes, *, peek: bool = False) -> UpstreamResponse | None:
+        """Send ``data`` of the request; an early final answer that asks to stop it is returned.
+
+        An early answer that does not (a 2xx before the body was read: a streaming upstream)
+        is kept in :attr:`final` and the body goes on, as the upstream reads it. ``peek``: look
+        for an answer first (one ``recv(MSG_PEEK)``, per chunk of a streamed body only)."""
+        conn = self.conn
+        if peek and self.final is None and conn.has_unexpected_bytes():
+            early = await self._early()
+            if early is not None:
+                return early
+        left: bytes | memoryview = conn.seal(data)
+        while left:
+            try:
+                left = await conn.send_sealed(left, watch=self.final is None)
+            except UpstreamProtocolError as exc:
+                return await self._answer_after_failed_send(exc)
+            if left:  # the socket is full and the upstream said something
+                early = await self._early()
+                if early is not None:
+                    return early
+        return None
+
+    async def _answer_after_failed_send(self, exc: UpstreamProtocolError) -> UpstreamResponse:
+        """The upstream reset or closed while the request went out: an answer it sent first wins."""
+        if self.final is not None:
+            return self.final
+        try:
+            return await self.read()
+        except (UpstreamProtocolError, _StaleConnection):
+            if self.received:
+                raise exc from None
+            raise _StaleConnection(str(exc)) from None
+
+    async def _early(self) -> UpstreamResponse | None:
+        """What the upstream said while the request was going out: an answer that stops the body."""
+        self._receive_nowait()
+        response = await self._parse()
+        if response is None:
+            return None
+        if response.status >= 400 or self.closing:  # RFC 9112 §9.3: stop sending the body
+            return response
+        self.final = response
+        return None
+
+    async def read(self) -> UpstreamResponse:
+        """The final response head, waiting for it (1xx heads before it passed on)."""
         while True:
-            match = _HEAD_END.search(buf)
+            response = await self._parse()
+            if response is not None:
+                return response
+            await trio.lowlevel.wait_readable(self.conn.sock)
+            self._receive_nowait()
+
+    def _receive_nowait(self) -> None:
+        conn = self.conn
+        try:
+            data = conn.recv_nowait()
+        except UpstreamProtocolError as exc:
+            if not self.received:
+                raise _StaleConnection(str(exc)) from None
+            raise
+        if data is None:  # TLS housekeeping (a session ticket), no response bytes yet
+            return
+        if not data:
+            if not self.received:
+                raise _StaleConnection(f"{conn.host} closed the connection before answering")
+            raise UpstreamProtocolError(f"{conn.host} closed the connection in the middle of the response head")
+        self.received = True
+        self.buf += data
+
+    async def _parse(self) -> UpstreamResponse | None:
+        """The final head if one is complete in the buffer; 1xx heads before it are passed on."""
+        conn = self.conn
+        h = conn.h11
+        while True:
+            match = _HEAD_END.search(self.buf)
+            end = match.end() if match is not None else len(self.buf)
+            if end > MAX_HEAD:
+                raise UpstreamProtocolError(f"{conn.host} sent a response head over {MAX_HEAD} bytes")
             if match is None:
-                if len(buf) > MAX_HEAD:
-                    raise UpstreamProtocolError(f"{conn.host} sent a response head over {MAX_HEAD} bytes")
-                try:
-                    data = await conn.recv(wait_first=not received)  # nothing can be there before we wait
-                except UpstreamProtocolError as exc:
-                    if not received:
-                        raise _StaleConnection(str(exc)) from None
-                    raise
-                if not data:
-                    if not received:
-                        raise _StaleConnection(f"{conn.host} closed the connection before answering")
-                    raise UpstreamProtocolError(f"{conn.host} closed the connection in the middle of the response head")
-                received = True
-                buf += data
-                continue
-            end = match.end()
-            head, buf = buf[:end], buf[end:]
+                return None
+            head, self.buf = self.buf[:end], self.buf[end:]
             try:
                 h.receive_data(head)
                 event = h.next_event()
@@ -295,26 +443,19 @@ class UpstreamClient:
             if type(event) is h11.InformationalResponse:
                 if event.status_code == 101:
                     raise UpstreamProtocolError(f"{conn.host} switched protocols, which a proxied request cannot")
-                continue  # 100 Continue, 103 Early Hints: the final answer follows
+                # 100 Continue answers an Expect Parkway never forwards (it answers its clients
+                # itself); 102, 103 Early Hints and others are the client's (RFC 9110 §15.2).
+                if event.status_code != 100 and self.informational is not None:
+                    await self.informational(event.status_code, list(event.headers))
+                continue
             if type(event) is not h11.Response:
                 raise UpstreamProtocolError(f"{conn.host} sent a malformed response")
             headers = list(event.headers)
-            framing = body_framing(method, event.status_code, headers)
-            return UpstreamResponse(event.status_code, headers, framing, conn, buf, self.idle_timeout)
-
-    async def aclose(self) -> None:
-        self.pool.close()
-
-
-class _StaleConnection(Exception):
-    """A connection failed before any byte of the response: a kept-alive one may be retried."""
-
-
-async def _send_first(conn: UpstreamConnection, data: bytes) -> None:
-    try:
-        await conn.send_all(data)
-    except UpstreamProtocolError as exc:
-        raise _StaleConnection(str(exc)) from None
+            self.closing = event.http_version != b"1.1" or any(
+                n == b"connection" and b"close" in v.lower() for n, v in headers
+            )
+            framing = body_framing(self.method, event.status_code, headers)
+            return UpstreamResponse(event.status_code, headers, framing, conn, self.buf, self.idle_timeout)
 
 
 def _parse(url: str, policy: AddressPolicy) -> tuple[Origin, bytes, bytes]:
@@ -339,4 +480,12 @@ def _parse(url: str, policy: AddressPolicy) -> tuple[Origin, bytes, bytes]:
     return Origin(scheme, host, port or default, policy), *encoded
 
 
-__all__ = ["ConnectionPool", "Origin", "UpstreamClient", "UpstreamRequest", "UpstreamResponse"]
+__all__ = [
+    "ConnectionPool",
+    "Informational",
+    "Origin",
+    "UpstreamClient",
+    "UpstreamRequest",
+    "UpstreamResponse",
+    "may_retry",
+]

@@ -39,7 +39,7 @@ def _literal(host: str) -> str | None:
 class UpstreamConnection:
     """A connected (and, for https, TLS-established) socket to one upstream origin."""
 
-    __slots__ = ("_in", "_out", "_tls", "fd", "h11", "host", "idle_since", "sock")
+    __slots__ = ("_in", "_out", "_tls", "fd", "h11", "host", "idle_since", "sent", "sock")
 
     def __init__(self, sock: socket.socket, host: str, tls: ssl.SSLObject | None = None,
                  bios: tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None = None):  # fmt: skip
@@ -48,6 +48,7 @@ class UpstreamConnection:
         self.host = host  # host[:port], for messages
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
+        self.sent = 0  # bytes written to the socket: whether any of a request went out
         self._tls = tls
         self._in: ssl.MemoryBIO | None = bios[0] if bios is not None else None
         self._out: ssl.MemoryBIO | None = bios[1] if bios is not None else None
@@ -155,16 +156,42 @@ class UpstreamConnection:
 
     # --- what the exchange and the relay use --------------------------------------------------
 
+    def seal(self, data: bytes) -> bytes:
+        """The bytes that carry ``data`` on the wire (encrypted for TLS): what :meth:`send_sealed` sends."""
+        if self._tls is None:
+            return data
+        assert self._out is not None
+        try:
+            self._tls.write(data)
+        except ssl.SSLError as exc:
+            raise UpstreamProtocolError(f"TLS with {self.host} failed: {exc.reason or exc}") from None
+        return self._out.read()
+
     async def send_all(self, data: bytes) -> None:
         """Send ``data`` (encrypted for TLS); waits while the socket is full."""
-        if self._tls is not None:
-            assert self._out is not None
+        await self.send_sealed(self.seal(data))
+
+    async def send_sealed(self, data: bytes | memoryview, *, watch: bool = False) -> memoryview:
+        """Send wire bytes from :meth:`seal`; what is left unsent (empty once all went).
+
+        With ``watch``, a full socket is waited on together with the peer's side, and the send
+        stops when the peer has something to say (an early answer, RFC 9112 §9.3: a server may
+        answer before reading the request body, and then stop reading it)."""
+        view = memoryview(data)
+        while view:
             try:
-                self._tls.write(data)
-            except ssl.SSLError as exc:
-                raise UpstreamProtocolError(f"TLS with {self.host} failed: {exc.reason or exc}") from None
-            data = self._out.read()
-        await self._send_raw(data)
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                if not watch:
+                    await trio.lowlevel.wait_writable(self.sock)
+                elif await _writable_or_readable(self.sock):
+                    return view
+                continue
+            except OSError as exc:
+                raise UpstreamProtocolError(f"connection to {self.host} lost: {exc.strerror or exc}") from None
+            self.sent += sent
+            view = view[sent:]
+        return view
 
     def recv_nowait(self) -> bytes | None:
         """Plaintext available now: bytes, ``b""`` at the end of the stream, None when nothing yet."""
@@ -238,6 +265,27 @@ class UpstreamConnection:
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
         self.fd = -1
+
+
+async def _writable_or_readable(sock: socket.socket) -> bool:
+    """Wait until ``sock`` can take more or has something to read; True for the latter. Only a
+    request whose body fills the socket comes here: two waiters then, never per relayed event."""
+    readable = False
+    async with trio.open_nursery() as nursery:
+
+        async def reading() -> None:
+            nonlocal readable
+            await trio.lowlevel.wait_readable(sock)
+            readable = True
+            nursery.cancel_scope.cancel()
+
+        async def writing() -> None:
+            await trio.lowlevel.wait_writable(sock)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(reading)
+        nursery.start_soon(writing)
+    return readable
 
 
 async def _connect_first(addresses: list[str], port: int, name: str) -> socket.socket:

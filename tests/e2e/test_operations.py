@@ -179,6 +179,20 @@ async def test_health_readiness_and_unknown_admin_paths(start_operable, client):
     assert public.status_code == 400 and error_code(public) == "missing_signature_params"
 
 
+async def test_admin_answers_head_requests_with_heads(start_operable, client):
+    # A HEAD is answered as GET without the body, an unknown path too (issue 18, harm 2).
+    running = await start_operable(admin_config())
+
+    health = await client.head(admin_url(running, "/healthz"))
+    unknown = await client.head(admin_url(running, "/nope"))
+    after = await client.get(admin_url(running, "/healthz"))
+
+    assert (health.status_code, health.content) == (200, b"")
+    assert (unknown.status_code, unknown.content) == (404, b"")
+    assert int(unknown.headers["content-length"]) > 0
+    assert after.status_code == 200
+
+
 async def test_readyz_is_503_once_shutdown_began_while_a_stream_still_drains(start_operable, upstream, client):
     running = await start_operable(admin_config(drain_timeout=5.0))
     streams = Streams()

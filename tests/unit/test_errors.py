@@ -159,3 +159,11 @@ def test_config_error_keeps_every_problem():
     exc = ConfigError(problems)
     assert exc.problems == tuple(problems)
     assert str(exc) == "server.listen: must not be empty; log.level: bad"
+
+
+def test_error_response_to_a_head_request_has_the_head_only():
+    # RFC 9110 §9.3.2: the headers GET would get, Content-Length included, and no body.
+    exc = BadRequest("no signature")
+    status, headers, body = error_response(exc, head_only=True)
+    assert (status, body) == (400, b"")
+    assert (b"content-length", str(len(error_body(exc))).encode()) in headers

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.forwarding import ForwardContext, is_event_stream, request_headers, response_headers
+from proxy.forwarding import ForwardContext, is_event_stream, request_headers, response_headers, response_trailers
 
 CTX = ForwardContext(client_ip="198.51.100.9")
 # What Parkway appends to every upstream request for CTX.
@@ -181,3 +181,9 @@ def test_response_headers(upstream, expected):
 )
 def test_is_event_stream(headers, expected):
     assert is_event_stream(headers) is expected
+
+
+def test_trailers_follow_the_response_policy():
+    lines = [b"x-usage: 7\r\n", b"Set-Cookie: s=1\r\n", b"connection: close\r\n", b"content-length: 3\r\n",
+             b"server-timing: db;dur=5\r\n", b"Trailer: x\r\n"]  # fmt: skip
+    assert response_trailers(lines) == [b"x-usage: 7\r\n", b"server-timing: db;dur=5\r\n"]

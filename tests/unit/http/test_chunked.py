@@ -159,3 +159,72 @@ def test_framing_reusability() -> None:
 def test_framing_no_one_may_act_on_is_refused(headers) -> None:
     with pytest.raises(UpstreamProtocolError):
         body_framing("GET", 200, headers)
+
+
+def test_a_zero_length_is_bodiless_like_a_body_that_cannot_exist():
+    # The relay ends these at the head: nothing more is awaited from the upstream (issue 18, harm 1).
+    assert Framing("empty").bodiless and Framing("length", 0).bodiless
+    assert not Framing("length", 1).bodiless and not Framing("chunked").bodiless and not Framing("close").bodiless
+
+
+# RFC 9112 §7.1.1: BWS before ";" (h11 refuses it, so these are not in the h11 agreement test).
+WELL_FORMED_BWS = [
+    (b"5 ;foo=bar\r\nhello\r\n0\r\n\r\n", b"hello", b"0\r\n\r\n"),
+    (b"5\t; foo = bar\r\nhello\r\n0 ;last\r\n\r\n", b"hello", b"0 ;last\r\n\r\n"),
+    (b'3 ; a="q;" \r\nabc\r\n0\r\nx-t: 1\r\n\r\n', b"abc", b"0\r\nx-t: 1\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize(("wire", "data", "terminator"), WELL_FORMED_BWS)
+def test_bad_whitespace_before_a_chunk_extension_is_accepted(wire, data, terminator) -> None:
+    for cut in range(len(wire) + 1):
+        got, end, scanner = scan(wire, [cut])
+        assert (got, end, scanner.terminator) == (data, len(wire), terminator), cut
+        assert scanner.canonical_terminator == b"0\r\n" + terminator.partition(b"\r\n")[2]
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [b"5;a\rb\r\nhello\r\n0\r\n\r\n", b"5 \r;a\r\nhello\r\n0\r\n\r\n", b"5\r\nhello\r\n0;x\ry\r\n\r\n"],
+)
+def test_a_bare_cr_in_a_size_line_is_refused(wire) -> None:
+    # RFC 9112 §2.2: a bare CR is rejected, never passed on to a client that may read it as a line end.
+    with pytest.raises(MalformedChunks):
+        scan(wire, [])
+
+
+def passed_on(wire: bytes, cuts: list[int]) -> bytes:
+    """What pass-through writes for ``wire`` read in pieces cut at ``cuts`` (the terminator aside)."""
+    scanner, written = ChunkScanner(), b""
+    for a, b in zip([0, *cuts], [*cuts, len(wire)]):
+        piece = wire[a:b]
+        used = scanner.feed(piece)
+        if scanner.rewritten is None:
+            written += piece
+        else:
+            written, scanner.rewritten = written + scanner.rewritten, None
+        assert used == len(piece) or scanner.done
+    return written
+
+
+@pytest.mark.parametrize(
+    ("wire", "passed"),
+    [
+        (b"5\r\nhello\r\n3\r\nabc\r\n0\r\nx: 1\r\n\r\n", b"5\r\nhello\r\n3\r\nabc\r\n"),
+        (b"5 ;foo=bar\r\nhello\r\n0 ;end\r\n\r\n", b"5\r\nhello\r\n"),
+        (b"5;a=b\r\nhello\r\n6  \r\n world\r\n0\r\n\r\n", b"5\r\nhello\r\n6\r\n world\r\n"),
+        (b"00A\r\n0123456789\r\n0\r\n\r\n", b"00A\r\n0123456789\r\n"),  # bare hex goes on as it came
+    ],
+)
+def test_pass_through_drops_extensions_and_holds_the_terminator(wire, passed) -> None:
+    # Every way of cutting the body into two reads passes the same bytes on (trailers: the relay's).
+    for cut in range(len(wire) + 1):
+        assert passed_on(wire, [cut] if 0 < cut < len(wire) else []) == passed, cut
+    assert passed_on(wire, list(range(1, len(wire)))) == passed  # byte by byte
+
+
+def test_a_read_of_whole_bare_chunks_passes_as_it_came() -> None:
+    scanner = ChunkScanner()
+    scanner.feed(b"2\r\nok\r\n")
+    scanner.feed(b"2\r\nok\r\n3\r\nabc\r\n")
+    assert scanner.rewritten is None
