@@ -12,6 +12,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+CounterChild = Counter  # what Counter.labels() returns
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # Buckets spanning a local mock (sub-millisecond) to a slow LLM answer (minutes).
@@ -122,6 +124,19 @@ class Metrics:
             ["result"],
             registry=r,
         )
+
+        # Label children looked up once: ``labels()`` costs more than the increment it leads to.
+        self.bytes_in = self.bytes.labels("in")
+        self.bytes_out = self.bytes.labels("out")
+        self._request_children: dict[tuple[str, str, str], CounterChild] = {}
+
+    def request_counter(self, credential: str, status_class: str, outcome: str) -> CounterChild:
+        """``requests.labels(...)``, cached: the label values come from bounded sets."""
+        key = (credential, status_class, outcome)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(*key)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
