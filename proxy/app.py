@@ -8,6 +8,7 @@ begins the graceful drain. ``parkway.reload()`` re-reads the TOML file, as SIGHU
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import signal
@@ -273,6 +274,20 @@ def _changed(old: object, new: object, section: str, names: tuple[str, ...] | No
     return [f"{section}.{name}" for name in fields if getattr(old, name) != getattr(new, name)]
 
 
+# Requests make no reference cycles, yet each allocates enough containers to trigger a young
+# collection every ~15 requests at the default of 700 (about 22 µs per request in all).
+YOUNG_GC_THRESHOLD = 20_000
+
+
+def settle_heap() -> None:
+    """Once started: what start-up built (modules, config, TLS contexts) is frozen out of every
+    later collection, and young collections run less often. Cycles are still collected."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, older, oldest)
+
+
 async def run_until_signalled(parkway: Parkway) -> None:
     """Run until SIGTERM or SIGINT, then drain gracefully; a second signal cancels at once.
 
@@ -297,8 +312,13 @@ async def run_until_signalled(parkway: Parkway) -> None:
             nursery.start_soon(watch)
             if parkway.worker_index or parkway.reuse_port:
                 nursery.start_soon(_drain_when_orphaned, parkway)
-            await parkway.run()
-            nursery.cancel_scope.cancel()
+
+            async def serve(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+                await parkway.run(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(serve)
+            settle_heap()
 
 
 async def _drain_when_orphaned(parkway: Parkway) -> None:
