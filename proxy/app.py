@@ -28,6 +28,7 @@ from .config import Config, ServerConfig, load_config
 from .errors import ConfigError, Overloaded, ParkwayError
 from .gateway.handler import Gateway, utcnow
 from .http.connection import HTTPConnection, RequestHead
+from .http.parsers import resolve as resolve_http_parser
 from .http.server import Server, bound_address, open_listeners
 from .jobs.api import JobAPI
 from .jobs.runner import JobRunner, open_job_store
@@ -105,6 +106,12 @@ class Parkway:
         self.runner: JobRunner | None = None
         self._job_stats = trio.CancelScope()
 
+    def _http_parser(self) -> str:
+        """The request-head parser new connections use, shown in /metrics too."""
+        parser = resolve_http_parser(self.config.server.http)
+        self.metrics.set_http_parser(parser)
+        return parser
+
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve until :meth:`shutdown` has drained, then close the upstream pool."""
         listeners = await open_listeners(self.config.server.listen, reuse_port=self.reuse_port)
@@ -120,6 +127,7 @@ class Parkway:
             pid=os.getpid(),
             credentials=[c.id for c in self.config.credentials],
             max_connections=self.config.server.max_connections,
+            http=self._http_parser(),
         )
         try:
             async with AsyncExitStack() as stack:
@@ -263,6 +271,7 @@ class Parkway:
         self.upstream.apply(new.server)
         self.websockets.ssl_context = self.upstream.ssl_context
         self.server.config = new.server
+        self._http_parser()
         self.metrics.reloads.labels("ok").inc()
         log.info("config_reloaded", path=str(self.config_path), credentials=[c.id for c in new.credentials])
         return []

@@ -11,6 +11,7 @@ reader and the value converters are :mod:`proxy.config_values`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tomllib
 from collections.abc import Mapping
@@ -101,6 +102,7 @@ class ServerConfig:
     upstream_ca_file: str = ""  # PEM certificates trusted for https upstreams instead of the system's
     inspect_body_bytes: int = 65536  # most body bytes held back to check JSON body rules
     body_rules_overflow: str = "refuse"  # rules' fields not within inspect_body_bytes: refuse | stream
+    http: str = "auto"  # request-head parser: auto (httptools when installed) | h11 | httptools
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +298,13 @@ def _credentials(tables: list[_Table], env: Mapping[str, str]) -> tuple[Credenti
     return tuple(credentials)
 
 
+def _http_parser(value: Any, path: str) -> str:
+    choice = _choice("auto", "h11", "httptools")(value, path)
+    if choice == "httptools" and importlib.util.find_spec("httptools") is None:
+        _fail(path, "httptools is not installed (pip install 'parkway[fast]'); use auto or h11")
+    return choice
+
+
 _TIMEOUTS = [
     "header_read_timeout",
     "keepalive_timeout",
@@ -323,6 +332,7 @@ _SERVER_RULES: Mapping[str, _Convert] = {
     "upstream_ca_file": _expect(str, "a string"),
     "inspect_body_bytes": _number(1, integer=True),
     "body_rules_overflow": _choice(*OVERFLOW_CHOICES),
+    "http": lambda value, path: _http_parser(value, path),
 }
 _CREDENTIAL_POLICY_RULES: Mapping[str, tuple[Any, _Convert]] = {
     "allow_private_upstreams": (False, _expect(bool, "a boolean")),

@@ -125,10 +125,17 @@ class Metrics:
             registry=r,
         )
 
+        self.http_parser = Gauge(
+            "parkway_http_parser", "The request-head parser new connections use (1), by name.", ["parser"], registry=r
+        )
         # Label children looked up once: ``labels()`` costs more than the increment it leads to.
         self.bytes_in = self.bytes.labels("in")
         self.bytes_out = self.bytes.labels("out")
         self._request_children: dict[tuple[str, str, str], CounterChild] = {}
+
+    def set_http_parser(self, parser: str) -> None:
+        for name in ("h11", "httptools"):
+            self.http_parser.labels(name).set(1 if name == parser else 0)
 
     def request_counter(self, credential: str, status_class: str, outcome: str) -> CounterChild:
         """``requests.labels(...)``, cached: the label values come from bounded sets."""

@@ -29,6 +29,13 @@ from support.processes import free_port
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY
 from support.upstream import SSE_HEADERS, Exchange, Upstream, echo, hang, respond_with, sse_from, sse_then
 
+
+@pytest.fixture(params=["h11", "httptools"])
+async def parkway(start_parkway, request):
+    """Every test here runs with both request-head parsers (proxy.http.parsers)."""
+    return await start_parkway(http=request.param)
+
+
 # Every case on both relay drivers (the epoll engine and the portable one).
 pytestmark = pytest.mark.usefixtures("hang_guard", "relay_path")
 

@@ -49,6 +49,13 @@ TIMEOUTS = dict(
 )
 
 
+@pytest.fixture(autouse=True, params=["h11", "httptools"])
+def http_parser(request, monkeypatch) -> str:
+    """Every test here runs with both request-head parsers (proxy.http.parsers)."""
+    monkeypatch.setitem(TIMEOUTS, "http", request.param)
+    return request.param
+
+
 # --- the fake application -----------------------------------------------------------------
 
 Handler = Callable[[RequestHead, HTTPConnection], Awaitable[None]]
