@@ -27,11 +27,6 @@ from .plan import Plan, Request, address_policy, has_body
 Header = tuple[bytes, bytes]
 
 
-async def _pass_informational(conn: HTTPConnection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-    """An upstream's unasked 1xx (103 Early Hints) to the client, under the response header policy."""
-    await conn.send_informational(status, forwarding.response_headers(headers))
-
-
 @dataclass(frozen=True, slots=True)
 class Forward:
     """Step 7 of a proxied request, as a :data:`~proxy.gateway.plan.Step` (``await forward(req)``)."""
@@ -66,7 +61,7 @@ class Forward:
                 ),
                 body=upstream_body,
                 address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
-                informational=partial(_pass_informational, conn),
+                informational=partial(pass_informational, conn),
             )
             forward_at = trio.current_time()
             self.metrics.in_flight.inc()
@@ -115,6 +110,11 @@ async def respond(
     hold = bool(response.initial) or response.framing.bodiless
     await conn.send_head(response.status, out_headers, flush=not hold)
     record.head_sent_at = trio.current_time()
+
+
+async def pass_informational(conn: HTTPConnection, status: int, headers: list[Header]) -> None:
+    """An upstream's unasked 1xx (103 Early Hints) to the client, under the response header policy."""
+    await conn.send_informational(status, forwarding.response_headers(headers))
 
 
 def begin_flight(flight: Flight, response: UpstreamResponse, config: Config, plan: Plan) -> Header:

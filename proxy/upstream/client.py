@@ -334,7 +334,7 @@ class _HeadReader:
     to :data:`MAX_HEAD` bytes, however it arrived.
     """
 
-    __slots__ = ("buf", "closing", "conn", "final", "idle_timeout", "informational", "method", "received")
+    __slots__ = ("buf", "conn", "final", "idle_timeout", "informational", "method", "received", "version")
 
     def __init__(
         self,
@@ -349,7 +349,7 @@ class _HeadReader:
         self.informational = informational
         self.buf = b""
         self.received = False
-        self.closing = False  # the final head says the upstream closes after it
+        self.version = b"1.1"  # the final head's HTTP version
         self.final: UpstreamResponse | None = None  # an early answer that still wants the body
 
     async def send(self, data: bytes, *, peek: bool = False) -> UpstreamResponse | None:
@@ -392,7 +392,10 @@ class _HeadReader:
         response = await self._parse()
         if response is None:
             return None
-        if response.status >= 400 or self.closing:  # RFC 9112 §9.3: stop sending the body
+        closing = self.version != b"1.1" or any(
+            n == b"connection" and b"close" in v.lower() for n, v in response.headers
+        )
+        if response.status >= 400 or closing:  # RFC 9112 §9.3: stop sending the body
             return response
         self.final = response
         return None
@@ -400,9 +403,10 @@ class _HeadReader:
     async def read(self) -> UpstreamResponse:
         """The final response head, waiting for it (1xx heads before it passed on)."""
         while True:
-            response = await self._parse()
-            if response is not None:
-                return response
+            if self.buf:  # nothing can be there before the first wait: an answer was just asked for
+                response = await self._parse()
+                if response is not None:
+                    return response
             await trio.lowlevel.wait_readable(self.conn.sock)
             self._receive_nowait()
 
@@ -451,9 +455,7 @@ class _HeadReader:
             if type(event) is not h11.Response:
                 raise UpstreamProtocolError(f"{conn.host} sent a malformed response")
             headers = list(event.headers)
-            self.closing = event.http_version != b"1.1" or any(
-                n == b"connection" and b"close" in v.lower() for n, v in headers
-            )
+            self.version = event.http_version
             framing = body_framing(self.method, event.status_code, headers)
             return UpstreamResponse(event.status_code, headers, framing, conn, self.buf, self.idle_timeout)
 
