@@ -143,14 +143,7 @@ class HTTPConnection:
                 head_size = self.bytes_in - len(self.conn.trailing_data[0]) - self.head_bytes_in
                 if head_size > self.config.max_header_bytes:
                     raise HeadersTooLarge(f"request head exceeds {self.config.max_header_bytes} bytes")
-                _check_head(event.headers)
-                return RequestHead(
-                    method=event.method.decode("ascii", "replace"),
-                    target=event.target.decode("latin-1"),
-                    headers=tuple(event.headers),
-                    http_version=event.http_version.decode("ascii"),
-                    peer=self.peer,
-                )
+                return self._head_from_h11(event)
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return None
             assert event is h11.NEED_DATA, event
@@ -210,15 +203,18 @@ class HTTPConnection:
             return None
 
     def _take_head(self, head: bytes, rest: bytes) -> RequestHead:
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
         try:
             parsed = parsers.parse_request_head(head)
-        except parsers.HeadError as exc:
-            raise BadRequest(
-                f"malformed HTTP request: {client_text(str(exc), 160, quoted=False)}", code="malformed_http"
-            ) from None
+        except parsers.HeadError:
+            # Rare, and h11 (the reference) decides: it refuses the head with its own reason,
+            # or reads what llhttp is stricter about (a bare LF, an obsolete folded line).
+            self.conn.receive_data(head + rest)
+            event = self._next_event()
+            assert isinstance(event, h11.Request), event
+            return self._head_from_h11(event)
         self.head_only = parsed.method == b"HEAD"
-        conn = self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
-        conn.receive_data(parsed.framing + rest)
+        self.conn.receive_data(parsed.framing + rest)
         event = self._next_event()  # h11 checks the framing lines as it would the whole head
         assert isinstance(event, h11.Request), event
         _check_head(parsed.headers)
@@ -227,6 +223,17 @@ class HTTPConnection:
             target=parsed.target.decode("latin-1"),
             headers=tuple(parsed.headers),
             http_version=parsed.http_version.decode("ascii"),
+            peer=self.peer,
+        )
+
+    def _head_from_h11(self, event: h11.Request) -> RequestHead:
+        self.head_only = event.method == b"HEAD"  # known before any refusal below is answered
+        _check_head(event.headers)
+        return RequestHead(
+            method=event.method.decode("ascii", "replace"),
+            target=event.target.decode("latin-1"),
+            headers=tuple(event.headers),
+            http_version=event.http_version.decode("ascii"),
             peer=self.peer,
         )
 

@@ -7,7 +7,9 @@ is parsed here in C, and h11 is given only the lines that decide framing and kee
 request line with target ``/``, and Host, Content-Length, Transfer-Encoding, Connection,
 Expect, Upgrade exactly as received), so h11 still validates those, frames the body and the
 response, and answers 100-continue. What h11 would have spent on the other headers and the
-long signed target (most of its cost: ~80 µs against ~6) is saved.
+long signed target (most of its cost: ~80 µs against ~6) is saved. A head llhttp refuses
+is given to h11 whole, and h11 decides (its refusal, or what llhttp is stricter about: a bare
+LF, an obsolete folded line), so answers do not depend on the parser.
 """
 
 from __future__ import annotations
