@@ -92,7 +92,7 @@ async def test_settings_read_only_at_start_are_named_by_key_path(from_file, tmp_
     running = await from_file(path)
 
     changed = config_toml(secret=[SECRET], listen="127.0.0.1:1") + "\n[cache]\nmax_bytes = 1000\nmax_ttl = 60\n"
-    path.write_text(changed + "\n[jobs]\nenabled = true\npoll_interval = 2.0\n")
+    path.write_text(changed + '\n[jobs]\nenabled = true\npublic_url = "https://app.example"\npoll_interval = 2.0\n')
     with watch_logs() as logs:
         assert running.parkway.reload() == []
 
