@@ -49,6 +49,7 @@ from support.differential import (
     expected,
     request_bytes,
     run_shape,
+    same_answers,
     violations,
 )
 from support.nginx import serve_nginx
@@ -225,7 +226,8 @@ def _behaviours() -> list[Behaviour]:
           either=Expect(None, head=200), nginx_wrong=NGINX_NO_ANSWER))  # fmt: skip
     add(B("chunked trailing space on the size", resp(body=HELLO, framing="chunked", chunks=(b"5 \r\nhello\r\n",))))
     add(B("chunked with a trailer", resp(body=TEXT, framing="chunked", trailers=b"X-Checksum: 42\r\n")))
-    add(B("chunked with Set-Cookie trailer", resp(body=TEXT, framing="chunked", trailers=b"Set-Cookie: a=b\r\n")))
+    add(B("chunked with Set-Cookie trailer", resp(body=TEXT, framing="chunked", trailers=b"Set-Cookie: a=b\r\n"),
+          absent=(b"set-cookie",)))  # fmt: skip
     add(B("chunked with a Trailer header", resp(body=TEXT, framing="chunked", headers=(b"Trailer: X-Sum",),
           trailers=b"X-Sum: 1\r\n")))  # fmt: skip
     add(B("chunked and Content-Length", resp(body=HELLO, framing="chunked", headers=(b"Content-Length: 5",))))
@@ -329,7 +331,8 @@ def _behaviours() -> list[Behaviour]:
         add(B(f"{size} KiB head", resp(body=HELLO, headers=tuple(b"X-H%d: " % i + b"b" * 1000 for i in range(size))),
               expect=Expect(None)))  # fmt: skip
     add(B("duplicate custom headers", resp(body=HELLO, headers=(b"X-Dup: 1", b"X-Dup: 2")), present=(b"x-dup",)))
-    add(B("several Set-Cookie", resp(body=HELLO, headers=(b"Set-Cookie: a=1", b"Set-Cookie: b=2"))))
+    add(B("several Set-Cookie", resp(body=HELLO, headers=(b"Set-Cookie: a=1", b"Set-Cookie: b=2")),
+          absent=(b"set-cookie",)))  # fmt: skip
     add(B("header without a value", resp(body=HELLO, headers=(b"X-Empty:",))))
     add(B("header with a space before the colon", resp(body=HELLO, headers=(b"X-Bad : 1",)), then="close"))
     add(B("header line without a colon", resp(body=HELLO, headers=(b"NoColon",)), then="close",
@@ -459,8 +462,8 @@ secret = ["{SECRET}"]
 async def serve_parkway(
     tmp: Path, driver: str, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """``parkway serve`` on ``driver`` (PARKWAY_RELAY) as its own process, as an operator runs it;
-    its port is started with. Its own process, so the proxies do not share the test's CPU."""
+    """``parkway serve`` with ``PARKWAY_RELAY=driver``, as an operator runs it; started with its
+    port. A process of its own, so the proxies do not share the test's CPU with the clients."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = tmp / "parkway.toml"
@@ -538,7 +541,7 @@ async def _run_matrix(tmp: Path) -> Matrix:
                     continue
                 for target in TARGETS:
                     cases.start_soon(sequence, index, b, target)
-        # Late records (a retried request still on its way) belong to their cases too.
+        # What the upstream received for each case, once every case is over.
         for (bid, shape_name, target), run in runs.items():
             index = int(bid[:3])
             tag = {"epoll": "E", "portable": "P", "nginx": "N"}[target]
@@ -567,11 +570,9 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
 def classify(b: Behaviour, shape: Shape, runs: dict[str, CaseRun]) -> tuple[dict[str, list[str]], str]:
     """Each target's RFC violations, and how Parkway compares with nginx."""
     found = {t: violations(b, shape, runs[t]) for t in TARGETS}
-    ours = [o.signature() for o in runs["epoll"].outcomes]
-    theirs = [o.signature() for o in runs["nginx"].outcomes]
     if found["epoll"] or found["portable"]:
         verdict = "harm"
-    elif ours == theirs:
+    elif same_answers(shape, runs["epoll"], runs["nginx"]):
         verdict = "same"
     elif found["nginx"]:
         verdict = "nginx_wrong"
@@ -589,7 +590,7 @@ def _write_report(path: Path, matrix: Matrix) -> None:
             runs = {t: matrix.runs[b.id, shape.name, t] for t in TARGETS}
             found, verdict = classify(b, shape, runs)
             cases.append({
-                "behaviour": b.id, "shape": shape.name, "verdict": verdict, "violations": found,
+                "behaviour": b.id, "shape": shape.name, "verdict": verdict, "violations": found, "harm": b.harm,
                 "outcomes": {t: runs[t].brief() for t in TARGETS},
                 "seconds": {t: round(runs[t].seconds, 2) for t in TARGETS},
             })  # fmt: skip
@@ -598,20 +599,22 @@ def _write_report(path: Path, matrix: Matrix) -> None:
 
 def _cases() -> Iterator[object]:
     for b in BEHAVIOURS:
+        marks = [pytest.mark.xfail(strict=True, reason=b.still_harmed)] if b.still_harmed else []
         for shape in SHAPES:
-            yield pytest.param(b, shape, id=f"{b.id}:{shape.name}")
+            yield pytest.param(b, shape, id=f"{b.id}:{shape.name}", marks=marks)
 
 
 @pytest.mark.parametrize(("behaviour", "shape"), list(_cases()))
 def test_case(matrix: Matrix, behaviour: Behaviour, shape: Shape) -> None:
+    if (behaviour.id, shape.name, "nginx") not in matrix.runs:
+        pytest.skip("not run (PARKWAY_DIFF_ONLY)")
     runs = {t: matrix.runs[behaviour.id, shape.name, t] for t in TARGETS}
     found, verdict = classify(behaviour, shape, runs)
     story = "\n".join(runs[t].brief() for t in TARGETS)
     for driver in ("epoll", "portable"):
         assert not found[driver], f"Parkway ({driver}) breaks the RFC:\n" + "\n".join(found[driver]) + "\n" + story
     if behaviour.on_reuse is None:  # with a reused connection, which request meets it is timing
-        ours, theirs = ([o.signature() for o in runs[t].outcomes] for t in ("epoll", "portable"))
-        assert ours == theirs, "the relay drivers answer differently:\n" + story
+        assert same_answers(shape, runs["epoll"], runs["portable"]), "the relay drivers answer differently:\n" + story
     if verdict != "same":
         assert behaviour.nginx_wrong or behaviour.deviation or behaviour.nginx_differs, (
             f"Parkway answers differently from nginx ({verdict}): classify the case (nginx_wrong names the rule "
@@ -629,5 +632,6 @@ def test_table_is_big_enough() -> None:
 
 
 def test_runs_fast_enough(matrix: Matrix) -> None:
-    """The whole matrix (every case on three targets) stays within the module's budget."""
-    assert matrix.seconds < 120, f"the matrix took {matrix.seconds:.0f} s"
+    """The whole matrix (every case on three targets) stays within the module's budget: about a
+    minute on a loaded 2-core machine, so this bound only catches a case that waits for no reason."""
+    assert matrix.seconds < 180, f"the matrix took {matrix.seconds:.0f} s"

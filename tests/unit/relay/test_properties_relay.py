@@ -44,8 +44,8 @@ RELAY = settings(
     # No shrinking: a failure is reported as found (shrinking one through sockets can take minutes).
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
-TIMEOUT = 3.0  # Parkway's upstream timeouts here: a complete answer must arrive well before
-PROMPT = 1.5  # ... within this
+TIMEOUT = 4.0  # Parkway's upstream timeouts here: a complete answer must arrive well before
+PROMPT = 2.0  # ... within this (an example takes milliseconds; waiting for a timeout takes TIMEOUT)
 HANG = 8.0  # bound of one example
 
 TOKEN = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=8)
