@@ -53,10 +53,10 @@ class RedisStore:
         self.outage = Outage(retry_interval)
         self.failures = 0  # operations that found Redis unusable (for the metric)
         self._clock = clock
-        self._client: coredis.Redis[bytes] = coredis.Redis.from_url(
+        self.client: coredis.Redis[bytes] = coredis.Redis.from_url(
             url, connect_timeout=timeout, retry_policy=NoRetryPolicy(), max_idle_time=None
         )
-        pool = self._client.connection_pool
+        pool = self.client.connection_pool
         pool.connection_class = closing_buffers(pool.connection_class)
         self._stack = AsyncExitStack()
         self._location = without_credentials(url)
@@ -65,7 +65,7 @@ class RedisStore:
 
     async def __aenter__(self) -> Self:
         async with AsyncExitStack() as stack:
-            await stack.enter_async_context(self._client)
+            await stack.enter_async_context(self.client)
             self._stack = stack.pop_all()
         return self
 
@@ -82,7 +82,7 @@ class RedisStore:
         return self._bytes, self._entries
 
     async def get(self, key: str) -> CacheEntry | None:
-        data = await self._call(lambda: self._client.get(self.key_prefix + key))
+        data = await self.call(lambda: self.client.get(self.key_prefix + key))
         if data is None:
             return None
         try:
@@ -98,18 +98,19 @@ class RedisStore:
         if ttl_ms <= 0:
             return Stored(False)
         data = encode_entry(entry)
-        await self._call(lambda: self._client.set(self.key_prefix + key, data, px=ttl_ms))
+        await self.call(lambda: self.client.set(self.key_prefix + key, data, px=ttl_ms))
         self._bytes += len(data)
         self._entries += 1
         return Stored(True)
 
-    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """One Redis operation within ``timeout``; :class:`CacheUnavailable` when Redis fails."""
+    async def call(self, operation: Callable[[], Awaitable[T]], *, timeout: float | None = None) -> T:
+        """One Redis operation within ``timeout`` (default: the store's); :class:`CacheUnavailable`
+        when Redis fails."""
         if not self.outage.claim_attempt(trio.current_time()):
             self.failures += 1
             raise CacheUnavailable("Redis is unreachable (waiting to try again)")
         try:
-            with trio.fail_after(self.timeout):
+            with trio.fail_after(self.timeout if timeout is None else timeout):
                 result = await operation()
         except REDIS_FAILURES as exc:
             self.failures += 1
