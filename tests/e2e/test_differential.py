@@ -401,6 +401,9 @@ class Matrix:
     runs: dict[tuple[str, str, str], CaseRun]  # (behaviour id, shape, target) -> run
     seconds: float
 
+    def __repr__(self) -> str:  # pytest shows a failed test's arguments: not megabytes of bodies
+        return f"Matrix({len(self.runs)} runs in {self.seconds:.0f} s)"
+
 
 def _nginx_conf(tmp: Path, port: int, servers: list[BehaviourServer]) -> str:
     ups, locs = [], []

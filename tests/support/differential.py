@@ -71,6 +71,9 @@ class Behaviour:
     nginx_differs: str | None = None  # nginx differs within the RFC (its limits, its choices)
     id: str = ""
 
+    def __repr__(self) -> str:  # pytest shows a failed test's arguments: not a 2 MiB answer
+        return f"Behaviour({self.id or self.name!r})"
+
     def answer_for(self, method: str) -> bytes:
         if method != "HEAD":
             return self.wire
@@ -458,6 +461,9 @@ class CaseRun:
     outcomes: list[Outcome] = field(default_factory=list)
     received: dict[str, list[Received]] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def __repr__(self) -> str:
+        return f"CaseRun({self.brief()!r})"
 
     def brief(self) -> str:
         ups = {p.rsplit("/", 1)[-1]: [r.method for r in rs] for p, rs in self.received.items()}
