@@ -12,6 +12,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .telemetry.genai import GenAIMetrics
+
 CounterChild = Counter  # what Counter.labels() returns
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -138,6 +140,15 @@ class Metrics:
             registry=r,
         )
 
+        self.genai = GenAIMetrics(r)  # gen_ai_* (OpenTelemetry GenAI metrics, Prometheus naming)
+        self.spans_dropped = Counter(
+            "parkway_trace_spans_dropped",
+            "Spans dropped: the export queue was full (collector down or slow).",
+            registry=r,
+        )
+        self.span_exports_failed = Counter(
+            "parkway_trace_exports_failed", "Span batches the collector did not take.", registry=r
+        )
         self.http_parser = Gauge(
             "parkway_http_parser", "The request-head parser new connections use (1), by name.", ["parser"], registry=r
         )

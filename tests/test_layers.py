@@ -35,6 +35,7 @@ PURE = [
     "policy",
     "relay.usage",
     "signing",
+    "telemetry.model",
     "urls",
     "websocket.policy",
 ]

@@ -30,6 +30,7 @@ import secrets as _secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -52,7 +53,7 @@ from ..jobs.api import JobAPI
 from ..jobs.background import BackgroundAsk, background_ask, job_id_from_path
 from ..limits import BudgetStore, GlobalGate, MemoryBudgets, MemoryState, StateBackend
 from ..metrics import Metrics
-from ..record import RequestRecord, count_request, log, log_request
+from ..record import RequestRecord, count_request, finish_trace, log, log_request, trace_route
 from ..relay.client_watch import unless_client_leaves
 from ..relay.pump import EpollEngine
 from ..signing import check_validity, parse_signed_request, verify_signature
@@ -66,6 +67,9 @@ from .forward import Forward
 from .jobs import enqueue, serve_job
 from .plan import Plan, Request, Step, canonical_paths, check_upstream, has_body, header_map, request_policy
 from .websocket import open_session
+
+if TYPE_CHECKING:  # loaded only when tracing is on
+    from ..telemetry.tracing import Tracing
 
 
 def utcnow() -> datetime:
@@ -112,8 +116,10 @@ class Gateway:
         engine: EpollEngine | None = None,
         websockets: WebSocketProxy | None = None,
         budgets: BudgetStore | None = None,
+        tracing: Tracing | None = None,
     ):
         self.config = config
+        self.tracing = tracing  # None: [telemetry] is off, and a request pays this one check
         self.engine = engine  # relays every stream's body when running; else each request's own task
         self.metrics = metrics or Metrics()
         self.clock = clock
@@ -148,6 +154,11 @@ class Gateway:
         config = self.config  # one config for the whole request, even across a reload
         record = RequestRecord(trio.current_time(), conn.head_bytes_in, conn.bytes_out)
         request_id = new_request_id()
+        if self.tracing is not None:
+            record.trace = self.tracing.request(
+                head.method, head.path, head.query, head.peer, head.header(b"traceparent"),
+                user_param=config.server.user_param,
+            )  # fmt: skip
         # credential and user are bound later; binding them here too makes the reset undo them,
         # so the next request on a kept-alive connection does not inherit them. (Tokens, not
         # bound_contextvars: that copies the whole context twice, 7.5 against 3.6 µs.)
@@ -192,6 +203,8 @@ class Gateway:
                 record.settle(conn.bytes_in, conn.bytes_out, trio.current_time())
                 log_request(head, record)
                 count_request(self.metrics, config, record)
+                if record.trace is not None:
+                    finish_trace(head, record, config, request_id)
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
 
@@ -248,6 +261,8 @@ class Gateway:
             await serve_job(self.jobs, head, conn, config, record, request_id, job_id)
             return
         plan = await self._plan(head, conn, config, record, request_id, origin)
+        if record.trace is not None:
+            record.trace.planned()
         req = Request(head, conn, config, record, plan)
         if plan.websocket:
             # A session has limits of its own (idle_timeout, max_session_duration), not request_timeout.
@@ -296,6 +311,8 @@ class Gateway:
             headers=headers,
             body=body,
         )
+        if record.trace is not None:  # from here the signed pw_traceparent may be the trace's parent
+            record.trace.verified(trace_route(head, config))
         # A signed header must reach the upstream as signed: no Connection header may strip it.
         forwarding.check_connection_header(head.headers, signed.signed_headers, credential.headers)
         _scheme, host, target = origin_and_target(signed.proxy_url)
