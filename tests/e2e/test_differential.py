@@ -3,9 +3,9 @@
 Each of :data:`BEHAVIOURS` is a scripted upstream (``tests/support/differential.py``) on a
 loopback port of its own; each of the client shapes (GET, HEAD, POST with a length, POST
 chunked, HTTP/1.0, two requests on one connection, a pipelined follow-up, a signed-body POST)
-is played against it through three proxies started once for the module: Parkway on the epoll
-relay driver, Parkway on the portable driver, and a real nginx configured as a streaming
-reverse proxy. All cases run concurrently in bounded batches before the first test; each test
+is played against it through three proxies started once for the module: ``parkway serve`` on
+the epoll relay driver, ``parkway serve`` on the portable driver (each a process of its own),
+and a real nginx configured as a streaming reverse proxy. All cases run concurrently in bounded batches before the first test; each test
 is one (behaviour, shape) and asserts, for that case:
 
 * Parkway (both drivers) gives the client what RFC 9110/9112 require of a proxy: the
@@ -17,7 +17,9 @@ is one (behaviour, shape) and asserts, for that case:
   reason in docs/proxying.md), nginx's own limits or choices (``nginx_differs``), or nginx
   breaking the RFC (``nginx_wrong``, which the case then names and asserts the RFC for Parkway).
 
-Set ``PARKWAY_DIFF_REPORT=path`` to write every case's outcome on all three targets (the note's counts).
+``PARKWAY_DIFF_REPORT=path`` writes every case's outcome and violations on all three targets as
+JSON (how harms are counted before and after a fix); ``PARKWAY_DIFF_ONLY=text`` runs only the
+behaviours whose id contains ``text`` (the other cases are skipped).
 """
 
 from __future__ import annotations
