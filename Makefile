@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,otel]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,fast,otel]'
 	@touch $(STAMP)
 
 ## make demo: Parkway plus a mock OpenAI upstream on loopback; one signed request streams through it.

@@ -2,8 +2,8 @@
 
 ``python -m loadtest.profile FILE.txt [--top 25]`` prints
 
-* self time by component (the file of the innermost frame: h11, httpcore, httpx, trio,
-  structlog, Parkway's own modules, the standard library...),
+* self time by component (the file of the innermost frame: h11, httptools, trio, Parkway's packages,
+  structlog, the standard library...),
 * inclusive time of Parkway's steps (any frame of the stack in that function),
 * the hottest leaf functions.
 
@@ -27,10 +27,13 @@ COMPONENTS = [
     ("anyio/sniffio", r"(^|/)(anyio|sniffio)/"),
     ("trio", r"(^|/)trio/"),
     ("structlog (logging)", r"(^|/)structlog/"),
+    ("httptools", r"(^|/)httptools/"),
     ("parkway: signing", r"proxy/(signing|urls)\.py"),
-    ("parkway: http_server", r"proxy/http_server\.py"),
-    ("parkway: upstream", r"proxy/upstream\.py"),
-    ("parkway: handler", r"proxy/handler\.py"),
+    ("parkway: http (client side)", r"proxy/http/"),
+    ("parkway: upstream", r"proxy/upstream/"),
+    ("parkway: relay", r"proxy/relay/"),
+    ("parkway: gateway", r"proxy/gateway/"),
+    ("parkway: logging and metrics", r"proxy/(logs|record|metrics)\.py"),
     ("parkway: other", r"proxy/"),
     ("stdlib: hmac/hashlib", r"(hmac|hashlib)\.py"),
     ("stdlib: urllib/idna", r"(urllib/|idna/|encodings/idna)"),
@@ -41,14 +44,17 @@ COMPONENTS = [
 # Inclusive steps of a request: a sample counts once for each step present anywhere in its stack.
 STEPS = [
     ("parse + verify signature (signing.py)", r"proxy/signing\.py"),
-    ("upstream request (httpx send → response head)", r"AsyncClient\.send "),
-    ("upstream body read (UpstreamResponse.chunks)", r"UpstreamResponse\.chunks"),
-    ("client writes (HTTPConnection._send)", r"HTTPConnection\._send "),
-    ("client reads (HTTPConnection.next_request/_receive)", r"HTTPConnection\.(next_request|_receive) "),
-    ("request log line (Gateway._log)", r"Gateway\._log "),
+    ("upstream request (UpstreamClient.open → response head)", r"UpstreamClient\.(open|_send_request|_exchange) "),
+    ("relay (relay/)", r"proxy/relay/(pump|stream|engine)\.py"),
+    ("client writes (HTTPConnection._send/flush)", r"HTTPConnection\.(_send|flush) "),
+    (
+        "client reads (HTTPConnection.next_request/_receive)",
+        r"HTTPConnection\.(next_request|_next_request_httptools|_receive) ",
+    ),
+    ("request log line (log_request)", r"log_request "),
+    ("metrics (count_request)", r"count_request "),
     ("forwarding headers (forwarding.py)", r"proxy/forwarding\.py"),
     ("trio scheduler (run loop, I/O wait)", r"^(run|unrolled_run|Runner\.|EpollIOManager|get_events)"),
-    ("pool bookkeeping (connection_pool.py)", r"connection_pool\.py"),
 ]
 
 

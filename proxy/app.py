@@ -8,6 +8,7 @@ begins the graceful drain. ``parkway.reload()`` re-reads the TOML file, as SIGHU
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import signal
@@ -28,6 +29,7 @@ from .config import Config, ServerConfig, jobs_problems, load_config
 from .errors import ConfigError, Overloaded, ParkwayError
 from .gateway.handler import Gateway, utcnow
 from .http.connection import HTTPConnection, RequestHead
+from .http.parsers import resolve as resolve_http_parser
 from .http.server import Server, bound_address, open_listeners
 from .jobs.api import JobAPI
 from .jobs.runner import JobRunner, open_job_store
@@ -113,6 +115,12 @@ class Parkway:
         self.runner: JobRunner | None = None
         self._job_stats = trio.CancelScope()
 
+    def _http_parser(self) -> str:
+        """The request-head parser new connections use, shown in /metrics too."""
+        parser = resolve_http_parser(self.config.server.http)
+        self.metrics.set_http_parser(parser)
+        return parser
+
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve until :meth:`shutdown` has drained, then close the upstream pool."""
         if problems := jobs_problems(self.config.jobs):  # a configuration built in code: not checked yet
@@ -130,6 +138,7 @@ class Parkway:
             pid=os.getpid(),
             credentials=[c.id for c in self.config.credentials],
             max_connections=self.config.server.max_connections,
+            http=self._http_parser(),
         )
         try:
             async with AsyncExitStack() as stack:
@@ -292,6 +301,7 @@ class Parkway:
         self.upstream.apply(new.server)
         self.websockets.ssl_context = self.upstream.ssl_context
         self.server.config = new.server
+        self._http_parser()
         self.metrics.reloads.labels("ok").inc()
         log.info("config_reloaded", path=str(self.config_path), credentials=[c.id for c in new.credentials])
         return []
@@ -301,6 +311,20 @@ def _changed(old: object, new: object, section: str, names: tuple[str, ...] | No
     """The key paths (``cache.max_bytes``) of ``section`` whose values differ; only ``names`` if given."""
     fields = names if names is not None else tuple(f.name for f in dataclass_fields(old))  # type: ignore[arg-type]
     return [f"{section}.{name}" for name in fields if getattr(old, name) != getattr(new, name)]
+
+
+# Requests make no reference cycles, yet each allocates enough containers to trigger a young
+# collection every ~15 requests at the default of 700 (about 22 µs per request in all).
+YOUNG_GC_THRESHOLD = 20_000
+
+
+def settle_heap() -> None:
+    """Once started: what start-up built (modules, config, TLS contexts) is frozen out of every
+    later collection, and young collections run less often. Cycles are still collected."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, older, oldest)
 
 
 async def run_until_signalled(parkway: Parkway) -> None:
@@ -327,8 +351,13 @@ async def run_until_signalled(parkway: Parkway) -> None:
             nursery.start_soon(watch)
             if parkway.worker_index or parkway.reuse_port:
                 nursery.start_soon(_drain_when_orphaned, parkway)
-            await parkway.run()
-            nursery.cancel_scope.cancel()
+
+            async def serve(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+                await parkway.run(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(serve)
+            settle_heap()
 
 
 async def _drain_when_orphaned(parkway: Parkway) -> None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -68,6 +69,8 @@ def signway_compat_config(args: argparse.Namespace, parser: argparse.ArgumentPar
 
 def command_line_overrides(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ConfigOverrides:
     """The ``serve`` flags that override a configuration, checked here so a typo fails at once."""
+    if args.http == "httptools" and importlib.util.find_spec("httptools") is None:
+        parser.error("--http httptools: httptools is not installed (pip install 'parkway[fast]')")
     for flag, values in (("--listen", args.listen or []), ("--admin", [args.admin] if args.admin else [])):
         for address in values:
             try:
@@ -79,6 +82,7 @@ def command_line_overrides(args: argparse.Namespace, parser: argparse.ArgumentPa
         admin=(args.admin,) if args.admin else None,
         allow_private_upstreams=args.allow_private_upstreams,
         log_format=args.log_format,
+        http=args.http,
     )
 
 
@@ -313,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--no-bytes-monitor", action="store_true", help="accepted for Signway compatibility")
     serve.add_argument("--log-format", choices=["json", "console"])
+    serve.add_argument(
+        "--http",
+        choices=["auto", "h11", "httptools"],
+        help="request-head parser: httptools when installed (auto, the default), or h11",
+    )
     serve.add_argument(
         "--workers",
         type=int,

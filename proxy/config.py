@@ -106,6 +106,7 @@ class ServerConfig:
     upstream_ca_file: str = ""  # PEM certificates trusted for https upstreams instead of the system's
     inspect_body_bytes: int = 65536  # most body bytes held back to check JSON body rules
     body_rules_overflow: str = "refuse"  # rules' fields not within inspect_body_bytes: refuse | stream
+    http: str = "auto"  # request-head parser: auto (httptools when installed) | h11 | httptools
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +350,13 @@ def _credentials(tables: list[_Table], env: Mapping[str, str]) -> tuple[Credenti
     return tuple(credentials)
 
 
+def _http_parser(value: Any, path: str) -> str:
+    choice = _choice("auto", "h11", "httptools")(value, path)
+    if choice == "httptools" and importlib.util.find_spec("httptools") is None:
+        _fail(path, "httptools is not installed (pip install 'parkway[fast]'); use auto or h11")
+    return choice
+
+
 _TIMEOUTS = [
     "header_read_timeout",
     "keepalive_timeout",
@@ -376,6 +384,7 @@ _SERVER_RULES: Mapping[str, _Convert] = {
     "upstream_ca_file": _expect(str, "a string"),
     "inspect_body_bytes": _number(1, integer=True),
     "body_rules_overflow": _choice(*OVERFLOW_CHOICES),
+    "http": lambda value, path: _http_parser(value, path),
 }
 _CREDENTIAL_POLICY_RULES: Mapping[str, tuple[Any, _Convert]] = {
     "allow_private_upstreams": (False, _expect(bool, "a boolean")),

@@ -113,6 +113,8 @@ def forward_context(peer: str, headers: Mapping[str, str], trusted_proxies: tupl
     The client is the right-most address in the chain that is not itself a trusted proxy:
     everything left of it could have been written by the client.
     """
+    if not trusted_proxies:  # the common case: no address to parse, nothing to believe
+        return ForwardContext(client_ip=peer, forwarded_for=peer)
     networks = _networks(trusted_proxies)
     if not _is_trusted(peer, networks):
         return ForwardContext(client_ip=peer, forwarded_for=peer)

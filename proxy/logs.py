@@ -7,27 +7,86 @@ line of defence: whatever a caller passes, values of secret-looking keys never g
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
 SECRET_KEYS = frozenset({"secret", "secrets", "authorization", "api_key", "password", "signature", "headers"})
 
+# Keys are names in Parkway's code, so few: each is classified once (bounded, in case of a flood).
+_SECRET_KEY_CACHE: dict[str, bool] = {}
+
+
+def _is_secret_key(key: str) -> bool:
+    known = _SECRET_KEY_CACHE.get(key)
+    if known is None:
+        lowered = key.lower()
+        known = lowered in SECRET_KEYS or lowered.endswith(("_secret", "_token"))
+        if len(_SECRET_KEY_CACHE) < 4096:
+            _SECRET_KEY_CACHE[key] = known
+    return known
+
 
 def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Replace values of secret-bearing keys; a signature is shortened to a recognisable prefix."""
-    for key in list(event_dict):
-        lowered = key.lower()
-        if lowered in SECRET_KEYS or lowered.endswith("_secret") or lowered.endswith("_token"):
-            value = event_dict[key]
-            if lowered == "signature" and isinstance(value, str):
-                event_dict[key] = value[:8] + "…"
-            else:
-                event_dict[key] = "[redacted]"
+    for key in [k for k in event_dict if _is_secret_key(k)]:
+        value = event_dict[key]
+        if key.lower() == "signature" and isinstance(value, str):
+            event_dict[key] = value[:8] + "…"
+        else:
+            event_dict[key] = "[redacted]"
     return event_dict
+
+
+class _UTCTimestamp:
+    """ISO 8601 UTC with microseconds (``2026-12-07T00:37:23.618191Z``), the date and time of
+    day formatted once per second rather than through a ``datetime`` per line."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+
+
+def _stamper() -> Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]:
+    """One processor for what every line gets: the bound request fields, the level, the time,
+    then redaction (last, so it sees every field)."""
+    timestamp = _UTCTimestamp()
+    merge, add_level = structlog.contextvars.merge_contextvars, structlog.processors.add_log_level
+
+    def stamp(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event_dict = add_level(logger, method, merge(logger, method, event_dict))
+        event_dict["timestamp"] = timestamp()
+        return redact(logger, method, event_dict)
+
+    return stamp
+
+
+def _json_default(obj: Any) -> Any:
+    """As structlog's JSONRenderer: an object's ``__structlog__()``, else its ``repr``."""
+    try:
+        return obj.__structlog__()
+    except AttributeError:
+        return repr(obj)
+
+
+def _render_json(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
+    # structlog's JSONRenderer builds a json.JSONEncoder per line; the output is the same.
+    return _ENCODE(event_dict)
+
+
+_ENCODE = json.JSONEncoder(default=_json_default).encode
 
 
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
@@ -35,18 +94,12 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
     # JSON lines carry a traceback as text in "exception" (exc_info alone renders as `true`);
     # the console renderer formats exc_info itself, and warns if it was formatted before it.
     tail = (
-        [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        [structlog.processors.format_exc_info, _render_json]
         if fmt == "json"
         else [structlog.dev.ConsoleRenderer(colors=False)]
     )
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact,
-            *tail,
-        ],
+        processors=[_stamper(), *tail],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         # One write() per line: workers share stderr, and print() writes the newline apart.
         logger_factory=structlog.WriteLoggerFactory(stream or sys.stderr),

@@ -14,6 +14,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .telemetry.genai import GenAIMetrics
 
+CounterChild = Counter  # what Counter.labels() returns
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # Buckets spanning a local mock (sub-millisecond) to a slow LLM answer (minutes).
@@ -147,6 +149,25 @@ class Metrics:
         self.span_exports_failed = Counter(
             "parkway_trace_exports_failed", "Span batches the collector did not take.", registry=r
         )
+        self.http_parser = Gauge(
+            "parkway_http_parser", "The request-head parser new connections use (1), by name.", ["parser"], registry=r
+        )
+        # Label children looked up once: ``labels()`` costs more than the increment it leads to.
+        self.bytes_in = self.bytes.labels("in")
+        self.bytes_out = self.bytes.labels("out")
+        self._request_children: dict[tuple[str, str, str], CounterChild] = {}
+
+    def set_http_parser(self, parser: str) -> None:
+        for name in ("h11", "httptools"):
+            self.http_parser.labels(name).set(1 if name == parser else 0)
+
+    def request_counter(self, credential: str, status_class: str, outcome: str) -> CounterChild:
+        """``requests.labels(...)``, cached: the label values come from bounded sets."""
+        key = (credential, status_class, outcome)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(*key)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,6 +19,7 @@ class ConfigOverrides:
     admin: tuple[str, ...] | None = None  # --admin
     allow_private_upstreams: bool = False  # --allow-private-upstreams
     log_format: str | None = None  # --log-format
+    http: str | None = None  # --http (auto | h11 | httptools)
 
     def apply(self, config: Config) -> Config:
         server = config.server
@@ -26,6 +27,8 @@ class ConfigOverrides:
             server = replace(server, allow_private_upstreams=True)
         if self.listen:
             server = replace(server, listen=self.listen)
+        if self.http is not None:
+            server = replace(server, http=self.http)
         config = replace(config, server=server)
         if self.admin is not None:
             config = replace(config, admin=AdminConfig(listen=self.admin))

@@ -23,6 +23,7 @@ PURE = [
     "errors",
     "forwarding",
     "http.chunked",
+    "http.parsers",
     "jobs.background",
     "jobs.model",
     "jobs.store",

@@ -25,6 +25,7 @@ Nothing reaches the upstream before step 6 has passed. Every refusal is a
 from __future__ import annotations
 
 import math
+import os
 import secrets as _secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -73,6 +74,30 @@ if TYPE_CHECKING:  # loaded only when tracing is on
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class _RequestIds:
+    """16 hex digits, unique across requests and worker processes without a system call per
+    request (``token_hex`` is a ``getrandom`` each time): a random 40-bit prefix drawn per
+    process (again in a forked child, and whenever the 24-bit counter after it wraps)."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self._prefix, self._next = _secrets.token_hex(5), 0
+
+    def __call__(self) -> str:
+        n = self._next
+        if n >= 1 << 24:
+            self.reset()
+            n = 0
+        self._next = n + 1
+        return f"{self._prefix}{n:06x}"
+
+
+new_request_id = _RequestIds()
 
 
 class Gateway:
@@ -128,15 +153,17 @@ class Gateway:
     async def handle(self, head: RequestHead, conn: HTTPConnection) -> None:
         config = self.config  # one config for the whole request, even across a reload
         record = RequestRecord(trio.current_time(), conn.head_bytes_in, conn.bytes_out)
-        request_id = _secrets.token_hex(8)
+        request_id = new_request_id()
         if self.tracing is not None:
             record.trace = self.tracing.request(
                 head.method, head.path, head.query, head.peer, head.header(b"traceparent"),
                 user_param=config.server.user_param,
             )  # fmt: skip
-        # credential and user are bound later; binding them here too makes the exit reset them,
-        # so the next request on a kept-alive connection does not inherit them.
-        with structlog.contextvars.bound_contextvars(request_id=request_id, credential=None, user=None, job=None):
+        # credential and user are bound later; binding them here too makes the reset undo them,
+        # so the next request on a kept-alive connection does not inherit them. (Tokens, not
+        # bound_contextvars: that copies the whole context twice, 7.5 against 3.6 µs.)
+        tokens = structlog.contextvars.bind_contextvars(request_id=request_id, credential=None, user=None, job=None)
+        try:
             try:
                 with trio.move_on_after(config.server.request_timeout or float("inf")) as overall:
                     await self._handle(head, conn, config, record, request_id, overall)
@@ -178,11 +205,13 @@ class Gateway:
                 count_request(self.metrics, config, record)
                 if record.trace is not None:
                     finish_trace(head, record, config, request_id)
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
 
     async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None:
         """Answer a request the server refused before it reached :meth:`handle` (bad HTTP, too slow)."""
         config = self.config
-        request_id = _secrets.token_hex(8)
+        request_id = new_request_id()
         started, out_start = trio.current_time(), conn.bytes_out
         log.warning(
             "request",

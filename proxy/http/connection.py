@@ -28,6 +28,7 @@ from ..errors import (
     RequestTimeout,
     client_text,
 )
+from . import parsers
 
 log = structlog.get_logger("parkway.server")
 
@@ -87,6 +88,7 @@ class HTTPConnection:
         self.config = config
         self.peer = peer
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
+        self.parser = parsers.resolve(config.http)  # h11 | httptools: what reads request heads
         self.bytes_in = 0
         self.bytes_out = 0
         self.head_bytes_in = 0  # bytes_in when the current request began
@@ -123,6 +125,8 @@ class HTTPConnection:
         The idle wait ends at the first byte; from there the whole head must arrive within
         ``header_read_timeout`` (slowloris protection).
         """
+        if self.parser == "httptools":
+            return await self._next_request_httptools(idle_timeout)
         self.head_bytes_in = self.bytes_in - len(self.conn.trailing_data[0])
         self.request_done = trio.Event()
         self.head_only = False
@@ -139,14 +143,7 @@ class HTTPConnection:
                 head_size = self.bytes_in - len(self.conn.trailing_data[0]) - self.head_bytes_in
                 if head_size > self.config.max_header_bytes:
                     raise HeadersTooLarge(f"request head exceeds {self.config.max_header_bytes} bytes")
-                _check_head(event.headers)
-                return RequestHead(
-                    method=event.method.decode("ascii", "replace"),
-                    target=event.target.decode("latin-1"),
-                    headers=tuple(event.headers),
-                    http_version=event.http_version.decode("ascii"),
-                    peer=self.peer,
-                )
+                return self._head_from_h11(event)
             if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return None
             assert event is h11.NEED_DATA, event
@@ -166,6 +163,79 @@ class HTTPConnection:
             if started:
                 raise RequestTimeout(f"request head not received within {self.config.header_read_timeout:g} s")
             return None
+
+    async def _next_request_httptools(self, idle_timeout: float) -> RequestHead | None:
+        """:meth:`next_request` with the head parsed by httptools (see :mod:`proxy.http.parsers`):
+        the same timeouts, limits and refusals; each request gets a fresh h11 connection, given
+        the framing lines of the head and every byte after it."""
+        pending, closed = self.conn.trailing_data  # a pipelined request's bytes, read with the last body
+        buffer = bytearray(pending)
+        self.head_bytes_in = self.bytes_in - len(buffer)
+        self.request_done = trio.Event()
+        self.head_only = False
+        limit = self.config.max_header_bytes
+        started = bool(buffer)
+        deadline = trio.current_time() + (self.config.header_read_timeout if started else idle_timeout)
+        while True:
+            end = parsers.head_end(buffer)
+            if end >= 0:
+                if end > limit:
+                    raise HeadersTooLarge(f"request head exceeds {limit} bytes")
+                return self._take_head(bytes(buffer[:end]), bytes(buffer[end:]))
+            if len(buffer) > limit:
+                raise HeadersTooLarge(f"request head exceeds {limit} bytes")
+            if closed:
+                if not started:
+                    return None
+                raise BadRequest("connection closed in the middle of the request head", code="malformed_http")
+            with trio.move_on_at(deadline):
+                data = await self._receive()
+                if not data:
+                    closed = True
+                    continue
+                buffer += data
+                if not started:
+                    started = True
+                    deadline = trio.current_time() + self.config.header_read_timeout
+                continue
+            if started:
+                raise RequestTimeout(f"request head not received within {self.config.header_read_timeout:g} s")
+            return None
+
+    def _take_head(self, head: bytes, rest: bytes) -> RequestHead:
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
+        try:
+            parsed = parsers.parse_request_head(head)
+        except parsers.HeadError:
+            # Rare, and h11 (the reference) decides: it refuses the head with its own reason,
+            # or reads what llhttp is stricter about (a bare LF, an obsolete folded line).
+            self.conn.receive_data(head + rest)
+            event = self._next_event()
+            assert isinstance(event, h11.Request), event
+            return self._head_from_h11(event)
+        self.head_only = parsed.method == b"HEAD"
+        self.conn.receive_data(parsed.framing + rest)
+        event = self._next_event()  # h11 checks the framing lines as it would the whole head
+        assert isinstance(event, h11.Request), event
+        _check_head(parsed.headers)
+        return RequestHead(
+            method=parsed.method.decode("ascii", "replace"),
+            target=parsed.target.decode("latin-1"),
+            headers=tuple(parsed.headers),
+            http_version=parsed.http_version.decode("ascii"),
+            peer=self.peer,
+        )
+
+    def _head_from_h11(self, event: h11.Request) -> RequestHead:
+        self.head_only = event.method == b"HEAD"  # known before any refusal below is answered
+        _check_head(event.headers)
+        return RequestHead(
+            method=event.method.decode("ascii", "replace"),
+            target=event.target.decode("latin-1"),
+            headers=tuple(event.headers),
+            http_version=event.http_version.decode("ascii"),
+            peer=self.peer,
+        )
 
     async def body_chunks(self) -> AsyncGenerator[bytes, None]:
         """Yield the request body as it arrives; a gap over ``client_body_timeout`` is a 408."""

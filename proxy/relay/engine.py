@@ -86,6 +86,10 @@ class EpollEngine:
         self._epoll: select.epoll | None = None
         self._streams: dict[int, RelayStream] = {}  # fd (upstream's and client's) -> stream
         self._watched: dict[int, Callable[[], None]] = {}  # client fd -> what to call when it leaves
+        # Client fds left registered with no events between the requests of a kept-alive
+        # connection: the next request modifies the registration instead of adding it again
+        # (two system calls fewer per request). Closing the socket removes it from the set.
+        self._kept: set[int] = set()
         self._tick = 1.0
 
     @property
@@ -104,6 +108,7 @@ class EpollEngine:
         finally:
             self._epoll = None
             self._watched.clear()
+            self._kept.clear()
             for stream in list(dict.fromkeys(self._streams.values())):
                 self._finish(stream, UpstreamProtocolError("the relay engine stopped"))
             trio.lowlevel.notify_closing(epoll.fileno())
@@ -116,13 +121,33 @@ class EpollEngine:
         epoll = self._epoll
         if epoll is None or fd in self._watched or fd in self._streams:
             return False
-        epoll.register(fd, _RDHUP)
+        self._register(epoll, fd, _RDHUP)
         self._watched[fd] = gone
         return True
 
     def unwatch_client(self, fd: int) -> None:
         if self._watched.pop(fd, None) is not None and self._epoll is not None:
-            self._epoll.unregister(fd)
+            self._keep(self._epoll, fd)
+
+    def _register(self, epoll: select.epoll, fd: int, events: int) -> None:
+        """Register a client fd, or modify its kept registration. A kept fd whose socket was
+        closed (and whose number a new connection now has) is no longer in the set: register."""
+        if fd in self._kept:
+            self._kept.discard(fd)
+            try:
+                epoll.modify(fd, events)
+                return
+            except FileNotFoundError:
+                pass
+        epoll.register(fd, events)
+
+    def _keep(self, epoll: select.epoll, fd: int) -> None:
+        """Leave a client fd registered, waiting for nothing, for its connection's next request."""
+        try:
+            epoll.modify(fd, 0)
+        except OSError:  # already gone from the set (closed)
+            return
+        self._kept.add(fd)
 
     async def relay(self, stream: RelayStream, initial: bytes) -> None:
         """Relay ``stream`` to its end; returns when its body is complete, raises on failure.
@@ -139,14 +164,17 @@ class EpollEngine:
         streams = self._streams
         streams[stream.up.fd] = streams[stream.client_fd] = stream
         # A watched client stays registered: the stream takes the registration over.
-        client = epoll.modify if self._watched.pop(stream.client_fd, None) is not None else epoll.register
+        watched = self._watched.pop(stream.client_fd, None) is not None
+        client_events = _OUT | _RDHUP if state == BLOCKED else _RDHUP
         if state == BLOCKED:
             stream.blocked_since = trio.current_time()
             epoll.register(stream.up.fd, 0)
-            client(stream.client_fd, _OUT | _RDHUP)
         else:
             epoll.register(stream.up.fd, _IN)
-            client(stream.client_fd, _RDHUP)
+        if watched:
+            epoll.modify(stream.client_fd, client_events)
+        else:
+            self._register(epoll, stream.client_fd, client_events)
         self._tick = min(self._tick, stream.idle_timeout / 8, stream.write_timeout / 8)
 
         def abort(_: object) -> trio.lowlevel.Abort:
@@ -166,6 +194,10 @@ class EpollEngine:
             for fd, events in poll(0):
                 stream = streams.get(fd)
                 if stream is None:
+                    if fd in self._kept:  # HUP or ERR, reported even when waiting for nothing
+                        self._kept.discard(fd)
+                        epoll.unregister(fd)
+                        continue
                     gone = self._watched.pop(fd, None)
                     if gone is not None:  # a client left while its request waited (queue, upstream head)
                         epoll.unregister(fd)
@@ -210,12 +242,13 @@ class EpollEngine:
 
     def _remove(self, stream: RelayStream) -> None:
         epoll = self._epoll
-        for fd in (stream.up.fd, stream.client_fd):
-            if self._streams.pop(fd, None) is not None and epoll is not None:
-                try:
-                    epoll.unregister(fd)
-                except OSError:
-                    pass
+        if self._streams.pop(stream.up.fd, None) is not None and epoll is not None:
+            try:
+                epoll.unregister(stream.up.fd)
+            except OSError:
+                pass
+        if self._streams.pop(stream.client_fd, None) is not None and epoll is not None:
+            self._keep(epoll, stream.client_fd)
 
     def _finish(self, stream: RelayStream, error: BaseException | None) -> None:
         self._remove(stream)

@@ -28,6 +28,13 @@ from support.processes import ProcessGroup, free_port
 from support.signing import SECRET, UPSTREAM_KEY, sign
 from support.upstream import Upstream
 
+
+@pytest.fixture(params=["h11", "httptools"])
+async def parkway(start_parkway, request):
+    """Every test here runs with both request-head parsers (proxy.http.parsers)."""
+    return await start_parkway(http=request.param)
+
+
 pytestmark = pytest.mark.usefixtures("hang_guard")
 
 Start = Callable[..., Awaitable[RunningParkway]]

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import structlog
 import trio
 import trio.testing
 
@@ -602,3 +603,16 @@ async def test_sigterm_drains_the_stream_in_flight_then_exits_0(processes, upstr
     (line,) = running.logs.find(event="request")
     assert (line["outcome"], line["status"]) == ("ok", 200)
     assert running.logs.find(event="shutdown")
+
+
+@pytest.mark.parametrize("choice, used", [("auto", "httptools"), ("h11", "h11"), ("httptools", "httptools")])
+async def test_the_request_head_parser_shows_in_the_startup_line_and_in_metrics(start_operable, client, choice, used):
+    with structlog.testing.capture_logs() as logs:
+        running = await start_operable(admin_config(http=choice))
+    startup = [line for line in logs if line["event"] == "startup"]
+    assert [line["http"] for line in startup] == [used]
+    scraped = await scrape(client, running.parkway.admin_addresses[0])
+    assert scraped.by("parkway_http_parser", "parser") == {
+        ("h11",): float(used == "h11"),
+        ("httptools",): float(used == "httptools"),
+    }

@@ -29,6 +29,13 @@ from support.processes import free_port
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY
 from support.upstream import SSE_HEADERS, Exchange, Upstream, echo, hang, respond_with, sse_from, sse_then
 
+
+@pytest.fixture(params=["h11", "httptools"])
+async def parkway(start_parkway, request):
+    """Every test here runs with both request-head parsers (proxy.http.parsers)."""
+    return await start_parkway(http=request.param)
+
+
 # Every case on both relay drivers (the epoll engine and the portable one).
 pytestmark = pytest.mark.usefixtures("hang_guard", "relay_path")
 
@@ -711,6 +718,22 @@ async def test_request_fields_do_not_leak_into_the_next_request_on_the_connectio
     assert ok["credential"] == "app"
     assert refused.get("credential") is None
     assert ok["request_id"] != refused["request_id"]
+
+
+async def test_a_malformed_head_after_a_request_is_not_logged_under_its_credential(parkway, upstream):
+    """The server refuses a bad head outside any request; the previous request's fields must be
+    unbound by then (its request id and credential are not that line's)."""
+    first = request_bytes("GET", parkway.sign(f"{upstream.base}/v1/models"))
+    with watch_logs() as logs:
+        with trio.fail_after(5):
+            async with await trio.open_tcp_stream("127.0.0.1", parkway.port) as stream:
+                await stream.send_all(first + b"NOT HTTP AT ALL\r\n\r\n")
+                raw = await read_until_eof(stream)
+            ok = await logs.wait_for(event="request", outcome="ok")
+            refused = await logs.wait_for(event="request", outcome="refused:malformed_http")
+    assert raw.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 400 " in raw
+    assert ok["credential"] == "app"
+    assert refused.get("credential") is None and refused["request_id"] != ok["request_id"]
 
 
 # --- lifecycle ------------------------------------------------------------------------------------

@@ -10,11 +10,13 @@ slowing another stream, and the overall limit cuts a stream that is still going.
 from __future__ import annotations
 
 import os
+import select
 from pathlib import Path
 
 import pytest
 import trio
 
+from proxy.relay import engine as engine_module
 from support.http import request_bytes
 from support.logs import watch_logs
 from support.scripted import ScriptedRequest, ScriptedUpstream, TLSUpstream, answer_with, make_certificate
@@ -286,3 +288,43 @@ async def test_a_client_leaving_mid_stream_hangs_up_on_the_upstream_at_once(star
 
     assert hung_up < 1.0  # noticed by the relay itself, not by a timeout
     assert entry["status"] == 200
+
+
+_EPOLL = getattr(select, "epoll", None)
+
+
+class _CountingEpoll:
+    """The engine's epoll, counting registrations (each fd added to the set)."""
+
+    registered: list[int] = []
+
+    def __init__(self) -> None:
+        self._epoll = _EPOLL()
+        self.fileno, self.poll, self.modify = self._epoll.fileno, self._epoll.poll, self._epoll.modify
+        self.unregister, self.close = self._epoll.unregister, self._epoll.close
+
+    def register(self, fd: int, eventmask: int) -> None:
+        _CountingEpoll.registered.append(fd)
+        self._epoll.register(fd, eventmask)
+
+
+async def test_a_kept_alive_client_is_registered_with_the_engine_once(start_parkway, scripted, relay_path, monkeypatch):
+    if relay_path != "epoll":
+        pytest.skip("the epoll engine's registrations")
+    monkeypatch.setattr(engine_module.select, "epoll", _CountingEpoll)
+    monkeypatch.setattr(_CountingEpoll, "registered", [])
+    # Each answer's body comes with its head: the relay ends at once, registering no upstream.
+    scripted.answers = [answer_with(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello") for _ in range(6)]
+    parkway = await start_parkway()
+    url = parkway.sign(f"{scripted.base}/v1/a")
+    with trio.fail_after(10):
+        for _connection in range(2):  # the second connection likely gets the first one's fd number back
+            async with await trio.open_tcp_stream("127.0.0.1", parkway.port) as stream:
+                for _ in range(3):
+                    await stream.send_all(request_bytes("GET", url))
+                    raw = await receive_until(stream, b"\r\n\r\nhello")
+                    assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"hello")
+            await trio.sleep(0.05)  # let Parkway close its side
+
+    # Each connection's client socket is registered once (watched while its requests wait).
+    assert len(_CountingEpoll.registered) == 2, _CountingEpoll.registered

@@ -331,3 +331,31 @@ def test_version_is_the_package_version(capsys):
     assert info.value.code == 0
     assert capsys.readouterr().out == f"parkway {proxy.__version__}\n"
     assert re.fullmatch(r"\d+\.\d+\.\d+", proxy.__version__)
+
+
+@pytest.mark.parametrize("flag", ["h11", "httptools", "auto"])
+def test_the_http_flag_overrides_the_file(tmp_path, flag):
+    from proxy.cli import serve_config
+
+    path = tmp_path / "parkway.toml"
+    path.write_text('[server]\nhttp = "h11"\n[[credentials]]\nid = "a"\nsecret = "s"\n')
+    parser = build_parser()
+    config, overrides = serve_config(parser.parse_args(["serve", "--config", str(path), "--http", flag]), parser)
+    assert config.server.http == flag and overrides.apply(config).server.http == flag
+    config, _ = serve_config(parser.parse_args(["serve", "--config", str(path)]), parser)
+    assert config.server.http == "h11"
+
+
+def test_http_httptools_is_refused_when_it_is_not_installed(monkeypatch, capsys):
+    import importlib.util
+
+    from proxy.config import parse_config
+    from proxy.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "httptools" else real(name, *a))
+    with pytest.raises(ConfigError, match="parkway\\[fast\\]"):
+        parse_config('[server]\nhttp = "httptools"\n', {})
+    assert parse_config('[server]\nhttp = "auto"\n', {}).server.http == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--http", "bogus"])

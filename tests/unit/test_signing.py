@@ -15,6 +15,8 @@ from urllib.parse import quote, quote_plus, urlsplit
 
 import pytest
 import signway_sdk
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.errors import BadRequest, Forbidden, ParkwayError
 from proxy.signing import (
@@ -22,6 +24,7 @@ from proxy.signing import (
     REQUIRED_PARAMS,
     canonical_query,
     check_validity,
+    parse_query,
     parse_signed_request,
     sign_url,
     signing_key,
@@ -696,3 +699,38 @@ def test_wrong_secret_refused_after_right_one_cached():
     with pytest.raises(Forbidden) as info:
         verify_url(url, method="POST", secrets=[SECRET + "x"])
     assert info.value.code == "signature_mismatch"
+
+
+# --- the hand-split query is parse_qsl ----------------------------------------------------------
+
+_QUERY_ALPHABET = st.sampled_from(
+    ["&", "=", "+", "%", "%2", "%26", "%3D", "%2B", "%C3%A9", "%FF", "%zz", "a", "X-Sw-", "é", " ", "~"]
+)
+
+
+@given(st.lists(_QUERY_ALPHABET, max_size=40).map("".join))
+@settings(max_examples=500, deadline=None)
+def test_parse_query_is_parse_qsl(query: str) -> None:
+    from urllib.parse import parse_qsl
+
+    try:
+        expected: list[tuple[str, str]] | None = parse_qsl(
+            query, keep_blank_values=True, errors="strict", max_num_fields=200
+        )
+    except (UnicodeDecodeError, ValueError):
+        expected = None
+    try:
+        got: list[tuple[str, str]] | None = parse_query(query)
+    except BadRequest:
+        got = None
+    assert got == expected
+
+
+@pytest.mark.parametrize("fields", [199, 200, 201])
+def test_parse_query_allows_200_fields_like_parse_qsl(fields: int) -> None:
+    query = "&".join(["a=1"] * fields)
+    if fields <= 200:
+        assert len(parse_query(query)) == fields
+    else:
+        with pytest.raises(BadRequest, match="too many parameters"):
+            parse_query(query)

@@ -49,6 +49,13 @@ TIMEOUTS = dict(
 )
 
 
+@pytest.fixture(autouse=True, params=["h11", "httptools"])
+def http_parser(request, monkeypatch) -> str:
+    """Every test here runs with both request-head parsers (proxy.http.parsers)."""
+    monkeypatch.setitem(TIMEOUTS, "http", request.param)
+    return request.param
+
+
 # --- the fake application -----------------------------------------------------------------
 
 Handler = Callable[[RequestHead, HTTPConnection], Awaitable[None]]
@@ -342,6 +349,30 @@ async def test_second_request_on_a_kept_alive_connection_is_served(autojump_cloc
     assert (second.status_code, second_body) == (200, b"/two payload")
     assert header(first, b"connection") == [] and header(second, b"connection") == []
     assert [h.path for h in app.heads] == ["/one", "/two"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /lf HTTP/1.1\nhost: x\ncontent-length: 3\n\nabc",  # bare LF line ends
+        b"POST /fold HTTP/1.1\r\nhost: x\r\nx-a: one\r\n two\r\ncontent-length: 3\r\n\r\nabc",  # obs-fold
+    ],
+    ids=["bare-lf", "obs-fold"],
+)
+async def test_a_head_llhttp_refuses_is_read_as_h11_reads_it(autojump_clock, raw):
+    """llhttp is stricter than h11 here; h11, the reference, decides, so both parsers answer alike."""
+    app = FakeApp()
+    async with serving(app) as run:
+        client, _ = run.listener.connect()
+        # The client's h11 is told of an equivalent request; the raw bytes are what is sent.
+        target = raw.split(b" ", 2)[1]
+        client.encode(h11.Request(method="POST", target=target, headers=[("host", "x"), ("content-length", "3")]))
+        client.encode(h11.Data(data=b"abc"), h11.EndOfMessage())
+        await client.stream.send_all(raw)
+        response, body = await client.response()
+
+    assert (response.status_code, body) == (200, raw.split(b" ", 2)[1] + b" abc")
+    assert [h.header(b"x-a") for h in app.heads] == [None if b"x-a" not in raw else "one two"]
 
 
 async def test_idle_past_keepalive_timeout_is_closed_silently(autojump_clock):

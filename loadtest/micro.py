@@ -1,0 +1,177 @@
+"""Micro-costs of the per-request pieces, as the minimum over many timed loops (robust to a busy machine).
+
+    python -m loadtest.micro [NAME ...]        e.g.  python -m loadtest.micro log query head
+
+Each figure is µs per call: the best of ``--repeat`` loops of ``--number`` calls. Run it on two
+checkouts (``PYTHONPATH=../base``) to compare a change; the whole-request figures are
+``python -m loadtest run`` (interleaved, see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+SECRET = "micro-secret"
+SDK_HEAD = (
+    b"POST /?{query} HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nAccept: application/json\r\n"
+    b"Accept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\nContent-Type: application/json\r\n"
+    b"User-Agent: OpenAI/Python 1.54.0\r\nX-Stainless-Lang: python\r\nX-Stainless-Package-Version: 1.54.0\r\n"
+    b"X-Stainless-OS: Linux\r\nX-Stainless-Arch: x64\r\nX-Stainless-Runtime: CPython\r\n"
+    b"X-Stainless-Runtime-Version: 3.11.7\r\nX-Stainless-Async: false\r\nX-Stainless-Retry-Count: 0\r\n"
+    b"Origin: https://app.example\r\nContent-Length: 61\r\n\r\n"
+)
+
+
+def signed_query() -> str:
+    from proxy.signing import sign_url
+
+    url = sign_url(
+        id="micro",
+        secret=SECRET,
+        host="http://127.0.0.1:8080",
+        proxy_url="http://127.0.0.1:9000/v1/chat/completions?small=1",
+        method="POST",
+        expiry=3600,
+    )
+    return urlsplit(url).query
+
+
+def best(fn: Callable[[], object], number: int, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append(time.perf_counter() - start)
+    return min(times) / number * 1e6
+
+
+def bench_log() -> Callable[[], object]:
+    import structlog
+
+    from proxy import logs
+
+    logs.configure("info", "json", stream=io.StringIO())
+    log = structlog.get_logger("parkway.request")
+    structlog.contextvars.bind_contextvars(request_id="0123456789abcdef", credential="micro", user=None, job=None)
+    fields = dict(
+        method="POST",
+        client="127.0.0.1",
+        user=None,
+        upstream_host="127.0.0.1:9000",
+        upstream_path="/v1/chat/completions",
+        status=200,
+        bytes_in=900,
+        bytes_out=300,
+        ttfb_ms=0.4,
+        duration_ms=0.6,
+        outcome="ok",
+    )
+    return lambda: log.info("request", **fields)
+
+
+def bench_query() -> Callable[[], object]:
+    from proxy.signing import parse_query
+
+    query = signed_query()
+    return lambda: parse_query(query)
+
+
+def bench_signed() -> Callable[[], object]:
+    from proxy.signing import parse_signed_request
+
+    query = signed_query()
+    return lambda: parse_signed_request(query)
+
+
+def bench_request_id() -> Callable[[], object]:
+    from proxy.gateway import handler
+
+    return getattr(handler, "new_request_id", None) or (lambda: handler._secrets.token_hex(8))  # type: ignore[attr-defined]
+
+
+def bench_metrics() -> Callable[[], object]:
+    from proxy.config import Config
+    from proxy.metrics import Metrics
+    from proxy.record import RequestRecord, count_request
+
+    metrics, config = Metrics(), Config()
+    record = RequestRecord(0.0, 0, 0, credential=None, status=200, ttfb=0.001, overhead=0.0002, duration=0.002)
+    return lambda: count_request(metrics, config, record)
+
+
+def bench_forward_context() -> Callable[[], object]:
+    from proxy.forwarding import forward_context
+
+    return lambda: forward_context("127.0.0.1", {}, ())
+
+
+def _sdk_head() -> bytes:
+    return SDK_HEAD.replace(b"{query}", signed_query().encode())
+
+
+def bench_head_h11() -> Callable[[], object]:
+    """What reading a request head costs with h11 (a fresh connection: receive, next_event)."""
+    import h11
+
+    data = _sdk_head()
+
+    def parse() -> object:
+        conn = h11.Connection(h11.SERVER)
+        conn.receive_data(data)
+        return conn.next_event()
+
+    return parse
+
+
+def bench_head_httptools() -> Callable[[], object]:
+    """The same with httptools: llhttp on the head, h11 on its framing lines (proxy.http.parsers)."""
+    import h11
+
+    from proxy.http import parsers
+
+    data = _sdk_head()
+
+    def parse() -> object:
+        head = parsers.parse_request_head(data)
+        conn = h11.Connection(h11.SERVER)
+        conn.receive_data(head.framing)
+        return conn.next_event(), head
+
+    return parse
+
+
+BENCHES: dict[str, Callable[[], Callable[[], object]]] = {
+    "log": bench_log,
+    "query": bench_query,
+    "signed": bench_signed,
+    "request_id": bench_request_id,
+    "metrics": bench_metrics,
+    "forward_context": bench_forward_context,
+    "head_h11": bench_head_h11,
+    "head_httptools": bench_head_httptools,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help=f"any of {', '.join(BENCHES)} (default: all)")
+    parser.add_argument("--number", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=30)
+    args = parser.parse_args(argv)
+    for name in args.names or list(BENCHES):
+        try:
+            fn = BENCHES[name]()
+        except (ImportError, AttributeError) as exc:
+            print(f"{name:>16}  unavailable ({exc})")
+            continue
+        print(f"{name:>16}  {best(fn, args.number, args.repeat):8.2f} µs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

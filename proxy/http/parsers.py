@@ -1,0 +1,105 @@
+"""Which parser reads client request heads: h11 (the reference, always installed) or httptools
+(llhttp in C, used when installed: ``pip install 'parkway[fast]'``), as uvicorn picks between
+its ``h11_impl`` and ``httptools_impl``.
+
+h11 stays the authority on framing and connection state either way. With httptools, the head
+is parsed here in C, and h11 is given only the lines that decide framing and keep-alive (the
+request line with target ``/``, and Host, Content-Length, Transfer-Encoding, Connection,
+Expect, Upgrade exactly as received), so h11 still validates those, frames the body and the
+response, and answers 100-continue. What h11 would have spent on the other headers and the
+long signed target (most of its cost: ~80 µs against ~6) is saved. A head llhttp refuses
+is given to h11 whole, and h11 decides (its refusal, or what llhttp is stricter about: a bare
+LF, an obsolete folded line), so answers do not depend on the parser.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    import httptools
+except ImportError:  # a bare install: h11 only
+    httptools = None  # type: ignore[assignment]
+
+HTTP_PARSERS = ("auto", "h11", "httptools")
+
+# The end of a head, as h11 finds it (a bare LF is accepted there too).
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+# The header lines h11 is given: those its framing, keep-alive and 100-continue decisions read.
+FRAMING_HEADERS = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"expect", b"upgrade"})
+
+
+class HeadError(Exception):
+    """The head is not valid HTTP/1.1 (llhttp's reason, for a 400)."""
+
+
+def httptools_available() -> bool:
+    return httptools is not None
+
+
+def resolve(choice: str) -> str:
+    """``auto`` → httptools when installed, else h11; asking for httptools without it is an error."""
+    if choice == "h11":
+        return "h11"
+    if choice == "httptools" and httptools is None:
+        raise ValueError("http = 'httptools' needs the httptools package: pip install 'parkway[fast]'")
+    return "httptools" if httptools is not None else "h11"
+
+
+def head_end(buffer: bytes | bytearray) -> int:
+    """The length of the head at the start of ``buffer`` (through its blank line), or -1."""
+    match = _HEAD_END.search(buffer)
+    return -1 if match is None else match.end()
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedHead:
+    method: bytes
+    target: bytes
+    http_version: bytes  # b"1.1"
+    headers: list[tuple[bytes, bytes]]  # names lower-cased, values without surrounding blanks (as h11)
+    framing: bytes  # the head h11 is given (see the module docstring)
+
+
+class _Collector:
+    """llhttp's callbacks: the target and the header lines, nothing else."""
+
+    __slots__ = ("url", "headers", "complete")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def parse_request_head(head: bytes) -> ParsedHead:
+    """Parse one complete request head (through its blank line) with llhttp."""
+    assert httptools is not None
+    collector = _Collector()
+    parser: Any = httptools.HttpRequestParser(collector)
+    try:
+        parser.feed_data(head)
+    except httptools.HttpParserUpgrade:
+        pass  # raised once the head of an upgrade request is complete
+    except httptools.HttpParserError as exc:
+        raise HeadError(str(exc) or type(exc).__name__) from None
+    if not collector.complete:
+        raise HeadError("incomplete request head")
+    method: bytes = parser.get_method()
+    version = parser.get_http_version().encode("ascii")
+    lines = [b"%s / HTTP/%s\r\n" % (method, version)]
+    lines += [b"%s: %s\r\n" % (n, v) for n, v in collector.headers if n in FRAMING_HEADERS]
+    lines.append(b"\r\n")
+    return ParsedHead(method, collector.url, version, collector.headers, b"".join(lines))
