@@ -27,6 +27,7 @@ from proxy.upstream.ssrf import (
     explicit_addresses,
     policy_for,
 )
+from support.loopback import LoopbackServer
 
 K = AddressKind
 CLASSES = [
@@ -250,19 +251,12 @@ async def test_resolution_is_bounded_by_the_connect_timeout(autojump_clock: trio
 # --- real loopback connections through httpx ------------------------------------------------------
 
 
-class CountingUpstream:
+class CountingUpstream(LoopbackServer):
     """A tiny HTTP/1.1 upstream on 127.0.0.1 that counts every connection it accepts."""
 
     def __init__(self) -> None:
         self.connections = 0
         self.hosts: list[str] = []
-        self.port = 0
-
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started(self)
-        await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         self.connections += 1
