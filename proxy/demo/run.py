@@ -7,6 +7,7 @@ the answer arriving word by word.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -94,14 +95,10 @@ async def run_demo(port: int, once: bool, delay: float) -> int:
         parkway = Parkway(config)
         addresses = await nursery.start(parkway.run)
         base = f"http://{addresses[0]}"
-        url = sign_url(
-            id="demo",
-            secret=secret,
-            host=base,
-            proxy_url=upstream_url + "/v1/chat/completions",
-            expiry=600,
-            method="POST",
+        sign_completion = functools.partial(
+            sign_url, id="demo", secret=secret, host=base, proxy_url=upstream_url + "/v1/chat/completions"
         )
+        url = sign_completion(expiry=600, method="POST")
         _out("Parkway demo (everything on loopback)")
         _out(f"  mock upstream  {upstream_url}   OpenAI-style; demands an API key the browser never sees")
         _out(f"  parkway        {base}   credential 'demo' injects 'Authorization: Bearer sk-demo-…'")
@@ -110,15 +107,7 @@ async def run_demo(port: int, once: bool, delay: float) -> int:
         _out(f"  {url}")
         _out()
         curl = f"curl -N -X POST {shlex.quote(url)} -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(DEMO_BODY))}"
-        background = sign_url(
-            id="demo",
-            secret=secret,
-            host=base,
-            proxy_url=upstream_url + "/v1/chat/completions",
-            expiry=600,
-            method="POST",
-            params={"pw_callback": receiver_url + "/hooks/summary"},
-        )
+        background = sign_completion(expiry=600, method="POST", params={"pw_callback": receiver_url + "/hooks/summary"})
         if once:
             _out("Sending it, as the browser would:")
             code = await _play_browser(url)
