@@ -173,7 +173,13 @@ def cmd_sign(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .signing import sign_url
     from .urls import InvalidURL
 
-    secret = args.secret or (os.environ.get(args.secret_env) if args.secret_env else None)
+    secret = args.secret
+    if not secret and args.secret_env:
+        secret = os.environ.get(args.secret_env)
+        if secret is None:
+            parser.error(f"--secret-env: {args.secret_env} is not set")
+        if not secret:
+            parser.error(f"--secret-env: {args.secret_env} is empty")
     if not secret:
         parser.error("a secret is needed: --secret or --secret-env NAME")
     params = {}

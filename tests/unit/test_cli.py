@@ -116,6 +116,23 @@ def test_sign_usage_errors(capsys, monkeypatch, argv):
     assert out == "" and "error:" in err
 
 
+@pytest.mark.parametrize(
+    "value, said",
+    [(None, "PARKWAY_TEST_SECRET is not set"), ("", "PARKWAY_TEST_SECRET is empty")],
+    ids=["unset", "empty"],
+)
+def test_sign_names_the_secret_variable_that_is_missing(capsys, monkeypatch, value, said):
+    if value is None:
+        monkeypatch.delenv("PARKWAY_TEST_SECRET", raising=False)
+    else:
+        monkeypatch.setenv("PARKWAY_TEST_SECRET", value)
+    with pytest.raises(SystemExit) as info:
+        main(["sign", "--id", "app-id", "--proxy", PROXY, "--secret-env", "PARKWAY_TEST_SECRET"])
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.rstrip().endswith(f"error: --secret-env: {said}")
+
+
 # --- check-config --------------------------------------------------------------------------
 
 VALID = """
