@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from . import __version__, logs
-from .config import Config, config_from_dict, load_config
+from .config import Config, config_from_dict, config_warnings, load_config
 from .errors import ConfigError
 from .overrides import ConfigOverrides
 from .urls import split_host_port
@@ -242,6 +242,8 @@ def cmd_check_config(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         _print_problems(args.file, exc)
         print(f"{args.file}: {len(exc.problems)} problem(s); Parkway would refuse to start", file=sys.stderr)
         return 1
+    for warning in config_warnings(config):
+        print(f"{args.file}: {warning}", file=sys.stderr)
     ids = ", ".join(c.id for c in config.credentials) or "none"
     print(f"{args.file}: OK (listen {', '.join(config.server.listen)}; credentials: {ids})")
     return 0

@@ -260,6 +260,23 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     return Config(server, credentials, cors, log, admin, state, websocket, jobs, cache)
 
 
+def config_warnings(config: Config) -> list[ConfigProblem]:
+    """What a valid configuration allows that its author may not mean: said, never refused."""
+    warnings = []
+    for i, credential in enumerate(config.credentials):
+        if not credential.allowed_upstreams:
+            private = credential.allow_private_upstreams or config.server.allow_private_upstreams
+            reach = "any upstream, private addresses included" if private else "any public upstream"
+            warnings.append(
+                ConfigProblem(
+                    f"credentials[{i}].allowed_upstreams",
+                    f"warning: not set, so URLs signed for {credential.id!r} may reach {reach}; "
+                    "list the URL prefixes it is for",
+                )
+            )
+    return warnings
+
+
 # --- the sections' rules ----------------------------------------------------------------------
 
 

@@ -142,6 +142,7 @@ listen = ["127.0.0.1:0", "[::1]:0"]
 [[credentials]]
 id = "app"
 secret = "TOPSECRET-inline-1234"
+allowed_upstreams = ["https://api.openai.com/v1/"]
 [credentials.headers]
 Authorization = "Bearer ${PARKWAY_TEST_API_KEY}"
 """
@@ -201,6 +202,22 @@ def test_check_config_valid_file(tmp_path, capsys, env):
     assert err == ""
     assert out == f"{path}: OK (listen 127.0.0.1:0, [::1]:0; credentials: app)\n"
     assert "TOPSECRET" not in out and "sk-live" not in out
+
+
+@pytest.mark.parametrize("private", ["", "allow_private_upstreams = true\n"], ids=["public", "private"])
+def test_check_config_warns_of_a_credential_that_may_reach_any_upstream(tmp_path, capsys, env, private):
+    path = tmp_path / "parkway.toml"
+    path.write_text(VALID + f'[[credentials]]\nid = "open"\nsecret = "TOPSECRET-inline-5678"\n{private}')
+
+    assert main(["check-config", str(path)]) == 0  # allowed, but said
+    out, err = capsys.readouterr()
+    assert out == f"{path}: OK (listen 127.0.0.1:0, [::1]:0; credentials: app, open)\n"
+    reach = "any upstream, private addresses included" if private else "any public upstream"
+    assert err == (
+        f"{path}: credentials[1].allowed_upstreams: warning: not set, so URLs signed for 'open' may reach {reach}; "
+        "list the URL prefixes it is for\n"
+    )
+    assert "TOPSECRET" not in err
 
 
 def test_check_config_lists_every_problem_with_its_key_path(tmp_path, capsys, env):
