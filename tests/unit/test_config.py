@@ -634,3 +634,24 @@ def test_load_config_not_utf8(tmp_path):
         load_config(path, {})
     (problem,) = info.value.problems
     assert problem.path == "" and "not UTF-8" in problem.message
+
+
+# --- what the docs say a rate means ------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def test_the_rate_table_in_the_limits_doc_is_what_the_parser_does():
+    """`rate = 5` is per second: the docs say so in a table, and each row is checked here."""
+    text = (DOCS / "limits.md").read_text()
+    table = text[text.index("| `rate =` | requests per second |") :].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \| ([\d.]+)\b", table, re.M)
+    assert {value for value, _ in rows} >= {"5", "0.5", '"600/min"'}, rows
+    for value, per_second in rows:
+        credential = parse_config(f"{CRED}limits = {{ rate = {value} }}", ENV).credentials[0]
+        assert credential.limits is not None and credential.limits.rate == pytest.approx(float(per_second)), value
+
+
+def test_the_configuration_doc_says_a_bare_rate_is_per_second():
+    row = next(line for line in (DOCS / "configuration.md").read_text().splitlines() if line.startswith("| `limits` |"))
+    assert "per second" in row and "`rate = 5`" in row
