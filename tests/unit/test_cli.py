@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+import shlex
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import signway_sdk
 
-from proxy.cli import build_parser, main, signway_compat_config
+from proxy.cli import build_parser, main, serve_config, signway_compat_config
 from proxy.config import CorsConfig, LogConfig
 from proxy.errors import Forbidden
 from proxy.signing import parse_signed_request, verify_signature
@@ -349,3 +351,33 @@ def test_version_is_the_package_version(capsys):
     assert info.value.code == 0
     assert capsys.readouterr().out == f"parkway {proxy.__version__}\n"
     assert re.fullmatch(r"\d+\.\d+\.\d+", proxy.__version__)
+
+
+# --- the shipped deployment ------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_documented_systemd_instances_bind_distinct_addresses(monkeypatch):
+    """docs/deployment.md enables several instances of config/parkway.service, all reading
+    config/parkway.toml: each must get its own public and admin address, or the second one
+    fails to start (EADDRINUSE on the example's admin port)."""
+    monkeypatch.setenv("PARKWAY_MY_APP_SECRET", SECRET)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    unit = (ROOT / "config" / "parkway.service").read_text()
+    exec_start = next(line.partition("=")[2] for line in unit.splitlines() if line.startswith("ExecStart="))
+    enable = re.search(r"systemctl enable --now ((?:parkway@\d+ ?)+)", (ROOT / "docs" / "deployment.md").read_text())
+    assert enable is not None
+    instances = [name.partition("@")[2] for name in enable[1].split()]
+    assert len(instances) >= 2
+
+    bound: list[str] = []
+    for instance in instances:
+        command = exec_start.replace("%i", instance).replace(
+            "/etc/parkway/parkway.toml", str(ROOT / "config" / "parkway.toml")
+        )
+        parser = build_parser()
+        args = parser.parse_args(shlex.split(command)[1:])
+        config, _ = serve_config(args, parser)
+        bound += [*config.server.listen, *config.admin.listen]
+    assert len(bound) == len(set(bound)), bound
