@@ -13,6 +13,7 @@ import os
 import secrets
 import shlex
 import shutil
+import sys
 import tempfile
 
 import httpx2 as httpx
@@ -115,7 +116,7 @@ async def run_demo(port: int, once: bool, delay: float) -> int:
             _out("In the background, as a Sidekiq job would (the backend signs pw_callback; Parkway calls back):")
             code = code or await play_background(background, receiver, _out)
             _out()
-            _out("To keep it running and stream it with curl yourself: .venv/bin/parkway demo")
+            _out(f"To keep it running and stream it with curl yourself: {_command()} demo")
             parkway.shutdown()
             nursery.cancel_scope.cancel()
             shutil.rmtree(jobs_dir, ignore_errors=True)
@@ -137,3 +138,13 @@ async def _stop_on_signal(parkway: Parkway, scope: trio.CancelScope) -> None:
             _out("\nstopping", end="\n")
             scope.cancel()
             return
+
+
+def _command() -> str:
+    """The ``parkway`` this process runs as (``.venv/bin/parkway`` in a checkout made by ``make``,
+    wherever pip put it for an installed wheel), for the hint to run the demo again."""
+    script = sys.argv[0]
+    if os.path.basename(script) != "parkway":
+        return "parkway"
+    relative = os.path.relpath(script)
+    return shlex.quote(script if relative.startswith("..") else relative)
