@@ -1,4 +1,5 @@
-"""The one way the test upstreams listen: a free port on 127.0.0.1, one task per connection."""
+"""The one way the test upstreams listen (a free port on 127.0.0.1, one task per connection), and
+the one head reader of those that parse HTTP/1.1 by hand."""
 
 from __future__ import annotations
 
@@ -26,3 +27,14 @@ class LoopbackServer:
 
     async def _connection(self, stream: Any) -> None:
         raise NotImplementedError
+
+
+async def receive_head(stream: Any, buffer: bytes) -> tuple[bytes, bytes] | None:
+    """Read until a request head is in: (head without its blank line, bytes after it), or None at EOF."""
+    while b"\r\n\r\n" not in buffer:
+        data = await stream.receive_some(65536)
+        if not data:
+            return None
+        buffer += data
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    return head, rest

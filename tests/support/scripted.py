@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from support.loopback import LoopbackServer
+from support.loopback import LoopbackServer, receive_head
 from support.upstream import Upstream
 
 Answer = Callable[["ScriptedRequest"], Awaitable[None]]
@@ -64,12 +64,10 @@ class ScriptedUpstream(LoopbackServer):
         buf = b""
         try:
             while True:
-                while b"\r\n\r\n" not in buf:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
+                received = await receive_head(stream, buf)
+                if received is None:
+                    return
+                head, buf = received
                 length = next(
                     (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
                     0,

@@ -27,7 +27,7 @@ from proxy.upstream.ssrf import (
     explicit_addresses,
     policy_for,
 )
-from support.loopback import LoopbackServer
+from support.loopback import LoopbackServer, receive_head
 
 K = AddressKind
 CLASSES = [
@@ -263,12 +263,10 @@ class CountingUpstream(LoopbackServer):
         async with stream:
             buffer = b""
             while True:
-                while b"\r\n\r\n" not in buffer:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    buffer += data
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                received = await receive_head(stream, buffer)
+                if received is None:
+                    return
+                head, buffer = received
                 lines = head.split(b"\r\n")
                 host = next(line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"host:"))
                 self.hosts.append(host.decode())
