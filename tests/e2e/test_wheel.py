@@ -10,8 +10,11 @@ signs a URL, and serves a request through it.
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,10 +69,38 @@ def test_the_wheel_carries_every_module_and_nothing_else(built: tuple[Path, Path
     assert {n for n in names if not n.startswith(info)} == modules  # no tests/, loadtest/, data files
     metadata = zipfile.ZipFile(wheel).read(info + "METADATA").decode()
     runtime = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
-    assert any("trio" in line for line in runtime) and not any("pytest" in line for line in runtime)
+    declared = {
+        normalized(re.split(r"[<>=!~;\s\[]", line.removeprefix("Requires-Dist:").strip())[0]) for line in runtime
+    }
+    assert not {"pytest", "mypy", "ruff", "build", "hypothesis"} & declared
+    # Everything proxy imports is declared, not only reached through another package's requirements.
+    distributions = importlib.metadata.packages_distributions()
+    imported = {
+        normalized(distribution)
+        for top in third_party_imports(ROOT / "proxy")
+        for distribution in distributions.get(top, [top])
+    }
+    assert imported <= declared, f"imported but not in install_requires: {sorted(imported - declared)}"
     with tarfile.open(sdist) as archive:
         members = [m.split("/", 1)[1] for m in archive.getnames() if "/" in m]
     assert not [m for m in members if m.startswith(("tests/", "loadtest/"))]
+
+
+def normalized(distribution: str) -> str:
+    """A distribution's name as the package index compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def third_party_imports(package: Path) -> set[str]:
+    """Top-level names of the modules ``package`` imports, less the standard library and itself."""
+    names = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {package.name}
 
 
 async def test_a_new_venv_with_the_wheel_alone_runs_demo_sign_and_serve(
