@@ -21,14 +21,15 @@ import structlog
 import trio
 
 from .admin import AdminApp
-from .cache.flight import ResponseCache, open_cache
+from .cache.flight import open_cache
 from .config import Config, ServerConfig, load_config
-from .errors import ConfigError
+from .errors import ConfigError, Overloaded, ParkwayError
 from .gateway.handler import Gateway, utcnow
+from .http.connection import HTTPConnection, RequestHead
 from .http.server import Server, bound_address, open_listeners
 from .jobs.api import JobAPI
 from .jobs.runner import JobRunner, open_job_store
-from .limits.state import StateBackend, open_state
+from .limits import StateBackend, open_state
 from .metrics import Metrics
 from .overrides import ConfigOverrides
 from .relay.pump import EpollEngine
@@ -46,6 +47,17 @@ def _offset_port(address: str, offset: int) -> str:
     if port == 0 or offset == 0:
         return address
     return f"[{host}]:{port + offset}" if ":" in host else f"{host}:{port + offset}"
+
+
+class NotRunning:
+    """The public server's application until :meth:`Parkway.run` has built the gateway; its
+    listeners are not open before then, so nothing reaches it."""
+
+    async def handle(self, head: RequestHead, conn: HTTPConnection) -> None:
+        raise Overloaded("not running yet")
+
+    async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None:
+        conn.abort()
 
 
 class Parkway:
@@ -76,10 +88,11 @@ class Parkway:
         self.metrics = Metrics(
             open_connections=lambda: self.server.open_connections, websocket_sessions=lambda: self.websockets.active
         )
-        self.gateway = Gateway(
-            config, self.upstream, metrics=self.metrics, clock=clock, engine=self.engine, websockets=self.websockets
-        )
-        self.server = Server(config.server, self.gateway)
+        self.clock = clock
+        # The gateway is built whole in run(), once the state, cache and job store it uses are
+        # open; the server gets it then (it accepts nothing before).
+        self.gateway: Gateway | None = None
+        self.server = Server(config.server, NotRunning())
         self.admin_server = Server(
             ServerConfig(max_connections=64, drain_timeout=0), AdminApp(self, self.metrics.render)
         )
@@ -108,9 +121,11 @@ class Parkway:
         )
         try:
             async with AsyncExitStack() as stack:
-                state = await stack.enter_async_context(open_state(self.config.state))
-                self.gateway.state = self.state = state
-                self._use_cache(await stack.enter_async_context(open_cache(self.config.cache, self.config.state.url)))
+                self.state = state = await stack.enter_async_context(open_state(self.config.state))
+                cache = await stack.enter_async_context(open_cache(self.config.cache, self.config.state.url))
+                self.metrics.cache_bytes.set_function(lambda: cache.store.stats()[0])
+                self.metrics.cache_entries.set_function(lambda: cache.store.stats()[1])
+                jobs: JobAPI | None = None
                 if self.config.jobs.enabled:
                     store = await stack.enter_async_context(open_job_store(self.config.jobs, self.config.state))
                     verify = self.upstream_verify
@@ -118,7 +133,18 @@ class Parkway:
                         verify = ssl.create_default_context(cafile=self.config.server.upstream_ca_file)
                     client = await stack.enter_async_context(outbound_client(verify=verify))
                     self.runner = JobRunner(store, client, lambda: self.config, metrics=self.metrics)
-                    self.gateway.jobs = JobAPI(store, self.runner, metrics=self.metrics)
+                    jobs = JobAPI(store, self.runner, metrics=self.metrics)
+                self.server.app = self.gateway = Gateway(
+                    self.config,
+                    self.upstream,
+                    metrics=self.metrics,
+                    state=state,
+                    cache=cache,
+                    jobs=jobs,
+                    clock=self.clock,
+                    engine=self.engine,
+                    websockets=self.websockets,
+                )
                 nursery = await stack.enter_async_context(trio.open_nursery())
                 if self.engine is not None:
                     await nursery.start(self._run_engine)
@@ -135,11 +161,6 @@ class Parkway:
             with trio.CancelScope(shield=True):
                 await self.upstream.aclose()
             log.info("shutdown", open_connections=self.server.open_connections)
-
-    def _use_cache(self, cache: ResponseCache) -> None:
-        self.gateway.cache = cache
-        self.metrics.cache_bytes.set_function(lambda: cache.store.stats()[0])
-        self.metrics.cache_entries.set_function(lambda: cache.store.stats()[1])
 
     async def _serve_public(
         self,
@@ -226,7 +247,8 @@ class Parkway:
         if kept:
             log.warning("config_reload_needs_restart", kept=kept, reason="these settings change only on restart")
         self.config = new
-        self.gateway.apply(new)
+        if self.gateway is not None:  # else run() builds it from self.config
+            self.gateway.apply(new)
         self.server.config = new.server
         self.metrics.reloads.labels("ok").inc()
         log.info("config_reloaded", path=str(self.config_path), credentials=[c.id for c in new.credentials])

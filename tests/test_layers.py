@@ -152,6 +152,75 @@ def test_no_module_takes_private_names_from_another_package() -> None:
                 assert not private, f"{name} imports {private} from {target}"
 
 
+# proxy.limits has one face (its __init__): the rest of Parkway imports from it, never from the
+# modules inside. config and config_values sit below the package (limits.state reads config's
+# StateConfig), so they take the pure limits.limiter directly: the face would be an import cycle.
+FACES = {"limits": {"config": {"limits.limiter"}, "config_values": {"limits.limiter"}}}
+
+
+@pytest.mark.parametrize("package", sorted(FACES))
+def test_packages_with_a_face_are_imported_through_it(package: str) -> None:
+    modules = all_modules()
+    for name, path in modules.items():
+        if name == package or name.startswith(package + "."):
+            continue
+        inner = {t for t in proxy_imports(path, set(modules)) if t.startswith(package + ".")}
+        assert inner <= FACES[package].get(name, set()), f"{name} imports {sorted(inner)}: use proxy.{package}"
+
+
+def test_the_limits_face_loads_no_io_library_until_asked() -> None:
+    # Lazy: a pure module that imports proxy.limits.limiter runs the face first.
+    code = (
+        "import sys, proxy.limits as limits\n"
+        f"print(','.join(sorted(m for m in {IO_LIBRARIES!r} if m in sys.modules)))\n"
+        "from proxy.limits.admission import GlobalGate\n"
+        "assert limits.GlobalGate is GlobalGate and 'trio' in sys.modules\n"
+        "from proxy.limits import MemoryState, RedisState, StateBackend, open_state\n"
+        "assert set(limits.__all__) <= set(dir(limits)) | {'GlobalGate', 'MemoryState', 'RedisState', 'StateBackend', 'open_state'}\n"
+        "try:\n    limits.no_such_name\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no AttributeError')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=PACKAGE.parent, check=True
+    )
+    assert result.stdout.strip() == "", f"proxy.limits loads {result.stdout.strip()}"
+
+
+# The request path: every step has a signature mypy checks (no ``*args: Any`` seam), and the
+# request body is read by one function (proxy.gateway.handler.read_body), nowhere else.
+REQUEST_PATH = ["gateway", "relay/client_watch.py", "cache", "jobs/api.py", "websocket", "http/server.py"]
+
+
+def request_path_files() -> list[Path]:
+    files: list[Path] = []
+    for part in REQUEST_PATH:
+        path = PACKAGE / part
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return files
+
+
+def test_no_untyped_variadic_seam_on_the_request_path() -> None:
+    for path in request_path_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                for arg in (node.args.vararg, node.args.kwarg):
+                    if arg is not None:
+                        annotation = ast.unparse(arg.annotation) if arg.annotation else "Any"
+                        assert annotation != "Any", f"{path.name}:{node.lineno} {node.name}(*{arg.arg}: Any)"
+
+
+def test_the_request_body_is_read_in_one_place() -> None:
+    readers = []
+    for path in request_path_files():
+        tree = ast.parse(path.read_text(), str(path))
+        for func in ast.walk(tree):
+            if isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+                for node in ast.walk(func):
+                    call = node.func if isinstance(node, ast.Call) else None
+                    if isinstance(call, ast.Attribute) and call.attr == "read_body":
+                        readers.append(f"{module_name(path)}.{func.name}")
+    assert sorted(set(readers)) == ["gateway.handler.read_body"]
+
+
 def test_the_import_parser_resolves_relative_imports() -> None:
     assert resolve("cache.redis", False, 2, "limits.outage") == "limits.outage"
     assert resolve("cache.redis", False, 1, "entry") == "cache.entry"

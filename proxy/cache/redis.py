@@ -23,7 +23,7 @@ import structlog
 import trio
 
 from .._redis import REDIS_FAILURES, RedisClientOwner
-from ..limits.outage import Outage
+from ..limits import Outage
 from .entry import CacheEntry, CorruptEntry, decode_entry, encode_entry
 from .memory import Stored
 from .policy import CacheUnavailable, short_key

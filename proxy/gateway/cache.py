@@ -1,20 +1,18 @@
 """The cache's steps of the gateway: a request the signer made cacheable is answered from a stored
 answer, from an identical request's answer as it arrives, or by an upstream call that records it.
 
-The gateway calls these with itself as ``gw`` (:class:`CacheGateway`: admission and step 7 stay
-in :mod:`proxy.gateway.handler`); this module never imports the handler.
+:func:`cache_ask` and :func:`keyed` are the cache's part of the plan; :class:`ServeCacheable` is
+step 7 of a cacheable request, given admission and forwarding (:mod:`proxy.gateway.admit`,
+:mod:`proxy.gateway.forward`) when the gateway is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from functools import lru_cache, partial
-from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-import trio
-
-from .. import cors, forwarding, policy
+from .. import cors, policy
 from ..cache.flight import ALONE, LEAD, FellBehind, Flight, LeaderFailed, ResponseCache
 from ..cache.policy import (
     CacheRequest,
@@ -28,159 +26,146 @@ from ..cache.policy import (
     replay_headers,
     request_directives,
     signed_ttl,
-    unstorable_reason,
 )
 from ..cache.respond import send_followed, send_stored
 from ..config import Config, Credential
 from ..errors import CacheMiss, Forbidden, UpstreamError
-from ..http.connection import HTTPConnection, RequestHead
-from ..limits import limiter as limits
-from ..limits.state import StateBackend
+from ..http.connection import RequestHead
 from ..metrics import Metrics
-from ..record import RequestRecord
 from ..upstream import ssrf
-from ..upstream.client import UpstreamResponse
-from .plan import Plan, address_policy, has_body
-
-
-class CacheGateway(Protocol):
-    """What the cache steps use of the gateway: its cache, state and metrics, admission and step 7."""
-
-    cache: ResponseCache | None
-    state: StateBackend
-    metrics: Metrics
-
-    async def _admit(
-        self,
-        head: RequestHead,
-        conn: HTTPConnection,
-        config: Config,
-        record: RequestRecord,
-        plan: Plan,
-        step7: Callable[[RequestHead, HTTPConnection, Config, RequestRecord, Plan], Awaitable[None]],
-        *,
-        admitted: bool = False,
-    ) -> None: ...
-
-    async def _forward(self, *args: Any, **kwargs: Any) -> None: ...
-
-    async def _check_single_use(self, config: Config, plan: Plan) -> None: ...
-
+from .admit import Admission
+from .forward import Forward
+from .plan import Plan, Request, address_policy, has_body
 
 NO_CACHE_RULES = CacheRules()
 
 
-async def cache_request(
+def cache_ask(
     head: RequestHead,
-    conn: HTTPConnection,
     config: Config,
     credential: Credential,
     extras: dict[str, str],
-    upstream_url: str,
-    user: str | None,
-    body: bytes | None,
+    body_read: bool,
     declared_length: int | None,
-) -> tuple[CacheRequest | None, bytes | None]:
-    """The cache's part of the plan (None: not cacheable), and the body, read if the key needs it."""
+) -> CacheRequest | None:
+    """The cache's part of the plan, before the key (None: not cacheable). Unless it bypasses
+    the cache, the key is made by :func:`keyed` once the body is read (bounded by the caller)."""
     settings, rules = config.cache, credential.cache or NO_CACHE_RULES
     ttl = signed_ttl(extras.get(settings.param), rules.ttl, settings.max_ttl, settings.param)
     if ttl <= 0:
-        return None, body  # the common case: nothing more to look at
+        return None  # the common case: nothing more to look at
     directives = request_directives(head.header(b"cache-control"), head.header(b"pragma"))
     plan = cache_plan(ttl, directives, head.method)
     if plan is None:
-        return None, body
+        return None
     max_entry = rules.max_entry_bytes or settings.max_entry_bytes
-    if plan.bypass:
-        return CacheRequest("", plan, rules, max_entry), body
-    if body is None and has_body(head):
+    if not plan.bypass and not body_read and has_body(head):
         if head.header(b"transfer-encoding") is not None or (declared_length or 0) > settings.max_body_bytes:
-            return CacheRequest("", plan, rules, max_entry, bypass_reason="request body too large to key"), body
-        body = await conn.read_body(settings.max_body_bytes)
+            return CacheRequest("", plan, rules, max_entry, bypass_reason="request body too large to key")
+    return CacheRequest("", plan, rules, max_entry)
+
+
+def keyed(
+    cached: CacheRequest,
+    head: RequestHead,
+    config: Config,
+    credential: Credential,
+    upstream_url: str,
+    user: str | None,
+    body: bytes | None,
+) -> CacheRequest:
+    """``cached`` with its key: what makes two requests the same answer."""
     key = cache_key(
-        scope=cache_scope(credential.id, rules.namespace),
+        scope=cache_scope(credential.id, cached.rules.namespace),
         method=head.method,
         url=upstream_url,
         body=body or b"",
         injected=credential.headers,
-        key_headers=key_header_values(head.headers, settings.key_headers, (n for n, _ in credential.headers)),
-        user=user if rules.per_user else None,
+        key_headers=key_header_values(head.headers, config.cache.key_headers, (n for n, _ in credential.headers)),
+        user=user if cached.rules.per_user else None,
     )
-    return CacheRequest(key, plan, rules, max_entry), body
+    return replace(cached, key=key)
 
 
-async def serve_cacheable(
-    gw: CacheGateway, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
-) -> None:
-    """A request the signer made cacheable: a stored answer, an identical request's answer as it
-    arrives, or an upstream call (recorded for the next ones). Admission happens once either way."""
-    cached, cache = plan.cache, gw.cache
-    assert cached is not None and cache is not None
-    check_upstream_nowait(plan, config)
-    if plan.body is not None and plan.rules.inspects_body and not cached.bypass:
-        # The body rules (models, max_tokens...) as they are now, before any stored answer is served.
-        await policy.checked_body(plan.rules, plan.declared_length, plan.body)
-    if cached.bypass:
-        record.cache = "bypass"
+@dataclass(frozen=True, slots=True)
+class ServeCacheable:
+    """Step 7 of a cacheable request (``await serve(req)``): a stored answer, an identical
+    request's answer as it arrives, or an upstream call (recorded for the next ones).
+    Admission happens once either way."""
+
+    cache: ResponseCache
+    admission: Admission
+    forward: Forward
+    metrics: Metrics
+
+    async def __call__(self, req: Request) -> None:
+        conn, config, record, plan = req.conn, req.config, req.record, req.plan
+        cached, cache, admission = plan.cache, self.cache, self.admission
+        assert cached is not None
+        check_upstream_nowait(plan, config)
+        if plan.body is not None and plan.rules.inspects_body and not cached.bypass:
+            # The body rules (models, max_tokens...) as they are now, before any stored answer is served.
+            await policy.checked_body(plan.rules, plan.declared_length, plan.body)
+        if cached.bypass:
+            record.cache = "bypass"
+            if cached.plan.only_if_cached:
+                raise cache_miss()
+            status = cache_status("bypass", detail=cached.bypass_reason)
+            return await admission.admit(req, partial(self.forward, cache_headers=(status,)))
+        if cached.plan.lookup:
+            try:
+                entry = await cache.lookup(cached.key)
+            except CacheUnavailable:
+                record.cache = "unavailable"
+                if cached.plan.only_if_cached:
+                    raise cache_miss() from None
+                status = cache_status("bypass", detail="cache store unavailable")
+                return await admission.admit(req, partial(self.forward, cache_headers=(status,)))
+            if entry is not None:
+                record.cache = "hit"
+                await admission.admit_without_upstream(req)
+                now = cache.store.clock()
+                headers = [
+                    *replay_headers(entry.headers, entry.age(now)),
+                    *own_headers(config, plan),
+                    cache_status("hit", ttl=entry.remaining(now)),
+                ]
+                record.tokens_saved = (entry.prompt_tokens, entry.completion_tokens)
+                await send_stored(conn, entry, headers, record, paced=cached.rules.replay == "paced")
+                return
         if cached.plan.only_if_cached:
             raise cache_miss()
-        status = cache_status("bypass", detail=cached.bypass_reason)
-        return await gw._admit(head, conn, config, record, plan, partial(gw._forward, cache_headers=(status,)))
-    if cached.plan.lookup:
-        try:
-            entry = await cache.lookup(cached.key)
-        except CacheUnavailable:
-            record.cache = "unavailable"
-            if cached.plan.only_if_cached:
-                raise cache_miss() from None
-            status = cache_status("bypass", detail="cache store unavailable")
-            return await gw._admit(head, conn, config, record, plan, partial(gw._forward, cache_headers=(status,)))
-        if entry is not None:
-            record.cache = "hit"
-            await admit_without_upstream(gw, config, plan)
-            now = cache.store.clock()
-            headers = [
-                *replay_headers(entry.headers, entry.age(now)),
-                *own_headers(config, plan),
-                cache_status("hit", ttl=entry.remaining(now)),
-            ]
-            record.tokens_saved = (entry.prompt_tokens, entry.completion_tokens)
-            await send_stored(conn, entry, headers, record, paced=cached.rules.replay == "paced")
-            return
-    if cached.plan.only_if_cached:
-        raise cache_miss()
-    record.cache = "miss"
-    admitted = False
-    for _attempt in range(2):  # a leader that fails before its answer starts: try once more
-        role, flight = cache.join_nowait(
-            cached.key, ttl=cached.plan.ttl, store=cached.plan.store, max_entry_bytes=cached.max_entry_bytes
-        )
-        if flight is None or role == ALONE:
-            break
-        if role == LEAD:
-            async with cache.leading(flight):
-                step7 = partial(gw._forward, flight=flight)
-                await gw._admit(head, conn, config, record, plan, step7, admitted=admitted)
-            if flight.stored:
-                record.cache = "stored"
-                gw.metrics.cache_evictions.inc(flight.evicted)
-            return
-        try:
-            if not admitted:
-                await admit_without_upstream(gw, config, plan)
-                admitted = True
-            if await follow(conn, config, record, plan, flight):
+        record.cache = "miss"
+        admitted = False
+        for _attempt in range(2):  # a leader that fails before its answer starts: try once more
+            role, flight = cache.join_nowait(
+                cached.key, ttl=cached.plan.ttl, store=cached.plan.store, max_entry_bytes=cached.max_entry_bytes
+            )
+            if flight is None or role == ALONE:
+                break
+            if role == LEAD:
+                async with cache.leading(flight):
+                    await admission.admit(req, partial(self.forward, flight=flight), limits_passed=admitted)
+                if flight.stored:
+                    record.cache = "stored"
+                    self.metrics.cache_evictions.inc(flight.evicted)
                 return
-        finally:
-            flight.followers -= 1
-    status = cache_status("miss", detail="identical request in flight")
-    step7 = partial(gw._forward, cache_headers=(status,))
-    await gw._admit(head, conn, config, record, plan, step7, admitted=admitted)
+            try:
+                if not admitted:
+                    await admission.admit_without_upstream(req)
+                    admitted = True
+                if await follow(req, flight):
+                    return
+            finally:
+                flight.followers -= 1
+        status = cache_status("miss", detail="identical request in flight")
+        await admission.admit(req, partial(self.forward, cache_headers=(status,)), limits_passed=admitted)
 
 
-async def follow(conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan, flight: Flight) -> bool:
+async def follow(req: Request, flight: Flight) -> bool:
     """Send the answer an identical request in flight is receiving; False when there is none to
     follow after all (its leader failed before its head, or the answer is not shared)."""
+    conn, config, record, plan = req.conn, req.config, req.record, req.plan
     answer = await flight.wait_head()
     if answer is None:
         return False
@@ -192,35 +177,6 @@ async def follow(conn: HTTPConnection, config: Config, record: RequestRecord, pl
         raise UpstreamError(str(exc), code="collapsed_leader_failed") from None
     record.tokens_saved = flight.usage
     return True
-
-
-async def admit_without_upstream(gw: CacheGateway, config: Config, plan: Plan) -> None:
-    """Admission of a request served without an upstream call: request-rate limits and single
-    use, but no in-flight slot and no concurrency lease."""
-    credential = plan.credential
-    keys = limits.limit_keys(credential.id, credential.limits, plan.user, credential.user_limits)
-    rate, _ = limits.split_limits(keys)
-    if rate:
-        decision = await gw.state.acquire(rate, trio.current_time())
-        decision.raise_if_refused()
-    await gw._check_single_use(config, plan)
-
-
-def begin_flight(flight: Flight, response: UpstreamResponse, config: Config, plan: Plan) -> tuple[bytes, bytes]:
-    """Tell the flight the upstream's head (whether followers may share it, whether it may be
-    stored once complete); return the leader's Cache-Status."""
-    cached = plan.cache
-    assert cached is not None
-    reason = unstorable_reason(
-        response.status,
-        response.headers,
-        cached.rules,
-        max_entry_bytes=cached.max_entry_bytes,
-        key_headers=config.cache.key_headers,
-    )
-    flight.begin(response.status, tuple(forwarding.response_headers(response.headers)), share=reason is None)
-    result = "miss" if cached.plan.lookup else "refresh"
-    return cache_status(result, stored=flight.store, detail=reason)
 
 
 def own_headers(config: Config, plan: Plan) -> list[tuple[bytes, bytes]]:

@@ -3,15 +3,19 @@
 1. parse the signed URL          (signing.parse_signed_request)
 2. find the credential's secrets (config)
 3. check validity and headers    (signing.check_validity)
-4. read the body only if signed  (http_server, bounded)
+4. read the body only if signed  (:func:`read_body`, bounded)
 5. verify the signature          (signing.verify_signature)
-6. apply the credential's policy (urls.url_allowed)
-7. forward and stream back       (forwarding + upstream, policy.checked_body, relay)
-   or, for a WebSocket handshake, open the session (gateway_ws), for a background request
-   store a job (gateway_jobs), for a cacheable one answer from the cache (gateway_cache)
+6. apply the credential's policy (urls.url_allowed, policy), read a job's or a cache key's body
+   (:func:`read_body` again), then admission (:mod:`proxy.gateway.admit`)
+7. forward and stream back       (:mod:`proxy.gateway.forward`)
+   or, for a WebSocket handshake, open the session (:mod:`proxy.gateway.websocket`), for a
+   background request store a job (:mod:`proxy.gateway.jobs`), for a cacheable one answer from
+   the cache (:mod:`proxy.gateway.cache`)
 
-What steps 1-6 decide is a :class:`~proxy.gateway.plan.Plan`; a client that leaves mid-way cancels
-the work (:mod:`proxy.relay.client_watch`).
+What steps 1-6 decide is a :class:`~proxy.gateway.plan.Plan`; from there every step takes one
+:class:`~proxy.gateway.plan.Request` (head, connection, config, record, plan) and step 7 in each
+form is a :data:`~proxy.gateway.plan.Step`, built once with the gateway. A client that leaves
+mid-way cancels the work (:mod:`proxy.relay.client_watch`).
 
 Nothing reaches the upstream before step 6 has passed. Every refusal is a
 :class:`~proxy.errors.ParkwayError`, answered by :meth:`Gateway.reject` and logged once
@@ -22,22 +26,19 @@ from __future__ import annotations
 
 import math
 import secrets as _secrets
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from contextlib import AsyncExitStack, aclosing
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime
 from functools import partial
 
 import structlog
 import trio
 
-from .. import cors, forwarding, policy
-from ..cache.flight import Flight, ResponseCache
+from .. import cors, forwarding, limits, policy
+from ..cache.flight import ResponseCache
 from ..cache.policy import CacheRequest
 from ..config import Config
 from ..errors import (
-    BadRequest,
     BodyTooLarge,
-    Forbidden,
     InternalError,
     ParkwayError,
     UnknownCredential,
@@ -47,28 +48,22 @@ from ..errors import (
 )
 from ..http.connection import ClientGone, HTTPConnection, RequestHead
 from ..jobs.api import JobAPI
-from ..jobs.background import background_ask, job_id_from_path
-from ..limits import limiter as limits
-from ..limits.admission import GlobalGate
-from ..limits.state import MemoryState, StateBackend
+from ..jobs.background import BackgroundAsk, background_ask, job_id_from_path
+from ..limits import GlobalGate, MemoryState, StateBackend
 from ..metrics import Metrics
 from ..record import RequestRecord, count_request, log, log_request
 from ..relay.client_watch import unless_client_leaves
-from ..relay.pump import BodyObserver, EpollEngine, relay
-from ..relay.usage import UsageObserver
+from ..relay.pump import EpollEngine
 from ..signing import check_validity, parse_signed_request, verify_signature
-from ..upstream.client import UpstreamClient, UpstreamRequest, UpstreamResponse
-from ..urls import check_unambiguous_path, origin_and_target, url_allowed
-from ..websocket import policy as ws_policy
+from ..upstream.client import UpstreamClient
+from ..urls import origin_and_target
 from ..websocket.session import WebSocketProxy
-from .cache import begin_flight, cache_request, serve_cacheable
+from .admit import Admission
+from .cache import ServeCacheable, cache_ask, keyed
+from .forward import Forward
 from .jobs import enqueue, serve_job
-from .plan import Plan, address_policy, canonical_paths, has_body, header_map, request_policy
+from .plan import Plan, Request, Step, canonical_paths, check_upstream, has_body, header_map, request_policy
 from .websocket import open_session
-
-# A fixed-length answer up to this size has its head held back and written with the first body
-# chunk (one write instead of two: the upstream sends a small body together with its head).
-SMALL_RESPONSE_BYTES = 16384
 
 
 def utcnow() -> datetime:
@@ -86,39 +81,36 @@ class Gateway:
         metrics: Metrics | None = None,
         state: StateBackend | None = None,
         cache: ResponseCache | None = None,
+        jobs: JobAPI | None = None,
         clock: Callable[[], datetime] = utcnow,
         engine: EpollEngine | None = None,
         websockets: WebSocketProxy | None = None,
     ):
         self.config = config
-        self.upstream = upstream
         self.engine = engine  # relays every stream's body when running; else each request's own task
         self.metrics = metrics or Metrics()
-        self.state: StateBackend = state or MemoryState()
-        self.cache = cache  # None: nothing is cached (tests and embedding that leave it out)
-        self.gate = self._gate_for(config)
         self.clock = clock
+        self.cache = cache  # None: nothing is cached (tests and embedding that leave it out)
+        self.jobs = jobs  # None: [jobs] is off; a background request is refused (503 jobs_unavailable)
         self.websockets = websockets or WebSocketProxy(config.websocket)
-        self.jobs: JobAPI | None = None  # set by the app when [jobs] is on
-
-    @staticmethod
-    def _gate_for(config: Config) -> GlobalGate:
-        return GlobalGate(
-            config.server.max_in_flight,
-            max_waiting=config.server.max_queued,
-            queue_timeout=config.server.queue_timeout,
+        self.admission = Admission(config, state or MemoryState(), clock)
+        # Step 7 in its forms; each takes one Request (proxy.gateway.plan.Step).
+        self.forward = Forward(upstream, self.metrics, engine)
+        self.serve_cacheable = (
+            ServeCacheable(cache, self.admission, self.forward, self.metrics) if cache is not None else None
         )
+        self.enqueue: Step = partial(enqueue, jobs)
+        self.open_session: Step = partial(open_session, self.websockets, self.metrics)
+
+    @property
+    def gate(self) -> GlobalGate:
+        """The in-flight gate new requests go through (replaced when a reload changes the cap)."""
+        return self.admission.gate
 
     def apply(self, config: Config) -> None:
         """Take a reloaded config for new requests. A changed in-flight cap gets a new gate;
         requests admitted by the old one finish and release there, uncounted by the new one."""
-        old = self.config.server
-        if (old.max_in_flight, old.max_queued, old.queue_timeout) != (
-            config.server.max_in_flight,
-            config.server.max_queued,
-            config.server.queue_timeout,
-        ):
-            self.gate = self._gate_for(config)
+        self.admission.apply(config)
         self.websockets.settings = config.websocket
         self.config = config
 
@@ -224,17 +216,16 @@ class Gateway:
             await serve_job(self.jobs, head, conn, config, record, request_id, job_id)
             return
         plan = await self._plan(head, conn, config, record, request_id, origin)
+        req = Request(head, conn, config, record, plan)
         if plan.websocket:
             # A session has limits of its own (idle_timeout, max_session_duration), not request_timeout.
             overall.deadline = math.inf
-            await self._admit(head, conn, config, record, plan, partial(open_session, self.websockets, self.metrics))
-        elif plan.cache is not None:
-            await unless_client_leaves(
-                self.engine, conn, record, partial(serve_cacheable, self), head, conn, config, record, plan
-            )
+            await self.admission.admit(req, self.open_session)
+        elif plan.cache is not None and self.serve_cacheable is not None:
+            await unless_client_leaves(self.engine, conn, record, partial(self.serve_cacheable, req))
         else:
-            step7 = self._forward if plan.background is None else partial(enqueue, self.jobs)
-            await unless_client_leaves(self.engine, conn, record, self._admit, head, conn, config, record, plan, step7)
+            step7 = self.forward if plan.background is None else self.enqueue
+            await unless_client_leaves(self.engine, conn, record, partial(self.admission.admit, req, step7))
 
     async def _plan(
         self,
@@ -262,14 +253,7 @@ class Gateway:
         # 4: a signed body is read (bounded) and verified before anything is forwarded.
         body: bytes | None = None
         if signed.body_signed:
-            limit = config.server.max_signed_body_bytes
-            declared = head.header(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                conn.close_after_response()
-                raise BodyTooLarge(
-                    f"request body of {declared} bytes exceeds the limit of {limit} bytes for signed bodies"
-                )
-            body = await conn.read_body(limit)
+            body = await read_body(conn, head, config.server.max_signed_body_bytes, "signed bodies")
 
         # 5-6a: signature, then the credential's allowed upstreams.
         verify_signature(
@@ -284,27 +268,9 @@ class Gateway:
         forwarding.check_connection_header(head.headers, signed.signed_headers, credential.headers)
         _scheme, host, target = origin_and_target(signed.proxy_url)
         record.upstream_host, record.upstream_path = host, target.partition("?")[0]
-        # A WebSocket handshake (valid, from an allowed origin) for a WebSocket URL, and a
-        # WebSocket URL only with a handshake; allowed_upstreams match it in its http(s) form.
-        websocket = ws_policy.is_websocket_request(head.method, headers)
-        if websocket:
-            ws_policy.check_handshake(head.http_version, headers)
-            ws_policy.check_origin(config.cors.allow_origins, origin)
-        elif ws_policy.is_websocket_url(signed.proxy_url):
-            raise BadRequest(
-                "X-Sw-Proxy is a WebSocket URL: open it with a WebSocket handshake (GET, Upgrade: websocket)",
-                code="websocket_required",
-            )
-        allowed = url_allowed(signed.proxy_url, credential.allowed_upstreams)
-        if websocket and not allowed:  # an https:// prefix (as the config stores wss://) covers wss://
-            allowed = url_allowed(ws_policy.http_form(signed.proxy_url), credential.allowed_upstreams)
-        if not allowed:
-            raise Forbidden(
-                f"upstream {host}{record.upstream_path} is not allowed for credential {credential.id!r}",
-                code="upstream_not_allowed",
-            )
-        if credential.allowed_upstreams or credential.allowed_paths:
-            check_unambiguous_path(signed.proxy_url)  # what was checked is what the upstream reads
+        websocket = check_upstream(
+            head, headers, config, credential, signed.proxy_url, origin, f"{host}{record.upstream_path}"
+        )
 
         # 6b: request policy (method, path, size), the end user, then admission: global
         # in-flight cap (503), the credential's and user's limits (429), single use (403).
@@ -327,12 +293,14 @@ class Gateway:
             credential=credential.id, allowed_callbacks=credential.allowed_callbacks,
         )  # fmt: skip
         upstream_url = signed.proxy_url.split("#", 1)[0]
-        cached: CacheRequest | None = None
+        cached = None
         if self.cache is not None and not websocket and background is None:
-            # 6c: the cache, only as the signer allowed it (a job's answer goes to its job, not the cache); the body is read (bounded) for the key.
-            cached, body = await cache_request(
-                head, conn, config, credential, extras, upstream_url, user, body, declared_length
-            )
+            # 6c: the cache, only as the signer allowed it (a job's answer goes to its job, not the cache).
+            cached = cache_ask(head, config, credential, extras, body is not None, declared_length)
+        if body is None and has_body(head):
+            body = await read_body_if_needed(conn, head, config, background, cached)
+        if cached is not None and not cached.bypass:
+            cached = keyed(cached, head, config, credential, upstream_url, user, body)
         if body is None and not has_body(head):
             # Consume the (empty) body's end now: from here on a client that leaves is noticed,
             # even while queued for a slot.
@@ -356,125 +324,6 @@ class Gateway:
             cache=cached,
         )
 
-    async def _check_single_use(self, config: Config, plan: Plan) -> None:
-        if plan.single_use:
-            # Remembered until the last moment the URL could still verify.
-            last_valid = plan.expires_at + timedelta(seconds=config.server.clock_skew)
-            if not await self.state.check_and_add_signature(
-                plan.signature, last_valid.timestamp(), self.clock().timestamp()
-            ):
-                raise limits.replay_refusal()
-
-    async def _admit(
-        self,
-        head: RequestHead,
-        conn: HTTPConnection,
-        config: Config,
-        record: RequestRecord,
-        plan: Plan,
-        step7: Callable[[RequestHead, HTTPConnection, Config, RequestRecord, Plan], Awaitable[None]],
-        *,
-        admitted: bool = False,
-    ) -> None:
-        """Admission (in-flight gate, limits, single use), then step 7; slots always given back.
-        ``admitted``: rate limits and single use were already passed (a follower going alone).
-
-        A WebSocket session holds its slots for its whole life, as a stream does."""
-        credential = plan.credential
-        keys = limits.limit_keys(credential.id, credential.limits, plan.user, credential.user_limits)
-        if admitted:
-            keys = limits.split_limits(keys)[1]
-        async with self.gate.slot():
-            decision = await self.state.acquire(keys, trio.current_time())
-            decision.raise_if_refused()
-            try:
-                if not admitted:
-                    await self._check_single_use(config, plan)
-                await step7(head, conn, config, record, plan)
-            finally:
-                if decision.lease is not None:  # None: no concurrency limit counted this request
-                    with trio.CancelScope(shield=True):
-                        await self.state.release(decision.lease)
-
-    async def _forward(
-        self,
-        head: RequestHead,
-        conn: HTTPConnection,
-        config: Config,
-        record: RequestRecord,
-        plan: Plan,
-        flight: Flight | None = None,
-        cache_headers: tuple[tuple[bytes, bytes], ...] = (),
-    ) -> None:
-        """Step 7: forward, with the body checked against the JSON rules as it passes, then relay."""
-        async with AsyncExitStack() as stack:
-            content_length: int | None = None
-            upstream_body: bytes | AsyncGenerator[bytes, None] | None = None
-            if plan.body is not None:
-                upstream_body = await policy.checked_body(plan.rules, plan.declared_length, plan.body)
-                content_length = len(plan.body)
-            elif has_body(head):
-                # An unsigned body streams through; only what the body rules need is held back.
-                content_length = plan.declared_length
-                chunks = await stack.enter_async_context(aclosing(conn.body_chunks()))
-                checked = await policy.checked_body(plan.rules, plan.declared_length, chunks)
-                upstream_body = await stack.enter_async_context(aclosing(checked))
-            request = UpstreamRequest(
-                method=head.method,
-                url=plan.upstream_url,
-                headers=forwarding.request_headers(
-                    head.headers, plan.credential.headers, plan.ctx, content_length=content_length
-                ),
-                body=upstream_body,
-                address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
-            )
-            forward_at = trio.current_time()
-            self.metrics.in_flight.inc()
-            try:
-                async with self.upstream.open(request) as response:
-                    head_at = trio.current_time()
-                    record.ttfb = head_at - record.started
-                    record.status = response.status
-                    usage = UsageObserver(response.content_type)
-                    observers: tuple[BodyObserver, ...] = (usage,)
-                    if flight is not None:
-                        cache_headers = (begin_flight(flight, response, config, plan),)
-                        observers = (usage, flight)
-                    await self._respond(conn, response, record, config, plan.origin, plan.request_id, cache_headers)
-                    record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
-                    await relay(conn, response, record, observers, engine=self.engine, watcher=record.client_watch)
-                    record.usage = usage.usage
-                    if flight is not None and usage.usage is not None:
-                        flight.usage = (usage.usage.prompt_tokens, usage.usage.completion_tokens)
-            finally:
-                self.metrics.in_flight.dec()
-
-    async def _respond(
-        self,
-        conn: HTTPConnection,
-        response: UpstreamResponse,
-        record: RequestRecord,
-        config: Config,
-        origin: str | None,
-        request_id: str,
-        extra_headers: tuple[tuple[bytes, bytes], ...] = (),
-    ) -> None:
-        """Send the client the upstream's status and headers (hop-by-hop ones replaced by ours)."""
-        out_headers = forwarding.response_headers(response.headers)
-        length = next((v for n, v in out_headers if n == b"content-length"), None)
-        record.expected_length = int(length) if length is not None and length.isdigit() else None
-        if forwarding.is_event_stream(out_headers):
-            # nginx in front would otherwise buffer the stream (X-Accel-Buffering).
-            out_headers.append((b"x-accel-buffering", b"no"))
-        out_headers += cors.response_headers(config.cors, origin)
-        out_headers.append((b"x-request-id", request_id.encode()))
-        out_headers += extra_headers
-        # A small fixed-length answer's head waits for its body, and so does any head whose first
-        # body bytes came with it (an SSE answer's first event): one write instead of two.
-        small = record.expected_length is not None and record.expected_length <= SMALL_RESPONSE_BYTES
-        await conn.send_head(response.status, out_headers, flush=not (small or response.initial))
-        record.head_sent_at = trio.current_time()
-
     @staticmethod
     async def _drain_request_body(conn: HTTPConnection) -> None:
         async for _ in conn.body_chunks():
@@ -493,3 +342,30 @@ class Gateway:
             await conn.send_full(status, headers, body)
         except ClientGone:
             pass
+
+
+async def read_body_if_needed(
+    conn: HTTPConnection,
+    head: RequestHead,
+    config: Config,
+    background: BackgroundAsk | None,
+    cached: CacheRequest | None,
+) -> bytes | None:
+    """An unsigned body, read whole when the request needs it so: a job stores it (bounded as a
+    signed body), the cache keys on it (bounded by its own limit: past it the request bypassed
+    the cache and its body streams). Otherwise None: the body streams to the upstream."""
+    if background is not None:
+        return await read_body(conn, head, config.server.max_signed_body_bytes, "background requests")
+    if cached is not None and not cached.bypass:
+        return await read_body(conn, head, config.cache.max_body_bytes, "cache keys")
+    return None
+
+
+async def read_body(conn: HTTPConnection, head: RequestHead, limit: int, what: str) -> bytes:
+    """The request body, whole: the one place the gateway reads one (a signed body at step 4, a
+    job's or a cache key's after the policy). Past ``limit``: 413, and the connection closes."""
+    declared = head.header(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        conn.close_after_response()
+        raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes for {what}")
+    return await conn.read_body(limit)

@@ -10,18 +10,17 @@ from ..errors import Overloaded
 from ..http.connection import HTTPConnection, RequestHead
 from ..jobs.api import JobAPI, no_such_job
 from ..record import RequestRecord
-from .plan import Plan
+from .plan import Request
 
 
-async def enqueue(
-    jobs: JobAPI | None, head: RequestHead, conn: HTTPConnection, config: Config, record: RequestRecord, plan: Plan
-) -> None:
-    """Step 7 of a background request: stored as a job, answered 202 at once (proxy.jobs.api)."""
+async def enqueue(jobs: JobAPI | None, req: Request) -> None:
+    """Step 7 of a background request: stored as a job, answered 202 at once (proxy.jobs.api).
+    The plan holds the body: the gateway read it (bounded) before admission."""
     if jobs is None:
         raise Overloaded("background jobs are not running in this process", code="jobs_unavailable")
-    job = await jobs.accept(head, conn, config, plan)
+    job = await jobs.accept(req.head, req.conn, req.config, req.plan)
     structlog.contextvars.bind_contextvars(job=job.id[:12])
-    record.status, record.completed = 202, True
+    req.record.status, req.record.completed = 202, True
 
 
 async def serve_job(

@@ -1,20 +1,26 @@
-"""What steps 1-6 of the gateway decide about a request (:class:`Plan`), and the small pure
-helpers they use: the header map the signature check wants, the paths a signer may have
-signed, the credential's request rules and address policy.
+"""What steps 1-6 of the gateway decide about a request (:class:`Plan`), the one object every
+later step takes (:class:`Request`), and the small pure helpers steps 1-6 use: the header map
+the signature check wants, the paths a signer may have signed, the credential's request rules
+and address policy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
 from .. import forwarding, policy
 from ..cache.policy import CacheRequest
-from ..config import Credential
-from ..http.connection import RequestHead
+from ..config import Config, Credential
+from ..errors import BadRequest, Forbidden
+from ..http.connection import HTTPConnection, RequestHead
 from ..jobs.background import BackgroundAsk
+from ..record import RequestRecord
 from ..upstream import ssrf
+from ..urls import check_unambiguous_path, url_allowed
+from ..websocket import policy as ws_policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,25 @@ class Plan:
     background: BackgroundAsk | None = None  # run as a job (proxy.jobs.background)
     prefix: str = ""  # the public path prefix this client reached Parkway under
     cache: CacheRequest | None = None  # the signer made it cacheable (pw_cache or the credential's ttl)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One planned request as admission and step 7 take it: one argument instead of five.
+
+    Frozen: a step cannot swap the connection or the config under a later one. What a step
+    learns goes into ``record`` (mutable by design: it becomes the log line and the metrics).
+    """
+
+    head: RequestHead
+    conn: HTTPConnection
+    config: Config  # read once per request: a reload mid-way does not change it
+    record: RequestRecord
+    plan: Plan
+
+
+Step = Callable[[Request], Awaitable[None]]
+"""Step 7 in any of its forms (forward, store a job, open a WebSocket session), as admission runs it."""
 
 
 def header_map(head: RequestHead) -> dict[str, str]:
@@ -88,6 +113,43 @@ def address_policy(credential: Credential, allow_private: bool) -> ssrf.AddressP
         allow_private=allow_private or credential.allow_private_upstreams,
         allowed_upstreams=credential.allowed_upstreams,
     )
+
+
+def check_upstream(
+    head: RequestHead,
+    headers: dict[str, str],
+    config: Config,
+    credential: Credential,
+    proxy_url: str,
+    origin: str | None,
+    named: str,
+) -> bool:
+    """Step 6a: the credential may reach this upstream (``named``: its host and path, for the
+    refusal); True when the request is a WebSocket handshake.
+
+    A WebSocket handshake (valid, from an allowed origin) for a WebSocket URL, and a WebSocket
+    URL only with a handshake; allowed_upstreams match it in its http(s) form.
+    """
+    websocket = ws_policy.is_websocket_request(head.method, headers)
+    if websocket:
+        ws_policy.check_handshake(head.http_version, headers)
+        ws_policy.check_origin(config.cors.allow_origins, origin)
+    elif ws_policy.is_websocket_url(proxy_url):
+        raise BadRequest(
+            "X-Sw-Proxy is a WebSocket URL: open it with a WebSocket handshake (GET, Upgrade: websocket)",
+            code="websocket_required",
+        )
+    allowed = url_allowed(proxy_url, credential.allowed_upstreams)
+    if websocket and not allowed:  # an https:// prefix (as the config stores wss://) covers wss://
+        allowed = url_allowed(ws_policy.http_form(proxy_url), credential.allowed_upstreams)
+    if not allowed:
+        raise Forbidden(
+            f"upstream {named} is not allowed for credential {credential.id!r}",
+            code="upstream_not_allowed",
+        )
+    if credential.allowed_upstreams or credential.allowed_paths:
+        check_unambiguous_path(proxy_url)  # what was checked is what the upstream reads
+    return websocket
 
 
 def has_body(head: RequestHead) -> bool:

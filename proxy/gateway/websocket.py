@@ -5,29 +5,24 @@ from __future__ import annotations
 
 import trio
 
-from ..config import Config
-from ..http.connection import HTTPConnection, RequestHead
 from ..metrics import Metrics
-from ..record import RequestRecord, log
+from ..record import log
 from ..websocket import policy as ws_policy
 from ..websocket.session import SessionPlan, SessionReport, WebSocketProxy
-from .plan import Plan, address_policy
+from .plan import Request, address_policy
 
 
 async def open_session(
     websockets: WebSocketProxy,
     metrics: Metrics,
-    head: RequestHead,
-    conn: HTTPConnection,
-    config: Config,
-    record: RequestRecord,
-    plan: Plan,
+    req: Request,
 ) -> None:
     """Step 7 for a WebSocket: the upstream's handshake, then the client's 101, then the session.
 
     Until the upstream has accepted, a failure is an HTTP error like any other; from the 101
     on, the session ends with close frames and its report fills the request's record.
     """
+    head, conn, config, record, plan = req.head, req.conn, req.config, req.record, req.plan
     proposed = ws_policy.parse_subprotocols(head.header(b"sec-websocket-protocol"))
     offered, dropped = ws_policy.split_subprotocols(proposed)
     if dropped:  # the count only: each was an API key

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 
 from .. import cors, forwarding, policy
 from ..config import Config, Credential
-from ..errors import BodyTooLarge, MethodNotAllowed, NotFound
+from ..errors import MethodNotAllowed, NotFound
 from ..forwarding import Headers
 from ..http.connection import HTTPConnection, RequestHead
 from ..metrics import Metrics
@@ -91,22 +91,16 @@ class JobAPI:
         self.clock = clock
 
     async def accept(self, head: RequestHead, conn: HTTPConnection, config: Config, plan: Planned) -> Job:
-        """Read the body, check it, store the job and answer 202 at once.
+        """Check the body, store the job and answer 202 at once.
 
-        Raises like a forwarded request would (body too large, body rules), ``403
+        The gateway has read the body (bounded, as for a signed one) into the plan; a request
+        without one has ``b""``. Raises like a forwarded request would (body rules), ``403
         callback_address_refused`` for a callback the SSRF guard refuses, and ``503
         job_queue_full`` past ``max_jobs_queued``.
         """
         assert plan.background is not None
         credential = plan.credential
-        body = plan.body
-        if body is None:
-            limit = config.server.max_signed_body_bytes
-            if plan.declared_length is not None and plan.declared_length > limit:
-                conn.close_after_response()
-                raise BodyTooLarge(f"a background request body of {plan.declared_length} bytes exceeds {limit} bytes")
-            body = await conn.read_body(limit)
-        body = await policy.checked_body(plan.rules, len(body), body)
+        body = await policy.checked_body(plan.rules, len(plan.body or b""), plan.body or b"")
         callback = plan.background.callback
         if callback is not None:
             await check_callback_address(callback, callback_policy(credential, config.server.allow_private_upstreams))

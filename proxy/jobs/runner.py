@@ -33,7 +33,7 @@ import trio
 
 from ..config import Config, StateConfig
 from ..errors import ParkwayError
-from ..limits.outage import Outage
+from ..limits import Outage
 from ..metrics import Metrics
 from . import model as jobs
 from .calls import fetch_answer, post_webhook

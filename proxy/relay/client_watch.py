@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
 
 import trio
 
@@ -20,8 +19,7 @@ async def unless_client_leaves(
     engine: EpollEngine | None,
     conn: HTTPConnection,
     record: RequestRecord,
-    work: Callable[..., Awaitable[None]],
-    *args: Any,
+    work: Callable[[], Awaitable[None]],
 ) -> None:
     """Run ``work``, cancelled the moment the client goes away once its request is complete:
     while queued for a slot, waiting for the upstream's first byte, or streaming.
@@ -36,7 +34,7 @@ async def unless_client_leaves(
             watched = engine.watch_client(fd, partial(client_left, scope, record))
             if watched:
                 try:
-                    await work(*args)
+                    await work()
                 finally:
                     engine.unwatch_client(fd)
         if watched:
@@ -47,7 +45,7 @@ async def unless_client_leaves(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_client, conn, nursery.cancel_scope, record)
         try:
-            await work(*args)
+            await work()
         except (ParkwayError, ClientGone) as exc:
             # Raised outside the nursery, so callers see the error itself, not a group.
             failure = exc
@@ -63,16 +61,12 @@ async def watch_client(conn: HTTPConnection, scope: trio.CancelScope, record: Re
     with trio.CancelScope() as record.client_watch:
         await conn.request_done.wait()
         await conn.wait_disconnect()
-    if record.client_watch.cancelled_caught:
-        return
-    if record.expected_length is not None and record.relayed >= record.expected_length:
-        return  # it read the whole (fixed-length) answer and closed: that is not leaving early
-    record.outcome = "client_gone"
-    record.error = "client closed the connection before the response was complete"
-    scope.cancel()
+    if not record.client_watch.cancelled_caught:
+        client_left(scope, record)
 
 
 def client_left(scope: trio.CancelScope, record: RequestRecord) -> None:
+    """The client closed its side: the request's work is cancelled, unless the whole answer was read."""
     if record.expected_length is not None and record.relayed >= record.expected_length:
         return  # it read the whole (fixed-length) answer and closed: that is not leaving early
     record.outcome = "client_gone"

@@ -75,11 +75,6 @@ class ConnectionPool:
         if len(idle) > self.max_idle:
             idle.popleft().close()
 
-    def idle_count(self, origin: Origin | None = None) -> int:
-        if origin is not None:
-            return len(self._idle.get(origin, ()))
-        return sum(len(d) for d in self._idle.values())
-
     def close(self) -> None:
         idle, self._idle = self._idle, {}
         for conns in idle.values():
@@ -103,7 +98,7 @@ class UpstreamResponse:
     when the body ended cleanly with nothing after it.
     """
 
-    __slots__ = ("conn", "content_type", "framing", "headers", "host", "idle_timeout", "initial", "reusable", "status")
+    __slots__ = ("conn", "content_type", "framing", "headers", "idle_timeout", "initial", "reusable", "status")
 
     def __init__(self, status: int, headers: Headers, framing: Framing, conn: UpstreamConnection, initial: bytes,
                  idle_timeout: float):  # fmt: skip
@@ -115,12 +110,8 @@ class UpstreamResponse:
         self.framing = framing
         self.conn = conn
         self.initial = initial
-        self.host = conn.host
         self.idle_timeout = idle_timeout
         self.reusable = False
-
-    def idle_timeout_error(self) -> UpstreamTimeout:
-        return UpstreamTimeout(f"{self.host} sent nothing for {self.idle_timeout:g} s in the middle of the response")
 
 
 class UpstreamClient:

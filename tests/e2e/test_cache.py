@@ -20,7 +20,7 @@ import trio
 from proxy.cache.policy import CacheConfig, CacheRules
 from proxy.config import Config, Credential
 from proxy.jobs.model import JobsConfig
-from proxy.limits.limiter import LimitSpec
+from proxy.limits import LimitSpec
 from support.http import Call, Reply, call, read_until_eof, request_bytes
 from support.logs import watch_logs
 from support.metrics import parse_metrics

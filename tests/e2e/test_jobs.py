@@ -23,7 +23,7 @@ from proxy.config import AdminConfig, Credential
 from proxy.jobs import model as jobs
 from proxy.jobs import webhooks
 from proxy.jobs.model import JobsConfig
-from proxy.limits.limiter import LimitSpec
+from proxy.limits import LimitSpec
 from support.metrics import scrape
 from support.parkway import RunningParkway, make_config, run_parkway
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY, sign

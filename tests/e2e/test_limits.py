@@ -24,7 +24,7 @@ import trio
 
 from proxy.app import Parkway
 from proxy.config import Credential, load_config
-from proxy.limits.limiter import LimitSpec, parse_rate
+from proxy.limits import LimitSpec, parse_rate
 from support.body_upstreams import BodySink
 from support.http import Call, Reply, call
 from support.logs import watch_logs

@@ -19,7 +19,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from proxy.config import CorsConfig, Credential
-from proxy.limits.limiter import LimitSpec
+from proxy.limits import LimitSpec
 from proxy.websocket.policy import WebSocketConfig
 from support.http import call, parse_response, send_raw
 from support.logs import watch_logs

@@ -1,0 +1,129 @@
+"""Step 7 of a proxied request: forward it (the body checked against the JSON rules as it
+passes), send the client the upstream's head, relay the body. A cacheable request's leader
+also tells its :class:`~proxy.cache.flight.Flight` what the upstream answered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass
+
+import trio
+
+from .. import cors, forwarding, policy
+from ..cache.flight import Flight
+from ..cache.policy import cache_status, unstorable_reason
+from ..config import Config
+from ..http.connection import HTTPConnection
+from ..metrics import Metrics
+from ..record import RequestRecord
+from ..relay.pump import BodyObserver, EpollEngine, relay
+from ..relay.usage import UsageObserver
+from ..upstream.client import UpstreamClient, UpstreamRequest, UpstreamResponse
+from .plan import Plan, Request, address_policy, has_body
+
+# A fixed-length answer up to this size has its head held back and written with the first body
+# chunk (one write instead of two: the upstream sends a small body together with its head).
+SMALL_RESPONSE_BYTES = 16384
+
+Header = tuple[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Step 7 of a proxied request, as a :data:`~proxy.gateway.plan.Step` (``await forward(req)``)."""
+
+    upstream: UpstreamClient
+    metrics: Metrics
+    engine: EpollEngine | None  # relays every stream's body when running; else each request's own task
+
+    async def __call__(
+        self, req: Request, *, flight: Flight | None = None, cache_headers: tuple[Header, ...] = ()
+    ) -> None:
+        """Forward, with the body checked against the JSON rules as it passes, then relay.
+        ``flight``: this request leads a cache flight; ``cache_headers``: its Cache-Status."""
+        head, conn, config, record, plan = req.head, req.conn, req.config, req.record, req.plan
+        async with AsyncExitStack() as stack:
+            content_length: int | None = None
+            upstream_body: bytes | AsyncGenerator[bytes, None] | None = None
+            if plan.body is not None:
+                upstream_body = await policy.checked_body(plan.rules, plan.declared_length, plan.body)
+                content_length = len(plan.body)
+            elif has_body(head):
+                # An unsigned body streams through; only what the body rules need is held back.
+                content_length = plan.declared_length
+                chunks = await stack.enter_async_context(aclosing(conn.body_chunks()))
+                checked = await policy.checked_body(plan.rules, plan.declared_length, chunks)
+                upstream_body = await stack.enter_async_context(aclosing(checked))
+            request = UpstreamRequest(
+                method=head.method,
+                url=plan.upstream_url,
+                headers=forwarding.request_headers(
+                    head.headers, plan.credential.headers, plan.ctx, content_length=content_length
+                ),
+                body=upstream_body,
+                address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
+            )
+            forward_at = trio.current_time()
+            self.metrics.in_flight.inc()
+            try:
+                async with self.upstream.open(request) as response:
+                    head_at = trio.current_time()
+                    record.ttfb = head_at - record.started
+                    record.status = response.status
+                    usage = UsageObserver(response.content_type)
+                    observers: tuple[BodyObserver, ...] = (usage,)
+                    if flight is not None:
+                        cache_headers = (begin_flight(flight, response, config, plan),)
+                        observers = (usage, flight)
+                    await respond(conn, response, record, config, plan, cache_headers)
+                    record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
+                    await relay(conn, response, record, observers, engine=self.engine, watcher=record.client_watch)
+                    record.usage = usage.usage
+                    if flight is not None and usage.usage is not None:
+                        flight.usage = (usage.usage.prompt_tokens, usage.usage.completion_tokens)
+            finally:
+                self.metrics.in_flight.dec()
+
+
+async def respond(
+    conn: HTTPConnection,
+    response: UpstreamResponse,
+    record: RequestRecord,
+    config: Config,
+    plan: Plan,
+    extra_headers: tuple[Header, ...] = (),
+) -> None:
+    """Send the client the upstream's status and headers (hop-by-hop ones replaced by ours)."""
+    out_headers = forwarding.response_headers(response.headers)
+    length = next((v for n, v in out_headers if n == b"content-length"), None)
+    record.expected_length = int(length) if length is not None and length.isdigit() else None
+    if forwarding.is_event_stream(out_headers):
+        # nginx in front would otherwise buffer the stream (X-Accel-Buffering).
+        out_headers.append((b"x-accel-buffering", b"no"))
+    out_headers += cors.response_headers(config.cors, plan.origin)
+    out_headers.append((b"x-request-id", plan.request_id.encode()))
+    out_headers += extra_headers
+    # A small fixed-length answer's head waits for its body, and so does any head whose first
+    # body bytes came with it (an SSE answer's first event): one write instead of two.
+    small = record.expected_length is not None and record.expected_length <= SMALL_RESPONSE_BYTES
+    await conn.send_head(response.status, out_headers, flush=not (small or response.initial))
+    record.head_sent_at = trio.current_time()
+
+
+def begin_flight(flight: Flight, response: UpstreamResponse, config: Config, plan: Plan) -> Header:
+    """Tell the flight the upstream's head (whether followers may share it, whether it may be
+    stored once complete); return the leader's Cache-Status."""
+    cached = plan.cache
+    assert cached is not None
+    reason = unstorable_reason(
+        response.status,
+        response.headers,
+        cached.rules,
+        max_entry_bytes=cached.max_entry_bytes,
+        key_headers=config.cache.key_headers,
+    )
+    flight.begin(response.status, tuple(forwarding.response_headers(response.headers)), share=reason is None)
+    result = "miss" if cached.plan.lookup else "refresh"
+    return cache_status(result, stored=flight.store, detail=reason)
