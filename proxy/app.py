@@ -22,7 +22,7 @@ import trio
 
 from .admin import AdminApp
 from .cache.flight import open_cache
-from .config import Config, ServerConfig, load_config
+from .config import Config, ServerConfig, jobs_problems, load_config
 from .errors import ConfigError, Overloaded, ParkwayError
 from .gateway.handler import Gateway, utcnow
 from .http.connection import HTTPConnection, RequestHead
@@ -105,6 +105,8 @@ class Parkway:
 
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, serve until :meth:`shutdown` has drained, then close the upstream pool."""
+        if problems := jobs_problems(self.config.jobs):  # a configuration built in code: not checked yet
+            raise ConfigError(problems)
         listeners = await open_listeners(self.config.server.listen, reuse_port=self.reuse_port)
         admin_listen = tuple(_offset_port(a, self.worker_index) for a in self.config.admin.listen)
         admin_listeners = await open_listeners(admin_listen) if admin_listen else []
@@ -132,7 +134,7 @@ class Parkway:
                     if verify is True and self.config.server.upstream_ca_file:  # a private CA, as for proxying
                         verify = ssl.create_default_context(cafile=self.config.server.upstream_ca_file)
                     client = await stack.enter_async_context(outbound_client(verify=verify))
-                    self.runner = JobRunner(store, client, lambda: self.config, metrics=self.metrics)
+                    self.runner = JobRunner(store, client, lambda: self.config, metrics=self.metrics, state=state)
                     jobs = JobAPI(store, self.runner, metrics=self.metrics)
                 self.server.app = self.gateway = Gateway(
                     self.config,

@@ -34,6 +34,7 @@ from .config_values import (
     _number,
     _origin,
     _path_prefix,
+    _public_url,
     _secret_from,
     _section,
     _str,
@@ -45,7 +46,7 @@ from .config_values import (
     limit_spec_from_toml,
 )
 from .errors import ConfigError, ConfigProblem
-from .jobs.model import STORES, JobsConfig
+from .jobs.model import STORES, JobsConfig, credential_job_limits
 from .limits.limiter import LimitSpec
 from .policy import OVERFLOW_CHOICES
 from .websocket.policy import WebSocketConfig
@@ -62,6 +63,7 @@ __all__ = [  # the names other modules and the tests import from here
     "StateConfig",
     "config_from_dict",
     "expand_env",
+    "jobs_problems",
     "limit_spec_from_toml",
     "load_config",
     "parse_config",
@@ -123,6 +125,8 @@ class Credential:
     max_n: int | None = None  # cap on "n"
     allowed_callbacks: tuple[str, ...] = ()  # URL prefixes a signed pw_callback may name; empty = none
     webhook_secrets: tuple[str, ...] = field(default=(), repr=False)  # whsec_...: each signs deliveries
+    max_jobs_queued: int | None = None  # this credential's queued jobs; None = its share of [jobs] max_jobs_queued
+    max_jobs_running: int | None = None  # its jobs one process runs at once; None = its share of max_jobs_in_flight
     cache: CacheRules | None = None  # [credentials.cache]: a default ttl and how entries are kept
 
 
@@ -200,6 +204,15 @@ class Config:
         """The credential named ``id``, or None (O(1): called on every request)."""
         return self._by_id.get(id)
 
+    def job_limits(self, credential: Credential) -> tuple[int, int]:
+        """(queued, running per process) jobs of ``credential``: see :func:`proxy.jobs.model.credential_job_limits`."""
+        return credential_job_limits(
+            self.jobs,
+            max_queued=credential.max_jobs_queued,
+            max_running=credential.max_jobs_running,
+            credentials=len(self.credentials),
+        )
+
 
 # --- public functions -----------------------------------------------------------------------
 
@@ -245,6 +258,8 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         jobs = replace(jobs, enabled=True)  # a [jobs] table turns them on
     cache = _section(root.table("cache"), CacheConfig, _cache_rules(env))
     root.finish()
+    if not any(p.path == "jobs.public_url" for p in problems):
+        problems.extend(jobs_problems(jobs))
     signed_params = {"server.user_param": server.user_param, "server.single_use_param": server.single_use_param}
     for where, name in signed_params.items():
         if name and name == cache.param:
@@ -275,6 +290,19 @@ def config_warnings(config: Config) -> list[ConfigProblem]:
                 )
             )
     return warnings
+
+
+def jobs_problems(jobs: JobsConfig) -> list[ConfigProblem]:
+    """What keeps jobs from starting: they are on without a ``public_url`` to build their URLs from.
+    Checked on load and again when Parkway starts (a configuration built in code)."""
+    if jobs.enabled and not jobs.public_url:
+        message = (
+            "is required when jobs are enabled: the absolute URL where clients reach Parkway, public prefix "
+            'included (e.g. "https://app.example.com/ai"); job status URLs and webhook links are built from '
+            "it, never from the request's Host header, which the client chooses"
+        )
+        return [ConfigProblem("jobs.public_url", message)]
+    return []
 
 
 # --- the sections' rules ----------------------------------------------------------------------
@@ -352,6 +380,8 @@ _CREDENTIAL_POLICY_RULES: Mapping[str, tuple[Any, _Convert]] = {
     "allowed_models": ((), _list_of(_non_empty)),
     "max_tokens": (None, _number(1, integer=True)),
     "max_n": (None, _number(1, integer=True)),
+    "max_jobs_queued": (None, _number(1, integer=True)),
+    "max_jobs_running": (None, _number(1, integer=True)),
     "cache": (None, lambda value, path: _credential_cache(value, path)),
 }
 
@@ -373,13 +403,16 @@ def _state_rules(env: Mapping[str, str]) -> Mapping[str, _Convert]:
 
 _JOBS_RULES: Mapping[str, _Convert] = {
     "enabled": _expect(bool, "a boolean"),
+    "public_url": _public_url,
     "store": _choice(*STORES),
     "path": _non_empty,
     **dict.fromkeys(
         ["max_jobs_in_flight", "max_jobs_queued", "max_attempts", "max_result_bytes"], _number(1, integer=True)
     ),
     "inline_payload_bytes": _number(0, integer=True),
-    **dict.fromkeys(["result_ttl", "max_delivery_age", "lease", "poll_interval"], _number(0, above=True)),
+    **dict.fromkeys(
+        ["result_ttl", "max_delivery_age", "lease", "poll_interval", "purge_interval"], _number(0, above=True)
+    ),
     "delivery_timeout": _number(0, above=True),
     "retry_schedule": _list_of(_number(0), non_empty=True),
     **dict.fromkeys(["async_param", "callback_param"], _non_empty),
@@ -447,6 +480,7 @@ _ADMIN_RULES: Mapping[str, _Convert] = {"listen": _list_of(_listen_address, sing
 _WEBSOCKET_RULES: Mapping[str, _Convert] = {
     "max_message_size": _number(1024, integer=True),
     "message_queue_size": _number(1, integer=True),
+    "max_message_frames": _number(1, integer=True),
     # 0 means: no idle limit / no maximum duration.
     **dict.fromkeys(["idle_timeout", "max_session_duration"], _number(0)),
     **dict.fromkeys(["handshake_timeout", "close_timeout"], _number(0, above=True)),

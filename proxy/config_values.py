@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from .errors import ConfigError, ConfigProblem
 from .jobs import webhooks
 from .limits.limiter import LimitSpec, parse_rate
-from .urls import InvalidURL, normalize_prefix, split_host_port
+from .urls import InvalidURL, normalize_prefix, normalize_url, split_host_port
 from .websocket.policy import http_form
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -261,6 +261,31 @@ def _upstream_prefix(value: Any, path: str) -> str:
         _fail(path, f"{value!r} must not contain a fragment ('#'): it is never sent upstream")
     try:
         return normalize_prefix(value)
+    except InvalidURL as exc:
+        _fail(path, str(exc))
+
+
+def _public_url(value: Any, path: str) -> str:
+    """Where clients reach Parkway from outside: an absolute http(s) URL with a host, its path
+    the public prefix, no query, fragment or user info; stored without a trailing slash."""
+    text = _str(value, path)
+    if re.search(r"\s", text):
+        _fail(path, "must not contain whitespace")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        _fail(path, f"{text!r} is not a valid URL")
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        _fail(
+            path, f"{text!r} must be an absolute http:// or https:// URL with a host, e.g. 'https://app.example.com/ai'"
+        )
+    if "@" in parts.netloc:  # not echoed: user info may hold a password
+        _fail(path, "must not contain user info (user:password@)")
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        _fail(path, f"{text!r} must not have a query or fragment: job URLs are <public_url>/jobs/<id>")
+    try:
+        return normalize_url(text).rstrip("/")
     except InvalidURL as exc:
         _fail(path, str(exc))
 

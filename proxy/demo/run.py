@@ -13,6 +13,7 @@ import os
 import secrets
 import shlex
 import shutil
+import socket
 import sys
 import tempfile
 
@@ -68,6 +69,13 @@ async def _play_browser(url: str) -> int:
     return 0
 
 
+def _free_port() -> int:
+    """A loopback port nobody listens on now (the demo's default: any free port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 async def run_demo(port: int, once: bool, delay: float) -> int:
     api_key = "sk-demo-" + secrets.token_hex(8)
     secret = secrets.token_urlsafe(24)
@@ -77,6 +85,7 @@ async def run_demo(port: int, once: bool, delay: float) -> int:
         upstream_url = await nursery.start(serve_mock, MockOpenAI(api_key=api_key, delay=delay))
         receiver_url = await nursery.start(serve_receiver, receiver)
         jobs_dir = tempfile.mkdtemp(prefix="parkway-demo-")
+        port = port or _free_port()  # job URLs are built from the configured public_url: known before listening
         config = Config(
             server=ServerConfig(listen=(f"127.0.0.1:{port}",), drain_timeout=2.0),
             credentials=(
@@ -91,7 +100,12 @@ async def run_demo(port: int, once: bool, delay: float) -> int:
             ),
             cors=CorsConfig(),
             admin=AdminConfig(listen=()),
-            jobs=JobsConfig(enabled=True, path=os.path.join(jobs_dir, "jobs.sqlite3"), poll_interval=0.2),
+            jobs=JobsConfig(
+                enabled=True,
+                public_url=f"http://127.0.0.1:{port}",
+                path=os.path.join(jobs_dir, "jobs.sqlite3"),
+                poll_interval=0.2,
+            ),
         )
         parkway = Parkway(config)
         addresses = await nursery.start(parkway.run)

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import parse_qsl
 
+import trio
+
 from .. import cors, forwarding, policy
 from ..config import Config, Credential
-from ..errors import MethodNotAllowed, NotFound
+from ..errors import MethodNotAllowed, NotFound, Overloaded
 from ..forwarding import Headers
 from ..http.connection import HTTPConnection, RequestHead
 from ..metrics import Metrics
@@ -60,16 +62,22 @@ def _json(document: object) -> bytes:
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _json_headers(body: bytes) -> Headers:
-    return [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-    ]
+def _json_headers(body: bytes | None) -> Headers:
+    """JSON headers; without ``body`` (a streamed document) no Content-Length: chunked."""
+    length = [] if body is None else [(b"content-length", str(len(body)).encode())]
+    return [(b"content-type", b"application/json"), *length, (b"cache-control", b"no-store")]
 
 
 def _extra_headers(config: Config, origin: str | None, request_id: str) -> Headers:
     return [*cors.response_headers(config.cors, origin), (b"x-request-id", request_id.encode())]
+
+
+# A read whose answer is larger than this is streamed, and only LARGE_READS of them run at once
+# per process: a reader that stops reading keeps its job's answer in memory until
+# client_write_timeout, so 40 stalled reads of a 4 MB answer must not hold 40 copies.
+LARGE_READ_BYTES = 1 << 20
+LARGE_READS = 4
+LARGE_READ_WAIT = 10.0  # seconds a large read waits for its turn, then 503 job_reads_busy
 
 
 def no_such_job(config: Config) -> NotFound:
@@ -89,6 +97,9 @@ class JobAPI:
         self.runner = runner
         self.metrics = metrics
         self.clock = clock
+        self.large_reads = trio.Semaphore(LARGE_READS)
+        self.large_read_wait = LARGE_READ_WAIT
+        self.reads_waiting = 0  # large reads waiting for their turn (they hold no answer meanwhile)
 
     async def accept(self, head: RequestHead, conn: HTTPConnection, config: Config, plan: Planned) -> Job:
         """Check the body, store the job and answer 202 at once.
@@ -106,23 +117,24 @@ class JobAPI:
             await check_callback_address(callback, callback_policy(credential, config.server.allow_private_upstreams))
         forwarded = forwarding.request_headers(head.headers, credential.headers, plan.ctx)
         request = JobRequest(head.method, plan.upstream_url, stored_headers(forwarded, credential.headers), body)
-        host = head.header(b"host") or "localhost"
         job = jobs.new_job(
             credential=credential.id,
             request=request,
-            status_url_prefix=status_url_prefix(plan.ctx.proto, host, plan.prefix),
+            status_url_prefix=status_url_prefix(config.jobs.public_url),
             callback=callback,
             user=plan.user,
             now=self.clock(),
         )
-        await self.store.add(job, max_queued=config.jobs.max_jobs_queued)
+        await self.store.add(
+            job, max_queued=config.jobs.max_jobs_queued, max_queued_credential=config.job_limits(credential)[0]
+        )
         if self.runner is not None:
             self.runner.notify()
         if self.metrics is not None:
             self.metrics.jobs_created.labels(credential.id, "poll" if callback is None else "callback").inc()
         answer = _json(jobs.accepted_document(job))
         headers = _json_headers(answer) + [
-            (b"location", f"{plan.prefix}/jobs/{job.id}".encode()),
+            (b"location", job.status_url.encode()),
             (b"preference-applied", b"respond-async"),
             *_extra_headers(config, plan.origin, plan.request_id),
         ]
@@ -145,10 +157,47 @@ class JobAPI:
             job = await self.store.get(job_id, now=now)
         if job is None:
             raise no_such_job(config)
+        if job.result is not None and len(job.result.body) > LARGE_READ_BYTES and head.method != "HEAD":
+            del job  # a reader waiting for its turn holds no answer
+            return await self._large_read(head, conn, config, job_id, extra_headers)
+        return await self._send_job(head, conn, job, extra_headers)
+
+    async def _large_read(
+        self, head: RequestHead, conn: HTTPConnection, config: Config, job_id: str, extra_headers: Headers
+    ) -> int:
+        """A read of a large answer, in its turn: at most ``LARGE_READS`` hold an answer at once."""
+        self.reads_waiting += 1
+        try:
+            with trio.move_on_after(self.large_read_wait) as waited:
+                await self.large_reads.acquire()
+        finally:
+            self.reads_waiting -= 1
+        if waited.cancelled_caught:
+            raise Overloaded(
+                f"{LARGE_READS} large job answers are being sent already; try again shortly",
+                code="job_reads_busy",
+                retry_after=1,
+            )
+        try:
+            job = await self.store.get(job_id, now=self.clock())  # read again, now that it may be held
+            if job is None:
+                raise no_such_job(config)
+            return await self._send_job(head, conn, job, extra_headers)
+        finally:
+            self.large_reads.release()
+
+    async def _send_job(self, head: RequestHead, conn: HTTPConnection, job: Job, extra_headers: Headers) -> int:
         query = dict(parse_qsl(head.query))
         if head.method != "DELETE" and query.get("stream") == "true" and job.result is not None:
             await self._replay(conn, job.result, extra_headers, head.method == "HEAD")
             return job.result.status
+        if job.result is not None and len(job.result.body) > LARGE_READ_BYTES and head.method != "HEAD":
+            # Streamed: the answer is encoded as it is sent, never held as a whole document.
+            await conn.send_head(200, _json_headers(None) + extra_headers, flush=False)
+            for piece in jobs.status_document_chunks(job):
+                await conn.send_data(piece)
+            await conn.send_end()
+            return 200
         answer = _json(jobs.status_document(job))
         await conn.send_full(200, _json_headers(answer) + extra_headers, b"" if head.method == "HEAD" else answer)
         return 200

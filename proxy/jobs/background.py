@@ -15,15 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from ..errors import Forbidden
-from ..urls import InvalidURL, normalize_url
+from ..urls import InvalidURL, client_text, normalize_url, path_ambiguity
 from .model import JobsConfig, Pairs
 
 _TRUE = frozenset({"1", "true", "yes"})
-# Not kept for the upstream call: framing, the preference itself (Parkway honours it, the
-# upstream must answer normally) and compression (the answer is stored and shown as text).
-_NOT_STORED = frozenset({"content-length", "prefer", "accept-encoding"})
+# Not kept for the upstream call: framing and the preference itself (Parkway honours it, the
+# upstream must answer normally). Accept-Encoding is kept: the job asks for what the client
+# asked for, as a proxied request does (none: an identity answer, stored as text).
+_NOT_STORED = frozenset({"content-length", "prefer"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,15 @@ def check_callback(url: str, credential: str, allowed_callbacks: tuple[str, ...]
         normalised = normalize_url(url)
     except InvalidURL as exc:
         raise Forbidden(f"{url!r} is not a callback URL: {exc}", code="callback_not_allowed") from None
+    # The prefix check below is only as good as the path it reads: the same rule as for upstreams.
+    path = urlsplit(normalised).path
+    ambiguity = path_ambiguity(path)
+    if ambiguity is not None:
+        raise Forbidden(
+            f"callback path {client_text(path)} is refused: {ambiguity}, which a receiver may decode into "
+            "another path than the one allowed",
+            code="ambiguous_path",
+        )
     if not any(normalised.startswith(prefix) for prefix in allowed_callbacks):
         raise Forbidden(
             f"callback {normalised.split('?', 1)[0]} is not within the allowed_callbacks of credential {credential!r}",
@@ -96,9 +107,11 @@ def job_id_from_path(path: str, prefixes: Iterable[str] = ()) -> str | None:
     return None
 
 
-def status_url_prefix(proto: str, host: str, prefix: str) -> str:
-    """Where this client reaches the jobs, as seen from outside (``https://app.example/ai/jobs``)."""
-    return f"{proto}://{host}{prefix}/jobs"
+def status_url_prefix(public_url: str) -> str:
+    """Where clients reach the jobs from outside (``https://app.example/ai/jobs``): from the
+    configured ``[jobs] public_url`` alone, never from a request's Host or X-Forwarded-* headers,
+    which would let a client point a signed webhook's ``body_url`` at a host of its choosing."""
+    return f"{public_url.rstrip('/')}/jobs"
 
 
 def stored_headers(forwarded: Iterable[tuple[bytes, bytes]], injected: Iterable[tuple[str, str]]) -> Pairs:

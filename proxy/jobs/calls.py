@@ -92,6 +92,11 @@ def _translate(exc: httpx.HTTPError, host: str) -> UpstreamError:
     return UpstreamError(f"request to {host} failed: {reason}")
 
 
+# Headers httpx adds to every request unless given: a job sends only what its client sent (as
+# a proxied request does), so ``Accept-Encoding: gzip, deflate`` never turns a stored answer into gzip.
+_CLIENT_DEFAULTS = ("accept", "accept-encoding", "user-agent")
+
+
 def run_headers(job: Job, credential: Credential) -> Headers:
     """The stored request headers with the credential's injected ones added (they override)."""
     injected = {n.lower() for n, _ in credential.headers}
@@ -119,6 +124,10 @@ async def fetch_answer(client: httpx.AsyncClient, job: Job, credential: Credenti
         extensions={POLICY_EXTENSION: upstream_policy(credential, server.allow_private_upstreams)},
         timeout=httpx.Timeout(connect=server.upstream_connect_timeout, read=None, write=None, pool=None),
     )
+    sent = {n.lower() for n, _ in job.request.headers}
+    for name in _CLIENT_DEFAULTS:
+        if name not in sent and name in request.headers:
+            del request.headers[name]
     try:
         with trio.fail_after(server.upstream_first_byte_timeout):
             response = await client.send(request, stream=True)

@@ -17,10 +17,11 @@ the stores persist them and the runner does the I/O. Ids come from :mod:`secrets
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -53,6 +54,10 @@ class JobsConfig:
     deliveries are retried. A TOML file turns jobs on by having the table."""
 
     enabled: bool = False
+    # Where clients reach Parkway from outside, public prefix included ("https://app.example.com/ai"):
+    # job URLs (the 202, status documents, webhooks) are <public_url>/jobs/<id>, never built from
+    # a request's Host, which the client chooses. Required when jobs are on.
+    public_url: str = ""
     store: str = "sqlite"  # sqlite | redis (the [state] Redis: its url and key_prefix)
     path: str = "parkway-jobs.sqlite3"  # the SQLite file
     max_jobs_in_flight: int = 16  # upstream calls this process runs at once
@@ -66,6 +71,7 @@ class JobsConfig:
     max_result_bytes: int = 16 * 1024 * 1024  # a larger answer fails the job
     inline_payload_bytes: int = 256 * 1024  # larger answers are linked from the webhook, not inlined
     poll_interval: float = 1.0  # how often the store is asked for work other processes queued
+    purge_interval: float = 60.0  # how often expired jobs (prompt and answer) are deleted from the store
     async_param: str = "pw_async"  # signed parameter allowing Prefer: respond-async
     callback_param: str = "pw_callback"  # signed parameter naming where to deliver
 
@@ -76,6 +82,22 @@ class JobsConfig:
     @property
     def schedule(self) -> RetrySchedule:
         return RetrySchedule(self.retry_schedule, self.max_delivery_age)
+
+
+def credential_job_limits(
+    settings: JobsConfig, *, max_queued: int | None, max_running: int | None, credentials: int
+) -> tuple[int, int]:
+    """(jobs one credential may have queued, jobs of it one process runs at once).
+
+    Unset, each is the credential's share of the global limit (``max_jobs_queued`` and
+    ``max_jobs_in_flight`` divided by the number of credentials), so one tenant filling its
+    share leaves every other one its own. Set, they may add up to more than the global limits,
+    which still hold.
+    """
+    share = max(1, credentials)
+    queued = max_queued if max_queued is not None else max(1, settings.max_jobs_queued // share)
+    running = max_running if max_running is not None else max(1, -(-settings.max_jobs_in_flight // share))
+    return queued, running
 
 
 def new_job_id() -> str:
@@ -140,7 +162,7 @@ class Job:
     credential: str
     created_at: float
     request: JobRequest
-    status_url: str  # absolute, as the client reached Parkway
+    status_url: str  # absolute: [jobs] public_url + /jobs/<id>
     webhook_id: str
     callback: str | None = None
     user: str | None = None
@@ -236,6 +258,14 @@ def requeued(job: Job) -> Job:
     return _move(job, QUEUED, owner=None, lease_until=None)
 
 
+def released(job: Job) -> Job:
+    """Given back before its run began (its credential or user was at ``max_concurrent``): queued
+    again in its place, the claim not counted as an attempt."""
+    if job.status != IN_PROGRESS:
+        raise InvalidTransition(f"job {job.id[:12]}… is {job.status}, not claimed")
+    return _move(job, QUEUED, owner=None, lease_until=None, attempts=max(0, job.attempts - 1), started_at=None)
+
+
 # --- delivery schedule ----------------------------------------------------------------------------
 
 
@@ -319,9 +349,10 @@ def response_url(job: Job) -> str:
     return f"{job.status_url}?stream=true"
 
 
-def status_document(job: Job, *, inline_limit: int | None = None) -> dict[str, Any]:
+def status_document(job: Job, *, inline_limit: int | None = None, include_body: bool = True) -> dict[str, Any]:
     """The JSON of ``GET /jobs/<id>`` and of a delivery's ``data``; the answer's body inline
-    (text, or ``body_base64`` when not UTF-8) up to ``inline_limit`` bytes, else a link."""
+    (text, or ``body_base64`` when not UTF-8) up to ``inline_limit`` bytes, else a link.
+    ``include_body=False`` leaves the inline body out (:func:`status_document_chunks` adds it)."""
     doc: dict[str, Any] = {
         "id": job.id,
         "object": "job",
@@ -337,7 +368,7 @@ def status_document(job: Job, *, inline_limit: int | None = None) -> dict[str, A
         if inline_limit is not None and len(r.body) > inline_limit:
             response["body_url"] = response_url(job)
             response["body_bytes"] = len(r.body)
-        else:
+        elif include_body:
             try:
                 response["body"] = r.body.decode("utf-8")
             except UnicodeDecodeError:
@@ -346,6 +377,49 @@ def status_document(job: Job, *, inline_limit: int | None = None) -> dict[str, A
     if job.error is not None:
         doc["error"] = {"code": job.error.code, "message": job.error.message}
     return doc
+
+
+def _dumps(document: object) -> bytes:
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _is_utf8(data: bytes, chunk_bytes: int) -> bool:
+    """Whether ``data`` is UTF-8, checked piece by piece (no second copy of it as text)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        for i in range(0, len(data), chunk_bytes):
+            decoder.decode(data[i : i + chunk_bytes])
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def status_document_chunks(job: Job, *, chunk_bytes: int = 65536) -> Iterator[bytes]:
+    """:func:`status_document` as JSON bytes, in pieces of about ``chunk_bytes``: the answer's body
+    is encoded piece by piece as they are sent, so a large answer is never held a second and a
+    third time (as text, then as JSON), and a reader that stops reading holds one piece.
+
+    The pieces joined are exactly the JSON of :func:`status_document`.
+    """
+    result = job.result
+    if result is None or job.error is not None:
+        yield _dumps(status_document(job))
+        return
+    head = _dumps(status_document(job, include_body=False))  # the response object comes last
+    body = result.body
+    text = _is_utf8(body, chunk_bytes)
+    yield head[:-2] + (b',"body":"' if text else b',"body_base64":"')
+    if text:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        for i in range(0, len(body), chunk_bytes):
+            piece = decoder.decode(body[i : i + chunk_bytes], final=i + chunk_bytes >= len(body))
+            yield json.dumps(piece, ensure_ascii=False)[1:-1].encode()
+    else:
+        step = max(3, chunk_bytes // 4 * 3)  # whole base64 quanta: the pieces join without padding
+        for i in range(0, len(body), step):
+            yield base64.b64encode(body[i : i + step])
+    yield b'"}}'
 
 
 def accepted_document(job: Job) -> dict[str, Any]:
@@ -365,14 +439,19 @@ def webhook_payload(job: Job, *, inline_limit: int) -> bytes:
         "timestamp": _iso(job.finished_at),
         "data": status_document(job, inline_limit=inline_limit),
     }
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    return _dumps(payload)
 
 
-def replay_chunks(result: JobResult, chunk_bytes: int = 65536) -> list[bytes]:
+_EVENT = re.compile(rb".*?(?:\n\n|\r\n\r\n)|.+", re.DOTALL)
+
+
+def replay_chunks(result: JobResult, chunk_bytes: int = 65536) -> Iterator[bytes]:
     """A stored answer cut where it was written: an event stream by its events (blank line
-    after each), anything else in ``chunk_bytes`` pieces."""
+    after each), anything else in ``chunk_bytes`` pieces; made as they are sent, not all at once."""
     body = result.body
     if "text/event-stream" in result.content_type.lower():
-        events = re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", body)
-        return [e for e in events if e]
-    return [body[i : i + chunk_bytes] for i in range(0, len(body), chunk_bytes)]
+        for event in _EVENT.finditer(body):
+            yield event.group()
+        return
+    for i in range(0, len(body), chunk_bytes):
+        yield body[i : i + chunk_bytes]

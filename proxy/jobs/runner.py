@@ -23,17 +23,19 @@ import os
 import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import httpx2 as httpx
 import structlog
 import trio
 
+from .. import limits
 from ..config import Config, StateConfig
 from ..errors import ParkwayError
-from ..limits import Outage
+from ..limits import Lease, Outage, StateBackend
 from ..metrics import Metrics
 from . import model as jobs
 from .calls import fetch_answer, post_webhook
@@ -73,14 +75,22 @@ class JobRunner:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         owner: str | None = None,
+        state: StateBackend | None = None,
     ):
         self.store = store
+        self.state = state  # the limits' state: a run holds its credential's and user's max_concurrent slots
         self.client = client
         self.config = config
         self.metrics = metrics
         self.clock = clock
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.running: dict[str, trio.CancelScope] = {}
+        self.running_by_credential: Counter[str] = Counter()
+        # Jobs given back because their credential or user was at max_concurrent: passed over
+        # until this (trio) time, or until a run here ends.
+        self.deferred: dict[str, float] = {}
+        self.deferred_credentials: dict[str, float] = {}  # the same for a credential at its max_concurrent
+        self.deferrals: Counter[str] = Counter()  # jobs given back, by the scope of the full limit
         self.accepting = True
         self._work: trio.Nursery | None = None
         self._wake_jobs = trio.Event()
@@ -99,6 +109,7 @@ class JobRunner:
         """Claim and run jobs and deliveries until :meth:`drain` has finished."""
         async with trio.open_nursery() as outer:
             outer.start_soon(self._renew_leases)
+            outer.start_soon(self._purge_expired)
             async with trio.open_nursery() as work:
                 self._work = work
                 work.start_soon(self._claim_jobs)
@@ -135,25 +146,75 @@ class JobRunner:
 
     # --- jobs -----------------------------------------------------------------------------------
 
+    def _full_credentials(self, config: Config) -> frozenset[str]:
+        """Credentials whose jobs run here at their ``max_jobs_running`` already."""
+        full = set()
+        for credential_id, count in self.running_by_credential.items():
+            credential = config.credential(credential_id)
+            if credential is not None and count >= config.job_limits(credential)[1]:
+                full.add(credential_id)
+        return frozenset(full)
+
     async def _claim_jobs(self) -> None:
         assert self._work is not None
         while self.accepting:
-            settings = self.settings
+            config = self.config()
+            settings = config.jobs
             job = None
             if len(self.running) < settings.max_jobs_in_flight:
-                job = await self._quietly(self.store.claim, self.owner, now=self.clock(), lease=settings.lease)
+                moment = trio.current_time()
+                self.deferred = {i: until for i, until in self.deferred.items() if until > moment}
+                self.deferred_credentials = {c: u for c, u in self.deferred_credentials.items() if u > moment}
+                skip_credentials = self._full_credentials(config) | self.deferred_credentials.keys()
+                job = await self._quietly(
+                    self.store.claim, self.owner, now=self.clock(), lease=settings.lease,
+                    skip_credentials=skip_credentials, skip_ids=frozenset(self.deferred),
+                )  # fmt: skip
             if job is None:
                 await self._sleep_until_woken("_wake_jobs")
                 continue
+            lease = await self._take_concurrency(job, config)
+            if lease is False:
+                continue  # given back: its credential or user is at max_concurrent
             scope = trio.CancelScope()
             self.running[job.id] = scope
-            self._work.start_soon(self._run_job, job, scope)
+            self.running_by_credential[job.credential] += 1
+            self._work.start_soon(self._run_job, job, scope, lease)
+
+    async def _take_concurrency(self, job: Job, config: Config) -> Lease | None | Literal[False]:
+        """The job's slots of its credential's and user's ``max_concurrent`` (shared with proxied
+        requests), or False when one is full: then the job goes back to the queue in its place,
+        passed over for ``poll_interval`` (or until a run here ends)."""
+        credential = config.credential(job.credential)
+        if self.state is None or credential is None:
+            return None
+        keys = limits.split_limits(
+            limits.limit_keys(credential.id, credential.limits, job.user, credential.user_limits)
+        )[1]
+        if not keys:
+            return None
+        try:
+            decision = await self.state.acquire(keys, trio.current_time())
+        except ParkwayError:  # the state store failed closed: try again later
+            decision = limits.Decision(False)
+        if decision.allowed:
+            return decision.lease
+        until = trio.current_time() + config.jobs.poll_interval
+        if decision.scope == limits.CREDENTIAL:  # none of its jobs can run: pass over all of them
+            self.deferred_credentials[job.credential] = until
+        else:  # its user's: other users' jobs of the credential may run
+            self.deferred[job.id] = until
+        await self._quietly(self.store.finish, jobs.released(job), self.owner)
+        self.deferrals[decision.scope or "unknown"] += 1
+        self._changed()
+        log.info("job_deferred", job=job.id[:12], credential=job.credential, limit=decision.limit, scope=decision.scope)
+        return False
 
     def _changed(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
 
-    async def _run_job(self, job: Job, scope: trio.CancelScope) -> None:
+    async def _run_job(self, job: Job, scope: trio.CancelScope, lease: Lease | None = None) -> None:
         settings = self.settings
         log.info("job_started", job=job.id[:12], credential=job.credential, attempt=job.attempts)
         try:
@@ -184,6 +245,14 @@ class JobRunner:
             raise
         finally:
             del self.running[job.id]
+            self.running_by_credential[job.credential] -= 1
+            if not self.running_by_credential[job.credential]:
+                del self.running_by_credential[job.credential]
+            if lease is not None and self.state is not None:
+                with trio.CancelScope(shield=True):
+                    await self.state.release(lease)
+            self.deferred.clear()  # a slot may have come free: jobs passed over may run now
+            self.deferred_credentials.clear()
             self._wake_jobs.set()
             self._changed()
 
@@ -214,6 +283,16 @@ class JobRunner:
                 until = self.clock() + settings.lease
                 if await self._quietly(self.store.renew, job_id, self.owner, until=until) is False:
                     scope.cancel()
+
+    async def _purge_expired(self) -> None:
+        """Delete jobs past their ``result_ttl`` (prompt and answer with them), at start and then
+        every ``purge_interval``: a 404 alone would leave them on disk. Any process may purge."""
+        while True:
+            purged = await self._quietly(self.store.purge, now=self.clock())
+            if purged:
+                log.info("jobs_purged", count=purged)
+                self._changed()
+            await trio.sleep(self.settings.purge_interval)
 
     # --- deliveries -----------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -23,7 +23,7 @@ import trio
 from ..errors import Overloaded
 from . import model as jobs
 from .model import Job
-from .store import QueueFull, StoreStats, expired, index_of, job_from_json, job_to_json
+from .store import QueueFull, StoreStats, credential_queue_full, expired, index_of, job_from_json, job_to_json
 
 log = structlog.get_logger("parkway.jobs")
 T = TypeVar("T")
@@ -36,12 +36,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until REAL,
     delivery_at REAL,
     expires_at  REAL,
-    record      BLOB NOT NULL
+    record      BLOB NOT NULL,
+    credential  TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (queued_at) WHERE queued_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_leases ON jobs (lease_until) WHERE lease_until IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_deliveries ON jobs (delivery_at) WHERE delivery_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at) WHERE expires_at IS NOT NULL;
+"""
+# After the credential column exists (a file from before it gets it added and filled first).
+CREDENTIAL_INDEX = """
+CREATE INDEX IF NOT EXISTS jobs_credential_queued ON jobs (credential, queued_at) WHERE queued_at IS NOT NULL;
 """
 
 
@@ -71,7 +76,13 @@ class SQLiteJobStore:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
+            # A deleted record's bytes (the prompt, the answer) are overwritten, not left in free pages.
+            db.execute("PRAGMA secure_delete=ON")
             db.executescript(SCHEMA)
+            if "credential" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}:
+                db.execute("ALTER TABLE jobs ADD COLUMN credential TEXT")
+                db.execute("UPDATE jobs SET credential = json_extract(CAST(record AS TEXT), '$.credential')")
+            db.executescript(CREDENTIAL_INDEX)
         except BaseException:
             db.close()
             raise
@@ -113,10 +124,11 @@ class SQLiteJobStore:
     def _write(db: sqlite3.Connection, job: Job) -> None:
         i = index_of(job)
         db.execute(
-            "INSERT OR REPLACE INTO jobs (id, status, queued_at, lease_until, delivery_at, expires_at, record)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (job.id, job.status, i.queued_at, i.lease_until, i.delivery_at, i.expires_at, job_to_json(job)),
-        )
+            "INSERT OR REPLACE INTO jobs (id, status, queued_at, lease_until, delivery_at, expires_at, record,"
+            " credential) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (job.id, job.status, i.queued_at, i.lease_until, i.delivery_at, i.expires_at, job_to_json(job),
+             job.credential),
+        )  # fmt: skip
 
     @staticmethod
     def _read(db: sqlite3.Connection, job_id: str) -> Job | None:
@@ -133,11 +145,17 @@ class SQLiteJobStore:
 
     # --- the protocol ---------------------------------------------------------------------------
 
-    async def add(self, job: Job, *, max_queued: int) -> None:
+    async def add(self, job: Job, *, max_queued: int, max_queued_credential: int | None = None) -> None:
         def work(db: sqlite3.Connection) -> None:
             (queued,) = db.execute("SELECT count(*) FROM jobs WHERE queued_at IS NOT NULL").fetchone()
             if queued >= max_queued:
                 raise QueueFull(f"{queued} jobs are queued (max_jobs_queued = {max_queued})")
+            if max_queued_credential is not None:
+                (mine,) = db.execute(
+                    "SELECT count(*) FROM jobs WHERE queued_at IS NOT NULL AND credential = ?", (job.credential,)
+                ).fetchone()
+                if mine >= max_queued_credential:
+                    raise QueueFull(credential_queue_full(job.credential, mine, max_queued_credential))
             self._write(db, job)
 
         await self._transaction(work)
@@ -146,13 +164,27 @@ class SQLiteJobStore:
         job = await self._transaction(lambda db: self._read(db, job_id), write=False)
         return None if job is None or expired(job, now) else job
 
-    async def claim(self, owner: str, *, now: float, lease: float) -> Job | None:
+    async def claim(
+        self, owner: str, *, now: float, lease: float, skip_credentials: Set[str] = frozenset(),
+        skip_ids: Set[str] = frozenset(),
+    ) -> Job | None:  # fmt: skip
+        skipped = "".join(
+            f" AND {column} NOT IN ({', '.join('?' * len(values))})"
+            for column, values in (("credential", skip_credentials), ("id", skip_ids))
+            if values
+        )
+        skip_args = (*skip_credentials, *skip_ids)
+
         def work(db: sqlite3.Connection) -> Job | None:
             # A job whose runner died (lease run out) first: it has waited longest.
             job = self._first(
-                db, "SELECT id, record FROM jobs WHERE lease_until <= ? ORDER BY lease_until LIMIT 1", (now,)
+                db,
+                f"SELECT id, record FROM jobs WHERE lease_until <= ?{skipped} ORDER BY lease_until LIMIT 1",
+                (now, *skip_args),
             ) or self._first(
-                db, "SELECT id, record FROM jobs WHERE queued_at IS NOT NULL ORDER BY queued_at LIMIT 1", ()
+                db,
+                f"SELECT id, record FROM jobs WHERE queued_at IS NOT NULL{skipped} ORDER BY queued_at LIMIT 1",
+                skip_args,
             )
             if job is None:
                 return None
@@ -210,7 +242,22 @@ class SQLiteJobStore:
         await self._transaction(lambda db: self._write(db, job))
 
     async def purge(self, *, now: float) -> int:
-        return await self._transaction(lambda db: db.execute("DELETE FROM jobs WHERE expires_at <= ?", (now,)).rowcount)
+        """Delete expired jobs; their bytes are zeroed in the file (``secure_delete``) and the WAL,
+        which still holds the pages as they were, is checkpointed and truncated."""
+        purged = await self._transaction(
+            lambda db: db.execute("DELETE FROM jobs WHERE expires_at <= ?", (now,)).rowcount
+        )
+        if purged:
+            try:
+                await trio.to_thread.run_sync(self._checkpoint)
+            except sqlite3.Error as exc:  # busy: the next purge's checkpoint does it
+                log.warning("job_store_checkpoint_failed", store="sqlite", error=str(exc))
+        return int(purged)
+
+    def _checkpoint(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     async def stats(self, *, now: float) -> StoreStats:
         def work(db: sqlite3.Connection) -> StoreStats:

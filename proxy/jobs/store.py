@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -117,6 +117,10 @@ class QueueFull(Overloaded):
         super().__init__(message, retry_after=retry_after)
 
 
+def credential_queue_full(credential: str, queued: int, limit: int) -> str:
+    return f"credential {credential!r} has {queued} jobs queued (its max_jobs_queued = {limit})"
+
+
 class JobStore(Protocol):
     """Where jobs live; every method is atomic against other runners of the same store.
 
@@ -124,14 +128,19 @@ class JobStore(Protocol):
     ``now`` is UNIX seconds from the caller's clock.
     """
 
-    async def add(self, job: Job, *, max_queued: int) -> None:
-        """Store a new queued job; raise QueueFull when ``max_queued`` are already queued."""
+    async def add(self, job: Job, *, max_queued: int, max_queued_credential: int | None = None) -> None:
+        """Store a new queued job; raise QueueFull when ``max_queued`` jobs are already queued, or
+        ``max_queued_credential`` of the job's credential."""
 
     async def get(self, job_id: str, *, now: float) -> Job | None:
         """The job, or None when it never existed or has expired."""
 
-    async def claim(self, owner: str, *, now: float, lease: float) -> Job | None:
-        """Take the oldest runnable job (queued, or in_progress with an expired lease) as :func:`claimed`."""
+    async def claim(
+        self, owner: str, *, now: float, lease: float, skip_credentials: Set[str] = frozenset(),
+        skip_ids: Set[str] = frozenset(),
+    ) -> Job | None:  # fmt: skip
+        """Take the oldest runnable job (queued, or in_progress with an expired lease) as :func:`claimed`,
+        passing over those of ``skip_credentials`` (at their running limit here) and ``skip_ids``."""
 
     async def renew(self, job_id: str, owner: str, *, until: float) -> bool:
         """Extend ``owner``'s lease; False once the job is no longer its own (cancelled, reclaimed)."""

@@ -16,6 +16,7 @@ pure functions over plain values, tested table by table:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -36,6 +37,9 @@ class WebSocketConfig:
     # Largest message either side may send, reassembled from its fragments. Realtime audio
     # frames are large; trio-websocket's own default (1 MiB) cuts real sessions.
     max_message_size: int = 16 * MIB
+    # Frames one message may arrive in. Each frame costs parsing time whatever its size (an
+    # empty continuation frame carries nothing), so their number is bounded too; past it: 1009.
+    max_message_frames: int = 1024
     # Whole messages buffered per direction before the reader stops reading that side (back
     # pressure): memory per direction is at most (queue + 2) x max_message_size.
     message_queue_size: int = 4
@@ -82,6 +86,7 @@ def check_handshake(http_version: str, headers: Mapping[str, str]) -> None:
         raise bad("Sec-WebSocket-Key is missing")
     if "transfer-encoding" in headers or headers.get("content-length", "0").strip() != "0":
         raise bad("a handshake has no body")
+    parse_subprotocols(headers.get("sec-websocket-protocol"))
 
 
 def handshake_request(target: str, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
@@ -158,11 +163,33 @@ def upstream_headers(
 
 # Subprotocols that carry a credential: OpenAI's browser example puts the API key in one.
 KEY_SUBPROTOCOL_PREFIXES = ("openai-insecure-api-key.",)
+# RFC 9110 5.6.2: token = 1*tchar.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def parse_subprotocols(value: str | None) -> tuple[str, ...]:
-    """``Sec-WebSocket-Protocol`` (repeats joined with ``,``) as a tuple, in the client's order."""
-    return tuple(t.strip() for t in (value or "").split(",") if t.strip())
+    """``Sec-WebSocket-Protocol`` (repeats joined with ``,``) as a tuple, in the client's order.
+
+    The header is ``1#token`` (RFC 6455 11.3.4, RFC 9110 5.6.1): elements separated by commas
+    with optional spaces or tabs around them, empty elements ignored. Anything else (a space or
+    ``;`` inside an element, a quoted string) is refused with 400 rather than guessed at: a
+    lenient split could read ``realtime openai-insecure-api-key.sk-…`` as one harmless-looking
+    element and forward the key inside it.
+    """
+    protocols: list[str] = []
+    for element in (value or "").split(","):
+        element = element.strip(" \t")
+        if not element:
+            continue
+        if not _TOKEN.fullmatch(element):
+            # Never the element itself: it may hold a key.
+            raise BadRequest(
+                "invalid WebSocket handshake: Sec-WebSocket-Protocol must be a comma-separated list of tokens"
+                f" (element {len(protocols) + 1} is not a token)",
+                code="bad_websocket_handshake",
+            )
+        protocols.append(element)
+    return tuple(protocols)
 
 
 def split_subprotocols(proposed: Iterable[str]) -> tuple[tuple[str, ...], int]:
@@ -222,7 +249,7 @@ class Ending:
     side: str | None = None  # CLIENT | UPSTREAM when that side ended it
     code: int = ABNORMAL
     reason: str | None = None
-    overflow: bool = False  # Parkway closed that side with 1009 for a message over the limit
+    overflow: bool = False  # Parkway closed that side with 1009 for a message over its limits (reason: which)
     why: str | None = None  # IDLE | MAX_DURATION | CANCELLED when Parkway ended it
 
 
@@ -261,13 +288,15 @@ def decide_close(
         return Closing((GOING_AWAY, reason), (GOING_AWAY, reason), ending.why, "parkway", level)
     if ending.side == CLIENT:
         if ending.overflow:
-            why = f"client sent a message above {max_message_size} bytes"
+            why = f"client sent a {ending.reason or f'message above {max_message_size} bytes'}"
             return Closing(None, (GOING_AWAY, why), TOO_BIG, "parkway", "warning")
         if ending.code == ABNORMAL:
             return Closing(None, (GOING_AWAY, "client went away"), CLIENT_GONE, CLIENT, "info")
         return Closing(None, sendable(ending.code, ending.reason), OK, CLIENT)
     if ending.overflow:
-        why = f"upstream sent a message above {max_message_size} bytes"
+        # Parkway's own limit: said in Parkway's words. An upstream's own 1009 (its limit, for a
+        # message the client sent) is not an overflow and passes through below, code and reason.
+        why = f"upstream sent a {ending.reason or f'message above {max_message_size} bytes'}"
         return Closing((MESSAGE_TOO_BIG, why), None, TOO_BIG, "parkway", "warning")
     if ending.code in (ABNORMAL, TLS_FAILURE):
         # Never a success: the client must learn that the session broke, not that it ended.
@@ -279,10 +308,40 @@ def decide_close(
 
 
 def message_size(message: str | bytes) -> int:
-    """Bytes on the wire of a message's payload (``isascii`` is O(1) in CPython)."""
+    """Bytes on the wire of a message's payload: UTF-8 for text (``isascii`` is O(1) in CPython)."""
     if isinstance(message, bytes) or message.isascii():
         return len(message)
     return len(message.encode("utf-8"))
+
+
+class MessageBudget:
+    """The bounds of one message as its frames arrive: payload bytes (UTF-8 for text) and frames.
+
+    Fed each frame's payload size before it is buffered, so nothing past the bound is ever
+    held: :meth:`add` returns why the message is refused (the close reason), or None. An
+    empty frame adds no bytes but counts as a frame. ``peak`` is the most bytes one message
+    held at once (a structural check of the memory bound).
+    """
+
+    __slots__ = ("bytes", "frames", "max_bytes", "max_frames", "peak")
+
+    def __init__(self, max_bytes: int, max_frames: int):
+        self.max_bytes, self.max_frames = max_bytes, max_frames
+        self.bytes = self.frames = self.peak = 0
+
+    def add(self, size: int, *, frame_finished: bool = True) -> str | None:
+        if self.bytes + size > self.max_bytes:
+            return f"message above {self.max_bytes} bytes"
+        if frame_finished and self.frames >= self.max_frames:
+            return f"message in more than {self.max_frames} frames"
+        self.bytes += size
+        self.frames += frame_finished
+        self.peak = max(self.peak, self.bytes)
+        return None
+
+    def reset(self) -> None:
+        """The message was passed on whole (or refused): the next one starts empty."""
+        self.bytes = self.frames = 0
 
 
 # --- usage from realtime events ----------------------------------------------------------------------

@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 import h11
 import trio
 from trio_websocket import (
+    CloseReason,
     ConnectionClosed,
     ConnectionRejected,
     WebSocketConnection,
-    wrap_client_stream,
-    wrap_server_stream,
+    WebSocketRequest,
 )
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import BytesMessage, CloseConnection, TextMessage
 from wsproto.utilities import ProtocolError as WSProtocolError
 
 from ..errors import ParkwayError, UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
@@ -56,6 +58,93 @@ class SessionPlan:
 class Traffic:
     messages: int = 0
     bytes: int = 0  # payload bytes of whole messages
+    peak_buffered: int = 0  # most bytes of one unfinished message held at once (<= max_message_size)
+
+
+class _BoundedConnection(WebSocketConnection):
+    """trio-websocket's connection with Parkway's message bounds enforced as frames arrive.
+
+    trio-websocket counts a text message in characters and keeps every fragment as its own
+    object until the message ends, so an empty continuation frame costs memory and time yet
+    counts for nothing. Here each frame is checked against a :class:`~proxy.websocket.policy.MessageBudget`
+    (UTF-8 bytes, frames per message) *before* it is kept, the fragments of one message go
+    into one buffer, and past a bound the peer is closed with 1009 saying which bound.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ws_connection: WSConnection,
+        *,
+        settings: WebSocketConfig,
+        host: str | None = None,
+        path: str | None = None,
+        client_subprotocols: tuple[str, ...] = (),
+        client_extra_headers: Headers | None = None,
+    ):
+        super().__init__(
+            stream,
+            ws_connection,
+            host=host,
+            path=path,
+            client_subprotocols=client_subprotocols,
+            client_extra_headers=client_extra_headers,
+            message_queue_size=settings.message_queue_size,
+            max_message_size=settings.max_message_size,
+            receive_buffer_size=RECEIVE_SIZE,
+        )
+        self.budget = ws_policy.MessageBudget(settings.max_message_size, settings.max_message_frames)
+        self.overflow: str | None = None  # why Parkway closed this side with 1009
+        self._buffer = bytearray()  # an unfinished message's payload so far
+
+    async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:
+        data: str | bytes = bytes(event.data) if isinstance(event.data, bytearray) else event.data
+        refused = self.budget.add(ws_policy.message_size(data), frame_finished=event.frame_finished)
+        if refused is not None:
+            self.overflow = refused
+            self._buffer = bytearray()
+            self.budget.reset()
+            self._close_reason = CloseReason(ws_policy.MESSAGE_TOO_BIG, refused)
+            await self._send(CloseConnection(code=ws_policy.MESSAGE_TOO_BIG, reason=refused))
+            await self._recv_channel.aclose()
+            # Stops the reader before the frames still parsed from the same read are looked at.
+            raise ConnectionClosed(self._close_reason)
+        if not event.message_finished:
+            # One buffer of the payload's bytes (text as UTF-8), not one object per fragment.
+            self._buffer += data.encode() if isinstance(data, str) else data
+            return
+        message: str | bytes = data  # unfragmented: passed on as wsproto made it, no copy
+        if self._buffer:
+            self._buffer += data.encode() if isinstance(data, str) else data
+            # wsproto has checked the UTF-8 fragment by fragment.
+            message = self._buffer.decode() if isinstance(data, str) else bytes(self._buffer)
+        self._buffer = bytearray()
+        self.budget.reset()
+        try:
+            await self._send_channel.send(message)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the receiving side closed: nothing to hand over (as trio-websocket does)
+
+
+async def _wrap_client(
+    nursery: trio.Nursery, stream: trio.abc.Stream, host: str, resource: str, *, subprotocols: tuple[str, ...],
+    extra_headers: Headers, settings: WebSocketConfig,
+) -> _BoundedConnection:  # fmt: skip
+    """trio-websocket's ``wrap_client_stream`` with :class:`_BoundedConnection`."""
+    connection = _BoundedConnection(
+        stream, WSConnection(ConnectionType.CLIENT), settings=settings, host=host, path=resource,
+        client_subprotocols=subprotocols, client_extra_headers=extra_headers,
+    )  # fmt: skip
+    nursery.start_soon(connection._reader_task)
+    await connection._open_handshake.wait()
+    return connection
+
+
+async def _wrap_server(nursery: trio.Nursery, stream: trio.abc.Stream, settings: WebSocketConfig) -> WebSocketRequest:
+    """trio-websocket's ``wrap_server_stream`` with :class:`_BoundedConnection`."""
+    connection = _BoundedConnection(stream, WSConnection(ConnectionType.SERVER), settings=settings)
+    nursery.start_soon(connection._reader_task)
+    return await connection._get_request()
 
 
 @dataclass(slots=True)
@@ -132,14 +221,17 @@ class _HandoverStream(trio.abc.Stream):
             raise UpstreamProtocolError(f"{self._peer} sent an invalid WebSocket handshake answer")
 
 
-def _ending(side: str, exc: ConnectionClosed) -> Ending:
+def _ending(side: str, exc: ConnectionClosed, ws: WebSocketConnection) -> Ending:
+    """How ``side`` ended: Parkway's own 1009 only when Parkway closed it (never read from the
+    reason text, which a peer may send too: its 1009 is passed on as its own)."""
+    overflow = getattr(ws, "overflow", None)
+    if overflow is not None:
+        return Ending(side, ws_policy.MESSAGE_TOO_BIG, overflow, overflow=True)
     reason = exc.reason
     if reason is None:
         return Ending(side)
-    # trio-websocket closes a side with 1009 and this reason when a message passes the limit.
     code = int(reason.code)  # wsproto's enum for known codes: a plain int in logs and decisions
-    overflow = code == ws_policy.MESSAGE_TOO_BIG and (reason.reason or "").startswith("Exceeded maximum")
-    return Ending(side, code, reason.reason, overflow=overflow)
+    return Ending(side, code, reason.reason)
 
 
 def _single(group: BaseExceptionGroup, host: str, answered: bool) -> BaseException:
@@ -229,16 +321,14 @@ class WebSocketProxy:
         raw = await self._connect(target, plan.address_policy)
         stream = _HandoverStream(raw, peer=target.host_header)
         try:
-            upstream = await wrap_client_stream(
+            upstream = await _wrap_client(
                 nursery,
-                stream,  # type: ignore[arg-type]  # any trio Stream works; the hint is narrower
+                stream,
                 target.host_header,
                 target.resource,
                 subprotocols=plan.subprotocols,
                 extra_headers=plan.headers,
-                message_queue_size=settings.message_queue_size,
-                max_message_size=settings.max_message_size,
-                receive_buffer_size=RECEIVE_SIZE,
+                settings=settings,
             )
         except BaseException:
             stream.handshake_over()  # what follows is our doing, not the upstream's
@@ -265,13 +355,7 @@ class WebSocketProxy:
             client_stream = _HandoverStream(raw, handshake)
             report.subprotocol = upstream.subprotocol
             try:
-                request = await wrap_server_stream(
-                    nursery,
-                    client_stream,
-                    message_queue_size=settings.message_queue_size,
-                    max_message_size=settings.max_message_size,
-                    receive_buffer_size=RECEIVE_SIZE,
-                )
+                request = await _wrap_server(nursery, client_stream, settings)
                 # The upstream chose among what the client offered (wsproto checks), so this is its choice.
                 chosen = upstream.subprotocol if upstream.subprotocol in request.proposed_subprotocols else None
                 client = await request.accept(subprotocol=chosen, extra_headers=plan.response_headers)
@@ -307,6 +391,9 @@ class WebSocketProxy:
             ending = await self._relay(client, upstream, settings, report, usage)
         finally:
             report.usage = usage.usage
+            for ws, traffic in ((client, report.from_client), (upstream, report.from_upstream)):
+                if isinstance(ws, _BoundedConnection):
+                    traffic.peak_buffered = ws.budget.peak
             if ending is None:  # cancelled from outside: the drain deadline, or a bug
                 ending = Ending(why=ws_policy.CANCELLED)
                 with trio.CancelScope(shield=True):
@@ -378,13 +465,13 @@ class WebSocketProxy:
                         try:
                             message = await src.get_message()
                         except ConnectionClosed as exc:
-                            return end(_ending(src_side, exc))
+                            return end(_ending(src_side, exc, src))
                         traffic.messages += 1
                         traffic.bytes += ws_policy.message_size(message)
                         try:
                             await dst.send_message(message)
                         except ConnectionClosed as exc:
-                            return end(_ending(dst_side, exc))
+                            return end(_ending(dst_side, exc, dst))
                         if feed is not None and type(message) is str:
                             feed(message)  # after the send: accounting never delays the client
                         moment = trio.current_time()

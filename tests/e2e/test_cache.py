@@ -24,7 +24,7 @@ from proxy.limits import LimitSpec
 from support.http import Call, Reply, call, read_until_eof, request_bytes
 from support.logs import watch_logs
 from support.metrics import parse_metrics
-from support.parkway import TEST_CREDENTIAL, Parkways, RunningParkway, make_config, redis_parkway_toml
+from support.parkway import TEST_CREDENTIAL, Parkways, RunningParkway, make_config, redis_parkway_toml, with_jobs
 from support.processes import ParkwayProcess, ProcessGroup, free_port, poll
 from support.redis import RedisServer
 from support.signing import SECRET, sign
@@ -439,7 +439,7 @@ async def test_a_background_request_bypasses_the_cache(nursery: trio.Nursery, up
     """An answer stored for direct calls is not what a job gets: a job makes its own upstream call."""
     jobs = JobsConfig(enabled=True, path=str(tmp_path / "jobs.sqlite3"), poll_interval=0.05)
     parkways = Parkways(nursery)
-    parkway = await parkways.start(replace(make_config(), jobs=jobs))
+    parkway = await parkways.start(with_jobs(make_config(), jobs))
     try:
         target = url(parkway, upstream, pw_cache="600", pw_async="1")
         assert (await call(parkway.port, "POST", target, body=BODY)).headers["cache-status"].endswith("stored")

@@ -8,7 +8,9 @@ tests that restart or kill Parkway run it as real ``parkway serve`` processes
 from __future__ import annotations
 
 import json
+import socket
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,13 +21,16 @@ import pytest
 import trio
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from proxy.app import Parkway
 from proxy.config import AdminConfig, Credential
+from proxy.errors import ConfigError
 from proxy.jobs import model as jobs
 from proxy.jobs import webhooks
+from proxy.jobs.api import LARGE_READS
 from proxy.jobs.model import JobsConfig
 from proxy.limits import LimitSpec
 from support.metrics import scrape
-from support.parkway import RunningParkway, make_config, run_parkway
+from support.parkway import RunningParkway, make_config, run_parkway, with_jobs
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY, sign
 from support.upstream import Exchange, Upstream, hang, respond_with
 
@@ -51,17 +56,14 @@ async def receiver(nursery: trio.Nursery) -> Receiver:
     return await nursery.start(Receiver(respond_with(204, b"")).serve)
 
 
-def job_config(tmp_path: Path, upstream: Upstream, receiver: Upstream, **jobs_overrides: Any):
+def job_config(tmp_path: Path, upstream: Upstream, receiver: Upstream, *, prefix: str = "", **jobs_overrides: Any):
     credential = Credential(
         "app", (SECRET,), INJECTED, allowed_callbacks=(f"{receiver.base}/hooks/",), webhook_secrets=(WHSEC,)
     )
     settings = {"enabled": True, "path": str(tmp_path / "jobs.sqlite3"), "retry_schedule": (0.1, 0.1, 0.1),
                     "poll_interval": 0.05, "lease": 2.0}  # fmt: skip
-    return replace(
-        make_config(credentials=(credential,)),
-        jobs=JobsConfig(**{**settings, **jobs_overrides}),
-        admin=AdminConfig(listen=("127.0.0.1:0",)),
-    )
+    config = replace(make_config(credentials=(credential,)), admin=AdminConfig(listen=("127.0.0.1:0",)))
+    return with_jobs(config, JobsConfig(**{**settings, **jobs_overrides}), prefix=prefix)
 
 
 @pytest.fixture
@@ -108,7 +110,7 @@ async def test_background_request_end_to_end(parkway, upstream, receiver, client
     accepted = response.json()
     job_id = accepted["id"]
     assert accepted["status"] == "queued" and jobs.valid_job_id(job_id)
-    assert response.headers["location"] == f"/jobs/{job_id}"
+    assert response.headers["location"] == f"{parkway.base}/jobs/{job_id}"
     assert response.headers["preference-applied"] == "respond-async"
     assert accepted["status_url"] == f"{parkway.base}/jobs/{job_id}"
 
@@ -225,6 +227,30 @@ async def test_queue_full_is_503_with_retry_after(launch, tmp_path, upstream, re
     assert len(upstream.requests) == 1
 
 
+async def test_one_credential_filling_its_queue_leaves_the_other_able_to_queue(
+    launch, tmp_path, upstream, receiver, client
+) -> None:
+    """Issue 19: each credential's share of max_jobs_queued (here 4 / 2 credentials = 2 each)."""
+    upstream.behaviour = hang
+    config = job_config(tmp_path, upstream, receiver, max_jobs_in_flight=1, max_jobs_queued=4)
+    other = replace(config.credentials[0], id="other")
+    parkway = await launch(replace(config, credentials=(config.credentials[0], other)))
+    greedy = background_url(parkway, upstream, receiver)
+    assert (await client.post(greedy, json=CHAT)).status_code == 202
+    await upstream.wait_for_requests(1)  # running: out of the queue
+    for _ in range(2):
+        assert (await client.post(greedy, json=CHAT)).status_code == 202
+    full = await client.post(greedy, json=CHAT)
+    assert full.status_code == 503 and full.json()["error"]["code"] == "job_queue_full"
+    assert "credential 'app'" in full.json()["error"]["message"] and "retry-after" in full.headers
+    polite = sign(parkway.base, f"{upstream.base}/v1/chat/completions", method="POST", signer="proxy.signing",
+                  id="other", params={"pw_callback": f"{receiver.base}/hooks/o"})  # fmt: skip
+    for _ in range(2):
+        assert (await client.post(polite, json=CHAT)).status_code == 202
+    assert (await client.post(polite, json=CHAT)).status_code == 503
+    assert len(upstream.requests) == 1
+
+
 @pytest.mark.parametrize("allow_private", [False, True])
 async def test_a_private_callback_address_is_refused(
     launch, tmp_path, upstream, receiver, client, allow_private: bool
@@ -320,6 +346,43 @@ async def test_the_credentials_body_rules_apply_before_queueing(launch, tmp_path
     assert len(upstream.requests) == 1 and json.loads(upstream.requests[0].body)["model"] == "m"
 
 
+@pytest.mark.parametrize(
+    "spoof",
+    [
+        {"host": "attacker.example"},
+        {"x-forwarded-host": "attacker.example", "x-forwarded-proto": "https", "x-forwarded-prefix": "/evil"},
+    ],
+)
+async def test_job_urls_come_from_public_url_never_from_the_requests_host(
+    launch, tmp_path, upstream, receiver, client, spoof: dict[str, str]
+) -> None:
+    """A client's Host must not reach the signed webhook: receivers fetch ``body_url`` for large answers."""
+    upstream.behaviour = respond_with(200, b"x" * 5000, [("content-type", "text/plain")])
+    config = job_config(tmp_path, upstream, receiver, prefix="/ai", inline_payload_bytes=1000)
+    parkway = await launch(replace(config, server=replace(config.server, trusted_proxies=("127.0.0.1/32",))))
+    public = f"{parkway.base}/ai"
+    url = background_url(parkway, upstream, receiver)
+    response = await client.post(url, json=CHAT, headers=spoof)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    assert response.json()["status_url"] == f"{public}/jobs/{job_id}" == response.headers["location"]
+    (delivery,) = await receiver.wait_for_requests(1)
+    data = verify(delivery)["data"]
+    assert data["status_url"] == f"{public}/jobs/{job_id}"
+    assert data["response"]["body_url"] == f"{public}/jobs/{job_id}?stream=true"
+    assert b"attacker" not in delivery.body and b"evil" not in delivery.body
+    status = await client.get(f"{parkway.base}/jobs/{job_id}", headers=spoof)
+    assert status.json()["status_url"] == f"{public}/jobs/{job_id}"
+
+
+async def test_jobs_on_without_public_url_refuse_to_start(tmp_path, upstream, receiver) -> None:
+    config = job_config(tmp_path, upstream, receiver)
+    with pytest.raises(ConfigError) as caught:
+        await Parkway(replace(config, jobs=replace(config.jobs, public_url=""))).run()
+    (problem,) = caught.value.problems
+    assert problem.path == "jobs.public_url" and "Host" in problem.message
+
+
 async def test_a_streamed_answer_is_stored_whole_and_replayed_event_by_event(
     launch, tmp_path, upstream, receiver, client
 ) -> None:
@@ -332,14 +395,14 @@ async def test_a_streamed_answer_is_stored_whole_and_replayed_event_by_event(
         await ex.send_end()
 
     upstream.behaviour = sse
-    config = job_config(tmp_path, upstream, receiver)
+    config = job_config(tmp_path, upstream, receiver, prefix="/ai")
     parkway = await launch(replace(config, server=replace(config.server, public_path_prefix="/ai")))
     url = sign(parkway.base + "/ai", f"{upstream.base}/v1/chat/completions", method="POST", signer="proxy.signing",
                params={"pw_callback": f"{receiver.base}/hooks/s"})  # fmt: skip
     accepted = await client.post(url, json={**CHAT, "stream": True})
     assert accepted.status_code == 202, accepted.text
     job_id = accepted.json()["id"]
-    assert accepted.headers["location"] == f"/ai/jobs/{job_id}"
+    assert accepted.headers["location"] == f"{parkway.base}/ai/jobs/{job_id}"
     assert accepted.json()["status_url"] == f"{parkway.base}/ai/jobs/{job_id}"
     (delivery,) = await receiver.wait_for_requests(1)
     assert verify(delivery)["data"]["response"]["body"] == b"".join(events).decode()
@@ -353,3 +416,60 @@ async def test_a_streamed_answer_is_stored_whole_and_replayed_event_by_event(
     assert (await client.get(f"{parkway.base}/jobs/{job_id}")).json()["status"] == "completed"
     refused = await client.post(f"{parkway.base}/jobs/{job_id}")
     assert refused.status_code == 405 and refused.json()["error"]["code"] == "job_method_not_allowed"
+
+
+async def _stalled_get(port: int, target: str) -> trio.SocketStream:
+    """A reader that asks for a job and never reads a byte of the answer (a tiny receive buffer)."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(f"GET {target} HTTP/1.1\r\nhost: p\r\n\r\n".encode())
+    return stream
+
+
+@pytest.mark.hang_limit(60)
+async def test_stalled_reads_of_a_large_answer_do_not_pin_a_copy_each(
+    launch, tmp_path, upstream, receiver, client
+) -> None:
+    """Issue 19: 40 GETs that never read a 4.2 MB answer held ~0.86 GB. Now a large document is
+    streamed as it is encoded, and only LARGE_READS readers hold an answer at once; the rest wait
+    holding nothing, and past the wait get 503 job_reads_busy."""
+    answer = ("0123456789abcdef" * 4096 + "\n").encode() * 64  # 4.2 MB of text
+    upstream.behaviour = respond_with(200, answer, [("content-type", "text/plain")])
+    config = job_config(tmp_path, upstream, receiver)
+    parkway = await launch(replace(config, server=replace(config.server, client_write_timeout=60)))  # stalls hold
+    url = background_url(parkway, upstream, None, pw_async="1")
+    accepted = await client.post(url, json=CHAT, headers={"prefer": "respond-async"})
+    job_id = accepted.json()["id"]
+    api, runner = parkway.parkway.gateway.jobs, parkway.parkway.runner
+    while (job := await api.store.get(job_id, now=time.time())) is None or job.status != "completed":
+        await runner.changed.wait()
+    del job
+    api.large_read_wait = 60.0
+    readers: list[trio.SocketStream] = []
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(20):
+            readers.append(await _stalled_get(parkway.port, f"/jobs/{job_id}"))
+        with trio.fail_after(20):
+            while not (api.large_reads.value == 0 and api.reads_waiting == 20 - LARGE_READS):
+                await trio.sleep(0.02)  # polling a real condition: LARGE_READS stalled, the rest waiting
+        held = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        # The LARGE_READS stalled readers hold the answer once each (4.2 MB, a reader just let in
+        # may still be decoding the record); without the bound 20 readers held it 3-4 times each.
+        assert held < 10 * len(answer), held
+        api.large_read_wait = 0.1
+        busy = await client.get(f"{parkway.base}/jobs/{job_id}")
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "job_reads_busy"
+        assert "retry-after" in busy.headers
+    finally:
+        tracemalloc.stop()
+        for reader in readers:
+            await reader.aclose()
+    api.large_read_wait = 30.0
+    whole = await client.get(f"{parkway.base}/jobs/{job_id}", timeout=30)
+    assert whole.status_code == 200 and "content-length" not in whole.headers  # streamed (chunked)
+    assert whole.json()["response"]["body"].encode() == answer

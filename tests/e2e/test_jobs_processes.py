@@ -61,6 +61,7 @@ allow_private_upstreams = true  # the test upstream and receiver are on loopback
 listen = []
 
 [jobs]
+public_url = "http://127.0.0.1:{port}"
 {store}lease = {LEASE}
 poll_interval = 0.1
 retry_schedule = [0.2, 0.2, 0.2]

@@ -237,6 +237,24 @@ async def test_a_malformed_handshake_is_refused_before_the_upstream(
     assert realtime.handshakes == []
 
 
+@pytest.mark.parametrize("separator", [" ", ";", ";q=1, "])
+async def test_a_key_hidden_in_a_malformed_subprotocol_list_is_refused_not_forwarded(
+    start_parkway: Callable[..., Any], realtime: RealtimeUpstream, separator: str
+) -> None:
+    """Issue 19: ``realtime openai-insecure-api-key.sk-…`` is no token list; it must never reach the upstream."""
+    parkway = await start_parkway()
+    head = (
+        f"GET {resource(parkway.sign(realtime.url))} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Origin: {ORIGIN}\r\nSec-WebSocket-Protocol: realtime{separator}{KEY_PROTOCOL}\r\n\r\n"
+    )
+    _, raw = await send_raw(parkway.port, head.encode())
+    reply = parse_response(raw)
+    assert (reply.status, reply.code) == (400, "bad_websocket_handshake")
+    assert "Sec-WebSocket-Protocol" in reply.message and "4242" not in raw.decode("latin-1")
+    assert realtime.handshakes == []
+
+
 async def test_close_codes_pass_both_ways_through_parkway(
     start_parkway: Callable[..., Any], realtime: RealtimeUpstream, nursery: trio.Nursery
 ) -> None:

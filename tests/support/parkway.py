@@ -17,7 +17,9 @@ import trio
 
 from proxy.app import Parkway
 from proxy.config import Config, CorsConfig, Credential, ServerConfig
+from proxy.jobs.model import JobsConfig
 from proxy.websocket.policy import WebSocketConfig
+from support.processes import free_port
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY, sign
 
 # Small limits so every timeout test finishes in well under a second.
@@ -55,6 +57,14 @@ def make_config(
 
 
 # --- running in the test's nursery -----------------------------------------------------------------
+
+
+def with_jobs(config: Config, jobs: JobsConfig, *, prefix: str = "") -> Config:
+    """``config`` with ``jobs`` on, listening on a free port that its ``public_url`` names: job
+    URLs are built from configuration, so the address must be known before Parkway listens."""
+    port = free_port()
+    server = replace(config.server, listen=(f"127.0.0.1:{port}",))
+    return replace(config, server=server, jobs=replace(jobs, public_url=f"http://127.0.0.1:{port}{prefix}"))
 
 
 @dataclass

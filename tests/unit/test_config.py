@@ -211,6 +211,7 @@ def test_shipped_example_documents_every_key():
 
 # --- refusals: exactly one problem, at exactly this path --------------------------------------
 
+JOBS = '[jobs]\npublic_url = "https://p.example"\n'
 PROBLEMS = [
     # top level
     (
@@ -324,15 +325,20 @@ PROBLEMS = [
     (CRED + 'webhook_secret = "sk-not-base64!"', "credentials[0].webhook_secret", "not whsec_ followed by base64"),
     (CRED + 'webhook_secret_env = ["NOPE"]', "credentials[0].webhook_secret_env[0]", "variable NOPE is not set"),
     (CRED + 'webhook_secret_env = "APP_SECRET"', "credentials[0].webhook_secret_env", "not a Standard Webhooks"),
-    ('[jobs]\nstore = "postgres"', "jobs.store", "must be one of sqlite, redis"),
-    ('[jobs]\npath = ""', "jobs.path", "must not be empty"),
-    ("[jobs]\nretry_schedule = []", "jobs.retry_schedule", "must not be empty"),
-    ("[jobs]\nretry_schedule = [5, -1]", "jobs.retry_schedule[1]", "must be at least 0"),
-    ("[jobs]\nmax_jobs_queued = 0", "jobs.max_jobs_queued", "must be at least 1"),
-    ("[jobs]\nmax_jobs_in_flight = 1.5", "jobs.max_jobs_in_flight", "expected an integer, got float"),
-    ("[jobs]\nlease = 0", "jobs.lease", "must be greater than 0"),
+    (JOBS + 'store = "postgres"', "jobs.store", "must be one of sqlite, redis"),
+    ('[jobs]\npath = "j.sqlite3"', "jobs.public_url", "is required when jobs are enabled"),
+    ('[jobs]\npublic_url = "app.example.com/ai"', "jobs.public_url", "absolute http:// or https:// URL"),
+    ('[jobs]\npublic_url = "ftp://app.example.com/"', "jobs.public_url", "absolute http:// or https:// URL"),
+    ('[jobs]\npublic_url = "https://app.example.com/ai?x=1"', "jobs.public_url", "must not have a query"),
+    ('[jobs]\npublic_url = "https://u:p@app.example.com/"', "jobs.public_url", "must not contain user info"),
+    (JOBS + 'path = ""', "jobs.path", "must not be empty"),
+    (JOBS + "retry_schedule = []", "jobs.retry_schedule", "must not be empty"),
+    (JOBS + "retry_schedule = [5, -1]", "jobs.retry_schedule[1]", "must be at least 0"),
+    (JOBS + "max_jobs_queued = 0", "jobs.max_jobs_queued", "must be at least 1"),
+    (JOBS + "max_jobs_in_flight = 1.5", "jobs.max_jobs_in_flight", "expected an integer, got float"),
+    (JOBS + "lease = 0", "jobs.lease", "must be greater than 0"),
     ('[jobs]\nenabled = "yes"', "jobs.enabled", "expected a boolean, got string"),
-    ("[jobs]\nqueue = 1", "jobs.queue", "unknown key 'queue'; allowed keys: enabled, store, path, "),
+    (JOBS + "queue = 1", "jobs.queue", "unknown key 'queue'; allowed keys: enabled, public_url, store, path, "),
     # cache
     ('[cache]\nbackend = "disk"', "cache.backend", "must be one of memory, redis, not 'disk'"),
     ("[cache]\nmax_bytes = 0", "cache.max_bytes", "must be at least 1"),
@@ -351,8 +357,17 @@ PROBLEMS = [
 
 def test_jobs_are_off_without_the_table_and_on_with_it():
     assert parse_config("", {}).jobs == JobsConfig() and not JobsConfig().enabled
-    config = parse_config('[jobs]\npath = "/var/lib/parkway/jobs.sqlite3"\nretry_schedule = [1, 2.5]', {})
-    assert config.jobs == JobsConfig(enabled=True, path="/var/lib/parkway/jobs.sqlite3", retry_schedule=(1.0, 2.5))
+    config = parse_config(
+        '[jobs]\npublic_url = "HTTPS://App.example.com/ai/"\npath = "/var/lib/parkway/jobs.sqlite3"\n'
+        "retry_schedule = [1, 2.5]",
+        {},
+    )
+    assert config.jobs == JobsConfig(
+        enabled=True,
+        public_url="https://app.example.com/ai",
+        path="/var/lib/parkway/jobs.sqlite3",
+        retry_schedule=(1.0, 2.5),
+    )
     assert not parse_config("[jobs]\nenabled = false", {}).jobs.enabled
 
 

@@ -64,6 +64,11 @@ def test_background_ask(params: dict[str, str], prefer: str | None, expected: Ba
         ({"pw_callback": "https://app.example.com/hooksx"}, ON, HOOKS, "callback_not_allowed", "not within"),
         ({"pw_callback": "https://app.example.com/hooks/../admin"}, ON, HOOKS, "callback_not_allowed", "/admin"),
         ({"pw_callback": "https://app.example.com/hooks/x"}, ON, (), "callback_not_allowed", "allows no callbacks"),
+        # an encoded / \\ or . that a receiver may decode past the prefix: the upstreams' rule
+        ({"pw_callback": "https://app.example.com/hooks/..%2F..%2Finternal%2Fadmin"}, ON, HOOKS, "ambiguous_path", "'/'"),
+        ({"pw_callback": "https://app.example.com/hooks/..%5Cadmin"}, ON, HOOKS, "ambiguous_path", "'\\\\'"),
+        ({"pw_callback": "https://app.example.com/hooks/%2e%2e/admin"}, ON, HOOKS, "callback_not_allowed", "/admin"),
+        ({"pw_callback": "https://app.example.com/hooks/%252F..%252Fadmin"}, ON, HOOKS, "ambiguous_path", "more than once"),
         ({"pw_callback": "ftp://app.example.com/hooks/x"}, ON, HOOKS, "callback_not_allowed", "is not a callback URL"),
     ],
 )  # fmt: skip
@@ -98,7 +103,8 @@ def test_job_id_from_path(path: str, expected: str | None) -> None:
 
 
 def test_status_url_prefix_and_stored_headers() -> None:
-    assert status_url_prefix("https", "app.example.com", "/ai") == "https://app.example.com/ai/jobs"
+    assert status_url_prefix("https://app.example.com/ai") == "https://app.example.com/ai/jobs"
+    assert status_url_prefix("https://app.example.com/") == "https://app.example.com/jobs"
     forwarded = [
         (b"content-type", b"application/json"),
         (b"prefer", b"respond-async"),
@@ -109,5 +115,6 @@ def test_status_url_prefix_and_stored_headers() -> None:
     ]
     assert stored_headers(forwarded, [("Authorization", "Bearer sk-injected")]) == (
         ("content-type", "application/json"),
+        ("accept-encoding", "gzip"),  # the job asks for what its client asked for
         ("x-forwarded-for", "1.2.3.4"),
     )

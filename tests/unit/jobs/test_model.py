@@ -200,13 +200,80 @@ def test_binary_answer_and_error_documents() -> None:
 
 def test_replay_chunks_cut_an_event_stream_by_event() -> None:
     sse = JobResult(200, (("content-type", "text/event-stream"),), b"data: a\n\ndata: b\n\ndata: [DONE]\n\n")
-    assert jobs.replay_chunks(sse) == [b"data: a\n\n", b"data: b\n\n", b"data: [DONE]\n\n"]
+    assert list(jobs.replay_chunks(sse)) == [b"data: a\n\n", b"data: b\n\n", b"data: [DONE]\n\n"]
     plain = JobResult(200, (("content-type", "application/json"),), b"x" * 10)
-    assert jobs.replay_chunks(plain, chunk_bytes=4) == [b"xxxx", b"xxxx", b"xx"]
-    assert jobs.replay_chunks(JobResult(204)) == []
+    assert list(jobs.replay_chunks(plain, chunk_bytes=4)) == [b"xxxx", b"xxxx", b"xx"]
+    assert list(jobs.replay_chunks(JobResult(204))) == []
+    crlf = JobResult(
+        200,
+        (
+            (
+                "content-type",
+                "text/event-stream",
+            ),
+        ),
+        b"data: a\r\n\r\n\n\ndata: b",
+    )
+    assert list(jobs.replay_chunks(crlf)) == [b"data: a\r\n\r\n", b"\n\n", b"data: b"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"plain",
+        'h\u00e9llo \u20ac \U0001f600 "quoted" \\ \n\t\x01'.encode() * 3000,
+        bytes(range(256)) * 700,
+        b"\xe2\x82" + b"x" * 70000,
+    ],
+)
+@pytest.mark.parametrize("chunk_bytes", [4, 65536])
+def test_status_document_chunks_join_into_the_status_document(body: bytes, chunk_bytes: int) -> None:
+    """Streamed piece by piece (a multi-byte character or a base64 quantum cut across pieces),
+    the document is byte for byte the one built whole."""
+    job = jobs.completed(
+        jobs.claimed(make_job(), "r", now=NOW, lease=30), JobResult(200, (("x", "1"),), body), now=NOW, result_ttl=60
+    )
+    whole = json.dumps(jobs.status_document(job), ensure_ascii=False, separators=(",", ":")).encode()
+    pieces = list(jobs.status_document_chunks(job, chunk_bytes=chunk_bytes))
+    assert b"".join(pieces) == whole
+    assert all(len(p) <= 6 * chunk_bytes for p in pieces[1:])  # the body a piece at a time (\\u0001 is 6 bytes)
+    failed = jobs.failed(jobs.claimed(make_job(), "r", now=NOW, lease=30), JobError("c", "m"), now=NOW, result_ttl=60)
+    assert (
+        b"".join(jobs.status_document_chunks(failed))
+        == json.dumps(jobs.status_document(failed), ensure_ascii=False, separators=(",", ":")).encode()
+    )
 
 
 def test_config_checks_its_store() -> None:
     with pytest.raises(ValueError, match="store must be one of sqlite, redis"):
         jobs.JobsConfig(store="postgres")
     assert jobs.JobsConfig().schedule == RetrySchedule()
+
+
+@pytest.mark.parametrize(
+    ("queued", "running", "credentials", "expected"),
+    [
+        (None, None, 1, (1000, 16)),  # alone: the whole of the global limits
+        (None, None, 2, (500, 8)),  # each its share, so one cannot take the other's
+        (None, None, 3, (333, 6)),  # running rounds up, queued down: the global bounds still hold
+        (None, None, 5000, (1, 1)),
+        (50, 2, 3, (50, 2)),  # set per credential
+    ],
+)
+def test_credential_job_limits(
+    queued: int | None, running: int | None, credentials: int, expected: tuple[int, int]
+) -> None:
+    settings = jobs.JobsConfig(max_jobs_queued=1000, max_jobs_in_flight=16)
+    assert jobs.credential_job_limits(settings, max_queued=queued, max_running=running, credentials=credentials) == (
+        expected
+    )
+
+
+def test_a_released_job_is_queued_again_without_counting_the_claim() -> None:
+    job = make_job()
+    running = jobs.claimed(job, "r", now=NOW, lease=30)
+    back = jobs.released(running)
+    assert back.status == "queued" and back.attempts == 0 and back.owner is None and back.lease_until is None
+    with pytest.raises(InvalidTransition):
+        jobs.released(job)

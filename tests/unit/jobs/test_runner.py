@@ -6,7 +6,9 @@ Deliveries are verified with the real ``standardwebhooks`` package. Waiting is o
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -23,6 +25,8 @@ from proxy.jobs.calls import run_headers
 from proxy.jobs.model import JobRequest, JobsConfig
 from proxy.jobs.runner import JobRunner
 from proxy.jobs.sqlite import SQLiteJobStore
+from proxy.limits.limiter import LimitSpec
+from proxy.limits.state import MemoryState
 from proxy.upstream.outbound import outbound_client
 from support.parkway import TEST_SERVER
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY
@@ -43,7 +47,8 @@ class Harness:
                            webhook_secrets=(WHSEC, NEXT_WHSEC)),
             ),
             jobs=JobsConfig(enabled=True, path=str(tmp_path / "jobs.sqlite3"), retry_schedule=(0.05, 0.05, 0.05),
-                            poll_interval=0.05, lease=1.0, result_ttl=60, max_jobs_in_flight=4),
+                            poll_interval=0.05, lease=1.0, result_ttl=60, max_jobs_in_flight=4,
+                            purge_interval=0.1),
         )  # fmt: skip
         self.store = SQLiteJobStore(self.config.jobs.path)
         self.client = outbound_client()
@@ -116,6 +121,20 @@ async def test_a_job_runs_and_is_delivered_signed(harness: Harness) -> None:
     assert answer["status"] == 200 and json.loads(answer["body"])["target"] == "/v1/chat/completions"
     stored = await harness.stored(job.id)
     assert stored.status == "completed" and stored.result is not None and stored.attempts == 1
+
+
+async def test_expired_jobs_are_purged_on_a_schedule(harness: Harness) -> None:
+    """After ``result_ttl`` the row goes from the file, not only from GET's answers."""
+    harness.config = replace(harness.config, jobs=replace(harness.config.jobs, result_ttl=0.3))
+    job = await harness.add(harness.job(callback=False))
+
+    def rows() -> int:
+        with contextlib.closing(sqlite3.connect(harness.config.jobs.path)) as db:
+            return int(db.execute("SELECT count(*) FROM jobs WHERE id = ?", (job.id,)).fetchone()[0])
+
+    assert rows() == 1
+    with trio.fail_after(10):
+        await harness.until(lambda: rows() == 0)  # no read, no restart: the runner's schedule did it
 
 
 async def test_receiver_down_then_up_gets_it_with_the_same_webhook_id(harness: Harness) -> None:
@@ -276,6 +295,18 @@ async def _start(runner: JobRunner, done: trio.Event, *, task_status=trio.TASK_S
         done.set()
 
 
+@pytest.mark.parametrize(("sent", "expected"), [((), None), ((("Accept-Encoding", "br"),), "br")])
+async def test_the_upstream_call_asks_for_the_clients_encoding_or_none(
+    harness: Harness, sent: tuple[tuple[str, str], ...], expected: str | None
+) -> None:
+    """httpx's default ``gzip, deflate`` would store gzip bytes the client never asked for."""
+    job = harness.job(callback=False)
+    await harness.add(replace(job, request=replace(job.request, headers=job.request.headers + sent)))
+    (call,) = await harness.upstream.wait_for_requests(1)
+    assert call.headers.get("accept-encoding") == expected
+    assert "user-agent" not in call.headers and "accept" not in call.headers  # nothing the client did not send
+
+
 def test_run_headers_inject_the_credentials_and_override_the_clients() -> None:
     job = replace(
         jobs.new_job(credential="app", request=JobRequest("POST", "http://u/", (("Authorization", "Bearer client"),
@@ -318,3 +349,70 @@ async def test_a_redis_outage_is_logged_once_and_jobs_run_after_it(
     assert len(logs.find(event="job_store_unavailable")) == 1
     await h.client.aclose()
     await redis.kill()
+
+
+async def test_a_credential_runs_its_share_and_max_concurrent_applies_to_job_runs(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Issue 19: one credential's jobs must not take every runner slot, and a credential's or
+    user's ``max_concurrent`` counts job runs as it counts proxied streams."""
+    gate = trio.Event()
+
+    async def gated(ex: Exchange) -> None:
+        await gate.wait()
+        await ex.respond(200, [("content-type", "text/plain")], b"ok")
+
+    upstream = await nursery.start(Upstream(gated).serve)
+    config = Config(
+        server=TEST_SERVER,
+        credentials=(
+            Credential("busy", (SECRET,), INJECTED, max_jobs_running=2),
+            Credential("other", (SECRET,), INJECTED),
+            Credential("users", (SECRET,), INJECTED, user_limits=LimitSpec(max_concurrent=1)),
+            Credential("capped", (SECRET,), INJECTED, limits=LimitSpec(max_concurrent=1)),
+        ),
+        jobs=JobsConfig(enabled=True, path=str(tmp_path / "jobs.sqlite3"), poll_interval=0.05, max_jobs_in_flight=8),
+    )
+    store, client, state = SQLiteJobStore(config.jobs.path), outbound_client(), MemoryState()
+    runner = JobRunner(store, client, lambda: config, state=state)
+
+    def job(credential: str, name: str, user: str | None = None) -> jobs.Job:
+        request = JobRequest("GET", f"{upstream.base}/{name}")
+        return jobs.new_job(credential=credential, request=request, status_url_prefix="http://p/jobs",
+                            callback=None, user=user, now=time.time())  # fmt: skip
+
+    async def all_completed() -> bool:
+        for one in added:
+            stored = await store.get(one.id, now=time.time())
+            if stored is None or stored.status != "completed":
+                return False
+        return True
+
+    done = trio.Event()
+    async with store:
+        added = [job("busy", f"busy{i}") for i in range(4)] + [job("other", "other0")]
+        added += [job("users", "alice0", "alice"), job("users", "alice1", "alice"), job("users", "bob0", "bob")]
+        added += [job("capped", "capped0"), job("capped", "capped1")]
+        for one in added:
+            await store.add(one, max_queued=100)
+        await nursery.start(_start, runner, done)
+        with trio.fail_after(10):
+            calls = await upstream.wait_for_requests(6)
+            # alice's second job (her user_limits) and capped's second (its limits) were given back, not run
+            while not (runner.deferrals["user"] and runner.deferrals["credential"]):
+                await runner.changed.wait()
+        paths = sorted(c.path for c in calls)
+        assert paths == ["/alice0", "/bob0", "/busy0", "/busy1", "/capped0", "/other0"], paths
+        assert runner.running_by_credential == {"busy": 2, "other": 1, "users": 2, "capped": 1}
+        for waiting_id in (added[6].id, added[9].id):
+            waiting = await store.get(waiting_id, now=time.time())
+            assert waiting is not None and waiting.status == "queued" and waiting.attempts == 0
+        gate.set()
+        with trio.fail_after(10):
+            await upstream.wait_for_requests(10)
+            while not await all_completed():
+                await runner.changed.wait()
+        runner.drain(0)
+        with trio.fail_after(5):
+            await done.wait()
+    await client.aclose()

@@ -6,11 +6,13 @@ two store objects (two connections) on the same file or server, as two processes
 
 from __future__ import annotations
 
+import base64
 import gc
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+import coredis
 import pytest
 import trio
 
@@ -26,9 +28,9 @@ TTL = 600.0
 GUARD = 10.0
 
 
-def make_job(n: int = 0, *, callback: str | None = None, body: bytes = b'{"n":0}') -> jobs.Job:
+def make_job(n: int = 0, *, callback: str | None = None, body: bytes = b'{"n":0}', credential: str = "app") -> jobs.Job:
     return jobs.new_job(
-        credential="app",
+        credential=credential,
         request=JobRequest("POST", "http://127.0.0.1:1/v1/x", (("content-type", "application/json"),), body),
         status_url_prefix="http://parkway/jobs",
         callback=callback,
@@ -89,6 +91,39 @@ async def test_add_get_and_the_queue_bound(backend: Backend) -> None:
         assert await store.get(first.id, now=NOW) == first
         assert await store.get(third.id, now=NOW) is None  # refused, so never stored
         assert await store.get(jobs.new_job_id(), now=NOW) is None
+
+
+async def test_each_credential_has_its_own_queue_bound(backend: Backend) -> None:
+    """One tenant filling its share leaves the other able to queue (issue 19)."""
+    async with backend.open() as store:
+        for n in range(2):
+            await store.add(make_job(n, credential="greedy"), max_queued=10, max_queued_credential=2)
+        with pytest.raises(QueueFull) as caught:
+            await store.add(make_job(2, credential="greedy"), max_queued=10, max_queued_credential=2)
+        assert "credential 'greedy'" in caught.value.message and "max_jobs_queued = 2" in caught.value.message
+        await store.add(make_job(3, credential="other"), max_queued=10, max_queued_credential=2)
+        # a claimed job no longer counts as queued: its credential may queue another
+        claimed = await store.claim("r", now=NOW, lease=30, skip_credentials={"other"})
+        assert claimed is not None and claimed.credential == "greedy"
+        await store.add(make_job(4, credential="greedy"), max_queued=10, max_queued_credential=2)
+
+
+async def test_claims_pass_over_skipped_credentials_and_ids(backend: Backend) -> None:
+    async with backend.open() as store:
+        a0, a1, b0 = make_job(0, credential="a"), make_job(1, credential="a"), make_job(2, credential="b")
+        for job in (a0, a1, b0):
+            await store.add(job, max_queued=10)
+        first = await store.claim("r", now=NOW, lease=30, skip_credentials={"a"})
+        assert first is not None and first.id == b0.id
+        assert await store.claim("r", now=NOW, lease=30, skip_credentials={"a", "b"}) is None
+        second = await store.claim("r", now=NOW, lease=30, skip_ids={a0.id})
+        assert second is not None and second.id == a1.id
+        # given back before it ran: queued again in its place, the claim not counted
+        assert await store.finish(jobs.released(second), "r")
+        again = await store.claim("r", now=NOW, lease=30)
+        assert again is not None and again.id == a0.id
+        third = await store.claim("r", now=NOW, lease=30)
+        assert third is not None and third.id == a1.id and third.attempts == 1
 
 
 async def test_claims_are_fifo_and_exclusive_between_runners(backend: Backend) -> None:
@@ -271,3 +306,75 @@ def test_queue_full_is_a_503_with_retry_after() -> None:
     assert (exc.status, exc.code, exc.retry_after) == (503, "job_queue_full", 5)
     job = replace(make_job(), status="completed")
     assert index_of(job).queued_at is None
+
+
+async def test_a_purged_job_leaves_no_bytes_in_the_sqlite_files(tmp_path: Path) -> None:
+    """A 404 is not enough: the prompt and the answer must be gone from the disk (issue 19)."""
+    prompt = b'{"messages":[{"content":"the patient\'s diagnosis is confidential-7f3a"}]}' * 50
+    answer = b"the model's answer: confidential-9c1e " * 200
+    path = tmp_path / "jobs.sqlite3"
+
+    def on_disk(needle: bytes) -> bool:
+        return any(needle in p.read_bytes() for p in tmp_path.glob("jobs.sqlite3*"))
+
+    async with SQLiteJobStore(path) as store:
+        for n in range(3):  # later writes reuse pages: the purged job must not survive in a free one
+            job = make_job(n, body=prompt if n == 0 else b"{}")
+            await store.add(job, max_queued=10)
+            running = await store.claim("r", now=NOW, lease=30)
+            assert running is not None
+            result = JobResult(200, (), answer if n == 0 else b"ok")
+            assert await store.finish(jobs.completed(running, result, now=NOW, result_ttl=TTL * (n + 1)), "r")
+        needles = (base64.b64encode(prompt)[:60], base64.b64encode(answer)[:60])  # stored as base64 in the record
+        assert all(on_disk(n) for n in needles)
+        assert await store.purge(now=NOW + TTL + 1) == 1
+        assert not any(on_disk(n) for n in needles)
+    assert not any(on_disk(n) for n in needles)
+
+
+async def test_redis_job_hashes_expire_with_their_result_and_purge_cleans_the_indexes(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    server = RedisServer(nursery, tmp_path)
+    with trio.fail_after(GUARD):
+        await server.start()
+    raw = coredis.Redis.from_url(server.url)
+    async with raw, RedisJobStore(server.url, key_prefix="t:") as store:
+        quiet, hooked = make_job(0), make_job(1, callback="http://app/h")
+        for job in (quiet, hooked):
+            await store.add(job, max_queued=10)
+            assert await raw.pttl(f"t:job:{job.id}") == -1  # queued: kept whatever happens
+            running = await store.claim("r", now=NOW, lease=30)
+            assert running is not None
+            assert await store.finish(jobs.completed(running, JobResult(200), now=NOW, result_ttl=TTL), "r")
+        assert (await raw.pexpiretime(f"t:job:{quiet.id}")).timestamp() == NOW + TTL
+        assert await raw.pttl(f"t:job:{hooked.id}") == -1  # its delivery may still run
+        due = await store.claim_delivery(now=NOW, lease=45)
+        assert due is not None
+        await store.delivered(jobs.after_attempt(due, AttemptOutcome(200), now=NOW, schedule=RetrySchedule()))
+        assert (await raw.pexpiretime(f"t:job:{hooked.id}")).timestamp() == NOW + TTL
+        await raw.delete([f"t:job:{quiet.id}"])  # as its TTL would: the index still names it
+        assert await store.purge(now=NOW + TTL + 1) == 2
+        assert await raw.keys("t:*") == {b"t:jobs:credentials"}  # no hash, and no index left holding an id
+    await server.kill()
+
+
+async def test_a_sqlite_file_from_before_the_credential_column_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    old = make_job(0, credential="legacy")
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, status TEXT NOT NULL, queued_at REAL, lease_until REAL,"
+        " delivery_at REAL, expires_at REAL, record BLOB NOT NULL);"
+    )
+    db.execute("INSERT INTO jobs VALUES (?, 'queued', ?, NULL, NULL, NULL, ?)", (old.id, NOW, job_to_json(old)))
+    db.commit()
+    db.close()
+    async with SQLiteJobStore(path) as store:
+        with pytest.raises(QueueFull):  # the old job counts against its credential
+            await store.add(make_job(1, credential="legacy"), max_queued=10, max_queued_credential=1)
+        assert await store.claim("r", now=NOW, lease=30, skip_credentials={"legacy"}) is None
+        claimed = await store.claim("r", now=NOW, lease=30)
+        assert claimed is not None and claimed.id == old.id

@@ -17,6 +17,7 @@ from proxy.websocket.policy import (
     UPSTREAM,
     Closing,
     Ending,
+    MessageBudget,
     check_handshake,
     check_origin,
     decide_close,
@@ -174,6 +175,38 @@ def test_key_carrying_subprotocols_are_dropped_and_only_counted(
 
 
 @pytest.mark.parametrize(
+    "header",
+    [
+        "realtime openai-insecure-api-key.sk-abc",  # a space inside an element: one "token" hiding the key
+        "realtime;openai-insecure-api-key.sk-abc",
+        "realtime, openai-insecure-api-key.sk-abc;q=1",
+        '"openai-insecure-api-key.sk-abc"',  # a quoted string is not a token
+        "realtime, a/b",
+        "réaltime",
+    ],
+)
+def test_a_malformed_subprotocol_list_is_refused_without_its_value(header: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        parse_subprotocols(header)
+    assert caught.value.code == "bad_websocket_handshake" and "Sec-WebSocket-Protocol" in caught.value.message
+    assert "sk-abc" not in caught.value.message
+    headers = {**GOOD, "sec-websocket-protocol": header}
+    with pytest.raises(BadRequest):
+        check_handshake("1.1", headers)
+
+
+def test_a_message_budget_counts_bytes_and_frames_before_anything_is_kept() -> None:
+    budget = MessageBudget(max_bytes=10, max_frames=3)
+    assert budget.add(4) is None and budget.add(0) is None and budget.add(6, frame_finished=False) is None
+    assert budget.add(1) == "message above 10 bytes"  # nothing added past the bound
+    assert (budget.bytes, budget.frames, budget.peak) == (10, 2, 10)
+    assert budget.add(0) is None  # the frame the 6 bytes began: now 3 frames
+    assert budget.add(0) == "message in more than 3 frames"  # an empty frame counts
+    budget.reset()
+    assert (budget.bytes, budget.frames, budget.peak) == (0, 0, 10)
+
+
+@pytest.mark.parametrize(
     ("allowed", "origin", "ok"),
     [
         (("*",), "https://evil.example", True),
@@ -217,8 +250,12 @@ CLOSES = [
     (Ending(CLIENT, 1005), Closing(None, (1000, None), "ok", "client")),
     (Ending(CLIENT, 1006), Closing(None, (1001, "client went away"), "client_gone", "client")),
     (
-        Ending(CLIENT, 1009, "Exceeded", overflow=True),
+        Ending(CLIENT, 1009, "message above 1024 bytes", overflow=True),
         Closing(None, (1001, "client sent a message above 1024 bytes"), "message_too_big", "parkway", "warning"),
+    ),
+    (
+        Ending(CLIENT, 1009, "message in more than 8 frames", overflow=True),
+        Closing(None, (1001, "client sent a message in more than 8 frames"), "message_too_big", "parkway", "warning"),
     ),
     # the upstream closes: its code goes to the client as is, failures are errors
     (Ending(UPSTREAM, 4000, "custom"), Closing((4000, "custom"), None, "ok", "upstream")),
@@ -226,8 +263,13 @@ CLOSES = [
     (Ending(UPSTREAM, 1011, "boom"), Closing((1011, "boom"), None, "upstream_error", "upstream", "error")),
     (Ending(UPSTREAM, 1006), Closing((1011, "upstream connection lost"), None, "upstream_error", "upstream", "error")),
     (
-        Ending(UPSTREAM, 1009, "Exceeded", overflow=True),
+        Ending(UPSTREAM, 1009, "message above 1024 bytes", overflow=True),
         Closing((1009, "upstream sent a message above 1024 bytes"), None, "message_too_big", "parkway", "warning"),
+    ),
+    # the upstream's own 1009 (its limit, for what the client sent): its code and words, not Parkway's
+    (
+        Ending(UPSTREAM, 1009, "Exceeded maximum message size: 1000 bytes"),
+        Closing((1009, "Exceeded maximum message size: 1000 bytes"), None, "ok", "upstream"),
     ),
     # Parkway ends it
     (

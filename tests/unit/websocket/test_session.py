@@ -17,7 +17,7 @@ import pytest
 import trio
 import wsproto
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
-from wsproto.events import AcceptConnection, CloseConnection, Message, TextMessage
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, TextMessage
 
 from proxy.relay.usage import Usage
 from proxy.websocket.session import SessionPlan
@@ -486,3 +486,118 @@ async def test_a_wss_upstream_with_an_untrusted_certificate_is_refused(
     error = json.loads(refused.body or b"")["error"]
     assert error["code"] == "upstream_connect_failed" and "TLS" in error["message"]
     assert upstream.sessions == []
+
+
+# --- issue 19: bytes, fragments, the upstream's own close -------------------------------------------
+
+
+async def test_the_message_limit_counts_utf8_bytes_both_ways(
+    start_harness: Callable[..., Any], nursery: trio.Nursery
+) -> None:
+    """30,000 three-byte characters are 90,000 bytes: above a 65,536-byte limit either way."""
+    wide = "€" * 30000
+
+    async def send_wide(session: UpstreamSession) -> None:
+        await session.ws.send_message(wide)
+        await session.receive()
+
+    upstream = await nursery.start(RealtimeUpstream(send_wide).serve)
+    harness = await start_harness(plan_for(upstream.url), max_message_size=65536)
+    with trio.fail_after(WAIT):
+        async with _connect(harness) as ws:
+            with pytest.raises(ConnectionClosed) as caught:
+                await ws.get_message()
+    assert caught.value.reason is not None and caught.value.reason.code == 1009
+    assert "upstream sent a message above 65536 bytes" in (caught.value.reason.reason or "")
+
+    upstream = await nursery.start(RealtimeUpstream(echo).serve)
+    harness = await start_harness(plan_for(upstream.url), max_message_size=65536)
+    with trio.fail_after(WAIT):
+        async with _connect(harness) as ws:
+            await ws.send_message(wide)
+            with pytest.raises(ConnectionClosed) as caught:
+                await ws.get_message()
+        session = await upstream.wait_session()
+        await session.ended.wait()
+        (finished,) = await harness.wait_finished()
+    assert caught.value.reason is not None and caught.value.reason.code == 1009
+    assert session.received == [] and finished.report.outcome == "message_too_big"
+    assert session.close is not None and session.close.reason == "client sent a message above 65536 bytes"
+
+
+async def _fragments(harness: SessionHarness, frames: list[Message]) -> tuple[Any, Any]:
+    """A hostile raw client: the handshake, then ``frames`` in one write; the close it gets."""
+    client, answer = await RawPeer.connect(harness.port, "/", subprotocols=("realtime",))
+    async with client.stream:
+        assert isinstance(answer, AcceptConnection)
+        await client.send(*frames)
+        while True:
+            got = await client.next_event()
+            if got is None or isinstance(got, CloseConnection):
+                break
+    (finished,) = await harness.wait_finished()
+    return got, finished
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        pytest.param([BytesMessage(b"ab", message_finished=False)] * 20000, id="tiny fragments"),
+        pytest.param([TextMessage("", message_finished=False)] * 20000, id="empty continuation frames"),
+    ],
+)
+async def test_a_message_in_too_many_fragments_is_closed_with_1009_and_never_buffered_past_the_bound(
+    realtime: RealtimeUpstream, start_harness: Callable[..., Any], frames: list[Message]
+) -> None:
+    harness = await start_harness(plan_for(realtime.url), max_message_size=65536, max_message_frames=256)
+    with trio.fail_after(WAIT * 2):
+        close, finished = await _fragments(harness, frames)
+        session = await realtime.wait_session()
+        await session.ended.wait()
+    assert isinstance(close, CloseConnection) and close.code == 1009
+    assert close.reason == "message in more than 256 frames"
+    assert finished.report.outcome == "message_too_big" and session.received == []
+    # What one unfinished message held at once: at most its 256 frames' payload, never 20,000 fragments.
+    assert finished.report.from_client.peak_buffered <= 256 * 2
+
+
+async def test_fragments_within_the_bounds_still_arrive_whole_and_count_their_bytes(
+    start_harness: Callable[..., Any], nursery: trio.Nursery
+) -> None:
+    upstream = await nursery.start(RealtimeUpstream(echo).serve)
+    harness = await start_harness(plan_for(upstream.url), max_message_size=2048, max_message_frames=256)
+    with trio.fail_after(WAIT):
+        client, answer = await RawPeer.connect(harness.port, "/", subprotocols=("realtime",))
+        async with client.stream:
+            assert isinstance(answer, AcceptConnection)
+            await client.send(*[TextMessage("é" * 4, message_finished=False)] * 200, TextMessage("!"))
+            session = await upstream.wait_session()
+            assert await session.wait_received(1) == ["é" * 800 + "!"]
+            # 1,601 bytes in 201 frames passed; the same in 257 frames, or 2,049 bytes, would not
+            await client.send(*[BytesMessage(b"x" * 8, message_finished=False)] * 256, BytesMessage(b"y"))
+            got = await client.next_event()
+    assert isinstance(got, CloseConnection) and got.code == 1009
+    (finished,) = await harness.wait_finished()
+    assert finished.report.from_client.peak_buffered == 2048  # the second message's 256 frames, then refused
+
+
+async def test_an_upstreams_own_1009_reaches_the_client_with_its_code_and_reason(
+    start_harness: Callable[..., Any], nursery: trio.Nursery
+) -> None:
+    """The client's message was too big for the upstream, not for Parkway: the client learns the upstream's words."""
+
+    async def small_limit(session: UpstreamSession) -> None:
+        await session.receive()
+        await session.ws.aclose(1009, "Exceeded maximum message size: 1000 bytes")
+
+    upstream = await nursery.start(RealtimeUpstream(small_limit).serve)
+    harness = await start_harness(plan_for(upstream.url))
+    with trio.fail_after(WAIT):
+        async with _connect(harness) as ws:
+            await ws.send_message("x" * 2000)
+            with pytest.raises(ConnectionClosed) as caught:
+                await ws.get_message()
+        (finished,) = await harness.wait_finished()
+    assert caught.value.reason is not None
+    assert (caught.value.reason.code, caught.value.reason.reason) == (1009, "Exceeded maximum message size: 1000 bytes")
+    assert finished.report.outcome == "ok" and finished.report.closed_by == "upstream"
