@@ -29,7 +29,7 @@ from .http.connection import HTTPConnection, RequestHead
 from .http.server import Server, bound_address, open_listeners
 from .jobs.api import JobAPI
 from .jobs.runner import JobRunner, open_job_store
-from .limits import StateBackend, open_state
+from .limits import StateBackend, open_budgets, open_state
 from .metrics import Metrics
 from .overrides import ConfigOverrides
 from .relay.pump import EpollEngine
@@ -124,6 +124,7 @@ class Parkway:
         try:
             async with AsyncExitStack() as stack:
                 self.state = state = await stack.enter_async_context(open_state(self.config.state))
+                budgets = await stack.enter_async_context(open_budgets(self.config.state, self.clock))
                 cache = await stack.enter_async_context(open_cache(self.config.cache, self.config.state.url))
                 self.metrics.cache_bytes.set_function(lambda: cache.store.stats()[0])
                 self.metrics.cache_entries.set_function(lambda: cache.store.stats()[1])
@@ -146,6 +147,7 @@ class Parkway:
                     clock=self.clock,
                     engine=self.engine,
                     websockets=self.websockets,
+                    budgets=budgets,
                 )
                 nursery = await stack.enter_async_context(trio.open_nursery())
                 if self.engine is not None:

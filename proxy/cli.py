@@ -14,7 +14,7 @@ from typing import Any
 
 from . import __version__, logs
 from .config import Config, config_from_dict, config_warnings, load_config
-from .errors import ConfigError
+from .errors import ConfigError, ParkwayError
 from .overrides import ConfigOverrides
 from .urls import split_host_port
 
@@ -249,6 +249,33 @@ def cmd_check_config(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     return 0
 
 
+def cmd_budget_show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Spent, held and remaining of a credential's budgets (and a user's), from the shared state."""
+    from datetime import UTC, datetime
+
+    from .limits import budget_report
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _print_problems(args.config, exc)
+        return 1
+
+    async def show() -> int:
+        try:
+            lines = await budget_report(config, args.credential, args.user, datetime.now(UTC))
+        except ValueError as exc:
+            print(f"parkway: {exc}", file=sys.stderr)
+            return 1
+        except ParkwayError as exc:  # Redis unreachable
+            print(f"parkway: {exc.message}", file=sys.stderr)
+            return 1
+        print("\n".join(lines))
+        return 0
+
+    return _run_trio(show)
+
+
 def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .demo.run import run_demo
 
@@ -343,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a TOML file and list every problem")
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
+
+    budget = sub.add_parser("budget", help="budgets kept in the shared state (Redis)")
+    budget_sub = budget.add_subparsers(dest="budget_command", required=True)
+    show = budget_sub.add_parser("show", help="spent, held and remaining of a credential's (and a user's) budgets")
+    show.add_argument("--credential", required=True, metavar="ID")
+    show.add_argument("--user", metavar="U", help="also the user_budget of this end user")
+    show.add_argument("--config", "-c", default="parkway.toml", help="TOML configuration file (default parkway.toml)")
+    show.set_defaults(func=cmd_budget_show)
 
     demo = sub.add_parser("demo", help="Parkway plus a mock OpenAI upstream on loopback; no key, no internet")
     demo.add_argument("--once", action="store_true", help="send one signed request, show the stream, exit")

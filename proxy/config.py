@@ -47,6 +47,7 @@ from .config_values import (
 )
 from .errors import ConfigError, ConfigProblem
 from .jobs.model import STORES, JobsConfig, credential_job_limits
+from .limits.budget import BudgetsConfig, BudgetSpec, budget_spec_from_toml, parse_prices
 from .limits.limiter import LimitSpec
 from .policy import OVERFLOW_CHOICES
 from .websocket.policy import WebSocketConfig
@@ -128,6 +129,8 @@ class Credential:
     max_jobs_queued: int | None = None  # this credential's queued jobs; None = its share of [jobs] max_jobs_queued
     max_jobs_running: int | None = None  # its jobs one process runs at once; None = its share of max_jobs_in_flight
     cache: CacheRules | None = None  # [credentials.cache]: a default ttl and how entries are kept
+    budget: BudgetSpec | None = None  # tokens or USD per window, the credential as a whole (docs/budgets.md)
+    user_budget: BudgetSpec | None = None  # the same for each end user; URLs must then name one
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +193,7 @@ class Config:
     websocket: WebSocketConfig = WebSocketConfig()
     jobs: JobsConfig = JobsConfig()
     cache: CacheConfig = CacheConfig()
+    budgets: BudgetsConfig = BudgetsConfig()
 
     # Not a field, so equality, hashing, repr and asdict() ignore it.
     _by_id: ClassVar[Mapping[str, Credential]]
@@ -228,7 +232,17 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     except UnicodeDecodeError as exc:
         message = f"{os.fspath(path)!r} is not UTF-8 (byte {exc.start}), as TOML requires"
         raise ConfigError([ConfigProblem("", message)]) from None
-    return parse_config(text, os.environ if env is None else env)
+    config = parse_config(text, os.environ if env is None else env)
+    if config.budgets.prices:
+        prices_path = os.path.join(os.path.dirname(os.fspath(path)), config.budgets.prices)
+        try:
+            with open(prices_path, "rb") as file:
+                table = parse_prices(file.read().decode("utf-8"), "budgets.prices")
+        except (OSError, UnicodeDecodeError) as exc:
+            message = f"cannot read the price table {config.budgets.prices!r}: {getattr(exc, 'strerror', None) or exc}"
+            raise ConfigError([ConfigProblem("budgets.prices", message)]) from None
+        config = replace(config, budgets=replace(config.budgets, price_table=table))
+    return config
 
 
 def parse_config(text: str, env: Mapping[str, str]) -> Config:
@@ -257,7 +271,13 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     if "jobs" in data and "enabled" not in data.get("jobs", {}):
         jobs = replace(jobs, enabled=True)  # a [jobs] table turns them on
     cache = _section(root.table("cache"), CacheConfig, _cache_rules(env))
+    budgets = _section(root.table("budgets"), BudgetsConfig, _BUDGETS_RULES)
     root.finish()
+    for i, c in enumerate(credentials):
+        for key in ("budget", "user_budget"):
+            spec = getattr(c, key)
+            if spec is not None and spec.unit == "usd" and not budgets.prices:
+                root.report(f"credentials[{i}].{key}", "a usd budget needs a price table: set [budgets] prices")
     if not any(p.path == "jobs.public_url" for p in problems):
         problems.extend(jobs_problems(jobs))
     signed_params = {"server.user_param": server.user_param, "server.single_use_param": server.single_use_param}
@@ -272,7 +292,7 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         )
     if problems:
         raise ConfigError(problems)
-    return Config(server, credentials, cors, log, admin, state, websocket, jobs, cache)
+    return Config(server, credentials, cors, log, admin, state, websocket, jobs, cache, budgets)
 
 
 def config_warnings(config: Config) -> list[ConfigProblem]:
@@ -383,6 +403,16 @@ _CREDENTIAL_POLICY_RULES: Mapping[str, tuple[Any, _Convert]] = {
     "max_jobs_queued": (None, _number(1, integer=True)),
     "max_jobs_running": (None, _number(1, integer=True)),
     "cache": (None, lambda value, path: _credential_cache(value, path)),
+    "budget": (None, budget_spec_from_toml),
+    "user_budget": (None, budget_spec_from_toml),
+}
+_BUDGETS_RULES: Mapping[str, _Convert] = {
+    "prices": _expect(str, "a string (a TOML file, relative to this one)"),
+    "input_bytes_per_token": _number(1),
+    "unbounded_hold": _number(0, integer=True),
+    "default_max_tokens": _number(1, integer=True),
+    "session_hold": _number(1, integer=True),
+    "price_table": lambda value, path: _fail(path, "is read from the file named by prices"),
 }
 
 
@@ -446,6 +476,8 @@ def _cache_rules(env: Mapping[str, str]) -> Mapping[str, _Convert]:
         "key_headers": _list_of(lambda value, path: _token(value, path).lower()),
         "timeout": _number(0, above=True),
         "retry_interval": _number(0, above=True),
+        "lock_timeout": _number(0.1),
+        "stream_readers": _number(1, integer=True),
     }
 
 

@@ -18,6 +18,7 @@ class ParkwayError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str = "internal_error"
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # more response headers (RateLimit of a budget refusal)
 
     def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = None):
         super().__init__(message)
@@ -130,6 +131,14 @@ class CacheMiss(Refused):
     code = "cache_miss"
 
 
+class CacheUserRequired(Refused):
+    """A credential whose cache is per user got a URL signed without the end user: sharing its
+    entry with every other such URL would serve one user's answer to another (400, never shared)."""
+
+    status = 400
+    code = "cache_user_required"
+
+
 class Overloaded(Refused):
     status = 503
     type = "server_error"
@@ -208,4 +217,5 @@ def error_response(exc: ParkwayError) -> tuple[int, list[tuple[bytes, bytes]], b
     ]
     if exc.retry_after is not None:
         headers.append((b"retry-after", str(exc.retry_after).encode()))
+    headers += exc.headers
     return exc.status, headers, body

@@ -134,6 +134,17 @@ def forward_context(peer: str, headers: Mapping[str, str], trusted_proxies: tupl
     )
 
 
+def forwarded_client_headers(
+    client: Iterable[tuple[bytes, bytes]], overridden: set[bytes] | frozenset[bytes]
+) -> Headers:
+    """The client's own headers that reach the upstream: not hop-by-hop, not named in its
+    ``Connection``, not Parkway's (``X-Sw-*``, framing, forwarding chain, cookies), not one the
+    credential injects (``overridden``, lower case). The cache keys exactly these."""
+    client = list(client)
+    dropped = REQUEST_DROPPED | _connection_tokens(client)
+    return [(n, v) for n, v in client if n not in dropped and n not in overridden and not n.startswith(b"x-sw-")]
+
+
 def request_headers(
     client: Iterable[tuple[bytes, bytes]],
     injected: Iterable[tuple[str, str]],
@@ -146,13 +157,8 @@ def request_headers(
     ``content_length`` is set when the body is known (a verified signed body, or the
     client's fixed length for a streamed one); otherwise the upstream client frames it.
     """
-    client = list(client)
-    dropped = REQUEST_DROPPED | _connection_tokens(client)
     injected_pairs = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in injected]
-    overridden = {n for n, _ in injected_pairs}
-    out: Headers = [
-        (n, v) for n, v in client if n not in dropped and n not in overridden and not n.startswith(b"x-sw-")
-    ]
+    out = forwarded_client_headers(client, {n for n, _ in injected_pairs})
     out.extend(injected_pairs)
     # The chain is header text from trusted proxies, decoded as UTF-8 where it was valid.
     out.append((b"x-forwarded-for", (ctx.forwarded_for or ctx.client_ip).encode("utf-8")))

@@ -94,6 +94,19 @@ class Metrics:
         )
         self.cache_bytes = Gauge("parkway_cache_bytes", "Bytes held by the cache store.", registry=r)
         self.cache_entries = Gauge("parkway_cache_entries", "Entries held by the cache store.", registry=r)
+        # Budgets (docs/budgets.md): what was charged per credential (never per user), and refusals.
+        self.budget_tokens = Counter(
+            "parkway_budget_tokens_charged", "Tokens charged to budgets, by credential.", ["credential"], registry=r
+        )
+        self.budget_usd = Counter(
+            "parkway_budget_usd_charged", "USD charged to spend budgets, by credential.", ["credential"], registry=r
+        )
+        self.budget_refusals = Counter(
+            "parkway_budget_refusals",
+            "Requests refused because a budget could not cover them, by budget (user-day, credential-month...).",
+            ["budget"],
+            registry=r,
+        )
         self.reloads = Counter("parkway_config_reloads", "Configuration reloads by result.", ["result"], registry=r)
         # Background jobs: the store's view (all processes sharing it) and this process's work.
         self.jobs = Gauge("parkway_jobs", "Jobs in the job store, by status.", ["status"], registry=r)

@@ -48,6 +48,7 @@ class RequestRecord:
     session: SessionReport | None = None  # a WebSocket session's figures (status 101)
     cache: str | None = None  # hit | miss | stored | collapsed | bypass | unavailable; None: not cacheable
     tokens_saved: tuple[int, int] = (0, 0)  # prompt, completion tokens of an answer served without upstream
+    budget: dict[str, Any] | None = None  # the budget's log fields: hold, charge, estimate (gateway.budget)
     # Set by settle() when the request ends.
     bytes_in: int = 0
     bytes_out: int = 0
@@ -79,6 +80,8 @@ def log_request(head: RequestHead, record: RequestRecord) -> None:
         fields["cache"] = record.cache
     if record.error:
         fields["error"] = record.error
+    if record.budget:
+        fields.update(record.budget)
     if record.usage is not None:
         fields["prompt_tokens"] = record.usage.prompt_tokens
         fields["completion_tokens"] = record.usage.completion_tokens

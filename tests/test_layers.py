@@ -28,6 +28,7 @@ PURE = [
     "jobs.store",
     "jobs.webhooks",
     "limits.limiter",
+    "limits.budget",
     "limits.outage",
     "overrides",
     "policy",
@@ -154,8 +155,9 @@ def test_no_module_takes_private_names_from_another_package() -> None:
 
 # proxy.limits has one face (its __init__): the rest of Parkway imports from it, never from the
 # modules inside. config and config_values sit below the package (limits.state reads config's
-# StateConfig), so they take the pure limits.limiter directly: the face would be an import cycle.
-FACES = {"limits": {"config": {"limits.limiter"}, "config_values": {"limits.limiter"}}}
+# StateConfig), so they take the pure limits.limiter (and config limits.budget) directly: the
+# face would be an import cycle.
+FACES = {"limits": {"config": {"limits.limiter", "limits.budget"}, "config_values": {"limits.limiter"}}}
 
 
 @pytest.mark.parametrize("package", sorted(FACES))
@@ -176,7 +178,7 @@ def test_the_limits_face_loads_no_io_library_until_asked() -> None:
         "from proxy.limits.admission import GlobalGate\n"
         "assert limits.GlobalGate is GlobalGate and 'trio' in sys.modules\n"
         "from proxy.limits import MemoryState, RedisState, StateBackend, open_state\n"
-        "assert set(limits.__all__) <= set(dir(limits)) | {'GlobalGate', 'MemoryState', 'RedisState', 'StateBackend', 'open_state'}\n"
+        "assert set(limits.__all__) <= set(dir(limits)) | {'GlobalGate', 'MemoryState', 'RedisState', 'StateBackend', 'open_state', 'BudgetStore', 'MemoryBudgets', 'RedisBudgets', 'budget_report', 'open_budgets'}\n"
         "try:\n    limits.no_such_name\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no AttributeError')\n"
     )
     result = subprocess.run(

@@ -192,3 +192,92 @@ class Recording:
             self.status, self.headers, tuple(self.chunks), tuple(round(o, 4) for o in self.offsets), stored_at, ttl,
             prompt_tokens, completion_tokens,
         )  # fmt: skip
+
+
+# --- a recording shared through a stream (collapsing across processes) ------------------------------
+#
+# One stream entry is one record: the head, a batch of body chunks, or the end. The first byte says
+# which; the leader appends them in order and a reader on any process rebuilds the same answer.
+
+HEAD, DATA, END = b"h", b"d", b"e"
+_RECORD_HEAD = struct.Struct(">HB")  # status, shared
+_RECORD_END = struct.Struct(">BQQ")  # outcome, prompt, completion
+_LENGTH = struct.Struct(">I")
+
+# How a shared recording ended (END records).
+COMPLETE, FAILED, NOT_STARTED = 0, 1, 2  # the whole answer / cut mid-answer / failed before the head
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    status: int
+    headers: tuple[Header, ...]
+    shared: bool  # followers may have it (else each makes its own call)
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    outcome: int  # COMPLETE, FAILED or NOT_STARTED
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reason: str = ""
+
+
+def encode_head(head: Head) -> bytes:
+    parts = [HEAD, _RECORD_HEAD.pack(head.status, int(head.shared)), struct.pack(">I", len(head.headers))]
+    for name, value in head.headers:
+        parts += [_HEADER.pack(len(name), len(value)), name, value]
+    return b"".join(parts)
+
+
+def encode_data(chunks: list[bytes] | tuple[bytes, ...]) -> bytes:
+    parts = [DATA]
+    for chunk in chunks:
+        parts += [_LENGTH.pack(len(chunk)), chunk]
+    return b"".join(parts)
+
+
+def encode_end(end: End) -> bytes:
+    return END + _RECORD_END.pack(end.outcome, end.prompt_tokens, end.completion_tokens) + end.reason.encode()
+
+
+def decode_record(data: bytes) -> Head | tuple[bytes, ...] | End:
+    """A record :func:`encode_head`, :func:`encode_data` or :func:`encode_end` wrote (a batch of chunks
+    comes back as a tuple); :class:`CorruptEntry` for anything else."""
+    view = memoryview(data)
+    kind = bytes(view[:1])
+    try:
+        if kind == HEAD:
+            status, shared = _RECORD_HEAD.unpack_from(view, 1)
+            pos = 1 + _RECORD_HEAD.size
+            (count,) = struct.unpack_from(">I", view, pos)
+            pos += 4
+            headers = []
+            for _ in range(count):
+                name_len, value_len = _HEADER.unpack_from(view, pos)
+                pos += _HEADER.size
+                if pos + name_len + value_len > len(data):
+                    raise CorruptEntry("truncated head record")
+                headers.append(
+                    (bytes(view[pos : pos + name_len]), bytes(view[pos + name_len : pos + name_len + value_len]))
+                )
+                pos += name_len + value_len
+            if pos != len(data):
+                raise CorruptEntry("head record length does not match its contents")
+            return Head(status, tuple(headers), bool(shared))
+        if kind == DATA:
+            pos, chunks = 1, []
+            while pos < len(data):
+                (length,) = _LENGTH.unpack_from(view, pos)
+                pos += _LENGTH.size
+                if pos + length > len(data):
+                    raise CorruptEntry("truncated data record")
+                chunks.append(bytes(view[pos : pos + length]))
+                pos += length
+            return tuple(chunks)
+        if kind == END:
+            outcome, prompt, completion = _RECORD_END.unpack_from(view, 1)
+            return End(outcome, prompt, completion, bytes(view[1 + _RECORD_END.size :]).decode("utf-8", "replace"))
+    except struct.error as exc:
+        raise CorruptEntry(f"truncated record: {exc}") from None
+    raise CorruptEntry("not a recording record")

@@ -75,6 +75,9 @@ class CacheConfig:
     key_headers: tuple[str, ...] = DEFAULT_KEY_HEADERS
     timeout: float = 0.25  # seconds for one Redis operation
     retry_interval: float = 1.0  # while Redis is down, try it again at most this often
+    # Redis only: collapsing across processes.
+    lock_timeout: float = 2.0  # a leader silent this long (its process died) is replaced
+    stream_readers: int = 16  # connections blocked reading shared recordings, per process
 
     def __post_init__(self) -> None:
         if self.backend not in CACHE_BACKENDS:
@@ -84,6 +87,10 @@ class CacheConfig:
 class CacheUnavailable(Exception):
     """The entry store cannot be used right now (Redis down): the request goes on uncached.
     Never answered to a client, so not a :class:`~proxy.errors.ParkwayError`."""
+
+
+class NotShared(Exception):
+    """The answer another process is fetching is not one to share: make the call yourself."""
 
 
 # --- who decides: the signer, narrowed by the browser ------------------------------------------
@@ -165,6 +172,8 @@ class CacheRequest:
     rules: CacheRules
     max_entry_bytes: int
     bypass_reason: str | None = None  # why the cache is skipped although the signer allowed it
+    # The client's headers an upstream call for this key may carry: exactly those the key covers.
+    keyed_headers: tuple[tuple[bytes, bytes], ...] = ()
 
     @property
     def bypass(self) -> bool:
@@ -174,9 +183,18 @@ class CacheRequest:
 # --- the key ------------------------------------------------------------------------------------
 
 
+def keyed_request_headers(forwarded: Headers, names: Iterable[str]) -> list[tuple[bytes, bytes]]:
+    """Of the client headers that would reach the upstream (``forwarded``: after hop-by-hop and
+    ``Connection``-named ones are removed), those in ``names``: on a request whose answer may be
+    stored or shared, these and nothing else of the client's reach the upstream, and the key
+    covers each of them. What the key does not cover, the upstream does not see."""
+    wanted = {n.lower().encode("latin-1") for n in names}
+    return [(name, value) for name, value in forwarded if name.lower() in wanted]
+
+
 def key_header_values(headers: Headers, names: Iterable[str], injected: Iterable[str] = ()) -> tuple[bytes, ...]:
-    """``name: value`` of the request headers in ``names`` that reach the upstream, sorted by name;
-    repeated fields joined. Headers the credential injects replace the client's, so those are left out."""
+    """``name: value`` of the request headers in ``names``, sorted by name; repeated fields joined.
+    Headers the credential injects replace the client's, so those are left out."""
     wanted = {n.lower().encode("latin-1") for n in names} - {n.lower().encode("latin-1") for n in injected}
     found: dict[bytes, list[bytes]] = {}
     for name, value in headers:
@@ -230,17 +248,57 @@ def short_key(key: str) -> str:
 # --- the answer -----------------------------------------------------------------------------------
 
 
+# RFC 9111 §1.2.2: a delta-seconds too large to represent is taken as 2^31.
+MAX_DELTA_SECONDS = 2**31
+MAX_LENGTH = 2**62  # a Content-Length beyond any store's bound; more digits count as this
+
+
+def delta_seconds(value: bytes | str | None) -> int | None:
+    """An upstream's ``Age`` (or ``max-age``-style) number of seconds, bounded: None unless it is
+    plain ASCII digits; anything above 2^31 (a 5,000-digit value too) is 2^31. Never raises."""
+    if value is None:
+        return None
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    text = text.strip()
+    if not text or not (text.isascii() and text.isdigit()):
+        return None
+    if len(text) > 10:
+        return MAX_DELTA_SECONDS
+    return min(int(text), MAX_DELTA_SECONDS)
+
+
+def content_length(value: bytes | str | None) -> int | None:
+    """A ``Content-Length`` as the cache reads it: None unless plain ASCII digits; bounded."""
+    if value is None:
+        return None
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    text = text.strip()
+    if not text or not (text.isascii() and text.isdigit()):
+        return None
+    return MAX_LENGTH if len(text) > 18 else min(int(text), MAX_LENGTH)
+
+
 def _header(headers: Headers, name: bytes) -> bytes | None:
     values = [v for n, v in headers if n.lower() == name]
     return b", ".join(values) if values else None
 
 
 def unstorable_reason(
-    status: int, headers: Headers, rules: CacheRules, *, max_entry_bytes: int, key_headers: Iterable[str]
+    status: int,
+    headers: Headers,
+    rules: CacheRules,
+    *,
+    max_entry_bytes: int,
+    key_headers: Iterable[str],
+    close_delimited: bool = False,
 ) -> str | None:
-    """None when an answer with this head may be stored (once its body is complete), else why not."""
+    """None when an answer with this head may be stored (once its body is complete), else why not.
+    ``close_delimited``: neither a length nor chunked framing says where the body ends, so a
+    crash mid-body would look like its end; such an answer is never stored."""
     if status != 200:
         return f"status {status}"
+    if close_delimited:
+        return "answer ends at the connection's close (no length, not chunked)"
     control = _header(headers, b"cache-control")
     if control is not None and rules.honour_upstream_no_store:
         names = _tokens(control.decode("latin-1"))
@@ -253,9 +311,9 @@ def unstorable_reason(
         for name in _tokens(vary.decode("latin-1")):
             if name == "*" or name not in keyed:
                 return f"upstream Vary: {name} (not part of the cache key)"
-    length = _header(headers, b"content-length")
-    if length is not None and length.isdigit() and int(length) > max_entry_bytes:
-        return f"{int(length)} bytes is over max_entry_bytes ({max_entry_bytes})"
+    length = content_length(_header(headers, b"content-length"))
+    if length is not None and length > max_entry_bytes:
+        return f"{length} bytes is over max_entry_bytes ({max_entry_bytes})"
     return None
 
 
@@ -289,8 +347,8 @@ def replay_headers(stored: Headers, age: float) -> list[tuple[bytes, bytes]]:
     out: list[tuple[bytes, bytes]] = []
     for name, value in stored:
         if name == b"age":
-            upstream_age = int(value) if value.isdigit() else 0
+            upstream_age = delta_seconds(value) or 0
         else:
             out.append((name, value))
-    out.append((b"age", str(upstream_age + max(0, int(age))).encode()))
+    out.append((b"age", str(min(upstream_age + max(0, int(age)), MAX_DELTA_SECONDS)).encode()))
     return out

@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import coredis
 import structlog
 import trio
 
@@ -54,6 +55,11 @@ class RedisStore(RedisClientOwner):
         self._bytes = 0  # bytes this process wrote (the gauge; Redis's INFO has the whole truth)
         self._entries = 0
 
+    @property
+    def client(self) -> coredis.Redis[bytes]:
+        """The store's own client, for the shared recordings of :mod:`proxy.cache.shared`."""
+        return self._client
+
     def clock(self) -> float:
         return self._clock()
 
@@ -64,7 +70,7 @@ class RedisStore(RedisClientOwner):
         return self._bytes, self._entries
 
     async def get(self, key: str) -> CacheEntry | None:
-        data = await self._call(lambda: self._client.get(self.key_prefix + key))
+        data = await self.call(lambda: self._client.get(self.key_prefix + key))
         if data is None:
             return None
         try:
@@ -80,18 +86,19 @@ class RedisStore(RedisClientOwner):
         if ttl_ms <= 0:
             return Stored(False)
         data = encode_entry(entry)
-        await self._call(lambda: self._client.set(self.key_prefix + key, data, px=ttl_ms))
+        await self.call(lambda: self._client.set(self.key_prefix + key, data, px=ttl_ms))
         self._bytes += len(data)
         self._entries += 1
         return Stored(True)
 
-    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """One Redis operation within ``timeout``; :class:`CacheUnavailable` when Redis fails."""
+    async def call(self, operation: Callable[[], Awaitable[T]], *, timeout: float | None = None) -> T:
+        """One Redis operation within ``timeout`` (default: the store's); :class:`CacheUnavailable`
+        when Redis fails."""
         if not self.outage.claim_attempt(trio.current_time()):
             self.failures += 1
             raise CacheUnavailable("Redis is unreachable (waiting to try again)")
         try:
-            with trio.fail_after(self.timeout):
+            with trio.fail_after(self.timeout if timeout is None else timeout):
                 result = await operation()
         except REDIS_FAILURES as exc:
             self.failures += 1

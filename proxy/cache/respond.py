@@ -7,7 +7,7 @@ same sequence of chunks, one write each, so a streamed answer still arrives toke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -16,6 +16,7 @@ from ..http.connection import HTTPConnection
 from ..record import RequestRecord
 from .entry import CacheEntry, Recording
 from .flight import Flight, follow, replay
+from .policy import content_length
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -36,7 +37,12 @@ async def send_stored(
 
 
 async def send_followed(
-    conn: HTTPConnection, flight: Flight, head: Recording, headers: Headers, record: RequestRecord
+    conn: HTTPConnection,
+    flight: Flight,
+    head: Recording,
+    headers: Headers,
+    record: RequestRecord,
+    before_end: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Send the answer ``flight``'s leader is receiving, as it arrives. Raises
     :class:`~proxy.cache.flight.LeaderFailed` or :class:`~proxy.cache.flight.FellBehind` mid-body."""
@@ -47,6 +53,8 @@ async def send_followed(
         await conn.send_data(chunk)
 
     await follow(flight, send)
+    if before_end is not None:
+        await before_end()
     await conn.send_end()
     record.completed = True
 
@@ -55,7 +63,7 @@ async def _send_head(conn: HTTPConnection, status: int, headers: Headers, record
     out = list(headers)
     length = next((v for n, v in out if n == b"content-length"), None)
     record.status = status
-    record.expected_length = int(length) if length is not None and length.isdigit() else None
+    record.expected_length = content_length(length)
     if forwarding.is_event_stream(out):
         out.append((b"x-accel-buffering", b"no"))
     # A small fixed-length answer goes out as one write, head and body together.

@@ -2,7 +2,8 @@
 
 It runs on Parkway's own HTTP server module and answers:
 
-* ``POST /v1/chat/completions``: a completion; with ``"stream": true`` it is sent as SSE
+* ``POST /v1/chat/completions``: a completion of at most ``max_tokens`` (or
+  ``max_completion_tokens``) words, one token each, with its ``usage``; with ``"stream": true`` it is sent as SSE
   chunks word by word, ``delay`` seconds apart (``data: [DONE]`` last, and a ``usage``
   chunk first when ``stream_options.include_usage`` is set, as OpenAI does);
 * ``GET /v1/models``: a model list.
@@ -48,10 +49,13 @@ def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None =
 class MockOpenAI:
     """The application object for :class:`~proxy.http.server.Server`."""
 
-    def __init__(self, *, api_key: str | None = None, delay: float = 0.05, text: str = DEMO_TEXT):
+    def __init__(
+        self, *, api_key: str | None = None, delay: float = 0.05, text: str = DEMO_TEXT, created: int | None = None
+    ):
         self.api_key = api_key
         self.delay = delay
         self.text = text
+        self.created = created  # a fixed "created", so that answers can be compared byte for byte
         self.requests: list[tuple[RequestHead, bytes]] = []
 
     async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None:
@@ -90,7 +94,10 @@ class MockOpenAI:
     async def _completion(self, conn: HTTPConnection, request: dict) -> None:
         model = str(request.get("model", "mock-gpt"))
         words = self.text.split(" ")
-        created = int(time.time())
+        cap = request.get("max_completion_tokens", request.get("max_tokens"))
+        if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
+            words = words[:cap]  # one word is one token here, and the answer stops at the cap, as OpenAI's does
+        created = self.created if self.created is not None else int(time.time())
         cid = "chatcmpl-mock"
         usage = {"prompt_tokens": 9, "completion_tokens": len(words), "total_tokens": 9 + len(words)}
         if not request.get("stream"):

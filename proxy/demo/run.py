@@ -24,6 +24,7 @@ from ..app import Parkway
 from ..config import AdminConfig, Config, CorsConfig, Credential, ServerConfig
 from ..jobs import webhooks
 from ..jobs.model import JobsConfig
+from ..limits import BudgetSpec
 from ..signing import sign_url
 from .jobs import DemoReceiver, play_background, serve_receiver
 from .mock_openai import MockOpenAI, serve_mock
@@ -69,6 +70,28 @@ async def _play_browser(url: str) -> int:
     return 0
 
 
+BUDGET_BODY = {"model": "mock-gpt", "max_tokens": 40, "messages": [{"role": "user", "content": "Hello again"}]}
+
+
+async def _play_budget(url: str) -> int:
+    """Two requests of one end user against a tiny daily budget: the second cannot fit."""
+    async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+        for attempt in (1, 2):
+            response = await client.post(url, json=BUDGET_BODY)
+            if response.status_code == 200:
+                used = response.json()["usage"]["total_tokens"]
+                _out(f"  request {attempt}: 200, {used} tokens used   RateLimit: {response.headers.get('ratelimit')}")
+            elif response.status_code == 429 and response.json()["error"]["code"] == "budget_exhausted":
+                _out(f"  request {attempt}: 429 budget_exhausted, Retry-After {response.headers['retry-after']} s")
+                _out(f"    {response.json()['error']['message']}")
+                return 0 if attempt == 2 else 1
+            else:
+                _out(f"unexpected status {response.status_code}: {response.text}")
+                return 1
+    _out("  the budget was not exhausted")
+    return 1
+
+
 def _free_port() -> int:
     """A loopback port nobody listens on now (the demo's default: any free port)."""
     with socket.socket() as probe:
@@ -96,6 +119,13 @@ async def run_demo(port: int, once: bool, delay: float) -> int:
                     allowed_upstreams=(upstream_url + "/v1/",),
                     allowed_callbacks=(receiver_url + "/hooks/",),
                     webhook_secrets=(webhooks.format_secret(hook_key),),
+                ),
+                Credential(  # each end user may spend 150 tokens a day (docs/budgets.md)
+                    id="demo-budget",
+                    secrets=(secret,),
+                    headers=(("Authorization", f"Bearer {api_key}"),),
+                    allowed_upstreams=(upstream_url + "/v1/",),
+                    user_budget=BudgetSpec(150, "tokens", "day"),
                 ),
             ),
             cors=CorsConfig(),
@@ -129,6 +159,13 @@ async def run_demo(port: int, once: bool, delay: float) -> int:
             _out()
             _out("In the background, as a Sidekiq job would (the backend signs pw_callback; Parkway calls back):")
             code = code or await play_background(background, receiver, _out)
+            _out()
+            _out("Under a budget of 150 tokens a day per end user (user_budget), the same user twice:")
+            budgeted = sign_url(
+                id="demo-budget", secret=secret, host=base, proxy_url=upstream_url + "/v1/chat/completions",
+                expiry=600, method="POST", params={"pw_user": "demo-user"},
+            )  # fmt: skip
+            code = code or await _play_budget(budgeted)
             _out()
             _out(f"To keep it running and stream it with curl yourself: {_command()} demo")
             parkway.shutdown()

@@ -11,6 +11,7 @@ import trio
 from .. import limits
 from ..config import Config
 from ..limits import GlobalGate, StateBackend
+from .budget import Budgets, budget_hold
 from .plan import Plan, Request, Step
 
 
@@ -27,11 +28,12 @@ class Admission:
     """Runs step 7 once a request is admitted. ``gate`` is replaced when a reload changes the
     in-flight cap; requests admitted by the old gate finish and release there."""
 
-    def __init__(self, config: Config, state: StateBackend, clock: Callable[[], datetime]):
+    def __init__(self, config: Config, state: StateBackend, clock: Callable[[], datetime], budgets: Budgets):
         self.gate = gate_for(config)
         self._gate_settings = gate_settings(config)
         self.state = state
         self.clock = clock
+        self.budgets = budgets
 
     def apply(self, config: Config) -> None:
         """A reloaded config: a changed in-flight cap gets a new gate."""
@@ -40,7 +42,8 @@ class Admission:
             self._gate_settings = gate_settings(config)
 
     async def admit(self, req: Request, step7: Step, *, limits_passed: bool = False) -> None:
-        """Admission (in-flight gate, limits, single use), then ``step7``; slots always given back.
+        """Admission (in-flight gate, limits, single use, budgets), then ``step7``; slots and
+        budget holds always given back (the hold replaced by what the request cost).
         ``limits_passed``: rate limits and single use were already passed (a follower going alone).
 
         A WebSocket session holds its slots for its whole life, as a stream does."""
@@ -55,7 +58,8 @@ class Admission:
             try:
                 if not limits_passed:
                     await self.check_single_use(req.config, plan)
-                await step7(req)
+                async with budget_hold(self.budgets, req) as req:
+                    await step7(req)
             finally:
                 if decision.lease is not None:  # None: no concurrency limit counted this request
                     with trio.CancelScope(shield=True):

@@ -1,6 +1,6 @@
 """Step 7 of a proxied request: forward it (the body checked against the JSON rules as it
-passes), send the client the upstream's head, relay the body. A cacheable request's leader
-also tells its :class:`~proxy.cache.flight.Flight` what the upstream answered.
+passes), send the client the upstream's head, relay the body. (A cacheable request's upstream
+call is the cache's own: :meth:`proxy.gateway.cache.ServeCacheable.fetch`.)
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import trio
 
 from .. import cors, forwarding, policy
-from ..cache.flight import Flight
-from ..cache.policy import cache_status, unstorable_reason
 from ..config import Config
 from ..http.connection import HTTPConnection
 from ..metrics import Metrics
@@ -21,6 +19,7 @@ from ..record import RequestRecord
 from ..relay.pump import BodyObserver, EpollEngine, relay
 from ..relay.usage import UsageObserver
 from ..upstream.client import UpstreamClient, UpstreamRequest, UpstreamResponse
+from .budget import budget_headers, usage_remover
 from .plan import Plan, Request, address_policy, has_body
 
 # A fixed-length answer up to this size has its head held back and written with the first body
@@ -38,11 +37,9 @@ class Forward:
     metrics: Metrics
     engine: EpollEngine | None  # relays every stream's body when running; else each request's own task
 
-    async def __call__(
-        self, req: Request, *, flight: Flight | None = None, cache_headers: tuple[Header, ...] = ()
-    ) -> None:
+    async def __call__(self, req: Request, *, cache_headers: tuple[Header, ...] = ()) -> None:
         """Forward, with the body checked against the JSON rules as it passes, then relay.
-        ``flight``: this request leads a cache flight; ``cache_headers``: its Cache-Status."""
+        ``cache_headers``: its Cache-Status (a cacheable request that goes upstream alone)."""
         head, conn, config, record, plan = req.head, req.conn, req.config, req.record, req.plan
         async with AsyncExitStack() as stack:
             content_length: int | None = None
@@ -73,16 +70,13 @@ class Forward:
                     record.ttfb = head_at - record.started
                     record.status = response.status
                     usage = UsageObserver(response.content_type)
+                    remover = usage_remover(plan, response)  # the usage chunk a budget asked for, not the client
                     observers: tuple[BodyObserver, ...] = (usage,)
-                    if flight is not None:
-                        cache_headers = (begin_flight(flight, response, config, plan),)
-                        observers = (usage, flight)
-                    await respond(conn, response, record, config, plan, cache_headers)
+                    await respond(conn, response, record, config, plan, (*cache_headers, *budget_headers(plan)))
                     record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
-                    await relay(conn, response, record, observers, engine=self.engine, watcher=record.client_watch)
-                    record.usage = usage.usage
-                    if flight is not None and usage.usage is not None:
-                        flight.usage = (usage.usage.prompt_tokens, usage.usage.completion_tokens)
+                    await relay(conn, response, record, observers, engine=self.engine, watcher=record.client_watch,
+                                rewrite=remover)  # fmt: skip
+                    record.usage = usage.usage or (remover.usage if remover is not None else None)
             finally:
                 self.metrics.in_flight.dec()
 
@@ -110,20 +104,3 @@ async def respond(
     small = record.expected_length is not None and record.expected_length <= SMALL_RESPONSE_BYTES
     await conn.send_head(response.status, out_headers, flush=not (small or response.initial))
     record.head_sent_at = trio.current_time()
-
-
-def begin_flight(flight: Flight, response: UpstreamResponse, config: Config, plan: Plan) -> Header:
-    """Tell the flight the upstream's head (whether followers may share it, whether it may be
-    stored once complete); return the leader's Cache-Status."""
-    cached = plan.cache
-    assert cached is not None
-    reason = unstorable_reason(
-        response.status,
-        response.headers,
-        cached.rules,
-        max_entry_bytes=cached.max_entry_bytes,
-        key_headers=config.cache.key_headers,
-    )
-    flight.begin(response.status, tuple(forwarding.response_headers(response.headers)), share=reason is None)
-    result = "miss" if cached.plan.lookup else "refresh"
-    return cache_status(result, stored=flight.store, detail=reason)

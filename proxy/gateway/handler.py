@@ -49,7 +49,7 @@ from ..errors import (
 from ..http.connection import ClientGone, HTTPConnection, RequestHead
 from ..jobs.api import JobAPI
 from ..jobs.background import BackgroundAsk, background_ask, job_id_from_path
-from ..limits import GlobalGate, MemoryState, StateBackend
+from ..limits import BudgetStore, GlobalGate, MemoryBudgets, MemoryState, StateBackend
 from ..metrics import Metrics
 from ..record import RequestRecord, count_request, log, log_request
 from ..relay.client_watch import unless_client_leaves
@@ -59,6 +59,7 @@ from ..upstream.client import UpstreamClient
 from ..urls import origin_and_target
 from ..websocket.session import WebSocketProxy
 from .admit import Admission
+from .budget import Budgets, has_budget
 from .cache import ServeCacheable, cache_ask, keyed
 from .forward import Forward
 from .jobs import enqueue, serve_job
@@ -85,6 +86,7 @@ class Gateway:
         clock: Callable[[], datetime] = utcnow,
         engine: EpollEngine | None = None,
         websockets: WebSocketProxy | None = None,
+        budgets: BudgetStore | None = None,
     ):
         self.config = config
         self.engine = engine  # relays every stream's body when running; else each request's own task
@@ -93,11 +95,12 @@ class Gateway:
         self.cache = cache  # None: nothing is cached (tests and embedding that leave it out)
         self.jobs = jobs  # None: [jobs] is off; a background request is refused (503 jobs_unavailable)
         self.websockets = websockets or WebSocketProxy(config.websocket)
-        self.admission = Admission(config, state or MemoryState(), clock)
+        self.budgets: BudgetStore = budgets or MemoryBudgets(clock)
+        self.admission = Admission(config, state or MemoryState(), clock, Budgets(self.budgets, self.metrics, clock))
         # Step 7 in its forms; each takes one Request (proxy.gateway.plan.Step).
         self.forward = Forward(upstream, self.metrics, engine)
         self.serve_cacheable = (
-            ServeCacheable(cache, self.admission, self.forward, self.metrics) if cache is not None else None
+            ServeCacheable(cache, self.admission, self.forward, self.metrics, upstream) if cache is not None else None
         )
         self.enqueue: Step = partial(enqueue, jobs)
         self.open_session: Step = partial(open_session, self.websockets, self.metrics)
@@ -298,7 +301,8 @@ class Gateway:
             # 6c: the cache, only as the signer allowed it (a job's answer goes to its job, not the cache).
             cached = cache_ask(head, config, credential, extras, body is not None, declared_length)
         if body is None and has_body(head):
-            body = await read_body_if_needed(conn, head, config, background, cached)
+            budgeted = has_budget(credential) and not websocket
+            body = await read_body_if_needed(conn, head, config, background, cached, budgeted)
         if cached is not None and not cached.bypass:
             cached = keyed(cached, head, config, credential, upstream_url, user, body)
         if body is None and not has_body(head):
@@ -350,12 +354,15 @@ async def read_body_if_needed(
     config: Config,
     background: BackgroundAsk | None,
     cached: CacheRequest | None,
+    budgeted: bool = False,
 ) -> bytes | None:
     """An unsigned body, read whole when the request needs it so: a job stores it (bounded as a
-    signed body), the cache keys on it (bounded by its own limit: past it the request bypassed
-    the cache and its body streams). Otherwise None: the body streams to the upstream."""
-    if background is not None:
-        return await read_body(conn, head, config.server.max_signed_body_bytes, "background requests")
+    signed body), a budget's hold is computed from it and its output cap written into it (bounded
+    as a signed body), the cache keys on it (bounded by its own limit: past it the request
+    bypassed the cache and its body streams). Otherwise None: the body streams to the upstream."""
+    if background is not None or budgeted:
+        what = "background requests" if background is not None else "requests under a budget"
+        return await read_body(conn, head, config.server.max_signed_body_bytes, what)
     if cached is not None and not cached.bypass:
         return await read_body(conn, head, config.cache.max_body_bytes, "cache keys")
     return None

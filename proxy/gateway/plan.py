@@ -17,6 +17,7 @@ from ..config import Config, Credential
 from ..errors import BadRequest, Forbidden
 from ..http.connection import HTTPConnection, RequestHead
 from ..jobs.background import BackgroundAsk
+from ..limits import BudgetTicket
 from ..record import RequestRecord
 from ..upstream import ssrf
 from ..urls import check_unambiguous_path, url_allowed
@@ -48,6 +49,7 @@ class Plan:
     background: BackgroundAsk | None = None  # run as a job (proxy.jobs.background)
     prefix: str = ""  # the public path prefix this client reached Parkway under
     cache: CacheRequest | None = None  # the signer made it cacheable (pw_cache or the credential's ttl)
+    budget: BudgetTicket | None = None  # admitted under budgets (gateway.budget): its hold and headers
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from ..metrics import Metrics
 from ..record import log
 from ..websocket import policy as ws_policy
 from ..websocket.session import SessionPlan, SessionReport, WebSocketProxy
+from .budget import budget_headers, usage_cap
 from .plan import Request, address_policy
 
 
@@ -32,7 +33,8 @@ async def open_session(
         headers=ws_policy.upstream_headers(head.headers, plan.credential.headers, plan.ctx),
         subprotocols=offered,
         address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
-        response_headers=[(b"x-request-id", plan.request_id.encode())],
+        response_headers=[(b"x-request-id", plan.request_id.encode()), *budget_headers(plan)],
+        usage_cap=usage_cap(plan),
     )
 
     def hand_over() -> tuple[trio.abc.Stream, bytes]:

@@ -2,9 +2,12 @@
 signatures, and where their state lives (memory or Redis). The rest of Parkway imports them from
 here, never from the modules inside.
 
-Importing this package loads no I/O library: the pure names (:mod:`.limiter`, :mod:`.outage`) are
-loaded with it, the ones that need trio or coredis (:mod:`.admission`, :mod:`.state`,
-:mod:`.redis`) on first use. That keeps ``proxy.config`` pure, which reads ``LimitSpec`` and
+Budgets (docs/budgets.md) too: the pure arithmetic (:mod:`.budget`) and the stores
+(:mod:`.budget_state`, :mod:`.budget_redis`).
+
+Importing this package loads no I/O library: the pure names (:mod:`.limiter`, :mod:`.outage`,
+:mod:`.budget`) are loaded with it, the ones that need trio or coredis (:mod:`.admission`,
+:mod:`.state`, :mod:`.redis`, :mod:`.budget_state`, :mod:`.budget_redis`) on first use. That keeps ``proxy.config`` pure, which reads ``LimitSpec`` and
 ``parse_rate`` straight from :mod:`.limiter`: the limits' state reads config's ``StateConfig``, so
 config sits below this package and going through its face would be an import cycle.
 """
@@ -14,6 +17,28 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
+from .budget import (
+    NANO_USD,
+    NOTHING,
+    USAGE,
+    USD,
+    BudgetsConfig,
+    BudgetSpec,
+    BudgetTicket,
+    Charge,
+    Level,
+    PriceTable,
+    RequestCost,
+    amount,
+    applied_budgets,
+    budget_key,
+    charge_for,
+    rate_limit_headers,
+    refusal,
+    request_cost,
+    session_cap,
+    session_charge,
+)
 from .limiter import (
     ALLOWED,
     CONCURRENCY,
@@ -35,6 +60,8 @@ from .outage import Outage
 
 if TYPE_CHECKING:
     from .admission import GlobalGate
+    from .budget_redis import RedisBudgets
+    from .budget_state import BudgetStore, MemoryBudgets, budget_report, open_budgets
     from .redis import RedisState
     from .state import MemoryState, StateBackend, open_state
 
@@ -44,10 +71,40 @@ _LAZY = {
     "StateBackend": "state",
     "open_state": "state",
     "RedisState": "redis",
+    "BudgetStore": "budget_state",
+    "MemoryBudgets": "budget_state",
+    "budget_report": "budget_state",
+    "open_budgets": "budget_state",
+    "RedisBudgets": "budget_redis",
 }
 
 __all__ = [
     "ALLOWED",
+    "BudgetSpec",
+    "BudgetStore",
+    "BudgetTicket",
+    "BudgetsConfig",
+    "Charge",
+    "Level",
+    "MemoryBudgets",
+    "NANO_USD",
+    "NOTHING",
+    "PriceTable",
+    "RedisBudgets",
+    "RequestCost",
+    "USAGE",
+    "USD",
+    "amount",
+    "applied_budgets",
+    "budget_key",
+    "budget_report",
+    "charge_for",
+    "open_budgets",
+    "rate_limit_headers",
+    "refusal",
+    "request_cost",
+    "session_cap",
+    "session_charge",
     "CONCURRENCY",
     "CREDENTIAL",
     "RATE",

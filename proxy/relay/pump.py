@@ -25,9 +25,9 @@ from ..http.connection import ClientGone, HTTPConnection
 from ..record import RequestRecord
 from ..upstream.client import UpstreamResponse
 from .engine import EpollEngine, relay_portable
-from .stream import BodyObserver, RelayStream
+from .stream import BodyObserver, BodyRewrite, RelayStream
 
-__all__ = ["BodyObserver", "EpollEngine", "relay", "send_held"]
+__all__ = ["BodyObserver", "BodyRewrite", "EpollEngine", "relay", "send_held"]
 
 
 async def relay(
@@ -38,6 +38,7 @@ async def relay(
     *,
     engine: EpollEngine | None = None,
     watcher: trio.CancelScope | None = None,
+    rewrite: BodyRewrite | None = None,
 ) -> None:
     """Relay ``response``'s body to ``conn`` after its head was sent; observers on the side.
 
@@ -48,7 +49,7 @@ async def relay(
     upstream connection is marked reusable.
     """
     stream = RelayStream(conn, response.conn, response.framing, idle_timeout=response.idle_timeout,
-                         observers=observers)  # fmt: skip
+                         observers=observers, rewrite=rewrite)  # fmt: skip
     try:
         if engine is not None and engine.running and stream.client_fd >= 0:
             if watcher is not None:

@@ -46,6 +46,15 @@ class BodyObserver(Protocol):
     def finish(self, complete: bool) -> None: ...
 
 
+class BodyRewrite(Protocol):
+    """Changes the de-framed body on its way (the budget's usage chunk taken out): ``feed``
+    returns what to send for each piece, ``end`` what is left once the body is complete."""
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def end(self) -> bytes: ...
+
+
 class RelayStream:
     """One response body from ``upstream`` to ``conn``'s client, after its head was sent."""
 
@@ -66,6 +75,7 @@ class RelayStream:
         "pending",
         "relayed",
         "reusable",
+        "rewrite",
         "scanner",
         "task",
         "unobserved",
@@ -81,6 +91,7 @@ class RelayStream:
         *,
         idle_timeout: float,
         observers: Sequence[BodyObserver] = (),
+        rewrite: BodyRewrite | None = None,
     ):
         self.conn = conn
         self.up = upstream
@@ -89,7 +100,9 @@ class RelayStream:
         self._up_h11 = upstream.h11
         self._down_h11 = conn.conn
         # The framing going out is the framing coming in: h11 would chunk the answer for this client.
-        self.passthrough = framing.kind == "chunked" and _client_gets_chunked(conn.conn)
+        # A rewrite changes the body, so it is framed anew (never with a fixed length).
+        self.rewrite = rewrite if framing.kind in ("chunked", "close") else None
+        self.passthrough = framing.kind == "chunked" and _client_gets_chunked(conn.conn) and self.rewrite is None
         self.scanner = ChunkScanner() if framing.kind == "chunked" else None
         self.observers = tuple(observers)
         self.pending: memoryview | None = None  # what the client's socket has not taken yet
@@ -168,6 +181,10 @@ class RelayStream:
                         break
             except h11.RemoteProtocolError as exc:
                 raise UpstreamProtocolError(f"{self.host} broke the HTTP protocol: {exc}") from None
+        if self.rewrite is not None:
+            pieces = [self.rewrite.feed(b"".join(pieces))]
+            if self.complete:
+                pieces.append(self.rewrite.end())
         down = self._down_h11
         out = [down.send(h11.Data(data=p)) or b"" for p in pieces if p]
         if self.complete:

@@ -9,6 +9,7 @@ partial line, or a bounded JSON body) and parses JSON only for lines that mentio
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 MAX_JSON_BODY = 1 << 20  # a larger non-streamed body is not inspected
@@ -20,6 +21,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int = 0  # of prompt_tokens, read from the cache (priced apart)
 
 
 def _usage(obj: object) -> Usage | None:
@@ -27,13 +29,25 @@ def _usage(obj: object) -> Usage | None:
         return None
     u = obj.get("usage")
     if not isinstance(u, dict):
-        return None
+        # The Responses API's response.completed and realtime's response.done nest it.
+        inner = obj.get("response")
+        u = inner.get("usage") if isinstance(inner, dict) else None
+        if not isinstance(u, dict):
+            return None
     prompt = u.get("prompt_tokens", u.get("input_tokens"))
     completion = u.get("completion_tokens", u.get("output_tokens"))
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
     total = u.get("total_tokens")
-    return Usage(prompt, completion, total if isinstance(total, int) else prompt + completion)
+    details = u.get("prompt_tokens_details", u.get("input_tokens_details"))
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    cached = cached if isinstance(cached, int) and not isinstance(cached, bool) and 0 <= cached <= prompt else 0
+    return Usage(prompt, completion, total if isinstance(total, int) else prompt + completion, cached)
+
+
+def usage_of(obj: object) -> Usage | None:
+    """The usage an OpenAI-style JSON message reports (chat, Responses, realtime), if any."""
+    return _usage(obj)
 
 
 class UsageObserver:
@@ -106,3 +120,77 @@ class UsageObserver:
         elif self._sse and self._buf:
             self._line(bytes(self._buf).rstrip(b"\r"))
             self._buf = None
+
+
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+MAX_EVENT = 1 << 20  # an SSE event longer than this is passed on without being looked at
+
+
+class UsageChunkRemover:
+    """Takes the usage-only chunk out of an SSE answer whose ``stream_options.include_usage``
+    Parkway asked for (the client did not), and keeps its usage.
+
+    Every other byte goes on unchanged and in order; only the current incomplete event is held
+    (an event is dispatched by SSE clients only once complete, so none of them sees a delay).
+    The removed event is exactly a ``data:`` line whose JSON has a ``usage`` object and an
+    empty ``choices`` list, with its blank-line terminator.
+    """
+
+    __slots__ = ("_buf", "_passing", "usage")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._passing = False  # the current event is too long to look at: it streams through
+        self.usage: Usage | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes to send on for ``data``."""
+        if self._passing:
+            end = _EVENT_END.search(data)
+            if end is None or (end.end() == len(data) and data.endswith(b"\r")):
+                return data
+            self._passing = False
+            return data[: end.end()] + self.feed(data[end.end() :])
+        self._buf += data
+        out = bytearray()
+        start = 0
+        buf = self._buf
+        while True:
+            end = _EVENT_END.search(buf, start)
+            # A trailing \r may still become \r\n: wait for the next byte.
+            if end is None or (end.end() == len(buf) and buf.endswith(b"\r")):
+                break
+            event = bytes(buf[start : end.end()])
+            if not self._usage_only(event):
+                out += event
+            start = end.end()
+        rest = bytes(buf[start:])
+        self._buf = bytearray(rest)
+        if len(self._buf) > MAX_EVENT:
+            out += self._buf
+            self._buf = bytearray()
+            self._passing = True
+        return bytes(out)
+
+    def end(self) -> bytes:
+        """The body has ended: what is still held goes on as it is."""
+        rest, self._buf = bytes(self._buf), bytearray()
+        return rest
+
+    def _usage_only(self, event: bytes) -> bool:
+        if b'"usage"' not in event:
+            return False
+        lines = [line for line in re.split(rb"\r\n|\r|\n", event) if line]
+        if len(lines) != 1 or not lines[0].startswith(b"data:"):
+            return False
+        try:
+            obj = json.loads(lines[0][5:])
+        except ValueError:
+            return False
+        if not isinstance(obj, dict) or obj.get("choices") != [] or not isinstance(obj.get("usage"), dict):
+            return False
+        found = _usage(obj)
+        if found is None:
+            return False
+        self.usage = found
+        return True

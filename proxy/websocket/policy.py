@@ -226,6 +226,7 @@ NORMAL = 1000
 GOING_AWAY = 1001
 NO_STATUS = 1005  # received without a code; never sent
 ABNORMAL = 1006  # the TCP connection ended without a close frame; never sent
+POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 TLS_FAILURE = 1015  # never sent
@@ -240,6 +241,7 @@ TOO_BIG = "message_too_big"
 IDLE = "idle_timeout"
 MAX_DURATION = "max_duration"
 CANCELLED = "cancelled"
+BUDGET_SPENT = "budget_exhausted"  # the session used up what its budget held for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +252,7 @@ class Ending:
     code: int = ABNORMAL
     reason: str | None = None
     overflow: bool = False  # Parkway closed that side with 1009 for a message over its limits (reason: which)
-    why: str | None = None  # IDLE | MAX_DURATION | CANCELLED when Parkway ended it
+    why: str | None = None  # IDLE | MAX_DURATION | CANCELLED | BUDGET_SPENT when Parkway ended it
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +280,9 @@ def decide_close(
     ending: Ending, *, idle_timeout: float = 0.0, max_duration: float = 0.0, max_message_size: int = 0
 ) -> Closing:
     """Turn how a session ended into the closes Parkway sends and the outcome it logs."""
+    if ending.why == BUDGET_SPENT:
+        # 1008: the client broke a policy (its budget), which retrying at once will not mend.
+        return Closing((POLICY_VIOLATION, ending.reason), (NORMAL, ending.reason), BUDGET_SPENT, "parkway")
     if ending.why is not None:
         reason = {
             IDLE: f"no message for {idle_timeout:g} s",
@@ -350,22 +355,27 @@ class MessageBudget:
 # keeps a large audio delta from being scanned or parsed at all.
 _TYPE_WINDOW = 256
 _RESPONSE_DONE = '"response.done"'
+_RESPONSE_CREATED = '"response.created"'
 
 
 class RealtimeUsage:
     """Feed the text messages an upstream sent; sums ``usage`` of every ``response.done``.
 
-    Only a message whose head names ``response.done`` is parsed, once per model response.
+    Only a message whose head names ``response.done`` is parsed, once per model response;
+    ``open`` counts responses created and not done (one cut short is billed, but never reported).
     """
 
-    __slots__ = ("input_tokens", "output_tokens", "responses", "total_tokens")
+    __slots__ = ("input_tokens", "open", "output_tokens", "responses", "total_tokens")
 
     def __init__(self) -> None:
-        self.input_tokens = self.output_tokens = self.total_tokens = self.responses = 0
+        self.input_tokens = self.output_tokens = self.total_tokens = self.responses = self.open = 0
 
     def feed(self, message: str) -> None:
         if message.find(_RESPONSE_DONE, 0, _TYPE_WINDOW) < 0:
+            if message.find(_RESPONSE_CREATED, 0, _TYPE_WINDOW) >= 0:
+                self.open += 1
             return
+        self.open = max(0, self.open - 1)
         try:
             event = json.loads(message)
         except ValueError:

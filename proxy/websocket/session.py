@@ -52,6 +52,9 @@ class SessionPlan:
     subprotocols: tuple[str, ...]  # offered upstream: the client's, minus key-carrying ones
     address_policy: AddressPolicy  # where the upstream connection may go (SSRF guard)
     response_headers: Headers = field(default_factory=list)  # added to the client's 101
+    # Told the session's usage after each response.done; a reason it returns ends the session
+    # with 1008 (a budget that has no more room for it: gateway.budget).
+    usage_cap: Callable[[Usage], str | None] | None = None
 
 
 @dataclass(slots=True)
@@ -162,6 +165,7 @@ class SessionReport:
     outcome: str | None = None  # see ws_policy's outcomes
     level: str = "info"
     usage: Usage | None = None
+    responses_open: int = 0  # model responses begun and not done when the session ended
     duration: float = 0.0  # seconds from the 101 to the end of the close
 
 
@@ -367,7 +371,7 @@ class WebSocketProxy:
             report.accepted, report.opened_at = True, trio.current_time()
             self.active += 1
             try:
-                await self._relay_and_close(client, upstream, settings, report)
+                await self._relay_and_close(client, upstream, settings, report, plan.usage_cap)
             finally:
                 self.active -= 1
                 report.duration = trio.current_time() - report.opened_at
@@ -384,13 +388,14 @@ class WebSocketProxy:
         upstream: WebSocketConnection,
         settings: WebSocketConfig,
         report: SessionReport,
+        usage_cap: Callable[[Usage], str | None] | None = None,
     ) -> None:
         usage = ws_policy.RealtimeUsage()
         ending: Ending | None = None
         try:
-            ending = await self._relay(client, upstream, settings, report, usage)
+            ending = await self._relay(client, upstream, settings, report, usage, usage_cap)
         finally:
-            report.usage = usage.usage
+            report.usage, report.responses_open = usage.usage, usage.open
             for ws, traffic in ((client, report.from_client), (upstream, report.from_upstream)):
                 if isinstance(ws, _BoundedConnection):
                     traffic.peak_buffered = ws.budget.peak
@@ -438,6 +443,7 @@ class WebSocketProxy:
         settings: WebSocketConfig,
         report: SessionReport,
         usage: ws_policy.RealtimeUsage,
+        usage_cap: Callable[[Usage], str | None] | None = None,
     ) -> Ending:
         """Both directions at once until one ends; the idle deadline moves at most once per ``slack``."""
         ending: list[Ending] = []
@@ -478,8 +484,20 @@ class WebSocketProxy:
                         if moment + idle_for - idle.deadline > slack:
                             idle.deadline = moment + idle_for
 
+                feed = usage.feed
+                if usage_cap is not None:
+                    cap = usage_cap
+
+                    def feed(message: str) -> None:
+                        done = usage.responses
+                        usage.feed(message)
+                        if usage.responses != done and usage.usage is not None:
+                            reason = cap(usage.usage)
+                            if reason is not None:
+                                end(Ending(why=ws_policy.BUDGET_SPENT, reason=reason))
+
                 pumps.start_soon(pump, client, upstream, CLIENT, UPSTREAM, report.from_client, None)
-                pumps.start_soon(pump, upstream, client, UPSTREAM, CLIENT, report.from_upstream, usage.feed)
+                pumps.start_soon(pump, upstream, client, UPSTREAM, CLIENT, report.from_upstream, feed)
         if ending:
             return ending[0]
         if idle.cancelled_caught:

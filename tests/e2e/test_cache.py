@@ -27,6 +27,7 @@ from support.metrics import parse_metrics
 from support.parkway import TEST_CREDENTIAL, Parkways, RunningParkway, make_config, redis_parkway_toml, with_jobs
 from support.processes import ParkwayProcess, ProcessGroup, free_port, poll
 from support.redis import RedisServer
+from support.scripted import ScriptedUpstream, answer_with
 from support.signing import SECRET, sign
 from support.upstream import Upstream, respond_with, sse_from, sse_then
 from support.websocket import RealtimeUpstream, ws_client
@@ -179,18 +180,81 @@ async def test_a_follower_leaving_disturbs_nobody(cached_parkway, upstream) -> N
     assert hit.headers["cache-status"].startswith("parkway; hit") and len(upstream.requests) == 1
 
 
-async def test_the_leader_leaving_fails_its_followers_and_stores_nothing(cached_parkway, upstream) -> None:
-    """Known limit: the leader's upstream call is its client's; when that client hangs up, the call
-    stops, and followers that already have part of the answer are cut (never passed off as complete)."""
+async def test_the_leader_leaving_does_not_stop_its_followers(cached_parkway, upstream) -> None:
+    """The upstream call belongs to the flight, not to the client whose request started it: when
+    that client hangs up, the call goes on for the followers, and the answer is stored."""
     parkway = await cached_parkway()
     (leader, *followers), send = await open_collapsed(parkway, upstream, 3)
     async with send:
-        await leader.aclose()
-        replies = [await each.finish() for each in followers]
-    assert not any(r.complete for r in replies)
-    upstream.behaviour = stream_events(upstream)
-    again = await call(parkway.port, "POST", url(parkway, upstream, pw_cache="60"), body=BODY)
-    assert again.headers["cache-status"] == "parkway; fwd=uri-miss; stored" and len(upstream.requests) == 2
+        with watch_logs() as logs:
+            await leader.aclose()
+            gone = await logs.wait_for(event="request", outcome="client_gone")
+        assert gone["cache"] == "miss"
+        for event in EVENTS[1:]:
+            await send.send(event)
+    replies = [await each.finish() for each in followers]
+    assert all(r.complete and r.body == b"".join(EVENTS) for r in replies)
+    hit = await call(parkway.port, "POST", url(parkway, upstream, pw_cache="60"), body=BODY)
+    assert hit.headers["cache-status"].startswith("parkway; hit") and hit.body == b"".join(EVENTS)
+    assert len(upstream.requests) == 1
+
+
+async def test_when_every_client_leaves_the_upstream_call_stops(cached_parkway, upstream) -> None:
+    parkway = await cached_parkway()
+    calls, send = await open_collapsed(parkway, upstream, 2)
+    async with send:
+        for each in calls:
+            await each.aclose()
+        with trio.fail_after(5):
+            await upstream.disconnected.wait()  # the proxy hung up on the upstream
+    assert len(upstream.requests) == 1
+
+
+BIG_CHUNK = b"x" * 65536
+BIG_CHUNKS = 192  # 12 MiB: more than loopback socket buffers take from a client that reads nothing
+
+
+class BigAnswer:
+    """12 MiB as fast as the proxy takes it, once the test says go (after the first chunk)."""
+
+    def __init__(self) -> None:
+        self.go = trio.Event()
+
+    async def __call__(self, ex: Any) -> None:
+        await ex.send_head(200, [("content-type", "application/octet-stream")])
+        await ex.send_data(BIG_CHUNK)
+        await self.go.wait()
+        for _ in range(BIG_CHUNKS - 1):
+            await ex.send_data(BIG_CHUNK)
+        await ex.send_end()
+
+
+async def test_a_stalled_leader_client_delays_no_follower(cached_parkway, upstream) -> None:
+    """The attack of issue 19: the client that starts a collapsed request stops reading. Followers
+    get the whole answer at their own pace; the stalled client is cut alone."""
+    upstream.behaviour = big = BigAnswer()
+    parkway = await cached_parkway(max_entry_bytes=16 << 20)
+    target = url(parkway, upstream, pw_cache="60")
+    stalled = await trio.open_tcp_stream("127.0.0.1", parkway.port)
+    await stalled.send_all(request_bytes("POST", target, BODY, headers=[("connection", "close")]))
+    await upstream.wait_for_requests(1)
+    try:
+        with watch_logs() as logs, trio.fail_after(HANG_LIMIT):
+            followers = [await Call.open(parkway.port, "POST", target, body=BODY) for _ in range(3)]
+            for each in followers:
+                await each.head()  # every follower is in before the rest of the answer comes
+            big.go.set()
+            start = trio.current_time()
+            replies = [await each.finish() for each in followers]
+            elapsed = trio.current_time() - start
+            cut = await logs.wait_for(event="request", cache="miss")  # the stalled one, cut by its write timeout
+    finally:
+        await stalled.aclose()
+    assert all(r.complete and len(r.body) == BIG_CHUNKS * len(BIG_CHUNK) for r in replies)
+    assert all(r.headers["cache-status"] == "parkway; fwd=uri-miss; collapsed" for r in replies)
+    assert elapsed < 2.0  # under client_write_timeout: nobody waited for the stalled client
+    assert cut["outcome"] in ("client_gone", "upstream_error") and "did not read" in cut["error"]
+    assert len(upstream.requests) == 1
 
 
 async def test_an_interrupted_stream_is_not_stored_and_fails_its_followers(cached_parkway, upstream) -> None:
@@ -450,3 +514,98 @@ async def test_a_background_request_bypasses_the_cache(nursery: trio.Nursery, up
             await upstream.wait_for_requests(2)  # the job's own call
     finally:
         await parkways.drain()
+
+
+# --- issue 19: what the key does not cover, the upstream does not see; per_user; hostile numbers ----
+
+
+def echo_org(upstream: Upstream) -> Callable[[Any], Awaitable[None]]:
+    """An upstream that answers with what it saw of the headers an attacker might play with."""
+
+    async def behaviour(ex: Any) -> None:
+        seen = {n: ex.request.headers.get(n) for n in ("openai-organization", "x-evil", "cache-control", "user-agent")}
+        await ex.respond(200, [("content-type", "application/json")], json.dumps(seen).encode())
+
+    return behaviour
+
+
+async def test_connection_cannot_poison_the_cache(cached_parkway, upstream) -> None:
+    """The attack of issue 19, finding 1: an organisation header named in Connection is stripped
+    before the upstream, so its answer must not be stored under that organisation's key, and a
+    Cache-Control: no-cache must not overwrite the good entry with it."""
+    upstream.behaviour = echo_org(upstream)
+    parkway = await cached_parkway()
+    target = url(parkway, upstream, pw_cache="600")
+    victim = [("openai-organization", "org-victim")]
+    first = await call(parkway.port, "POST", target, body=BODY, headers=victim)
+    assert first.json()["openai-organization"] == "org-victim"
+
+    attack = [*victim, ("connection", "OpenAI-Organization"), ("x-evil", "1"), ("cache-control", "no-cache"),
+              ("user-agent", "attacker")]  # fmt: skip
+    poisoned = await call(parkway.port, "POST", target, body=BODY, headers=attack)
+    # The upstream saw none of what the key does not cover: no organisation, no other header.
+    assert poisoned.json() == {"openai-organization": None, "x-evil": None, "cache-control": None, "user-agent": None}
+    assert poisoned.headers["cache-status"] == "parkway; fwd=request; stored"  # stored under the no-org key
+
+    again = await call(parkway.port, "POST", target, body=BODY, headers=victim)
+    assert again.headers["cache-status"].startswith("parkway; hit")
+    assert again.json()["openai-organization"] == "org-victim"  # the victim's entry is intact
+    none = await call(parkway.port, "POST", target, body=BODY)
+    assert none.headers["cache-status"].startswith("parkway; hit") and none.json()["openai-organization"] is None
+    assert len(upstream.requests) == 2
+    assert "x-evil" not in upstream.requests[1].headers and "user-agent" not in upstream.requests[1].headers
+
+
+async def test_an_uncacheable_request_still_forwards_every_header(cached_parkway, upstream) -> None:
+    """The narrowing applies only where an answer may be stored or shared."""
+    upstream.behaviour = echo_org(upstream)
+    parkway = await cached_parkway()
+    target = url(parkway, upstream)  # no pw_cache
+    seen = await call(parkway.port, "POST", target, body=BODY, headers=[("x-evil", "1"), ("user-agent", "ua")])
+    assert seen.json()["x-evil"] == "1" and seen.json()["user-agent"] == "ua"
+
+
+async def test_per_user_without_a_signed_user_is_refused(cached_parkway, upstream) -> None:
+    per_user = replace(TEST_CREDENTIAL, cache=CacheRules(per_user=True))
+    parkway = await cached_parkway(credentials=(per_user,))
+    for _ in range(2):
+        refused = await call(parkway.port, "POST", url(parkway, upstream, pw_cache="60"), body=BODY)
+        assert (refused.status, refused.code) == (400, "cache_user_required")
+        assert "pw_user" in refused.message
+    assert upstream.requests == []
+    alice = await call(parkway.port, "POST", url(parkway, upstream, pw_cache="60", pw_user="alice"), body=BODY)
+    bob = await call(parkway.port, "POST", url(parkway, upstream, pw_cache="60", pw_user="bob"), body=BODY)
+    assert alice.status == bob.status == 200 and "hit" not in bob.headers["cache-status"]
+    assert len(upstream.requests) == 2
+
+
+async def test_a_hostile_age_never_makes_a_hit_fail(cached_parkway, upstream) -> None:
+    upstream.behaviour = respond_with(200, b"{}", [("content-type", "application/json"), ("age", "9" * 5000)])
+    parkway = await cached_parkway()
+    target = url(parkway, upstream, pw_cache="60")
+    stored = await call(parkway.port, "POST", target, body=BODY)
+    assert stored.status == 200 and stored.headers["cache-status"].endswith("stored")
+    for _ in range(2):
+        hit = await call(parkway.port, "POST", target, body=BODY)
+        assert (hit.status, hit.body) == (200, b"{}") and hit.headers["cache-status"].startswith("parkway; hit")
+        assert hit.headers["age"] == str(2**31)
+    assert len(upstream.requests) == 1
+
+
+@pytest.fixture
+async def scripted(nursery: trio.Nursery) -> ScriptedUpstream:
+    return await nursery.start(ScriptedUpstream().serve)
+
+
+async def test_a_close_delimited_answer_is_never_stored(cached_parkway, scripted) -> None:
+    """Neither a length nor chunked: the body ends when the upstream closes, as a crash would end it."""
+    answer = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{"n":1}'
+    scripted.answers = [answer_with(answer, close=True), answer_with(answer, close=True)]
+    parkway = await cached_parkway()
+    target = signed(parkway.base, scripted.base + "/v1/x", method="POST", params={"pw_cache": "60"})
+    replies = [await call(parkway.port, "POST", target, body=BODY) for _ in range(2)]
+    assert [r.body for r in replies] == [b'{"n":1}'] * 2
+    assert replies[0].headers["cache-status"] == (
+        'parkway; fwd=uri-miss; detail="answer ends at the connection\'s close (no length, not chunked)"'
+    )
+    assert len(scripted.requests) == 2

@@ -17,3 +17,5 @@ async def test_demo_runs_a_background_job_and_verifies_its_webhook(capsys, hang_
     assert "202 Accepted after" in out and '"status": "queued"' in out
     assert "signature verified: job.completed" in out
     assert "answer> Parkway verified the signed URL" in out
+    # The same end user twice under a 150-token daily budget: the second cannot fit.
+    assert "request 1: 200" in out and "request 2: 429 budget_exhausted, Retry-After" in out

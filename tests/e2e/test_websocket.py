@@ -19,7 +19,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from proxy.config import CorsConfig, Credential
-from proxy.limits import LimitSpec
+from proxy.limits import BudgetSpec, LimitSpec
 from proxy.websocket.policy import WebSocketConfig
 from support.http import call, parse_response, send_raw
 from support.logs import watch_logs
@@ -133,6 +133,12 @@ REFUSALS: dict[str, tuple[dict[str, Any], dict[str, Any], int, str]] = {
         "origin_not_allowed",
     ),  # fmt: skip
     "private upstream": ({"allow_private_upstreams": False}, {}, 403, "upstream_address_refused"),
+    "under a usd budget": (
+        {"credentials": (Credential("app", (SECRET,), budget=BudgetSpec(1000, "usd", "day")),)},
+        {},
+        403,
+        "budget_unmetered",
+    ),
 }
 
 

@@ -613,6 +613,7 @@ def test_config_stays_frozen_comparable_and_hashable():
         "websocket",
         "jobs",
         "cache",
+        "budgets",
     ]
     replaced = dataclasses.replace(one, credentials=(Credential("new", ("s",)),))
     assert replaced.credential("new") is not None and replaced.credential("app") is None

@@ -4,7 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.cache.entry import CacheEntry, CorruptEntry, Recording, decode_entry, encode_entry
+from proxy.cache.entry import (
+    COMPLETE,
+    FAILED,
+    NOT_STARTED,
+    CacheEntry,
+    CorruptEntry,
+    End,
+    Head,
+    Recording,
+    decode_entry,
+    decode_record,
+    encode_data,
+    encode_end,
+    encode_entry,
+    encode_head,
+)
 
 SSE = ((b"content-type", b"text/event-stream"), (b"x-upstream", b"mock"))
 CHUNKS = (b'data: {"a":1}\n\n', b'data: {"b":2}\n\n', b"", b"data: [DONE]\n\n")
@@ -102,3 +117,35 @@ def test_recording_exactly_max_bytes_is_kept() -> None:
     rec = Recording(200, SSE, started=0.0, max_bytes=20, window_bytes=1)
     rec.add(b"x" * 20, 0.0)
     assert rec.keeping and rec.entry(stored_at=0.0, ttl=1.0).body == b"x" * 20
+
+
+# --- records of a recording shared through a stream --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        Head(200, ((b"content-type", b"text/event-stream"), (b"x-empty", b"")), True),
+        Head(429, (), False),
+        End(COMPLETE, 11, 8),
+        End(FAILED, reason="over max_entry_bytes"),
+        End(NOT_STARTED, reason="not shared"),
+    ],
+)
+def test_head_and_end_records_round_trip(record: Head | End) -> None:
+    encoded = encode_head(record) if isinstance(record, Head) else encode_end(record)
+    assert decode_record(encoded) == record
+
+
+def test_data_records_keep_chunk_boundaries() -> None:
+    chunks = (b"data: a\n\n", b"", b"x" * 70000)
+    assert decode_record(encode_data(chunks)) == chunks
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"z", b"h\x00", encode_head(Head(200, ((b"a", b"b"),), True))[:-1], encode_data((b"abc",))[:-1], b"e\x00"],
+)
+def test_a_broken_record_is_corrupt_never_a_crash(data: bytes) -> None:
+    with pytest.raises(CorruptEntry):
+        decode_record(data)

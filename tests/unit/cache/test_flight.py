@@ -279,3 +279,127 @@ async def test_replay_instant_and_paced(autojump_clock: trio.testing.MockClock) 
 async def test_open_cache_memory() -> None:
     async with open_cache(CacheConfig(max_bytes=1234)) as cache:
         assert isinstance(cache.store, MemoryStore) and cache.store.cache.max_bytes == 1234
+
+
+# --- the fetch is the cache's task; every client reads at its own pace (issue 19, finding 2) -----------
+
+
+def feeding(chunks: list[bytes], fed: list[bytes]):
+    """A fetch that sends ``chunks`` as fast as the flight takes them, noting each one fed."""
+
+    async def fetch(flight: Flight) -> None:
+        flight.begin(200, SSE, share=True)
+        for chunk in chunks:
+            await flight.room(len(chunk))
+            flight.feed(chunk)
+            fed.append(chunk)
+            await trio.sleep(0)
+        flight.finish(True)
+
+    return fetch
+
+
+async def test_a_stalled_reader_delays_no_other_reader() -> None:
+    chunks = [b"%03d" % i * 10 for i in range(100)]  # 3,000 bytes, kept whole
+    fed: list[bytes] = []
+    stuck = trio.Event()
+    async with open_cache(CacheConfig()) as cache:
+        flight = lead(cache)
+        assert join(cache)[0] == FOLLOW
+        cache.start(flight, feeding(chunks, fed))
+        got: list[bytes] = []
+
+        async def stalled(chunk: bytes) -> None:
+            await stuck.wait()  # the starting client stops reading after its first chunk
+
+        async def reader(send) -> None:  # type: ignore[no-untyped-def]
+            await flight.head()
+            await follow(flight, send)
+
+        async def collect(chunk: bytes) -> None:
+            got.append(chunk)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader, stalled)
+                await reader(collect)
+                assert got == chunks and fed == chunks  # all of it, while the other reader is stuck
+                nursery.cancel_scope.cancel()
+        assert await cache.lookup("k") is not None
+
+
+async def test_a_lone_reader_paces_an_answer_too_big_to_keep() -> None:
+    """Past max_entry_bytes only a window is held: a lone reader slows the upstream rather than be cut."""
+    chunks = [b"x" * 10] * 50
+    fed: list[bytes] = []
+    release = trio.Event()
+    async with open_cache(CacheConfig(follower_lag_bytes=30)) as cache:
+        flight = lead(cache, max_bytes=40)
+        cache.start(flight, feeding(chunks, fed))
+        got: list[bytes] = []
+
+        async def slow(chunk: bytes) -> None:
+            got.append(chunk)
+            if len(got) == 5:
+                await release.wait()
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: follow_after_head(flight, slow))
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(fed) <= 5 + 3  # the fetch waits for the reader: at most the window ahead
+                release.set()
+        assert got == chunks and flight.complete and not flight.stored
+
+
+async def follow_after_head(flight: Flight, send) -> None:  # type: ignore[no-untyped-def]
+    await flight.head()
+    await follow(flight, send)
+
+
+async def test_the_fetch_stops_when_its_last_reader_leaves() -> None:
+    cancelled = trio.Event()
+
+    async def endless(flight: Flight) -> None:
+        flight.begin(200, SSE, share=True)
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    async with open_cache(CacheConfig()) as cache:
+        flight = lead(cache)
+        assert join(cache)[0] == FOLLOW
+        cache.start(flight, endless)
+        await flight.head()
+        flight.leave()  # the starting client left: the follower still reads
+        await trio.testing.wait_all_tasks_blocked()
+        assert not cancelled.is_set()
+        flight.leave()  # the last one
+        with trio.fail_after(5):
+            await cancelled.wait()
+            await flight.settled.wait()
+        assert cache.flights == 0
+
+
+async def test_a_fetch_failing_before_its_head_answers_the_starting_client() -> None:
+    async def refused(flight: Flight) -> None:
+        raise ConnectionRefusedError("no upstream")
+
+    async with open_cache(CacheConfig()) as cache:
+        flight = lead(cache)
+        role, follower = join(cache)
+        cache.start(flight, refused)
+        with pytest.raises(ConnectionRefusedError):
+            await flight.head()
+        assert follower is not None and await follower.wait_head() is None  # the follower tries itself
+
+
+async def test_a_refresh_follows_only_an_answer_not_begun_yet() -> None:
+    """no-cache asks for an answer produced after the request: one already under way is not that."""
+    cache = make_cache()
+    flight = lead(cache)
+    assert cache.join_nowait("k", ttl=60, store=True, max_entry_bytes=1 << 20, refresh=True)[0] == FOLLOW
+    flight.begin(200, SSE, share=True)
+    assert cache.join_nowait("k", ttl=60, store=True, max_entry_bytes=1 << 20, refresh=True) == (ALONE, None)
+    assert join(cache)[0] == FOLLOW

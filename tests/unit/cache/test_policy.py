@@ -13,7 +13,10 @@ from proxy.cache.policy import (
     cache_plan,
     cache_scope,
     cache_status,
+    content_length,
+    delta_seconds,
     key_header_values,
+    keyed_request_headers,
     replay_headers,
     request_directives,
     short_key,
@@ -21,6 +24,7 @@ from proxy.cache.policy import (
     unstorable_reason,
 )
 from proxy.errors import BadRequest
+from proxy.forwarding import forwarded_client_headers
 
 # --- request directives ----------------------------------------------------------------------------
 
@@ -239,3 +243,96 @@ def test_replay_headers_add_age() -> None:
 def test_dataclasses_refuse_unknown_choices(cls: type, kwargs: dict) -> None:
     with pytest.raises(ValueError):
         cls(**kwargs)
+
+
+# --- what the key covers is all the upstream sees (issue 19, finding 1) ------------------------------
+
+KEY_HEADERS = ("accept", "openai-organization", "authorization")
+
+KEYED_CASES = [
+    # (client headers, injected names, the client headers the upstream may see = those keyed)
+    ([(b"accept", b"*/*"), (b"user-agent", b"x"), (b"x-evil", b"1")], set(), [(b"accept", b"*/*")]),
+    # A header named in Connection is hop-by-hop: neither forwarded nor keyed.
+    (
+        [(b"openai-organization", b"org-victim"), (b"connection", b"OpenAI-Organization")],
+        set(),
+        [],
+    ),
+    ([(b"openai-organization", b"org-a"), (b"connection", b"close, openai-organization ")], set(), []),
+    # Directives that would change what the upstream answers are not forwarded either.
+    ([(b"cache-control", b"no-cache"), (b"accept", b"a")], set(), [(b"accept", b"a")]),
+    # The credential's injected value wins: the client's is neither forwarded nor keyed.
+    ([(b"authorization", b"Bearer client")], {b"authorization"}, []),
+    ([(b"x-sw-proxy", b"http://u"), (b"cookie", b"a=1")], set(), []),
+]
+
+
+@pytest.mark.parametrize(("client", "injected", "expected"), KEYED_CASES)
+def test_keyed_request_headers(client: list, injected: set, expected: list) -> None:
+    keyed = keyed_request_headers(forwarded_client_headers(client, injected), KEY_HEADERS)
+    assert keyed == expected
+    # Every header that may reach the upstream is in the key, and nothing else is.
+    assert key_header_values(keyed, KEY_HEADERS) == key_header_values(expected, KEY_HEADERS)
+
+
+def test_a_connection_named_header_does_not_change_the_key() -> None:
+    def key(headers: list) -> str:
+        keyed = keyed_request_headers(forwarded_client_headers(headers, set()), KEY_HEADERS)
+        return cache_key(scope="s", method="POST", url="u", body=b"", injected=(),
+                         key_headers=key_header_values(keyed, KEY_HEADERS))  # fmt: skip
+
+    plain = key([])
+    stripped = key([(b"openai-organization", b"org-victim"), (b"connection", b"openai-organization")])
+    victim = key([(b"openai-organization", b"org-victim")])
+    assert stripped == plain != victim
+
+
+# --- upstream numbers, bounded (finding 4) ------------------------------------------------------------
+
+DELTA_CASES = [
+    (None, None),
+    (b"0", 0),
+    (b" 42 ", 42),
+    (b"2147483648", 2**31),
+    (b"99999999999", 2**31),
+    (b"9" * 5000, 2**31),
+    (b"-1", None),
+    (b"1.5", None),
+    (b"\xb2", None),
+    ("\u0663", None),  # an Arabic-Indic digit: str.isdigit() says yes, HTTP says no
+    (b"", None),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), DELTA_CASES)
+def test_delta_seconds(value: bytes | str | None, expected: int | None) -> None:
+    assert delta_seconds(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(b"10", 10), (b"9" * 5000, 2**62), (b"1e3", None), (None, None), (b"18446744073709551616", 2**62)],
+)
+def test_content_length_is_bounded(value: bytes | None, expected: int | None) -> None:
+    assert content_length(value) == expected
+
+
+def test_a_hostile_age_never_breaks_a_hit() -> None:
+    stored = [(b"content-type", b"application/json"), (b"age", b"9" * 5000)]
+    assert replay_headers(stored, 12.7)[-1] == (b"age", str(2**31).encode())
+    assert replay_headers([(b"age", b"junk")], 3)[-1] == (b"age", b"3")
+
+
+def test_a_huge_content_length_is_over_max_entry_bytes() -> None:
+    reason = unstorable_reason(200, [(b"content-length", b"9" * 5000)], CacheRules(), max_entry_bytes=10,
+                               key_headers=())  # fmt: skip
+    assert reason is not None and "over max_entry_bytes" in reason
+
+
+# --- close-delimited answers (finding 5) ----------------------------------------------------------------
+
+
+def test_a_close_delimited_answer_is_not_stored() -> None:
+    reason = unstorable_reason(200, [], CacheRules(), max_entry_bytes=10, key_headers=(), close_delimited=True)
+    assert reason == "answer ends at the connection's close (no length, not chunked)"
+    assert unstorable_reason(200, [], CacheRules(), max_entry_bytes=10, key_headers=()) is None
