@@ -59,19 +59,24 @@ def without_credentials(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-class RedisClientOwner:
-    """Base of a Redis store: its own coredis client, connected by ``async with``, closed after.
+def new_client(url: str, *, timeout: float, **options: Any) -> coredis.Redis[bytes]:
+    """A coredis client as every store wants one: no coredis retries (each store decides what a
+    failure means, within its own timeout), no idle reaping, and no open buffers left by a
+    failed connect (:func:`closing_buffers`)."""
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(
+        url, connect_timeout=timeout, retry_policy=NoRetryPolicy(), max_idle_time=None, **options
+    )
+    pool = client.connection_pool
+    pool.connection_class = closing_buffers(pool.connection_class)
+    return client
 
-    coredis retries nothing (each store decides what a failure means, within its own timeout),
-    and a failed connect leaves no open buffers (:func:`closing_buffers`).
-    """
+
+class RedisClientOwner:
+    """Base of a Redis store: its own client (:func:`new_client`), connected by ``async with``,
+    closed after."""
 
     def __init__(self, url: str, *, timeout: float):
-        self._client: coredis.Redis[bytes] = coredis.Redis.from_url(
-            url, connect_timeout=timeout, retry_policy=NoRetryPolicy(), max_idle_time=None
-        )
-        pool = self._client.connection_pool
-        pool.connection_class = closing_buffers(pool.connection_class)
+        self._client = new_client(url, timeout=timeout)
         self._stack = AsyncExitStack()
         self._location = without_credentials(url)
 

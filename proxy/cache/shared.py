@@ -37,13 +37,11 @@ from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any, Protocol, Self
 
-import coredis
 import structlog
 import trio
-from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
-from .._redis import closing_buffers
+from .._redis import new_client
 from .entry import (
     COMPLETE,
     FAILED,
@@ -130,15 +128,7 @@ class SharedFlights:
         self.readers = trio.Semaphore(config.stream_readers)
         # Blocked reads hold their connection: a pool of their own, so they never starve the
         # store's short operations.
-        self._reading: coredis.Redis[bytes] = coredis.Redis.from_url(
-            url,
-            connect_timeout=config.timeout,
-            retry_policy=NoRetryPolicy(),
-            max_idle_time=None,
-            max_connections=config.stream_readers,
-        )
-        pool = self._reading.connection_pool
-        pool.connection_class = closing_buffers(pool.connection_class)
+        self._reading = new_client(url, timeout=config.timeout, max_connections=config.stream_readers)
         self._append = store.client.register_script(APPEND)
         self._unlock = store.client.register_script(RELEASE)
         self._stack = AsyncExitStack()
