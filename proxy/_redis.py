@@ -75,8 +75,8 @@ class RedisClientOwner:
     """Base of a Redis store: its own client (:func:`new_client`), connected by ``async with``,
     closed after."""
 
-    def __init__(self, url: str, *, timeout: float):
-        self._client = new_client(url, timeout=timeout)
+    def __init__(self, url: str, *, timeout: float, **options: Any):
+        self._client = new_client(url, timeout=timeout, **options)
         self._stack = AsyncExitStack()
         self._location = without_credentials(url)
 
