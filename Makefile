@@ -16,7 +16,7 @@ $(RUNTIME_STAMP): setup.cfg pyproject.toml constraints.txt
 	@touch $(RUNTIME_STAMP)
 
 $(TEST_STAMP): $(RUNTIME_STAMP)
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test,otel]'
 	@touch $(TEST_STAMP)
 
 ## make demo: Parkway plus a mock OpenAI upstream on loopback; one signed request streams through it.

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -37,6 +38,9 @@ from .upstream.client import UpstreamClient
 from .upstream.outbound import outbound_client
 from .urls import split_host_port
 from .websocket.session import WebSocketProxy
+
+if TYPE_CHECKING:  # loaded only when tracing is on
+    from .telemetry.tracing import Tracing
 
 log = structlog.get_logger("parkway")
 JOB_STATS_INTERVAL = 5.0  # seconds between job store counts for the metrics
@@ -89,6 +93,11 @@ class Parkway:
             open_connections=lambda: self.server.open_connections, websocket_sessions=lambda: self.websockets.active
         )
         self.clock = clock
+        self.tracing: Tracing | None = None
+        if config.telemetry.enabled:  # else no OpenTelemetry module is ever imported
+            from .telemetry.tracing import open_tracing
+
+            self.tracing = open_tracing(config.telemetry, self.metrics)
         # The gateway is built whole in run(), once the state, cache and job store it uses are
         # open; the server gets it then (it accepts nothing before).
         self.gateway: Gateway | None = None
@@ -136,6 +145,7 @@ class Parkway:
                         verify = ssl.create_default_context(cafile=self.config.server.upstream_ca_file)
                     client = await stack.enter_async_context(outbound_client(verify=verify))
                     self.runner = JobRunner(store, client, lambda: self.config, metrics=self.metrics, state=state)
+                    self.runner.tracing = self.tracing
                     jobs = JobAPI(store, self.runner, metrics=self.metrics)
                 self.server.app = self.gateway = Gateway(
                     self.config,
@@ -148,6 +158,7 @@ class Parkway:
                     engine=self.engine,
                     websockets=self.websockets,
                     budgets=budgets,
+                    tracing=self.tracing,
                 )
                 nursery = await stack.enter_async_context(trio.open_nursery())
                 if self.engine is not None:
@@ -164,7 +175,18 @@ class Parkway:
             self._accepting = False
             with trio.CancelScope(shield=True):
                 await self.upstream.aclose()
+                if self.tracing is not None:
+                    await self._flush_traces(self.tracing)
             log.info("shutdown", open_connections=self.server.open_connections)
+
+    @staticmethod
+    async def _flush_traces(tracing: Tracing) -> None:
+        """The last spans go out on a thread, for a bounded time: a collector that is down or hangs
+        never holds up the exit (the thread is left behind)."""
+        from .telemetry.tracing import SHUTDOWN_FLUSH_TIMEOUT
+
+        with trio.move_on_after(SHUTDOWN_FLUSH_TIMEOUT):
+            await trio.to_thread.run_sync(tracing.shutdown, abandon_on_cancel=True)
 
     async def _serve_public(
         self,
@@ -248,6 +270,9 @@ class Parkway:
         if new.cache != self.config.cache:
             kept.append("[cache]")
             new = replace(new, cache=self.config.cache)
+        if new.telemetry != self.config.telemetry:
+            kept.append("[telemetry]")
+            new = replace(new, telemetry=self.config.telemetry)
         if kept:
             log.warning("config_reload_needs_restart", kept=kept, reason="these settings change only on restart")
         self.config = new

@@ -188,6 +188,12 @@ def cmd_sign(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if not sep:
             parser.error(f"invalid --param {item!r}: expected key=value")
         params[key] = value
+    if args.traceparent:
+        from .telemetry.model import TRACEPARENT_PARAM, parse_traceparent
+
+        if parse_traceparent(args.traceparent) is None:
+            parser.error(f"invalid --traceparent {args.traceparent!r}: expected 00-<32 hex>-<16 hex>-<2 hex>")
+        params[TRACEPARENT_PARAM] = args.traceparent.strip()
     try:
         url = sign_url(
             id=args.id,
@@ -351,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="extra signed query parameter (repeatable): pw_user=42, pw_single_use=1, pw_cache=86400 (seconds)",
+    )
+    sign.add_argument(
+        "--traceparent",
+        default=os.environ.get("TRACEPARENT"),
+        metavar="00-TRACE-SPAN-FLAGS",
+        help="W3C trace context Parkway's spans are parented to, signed as pw_traceparent (default $TRACEPARENT)",
     )
     sign.add_argument(
         "--host",

@@ -11,6 +11,7 @@ reader and the value converters are :mod:`proxy.config_values`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tomllib
 from collections.abc import Mapping
@@ -50,6 +51,7 @@ from .jobs.model import STORES, JobsConfig, credential_job_limits
 from .limits.budget import BudgetsConfig, BudgetSpec, budget_spec_from_toml, parse_prices
 from .limits.limiter import LimitSpec
 from .policy import OVERFLOW_CHOICES
+from .telemetry.model import TelemetryConfig
 from .websocket.policy import WebSocketConfig
 
 __all__ = [  # the names other modules and the tests import from here
@@ -131,6 +133,7 @@ class Credential:
     cache: CacheRules | None = None  # [credentials.cache]: a default ttl and how entries are kept
     budget: BudgetSpec | None = None  # tokens or USD per window, the credential as a whole (docs/budgets.md)
     user_budget: BudgetSpec | None = None  # the same for each end user; URLs must then name one
+    propagate_trace: bool = False  # send traceparent upstream (third parties see it): docs/operations.md
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +197,7 @@ class Config:
     jobs: JobsConfig = JobsConfig()
     cache: CacheConfig = CacheConfig()
     budgets: BudgetsConfig = BudgetsConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()  # off unless an OTLP endpoint is named
 
     # Not a field, so equality, hashing, repr and asdict() ignore it.
     _by_id: ClassVar[Mapping[str, Credential]]
@@ -272,6 +276,7 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         jobs = replace(jobs, enabled=True)  # a [jobs] table turns them on
     cache = _section(root.table("cache"), CacheConfig, _cache_rules(env))
     budgets = _section(root.table("budgets"), BudgetsConfig, _BUDGETS_RULES)
+    telemetry = _telemetry(root, data, env)
     root.finish()
     for i, c in enumerate(credentials):
         for key in ("budget", "user_budget"):
@@ -292,7 +297,7 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         )
     if problems:
         raise ConfigError(problems)
-    return Config(server, credentials, cors, log, admin, state, websocket, jobs, cache, budgets)
+    return Config(server, credentials, cors, log, admin, state, websocket, jobs, cache, budgets, telemetry)
 
 
 def config_warnings(config: Config) -> list[ConfigProblem]:
@@ -405,6 +410,7 @@ _CREDENTIAL_POLICY_RULES: Mapping[str, tuple[Any, _Convert]] = {
     "cache": (None, lambda value, path: _credential_cache(value, path)),
     "budget": (None, budget_spec_from_toml),
     "user_budget": (None, budget_spec_from_toml),
+    "propagate_trace": (False, _expect(bool, "a boolean")),
 }
 _BUDGETS_RULES: Mapping[str, _Convert] = {
     "prices": _expect(str, "a string (a TOML file, relative to this one)"),
@@ -498,6 +504,56 @@ def _credential_cache(value: Any, path: str) -> CacheRules:
     if problems:
         raise ConfigError(problems)
     return rules
+
+
+def _otlp_endpoint(value: Any, path: str) -> str:
+    url = _str(value, path).strip()
+    if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
+        _fail(path, 'must be an http:// or https:// URL (or "" for off)')
+    return url
+
+
+_TELEMETRY_RULES: Mapping[str, _Convert] = {
+    "otlp_endpoint": _otlp_endpoint,
+    "service_name": _non_empty,
+    "sample_ratio": _number(0),
+    "record_user": _expect(bool, "a boolean"),
+}
+
+
+def _telemetry(root: _Table, data: Mapping[str, Any], env: Mapping[str, str]) -> TelemetryConfig:
+    """``[telemetry]``, or without that table the standard OTEL_EXPORTER_OTLP_ENDPOINT and
+    OTEL_SERVICE_NAME. An endpoint needs the ``otel`` extra: without it the file is refused here
+    rather than the traces silently missing."""
+    table = root.table("telemetry")
+    if "telemetry" in data:
+        telemetry = _section(table, TelemetryConfig, _TELEMETRY_RULES)
+        where = "telemetry.otlp_endpoint"
+    else:
+        endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+        try:
+            endpoint = _otlp_endpoint(endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT")
+        except ConfigError as exc:
+            root.problems.extend(exc.problems)
+            endpoint = ""
+        telemetry = TelemetryConfig(endpoint, env.get("OTEL_SERVICE_NAME", "").strip() or "parkway")
+        where = "OTEL_EXPORTER_OTLP_ENDPOINT"
+    if telemetry.sample_ratio > 1:
+        root.report("telemetry.sample_ratio", "must be between 0 and 1")
+    if telemetry.enabled and not otel_installed():
+        root.report(where, "needs the OpenTelemetry packages: install Parkway with its extra, parkway[otel]")
+    return telemetry
+
+
+def otel_installed() -> bool:
+    """The ``otel`` extra's SDK and exporter can be imported (looked up, not loaded)."""
+    try:
+        return all(
+            importlib.util.find_spec(name) is not None
+            for name in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+        )
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 _CORS_RULES: Mapping[str, _Convert] = {

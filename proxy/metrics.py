@@ -12,6 +12,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .telemetry.genai import GenAIMetrics
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # Buckets spanning a local mock (sub-millisecond) to a slow LLM answer (minutes).
@@ -134,6 +136,16 @@ class Metrics:
             "Webhook delivery attempts, by result (delivered, retry, stopped, failed).",
             ["result"],
             registry=r,
+        )
+
+        self.genai = GenAIMetrics(r)  # gen_ai_* (OpenTelemetry GenAI metrics, Prometheus naming)
+        self.spans_dropped = Counter(
+            "parkway_trace_spans_dropped",
+            "Spans dropped: the export queue was full (collector down or slow).",
+            registry=r,
+        )
+        self.span_exports_failed = Counter(
+            "parkway_trace_exports_failed", "Span batches the collector did not take.", registry=r
         )
 
     def render(self) -> bytes:

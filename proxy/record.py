@@ -6,17 +6,23 @@ duration once, when the request ends.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
 from .config import Config
 from .http.connection import RequestHead
+from .jobs.background import job_id_from_path
 from .metrics import Metrics
 from .relay.usage import Usage
+from .telemetry.model import operation_name
 from .websocket.session import SessionReport
+
+if TYPE_CHECKING:  # only imported when tracing is on (it loads OpenTelemetry)
+    from .telemetry.tracing import RequestTrace
 
 log = structlog.get_logger("parkway.request")
 
@@ -49,10 +55,17 @@ class RequestRecord:
     cache: str | None = None  # hit | miss | stored | collapsed | bypass | unavailable; None: not cacheable
     tokens_saved: tuple[int, int] = (0, 0)  # prompt, completion tokens of an answer served without upstream
     budget: dict[str, Any] | None = None  # the budget's log fields: hold, charge, estimate (gateway.budget)
+    first_chunk: float | None = None  # when the first body bytes of the upstream's answer were written
+    streamed: bool = False  # the answer was an event stream
+    model: str | None = None  # the model the answer named (GenAI metrics)
+    trace: RequestTrace | None = None  # the request's spans, when tracing is on
     # Set by settle() when the request ends.
     bytes_in: int = 0
     bytes_out: int = 0
     duration: float = 0.0
+
+    def first_chunk_now(self) -> None:
+        self.first_chunk = trio.current_time()
 
     def settle(self, bytes_in: int, bytes_out: int, now: float) -> None:
         """Fix the request's byte counts (from the connection's running totals) and its duration."""
@@ -134,6 +147,15 @@ def count_request(metrics: Metrics, config: Config, record: RequestRecord) -> No
     if record.usage is not None:
         m.tokens.labels(label, "prompt").inc(record.usage.prompt_tokens)
         m.tokens.labels(label, "completion").inc(record.usage.completion_tokens)
+    reached = record.ttfb is not None or record.outcome == "upstream_error"  # an upstream call was made
+    if reached and session is None and record.upstream_path and operation_name(record.upstream_path):
+        usage = record.usage
+        m.genai.observe(
+            label, record.model, record.outcome, duration=record.duration,
+            first_chunk=record.first_chunk - record.started if record.first_chunk is not None else None,
+            tokens=(usage.prompt_tokens, usage.completion_tokens) if usage is not None else None,
+            streamed=record.streamed,
+        )  # fmt: skip
     if record.cache is not None:
         m.cache_requests.labels("miss" if record.cache == "stored" else record.cache).inc()
         if record.cache == "stored":
@@ -141,3 +163,36 @@ def count_request(metrics: Metrics, config: Config, record: RequestRecord) -> No
         elif record.cache in ("hit", "collapsed") and record.completed:
             m.cache_tokens_saved.labels(label, "prompt").inc(record.tokens_saved[0])
             m.cache_tokens_saved.labels(label, "completion").inc(record.tokens_saved[1])
+
+
+_UNTRACED = nullcontext()
+
+
+def traced(record: RequestRecord, name: str) -> AbstractContextManager[Any]:
+    """An INTERNAL span around a step of the request, when tracing is on (else a shared no-op)."""
+    return _UNTRACED if record.trace is None else record.trace.step(name)
+
+
+def trace_route(head: RequestHead, config: Config) -> str:
+    """The request's route for its SERVER span (a fixed set: never a job id, which grants access)."""
+    prefix = config.server.public_path_prefix
+    return f"{prefix}/jobs/{{id}}" if job_id_from_path(head.path, (prefix,)) is not None else f"{prefix}/"
+
+
+def finish_trace(head: RequestHead, record: RequestRecord, config: Config, request_id: str) -> None:
+    """End the request's trace with what its log line says (called only when tracing is on)."""
+    trace = record.trace
+    assert trace is not None
+    route = trace_route(head, config)
+    if route.endswith("/jobs/{id}"):
+        trace.path, trace.query = route, ""
+    trace.finish(
+        route=route, status=record.status, outcome=record.outcome, error_code=record.error_code,
+        attributes={
+            "client.address": record.client or head.peer,
+            "parkway.request_id": request_id,
+            "parkway.credential": record.credential,
+            "parkway.cache": record.cache,
+            "enduser.id": record.user if config.telemetry.record_user else None,
+        },
+    )  # fmt: skip

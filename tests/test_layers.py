@@ -34,6 +34,7 @@ PURE = [
     "policy",
     "relay.usage",
     "signing",
+    "telemetry.model",
     "urls",
     "websocket.policy",
 ]

@@ -11,7 +11,12 @@
 #     headers: { "Content-Type" => "application/json" },      # optional: must be sent exactly so
 #     body: json_text,                                        # optional: pins the exact body
 #     params: { "user" => current_user.id.to_s },             # optional: extra signed parameters
+#     traceparent: ParkwaySigner.current_traceparent,         # optional: Parkway's spans join this trace
 #   )
+#
+# `traceparent:` signs the W3C trace context of the Rails action as `pw_traceparent`, so
+# Parkway's spans (when it exports traces) are children of the action that signed the URL;
+# `current_traceparent` reads it from opentelemetry-ruby when that is loaded (nil otherwise).
 #
 # It produces byte for byte the URL of Parkway's Python signer (`proxy.signing.sign_url`)
 # for the same inputs (tests/e2e/test_ruby.py checks a table of them):
@@ -42,13 +47,22 @@ module ParkwaySigner
   USERINFO_UNSAFE = " @/:"
   HOST_FORBIDDEN = /[\s<>"^`{|}%]/.freeze
 
+  TRACEPARENT = /\A[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\z/.freeze
+  TRACEPARENT_PARAM = "pw_traceparent"
+
   class InvalidURL < ArgumentError; end
 
   module_function
 
   # The signed URL, as a String. `now` is the signing time (any offset; it is converted to UTC).
   def sign_url(id:, secret:, host:, proxy_url:, expiry:, method:, headers: {}, body: nil, params: {},
-               now: Time.now.utc)
+               traceparent: nil, now: Time.now.utc)
+    unless traceparent.nil?
+      raise ArgumentError, "traceparent must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)" unless
+        TRACEPARENT.match?(traceparent.to_s)
+
+      params = (params || {}).merge(TRACEPARENT_PARAM => traceparent.to_s)
+    end
     host = utf8(host)
     host += "/" unless host.end_with?("/")
     date = now.getutc.strftime(LONG_DATETIME)
@@ -79,6 +93,17 @@ module ParkwaySigner
       method.to_s.upcase, percent_encode(url_path(host), "/"), encoded.sort.join("&"), signed, body_bytes || "".b
     )
     "#{unsigned}&X-Sw-Signature=#{signature(secret, date, canonical)}"
+  end
+
+  # The W3C traceparent of the current OpenTelemetry span (opentelemetry-ruby), or nil when
+  # OpenTelemetry is not loaded or no span is recording.
+  def current_traceparent
+    return nil unless defined?(::OpenTelemetry::Trace)
+
+    context = ::OpenTelemetry::Trace.current_span.context
+    return nil unless context.valid?
+
+    "00-#{context.hex_trace_id}-#{context.hex_span_id}-#{context.trace_flags.sampled? ? '01' : '00'}"
   end
 
   # METHOD, path, query, header block, blank line, header names, body: see docs/signing.md.

@@ -52,6 +52,8 @@ class Admission:
         keys = limits.limit_keys(credential.id, credential.limits, plan.user, credential.user_limits)
         if limits_passed:
             keys = limits.split_limits(keys)[1]
+        trace = req.record.trace
+        step = trace.start_step("parkway.limits") if trace is not None else None
         async with self.gate.slot():
             decision = await self.state.acquire(keys, trio.current_time())
             decision.raise_if_refused()
@@ -59,6 +61,8 @@ class Admission:
                 if not limits_passed:
                     await self.check_single_use(req.config, plan)
                 async with budget_hold(self.budgets, req) as req:
+                    if trace is not None:  # limits and the budget's hold passed; a refusal: closed at the end
+                        trace.end_step(step)
                     await step7(req)
             finally:
                 if decision.lease is not None:  # None: no concurrency limit counted this request

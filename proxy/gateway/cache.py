@@ -49,6 +49,7 @@ from ..errors import (
 )
 from ..http.connection import RequestHead
 from ..metrics import Metrics
+from ..record import traced
 from ..relay.usage import UsageObserver
 from ..upstream import ssrf
 from ..upstream.client import UpstreamClient, UpstreamRequest, UpstreamResponse
@@ -147,7 +148,8 @@ class ServeCacheable:
             return await admission.admit(req, partial(self.forward, cache_headers=(status,)))
         if cached.plan.lookup:
             try:
-                entry = await cache.lookup(cached.key)
+                with traced(record, "parkway.cache.lookup"):
+                    entry = await cache.lookup(cached.key)
             except CacheUnavailable:
                 record.cache = "unavailable"
                 if cached.plan.only_if_cached:
@@ -194,8 +196,9 @@ class ServeCacheable:
                 if not admitted:
                     await admission.admit_without_upstream(req)
                     admitted = True
-                if await follow(req, flight):
-                    return
+                with traced(record, "parkway.cache.collapse"):
+                    if await follow(req, flight):
+                        return
             finally:
                 flight.leave()
         status = cache_status("miss", detail="identical request in flight")
@@ -258,6 +261,14 @@ class ServeCacheable:
         ]
         if plan.body is not None:
             headers.append((b"content-length", str(len(plan.body)).encode()))
+        record, call = req.record, None
+        if record.trace is not None:  # the CLIENT span of the flight's call, in the leader's trace
+            call = record.trace.upstream_call(
+                req.head.method, plan.upstream_url, plan.body, propagate=plan.credential.propagate_trace,
+                now=trio.current_time(),
+            )  # fmt: skip
+            if call.traceparent is not None:
+                headers.append((b"traceparent", call.traceparent.encode()))
         request = UpstreamRequest(
             method=req.head.method,
             url=plan.upstream_url,
@@ -265,10 +276,15 @@ class ServeCacheable:
             body=body,
             address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
         )
+        usage: UsageObserver | None = None
         self.metrics.in_flight.inc()
         try:
             async with self.upstream.open(request) as response:
-                usage = UsageObserver(response.content_type)
+                if call is not None:
+                    call.status = response.status
+                usage = UsageObserver(
+                    response.content_type, details=call is not None, on_first_chunk=record.first_chunk_now
+                )
                 reason = unstorable_reason(
                     response.status,
                     response.headers,
@@ -285,10 +301,20 @@ class ServeCacheable:
                     flight.feed(chunk)
                     usage.feed(chunk)
                 usage.finish(True)
+                record.model, record.streamed = usage.model, response.content_type.startswith("text/event-stream")
                 if usage.usage is not None:
                     flight.usage = (usage.usage.prompt_tokens, usage.usage.completion_tokens)
                     flight.usage_detail = usage.usage
                 flight.finish(True)
+        except BaseException as exc:
+            if call is not None:
+                call.first_chunk = record.first_chunk
+                call.end(usage, False, exc)
+            raise
+        else:
+            if call is not None:
+                call.first_chunk = record.first_chunk
+                call.end(usage, True)
         finally:
             self.metrics.in_flight.dec()
 

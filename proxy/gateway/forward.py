@@ -53,23 +53,38 @@ class Forward:
                 chunks = await stack.enter_async_context(aclosing(conn.body_chunks()))
                 checked = await policy.checked_body(plan.rules, plan.declared_length, chunks)
                 upstream_body = await stack.enter_async_context(aclosing(checked))
+            headers = forwarding.request_headers(
+                head.headers, plan.credential.headers, plan.ctx, content_length=content_length
+            )
+            forward_at = trio.current_time()
+            call = None
+            if record.trace is not None:  # the CLIENT span; its traceparent only where the credential allows
+                call = record.trace.upstream_call(
+                    head.method, plan.upstream_url, plan.body, propagate=plan.credential.propagate_trace, now=forward_at
+                )
+                if call.traceparent is not None:
+                    headers = [(n, v) for n, v in headers if n not in (b"traceparent", b"tracestate")]
+                    headers.append((b"traceparent", call.traceparent.encode()))
+                if upstream_body is not None and not isinstance(upstream_body, bytes):
+                    upstream_body = await stack.enter_async_context(aclosing(call.watch_body(upstream_body)))
             request = UpstreamRequest(
                 method=head.method,
                 url=plan.upstream_url,
-                headers=forwarding.request_headers(
-                    head.headers, plan.credential.headers, plan.ctx, content_length=content_length
-                ),
+                headers=headers,
                 body=upstream_body,
                 address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
             )
-            forward_at = trio.current_time()
+            usage: UsageObserver | None = None
             self.metrics.in_flight.inc()
             try:
                 async with self.upstream.open(request) as response:
                     head_at = trio.current_time()
                     record.ttfb = head_at - record.started
                     record.status = response.status
-                    usage = UsageObserver(response.content_type)
+                    record.streamed = response.content_type.lower().startswith("text/event-stream")
+                    usage = UsageObserver(
+                        response.content_type, details=call is not None, on_first_chunk=record.first_chunk_now
+                    )
                     remover = usage_remover(plan, response)  # the usage chunk a budget asked for, not the client
                     observers: tuple[BodyObserver, ...] = (usage,)
                     await respond(conn, response, record, config, plan, (*cache_headers, *budget_headers(plan)))
@@ -77,6 +92,16 @@ class Forward:
                     await relay(conn, response, record, observers, engine=self.engine, watcher=record.client_watch,
                                 rewrite=remover)  # fmt: skip
                     record.usage = usage.usage or (remover.usage if remover is not None else None)
+                    record.model = usage.model
+            except BaseException as exc:
+                if call is not None:
+                    call.status, call.first_chunk = record.status if usage is not None else None, record.first_chunk
+                    call.end(usage, False, exc)
+                raise
+            else:
+                if call is not None:
+                    call.status, call.first_chunk = record.status, record.first_chunk
+                    call.end(usage, record.completed, tokens=record.usage)  # a budget's usage chunk included
             finally:
                 self.metrics.in_flight.dec()
 

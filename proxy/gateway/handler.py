@@ -29,6 +29,7 @@ import secrets as _secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -51,7 +52,7 @@ from ..jobs.api import JobAPI
 from ..jobs.background import BackgroundAsk, background_ask, job_id_from_path
 from ..limits import BudgetStore, GlobalGate, MemoryBudgets, MemoryState, StateBackend
 from ..metrics import Metrics
-from ..record import RequestRecord, count_request, log, log_request
+from ..record import RequestRecord, count_request, finish_trace, log, log_request, trace_route
 from ..relay.client_watch import unless_client_leaves
 from ..relay.pump import EpollEngine
 from ..signing import check_validity, parse_signed_request, verify_signature
@@ -65,6 +66,9 @@ from .forward import Forward
 from .jobs import enqueue, serve_job
 from .plan import Plan, Request, Step, canonical_paths, check_upstream, has_body, header_map, request_policy
 from .websocket import open_session
+
+if TYPE_CHECKING:  # loaded only when tracing is on
+    from ..telemetry.tracing import Tracing
 
 
 def utcnow() -> datetime:
@@ -87,8 +91,10 @@ class Gateway:
         engine: EpollEngine | None = None,
         websockets: WebSocketProxy | None = None,
         budgets: BudgetStore | None = None,
+        tracing: Tracing | None = None,
     ):
         self.config = config
+        self.tracing = tracing  # None: [telemetry] is off, and a request pays this one check
         self.engine = engine  # relays every stream's body when running; else each request's own task
         self.metrics = metrics or Metrics()
         self.clock = clock
@@ -123,6 +129,11 @@ class Gateway:
         config = self.config  # one config for the whole request, even across a reload
         record = RequestRecord(trio.current_time(), conn.head_bytes_in, conn.bytes_out)
         request_id = _secrets.token_hex(8)
+        if self.tracing is not None:
+            record.trace = self.tracing.request(
+                head.method, head.path, head.query, head.peer, head.header(b"traceparent"),
+                user_param=config.server.user_param,
+            )  # fmt: skip
         # credential and user are bound later; binding them here too makes the exit reset them,
         # so the next request on a kept-alive connection does not inherit them.
         with structlog.contextvars.bound_contextvars(request_id=request_id, credential=None, user=None, job=None):
@@ -165,6 +176,8 @@ class Gateway:
                 record.settle(conn.bytes_in, conn.bytes_out, trio.current_time())
                 log_request(head, record)
                 count_request(self.metrics, config, record)
+                if record.trace is not None:
+                    finish_trace(head, record, config, request_id)
 
     async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None:
         """Answer a request the server refused before it reached :meth:`handle` (bad HTTP, too slow)."""
@@ -219,6 +232,8 @@ class Gateway:
             await serve_job(self.jobs, head, conn, config, record, request_id, job_id)
             return
         plan = await self._plan(head, conn, config, record, request_id, origin)
+        if record.trace is not None:
+            record.trace.planned()
         req = Request(head, conn, config, record, plan)
         if plan.websocket:
             # A session has limits of its own (idle_timeout, max_session_duration), not request_timeout.
@@ -267,6 +282,8 @@ class Gateway:
             headers=headers,
             body=body,
         )
+        if record.trace is not None:  # from here the signed pw_traceparent may be the trace's parent
+            record.trace.verified(trace_route(head, config))
         # A signed header must reach the upstream as signed: no Connection header may strip it.
         forwarding.check_connection_header(head.headers, signed.signed_headers, credential.headers)
         _scheme, host, target = origin_and_target(signed.proxy_url)

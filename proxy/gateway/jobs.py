@@ -20,6 +20,8 @@ async def enqueue(jobs: JobAPI | None, req: Request) -> None:
         raise Overloaded("background jobs are not running in this process", code="jobs_unavailable")
     job = await jobs.accept(req.head, req.conn, req.config, req.plan)
     structlog.contextvars.bind_contextvars(job=job.id[:12])
+    if req.record.trace is not None:  # the job's own trace will link back to this request
+        req.record.trace.created_job(job.id)
     req.record.status, req.record.completed = 202, True
 
 

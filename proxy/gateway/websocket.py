@@ -42,11 +42,14 @@ async def open_session(
         return stream, ws_policy.handshake_request(head.target, head.headers) + after_head
 
     record.session = report = SessionReport()
+    span = record.trace.websocket(plan.upstream_url) if record.trace is not None else None
     metrics.in_flight.inc()
     try:
         await websockets.run(session, hand_over, report)
     finally:
         metrics.in_flight.dec()
+        if span is not None and record.trace is not None:
+            record.trace.end_websocket(span, report)
         if report.outcome is not None:  # the client was handed over: the session decided
             record.status = 101 if report.accepted else None
             record.outcome, record.completed, record.usage = report.outcome, True, report.usage

@@ -107,8 +107,11 @@ def run_headers(job: Job, credential: Credential) -> Headers:
     return out
 
 
-async def fetch_answer(client: httpx.AsyncClient, job: Job, credential: Credential, config: Config) -> JobResult:
+async def fetch_answer(
+    client: httpx.AsyncClient, job: Job, credential: Credential, config: Config, *, traceparent: str | None = None
+) -> JobResult:
     """Make the job's upstream call and read the answer whole (raw bytes, as relayed).
+    ``traceparent``: the call's trace context, sent for a credential that propagates it.
 
     The server's timeouts apply as to a proxied request: connect, first byte, and the longest
     gap between body chunks. Raises UpstreamError (``result_too_large`` past
@@ -116,10 +119,14 @@ async def fetch_answer(client: httpx.AsyncClient, job: Job, credential: Credenti
     """
     server, limit = config.server, config.jobs.max_result_bytes
     host = urlsplit(job.request.url).netloc
+    outgoing = run_headers(job, credential)
+    if traceparent is not None:
+        outgoing = [(n, v) for n, v in outgoing if n.lower() not in (b"traceparent", b"tracestate")]
+        outgoing.append((b"traceparent", traceparent.encode()))
     request = client.build_request(
         job.request.method,
         job.request.url,
-        headers=run_headers(job, credential),
+        headers=outgoing,
         content=job.request.body or None,
         extensions={POLICY_EXTENSION: upstream_policy(credential, server.allow_private_upstreams)},
         timeout=httpx.Timeout(connect=server.upstream_connect_timeout, read=None, write=None, pool=None),

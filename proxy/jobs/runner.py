@@ -25,8 +25,8 @@ import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any, Literal
+from contextlib import asynccontextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx2 as httpx
 import structlog
@@ -41,6 +41,9 @@ from . import model as jobs
 from .calls import fetch_answer, post_webhook
 from .model import AttemptOutcome, Job, JobError, JobsConfig
 from .store import JobStore, StoreStats
+
+if TYPE_CHECKING:  # loaded only when tracing is on
+    from ..telemetry.tracing import Tracing
 
 log = structlog.get_logger("parkway.jobs")
 
@@ -98,6 +101,7 @@ class JobRunner:
         self._slots = trio.Semaphore(DELIVERY_CONCURRENCY)
         self.changed = trio.Event()  # set (and replaced) after each job run or delivery attempt
         self.outage = Outage(retry_interval=0)  # only for logging an outage once
+        self.tracing: Tracing | None = None  # set by the app when tracing is on: a trace per run and delivery
 
     @property
     def settings(self) -> JobsConfig:
@@ -265,8 +269,17 @@ class JobRunner:
             error = JobError("unknown_credential", f"credential {job.credential!r} is no longer configured")
             return jobs.failed(job, error, now=now(), result_ttl=settings.result_ttl)
         try:
-            with trio.fail_after(config.server.request_timeout or float("inf")):
-                result = await fetch_answer(self.client, job, credential, config)
+            tracing, request = self.tracing, job.request
+            with (
+                trio.fail_after(config.server.request_timeout or float("inf")),
+                tracing.job_run(job.id, job.credential, request.method, request.url, request.body)
+                if tracing is not None
+                else nullcontext() as call,
+            ):
+                propagated = tracing.traceparent(call) if tracing is not None and credential.propagate_trace else None
+                result = await fetch_answer(self.client, job, credential, config, traceparent=propagated)
+                if tracing is not None and call is not None:
+                    tracing.job_answer(call, result.status, result.content_type, result.body)
         except trio.TooSlowError:
             error = JobError("request_timeout", f"the upstream call exceeded {config.server.request_timeout:g} s")
             return jobs.failed(job, error, now=now(), result_ttl=settings.result_ttl)
@@ -333,7 +346,12 @@ class JobRunner:
         if credential is None or not credential.webhook_secrets or job.callback is None:
             return AttemptOutcome(None, error="credential or its webhook secret is gone", permanent=True)
         body = jobs.webhook_payload(job, inline_limit=settings.inline_payload_bytes)
-        return await post_webhook(self.client, job, credential, config, now=self.clock(), body=body)
+        tracing = self.tracing
+        with tracing.webhook_delivery(job.id, job.callback) if tracing is not None else nullcontext() as span:
+            outcome = await post_webhook(self.client, job, credential, config, now=self.clock(), body=body)
+            if tracing is not None and span is not None:
+                tracing.delivery_outcome(span, outcome.status, outcome.error)
+        return outcome
 
     # --- plumbing -------------------------------------------------------------------------------
 

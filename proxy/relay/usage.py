@@ -4,12 +4,17 @@ OpenAI-style APIs report ``usage`` in the JSON body, or, when streaming with
 ``stream_options.include_usage``, in the last SSE chunk before ``[DONE]``. The observer is fed
 each chunk after it has been written to the client; it keeps only what it needs (the current
 partial line, or a bounded JSON body) and parses JSON only for lines that mention ``usage``.
+
+It also reads what a trace and the GenAI metrics name the answer by: the response's ``model`` and
+``id`` (from the first event that has them, or the JSON body) and, with ``details`` (tracing on),
+the choices' ``finish_reason``. Events that mention none of these still take the fast path.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_JSON_BODY = 1 << 20  # a larger non-streamed body is not inspected
@@ -50,20 +55,48 @@ def usage_of(obj: object) -> Usage | None:
     return _usage(obj)
 
 
+def _finish_reasons(obj: dict) -> tuple[str, ...]:
+    choices = obj.get("choices")
+    if isinstance(choices, list):
+        found = (c.get("finish_reason") for c in choices if isinstance(c, dict))
+        return tuple(r for r in found if isinstance(r, str))
+    reason = obj.get("stop_reason")  # Anthropic's messages
+    return (reason,) if isinstance(reason, str) else ()
+
+
+def _has_finish_reason(data: bytes) -> bool:
+    """A finish_reason with a value (streamed chunks carry ``"finish_reason":null`` until the last)."""
+    return b'"finish_reason":"' in data or b'"finish_reason": "' in data
+
+
 class UsageObserver:
     """A body observer (see :mod:`proxy.relay.pump`): ``feed`` it the response body as it is written,
-    then ``finish``; ``usage`` is then the response's usage, if it reported one."""
+    then ``finish``; ``usage`` is then the response's usage, if it reported one, and ``model``,
+    ``response_id`` (and with ``details`` ``finish_reasons``) what the answer said of itself.
+    ``on_first_chunk`` is called once, when the first body bytes have been written."""
 
-    __slots__ = ("_sse", "_buf", "_skipping", "usage")
+    __slots__ = (
+        "_sse", "_buf", "_skipping", "usage",
+        "_details", "_want_head", "_on_first", "model", "response_id", "finish_reasons",
+    )  # fmt: skip
 
-    def __init__(self, content_type: str):
+    def __init__(self, content_type: str, *, details: bool = False, on_first_chunk: Callable[[], None] | None = None):
         ct = content_type.lower()
         self._sse = ct.startswith("text/event-stream")
         self._buf: bytearray | None = bytearray() if (self._sse or ct.startswith("application/json")) else None
         self._skipping = False
         self.usage: Usage | None = None
+        self._details = details
+        self._want_head = self._sse  # the model and id of a stream: from the first event that names them
+        self._on_first = on_first_chunk
+        self.model: str | None = None
+        self.response_id: str | None = None
+        self.finish_reasons: tuple[str, ...] = ()
 
     def feed(self, chunk: bytes) -> None:
+        if self._on_first is not None:
+            self._on_first()
+            self._on_first = None
         if self._buf is None:
             return
         if not self._sse:
@@ -71,8 +104,14 @@ class UsageObserver:
             if len(self._buf) > MAX_JSON_BODY:
                 self._buf = None
             return
-        if not self._buf and chunk.endswith(b"\n") and b'"usage"' not in chunk:
-            # Whole lines, none of them about usage (most events): nothing to parse or keep.
+        if (
+            not self._buf
+            and chunk.endswith(b"\n")
+            and b'"usage"' not in chunk
+            and not (self._want_head and b'"model"' in chunk)
+            and not (self._details and _has_finish_reason(chunk))
+        ):
+            # Whole lines, none of them about usage, model or finish (most events): nothing to parse or keep.
             self._skipping = False
             return
         if b"\n" not in chunk:
@@ -97,14 +136,33 @@ class UsageObserver:
             self._skipping = True
 
     def _line(self, line: bytes) -> None:
-        if not line.startswith(b"data:") or b'"usage"' not in line:
+        if not line.startswith(b"data:"):
+            return
+        usage = b'"usage"' in line
+        if not (usage or (self._want_head and b'"model"' in line) or (self._details and _has_finish_reason(line))):
             return
         try:
-            found = _usage(json.loads(line[5:]))
+            obj = json.loads(line[5:])
         except ValueError:
             return
-        if found is not None:
-            self.usage = found
+        if usage:
+            found = _usage(obj)
+            if found is not None:
+                self.usage = found
+        if isinstance(obj, dict):
+            self._describe(obj)
+
+    def _describe(self, obj: dict) -> None:
+        """The answer's model, id and finish reasons, from a parsed event or body."""
+        if self.model is None:
+            model, rid = obj.get("model"), obj.get("id")
+            if isinstance(model, str):
+                self.model = model[:128]
+                self._want_head = False
+            if isinstance(rid, str):
+                self.response_id = rid[:128]
+        if self._details:
+            self.finish_reasons += _finish_reasons(obj)
 
     def finish(self, complete: bool) -> None:
         """The body has ended: a buffered JSON body is parsed now. A response cut short
@@ -113,9 +171,12 @@ class UsageObserver:
             self._buf, self.usage = None, None
         elif self._buf is not None and not self._sse and self._buf:
             try:
-                self.usage = _usage(json.loads(self._buf)) or self.usage
+                obj = json.loads(self._buf)
             except ValueError:
-                pass
+                obj = None
+            self.usage = _usage(obj) or self.usage
+            if isinstance(obj, dict):
+                self._describe(obj)
             self._buf = None
         elif self._sse and self._buf:
             self._line(bytes(self._buf).rstrip(b"\r"))

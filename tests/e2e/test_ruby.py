@@ -110,6 +110,7 @@ async def ruby_sign(tmp_path: Path, cases: list[dict[str, Any]]) -> list[str]:
 NOV_20 = int(datetime(2026, 11, 20, 12, 0, tzinfo=UTC).timestamp())
 VECTOR = dict(id="app-id", secret="super-secure-string", host="http://127.0.0.1:8080", now=[NOV_20, 0])
 OPENAI = "https://api.openai.com/v1/chat/completions"
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 CHAT = '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say this is a test"}]}'
 
 # SIGNING.md's vectors, made by the Python signway-sdk: both signers must reproduce them.
@@ -170,6 +171,9 @@ TABLE: dict[str, dict[str, Any]] = {
         proxy_url=OPENAI,
         params={"user": "alice smith", "tier": "gold/ü+~*", "empty": ""},
     ),
+    "traceparent-after-params": dict(
+        VECTOR, method="POST", expiry=300, proxy_url=OPENAI, params={"pw_user": "42"}, traceparent=TRACEPARENT
+    ),
     "lower-case-method": dict(VECTOR, method="post", expiry=300, proxy_url=OPENAI),
     "host-trailing-slash-and-space": dict(
         VECTOR, host="https://Example.com/my ai/", method="GET", expiry=9, proxy_url=OPENAI
@@ -197,6 +201,8 @@ TABLE: dict[str, dict[str, Any]] = {
 
 def python_sign(args: dict[str, Any]) -> str:
     args = dict(args)
+    if "traceparent" in args:  # the Ruby keyword is the signed parameter pw_traceparent, after the others
+        args["params"] = {**args.get("params", {}), "pw_traceparent": args.pop("traceparent")}
     epoch, offset = args.pop("now")
     when = datetime.fromtimestamp(epoch, timezone(timedelta(seconds=offset)))
     return sign_url(**args, datetime_override=when)
@@ -279,6 +285,9 @@ def live_cases(parkway: RunningParkway, upstream: Upstream, signer: str) -> dict
     if signer == "parkway":
         cases["extra-params"] = dict(
             common, method="GET", proxy_url=f"{upstream.base}/v1/models", params={"user": "alice smith"}
+        )
+        cases["traceparent"] = dict(
+            common, method="GET", proxy_url=f"{upstream.base}/v1/models", traceparent=TRACEPARENT
         )
     return cases
 

@@ -99,6 +99,21 @@ def test_sign_with_extra_params_and_get(capsys):
     verify_signature(req, method="GET", secrets=[SECRET], paths=["/"], headers={}, body=None)
 
 
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_sign_with_a_traceparent_signs_it_as_pw_traceparent(capsys, monkeypatch):
+    monkeypatch.delenv("TRACEPARENT", raising=False)
+    url = sign(capsys, "--secret", SECRET, "--method", "GET", "--traceparent", TRACEPARENT)
+    req = parse_signed_request(urlsplit(url).query)
+    assert req.extra_params() == {"pw_traceparent": TRACEPARENT}
+    verify_signature(req, method="GET", secrets=[SECRET], paths=["/"], headers={}, body=None)
+    # The OpenTelemetry convention for a process started inside a trace: $TRACEPARENT.
+    monkeypatch.setenv("TRACEPARENT", TRACEPARENT)
+    url = sign(capsys, "--secret", SECRET, "--method", "GET")
+    assert parse_signed_request(urlsplit(url).query).extra_params() == {"pw_traceparent": TRACEPARENT}
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -106,8 +121,9 @@ def test_sign_with_extra_params_and_get(capsys):
         ["--secret-env", "PARKWAY_TEST_UNSET_VARIABLE"],
         ["--secret", SECRET, "--param", "no-equals-sign"],
         ["--secret", SECRET, "--header", "Content-Type application/json"],
+        ["--secret", SECRET, "--traceparent", "00-abc-def-01"],
     ],
-    ids=["no-secret", "unset-secret-env", "bad-param", "bad-header"],
+    ids=["no-secret", "unset-secret-env", "bad-param", "bad-header", "bad-traceparent"],
 )
 def test_sign_usage_errors(capsys, monkeypatch, argv):
     monkeypatch.delenv("PARKWAY_TEST_UNSET_VARIABLE", raising=False)

@@ -24,6 +24,7 @@ from proxy.config import (
 )
 from proxy.errors import ConfigError, ConfigProblem
 from proxy.jobs.model import JobsConfig
+from proxy.telemetry.model import TelemetryConfig
 from proxy.websocket.policy import WebSocketConfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "parkway.toml"
@@ -199,11 +200,12 @@ def test_shipped_example_documents_every_key():
         JobsConfig,
         CacheConfig,
         CacheRules,
+        TelemetryConfig,
     )
     not_keys = ("secrets", "headers", "webhook_secrets", "cache")
     keys = [f.name for cls in classes for f in dataclasses.fields(cls) if f.name not in not_keys]
     keys += ["secret", "secret_env", "webhook_secret", "webhook_secret_env", r"\[credentials\.headers\]", r"\[jobs\]"]
-    keys += [r"\[credentials\.cache\]"]
+    keys += [r"\[credentials\.cache\]", r"\[telemetry\]"]
     for key in keys:
         # Written as a setting, possibly commented out, with a comment line right above it.
         assert re.search(rf"^#[^\n]*\n(#[^\n]*\n)*#?\s*{key}(?!\w)", text, re.M), key
@@ -217,7 +219,8 @@ PROBLEMS = [
     (
         "extra = 1",
         "extra",
-        "unknown key 'extra'; allowed keys: server, credentials, cors, log, admin, state, websocket, jobs, cache",
+        "unknown key 'extra'; allowed keys: server, credentials, cors, log, admin, state, websocket, jobs, cache, "
+        "budgets, telemetry",
     ),
     # websocket
     ("[websocket]\nmax_message_size = 100", "websocket.max_message_size", "must be at least 1024"),
@@ -614,6 +617,7 @@ def test_config_stays_frozen_comparable_and_hashable():
         "jobs",
         "cache",
         "budgets",
+        "telemetry",
     ]
     replaced = dataclasses.replace(one, credentials=(Credential("new", ("s",)),))
     assert replaced.credential("new") is not None and replaced.credential("app") is None
@@ -671,3 +675,46 @@ def test_the_rate_table_in_the_limits_doc_is_what_the_parser_does():
 def test_the_configuration_doc_says_a_bare_rate_is_per_second():
     row = next(line for line in (DOCS / "configuration.md").read_text().splitlines() if line.startswith("| `limits` |"))
     assert "per second" in row and "`rate = 5`" in row
+
+
+# --- [telemetry] --------------------------------------------------------------------------------
+
+
+def test_telemetry_is_off_by_default_and_read_from_its_table():
+    assert parse_config("", {}).telemetry == TelemetryConfig()
+    assert not TelemetryConfig().enabled
+    text = '[telemetry]\notlp_endpoint = "http://collector:4318/"\nservice_name = "edge"\nsample_ratio = 0.25\n'
+    config = parse_config(text + "record_user = true\n", {})
+    assert config.telemetry == TelemetryConfig("http://collector:4318/", "edge", 0.25, True)
+    assert config.telemetry.traces_url == "http://collector:4318/v1/traces"
+
+
+def test_telemetry_without_its_table_reads_the_standard_variables():
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_SERVICE_NAME": "parkway-eu"}
+    assert parse_config("", env).telemetry == TelemetryConfig("http://127.0.0.1:4318", "parkway-eu")
+    # The table wins over the variables, even to turn tracing off.
+    assert parse_config('[telemetry]\notlp_endpoint = ""\n', env).telemetry == TelemetryConfig()
+    (problem,) = problems_of("", {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"})
+    assert problem.path == "OTEL_EXPORTER_OTLP_ENDPOINT" and "http://" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "message"),
+    [
+        ('otlp_endpoint = "grpc://x:4317"', "telemetry.otlp_endpoint", "must be an http:// or https:// URL"),
+        ("sample_ratio = 1.5", "telemetry.sample_ratio", "must be between 0 and 1"),
+        ("sample_ratio = -0.1", "telemetry.sample_ratio", "must be at least 0"),
+        ('service_name = ""', "telemetry.service_name", "must not be empty"),
+        ('record_user = "yes"', "telemetry.record_user", "expected a boolean"),
+        ("exporter = 1", "telemetry.exporter", "unknown key 'exporter'"),
+    ],
+)
+def test_telemetry_problems(text, path, message):
+    (problem,) = problems_of(f"[telemetry]\n{text}\n")
+    assert problem.path == path and message in problem.message
+
+
+def test_propagate_trace_is_a_credential_setting():
+    config = parse_config(CRED + "propagate_trace = true\n", ENV)
+    assert config.credentials[0].propagate_trace is True
+    assert parse_config(CRED, ENV).credentials[0].propagate_trace is False

@@ -251,3 +251,62 @@ def test_a_response_cut_short_reports_no_usage(content_type):
     observer.feed(body)
     observer.finish(complete=False)
     assert observer.usage is None
+
+
+# --- what the answer says of itself: model, id, finish reasons (for traces and GenAI metrics) ------
+
+HEADED = {"id": "chatcmpl-7", "model": "gpt-4o-mini-2024-07-18"}
+NAMED_STREAM = (
+    event({**delta("Hel"), **HEADED, "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]})
+    + event({**HEADED, "choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": None}]})
+    + event({**HEADED, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    + event({**HEADED, "choices": [], "usage": USAGE})
+    + b"data: [DONE]\n\n"
+)
+
+
+def described(content_type: str, chunks: list[bytes], *, details: bool) -> UsageObserver:
+    observer = UsageObserver(content_type, details=details)
+    for chunk in chunks:
+        observer.feed(chunk)
+    observer.finish(complete=True)
+    return observer
+
+
+@pytest.mark.parametrize("details", [False, True])
+def test_a_streams_model_and_id_come_from_its_first_event(details):
+    for name, chunks in chunkings(NAMED_STREAM).items():
+        observer = described(SSE, chunks, details=details)
+        assert (observer.model, observer.response_id) == (HEADED["model"], HEADED["id"]), name
+        assert observer.usage == Usage(9, 12, 21), name
+        # Finish reasons only when asked (tracing): a null finish_reason is not one.
+        assert observer.finish_reasons == (("stop",) if details else ()), name
+
+
+def test_a_json_answer_is_described_from_its_body():
+    body = json.dumps({**HEADED, "choices": [{"index": 0, "finish_reason": "length"}], "usage": USAGE}).encode()
+    observer = described(JSON, [body], details=True)
+    assert (observer.model, observer.response_id, observer.finish_reasons) == (
+        HEADED["model"],
+        "chatcmpl-7",
+        ("length",),
+    )
+
+
+def test_events_without_these_fields_take_the_fast_path(monkeypatch):
+    """Once the model is known, an event without usage or a finish reason is never parsed."""
+    parsed: list[bytes] = []
+    real = json.loads
+    monkeypatch.setattr("proxy.relay.usage.json.loads", lambda data: parsed.append(bytes(data)) or real(data))
+    observer = UsageObserver(SSE, details=True)
+    for chunk in NAMED_STREAM.split(b"\n\n")[:-1]:  # one event per chunk, as streams usually come
+        observer.feed(chunk + b"\n\n")
+    assert len(parsed) == 3  # the first event (model, id), the finish and the usage: not the middle one
+
+
+def test_the_first_chunk_callback_runs_once():
+    calls: list[int] = []
+    observer = UsageObserver(SSE, on_first_chunk=lambda: calls.append(1))
+    for chunk in chunkings(NAMED_STREAM)["sevens"]:
+        observer.feed(chunk)
+    assert calls == [1]
