@@ -11,7 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
-CONF = """\
+# What both nginx configurations of the load test share (this one and :mod:`loadtest.tls`'s TLS
+# front): one worker in the foreground, its files under {dir}, long-lived client keep-alive.
+PRELUDE = """\
 worker_processes 1;
 worker_rlimit_nofile {nofile};
 error_log {dir}/error.log warn;
@@ -23,7 +25,6 @@ events {{
     multi_accept on;
 }}
 http {{
-    access_log {dir}/access.log combined buffer=64k flush=1s;
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
@@ -31,6 +32,12 @@ http {{
     scgi_temp_path {dir}/scgi;
     keepalive_timeout 75s;
     keepalive_requests 1000000;
+"""
+
+CONF = (
+    PRELUDE
+    + """\
+    access_log {dir}/access.log combined buffer=64k flush=1s;
     upstream llm {{
         server {upstream};
         keepalive 512;
@@ -50,6 +57,7 @@ http {{
     }}
 }}
 """
+)
 
 
 def nginx_binary() -> str | None:

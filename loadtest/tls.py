@@ -13,26 +13,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-FRONT_CONF = """\
-worker_processes 1;
-worker_rlimit_nofile {nofile};
-error_log {dir}/error.log warn;
-pid {dir}/nginx.pid;
-daemon off;
-{user}
-events {{
-    worker_connections {connections};
-    multi_accept on;
-}}
-http {{
+from .nginx import PRELUDE
+
+FRONT_CONF = (
+    PRELUDE
+    + """\
     access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    keepalive_timeout 75s;
-    keepalive_requests 1000000;
     upstream lean {{
         server {upstream};
         keepalive 1024;
@@ -55,6 +41,7 @@ http {{
     }}
 }}
 """
+)
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from . import __version__, logs
-from .config import Config, config_from_dict, load_config
+from .config import Config, config_from_dict, config_warnings, load_config
 from .errors import ConfigError, ParkwayError
 from .overrides import ConfigOverrides
 from .urls import split_host_port
@@ -177,7 +177,13 @@ def cmd_sign(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .signing import sign_url
     from .urls import InvalidURL
 
-    secret = args.secret or (os.environ.get(args.secret_env) if args.secret_env else None)
+    secret = args.secret
+    if not secret and args.secret_env:
+        secret = os.environ.get(args.secret_env)
+        if secret is None:
+            parser.error(f"--secret-env: {args.secret_env} is not set")
+        if not secret:
+            parser.error(f"--secret-env: {args.secret_env} is empty")
     if not secret:
         parser.error("a secret is needed: --secret or --secret-env NAME")
     params = {}
@@ -246,6 +252,8 @@ def cmd_check_config(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         _print_problems(args.file, exc)
         print(f"{args.file}: {len(exc.problems)} problem(s); Parkway would refuse to start", file=sys.stderr)
         return 1
+    for warning in config_warnings(config):
+        print(f"{args.file}: {warning}", file=sys.stderr)
     ids = ", ".join(c.id for c in config.credentials) or "none"
     print(f"{args.file}: OK (listen {', '.join(config.server.listen)}; credentials: {ids})")
     return 0

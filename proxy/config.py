@@ -301,6 +301,23 @@ def config_from_dict(data: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     return Config(server, credentials, cors, log, admin, state, websocket, jobs, cache, budgets, telemetry)
 
 
+def config_warnings(config: Config) -> list[ConfigProblem]:
+    """What a valid configuration allows that its author may not mean: said, never refused."""
+    warnings = []
+    for i, credential in enumerate(config.credentials):
+        if not credential.allowed_upstreams:
+            private = credential.allow_private_upstreams or config.server.allow_private_upstreams
+            reach = "any upstream, private addresses included" if private else "any public upstream"
+            warnings.append(
+                ConfigProblem(
+                    f"credentials[{i}].allowed_upstreams",
+                    f"warning: not set, so URLs signed for {credential.id!r} may reach {reach}; "
+                    "list the URL prefixes it is for",
+                )
+            )
+    return warnings
+
+
 def jobs_problems(jobs: JobsConfig) -> list[ConfigProblem]:
     """What keeps jobs from starting: they are on without a ``public_url`` to build their URLs from.
     Checked on load and again when Parkway starts (a configuration built in code)."""

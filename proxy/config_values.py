@@ -7,6 +7,7 @@ messages say what was found, never the value (it may be a secret).
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import math
@@ -139,7 +140,15 @@ class _Table:
         """Report keys nobody asked for: a typo must not silently leave a default in place."""
         for key in self.data:
             if key not in self.asked:
-                self.report(self.at(key), f"unknown key {key!r}; allowed keys: {', '.join(self.allowed)}")
+                self.report(self.at(key), unknown_key(key, self.allowed))
+
+
+def unknown_key(key: str, allowed: list[str]) -> str:
+    """The problem of a key nobody reads: the allowed key it most likely misspells, else them all."""
+    close = difflib.get_close_matches(key, allowed, n=1)
+    if close:
+        return f"unknown key {key!r}; did you mean {close[0]!r}?"
+    return f"unknown key {key!r}; allowed keys: {', '.join(allowed)}"
 
 
 def _section(table: _Table, cls: type, rules: Mapping[str, _Convert]) -> Any:
@@ -354,7 +363,7 @@ def limit_spec_from_toml(value: Any, path: str) -> LimitSpec:
             else:
                 problems.append(ConfigProblem(at, "expected a rate such as '10/s' or a number per second above 0"))
         else:
-            problems.append(ConfigProblem(at, f"unknown key {key!r}; allowed keys: max_concurrent, rate, burst"))
+            problems.append(ConfigProblem(at, unknown_key(key, ["max_concurrent", "rate", "burst"])))
     if "burst" in value and "rate" not in value:
         problems.append(ConfigProblem(f"{path}.burst", "needs a rate: burst is the size of the rate's bucket"))
     if problems:

@@ -234,3 +234,52 @@ def test_quick_start_commands_are_counted():
         "## Quick start\n\n```sh\nmake demo   # one\n# a comment\n\nmake test\nmake lint\n```\n## Next\n```\nx\n```\n"
     )
     assert commands(section(text, "Quick start")) == ["make demo", "make test", "make lint"]
+
+
+# --- paths the documents name ------------------------------------------------------------------
+
+# Code and tests only: other folders are also named for what is not in the repository (a Rails
+# app's config/routes.rb, load-test output, experiments since removed).
+_REPO_PATH = re.compile(r"(?<![\w/.~-])((?:proxy|tests)/[\w./-]*[\w/])")
+_TREE_LINE = re.compile(r"^( *)([\w.]+/?)(?= {2,}|$)")
+
+
+def named_paths(text: str) -> set[str]:
+    """Repository paths a document names: in prose and code (``proxy/gateway/handler.py``), and
+    the entries of a drawn tree (``proxy/`` then indented ``http/``, ``connection.py``)."""
+    found = set(_REPO_PATH.findall(text))
+    in_fence, stack = False, []
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            in_fence, stack = not in_fence, []
+            continue
+        tree = _TREE_LINE.match(line) if in_fence else None
+        if tree is None:
+            continue
+        indent, name = len(tree[1]), tree[2]
+        stack = [(i, n) for i, n in stack if i < indent]
+        parent = stack[-1][1] if stack else ""
+        if parent.startswith(("proxy/", "tests/")) or name in ("proxy/", "tests/"):
+            found.add(parent + name)
+        if name.endswith("/"):
+            stack.append((indent, parent + name))
+    return found
+
+
+@pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_repository_path_a_document_names_exists(path):
+    """A module that moved must not live on in the docs (docs/development.md draws the tree)."""
+    missing = sorted(p for p in named_paths(path.read_text()) if not (ROOT / p).exists())
+    assert not missing, f"{path.relative_to(ROOT)} names paths that do not exist: {missing}"
+
+
+def test_named_paths_finds_moved_modules_in_prose_and_in_trees():
+    text = "See `proxy/handler.py` and proxy/cache/policy.py.\n```\nproxy/\n  http/\n    server.py   the server\n  cache_policy.py  gone\n```\n"
+    assert named_paths(text) == {
+        "proxy/handler.py",
+        "proxy/cache/policy.py",
+        "proxy/",
+        "proxy/http/",
+        "proxy/http/server.py",
+        "proxy/cache_policy.py",
+    }

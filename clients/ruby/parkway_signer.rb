@@ -19,7 +19,7 @@
 # `current_traceparent` reads it from opentelemetry-ruby when that is loaded (nil otherwise).
 #
 # It produces byte for byte the URL of Parkway's Python signer (`proxy.signing.sign_url`)
-# for the same inputs (tests/test_ruby.py checks a table of them):
+# for the same inputs (tests/e2e/test_ruby.py checks a table of them):
 # - the proxy URL is normalised first (lower-case scheme and host, default port dropped,
 #   empty path -> "/", dot segments resolved, unsafe characters percent-encoded), which is
 #   also the form Signway's own server signs, so these URLs verify there too;

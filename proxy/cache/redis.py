@@ -17,15 +17,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
-from typing import Self, TypeVar
+from typing import TypeVar
 
 import coredis
 import structlog
 import trio
-from coredis.retry import NoRetryPolicy
 
-from .._redis import REDIS_FAILURES, closing_buffers, without_credentials
+from .._redis import REDIS_FAILURES, RedisClientOwner
 from ..limits import Outage
 from .entry import CacheEntry, CorruptEntry, decode_entry, encode_entry
 from .memory import Stored
@@ -35,7 +33,7 @@ log = structlog.get_logger("parkway.cache")
 T = TypeVar("T")
 
 
-class RedisStore:
+class RedisStore(RedisClientOwner):
     """The :class:`~proxy.cache.flight.CacheStore` over Redis; ``async with RedisStore(url) as store``."""
 
     def __init__(
@@ -53,24 +51,14 @@ class RedisStore:
         self.outage = Outage(retry_interval)
         self.failures = 0  # operations that found Redis unusable (for the metric)
         self._clock = clock
-        self.client: coredis.Redis[bytes] = coredis.Redis.from_url(
-            url, connect_timeout=timeout, retry_policy=NoRetryPolicy(), max_idle_time=None
-        )
-        pool = self.client.connection_pool
-        pool.connection_class = closing_buffers(pool.connection_class)
-        self._stack = AsyncExitStack()
-        self._location = without_credentials(url)
+        super().__init__(url, timeout=timeout)
         self._bytes = 0  # bytes this process wrote (the gauge; Redis's INFO has the whole truth)
         self._entries = 0
 
-    async def __aenter__(self) -> Self:
-        async with AsyncExitStack() as stack:
-            await stack.enter_async_context(self.client)
-            self._stack = stack.pop_all()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._stack.aclose()
+    @property
+    def client(self) -> coredis.Redis[bytes]:
+        """The store's own client, for the shared recordings of :mod:`proxy.cache.shared`."""
+        return self._client
 
     def clock(self) -> float:
         return self._clock()
@@ -82,7 +70,7 @@ class RedisStore:
         return self._bytes, self._entries
 
     async def get(self, key: str) -> CacheEntry | None:
-        data = await self.call(lambda: self.client.get(self.key_prefix + key))
+        data = await self.call(lambda: self._client.get(self.key_prefix + key))
         if data is None:
             return None
         try:
@@ -98,7 +86,7 @@ class RedisStore:
         if ttl_ms <= 0:
             return Stored(False)
         data = encode_entry(entry)
-        await self.call(lambda: self.client.set(self.key_prefix + key, data, px=ttl_ms))
+        await self.call(lambda: self._client.set(self.key_prefix + key, data, px=ttl_ms))
         self._bytes += len(data)
         self._entries += 1
         return Stored(True)

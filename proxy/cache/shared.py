@@ -33,17 +33,14 @@ process makes the call itself.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
 from functools import partial
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
-import coredis
 import structlog
 import trio
-from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
-from .._redis import closing_buffers
+from .._redis import RedisClientOwner
 from .entry import (
     COMPLETE,
     FAILED,
@@ -118,7 +115,7 @@ class Flight(Protocol):
 Fetch = Callable[[Any], Awaitable[None]]
 
 
-class SharedFlights:
+class SharedFlights(RedisClientOwner):
     """Leads or follows each flight across processes; ``async with SharedFlights(store, config)``."""
 
     def __init__(self, store: RedisStore, config: CacheConfig, url: str):
@@ -128,29 +125,11 @@ class SharedFlights:
         self.block_ms = max(50, self.lock_ms // 2)
         self.heartbeat = config.lock_timeout / 3
         self.readers = trio.Semaphore(config.stream_readers)
-        # Blocked reads hold their connection: a pool of their own, so they never starve the
-        # store's short operations.
-        self._reading: coredis.Redis[bytes] = coredis.Redis.from_url(
-            url,
-            connect_timeout=config.timeout,
-            retry_policy=NoRetryPolicy(),
-            max_idle_time=None,
-            max_connections=config.stream_readers,
-        )
-        pool = self._reading.connection_pool
-        pool.connection_class = closing_buffers(pool.connection_class)
+        # Its own client is for blocked reads, which hold their connection: a pool of their own,
+        # so they never starve the store's short operations (those use the store's client).
+        super().__init__(url, timeout=config.timeout, max_connections=config.stream_readers)
         self._append = store.client.register_script(APPEND)
         self._unlock = store.client.register_script(RELEASE)
-        self._stack = AsyncExitStack()
-
-    async def __aenter__(self) -> Self:
-        async with AsyncExitStack() as stack:
-            await stack.enter_async_context(self._reading)
-            self._stack = stack.pop_all()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._stack.aclose()
 
     # --- one flight ---------------------------------------------------------------------------------
 
@@ -363,7 +342,7 @@ class SharedFlights:
         if block and self._try_reader():
             try:
                 result = await self.store.call(
-                    lambda: self._reading.xread({stream: last}, count=64, block=self.block_ms),
+                    lambda: self._client.xread({stream: last}, count=64, block=self.block_ms),
                     timeout=self.block_ms / 1000 + self.store.timeout,
                 )
             finally:

@@ -7,12 +7,14 @@ the answer arriving word by word.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
 import shlex
 import shutil
 import socket
+import sys
 import tempfile
 
 import httpx2 as httpx
@@ -138,14 +140,10 @@ async def run_demo(port: int, once: bool, delay: float) -> int:
         parkway = Parkway(config)
         addresses = await nursery.start(parkway.run)
         base = f"http://{addresses[0]}"
-        url = sign_url(
-            id="demo",
-            secret=secret,
-            host=base,
-            proxy_url=upstream_url + "/v1/chat/completions",
-            expiry=600,
-            method="POST",
+        sign_completion = functools.partial(
+            sign_url, id="demo", secret=secret, host=base, proxy_url=upstream_url + "/v1/chat/completions"
         )
+        url = sign_completion(expiry=600, method="POST")
         _out("Parkway demo (everything on loopback)")
         _out(f"  mock upstream  {upstream_url}   OpenAI-style; demands an API key the browser never sees")
         _out(f"  parkway        {base}   credential 'demo' injects 'Authorization: Bearer sk-demo-…'")
@@ -154,15 +152,7 @@ async def run_demo(port: int, once: bool, delay: float) -> int:
         _out(f"  {url}")
         _out()
         curl = f"curl -N -X POST {shlex.quote(url)} -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(DEMO_BODY))}"
-        background = sign_url(
-            id="demo",
-            secret=secret,
-            host=base,
-            proxy_url=upstream_url + "/v1/chat/completions",
-            expiry=600,
-            method="POST",
-            params={"pw_callback": receiver_url + "/hooks/summary"},
-        )
+        background = sign_completion(expiry=600, method="POST", params={"pw_callback": receiver_url + "/hooks/summary"})
         if once:
             _out("Sending it, as the browser would:")
             code = await _play_browser(url)
@@ -177,7 +167,7 @@ async def run_demo(port: int, once: bool, delay: float) -> int:
             )  # fmt: skip
             code = code or await _play_budget(budgeted)
             _out()
-            _out("To keep it running and stream it with curl yourself: .venv/bin/parkway demo")
+            _out(f"To keep it running and stream it with curl yourself: {_command()} demo")
             parkway.shutdown()
             nursery.cancel_scope.cancel()
             shutil.rmtree(jobs_dir, ignore_errors=True)
@@ -199,3 +189,13 @@ async def _stop_on_signal(parkway: Parkway, scope: trio.CancelScope) -> None:
             _out("\nstopping", end="\n")
             scope.cancel()
             return
+
+
+def _command() -> str:
+    """The ``parkway`` this process runs as (``.venv/bin/parkway`` in a checkout made by ``make``,
+    wherever pip put it for an installed wheel), for the hint to run the demo again."""
+    script = sys.argv[0]
+    if os.path.basename(script) != "parkway":
+        return "parkway"
+    relative = os.path.relpath(script)
+    return shlex.quote(script if relative.startswith("..") else relative)

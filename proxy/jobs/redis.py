@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable, Set
-from contextlib import AsyncExitStack
 from dataclasses import replace
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import coredis
 import coredis.exceptions
 import trio
-from coredis.retry import NoRetryPolicy
 
-from .._redis import closing_buffers
+from .._redis import REDIS_FAILURES, RedisClientOwner
 from ..errors import Overloaded
 from . import model as jobs
 from .model import Job
@@ -70,14 +68,12 @@ if ARGV[10] ~= '' then redis.call('PEXPIREAT', KEYS[1], ARGV[10]) else redis.cal
 return 1
 """
 
-_FAILURES = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
-
 
 def _score(value: float | None) -> str:
     return "" if value is None else repr(value)
 
 
-class RedisJobStore:
+class RedisJobStore(RedisClientOwner):
     """The :class:`~proxy.jobs.store.JobStore` in Redis; ``async with RedisJobStore(url) as store``.
 
     A Redis failure raises :class:`~proxy.errors.Overloaded` (503 for a request; the runner
@@ -87,13 +83,8 @@ class RedisJobStore:
     def __init__(self, url: str, *, key_prefix: str = "parkway:", timeout: float = 2.0):
         self.prefix = key_prefix
         self.timeout = timeout
-        self._client: coredis.Redis[bytes] = coredis.Redis.from_url(
-            url, connect_timeout=timeout, retry_policy=NoRetryPolicy(), max_idle_time=None
-        )
-        pool = self._client.connection_pool
-        pool.connection_class = closing_buffers(pool.connection_class)
+        super().__init__(url, timeout=timeout)
         self._cas = self._client.register_script(CAS)
-        self._stack = AsyncExitStack()
         self.queued, self.running, self.deliveries = (
             f"{key_prefix}jobs:{n}" for n in ("queued", "running", "deliveries")
         )
@@ -103,15 +94,6 @@ class RedisJobStore:
     def _credential_queue(self, credential: str) -> str:
         return f"{self.prefix}jobs:queued:credential:{credential}"
 
-    async def __aenter__(self) -> Self:
-        async with AsyncExitStack() as stack:
-            await stack.enter_async_context(self._client)
-            self._stack = stack.pop_all()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._stack.aclose()
-
     def _key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
 
@@ -120,7 +102,7 @@ class RedisJobStore:
         try:
             with trio.fail_after(self.timeout):
                 return await operation(*args, **kwargs)
-        except _FAILURES as exc:
+        except REDIS_FAILURES as exc:
             raise Overloaded(
                 f"the job store (Redis) is unreachable: {type(exc).__name__}",
                 code="job_store_unavailable",

@@ -19,12 +19,10 @@ from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any, TypeVar
 
-import coredis
 import structlog
 import trio
-from coredis.retry import NoRetryPolicy
 
-from .._redis import REDIS_FAILURES, closing_buffers, without_credentials
+from .._redis import REDIS_FAILURES, RedisClientOwner
 from .budget import Applied, Level, Reservation
 from .limiter import storage_key
 from .outage import Outage, unavailable
@@ -132,7 +130,7 @@ class _Unavailable(Exception):
     pass
 
 
-class RedisBudgets:
+class RedisBudgets(RedisClientOwner):
     """The :class:`~proxy.limits.budget_state.BudgetStore` over Redis."""
 
     def __init__(
@@ -151,18 +149,12 @@ class RedisBudgets:
         self.retry_interval = retry_interval
         self.lease_ttl = lease_ttl
         self.outage = Outage(retry_interval)
-        self._client: coredis.Redis[bytes] = coredis.Redis.from_url(
-            url, connect_timeout=timeout, retry_policy=NoRetryPolicy(), max_idle_time=None
-        )
-        pool = self._client.connection_pool
-        pool.connection_class = closing_buffers(pool.connection_class)
+        super().__init__(url, timeout=timeout)
         self._reserve = self._client.register_script(RESERVE)
         self._settle = self._client.register_script(SETTLE)
         self._levels = self._client.register_script(LEVELS)
         self._refresh = self._client.register_script(REFRESH)
         self._holds: dict[str, tuple[str, ...]] = {}  # live hold id -> its sorted-set keys
-        self._stack = AsyncExitStack()
-        self._location = without_credentials(url)
         self.ledger = f"redis:{self._location}:{key_prefix}"
 
     async def __aenter__(self) -> RedisBudgets:
@@ -173,9 +165,6 @@ class RedisBudgets:
             stack.callback(nursery.cancel_scope.cancel)
             self._stack = stack.pop_all()
         return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self._stack.aclose()
 
     def _keys(self, key: str) -> list[str]:
         base = f"{self.key_prefix}budget:{storage_key('b', key)}"

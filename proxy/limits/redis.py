@@ -30,9 +30,8 @@ import coredis
 import coredis.exceptions
 import structlog
 import trio
-from coredis.retry import NoRetryPolicy
 
-from .._redis import REDIS_FAILURES, closing_buffers, without_credentials
+from .._redis import REDIS_FAILURES, RedisClientOwner
 from ..config import FAILURE_POLICIES
 from .limiter import ALLOWED, CONCURRENCY, RATE, Decision, Lease, LimitKey, refused, storage_key, unique_limits
 from .outage import Outage, unavailable
@@ -124,7 +123,7 @@ class _Unavailable(Exception):
     """Redis could not be used for this operation; the failure policy applies."""
 
 
-class RedisState:
+class RedisState(RedisClientOwner):
     """The :class:`~proxy.limits.state.StateBackend` over Redis; ``async with RedisState(url) as state``."""
 
     def __init__(
@@ -147,19 +146,14 @@ class RedisState:
         self.lease_ttl = lease_ttl
         self.concurrency_retry_after = concurrency_retry_after
         self.outage = Outage(retry_interval)
-        self._client: coredis.Redis[bytes] = coredis.Redis.from_url(
-            url, connect_timeout=timeout, retry_policy=NoRetryPolicy(), max_idle_time=None
-        )
-        pool = self._client.connection_pool
-        pool.connection_class = closing_buffers(pool.connection_class)
+        super().__init__(url, timeout=timeout)
         self._acquire = self._client.register_script(ACQUIRE)
         self._release = self._client.register_script(RELEASE)
         self._refresh = self._client.register_script(REFRESH)
         self._leases: dict[str, tuple[str, ...]] = {}  # lease id -> its sorted-set keys, for refreshing
-        self._stack = AsyncExitStack()
-        self._location = without_credentials(url)
 
     async def __aenter__(self) -> RedisState:
+        """The client connected, and the task that keeps this process's leases alive."""
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(self._client)
             nursery = await stack.enter_async_context(trio.open_nursery())
@@ -167,9 +161,6 @@ class RedisState:
             stack.callback(nursery.cancel_scope.cancel)
             self._stack = stack.pop_all()
         return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self._stack.aclose()
 
     def healthy(self) -> bool:
         return not self.outage.down

@@ -420,15 +420,6 @@ async def test_single_use_applies_to_hits(cached_parkway, upstream) -> None:
 # --- two `parkway serve` processes sharing one Redis ---------------------------------------------------
 
 
-@pytest.fixture
-async def redis(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(nursery, tmp_path)
-    await server.start()
-    yield server
-    await server.kill()
-    gc.collect()
-
-
 async def start_redis_processes(processes: ProcessGroup, redis: RedisServer, tmp_path: Path) -> list[ParkwayProcess]:
     started = []
     for i in range(2):

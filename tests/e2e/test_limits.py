@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import json
 import tracemalloc
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -710,15 +709,6 @@ REDIS_CREDENTIALS = [
     dict(id="once", secret=SECRET, single_use=True),
     dict(id="solo", secret=SECRET, limits=dict(max_concurrent=1)),
 ]
-
-
-@pytest.fixture
-async def redis(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(nursery, tmp_path)
-    await server.start()
-    yield server
-    await server.kill()
-    gc.collect()
 
 
 async def start_processes(

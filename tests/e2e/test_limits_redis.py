@@ -3,7 +3,8 @@
 The Redis tests run a real ``redis-server`` (support.redis). Two :class:`RedisState`
 instances, each with its own coredis client and connections, stand in for two Parkway
 processes: they must enforce one limit and one single-use set. The server is killed (SIGKILL),
-frozen (SIGSTOP: a Redis that hangs) and restarted mid-test.
+frozen (SIGSTOP: a Redis that hangs) and restarted mid-test. The pure parts (outages, the
+state config, the memory backend) are tests/unit/limits/test_outage.py and test_state.py.
 """
 
 from __future__ import annotations
@@ -21,58 +22,9 @@ from proxy._redis import without_credentials
 from proxy.config import StateConfig
 from proxy.errors import Overloaded
 from proxy.limits.limiter import ALLOWED, CONCURRENCY, CREDENTIAL, RATE, USER, LimitKey, LimitSpec
-from proxy.limits.outage import Outage
 from proxy.limits.redis import RedisState
-from proxy.limits.state import MemoryState, StateBackend, open_state
+from proxy.limits.state import StateBackend, open_state
 from support.redis import RedisServer
-
-# --- pure: outages, config, the memory backend ----------------------------------------------------
-
-
-def test_outage_timeline() -> None:
-    outage = Outage(retry_interval=2.0)
-    steps = [
-        ("claim", 0.0, True),
-        ("fail", 0.0, True),  # starts an outage: log it
-        ("claim", 1.0, False),  # within the interval: follow the failure policy at once
-        ("claim", 2.0, True),  # one probe ...
-        ("claim", 2.1, False),  # ... not two
-        ("fail", 2.2, False),  # same outage: no second log line
-        ("claim", 3.0, False),
-        ("claim", 4.2, True),
-        ("succeed", 4.3, 4.3),  # the outage lasted 4.3 s
-        ("succeed", 5.0, None),
-        ("claim", 5.0, True),
-    ]
-    for action, now, expected in steps:
-        if action == "claim":
-            assert outage.claim_attempt(now) is expected, (action, now)
-        elif action == "fail":
-            assert outage.failed(now) is expected, (action, now)
-        else:
-            assert outage.succeeded(now) == pytest.approx(expected) if expected else outage.succeeded(now) is None
-    assert not outage.down
-
-
-@pytest.mark.parametrize("kwargs", [dict(backend="etcd"), dict(failure_policy="maybe")])
-def test_state_config_refuses(kwargs: dict) -> None:
-    with pytest.raises(ValueError):
-        StateConfig(**kwargs)
-
-
-async def test_memory_state_is_a_backend() -> None:
-    async with open_state(StateConfig(max_keys=10, max_signatures=10)) as state:
-        assert isinstance(state, MemoryState) and isinstance(state, StateBackend)
-        keys = [LimitKey(CREDENTIAL, "app", LimitSpec(max_concurrent=1))]
-        first = await state.acquire(keys, 0.0)
-        refused = await state.acquire(keys, 0.0)
-        assert first.allowed and (refused.allowed, refused.limit) == (False, CONCURRENCY)
-        await state.release(first.lease)
-        assert (await state.acquire(keys, 0.0)).allowed
-        assert await state.check_and_add_signature("sig", 100.0, 0.0)
-        assert not await state.check_and_add_signature("sig", 100.0, 1.0)
-        assert state.healthy()
-
 
 # --- Redis ------------------------------------------------------------------------------------------
 

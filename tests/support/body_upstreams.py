@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
+from support.loopback import LoopbackServer
 
-class BodySink:
+
+class BodySink(LoopbackServer):
     """An HTTP/1.1 upstream that records, per connection, the request body bytes that arrived
     and whether the request was complete (it answers 200 only to a complete one)."""
 
@@ -22,18 +24,6 @@ class BodySink:
         self.bodies: list[bytes] = []  # one per ended connection: the body bytes received
         self.complete: list[bytes] = []  # bodies of requests that arrived whole
         self.ended = trio.Event()  # set each time a connection has ended (then replaced)
-        self.port = 0
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            task_status.started(self)
-            await trio.serve_listeners(self._connection, listeners, handler_nursery=nursery)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         self.connections += 1
@@ -68,7 +58,7 @@ class BodySink:
 
 
 @dataclass
-class BodyProbe:
+class BodyProbe(LoopbackServer):
     """An HTTP/1.1 upstream (raw h11) that counts request-body bytes as they arrive.
 
     ``wait_received(n)`` returns once ``n`` bytes of the current body are in, so a test can
@@ -84,12 +74,6 @@ class BodyProbe:
     async def wait_received(self, count: int) -> None:
         while self.received < count:
             await self._progress.wait()
-
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started(self)
-        await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from support.loopback import LoopbackServer, receive_head
 from support.upstream import Upstream
 
 Answer = Callable[["ScriptedRequest"], Awaitable[None]]
@@ -48,7 +49,7 @@ def answer_with(data: bytes, *, close: bool = False) -> Answer:
 
 
 @dataclass
-class ScriptedUpstream:
+class ScriptedUpstream(LoopbackServer):
     """Raw HTTP/1.1 on 127.0.0.1: ``answers`` are used in order, one per request."""
 
     answers: list[Answer] = field(default_factory=list)
@@ -57,29 +58,16 @@ class ScriptedUpstream:
     port: int = 0
     disconnected: trio.Event = field(default_factory=trio.Event)
 
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def serve(self, *, task_status: trio.TaskStatus[ScriptedUpstream] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            task_status.started(self)
-            await trio.serve_listeners(self._connection, listeners, handler_nursery=nursery)
-
     async def _connection(self, stream: trio.SocketStream) -> None:
         self.connections += 1
         number = self.connections
         buf = b""
         try:
             while True:
-                while b"\r\n\r\n" not in buf:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
+                received = await receive_head(stream, buf)
+                if received is None:
+                    return
+                head, buf = received
                 length = next(
                     (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
                     0,
@@ -164,15 +152,5 @@ class TLSUpstream(Upstream):
     def base(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-        with sock:
-            await sock.bind(("127.0.0.1", 0))
-            sock.listen(64)
-            self.port = sock.getsockname()[1]
-            async with trio.open_nursery() as nursery:
-                task_status.started(self)
-                while True:
-                    client, _ = await sock.accept()
-                    tls = _ServerTLSStream(trio.SocketStream(client), self._context)
-                    nursery.start_soon(self._connection, tls)
+    async def _connection(self, stream: trio.abc.Stream) -> None:
+        await super()._connection(_ServerTLSStream(stream, self._context))

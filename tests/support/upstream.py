@@ -18,6 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
+from support.loopback import LoopbackServer
+
 _NETWORK_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -145,7 +147,7 @@ def sse_then(events: Iterable[bytes], then: str) -> Behaviour:
     return behaviour
 
 
-class Upstream:
+class Upstream(LoopbackServer):
     """An HTTP/1.1 upstream on 127.0.0.1, port 0; set ``behaviour`` before the request arrives."""
 
     def __init__(self, behaviour: Behaviour = echo):
@@ -158,10 +160,6 @@ class Upstream:
         self.port = 0
 
     @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
     def netloc(self) -> str:
         return f"127.0.0.1:{self.port}"
 
@@ -170,18 +168,6 @@ class Upstream:
         while len(self.requests) < count:
             await self._arrival.wait()
         return self.requests
-
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-        with sock:
-            await sock.bind(("127.0.0.1", 0))
-            sock.listen(64)
-            self.port = sock.getsockname()[1]
-            async with trio.open_nursery() as nursery:
-                task_status.started(self)
-                while True:
-                    client, _ = await sock.accept()
-                    nursery.start_soon(self._connection, trio.SocketStream(client))
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         self.connections += 1

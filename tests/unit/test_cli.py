@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+import shlex
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import signway_sdk
 
-from proxy.cli import build_parser, main, signway_compat_config
+from proxy.cli import build_parser, main, serve_config, signway_compat_config
 from proxy.config import CorsConfig, LogConfig
 from proxy.errors import Forbidden
 from proxy.signing import parse_signed_request, verify_signature
@@ -132,6 +134,23 @@ def test_sign_usage_errors(capsys, monkeypatch, argv):
     assert out == "" and "error:" in err
 
 
+@pytest.mark.parametrize(
+    "value, said",
+    [(None, "PARKWAY_TEST_SECRET is not set"), ("", "PARKWAY_TEST_SECRET is empty")],
+    ids=["unset", "empty"],
+)
+def test_sign_names_the_secret_variable_that_is_missing(capsys, monkeypatch, value, said):
+    if value is None:
+        monkeypatch.delenv("PARKWAY_TEST_SECRET", raising=False)
+    else:
+        monkeypatch.setenv("PARKWAY_TEST_SECRET", value)
+    with pytest.raises(SystemExit) as info:
+        main(["sign", "--id", "app-id", "--proxy", PROXY, "--secret-env", "PARKWAY_TEST_SECRET"])
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.rstrip().endswith(f"error: --secret-env: {said}")
+
+
 # --- check-config --------------------------------------------------------------------------
 
 VALID = """
@@ -141,6 +160,7 @@ listen = ["127.0.0.1:0", "[::1]:0"]
 [[credentials]]
 id = "app"
 secret = "TOPSECRET-inline-1234"
+allowed_upstreams = ["https://api.openai.com/v1/"]
 [credentials.headers]
 Authorization = "Bearer ${PARKWAY_TEST_API_KEY}"
 """
@@ -200,6 +220,22 @@ def test_check_config_valid_file(tmp_path, capsys, env):
     assert err == ""
     assert out == f"{path}: OK (listen 127.0.0.1:0, [::1]:0; credentials: app)\n"
     assert "TOPSECRET" not in out and "sk-live" not in out
+
+
+@pytest.mark.parametrize("private", ["", "allow_private_upstreams = true\n"], ids=["public", "private"])
+def test_check_config_warns_of_a_credential_that_may_reach_any_upstream(tmp_path, capsys, env, private):
+    path = tmp_path / "parkway.toml"
+    path.write_text(VALID + f'[[credentials]]\nid = "open"\nsecret = "TOPSECRET-inline-5678"\n{private}')
+
+    assert main(["check-config", str(path)]) == 0  # allowed, but said
+    out, err = capsys.readouterr()
+    assert out == f"{path}: OK (listen 127.0.0.1:0, [::1]:0; credentials: app, open)\n"
+    reach = "any upstream, private addresses included" if private else "any public upstream"
+    assert err == (
+        f"{path}: credentials[1].allowed_upstreams: warning: not set, so URLs signed for 'open' may reach {reach}; "
+        "list the URL prefixes it is for\n"
+    )
+    assert "TOPSECRET" not in err
 
 
 def test_check_config_lists_every_problem_with_its_key_path(tmp_path, capsys, env):
@@ -359,3 +395,33 @@ def test_http_httptools_is_refused_when_it_is_not_installed(monkeypatch, capsys)
     assert parse_config('[server]\nhttp = "auto"\n', {}).server.http == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--http", "bogus"])
+
+
+# --- the shipped deployment ------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_documented_systemd_instances_bind_distinct_addresses(monkeypatch):
+    """docs/deployment.md enables several instances of config/parkway.service, all reading
+    config/parkway.toml: each must get its own public and admin address, or the second one
+    fails to start (EADDRINUSE on the example's admin port)."""
+    monkeypatch.setenv("PARKWAY_MY_APP_SECRET", SECRET)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    unit = (ROOT / "config" / "parkway.service").read_text()
+    exec_start = next(line.partition("=")[2] for line in unit.splitlines() if line.startswith("ExecStart="))
+    enable = re.search(r"systemctl enable --now ((?:parkway@\d+ ?)+)", (ROOT / "docs" / "deployment.md").read_text())
+    assert enable is not None
+    instances = [name.partition("@")[2] for name in enable[1].split()]
+    assert len(instances) >= 2
+
+    bound: list[str] = []
+    for instance in instances:
+        command = exec_start.replace("%i", instance).replace(
+            "/etc/parkway/parkway.toml", str(ROOT / "config" / "parkway.toml")
+        )
+        parser = build_parser()
+        args = parser.parse_args(shlex.split(command)[1:])
+        config, _ = serve_config(args, parser)
+        bound += [*config.server.listen, *config.admin.listen]
+    assert len(bound) == len(set(bound)), bound

@@ -233,7 +233,7 @@ PROBLEMS = [
     ("credentials = 1", "credentials", "expected an array of tables"),
     ("credentials = [1]", "credentials[0]", "expected a table, got integer"),
     # server
-    ("[server]\nlisten_on = 1", "server.listen_on", "unknown key 'listen_on'; allowed keys: listen, "),
+    ("[server]\nlisten_on = 1", "server.listen_on", "unknown key 'listen_on'; did you mean 'listen'?"),
     ("[server]\nlisten = []", "server.listen", "must not be empty"),
     ('[server]\nlisten = ["localhost"]', "server.listen[0]", "is not host:port"),
     ('[server]\nlisten = ["a:1", "127.0.0.1:70000"]', "server.listen[1]", "port must be a number from 0 to 65535"),
@@ -277,7 +277,7 @@ PROBLEMS = [
     ),
     ('[[credentials]]\nid = "a"\nsecret_env = ["APP_SECRET", "NOPE"]', "credentials[0].secret_env[1]", "NOPE"),
     ('[[credentials]]\nid = "app"\nsecret_env = ""', "credentials[0].secret_env", "must name an environment variable"),
-    (CRED + 'secrets = ["x"]', "credentials[0].secrets", "unknown key 'secrets'; allowed keys: id, secret, "),
+    (CRED + 'secrets = ["x"]', "credentials[0].secrets", "unknown key 'secrets'; did you mean 'secret'?"),
     (CRED + CRED.replace('"app"', '"b"') + "header = 1", "credentials[1].header", "unknown key 'header'"),
     # headers
     (CRED + 'headers = "Authorization: x"', "credentials[0].headers", "expected a table, got string"),
@@ -353,7 +353,7 @@ PROBLEMS = [
     (f"{CRED}cache = 5", "credentials[0].cache", "expected a table, got integer"),
     (f"{CRED}[credentials.cache]\nttl = -5", "credentials[0].cache.ttl", "must be at least 0"),
     (f'{CRED}[credentials.cache]\nreplay = "fast"', "credentials[0].cache.replay", "must be one of instant, paced"),
-    (f"{CRED}[credentials.cache]\nttl_s = 5", "credentials[0].cache.ttl_s", "unknown key 'ttl_s'; allowed keys: ttl,"),
+    (f"{CRED}[credentials.cache]\nttl_s = 5", "credentials[0].cache.ttl_s", "unknown key 'ttl_s'; did you mean 'ttl'?"),
     (f"{CRED}[credentials.cache]\nmax_entry_bytes = 0", "credentials[0].cache.max_entry_bytes", "at least 1"),
 ]
 
@@ -464,6 +464,22 @@ def test_every_problem_in_a_file_is_reported():
         "log.level",
         "metrics",
     ]
+
+
+@pytest.mark.parametrize(
+    "text, path, meant",
+    [
+        ("[server]\nmax_inflight = 1", "server.max_inflight", "max_in_flight"),
+        ("[server]\nupstream_idle_timout = 1", "server.upstream_idle_timout", "upstream_idle_timeout"),
+        (CRED + "allowed_upstream = []", "credentials[0].allowed_upstream", "allowed_upstreams"),
+        (CRED + "limits = { rat = 5 }", "credentials[0].limits.rat", "rate"),
+    ],
+)
+def test_a_misspelt_key_gets_a_did_you_mean_not_every_key(text, path, meant):
+    """[server] has more than 25 keys: a typo there is answered with the one it misspells."""
+    (problem,) = problems_of(text)
+    key = path.rpartition(".")[2]
+    assert problem == ConfigProblem(path, f"unknown key {key!r}; did you mean {meant!r}?")
 
 
 def test_problems_in_one_list_are_all_reported():
@@ -641,14 +657,35 @@ def test_load_config_not_utf8(tmp_path):
 
 
 def test_an_unknown_budgets_key_lists_only_keys_that_may_be_set():
-    [problem] = problems_of("[budgets]\nprice = 1")
-    assert problem.path == "budgets.price"
+    [problem] = problems_of("[budgets]\nzebra = 1")
+    assert problem.path == "budgets.zebra"
     assert problem.message == (
-        "unknown key 'price'; allowed keys: prices, input_bytes_per_token, unbounded_hold, default_max_tokens, "
+        "unknown key 'zebra'; allowed keys: prices, input_bytes_per_token, unbounded_hold, default_max_tokens, "
         "session_hold"
     )  # price_table is filled from the file named by prices: never offered as a key
     [refused] = problems_of("[budgets]\nprice_table = 1")
     assert (refused.path, refused.message) == ("budgets.price_table", "is read from the file named by prices")
+
+
+# --- what the docs say a rate means ------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def test_the_rate_table_in_the_limits_doc_is_what_the_parser_does():
+    """`rate = 5` is per second: the docs say so in a table, and each row is checked here."""
+    text = (DOCS / "limits.md").read_text()
+    table = text[text.index("| `rate =` | requests per second |") :].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \| ([\d.]+)\b", table, re.M)
+    assert {value for value, _ in rows} >= {"5", "0.5", '"600/min"'}, rows
+    for value, per_second in rows:
+        credential = parse_config(f"{CRED}limits = {{ rate = {value} }}", ENV).credentials[0]
+        assert credential.limits is not None and credential.limits.rate == pytest.approx(float(per_second)), value
+
+
+def test_the_configuration_doc_says_a_bare_rate_is_per_second():
+    row = next(line for line in (DOCS / "configuration.md").read_text().splitlines() if line.startswith("| `limits` |"))
+    assert "per second" in row and "`rate = 5`" in row
 
 
 # --- [telemetry] --------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from proxy.upstream.ssrf import (
     explicit_addresses,
     policy_for,
 )
+from support.loopback import LoopbackServer, receive_head
 
 K = AddressKind
 CLASSES = [
@@ -250,31 +251,22 @@ async def test_resolution_is_bounded_by_the_connect_timeout(autojump_clock: trio
 # --- real loopback connections through httpx ------------------------------------------------------
 
 
-class CountingUpstream:
+class CountingUpstream(LoopbackServer):
     """A tiny HTTP/1.1 upstream on 127.0.0.1 that counts every connection it accepts."""
 
     def __init__(self) -> None:
         self.connections = 0
         self.hosts: list[str] = []
-        self.port = 0
-
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started(self)
-        await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         self.connections += 1
         async with stream:
             buffer = b""
             while True:
-                while b"\r\n\r\n" not in buffer:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    buffer += data
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                received = await receive_head(stream, buffer)
+                if received is None:
+                    return
+                head, buffer = received
                 lines = head.split(b"\r\n")
                 host = next(line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"host:"))
                 self.hosts.append(host.decode())
