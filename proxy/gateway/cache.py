@@ -54,7 +54,7 @@ from ..relay.usage import UsageObserver
 from ..upstream import ssrf
 from ..upstream.client import UpstreamClient, UpstreamRequest, UpstreamResponse
 from .admit import Admission
-from .budget import FREE, has_budget
+from .budget import FREE, has_budget, usage_remover
 from .forward import Forward
 from .plan import Plan, Request, address_policy, has_body
 
@@ -296,10 +296,18 @@ class ServeCacheable:
                 flight.detail = reason
                 headers_out = tuple(forwarding.response_headers(response.headers))
                 flight.begin(response.status, headers_out, share=reason is None)
+                # The usage chunk a budget asked for is read here and recorded for no client.
+                remover = usage_remover(plan, response) if response.framing.kind == "chunked" else None
                 async for chunk in body_chunks(response):
-                    await flight.room(len(chunk))
-                    flight.feed(chunk)
                     usage.feed(chunk)
+                    if remover is not None:
+                        chunk = remover.feed(chunk)
+                    if chunk:
+                        await flight.room(len(chunk))
+                        flight.feed(chunk)
+                if remover is not None and (rest := remover.end()):
+                    await flight.room(len(rest))
+                    flight.feed(rest)
                 usage.finish(True)
                 record.model, record.streamed = usage.model, response.content_type.startswith("text/event-stream")
                 if usage.usage is not None:

@@ -218,6 +218,28 @@ async def test_a_cache_hit_costs_nothing_and_says_so(start_parkway, mock):
     assert (level.spent, level.held) == (29, 0)
 
 
+async def test_a_cached_stream_is_stored_and_replayed_without_the_usage_parkway_asked_for(start_parkway, mock):
+    # The cache's own upstream call (the flight) records what the client would get: the usage chunk
+    # Parkway asked for on the budget's behalf is charged from, never stored, never replayed.
+    app, upstream = mock
+    budget = BudgetSpec(10_000, "tokens", "day")
+    parkway = await start_parkway(credentials=(replace(TEST_CREDENTIAL, user_budget=budget, cache=CacheRules(ttl=60)),))
+    url = signed(parkway.base, upstream)
+    body = chat(30, stream=True)
+    with watch_logs() as logs:
+        first = await post(parkway.port, url, body)
+        miss = await logs.wait_for(event="request", request_id=first.headers["x-request-id"])
+        second = await post(parkway.port, url, body)
+        hit = await logs.wait_for(event="request", request_id=second.headers["x-request-id"])
+    assert (first.status, second.status, len(app.requests)) == (200, 200, 1)
+    assert json.loads(app.requests[0][1])["stream_options"] == {"include_usage": True}
+    direct = await post(int(upstream.rpartition(":")[2]), upstream + CHAT, body)
+    assert b'"usage"' not in direct.body
+    assert first.body == direct.body and second.body == direct.body
+    assert (miss["budget_estimate"], miss["budget_charge"]) == ("usage", 9 + 30)
+    assert (hit["cache"], hit["budget_charge"]) == ("hit", 0)
+
+
 def job_parkway_config(tmp_path: Path, budget: BudgetSpec, state: StateConfig | None = None) -> Config:
     config = with_jobs(
         make_config(credentials=(replace(TEST_CREDENTIAL, user_budget=budget),)),
