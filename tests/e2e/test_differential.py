@@ -58,11 +58,11 @@ from support.nginx import serve_nginx
 from support.processes import ROOT, free_port, stop_process, wait_listening
 from support.signing import SECRET, sign
 
-TIMEOUT = 2.5  # Parkway's upstream_first_byte_timeout and nginx's proxy_read_timeout
-IDLE = 5.0  # Parkway's upstream_idle_timeout: longer than PROMPT, so waiting for it shows as a hang
-PROMPT = 3.5  # a client that receives nothing for this long while the upstream has said all: "hang"
+TIMEOUT = 4.0  # Parkway's upstream_first_byte_timeout and nginx's proxy_read_timeout
+IDLE = 7.0  # Parkway's upstream_idle_timeout: longer than PROMPT, so waiting for it shows as a hang
+PROMPT = 5.0  # a client that receives nothing for this long while the upstream has said all: "hang"
 SLOW = IDLE + PROMPT  # the bound of a case that ends by the proxy's own timeout
-CONCURRENCY = 48  # cases (one shape of one behaviour through one target) in flight at once
+CONCURRENCY = 32  # cases (one shape of one behaviour through one target) in flight at once
 TARGETS = ("epoll", "portable", "nginx")
 DOC = ROOT / "docs" / "proxying.md"
 
