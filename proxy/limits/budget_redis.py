@@ -14,18 +14,16 @@ key expires an hour after its window ends. Redis failures follow ``failure_polic
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
-from functools import partial
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import structlog
 import trio
 
-from .._redis import REDIS_FAILURES, RedisClientOwner
 from .budget import Applied, Level, Reservation
 from .limiter import storage_key
-from .outage import Outage, unavailable
+from .outage import unavailable
+from .redis import LeasedRedisStore, _Unavailable
 
 log = structlog.get_logger("parkway.budget")
 T = TypeVar("T")
@@ -123,15 +121,14 @@ end
 return 1
 """
 
-REFRESH_BATCH = 500
 
-
-class _Unavailable(Exception):
-    pass
-
-
-class RedisBudgets(RedisClientOwner):
+class RedisBudgets(LeasedRedisStore):
     """The :class:`~proxy.limits.budget_state.BudgetStore` over Redis."""
+
+    REFRESH_SCRIPT = REFRESH
+    UNAVAILABLE_EVENT = "budget_state_unavailable"
+    RECOVERED_EVENT = "budget_state_recovered"
+    log = log  # its holds' outages are the budgets' log lines
 
     def __init__(
         self,
@@ -143,28 +140,18 @@ class RedisBudgets(RedisClientOwner):
         retry_interval: float = 1.0,
         lease_ttl: float = 60.0,
     ):
-        self.key_prefix = key_prefix
-        self.failure_policy = failure_policy
-        self.timeout = timeout
-        self.retry_interval = retry_interval
-        self.lease_ttl = lease_ttl
-        self.outage = Outage(retry_interval)
-        super().__init__(url, timeout=timeout)
+        super().__init__(
+            url,
+            key_prefix=key_prefix,
+            failure_policy=failure_policy,
+            timeout=timeout,
+            retry_interval=retry_interval,
+            lease_ttl=lease_ttl,
+        )
         self._reserve = self._client.register_script(RESERVE)
         self._settle = self._client.register_script(SETTLE)
         self._levels = self._client.register_script(LEVELS)
-        self._refresh = self._client.register_script(REFRESH)
-        self._holds: dict[str, tuple[str, ...]] = {}  # live hold id -> its sorted-set keys
         self.ledger = f"redis:{self._location}:{key_prefix}"
-
-    async def __aenter__(self) -> RedisBudgets:
-        async with AsyncExitStack() as stack:
-            await stack.enter_async_context(self._client)
-            nursery = await stack.enter_async_context(trio.open_nursery())
-            nursery.start_soon(self._refresh_holds)
-            stack.callback(nursery.cancel_scope.cancel)
-            self._stack = stack.pop_all()
-        return self
 
     def _keys(self, key: str) -> list[str]:
         base = f"{self.key_prefix}budget:{storage_key('b', key)}"
@@ -186,12 +173,12 @@ class RedisBudgets(RedisClientOwner):
             return Reservation(True, enforced=False)
         if int(reply[0]) != 1:
             return Reservation(False, (Level(int(reply[2]), int(reply[3])),), refused=int(reply[1]) - 1)
-        self._holds[hold_id] = tuple(self._keys(b.key)[1] for b in budgets)
+        self._leases[hold_id] = tuple(self._keys(b.key)[1] for b in budgets)
         levels = tuple(Level(int(reply[1 + 2 * i]), int(reply[2 + 2 * i])) for i in range(len(budgets)))
         return Reservation(True, levels)
 
     async def settle(self, budgets: Sequence[Applied], hold_id: str, amounts: Sequence[int]) -> bool:
-        self._holds.pop(hold_id, None)
+        self._leases.pop(hold_id, None)
         if not budgets:
             return True
         keys: list[str] = []
@@ -213,41 +200,3 @@ class RedisBudgets(RedisClientOwner):
         except _Unavailable:
             raise unavailable(self.retry_interval) from None
         return [Level(int(reply[2 * i]), int(reply[2 * i + 1])) for i in range(len(keys))]
-
-    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """One Redis operation within ``timeout``, tracking outages; _Unavailable on failure."""
-        if not self.outage.claim_attempt(trio.current_time()):
-            raise _Unavailable
-        try:
-            with trio.fail_after(self.timeout):
-                result = await operation()
-        except REDIS_FAILURES as exc:
-            if self.outage.failed(trio.current_time()):
-                log.error(
-                    "budget_state_unavailable",
-                    redis=self._location,
-                    error=str(exc) or type(exc).__name__,
-                    failure_policy=self.failure_policy,
-                )
-            raise _Unavailable from exc
-        length = self.outage.succeeded(trio.current_time())
-        if length is not None:
-            log.warning("budget_state_recovered", redis=self._location, outage_s=round(length, 3))
-        return result
-
-    async def _refresh_holds(self) -> None:
-        while True:
-            await trio.sleep(self.lease_ttl / 3)
-            await self.refresh_now()
-
-    async def refresh_now(self) -> None:
-        """Push the lease of every hold this process has ``lease_ttl`` into the future."""
-        pairs = [(key, hold_id) for hold_id, keys in list(self._holds.items()) for key in keys]
-        ttl_ms = math.ceil(self.lease_ttl * 1000)
-        for start in range(0, len(pairs), REFRESH_BATCH):
-            batch = pairs[start : start + REFRESH_BATCH]
-            refresh = partial(self._refresh, keys=[k for k, _ in batch], args=[ttl_ms, *(i for _, i in batch)])
-            try:
-                await self._call(refresh)
-            except _Unavailable:
-                return

@@ -24,7 +24,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import coredis
 import coredis.exceptions
@@ -123,8 +123,101 @@ class _Unavailable(Exception):
     """Redis could not be used for this operation; the failure policy applies."""
 
 
-class RedisState(RedisClientOwner):
+class LeasedRedisStore(RedisClientOwner):
+    """A Redis store whose holds carry leases this process renews (limits' concurrency slots,
+    budgets' holds): every operation bounded by ``timeout`` and tracked by an :class:`Outage`,
+    and a task that pushes each live lease ``lease_ttl`` into the future every ``lease_ttl / 3``.
+
+    A subclass gives its own ``REFRESH_SCRIPT`` (KEYS: sorted sets; ARGV: the ttl in ms, then one
+    lease id per key), its logger and its outage log events, and keeps ``_leases`` (lease id ->
+    its sorted-set keys) up to date."""
+
+    REFRESH_SCRIPT: str
+    UNAVAILABLE_EVENT = "state_unavailable"
+    RECOVERED_EVENT = "state_recovered"
+    log: Any = log
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str,
+        failure_policy: str,
+        timeout: float,
+        retry_interval: float,
+        lease_ttl: float,
+    ):
+        self.key_prefix = key_prefix
+        self.failure_policy = failure_policy
+        self.timeout = timeout
+        self.retry_interval = retry_interval
+        self.lease_ttl = lease_ttl
+        self.outage = Outage(retry_interval)
+        super().__init__(url, timeout=timeout)
+        self._refresh = self._client.register_script(self.REFRESH_SCRIPT)
+        self._leases: dict[str, tuple[str, ...]] = {}  # lease id -> its sorted-set keys, for refreshing
+
+    async def __aenter__(self) -> Self:
+        """The client connected, and the task that keeps this process's leases alive."""
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self._client)
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            nursery.start_soon(self._refresh_leases)
+            stack.callback(nursery.cancel_scope.cancel)
+            self._stack = stack.pop_all()
+        return self
+
+    def _outage_fields(self) -> dict[str, Any]:
+        """More fields of the outage log lines."""
+        return {}
+
+    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation within ``timeout``, tracking outages; raise _Unavailable on failure."""
+        if not self.outage.claim_attempt(trio.current_time()):
+            raise _Unavailable
+        try:
+            with trio.fail_after(self.timeout):
+                result = await operation()
+        except REDIS_FAILURES as exc:
+            if self.outage.failed(trio.current_time()):
+                self.log.error(
+                    self.UNAVAILABLE_EVENT,
+                    **self._outage_fields(),
+                    redis=self._location,
+                    error=str(exc) or type(exc).__name__,
+                    failure_policy=self.failure_policy,
+                    retry_interval=self.retry_interval,
+                )
+            raise _Unavailable from exc
+        length = self.outage.succeeded(trio.current_time())
+        if length is not None:
+            self.log.warning(
+                self.RECOVERED_EVENT, **self._outage_fields(), redis=self._location, outage_s=round(length, 3)
+            )
+        return result
+
+    async def _refresh_leases(self) -> None:
+        while True:
+            await trio.sleep(self.lease_ttl / 3)
+            await self.refresh_now()
+
+    async def refresh_now(self) -> None:
+        """Push the expiry of every lease this process holds ``lease_ttl`` into the future."""
+        pairs = [(key, lease_id) for lease_id, keys in list(self._leases.items()) for key in keys]
+        ttl_ms = math.ceil(self.lease_ttl * 1000)
+        for start in range(0, len(pairs), REFRESH_BATCH):
+            batch = pairs[start : start + REFRESH_BATCH]
+            refresh = partial(self._refresh, keys=[k for k, _ in batch], args=[ttl_ms, *(i for _, i in batch)])
+            try:
+                await self._call(refresh)
+            except _Unavailable:
+                return
+
+
+class RedisState(LeasedRedisStore):
     """The :class:`~proxy.limits.state.StateBackend` over Redis; ``async with RedisState(url) as state``."""
+
+    REFRESH_SCRIPT = REFRESH
 
     def __init__(
         self,
@@ -139,28 +232,17 @@ class RedisState(RedisClientOwner):
     ):
         if failure_policy not in FAILURE_POLICIES:
             raise ValueError(f"failure_policy must be one of {', '.join(FAILURE_POLICIES)}")
-        self.key_prefix = key_prefix
-        self.failure_policy = failure_policy
-        self.timeout = timeout
-        self.retry_interval = retry_interval
-        self.lease_ttl = lease_ttl
         self.concurrency_retry_after = concurrency_retry_after
-        self.outage = Outage(retry_interval)
-        super().__init__(url, timeout=timeout)
+        super().__init__(
+            url,
+            key_prefix=key_prefix,
+            failure_policy=failure_policy,
+            timeout=timeout,
+            retry_interval=retry_interval,
+            lease_ttl=lease_ttl,
+        )
         self._acquire = self._client.register_script(ACQUIRE)
         self._release = self._client.register_script(RELEASE)
-        self._refresh = self._client.register_script(REFRESH)
-        self._leases: dict[str, tuple[str, ...]] = {}  # lease id -> its sorted-set keys, for refreshing
-
-    async def __aenter__(self) -> RedisState:
-        """The client connected, and the task that keeps this process's leases alive."""
-        async with AsyncExitStack() as stack:
-            await stack.enter_async_context(self._client)
-            nursery = await stack.enter_async_context(trio.open_nursery())
-            nursery.start_soon(self._refresh_leases)
-            stack.callback(nursery.cancel_scope.cancel)
-            self._stack = stack.pop_all()
-        return self
 
     def healthy(self) -> bool:
         return not self.outage.down
@@ -237,45 +319,8 @@ class RedisState(RedisClientOwner):
     def _lease_key(self, scope: str, key: str) -> str:
         return f"{self.key_prefix}conc:{storage_key(scope, key)}"
 
-    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis operation within ``timeout``, tracking outages; raise _Unavailable on failure."""
-        if not self.outage.claim_attempt(trio.current_time()):
-            raise _Unavailable
-        try:
-            with trio.fail_after(self.timeout):
-                result = await operation()
-        except REDIS_FAILURES as exc:
-            if self.outage.failed(trio.current_time()):
-                log.error(
-                    "state_unavailable",
-                    backend="redis",
-                    redis=self._location,
-                    error=str(exc) or type(exc).__name__,
-                    failure_policy=self.failure_policy,
-                    retry_interval=self.retry_interval,
-                )
-            raise _Unavailable from exc
-        length = self.outage.succeeded(trio.current_time())
-        if length is not None:
-            log.warning("state_recovered", backend="redis", redis=self._location, outage_s=round(length, 3))
-        return result
-
-    async def _refresh_leases(self) -> None:
-        while True:
-            await trio.sleep(self.lease_ttl / 3)
-            await self.refresh_now()
-
-    async def refresh_now(self) -> None:
-        """Push the expiry of every lease this process holds ``lease_ttl`` into the future."""
-        pairs = [(key, lease_id) for lease_id, keys in list(self._leases.items()) for key in keys]
-        for start in range(0, len(pairs), REFRESH_BATCH):
-            batch = pairs[start : start + REFRESH_BATCH]
-            ttl_ms = math.ceil(self.lease_ttl * 1000)
-            refresh = partial(self._refresh, keys=[k for k, _ in batch], args=[ttl_ms, *(i for _, i in batch)])
-            try:
-                await self._call(refresh)
-            except _Unavailable:
-                return
+    def _outage_fields(self) -> dict[str, Any]:
+        return {"backend": "redis"}
 
 
 def _text(value: bytes | str) -> str:
