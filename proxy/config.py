@@ -48,7 +48,7 @@ from .config_values import (
 )
 from .errors import ConfigError, ConfigProblem
 from .jobs.model import STORES, JobsConfig, credential_job_limits
-from .limits.budget import BudgetsConfig, BudgetSpec, budget_spec_from_toml, parse_prices
+from .limits.budget_spec import BudgetsConfig, BudgetSpec, budget_spec_from_toml, parse_prices
 from .limits.limiter import LimitSpec
 from .policy import OVERFLOW_CHOICES
 from .telemetry.model import TelemetryConfig

@@ -18,17 +18,12 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 from .budget import (
-    NANO_USD,
     NOTHING,
     USAGE,
-    USD,
-    BudgetsConfig,
-    BudgetSpec,
     BudgetTicket,
     Charge,
     JobHold,
     Level,
-    PriceTable,
     RequestCost,
     amount,
     applied_budgets,
@@ -41,6 +36,7 @@ from .budget import (
     session_cap,
     session_charge,
 )
+from .budget_spec import NANO_USD, USD, BudgetsConfig, BudgetSpec, PriceTable
 from .limiter import (
     ALLOWED,
     CONCURRENCY,

@@ -25,19 +25,9 @@ from proxy.config import Config, StateConfig
 from proxy.demo.mock_openai import MockOpenAI, serve_mock
 from proxy.errors import Overloaded
 from proxy.jobs.model import JobsConfig
-from proxy.limits.budget import (
-    NANO_USD,
-    USD,
-    BudgetsConfig,
-    BudgetSpec,
-    Level,
-    Price,
-    PriceTable,
-    applied_budgets,
-    budget_key,
-    request_cost,
-)
+from proxy.limits.budget import Level, applied_budgets, budget_key, request_cost
 from proxy.limits.budget_redis import RedisBudgets
+from proxy.limits.budget_spec import NANO_USD, USD, BudgetsConfig, BudgetSpec, Price, PriceTable
 from proxy.limits.budget_state import budget_report
 from support.http import Call, Reply, call
 from support.logs import watch_logs

@@ -13,27 +13,29 @@ import trio
 from proxy.config import load_config, parse_config
 from proxy.errors import BadRequest, ConfigError, Forbidden
 from proxy.limits.budget import (
-    NANO_USD,
-    TOKENS,
-    USD,
     Applied,
     BudgetLedger,
-    BudgetsConfig,
-    BudgetSpec,
     Charge,
     JobHold,
     Level,
-    Price,
-    PriceTable,
     applied_budgets,
     budget_key,
-    budget_spec_from_toml,
     charge_for,
     job_settlement,
-    parse_prices,
     rate_limit_headers,
     refusal,
     request_cost,
+)
+from proxy.limits.budget_spec import (
+    NANO_USD,
+    TOKENS,
+    USD,
+    BudgetsConfig,
+    BudgetSpec,
+    Price,
+    PriceTable,
+    budget_spec_from_toml,
+    parse_prices,
     window,
 )
 from proxy.limits.budget_state import MemoryBudgets
