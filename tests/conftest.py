@@ -10,6 +10,7 @@ import gc
 import select
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import httpx
 import pytest
 import trio
 
+import support.parkway
 from support.parkway import Parkways, RunningParkway, make_config
 from support.processes import ProcessGroup
 from support.redis import RedisServer
@@ -58,6 +60,16 @@ def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     if request.param == "epoll" and not hasattr(select, "epoll"):
         pytest.skip("no epoll on this platform")
     monkeypatch.setenv("PARKWAY_RELAY", request.param)
+    return str(request.param)
+
+
+@pytest.fixture(params=["h11", "httptools"])
+def http_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on each HTTP/1.1 implementation (``[server] http``: the client face's head
+    parser and the upstream face, proxy.upstream.wire): Parkways the test starts from
+    ``make_config`` use it unless the test names another."""
+    pytest.importorskip(request.param)
+    monkeypatch.setattr(support.parkway, "TEST_SERVER", replace(support.parkway.TEST_SERVER, http=request.param))
     return str(request.param)
 
 

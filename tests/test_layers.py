@@ -37,6 +37,7 @@ PURE = [
     "relay.usage",
     "signing",
     "telemetry.model",
+    "upstream.wire",
     "urls",
     "websocket.policy",
 ]

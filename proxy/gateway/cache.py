@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from urllib.parse import urlsplit
 
-import h11
 import trio
 
 from .. import cors, forwarding, limits, policy
@@ -53,6 +52,7 @@ from ..record import traced
 from ..relay.usage import UsageObserver
 from ..upstream import ssrf
 from ..upstream.client import UpstreamClient, UpstreamRequest, UpstreamResponse
+from ..upstream.wire import BrokenResponse
 from .admit import Admission
 from .budget import FREE, has_budget, usage_remover
 from .forward import Forward
@@ -330,27 +330,28 @@ class ServeCacheable:
 async def body_chunks(response: UpstreamResponse) -> AsyncIterator[bytes]:
     """An upstream answer's de-framed body, read as fast as the upstream sends it (no client to
     wait for); a silent upstream is cut after its idle timeout, broken framing is an error."""
-    up = response.conn.h11
-    data: bytes | None = response.initial or None  # b"" would tell h11 the upstream closed
-    while True:
+    up = response.conn.http
+    if response.framing.bodiless:
         try:
-            if data is not None:
-                up.receive_data(data)
-            while True:
-                event = up.next_event()
-                if type(event) is h11.Data:
-                    yield bytes(event.data)
-                elif type(event) is h11.EndOfMessage:
-                    excess = len(up.trailing_data[0])
-                    response.reusable = (
-                        not excess and response.framing.reusable
-                        and up.our_state is h11.DONE and up.their_state is h11.DONE
-                    )  # fmt: skip
-                    return
-                else:
-                    break
-        except h11.RemoteProtocolError as exc:
+            stray = up.end_bodiless(response.initial)
+        except BrokenResponse as exc:
             raise UpstreamProtocolError(f"{response.conn.host} broke the HTTP protocol: {exc}") from None
+        response.reusable = not stray and response.framing.reusable and up.reusable()
+        return
+    data: bytes | None = response.initial or None  # b"" would say the upstream closed
+    while True:
+        if data is not None:
+            pieces: list[bytes] = []
+            try:
+                excess = up.deframe(data, pieces)
+            except BrokenResponse as exc:
+                raise UpstreamProtocolError(f"{response.conn.host} broke the HTTP protocol: {exc}") from None
+            for piece in pieces:
+                if piece:
+                    yield piece
+            if excess is not None:
+                response.reusable = not excess and response.framing.reusable and up.reusable()
+                return
         with trio.move_on_after(response.idle_timeout) as idle:
             data = await response.conn.recv()
         if idle.cancelled_caught:

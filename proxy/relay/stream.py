@@ -33,6 +33,7 @@ from .. import forwarding
 from ..errors import UpstreamProtocolError, UpstreamTimeout
 from ..http.chunked import ChunkScanner, Framing
 from ..http.connection import ClientGone
+from ..upstream.wire import BrokenResponse
 
 if TYPE_CHECKING:
     from ..http.connection import HTTPConnection
@@ -63,7 +64,7 @@ class RelayStream:
 
     __slots__ = (
         "_down_h11",
-        "_up_h11",
+        "_up_http",
         "blocked_since",
         "client_fd",
         "complete",
@@ -100,7 +101,7 @@ class RelayStream:
         self.up = upstream
         self.host = upstream.host
         self.framing = framing
-        self._up_h11 = upstream.h11
+        self._up_http = upstream.http
         self._down_h11 = conn.conn
         # The framing going out is the framing coming in: h11 would chunk the answer for this client.
         # A rewrite changes the body, so it is framed anew (never with a fixed length).
@@ -129,10 +130,10 @@ class RelayStream:
         ``Content-Length: 0``, ends here (nothing more is awaited from the upstream)."""
         if self.framing.bodiless:
             try:
-                event = self._up_h11.next_event()
-            except h11.RemoteProtocolError as exc:
+                excess = self._up_http.end_bodiless(initial)
+            except BrokenResponse as exc:
                 raise UpstreamProtocolError(f"{self.host} broke the HTTP protocol: {exc}") from None
-            self._ended(excess=len(initial) if type(event) is h11.EndOfMessage else 1)
+            self._ended(excess)
             return self._write(self._down_h11.send(h11.EndOfMessage()) or b"")
         return self.on_upstream(initial) if initial else WROTE
 
@@ -180,20 +181,12 @@ class RelayStream:
             if self.scanner.done:
                 self._end_chunked(excess=len(data) - used)
         else:
-            up = self._up_h11
             try:
-                up.receive_data(data)
-                while True:
-                    event = up.next_event()
-                    if type(event) is h11.Data:
-                        pieces.append(bytes(event.data))
-                    elif type(event) is h11.EndOfMessage:
-                        self._ended(excess=len(up.trailing_data[0]))
-                        break
-                    else:
-                        break
-            except h11.RemoteProtocolError as exc:
+                excess = self._up_http.deframe(data, pieces)
+            except BrokenResponse as exc:
                 raise UpstreamProtocolError(f"{self.host} broke the HTTP protocol: {exc}") from None
+            if excess is not None:
+                self._ended(excess)
         if self.rewrite is not None:
             pieces = [self.rewrite.feed(b"".join(pieces))]
             if self.complete:
@@ -208,23 +201,20 @@ class RelayStream:
 
     def _end_chunked(self, excess: int) -> None:
         assert self.scanner is not None
-        up = self._up_h11
         try:
-            up.receive_data(self.scanner.canonical_terminator)
-            event = up.next_event()
-        except h11.RemoteProtocolError as exc:
+            ended = self._up_http.end_chunked(self.scanner.canonical_terminator)
+        except BrokenResponse as exc:
             raise UpstreamProtocolError(f"{self.host} sent malformed trailers: {exc}") from None
-        if type(event) is not h11.EndOfMessage:  # the scanner and h11 disagree: never reuse
+        if not ended:  # the scanner and the upstream's HTTP/1.1 disagree: never reuse
             excess = 1
         self._ended(excess)
 
     def _ended(self, excess: int) -> None:
         """The upstream's end of body arrived; keep its connection only when nothing else did."""
         self.complete = True
-        up = self._up_h11
         # RFC 9112 §6.1/§9.3: stray bytes after a complete response (pipelined junk, a body on a
         # response that has none) are never taken as the next answer; nginx drops them too.
-        self.reusable = not excess and self.framing.reusable and up.our_state is h11.DONE and up.their_state is h11.DONE
+        self.reusable = not excess and self.framing.reusable and self._up_http.reusable()
         if excess:
             log.warning("upstream_stray_bytes", upstream_host=self.host, bytes=excess)
 

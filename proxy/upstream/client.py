@@ -3,7 +3,8 @@
 This module owns the upstream connections of proxied requests: an O(1) pool per origin (the
 newest idle connection of the origin, checked with one ``recv(MSG_PEEK)``: a connection with
 anything to read is never reused), the SSRF guard at connect (:mod:`proxy.upstream.connection`), TLS,
-and h11 as the authority for the request head, the response head and keep-alive. A response
+and the connection's HTTP/1.1 (:class:`~proxy.upstream.wire.UpstreamHTTP`: h11, or the fast implementation
+that decides as h11 does) as the authority for the request head, the response head and keep-alive. A response
 is handed to the relay with its raw connection; the relay reports whether the body ended
 cleanly, and only then does the connection go back to the pool.
 
@@ -23,14 +24,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import h11
 import trio
 
 from ..config import ServerConfig
 from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from ..http.chunked import Framing, body_framing
+from ..http.chunked import Framing
+from ..http.parsers import resolve as resolve_parser
 from .connection import UpstreamConnection
 from .ssrf import DEFAULT_POLICY, AddressPolicy, Resolver, check_scheme, resolve
+from .wire import BrokenResponse, RequestRefused
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -68,7 +70,7 @@ class ConnectionPool:
         return None
 
     def give_back(self, origin: Origin, conn: UpstreamConnection, now: float) -> None:
-        conn.h11.start_next_cycle()
+        conn.http.start_next_cycle()
         conn.idle_since = now
         idle = self._idle.setdefault(origin, deque())
         idle.append(conn)
@@ -134,6 +136,7 @@ class UpstreamClient:
         self.connect_timeout = config.upstream_connect_timeout
         self.first_byte_timeout = config.upstream_first_byte_timeout
         self.idle_timeout = config.upstream_idle_timeout
+        self.parser = resolve_parser(config.http)  # h11 | httptools: HTTP/1.1 on new connections
         allow_private = config.allow_private_upstreams
         self.default_policy = AddressPolicy(allow_private=allow_private) if allow_private else DEFAULT_POLICY
         self.pool = pool or ConnectionPool()
@@ -151,6 +154,7 @@ class UpstreamClient:
         self.connect_timeout = config.upstream_connect_timeout
         self.first_byte_timeout = config.upstream_first_byte_timeout
         self.idle_timeout = config.upstream_idle_timeout
+        self.parser = resolve_parser(config.http)  # new connections; pooled ones keep theirs (same answers)
         allow_private = config.allow_private_upstreams
         self.default_policy = AddressPolicy(allow_private=allow_private) if allow_private else DEFAULT_POLICY
         if config.upstream_ca_file != self._ca_file:
@@ -233,6 +237,7 @@ class UpstreamClient:
             timeout=self.connect_timeout,
             resolver=self._resolver,
             tls_session=self._sessions.get(origin),
+            parser=self.parser,
         )
         if conn.tls and not conn.tls_resumed:
             self._sessions.pop(origin, None)  # expired or refused: the next answer's session replaces it
@@ -283,28 +288,28 @@ class UpstreamClient:
                 headers.append((b"transfer-encoding", b"chunked"))
         elif req.method in _BODY_METHODS and not has_length:
             headers.append((b"content-length", b"0"))
-        h = conn.h11
+        http = conn.http
         try:
-            data = h.send(h11.Request(method=req.method, target=target, headers=headers))
+            data = http.request(req.method, target, headers)
             if rest is None:
                 if isinstance(body, bytes) and body:
-                    data += h.send(h11.Data(data=body))
-                data += h.send(h11.EndOfMessage())
+                    data += http.data(body)
+                data += http.end()
                 return await heads.send(data)
             # The head goes out with the body's first chunk (usually the whole of a small body).
             if first:
-                data += h.send(h11.Data(data=first))
+                data += http.data(first)
             early = await heads.send(data)
             if early is not None:
                 return early
             async for chunk in rest:
                 if chunk:
-                    early = await heads.send(h.send(h11.Data(data=chunk)), peek=True)
+                    early = await heads.send(http.data(chunk), peek=True)
                     if early is not None:
                         return early
-            end = h.send(h11.EndOfMessage())
+            end = http.end()
             return await heads.send(end) if end else None
-        except h11.LocalProtocolError as exc:
+        except RequestRefused as exc:
             raise UpstreamError(f"request to {conn.host} could not be sent: {exc}") from None
 
     async def aclose(self) -> None:
@@ -430,7 +435,6 @@ class _HeadReader:
     async def _parse(self) -> UpstreamResponse | None:
         """The final head if one is complete in the buffer; 1xx heads before it are passed on."""
         conn = self.conn
-        h = conn.h11
         while True:
             match = _HEAD_END.search(self.buf)
             end = match.end() if match is not None else len(self.buf)
@@ -440,24 +444,19 @@ class _HeadReader:
                 return None
             head, self.buf = self.buf[:end], self.buf[end:]
             try:
-                h.receive_data(head)
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
+                parsed = conn.http.read_head(head)
+            except BrokenResponse as exc:
                 raise UpstreamProtocolError(f"{conn.host} sent a malformed response: {exc}") from None
-            if type(event) is h11.InformationalResponse:
-                if event.status_code == 101:
+            if parsed.framing is None:  # 1xx
+                if parsed.status == 101:
                     raise UpstreamProtocolError(f"{conn.host} switched protocols, which a proxied request cannot")
                 # 100 Continue answers an Expect Parkway never forwards (it answers its clients
                 # itself); 102, 103 Early Hints and others are the client's (RFC 9110 §15.2).
-                if event.status_code != 100 and self.informational is not None:
-                    await self.informational(event.status_code, list(event.headers))
+                if parsed.status != 100 and self.informational is not None:
+                    await self.informational(parsed.status, parsed.headers)
                 continue
-            if type(event) is not h11.Response:
-                raise UpstreamProtocolError(f"{conn.host} sent a malformed response")
-            headers = list(event.headers)
-            self.version = event.http_version
-            framing = body_framing(self.method, event.status_code, headers)
-            return UpstreamResponse(event.status_code, headers, framing, conn, self.buf, self.idle_timeout)
+            self.version = parsed.version
+            return UpstreamResponse(parsed.status, parsed.headers, parsed.framing, conn, self.buf, self.idle_timeout)
 
 
 def _parse(url: str, policy: AddressPolicy) -> tuple[Origin, bytes, bytes]:

@@ -1,4 +1,4 @@
-"""One upstream connection as the relay wants it: a raw non-blocking socket, TLS in memory, h11.
+"""One upstream connection as the relay wants it: a raw non-blocking socket, TLS in memory, HTTP/1.1.
 
 The relay moves body bytes with one ``recv`` and one ``send`` per event and no trio stream
 layers, so a connection is the stdlib socket itself plus, for ``https``, an ``ssl.SSLObject``
@@ -9,6 +9,10 @@ object, so "the socket is readable" stays the only readiness signal the relay wa
 Connecting is where the SSRF guard sits: the name is resolved once, every address it gives is
 checked against the request's :class:`~proxy.upstream.ssrf.AddressPolicy` (a mixed answer is refused,
 not filtered), and only checked addresses are connected to, never the name again.
+
+HTTP/1.1 on the connection is :attr:`UpstreamConnection.http` (:class:`~proxy.upstream.wire.UpstreamHTTP`):
+h11 (:mod:`proxy.upstream.h11_impl`) or the fast implementation (:mod:`proxy.upstream.httptools_impl`),
+as ``[server] http`` chooses (:func:`proxy.http.parsers.resolve`).
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import os
 import socket
 import ssl
 
-import h11
 import trio
 
 from ..errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from .h11_impl import H11HTTP
 from .ssrf import AddressPolicy, Resolver, resolve
+from .wire import UpstreamHTTP
 
 RECEIVE_SIZE = 65536
 
@@ -36,17 +41,26 @@ def _literal(host: str) -> str | None:
         return None
 
 
+def new_http(parser: str = "h11") -> UpstreamHTTP:
+    """HTTP/1.1 for one new connection: ``parser`` is ``h11`` or ``httptools`` (already resolved)."""
+    if parser == "httptools":
+        from .httptools_impl import HttptoolsHTTP  # only once httptools was chosen (it is optional)
+
+        return HttptoolsHTTP()
+    return H11HTTP()
+
+
 class UpstreamConnection:
     """A connected (and, for https, TLS-established) socket to one upstream origin."""
 
-    __slots__ = ("_in", "_out", "_tls", "fd", "h11", "host", "idle_since", "sent", "sock")
+    __slots__ = ("_in", "_out", "_tls", "fd", "host", "http", "idle_since", "sent", "sock")
 
     def __init__(self, sock: socket.socket, host: str, tls: ssl.SSLObject | None = None,
-                 bios: tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None = None):  # fmt: skip
+                 bios: tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None = None, *, parser: str = "h11"):  # fmt: skip
         self.sock = sock
         self.fd = sock.fileno()
         self.host = host  # host[:port], for messages
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.http = new_http(parser)
         self.idle_since = 0.0
         self.sent = 0  # bytes written to the socket: whether any of a request went out
         self._tls = tls
@@ -79,6 +93,7 @@ class UpstreamConnection:
         timeout: float,
         resolver: Resolver = resolve,
         tls_session: ssl.SSLSession | None = None,
+        parser: str = "h11",
     ) -> UpstreamConnection:
         """Resolve, check every address, connect to the first that answers, then TLS if asked.
 
@@ -102,7 +117,7 @@ class UpstreamConnection:
                 for address in addresses:  # all of them: a mixed answer is refused, not filtered
                     policy.check(address, host=host)
                 sock = await _connect_first(addresses, port, name)
-                conn = cls(sock, name)
+                conn = cls(sock, name, parser=parser)
                 if ssl_context is not None:
                     try:
                         await conn._start_tls(ssl_context, host.strip("[]"), tls_session)

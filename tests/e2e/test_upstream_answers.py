@@ -14,7 +14,7 @@ from support.http import Call, call
 from support.parkway import RunningParkway
 from support.scripted import ScriptedRequest, ScriptedUpstream, answer_with
 
-pytestmark = pytest.mark.usefixtures("relay_path")
+pytestmark = pytest.mark.usefixtures("relay_path", "http_parser")
 FRESH = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nfresh"
 GUARD = 5.0  # far below upstream_idle_timeout: a relay waiting for a body that cannot come fails
 

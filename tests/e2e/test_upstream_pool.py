@@ -17,7 +17,7 @@ from support.parkway import RunningParkway
 from support.scripted import ScriptedRequest, ScriptedUpstream, answer_with
 
 HANG_LIMIT = 20.0
-pytestmark = pytest.mark.usefixtures("relay_path")  # the relay reports reusability: both drivers
+pytestmark = pytest.mark.usefixtures("relay_path", "http_parser")  # both drivers, both HTTP/1.1 implementations
 POISON = b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nPOISONED"
 FRESH = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nfresh"
 CLEAN = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"

@@ -39,12 +39,11 @@ class Upstream:
         ours, self.theirs = socket.socketpair()
         ours.setblocking(False)
         self.conn = UpstreamConnection(ours, "upstream.test")
-        self.conn.h11.send(h11.Request(method="GET", target="/", headers=[("host", "upstream.test")]))
-        self.conn.h11.send(h11.EndOfMessage())
-        self.conn.h11.receive_data(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-        head = self.conn.h11.next_event()
-        assert isinstance(head, h11.Response)
-        self.response = UpstreamResponse(200, list(head.headers), Framing("chunked"), self.conn, b"", 30.0)
+        self.conn.http.request("GET", b"/", [(b"host", b"upstream.test")])
+        self.conn.http.end()
+        head = self.conn.http.read_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        assert head.framing == Framing("chunked")
+        self.response = UpstreamResponse(200, head.headers, head.framing, self.conn, b"", 30.0)
 
     async def send(self) -> None:
         for chunk in self._chunks:

@@ -22,18 +22,22 @@ from proxy.relay.stream import BLOCKED, RelayStream
 from proxy.upstream.connection import UpstreamConnection
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[UpstreamConnection]:
-    """An upstream connection whose chunked response head was read (the socket is never used)."""
+@pytest.fixture(params=["h11", "httptools"])
+async def upstream(request: pytest.FixtureRequest) -> AsyncIterator[UpstreamConnection]:
+    """An upstream connection whose chunked response head was read (the socket is never used),
+    on each HTTP/1.1 implementation."""
     ours, theirs = socket.socketpair()
-    conn = UpstreamConnection(ours, "upstream.test")
-    conn.h11.send(h11.Request(method="GET", target="/", headers=[("host", "upstream.test")]))
-    conn.h11.send(h11.EndOfMessage())
-    conn.h11.receive_data(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-    assert isinstance(conn.h11.next_event(), h11.Response)
+    conn = UpstreamConnection(ours, "upstream.test", parser=request.param)
+    read_head(conn, b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
     yield conn
     conn.close()
     theirs.close()
+
+
+def read_head(conn: UpstreamConnection, head: bytes) -> None:
+    conn.http.request("GET", b"/", [(b"host", b"upstream.test")])
+    conn.http.end()
+    conn.http.read_head(head)
 
 
 async def relayed(upstream: UpstreamConnection, reads: list[bytes], http_version: str = "1.1") -> tuple[bytes, list]:
@@ -109,12 +113,8 @@ async def test_a_bodiless_answer_ends_at_start(upstream) -> None:
     async for _ in conn.body_chunks():
         pass
     await conn.send_head(200, [(b"content-length", b"0")], flush=False)
-    up = h11.Connection(h11.CLIENT)
-    up.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
-    up.send(h11.EndOfMessage())
-    up.receive_data(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-    up.next_event()
-    upstream.h11 = up
+    upstream.http = type(upstream.http)()  # a fresh exchange on the same implementation
+    read_head(upstream, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
     stream = RelayStream(conn, upstream, Framing("length", 0), idle_timeout=30.0)
     with trio.fail_after(1):
         assert stream.start(b"") == BLOCKED  # the held head, written at once

@@ -1,0 +1,307 @@
+"""HTTP/1.1 on an upstream connection, without I/O: h11's rules written out for the fast path.
+
+The upstream face has two implementations behind one interface (:class:`UpstreamHTTP`, the
+``http`` attribute of :class:`~proxy.upstream.connection.UpstreamConnection`), chosen by
+``[server] http`` as the client face's head parser is: h11 (:mod:`proxy.upstream.h11_impl`, the
+reference) and a fast one (:mod:`proxy.upstream.httptools_impl`). This module holds what the fast
+one decides, each piece the way h11 decides it, so that both give the same answer case for case:
+
+* :func:`request_head`: the request head as h11 writes it (Host first, names as given, values
+  after ``": "``), refusing what h11 refuses (a name that is not a token; a value with NUL, CR,
+  LF or surrounding blanks; conflicting lengths; a transfer coding other than chunked; no Host
+  or two), with the ``Content-Length`` / ``Transfer-Encoding`` values normalised as h11 does;
+* :class:`RequestBody`: the body's framing (a length h11 holds the body to, or chunks);
+* :func:`plain_head`: whether a response head is in the part of h11's grammar the fast parser
+  takes (CRLF lines, no folded line, every line as h11's own expressions accept it); any other
+  head goes to h11 whole, which decides;
+* :class:`BodyReader`: the response body de-framed by length, empty, or up to the close (a
+  chunked body is :class:`~proxy.http.chunked.ChunkScanner`'s);
+* :func:`keep_alive`: h11's keep-alive rule for one side of the exchange.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..http.chunked import ChunkScanner, Framing
+
+Headers = list[tuple[bytes, bytes]]
+
+# h11's grammar (h11/_abnf.py), byte for byte: a token, a field value, a status line.
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_VCHAR_OR_OBS = rb"[^\x00\s]"
+_FIELD_VALUE = rb"(?:" + _VCHAR_OR_OBS + rb"+(?:[ \t]+" + _VCHAR_OR_OBS + rb"+)*)?"
+_HEADER_LINE = _TOKEN + rb":[ \t]*" + _FIELD_VALUE + rb"[ \t]*\r\n"
+_STATUS_LINE = rb"HTTP/[0-9]\.[0-9] [0-9]{3}(?: (?:[ \t]|" + _VCHAR_OR_OBS + rb")*)?\r\n"
+
+TOKEN = re.compile(_TOKEN)
+FIELD_VALUE = re.compile(_FIELD_VALUE)
+TARGET = re.compile(rb"[\x21-\x7e]+")
+PLAIN_HEAD = re.compile(_STATUS_LINE + rb"(?:" + _HEADER_LINE + rb")*\r\n")
+CONTENT_LENGTH = re.compile(rb"[0-9]+")
+CONTENT_LENGTH_MAX_DIGITS = 20  # h11's
+
+
+class RequestRefused(Exception):
+    """A request head or body that cannot be sent as HTTP/1.1 (h11's ``LocalProtocolError``)."""
+
+
+class BrokenResponse(Exception):
+    """The upstream broke HTTP/1.1 (h11's ``RemoteProtocolError``); the message is h11's."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """One response head as h11 reads it: names lower-cased, values without surrounding blanks,
+    one ``content-length`` at most, ``transfer-encoding`` lower-cased. ``framing`` is None for a 1xx."""
+
+    status: int
+    version: bytes  # b"1.1"
+    headers: Headers
+    framing: Framing | None
+
+
+class UpstreamHTTP(Protocol):
+    """HTTP/1.1 on one upstream connection, one exchange at a time (both implementations).
+
+    Requests: :meth:`request` once, :meth:`data` per body piece, :meth:`end` once; each returns
+    the bytes to write and raises :class:`RequestRefused`. Responses: :meth:`read_head` per head
+    (1xx ones too), then the body with :meth:`deframe` (not chunked), :meth:`end_bodiless` or
+    :meth:`end_chunked`; they raise :class:`BrokenResponse`. :meth:`reusable` says whether the
+    connection may carry another request; :meth:`start_next_cycle` readies it for that.
+    """
+
+    def request(self, method: str, target: bytes, headers: Headers) -> bytes: ...
+
+    def data(self, data: bytes) -> bytes: ...
+
+    def end(self) -> bytes: ...
+
+    def read_head(self, head: bytes) -> ResponseHead: ...
+
+    def deframe(self, data: bytes, out: list[bytes]) -> int | None:
+        """Append the body data in ``data`` (``b""``: the upstream closed) to ``out``; once the
+        body has ended, how many bytes came after it (None while it goes on)."""
+        ...
+
+    def end_bodiless(self, initial: bytes) -> int:
+        """The body of a bodiless answer (nothing may follow the head): the bytes after it."""
+        ...
+
+    def end_chunked(self, terminator: bytes) -> bool:
+        """A chunked body ended with ``terminator`` (last chunk, trailers, blank line, as
+        :attr:`~proxy.http.chunked.ChunkScanner.canonical_terminator` gives it); False when the
+        implementation disagrees with the scanner (the connection is then never reused)."""
+        ...
+
+    def reusable(self) -> bool: ...
+
+    def start_next_cycle(self) -> None: ...
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFraming:
+    """What the head of a request says about its body and its connection."""
+
+    chunked: bool
+    length: int  # for a body that is not chunked: 0 when the head names no length (h11's rule)
+    keep_alive: bool
+
+
+def request_head(method: str, target: bytes, headers: Headers) -> tuple[bytes, RequestFraming]:
+    """The head h11 writes for this request, and its framing; :class:`RequestRefused` for what
+    h11 refuses (its messages)."""
+    token, value_ok = TOKEN.fullmatch, FIELD_VALUE.fullmatch
+    lines: list[bytes] = []
+    host: list[bytes] = []
+    hosts = 0
+    length: bytes | None = None
+    chunked = False
+    close = False
+    for name, value in headers:
+        if token(name) is None:
+            raise RequestRefused(f"Illegal header name {name!r}")
+        if value_ok(value) is None:
+            raise RequestRefused(f"Illegal header value {value!r}")
+        lower = name.lower()
+        if lower == b"host":
+            hosts += 1
+            host.append(b"%s: %s\r\n" % (name, value))
+            continue
+        if lower == b"content-length":
+            lengths = {v.strip() for v in value.split(b",")}
+            if len(lengths) != 1:
+                raise RequestRefused("conflicting Content-Length headers")
+            value = lengths.pop()
+            if CONTENT_LENGTH.fullmatch(value) is None or len(value) > CONTENT_LENGTH_MAX_DIGITS:
+                raise RequestRefused("bad Content-Length")
+            if length is not None:
+                if length != value:
+                    raise RequestRefused("conflicting Content-Length headers")
+                continue
+            length = value
+        elif lower == b"transfer-encoding":
+            if chunked:
+                raise RequestRefused("multiple Transfer-Encoding headers")
+            value = value.lower()
+            if value != b"chunked":
+                raise RequestRefused("Only Transfer-Encoding: chunked is supported")
+            chunked = True
+        elif lower == b"connection" and b"close" in _comma_values(value):
+            close = True
+        lines.append(b"%s: %s\r\n" % (name, value))
+    if hosts == 0:
+        raise RequestRefused("Missing mandatory Host: header")
+    if hosts > 1:
+        raise RequestRefused("Found multiple Host: headers")
+    encoded = method.encode("ascii", "replace")
+    if TOKEN.fullmatch(encoded) is None:
+        raise RequestRefused("Illegal method characters")
+    if TARGET.fullmatch(target) is None:
+        raise RequestRefused("Illegal target characters")
+    head = b"".join([b"%s %s HTTP/1.1\r\n" % (encoded, target), *host, *lines, b"\r\n"])
+    framing = RequestFraming(chunked, 0 if chunked or length is None else int(length), not close)
+    return head, framing
+
+
+class RequestBody:
+    """The request body's framing on the wire: chunks, or the length the head declared."""
+
+    __slots__ = ("chunked", "left")
+
+    def __init__(self, framing: RequestFraming):
+        self.chunked = framing.chunked
+        self.left = framing.length
+
+    def data(self, data: bytes) -> bytes:
+        if self.chunked:
+            return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+        self.left -= len(data)
+        if self.left < 0:
+            raise RequestRefused("Too much data for declared Content-Length")
+        return data
+
+    def end(self) -> bytes:
+        if self.chunked:
+            return b"0\r\n\r\n"
+        if self.left != 0:
+            raise RequestRefused("Too little data for declared Content-Length")
+        return b""
+
+
+# --- responses -----------------------------------------------------------------------------------
+
+
+def plain_head(head: bytes) -> bool:
+    """Whether a response head (through its blank line) is in the part of h11's grammar the fast
+    parser reads: CRLF line ends, no folded line, the status line and every header line as
+    h11's expressions accept them. A head h11 would read differently (or refuse) is not plain."""
+    return PLAIN_HEAD.fullmatch(head) is not None
+
+
+def normalized(headers: Headers) -> Headers | None:
+    """``headers`` (names lower-cased, values stripped) as h11 keeps them, or None where h11's
+    rule is not the plain one (a length that is a list, repeated or malformed; a transfer
+    coding other than ``chunked``, or two): the head then goes to h11, which decides."""
+    length = coding = False
+    for i, (name, value) in enumerate(headers):
+        if name == b"content-length":
+            if length or not value.isdigit() or len(value) > CONTENT_LENGTH_MAX_DIGITS:
+                return None
+            length = True
+        elif name == b"transfer-encoding":
+            if coding:
+                return None
+            lower = value.lower()
+            if lower != b"chunked":
+                return None
+            headers[i] = (name, lower)
+            coding = True
+    return headers
+
+
+def keep_alive(version: bytes, headers: Headers) -> bool:
+    """h11's rule: no ``close`` among the ``Connection`` tokens, and HTTP/1.1 or later."""
+    for name, value in headers:
+        if name == b"connection" and b"close" in _comma_values(value):
+            return False
+    return version >= b"1.1"
+
+
+def _comma_values(value: bytes) -> list[bytes]:
+    return [v.strip() for v in value.lower().split(b",")]
+
+
+class BodyReader:
+    """A response body delimited by its length or by the close (h11's ``ContentLengthReader`` and
+    ``Http10Reader``): de-frames reads, says where the body ended."""
+
+    __slots__ = ("done", "left", "length", "to_close")
+
+    def __init__(self, framing: Framing):
+        self.to_close = framing.kind == "close"
+        self.length = framing.length if framing.kind == "length" else 0
+        self.left = self.length
+        self.done = False
+
+    def feed(self, data: bytes, out: list[bytes]) -> int | None:
+        """Append the body data in ``data`` to ``out``; once the body has ended, how many
+        bytes came after it (None while it goes on). ``b""`` is the upstream's close."""
+        if self.to_close:
+            if data:
+                out.append(data)
+                return None
+            self.done = True
+            return 0
+        left = self.left
+        if not data:
+            if left:
+                raise BrokenResponse(
+                    "peer closed connection without sending complete message body "
+                    f"(received {self.length - left} bytes, expected {self.length})"
+                )
+            self.done = True
+            return 0
+        if len(data) < left:
+            out.append(data)
+            self.left = left - len(data)
+            return None
+        if left:
+            out.append(data if len(data) == left else data[:left])
+        self.left = 0
+        self.done = True
+        return len(data) - left
+
+
+def deframe_chunked(scanner: ChunkScanner, data: bytes, out: list[bytes], end: Callable[[bytes], bool]) -> int | None:
+    """:meth:`UpstreamHTTP.deframe` of a chunked body, for both implementations (the relay's
+    scanner: the same answer whether or not the body is passed through)."""
+    if not data:
+        raise BrokenResponse("peer closed connection without sending complete message body: incomplete chunked read")
+    used = scanner.feed(data, out)
+    if not scanner.done:
+        return None
+    return len(data) - used if end(scanner.canonical_terminator) else 1
+
+
+__all__ = [
+    "BodyReader",
+    "BrokenResponse",
+    "Headers",
+    "RequestBody",
+    "RequestFraming",
+    "RequestRefused",
+    "ResponseHead",
+    "UpstreamHTTP",
+    "deframe_chunked",
+    "keep_alive",
+    "normalized",
+    "plain_head",
+    "request_head",
+]
