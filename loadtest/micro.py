@@ -145,6 +145,54 @@ def bench_head_httptools() -> Callable[[], object]:
     return parse
 
 
+# One proxied exchange on the upstream face: what Parkway sends for a small signed POST (the
+# client's headers after policy, the credential's key) and an OpenAI-like small answer.
+UPSTREAM_REQUEST = [
+    (b"host", b"127.0.0.1:9000"), (b"accept", b"application/json"), (b"accept-encoding", b"gzip, deflate"),
+    (b"content-type", b"application/json"), (b"user-agent", b"OpenAI/Python 1.54.0"),
+    (b"x-stainless-lang", b"python"), (b"x-stainless-package-version", b"1.54.0"),
+    (b"authorization", b"Bearer sk-micro-0123456789abcdefghijklmnopqrstuvwxyz"), (b"content-length", b"61"),
+]  # fmt: skip
+UPSTREAM_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nDate: Mon, 07 Dec 2026 03:00:00 GMT\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 27\r\nConnection: keep-alive\r\nopenai-processing-ms: 412\r\n"
+    b"x-request-id: req_0123456789abcdef\r\nstrict-transport-security: max-age=31536000\r\n"
+    b"cache-control: no-cache, must-revalidate\r\n\r\n"
+)
+
+
+def _upstream_exchange(parser: str) -> Callable[[], object]:
+    """A request head and body written and the answer's head and body read, on a pooled
+    connection (proxy.upstream.wire's interface), as one proxied small request costs."""
+    from proxy.upstream.connection import new_http
+
+    http = new_http(parser)
+    body, answer = b"x" * 61, b'{"id":"c1","choices":[],"n":1}'[:27]
+
+    def exchange() -> object:
+        out = http.request("POST", b"/v1/chat/completions?small=1", UPSTREAM_REQUEST) + http.data(body) + http.end()
+        head = http.read_head(UPSTREAM_RESPONSE)
+        pieces: list[bytes] = []
+        http.deframe(answer, pieces)
+        assert http.reusable()
+        http.start_next_cycle()
+        return out, head
+
+    return exchange
+
+
+def bench_upstream_h11() -> Callable[[], object]:
+    """The upstream face on h11 (proxy.upstream.h11_impl)."""
+    return _upstream_exchange("h11")
+
+
+def bench_upstream_httptools() -> Callable[[], object]:
+    """The upstream face's fast implementation (proxy.upstream.httptools_impl)."""
+    import httptools  # noqa: F401  (unavailable without it)
+
+    return _upstream_exchange("httptools")
+
+
 BENCHES: dict[str, Callable[[], Callable[[], object]]] = {
     "log": bench_log,
     "query": bench_query,
@@ -154,6 +202,8 @@ BENCHES: dict[str, Callable[[], Callable[[], object]]] = {
     "forward_context": bench_forward_context,
     "head_h11": bench_head_h11,
     "head_httptools": bench_head_httptools,
+    "upstream_h11": bench_upstream_h11,
+    "upstream_httptools": bench_upstream_httptools,
 }
 
 

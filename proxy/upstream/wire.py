@@ -39,6 +39,9 @@ _STATUS_LINE = rb"HTTP/[0-9]\.[0-9] [0-9]{3}(?: (?:[ \t]|" + _VCHAR_OR_OBS + rb"
 
 TOKEN = re.compile(_TOKEN)
 FIELD_VALUE = re.compile(_FIELD_VALUE)
+# Every name, every value at once, joined by LF (which neither may hold: the count of LFs says so).
+TOKENS = re.compile(_TOKEN + rb"(?:\n" + _TOKEN + rb")*")
+FIELD_VALUES = re.compile(_FIELD_VALUE + rb"(?:\n" + _FIELD_VALUE + rb")*")
 TARGET = re.compile(rb"[\x21-\x7e]+")
 PLAIN_HEAD = re.compile(_STATUS_LINE + rb"(?:" + _HEADER_LINE + rb")*\r\n")
 CONTENT_LENGTH = re.compile(rb"[0-9]+")
@@ -117,7 +120,8 @@ class RequestFraming:
 def request_head(method: str, target: bytes, headers: Headers) -> tuple[bytes, RequestFraming]:
     """The head h11 writes for this request, and its framing; :class:`RequestRefused` for what
     h11 refuses (its messages)."""
-    token, value_ok = TOKEN.fullmatch, FIELD_VALUE.fullmatch
+    if not _valid_fields(headers):
+        _refuse_field(headers)
     lines: list[bytes] = []
     host: list[bytes] = []
     hosts = 0
@@ -125,10 +129,6 @@ def request_head(method: str, target: bytes, headers: Headers) -> tuple[bytes, R
     chunked = False
     close = False
     for name, value in headers:
-        if token(name) is None:
-            raise RequestRefused(f"Illegal header name {name!r}")
-        if value_ok(value) is None:
-            raise RequestRefused(f"Illegal header value {value!r}")
         lower = name.lower()
         if lower == b"host":
             hosts += 1
@@ -168,6 +168,30 @@ def request_head(method: str, target: bytes, headers: Headers) -> tuple[bytes, R
     head = b"".join([b"%s %s HTTP/1.1\r\n" % (encoded, target), *host, *lines, b"\r\n"])
     framing = RequestFraming(chunked, 0 if chunked or length is None else int(length), not close)
     return head, framing
+
+
+def _valid_fields(headers: Headers) -> bool:
+    """Whether every name is a token and every value a field value (two regex passes, not two per header)."""
+    names = b"\n".join([n for n, _ in headers])
+    values = b"\n".join([v for _, v in headers])
+    lines = len(headers) - 1
+    return (
+        not headers
+        or TOKENS.fullmatch(names) is not None
+        and FIELD_VALUES.fullmatch(values) is not None
+        and names.count(b"\n") == lines
+        and values.count(b"\n") == lines
+    )
+
+
+def _refuse_field(headers: Headers) -> None:
+    """Raise h11's refusal for the first bad name or value."""
+    for name, value in headers:
+        if TOKEN.fullmatch(name) is None:
+            raise RequestRefused(f"Illegal header name {name!r}")
+        if FIELD_VALUE.fullmatch(value) is None:
+            raise RequestRefused(f"Illegal header value {value!r}")
+    raise AssertionError("no bad field")  # pragma: no cover
 
 
 class RequestBody:
