@@ -49,3 +49,23 @@ async def test_without_watching_everything_goes() -> None:
     finally:
         conn.close()
         theirs.close()
+
+
+async def test_an_idle_connection_with_anything_to_read_is_not_reused() -> None:
+    # What the pool asks before reuse (issue 10: stray bytes never answer another request).
+    for what in ("bytes", "close", "reset"):
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        conn = UpstreamConnection(ours, "upstream.test")
+        assert not conn.has_unexpected_bytes()
+        if what == "bytes":
+            theirs.send(b"HTTP/1.1 200 OK\r\n\r\n")
+        elif what == "close":
+            theirs.close()
+        else:
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            theirs.close()
+        assert conn.has_unexpected_bytes(), what
+        assert conn.has_unexpected_bytes(), what  # asking again changes nothing (nothing was read)
+        conn.close()
+        theirs.close()
