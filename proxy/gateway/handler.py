@@ -165,13 +165,16 @@ class Gateway:
         tokens = structlog.contextvars.bind_contextvars(request_id=request_id, credential=None, user=None, job=None)
         try:
             try:
-                with trio.move_on_after(config.server.request_timeout or float("inf")) as overall:
+                with trio.move_on_after(config.server.request_timeout or math.inf) as overall:
                     await self._handle(head, conn, config, record, request_id, overall)
                 if overall.cancelled_caught:
-                    raise UpstreamTimeout(
-                        f"request exceeded the overall limit of {config.server.request_timeout:g} s",
-                        code="request_timeout",
-                    )
+                    if record.outcome == "client_gone":  # the client watch cancelled it (relay.client_watch)
+                        conn.abort()
+                    else:
+                        raise UpstreamTimeout(
+                            f"request exceeded the overall limit of {config.server.request_timeout:g} s",
+                            code="request_timeout",
+                        )
             except ParkwayError as exc:
                 record.outcome = exc.outcome if record.outcome == "ok" else record.outcome
                 record.error, record.error_code = exc.message, exc.code
@@ -269,10 +272,10 @@ class Gateway:
             overall.deadline = math.inf
             await self.admission.admit(req, self.open_session)
         elif plan.cache is not None and self.serve_cacheable is not None:
-            await unless_client_leaves(self.engine, conn, record, partial(self.serve_cacheable, req))
+            await unless_client_leaves(self.engine, conn, record, partial(self.serve_cacheable, req), overall)
         else:
             step7 = self.forward if plan.background is None else self.enqueue
-            await unless_client_leaves(self.engine, conn, record, partial(self.admission.admit, req, step7))
+            await unless_client_leaves(self.engine, conn, record, partial(self.admission.admit, req, step7), overall)
 
     async def _plan(
         self,
