@@ -349,12 +349,13 @@ class Gateway:
         if self.cache is not None and not websocket and background is None:
             # 6c: the cache, only as the signer allowed it (a job's answer goes to its job, not the cache).
             cached = cache_ask(head, config, credential, extras, body is not None, declared_length)
-        if body is None and has_body(head):
+        body_follows = has_body(head)  # two header scans: asked once
+        if body is None and body_follows:
             budgeted = has_budget(credential) and not websocket
             body = await read_body_if_needed(conn, head, config, background, cached, budgeted)
         if cached is not None and not cached.bypass:
             cached = keyed(cached, head, config, credential, upstream_url, user, body)
-        if body is None and not has_body(head):
+        if body is None and not body_follows:
             # Consume the (empty) body's end now: from here on a client that leaves is noticed,
             # even while queued for a slot.
             await self._drain_request_body(conn)
