@@ -189,19 +189,22 @@ class UpstreamClient:
                 response = await self._exchange(req, origin, target, host_header)
         except trio.TooSlowError:
             raise UpstreamTimeout(f"{name} sent no response within {self.first_byte_timeout:g} s") from None
+        if origin.scheme == "https" and origin not in self._sessions:
+            # Taken at the head, not when the body ends: streams that open while this one
+            # is still answering (a ramp of long SSE streams) resume instead of a full handshake.
+            self._remember_session(origin, response.conn)
         try:
             yield response
         finally:
-            if origin.scheme == "https" and origin not in self._sessions:
-                self._remember_session(origin, response.conn)
             if response.reusable:
                 self.pool.give_back(origin, response.conn, trio.current_time())
             else:
                 response.conn.close()
 
     def _remember_session(self, origin: Origin, conn: UpstreamConnection) -> None:
-        """Keep one TLS session per origin to resume (reading it costs as much as relaying
-        several events, so it is taken once and forgotten when a handshake did not resume it)."""
+        """Keep one TLS session per origin for every new connection to resume (reading it costs
+        as much as relaying several events, so it is taken once and forgotten when a handshake
+        did not resume it; the next answer's session replaces it)."""
         session = conn.tls_session
         if session is not None:
             self._sessions[origin] = session

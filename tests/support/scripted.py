@@ -125,6 +125,11 @@ class _ServerTLSStream(trio.abc.Stream):
         self.socket = stream.socket
         self._tls = trio.SSLStream(stream, context, server_side=True)
 
+    @property
+    def session_reused(self) -> bool:
+        """Whether the client resumed a TLS session (valid once a request has been read)."""
+        return bool(self._tls.session_reused)
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._tls.send_all(data)
 
