@@ -62,11 +62,11 @@ async def test_a_stream_opened_while_another_answers_resumes_its_session(start_p
 
     with trio.fail_after(HANG_LIMIT):
         async with await open_stream(parkway.port, parkway.sign(f"{upstream.base}/v1/long")) as long:
-            await receive_until(long, b"data: first")
+            got = await receive_until(long, b"data: first")
             async with await open_stream(parkway.port, parkway.sign(f"{upstream.base}/v1/short"), close=True) as short:
                 assert (await read_to_close(short)).endswith(b"short")
             release.set()
-            await receive_until(long, b"\r\n0\r\n\r\n")
+            await receive_until(long, b"\r\n0\r\n\r\n", got)
 
     long_port, long_resumed = handshakes.of("/v1/long")
     short_port, short_resumed = handshakes.of("/v1/short")
@@ -149,3 +149,32 @@ async def test_a_kept_session_never_skips_the_hostname_check(start_parkway, nurs
     assert refused.startswith(b"HTTP/1.1 502 ")
     assert "certificate" in entry["error"].lower()
     assert [path for path, _, _ in handshakes.seen] == ["/v1/ip"]
+
+
+async def test_a_resumed_handshake_still_names_the_server(start_parkway, nursery, tmp_path: Path):
+    """SNI on every handshake, resumed or not, and a certificate for a DNS name checked against it."""
+    certificate = make_certificate(tmp_path, names="DNS:localhost")
+    handshakes, release = Handshakes(), trio.Event()
+
+    async def behaviour(ex: Exchange) -> None:
+        handshakes.record(ex)
+        await ex.send_head(200, SSE_HEADERS)
+        await ex.send_data(b"data: first\n\n")
+        if ex.request.path == "/v1/held":
+            await release.wait()
+        await ex.send_end()
+
+    upstream = await nursery.start(TLSUpstream(certificate, behaviour).serve)
+    parkway = await start_parkway(upstream_ca_file=str(certificate.cert))
+    base = f"https://localhost:{upstream.port}"
+
+    with trio.fail_after(HANG_LIMIT):
+        async with await open_stream(parkway.port, parkway.sign(f"{base}/v1/held")) as held:
+            got = await receive_until(held, b"data: first")
+            async with await open_stream(parkway.port, parkway.sign(f"{base}/v1/next"), close=True) as stream:
+                assert (await read_to_close(stream)).endswith(b"\r\n0\r\n\r\n")
+            release.set()
+            await receive_until(held, b"\r\n0\r\n\r\n", got)
+
+    assert [resumed for _, _, resumed in handshakes.seen] == [False, True]
+    assert upstream.server_names == ["localhost", "localhost"]

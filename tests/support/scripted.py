@@ -103,14 +103,15 @@ class Certificate:
         return context
 
 
-def make_certificate(directory: Path) -> Certificate:
-    """A throwaway self-signed certificate for 127.0.0.1, made with the openssl command."""
+def make_certificate(directory: Path, names: str = "IP:127.0.0.1") -> Certificate:
+    """A throwaway self-signed certificate for ``names`` (its subjectAltName: 127.0.0.1 unless
+    told), made with the openssl command."""
     cert, key = directory / "cert.pem", directory / "key.pem"
     try:
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
              "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-             "-addext", "subjectAltName=IP:127.0.0.1", "-addext", "basicConstraints=critical,CA:TRUE"],
+             "-addext", f"subjectAltName={names}", "-addext", "basicConstraints=critical,CA:TRUE"],
             check=True, capture_output=True, timeout=30,
         )  # fmt: skip
     except FileNotFoundError:
@@ -152,6 +153,8 @@ class TLSUpstream(Upstream):
     def __init__(self, certificate: Certificate, behaviour=None):
         super().__init__() if behaviour is None else super().__init__(behaviour)
         self._context = certificate.server_context()
+        self.server_names: list[str | None] = []  # the SNI of each handshake, in order
+        self._context.sni_callback = lambda _tls, name, _context: self.server_names.append(name)
 
     @property
     def base(self) -> str:
