@@ -142,6 +142,8 @@ class UpstreamClient:
         self._ssl: ssl.SSLContext | None = None
         self._resolver = resolver
         self._sessions: dict[Origin, ssl.SSLSession] = {}  # the last TLS session per origin, to resume
+        self.tls_full = 0  # TLS handshakes with upstreams, full and resumed (/metrics)
+        self.tls_resumed = 0
 
     def apply(self, config: ServerConfig) -> None:
         """Take a reloaded ``[server]`` for new requests: the upstream timeouts, the private-address
@@ -237,8 +239,12 @@ class UpstreamClient:
             resolver=self._resolver,
             tls_session=self._sessions.get(origin),
         )
-        if conn.tls and not conn.tls_resumed:
-            self._sessions.pop(origin, None)  # expired or refused: the next answer's session replaces it
+        if conn.tls:
+            if conn.tls_resumed:
+                self.tls_resumed += 1
+            else:
+                self.tls_full += 1
+                self._sessions.pop(origin, None)  # expired or refused: the next answer's session replaces it
         try:
             return await self._send_and_read_head(conn, req, target, host, first, rest)
         except _StaleConnection as exc:

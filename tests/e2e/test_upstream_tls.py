@@ -14,6 +14,8 @@ import pytest
 import trio
 
 from support.logs import watch_logs
+from support.metrics import Scrape, parse_metrics
+from support.parkway import RunningParkway
 from support.scripted import Certificate, TLSUpstream, make_certificate
 from support.upstream import SSE_HEADERS, Exchange
 
@@ -26,6 +28,12 @@ pytestmark = pytest.mark.usefixtures("relay_path")  # the relay hands connection
 @pytest.fixture
 def certificate(tmp_path: Path) -> Certificate:
     return make_certificate(tmp_path)
+
+
+def handshakes_metric(parkway: RunningParkway) -> dict[tuple[str, ...], float]:
+    """``parkway_upstream_tls_handshakes_total`` as ``/metrics`` renders it, by ``resumed``."""
+    scrape = Scrape(parse_metrics(parkway.parkway.metrics.render().decode()))
+    return scrape.by("parkway_upstream_tls_handshakes_total", "resumed")
 
 
 class Handshakes:
@@ -72,6 +80,7 @@ async def test_a_stream_opened_while_another_answers_resumes_its_session(start_p
     short_port, short_resumed = handshakes.of("/v1/short")
     assert short_port != long_port  # a connection of its own: the first one was still answering
     assert (long_resumed, short_resumed) == (False, True)
+    assert handshakes_metric(parkway) == {("false",): 1, ("true",): 1}
 
 
 async def test_a_finished_tls_answer_leaves_its_connection_for_the_next_request(start_parkway, nursery, certificate):
@@ -91,6 +100,7 @@ async def test_a_finished_tls_answer_leaves_its_connection_for_the_next_request(
 
     assert upstream.connections == 1  # one handshake for all three
     assert len({port for _, port, _ in handshakes.seen}) == 1
+    assert handshakes_metric(parkway) == {("false",): 1, ("true",): 0}
 
 
 async def test_a_tls_upstream_that_closes_mid_answer_cuts_the_stream(start_parkway, nursery, certificate):
