@@ -8,6 +8,7 @@ tells a resumed handshake from a full one and a pooled connection from a new one
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import pytest
@@ -41,15 +42,18 @@ class Handshakes:
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, int, bool]] = []
+        self.versions: set[str] = set()
 
     def record(self, ex: Exchange) -> None:
         self.seen.append((ex.request.path, ex.request.peer_port, ex.stream.session_reused))
+        self.versions.add(ex.stream.version)
 
     def of(self, path: str) -> tuple[int, bool]:
         return next((port, resumed) for p, port, resumed in self.seen if p == path)
 
 
-async def test_a_stream_opened_while_another_answers_resumes_its_session(start_parkway, nursery, certificate):
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["TLS 1.3", "TLS 1.2"])
+async def test_a_stream_opened_while_another_answers_resumes_its_session(start_parkway, nursery, certificate, version):
     """The session is kept from the first answer's head, not from its end: a ramp of long SSE
     streams to a new origin does one full handshake, not one per stream."""
     handshakes, release = Handshakes(), trio.Event()
@@ -65,7 +69,7 @@ async def test_a_stream_opened_while_another_answers_resumes_its_session(start_p
         else:
             await ex.respond(200, [("content-type", "text/plain")], b"short")
 
-    upstream = await nursery.start(TLSUpstream(certificate, behaviour).serve)
+    upstream = await nursery.start(TLSUpstream(certificate, behaviour, maximum_version=version).serve)
     parkway = await start_parkway(upstream_ca_file=str(certificate.cert))
 
     with trio.fail_after(HANG_LIMIT):
@@ -80,6 +84,7 @@ async def test_a_stream_opened_while_another_answers_resumes_its_session(start_p
     short_port, short_resumed = handshakes.of("/v1/short")
     assert short_port != long_port  # a connection of its own: the first one was still answering
     assert (long_resumed, short_resumed) == (False, True)
+    assert handshakes.versions == {"TLSv1.3" if version is ssl.TLSVersion.TLSv1_3 else "TLSv1.2"}
     assert handshakes_metric(parkway) == {("false",): 1, ("true",): 1}
 
 

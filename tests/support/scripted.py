@@ -131,6 +131,11 @@ class _ServerTLSStream(trio.abc.Stream):
         """Whether the client resumed a TLS session (valid once a request has been read)."""
         return bool(self._tls.session_reused)
 
+    @property
+    def version(self) -> str | None:
+        """The TLS version agreed on ("TLSv1.3"), once a request has been read."""
+        return self._tls.version()
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._tls.send_all(data)
 
@@ -150,9 +155,11 @@ class _ServerTLSStream(trio.abc.Stream):
 class TLSUpstream(Upstream):
     """The h11 test upstream of ``helpers``, serving https with ``certificate``."""
 
-    def __init__(self, certificate: Certificate, behaviour=None):
+    def __init__(self, certificate: Certificate, behaviour=None, *, maximum_version: ssl.TLSVersion | None = None):
         super().__init__() if behaviour is None else super().__init__(behaviour)
         self._context = certificate.server_context()
+        if maximum_version is not None:
+            self._context.maximum_version = maximum_version
         self.server_names: list[str | None] = []  # the SNI of each handshake, in order
         self._context.sni_callback = lambda _tls, name, _context: self.server_names.append(name)
 
