@@ -125,6 +125,20 @@ FIGURES = [
         None,
     ),
     Figure(
+        "setup_in_proxy_p99_ms",
+        "Set-up inside Parkway, accept to relay start, p99, ms (--profile turns)",
+        "(info)",
+        _parked("setup_in_proxy_p99_ms"),
+        None,
+    ),
+    Figure(
+        "turn_p99_ms",
+        "Run-loop turn while streams are set up, p99, ms (--profile turns)",
+        "(info)",
+        _parked("turn_p99_ms"),
+        None,
+    ),
+    Figure(
         "rss_per_stream_kb", "RSS per parked stream, KB", "≤ 1.2× nginx", _parked("rss_per_stream_kb"), _within(1.2)
     ),
     Figure(

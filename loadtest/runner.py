@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 
 from proxy.signing import sign_url
 
-from . import nginx, procstat, report, tls
+from . import nginx, procstat, report, tls, turns
 from .loadgen import Response
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,6 +235,7 @@ class Bench:
         self.proxy_python = args.proxy_python or sys.executable
         self.proxy_path = Path(args.proxy_path).resolve() if args.proxy_path else ROOT
         self._tracemem: dict[int, str] = {}
+        self._turns: dict[int, Path] = {}  # port -> where loadtest.turns writes (--profile turns)
         self.upstream: Proc | None = None
         self.upstream_port = 0
         self.upstream_group: procstat.Group | None = None
@@ -351,6 +352,11 @@ class Bench:
                 env["TRACEMEM_OUT"] = str(Path(self.args.out).resolve() / f"{self.args.label}-tracemem-{port}.txt")
                 self._tracemem[port] = env["TRACEMEM_OUT"]
                 Path(self.args.out).mkdir(parents=True, exist_ok=True)
+            elif self.args.profile == "turns":
+                module = "loadtest.turns"
+                env["PYTHONPATH"] += os.pathsep + str(ROOT)
+                env["TURNS_OUT"] = str(self.tmp / f"turns-{port}.json")
+                self._turns[port] = self.tmp / f"turns-{port}.json"
             argv = [self.proxy_python, "-m", module, "serve", "--config", str(config)]
             http = target_http(name)
             if http:
@@ -594,6 +600,11 @@ class Bench:
             target.stop()
         r, m = raw["result"], raw["measured"]
         steady = _steady(raw, streams, target.group)
+        timed = self._turns.pop(target.port, None)
+        try:
+            in_proxy = turns.summarise(json.loads(timed.read_text())) if timed else {}
+        except (OSError, ValueError):
+            in_proxy = {}
         return {
             "workload": workload,
             "target": name,
@@ -628,6 +639,8 @@ class Bench:
             "cpu_s": m["cpu_s"],
             "cpu_per_event_us": 1e6 * m["cpu_s"] / r["events"] if r["events"] else None,
             **steady,
+            # --profile turns: the set-up inside Parkway and its run loop's turns (loadtest.turns).
+            **in_proxy,
             "upstream_cpu_pct": m["upstream_cpu_pct"],
             "loadgen_cpu_pct": m["loadgen_cpu_pct"],
             "wall_s": m["wall_s"],
@@ -1040,10 +1053,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--profile",
         default="none",
-        choices=["none", "py-spy", "tracemalloc"],
+        choices=["none", "py-spy", "tracemalloc", "turns"],
         help="py-spy: record Parkway's stacks during the first repeat of each workload "
         "(loadtest.profile summarises them); tracemalloc: run Parkway under "
-        "loadtest.tracemem and snapshot its memory once every stream is parked",
+        "loadtest.tracemem and snapshot its memory once every stream is parked; turns: run "
+        "Parkway under loadtest.turns and add to each parked run its set-ups' accept-to-relay "
+        "time and its run loop's turn lengths (where first events wait)",
     )
     g.add_argument("--sample-interval", type=float, default=0.1)
     g.add_argument("--out", default=str(ROOT / "loadtest" / "results"), help="directory for JSON, Markdown, PNG")

@@ -83,12 +83,13 @@ def test_runner_measures_parkway_and_nginx_on_a_tiny_load(tmp_path):
 
 def test_runner_measures_each_http_parser_beside_nginx_in_one_invocation(tmp_path):
     """``--http h11,httptools``: two Parkway variants, each started with its parser, measured
-    in the same repeat as nginx, labelled apart in the JSON and in the Markdown table."""
+    in the same repeat as nginx, labelled apart in the JSON and in the Markdown table; with
+    ``--profile turns`` each parked Parkway run also says how long its set-ups took inside."""
     if nginx.nginx_binary() is None:
         pytest.fail("nginx is not installed; install it with `bash .ci/system-deps` (`make test` does).")
     argv = ["run", "--workload", "parked,latency", "--streams", "100", "--stream-seconds", "0.5",
             "--interval-ms", "100", "--ramp", "1000", "--requests", "100", "--repeat", "1",
-            "--max-minutes", "2", "--no-chart", "--quiet", "--http", "h11,httptools",
+            "--max-minutes", "2", "--no-chart", "--quiet", "--http", "h11,httptools", "--profile", "turns",
             "--out", str(tmp_path), "--label", "parsers"]  # fmt: skip
     args = runner.build_parser().parse_args(argv)
     args.argv = argv
@@ -104,6 +105,12 @@ def test_runner_measures_each_http_parser_beside_nginx_in_one_invocation(tmp_pat
         assert (runs["parked", label]["completed"], runs["parked", label]["error_count"]) == (100, 0)
         assert runs["latency", label]["error_count"] == 0
     assert "http" not in runs["parked", "nginx"]
+    for label in labels:
+        parked = runs["parked", label]
+        # Accept to relay start can only be shorter than the client's request to first event.
+        assert 0 < parked["setup_in_proxy_p50_ms"] <= parked["ttfe_max_ms"], parked
+        assert parked["turn_p99_ms"] > 0 and parked["turn_steps_p99"] >= 1, parked
+    assert "setup_in_proxy_p50_ms" not in runs["parked", "nginx"]
 
     completed = results["summary"]["parked_completed"]
     assert set(completed["proxies"]) == set(labels)
