@@ -110,6 +110,13 @@ def test_runner_measures_each_http_parser_beside_nginx_in_one_invocation(tmp_pat
         # Accept to relay start can only be shorter than the client's request to first event.
         assert 0 < parked["setup_in_proxy_p50_ms"] <= parked["ttfe_max_ms"], parked
         assert parked["turn_p99_ms"] > 0 and parked["turn_steps_p99"] >= 1, parked
+    for label in (*labels, "nginx"):
+        parked = runs["parked", label]
+        # Lateness is measured from each stream's least-late event: never negative. (A ramp this
+        # short may end before any stream's second event: the ramp figures can be None.)
+        assert 0 <= parked["lateness_p99_ms"] and parked["connect_p99_ms"] > 0, parked
+        if parked["ramp_lateness_p50_ms"] is not None:
+            assert 0 <= parked["ramp_lateness_p50_ms"] <= parked["ramp_lateness_max_ms"], parked
     assert "setup_in_proxy_p50_ms" not in runs["parked", "nginx"]
 
     completed = results["summary"]["parked_completed"]
