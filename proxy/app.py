@@ -25,7 +25,7 @@ import trio
 
 from .admin import AdminApp
 from .cache.flight import open_cache
-from .config import Config, ServerConfig, jobs_problems, load_config
+from .config import Config, ServerConfig, config_warnings, jobs_problems, load_config
 from .errors import ConfigError, Overloaded, ParkwayError
 from .gateway.handler import Gateway, utcnow
 from .http.connection import HTTPConnection, RequestHead
@@ -140,6 +140,7 @@ class Parkway:
             max_connections=self.config.server.max_connections,
             http=self._http_parser(),
         )
+        _log_warnings(self.config)
         try:
             async with AsyncExitStack() as stack:
                 self.state = state = await stack.enter_async_context(open_state(self.config.state))
@@ -304,7 +305,14 @@ class Parkway:
         self._http_parser()
         self.metrics.reloads.labels("ok").inc()
         log.info("config_reloaded", path=str(self.config_path), credentials=[c.id for c in new.credentials])
+        _log_warnings(new)
         return []
+
+
+def _log_warnings(config: Config) -> None:
+    """What ``parkway check-config`` says of a valid file, said again where operators look."""
+    for warning in config_warnings(config):
+        log.warning("config_warning", key=warning.path, problem=warning.message.removeprefix("warning: "))
 
 
 def _changed(old: object, new: object, section: str, names: tuple[str, ...] | None = None) -> list[str]:

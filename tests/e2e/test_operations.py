@@ -616,3 +616,16 @@ async def test_the_request_head_parser_shows_in_the_startup_line_and_in_metrics(
         ("h11",): float(used == "h11"),
         ("httptools",): float(used == "httptools"),
     }
+
+
+async def test_serve_logs_what_check_config_warns_of(start_operable):
+    """A credential that may reach any upstream is said at start-up, as ``check-config`` says it,
+    and only for that credential."""
+    bounded = Credential("bounded", ("other-secret",), INJECTED, allowed_upstreams=("http://127.0.0.1/",))
+    config = replace(admin_config(), credentials=(*admin_config().credentials, bounded))
+    with structlog.testing.capture_logs() as logs:
+        await start_operable(config)
+    warnings = [line for line in logs if line["event"] == "config_warning"]
+    assert [(w["key"], w["log_level"]) for w in warnings] == [("credentials[0].allowed_upstreams", "warning")]
+    assert "'app' may reach any upstream" in warnings[0]["problem"]
+    assert SECRET not in json.dumps(warnings)
