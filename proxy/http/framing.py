@@ -42,13 +42,9 @@ class RequestFraming:
     switch_proposed: bool  # Upgrade or CONNECT: h11 holds the connection until the answer
 
 
-def comma_values(headers: Headers, name: bytes) -> list[bytes]:
-    """The lower-cased, comma-split, non-empty values of header ``name`` (h11's ``get_comma_header``)."""
-    out: list[bytes] = []
-    for found, value in headers:
-        if found == name:
-            out += [v.strip() for v in value.lower().split(b",") if v.strip()]
-    return out
+def _comma_split(values: list[bytes]) -> list[bytes]:
+    """The lower-cased, comma-split, non-empty items of a header's values (h11's ``get_comma_header``)."""
+    return [v.strip() for value in values for v in value.lower().split(b",") if v.strip()]
 
 
 def request_framing(method: bytes, target: bytes, version: bytes, headers: Headers) -> tuple[RequestFraming, Headers]:
@@ -62,9 +58,18 @@ def request_framing(method: bytes, target: bytes, version: bytes, headers: Heade
     host_count = 0
     normalized: Headers | None = None
     seen_length: bytes | None = None
+    connection: list[bytes] = []  # the values of the headers keep-alive, 100-continue and upgrades read
+    expect: list[bytes] = []
+    upgrade = False
     for i, (name, value) in enumerate(headers):
         if name == b"host":
             host_count += 1
+        elif name == b"connection":
+            connection.append(value)
+        elif name == b"expect":
+            expect.append(value)
+        elif name == b"upgrade":
+            upgrade = upgrade or bool(_comma_split([value]))
         elif name == b"content-length":
             lengths = {v.strip() for v in value.split(b",")}
             if len(lengths) != 1:
@@ -111,9 +116,9 @@ def request_framing(method: bytes, target: bytes, version: bytes, headers: Heade
     framing = RequestFraming(
         chunked=chunked,
         length=0 if chunked else length,
-        keep_alive=modern and b"close" not in comma_values(headers, b"connection"),
-        expect_continue=modern and b"100-continue" in comma_values(headers, b"expect"),
-        switch_proposed=method == b"CONNECT" or bool(comma_values(headers, b"upgrade")),
+        keep_alive=modern and not (connection and b"close" in _comma_split(connection)),
+        expect_continue=modern and bool(expect) and b"100-continue" in _comma_split(expect),
+        switch_proposed=method == b"CONNECT" or upgrade,
     )
     return framing, headers
 

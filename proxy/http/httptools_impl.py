@@ -30,7 +30,7 @@ from .h11_impl import h11_refusal
 
 # Their side (the request) and ours (the response), as h11 names the states that matter here.
 IDLE, BODY, DONE, MIGHT_SWITCH, ERROR = range(5)  # theirs
-SEND_RESPONSE, SEND_BODY = 5, 6  # ours, with IDLE, DONE and ERROR
+SEND_RESPONSE, SEND_BODY, SWITCHED = 5, 6, 7  # ours, with IDLE, DONE and ERROR
 
 _CONTINUE = framing.informational_head(100, b"", [])
 
@@ -302,12 +302,13 @@ class HttptoolsConnection(HTTPConnection):
         except framing.FramingError:
             self._ours = ERROR
             raise
-        self._ours = SEND_BODY
+        # A 2xx to CONNECT opens a tunnel (h11: SWITCHED_PROTOCOL): no HTTP body may follow.
+        self._ours = SWITCHED if self._method == b"CONNECT" and 200 <= status < 300 else SEND_BODY
         self._expect_continue = False
         self._keep_alive = start.keep_alive
         self._body_kind = start.body
         self._body_left = start.length
-        if self._theirs == MIGHT_SWITCH:  # an answer other than a switch turns the proposal down
+        if self._theirs == MIGHT_SWITCH and self._ours != SWITCHED:  # any other answer turns the proposal down
             self._theirs = DONE
         self._unsent.append(start.head)
         if flush:
