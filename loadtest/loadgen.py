@@ -7,6 +7,12 @@ Three modes, each printing ``STAT {json}`` lines while it runs and one ``RESULT 
   in the de-chunked body). A stream is complete when the chunked terminator arrived with
   exactly ``--expect-events`` events and status 200; anything else is counted as an error
   by kind. Time to first event is measured from the request write (the connection is open).
+  With ``--interval-ms`` (the upstream's pace) it also measures each later event's lateness:
+  its arrival minus its place on the stream's schedule (the upstream sends event ``k`` at
+  ``start + k × interval``; ``start`` is estimated as the stream's earliest event, so a
+  lateness is relay delay beyond the stream's best one), overall and for the events that
+  arrived while some stream still waited for its first event (the ramp: how a burst of
+  set-ups delays the streams already parked).
 * ``small``: ``--clients`` keep-alive connections each sending one small request after the
   other for ``--seconds`` (after ``--warmup``): requests per second and latency percentiles.
 * ``latency``: one connection, ``--requests`` sequential requests: latency percentiles.
@@ -161,7 +167,7 @@ class Response:
 
 
 class Stream:
-    __slots__ = ("sock", "fd", "t_start", "t_sent", "t_first", "t_done", "resp", "state")
+    __slots__ = ("sock", "fd", "t_start", "t_sent", "t_first", "t_done", "resp", "state", "arrivals")
 
     def __init__(self, sock: socket.socket, now: float):
         self.sock = sock
@@ -172,6 +178,7 @@ class Stream:
         self.t_done = 0.0
         self.resp = Response()
         self.state = "connecting"
+        self.arrivals: list[tuple[float, int]] = []  # (time, events received so far) per read with events
 
 
 def run_streams(args: argparse.Namespace) -> dict:
@@ -189,6 +196,19 @@ def run_streams(args: argparse.Namespace) -> dict:
     next_stat = t0
     t_all_open = t_first_done = None
     open_now = max_open = 0
+    interval = args.interval_ms / 1000
+    late: list[tuple[float, float]] = []  # (arrival, lateness) of every event after a stream's first
+
+    def lateness(s: Stream) -> None:
+        """Lateness of this stream's events after its first (see the module docstring)."""
+        if not interval or len(s.arrivals) < 2:
+            return
+        # A read bringing events k0+1..k is timed at once: its last event is the least late.
+        origin = min(t - (k - 1) * interval for t, k in s.arrivals)
+        before = s.arrivals[0][1]
+        for t, k in s.arrivals[1:]:
+            late.extend((t, t - (j * interval) - origin) for j in range(before, k))
+            before = k
 
     def fail(s: Stream, kind: str) -> None:
         nonlocal open_now
@@ -199,6 +219,8 @@ def run_streams(args: argparse.Namespace) -> dict:
         nonlocal open_now
         if s.state == "receiving" and s.t_first:
             open_now -= 1
+        lateness(s)
+        s.arrivals = []
         s.state = "closed"
         del streams[s.fd]
         try:
@@ -280,6 +302,8 @@ def run_streams(args: argparse.Namespace) -> dict:
             got = s.resp.events - before
             if got:
                 events += got
+                if interval:
+                    s.arrivals.append((now, s.resp.events))
                 if not s.t_first:
                     s.t_first = now
                     ttfe.append(now - s.t_sent)
@@ -313,6 +337,9 @@ def run_streams(args: argparse.Namespace) -> dict:
         "connect_s": percentiles(connect_times),
         "duration_s": percentiles(durations),
         "max_open": max_open,
+        "lateness_s": percentiles([x for _, x in late]),
+        # Events that arrived while some stream still waited for its first event.
+        "ramp_lateness_s": percentiles([x for t, x in late if t_all_open is None or t - t0 <= t_all_open]),
         "t_all_open": t_all_open,
         "t_first_done": t_first_done,
         "t_end": t_end,
@@ -457,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--rate", type=float, default=2000, help="new streams per second")
     parser.add_argument("--expect-events", type=int, default=100)
+    parser.add_argument(
+        "--interval-ms", type=float, default=0.0, help="the upstream's event pace: measure lateness (0: do not)"
+    )
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--warmup", type=float, default=1)

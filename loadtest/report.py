@@ -118,6 +118,27 @@ FIGURES = [
     ),
     Figure("ttfe_p99_ms", "Time to first event p99, ms", "≤ 1,000", _parked("ttfe_p99_ms"), lambda v, r: v <= 1000),
     Figure(
+        "ramp_lateness_p99_ms",
+        "Lateness of parked streams' events while others still wait for their first, p99, ms",
+        "(info)",
+        _parked("ramp_lateness_p99_ms"),
+        None,
+    ),
+    Figure(
+        "setup_in_proxy_p99_ms",
+        "Set-up inside Parkway, accept to relay start, p99, ms (--profile turns)",
+        "(info)",
+        _parked("setup_in_proxy_p99_ms"),
+        None,
+    ),
+    Figure(
+        "turn_p99_ms",
+        "Run-loop turn while streams are set up, p99, ms (--profile turns)",
+        "(info)",
+        _parked("turn_p99_ms"),
+        None,
+    ),
+    Figure(
         "rss_per_stream_kb", "RSS per parked stream, KB", "≤ 1.2× nginx", _parked("rss_per_stream_kb"), _within(1.2)
     ),
     Figure(
@@ -211,41 +232,59 @@ FIGURES = [
 ]
 
 
+def parkways(runs: Runs) -> list[str]:
+    """The Parkway labels measured: ``parkway``, or one per parser (``parkway (h11)``, ...) in run order."""
+    labels = list(dict.fromkeys(r["target"] for r in runs if r["target"].startswith("parkway")))
+    return labels or ["parkway"]
+
+
+def _judge(fig: Figure, runs: Runs, label: str, values: list[float | None], nginx: list[float | None], opts: Any):
+    """One Parkway label's median, ratio to nginx (within each repeat) and whether the target is met."""
+    ratios = [p / n for p, n in zip(values, nginx) if p is not None and n]
+    value, ratio = _median(values), _median(ratios)
+    met = None if fig.met is None or value is None else bool(fig.met(value, ratio))
+    if fig.key in ("parked_completed", "tls_parked_completed"):
+        met = all(v is not None and v >= 1.0 for v in values)
+    if fig.key == "workers_ratio" and met:
+        # A ratio bought with errors is not met (they are listed under the table).
+        met = not any(r["error_count"] for r in runs if r["workload"] == "workers" and r["target"] == label)
+    if fig.key == "rss_per_stream_kb" and met:
+        # Only a proxy that held every stream at once meets a per-parked-stream target.
+        held = [
+            r
+            for r in runs
+            if r["workload"] in ("parked", "parked-tls")
+            and r["target"] == label
+            and r["streams"] == max(opts["streams"])
+        ]
+        met = all(r.get("parked_peak", 0) >= r["streams"] for r in held)
+    return {"value": value, "ratio_vs_nginx": ratio, "repeats": values, "met": met}
+
+
 def summarise(runs: Runs, args: Any) -> dict[str, Any]:
+    """Per figure: nginx's median and, per Parkway label, its median, ratio and verdict
+    (``proxies``); ``parkway``, ``ratio_vs_nginx`` and ``met`` repeat the first label's."""
     opts = vars(args) if not isinstance(args, dict) else args
     repeats = sorted({r["repeat"] for r in runs})
+    labels = parkways(runs)
     summary: dict[str, Any] = {}
     for fig in FIGURES:
-        per = {t: [fig.value(runs, t, rep, opts) for rep in repeats] for t in ("parkway", "nginx")}
-        if all(v is None for v in per["parkway"]) and all(v is None for v in per["nginx"]):
+        per = {t: [fig.value(runs, t, rep, opts) for rep in repeats] for t in (*labels, "nginx")}
+        if all(v is None for values in per.values() for v in values):
             continue
-        ratios = [p / n for p, n in zip(per["parkway"], per["nginx"]) if p is not None and n]
-        parkway, ratio = _median(per["parkway"]), _median(ratios)
+        proxies = {label: _judge(fig, runs, label, per[label], per["nginx"], opts) for label in labels}
+        first = proxies[labels[0]]
         summary[fig.key] = {
             "label": fig.label,
             "target": fig.target,
-            "parkway": parkway,
+            "parkway": first["value"],
             "nginx": _median(per["nginx"]),
-            "ratio_vs_nginx": ratio,
-            "parkway_repeats": per["parkway"],
+            "ratio_vs_nginx": first["ratio_vs_nginx"],
+            "parkway_repeats": first["repeats"],
             "nginx_repeats": per["nginx"],
-            "met": None if fig.met is None or parkway is None else bool(fig.met(parkway, ratio)),
+            "met": first["met"],
+            "proxies": proxies,
         }
-        if fig.key in ("parked_completed", "tls_parked_completed"):
-            summary[fig.key]["met"] = all(v is not None and v >= 1.0 for v in per["parkway"])
-        if fig.key == "workers_ratio" and summary[fig.key]["met"]:
-            # A ratio bought with errors is not met (they are listed under the table).
-            summary[fig.key]["met"] = not any(r["error_count"] for r in runs if r["workload"] == "workers")
-        if fig.key == "rss_per_stream_kb" and summary[fig.key]["met"]:
-            # Only a proxy that held every stream at once meets a per-parked-stream target.
-            held = [
-                r
-                for r in runs
-                if r["workload"] in ("parked", "parked-tls")
-                and r["target"] == "parkway"
-                and r["streams"] == max(opts["streams"])
-            ]
-            summary[fig.key]["met"] = all(r.get("parked_peak", 0) >= r["streams"] for r in held)
     summary["sweep"] = _sweep(runs)
     summary["errors"] = [
         f"{r['workload']} {r['target']} (repeat {r['repeat'] + 1}"
@@ -279,11 +318,17 @@ def _sweep(runs: Runs) -> list[dict[str, Any]]:
                 "steady_cpu_pct": _median([r["steady_cpu_pct"] for r in group]),
                 "cpu_per_event_us": _median([r["cpu_per_event_us"] for r in group]),
                 "ttfe_p99_ms": _median([r["ttfe_p99_ms"] for r in group]),
+                "ramp_lateness_p99_ms": _median([r.get("ramp_lateness_p99_ms") for r in group]),
                 "upstream_cpu_pct": _median([r["upstream_cpu_pct"] for r in group]),
                 "loadgen_cpu_pct": _median([r["loadgen_cpu_pct"] for r in group]),
             }
         )
     return points
+
+
+def _title(label: str) -> str:
+    """``parkway (h11)`` → ``Parkway (h11)`` for table headings."""
+    return "Parkway" + label[len("parkway") :]
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -295,24 +340,27 @@ def _fmt(value: float | None, digits: int) -> str:
 def markdown(results: dict[str, Any]) -> str:
     summary, meta = results["summary"], results["meta"]
     repeats = meta["options"].get("repeat")
+    labels = parkways(results["runs"])
+    names = [_title(label) for label in labels]
     lines = [
         f"Medians of {repeats} repeat(s); the ratio is the median of Parkway ÷ nginx within each repeat "
         f"(nginx {meta['versions'].get('nginx', '?')} `proxy_pass`, buffering off, one worker, same core, "
         "same upstream).",
         "",
-        "| figure | target | Parkway | nginx | Parkway ÷ nginx | met |",
-        "| --- | --- | ---: | ---: | ---: | :---: |",
+        f"| figure | target | {' | '.join(names)} | nginx | {' | '.join(f'{n} ÷ nginx' for n in names)} | met |",
+        f"| --- | --- | {'---: | ' * len(names)}---: | {'---: | ' * len(names)}:---: |",
     ]
+    verdict = {True: "yes", False: "**no**", None: ""}
     for fig in FIGURES:
         row = summary.get(fig.key)
         if row is None:
             continue
-        met = {True: "yes", False: "**no**", None: ""}[row["met"]]
-        ratio = "–" if row["ratio_vs_nginx"] is None else f"{row['ratio_vs_nginx']:.2f}×"
-        lines.append(
-            f"| {fig.label} | {fig.target} | {_fmt(row['parkway'], fig.digits)} | "
-            f"{_fmt(row['nginx'], fig.digits)} | {ratio} | {met} |"
-        )
+        proxies = row.get("proxies") or {labels[0]: {**row, "value": row["parkway"]}}
+        cells = [proxies.get(label, {}) for label in labels]
+        values = " | ".join(_fmt(c.get("value"), fig.digits) for c in cells)
+        ratios = " | ".join("–" if c.get("ratio_vs_nginx") is None else f"{c['ratio_vs_nginx']:.2f}×" for c in cells)
+        met = " / ".join(verdict[c.get("met")] for c in cells) if any(c.get("met") is not None for c in cells) else ""
+        lines.append(f"| {fig.label} | {fig.target} | {values} | {_fmt(row['nginx'], fig.digits)} | {ratios} | {met} |")
     sweep = summary.get("sweep") or []
     if sweep:
         lines += [
@@ -320,8 +368,9 @@ def markdown(results: dict[str, Any]) -> str:
             "Parked streams by count (medians; upstream and load generator share the other core):",
             "",
             "| proxy | upstream | streams | most parked at once | completed | errors | RSS above idle, MB | KB/parked stream "
-            "| CPU while parked, % core | µs/event | TTFE p99, ms | upstream CPU % | loadgen CPU % |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| CPU while parked, % core | µs/event | TTFE p99, ms | lateness in ramp p99, ms | upstream CPU % "
+            "| loadgen CPU % |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for p in sweep:
             lines.append(
@@ -329,6 +378,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {p['errors']} | "
                 f"{_fmt(p['rss_above_idle_mb'], 1)} | {_fmt(p['rss_per_stream_kb'], 1)} | "
                 f"{_fmt(p['steady_cpu_pct'], 0)} | {_fmt(p['cpu_per_event_us'], 1)} | {_fmt(p['ttfe_p99_ms'], 1)} | "
+                f"{_fmt(p.get('ramp_lateness_p99_ms'), 1)} | "
                 f"{_fmt(p['upstream_cpu_pct'], 0)} | {_fmt(p['loadgen_cpu_pct'], 0)} |"
             )
     if results.get("notes"):
@@ -360,7 +410,9 @@ def draw_chart(results: dict[str, Any], path: Path) -> bool:
     sweep = results["summary"].get("sweep") or []
     opts = results["meta"]["options"]
     fig, (ax_rss, ax_cpu) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"parkway": ("tab:blue", "o", "Parkway"), "nginx": ("tab:gray", "s", "nginx proxy_pass")}
+    colours = iter(("tab:blue", "tab:orange", "tab:purple"))
+    styles = {label: (next(colours, "tab:blue"), "o", _title(label)) for label in parkways(results["runs"])}
+    styles["nginx"] = ("tab:gray", "s", "nginx proxy_pass")
     xs_all = sorted({p["streams"] for p in sweep}) or [1]
     for target, (color, marker, label) in styles.items():
         pts = [p for p in sweep if p["target"] == target and p.get("workload", "parked") == "parked"]

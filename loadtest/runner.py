@@ -20,6 +20,10 @@ Workloads (figures in brackets):
 * ``pool``: ``small`` at ``--pool-clients`` (16 and 512) concurrent upstream requests [ratio];
 * ``workers``: ``small`` through ``parkway serve --workers 1`` and ``--workers N`` [ratio].
 
+With ``--http h11,httptools`` every run of Parkway is made once per HTTP parser
+(``parkway serve --http X``), beside nginx in every repeat, labelled ``parkway (h11)`` and
+``parkway (httptools)``; without it, Parkway runs with the installed default, labelled ``parkway``.
+
 Every child is started here, stopped here by its own pid, and bounded by a deadline.
 """
 
@@ -47,7 +51,7 @@ from urllib.parse import urlsplit
 
 from proxy.signing import sign_url
 
-from . import nginx, procstat, report, tls
+from . import nginx, procstat, report, tls, turns
 from .loadgen import Response
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +62,22 @@ STREAM_BODY = '{"model":"mock-gpt","stream":true,"messages":[{"role":"user","con
 SMALL_BODY = '{"model":"mock-gpt","messages":[{"role":"user","content":"Say hello"}]}'
 WORKLOADS = ("parked", "parked-tls", "relay", "small", "latency", "pool", "workers")
 TARGETS = ("nginx", "parkway")
+PARSERS = ("h11", "httptools")
+
+
+def parkway_label(http: str | None) -> str:
+    """The target name of a Parkway run: ``parkway``, or ``parkway (h11)`` with ``--http``."""
+    return f"parkway ({http})" if http else "parkway"
+
+
+def target_kind(name: str) -> str:
+    """``parkway`` for every Parkway label, else the name itself (``nginx``, ``direct``)."""
+    return "parkway" if name.startswith("parkway") else name
+
+
+def target_http(name: str) -> str | None:
+    """The parser a Parkway label asks for (``parkway (h11)`` → ``h11``); None for the default."""
+    return name[len("parkway (") : -1] if name.startswith("parkway (") else None
 
 
 class SetupError(Exception):
@@ -163,7 +183,7 @@ def one_request(port: int, target: str, body: str, headers: tuple[str, ...] = ()
 class Target:
     """A running proxy under test."""
 
-    name: str  # "parkway" | "nginx" | "direct"
+    name: str  # "parkway" | "parkway (h11)" | "parkway (httptools)" | "nginx" | "direct"
     port: int
     proc: Proc | None
     group: procstat.Group
@@ -171,6 +191,10 @@ class Target:
 
     log: Path | None = None  # where the proxy's own output goes (nginx: its error.log)
     upstream: str = ""  # scheme://host:port of the upstream it relays from
+
+    @property
+    def kind(self) -> str:
+        return target_kind(self.name)
 
     def log_tail(self, lines: int = 12) -> list[str]:
         """The end of the proxy's log, kept in the results when a run saw errors."""
@@ -180,7 +204,7 @@ class Target:
             return []
 
     def request_target(self, upstream_query: str) -> str:
-        return self.signed[upstream_query] if self.name == "parkway" else f"/v1/chat/completions?{upstream_query}"
+        return self.signed[upstream_query] if self.kind == "parkway" else f"/v1/chat/completions?{upstream_query}"
 
     def stop(self) -> None:
         if self.proc:
@@ -211,11 +235,13 @@ class Bench:
         self.proxy_python = args.proxy_python or sys.executable
         self.proxy_path = Path(args.proxy_path).resolve() if args.proxy_path else ROOT
         self._tracemem: dict[int, str] = {}
+        self._turns: dict[int, Path] = {}  # port -> where loadtest.turns writes (--profile turns)
         self.upstream: Proc | None = None
         self.upstream_port = 0
         self.upstream_group: procstat.Group | None = None
         self.front_port = 0  # the TLS front (parked-tls), started when first needed
         self.front_cert: Path | None = None
+        self.parsers: dict[str, str] = {}  # Parkway label -> the HTTP parser its start-up line reported
 
     # --- processes ------------------------------------------------------------------------
 
@@ -301,7 +327,7 @@ class Bench:
         self, name: str, *, workers: int | None = None, queries: tuple[str, ...] = (), https: bool = False
     ) -> Target:
         port = free_port()
-        log = self.tmp / f"{name}-{port}.log"
+        log = self.tmp / f"{target_kind(name)}-{port}.log"
         upstream = f"127.0.0.1:{self.front_port if https else self.upstream_port}"
         ca = self.front_cert if https else None
         if name == "nginx":
@@ -326,7 +352,15 @@ class Bench:
                 env["TRACEMEM_OUT"] = str(Path(self.args.out).resolve() / f"{self.args.label}-tracemem-{port}.txt")
                 self._tracemem[port] = env["TRACEMEM_OUT"]
                 Path(self.args.out).mkdir(parents=True, exist_ok=True)
+            elif self.args.profile == "turns":
+                module = "loadtest.turns"
+                env["PYTHONPATH"] += os.pathsep + str(ROOT)
+                env["TURNS_OUT"] = str(self.tmp / f"turns-{port}.json")
+                self._turns[port] = self.tmp / f"turns-{port}.json"
             argv = [self.proxy_python, "-m", module, "serve", "--config", str(config)]
+            http = target_http(name)
+            if http:
+                argv += ["--http", http]
             cpus = self.proxy_cpus
             if workers is not None:
                 argv += ["--workers", str(workers)]
@@ -351,6 +385,8 @@ class Bench:
             target.stop()
             raise
         time.sleep(0.5)
+        if target.kind == "parkway":
+            self.parsers[name] = _startup_parser(log) or self.parsers.get(name, "?")
         pids = procstat.tree(proc.pid)
         if name == "nginx":
             pids = pids[1:] or pids  # the worker(s); the master only supervises
@@ -384,7 +420,7 @@ class Bench:
 
     def _warm_up(self, target: Target) -> None:
         query = "events=2&interval_ms=1&size=140"
-        if target.name == "parkway" and query not in target.signed:
+        if target.kind == "parkway" and query not in target.signed:
             target.signed[query] = self._sign(target, query)
         for body in (SMALL_BODY, STREAM_BODY):
             resp = one_request(target.port, target.request_target(query), body)
@@ -469,16 +505,17 @@ class Bench:
         return self._tracemem[target.port]
 
     def _snapshot_due(self, target: Target) -> bool:
-        return self.args.profile == "tracemalloc" and target.name == "parkway"
+        return self.args.profile == "tracemalloc" and target.kind == "parkway"
 
     def _start_profiler(self, target: Target, name: str | None):
-        if not name or target.name != "parkway" or self.args.profile != "py-spy":
+        if not name or target.kind != "parkway" or self.args.profile != "py-spy":
             return None
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if not os.access(spy, os.X_OK):
             self.notes.append("--profile py-spy: py-spy is not installed (pip install -e '.[loadtest]')")
             return None
-        out = Path(self.args.out) / f"{self.args.label}-profile-{name}.txt"
+        http = target_http(target.name)
+        out = Path(self.args.out) / f"{self.args.label}-profile-{name}{f'-{http}' if http else ''}.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
         # Raw collapsed stacks: loadtest.profile turns them into a breakdown by component.
         return Proc(
@@ -515,7 +552,10 @@ class Bench:
         a = self.args
         self.start_tls_front()
         events = max(2, round(a.stream_seconds * 1000 / a.interval_ms))
-        return self._streams("parked-tls", name, repeat, streams, events, a.interval_ms, profile, https=True)
+        front = self.tmp / "tls-front"
+        tls.handshakes(front)  # what an earlier run left
+        run = self._streams("parked-tls", name, repeat, streams, events, a.interval_ms, profile, https=True)
+        return {**run, **tls.handshakes(front)}  # the proxy has stopped: its connections are logged
 
     def relay(self, name: str, repeat: int, profile: bool) -> dict[str, Any]:
         a = self.args
@@ -552,6 +592,8 @@ class Bench:
                     str(a.ramp),
                     "--expect-events",
                     str(events),
+                    "--interval-ms",
+                    f"{interval_ms:g}",
                 ],
                 deadline,
                 profile_name=f"{workload}-{streams}" if profile else None,
@@ -561,6 +603,11 @@ class Bench:
             target.stop()
         r, m = raw["result"], raw["measured"]
         steady = _steady(raw, streams, target.group)
+        timed = self._turns.pop(target.port, None)
+        try:
+            in_proxy = turns.summarise(json.loads(timed.read_text())) if timed else {}
+        except (OSError, ValueError):
+            in_proxy = {}
         return {
             "workload": workload,
             "target": name,
@@ -576,6 +623,14 @@ class Bench:
             "ttfe_p50_ms": _ms(r["ttfe_s"]["p50"]),
             "ttfe_p99_ms": _ms(r["ttfe_s"]["p99"]),
             "ttfe_max_ms": _ms(r["ttfe_s"]["max"]),
+            # Connecting is not in the time to first event: a full listen backlog shows here.
+            "connect_p99_ms": _ms(r["connect_s"]["p99"]),
+            # Events after a stream's first, later than their place on the upstream's schedule
+            # (loadtest.loadgen): all of them, and those that arrived during the ramp.
+            "lateness_p99_ms": _ms(r.get("lateness_s", {}).get("p99")),
+            "ramp_lateness_p50_ms": _ms(r.get("ramp_lateness_s", {}).get("p50")),
+            "ramp_lateness_p99_ms": _ms(r.get("ramp_lateness_s", {}).get("p99")),
+            "ramp_lateness_max_ms": _ms(r.get("ramp_lateness_s", {}).get("max")),
             "duration_p50_s": r["duration_s"]["p50"],
             "duration_max_s": r["duration_s"]["max"],
             "idle_rss_kb": m["idle_rss_kb"],
@@ -587,6 +642,8 @@ class Bench:
             "cpu_s": m["cpu_s"],
             "cpu_per_event_us": 1e6 * m["cpu_s"] / r["events"] if r["events"] else None,
             **steady,
+            # --profile turns: the set-up inside Parkway and its run loop's turns (loadtest.turns).
+            **in_proxy,
             "upstream_cpu_pct": m["upstream_cpu_pct"],
             "loadgen_cpu_pct": m["loadgen_cpu_pct"],
             "wall_s": m["wall_s"],
@@ -689,7 +746,9 @@ class Bench:
         a = self.args
         started = time.monotonic()
         self.start_upstream()
-        targets = ("parkway",) if a.no_reference else tuple(t for t in TARGETS if t in a.targets)
+        parkways = tuple(parkway_label(http) for http in a.http) if a.http else ("parkway",)
+        chosen = ("parkway",) if a.no_reference else tuple(t for t in TARGETS if t in a.targets)
+        targets = tuple(p for t in chosen for p in (parkways if t == "parkway" else (t,)))
         workloads = a.workload
         workers_ok = None
         if "workers" in workloads:
@@ -714,20 +773,28 @@ class Bench:
                         # The sweep's smaller counts (the chart) once; the largest (the target) every repeat.
                         counts = a.streams if repeat == 0 or a.sweep_every_repeat else [max(a.streams)]
                         for streams in counts:
-                            self._record(self.parked(name, repeat, streams, profile and name == "parkway"))
+                            self._record(self.parked(name, repeat, streams, profile and target_kind(name) == "parkway"))
                     elif workload == "parked-tls":
-                        self._record(self.parked_tls(name, repeat, max(a.streams), profile and name == "parkway"))
-                    elif workload == "relay":
-                        self._record(self.relay(name, repeat, profile and name == "parkway"))
-                    elif workload == "small":
-                        workers = a.workers if workers_ok and name == "parkway" and a.workers else None
                         self._record(
-                            self.small(name, repeat, a.clients, workers=workers, profile=profile and name == "parkway")
+                            self.parked_tls(name, repeat, max(a.streams), profile and target_kind(name) == "parkway")
+                        )
+                    elif workload == "relay":
+                        self._record(self.relay(name, repeat, profile and target_kind(name) == "parkway"))
+                    elif workload == "small":
+                        workers = a.workers if workers_ok and target_kind(name) == "parkway" and a.workers else None
+                        self._record(
+                            self.small(
+                                name,
+                                repeat,
+                                a.clients,
+                                workers=workers,
+                                profile=profile and target_kind(name) == "parkway",
+                            )
                         )
                     elif workload == "latency":
                         if name == order[0]:
                             self._record(self.latency("direct", repeat))
-                        self._record(self.latency(name, repeat, profile and name == "parkway"))
+                        self._record(self.latency(name, repeat, profile and target_kind(name) == "parkway"))
                     elif workload == "pool":
                         for clients in a.pool_clients:
                             self._record(
@@ -736,15 +803,19 @@ class Bench:
                                     repeat,
                                     clients,
                                     workload="pool",
-                                    profile=profile and name == "parkway" and clients == max(a.pool_clients),
+                                    profile=profile
+                                    and target_kind(name) == "parkway"
+                                    and clients == max(a.pool_clients),
                                 )
                             )
-                    elif workload == "workers" and workers_ok and name == "parkway":
+                    elif workload == "workers" and workers_ok and target_kind(name) == "parkway":
                         for n in (1, a.workers or 2):
-                            self._record(self.small("parkway", repeat, a.clients, workload="workers", workers=n))
+                            self._record(self.small(name, repeat, a.clients, workload="workers", workers=n))
         return self.results(started)
 
     def _record(self, run: dict[str, Any]) -> None:
+        if target_kind(run["target"]) == "parkway":
+            run["http"] = self.parsers.get(run["target"], target_http(run["target"]) or "?")
         self.runs.append(run)
         brief = {
             k: (round(v, 2) if isinstance(v, float) else v)
@@ -807,6 +878,20 @@ listen = []  # the default port may be taken by another run on a shared machine
 level = "{level}"
 format = "json"
 """
+
+
+def _startup_parser(log: Path) -> str | None:
+    """The HTTP parser named by Parkway's start-up log line (what it really runs with)."""
+    try:
+        for line in log.read_text(errors="replace").splitlines():
+            if '"startup"' in line:
+                try:
+                    return json.loads(line).get("http")
+                except ValueError:
+                    return None
+    except OSError:
+        pass
+    return None
 
 
 def _delta(samples: list[procstat.Sample], attr: str) -> float:
@@ -893,6 +978,14 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _parsers(text: str) -> list[str]:
+    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    for name in names:
+        if name not in PARSERS:
+            raise argparse.ArgumentTypeError(f"unknown HTTP parser {name!r} (choose from {', '.join(PARSERS)})")
+    return names
+
+
 def _workloads(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     if names == ["all"]:
@@ -944,6 +1037,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(TARGETS),
         help="proxies to measure (default nginx,parkway)",
     )
+    g.add_argument(
+        "--http",
+        type=_parsers,
+        default=None,
+        help="measure Parkway once per HTTP parser, comma-separated (h11,httptools): each started with "
+        "`parkway serve --http X` and labelled `parkway (X)`; default: the installed default only",
+    )
     g.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     g.add_argument("--proxy-python", help="Python that runs Parkway (e.g. a scratch venv)")
     g.add_argument("--proxy-path", help="directory holding the proxy/ package to measure (default: this repo)")
@@ -956,10 +1056,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--profile",
         default="none",
-        choices=["none", "py-spy", "tracemalloc"],
+        choices=["none", "py-spy", "tracemalloc", "turns"],
         help="py-spy: record Parkway's stacks during the first repeat of each workload "
         "(loadtest.profile summarises them); tracemalloc: run Parkway under "
-        "loadtest.tracemem and snapshot its memory once every stream is parked",
+        "loadtest.tracemem and snapshot its memory once every stream is parked; turns: run "
+        "Parkway under loadtest.turns and add to each parked run its set-ups' accept-to-relay "
+        "time and its run loop's turn lengths (where first events wait)",
     )
     g.add_argument("--sample-interval", type=float, default=0.1)
     g.add_argument("--out", default=str(ROOT / "loadtest" / "results"), help="directory for JSON, Markdown, PNG")

@@ -6,6 +6,8 @@ https on loopback with a throwaway certificate made at run time (ECDSA P-256, fo
 only, valid one day, in the run's private directory) and passes every request on to the lean
 upstream with buffering off. Both proxies verify that certificate: Parkway with
 ``upstream_ca_file``, nginx with ``proxy_ssl_verify``. Nothing here is committed or reused.
+The front logs one short line per request, from which :func:`handshakes` counts each proxy's
+full and resumed handshakes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from .nginx import PRELUDE
 FRONT_CONF = (
     PRELUDE
     + """\
-    access_log off;
+    # One line per request: which requests opened a connection, and whether its handshake
+    # resumed a session (read by handshakes() after each run).
+    log_format handshakes '$connection_requests $ssl_session_reused';
+    access_log {dir}/handshakes.log handshakes;
     upstream lean {{
         server {upstream};
         keepalive 1024;
@@ -74,3 +79,17 @@ def write_front_config(directory: Path, *, listen: str, upstream: str, cert: Pat
         )
     )
     return path
+
+
+def handshakes(directory: Path) -> dict[str, int]:
+    """Connections the front accepted since the last call, by handshake (full or resumed), and
+    the requests they carried; the log is emptied for the next run."""
+    path = directory / "handshakes.log"
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return {"tls_full": 0, "tls_resumed": 0, "tls_requests": 0}
+    path.write_text("")  # nginx appends (O_APPEND): the next run's lines start at the new end
+    firsts = [line.split() for line in lines if line.startswith("1 ")]
+    resumed = sum(1 for fields in firsts if fields[1:] == ["r"])
+    return {"tls_full": len(firsts) - resumed, "tls_resumed": resumed, "tls_requests": len(lines)}

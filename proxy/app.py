@@ -93,7 +93,9 @@ class Parkway:
         self._engine_scope = trio.CancelScope()
         self.websockets = WebSocketProxy(config.websocket, ssl_context=self.upstream.ssl_context)
         self.metrics = Metrics(
-            open_connections=lambda: self.server.open_connections, websocket_sessions=lambda: self.websockets.active
+            open_connections=lambda: self.server.open_connections,
+            websocket_sessions=lambda: self.websockets.active,
+            upstream_tls_handshakes=lambda: (self.upstream.tls_full, self.upstream.tls_resumed),
         )
         self.clock = clock
         self.tracing: Tracing | None = None

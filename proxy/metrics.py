@@ -7,10 +7,11 @@ No per-user or per-URL labels, so cardinality stays fixed however the proxy is u
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily
 
 from .telemetry.genai import GenAIMetrics
 
@@ -24,12 +25,35 @@ SESSION_BUCKETS = (0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)  # We
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
+class _TLSHandshakes:
+    """``parkway_upstream_tls_handshakes_total{resumed}``, read from the upstream client's two
+    counts when scraped: nothing is done per connection for it."""
+
+    def __init__(self, counts: Callable[[], tuple[int, int]]):
+        self.counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        full, resumed = self.counts()
+        family = CounterMetricFamily(
+            "parkway_upstream_tls_handshakes",
+            "TLS handshakes with upstreams, by whether they resumed a session.",
+            labels=["resumed"],
+        )
+        family.add_metric(["false"], full)
+        family.add_metric(["true"], resumed)
+        yield family
+
+
 class Metrics:
     def __init__(
-        self, open_connections: Callable[[], float] = lambda: 0, websocket_sessions: Callable[[], float] = lambda: 0
+        self,
+        open_connections: Callable[[], float] = lambda: 0,
+        websocket_sessions: Callable[[], float] = lambda: 0,
+        upstream_tls_handshakes: Callable[[], tuple[int, int]] = lambda: (0, 0),
     ):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        r.register(_TLSHandshakes(upstream_tls_handshakes))
         self.requests = Counter(
             "parkway_requests",
             "Requests answered, by credential, status class and outcome.",

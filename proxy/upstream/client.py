@@ -142,6 +142,8 @@ class UpstreamClient:
         self._ssl: ssl.SSLContext | None = None
         self._resolver = resolver
         self._sessions: dict[Origin, ssl.SSLSession] = {}  # the last TLS session per origin, to resume
+        self.tls_full = 0  # TLS handshakes with upstreams, full and resumed (/metrics)
+        self.tls_resumed = 0
 
     def apply(self, config: ServerConfig) -> None:
         """Take a reloaded ``[server]`` for new requests: the upstream timeouts, the private-address
@@ -189,19 +191,22 @@ class UpstreamClient:
                 response = await self._exchange(req, origin, target, host_header)
         except trio.TooSlowError:
             raise UpstreamTimeout(f"{name} sent no response within {self.first_byte_timeout:g} s") from None
+        if origin.scheme == "https" and origin not in self._sessions:
+            # Taken at the head, not when the body ends: streams that open while this one
+            # is still answering (a ramp of long SSE streams) resume instead of a full handshake.
+            self._remember_session(origin, response.conn)
         try:
             yield response
         finally:
-            if origin.scheme == "https" and origin not in self._sessions:
-                self._remember_session(origin, response.conn)
             if response.reusable:
                 self.pool.give_back(origin, response.conn, trio.current_time())
             else:
                 response.conn.close()
 
     def _remember_session(self, origin: Origin, conn: UpstreamConnection) -> None:
-        """Keep one TLS session per origin to resume (reading it costs as much as relaying
-        several events, so it is taken once and forgotten when a handshake did not resume it)."""
+        """Keep one TLS session per origin for every new connection to resume (reading it costs
+        as much as relaying several events, so it is taken once and forgotten when a handshake
+        did not resume it; the next answer's session replaces it)."""
         session = conn.tls_session
         if session is not None:
             self._sessions[origin] = session
@@ -234,8 +239,12 @@ class UpstreamClient:
             resolver=self._resolver,
             tls_session=self._sessions.get(origin),
         )
-        if conn.tls and not conn.tls_resumed:
-            self._sessions.pop(origin, None)  # expired or refused: the next answer's session replaces it
+        if conn.tls:
+            if conn.tls_resumed:
+                self.tls_resumed += 1
+            else:
+                self.tls_full += 1
+                self._sessions.pop(origin, None)  # expired or refused: the next answer's session replaces it
         try:
             return await self._send_and_read_head(conn, req, target, host, first, rest)
         except _StaleConnection as exc:

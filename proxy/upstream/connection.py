@@ -63,8 +63,16 @@ class UpstreamConnection:
 
     @property
     def tls_session(self) -> ssl.SSLSession | None:
-        """The TLS session to resume on the next connection to the same origin (a cheaper handshake)."""
-        return self._tls.session if self._tls is not None else None
+        """The TLS session to resume on the next connection to the same origin (a cheaper handshake);
+        None while there is none that can be: TLS 1.3 resumes only with a ticket, which the server
+        sends after the handshake (it has come by the time the response head has)."""
+        tls = self._tls
+        if tls is None:
+            return None
+        session = tls.session
+        if session is None or not (session.has_ticket or (session.id and tls.version() != "TLSv1.3")):
+            return None
+        return session
 
     # --- connecting ---------------------------------------------------------------------------
 

@@ -81,6 +81,53 @@ def test_runner_measures_parkway_and_nginx_on_a_tiny_load(tmp_path):
     assert [p["streams"] for p in summary["sweep"]] == [200, 200]
 
 
+def test_runner_measures_each_http_parser_beside_nginx_in_one_invocation(tmp_path):
+    """``--http h11,httptools``: two Parkway variants, each started with its parser, measured
+    in the same repeat as nginx, labelled apart in the JSON and in the Markdown table; with
+    ``--profile turns`` each parked Parkway run also says how long its set-ups took inside."""
+    if nginx.nginx_binary() is None:
+        pytest.fail("nginx is not installed; install it with `bash .ci/system-deps` (`make test` does).")
+    argv = ["run", "--workload", "parked,latency", "--streams", "100", "--stream-seconds", "0.5",
+            "--interval-ms", "100", "--ramp", "1000", "--requests", "100", "--repeat", "1",
+            "--max-minutes", "2", "--no-chart", "--quiet", "--http", "h11,httptools", "--profile", "turns",
+            "--out", str(tmp_path), "--label", "parsers"]  # fmt: skip
+    args = runner.build_parser().parse_args(argv)
+    args.argv = argv
+    runner.run_from_args(args)
+
+    results = json.loads((tmp_path / "parsers.json").read_text())
+    labels = ("parkway (h11)", "parkway (httptools)")
+    runs = {(r["workload"], r["target"]): r for r in results["runs"]}
+    assert set(runs) == {(w, t) for w in ("parked", "latency") for t in (*labels, "nginx")} | {("latency", "direct")}
+    for label, parser in zip(labels, ("h11", "httptools")):
+        # What the started proxy's own start-up line reported, not what was asked.
+        assert {runs[w, label]["http"] for w in ("parked", "latency")} == {parser}
+        assert (runs["parked", label]["completed"], runs["parked", label]["error_count"]) == (100, 0)
+        assert runs["latency", label]["error_count"] == 0
+    assert "http" not in runs["parked", "nginx"]
+    for label in labels:
+        parked = runs["parked", label]
+        # Accept to relay start can only be shorter than the client's request to first event.
+        assert 0 < parked["setup_in_proxy_p50_ms"] <= parked["ttfe_max_ms"], parked
+        assert parked["turn_p99_ms"] > 0 and parked["turn_steps_p99"] >= 1, parked
+    for label in (*labels, "nginx"):
+        parked = runs["parked", label]
+        # Lateness is measured from each stream's least-late event: never negative. (A ramp this
+        # short may end before any stream's second event: the ramp figures can be None.)
+        assert 0 <= parked["lateness_p99_ms"] and parked["connect_p99_ms"] > 0, parked
+        if parked["ramp_lateness_p50_ms"] is not None:
+            assert 0 <= parked["ramp_lateness_p50_ms"] <= parked["ramp_lateness_max_ms"], parked
+    assert "setup_in_proxy_p50_ms" not in runs["parked", "nginx"]
+
+    completed = results["summary"]["parked_completed"]
+    assert set(completed["proxies"]) == set(labels)
+    assert all(p["value"] == 1.0 and p["ratio_vs_nginx"] == 1.0 for p in completed["proxies"].values())
+    table = (tmp_path / "parsers.md").read_text()
+    assert "| figure | target | Parkway (h11) | Parkway (httptools) | nginx | Parkway (h11) ÷ nginx |" in table
+    assert "| Parked streams completed with zero errors (fraction) | all (1.000) | 1.000 | 1.000 | 1.000 |" in table
+    assert "| parkway (h11) | http | 100 |" in table and "| parkway (httptools) | http | 100 |" in table
+
+
 def test_websocket_workload_measures_parkway_and_a_direct_connection(tmp_path):
     """``python -m loadtest.websockets run`` with tiny numbers: sessions open and echo through
     Parkway and directly, and every figure is there."""

@@ -103,14 +103,15 @@ class Certificate:
         return context
 
 
-def make_certificate(directory: Path) -> Certificate:
-    """A throwaway self-signed certificate for 127.0.0.1, made with the openssl command."""
+def make_certificate(directory: Path, names: str = "IP:127.0.0.1") -> Certificate:
+    """A throwaway self-signed certificate for ``names`` (its subjectAltName: 127.0.0.1 unless
+    told), made with the openssl command."""
     cert, key = directory / "cert.pem", directory / "key.pem"
     try:
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
              "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-             "-addext", "subjectAltName=IP:127.0.0.1", "-addext", "basicConstraints=critical,CA:TRUE"],
+             "-addext", f"subjectAltName={names}", "-addext", "basicConstraints=critical,CA:TRUE"],
             check=True, capture_output=True, timeout=30,
         )  # fmt: skip
     except FileNotFoundError:
@@ -124,6 +125,16 @@ class _ServerTLSStream(trio.abc.Stream):
     def __init__(self, stream: trio.SocketStream, context: ssl.SSLContext):
         self.socket = stream.socket
         self._tls = trio.SSLStream(stream, context, server_side=True)
+
+    @property
+    def session_reused(self) -> bool:
+        """Whether the client resumed a TLS session (valid once a request has been read)."""
+        return bool(self._tls.session_reused)
+
+    @property
+    def version(self) -> str | None:
+        """The TLS version agreed on ("TLSv1.3"), once a request has been read."""
+        return self._tls.version()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._tls.send_all(data)
@@ -144,9 +155,13 @@ class _ServerTLSStream(trio.abc.Stream):
 class TLSUpstream(Upstream):
     """The h11 test upstream of ``helpers``, serving https with ``certificate``."""
 
-    def __init__(self, certificate: Certificate, behaviour=None):
+    def __init__(self, certificate: Certificate, behaviour=None, *, maximum_version: ssl.TLSVersion | None = None):
         super().__init__() if behaviour is None else super().__init__(behaviour)
         self._context = certificate.server_context()
+        if maximum_version is not None:
+            self._context.maximum_version = maximum_version
+        self.server_names: list[str | None] = []  # the SNI of each handshake, in order
+        self._context.sni_callback = lambda _tls, name, _context: self.server_names.append(name)
 
     @property
     def base(self) -> str:
