@@ -6,9 +6,11 @@ reference's byte for byte (tests/unit/http/test_impl_equivalence.py feeds both t
 streams). Where llhttp and h11 disagree, h11 decides:
 
 * a head llhttp refuses (a bare LF, an obsolete folded line, a method it does not know, an
-  HTTP version other than 1.0/1.1) is re-read by h11, which refuses it with its own reason or
-  reads it; a head that starts with a control byte or a blank line is h11's to refuse at once,
-  as it does before the head is complete;
+  HTTP version other than 1.0/1.1), or whose request line is not h11's (llhttp reads ``GET /``
+  as HTTP/0.9), is re-read by h11, which refuses it with its own reason or reads it; a head
+  that starts with a control byte or a blank line is h11's to refuse at once, as it does
+  before the head is complete; a complete head over ``max_header_bytes`` is refused after
+  h11's checks, as the h11 path measures it;
 * a chunked request body is de-framed by h11 (primed with the head's framing): llhttp's chunk
   grammar differs from h11's (extensions, trailer line ends, sizes over 64 bits) and httptools
   cannot stop at the end of a message to leave a pipelined request alone. Chunked request
