@@ -88,6 +88,43 @@ def bench_signed() -> Callable[[], object]:
     return lambda: parse_signed_request(query)
 
 
+def bench_verify() -> Callable[[], object]:
+    """The whole signature path of a request: parse, validity, verify (the gateway's steps 1, 3, 5)."""
+    from datetime import UTC, datetime
+
+    from proxy.signing import check_validity, parse_signed_request, verify_signature
+
+    query = signed_query()
+    now = datetime.now(UTC)
+
+    def verify() -> None:
+        signed = parse_signed_request(query)
+        check_validity(signed, now, clock_skew=30, max_expiry=86400)
+        verify_signature(signed, method="POST", secrets=(SECRET,), paths=("/", "/"), headers={}, body=None)
+
+    return verify
+
+
+def bench_header_map() -> Callable[[], object]:
+    """The gateway's header map of an SDK-sized head, read as a plain request reads it."""
+    import h11
+
+    from proxy.gateway.plan import header_map
+    from proxy.http.connection import RequestHead
+
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(_sdk_head())
+    event = conn.next_event()
+    assert isinstance(event, h11.Request)
+    head = RequestHead("POST", "/", tuple((bytes(n), bytes(v)) for n, v in event.headers), "1.1", "127.0.0.1")
+
+    def read() -> object:
+        headers = header_map(head)
+        return headers.get("upgrade")
+
+    return read
+
+
 def bench_request_id() -> Callable[[], object]:
     from proxy.gateway import handler
 
@@ -200,6 +237,8 @@ BENCHES: dict[str, Callable[[], Callable[[], object]]] = {
     "log": bench_log,
     "query": bench_query,
     "signed": bench_signed,
+    "verify": bench_verify,
+    "header_map": bench_header_map,
     "request_id": bench_request_id,
     "metrics": bench_metrics,
     "forward_context": bench_forward_context,

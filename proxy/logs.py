@@ -86,7 +86,31 @@ def _render_json(_logger: Any, _method: str, event_dict: MutableMapping[str, Any
     return _ENCODE(event_dict)
 
 
-_ENCODE = json.JSONEncoder(default=_json_default).encode
+def _json_encoder() -> Callable[[Any], str]:
+    """``json.JSONEncoder(default=_json_default).encode``, with its C encoder made once: the
+    encoder makes one for every call (``iterencode``), a third of a log line's JSON. Where the
+    C accelerator is missing or does not encode a sample line exactly as the encoder does, the
+    encoder itself. (No check for circular containers: a log line has none.)"""
+    plain = json.JSONEncoder(default=_json_default).encode
+    try:
+        from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
+
+        make = c_make_encoder(None, _json_default, encode_basestring_ascii, None, ": ", ", ", False, False, True)
+
+        def encode(event_dict: Any) -> str:
+            return "".join(make(event_dict, 0))
+
+        marker = object()
+        sample = {"event": "é\n\"\x00", "n": -1, "f": 0.1, "nan": float("nan"), "none": None, "yes": True,
+                  "list": [1, ("a", {"k": 2.5e300})], 3: "int key", "object": marker}  # fmt: skip
+        if encode(sample) == plain(sample):
+            return encode
+    except Exception:  # noqa: BLE001 - any failure: the plain encoder
+        pass
+    return plain
+
+
+_ENCODE = _json_encoder()
 
 
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:

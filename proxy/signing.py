@@ -84,6 +84,8 @@ def canonical_headers(headers: Sequence[tuple[str, str]]) -> tuple[str, str]:
     separately, which differ when one name prefixes another (``accept-language:`` sorts
     before ``accept:`` because ``-`` < ``:``).
     """
+    if not headers:
+        return "", ""
     lines = sorted(f"{name.lower()}:{value.strip()}" for name, value in headers)
     return "\n".join(lines), ";".join(sorted(name.lower() for name, _ in headers))
 
@@ -136,16 +138,34 @@ class SignedRequest:
 MAX_QUERY_FIELDS = 200
 
 
+@lru_cache(maxsize=256)
+def _form_decode(text: str) -> str:
+    """One form-encoded name or value, decoded (``+`` is a space; UnicodeDecodeError when the
+    bytes are not UTF-8). Cached: the encoded texts of a signed URL (its upstream URL, its
+    credential) come back request after request, and ``unquote`` is the dearest step of parsing."""
+    if "+" in text:
+        text = text.replace("+", " ")
+    return unquote(text, errors="strict") if "%" in text else text
+
+
+def _too_many_fields(raw_query: str) -> bool:
+    return raw_query.count("&") >= MAX_QUERY_FIELDS
+
+
+def _not_utf8() -> BadRequest:
+    return BadRequest("query string is not valid UTF-8 after percent-decoding", code="malformed_signed_url")
+
+
 def parse_query(raw_query: str) -> list[tuple[str, str]]:
     """Form-decode a query string (``+`` is a space), refusing bytes that are not UTF-8.
 
     Exactly ``parse_qsl(raw_query, keep_blank_values=True, errors="strict", max_num_fields=200)``
     (a property test holds it to that), split by hand: a signed query's parameters are mostly
-    plain text, and only those with ``%`` go through ``unquote``.
+    plain text, and only those with ``%`` or ``+`` are decoded.
     """
     if not raw_query:
         return []
-    if raw_query.count("&") >= MAX_QUERY_FIELDS:
+    if _too_many_fields(raw_query):
         raise BadRequest("query string has too many parameters", code="malformed_signed_url")
     pairs = []
     try:
@@ -153,33 +173,51 @@ def parse_query(raw_query: str) -> list[tuple[str, str]]:
             if not field:
                 continue
             name, _, value = field.partition("=")
-            if "+" in name:
-                name = name.replace("+", " ")
-            if "%" in name:
-                name = unquote(name, errors="strict")
-            if "+" in value:
-                value = value.replace("+", " ")
-            if "%" in value:
-                value = unquote(value, errors="strict")
+            if "%" in name or "+" in name:
+                name = _form_decode(name)
+            if "%" in value or "+" in value:
+                value = _form_decode(value)
             pairs.append((name, value))
     except UnicodeDecodeError:
-        raise BadRequest(
-            "query string is not valid UTF-8 after percent-decoding", code="malformed_signed_url"
-        ) from None
+        raise _not_utf8() from None
     return pairs
 
 
 def parse_signed_request(raw_query: str) -> SignedRequest:
-    """Parse the ``X-Sw-*`` parameters; a :class:`BadRequest` names the first missing or invalid one."""
-    pairs = parse_query(raw_query)
+    """Parse the ``X-Sw-*`` parameters; a :class:`BadRequest` names the first missing or invalid one.
+
+    One pass over the query (as :func:`parse_query` decodes it): the parameters are decoded,
+    checked for repeats and collected as they come.
+    """
+    if raw_query and _too_many_fields(raw_query):
+        raise BadRequest("query string has too many parameters", code="malformed_signed_url")
     found: dict[str, str] = {}
-    for key, value in pairs:
-        if key in found and key.startswith("X-Sw-"):
-            raise BadRequest(
-                f"parameter {client_text(key, quoted=False)} appears more than once", code="malformed_signed_url"
-            )
-        found[key] = value
-    if not any(k.startswith("X-Sw-") for k in found):
+    params: list[tuple[str, str]] = []  # every parameter but the signature, in order
+    signway = False
+    repeated: str | None = None
+    try:
+        for field in raw_query.split("&") if raw_query else ():
+            if not field:
+                continue
+            key, _, value = field.partition("=")
+            if "%" in key or "+" in key:
+                key = _form_decode(key)
+            if "%" in value or "+" in value:
+                value = _form_decode(value)
+            if key.startswith("X-Sw-"):
+                if key in found and repeated is None:
+                    repeated = key  # refused once the whole query decoded (a bad escape is named first)
+                signway = True
+            found[key] = value
+            if key != X_SIGNATURE:
+                params.append((key, value))
+    except UnicodeDecodeError:
+        raise _not_utf8() from None
+    if repeated is not None:
+        raise BadRequest(
+            f"parameter {client_text(repeated, quoted=False)} appears more than once", code="malformed_signed_url"
+        )
+    if not signway:
         raise BadRequest("not a signed URL: the X-Sw-* query parameters are missing", code="missing_signature_params")
     for name in REQUIRED_PARAMS:
         if name not in found:
@@ -204,10 +242,14 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
     expires_text = found[X_EXPIRES]
     if not _EXPIRES_RE.match(expires_text):
         raise invalid(X_EXPIRES, "expected a whole number of seconds (ASCII digits, at most 10)")
-    try:  # the validity check adds them: year 9999 plus an expiry leaves the calendar
-        date + timedelta(seconds=int(expires_text))
-    except OverflowError:
-        raise invalid(X_EXPIRES, "the URL would expire after the year 9999") from None
+    expires = int(expires_text)
+    # The validity check adds them: year 9999 plus an expiry leaves the calendar. (Ten digits
+    # of seconds are under 317 years: only a date after 9682 can get there.)
+    if date.year > 9682:
+        try:
+            date + timedelta(seconds=expires)
+        except OverflowError:
+            raise invalid(X_EXPIRES, "the URL would expire after the year 9999") from None
     body_text = found[X_BODY]
     if body_text not in ("true", "false"):
         raise invalid(X_BODY, "expected true or false")
@@ -226,13 +268,13 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
         credential_id=credential_id,
         date=date,
         date_text=date_text,
-        expires=int(expires_text),
+        expires=expires,
         proxy_text=found[X_PROXY],
         proxy_url=proxy_url,
         signed_headers=names,
         body_signed=body_text == "true",
         signature=sig.lower(),
-        params=tuple((k, v) for k, v in pairs if k != X_SIGNATURE),
+        params=tuple(params),
     )
 
 
@@ -310,7 +352,9 @@ def candidate_requests(
     seen: set[bytes] = set()
     for path in dict.fromkeys(paths):
         for proxy in proxies:
-            params = [(k, proxy if k == X_PROXY else v) for k, v in req.params]
+            params = (
+                req.params if proxy is req.proxy_text else [(k, proxy if k == X_PROXY else v) for k, v in req.params]
+            )
             for encode in QUERY_ENCODINGS:
                 query = canonical_query(params, encode)
                 for headers in header_lists:
@@ -336,11 +380,11 @@ def verify_signature(
     first match reveals only which spelling the client itself sent.
     """
     header_lists = signed_header_values(req, headers, body)
-    expected = req.signature.encode()
+    expected = req.signature  # 64 hex digits (parse_signed_request): ASCII, as compare_digest needs
     ok = False
     for canonical in candidate_requests(req, method, paths, header_lists, body or b""):
         for secret in secrets:
-            if hmac.compare_digest(signature(secret, req.date_text, canonical).encode(), expected):
+            if hmac.compare_digest(signature(secret, req.date_text, canonical), expected):
                 ok = True
                 break
         if ok:

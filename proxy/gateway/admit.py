@@ -11,7 +11,7 @@ import trio
 from .. import limits
 from ..config import Config
 from ..limits import GlobalGate, StateBackend
-from .budget import Budgets, budget_hold
+from .budget import Budgets, budget_hold, has_budget
 from .plan import Plan, Request, Step
 
 
@@ -54,12 +54,21 @@ class Admission:
             keys = limits.split_limits(keys)[1]
         trace = req.record.trace
         step = trace.start_step("parkway.limits") if trace is not None else None
-        async with self.gate.slot():
-            decision = await self.state.acquire(keys, trio.current_time())
+        # Plain try/finally rather than ``gate.slot()`` and ``budget_hold`` for a credential
+        # without budgets: each async context manager costs a generator and two awaits.
+        gate = self.gate
+        await gate.acquire()
+        try:
+            decision = await self.state.acquire(keys, trio.current_time()) if keys else limits.ALLOWED
             decision.raise_if_refused()
             try:
-                if not limits_passed:
+                if plan.single_use and not limits_passed:
                     await self.check_single_use(req.config, plan)
+                if not has_budget(credential):
+                    if trace is not None:  # limits passed; a refusal: closed at the end
+                        trace.end_step(step)
+                    await step7(req)
+                    return
                 async with budget_hold(self.budgets, req) as req:
                     if trace is not None:  # limits and the budget's hold passed; a refusal: closed at the end
                         trace.end_step(step)
@@ -68,6 +77,8 @@ class Admission:
                 if decision.lease is not None:  # None: no concurrency limit counted this request
                     with trio.CancelScope(shield=True):
                         await self.state.release(decision.lease)
+        finally:
+            gate.release()
 
     async def admit_without_upstream(self, req: Request) -> None:
         """Admission of a request served without an upstream call (a cache hit, a collapsed

@@ -165,13 +165,16 @@ class Gateway:
         tokens = structlog.contextvars.bind_contextvars(request_id=request_id, credential=None, user=None, job=None)
         try:
             try:
-                with trio.move_on_after(config.server.request_timeout or float("inf")) as overall:
+                with trio.move_on_after(config.server.request_timeout or math.inf) as overall:
                     await self._handle(head, conn, config, record, request_id, overall)
                 if overall.cancelled_caught:
-                    raise UpstreamTimeout(
-                        f"request exceeded the overall limit of {config.server.request_timeout:g} s",
-                        code="request_timeout",
-                    )
+                    if record.outcome == "client_gone":  # the client watch cancelled it (relay.client_watch)
+                        conn.abort()
+                    else:
+                        raise UpstreamTimeout(
+                            f"request exceeded the overall limit of {config.server.request_timeout:g} s",
+                            code="request_timeout",
+                        )
             except ParkwayError as exc:
                 record.outcome = exc.outcome if record.outcome == "ok" else record.outcome
                 record.error, record.error_code = exc.message, exc.code
@@ -269,10 +272,10 @@ class Gateway:
             overall.deadline = math.inf
             await self.admission.admit(req, self.open_session)
         elif plan.cache is not None and self.serve_cacheable is not None:
-            await unless_client_leaves(self.engine, conn, record, partial(self.serve_cacheable, req))
+            await unless_client_leaves(self.engine, conn, record, partial(self.serve_cacheable, req), overall)
         else:
             step7 = self.forward if plan.background is None else self.enqueue
-            await unless_client_leaves(self.engine, conn, record, partial(self.admission.admit, req, step7))
+            await unless_client_leaves(self.engine, conn, record, partial(self.admission.admit, req, step7), overall)
 
     async def _plan(
         self,
@@ -346,12 +349,13 @@ class Gateway:
         if self.cache is not None and not websocket and background is None:
             # 6c: the cache, only as the signer allowed it (a job's answer goes to its job, not the cache).
             cached = cache_ask(head, config, credential, extras, body is not None, declared_length)
-        if body is None and has_body(head):
+        body_follows = has_body(head)  # two header scans: asked once
+        if body is None and body_follows:
             budgeted = has_budget(credential) and not websocket
             body = await read_body_if_needed(conn, head, config, background, cached, budgeted)
         if cached is not None and not cached.bypass:
             cached = keyed(cached, head, config, credential, upstream_url, user, body)
-        if body is None and not has_body(head):
+        if body is None and not body_follows:
             # Consume the (empty) body's end now: from here on a client that leaves is noticed,
             # even while queued for a slot.
             await self._drain_request_body(conn)

@@ -19,7 +19,6 @@ import re
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -119,6 +118,39 @@ class UpstreamResponse:
         self.reusable = False
 
 
+class _Exchange:
+    """:meth:`UpstreamClient.open`: a class rather than an ``@asynccontextmanager``, whose async
+    generator costs trio's first-iteration hook (a WeakSet entry) besides the generator itself."""
+
+    __slots__ = ("client", "req", "origin", "response")
+
+    def __init__(self, client: UpstreamClient, req: UpstreamRequest):
+        self.client, self.req = client, req
+
+    async def __aenter__(self) -> UpstreamResponse:
+        client, req = self.client, self.req
+        origin, target, host_header = _parse(req.url, req.address_policy or client.default_policy)
+        with trio.move_on_after(client.first_byte_timeout) as scope:
+            self.response = await client._exchange(req, origin, target, host_header)
+            self.origin = origin
+        if scope.cancelled_caught:
+            raise UpstreamTimeout(
+                f"{origin.host}:{origin.port} sent no response within {client.first_byte_timeout:g} s"
+            )
+        if origin.scheme == "https" and origin not in client._sessions:
+            # Taken at the head, not when the body ends: streams that open while this one
+            # is still answering (a ramp of long SSE streams) resume instead of a full handshake.
+            client._remember_session(origin, self.response.conn)
+        return self.response
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        client, origin, response = self.client, self.origin, self.response
+        if response.reusable:
+            client.pool.give_back(origin, response.conn, trio.current_time())
+        else:
+            response.conn.close()
+
+
 class UpstreamClient:
     """Sends proxied requests over pooled connections; see the module docstring."""
 
@@ -178,30 +210,11 @@ class UpstreamClient:
                 self._ssl = httpx2.create_ssl_context(verify=self._verify, trust_env=False)
         return self._ssl
 
-    @asynccontextmanager
-    async def open(self, req: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
-        """Send ``req``; yield the response once its head has arrived. Leaving the context gives
-        the connection back to the pool when the relay marked the response reusable, and closes
-        it otherwise (an unfinished body: that stops the generation upstream)."""
-        origin, target, host_header = _parse(req.url, req.address_policy or self.default_policy)
-        name = f"{origin.host}:{origin.port}"
-        response: UpstreamResponse | None = None
-        try:
-            with trio.fail_after(self.first_byte_timeout):
-                response = await self._exchange(req, origin, target, host_header)
-        except trio.TooSlowError:
-            raise UpstreamTimeout(f"{name} sent no response within {self.first_byte_timeout:g} s") from None
-        if origin.scheme == "https" and origin not in self._sessions:
-            # Taken at the head, not when the body ends: streams that open while this one
-            # is still answering (a ramp of long SSE streams) resume instead of a full handshake.
-            self._remember_session(origin, response.conn)
-        try:
-            yield response
-        finally:
-            if response.reusable:
-                self.pool.give_back(origin, response.conn, trio.current_time())
-            else:
-                response.conn.close()
+    def open(self, req: UpstreamRequest) -> _Exchange:
+        """Send ``req``; ``async with`` it to get the response once its head has arrived. Leaving
+        the context gives the connection back to the pool when the relay marked the response
+        reusable, and closes it otherwise (an unfinished body: that stops the generation upstream)."""
+        return _Exchange(self, req)
 
     def _remember_session(self, origin: Origin, conn: UpstreamConnection) -> None:
         """Keep one TLS session per origin for every new connection to resume (reading it costs

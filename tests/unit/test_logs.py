@@ -8,6 +8,8 @@ import time
 from datetime import UTC, datetime
 
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy import logs
 
@@ -55,3 +57,29 @@ def test_secret_keys_are_redacted_whatever_their_case() -> None:
     assert line["signature"] == "01234567…"
     assert line["secretive"] == "kept"
     assert "sk-1" not in json.dumps(line) and "sk-2" not in json.dumps(line)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+class _Repr:
+    def __repr__(self) -> str:
+        return "<repr \u00e9>"
+
+
+class _Structlog:
+    def __structlog__(self) -> str:
+        return "structlog form"
+
+
+@given(st.dictionaries(st.text(max_size=8), _JSON_VALUES | st.sampled_from([_Repr(), _Structlog()]), max_size=6))
+@settings(max_examples=300, deadline=None)
+def test_json_lines_are_what_the_json_encoder_writes(event_dict) -> None:
+    """The encoder made once (logs._json_encoder) writes what json.JSONEncoder writes, line for line."""
+    assert logs._render_json(None, "info", event_dict) == json.JSONEncoder(default=logs._json_default).encode(
+        event_dict
+    )

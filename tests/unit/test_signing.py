@@ -734,3 +734,114 @@ def test_parse_query_allows_200_fields_like_parse_qsl(fields: int) -> None:
     else:
         with pytest.raises(BadRequest, match="too many parameters"):
             parse_query(query)
+
+
+# --- the one-pass signed-query parser reads the query as parse_qsl does --------------------------
+
+_USER = "a b+c/é~ü&="  # a space, a plus, a slash, non-ASCII, an ampersand and an equals sign
+_SIGNED_FIELDS = urlsplit(
+    sign_url(**sdk_args(proxy_url=CHAT + "?x=1&y=a b", params={"pw_user": _USER, "empty": ""}))
+).query.split("&")
+_EXTRA_FIELDS = [
+    "",  # an empty field (&&)
+    "=",
+    "empty=",
+    "novalue",
+    "pw_user=a+b",  # a repeated non-Signway parameter is kept, in order
+    "pw_user=a%20b",
+    "k=%C3%A9",
+    "k=%c3%a9",  # lower-case escapes
+    "k=%FF",  # not UTF-8
+    "k=%zz",  # not an escape: kept as text
+    "k+x=1",
+    "X-Sw-Date=20261120T120000Z",  # repeated Signway parameters
+    "X-Sw-Body=true",
+    "X-Sw-Proxy=https%3a%2f%2fapi.openai.com%2fv1",
+    "X-Sw-Sig%6Eature=" + "0" * 64,  # an encoded name
+]
+
+
+def _respell(field: str, how: int) -> str:
+    """The same decoded name and value, spelled as another signer would (or as sent)."""
+    from urllib.parse import unquote_plus
+
+    name, eq, value = field.partition("=")
+    plain = [unquote_plus(name), unquote_plus(value)]
+    if how == 1:  # RFC 3986 (%20), upper-case escapes
+        return "=".join(quote(p, safe="") for p in plain) if eq else field
+    if how == 2:  # lower-case escapes
+        import re
+
+        return re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), field)
+    if how == 3:  # encodeURIComponent
+        return "=".join(quote(p, safe="!'()*") for p in plain) if eq else field
+    return field
+
+
+@st.composite
+def _signed_query_variants(draw: st.DrawFn) -> str:
+    fields = [_respell(f, draw(st.integers(0, 3))) for f in _SIGNED_FIELDS]
+    for extra in draw(st.lists(st.sampled_from(_EXTRA_FIELDS), max_size=4)):
+        fields.insert(draw(st.integers(0, len(fields))), extra)
+    if draw(st.booleans()):
+        fields = draw(st.permutations(fields))
+    return "&".join(fields)
+
+
+@given(_signed_query_variants())
+@settings(max_examples=400, deadline=None)
+def test_parse_signed_request_reads_the_query_as_parse_qsl(query: str) -> None:
+    from urllib.parse import parse_qsl
+
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, errors="strict", max_num_fields=200)
+    except UnicodeDecodeError:
+        with pytest.raises(BadRequest, match="not valid UTF-8"):
+            parse_signed_request(query)
+        return
+    signway = [k for k, _ in pairs if k.startswith("X-Sw-")]
+    repeated = next((k for i, k in enumerate(signway) if k in signway[:i]), None)
+    if repeated is not None:
+        with pytest.raises(BadRequest, match=f"parameter {repeated} appears more than once"):
+            parse_signed_request(query)
+        return
+    found = dict(pairs)
+    respelled = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in pairs)
+    try:
+        req = parse_signed_request(query)
+    except BadRequest as exc:  # refused for what the values say, whatever their spelling
+        with pytest.raises(BadRequest) as again:
+            parse_signed_request(respelled)
+        assert again.value.message == exc.message
+        return
+    assert req == parse_signed_request(respelled)
+    assert req.params == tuple((k, v) for k, v in pairs if k != "X-Sw-Signature")
+    assert req.extra_params()["pw_user"] == found["pw_user"]
+    assert (req.date_text, req.proxy_text, req.signature) == (
+        found["X-Sw-Date"],
+        found["X-Sw-Proxy"],
+        found["X-Sw-Signature"].lower(),
+    )
+    assert req.credential_id == found["X-Sw-Credential"].split("/", 1)[0]
+    assert req.body_signed is (found["X-Sw-Body"] == "true")
+
+
+@pytest.mark.parametrize("how", [0, 1, 2, 3])
+def test_signed_url_verifies_however_its_query_is_spelled(how: int) -> None:
+    """An intermediary may re-escape the query (lower-case hex, %20 for +): the decoded values are
+    what was signed, so the URL still verifies, and its extra parameters read the same."""
+    url = sign_url(**sdk_args(proxy_url=CHAT + "?x=1&y=a b", params={"pw_user": _USER, "empty": ""}))
+    base, _, query = url.partition("?")
+    respelled = base + "?" + "&".join(_respell(f, how) for f in query.split("&"))
+    assert (respelled != url) is (how != 0)
+    req = verify_url(respelled, method="POST")
+    assert req.extra_params() == {"pw_user": _USER, "empty": ""}
+
+
+def test_repeated_signway_parameter_named_after_a_bad_escape() -> None:
+    """Errors come in the order they always did: the query must decode before a repeat is named."""
+    query = urlsplit(sign_url(**sdk_args(proxy_url=CHAT))).query
+    with pytest.raises(BadRequest, match="not valid UTF-8"):
+        parse_signed_request(f"X-Sw-Body=true&{query}&k=%FF")
+    with pytest.raises(BadRequest, match="X-Sw-Body appears more than once"):
+        parse_signed_request(f"X-Sw-Body=true&{query}")
