@@ -166,20 +166,71 @@ def bench_head_h11() -> Callable[[], object]:
 
 
 def bench_head_httptools() -> Callable[[], object]:
-    """The same with httptools: llhttp on the head, h11 on its framing lines (proxy.http.parsers)."""
-    import h11
-
-    from proxy.http import parsers
+    """The same with httptools: llhttp on the head, h11's checks and framing decision written out
+    (proxy.http.parsers, proxy.http.framing), as proxy.http.httptools_impl reads a head."""
+    from proxy.http import framing, parsers
 
     data = _sdk_head()
 
     def parse() -> object:
         head = parsers.parse_request_head(data)
-        conn = h11.Connection(h11.SERVER)
-        conn.receive_data(head.framing)
-        return conn.next_event(), head
+        return framing.request_framing(head.method, head.target, head.http_version, head.headers)
 
     return parse
+
+
+_BODY = b'{"model":"m","messages":[{"role":"user","content":"hi there"}]}'[:61]
+_RESPONSE_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"date", b"Mon, 07 Dec 2026 03:00:00 GMT"),
+    (b"x-request-id", b"0123456789abcdef"),
+    (b"content-length", b"61"),
+]
+
+
+def bench_exchange_h11() -> Callable[[], object]:
+    """One keep-alive exchange on the client side with h11 (proxy.http.h11_impl): the signed head
+    and a 61-byte body read, a 4-header response with its body written, the next cycle started."""
+    import h11
+
+    data = _sdk_head() + _BODY
+    conn = h11.Connection(h11.SERVER)
+
+    def exchange() -> object:
+        conn.receive_data(data)
+        conn.next_event()  # Request
+        conn.next_event()  # Data
+        conn.next_event()  # EndOfMessage
+        out = conn.send(h11.Response(status_code=200, headers=_RESPONSE_HEADERS, reason=b"OK"))
+        out += conn.send(h11.Data(data=_BODY)) + conn.send(h11.EndOfMessage())  # type: ignore[operator]
+        conn.start_next_cycle()
+        return out
+
+    return exchange
+
+
+def bench_exchange_httptools() -> Callable[[], object]:
+    """The same exchange as proxy.http.httptools_impl does it: llhttp on the head, the body counted
+    out of the buffer, the response written by proxy.http.framing."""
+    from proxy.http import framing, parsers
+
+    data = _sdk_head() + _BODY
+
+    def exchange() -> object:
+        buffer = bytearray(data)
+        end = parsers.head_end(buffer)
+        head = parsers.parse_request_head(bytes(buffer[:end]))
+        del buffer[:end]
+        request, _ = framing.request_framing(head.method, head.target, head.http_version, head.headers)
+        body = bytes(buffer[: request.length])
+        del buffer[: request.length]
+        start = framing.response_head(
+            200, b"OK", _RESPONSE_HEADERS, request_method=head.method, client_version=head.http_version,
+            keep_alive=request.keep_alive,
+        )  # fmt: skip
+        return start.head + body
+
+    return exchange
 
 
 # One proxied exchange on the upstream face: what Parkway sends for a small signed POST (the
@@ -241,6 +292,8 @@ BENCHES: dict[str, Callable[[], Callable[[], object]]] = {
     "forward_context": bench_forward_context,
     "head_h11": bench_head_h11,
     "head_httptools": bench_head_httptools,
+    "exchange_h11": bench_exchange_h11,
+    "exchange_httptools": bench_exchange_httptools,
     "upstream_h11": bench_upstream_h11,
     "upstream_httptools": bench_upstream_httptools,
 }

@@ -46,10 +46,13 @@ STEPS = [
     ("parse + verify signature (signing.py)", r"proxy/signing\.py"),
     ("upstream request (UpstreamClient.open → response head)", r"UpstreamClient\.(open|_send_request|_exchange) "),
     ("relay (relay/)", r"proxy/relay/(pump|stream|engine)\.py"),
-    ("client writes (HTTPConnection._send/flush)", r"HTTPConnection\.(_send|flush) "),
     (
-        "client reads (HTTPConnection.next_request/_receive)",
-        r"HTTPConnection\.(next_request|_next_request_httptools|_receive) ",
+        "client writes (HTTPConnection send_*/flush)",
+        r"(HTTP|H11|Httptools)Connection\.(_send|send_head|send_end|flush) ",
+    ),
+    (
+        "client reads (HTTPConnection next_request/body/_receive)",
+        r"(HTTP|H11|Httptools)Connection\.(next_request|body_chunks|_receive) ",
     ),
     ("request log line (log_request)", r"log_request "),
     ("metrics (count_request)", r"count_request "),

@@ -23,6 +23,7 @@ PURE = [
     "errors",
     "forwarding",
     "http.chunked",
+    "http.framing",
     "http.parsers",
     "jobs.background",
     "jobs.model",

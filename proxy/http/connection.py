@@ -1,39 +1,35 @@
-"""The only module that speaks HTTP/1.1 to client sockets: h11 on Trio, one task per connection.
+"""A client connection's face: what the gateway, the relay, the cache and WebSockets call to
+read a request and write its response, whichever parser reads it (uvicorn's split between
+``h11_impl`` and ``httptools_impl``).
 
 It knows framing, keep-alive and timeouts, nothing about signatures: each parsed request
 head is handed to an application object, which reads the body and writes the response
-through :class:`HTTPConnection`. Structure follows h11's ``examples/trio-http/server.py``:
-``send_failed()`` when a send raises, an error response only while h11 still allows one.
-Listening, the accept loops and the drain are :mod:`proxy.http.server`.
+through :class:`HTTPConnection`. The two implementations are :mod:`proxy.http.h11_impl`
+(h11, the reference and the default of a bare install) and :mod:`proxy.http.httptools_impl`
+(llhttp for heads, its own body framing and response writing, decided as h11 decides:
+:mod:`proxy.http.framing`); :func:`proxy.http.server.open_connection` picks one. Listening,
+the accept loops and the drain are :mod:`proxy.http.server`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import AsyncGenerator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from contextlib import aclosing, contextmanager, suppress
 from dataclasses import dataclass
 from http import HTTPStatus
 
-import h11
 import structlog
 import trio
 
 from ..config import ServerConfig
-from ..errors import (
-    BadRequest,
-    BodyTooLarge,
-    HeadersTooLarge,
-    RequestTimeout,
-    client_text,
-)
-from . import parsers
+from ..errors import BadRequest, BodyTooLarge, client_text
 
 log = structlog.get_logger("parkway.server")
 
 RECEIVE_SIZE = 65536
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
 class ClientGone(Exception):
@@ -44,14 +40,14 @@ _SOCKET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 @contextmanager
-def client_gone_on_socket_error(conn: h11.Connection | None = None) -> Iterator[None]:
+def client_gone_on_socket_error(send_failed: Callable[[], None] | None = None) -> Iterator[None]:
     """Translate a failed socket operation into :class:`ClientGone` (as httpcore's
-    ``map_exceptions`` does); with ``conn``, h11 is told the send failed."""
+    ``map_exceptions`` does); ``send_failed`` is called when a send failed."""
     try:
         yield
     except _SOCKET_ERRORS as exc:
-        if conn is not None:
-            conn.send_failed()
+        if send_failed is not None:
+            send_failed()
         raise ClientGone(str(exc) or type(exc).__name__) from exc
 
 
@@ -81,14 +77,17 @@ class RequestHead:
 
 
 class HTTPConnection:
-    """One client connection: h11 state plus the socket, with a timeout around every wait."""
+    """One client connection, whichever parser reads it: the interface the gateway, the relay,
+    the cache and WebSockets use, and what both implementations share (the socket, the
+    unflushed writes, the byte counts). :mod:`proxy.http.h11_impl` is the reference,
+    :mod:`proxy.http.httptools_impl` the accelerated twin; both answer byte for byte alike."""
 
-    def __init__(self, stream: trio.SocketStream, config: ServerConfig, peer: str):
+    parser = "h11"  # which implementation this is (the start-up log line and /metrics name it)
+
+    def __init__(self, stream: trio.abc.Stream, config: ServerConfig, peer: str):
         self.stream = stream
         self.config = config
         self.peer = peer
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
-        self.parser = parsers.resolve(config.http)  # h11 | httptools: what reads request heads
         self.bytes_in = 0
         self.bytes_out = 0
         self.head_bytes_in = 0  # bytes_in when the current request began
@@ -100,165 +99,89 @@ class HTTPConnection:
         # Written to directly when it is a real socket (see flush); None for in-memory streams.
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
 
-    # --- receiving ------------------------------------------------------------------------
-
     async def _receive(self) -> bytes:
         with client_gone_on_socket_error():
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
         self.bytes_in += len(data)
         return data
 
-    def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-        try:
-            return self.conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            if exc.error_status_hint == 431:
-                raise HeadersTooLarge(f"request head exceeds {self.config.max_header_bytes} bytes") from exc
-            # h11 quotes the offending line: shown capped and escaped, never whole (up to 16 KB).
-            raise BadRequest(
-                f"malformed HTTP request: {client_text(str(exc), 160, quoted=False)}", code="malformed_http"
-            ) from exc
+    # --- what each implementation provides ---------------------------------------------------
 
     async def next_request(self, idle_timeout: float) -> RequestHead | None:
         """Wait for the next request head; None when the client leaves or idles out between requests.
 
         The idle wait ends at the first byte; from there the whole head must arrive within
-        ``header_read_timeout`` (slowloris protection).
-        """
-        if self.parser == "httptools":
-            return await self._next_request_httptools(idle_timeout)
-        self.head_bytes_in = self.bytes_in - len(self.conn.trailing_data[0])
-        self.request_done = trio.Event()
-        self.head_only = False
-        deadline = trio.current_time() + idle_timeout
-        started = bool(self.conn.trailing_data[0])
-        if started:
-            deadline = trio.current_time() + self.config.header_read_timeout
-        while True:
-            event = self._next_event()
-            if isinstance(event, h11.Request):
-                self.head_only = event.method == b"HEAD"  # known before any refusal below is answered
-                # h11 only bounds heads it is still waiting for; a complete one read in a
-                # single receive is measured here.
-                head_size = self.bytes_in - len(self.conn.trailing_data[0]) - self.head_bytes_in
-                if head_size > self.config.max_header_bytes:
-                    raise HeadersTooLarge(f"request head exceeds {self.config.max_header_bytes} bytes")
-                return self._head_from_h11(event)
-            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                return None
-            assert event is h11.NEED_DATA, event
-            data = b""
-            with trio.move_on_at(deadline):
-                data = await self._receive()
-                if not data:
-                    self.conn.receive_data(b"")
-                    if not started:
-                        return None
-                    raise BadRequest("connection closed in the middle of the request head", code="malformed_http")
-                self.conn.receive_data(data)
-                if not started:
-                    started = True
-                    deadline = trio.current_time() + self.config.header_read_timeout
-                continue
-            if started:
-                raise RequestTimeout(f"request head not received within {self.config.header_read_timeout:g} s")
-            return None
+        ``header_read_timeout`` (slowloris protection)."""
+        raise NotImplementedError
 
-    async def _next_request_httptools(self, idle_timeout: float) -> RequestHead | None:
-        """:meth:`next_request` with the head parsed by httptools (see :mod:`proxy.http.parsers`):
-        the same timeouts, limits and refusals; each request gets a fresh h11 connection, given
-        the framing lines of the head and every byte after it."""
-        pending, closed = self.conn.trailing_data  # a pipelined request's bytes, read with the last body
-        buffer = bytearray(pending)
-        self.head_bytes_in = self.bytes_in - len(buffer)
-        self.request_done = trio.Event()
-        self.head_only = False
-        limit = self.config.max_header_bytes
-        started = bool(buffer)
-        deadline = trio.current_time() + (self.config.header_read_timeout if started else idle_timeout)
-        while True:
-            end = parsers.head_end(buffer)
-            if end >= 0:
-                if end > limit:
-                    raise HeadersTooLarge(f"request head exceeds {limit} bytes")
-                return self._take_head(bytes(buffer[:end]), bytes(buffer[end:]))
-            if len(buffer) > limit:
-                raise HeadersTooLarge(f"request head exceeds {limit} bytes")
-            if closed:
-                if not started:
-                    return None
-                raise BadRequest("connection closed in the middle of the request head", code="malformed_http")
-            with trio.move_on_at(deadline):
-                data = await self._receive()
-                if not data:
-                    closed = True
-                    continue
-                buffer += data
-                if not started:
-                    started = True
-                    deadline = trio.current_time() + self.config.header_read_timeout
-                continue
-            if started:
-                raise RequestTimeout(f"request head not received within {self.config.header_read_timeout:g} s")
-            return None
-
-    def _take_head(self, head: bytes, rest: bytes) -> RequestHead:
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
-        try:
-            parsed = parsers.parse_request_head(head)
-        except parsers.HeadError:
-            # Rare, and h11 (the reference) decides: it refuses the head with its own reason,
-            # or reads what llhttp is stricter about (a bare LF, an obsolete folded line).
-            self.conn.receive_data(head + rest)
-            event = self._next_event()
-            assert isinstance(event, h11.Request), event
-            return self._head_from_h11(event)
-        self.head_only = parsed.method == b"HEAD"
-        self.conn.receive_data(parsed.framing + rest)
-        event = self._next_event()  # h11 checks the framing lines as it would the whole head
-        assert isinstance(event, h11.Request), event
-        _check_head(parsed.headers)
-        return RequestHead(
-            method=parsed.method.decode("ascii", "replace"),
-            target=parsed.target.decode("latin-1"),
-            headers=tuple(parsed.headers),
-            http_version=parsed.http_version.decode("ascii"),
-            peer=self.peer,
-        )
-
-    def _head_from_h11(self, event: h11.Request) -> RequestHead:
-        self.head_only = event.method == b"HEAD"  # known before any refusal below is answered
-        _check_head(event.headers)
-        return RequestHead(
-            method=event.method.decode("ascii", "replace"),
-            target=event.target.decode("latin-1"),
-            headers=tuple(event.headers),
-            http_version=event.http_version.decode("ascii"),
-            peer=self.peer,
-        )
-
-    async def body_chunks(self) -> AsyncGenerator[bytes, None]:
+    def body_chunks(self) -> AsyncGenerator[bytes, None]:
         """Yield the request body as it arrives; a gap over ``client_body_timeout`` is a 408."""
-        if self.conn.they_are_waiting_for_100_continue:
-            # curl and others hold larger bodies back until told to go on (RFC 9110 10.1.1).
-            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
-        while True:
-            event = self._next_event()
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                self.request_done.set()
-                return
-            elif event is h11.NEED_DATA:
-                with trio.move_on_after(self.config.client_body_timeout) as scope:
-                    data = await self._receive()
-                if scope.cancelled_caught:
-                    raise RequestTimeout(f"no request body data for {self.config.client_body_timeout:g} s")
-                self.conn.receive_data(data)
-                if not data and self.conn.their_state is h11.SEND_BODY:
-                    raise ClientGone("client closed the connection before the body was complete")
-            else:  # ConnectionClosed
-                raise ClientGone("client closed the connection before the body was complete")
+        raise NotImplementedError
+
+    @property
+    def request_complete(self) -> bool:
+        raise NotImplementedError
+
+    async def wait_disconnect(self) -> None:
+        """Return once the client has closed its side; call only after the request body is read.
+
+        Bytes of a pipelined next request are kept, up to the header limit; past that,
+        watching stops and the send path detects a disconnect instead."""
+        raise NotImplementedError
+
+    @property
+    def response_started(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def can_respond(self) -> bool:
+        raise NotImplementedError
+
+    async def send_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """A 1xx head before the response (103 Early Hints, 102 Processing), to an HTTP/1.1
+        client only: RFC 9110 §15.2, an HTTP/1.0 client cannot tell it from the answer."""
+        raise NotImplementedError
+
+    async def send_head(self, status: int, headers: list[tuple[bytes, bytes]], *, flush: bool = True) -> None:
+        """Send the response head; with ``flush=False`` it is held and goes out with the next write."""
+        raise NotImplementedError
+
+    def frame_data(self, data: bytes) -> bytes:
+        """Response body bytes as they go on the wire (a chunk, or as they are), not sent."""
+        raise NotImplementedError
+
+    def frame_end(self) -> bytes:
+        """The end of the response body as it goes on the wire (the last chunk, or nothing), not sent."""
+        raise NotImplementedError
+
+    @property
+    def client_gets_chunked(self) -> bool:
+        """Whether the current response body goes to the client in chunks (HTTP/1.1 client,
+        no Content-Length, a body the status allows): the relay then passes chunks through."""
+        raise NotImplementedError
+
+    def send_failed(self) -> None:
+        """A write failed or was given up: no more of this response, and no reuse."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Give up on the response: the client sees a truncated stream (no chunked terminator)."""
+        raise NotImplementedError
+
+    def hand_over(self) -> tuple[trio.abc.Stream, bytes]:
+        """Give the connection to another protocol (a WebSocket after its upgrade was accepted):
+        the stream, and the bytes received after the request head. HTTP on it is over:
+        nothing more is sent or read here, and the server closes it when the handler returns."""
+        raise NotImplementedError
+
+    def reusable(self) -> bool:
+        raise NotImplementedError
+
+    def start_next_cycle(self) -> None:
+        """Get ready for the next request on a kept-alive connection (after :meth:`reusable`)."""
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------------
 
     async def read_body(self, limit: int) -> bytes:
         """Read the whole body into memory, refusing with 413 once it passes ``limit`` bytes."""
@@ -271,44 +194,27 @@ class HTTPConnection:
                     raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes for signed bodies")
         return bytes(buf)
 
-    @property
-    def request_complete(self) -> bool:
-        return self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+    def close_after_response(self) -> None:
+        """Ask for ``Connection: close`` on the response (e.g. an unread body, or draining)."""
+        self._close_after = True
 
-    async def wait_disconnect(self) -> None:
-        """Return once the client has closed its side; call only after the request body is read.
-
-        Bytes of a pipelined next request are kept for h11, up to the header limit; past
-        that, watching stops and the send path detects a disconnect instead.
-        """
-        pending = bytearray()
-        while len(pending) <= self.config.max_header_bytes:
-            if self._socket is not None:
-                # Wait on the socket itself: this task waits here for the whole of a stream, and
-                # a pending receive_some holds several more frames (1.5 KB per parked stream).
-                await trio.lowlevel.wait_readable(self._socket)
-            try:
-                data = await self._receive()
-            except ClientGone:
-                return
-            if not data:
-                return
-            pending += data
-            self.conn.receive_data(bytes(data))
-        await trio.sleep_forever()
-
-    # --- sending --------------------------------------------------------------------------
-
-    async def _send(self, event: h11.Event, *, flush: bool = True) -> None:
-        try:
-            data = self.conn.send(event)
-        except h11.LocalProtocolError:
-            self.conn.send_failed()
-            raise
+    async def send_data(self, data: bytes, *, flush: bool = True) -> None:
         if data:
-            self._unsent.append(data)
+            self._unsent.append(self.frame_data(data))
         if flush:
             await self.flush()
+
+    async def send_end(self) -> None:
+        end = self.frame_end()
+        if end:
+            self._unsent.append(end)
+        await self.flush()
+
+    async def send_full(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """A whole response in one write."""
+        await self.send_head(status, headers, flush=False)
+        await self.send_data(body, flush=False)
+        await self.send_end()
 
     @property
     def socket(self) -> trio.socket.SocketType | None:
@@ -334,100 +240,25 @@ class HTTPConnection:
         self._unsent.clear()
         sent = 0
         if self._socket is not None:
-            with client_gone_on_socket_error(self.conn), suppress(BlockingIOError):
+            with client_gone_on_socket_error(self.send_failed), suppress(BlockingIOError):
                 sent = os.write(self._socket.fileno(), data)  # the socket is non-blocking
             self.bytes_out += sent
         if sent == len(data):
             return
         rest = memoryview(data)[sent:] if sent else data
-        with client_gone_on_socket_error(self.conn):
+        with client_gone_on_socket_error(self.send_failed):
             with trio.CancelScope(deadline=trio.current_time() + self.config.client_write_timeout) as scope:
                 await self.stream.send_all(rest)
         if scope.cancelled_caught:
-            self.conn.send_failed()
+            self.send_failed()
             raise ClientGone(f"client did not read the response for {self.config.client_write_timeout:g} s")
         self.bytes_out += len(rest)
-
-    @property
-    def response_started(self) -> bool:
-        return self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE)
-
-    @property
-    def can_respond(self) -> bool:
-        # IDLE too: after a malformed head h11 still lets us answer 400 (h11's trio example).
-        return self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE)
-
-    def _settle_request(self) -> None:
-        """Consume a request end that is already buffered (a refused GET has no body to wait for)."""
-        while self.conn.their_state is h11.SEND_BODY:
-            try:
-                event = self.conn.next_event()
-            except h11.RemoteProtocolError:
-                return
-            if not isinstance(event, h11.Data):
-                return
-
-    def close_after_response(self) -> None:
-        """Ask for ``Connection: close`` on the response (e.g. an unread body, or draining)."""
-        self._close_after = True
-
-    async def send_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """A 1xx head before the response (103 Early Hints, 102 Processing), to an HTTP/1.1
-        client only: RFC 9110 §15.2, an HTTP/1.0 client cannot tell it from the answer."""
-        if self.conn.our_state is not h11.SEND_RESPONSE or self.conn.their_http_version != b"1.1":
-            return
-        reason = _REASONS.get(status, b"")
-        await self._send(h11.InformationalResponse(status_code=status, headers=headers, reason=reason))
-
-    async def send_head(self, status: int, headers: list[tuple[bytes, bytes]], *, flush: bool = True) -> None:
-        """Send the response head; with ``flush=False`` it is held and goes out with the next write."""
-        self._settle_request()
-        if self._close_after or not self.request_complete:
-            # An unread request body cannot be skipped safely: close after this response.
-            headers = [*headers, (b"connection", b"close")]
-        reason = _REASONS.get(status, b"")
-        await self._send(h11.Response(status_code=status, headers=headers, reason=reason), flush=flush)
-
-    async def send_data(self, data: bytes, *, flush: bool = True) -> None:
-        if data:
-            await self._send(h11.Data(data=data), flush=flush)
-        elif flush:
-            await self.flush()
-
-    async def send_end(self) -> None:
-        await self._send(h11.EndOfMessage())
-
-    async def send_full(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        """A whole response in one write."""
-        await self.send_head(status, headers, flush=False)
-        await self.send_data(body, flush=False)
-        await self.send_end()
-
-    def abort(self) -> None:
-        """Give up on the response: the client sees a truncated stream (no chunked terminator)."""
-        if self.conn.our_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR):
-            self.conn.send_failed()
-
-    def hand_over(self) -> tuple[trio.abc.Stream, bytes]:
-        """Give the connection to another protocol (a WebSocket after its upgrade was accepted):
-        the stream, and the bytes h11 received after the request head. HTTP on it is over:
-        nothing more is sent or read here, and the server closes it when the handler returns."""
-        self.handed_over = True
-        self.conn.send_failed()  # no HTTP response may follow, and the connection is not reused
-        return self.stream, bytes(self.conn.trailing_data[0])
-
-    def reusable(self) -> bool:
-        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
-
-    def start_next_cycle(self) -> None:
-        """Get ready for the next request on a kept-alive connection (after :meth:`reusable`)."""
-        self.conn.start_next_cycle()
 
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def _check_head(headers: Iterable[tuple[bytes, bytes]]) -> None:
+def check_head(headers: Iterable[tuple[bytes, bytes]]) -> None:
     """What h11 lets through but a proxy must refuse (then close the connection after answering).
 
     * Content-Length and Transfer-Encoding together (RFC 9112 6.1): h11 frames the body by

@@ -1,15 +1,12 @@
-"""Which parser reads client request heads: h11 (the reference, always installed) or httptools
-(llhttp in C, used when installed: ``pip install 'parkway[fast]'``), as uvicorn picks between
-its ``h11_impl`` and ``httptools_impl``.
+"""Which implementation reads client connections: h11 (the reference, always installed) or
+httptools (llhttp in C, used when installed: ``pip install 'parkway[fast]'``), as uvicorn picks
+between its ``h11_impl`` and ``httptools_impl``; and llhttp's reading of one request head.
 
-h11 stays the authority on framing and connection state either way. With httptools, the head
-is parsed here in C, and h11 is given only the lines that decide framing and keep-alive (the
-request line with target ``/``, and Host, Content-Length, Transfer-Encoding, Connection,
-Expect, Upgrade exactly as received), so h11 still validates those, frames the body and the
-response, and answers 100-continue. What h11 would have spent on the other headers and the
-long signed target (most of its cost: ~80 µs against ~6) is saved. A head llhttp refuses
-is given to h11 whole, and h11 decides (its refusal, or what llhttp is stricter about: a bare
-LF, an obsolete folded line), so answers do not depend on the parser.
+With httptools the head is parsed here in C (h11 spent ~80 µs on a signed head where llhttp
+spends ~6); :mod:`proxy.http.framing` then checks it and decides its framing as h11 would, and
+:mod:`proxy.http.httptools_impl` frames the body and the response. A head llhttp refuses is
+given to h11 whole, and h11 decides (its refusal, or what llhttp is stricter about: a bare LF,
+an obsolete folded line), so answers do not depend on the parser.
 """
 
 from __future__ import annotations
@@ -27,9 +24,8 @@ HTTP_PARSERS = ("auto", "h11", "httptools")
 
 # The end of a head, as h11 finds it (a bare LF is accepted there too).
 _HEAD_END = re.compile(rb"\n\r?\n")
-
-# The header lines h11 is given: those its framing, keep-alive and 100-continue decisions read.
-FRAMING_HEADERS = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"expect", b"upgrade"})
+# h11's request line (RFC 9112 §3): llhttp also reads an HTTP/0.9 line (no version) and more.
+_REQUEST_LINE = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\r\n")
 
 
 class HeadError(Exception):
@@ -61,7 +57,6 @@ class ParsedHead:
     target: bytes
     http_version: bytes  # b"1.1"
     headers: list[tuple[bytes, bytes]]  # names lower-cased, values without surrounding blanks (as h11)
-    framing: bytes  # the head h11 is given (see the module docstring)
 
 
 class _Collector:
@@ -87,6 +82,8 @@ class _Collector:
 def parse_request_head(head: bytes) -> ParsedHead:
     """Parse one complete request head (through its blank line) with llhttp."""
     assert httptools is not None
+    if _REQUEST_LINE.match(head) is None:
+        raise HeadError("not an HTTP/1.x request line")
     collector = _Collector()
     parser: Any = httptools.HttpRequestParser(collector)
     try:
@@ -97,9 +94,5 @@ def parse_request_head(head: bytes) -> ParsedHead:
         raise HeadError(str(exc) or type(exc).__name__) from None
     if not collector.complete:
         raise HeadError("incomplete request head")
-    method: bytes = parser.get_method()
     version = parser.get_http_version().encode("ascii")
-    lines = [b"%s / HTTP/%s\r\n" % (method, version)]
-    lines += [b"%s: %s\r\n" % (n, v) for n, v in collector.headers if n in FRAMING_HEADERS]
-    lines.append(b"\r\n")
-    return ParsedHead(method, collector.url, version, collector.headers, b"".join(lines))
+    return ParsedHead(parser.get_method(), collector.url, version, collector.headers)

@@ -1,6 +1,7 @@
 """The listening side of the HTTP server: listening sockets, accept loops, one task per
 connection, the connection cap and the graceful drain. Each connection is an
-:class:`~proxy.http.connection.HTTPConnection`; this module never touches h11 itself.
+:class:`~proxy.http.connection.HTTPConnection` of the configured implementation
+(:func:`open_connection`); this module never touches h11 itself.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import trio
 from ..config import ServerConfig
 from ..errors import InternalError, Overloaded, ParkwayError
 from ..urls import split_host_port
+from . import parsers
 from .connection import _SOCKET_ERRORS, RECEIVE_SIZE, ClientGone, HTTPConnection, RequestHead, log
+from .h11_impl import H11Connection
+
+try:
+    from .httptools_impl import HttptoolsConnection
+except ImportError:  # a bare install: h11 only
+    HttptoolsConnection = None  # type: ignore[assignment,misc]
 
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -22,6 +30,14 @@ class Application(Protocol):
     async def handle(self, head: RequestHead, conn: HTTPConnection) -> None: ...
 
     async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None: ...
+
+
+def open_connection(stream: trio.abc.Stream, config: ServerConfig, peer: str) -> HTTPConnection:
+    """The client connection of the implementation ``config.http`` resolves to (auto: httptools
+    when installed, else h11)."""
+    if parsers.resolve(config.http) == "httptools" and HttptoolsConnection is not None:
+        return HttptoolsConnection(stream, config, peer)
+    return H11Connection(stream, config, peer)
 
 
 class Server:
@@ -87,7 +103,7 @@ class Server:
             peer = stream.socket.getpeername()[0]
         except OSError:
             peer = "unknown"
-        conn = HTTPConnection(stream, self.config, peer)
+        conn = open_connection(stream, self.config, peer)
         self.open_connections += 1
         try:
             if self.open_connections > self.config.max_connections:

@@ -53,7 +53,7 @@ async def relay_portable(stream: RelayStream, initial: bytes) -> None:
                             try:
                                 await stream.conn.stream.send_all(stream.pending)
                             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                                stream.conn.conn.send_failed()
+                                stream.conn.send_failed()
                                 raise ClientGone(str(exc) or type(exc).__name__) from None
                             state = stream.sent_all()
                         while state == BLOCKED:

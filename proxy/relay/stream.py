@@ -7,10 +7,11 @@
   :class:`~proxy.http.chunked.ChunkScanner` finds the terminator, refuses broken framing and gives the
   observers the de-framed data; chunk extensions are dropped (a size line goes on as bare hex),
   the terminator is held until complete and then written with its trailers filtered by the
-  response header policy (no ``Set-Cookie``, no hop-by-hop field), and both h11 connections
+  response header policy (no ``Set-Cookie``, no hop-by-hop field), and both sides' states
   are completed with it (RFC 9112 §7.1);
-* every other case (a fixed length, a body that ends at the close, an HTTP/1.0 client) goes
-  through h11 on both sides, as before: these are small answers or rare clients.
+* every other case (a fixed length, a body that ends at the close, an HTTP/1.0 client) is
+  de-framed by the upstream connection (``deframe``) and framed anew by the client connection
+  (``frame_data``/``frame_end``), whichever implementation each is: small answers or rare clients.
 
 Each step is one ``recv`` and one ``write`` on the raw sockets. When the client's socket does
 not take a whole write, the rest waits in :attr:`RelayStream.pending` and the driver stops
@@ -25,7 +26,6 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-import h11
 import structlog
 import trio
 
@@ -63,7 +63,6 @@ class RelayStream:
     """One response body from ``upstream`` to ``conn``'s client, after its head was sent."""
 
     __slots__ = (
-        "_down_h11",
         "_up_http",
         "blocked_since",
         "client_fd",
@@ -102,11 +101,10 @@ class RelayStream:
         self.host = upstream.host
         self.framing = framing
         self._up_http = upstream.http
-        self._down_h11 = conn.conn
-        # The framing going out is the framing coming in: h11 would chunk the answer for this client.
+        # The framing going out is the framing coming in: the client connection would chunk this answer.
         # A rewrite changes the body, so it is framed anew (never with a fixed length).
         self.rewrite = rewrite if framing.kind in ("chunked", "close") else None
-        self.passthrough = framing.kind == "chunked" and _client_gets_chunked(conn.conn) and self.rewrite is None
+        self.passthrough = framing.kind == "chunked" and conn.client_gets_chunked and self.rewrite is None
         self.scanner = ChunkScanner() if framing.kind == "chunked" else None
         self.observers = tuple(observers)
         self.pending: memoryview | None = None  # what the client's socket has not taken yet
@@ -134,7 +132,7 @@ class RelayStream:
             except BrokenResponse as exc:
                 raise UpstreamProtocolError(f"{self.host} broke the HTTP protocol: {exc}") from None
             self._ended(excess)
-            return self._write(self._down_h11.send(h11.EndOfMessage()) or b"")
+            return self._write(self.conn.frame_end())
         return self.on_upstream(initial) if initial else WROTE
 
     def on_upstream(self, data: bytes | None) -> int:
@@ -168,11 +166,11 @@ class RelayStream:
         if not scanner.done:
             return out
         self._end_chunked(excess=len(data) - used)
-        self._down_h11.send(h11.EndOfMessage())  # the terminator written here completes the framing
+        self.conn.frame_end()  # the terminator written here completes the client's framing
         return out + b"0\r\n" + b"".join(forwarding.response_trailers(scanner.trailer_lines())) + b"\r\n"
 
     def _reframe(self, data: bytes, observed: list[bytes] | None) -> bytes:
-        """h11 on both sides: de-frame what the upstream sent, frame it for this client."""
+        """De-frame what the upstream sent (the upstream connection), frame it for this client (the client connection)."""
         pieces: list[bytes] = []
         if self.scanner is not None:  # chunked upstream, HTTP/1.0 client
             if not data:
@@ -191,10 +189,10 @@ class RelayStream:
             pieces = [self.rewrite.feed(b"".join(pieces))]
             if self.complete:
                 pieces.append(self.rewrite.end())
-        down = self._down_h11
-        out = [down.send(h11.Data(data=p)) or b"" for p in pieces if p]
+        conn = self.conn
+        out = [conn.frame_data(p) for p in pieces if p]
         if self.complete:
-            out.append(down.send(h11.EndOfMessage()) or b"")
+            out.append(conn.frame_end())
         if observed is not None:
             observed += pieces
         return out[0] if len(out) == 1 else b"".join(out)
@@ -238,7 +236,7 @@ class RelayStream:
             except BlockingIOError:
                 pass
             except OSError as exc:
-                self._down_h11.send_failed()
+                self.conn.send_failed()
                 raise ClientGone(exc.strerror or type(exc).__name__) from None
             conn.bytes_out += sent
             self.relayed += sent
@@ -255,7 +253,7 @@ class RelayStream:
         except BlockingIOError:
             return BLOCKED
         except OSError as exc:
-            self._down_h11.send_failed()
+            self.conn.send_failed()
             raise ClientGone(exc.strerror or type(exc).__name__) from None
         self.conn.bytes_out += sent
         self.relayed += sent
@@ -300,13 +298,5 @@ class RelayStream:
         return UpstreamTimeout(f"{self.host} sent nothing for {self.idle_timeout:g} s in the middle of the response")
 
     def write_timeout_error(self) -> ClientGone:
-        self._down_h11.send_failed()
+        self.conn.send_failed()
         return ClientGone(f"client did not read the response for {self.write_timeout:g} s")
-
-
-def _client_gets_chunked(server: h11.Connection) -> bool:
-    """Whether h11 frames the current response to this client with chunks: its body writer's
-    choice (HTTP/1.1 client, no Content-Length, a body the status allows). h11 has no public
-    name for it; if that ever changes, this says no and the body takes the h11 path, as correct
-    and only slower (tests/test_relay_engine.py checks the pass-through byte for byte)."""
-    return type(getattr(server, "_writer", None)).__name__ == "ChunkedWriter"

@@ -3,16 +3,17 @@
 Each of :data:`BEHAVIOURS` is a scripted upstream (``tests/support/differential.py``) on a
 loopback port of its own; each of the client shapes (GET, HEAD, POST with a length, POST
 chunked, HTTP/1.0, two requests on one connection, a pipelined follow-up, a signed-body POST)
-is played against it through three proxies started once for the module: ``parkway serve`` on
-the epoll relay driver, ``parkway serve`` on the portable driver (each a process of its own),
-and a real nginx configured as a streaming reverse proxy. All cases run concurrently in bounded batches before the first test; each test
-is one (behaviour, shape) and asserts, for that case:
+is played against it through four proxies started once for the module: ``parkway serve`` on
+the epoll relay driver with each client-side parser (h11, the reference, and httptools), on the
+portable driver with httptools (each a process of its own), and a real nginx configured as a
+streaming reverse proxy. All cases run concurrently in bounded batches before the first test;
+each test is one (behaviour, shape) and asserts, for that case:
 
-* Parkway (both drivers) gives the client what RFC 9110/9112 require of a proxy: the
+* Parkway (every driver and parser) gives the client what RFC 9110/9112 require of a proxy: the
   upstream's answer complete and correctly framed, or a clean 502/504 (or the upstream's head
   cut short when it failed mid-body) -- never a hang, never a body on a HEAD answer, 1xx
   forwarded to HTTP/1.1 clients only, a POST sent upstream at most once;
-* both drivers answer identically;
+* both drivers and both parsers answer identically;
 * a difference from nginx is classified: ``same``, a documented ``deviation`` (listed with its
   reason in docs/proxying.md), nginx's own limits or choices (``nginx_differs``), or nginx
   breaking the RFC (``nginx_wrong``, which the case then names and asserts the RFC for Parkway).
@@ -63,7 +64,10 @@ IDLE = 7.0  # Parkway's upstream_idle_timeout: longer than PROMPT, so waiting fo
 PROMPT = 5.0  # a client that receives nothing for this long while the upstream has said all: "hang"
 SLOW = IDLE + PROMPT  # the bound of a case that ends by the proxy's own timeout
 CONCURRENCY = 32  # cases (one shape of one behaviour through one target) in flight at once
-TARGETS = ("epoll", "portable", "nginx")
+# Each Parkway: (relay driver, client-side parser); "epoll" (h11) is the one compared with nginx.
+PARKWAYS = {"epoll": ("epoll", "h11"), "httptools": ("epoll", "httptools"), "portable": ("portable", "httptools")}
+TARGETS = (*PARKWAYS, "nginx")
+TAGS = {"epoll": "E", "httptools": "H", "portable": "P", "nginx": "N"}
 DOC = ROOT / "docs" / "proxying.md"
 
 
@@ -469,10 +473,10 @@ secret = ["{SECRET}"]
 
 
 async def serve_parkway(
-    tmp: Path, driver: str, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    tmp: Path, driver: str, parser: str, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """``parkway serve`` with ``PARKWAY_RELAY=driver``, as an operator runs it; started with its
-    port. A process of its own, so the proxies do not share the test's CPU with the clients."""
+    """``parkway serve --http parser`` with ``PARKWAY_RELAY=driver``, as an operator runs it; started
+    with its port. A process of its own, so the proxies do not share the test's CPU with the clients."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = tmp / "parkway.toml"
@@ -480,7 +484,7 @@ async def serve_parkway(
     env = {**os.environ, "PARKWAY_RELAY": driver}
     with open(tmp / "parkway.log", "wb") as log:
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+            [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--http", parser],
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
         )  # fmt: skip
         try:
@@ -504,14 +508,14 @@ async def _run_matrix(tmp: Path) -> Matrix:
         nginx_port = free_port()
         await nursery.start(serve_nginx, tmp / "nginx", _nginx_conf(tmp / "nginx", nginx_port, servers), nginx_port)
         parkways = {}
-        for driver in ("epoll", "portable"):
-            parkways[driver] = await nursery.start(serve_parkway, tmp / driver, driver)
+        for name, (driver, parser) in PARKWAYS.items():
+            parkways[name] = await nursery.start(serve_parkway, tmp / name, driver, parser)
 
         limit = trio.Semaphore(CONCURRENCY)
 
         async def sequence(index: int, b: Behaviour, target: str) -> None:
             server = servers[index]
-            tag = {"epoll": "E", "portable": "P", "nginx": "N"}[target]
+            tag = TAGS[target]
             port = nginx_port if target == "nginx" else parkways[target]
             host = f"127.0.0.1:{port}"
             slow = expected(b, "GET").slow or expected(b, "HEAD").slow
@@ -553,7 +557,7 @@ async def _run_matrix(tmp: Path) -> Matrix:
         # What the upstream received for each case, once every case is over.
         for (bid, shape_name, target), run in runs.items():
             index = int(bid[:3])
-            tag = {"epoll": "E", "portable": "P", "nginx": "N"}[target]
+            tag = TAGS[target]
             prefix = f"/b{index}/{shape_name}/{tag}/"
             run.received = {p: r for p, r in records.items() if p.startswith(prefix)}
         nursery.cancel_scope.cancel()
@@ -562,7 +566,7 @@ async def _run_matrix(tmp: Path) -> Matrix:
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
-    """Every case through every target, once for the module (one nginx, one Parkway per driver)."""
+    """Every case through every target, once for the module (one nginx, one Parkway per driver and parser)."""
     tmp = tmp_path_factory.mktemp("differential")
     wall = time.monotonic()
     result = trio.run(_run_matrix, tmp)
@@ -579,7 +583,7 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
 def classify(b: Behaviour, shape: Shape, runs: dict[str, CaseRun]) -> tuple[dict[str, list[str]], str]:
     """Each target's RFC violations, and how Parkway compares with nginx."""
     found = {t: violations(b, shape, runs[t]) for t in TARGETS}
-    if found["epoll"] or found["portable"]:
+    if any(found[t] for t in PARKWAYS):
         verdict = "harm"
     elif same_answers(shape, runs["epoll"], runs["nginx"]):
         verdict = "same"
@@ -620,9 +624,10 @@ def test_case(matrix: Matrix, behaviour: Behaviour, shape: Shape) -> None:
     runs = {t: matrix.runs[behaviour.id, shape.name, t] for t in TARGETS}
     found, verdict = classify(behaviour, shape, runs)
     story = "\n".join(runs[t].brief() for t in TARGETS)
-    for driver in ("epoll", "portable"):
-        assert not found[driver], f"Parkway ({driver}) breaks the RFC:\n" + "\n".join(found[driver]) + "\n" + story
+    for name in PARKWAYS:
+        assert not found[name], f"Parkway ({name}) breaks the RFC:\n" + "\n".join(found[name]) + "\n" + story
     if behaviour.on_reuse is None:  # with a reused connection, which request meets it is timing
+        assert same_answers(shape, runs["epoll"], runs["httptools"]), "the parsers answer differently:\n" + story
         assert same_answers(shape, runs["epoll"], runs["portable"]), "the relay drivers answer differently:\n" + story
     if verdict != "same":
         assert behaviour.nginx_wrong or behaviour.deviation or behaviour.nginx_differs, (
@@ -641,6 +646,6 @@ def test_table_is_big_enough() -> None:
 
 
 def test_runs_fast_enough(matrix: Matrix) -> None:
-    """The whole matrix (every case on three targets) stays within the module's budget: about a
-    minute on a loaded 2-core machine, so this bound only catches a case that waits for no reason."""
-    assert matrix.seconds < 180, f"the matrix took {matrix.seconds:.0f} s"
+    """The whole matrix (every case on four targets) stays within the module's budget: about a
+    minute and a half on a loaded 2-core machine, so this bound only catches a case that waits for no reason."""
+    assert matrix.seconds < 240, f"the matrix took {matrix.seconds:.0f} s"

@@ -1,11 +1,11 @@
-"""The httptools head parser against h11, the reference: the same head, and only framing lines for h11."""
+"""The httptools head parser against h11, the reference: the same head, framed alike."""
 
 from __future__ import annotations
 
 import h11
 import pytest
 
-from proxy.http import parsers
+from proxy.http import framing, parsers
 
 SDK_HEAD = (
     b"POST /v1/chat?X-Sw-Algorithm=SW1-HMAC-SHA256&X-Sw-Proxy=https%3A%2F%2Fapi.example%2Fv1&X-Sw-Body=false HTTP/1.1\r\n"
@@ -42,12 +42,17 @@ def test_httptools_reads_a_head_as_h11_does(data: bytes) -> None:
 
 
 @pytest.mark.parametrize("data", HEADS.values(), ids=HEADS.keys())
-def test_h11_gets_the_framing_lines_only_and_frames_alike(data: bytes) -> None:
-    reference, parsed = h11_head(data), parsers.parse_request_head(data)
-    framed = h11_head(parsed.framing)
-    assert framed.method == reference.method and framed.http_version == reference.http_version
-    assert [n for n, _ in framed.headers] == [n for n, _ in reference.headers if n in parsers.FRAMING_HEADERS]
-    assert framed.target == b"/"
+def test_the_framing_of_an_llhttp_head_is_h11s(data: bytes) -> None:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(data)
+    reference = conn.next_event()
+    assert isinstance(reference, h11.Request)
+    parsed = parsers.parse_request_head(data)
+    decided, headers = framing.request_framing(parsed.method, parsed.target, parsed.http_version, parsed.headers)
+    assert headers == list(reference.headers)
+    assert decided.keep_alive == conn._cstate.keep_alive
+    assert decided.expect_continue == conn.they_are_waiting_for_100_continue
+    assert decided.chunked == (type(conn._reader).__name__ == "ChunkedReader")
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from trio.testing import memory_stream_pair
 
 from proxy.gateway.handler import Gateway
-from proxy.http.connection import HTTPConnection
+from proxy.http.server import open_connection
 from proxy.upstream.client import UpstreamClient
 from support.parkway import make_config
 from support.signing import sign
@@ -217,7 +217,7 @@ async def through_parkway(answer: Wire, pieces: list[int], method: str, parser: 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     client_end, server_end = memory_stream_pair()
-    conn = HTTPConnection(server_end, config.server, "127.0.0.1")  # type: ignore[arg-type]
+    conn = open_connection(server_end, config.server, "127.0.0.1")  # type: ignore[arg-type]
     client = h11.Connection(h11.CLIENT, max_incomplete_event_size=1 << 20)
     url = sign("http://parkway.test", f"http://127.0.0.1:{port}/v1/x", method=method)
     target = url.split("parkway.test", 1)[1]

@@ -1,6 +1,6 @@
 """proxy.relay.pump: the body moved to the client, and the observers on its side.
 
-A real :class:`~proxy.http.connection.HTTPConnection` on an in-memory stream, with a real
+A real :class:`~proxy.http.connection.HTTPConnection` (both implementations) on an in-memory stream, with a real
 ``h11.Connection(h11.CLIENT)`` reading what the relay wrote (the portable driver: an in-memory
 stream has no socket for the engine); the upstream is a real socket pair whose far end the test
 writes a chunked body to (and may close in the middle of it).
@@ -9,6 +9,7 @@ writes a chunked body to (and may close in the middle of it).
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any
 
 import h11
@@ -20,11 +21,20 @@ from trio.testing import memory_stream_pair
 from proxy.config import ServerConfig
 from proxy.errors import UpstreamProtocolError
 from proxy.http.chunked import Framing
-from proxy.http.connection import HTTPConnection
+from proxy.http.server import open_connection
 from proxy.record import RequestRecord
 from proxy.relay.pump import relay
 from proxy.upstream.client import UpstreamResponse
 from proxy.upstream.connection import UpstreamConnection
+
+HTTP_IMPL = "h11"  # the client connection's implementation (proxy.http.h11_impl / httptools_impl)
+
+
+@pytest.fixture(autouse=True, params=["h11", "httptools"])
+def http_impl(request, monkeypatch) -> str:
+    monkeypatch.setattr(sys.modules[__name__], "HTTP_IMPL", request.param)
+    return request.param
+
 
 CHUNKS = [b"data: one\n\n", b"data: two\n\n", b"data: [DONE]\n\n"]
 
@@ -82,7 +92,7 @@ async def relay_to_client(
 ) -> tuple[RequestRecord, bytes, Exception | None]:
     """Relay ``upstream`` to a real h11 client; the record, the body it read, and what relay raised."""
     client_end, server_end = memory_stream_pair()
-    conn = HTTPConnection(server_end, ServerConfig(), "127.0.0.1")
+    conn = open_connection(server_end, ServerConfig(http=HTTP_IMPL), "127.0.0.1")
     client = h11.Connection(h11.CLIENT)
     await client_end.send_all(client.send(h11.Request(method="GET", target="/", headers=[("host", "x")])))
     await client_end.send_all(client.send(h11.EndOfMessage()))

@@ -8,6 +8,7 @@ what each read of the upstream becomes on the client's connection is visible byt
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import AsyncIterator
 
 import h11
@@ -17,9 +18,18 @@ from trio.testing import memory_stream_pair
 
 from proxy.config import ServerConfig
 from proxy.http.chunked import Framing, MalformedChunks
-from proxy.http.connection import HTTPConnection
+from proxy.http.server import open_connection
 from proxy.relay.stream import BLOCKED, RelayStream
 from proxy.upstream.connection import UpstreamConnection
+
+HTTP_IMPL = "h11"  # the client connection's implementation (proxy.http.h11_impl / httptools_impl)
+
+
+@pytest.fixture(autouse=True, params=["h11", "httptools"])
+def http_impl(request, monkeypatch) -> str:
+    """Every relay here writes to a client connection of both implementations."""
+    monkeypatch.setattr(sys.modules[__name__], "HTTP_IMPL", request.param)
+    return request.param
 
 
 @pytest.fixture(params=["h11", "httptools"])
@@ -42,9 +52,9 @@ def read_head(conn: UpstreamConnection, head: bytes) -> None:
 
 async def relayed(upstream: UpstreamConnection, reads: list[bytes], http_version: str = "1.1") -> tuple[bytes, list]:
     """Feed ``reads`` to a relay of a chunked answer; the bytes written and the client's h11 events."""
-    _client_end, server_end = memory_stream_pair()
-    conn = HTTPConnection(server_end, ServerConfig(), "127.0.0.1")
-    conn.conn.receive_data(f"GET / HTTP/{http_version}\r\nhost: x\r\n\r\n".encode())
+    client_end, server_end = memory_stream_pair()
+    conn = open_connection(server_end, ServerConfig(http=HTTP_IMPL), "127.0.0.1")
+    await client_end.send_all(f"GET / HTTP/{http_version}\r\nhost: x\r\n\r\n".encode())
     assert await conn.next_request(5) is not None
     async for _ in conn.body_chunks():
         pass
@@ -106,9 +116,9 @@ async def test_a_bare_cr_in_an_extension_cuts_the_stream(upstream) -> None:
 
 async def test_a_bodiless_answer_ends_at_start(upstream) -> None:
     # Content-Length: 0 ends without awaiting the upstream (issue 18, harm 1).
-    _client_end, server_end = memory_stream_pair()
-    conn = HTTPConnection(server_end, ServerConfig(), "127.0.0.1")
-    conn.conn.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    client_end, server_end = memory_stream_pair()
+    conn = open_connection(server_end, ServerConfig(http=HTTP_IMPL), "127.0.0.1")
+    await client_end.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
     assert await conn.next_request(5) is not None
     async for _ in conn.body_chunks():
         pass

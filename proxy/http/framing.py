@@ -1,0 +1,254 @@
+"""HTTP/1.1 server-side framing decisions, without I/O: what a parsed request head means for its
+body and its connection, and the exact bytes of a response head and body.
+
+These are h11's decisions, written out so that a connection which parses with llhttp
+(:mod:`proxy.http.httptools_impl`) answers byte for byte as h11 (:mod:`proxy.http.h11_impl`,
+the reference) does: the request checks of ``h11._events.Request`` and
+``h11._headers.normalize_and_validate``, keep-alive (RFC 9112 §9.3: ``Connection: close``, or
+a client older than HTTP/1.1, ends the connection after the response), 100-continue, and the
+response clean-up of ``h11.Connection._clean_up_response_headers_for_sending``: a body of
+unknown length is chunked for an HTTP/1.1 client and delimited by the close for anything
+older; a HEAD, 204 or 304 response carries no body whatever its headers say.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+Headers = list[tuple[bytes, bytes]]
+
+CONTENT_LENGTH_MAX_DIGITS = 20  # as h11
+_CONTENT_LENGTH = re.compile(rb"[0-9]+")
+_METHOD = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+
+# How a response body is written (h11's writers).
+LENGTH, CHUNKED, CLOSE = "length", "chunked", "close"
+
+
+class FramingError(Exception):
+    """A head that h11 would refuse (its message), for a 400 when it comes from the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFraming:
+    """What a valid request head says about its body and its connection."""
+
+    chunked: bool
+    length: int  # the body length when not chunked (0: no body)
+    keep_alive: bool  # RFC 9112 §9.3: the connection may carry another request
+    expect_continue: bool  # the client waits for 100 Continue before sending its body
+    switch_proposed: bool  # Upgrade or CONNECT: h11 holds the connection until the answer
+
+
+def _comma_split(values: list[bytes]) -> list[bytes]:
+    """The lower-cased, comma-split, non-empty items of a header's values (h11's ``get_comma_header``)."""
+    return [v.strip() for value in values for v in value.lower().split(b",") if v.strip()]
+
+
+def request_framing(method: bytes, target: bytes, version: bytes, headers: Headers) -> tuple[RequestFraming, Headers]:
+    """Check a parsed request head as h11 does and say how its body is framed.
+
+    ``headers`` have lower-case names and stripped values; returned as h11 would hand them
+    on (one Content-Length, a lower-cased Transfer-Encoding). Raises :class:`FramingError`.
+    """
+    length = 0
+    chunked = False
+    host_count = 0
+    normalized: Headers | None = None
+    seen_length: bytes | None = None
+    connection: list[bytes] = []  # the values of the headers keep-alive, 100-continue and upgrades read
+    expect: list[bytes] = []
+    upgrade = False
+    for i, (name, value) in enumerate(headers):
+        if name == b"host":
+            host_count += 1
+        elif name == b"connection":
+            connection.append(value)
+        elif name == b"expect":
+            expect.append(value)
+        elif name == b"upgrade":
+            upgrade = upgrade or bool(_comma_split([value]))
+        elif name == b"content-length":
+            lengths = {v.strip() for v in value.split(b",")}
+            if len(lengths) != 1:
+                raise FramingError("conflicting Content-Length headers")
+            text = lengths.pop()
+            if not _CONTENT_LENGTH.fullmatch(text) or len(text) > CONTENT_LENGTH_MAX_DIGITS:
+                raise FramingError("bad Content-Length")
+            if seen_length is not None and seen_length != text:
+                raise FramingError("conflicting Content-Length headers")
+            if seen_length is not None or text != value:
+                normalized = normalized if normalized is not None else list(headers[:i])
+                if seen_length is None:
+                    normalized.append((name, text))
+                seen_length = text
+                continue
+            seen_length = text
+            length = int(text)
+        elif name == b"transfer-encoding":
+            if chunked:
+                raise FramingError("multiple Transfer-Encoding headers")
+            lowered = value.lower()
+            if lowered != b"chunked":
+                raise FramingError("Only Transfer-Encoding: chunked is supported")
+            chunked = True
+            if lowered != value:
+                normalized = normalized if normalized is not None else list(headers[:i])
+                normalized.append((name, lowered))
+                continue
+        if normalized is not None:
+            normalized.append((name, value))
+    if seen_length is not None:
+        length = int(seen_length)
+    if version == b"1.1" and host_count == 0:
+        raise FramingError("Missing mandatory Host: header")
+    if host_count > 1:
+        raise FramingError("Found multiple Host: headers")
+    if not _METHOD.fullmatch(method):
+        raise FramingError("Illegal method characters")
+    if not _TARGET.fullmatch(target):
+        raise FramingError("Illegal target characters")
+    if normalized is not None:
+        headers = normalized
+    modern = version >= b"1.1"
+    framing = RequestFraming(
+        chunked=chunked,
+        length=0 if chunked else length,
+        keep_alive=modern and not (connection and b"close" in _comma_split(connection)),
+        expect_continue=modern and bool(expect) and b"100-continue" in _comma_split(expect),
+        switch_proposed=method == b"CONNECT" or upgrade,
+    )
+    return framing, headers
+
+
+def _set_header(headers: list[tuple[bytes, bytes, bytes]], name: bytes, values: list[bytes]) -> None:
+    """h11's ``set_comma_header``: drop every ``name`` header, append the new values title-cased."""
+    headers[:] = [h for h in headers if h[1] != name]
+    headers += [(name.title(), name, v) for v in values]
+
+
+def _write_head(start: bytes, headers: list[tuple[bytes, bytes, bytes]]) -> bytes:
+    """The status line and the header lines, Host first as h11 writes them."""
+    lines = [start]
+    lines += [b"%s: %s\r\n" % (raw, value) for raw, name, value in headers if name == b"host"]
+    lines += [b"%s: %s\r\n" % (raw, value) for raw, name, value in headers if name != b"host"]
+    lines.append(b"\r\n")
+    head = b"".join(lines)
+    # A CR or LF inside a name or value would split the response (h11 refuses such a header).
+    if head.count(b"\n") != len(lines) or head.count(b"\r") != len(lines):
+        raise FramingError("a response header contains CR or LF")
+    return head
+
+
+def _normalized(headers: Headers) -> list[tuple[bytes, bytes, bytes]]:
+    """(raw name, lower-case name, value), Content-Length and Transfer-Encoding as h11 normalizes them."""
+    out: list[tuple[bytes, bytes, bytes]] = []
+    seen_length: bytes | None = None
+    seen_coding = False
+    for raw, value in headers:
+        name = raw.lower()
+        if name == b"content-length":
+            lengths = {v.strip() for v in value.split(b",")}
+            if len(lengths) != 1:
+                raise FramingError("conflicting Content-Length headers")
+            value = lengths.pop()
+            if not _CONTENT_LENGTH.fullmatch(value) or len(value) > CONTENT_LENGTH_MAX_DIGITS:
+                raise FramingError("bad Content-Length")
+            if seen_length is not None:
+                if seen_length != value:
+                    raise FramingError("conflicting Content-Length headers")
+                continue
+            seen_length = value
+        elif name == b"transfer-encoding":
+            if seen_coding:
+                raise FramingError("multiple Transfer-Encoding headers")
+            value = value.lower()
+            if value != b"chunked":
+                raise FramingError("Only Transfer-Encoding: chunked is supported")
+            seen_coding = True
+        out.append((raw, name, value))
+    return out
+
+
+def _body_kind(method: bytes | None, status: int, headers: list[tuple[bytes, bytes, bytes]]) -> tuple[str, int]:
+    """h11's ``_body_framing`` for a response: (kind, length)."""
+    if status in (204, 304) or method == b"HEAD" or (method == b"CONNECT" and 200 <= status < 300):
+        return LENGTH, 0
+    length: bytes | None = None
+    for _, name, value in headers:
+        if name == b"transfer-encoding":
+            return CHUNKED, 0
+        if name == b"content-length":
+            length = value
+    if length is not None:
+        return LENGTH, int(length)
+    return CLOSE, 0
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseStart:
+    """A response head as it goes on the wire, and how its body is written."""
+
+    head: bytes
+    body: str  # LENGTH, CHUNKED or CLOSE
+    length: int  # for LENGTH: the exact number of body bytes
+    keep_alive: bool  # the connection may carry another request after this response
+
+
+def response_head(
+    status: int,
+    reason: bytes,
+    headers: Headers,
+    *,
+    request_method: bytes | None,
+    client_version: bytes | None,
+    keep_alive: bool,
+) -> ResponseStart:
+    """The head of a final response (h11's clean-up, then its writer).
+
+    ``request_method`` and ``client_version`` are None when no valid request was read (an
+    error answer): the client is then taken for HTTP/1.0. ``keep_alive`` is what the request
+    allowed."""
+    items = _normalized(headers)
+    need_close = False
+    kind, _ = _body_kind(b"GET" if request_method == b"HEAD" else request_method, status, items)
+    if kind != LENGTH:  # a body of unknown length
+        _set_header(items, b"content-length", [])
+        if client_version is None or client_version < b"1.1":
+            _set_header(items, b"transfer-encoding", [])
+            if request_method != b"HEAD":
+                need_close = True
+        else:
+            _set_header(items, b"transfer-encoding", [b"chunked"])
+    if not keep_alive or need_close:
+        tokens: set[bytes] = set()
+        for _, name, value in items:
+            if name == b"connection":
+                tokens.update(v.strip() for v in value.lower().split(b",") if v.strip())
+        tokens.discard(b"keep-alive")
+        tokens.add(b"close")
+        _set_header(items, b"connection", sorted(tokens))
+    kind, length = _body_kind(request_method, status, items)
+    if keep_alive:
+        keep_alive = not any(name == b"connection" and b"close" in _tokens(value) for _, name, value in items)
+    head = _write_head(b"HTTP/1.1 %s %s\r\n" % (str(status).encode("ascii"), reason), items)
+    return ResponseStart(head, kind, length, keep_alive)
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [v.strip() for v in value.lower().split(b",")]
+
+
+def informational_head(status: int, reason: bytes, headers: Headers) -> bytes:
+    """A 1xx head (100 Continue, 103 Early Hints), as h11 writes it."""
+    return _write_head(b"HTTP/1.1 %s %s\r\n" % (str(status).encode("ascii"), reason), _normalized(headers))
+
+
+def frame_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (nothing for no data: the empty chunk is the terminator)."""
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+
+
+LAST_CHUNK = b"0\r\n\r\n"

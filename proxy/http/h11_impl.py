@@ -1,0 +1,235 @@
+"""The reference client connection: h11 reads every request and writes every response.
+
+Structure follows h11's ``examples/trio-http/server.py``: ``send_failed()`` when a send
+raises, an error response only while h11 still allows one. It is the default of a bare
+install (``[server] http = "h11"``), and the oracle :mod:`proxy.http.httptools_impl` is
+tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+import h11
+import trio
+
+from ..config import ServerConfig
+from ..errors import BadRequest, HeadersTooLarge, RequestTimeout, client_text
+from .connection import REASONS, ClientGone, HTTPConnection, RequestHead, check_head
+
+
+def h11_refusal(exc: h11.RemoteProtocolError, max_header_bytes: int) -> BadRequest | HeadersTooLarge:
+    """h11's refusal of what the client sent, as Parkway's error (431 or 400 ``malformed_http``)."""
+    if exc.error_status_hint == 431:
+        return HeadersTooLarge(f"request head exceeds {max_header_bytes} bytes")
+    # h11 quotes the offending line: shown capped and escaped, never whole (up to 16 KB).
+    return BadRequest(f"malformed HTTP request: {client_text(str(exc), 160, quoted=False)}", code="malformed_http")
+
+
+class H11Connection(HTTPConnection):
+    """One client connection: h11 state plus the socket, with a timeout around every wait."""
+
+    parser = "h11"
+
+    def __init__(self, stream: trio.abc.Stream, config: ServerConfig, peer: str):
+        super().__init__(stream, config, peer)
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        try:
+            return self.conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise h11_refusal(exc, self.config.max_header_bytes) from exc
+
+    async def next_request(self, idle_timeout: float) -> RequestHead | None:
+        """Wait for the next request head; None when the client leaves or idles out between requests.
+
+        The idle wait ends at the first byte; from there the whole head must arrive within
+        ``header_read_timeout`` (slowloris protection).
+        """
+        self.head_bytes_in = self.bytes_in - len(self.conn.trailing_data[0])
+        self.request_done = trio.Event()
+        self.head_only = False
+        deadline = trio.current_time() + idle_timeout
+        started = bool(self.conn.trailing_data[0])
+        if started:
+            deadline = trio.current_time() + self.config.header_read_timeout
+        while True:
+            event = self._next_event()
+            if isinstance(event, h11.Request):
+                self.head_only = event.method == b"HEAD"  # known before any refusal below is answered
+                # h11 only bounds heads it is still waiting for; a complete one read in a
+                # single receive is measured here.
+                head_size = self.bytes_in - len(self.conn.trailing_data[0]) - self.head_bytes_in
+                if head_size > self.config.max_header_bytes:
+                    raise HeadersTooLarge(f"request head exceeds {self.config.max_header_bytes} bytes")
+                return self._head_from_h11(event)
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return None
+            assert event is h11.NEED_DATA, event
+            data = b""
+            with trio.move_on_at(deadline):
+                data = await self._receive()
+                if not data:
+                    self.conn.receive_data(b"")
+                    if not started:
+                        return None
+                    raise BadRequest("connection closed in the middle of the request head", code="malformed_http")
+                self.conn.receive_data(data)
+                if not started:
+                    started = True
+                    deadline = trio.current_time() + self.config.header_read_timeout
+                continue
+            if started:
+                raise RequestTimeout(f"request head not received within {self.config.header_read_timeout:g} s")
+            return None
+
+    def _head_from_h11(self, event: h11.Request) -> RequestHead:
+        self.head_only = event.method == b"HEAD"  # known before any refusal below is answered
+        check_head(event.headers)
+        return RequestHead(
+            method=event.method.decode("ascii", "replace"),
+            target=event.target.decode("latin-1"),
+            headers=tuple(event.headers),
+            http_version=event.http_version.decode("ascii"),
+            peer=self.peer,
+        )
+
+    async def body_chunks(self) -> AsyncGenerator[bytes, None]:
+        """Yield the request body as it arrives; a gap over ``client_body_timeout`` is a 408."""
+        if self.conn.they_are_waiting_for_100_continue:
+            # curl and others hold larger bodies back until told to go on (RFC 9110 10.1.1).
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        while True:
+            event = self._next_event()
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self.request_done.set()
+                return
+            elif event is h11.NEED_DATA:
+                with trio.move_on_after(self.config.client_body_timeout) as scope:
+                    data = await self._receive()
+                if scope.cancelled_caught:
+                    raise RequestTimeout(f"no request body data for {self.config.client_body_timeout:g} s")
+                self.conn.receive_data(data)
+                if not data and self.conn.their_state is h11.SEND_BODY:
+                    raise ClientGone("client closed the connection before the body was complete")
+            else:  # ConnectionClosed
+                raise ClientGone("client closed the connection before the body was complete")
+
+    @property
+    def request_complete(self) -> bool:
+        return self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+
+    async def wait_disconnect(self) -> None:
+        """Return once the client has closed its side; call only after the request body is read.
+
+        Bytes of a pipelined next request are kept for h11, up to the header limit; past
+        that, watching stops and the send path detects a disconnect instead.
+        """
+        pending = bytearray()
+        while len(pending) <= self.config.max_header_bytes:
+            if self._socket is not None:
+                # Wait on the socket itself: this task waits here for the whole of a stream, and
+                # a pending receive_some holds several more frames (1.5 KB per parked stream).
+                await trio.lowlevel.wait_readable(self._socket)
+            try:
+                data = await self._receive()
+            except ClientGone:
+                return
+            if not data:
+                return
+            pending += data
+            self.conn.receive_data(bytes(data))
+        await trio.sleep_forever()
+
+    # --- sending --------------------------------------------------------------------------
+
+    def _encode(self, event: h11.Event) -> bytes:
+        try:
+            return self.conn.send(event) or b""
+        except h11.LocalProtocolError:
+            self.conn.send_failed()
+            raise
+
+    async def _send(self, event: h11.Event, *, flush: bool = True) -> None:
+        data = self._encode(event)
+        if data:
+            self._unsent.append(data)
+        if flush:
+            await self.flush()
+
+    @property
+    def response_started(self) -> bool:
+        return self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE)
+
+    @property
+    def can_respond(self) -> bool:
+        # IDLE too: after a malformed head h11 still lets us answer 400 (h11's trio example).
+        return self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE)
+
+    def _settle_request(self) -> None:
+        """Consume a request end that is already buffered (a refused GET has no body to wait for)."""
+        while self.conn.their_state is h11.SEND_BODY:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError:
+                return
+            if not isinstance(event, h11.Data):
+                return
+
+    async def send_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """A 1xx head before the response (103 Early Hints, 102 Processing), to an HTTP/1.1
+        client only: RFC 9110 §15.2, an HTTP/1.0 client cannot tell it from the answer."""
+        if self.conn.our_state is not h11.SEND_RESPONSE or self.conn.their_http_version != b"1.1":
+            return
+        reason = REASONS.get(status, b"")
+        await self._send(h11.InformationalResponse(status_code=status, headers=headers, reason=reason))
+
+    async def send_head(self, status: int, headers: list[tuple[bytes, bytes]], *, flush: bool = True) -> None:
+        """Send the response head; with ``flush=False`` it is held and goes out with the next write."""
+        self._settle_request()
+        if self._close_after or not self.request_complete:
+            # An unread request body cannot be skipped safely: close after this response.
+            headers = [*headers, (b"connection", b"close")]
+        reason = REASONS.get(status, b"")
+        await self._send(h11.Response(status_code=status, headers=headers, reason=reason), flush=flush)
+
+    def frame_data(self, data: bytes) -> bytes:
+        return self._encode(h11.Data(data=data))
+
+    def frame_end(self) -> bytes:
+        return self._encode(h11.EndOfMessage())
+
+    @property
+    def client_gets_chunked(self) -> bool:
+        # h11's body writer's choice; h11 has no public name for it. If that ever changes, this
+        # says no and the body takes the re-framing path, as correct and only slower
+        # (tests/unit/relay/test_stream.py checks the pass-through byte for byte).
+        return type(getattr(self.conn, "_writer", None)).__name__ == "ChunkedWriter"
+
+    def send_failed(self) -> None:
+        self.conn.send_failed()
+
+    def abort(self) -> None:
+        """Give up on the response: the client sees a truncated stream (no chunked terminator)."""
+        if self.conn.our_state not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR):
+            self.conn.send_failed()
+
+    def hand_over(self) -> tuple[trio.abc.Stream, bytes]:
+        """Give the connection to another protocol (a WebSocket after its upgrade was accepted):
+        the stream, and the bytes h11 received after the request head. HTTP on it is over:
+        nothing more is sent or read here, and the server closes it when the handler returns."""
+        self.handed_over = True
+        self.conn.send_failed()  # no HTTP response may follow, and the connection is not reused
+        return self.stream, bytes(self.conn.trailing_data[0])
+
+    def reusable(self) -> bool:
+        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+
+    def start_next_cycle(self) -> None:
+        """Get ready for the next request on a kept-alive connection (after :meth:`reusable`)."""
+        self.conn.start_next_cycle()
