@@ -120,8 +120,9 @@ class RequestFraming:
 def request_head(method: str, target: bytes, headers: Headers) -> tuple[bytes, RequestFraming]:
     """The head h11 writes for this request, and its framing; :class:`RequestRefused` for what
     h11 refuses (its messages)."""
-    if not _valid_fields(headers):
-        _refuse_field(headers)
+    # When a name or value is bad, each is checked in h11's order (name, value, then that
+    # header's framing rules) so that the refusal is the one h11 gives.
+    each = not _valid_fields(headers)
     lines: list[bytes] = []
     host: list[bytes] = []
     hosts = 0
@@ -129,6 +130,11 @@ def request_head(method: str, target: bytes, headers: Headers) -> tuple[bytes, R
     chunked = False
     close = False
     for name, value in headers:
+        if each:
+            if TOKEN.fullmatch(name) is None:
+                raise RequestRefused(f"Illegal header name {name!r}")
+            if FIELD_VALUE.fullmatch(value) is None:
+                raise RequestRefused(f"Illegal header value {value!r}")
         lower = name.lower()
         if lower == b"host":
             hosts += 1
@@ -182,16 +188,6 @@ def _valid_fields(headers: Headers) -> bool:
         and names.count(b"\n") == lines
         and values.count(b"\n") == lines
     )
-
-
-def _refuse_field(headers: Headers) -> None:
-    """Raise h11's refusal for the first bad name or value."""
-    for name, value in headers:
-        if TOKEN.fullmatch(name) is None:
-            raise RequestRefused(f"Illegal header name {name!r}")
-        if FIELD_VALUE.fullmatch(value) is None:
-            raise RequestRefused(f"Illegal header value {value!r}")
-    raise AssertionError("no bad field")  # pragma: no cover
 
 
 class RequestBody:

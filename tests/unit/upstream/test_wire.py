@@ -199,6 +199,18 @@ def plain_get(*heads: bytes, rest: bytes = b"", close: bool = False) -> Exchange
         False,
     )
 )  # Host goes first
+@example(
+    Exchange(
+        "GET",
+        b"/",
+        [(b"host", b"u"), (b"transfer-encoding", b"gzip, chunked"), (b"x-", b" v")],
+        [],
+        [b"HTTP/1.1 200 OK\r\n\r\n"],
+        b"",
+        [],
+        False,
+    )  # fmt: skip
+)  # h11 refuses the first problem it meets, header by header
 def test_both_implementations_give_the_same_answer(ex: Exchange) -> None:
     reference = play(H11HTTP(), ex)
     fast = play(HttptoolsHTTP(), ex)
