@@ -42,9 +42,26 @@ class RequestFraming:
     switch_proposed: bool  # Upgrade or CONNECT: h11 holds the connection until the answer
 
 
+def comma_tokens(value: bytes) -> list[bytes]:
+    """The lower-cased, comma-split, non-empty items of one header value (h11's ``get_comma_header``)."""
+    return [t for t in (v.strip() for v in value.lower().split(b",")) if t]
+
+
 def _comma_split(values: list[bytes]) -> list[bytes]:
-    """The lower-cased, comma-split, non-empty items of a header's values (h11's ``get_comma_header``)."""
-    return [v.strip() for value in values for v in value.lower().split(b",") if v.strip()]
+    """:func:`comma_tokens` of several values of one header."""
+    return [t for value in values for t in comma_tokens(value)]
+
+
+def content_length(value: bytes) -> bytes:
+    """One Content-Length value as h11 reads it: a list of equal numbers is that number; a list
+    of different ones, or anything but digits (at most h11's 20), is refused with h11's words."""
+    lengths = {v.strip() for v in value.split(b",")}
+    if len(lengths) != 1:
+        raise FramingError("conflicting Content-Length headers")
+    text = lengths.pop()
+    if not _CONTENT_LENGTH.fullmatch(text) or len(text) > CONTENT_LENGTH_MAX_DIGITS:
+        raise FramingError("bad Content-Length")
+    return text
 
 
 def request_framing(method: bytes, target: bytes, version: bytes, headers: Headers) -> tuple[RequestFraming, Headers]:
@@ -69,14 +86,9 @@ def request_framing(method: bytes, target: bytes, version: bytes, headers: Heade
         elif name == b"expect":
             expect.append(value)
         elif name == b"upgrade":
-            upgrade = upgrade or bool(_comma_split([value]))
+            upgrade = upgrade or bool(comma_tokens(value))
         elif name == b"content-length":
-            lengths = {v.strip() for v in value.split(b",")}
-            if len(lengths) != 1:
-                raise FramingError("conflicting Content-Length headers")
-            text = lengths.pop()
-            if not _CONTENT_LENGTH.fullmatch(text) or len(text) > CONTENT_LENGTH_MAX_DIGITS:
-                raise FramingError("bad Content-Length")
+            text = content_length(value)
             if seen_length is not None and seen_length != text:
                 raise FramingError("conflicting Content-Length headers")
             if seen_length is not None or text != value:
@@ -150,12 +162,7 @@ def _normalized(headers: Headers) -> list[tuple[bytes, bytes, bytes]]:
     for raw, value in headers:
         name = raw.lower()
         if name == b"content-length":
-            lengths = {v.strip() for v in value.split(b",")}
-            if len(lengths) != 1:
-                raise FramingError("conflicting Content-Length headers")
-            value = lengths.pop()
-            if not _CONTENT_LENGTH.fullmatch(value) or len(value) > CONTENT_LENGTH_MAX_DIGITS:
-                raise FramingError("bad Content-Length")
+            value = content_length(value)
             if seen_length is not None:
                 if seen_length != value:
                     raise FramingError("conflicting Content-Length headers")
@@ -226,19 +233,15 @@ def response_head(
         tokens: set[bytes] = set()
         for _, name, value in items:
             if name == b"connection":
-                tokens.update(v.strip() for v in value.lower().split(b",") if v.strip())
+                tokens.update(comma_tokens(value))
         tokens.discard(b"keep-alive")
         tokens.add(b"close")
         _set_header(items, b"connection", sorted(tokens))
     kind, length = _body_kind(request_method, status, items)
     if keep_alive:
-        keep_alive = not any(name == b"connection" and b"close" in _tokens(value) for _, name, value in items)
+        keep_alive = not any(name == b"connection" and b"close" in comma_tokens(value) for _, name, value in items)
     head = _write_head(b"HTTP/1.1 %s %s\r\n" % (str(status).encode("ascii"), reason), items)
     return ResponseStart(head, kind, length, keep_alive)
-
-
-def _tokens(value: bytes) -> list[bytes]:
-    return [v.strip() for v in value.lower().split(b",")]
 
 
 def informational_head(status: int, reason: bytes, headers: Headers) -> bytes:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..http.chunked import ChunkScanner, Framing
+from ..http.framing import CONTENT_LENGTH_MAX_DIGITS, FramingError, comma_tokens, content_length
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -44,8 +45,6 @@ TOKENS = re.compile(_TOKEN + rb"(?:\n" + _TOKEN + rb")*")
 FIELD_VALUES = re.compile(_FIELD_VALUE + rb"(?:\n" + _FIELD_VALUE + rb")*")
 TARGET = re.compile(rb"[\x21-\x7e]+")
 PLAIN_HEAD = re.compile(_STATUS_LINE + rb"(?:" + _HEADER_LINE + rb")*\r\n")
-CONTENT_LENGTH = re.compile(rb"[0-9]+")
-CONTENT_LENGTH_MAX_DIGITS = 20  # h11's
 
 
 class RequestRefused(Exception):
@@ -141,12 +140,10 @@ def request_head(method: str, target: bytes, headers: Headers) -> tuple[bytes, R
             host.append(b"%s: %s\r\n" % (name, value))
             continue
         if lower == b"content-length":
-            lengths = {v.strip() for v in value.split(b",")}
-            if len(lengths) != 1:
-                raise RequestRefused("conflicting Content-Length headers")
-            value = lengths.pop()
-            if CONTENT_LENGTH.fullmatch(value) is None or len(value) > CONTENT_LENGTH_MAX_DIGITS:
-                raise RequestRefused("bad Content-Length")
+            try:
+                value = content_length(value)
+            except FramingError as exc:
+                raise RequestRefused(str(exc)) from None
             if length is not None:
                 if length != value:
                     raise RequestRefused("conflicting Content-Length headers")
@@ -159,7 +156,7 @@ def request_head(method: str, target: bytes, headers: Headers) -> tuple[bytes, R
             if value != b"chunked":
                 raise RequestRefused("Only Transfer-Encoding: chunked is supported")
             chunked = True
-        elif lower == b"connection" and b"close" in _comma_values(value):
+        elif lower == b"connection" and b"close" in comma_tokens(value):
             close = True
         lines.append(b"%s: %s\r\n" % (name, value))
     if hosts == 0:
@@ -249,13 +246,9 @@ def normalized(headers: Headers) -> Headers | None:
 def keep_alive(version: bytes, headers: Headers) -> bool:
     """h11's rule: no ``close`` among the ``Connection`` tokens, and HTTP/1.1 or later."""
     for name, value in headers:
-        if name == b"connection" and b"close" in _comma_values(value):
+        if name == b"connection" and b"close" in comma_tokens(value):
             return False
     return version >= b"1.1"
-
-
-def _comma_values(value: bytes) -> list[bytes]:
-    return [v.strip() for v in value.lower().split(b",")]
 
 
 class BodyReader:
