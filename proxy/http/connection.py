@@ -125,8 +125,26 @@ class HTTPConnection:
     async def wait_disconnect(self) -> None:
         """Return once the client has closed its side; call only after the request body is read.
 
-        Bytes of a pipelined next request are kept, up to the header limit; past that,
-        watching stops and the send path detects a disconnect instead."""
+        Bytes of a pipelined next request are kept (:meth:`_keep_pipelined`), up to the header
+        limit; past that, watching stops and the send path detects a disconnect instead."""
+        pending = 0
+        while pending <= self.config.max_header_bytes:
+            if self._socket is not None:
+                # Wait on the socket itself: this task waits here for the whole of a stream, and
+                # a pending receive_some holds several more frames (1.5 KB per parked stream).
+                await trio.lowlevel.wait_readable(self._socket)
+            try:
+                data = await self._receive()
+            except ClientGone:
+                return
+            if not data:
+                return
+            pending += len(data)
+            self._keep_pipelined(data)
+        await trio.sleep_forever()
+
+    def _keep_pipelined(self, data: bytes) -> None:
+        """Keep bytes of a pipelined next request for the next :meth:`next_request`."""
         raise NotImplementedError
 
     @property

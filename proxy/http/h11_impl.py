@@ -124,27 +124,8 @@ class H11Connection(HTTPConnection):
     def request_complete(self) -> bool:
         return self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
 
-    async def wait_disconnect(self) -> None:
-        """Return once the client has closed its side; call only after the request body is read.
-
-        Bytes of a pipelined next request are kept for h11, up to the header limit; past
-        that, watching stops and the send path detects a disconnect instead.
-        """
-        pending = bytearray()
-        while len(pending) <= self.config.max_header_bytes:
-            if self._socket is not None:
-                # Wait on the socket itself: this task waits here for the whole of a stream, and
-                # a pending receive_some holds several more frames (1.5 KB per parked stream).
-                await trio.lowlevel.wait_readable(self._socket)
-            try:
-                data = await self._receive()
-            except ClientGone:
-                return
-            if not data:
-                return
-            pending += data
-            self.conn.receive_data(bytes(data))
-        await trio.sleep_forever()
+    def _keep_pipelined(self, data: bytes) -> None:
+        self.conn.receive_data(data)
 
     # --- sending --------------------------------------------------------------------------
 

@@ -235,22 +235,8 @@ class HttptoolsConnection(HTTPConnection):
     def request_complete(self) -> bool:
         return self._theirs == DONE
 
-    async def wait_disconnect(self) -> None:
-        pending = 0
-        while pending <= self.config.max_header_bytes:
-            if self._socket is not None:
-                # Wait on the socket itself: this task waits here for the whole of a stream, and
-                # a pending receive_some holds several more frames (1.5 KB per parked stream).
-                await trio.lowlevel.wait_readable(self._socket)
-            try:
-                data = await self._receive()
-            except ClientGone:
-                return
-            if not data:
-                return
-            pending += len(data)
-            self._buffer += data  # a pipelined next request
-        await trio.sleep_forever()
+    def _keep_pipelined(self, data: bytes) -> None:
+        self._buffer += data
 
     def _settle_request(self) -> None:
         """Consume a request end that is already buffered (a refused GET has no body to wait for)."""
