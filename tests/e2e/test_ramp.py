@@ -53,21 +53,25 @@ def ticking(released: trio.Event):
     return behaviour
 
 
-@pytest.mark.hang_limit(120)
-async def test_a_burst_of_new_connections_does_not_stall_a_parked_stream(start_parkway, upstream):
-    parkway = await start_parkway()
+async def burst_beside_a_parked_stream(parkway, upstream, count: int) -> dict:
+    """``count`` new connections at once beside one parked stream; what the burst client saw."""
     released = trio.Event()
     upstream.behaviour = ticking(released)
     try:
         with trio.fail_after(100):
-            got = await burst(
+            return await burst(
                 parkway.port,
                 parkway.sign(f"{upstream.base}/v1/chat?parked"),
                 parkway.sign(f"{upstream.base}/v1/chat?burst"),
-                800,
+                count,
             )
     finally:
         released.set()
+
+
+@pytest.mark.hang_limit(120)
+async def test_a_burst_of_new_connections_does_not_stall_a_parked_stream(start_parkway, upstream):
+    got = await burst_beside_a_parked_stream(await start_parkway(), upstream, 800)
 
     assert got["statuses"] == {"200": 800} and got["unanswered"] == 0, got
     # Setting 800 requests up takes this process (Parkway, its upstream, the test) a while; the
@@ -80,19 +84,7 @@ async def test_a_burst_of_new_connections_does_not_stall_a_parked_stream(start_p
 
 @pytest.mark.hang_limit(120)
 async def test_every_connection_of_a_burst_over_the_cap_gets_an_answer(start_parkway, upstream):
-    parkway = await start_parkway(max_connections=50)
-    released = trio.Event()
-    upstream.behaviour = ticking(released)
-    try:
-        with trio.fail_after(100):
-            got = await burst(
-                parkway.port,
-                parkway.sign(f"{upstream.base}/v1/chat?parked"),
-                parkway.sign(f"{upstream.base}/v1/chat?burst"),
-                300,
-            )
-    finally:
-        released.set()
+    got = await burst_beside_a_parked_stream(await start_parkway(max_connections=50), upstream, 300)
 
     # Nothing is lost: each connection gets its answer, 200 or the overload 503, none a bare close.
     assert got["unanswered"] == 0 and "0" not in got["statuses"], got
