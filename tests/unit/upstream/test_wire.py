@@ -29,7 +29,7 @@ from proxy.upstream.httptools_impl import HttptoolsHTTP  # noqa: E402
 WIRE = settings(
     max_examples=800, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
-HEAD_END = re.compile(rb"\n\r?\n")  # where the client cuts a head (proxy.upstream.client)
+HEAD_END = re.compile(rb"\n\r?\n")  # where a response head is cut (proxy.http.parsers.head_end)
 
 
 def rarely(n: int) -> st.SearchStrategy[bool]:
