@@ -795,3 +795,27 @@ async def test_drain_timeout_cancels_a_handler_that_never_finishes(autojump_cloc
 def test_listen_address_parsing(address, expected):
     # open_listeners binds with config.split_host_port (it replaced http_server.parse_listen).
     assert split_host_port(address) == expected
+
+
+# --- check_head and the header map (pure) -------------------------------------------------
+
+
+@pytest.mark.parametrize("control", [0x00, 0x01, 0x0A, 0x0D, 0x1B, 0x1F, 0x7F])
+def test_a_control_character_in_any_value_is_refused_naming_its_header(control):
+    from proxy.http.connection import check_head
+
+    headers = [(b"host", b"x"), (b"x-ok", b"a\tb"), (b"x-bad", b"a" + bytes([control]) + b"b"), (b"x-last", b"c")]
+    with pytest.raises(BadRequest, match="header x-bad has a control character"):
+        check_head(headers)
+    assert check_head(headers, controls=False)[b"x-bad"] == headers[2][1]  # a head llhttp read: not searched
+
+
+def test_the_header_map_joins_repeats_in_order_and_refuses_length_beside_chunked():
+    from proxy.http.connection import check_head
+
+    fields = check_head([(b"host", b"x"), (b"x-a", b"1"), (b"x-b", b"\t"), (b"x-a", b"2, 3"), (b"x-a", b"")])
+    assert fields == {b"host": b"x", b"x-a": b"1, 2, 3, ", b"x-b": b"\t"}
+    with pytest.raises(BadRequest, match="both Content-Length and Transfer-Encoding"):
+        check_head([(b"transfer-encoding", b"chunked"), (b"host", b"x"), (b"content-length", b"1")])
+    by_hand = RequestHead("GET", "/", ((b"x-a", b"1"), (b"x-a", b"caf\xe9")), "1.1", PEER)
+    assert (by_hand.header(b"x-a"), by_hand.header(b"x-b")) == ("1, caf\u00e9", None)
