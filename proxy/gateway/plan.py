@@ -6,7 +6,7 @@ and address policy.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -71,17 +71,56 @@ Step = Callable[[Request], Awaitable[None]]
 """Step 7 in any of its forms (forward, store a job, open a WebSocket session), as admission runs it."""
 
 
-def header_map(head: RequestHead) -> dict[str, str]:
+class HeaderText(Mapping[str, str]):
+    """A head's headers as the signature check and the policies read them: lower-case name →
+    value as text (repeats joined with ``, ``), each value decoded only when asked for. Signers
+    sign header values as UTF-8 text; a value that is not UTF-8 is read as Latin-1."""
+
+    __slots__ = ("_head",)
+
+    def __init__(self, head: RequestHead):
+        self._head = head
+
+    def __getitem__(self, name: str) -> str:
+        try:
+            key = name.encode("latin-1")
+        except UnicodeEncodeError:
+            raise KeyError(name) from None
+        value = self._head.fields[key]
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:  # each of the repeated values decoded on its own, as it was signed
+            return ", ".join(_text(v) for n, v in self._head.headers if n == key)
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            return isinstance(name, str) and name.encode("latin-1") in self._head.fields
+        except UnicodeEncodeError:
+            return False
+
+    def __iter__(self) -> Iterator[str]:
+        return (name.decode("latin-1") for name in self._head.fields)
+
+    def __len__(self) -> int:
+        return len(self._head.fields)
+
+
+def _text(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def header_map(head: RequestHead) -> Mapping[str, str]:
     """Lower-case name → value (repeats joined), as the signature check wants them."""
-    out: dict[str, str] = {}
-    for name, value in head.headers:
-        key = name.decode("latin-1")
-        try:  # signers sign header values as UTF-8 text
-            text = value.decode("utf-8")
-        except UnicodeDecodeError:
-            text = value.decode("latin-1")
-        out[key] = f"{out[key]}, {text}" if key in out else text
-    return out
+    return HeaderText(head)
 
 
 def canonical_paths(path: str, *prefixes: str) -> tuple[str, ...]:
@@ -119,7 +158,7 @@ def address_policy(credential: Credential, allow_private: bool) -> ssrf.AddressP
 
 def check_upstream(
     head: RequestHead,
-    headers: dict[str, str],
+    headers: Mapping[str, str],
     config: Config,
     credential: Credential,
     proxy_url: str,
@@ -155,5 +194,5 @@ def check_upstream(
 
 
 def has_body(head: RequestHead) -> bool:
-    length = head.header(b"content-length")
-    return head.header(b"transfer-encoding") is not None or (length is not None and length.strip() != "0")
+    fields = head.fields  # a Content-Length is digits by now (h11's check, or framing.content_length)
+    return b"transfer-encoding" in fields or fields.get(b"content-length", b"0") != b"0"
