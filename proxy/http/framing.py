@@ -140,10 +140,9 @@ def _set_header(headers: list[tuple[bytes, bytes, bytes]], name: bytes, values: 
 
 def _write_head(start: bytes, headers: list[tuple[bytes, bytes, bytes]]) -> bytes:
     """The status line and the header lines, Host first as h11 writes them."""
-    lines = [start]
-    lines += [b"%s: %s\r\n" % (raw, value) for raw, name, value in headers if name == b"host"]
-    lines += [b"%s: %s\r\n" % (raw, value) for raw, name, value in headers if name != b"host"]
-    lines.append(b"\r\n")
+    lines = [start, *[raw + b": " + value + b"\r\n" for raw, name, value in headers if name != b"host"], b"\r\n"]
+    if len(lines) != len(headers) + 2:  # a Host header (a response seldom has one)
+        lines[1:1] = [raw + b": " + value + b"\r\n" for raw, name, value in headers if name == b"host"]
     head = b"".join(lines)
     # A CR or LF inside a name or value would split the response (h11 refuses such a header).
     if head.count(b"\n") != len(lines) or head.count(b"\r") != len(lines):
@@ -216,7 +215,7 @@ def response_head(
     allowed."""
     items = _normalized(headers)
     need_close = False
-    kind, _ = _body_kind(b"GET" if request_method == b"HEAD" else request_method, status, items)
+    kind, length = _body_kind(b"GET" if request_method == b"HEAD" else request_method, status, items)
     if kind != LENGTH:  # a body of unknown length
         _set_header(items, b"content-length", [])
         if client_version is None or client_version < b"1.1":
@@ -233,18 +232,19 @@ def response_head(
         tokens.discard(b"keep-alive")
         tokens.add(b"close")
         _set_header(items, b"connection", sorted(tokens))
-    kind, length = _body_kind(request_method, status, items)
+    if kind != LENGTH or request_method == b"HEAD":  # else the headers that decide it are as they were
+        kind, length = _body_kind(request_method, status, items)
     if keep_alive:
         for _, name, value in items:
             if name == b"connection" and b"close" in comma_tokens(value):
                 keep_alive = False
-    head = _write_head(b"HTTP/1.1 %s %s\r\n" % (str(status).encode("ascii"), reason), items)
+    head = _write_head(b"HTTP/1.1 %d %s\r\n" % (status, reason), items)
     return ResponseStart(head, kind, length, keep_alive)
 
 
 def informational_head(status: int, reason: bytes, headers: Headers) -> bytes:
     """A 1xx head (100 Continue, 103 Early Hints), as h11 writes it."""
-    return _write_head(b"HTTP/1.1 %s %s\r\n" % (str(status).encode("ascii"), reason), _normalized(headers))
+    return _write_head(b"HTTP/1.1 %d %s\r\n" % (status, reason), _normalized(headers))
 
 
 def frame_chunk(data: bytes) -> bytes:
