@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
-from contextlib import aclosing, contextmanager, suppress
+from collections.abc import AsyncGenerator, Iterable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -38,19 +38,14 @@ class ClientGone(Exception):
     """The client closed the connection or stopped reading; nothing more can be sent."""
 
 
+# A failed socket operation means the client is gone (as httpcore's ``map_exceptions`` maps them):
+# caught around each read and write below with a plain try, which costs nothing when nothing fails
+# (a context manager cost 1.2 us per read).
 _SOCKET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-@contextmanager
-def client_gone_on_socket_error(send_failed: Callable[[], None] | None = None) -> Iterator[None]:
-    """Translate a failed socket operation into :class:`ClientGone` (as httpcore's
-    ``map_exceptions`` does); ``send_failed`` is called when a send failed."""
-    try:
-        yield
-    except _SOCKET_ERRORS as exc:
-        if send_failed is not None:
-            send_failed()
-        raise ClientGone(str(exc) or type(exc).__name__) from exc
+def _gone(exc: BaseException) -> ClientGone:
+    return ClientGone(str(exc) or type(exc).__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +102,10 @@ class HTTPConnection:
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
 
     async def _receive(self) -> bytes:
-        with client_gone_on_socket_error():
+        try:
             data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
+        except _SOCKET_ERRORS as exc:
+            raise _gone(exc) from exc
         self.bytes_in += len(data)
         return data
 
@@ -265,15 +262,23 @@ class HTTPConnection:
         self._unsent.clear()
         sent = 0
         if self._socket is not None:
-            with client_gone_on_socket_error(self.send_failed), suppress(BlockingIOError):
+            try:
                 sent = os.write(self._socket.fileno(), data)  # the socket is non-blocking
+            except BlockingIOError:
+                pass
+            except _SOCKET_ERRORS as exc:
+                self.send_failed()
+                raise _gone(exc) from exc
             self.bytes_out += sent
         if sent == len(data):
             return
         rest = memoryview(data)[sent:] if sent else data
-        with client_gone_on_socket_error(self.send_failed):
+        try:
             with trio.CancelScope(deadline=trio.current_time() + self.config.client_write_timeout) as scope:
                 await self.stream.send_all(rest)
+        except _SOCKET_ERRORS as exc:
+            self.send_failed()
+            raise _gone(exc) from exc
         if scope.cancelled_caught:
             self.send_failed()
             raise ClientGone(f"client did not read the response for {self.config.client_write_timeout:g} s")

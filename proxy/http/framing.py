@@ -141,11 +141,12 @@ def _set_header(headers: list[tuple[bytes, bytes, bytes]], name: bytes, values: 
 def _write_head(start: bytes, headers: list[tuple[bytes, bytes, bytes]]) -> bytes:
     """The status line and the header lines, Host first as h11 writes them."""
     lines = [start, *[raw + b": " + value + b"\r\n" for raw, name, value in headers if name != b"host"], b"\r\n"]
-    if len(lines) != len(headers) + 2:  # a Host header (a response seldom has one)
+    count = len(headers) + 2
+    if len(lines) != count:  # a Host header (a response seldom has one)
         lines[1:1] = [raw + b": " + value + b"\r\n" for raw, name, value in headers if name == b"host"]
     head = b"".join(lines)
     # A CR or LF inside a name or value would split the response (h11 refuses such a header).
-    if head.count(b"\n") != len(lines) or head.count(b"\r") != len(lines):
+    if head.count(b"\n") != count or head.count(b"\r") != count:
         raise FramingError("a response header contains CR or LF")
     return head
 

@@ -69,7 +69,9 @@ class HttptoolsConnection(HTTPConnection):
         started = bool(buffer)
         deadline = trio.current_time() + (self.config.header_read_timeout if started else idle_timeout)
         while True:
-            if buffer and buffer[0] < 0x21:  # h11 refuses this before the head is complete
+            if not buffer:  # nothing yet (as a kept-alive connection starts): nothing to look for
+                pass
+            elif buffer[0] < 0x21:  # h11 refuses this before the head is complete
                 head = self._h11_head(bytes(buffer), self._eof)
                 if head is not None:
                     return head
