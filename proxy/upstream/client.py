@@ -265,27 +265,8 @@ class UpstreamClient:
         first: bytes,
         rest: AsyncIterator[bytes] | None,
     ) -> UpstreamResponse:
+        """Send the request while watching for an early answer, then read the answer's head."""
         heads = HeadReader(conn, req.method, self.idle_timeout, req.informational)
-        try:
-            early = await self._send_request(conn, req, target, host, first, rest, heads)
-            return early or heads.final or await heads.read()
-        except StaleConnection:
-            raise
-        except BaseException:
-            conn.close()
-            raise
-
-    async def _send_request(
-        self,
-        conn: UpstreamConnection,
-        req: UpstreamRequest,
-        target: bytes,
-        host: bytes,
-        first: bytes,
-        rest: AsyncIterator[bytes] | None,
-        heads: HeadReader,
-    ) -> UpstreamResponse | None:
-        """Send the request while watching for an early answer; the answer that stops the body, if any."""
         headers = [(b"host", host), *req.headers]
         given = req.headers  # a length, when given, is usually the last header (proxy.forwarding)
         has_length = bool(given) and given[-1][0] == b"content-length" or any(n == b"content-length" for n, _ in given)
@@ -305,22 +286,38 @@ class UpstreamClient:
                 if isinstance(body, bytes) and body:
                     data += http.data(body)
                 data += http.end()
-                return await heads.send(data)
-            # The head goes out with the body's first chunk (usually the whole of a small body).
-            if first:
-                data += http.data(first)
-            early = await heads.send(data)
-            if early is not None:
-                return early
-            async for chunk in rest:
-                if chunk:
-                    early = await heads.send(http.data(chunk), peek=True)
-                    if early is not None:
-                        return early
-            end = http.end()
-            return await heads.send(end) if end else None
+                early = await heads.send(data)
+            else:
+                early = await self._send_streamed(heads, data, first, rest)
+            return early or heads.final or await heads.read()
         except RequestRefused as exc:
+            conn.close()
             raise UpstreamError(f"request to {conn.host} could not be sent: {exc}") from None
+        except StaleConnection:
+            raise
+        except BaseException:
+            conn.close()
+            raise
+
+    @staticmethod
+    async def _send_streamed(
+        heads: HeadReader, data: bytes, first: bytes, rest: AsyncIterator[bytes]
+    ) -> UpstreamResponse | None:
+        """Send a streamed body after its head; the early answer that stops it, if any."""
+        http = heads.conn.http
+        # The head goes out with the body's first chunk (usually the whole of a small body).
+        if first:
+            data += http.data(first)
+        early = await heads.send(data)
+        if early is not None:
+            return early
+        async for chunk in rest:
+            if chunk:
+                early = await heads.send(http.data(chunk), peek=True)
+                if early is not None:
+                    return early
+        end = http.end()
+        return await heads.send(end) if end else None
 
     async def aclose(self) -> None:
         self.pool.close()
