@@ -192,7 +192,11 @@ async def serve_httptools(client: socket.socket, upstream: Upstream) -> None:
         out = upstream.head(request.method, request.url, request.headers, len(body)) + body
         for _attempt in (1, 2):
             reused = upstream.sock is not None
-            sock = upstream.sock or await upstream.connect()
+            try:
+                sock = upstream.sock or await upstream.connect()
+            except OSError:
+                await send_all(client, BAD_GATEWAY)
+                return
             if not reused:
                 answer = _ResponseEnd()
             answer.done = False
@@ -259,7 +263,11 @@ async def serve_h11(client: socket.socket, upstream: Upstream) -> None:
         content = b"".join(body)
         out = upstream.head(request.method, request.target, request.headers.raw_items(), len(content)) + content
         reused = upstream.sock is not None
-        sock = upstream.sock or await upstream.connect()
+        try:
+            sock = upstream.sock or await upstream.connect()
+        except OSError:
+            await send_all(client, BAD_GATEWAY)
+            return
         up = h11.Connection(h11.CLIENT)
         up.send(h11.Request(method=request.method, target=request.target, headers=[("host", "upstream")]))
         up.send(h11.EndOfMessage())

@@ -1048,7 +1048,7 @@ def _us(seconds: float | None) -> float | None:
 def _versions(python: str, path: Path) -> dict[str, str]:
     code = (
         "import importlib.metadata as m, json\nout = {}\n"
-        "for n in ('trio', 'h11', 'httpx', 'httpcore', 'httpx2', 'httpcore2', 'structlog'):\n"
+        "for n in ('trio', 'h11', 'httptools', 'httpx', 'httpcore', 'httpx2', 'httpcore2', 'structlog'):\n"
         "    try: out[n] = m.version(n)\n    except Exception: pass\nprint(json.dumps(out))"
     )
     try:

@@ -169,3 +169,13 @@ def test_fenced_profile_holds_exactly_the_counted_requests(procs: Procs, tmp_pat
     assert summary["calls_by_component"]["floor (loadtest/floor.py)"] >= 5  # its callbacks, recv, the head
     assert summary["calls_by_component"]["trio"] > 0
     assert summary["calls_per_request"] == pytest.approx(sum(summary["calls_by_component"].values()))
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_floor_answers_502_when_the_upstream_is_down(procs: Procs, http: str) -> None:
+    port, _ = procs.floor(free_port(), "--http", http)  # nothing listens there
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request("/v1/chat/completions?small=1", SMALL))
+        [(answer, _)] = read_answers(sock, 1)
+        assert answer.status == 502
+        assert sock.recv(100) == b""
