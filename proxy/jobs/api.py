@@ -176,18 +176,20 @@ class JobAPI:
         Only that call: the store decides in the same atomic step as the change, so a cancel that
         loses a race with a runner's claim finds the job running, and a second DELETE finds it
         cancelled. A running job keeps its hold (its upstream may have been called and billed):
-        its runner stops without settling it."""
-        cancel = await self.store.cancel(job_id, now=now, result_ttl=config.jobs.result_ttl)
-        if cancel is None:
-            return None
-        if self.runner is not None:
-            self.runner.cancel_local(job_id)
-        job = cancel.job
-        if cancel.dequeued and job.budget is not None:
-            # Each earlier run of it (drained back to the queue mid-call) may have been billed: its hold stays.
-            await settle_job_budget(
-                job, not_run_charge, interrupted=job.attempts, budgets=self.budgets, metrics=self.metrics
-            )
+        its runner stops without settling it. Shielded (each store call has its own timeout): a
+        client that leaves between the cancellation and the refund must not cost the hold."""
+        with trio.CancelScope(shield=True):
+            cancel = await self.store.cancel(job_id, now=now, result_ttl=config.jobs.result_ttl)
+            if cancel is None:
+                return None
+            if self.runner is not None:
+                self.runner.cancel_local(job_id)
+            job = cancel.job
+            if cancel.dequeued and job.budget is not None:
+                # Each earlier run of it (drained back to the queue mid-call) may have been billed: its hold stays.
+                await settle_job_budget(
+                    job, not_run_charge, interrupted=job.attempts, budgets=self.budgets, metrics=self.metrics
+                )
         return job
 
     async def _large_read(
