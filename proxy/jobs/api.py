@@ -160,7 +160,7 @@ class JobAPI:
         structlog.contextvars.bind_contextvars(job=job_id[:12])
         now = self.clock()
         if head.method == "DELETE":
-            job = await self._cancel(job_id, now, config)
+            job = await self.cancel(job_id, now, config)
         else:
             job = await self.store.get(job_id, now=now)
         if job is None:
@@ -170,8 +170,8 @@ class JobAPI:
             return await self._large_read(head, conn, config, job_id, extra_headers)
         return await self._send_job(head, conn, job, extra_headers)
 
-    async def _cancel(self, job_id: str, now: float, config: Config) -> Job | None:
-        """Cancel the job; the one call that takes it out of the queue gives its budget hold back.
+    async def cancel(self, job_id: str, now: float, config: Config) -> Job | None:
+        """Cancel the job (None: no such job); the one call that takes it out of the queue gives its budget hold back.
 
         Only that call: the store decides in the same atomic step as the change, so a cancel that
         loses a race with a runner's claim finds the job running, and a second DELETE finds it
