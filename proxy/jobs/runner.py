@@ -433,12 +433,12 @@ async def settle_job_budget(
     metrics: Metrics | None,
 ) -> bool:  # fmt: skip
     """Settle the hold the gateway charged as spent when it accepted ``job``: its budgets get the
-    difference between ``charge_of(hold)`` plus the hold for each of the ``interrupted`` runs
-    (cut off, maybe billed upstream) and the hold. Used by the runner when a run's end is stored
-    and by ``DELETE /jobs/<id>`` for a job it took out of the queue; logged ``job_budget_settled``,
-    or ``budget_charge_lost`` when the budget store could not record it (the hold then stays
-    charged: never overspent). Shielded: the store has already recorded the job's end, so an
-    abandoned settlement would never be made. True when recorded."""
+    difference between what it cost (``charge_of`` the hold's cost, plus the hold for each of the
+    ``interrupted`` runs: cut off, maybe billed upstream) and the hold. Used by the runner when a
+    run's end is stored and by ``DELETE /jobs/<id>`` for a job it took out of the queue; logged
+    ``job_budget_settled``, or ``budget_charge_lost`` when the budget store could not record it
+    (the hold then stays charged: never overspent). Shielded: the job store has recorded the job's
+    end already, so a settlement given up would never be made. True when recorded."""
     assert job.budget is not None
     try:
         hold = limits.JobHold.from_json(job.budget)
