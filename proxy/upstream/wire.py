@@ -9,7 +9,8 @@ one decides, each piece the way h11 decides it, so that both give the same answe
 * :func:`request_head`: the request head as h11 writes it (Host first, names as given, values
   after ``": "``), refusing what h11 refuses (a name that is not a token; a value with NUL, CR,
   LF or surrounding blanks; conflicting lengths; a transfer coding other than chunked; no Host
-  or two), with the ``Content-Length`` / ``Transfer-Encoding`` values normalised as h11 does;
+  or two), with the ``Content-Length`` / ``Transfer-Encoding`` values normalised as h11 does
+  (:func:`plain_request_head` writes the common proxied request in one pass over all fields);
 * :class:`RequestBody`: the body's framing (a length h11 holds the body to, or chunks);
 * :func:`plain_head`: whether a response head is in the part of h11's grammar the fast parser
   takes (CRLF lines, no folded line, every line as h11's own expressions accept it); any other
