@@ -35,7 +35,7 @@ COMPONENTS = [
     ("parkway: upstream", r"proxy/upstream/"),
     ("parkway: relay", r"proxy/relay/"),
     ("parkway: gateway", r"proxy/gateway/"),
-    ("parkway: logging and metrics", r"proxy/(logs|record|metrics)\.py"),
+    ("parkway: logging and metrics", r"proxy/(logs|record|metrics|metric_types)\.py"),
     ("parkway: other", r"proxy/"),
     ("stdlib: hmac/hashlib", r"(hmac|hashlib)\.py"),
     ("stdlib: urllib/idna", r"(urllib/|idna/|encodings/idna)"),
