@@ -165,7 +165,7 @@ class Gateway:
         tokens = structlog.contextvars.bind_contextvars(request_id=request_id, credential=None, user=None, job=None)
         try:
             try:
-                with trio.move_on_after(config.server.request_timeout or math.inf) as overall:
+                with trio.CancelScope(deadline=record.started + (config.server.request_timeout or math.inf)) as overall:
                     await self._handle(head, conn, config, record, request_id, overall)
                 if overall.cancelled_caught:
                     if record.outcome == "client_gone":  # the client watch cancelled it (relay.client_watch)
