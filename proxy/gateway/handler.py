@@ -369,6 +369,7 @@ class Gateway:
             origin=origin,
             body=body,
             declared_length=declared_length,
+            body_follows=body_follows,
             rules=rules,
             user=user,
             single_use=limits.wants_single_use(credential.single_use, extras, config.server.single_use_param),

@@ -42,6 +42,7 @@ class Plan:
     origin: str | None
     body: bytes | None  # a verified signed body, or None when the body streams (or is empty)
     declared_length: int | None
+    body_follows: bool  # the head announced a body (has_body): it streams unless ``body`` holds it
     rules: policy.RequestPolicy
     user: str | None
     single_use: bool
