@@ -159,5 +159,9 @@ def check_upstream(
 
 
 def has_body(head: RequestHead) -> bool:
-    length = head.header(b"content-length")
-    return head.header(b"transfer-encoding") is not None or (length is not None and length.strip() != "0")
+    return announces_body(head.header(b"content-length"), head.header(b"transfer-encoding") is not None)
+
+
+def announces_body(content_length: str | None, transfer_encoding: bool) -> bool:
+    """A body follows the head: Transfer-Encoding, or a Content-Length other than 0."""
+    return transfer_encoding or (content_length is not None and content_length.strip() != "0")
