@@ -87,11 +87,16 @@ def _stamper() -> Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[
     """One processor for what every line gets: the bound request fields, the level, the time,
     then redaction (last, so it sees every field)."""
     timestamp = _UTCTimestamp()
-    merge, add_level = _context_merger(), structlog.processors.add_log_level
+    merge = _context_merger()
+    # structlog's add_log_level, as a lookup: "warn" is "warning", "exception" is "error".
+    levels = {"warn": "warning", "exception": "error"}
 
     def stamp(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        event_dict = add_level(logger, method, merge(logger, method, event_dict))
+        event_dict = merge(logger, method, event_dict)
+        event_dict["level"] = levels.get(method, method)
         event_dict["timestamp"] = timestamp()
+        if _PLAIN_KEYS.issuperset(event_dict):  # redact's own first test, without its call
+            return event_dict
         return redact(logger, method, event_dict)
 
     return stamp

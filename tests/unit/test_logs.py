@@ -133,3 +133,10 @@ def test_the_bound_fields_merged_are_structlogs_own_merge(bound: dict[str, objec
         assert ours == theirs and ours["fresh_key_in_test"] == 1
 
     contextvars.copy_context().run(run)
+
+
+def test_the_level_is_structlogs() -> None:
+    """warn is warning, exception is error, as structlog's add_log_level names them."""
+    stamp = logs._stamper()
+    for method in ("debug", "info", "warn", "warning", "error", "exception", "critical"):
+        assert stamp(None, method, {})["level"] == structlog.processors.add_log_level(None, method, {})["level"]
