@@ -31,7 +31,7 @@ from proxy.errors import (
     error_response,
 )
 from proxy.http.connection import ClientGone, HTTPConnection, RequestHead
-from proxy.http.server import Server
+from proxy.http.server import Server, open_connection
 from proxy.urls import split_host_port
 from support.http import parse_response, read_until_eof
 
@@ -734,6 +734,38 @@ async def test_shutdown_closes_an_idle_connection_promptly(autojump_clock, serve
         await run.stopped.wait()
         assert trio.current_time() - asked == pytest.approx(0.0)
         assert stream.closed.is_set()
+
+
+async def test_a_head_that_arrives_as_shutdown_begins_is_answered_then_the_connection_closed(
+    autojump_clock, monkeypatch, http_parser
+):
+    """Shutdown cancels a connection waiting for a head; one whose head came in the same
+    instant (read, nothing raised) is still answered, with the connection closed after it."""
+    impl = type(open_connection(trio.testing.memory_stream_pair()[0], ServerConfig(**TIMEOUTS), PEER))
+    assert impl.parser == http_parser
+    read_head = impl.next_request
+    app = FakeApp()
+
+    async def shutdown_as_it_arrives(self: HTTPConnection, idle_timeout: float) -> RequestHead | None:
+        head = await read_head(self, idle_timeout)
+        if head is not None and head.path == "/last":
+            run.server.shutdown()
+        return head
+
+    monkeypatch.setattr(impl, "next_request", shutdown_as_it_arrives)
+    async with serving(app) as run:
+        client, _ = run.listener.connect()
+        await client.request(target="/first")
+        assert (await client.response())[0].status_code == 200
+        client.reuse()
+        await client.request(target="/last")
+        response, body = await client.response()
+        await client.assert_closed()
+        await run.stopped.wait()
+
+    assert (response.status_code, body) == (200, b"/last ")
+    assert header(response, b"connection") == [b"close"]
+    assert [head.path for head in app.heads] == ["/first", "/last"]
 
 
 async def test_shutdown_lets_an_in_flight_request_finish_within_the_drain(autojump_clock):
