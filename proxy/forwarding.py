@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from .errors import BadRequest
 
@@ -88,9 +88,11 @@ def check_connection_header(
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ForwardContext:
-    """Who the client is, as far as Parkway can trust it, for ``X-Forwarded-*`` and logs."""
+class ForwardContext(NamedTuple):
+    """Who the client is, as far as Parkway can trust it, for ``X-Forwarded-*`` and logs.
+
+    Immutable; a tuple because one is built per request (as gateway.plan.Plan: a frozen
+    dataclass sets each field through ``object.__setattr__``)."""
 
     client_ip: str
     proto: str = "http"
