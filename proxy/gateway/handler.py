@@ -69,9 +69,9 @@ from .plan import (
     Plan,
     Request,
     Step,
-    announces_body,
     canonical_paths,
     check_upstream,
+    has_body,
     header_map,
     request_policy,
 )
@@ -361,7 +361,7 @@ class Gateway:
         if self.cache is not None and not websocket and background is None:
             # 6c: the cache, only as the signer allowed it (a job's answer goes to its job, not the cache).
             cached = cache_ask(head, config, credential, extras, body is not None, declared_length)
-        body_follows = announces_body(declared, "transfer-encoding" in headers)  # has_body, without a scan
+        body_follows = has_body(head)  # two lookups in the head's header map
         if body is None and body_follows:
             budgeted = has_budget(credential) and not websocket
             body = await read_body_if_needed(conn, head, config, background, cached, budgeted)

@@ -198,11 +198,6 @@ def check_upstream(
 
 
 def has_body(head: RequestHead) -> bool:
-    """:func:`announces_body` of the head, read from its header map (two lookups)."""
+    """A body follows the head: Transfer-Encoding, or a Content-Length other than 0 (two lookups)."""
     fields = head.fields  # a Content-Length is digits by now (h11's check, or framing.content_length)
     return b"transfer-encoding" in fields or fields.get(b"content-length", b"0") != b"0"
-
-
-def announces_body(content_length: str | None, transfer_encoding: bool) -> bool:
-    """A body follows the head: Transfer-Encoding, or a Content-Length other than 0."""
-    return transfer_encoding or (content_length is not None and content_length.strip() != "0")
