@@ -14,6 +14,7 @@ import structlog
 import trio
 
 from .config import Config
+from .errors import ParkwayError
 from .http.connection import RequestHead
 from .jobs.background import job_id_from_path
 from .metrics import Metrics
@@ -51,6 +52,8 @@ class RequestRecord:
     completed: bool = False  # the whole response was written
     relayed: int = 0  # response body bytes written to the client, as framed on its connection
     client_watch: trio.CancelScope | None = None  # the task watching for the client to leave (handler)
+    scope: trio.CancelScope | None = None  # the request's overall scope; the first byte's deadline rides on it
+    failure: ParkwayError | None = None  # the first byte's timeout, when it cut the request (handler)
     session: SessionReport | None = None  # a WebSocket session's figures (status 101)
     cache: str | None = None  # hit | miss | stored | collapsed | bypass | unavailable; None: not cacheable
     tokens_saved: tuple[int, int] = (0, 0)  # prompt, completion tokens of an answer served without upstream

@@ -13,6 +13,7 @@ import trio
 
 from .. import cors, forwarding, policy
 from ..config import Config
+from ..errors import UpstreamTimeout
 from ..http.connection import HTTPConnection
 from ..metrics import Metrics
 from ..record import RequestRecord
@@ -80,7 +81,7 @@ class Forward:
             usage: UsageObserver | None = None
             self.metrics.in_flight.inc()
             try:
-                async with self.upstream.open(request) as response:
+                async with self.upstream.open(request, record.scope, forward_at) as response:
                     head_at = trio.current_time()
                     record.ttfb = head_at - record.started
                     record.status = response.status
@@ -97,6 +98,8 @@ class Forward:
                     record.usage = usage.usage or (remover.usage if remover is not None else None)
                     record.model = usage.model
             except BaseException as exc:
+                if usage is None and isinstance(exc, UpstreamTimeout):
+                    record.failure = exc  # the first byte's: the request's scope may report it (handler)
                 if call is not None:
                     call.status, call.first_chunk = record.status if usage is not None else None, record.first_chunk
                     call.end(usage, False, exc)

@@ -175,10 +175,13 @@ class Gateway:
         try:
             try:
                 with trio.CancelScope(deadline=record.started + (config.server.request_timeout or math.inf)) as overall:
+                    record.scope = overall
                     await self._handle(head, conn, config, record, request_id, overall)
                 if overall.cancelled_caught:
                     if record.outcome == "client_gone":  # the client watch cancelled it (relay.client_watch)
                         conn.abort()
+                    elif record.failure is not None:  # the first byte's deadline, carried on this scope
+                        raise record.failure
                     else:
                         raise UpstreamTimeout(
                             f"request exceeded the overall limit of {config.server.request_timeout:g} s",
