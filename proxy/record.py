@@ -6,6 +6,7 @@ duration once, when the request ends.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -62,13 +63,16 @@ class RequestRecord:
     streamed: bool = False  # the answer was an event stream
     model: str | None = None  # the model the answer named (GenAI metrics)
     trace: RequestTrace | None = None  # the request's spans, when tracing is on
+    # The run's clock, read as one frame (trio.current_time is three): the handler binds the
+    # current clock's method once per request; the request's timestamps are all read with it.
+    clock: Callable[[], float] = trio.current_time
     # Set by settle() when the request ends.
     bytes_in: int = 0
     bytes_out: int = 0
     duration: float = 0.0
 
     def first_chunk_now(self) -> None:
-        self.first_chunk = trio.current_time()
+        self.first_chunk = self.clock()
 
     def settle(self, bytes_in: int, bytes_out: int, now: float) -> None:
         """Fix the request's byte counts (from the connection's running totals) and its duration."""

@@ -9,8 +9,6 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from functools import partial
 
-import trio
-
 from .. import cors, forwarding, policy
 from ..config import Config
 from ..errors import UpstreamTimeout
@@ -58,7 +56,7 @@ class Forward:
             headers = forwarding.request_headers(
                 head.headers, plan.credential.headers, plan.ctx, content_length=content_length
             )
-            forward_at = trio.current_time()
+            forward_at = record.clock()
             call = None
             if record.trace is not None:  # the CLIENT span; its traceparent only where the credential allows
                 call = record.trace.upstream_call(
@@ -82,7 +80,7 @@ class Forward:
             self.metrics.in_flight.inc()
             try:
                 async with self.upstream.open(request, record.scope, forward_at) as response:
-                    head_at = trio.current_time()
+                    head_at = record.clock()
                     record.ttfb = head_at - record.started
                     record.status = response.status
                     record.streamed = response.content_type.lower().startswith("text/event-stream")
@@ -153,7 +151,7 @@ async def respond(
     # it arrived, whether or when the body follows (docs/proxying.md).
     hold = bool(response.initial) or response.framing.bodiless
     await conn.send_head(response.status, out_headers, flush=not hold)
-    record.head_sent_at = trio.current_time()
+    record.head_sent_at = record.clock()
 
 
 async def pass_informational(conn: HTTPConnection, status: int, headers: list[Header]) -> None:
