@@ -15,6 +15,10 @@ Three modes, each printing ``STAT {json}`` lines while it runs and one ``RESULT 
   set-ups delays the streams already parked).
 * ``small``: ``--clients`` keep-alive connections each sending one small request after the
   other for ``--seconds`` (after ``--warmup``): requests per second and latency percentiles.
+  With ``--signal-pid PID`` the measured window is fenced for a profiler in that process
+  (``loadtest.calls``): at each edge the clients send nothing new until every answer is in,
+  then, in a quiet pause, the process gets SIGUSR1 (start) or SIGUSR2 (stop); so the profile
+  holds exactly the ``counted`` requests.
 * ``latency``: one connection, ``--requests`` sequential requests: latency percentiles.
 
 Everything is bounded: a ``--deadline`` ends the run (unfinished streams count as errors).
@@ -26,14 +30,17 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import resource
 import select
+import signal
 import socket
 import sys
 import time
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLLERR = select.EPOLLERR | select.EPOLLHUP
+FENCE_PAUSE = 0.1  # seconds of quiet on each side of a profiler's signal (--signal-pid)
 
 
 def raise_nofile() -> int:
@@ -366,9 +373,12 @@ def run_small(args: argparse.Namespace) -> dict:
         clients[c.fd] = c
         epoll.register(c.fd, EPOLLIN)
     t0 = time.monotonic()
-    measure_from = t0 + args.warmup
+    fenced = bool(args.signal_pid)
+    # Fenced, the window opens once the warm-up's answers are all in (see fence()).
+    measure_from = float("inf") if fenced else t0 + args.warmup
     measure_to = measure_from + args.seconds
-    counted = total = 0
+    counted = total = in_flight = 0
+    holding = False  # fenced, at an edge of the window: no new request until every answer is in
     next_stat = t0
 
     def send(c: Client, now: float) -> None:
@@ -376,11 +386,33 @@ def run_small(args: argparse.Namespace) -> dict:
         c.t_sent = now
         c.sock.send(request)
 
+    def fence(sig: int) -> None:
+        """Every answer is in: the signal in a quiet pause (its handler has run before traffic resumes)."""
+        time.sleep(FENCE_PAUSE)
+        os.kill(args.signal_pid, sig)
+        time.sleep(FENCE_PAUSE)
+
     for c in clients.values():
         send(c, t0)
+        in_flight += 1
     while clients:
         now = time.monotonic()
-        if now >= measure_to:
+        if fenced:
+            if holding and not in_flight:
+                holding = False
+                if measure_from == float("inf"):  # the warm-up is over: the profile and the window start
+                    fence(signal.SIGUSR1)
+                    measure_from = time.monotonic()
+                    measure_to = measure_from + args.seconds
+                    for c in clients.values():
+                        send(c, measure_from)
+                        in_flight += 1
+                    continue
+                fence(signal.SIGUSR2)
+                break
+            if not holding and (now >= measure_to or (measure_from == float("inf") and now >= t0 + args.warmup)):
+                holding = True
+        elif now >= measure_to:
             break
         if now >= next_stat:
             next_stat = now + args.stat_interval
@@ -399,6 +431,8 @@ def run_small(args: argparse.Namespace) -> dict:
                 data = b""
             now = time.monotonic()
             if not data:
+                if not (c.resp.done or c.resp.error):
+                    in_flight -= 1
                 errors["closed"] = errors.get("closed", 0) + 1
                 epoll.unregister(fd)
                 c.sock.close()
@@ -407,14 +441,18 @@ def run_small(args: argparse.Namespace) -> dict:
             if not c.resp.feed(data):
                 continue
             total += 1
+            in_flight -= 1
             if c.resp.error or c.resp.status != 200:
                 kind = c.resp.error or f"status_{c.resp.status}"
                 errors[kind] = errors.get(kind, 0) + 1
-            elif measure_from <= c.t_sent and now <= measure_to:
+            elif measure_from <= c.t_sent and (now <= measure_to or fenced):
                 counted += 1
                 latencies.append(now - c.t_sent)
+            if holding:
+                continue
             try:
                 send(c, now)
+                in_flight += 1
             except OSError:
                 errors["send"] = errors.get("send", 0) + 1
     for c in clients.values():
@@ -494,6 +532,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-requests", type=int, default=200)
     parser.add_argument("--deadline", type=float, default=300, help="hard limit on the run, seconds")
     parser.add_argument("--stat-interval", type=float, default=0.5)
+    parser.add_argument(
+        "--signal-pid",
+        type=int,
+        default=0,
+        help="small: fence the measured window for a profiler in this process (SIGUSR1 at its start, "
+        "SIGUSR2 at its end, each once every answer is in)",
+    )
     args = parser.parse_args(argv)
     if not args.host.startswith("127.") and args.host not in ("::1", "localhost"):
         parser.error("loopback only")

@@ -141,6 +141,30 @@ def bench_metrics() -> Callable[[], object]:
     return lambda: count_request(metrics, config, record)
 
 
+def bench_metrics_request() -> Callable[[], object]:
+    """Every metric update of a small proxied request: the stream in flight, then ``count_request``
+    with the GenAI histograms (a chat completion that named its model and reported usage)."""
+    from proxy.config import Config
+    from proxy.metrics import Metrics
+    from proxy.record import RequestRecord, count_request
+    from proxy.relay.usage import Usage
+
+    metrics, config = Metrics(), Config()
+    record = RequestRecord(
+        0.0, 0, 0, credential="micro", status=200, ttfb=0.001, overhead=0.0002, duration=0.002, bytes_in=900,
+        bytes_out=300, upstream_path="/v1/chat/completions", model="mock-gpt", first_chunk=0.0011,
+        usage=Usage(12, 31, 43),
+    )  # fmt: skip
+    in_flight = metrics.in_flight
+
+    def request() -> None:
+        in_flight.inc()
+        in_flight.dec()
+        count_request(metrics, config, record)
+
+    return request
+
+
 def bench_forward_context() -> Callable[[], object]:
     from proxy.forwarding import forward_context
 
@@ -289,6 +313,7 @@ BENCHES: dict[str, Callable[[], Callable[[], object]]] = {
     "header_map": bench_header_map,
     "request_id": bench_request_id,
     "metrics": bench_metrics,
+    "metrics_request": bench_metrics_request,
     "forward_context": bench_forward_context,
     "head_h11": bench_head_h11,
     "head_httptools": bench_head_httptools,

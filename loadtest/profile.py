@@ -27,18 +27,21 @@ COMPONENTS = [
     ("anyio/sniffio", r"(^|/)(anyio|sniffio)/"),
     ("trio", r"(^|/)trio/"),
     ("structlog (logging)", r"(^|/)structlog/"),
+    ("prometheus_client (metrics)", r"(^|/)prometheus_client/"),
     ("httptools", r"(^|/)httptools/"),
+    ("floor (loadtest/floor.py)", r"loadtest/floor\.py"),
     ("parkway: signing", r"proxy/(signing|urls)\.py"),
     ("parkway: http (client side)", r"proxy/http/"),
     ("parkway: upstream", r"proxy/upstream/"),
     ("parkway: relay", r"proxy/relay/"),
     ("parkway: gateway", r"proxy/gateway/"),
-    ("parkway: logging and metrics", r"proxy/(logs|record|metrics)\.py"),
+    ("parkway: logging and metrics", r"proxy/(logs|record|metrics|metric_types)\.py"),
     ("parkway: other", r"proxy/"),
     ("stdlib: hmac/hashlib", r"(hmac|hashlib)\.py"),
     ("stdlib: urllib/idna", r"(urllib/|idna/|encodings/idna)"),
     ("stdlib: json", r"json/"),
-    ("stdlib: contextlib/other", r"\.py"),
+    ("generated code (attrs and dataclass methods)", r"^<(string|attrs generated)"),
+    ("stdlib: contextlib/other", r"\.py|^<frozen "),
 ]
 
 # Inclusive steps of a request: a sample counts once for each step present anywhere in its stack.

@@ -1,5 +1,9 @@
 """From the runs of one invocation to figures: medians over repeats, ratios against nginx
 measured in the same repeat, targets met or missed; written as JSON, Markdown and a PNG chart.
+
+When the floor ran (``--targets ...,floor``: :mod:`loadtest.floor`) every figure it has also gets
+its median and Parkway ÷ floor, taken within each repeat like the ratio to nginx; with
+``--profile calls`` a table gives the calls per small request by component.
 """
 
 from __future__ import annotations
@@ -219,6 +223,14 @@ FIGURES = [
         0,
     ),
     Figure(
+        "calls_per_request",
+        "Python function calls per small request, 16 clients (--profile calls)",
+        "(info)",
+        _field("calls", "calls_per_request"),
+        None,
+        0,
+    ),
+    Figure(
         "pool_ratio",
         "Pool: req/s at 512 ÷ req/s at 16 concurrent upstream requests",
         "≥ 0.90",
@@ -238,10 +250,23 @@ def parkways(runs: Runs) -> list[str]:
     return labels or ["parkway"]
 
 
-def _judge(fig: Figure, runs: Runs, label: str, values: list[float | None], nginx: list[float | None], opts: Any):
-    """One Parkway label's median, ratio to nginx (within each repeat) and whether the target is met."""
-    ratios = [p / n for p, n in zip(values, nginx) if p is not None and n]
-    value, ratio = _median(values), _median(ratios)
+def _ratio(values: list[float | None], base: list[float | None]) -> float | None:
+    """The median of value ÷ base within each repeat (both measured in it)."""
+    return _median([v / b for v, b in zip(values, base) if v is not None and b])
+
+
+def _judge(
+    fig: Figure,
+    runs: Runs,
+    label: str,
+    values: list[float | None],
+    nginx: list[float | None],
+    opts: Any,
+    floor: list[float | None] | None = None,
+):
+    """One Parkway label's median, ratio to nginx (within each repeat) and whether the target is met;
+    with the floor measured, its ratio to the floor too."""
+    value, ratio = _median(values), _ratio(values, nginx)
     met = None if fig.met is None or value is None else bool(fig.met(value, ratio))
     if fig.key in ("parked_completed", "tls_parked_completed"):
         met = all(v is not None and v >= 1.0 for v in values)
@@ -258,21 +283,25 @@ def _judge(fig: Figure, runs: Runs, label: str, values: list[float | None], ngin
             and r["streams"] == max(opts["streams"])
         ]
         met = all(r.get("parked_peak", 0) >= r["streams"] for r in held)
-    return {"value": value, "ratio_vs_nginx": ratio, "repeats": values, "met": met}
+    judged = {"value": value, "ratio_vs_nginx": ratio, "repeats": values, "met": met}
+    if floor and any(f is not None for f in floor):
+        judged["ratio_vs_floor"] = _ratio(values, floor)
+    return judged
 
 
 def summarise(runs: Runs, args: Any) -> dict[str, Any]:
-    """Per figure: nginx's median and, per Parkway label, its median, ratio and verdict
-    (``proxies``); ``parkway``, ``ratio_vs_nginx`` and ``met`` repeat the first label's."""
+    """Per figure: nginx's median, the floor's (when it ran) and, per Parkway label, its median,
+    ratios and verdict (``proxies``); ``parkway``, ``ratio_vs_nginx`` and ``met`` repeat the first
+    label's."""
     opts = vars(args) if not isinstance(args, dict) else args
     repeats = sorted({r["repeat"] for r in runs})
     labels = parkways(runs)
     summary: dict[str, Any] = {}
     for fig in FIGURES:
-        per = {t: [fig.value(runs, t, rep, opts) for rep in repeats] for t in (*labels, "nginx")}
+        per = {t: [fig.value(runs, t, rep, opts) for rep in repeats] for t in (*labels, "nginx", "floor")}
         if all(v is None for values in per.values() for v in values):
             continue
-        proxies = {label: _judge(fig, runs, label, per[label], per["nginx"], opts) for label in labels}
+        proxies = {label: _judge(fig, runs, label, per[label], per["nginx"], opts, per["floor"]) for label in labels}
         first = proxies[labels[0]]
         summary[fig.key] = {
             "label": fig.label,
@@ -285,6 +314,9 @@ def summarise(runs: Runs, args: Any) -> dict[str, Any]:
             "met": first["met"],
             "proxies": proxies,
         }
+        if any(v is not None for v in per["floor"]):
+            summary[fig.key]["floor"] = _median(per["floor"])
+            summary[fig.key]["floor_repeats"] = per["floor"]
     summary["sweep"] = _sweep(runs)
     summary["errors"] = [
         f"{r['workload']} {r['target']} (repeat {r['repeat'] + 1}"
@@ -331,6 +363,41 @@ def _title(label: str) -> str:
     return "Parkway" + label[len("parkway") :]
 
 
+def _floor_title(runs: Runs) -> str:
+    """``Floor (httptools)``: the floor's heading names the parser its start-up line reported."""
+    parsers = sorted({r["http"] for r in runs if r["target"] == "floor" and r.get("http")})
+    return f"Floor ({', '.join(parsers)})" if parsers else "Floor"
+
+
+def _calls_table(runs: Runs) -> list[str]:
+    """Calls per small request by component, one column per profiled target (``--profile calls``)."""
+    profiled = [r for r in runs if r["workload"] == "calls" and r.get("calls_by_component")]
+    if not profiled:
+        return []
+    names = [_title(r["target"]) if r["target"].startswith("parkway") else _floor_title(runs) for r in profiled]
+    components = list(dict.fromkeys(c for r in profiled for c in r["calls_by_component"]))
+    lines = [
+        "",
+        f"Python function calls per small request by component ({profiled[0]['clients']} keep-alive clients, "
+        "cProfile switched on after the warm-up; a built-in counts for the component that called it):",
+        "",
+        f"| component | {' | '.join(names)} |",
+        f"| --- |{' ---: |' * len(names)}",
+    ]
+    for name in components:
+        cells = " | ".join(_fmt(r["calls_by_component"].get(name), 1) for r in profiled)
+        lines.append(f"| {name} | {cells} |")
+    totals = " | ".join(f"**{_fmt(r['calls_per_request'], 0)}**" for r in profiled)
+    lines.append(f"| **all** | {totals} |")
+    counts = " | ".join(f"{r['requests']:,}" for r in profiled)
+    lines.append(f"| requests profiled | {counts} |")
+    return lines
+
+
+def _times(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{ratio:.2f}×"
+
+
 def _fmt(value: float | None, digits: int) -> str:
     if value is None:
         return "–"
@@ -342,13 +409,24 @@ def markdown(results: dict[str, Any]) -> str:
     repeats = meta["options"].get("repeat")
     labels = parkways(results["runs"])
     names = [_title(label) for label in labels]
+    floor = any(row.get("floor") is not None for row in summary.values() if isinstance(row, dict))
+    floor_head = f" {_floor_title(results['runs'])} |" if floor else ""
+    floor_ratios = "".join(f" {n} ÷ floor |" for n in names) if floor else ""
     lines = [
         f"Medians of {repeats} repeat(s); the ratio is the median of Parkway ÷ nginx within each repeat "
         f"(nginx {meta['versions'].get('nginx', '?')} `proxy_pass`, buffering off, one worker, same core, "
-        "same upstream).",
+        "same upstream)."
+        + (
+            " The floor is `loadtest.floor`, a minimal trio proxy of the same bytes (no signature, log line "
+            "or metrics): Parkway ÷ floor is what Parkway's own code adds."
+            if floor
+            else ""
+        ),
         "",
-        f"| figure | target | {' | '.join(names)} | nginx | {' | '.join(f'{n} ÷ nginx' for n in names)} | met |",
-        f"| --- | --- | {'---: | ' * len(names)}---: | {'---: | ' * len(names)}:---: |",
+        f"| figure | target | {' | '.join(names)} | nginx |{floor_head} {' | '.join(f'{n} ÷ nginx' for n in names)} |"
+        f"{floor_ratios} met |",
+        f"| --- | --- | {'---: | ' * len(names)}---: |{' ---: |' if floor else ''} {'---: | ' * len(names)}"
+        f"{'---: | ' * len(names) if floor else ''}:---: |",
     ]
     verdict = {True: "yes", False: "**no**", None: ""}
     for fig in FIGURES:
@@ -358,9 +436,17 @@ def markdown(results: dict[str, Any]) -> str:
         proxies = row.get("proxies") or {labels[0]: {**row, "value": row["parkway"]}}
         cells = [proxies.get(label, {}) for label in labels]
         values = " | ".join(_fmt(c.get("value"), fig.digits) for c in cells)
-        ratios = " | ".join("–" if c.get("ratio_vs_nginx") is None else f"{c['ratio_vs_nginx']:.2f}×" for c in cells)
+        ratios = " | ".join(_times(c.get("ratio_vs_nginx")) for c in cells)
         met = " / ".join(verdict[c.get("met")] for c in cells) if any(c.get("met") is not None for c in cells) else ""
-        lines.append(f"| {fig.label} | {fig.target} | {values} | {_fmt(row['nginx'], fig.digits)} | {ratios} | {met} |")
+        floor_cells = (
+            f" {_fmt(row.get('floor'), fig.digits)} |" if floor else "",
+            "".join(f" {_times(c.get('ratio_vs_floor'))} |" for c in cells) if floor else "",
+        )
+        lines.append(
+            f"| {fig.label} | {fig.target} | {values} | {_fmt(row['nginx'], fig.digits)} |{floor_cells[0]} {ratios} |"
+            f"{floor_cells[1]} {met} |"
+        )
+    lines += _calls_table(results["runs"])
     sweep = summary.get("sweep") or []
     if sweep:
         lines += [

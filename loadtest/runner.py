@@ -20,6 +20,13 @@ Workloads (figures in brackets):
 * ``pool``: ``small`` at ``--pool-clients`` (16 and 512) concurrent upstream requests [ratio];
 * ``workers``: ``small`` through ``parkway serve --workers 1`` and ``--workers N`` [ratio].
 
+With ``--targets nginx,parkway,floor`` the ``small``, ``latency`` and ``relay`` workloads also run
+the floor (:mod:`loadtest.floor`: a minimal trio proxy, the cost of trio + Python + the head parser
+for the same bytes), pinned like the others; the report gives it a column and Parkway ÷ floor ratios.
+With ``--profile calls`` every Parkway variant (and the floor) also serves a ``calls`` run after the
+``small`` workload of the first repeat: 16 clients of small requests with cProfile switched on
+after the warm-up (:mod:`loadtest.calls`), giving Python function calls per request by component.
+
 With ``--http h11,httptools`` every run of Parkway is made once per HTTP parser
 (``parkway serve --http X``), beside nginx in every repeat, labelled ``parkway (h11)`` and
 ``parkway (httptools)``; without it, Parkway runs with the installed default, labelled ``parkway``.
@@ -51,7 +58,7 @@ from urllib.parse import urlsplit
 
 from proxy.signing import sign_url
 
-from . import nginx, procstat, report, tls, turns
+from . import calls, nginx, procstat, report, tls, turns
 from .loadgen import Response
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +68,10 @@ SECRET = "loadtest-secret-not-a-real-one"
 STREAM_BODY = '{"model":"mock-gpt","stream":true,"messages":[{"role":"user","content":"Tell me a story"}]}'
 SMALL_BODY = '{"model":"mock-gpt","messages":[{"role":"user","content":"Say hello"}]}'
 WORKLOADS = ("parked", "parked-tls", "relay", "small", "latency", "pool", "workers")
-TARGETS = ("nginx", "parkway")
+TARGETS = ("nginx", "parkway", "floor")
+DEFAULT_TARGETS = ("nginx", "parkway")
+FLOOR_WORKLOADS = ("small", "latency", "relay")  # what the floor proxies (its relay passes SSE through)
+CALLS_CLIENTS = 16  # --profile calls: the concurrency its per-request figures are quoted at
 PARSERS = ("h11", "httptools")
 
 
@@ -71,7 +81,7 @@ def parkway_label(http: str | None) -> str:
 
 
 def target_kind(name: str) -> str:
-    """``parkway`` for every Parkway label, else the name itself (``nginx``, ``direct``)."""
+    """``parkway`` for every Parkway label, else the name itself (``nginx``, ``floor``, ``direct``)."""
     return "parkway" if name.startswith("parkway") else name
 
 
@@ -183,7 +193,7 @@ def one_request(port: int, target: str, body: str, headers: tuple[str, ...] = ()
 class Target:
     """A running proxy under test."""
 
-    name: str  # "parkway" | "parkway (h11)" | "parkway (httptools)" | "nginx" | "direct"
+    name: str  # "parkway" | "parkway (h11)" | "parkway (httptools)" | "nginx" | "floor" | "direct"
     port: int
     proc: Proc | None
     group: procstat.Group
@@ -241,7 +251,7 @@ class Bench:
         self.upstream_group: procstat.Group | None = None
         self.front_port = 0  # the TLS front (parked-tls), started when first needed
         self.front_cert: Path | None = None
-        self.parsers: dict[str, str] = {}  # Parkway label -> the HTTP parser its start-up line reported
+        self.parsers: dict[str, str] = {}  # Parkway label or "floor" -> the parser its start-up line reported
 
     # --- processes ------------------------------------------------------------------------
 
@@ -324,8 +334,16 @@ class Bench:
         return {**os.environ, "PYTHONPATH": str(self.proxy_path), "PYTHONDONTWRITEBYTECODE": "1"}
 
     def start_target(
-        self, name: str, *, workers: int | None = None, queries: tuple[str, ...] = (), https: bool = False
+        self,
+        name: str,
+        *,
+        workers: int | None = None,
+        queries: tuple[str, ...] = (),
+        https: bool = False,
+        calls_out: Path | None = None,
     ) -> Target:
+        """Start ``name`` on a free port, pinned to the proxy's core, and warm it up. ``calls_out``:
+        run it under :mod:`loadtest.calls`, its profile written there on SIGUSR2."""
         port = free_port()
         log = self.tmp / f"{target_kind(name)}-{port}.log"
         upstream = f"127.0.0.1:{self.front_port if https else self.upstream_port}"
@@ -341,6 +359,14 @@ class Bench:
                 directory, listen=f"127.0.0.1:{port}", upstream=upstream, api_key=API_KEY, nofile=self.nofile, tls_ca=ca
             )
             proc = Proc("nginx", nginx.command(binary, directory, config), cpus=self.proxy_cpus, log=log)
+        elif name == "floor":
+            argv = ["-m", "loadtest.floor", "--port", str(port), "--upstream", upstream, "--api-key", API_KEY]
+            argv += ["--max-seconds", str(self.args.max_minutes * 60 + 60)]
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+            if calls_out:
+                argv[:1] = ["-m", "loadtest.calls"]
+                env["CALLS_OUT"] = str(calls_out)
+            proc = Proc("floor", [sys.executable, *argv], cpus=self.proxy_cpus, log=log, env=env)
         else:
             config = self.tmp / f"parkway-{port}.toml"
             config.write_text(parkway_config(port, upstream, self.args.proxy_log, ca=ca))
@@ -352,12 +378,24 @@ class Bench:
                 env["TRACEMEM_OUT"] = str(Path(self.args.out).resolve() / f"{self.args.label}-tracemem-{port}.txt")
                 self._tracemem[port] = env["TRACEMEM_OUT"]
                 Path(self.args.out).mkdir(parents=True, exist_ok=True)
+            elif calls_out:
+                module = "loadtest.calls"
+                env["PYTHONPATH"] += os.pathsep + str(ROOT)
+                env["CALLS_OUT"] = str(calls_out)
             elif self.args.profile == "turns":
                 module = "loadtest.turns"
                 env["PYTHONPATH"] += os.pathsep + str(ROOT)
                 env["TURNS_OUT"] = str(self.tmp / f"turns-{port}.json")
                 self._turns[port] = self.tmp / f"turns-{port}.json"
-            argv = [self.proxy_python, "-m", module, "serve", "--config", str(config)]
+            argv = [
+                self.proxy_python,
+                "-m",
+                module,
+                *(["proxy"] if calls_out else []),
+                "serve",
+                "--config",
+                str(config),
+            ]
             http = target_http(name)
             if http:
                 argv += ["--http", http]
@@ -385,7 +423,7 @@ class Bench:
             target.stop()
             raise
         time.sleep(0.5)
-        if target.kind == "parkway":
+        if target.kind in ("parkway", "floor"):
             self.parsers[name] = _startup_parser(log) or self.parsers.get(name, "?")
         pids = procstat.tree(proc.pid)
         if name == "nginx":
@@ -740,6 +778,58 @@ class Bench:
             "latency_p99_us": _us(r["latency_s"]["p99"]),
         }
 
+    def calls_run(self, name: str, repeat: int) -> dict[str, Any]:
+        """Python function calls per small request (``--profile calls``): the target runs under
+        :mod:`loadtest.calls`; the load generator fences the measured window with the profiler's
+        signals, so every profiled call belongs to a counted request."""
+        a = self.args
+        slug = name.replace(" (", "-").rstrip(")")  # parkway, parkway-h11, floor
+        out = Path(a.out).resolve() / f"{a.label}-calls-small-{slug}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        prof, txt = Path(f"{out}.prof"), Path(f"{out}.txt")
+        prof.unlink(missing_ok=True)
+        target = self.start_target(name, queries=("small=1",), calls_out=prof)
+        try:
+            raw = self.drive(
+                target,
+                "small",
+                [
+                    "--target",
+                    target.request_target("small=1"),
+                    "--body",
+                    SMALL_BODY,
+                    "--clients",
+                    str(CALLS_CLIENTS),
+                    "--seconds",
+                    str(a.seconds),
+                    "--warmup",
+                    str(max(1.0, a.warmup)),
+                    "--signal-pid",
+                    str(target.proc.pid),
+                ],
+                a.seconds + a.warmup + 60,
+            )
+        finally:
+            target.stop()
+        r = raw["result"]
+        run: dict[str, Any] = {
+            "workload": "calls",
+            "target": name,
+            "repeat": repeat,
+            "clients": CALLS_CLIENTS,
+            "requests": r["counted"],
+            "errors": r["errors"],
+            "error_count": r["error_count"],
+        }
+        if not prof.exists() or not r["counted"]:
+            run["errors"] = {**r["errors"], "no_profile": 1}
+            run["error_count"] += 1
+            return run
+        summary = calls.summarise(prof, r["counted"])
+        title = f"{name}, {CALLS_CLIENTS} keep-alive clients of small requests, profiled after the warm-up: "
+        txt.write_text(calls.text(summary, title))
+        return {**run, **summary, "calls_file": str(txt)}
+
     # --- the whole invocation -------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -747,7 +837,7 @@ class Bench:
         started = time.monotonic()
         self.start_upstream()
         parkways = tuple(parkway_label(http) for http in a.http) if a.http else ("parkway",)
-        chosen = ("parkway",) if a.no_reference else tuple(t for t in TARGETS if t in a.targets)
+        chosen = tuple(t for t in TARGETS if t in a.targets and not (a.no_reference and t == "nginx"))
         targets = tuple(p for t in chosen for p in (parkways if t == "parkway" else (t,)))
         workloads = a.workload
         workers_ok = None
@@ -759,6 +849,11 @@ class Bench:
             workers_ok = self.parkway_supports_workers()
             if not workers_ok:
                 self.notes.append(f"--workers {a.workers}: not passed, `parkway serve` has no --workers flag yet")
+        if "floor" in targets and set(workloads) - set(FLOOR_WORKLOADS):
+            skipped = ", ".join(w for w in workloads if w not in FLOOR_WORKLOADS)
+            self.notes.append(f"floor: runs {', '.join(FLOOR_WORKLOADS)} only, not {skipped}")
+        if a.profile == "calls" and "small" not in workloads:
+            self.notes.append("--profile calls: nothing profiled, it needs the small workload")
         budget = a.max_minutes * 60
         for repeat in range(a.repeat):
             order = targets if repeat % 2 == 0 else targets[::-1]
@@ -769,6 +864,8 @@ class Bench:
                     return self.results(started)
                 self._log(f"repeat {repeat + 1}/{a.repeat}: {workload}")
                 for name in order:
+                    if target_kind(name) == "floor" and workload not in FLOOR_WORKLOADS:
+                        continue
                     if workload == "parked":
                         # The sweep's smaller counts (the chart) once; the largest (the target) every repeat.
                         counts = a.streams if repeat == 0 or a.sweep_every_repeat else [max(a.streams)]
@@ -791,6 +888,8 @@ class Bench:
                                 profile=profile and target_kind(name) == "parkway",
                             )
                         )
+                        if a.profile == "calls" and repeat == 0 and target_kind(name) in ("parkway", "floor"):
+                            self._record(self.calls_run(name, repeat))
                     elif workload == "latency":
                         if name == order[0]:
                             self._record(self.latency("direct", repeat))
@@ -814,13 +913,13 @@ class Bench:
         return self.results(started)
 
     def _record(self, run: dict[str, Any]) -> None:
-        if target_kind(run["target"]) == "parkway":
+        if target_kind(run["target"]) in ("parkway", "floor"):
             run["http"] = self.parsers.get(run["target"], target_http(run["target"]) or "?")
         self.runs.append(run)
         brief = {
             k: (round(v, 2) if isinstance(v, float) else v)
             for k, v in run.items()
-            if k not in ("series", "errors", "proxy_log_tail") and v is not None
+            if k not in ("series", "errors", "proxy_log_tail", "calls_by_component", "top_calls") and v is not None
         }
         self._log("  " + json.dumps(brief))
 
@@ -949,7 +1048,7 @@ def _us(seconds: float | None) -> float | None:
 def _versions(python: str, path: Path) -> dict[str, str]:
     code = (
         "import importlib.metadata as m, json\nout = {}\n"
-        "for n in ('trio', 'h11', 'httpx', 'httpcore', 'httpx2', 'httpcore2', 'structlog'):\n"
+        "for n in ('trio', 'h11', 'httptools', 'httpx', 'httpcore', 'httpx2', 'httpcore2', 'structlog'):\n"
         "    try: out[n] = m.version(n)\n    except Exception: pass\nprint(json.dumps(out))"
     )
     try:
@@ -983,6 +1082,14 @@ def _parsers(text: str) -> list[str]:
     for name in names:
         if name not in PARSERS:
             raise argparse.ArgumentTypeError(f"unknown HTTP parser {name!r} (choose from {', '.join(PARSERS)})")
+    return names
+
+
+def _targets(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    for name in names:
+        if name not in TARGETS:
+            raise argparse.ArgumentTypeError(f"unknown target {name!r} (choose from {', '.join(TARGETS)})")
     return names
 
 
@@ -1033,9 +1140,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-reference", action="store_true", help="skip nginx")
     g.add_argument(
         "--targets",
-        type=lambda t: [x.strip() for x in t.split(",")],
-        default=list(TARGETS),
-        help="proxies to measure (default nginx,parkway)",
+        type=_targets,
+        default=list(DEFAULT_TARGETS),
+        help="proxies to measure, of nginx, parkway and floor (a minimal trio proxy: small, latency and "
+        "relay only; see loadtest.floor); default nginx,parkway",
     )
     g.add_argument(
         "--http",
@@ -1056,12 +1164,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--profile",
         default="none",
-        choices=["none", "py-spy", "tracemalloc", "turns"],
+        choices=["none", "py-spy", "tracemalloc", "turns", "calls"],
         help="py-spy: record Parkway's stacks during the first repeat of each workload "
         "(loadtest.profile summarises them); tracemalloc: run Parkway under "
         "loadtest.tracemem and snapshot its memory once every stream is parked; turns: run "
         "Parkway under loadtest.turns and add to each parked run its set-ups' accept-to-relay "
-        "time and its run loop's turn lengths (where first events wait)",
+        "time and its run loop's turn lengths (where first events wait); calls: after the first "
+        "repeat's small runs, one more per Parkway variant (and the floor) under cProfile, switched on "
+        "after the warm-up, giving Python function calls per request by component (loadtest.calls)",
     )
     g.add_argument("--sample-interval", type=float, default=0.1)
     g.add_argument("--out", default=str(ROOT / "loadtest" / "results"), help="directory for JSON, Markdown, PNG")

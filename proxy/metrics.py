@@ -1,21 +1,26 @@
-"""Prometheus metrics for one Parkway process (``prometheus-client``, own registry per instance).
+"""Prometheus metrics for one Parkway process (own registry per instance: with ``--workers N`` each
+worker exposes its own on its own admin port).
 
 Label values come from bounded sets only: configured credential ids (anything else is
 ``unknown``), status classes, outcome and error codes defined in :mod:`proxy.errors`.
 No per-user or per-URL labels, so cardinality stays fixed however the proxy is used.
+
+The metrics are :mod:`proxy.metric_types` (plain attributes updated on the Trio thread, exposed
+by ``prometheus_client`` when scraped), except the two counters the OpenTelemetry export thread
+updates, which keep ``prometheus_client``'s locked type.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import CounterMetricFamily
 
+from .metric_types import Counter, Gauge, Histogram
 from .telemetry.genai import GenAIMetrics
-
-CounterChild = Counter  # what Counter.labels() returns
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -165,33 +170,25 @@ class Metrics:
         )
 
         self.genai = GenAIMetrics(r)  # gen_ai_* (OpenTelemetry GenAI metrics, Prometheus naming)
-        self.spans_dropped = Counter(
+        # Counted by the tracer's batch processor, whose export runs on its own thread: locked.
+        self.spans_dropped = prometheus_client.Counter(
             "parkway_trace_spans_dropped",
             "Spans dropped: the export queue was full (collector down or slow).",
             registry=r,
         )
-        self.span_exports_failed = Counter(
+        self.span_exports_failed = prometheus_client.Counter(
             "parkway_trace_exports_failed", "Span batches the collector did not take.", registry=r
         )
         self.http_parser = Gauge(
             "parkway_http_parser", "The request-head parser new connections use (1), by name.", ["parser"], registry=r
         )
-        # Label children looked up once: ``labels()`` costs more than the increment it leads to.
+        # Label children looked up once: ``labels()`` costs as much as the increment it leads to.
         self.bytes_in = self.bytes.labels("in")
         self.bytes_out = self.bytes.labels("out")
-        self._request_children: dict[tuple[str, str, str], CounterChild] = {}
 
     def set_http_parser(self, parser: str) -> None:
         for name in ("h11", "httptools"):
             self.http_parser.labels(name).set(1 if name == parser else 0)
-
-    def request_counter(self, credential: str, status_class: str, outcome: str) -> CounterChild:
-        """``requests.labels(...)``, cached: the label values come from bounded sets."""
-        key = (credential, status_class, outcome)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(*key)
-        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -125,7 +125,7 @@ def count_request(metrics: Metrics, config: Config, record: RequestRecord) -> No
     cred = record.credential
     label = "none" if cred is None else (cred if config.credential(cred) is not None else "unknown")
     status_class = f"{record.status // 100}xx" if record.status else "none"
-    m.request_counter(label, status_class, record.outcome).inc()
+    m.requests.labels(label, status_class, record.outcome).inc()
     m.bytes_in.inc(record.bytes_in)
     m.bytes_out.inc(record.bytes_out)
     m.duration.observe(record.duration)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import parse_qsl
 
+import structlog
 import trio
 
 from .. import cors, forwarding, policy
@@ -22,13 +23,13 @@ from ..config import Config, Credential
 from ..errors import MethodNotAllowed, NotFound, Overloaded
 from ..forwarding import Headers
 from ..http.connection import HTTPConnection, RequestHead
-from ..limits import BudgetTicket, JobHold
+from ..limits import BudgetStore, BudgetTicket, JobHold
 from ..metrics import Metrics
 from . import model as jobs
 from .background import BackgroundAsk, status_url_prefix, stored_headers
 from .calls import callback_policy, check_callback_address
 from .model import Job, JobRequest
-from .runner import JobRunner
+from .runner import JobRunner, not_run_charge, settle_job_budget
 from .store import JobStore
 
 
@@ -95,9 +96,12 @@ class JobAPI:
         *,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        budgets: BudgetStore | None = None,
     ):
         self.store = store
         self.runner = runner
+        # Where a job cancelled while queued gets its hold back: the runner's budget store.
+        self.budgets = budgets if budgets is not None else runner.budgets if runner is not None else None
         self.metrics = metrics
         self.clock = clock
         self.large_reads = trio.Semaphore(LARGE_READS)
@@ -152,11 +156,11 @@ class JobAPI:
             raise MethodNotAllowed(f"{head.method} is not allowed on a job: use GET or DELETE")
         if not jobs.valid_job_id(job_id):
             raise no_such_job(config)
+        # The request's log line names the job as the runner's lines do (a prefix: the id is a capability).
+        structlog.contextvars.bind_contextvars(job=job_id[:12])
         now = self.clock()
         if head.method == "DELETE":
-            job = await self.store.cancel(job_id, now=now, result_ttl=config.jobs.result_ttl)
-            if job is not None and self.runner is not None:
-                self.runner.cancel_local(job_id)
+            job = await self.cancel(job_id, now, config)
         else:
             job = await self.store.get(job_id, now=now)
         if job is None:
@@ -165,6 +169,28 @@ class JobAPI:
             del job  # a reader waiting for its turn holds no answer
             return await self._large_read(head, conn, config, job_id, extra_headers)
         return await self._send_job(head, conn, job, extra_headers)
+
+    async def cancel(self, job_id: str, now: float, config: Config) -> Job | None:
+        """Cancel the job (None: no such job); the one call that takes it out of the queue gives its budget hold back.
+
+        Only that call: the store decides in the same atomic step as the change, so a cancel that
+        loses a race with a runner's claim finds the job running, and a second DELETE finds it
+        cancelled. A running job keeps its hold (its upstream may have been called and billed):
+        its runner stops without settling it. Shielded (each store call has its own timeout): a
+        client that leaves between the cancellation and the refund must not cost the hold."""
+        with trio.CancelScope(shield=True):
+            cancel = await self.store.cancel(job_id, now=now, result_ttl=config.jobs.result_ttl)
+            if cancel is None:
+                return None
+            if self.runner is not None:
+                self.runner.cancel_local(job_id)
+            job = cancel.job
+            if cancel.dequeued and job.budget is not None:
+                # Each earlier run of it (drained back to the queue mid-call) may have been billed: its hold stays.
+                await settle_job_budget(
+                    job, not_run_charge, interrupted=job.attempts, budgets=self.budgets, metrics=self.metrics
+                )
+        return job
 
     async def _large_read(
         self, head: RequestHead, conn: HTTPConnection, config: Config, job_id: str, extra_headers: Headers

@@ -28,7 +28,18 @@ from .._redis import REDIS_FAILURES, RedisClientOwner
 from ..errors import Overloaded
 from . import model as jobs
 from .model import Job
-from .store import Index, QueueFull, StoreStats, credential_queue_full, expired, index_of, job_from_json, job_to_json
+from .store import (
+    Cancellation,
+    Index,
+    QueueFull,
+    StoreStats,
+    cancellation,
+    credential_queue_full,
+    expired,
+    index_of,
+    job_from_json,
+    job_to_json,
+)
 
 T = TypeVar("T")
 CAS_ATTEMPTS = 8  # a change lost to another runner is recomputed this many times
@@ -229,12 +240,19 @@ class RedisJobStore(RedisClientOwner):
 
         return (await self._change(job.id, write))[1]
 
-    async def cancel(self, job_id: str, *, now: float, result_ttl: float) -> Job | None:
+    async def cancel(self, job_id: str, *, now: float, result_ttl: float) -> Cancellation | None:
+        seen: list[Job] = []
+
         def stop(job: Job) -> Job | None:
+            seen.append(job)  # the version this attempt read; the one written if the CAS holds
             return None if job.terminal else jobs.cancelled(job, now=now, result_ttl=result_ttl)
 
-        job, _ = await self._change(job_id, stop)
-        return None if job is None or expired(job, now) else job
+        job, changed = await self._change(job_id, stop)
+        if job is None or expired(job, now):
+            return None
+        # Changed: the compare-and-set wrote over exactly the version the last attempt read, so a
+        # claim that got in first made this attempt fail and be recomputed from in_progress.
+        return cancellation(seen[-1], job) if changed else Cancellation(job, None)
 
     async def claim_delivery(self, *, now: float, lease: float) -> Job | None:
         due = await self._call(

@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, nullcontext
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx2 as httpx
@@ -35,7 +36,7 @@ import trio
 from .. import limits
 from ..config import Config, StateConfig
 from ..errors import ParkwayError
-from ..limits import BudgetStore, Lease, Outage, StateBackend
+from ..limits import BudgetStore, Charge, Lease, Outage, RequestCost, StateBackend
 from ..metrics import Metrics
 from ..relay.usage import UsageObserver
 from . import model as jobs
@@ -295,54 +296,12 @@ class JobRunner:
         return jobs.completed(job, result, now=now(), result_ttl=settings.result_ttl)
 
     async def _settle_budget(self, job: Job, final: Job) -> None:
-        """Replace the hold the gateway charged when it accepted ``job`` by what this run cost:
-        the usage its upstream reported, else the hold (an honest upper estimate), nothing when
-        the upstream was never called; plus the hold for each earlier run that was cut off."""
-        assert job.budget is not None
-        try:
-            hold = limits.JobHold.from_json(job.budget)
-        except (KeyError, TypeError, ValueError) as exc:
-            log.error("job_budget_unreadable", job=job.id[:12], error=f"{type(exc).__name__}: {exc}",
-                      charged="the hold, when it was accepted")  # fmt: skip
-            return
-        if final.result is not None:
-            status = final.result.status
-            observer = UsageObserver(dict((n.lower(), v) for n, v in final.result.headers).get("content-type", ""))
-            observer.feed(final.result.body)
-            observer.finish(True)
-            usage = observer.usage
-            used = None if usage is None else (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
-            charge = limits.charge_for(hold.cost, used, status=status, outcome="ok", error_code=None, background=False)
-        else:
-            code = final.error.code if final.error is not None else "unknown"
-            # The credential gone, or too many interrupted runs: this run never called the upstream.
-            outcome = f"refused:{code}" if code in NOT_CALLED else "upstream_error"
-            charge = limits.charge_for(hold.cost, None, status=None, outcome=outcome, error_code=code, background=False)
-        interrupted = max(0, job.attempts - 1)
-        budgets = self.budgets
-        ledger = budgets.ledger if budgets is not None else ""
-        amounts = limits.job_settlement(hold, charge, interrupted=interrupted, ledger=ledger)
-        recorded = budgets is not None and await budgets.settle(hold.budgets, "job", amounts)
-        tokens = charge.input_tokens + charge.output_tokens + interrupted * hold.cost.tokens
-        estimate = limits.USAGE if charge.kind == limits.USAGE else f"{charge.kind}:{charge.why}"
-        if recorded and self.metrics is not None:
-            if tokens:
-                self.metrics.budget_tokens.labels(job.credential).inc(tokens)
-            if hold.price is not None:
-                c, h = charge, hold.cost
-                nano = hold.price.cost(
-                    c.input_tokens, c.cached_tokens, c.output_tokens
-                ) + interrupted * hold.price.cost(h.input_tokens, 0, h.output_tokens)
-                self.metrics.budget_usd.labels(job.credential).inc(nano / limits.NANO_USD)
-        fields: dict[str, Any] = dict(
-            job=job.id[:12], credential=job.credential, budget_hold=hold.cost.tokens, budget_charge=tokens,
-            budget_estimate=estimate, interrupted_runs=interrupted, same_ledger=ledger == hold.ledger,
+        """Replace the hold the gateway charged when it accepted ``job`` by what this run cost
+        (:func:`run_charge`), plus the hold for each earlier run that was cut off."""
+        await settle_job_budget(
+            job, partial(run_charge, final), interrupted=max(0, job.attempts - 1), budgets=self.budgets,
+            metrics=self.metrics,
         )  # fmt: skip
-        if recorded:
-            log.info("job_budget_settled", **fields)
-        else:
-            log.error("budget_charge_lost", **fields, reason="the budget store is unreachable or not running here; "
-                      "the job stays charged its hold")  # fmt: skip
 
     async def _renew_leases(self) -> None:
         """Keep this process's jobs its own; a job cancelled or taken over elsewhere is stopped."""
@@ -440,3 +399,76 @@ class JobRunner:
             self.metrics.jobs_oldest_queued_age.set(stats.oldest_queued_age)
             self.metrics.jobs_running.set(len(self.running))
         return stats
+
+
+# --- settling a job's budget hold (docs/budgets.md#background-jobs) --------------------------------
+
+
+def run_charge(final: Job, cost: RequestCost) -> Charge:
+    """What the run that ended as ``final`` cost: the usage its upstream reported (read from the
+    stored answer with the relay's reader), else the hold ``cost`` (an honest upper estimate),
+    nothing when the upstream refused it (4xx) or was never called."""
+    if final.result is not None:
+        status = final.result.status
+        observer = UsageObserver(dict((n.lower(), v) for n, v in final.result.headers).get("content-type", ""))
+        observer.feed(final.result.body)
+        observer.finish(True)
+        usage = observer.usage
+        used = None if usage is None else (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+        return limits.charge_for(cost, used, status=status, outcome="ok", error_code=None, background=False)
+    code = final.error.code if final.error is not None else "unknown"
+    # The credential gone, or too many interrupted runs: this run never called the upstream.
+    outcome = f"refused:{code}" if code in NOT_CALLED else "upstream_error"
+    return limits.charge_for(cost, None, status=None, outcome=outcome, error_code=code, background=False)
+
+
+def not_run_charge(cost: RequestCost) -> Charge:
+    """A job cancelled while queued: no run of it was going on, nothing to charge for this one."""
+    return limits.charge_for(cost, None, status=None, outcome="refused:cancelled", error_code="cancelled",
+                             background=False)  # fmt: skip
+
+
+async def settle_job_budget(
+    job: Job, charge_of: Callable[[RequestCost], Charge], *, interrupted: int, budgets: BudgetStore | None,
+    metrics: Metrics | None,
+) -> bool:  # fmt: skip
+    """Settle the hold the gateway charged as spent when it accepted ``job``: its budgets get the
+    difference between what it cost (``charge_of`` the hold's cost, plus the hold for each of the
+    ``interrupted`` runs: cut off, maybe billed upstream) and the hold. Used by the runner when a
+    run's end is stored and by ``DELETE /jobs/<id>`` for a job it took out of the queue; logged
+    ``job_budget_settled``, or ``budget_charge_lost`` when the budget store could not record it
+    (the hold then stays charged: never overspent). Shielded: the job store has recorded the job's
+    end already, so a settlement given up would never be made. True when recorded."""
+    assert job.budget is not None
+    try:
+        hold = limits.JobHold.from_json(job.budget)
+    except (KeyError, TypeError, ValueError) as exc:
+        log.error("job_budget_unreadable", job=job.id[:12], error=f"{type(exc).__name__}: {exc}",
+                  charged="the hold, when it was accepted")  # fmt: skip
+        return False
+    charge = charge_of(hold.cost)
+    ledger = budgets.ledger if budgets is not None else ""
+    amounts = limits.job_settlement(hold, charge, interrupted=interrupted, ledger=ledger)
+    with trio.CancelScope(shield=True):
+        recorded = budgets is not None and await budgets.settle(hold.budgets, "job", amounts)
+    tokens = charge.input_tokens + charge.output_tokens + interrupted * hold.cost.tokens
+    estimate = limits.USAGE if charge.kind == limits.USAGE else f"{charge.kind}:{charge.why}"
+    if recorded and metrics is not None:
+        if tokens:
+            metrics.budget_tokens.labels(job.credential).inc(tokens)
+        if hold.price is not None:
+            c, h = charge, hold.cost
+            nano = hold.price.cost(c.input_tokens, c.cached_tokens, c.output_tokens) + interrupted * hold.price.cost(
+                h.input_tokens, 0, h.output_tokens
+            )
+            metrics.budget_usd.labels(job.credential).inc(nano / limits.NANO_USD)
+    fields: dict[str, Any] = dict(
+        job=job.id[:12], credential=job.credential, budget_hold=hold.cost.tokens, budget_charge=tokens,
+        budget_estimate=estimate, interrupted_runs=interrupted, same_ledger=ledger == hold.ledger,
+    )  # fmt: skip
+    if recorded:
+        log.info("job_budget_settled", **fields)
+    else:
+        log.error("budget_charge_lost", **fields, reason="the budget store is unreachable or not running here; "
+                  "the job stays charged its hold")  # fmt: skip
+    return recorded

@@ -23,7 +23,17 @@ import trio
 from ..errors import Overloaded
 from . import model as jobs
 from .model import Job
-from .store import QueueFull, StoreStats, credential_queue_full, expired, index_of, job_from_json, job_to_json
+from .store import (
+    Cancellation,
+    QueueFull,
+    StoreStats,
+    cancellation,
+    credential_queue_full,
+    expired,
+    index_of,
+    job_from_json,
+    job_to_json,
+)
 
 log = structlog.get_logger("parkway.jobs")
 T = TypeVar("T")
@@ -214,14 +224,16 @@ class SQLiteJobStore:
 
         return await self._transaction(work)
 
-    async def cancel(self, job_id: str, *, now: float, result_ttl: float) -> Job | None:
-        def work(db: sqlite3.Connection) -> Job | None:
+    async def cancel(self, job_id: str, *, now: float, result_ttl: float) -> Cancellation | None:
+        def work(db: sqlite3.Connection) -> Cancellation | None:
             job = self._read(db, job_id)
-            if job is None or expired(job, now) or job.terminal:
-                return None if job is None or expired(job, now) else job
-            job = jobs.cancelled(job, now=now, result_ttl=result_ttl)
-            self._write(db, job)
-            return job
+            if job is None or expired(job, now):
+                return None
+            if job.terminal:
+                return cancellation(job, job)
+            after = jobs.cancelled(job, now=now, result_ttl=result_ttl)
+            self._write(db, after)
+            return cancellation(job, after)  # read and written in one BEGIN IMMEDIATE: no claim between
 
         return await self._transaction(work)
 

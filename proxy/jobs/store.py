@@ -112,6 +112,26 @@ class StoreStats:
     oldest_queued_age: float  # seconds; 0 when nothing is queued
 
 
+@dataclass(frozen=True, slots=True)
+class Cancellation:
+    """What one cancel did: the job as it is afterwards, and the status this very call moved it
+    from (None: it was already terminal and nothing changed). Made in the same atomic step as the
+    change, so of a cancel and a claim racing for a queued job exactly one sees it queued."""
+
+    job: Job
+    was: str | None
+
+    @property
+    def dequeued(self) -> bool:
+        """This call cancelled the job while it was queued: no run of it was going on, so its
+        budget hold is given back (:meth:`proxy.jobs.api.JobAPI.serve`)."""
+        return self.was == QUEUED
+
+
+def cancellation(before: Job, after: Job) -> Cancellation:
+    return Cancellation(after, None if before.terminal else before.status)
+
+
 class QueueFull(Overloaded):
     """``max_jobs_queued`` jobs are already waiting: 503 with Retry-After, at once."""
 
@@ -152,9 +172,10 @@ class JobStore(Protocol):
     async def finish(self, job: Job, owner: str) -> bool:
         """Write ``job`` (completed, failed or requeued) if ``owner`` still holds it; else False."""
 
-    async def cancel(self, job_id: str, *, now: float, result_ttl: float) -> Job | None:
-        """Cancel a queued or running job (:func:`cancelled`); return it as it is afterwards,
-        unchanged when already terminal (None: no such job)."""
+    async def cancel(self, job_id: str, *, now: float, result_ttl: float) -> Cancellation | None:
+        """Cancel a queued or running job (:func:`cancelled`) in one atomic step; the job as it is
+        afterwards (unchanged when already terminal) and the status this call cancelled it from
+        (None: no such job)."""
 
     async def claim_delivery(self, *, now: float, lease: float) -> Job | None:
         """A job whose delivery is due, hidden from other runners for ``lease`` seconds."""

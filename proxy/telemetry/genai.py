@@ -10,7 +10,9 @@ outcome): a request costs a dictionary lookup and a few ``observe`` calls.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
+
+from ..metric_types import Histogram, HistogramValue
 
 MAX_MODELS = 64
 # The conventions' advice for these instruments.
@@ -19,7 +21,7 @@ TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92, 300)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 
-_Children = tuple[Histogram, Histogram, Histogram, Histogram, Histogram]
+_Children = tuple[HistogramValue, HistogramValue, HistogramValue, HistogramValue, HistogramValue]
 
 
 class GenAIMetrics:

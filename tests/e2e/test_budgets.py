@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import coredis
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
@@ -30,12 +31,13 @@ from proxy.limits.budget_redis import RedisBudgets
 from proxy.limits.budget_spec import NANO_USD, USD, BudgetsConfig, BudgetSpec, Price, PriceTable
 from proxy.limits.budget_state import budget_report
 from support.http import Call, Reply, call
-from support.logs import watch_logs
+from support.logs import LogWatcher, watch_logs
 from support.metrics import Scrape, parse_metrics
 from support.parkway import TEST_CREDENTIAL, RunningParkway, make_config, redis_parkway_toml, run_parkway, with_jobs
 from support.processes import ProcessGroup, free_port
 from support.redis import RedisServer
 from support.signing import sign
+from support.upstream import Upstream, hang
 from support.websocket import RealtimeUpstream, event, ws_client
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
@@ -319,6 +321,131 @@ async def test_a_background_job_whose_upstream_is_never_reached_is_charged_nothi
     assert (settled["budget_estimate"], settled["budget_charge"]) == ("nothing:upstream_connect_failed", 0)
     [level] = await parkway.parkway.gateway.budgets.levels([alice_key(parkway, budget)])
     assert (level.spent, level.held) == (0, 0)
+    parkway.parkway.shutdown()
+
+
+# --- a job cancelled while queued gets its hold back -------------------------------------------------
+
+
+async def submit_job(parkway: RunningParkway, upstream: str, body: bytes, logs: LogWatcher) -> tuple[str, int]:
+    """Alice's background job: its status path, and the hold its request line says it was charged."""
+    url = sign(
+        parkway.base, upstream + CHAT, method="POST", signer="proxy.signing",
+        params={"pw_user": "alice", "pw_async": "1"},
+    )  # fmt: skip
+    queued = await call(
+        parkway.port, "POST", url, body=body,
+        headers=[("content-type", "application/json"), ("prefer", "respond-async")],
+    )  # fmt: skip
+    assert queued.status == 202, queued.body
+    accepted = await logs.wait_for(event="request", request_id=queued.headers["x-request-id"])
+    assert accepted["budget_estimate"] == "hold:job"
+    return urlsplit(queued.headers["location"]).path, accepted["budget_charge"]
+
+
+async def spent(parkway: RunningParkway, budget: BudgetSpec) -> int:
+    [level] = await parkway.parkway.gateway.budgets.levels([alice_key(parkway, budget)])
+    assert level.held == 0  # a job's hold is charged as spent, never leased
+    return level.spent
+
+
+async def one_running_one_queued(
+    parkway: RunningParkway, upstream: Upstream, budget: BudgetSpec, logs: LogWatcher
+) -> tuple[str, str, int]:
+    """Job A's upstream call hangs, so with max_jobs_in_flight = 1 job B stays queued; their
+    status paths, and what the budget had spent before B was accepted."""
+    upstream.behaviour = hang
+    running, held = await submit_job(parkway, f"http://{upstream.netloc}", chat(100), logs)
+    with trio.fail_after(20):
+        await upstream.wait_for_requests(1)  # A is running: its upstream was called
+    before = await spent(parkway, budget)
+    assert before == held
+    queued, hold = await submit_job(parkway, f"http://{upstream.netloc}", chat(200), logs)
+    assert await spent(parkway, budget) == before + hold == before + len(chat(200)) + 200
+    return running, queued, before
+
+
+async def cancel_queued_and_running(parkway: RunningParkway, upstream: Upstream, budget: BudgetSpec) -> None:
+    with watch_logs() as logs:
+        running, queued, before = await one_running_one_queued(parkway, upstream, budget, logs)
+        # the request line of a job request names the job, as the runner's lines do
+        read = await call(parkway.port, "GET", queued)
+        assert (read.status, read.json()["status"]) == (200, "queued")
+        line = await logs.wait_for(event="request", request_id=read.headers["x-request-id"])
+        assert line["job"] == queued.rpartition("/")[2][:12]
+        deleted = await call(parkway.port, "DELETE", queued)
+        assert (deleted.status, deleted.json()["status"]) == (200, "cancelled")
+        [settled] = logs.find(event="job_budget_settled")
+        assert (settled["budget_estimate"], settled["budget_charge"], settled["interrupted_runs"]) == (
+            "nothing:cancelled", 0, 0,
+        )  # fmt: skip
+        assert settled["job"] == queued.rpartition("/")[2][:12]
+        assert await spent(parkway, budget) == before  # back to what it was before B was accepted
+        line = await logs.wait_for(event="request", request_id=deleted.headers["x-request-id"])
+        assert line["job"] == settled["job"]
+        # a second DELETE gives nothing back
+        again = await call(parkway.port, "DELETE", queued)
+        assert (again.status, again.json()["status"]) == (200, "cancelled")
+        assert len(logs.find(event="job_budget_settled")) == 1
+        assert await spent(parkway, budget) == before
+        # the running job keeps its hold: its upstream was called, and may bill it
+        stopped = await call(parkway.port, "DELETE", running)
+        assert (stopped.status, stopped.json()["status"]) == (200, "cancelled")
+        with trio.fail_after(20):
+            await logs.wait_for(event="job_stopped", job=running.rpartition("/")[2][:12])
+        assert len(logs.find(event="job_budget_settled")) == 1
+        assert await spent(parkway, budget) == before
+    metrics = Scrape(parse_metrics(parkway.parkway.metrics.render().decode()))
+    assert metrics.value("parkway_budget_tokens_charged_total", credential="app") in (0, None)
+    parkway.parkway.shutdown()
+
+
+def queueing_one_job(
+    tmp_path: Path, budget: BudgetSpec, state: StateConfig | None = None, store: str = "sqlite"
+) -> Config:
+    """One job runs at a time: the next one waits in the queue while it runs."""
+    config = job_parkway_config(tmp_path, budget, state)
+    return replace(config, jobs=replace(config.jobs, max_jobs_in_flight=1, store=store))
+
+
+async def test_a_job_cancelled_while_queued_gets_its_hold_back_and_a_running_one_keeps_it(
+    nursery, upstream, tmp_path
+):  # fmt: skip
+    """SQLite jobs, memory budgets."""
+    budget = BudgetSpec(5000, "tokens", "day")
+    parkway = await run_parkway(nursery, queueing_one_job(tmp_path, budget))
+    await cancel_queued_and_running(parkway, upstream, budget)
+
+
+async def test_a_job_cancelled_while_queued_on_redis_gets_its_hold_back(nursery, upstream, redis, tmp_path):
+    """Redis jobs and budgets, shared by every process."""
+    budget = BudgetSpec(5000, "tokens", "day")
+    state = StateConfig(backend="redis", url=redis.url, key_prefix="parkway-e2e:", timeout=5)
+    parkway = await run_parkway(nursery, queueing_one_job(tmp_path, budget, state, store="redis"))
+    await cancel_queued_and_running(parkway, upstream, budget)
+
+
+async def test_a_refund_the_budget_store_cannot_record_is_logged_and_the_hold_stays(
+    nursery, upstream, redis, tmp_path
+):  # fmt: skip
+    budget = BudgetSpec(5000, "tokens", "day")
+    state = StateConfig(backend="redis", url=redis.url, key_prefix="parkway-e2e:", timeout=0.5)
+    parkway = await run_parkway(nursery, queueing_one_job(tmp_path, budget, state))  # jobs in SQLite
+    with watch_logs() as logs:
+        _running, queued, before = await one_running_one_queued(parkway, upstream, budget, logs)
+        hold = len(chat(200)) + 200
+        async with coredis.Redis.from_url(redis.url) as client:
+            await client.save()  # on disk, so that the restarted server still has the budget
+        await redis.kill()  # refused at once: the refund is surely not written
+        deleted = await call(parkway.port, "DELETE", queued)
+        assert (deleted.status, deleted.json()["status"]) == (200, "cancelled")
+        [lost] = logs.find(event="budget_charge_lost")
+        assert (lost["budget_estimate"], lost["job"]) == ("nothing:cancelled", queued.rpartition("/")[2][:12])
+        assert not logs.find(event="job_budget_settled")
+    await redis.start()
+    async with RedisBudgets(redis.url, key_prefix="parkway-e2e:", timeout=5) as budgets:
+        [level] = await budgets.levels([alice_key(parkway, budget)])
+    assert level.spent == before + hold  # the hold stays charged: never overspent
     parkway.parkway.shutdown()
 
 

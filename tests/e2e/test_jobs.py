@@ -322,7 +322,7 @@ async def test_metrics_show_jobs_and_deliveries(parkway, upstream, receiver, cli
     await client.post(background_url(parkway, upstream, receiver), json=CHAT)
     await receiver.wait_for_requests(1)
     runner = parkway.parkway.runner
-    while not runner.metrics.job_deliveries.labels("delivered")._value.get():
+    while not runner.metrics.job_deliveries.labels("delivered").value:
         await runner.changed.wait()
     await runner.refresh_stats()
     metrics = await scrape(client, parkway.parkway.admin_addresses[0])

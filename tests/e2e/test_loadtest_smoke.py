@@ -144,3 +144,41 @@ def test_websocket_workload_measures_parkway_and_a_direct_connection(tmp_path):
     for key in ("parkway_rss_per_session_kb", "parkway_cpu_per_message_us", "upstream_cpu_per_message_us"):
         assert isinstance(parkway[key], float), key
     assert isinstance(direct["upstream_rss_per_session_kb"], float)
+
+
+def test_runner_measures_the_floor_beside_parkway_and_counts_their_calls(tmp_path):
+    """``--targets parkway,floor --profile calls``: the floor (``loadtest.floor``) serves the small,
+    latency and relay workloads without an error, has its column and Parkway ÷ floor ratios, and
+    both serve a ``calls`` run whose per-request counts by component are written beside the results."""
+    argv = ["run", "--workload", "small,latency,relay", "--targets", "parkway,floor", "--seconds", "0.5",
+            "--warmup", "0.3", "--requests", "100", "--relay-streams", "20", "--relay-events", "10",
+            "--relay-interval-ms", "10", "--repeat", "1", "--max-minutes", "2", "--no-chart", "--quiet",
+            "--profile", "calls", "--out", str(tmp_path), "--label", "floor"]  # fmt: skip
+    args = runner.build_parser().parse_args(argv)
+    args.argv = argv
+    runner.run_from_args(args)
+
+    results = json.loads((tmp_path / "floor.json").read_text())
+    runs = {(r["workload"], r["target"]): r for r in results["runs"]}
+    assert set(runs) == {(w, t) for w in ("small", "latency", "relay", "calls") for t in ("parkway", "floor")} | {
+        ("latency", "direct")
+    }
+    assert all(r["error_count"] == 0 for r in runs.values()), [r["errors"] for r in runs.values()]
+    assert {runs[w, "floor"]["http"] for w in ("small", "latency", "relay", "calls")} == {"httptools"}
+    assert runs["relay", "floor"]["events"] == 20 * 10
+    for target in ("parkway", "floor"):
+        counted = runs["calls", target]
+        assert counted["requests"] > 0 and counted["calls_per_request"] > 0, counted
+        assert (tmp_path / f"floor-calls-small-{target}.txt").read_text().startswith(f"{target}, 16 keep-alive")
+    # Parkway's own code is what the floor lacks: no signature, log line or metrics there.
+    assert runs["calls", "floor"]["calls_per_request"] < runs["calls", "parkway"]["calls_per_request"]
+    assert "parkway: signing" in runs["calls", "parkway"]["calls_by_component"]
+    assert "parkway: signing" not in runs["calls", "floor"]["calls_by_component"]
+
+    summary = results["summary"]
+    for key in ("small_cpu_per_request_us", "added_latency_p50_us", "cpu_per_event_relay_us", "calls_per_request"):
+        assert summary[key]["floor"] > 0, key
+        assert summary[key]["proxies"]["parkway"]["ratio_vs_floor"] > 0, key
+    table = (tmp_path / "floor.md").read_text()
+    assert "| Floor (httptools) | Parkway ÷ nginx | Parkway ÷ floor | met |" in table
+    assert "Python function calls per small request by component" in table

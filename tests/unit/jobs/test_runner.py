@@ -229,7 +229,7 @@ async def test_cancel_stops_the_upstream_call(harness: Harness) -> None:
     job = await harness.add(harness.job())
     await harness.upstream.wait_for_requests(1)
     cancelled = await harness.store.cancel(job.id, now=time.time(), result_ttl=60)
-    assert cancelled is not None and cancelled.status == "cancelled"
+    assert cancelled is not None and cancelled.job.status == "cancelled" and cancelled.was == "in_progress"
     harness.runner.cancel_local(job.id)
     with trio.fail_after(5):
         await harness.upstream.disconnected.wait()

@@ -21,7 +21,7 @@ from proxy.jobs import model as jobs
 from proxy.jobs.model import AttemptOutcome, JobError, JobRequest, JobResult, RetrySchedule
 from proxy.jobs.redis import RedisJobStore
 from proxy.jobs.sqlite import SQLiteJobStore
-from proxy.jobs.store import JobStore, QueueFull, index_of, job_from_json, job_to_json
+from proxy.jobs.store import Cancellation, JobStore, QueueFull, index_of, job_from_json, job_to_json
 from support.redis import RedisServer
 
 NOW = 1_800_000_000.0
@@ -190,16 +190,83 @@ async def test_finish_requeue_and_cancel(backend: Backend) -> None:
         again = await store.claim("r2", now=NOW + 1, lease=30)
         assert again is not None and again.id == first.id and again.attempts == 2
         # cancelled while running: the runner's renew and finish now fail
-        cancelled = await store.cancel(first.id, now=NOW + 2, result_ttl=TTL)
-        assert cancelled is not None and cancelled.status == "cancelled" and cancelled.delivery.state == "pending"
+        cancel = await store.cancel(first.id, now=NOW + 2, result_ttl=TTL)
+        assert cancel is not None and (cancel.was, cancel.dequeued) == ("in_progress", False)
+        cancelled = cancel.job
+        assert cancelled.status == "cancelled" and cancelled.delivery.state == "pending"
         assert not await store.renew(first.id, "r2", until=NOW + 50)
         assert not await store.finish(jobs.completed(again, JobResult(200), now=NOW + 3, result_ttl=TTL), "r2")
         # cancelling a terminal job changes nothing; an unknown one is None
-        assert await store.cancel(first.id, now=NOW + 4, result_ttl=TTL) == cancelled
+        assert await store.cancel(first.id, now=NOW + 4, result_ttl=TTL) == Cancellation(cancelled, None)
         assert await store.cancel(jobs.new_job_id(), now=NOW, result_ttl=TTL) is None
         # a queued job cancelled is no longer claimable
-        assert (await store.cancel(second.id, now=NOW + 5, result_ttl=TTL)).status == "cancelled"  # type: ignore[union-attr]
+        dequeued = await store.cancel(second.id, now=NOW + 5, result_ttl=TTL)
+        assert dequeued is not None and dequeued.job.status == "cancelled" and dequeued.dequeued
         assert await store.claim("r", now=NOW + 6, lease=30) is None
+
+
+async def test_only_the_cancel_that_takes_a_job_out_of_the_queue_says_so(backend: Backend) -> None:
+    """A DELETE gives a queued job's budget hold back only when this very call dequeued it."""
+    async with backend.open() as store:
+        job = replace(make_job(0), budget={"kept": "in the record"})
+        await store.add(job, max_queued=10)
+        first = await store.cancel(job.id, now=NOW + 1, result_ttl=TTL)
+        assert first is not None and (first.was, first.dequeued) == ("queued", True)
+        assert first.job.budget == job.budget and first.job.attempts == 0
+        again = await store.cancel(job.id, now=NOW + 2, result_ttl=TTL)
+        assert again is not None and (again.was, again.dequeued) == (None, False) and again.job == first.job
+        # a job given back to the queue by a drain (attempts kept) is dequeued too; its attempt stays counted
+        drained = make_job(1)
+        await store.add(drained, max_queued=10)
+        running = await store.claim("r", now=NOW + 3, lease=30)
+        assert running is not None and await store.finish(jobs.requeued(running), "r")
+        cancel = await store.cancel(drained.id, now=NOW + 4, result_ttl=TTL)
+        assert cancel is not None and cancel.dequeued and cancel.job.attempts == 1
+
+
+async def test_a_cancel_and_a_claim_of_one_queued_job_dequeue_it_once(backend: Backend) -> None:
+    """Both orders, on two store objects (two processes): exactly one of them takes the job."""
+    async with backend.open() as runner, backend.open() as api:
+        claimed_first, cancelled_first = make_job(0), make_job(1)
+        for job in (claimed_first, cancelled_first):
+            await api.add(job, max_queued=10)
+        # the runner first: the cancel finds it running
+        taken = await runner.claim("r", now=NOW, lease=30)
+        assert taken is not None and taken.id == claimed_first.id
+        cancel = await api.cancel(claimed_first.id, now=NOW + 1, result_ttl=TTL)
+        assert cancel is not None and (cancel.was, cancel.dequeued) == ("in_progress", False)
+        # the cancel first: no runner gets it
+        cancel = await api.cancel(cancelled_first.id, now=NOW + 2, result_ttl=TTL)
+        assert cancel is not None and cancel.dequeued
+        assert await runner.claim("r", now=NOW + 3, lease=30) is None
+
+
+async def test_a_redis_claim_between_a_cancels_read_and_write_wins(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The compare-and-set decides: a claim that lands after the cancel read the job queued and
+    before it wrote makes the cancel's write fail; recomputed, it cancels a running job."""
+    server = RedisServer(nursery, tmp_path)
+    with trio.fail_after(GUARD):
+        await server.start()
+    claims: list[jobs.Job | None] = []
+
+    class Slow(RedisJobStore):
+        async def _write(self, job: jobs.Job, version: str, **bounds: int | None) -> int:
+            if job.status == "cancelled" and not claims:  # the cancel's first write: a runner gets in first
+                async with RedisJobStore(server.url, key_prefix="t:") as runner:
+                    claims.append(await runner.claim("r", now=NOW, lease=30))
+            return await super()._write(job, version, **bounds)
+
+    try:
+        async with Slow(server.url, key_prefix="t:") as api:
+            job = make_job(0)
+            await api.add(job, max_queued=10)
+            cancel = await api.cancel(job.id, now=NOW + 1, result_ttl=TTL)
+            assert [c.id if c else None for c in claims] == [job.id]
+            assert cancel is not None and (cancel.was, cancel.dequeued) == ("in_progress", False)
+            assert cancel.job.status == "cancelled"
+    finally:
+        await server.kill()
+        gc.collect()
 
 
 async def test_deliveries_are_hidden_while_attempted_and_due_again(backend: Backend) -> None:
