@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from .errors import BadRequest
 
@@ -53,11 +53,14 @@ RESPONSE_DROPPED = HOP_BY_HOP | {b"set-cookie", b"set-cookie2"}
 
 
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
-    """Header names the sender declared hop-by-hop in ``Connection`` (RFC 9110 7.6.1)."""
+    """Header names the sender declared hop-by-hop in ``Connection`` (RFC 9110 7.6.1).
+
+    ``headers`` have lower-case names: a client's as the head was read, an upstream's as
+    :func:`response_headers` lowers them first."""
     tokens: set[bytes] = set()
     for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+        if name == b"connection":
+            tokens.update([t.strip().lower() for t in value.split(b",") if t.strip()])
     return tokens
 
 
@@ -71,9 +74,10 @@ def check_connection_header(
     signed header must reach the upstream exactly as signed. Repeated ``Connection`` headers,
     any case and any spacing count alike.
     """
-    tokens = {t.decode("latin-1") for t in _connection_tokens(client)}
-    if not tokens:
+    listed_tokens = _connection_tokens(client)
+    if not listed_tokens:  # the common case: nothing listed, nothing to compare
         return
+    tokens = {t.decode("latin-1") for t in listed_tokens}
     named = sorted(tokens & ({n.lower() for n in signed} | {n.lower() for n, _ in injected}))
     if named:
         listed = ", ".join(named)
@@ -84,9 +88,11 @@ def check_connection_header(
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ForwardContext:
-    """Who the client is, as far as Parkway can trust it, for ``X-Forwarded-*`` and logs."""
+class ForwardContext(NamedTuple):
+    """Who the client is, as far as Parkway can trust it, for ``X-Forwarded-*`` and logs.
+
+    Immutable; a tuple because one is built per request (as gateway.plan.Plan: a frozen
+    dataclass sets each field through ``object.__setattr__``)."""
 
     client_ip: str
     proto: str = "http"
@@ -143,8 +149,16 @@ def forwarded_client_headers(
     ``Connection``, not Parkway's (``X-Sw-*``, framing, forwarding chain, cookies), not one the
     credential injects (``overridden``, lower case). The cache keys exactly these."""
     client = list(client)
-    dropped = REQUEST_DROPPED | _connection_tokens(client)
+    tokens = _connection_tokens(client)
+    dropped = REQUEST_DROPPED | tokens if tokens else REQUEST_DROPPED
     return [(n, v) for n, v in client if n not in dropped and n not in overridden and not n.startswith(b"x-sw-")]
+
+
+@lru_cache(maxsize=256)
+def _injected(injected: tuple[tuple[str, str], ...]) -> tuple[Headers, frozenset[bytes]]:
+    """A credential's injected headers as sent, and their names (cached: a credential's are fixed)."""
+    pairs = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in injected]
+    return pairs, frozenset(n for n, _ in pairs)
 
 
 def request_headers(
@@ -159,8 +173,8 @@ def request_headers(
     ``content_length`` is set when the body is known (a verified signed body, or the
     client's fixed length for a streamed one); otherwise the upstream client frames it.
     """
-    injected_pairs = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in injected]
-    out = forwarded_client_headers(client, {n for n, _ in injected_pairs})
+    injected_pairs, injected_names = _injected(tuple(injected))
+    out = forwarded_client_headers(client, injected_names)
     out.extend(injected_pairs)
     # The chain is header text from trusted proxies, decoded as UTF-8 where it was valid.
     out.append((b"x-forwarded-for", (ctx.forwarded_for or ctx.client_ip).encode("utf-8")))
@@ -177,7 +191,8 @@ def response_headers(upstream: Iterable[tuple[bytes, bytes]]) -> Headers:
     dropped rather than handed to the browser.
     """
     upstream = [(n.lower(), v) for n, v in upstream]
-    dropped = RESPONSE_DROPPED | _connection_tokens(upstream)
+    tokens = _connection_tokens(upstream)
+    dropped = RESPONSE_DROPPED | tokens if tokens else RESPONSE_DROPPED
     return [(n, v) for n, v in upstream if n not in dropped]
 
 

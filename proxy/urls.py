@@ -223,6 +223,8 @@ def path_ambiguity(path: str) -> str | None:
     decodes ``%2F`` turns ``/v1/..%2F..%2Fadmin`` into ``/admin``, one that decodes twice does the
     same with ``%252F``. So an encoded ``/``, ``\\`` or ``.`` is refused at any depth of encoding.
     """
+    if "%" not in path:  # nothing encoded (the common path): nothing either pattern could find
+        return None
     text = path
     for _ in range(_MAX_ENCODING_DEPTH + 1):
         found = _ENCODED_PATH_CHAR.search(text)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -108,15 +108,14 @@ async def budget_hold(gw: Budgets, req: Request) -> AsyncIterator[Request]:
     headers = rate_limit_headers(list(zip(budgets, reservation.levels, strict=True)), now.timestamp())
     ticket = BudgetTicket(hold_id, budgets, cost, price, headers, reservation.enforced, gw.store.ledger)
     record.budget = fields
-    forwarded = replace(
-        plan,
+    forwarded = plan._replace(
         body=cost.body,
         declared_length=len(cost.body) if cost.body is not None else plan.declared_length,
         budget=ticket,
     )
     failure: BaseException | None = None
     try:
-        yield replace(req, plan=forwarded)
+        yield req._replace(plan=forwarded)
     except BaseException as exc:
         failure = exc
         raise

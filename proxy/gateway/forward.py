@@ -20,7 +20,7 @@ from ..relay.pump import BodyObserver, EpollEngine, relay
 from ..relay.usage import UsageObserver
 from ..upstream.client import UpstreamClient, UpstreamRequest, UpstreamResponse
 from .budget import budget_headers, usage_remover
-from .plan import Plan, Request, address_policy, has_body
+from .plan import Plan, Request, address_policy
 
 Header = tuple[bytes, bytes]
 
@@ -46,7 +46,7 @@ class Forward:
             if plan.body is not None:
                 upstream_body = await policy.checked_body(plan.rules, plan.declared_length, plan.body)
                 content_length = len(plan.body)
-            elif has_body(head):
+            elif plan.body_follows:
                 # An unsigned body streams through; only what the body rules need is held back.
                 content_length = plan.declared_length
                 chunks = conn.body_chunks()
@@ -133,8 +133,11 @@ async def respond(
 ) -> None:
     """Send the client the upstream's status and headers (hop-by-hop ones replaced by ours)."""
     out_headers = forwarding.response_headers(response.headers)
-    length = next((v for n, v in out_headers if n == b"content-length"), None)
-    record.expected_length = int(length) if length is not None and length.isdigit() else None
+    record.expected_length = None
+    for name, value in out_headers:
+        if name == b"content-length":
+            record.expected_length = int(value) if value.isdigit() else None
+            break
     if forwarding.is_event_stream(out_headers):
         # nginx in front would otherwise buffer the stream (X-Accel-Buffering).
         out_headers.append((b"x-accel-buffering", b"no"))

@@ -65,7 +65,16 @@ from .budget import Budgets, has_budget
 from .cache import ServeCacheable, cache_ask, keyed
 from .forward import Forward
 from .jobs import enqueue, serve_job
-from .plan import Plan, Request, Step, canonical_paths, check_upstream, has_body, header_map, request_policy
+from .plan import (
+    Plan,
+    Request,
+    Step,
+    canonical_paths,
+    check_upstream,
+    has_body,
+    header_map,
+    request_policy,
+)
 from .websocket import open_session
 
 if TYPE_CHECKING:  # loaded only when tracing is on
@@ -165,7 +174,7 @@ class Gateway:
         tokens = structlog.contextvars.bind_contextvars(request_id=request_id, credential=None, user=None, job=None)
         try:
             try:
-                with trio.move_on_after(config.server.request_timeout or math.inf) as overall:
+                with trio.CancelScope(deadline=record.started + (config.server.request_timeout or math.inf)) as overall:
                     await self._handle(head, conn, config, record, request_id, overall)
                 if overall.cancelled_caught:
                     if record.outcome == "client_gone":  # the client watch cancelled it (relay.client_watch)
@@ -252,7 +261,10 @@ class Gateway:
         overall: trio.CancelScope,
     ) -> None:
         origin = head.header(b"origin")
-        if cors.is_preflight(head.method, origin, head.header(b"access-control-request-method")):
+        # (the method first: the Access-Control-Request-Method scan only for an OPTIONS)
+        if head.method == "OPTIONS" and cors.is_preflight(
+            head.method, origin, head.header(b"access-control-request-method")
+        ):
             await self._drain_request_body(conn)
             headers = cors.preflight_headers(config.cors, origin, head.header(b"access-control-request-headers"))
             record.status = 204
@@ -349,7 +361,7 @@ class Gateway:
         if self.cache is not None and not websocket and background is None:
             # 6c: the cache, only as the signer allowed it (a job's answer goes to its job, not the cache).
             cached = cache_ask(head, config, credential, extras, body is not None, declared_length)
-        body_follows = has_body(head)  # two header scans: asked once
+        body_follows = has_body(head)  # two lookups in the head's header map
         if body is None and body_follows:
             budgeted = has_budget(credential) and not websocket
             body = await read_body_if_needed(conn, head, config, background, cached, budgeted)
@@ -369,6 +381,7 @@ class Gateway:
             origin=origin,
             body=body,
             declared_length=declared_length,
+            body_follows=body_follows,
             rules=rules,
             user=user,
             single_use=limits.wants_single_use(credential.single_use, extras, config.server.single_use_param),

@@ -14,14 +14,12 @@ older; a HEAD, 204 or 304 response carries no body whatever its headers say.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 Headers = list[tuple[bytes, bytes]]
 
 CONTENT_LENGTH_MAX_DIGITS = 20  # as h11
 _CONTENT_LENGTH = re.compile(rb"[0-9]+")
-_METHOD = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
-_TARGET = re.compile(rb"[\x21-\x7e]+")
 
 # How a response body is written (h11's writers).
 LENGTH, CHUNKED, CLOSE = "length", "chunked", "close"
@@ -31,8 +29,7 @@ class FramingError(Exception):
     """A head that h11 would refuse (its message), for a 400 when it comes from the client."""
 
 
-@dataclass(frozen=True, slots=True)
-class RequestFraming:
+class RequestFraming(NamedTuple):  # a tuple: one per request, four times cheaper to build than a frozen dataclass
     """What a valid request head says about its body and its connection."""
 
     chunked: bool
@@ -55,6 +52,8 @@ def _comma_split(values: list[bytes]) -> list[bytes]:
 def content_length(value: bytes) -> bytes:
     """One Content-Length value as h11 reads it: a list of equal numbers is that number; a list
     of different ones, or anything but digits (at most h11's 20), is refused with h11's words."""
+    if value.isdigit() and len(value) <= CONTENT_LENGTH_MAX_DIGITS:  # one plain number (ASCII digits)
+        return value
     lengths = {v.strip() for v in value.split(b",")}
     if len(lengths) != 1:
         raise FramingError("conflicting Content-Length headers")
@@ -67,8 +66,10 @@ def content_length(value: bytes) -> bytes:
 def request_framing(method: bytes, target: bytes, version: bytes, headers: Headers) -> tuple[RequestFraming, Headers]:
     """Check a parsed request head as h11 does and say how its body is framed.
 
-    ``headers`` have lower-case names and stripped values; returned as h11 would hand them
-    on (one Content-Length, a lower-cased Transfer-Encoding). Raises :class:`FramingError`.
+    The request line is h11's already (:func:`proxy.http.parsers.parse_request_head` reads
+    only a line h11's pattern matches, or h11 read the head itself). ``headers`` have lower-case
+    names and stripped values; returned as h11 would hand them on (one Content-Length, a
+    lower-cased Transfer-Encoding). Raises :class:`FramingError`.
     """
     length = 0
     chunked = False
@@ -118,19 +119,15 @@ def request_framing(method: bytes, target: bytes, version: bytes, headers: Heade
         raise FramingError("Missing mandatory Host: header")
     if host_count > 1:
         raise FramingError("Found multiple Host: headers")
-    if not _METHOD.fullmatch(method):
-        raise FramingError("Illegal method characters")
-    if not _TARGET.fullmatch(target):
-        raise FramingError("Illegal target characters")
     if normalized is not None:
         headers = normalized
     modern = version >= b"1.1"
     framing = RequestFraming(
-        chunked=chunked,
-        length=0 if chunked else length,
-        keep_alive=modern and not (connection and b"close" in _comma_split(connection)),
-        expect_continue=modern and bool(expect) and b"100-continue" in _comma_split(expect),
-        switch_proposed=method == b"CONNECT" or upgrade,
+        chunked,
+        0 if chunked else length,
+        modern and not (connection and b"close" in _comma_split(connection)),  # keep_alive
+        modern and bool(expect) and b"100-continue" in _comma_split(expect),  # expect_continue
+        method == b"CONNECT" or upgrade,  # switch_proposed
     )
     return framing, headers
 
@@ -143,13 +140,13 @@ def _set_header(headers: list[tuple[bytes, bytes, bytes]], name: bytes, values: 
 
 def _write_head(start: bytes, headers: list[tuple[bytes, bytes, bytes]]) -> bytes:
     """The status line and the header lines, Host first as h11 writes them."""
-    lines = [start]
-    lines += [b"%s: %s\r\n" % (raw, value) for raw, name, value in headers if name == b"host"]
-    lines += [b"%s: %s\r\n" % (raw, value) for raw, name, value in headers if name != b"host"]
-    lines.append(b"\r\n")
+    lines = [start, *[raw + b": " + value + b"\r\n" for raw, name, value in headers if name != b"host"], b"\r\n"]
+    count = len(headers) + 2
+    if len(lines) != count:  # a Host header (a response seldom has one)
+        lines[1:1] = [raw + b": " + value + b"\r\n" for raw, name, value in headers if name == b"host"]
     head = b"".join(lines)
     # A CR or LF inside a name or value would split the response (h11 refuses such a header).
-    if head.count(b"\n") != len(lines) or head.count(b"\r") != len(lines):
+    if head.count(b"\n") != count or head.count(b"\r") != count:
         raise FramingError("a response header contains CR or LF")
     return head
 
@@ -194,8 +191,7 @@ def _body_kind(method: bytes | None, status: int, headers: list[tuple[bytes, byt
     return CLOSE, 0
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseStart:
+class ResponseStart(NamedTuple):  # a tuple, as RequestFraming
     """A response head as it goes on the wire, and how its body is written."""
 
     head: bytes
@@ -220,7 +216,7 @@ def response_head(
     allowed."""
     items = _normalized(headers)
     need_close = False
-    kind, _ = _body_kind(b"GET" if request_method == b"HEAD" else request_method, status, items)
+    kind, length = _body_kind(b"GET" if request_method == b"HEAD" else request_method, status, items)
     if kind != LENGTH:  # a body of unknown length
         _set_header(items, b"content-length", [])
         if client_version is None or client_version < b"1.1":
@@ -237,16 +233,19 @@ def response_head(
         tokens.discard(b"keep-alive")
         tokens.add(b"close")
         _set_header(items, b"connection", sorted(tokens))
-    kind, length = _body_kind(request_method, status, items)
+    if kind != LENGTH or request_method == b"HEAD":  # else the headers that decide it are as they were
+        kind, length = _body_kind(request_method, status, items)
     if keep_alive:
-        keep_alive = not any(name == b"connection" and b"close" in comma_tokens(value) for _, name, value in items)
-    head = _write_head(b"HTTP/1.1 %s %s\r\n" % (str(status).encode("ascii"), reason), items)
+        for _, name, value in items:
+            if name == b"connection" and b"close" in comma_tokens(value):
+                keep_alive = False
+    head = _write_head(b"HTTP/1.1 %d %s\r\n" % (status, reason), items)
     return ResponseStart(head, kind, length, keep_alive)
 
 
 def informational_head(status: int, reason: bytes, headers: Headers) -> bytes:
     """A 1xx head (100 Continue, 103 Early Hints), as h11 writes it."""
-    return _write_head(b"HTTP/1.1 %s %s\r\n" % (str(status).encode("ascii"), reason), _normalized(headers))
+    return _write_head(b"HTTP/1.1 %d %s\r\n" % (status, reason), _normalized(headers))
 
 
 def frame_chunk(data: bytes) -> bytes:

@@ -15,7 +15,7 @@ import trio
 
 from ..config import ServerConfig
 from ..errors import BadRequest, HeadersTooLarge, RequestTimeout, client_text
-from .connection import REASONS, ClientGone, HTTPConnection, RequestHead, check_head
+from .connection import REASONS, TEXT, ClientGone, HTTPConnection, RequestHead, check_head
 
 
 def h11_refusal(exc: h11.RemoteProtocolError, max_header_bytes: int) -> BadRequest | HeadersTooLarge:
@@ -88,13 +88,16 @@ class H11Connection(HTTPConnection):
 
     def _head_from_h11(self, event: h11.Request) -> RequestHead:
         self.head_only = event.method == b"HEAD"  # known before any refusal below is answered
-        check_head(event.headers)
-        return RequestHead(
-            method=event.method.decode("ascii", "replace"),
-            target=event.target.decode("latin-1"),
-            headers=tuple(event.headers),
-            http_version=event.http_version.decode("ascii"),
-            peer=self.peer,
+        headers = tuple(event.headers)
+        fields = check_head(headers)
+        method, version = event.method, event.http_version
+        return RequestHead(  # positional: a head is built for every request
+            TEXT[method] if method in TEXT else method.decode("ascii", "replace"),
+            event.target.decode("latin-1"),
+            headers,
+            TEXT[version] if version in TEXT else version.decode("ascii"),
+            self.peer,
+            fields,
         )
 
     async def body_chunks(self) -> AsyncGenerator[bytes, None]:

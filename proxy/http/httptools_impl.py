@@ -27,7 +27,7 @@ import trio
 from ..config import ServerConfig
 from ..errors import BadRequest, HeadersTooLarge, RequestTimeout
 from . import framing, parsers
-from .connection import REASONS, ClientGone, HTTPConnection, RequestHead, check_head
+from .connection import REASONS, TEXT, ClientGone, HTTPConnection, RequestHead, check_head
 from .h11_impl import h11_refusal
 
 # Their side (the request) and ours (the response), as h11 names the states that matter here.
@@ -69,7 +69,9 @@ class HttptoolsConnection(HTTPConnection):
         started = bool(buffer)
         deadline = trio.current_time() + (self.config.header_read_timeout if started else idle_timeout)
         while True:
-            if buffer and buffer[0] < 0x21:  # h11 refuses this before the head is complete
+            if not buffer:  # nothing yet (as a kept-alive connection starts): nothing to look for
+                pass
+            elif buffer[0] < 0x21:  # h11 refuses this before the head is complete
                 head = self._h11_head(bytes(buffer), self._eof)
                 if head is not None:
                     return head
@@ -162,13 +164,14 @@ class HttptoolsConnection(HTTPConnection):
             assert isinstance(self._chunked.next_event(), h11.Request)
         if head_size > self.config.max_header_bytes:
             raise HeadersTooLarge(f"request head exceeds {self.config.max_header_bytes} bytes")
-        check_head(headers)
-        return RequestHead(
-            method=method.decode("ascii", "replace"),
-            target=target.decode("latin-1"),
-            headers=tuple(headers),
-            http_version=version.decode("ascii"),
-            peer=self.peer,
+        fields = check_head(headers, controls=checked)  # llhttp refused control characters itself
+        return RequestHead(  # positional: a head is built for every request
+            TEXT[method] if method in TEXT else method.decode("ascii", "replace"),
+            target.decode("latin-1"),
+            tuple(headers),
+            TEXT[version] if version in TEXT else version.decode("ascii"),
+            self.peer,
+            fields,
         )
 
     def _body_ended(self) -> None:

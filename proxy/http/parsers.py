@@ -12,8 +12,7 @@ an obsolete folded line), so answers do not depend on the parser.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 try:
     import httptools
@@ -24,8 +23,9 @@ HTTP_PARSERS = ("auto", "h11", "httptools")
 
 # The end of a head, as h11 finds it (a bare LF is accepted there too).
 _HEAD_END = re.compile(rb"\n\r?\n")
-# h11's request line (RFC 9112 §3): llhttp also reads an HTTP/0.9 line (no version) and more.
-_REQUEST_LINE = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\r\n")
+# h11's request line (RFC 9112 §3): method, target, version. llhttp also reads an HTTP/0.9 line
+# (no version) and more.
+_REQUEST_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r\n")
 
 
 class HeadError(Exception):
@@ -51,8 +51,7 @@ def head_end(buffer: bytes | bytearray) -> int:
     return -1 if match is None else match.end()
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedHead:
+class ParsedHead(NamedTuple):  # a tuple: built for every request, four times cheaper than a frozen dataclass
     method: bytes
     target: bytes
     http_version: bytes  # b"1.1"
@@ -60,17 +59,14 @@ class ParsedHead:
 
 
 class _Collector:
-    """llhttp's callbacks: the target and the header lines, nothing else."""
+    """llhttp's callbacks: the header lines and the end of the head (the request line is
+    :data:`_REQUEST_LINE`'s)."""
 
-    __slots__ = ("url", "headers", "complete")
+    __slots__ = ("headers", "complete")
 
     def __init__(self) -> None:
-        self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.complete = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value.strip(b" \t")))
@@ -82,7 +78,8 @@ class _Collector:
 def parse_request_head(head: bytes) -> ParsedHead:
     """Parse one complete request head (through its blank line) with llhttp."""
     assert httptools is not None
-    if _REQUEST_LINE.match(head) is None:
+    line = _REQUEST_LINE.match(head)
+    if line is None:
         raise HeadError("not an HTTP/1.x request line")
     collector = _Collector()
     parser: Any = httptools.HttpRequestParser(collector)
@@ -94,5 +91,6 @@ def parse_request_head(head: bytes) -> ParsedHead:
         raise HeadError(str(exc) or type(exc).__name__) from None
     if not collector.complete:
         raise HeadError("incomplete request head")
-    version = parser.get_http_version().encode("ascii")
-    return ParsedHead(parser.get_method(), collector.url, version, collector.headers)
+    # llhttp read the line the pattern matched (one blank between its parts): the same three parts.
+    method, target, version = line.groups()
+    return ParsedHead(method, target, version, collector.headers)

@@ -34,11 +34,11 @@ async def unless_client_leaves(
     sock = conn.socket
     if engine is not None and sock is not None:
         fd = sock.fileno()
-        if engine.watch_client(fd, partial(client_left, scope, record)):
+        if engine.watch_client(fd, partial(client_left, scope, record), sock):
             try:
                 await work()
             finally:
-                engine.unwatch_client(fd)
+                engine.unwatch_client(fd, sock)
             return
     failure: ParkwayError | ClientGone | None = None
     async with trio.open_nursery() as nursery:

@@ -86,10 +86,11 @@ class EpollEngine:
         self._epoll: select.epoll | None = None
         self._streams: dict[int, RelayStream] = {}  # fd (upstream's and client's) -> stream
         self._watched: dict[int, Callable[[], None]] = {}  # client fd -> what to call when it leaves
-        # Client fds left registered with no events between the requests of a kept-alive
-        # connection: the next request modifies the registration instead of adding it again
-        # (two system calls fewer per request). Closing the socket removes it from the set.
-        self._kept: set[int] = set()
+        # Client fds left registered for EPOLLRDHUP between the requests of a kept-alive
+        # connection, each with its socket (a closed one's number may come back with a new
+        # connection, whose fd is then no longer in the set): that connection's next request
+        # is watched with no system call. Closing the socket removes it from the set.
+        self._kept: dict[int, object] = {}
         self._tick = 1.0
 
     @property
@@ -114,26 +115,30 @@ class EpollEngine:
             trio.lowlevel.notify_closing(epoll.fileno())
             epoll.close()
 
-    def watch_client(self, fd: int, gone: Callable[[], None]) -> bool:
-        """Call ``gone`` (from the engine's task) once the client on ``fd`` closes its side, until
-        :meth:`unwatch_client` or a relay on it takes over. One epoll registration instead of a
-        watcher task per request. False when the engine is not running (watch some other way)."""
+    def watch_client(self, fd: int, gone: Callable[[], None], owner: object) -> bool:
+        """Call ``gone`` (from the engine's task) once the client on ``fd`` (``owner``: its
+        socket) closes its side, until :meth:`unwatch_client` or a relay on it takes over. One
+        epoll registration per connection instead of a watcher task per request. False when the
+        engine is not running (watch some other way)."""
         epoll = self._epoll
         if epoll is None or fd in self._watched or fd in self._streams:
             return False
-        self._register(epoll, fd, _RDHUP)
+        if self._kept.get(fd) is owner:  # registered for EPOLLRDHUP since this connection's last request
+            del self._kept[fd]
+        else:
+            self._claim(epoll, fd, _RDHUP)
         self._watched[fd] = gone
         return True
 
-    def unwatch_client(self, fd: int) -> None:
+    def unwatch_client(self, fd: int, owner: object) -> None:
+        """Stop watching; the registration stays (see ``_kept``) for the connection's next request."""
         if self._watched.pop(fd, None) is not None and self._epoll is not None:
-            self._keep(self._epoll, fd)
+            self._kept[fd] = owner
 
-    def _register(self, epoll: select.epoll, fd: int, events: int) -> None:
+    def _claim(self, epoll: select.epoll, fd: int, events: int) -> None:
         """Register a client fd, or modify its kept registration. A kept fd whose socket was
         closed (and whose number a new connection now has) is no longer in the set: register."""
-        if fd in self._kept:
-            self._kept.discard(fd)
+        if self._kept.pop(fd, None) is not None:
             try:
                 epoll.modify(fd, events)
                 return
@@ -141,13 +146,13 @@ class EpollEngine:
                 pass
         epoll.register(fd, events)
 
-    def _keep(self, epoll: select.epoll, fd: int) -> None:
-        """Leave a client fd registered, waiting for nothing, for its connection's next request."""
+    def _keep(self, epoll: select.epoll, fd: int, owner: object) -> None:
+        """Leave a client fd registered for EPOLLRDHUP only, for its connection's next request."""
         try:
-            epoll.modify(fd, 0)
+            epoll.modify(fd, _RDHUP)
         except OSError:  # already gone from the set (closed)
             return
-        self._kept.add(fd)
+        self._kept[fd] = owner
 
     async def relay(self, stream: RelayStream, initial: bytes) -> None:
         """Relay ``stream`` to its end; returns when its body is complete, raises on failure.
@@ -166,15 +171,17 @@ class EpollEngine:
         # A watched client stays registered: the stream takes the registration over.
         watched = self._watched.pop(stream.client_fd, None) is not None
         client_events = _OUT | _RDHUP if state == BLOCKED else _RDHUP
+        stream.last_read = trio.current_time()  # the idle limit counts from here (the sweep reads it)
         if state == BLOCKED:
-            stream.blocked_since = trio.current_time()
+            stream.blocked_since = stream.last_read
             epoll.register(stream.up.fd, 0)
         else:
             epoll.register(stream.up.fd, _IN)
         if watched:
-            epoll.modify(stream.client_fd, client_events)
+            if client_events != _RDHUP:  # a watched client is registered for EPOLLRDHUP already
+                epoll.modify(stream.client_fd, client_events)
         else:
-            self._register(epoll, stream.client_fd, client_events)
+            self._claim(epoll, stream.client_fd, client_events)
         self._tick = min(self._tick, stream.idle_timeout / 8, stream.write_timeout / 8)
 
         def abort(_: object) -> trio.lowlevel.Abort:
@@ -194,8 +201,7 @@ class EpollEngine:
             for fd, events in poll(0):
                 stream = streams.get(fd)
                 if stream is None:
-                    if fd in self._kept:  # HUP or ERR, reported even when waiting for nothing
-                        self._kept.discard(fd)
+                    if self._kept.pop(fd, None) is not None:  # a client between requests left (or HUP, ERR)
                         epoll.unregister(fd)
                         continue
                     gone = self._watched.pop(fd, None)
@@ -248,7 +254,7 @@ class EpollEngine:
             except OSError:
                 pass
         if self._streams.pop(stream.client_fd, None) is not None and epoll is not None:
-            self._keep(epoll, stream.client_fd)
+            self._keep(epoll, stream.client_fd, stream.conn.socket)
 
     def _finish(self, stream: RelayStream, error: BaseException | None) -> None:
         self._remove(stream)

@@ -111,7 +111,7 @@ class RelayStream:
         self.unobserved: list[bytes] = []  # de-framed data written but not yet fed to observers
         sock = conn.socket
         self.client_fd = sock.fileno() if sock is not None else -1
-        self.last_read = trio.current_time()
+        self.last_read = 0.0  # the engine's: set when it takes the stream (a small answer ends before)
         self.blocked_since = 0.0
         self.relayed = 0
         self.complete = False

@@ -17,6 +17,7 @@ Parkway's own calls.
 from __future__ import annotations
 
 import ssl
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from .wire import RequestRefused
 Headers = list[tuple[bytes, bytes]]
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# The pool's clock: only idle ages are measured with it (one C call, where trio.current_time is three frames).
+_monotonic = time.monotonic
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +105,7 @@ class _Exchange:
 
     async def __aenter__(self) -> UpstreamResponse:
         client, req = self.client, self.req
-        origin, target, host_header = _parse(req.url, req.address_policy or client.default_policy)
+        origin, target, host_header = client._parse(req.url, req.address_policy or client.default_policy)
         with trio.move_on_after(client.first_byte_timeout) as scope:
             self.response = await client._exchange(req, origin, target, host_header)
             self.origin = origin
@@ -119,7 +122,7 @@ class _Exchange:
     async def __aexit__(self, *exc_info: object) -> None:
         client, origin, response = self.client, self.origin, self.response
         if response.reusable:
-            client.pool.give_back(origin, response.conn, trio.current_time())
+            client.pool.give_back(origin, response.conn, _monotonic())
         else:
             response.conn.close()
 
@@ -150,6 +153,19 @@ class UpstreamClient:
         self._sessions: dict[Origin, ssl.SSLSession] = {}  # the last TLS session per origin, to resume
         self.tls_full = 0  # TLS handshakes with upstreams, full and resumed (/metrics)
         self.tls_resumed = 0
+        self._parsed: dict[tuple[str, AddressPolicy], tuple[Origin, bytes, bytes]] = {}
+
+    def _parse(self, url: str, policy: AddressPolicy) -> tuple[Origin, bytes, bytes]:
+        """:func:`parse_url`, remembered per URL and policy (a proxied URL repeats: its parse
+        cost a small request as much as writing its head). Refusals are not remembered."""
+        key = (url, policy)
+        parsed = self._parsed.get(key)
+        if parsed is None:
+            parsed = parse_url(url, policy)
+            if len(self._parsed) >= _PARSED_MAX:
+                self._parsed.clear()
+            self._parsed[key] = parsed
+        return parsed
 
     def apply(self, config: ServerConfig) -> None:
         """Take a reloaded ``[server]`` for new requests: the upstream timeouts, the private-address
@@ -206,7 +222,7 @@ class UpstreamClient:
             # byte of it went out can still be sent whole on another (the rest is not read yet).
             rest = req.body
             first = await anext(rest, b"")
-        conn = self.pool.take(origin, trio.current_time())
+        conn = self.pool.take(origin, _monotonic())
         if conn is not None:
             before = conn.sent
             try:
@@ -249,29 +265,11 @@ class UpstreamClient:
         first: bytes,
         rest: AsyncIterator[bytes] | None,
     ) -> UpstreamResponse:
+        """Send the request while watching for an early answer, then read the answer's head."""
         heads = HeadReader(conn, req.method, self.idle_timeout, req.informational)
-        try:
-            early = await self._send_request(conn, req, target, host, first, rest, heads)
-            return early or heads.final or await heads.read()
-        except StaleConnection:
-            raise
-        except BaseException:
-            conn.close()
-            raise
-
-    async def _send_request(
-        self,
-        conn: UpstreamConnection,
-        req: UpstreamRequest,
-        target: bytes,
-        host: bytes,
-        first: bytes,
-        rest: AsyncIterator[bytes] | None,
-        heads: HeadReader,
-    ) -> UpstreamResponse | None:
-        """Send the request while watching for an early answer; the answer that stops the body, if any."""
         headers = [(b"host", host), *req.headers]
-        has_length = any(n == b"content-length" for n, _ in req.headers)
+        given = req.headers  # a length, when given, is usually the last header (proxy.forwarding)
+        has_length = bool(given) and given[-1][0] == b"content-length" or any(n == b"content-length" for n, _ in given)
         body = req.body
         if isinstance(body, bytes):
             if not has_length:
@@ -288,22 +286,38 @@ class UpstreamClient:
                 if isinstance(body, bytes) and body:
                     data += http.data(body)
                 data += http.end()
-                return await heads.send(data)
-            # The head goes out with the body's first chunk (usually the whole of a small body).
-            if first:
-                data += http.data(first)
-            early = await heads.send(data)
-            if early is not None:
-                return early
-            async for chunk in rest:
-                if chunk:
-                    early = await heads.send(http.data(chunk), peek=True)
-                    if early is not None:
-                        return early
-            end = http.end()
-            return await heads.send(end) if end else None
+                early = await heads.send(data)
+            else:
+                early = await self._send_streamed(heads, data, first, rest)
+            return early or heads.final or await heads.read()
         except RequestRefused as exc:
+            conn.close()
             raise UpstreamError(f"request to {conn.host} could not be sent: {exc}") from None
+        except StaleConnection:
+            raise
+        except BaseException:
+            conn.close()
+            raise
+
+    @staticmethod
+    async def _send_streamed(
+        heads: HeadReader, data: bytes, first: bytes, rest: AsyncIterator[bytes]
+    ) -> UpstreamResponse | None:
+        """Send a streamed body after its head; the early answer that stops it, if any."""
+        http = heads.conn.http
+        # The head goes out with the body's first chunk (usually the whole of a small body).
+        if first:
+            data += http.data(first)
+        early = await heads.send(data)
+        if early is not None:
+            return early
+        async for chunk in rest:
+            if chunk:
+                early = await heads.send(http.data(chunk), peek=True)
+                if early is not None:
+                    return early
+        end = http.end()
+        return await heads.send(end) if end else None
 
     async def aclose(self) -> None:
         self.pool.close()
@@ -320,7 +334,10 @@ def may_retry(method: str, *, written: bool, streamed: bool) -> bool:
     return not written or (method in IDEMPOTENT and not streamed)
 
 
-def _parse(url: str, policy: AddressPolicy) -> tuple[Origin, bytes, bytes]:
+_PARSED_MAX = 1024  # URLs remembered by UpstreamClient._parse: a bound, not a working set
+
+
+def parse_url(url: str, policy: AddressPolicy) -> tuple[Origin, bytes, bytes]:
     """Origin, request-target and Host header of a normalised URL."""
     try:
         parts = urlsplit(url)

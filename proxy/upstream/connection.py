@@ -196,6 +196,17 @@ class UpstreamConnection:
         """Send ``data`` (encrypted for TLS); waits while the socket is full."""
         await self.send_sealed(self.seal(data))
 
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        """Send what the socket takes now of wire bytes from :meth:`seal`: how many went (0 when full)."""
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise UpstreamProtocolError(f"connection to {self.host} lost: {exc.strerror or exc}") from None
+        self.sent += sent
+        return sent
+
     async def send_sealed(self, data: bytes | memoryview, *, watch: bool = False) -> memoryview:
         """Send wire bytes from :meth:`seal`; what is left unsent (empty once all went).
 

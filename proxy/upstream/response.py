@@ -90,7 +90,14 @@ class HeadReader:
             early = await self._early()
             if early is not None:
                 return early
-        left: bytes | memoryview = conn.seal(data)
+        sealed = conn.seal(data)
+        try:  # a small request fits the socket: sent here, without the waiting loop's coroutine
+            sent = conn.send_nowait(sealed)
+        except UpstreamProtocolError as exc:
+            return await self._answer_after_failed_send(exc)
+        if sent == len(sealed):
+            return None
+        left: bytes | memoryview = memoryview(sealed)[sent:]
         while left:
             try:
                 left = await conn.send_sealed(left, watch=self.final is None)
@@ -131,7 +138,9 @@ class HeadReader:
         """The final response head, waiting for it (1xx heads before it passed on)."""
         while True:
             if self.buf:  # nothing can be there before the first wait: an answer was just asked for
-                response = await self._parse()
+                response = self._next_head()
+                if isinstance(response, tuple):
+                    response = await self._parse(response)
                 if response is not None:
                     return response
             await trio.lowlevel.wait_readable(self.conn.sock)
@@ -154,8 +163,21 @@ class HeadReader:
         self.received = True
         self.buf += data
 
-    async def _parse(self) -> UpstreamResponse | None:
-        """The final head if one is complete in the buffer; 1xx heads before it are passed on."""
+    async def _parse(self, parsed: UpstreamResponse | tuple[int, Headers] | None = None) -> UpstreamResponse | None:
+        """The final head if one is complete in the buffer; 1xx heads before it are passed on
+        (``parsed``: the one already taken from it)."""
+        if parsed is None:
+            parsed = self._next_head()
+        while isinstance(parsed, tuple):
+            assert self.informational is not None
+            await self.informational(*parsed)
+            parsed = self._next_head()
+        return parsed
+
+    def _next_head(self) -> UpstreamResponse | tuple[int, Headers] | None:
+        """The final head if one is complete in the buffer (None if not yet), or a 1xx head
+        before it for :attr:`informational`, as (status, headers); other 1xx heads are skipped.
+        Not a coroutine: the common answer is read without one."""
         conn = self.conn
         while True:
             found = head_end(self.buf)
@@ -175,7 +197,7 @@ class HeadReader:
                 # 100 Continue answers an Expect Parkway never forwards (it answers its clients
                 # itself); 102, 103 Early Hints and others are the client's (RFC 9110 §15.2).
                 if parsed.status != 100 and self.informational is not None:
-                    await self.informational(parsed.status, parsed.headers)
+                    return parsed.status, parsed.headers
                 continue
             self.version = parsed.version
             return UpstreamResponse(parsed.status, parsed.headers, parsed.framing, conn, self.buf, self.idle_timeout)

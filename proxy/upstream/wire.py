@@ -9,7 +9,8 @@ one decides, each piece the way h11 decides it, so that both give the same answe
 * :func:`request_head`: the request head as h11 writes it (Host first, names as given, values
   after ``": "``), refusing what h11 refuses (a name that is not a token; a value with NUL, CR,
   LF or surrounding blanks; conflicting lengths; a transfer coding other than chunked; no Host
-  or two), with the ``Content-Length`` / ``Transfer-Encoding`` values normalised as h11 does;
+  or two), with the ``Content-Length`` / ``Transfer-Encoding`` values normalised as h11 does
+  (:func:`plain_request_head` writes the common proxied request in one pass over all fields);
 * :class:`RequestBody`: the body's framing (a length h11 holds the body to, or chunks);
 * :func:`plain_head`: whether a response head is in the part of h11's grammar the fast parser
   takes (CRLF lines, no folded line, every line as h11's own expressions accept it); any other
@@ -44,6 +45,10 @@ FIELD_VALUE = re.compile(_FIELD_VALUE)
 TOKENS = re.compile(_TOKEN + rb"(?:\n" + _TOKEN + rb")*")
 FIELD_VALUES = re.compile(_FIELD_VALUE + rb"(?:\n" + _FIELD_VALUE + rb")*")
 TARGET = re.compile(rb"[\x21-\x7e]+")
+# Every header as ``name NUL value``, joined by LF (neither may hold a NUL or an LF): one pass for all.
+FIELDS = re.compile(_TOKEN + rb"\x00" + _FIELD_VALUE + rb"(?:\n" + _TOKEN + rb"\x00" + _FIELD_VALUE + rb")*")
+# The methods a proxied request has (all tokens), encoded: no encode and no token check for them.
+_METHODS = {m: m.encode() for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
 PLAIN_HEAD = re.compile(_STATUS_LINE + rb"(?:" + _HEADER_LINE + rb")*\r\n")
 
 
@@ -119,6 +124,56 @@ class RequestFraming:
 def request_head(method: str, target: bytes, headers: Headers) -> tuple[bytes, RequestFraming]:
     """The head h11 writes for this request, and its framing; :class:`RequestRefused` for what
     h11 refuses (its messages)."""
+    plain = plain_request_head(method, target, headers)
+    return plain if plain is not None else _request_head(method, target, headers)
+
+
+# The framing of a plain head per declared length (immutable, so shared): a dict look-up where a
+# frozen dataclass costs a call and three setattrs. Bounded: lengths past the bound are made each time.
+_PLAIN_FRAMING: dict[int, RequestFraming] = {}
+
+
+def plain_request_head(method: str, target: bytes, headers: Headers) -> tuple[bytes, RequestFraming] | None:
+    """:func:`request_head` of the common request in a few passes over the whole head rather
+    than several calls per header, or None when it is not that request: a known method, Host
+    first and once, every name and value valid, at most one plain ``Content-Length`` (digits),
+    no ``Transfer-Encoding`` or ``Connection``. h11 writes such a head as given, so the head is
+    the fields themselves."""
+    encoded = _METHODS.get(method)
+    if encoded is None or not headers:
+        return None
+    fields = b"\n".join(map(b"\x00".join, headers))
+    if FIELDS.fullmatch(fields) is None or fields.count(b"\n") != len(headers) - 1:
+        return None
+    # Each name now ends with the only NUL of its line: "name\x00" finds a name, never a value.
+    lower = fields.lower()
+    if not lower.startswith(b"host\x00") or b"\nhost\x00" in lower:
+        return None
+    if b"transfer-encoding\x00" in lower or b"connection\x00" in lower:
+        return None
+    length = 0
+    at = lower.find(b"content-length\x00")
+    if at >= 0:
+        if (at and lower[at - 1] != 10) or lower.find(b"content-length\x00", at + 15) >= 0:
+            return None  # a longer name ending so, or two lengths: the general path decides
+        end = lower.find(b"\n", at)
+        value = fields[at + 15 : end if end >= 0 else len(fields)]
+        if not value.isdigit() or len(value) > CONTENT_LENGTH_MAX_DIGITS:
+            return None
+        length = int(value)
+    if TARGET.fullmatch(target) is None:
+        return None
+    framing = _PLAIN_FRAMING.get(length)
+    if framing is None:
+        framing = RequestFraming(False, length, True)
+        if len(_PLAIN_FRAMING) < 4096:
+            _PLAIN_FRAMING[length] = framing
+    head = b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (encoded, target, fields.replace(b"\x00", b": ").replace(b"\n", b"\r\n"))
+    return head, framing
+
+
+def _request_head(method: str, target: bytes, headers: Headers) -> tuple[bytes, RequestFraming]:
+    """:func:`request_head` header by header, in h11's order of refusals."""
     # When a name or value is bad, each is checked in h11's order (name, value, then that
     # header's framing rules) so that the refusal is the one h11 gives.
     each = not _valid_fields(headers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import time
@@ -83,3 +84,59 @@ def test_json_lines_are_what_the_json_encoder_writes(event_dict) -> None:
     assert logs._render_json(None, "info", event_dict) == json.JSONEncoder(default=logs._json_default).encode(
         event_dict
     )
+
+
+def test_a_secret_key_is_redacted_on_every_line_not_only_the_first() -> None:
+    """Keys found plain are remembered; a secret one never is, so a later line is redacted too."""
+    for _ in range(3):
+        line = _line(method="GET", api_key="sk-1", status=200)
+        assert line["api_key"] == "[redacted]" and line["method"] == "GET"
+
+
+def test_an_exception_line_carries_its_traceback_as_text() -> None:
+    out = io.StringIO()
+    logs.configure("info", "json", out)
+    try:
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            structlog.get_logger("test").exception("internal_error")
+    finally:
+        structlog.reset_defaults()
+    line = json.loads(out.getvalue())
+    assert line["level"] == "error" and "exc_info" not in line
+    assert "ValueError: boom" in line["exception"]
+
+
+@given(st.dictionaries(st.sampled_from(["request_id", "credential", "user", "job", "w"]), st.none() | st.text(max_size=4)),
+       st.sets(st.sampled_from(["request_id", "credential", "user", "job", "w"])))  # fmt: skip
+@settings(max_examples=100, deadline=None)
+def test_the_bound_fields_merged_are_structlogs_own_merge(bound: dict[str, object], unbound: set[str]) -> None:
+    """logs merges the bound fields reading structlog's variables; the fields are those of
+    ``merge_contextvars``, bound, rebound, unbound or never bound in this context."""
+    merge = logs._context_merger()
+    assert merge is not structlog.contextvars.merge_contextvars  # this structlog keeps them where logs reads them
+
+    def both() -> tuple[dict[str, object], dict[str, object]]:
+        return (
+            dict(merge(None, "info", {"event": "x", "user": "caller's"})),
+            dict(structlog.contextvars.merge_contextvars(None, "info", {"event": "x", "user": "caller's"})),
+        )
+
+    def run() -> None:
+        structlog.contextvars.bind_contextvars(**bound)
+        structlog.contextvars.unbind_contextvars(*unbound)
+        ours, theirs = both()
+        assert ours == theirs
+        structlog.contextvars.bind_contextvars(fresh_key_in_test=1)  # a variable created after the first line
+        ours, theirs = both()
+        assert ours == theirs and ours["fresh_key_in_test"] == 1
+
+    contextvars.copy_context().run(run)
+
+
+def test_the_level_is_structlogs() -> None:
+    """warn is warning, exception is error, as structlog's add_log_level names them."""
+    stamp = logs._stamper()
+    for method in ("debug", "info", "warn", "warning", "error", "exception", "critical"):
+        assert stamp(None, method, {})["level"] == structlog.processors.add_log_level(None, method, {})["level"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
 from urllib.parse import quote, quote_plus, urlsplit
@@ -845,3 +846,31 @@ def test_repeated_signway_parameter_named_after_a_bad_escape() -> None:
         parse_signed_request(f"X-Sw-Body=true&{query}&k=%FF")
     with pytest.raises(BadRequest, match="X-Sw-Body appears more than once"):
         parse_signed_request(f"X-Sw-Body=true&{query}")
+
+
+@given(
+    st.one_of(
+        st.from_regex(r"[0-9]{8}T[0-9]{6}Z", fullmatch=True),
+        st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31)).map(
+            lambda d: f"{d.year:04d}{d.month:02d}{d.day:02d}T{d.hour:02d}{d.minute:02d}{d.second:02d}Z"
+        ),
+        st.sampled_from(["20261207T240000Z", "20261207T235960Z", "00000101T000000Z", "20230229T120000Z"]),
+        st.from_regex(r"[0-9٣]{8}T[0-9]{6}[Zz+]|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{6}Z", fullmatch=True),
+    )
+)
+def test_x_sw_date_is_read_field_by_field(text: str) -> None:
+    """The date is the calendar date and time its digits say, in UTC, or refused: the one C call
+    that reads it agrees with reading each field with int() and building the datetime."""
+    query = "&".join(f"X-Sw-Date={quote_plus(text)}" if f.startswith("X-Sw-Date=") else f for f in _SIGNED_FIELDS)
+    try:  # as the date was read before: the pattern, then each field with int()
+        d = text
+        assert re.fullmatch(r"[0-9]{8}T[0-9]{6}Z", d)
+        expected = datetime(
+            int(d[0:4]), int(d[4:6]), int(d[6:8]), int(d[9:11]), int(d[11:13]), int(d[13:15]), tzinfo=UTC
+        )
+    except (AssertionError, ValueError):
+        with pytest.raises(BadRequest, match="invalid X-Sw-Date"):
+            parse_signed_request(query)
+        return
+    parsed = parse_signed_request(query)
+    assert parsed.date == expected and parsed.date.tzinfo is UTC and parsed.date_text == text

@@ -31,7 +31,7 @@ from proxy.errors import (
     error_response,
 )
 from proxy.http.connection import ClientGone, HTTPConnection, RequestHead
-from proxy.http.server import Server
+from proxy.http.server import Server, open_connection
 from proxy.urls import split_host_port
 from support.http import parse_response, read_until_eof
 
@@ -736,6 +736,38 @@ async def test_shutdown_closes_an_idle_connection_promptly(autojump_clock, serve
         assert stream.closed.is_set()
 
 
+async def test_a_head_that_arrives_as_shutdown_begins_is_answered_then_the_connection_closed(
+    autojump_clock, monkeypatch, http_parser
+):
+    """Shutdown cancels a connection waiting for a head; one whose head came in the same
+    instant (read, nothing raised) is still answered, with the connection closed after it."""
+    impl = type(open_connection(trio.testing.memory_stream_pair()[0], ServerConfig(**TIMEOUTS), PEER))
+    assert impl.parser == http_parser
+    read_head = impl.next_request
+    app = FakeApp()
+
+    async def shutdown_as_it_arrives(self: HTTPConnection, idle_timeout: float) -> RequestHead | None:
+        head = await read_head(self, idle_timeout)
+        if head is not None and head.path == "/last":
+            run.server.shutdown()
+        return head
+
+    monkeypatch.setattr(impl, "next_request", shutdown_as_it_arrives)
+    async with serving(app) as run:
+        client, _ = run.listener.connect()
+        await client.request(target="/first")
+        assert (await client.response())[0].status_code == 200
+        client.reuse()
+        await client.request(target="/last")
+        response, body = await client.response()
+        await client.assert_closed()
+        await run.stopped.wait()
+
+    assert (response.status_code, body) == (200, b"/last ")
+    assert header(response, b"connection") == [b"close"]
+    assert [head.path for head in app.heads] == ["/first", "/last"]
+
+
 async def test_shutdown_lets_an_in_flight_request_finish_within_the_drain(autojump_clock):
     release = trio.Event()
 
@@ -795,3 +827,27 @@ async def test_drain_timeout_cancels_a_handler_that_never_finishes(autojump_cloc
 def test_listen_address_parsing(address, expected):
     # open_listeners binds with config.split_host_port (it replaced http_server.parse_listen).
     assert split_host_port(address) == expected
+
+
+# --- check_head and the header map (pure) -------------------------------------------------
+
+
+@pytest.mark.parametrize("control", [0x00, 0x01, 0x0A, 0x0D, 0x1B, 0x1F, 0x7F])
+def test_a_control_character_in_any_value_is_refused_naming_its_header(control):
+    from proxy.http.connection import check_head
+
+    headers = [(b"host", b"x"), (b"x-ok", b"a\tb"), (b"x-bad", b"a" + bytes([control]) + b"b"), (b"x-last", b"c")]
+    with pytest.raises(BadRequest, match="header x-bad has a control character"):
+        check_head(headers)
+    assert check_head(headers, controls=False)[b"x-bad"] == headers[2][1]  # a head llhttp read: not searched
+
+
+def test_the_header_map_joins_repeats_in_order_and_refuses_length_beside_chunked():
+    from proxy.http.connection import check_head
+
+    fields = check_head([(b"host", b"x"), (b"x-a", b"1"), (b"x-b", b"\t"), (b"x-a", b"2, 3"), (b"x-a", b"")])
+    assert fields == {b"host": b"x", b"x-a": b"1, 2, 3, ", b"x-b": b"\t"}
+    with pytest.raises(BadRequest, match="both Content-Length and Transfer-Encoding"):
+        check_head([(b"transfer-encoding", b"chunked"), (b"host", b"x"), (b"content-length", b"1")])
+    by_hand = RequestHead("GET", "/", ((b"x-a", b"1"), (b"x-a", b"caf\xe9")), "1.1", PEER)
+    assert (by_hand.header(b"x-a"), by_hand.header(b"x-b")) == ("1, caf\u00e9", None)
