@@ -53,7 +53,9 @@ class RequestRecord:
     completed: bool = False  # the whole response was written
     relayed: int = 0  # response body bytes written to the client, as framed on its connection
     client_watch: trio.CancelScope | None = None  # the task watching for the client to leave (handler)
-    scope: trio.CancelScope | None = None  # the request's overall scope; the first byte's deadline rides on it
+    # The request's overall scope (handler): the first byte's deadline rides on it (only the request's own task
+    # may lower it: gateway.forward, upstream.client).
+    scope: trio.CancelScope | None = None
     failure: ParkwayError | None = None  # the first byte's timeout, when it cut the request (handler)
     session: SessionReport | None = None  # a WebSocket session's figures (status 101)
     cache: str | None = None  # hit | miss | stored | collapsed | bypass | unavailable; None: not cacheable
