@@ -217,7 +217,7 @@ class BehaviourServer:
                 b = self.behaviour if n == 0 or self.behaviour.on_reuse is None else self.behaviour.on_reuse
                 if b.read_body and not await _read_body(reader, headers, got):
                     return
-                then = await _play(stream, b, b.answer_for(method))
+                then = await _play(stream, b, _answer(b, method))
                 if then in ("close", "reset"):
                     if then == "reset":
                         stream.socket.setsockopt(
@@ -264,6 +264,21 @@ async def _read_body(reader: _Reader, headers: dict[bytes, bytes], got: Received
     reader.buf = reader.buf[length:]
     got.body, got.complete = length, True
     return True
+
+
+def _answer(b: Behaviour, method: str) -> bytes:
+    """What the server writes for ``method``. A HEAD's answer is whole at its head, so a proxy may
+    pool the connection after it (RFC 9112 §9.3); a behaviour that then goes silent would stall
+    whichever request of another shape took that connection next, or not, by timing (seen under
+    load as a 504 after the first-byte timeout). Such a HEAD answer says ``Connection: close``: the
+    behaviour is about silence in the middle of an answer, which a HEAD's cannot have."""
+    wire = b.answer_for(method)
+    if method != "HEAD" or b.then not in ("silent", "stop_reading") or final_head_end(wire) != len(wire):
+        return wire
+    if b"\nconnection: close" in wire.lower():
+        return wire
+    blank = b"\r\n" if wire.endswith(b"\r\n") else b"\n"  # the final head's empty line
+    return wire[: -len(blank)] + b"Connection: close" + blank + blank
 
 
 async def _play(stream: trio.SocketStream, b: Behaviour, wire: bytes) -> Then:
