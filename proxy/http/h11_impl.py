@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator
 
 import h11
 import trio
+from trio.lowlevel import cancel_shielded_checkpoint
 
 from ..config import ServerConfig
 from ..errors import BadRequest, HeadersTooLarge, RequestTimeout, client_text
@@ -54,7 +55,8 @@ class H11Connection(HTTPConnection):
         self.head_only = False
         deadline = trio.current_time() + idle_timeout
         started = bool(self.conn.trailing_data[0])
-        if started:
+        if started:  # pipelined: a schedule point per request, which no read gives (see _receive)
+            await cancel_shielded_checkpoint()
             deadline = trio.current_time() + self.config.header_read_timeout
         while True:
             event = self._next_event()

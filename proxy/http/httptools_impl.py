@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator
 
 import h11
 import trio
+from trio.lowlevel import cancel_shielded_checkpoint
 
 from ..config import ServerConfig
 from ..errors import BadRequest, HeadersTooLarge, RequestTimeout
@@ -67,6 +68,8 @@ class HttptoolsConnection(HTTPConnection):
         self.head_only = False
         limit = self.config.max_header_bytes
         started = bool(buffer)
+        if started:  # pipelined: a schedule point per request, which no read gives (see _receive)
+            await cancel_shielded_checkpoint()
         deadline = trio.current_time() + (self.config.header_read_timeout if started else idle_timeout)
         while True:
             if not buffer:  # nothing yet (as a kept-alive connection starts): nothing to look for
