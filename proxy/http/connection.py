@@ -25,7 +25,7 @@ import trio
 from trio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled, wait_readable, wait_writable
 
 from ..config import ServerConfig
-from ..errors import BadRequest, BodyTooLarge, client_text
+from ..errors import BadRequest, BodyTooLarge, RequestTimeout, client_text
 
 log = structlog.get_logger("parkway.server")
 
@@ -94,6 +94,7 @@ class HTTPConnection:
         self.bytes_in = 0
         self.bytes_out = 0
         self.head_bytes_in = 0  # bytes_in when the current request began
+        self.head_started = False  # bytes of the head next_request waits for have arrived
         self.request_done = trio.Event()  # set once the current request's body is fully read
         self._close_after = False
         self.head_only = False  # the current request is HEAD: its response has no body (RFC 9110 §9.3.2)
@@ -145,12 +146,32 @@ class HTTPConnection:
 
     # --- what each implementation provides ---------------------------------------------------
 
-    async def next_request(self, idle_timeout: float) -> RequestHead | None:
+    async def next_request(self, idle_timeout: float, scope: trio.CancelScope | None = None) -> RequestHead | None:
         """Wait for the next request head; None when the client leaves or idles out between requests.
 
         The idle wait ends at the first byte; from there the whole head must arrive within
-        ``header_read_timeout`` (slowloris protection)."""
+        ``header_read_timeout`` (slowloris protection). ``scope`` is the caller's cancel scope
+        around this call (the server's, one per connection): the timeouts are its deadline, set
+        here and reset to none before this returns or raises, instead of a scope per request.
+        When that deadline cancels it, :meth:`head_timeout` says what to answer. Without one,
+        a head that began and timed out raises ``RequestTimeout``."""
         raise NotImplementedError
+
+    async def _next_request_alone(self, idle_timeout: float) -> RequestHead | None:
+        """:meth:`next_request` in a scope of its own."""
+        with trio.CancelScope() as scope:
+            return await self.next_request(idle_timeout, scope)
+        timed_out = self.head_timeout()
+        if timed_out is not None:
+            raise timed_out
+        return None
+
+    def head_timeout(self) -> RequestTimeout | None:
+        """After :meth:`next_request`'s deadline cancelled its scope: a 408 for a head that had
+        begun (then close), None for a connection that idled out (close silently)."""
+        if self.head_started:
+            return RequestTimeout(f"request head not received within {self.config.header_read_timeout:g} s")
+        return None
 
     def body_chunks(self) -> AsyncGenerator[bytes, None]:
         """Yield the request body as it arrives; a gap over ``client_body_timeout`` is a 408."""

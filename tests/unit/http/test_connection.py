@@ -746,8 +746,10 @@ async def test_a_head_that_arrives_as_shutdown_begins_is_answered_then_the_conne
     read_head = impl.next_request
     app = FakeApp()
 
-    async def shutdown_as_it_arrives(self: HTTPConnection, idle_timeout: float) -> RequestHead | None:
-        head = await read_head(self, idle_timeout)
+    async def shutdown_as_it_arrives(
+        self: HTTPConnection, idle_timeout: float, scope: trio.CancelScope | None = None
+    ) -> RequestHead | None:
+        head = await read_head(self, idle_timeout, scope)
         if head is not None and head.path == "/last":
             run.server.shutdown()
         return head
@@ -766,6 +768,40 @@ async def test_a_head_that_arrives_as_shutdown_begins_is_answered_then_the_conne
     assert (response.status_code, body) == (200, b"/last ")
     assert header(response, b"connection") == [b"close"]
     assert [head.path for head in app.heads] == ["/first", "/last"]
+
+
+async def test_a_head_that_arrives_as_its_deadline_fires_is_answered_then_the_connection_closed(
+    autojump_clock, monkeypatch, http_parser
+):
+    """The head's timeouts are the connection scope's deadline: one that fires in the instant a
+    head came (read, nothing raised) must not cancel its handler; the head is answered, last."""
+    impl = type(open_connection(trio.testing.memory_stream_pair()[0], ServerConfig(**TIMEOUTS), PEER))
+    read_head = impl.next_request
+
+    async def deadline_as_it_arrives(
+        self: HTTPConnection, idle_timeout: float, scope: trio.CancelScope | None = None
+    ) -> RequestHead | None:
+        head = await read_head(self, idle_timeout, scope)
+        if head is not None and head.path == "/last" and scope is not None:
+            scope.cancel()  # what the deadline does when it passes before the scope is reset
+        return head
+
+    monkeypatch.setattr(impl, "next_request", deadline_as_it_arrives)
+    app = FakeApp()
+    async with serving(app) as run:
+        client, stream = run.listener.connect()
+        await client.request(target="/first")
+        assert (await client.response())[0].status_code == 200
+        client.reuse()
+        await client.request(target="/last")
+        response, body = await client.response()
+        await client.assert_closed()
+        await stream.closed.wait()
+
+    assert (response.status_code, body) == (200, b"/last ")
+    assert header(response, b"connection") == [b"close"]
+    assert [head.path for head in app.heads] == ["/first", "/last"]
+    assert app.rejected == []
 
 
 async def test_shutdown_lets_an_in_flight_request_finish_within_the_drain(autojump_clock):
