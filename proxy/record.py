@@ -6,6 +6,7 @@ duration once, when the request ends.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,7 @@ import structlog
 import trio
 
 from .config import Config
+from .errors import ParkwayError
 from .http.connection import RequestHead
 from .jobs.background import job_id_from_path
 from .metrics import Metrics
@@ -51,6 +53,10 @@ class RequestRecord:
     completed: bool = False  # the whole response was written
     relayed: int = 0  # response body bytes written to the client, as framed on its connection
     client_watch: trio.CancelScope | None = None  # the task watching for the client to leave (handler)
+    # The request's overall scope (handler): the first byte's deadline rides on it (only the request's own task
+    # may lower it: gateway.forward, upstream.client).
+    scope: trio.CancelScope | None = None
+    failure: ParkwayError | None = None  # the first byte's timeout, when it cut the request (handler)
     session: SessionReport | None = None  # a WebSocket session's figures (status 101)
     cache: str | None = None  # hit | miss | stored | collapsed | bypass | unavailable; None: not cacheable
     tokens_saved: tuple[int, int] = (0, 0)  # prompt, completion tokens of an answer served without upstream
@@ -59,13 +65,16 @@ class RequestRecord:
     streamed: bool = False  # the answer was an event stream
     model: str | None = None  # the model the answer named (GenAI metrics)
     trace: RequestTrace | None = None  # the request's spans, when tracing is on
+    # The run's clock, read as one frame (trio.current_time is three): the handler binds the
+    # current clock's method once per request; the request's timestamps are all read with it.
+    clock: Callable[[], float] = trio.current_time
     # Set by settle() when the request ends.
     bytes_in: int = 0
     bytes_out: int = 0
     duration: float = 0.0
 
     def first_chunk_now(self) -> None:
-        self.first_chunk = trio.current_time()
+        self.first_chunk = self.clock()
 
     def settle(self, bytes_in: int, bytes_out: int, now: float) -> None:
         """Fix the request's byte counts (from the connection's running totals) and its duration."""

@@ -31,6 +31,22 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "hang_limit(seconds): the hang_guard limit of one slow test")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """No automatic collections while the thousands of test items are built (a dozen full ones,
+    each slower than the last as the heap grows): their garbage is collected once, below."""
+    gc.disable()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what collection built (modules, items, Hypothesis strategies) out of every later
+    collection, as Parkway's own ``settle_heap`` does at start-up. The fixtures below collect after
+    each test so that what a test leaked warns in that test; with ~200,000 objects frozen, each
+    such collection scans only what the tests made since (milliseconds, not a third of a second)."""
+    gc.collect()
+    gc.freeze()
+    gc.enable()
+
+
 @pytest.fixture
 async def hang_guard(nursery: trio.Nursery, request: pytest.FixtureRequest) -> None:
     """Fail (instead of hanging forever) a test that runs longer than ``HANG_LIMIT``

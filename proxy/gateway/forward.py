@@ -9,10 +9,9 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from functools import partial
 
-import trio
-
 from .. import cors, forwarding, policy
 from ..config import Config
+from ..errors import UpstreamTimeout
 from ..http.connection import HTTPConnection
 from ..metrics import Metrics
 from ..record import RequestRecord
@@ -57,7 +56,7 @@ class Forward:
             headers = forwarding.request_headers(
                 head.headers, plan.credential.headers, plan.ctx, content_length=content_length
             )
-            forward_at = trio.current_time()
+            forward_at = record.clock()
             call = None
             if record.trace is not None:  # the CLIENT span; its traceparent only where the credential allows
                 call = record.trace.upstream_call(
@@ -80,8 +79,8 @@ class Forward:
             usage: UsageObserver | None = None
             self.metrics.in_flight.inc()
             try:
-                async with self.upstream.open(request) as response:
-                    head_at = trio.current_time()
+                async with self.upstream.open(request, record.scope, forward_at) as response:
+                    head_at = record.clock()
                     record.ttfb = head_at - record.started
                     record.status = response.status
                     record.streamed = response.content_type.lower().startswith("text/event-stream")
@@ -97,6 +96,8 @@ class Forward:
                     record.usage = usage.usage or (remover.usage if remover is not None else None)
                     record.model = usage.model
             except BaseException as exc:
+                if usage is None and isinstance(exc, UpstreamTimeout):
+                    record.failure = exc  # the first byte's: the request's scope may report it (handler)
                 if call is not None:
                     call.status, call.first_chunk = record.status if usage is not None else None, record.first_chunk
                     call.end(usage, False, exc)
@@ -150,7 +151,7 @@ async def respond(
     # it arrived, whether or when the body follows (docs/proxying.md).
     hold = bool(response.initial) or response.framing.bodiless
     await conn.send_head(response.status, out_headers, flush=not hold)
-    record.head_sent_at = trio.current_time()
+    record.head_sent_at = record.clock()
 
 
 async def pass_informational(conn: HTTPConnection, status: int, headers: list[Header]) -> None:

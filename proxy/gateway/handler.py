@@ -161,7 +161,8 @@ class Gateway:
 
     async def handle(self, head: RequestHead, conn: HTTPConnection) -> None:
         config = self.config  # one config for the whole request, even across a reload
-        record = RequestRecord(trio.current_time(), conn.head_bytes_in, conn.bytes_out)
+        clock = trio.lowlevel.current_clock().current_time  # one frame a read, where trio.current_time is three
+        record = RequestRecord(clock(), conn.head_bytes_in, conn.bytes_out, clock=clock)
         request_id = new_request_id()
         if self.tracing is not None:
             record.trace = self.tracing.request(
@@ -175,10 +176,13 @@ class Gateway:
         try:
             try:
                 with trio.CancelScope(deadline=record.started + (config.server.request_timeout or math.inf)) as overall:
+                    record.scope = overall
                     await self._handle(head, conn, config, record, request_id, overall)
                 if overall.cancelled_caught:
                     if record.outcome == "client_gone":  # the client watch cancelled it (relay.client_watch)
                         conn.abort()
+                    elif record.failure is not None:  # the first byte's deadline, carried on this scope
+                        raise record.failure
                     else:
                         raise UpstreamTimeout(
                             f"request exceeded the overall limit of {config.server.request_timeout:g} s",
@@ -212,7 +216,7 @@ class Gateway:
                 if record.outcome == "ok" and not record.completed:
                     # Cancelled from outside (drain deadline, overall timeout) mid-way.
                     record.outcome = "cancelled"
-                record.settle(conn.bytes_in, conn.bytes_out, trio.current_time())
+                record.settle(conn.bytes_in, conn.bytes_out, clock())
                 log_request(head, record)
                 count_request(self.metrics, config, record)
                 if record.trace is not None:

@@ -98,21 +98,41 @@ class _Exchange:
     """:meth:`UpstreamClient.open`: a class rather than an ``@asynccontextmanager``, whose async
     generator costs trio's first-iteration hook (a WeakSet entry) besides the generator itself."""
 
-    __slots__ = ("client", "req", "origin", "response")
+    __slots__ = ("client", "req", "scope", "now", "origin", "response")
 
-    def __init__(self, client: UpstreamClient, req: UpstreamRequest):
-        self.client, self.req = client, req
+    def __init__(self, client: UpstreamClient, req: UpstreamRequest, scope: trio.CancelScope | None, now: float):
+        self.client, self.req, self.scope, self.now = client, req, scope, now
 
     async def __aenter__(self) -> UpstreamResponse:
-        client, req = self.client, self.req
+        client, req, scope = self.client, self.req, self.scope
         origin, target, host_header = client._parse(req.url, req.address_policy or client.default_policy)
-        with trio.move_on_after(client.first_byte_timeout) as scope:
-            self.response = await client._exchange(req, origin, target, host_header)
-            self.origin = origin
-        if scope.cancelled_caught:
-            raise UpstreamTimeout(
-                f"{origin.host}:{origin.port} sent no response within {client.first_byte_timeout:g} s"
-            )
+        if scope is None:
+            with trio.move_on_after(client.first_byte_timeout) as waited:
+                self.response = await client._exchange(req, origin, target, host_header)
+            if waited.cancelled_caught:
+                raise client._no_first_byte(origin)
+        else:
+            # The caller's scope carries the first byte's deadline until the head (a scope of
+            # its own cost ~40 Python calls a request, lowering and restoring a deadline ~20).
+            # A fired scope stays cancelled, so the wait is told from the clock: the first byte's
+            # deadline passed while the scope's own had not (the scope had the earlier one).
+            overall, first_byte = scope.deadline, self.now + client.first_byte_timeout
+            if first_byte >= overall:  # the scope's own limit comes first: nothing to carry
+                self.response = await client._exchange(req, origin, target, host_header)
+            else:
+                scope.deadline = first_byte
+                try:
+                    self.response = await client._exchange(req, origin, target, host_header)
+                except trio.Cancelled:
+                    if scope.cancel_called and trio.current_time() >= first_byte:
+                        raise client._no_first_byte(origin) from None
+                    raise
+                if scope.cancel_called and trio.current_time() >= first_byte:
+                    # The deadline fired as the head arrived: late (the scope cannot be un-cancelled).
+                    self.response.conn.close()
+                    raise client._no_first_byte(origin)
+                scope.deadline = overall
+        self.origin = origin
         if origin.scheme == "https" and origin not in client._sessions:
             # Taken at the head, not when the body ends: streams that open while this one
             # is still answering (a ramp of long SSE streams) resume instead of a full handshake.
@@ -201,11 +221,20 @@ class UpstreamClient:
                 self._ssl = httpx2.create_ssl_context(verify=self._verify, trust_env=False)
         return self._ssl
 
-    def open(self, req: UpstreamRequest) -> _Exchange:
+    def open(self, req: UpstreamRequest, scope: trio.CancelScope | None = None, now: float = 0.0) -> _Exchange:
         """Send ``req``; ``async with`` it to get the response once its head has arrived. Leaving
         the context gives the connection back to the pool when the relay marked the response
-        reusable, and closes it otherwise (an unfinished body: that stops the generation upstream)."""
-        return _Exchange(self, req)
+        reusable, and closes it otherwise (an unfinished body: that stops the generation upstream).
+
+        ``scope``: the caller's enclosing cancel scope (the request's overall one), which then carries
+        the first-byte timeout counted from ``now`` (the caller's clock reading) instead of a scope of
+        its own. A first byte that comes too late raises :class:`UpstreamTimeout` here either way;
+        the caller's scope is then cancelled too, and whoever catches its cancellation must answer
+        with this error (gateway.handler does, through the request's record)."""
+        return _Exchange(self, req, scope, now)
+
+    def _no_first_byte(self, origin: Origin) -> UpstreamTimeout:
+        return UpstreamTimeout(f"{origin.host}:{origin.port} sent no response within {self.first_byte_timeout:g} s")
 
     def _remember_session(self, origin: Origin, conn: UpstreamConnection) -> None:
         """Keep one TLS session per origin for every new connection to resume (reading it costs

@@ -267,12 +267,28 @@ class WebSocketProxy:
     """Runs sessions with one :class:`~proxy.websocket.policy.WebSocketConfig` (``settings`` may be swapped live)."""
 
     def __init__(
-        self, settings: WebSocketConfig, *, ssl_context: ssl.SSLContext | None = None, resolver: Resolver = resolve
+        self,
+        settings: WebSocketConfig,
+        *,
+        ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext] | None = None,
+        resolver: Resolver = resolve,
     ):
         self.settings = settings
-        self.ssl_context = ssl_context or ssl.create_default_context()
+        # A context, or what gives it on first use: loading the system's certificates takes tens
+        # of milliseconds, which every start (and every Gateway) paid for a wss:// upstream seldom used.
+        self._ssl_context = ssl_context or ssl.create_default_context
         self._resolve = resolver
         self.active = 0  # sessions past their 101
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        if not isinstance(self._ssl_context, ssl.SSLContext):
+            self._ssl_context = self._ssl_context()
+        return self._ssl_context
+
+    @ssl_context.setter
+    def ssl_context(self, context: ssl.SSLContext) -> None:
+        self._ssl_context = context
 
     async def run(
         self, plan: SessionPlan, hand_over: Callable[[], tuple[trio.abc.Stream, bytes]], report: SessionReport

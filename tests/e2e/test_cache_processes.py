@@ -209,11 +209,17 @@ async def test_no_cache_refreshes_across_processes(processes, redis, upstream, t
     one, two = await start_two(processes, redis, tmp_path)
     with trio.fail_after(GUARD):
         first = await call(one.port, "POST", target(one, upstream), body=BODY)
+        # Each answer's entry is written before its log line, which says so (cache="stored"). The
+        # client may have its answer before that (the wait for the store is bounded), so the next
+        # step waits for the line: a late write of {"n":1} must not land after {"n":2}'s.
+        await one.logs.wait_for(
+            event="request", request_id=first.headers["x-request-id"], cache="stored", timeout=GUARD
+        )
         refreshed = await call(two.port, "POST", target(two, upstream), body=BODY,
                                headers=[("cache-control", "no-cache")])  # fmt: skip
-        # A fixed-length answer is all with its client before its entry is written: the log line
-        # comes once it is.
-        await two.logs.wait_for(event="request", request_id=refreshed.headers["x-request-id"], timeout=GUARD)
+        await two.logs.wait_for(
+            event="request", request_id=refreshed.headers["x-request-id"], cache="stored", timeout=GUARD
+        )
         hit = await call(one.port, "POST", target(one, upstream), body=BODY)
     assert first.body == b'{"n":1}' and first.headers["cache-status"] == "parkway; fwd=uri-miss; stored"
     assert refreshed.body == b'{"n":2}' and refreshed.headers["cache-status"] == "parkway; fwd=request; stored"

@@ -55,7 +55,7 @@ from support.differential import (
     same_answers,
     violations,
 )
-from support.nginx import serve_nginx
+from support.nginx import nginx_conf, serve_nginx
 from support.processes import ROOT, free_port, stop_process, wait_listening
 from support.signing import SECRET, sign
 
@@ -420,20 +420,9 @@ def _nginx_conf(tmp: Path, port: int, servers: list[BehaviourServer]) -> str:
     for i, server in enumerate(servers):
         ups.append(f"    upstream u{i} {{ server 127.0.0.1:{server.port}; keepalive 16; }}\n")
         locs.append(f"        location /b{i}/ {{ proxy_pass http://u{i}; }}\n")
-    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp / sub).mkdir(parents=True, exist_ok=True)
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    return f"""{user}worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/client_body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
+    return nginx_conf(
+        tmp,
+        f"""    access_log off;
     # As in config/nginx/parkway.conf: HTTP/1.1 upstream keep-alive, streamed both ways.
     proxy_http_version 1.1;
     proxy_set_header Connection "";
@@ -449,8 +438,10 @@ http {{
         listen 127.0.0.1:{port};
 {"".join(locs)}
     }}
-}}
-"""
+""",
+        log_level="warn",
+        connections=1024,
+    )
 
 
 PARKWAY_TOML = f"""
@@ -554,12 +545,15 @@ async def _run_matrix(tmp: Path) -> Matrix:
                     continue
                 for target in TARGETS:
                     cases.start_soon(sequence, index, b, target)
-        # What the upstream received for each case, once every case is over.
+        # What the upstream received for each case, once every case is over: each path is
+        # /b<index>/<shape>/<target tag>/<request> (one pass, not every path for every case).
+        by_case: dict[str, dict[str, list[Received]]] = {}
+        for p, r in records.items():
+            parts = p.split("/", 4)
+            if len(parts) == 5:
+                by_case.setdefault("/".join(parts[:4]) + "/", {})[p] = r
         for (bid, shape_name, target), run in runs.items():
-            index = int(bid[:3])
-            tag = TAGS[target]
-            prefix = f"/b{index}/{shape_name}/{tag}/"
-            run.received = {p: r for p, r in records.items() if p.startswith(prefix)}
+            run.received = by_case.get(f"/b{int(bid[:3])}/{shape_name}/{TAGS[target]}/", {})
         nursery.cancel_scope.cancel()
     return Matrix(runs, trio.current_time() - started)
 

@@ -398,6 +398,56 @@ async def test_upstream_that_never_answers_is_504(start_parkway, upstream, clien
         await upstream.disconnected.wait()
 
 
+@pytest.mark.parametrize(
+    ("first_byte", "overall", "code", "error"),
+    [
+        (0.3, 30.0, "upstream_timeout", "sent no response within 0.3 s"),
+        (30.0, 0.3, "request_timeout", "request exceeded the overall limit of 0.3 s"),
+    ],
+)
+async def test_the_first_byte_and_the_overall_timeouts_each_fire_with_their_own_error(
+    start_parkway, upstream, client, first_byte, overall, code, error
+):
+    # The first byte's deadline rides on the request's overall scope (proxy.upstream.client):
+    # whichever fires, the client, the log and the code name that one.
+    parkway = await start_parkway(upstream_first_byte_timeout=first_byte, request_timeout=overall)
+    upstream.behaviour = hang
+
+    with watch_logs() as logs:
+        response = await client.get(parkway.sign(f"{upstream.base}/v1/models"))
+        with trio.fail_after(5):
+            entry = await logs.wait_for(event="request", outcome="upstream_error")
+
+    assert_refused(response, 504, code)
+    assert error in response.json()["error"]["message"]
+    assert entry["status"] == 504
+    assert error in entry["error"]
+    with trio.fail_after(5):  # Parkway hung up on the silent upstream
+        await upstream.disconnected.wait()
+
+
+async def test_a_head_in_time_lifts_the_first_byte_deadline_for_the_body(start_parkway, upstream, client):
+    # The first byte's deadline is the request scope's until the head; a body slower than it is not cut.
+    first_byte = 0.3
+    parkway = await start_parkway(upstream_first_byte_timeout=first_byte, request_timeout=30.0)
+
+    async def slow_body(ex: Exchange) -> None:
+        await ex.send_head(200, [("content-type", "text/plain"), ("content-length", "4")])
+        await trio.sleep(first_byte * 3)  # the time itself is what is tested: well past the deadline
+        await ex.send_data(b"late")
+        await ex.send_end()
+
+    upstream.behaviour = slow_body
+    with watch_logs() as logs:
+        response = await client.get(parkway.sign(f"{upstream.base}/v1/models"))
+        with trio.fail_after(5):
+            entry = await logs.wait_for(event="request")
+
+    assert (response.status_code, response.content) == (200, b"late")
+    assert (entry["status"], entry["outcome"]) == (200, "ok")
+    assert entry["duration_ms"] >= first_byte * 3 * 1000
+
+
 @pytest.mark.parametrize("then", ["hang", "close"])
 async def test_upstream_failing_mid_stream_truncates_the_response(start_parkway, upstream, client, then):
     parkway = await start_parkway(upstream_idle_timeout=IDLE)

@@ -227,16 +227,18 @@ async def test_a_collector_down_or_hanging_changes_no_answer(mock, parkways, cli
         )  # fmt: skip
         running = await parkways.start(parkway)
         url = signed_chat(running, mock_base)
-        slowest = 0.0
+        durations = []
         for _ in range(12):
             started = trio.current_time()
             reply = await exchange(
                 running.port, "POST", url, chat_body().encode(), [("content-type", "application/json")]
             )
-            slowest = max(slowest, trio.current_time() - started)
+            durations.append(trio.current_time() - started)
             assert reply.status == 200 and reply.body.endswith(b"data: [DONE]\n\n")
-        # The export thread waits for the collector; requests do not (4 words 10 ms apart take ~50 ms).
-        assert slowest < 1.0
+        # The export thread waits for the collector (up to its 1 s timeout per export); requests do
+        # not (4 words 10 ms apart take ~50 ms). The median, not the slowest: one request stalled by
+        # a loaded machine is not a request waiting on the export, which would slow most of them.
+        assert sorted(durations)[len(durations) // 2] < 0.5, durations
         if collector == "hanging":
             assert await trio.to_thread.run_sync(receiver.wait_for, lambda r: r.requests >= 1, 15)
         metrics = await scrape(client, running.parkway.admin_addresses[0])

@@ -60,6 +60,27 @@ def _uncomment(block: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def nginx_conf(tmp: Path, http: str, *, log_level: str = "info", connections: int = 256) -> str:
+    """A complete nginx.conf whose every file (pid, logs, temporary bodies) is inside ``tmp``,
+    around ``http``: the directives, upstreams and servers of its ``http`` block."""
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / sub).mkdir(parents=True, exist_ok=True)
+    # As root, nginx's workers would switch to "nobody", who cannot enter pytest's 0700 tmp dir.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    return f"""{user}worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log {log_level};
+events {{ worker_connections {connections}; }}
+http {{
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+{http}}}
+"""
+
+
 def render_nginx_conf(tmp: Path, *, listen_port: int, parkway_address: str, strip_prefix: bool) -> str:
     """A complete nginx.conf around the shipped snippet, pointing at ``parkway_address``."""
     parts = snippet_sections()
@@ -69,21 +90,9 @@ def render_nginx_conf(tmp: Path, *, listen_port: int, parkway_address: str, stri
         location = _replace_once(location, PROXY_PASS_AS_IS, PROXY_PASS_STRIPPED)
     else:
         assert PROXY_PASS_AS_IS in location
-    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp / sub).mkdir(parents=True, exist_ok=True)
-    # As root, nginx's workers would switch to "nobody", who cannot enter pytest's 0700 tmp dir.
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    return f"""{user}worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    access_log {tmp}/access.log;
-    client_body_temp_path {tmp}/client_body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
+    return nginx_conf(
+        tmp,
+        f"""    access_log {tmp}/access.log;
 
 {upstream}
 {_uncomment(parts["http: map"])}
@@ -92,8 +101,8 @@ http {{
         server_name localhost;
 {location}
     }}
-}}
-"""
+""",
+    )
 
 
 async def serve_nginx(tmp: Path, conf: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

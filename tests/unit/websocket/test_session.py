@@ -19,8 +19,11 @@ import wsproto
 from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, TextMessage
 
+from proxy.app import Parkway
 from proxy.relay.usage import Usage
-from proxy.websocket.session import SessionPlan
+from proxy.websocket.policy import WebSocketConfig
+from proxy.websocket.session import SessionPlan, WebSocketProxy
+from support.parkway import make_config
 from support.processes import free_port
 from support.websocket import (
     USAGE,
@@ -601,3 +604,23 @@ async def test_an_upstreams_own_1009_reaches_the_client_with_its_code_and_reason
     assert caught.value.reason is not None
     assert (caught.value.reason.code, caught.value.reason.reason) == (1009, "Exceeded maximum message size: 1000 bytes")
     assert finished.report.outcome == "ok" and finished.report.closed_by == "upstream"
+
+
+async def test_the_tls_context_is_built_when_first_needed_and_a_parkway_shares_its_upstreams(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Loading the system's certificates costs tens of milliseconds: not at every start or Gateway,
+    only once a wss:// upstream is opened; a Parkway's sessions check certificates as its upstreams do."""
+    built: list[ssl.SSLContext] = []
+    real = ssl.create_default_context
+
+    def counted(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(ssl, "create_default_context", counted)
+    proxy = WebSocketProxy(WebSocketConfig())
+    assert built == []
+    assert proxy.ssl_context is proxy.ssl_context is built[0]
+    parkway = Parkway(make_config())
+    assert parkway.websockets.ssl_context is parkway.upstream.ssl_context
