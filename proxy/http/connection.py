@@ -22,9 +22,10 @@ from http import HTTPStatus
 
 import structlog
 import trio
+from trio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled, wait_readable, wait_writable
 
 from ..config import ServerConfig
-from ..errors import BadRequest, BodyTooLarge, client_text
+from ..errors import BadRequest, BodyTooLarge, RequestTimeout, client_text
 
 log = structlog.get_logger("parkway.server")
 
@@ -93,6 +94,7 @@ class HTTPConnection:
         self.bytes_in = 0
         self.bytes_out = 0
         self.head_bytes_in = 0  # bytes_in when the current request began
+        self.head_started = False  # bytes of the head next_request waits for have arrived
         self.request_done = trio.Event()  # set once the current request's body is fully read
         self._close_after = False
         self.head_only = False  # the current request is HEAD: its response has no body (RFC 9110 §9.3.2)
@@ -102,21 +104,74 @@ class HTTPConnection:
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
 
     async def _receive(self) -> bytes:
+        """The next bytes from the client (b"" at its end), read from the socket itself.
+
+        As trio's ``receive_some`` does, without its layers (stream error translation, the
+        socket wrapper, the non-blocking helper and its async context manager): a cancellation
+        is noticed before reading, and a read that finds bytes ready still yields once
+        (``cancel_shielded_checkpoint``, as trio does), so that a client that always has bytes
+        ready (a flooding one, its requests refused without waiting for anything) cannot keep
+        every other connection waiting. A read that had to wait yields in the wait."""
+        sock = self._socket
+        if sock is None:  # an in-memory stream (tests, benches)
+            try:
+                data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
+            except _SOCKET_ERRORS as exc:
+                raise _gone(exc) from exc
+            self.bytes_in += len(data)
+            return data
+        await checkpoint_if_cancelled()
         try:
-            data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
-        except _SOCKET_ERRORS as exc:
+            data = os.read(sock.fileno(), RECEIVE_SIZE)  # the socket is non-blocking
+        except BlockingIOError:
+            return await self._receive_ready(sock)
+        except OSError as exc:
             raise _gone(exc) from exc
+        await cancel_shielded_checkpoint()
         self.bytes_in += len(data)
         return data
 
+    async def _receive_ready(self, sock: trio.socket.SocketType) -> bytes:
+        """Wait until the socket is readable (a checkpoint), then read it."""
+        while True:
+            try:
+                await wait_readable(sock)
+                data = os.read(sock.fileno(), RECEIVE_SIZE)
+            except BlockingIOError:  # woken without bytes (another reader took them)
+                continue
+            except _SOCKET_ERRORS as exc:
+                raise _gone(exc) from exc
+            self.bytes_in += len(data)
+            return data
+
     # --- what each implementation provides ---------------------------------------------------
 
-    async def next_request(self, idle_timeout: float) -> RequestHead | None:
+    async def next_request(self, idle_timeout: float, scope: trio.CancelScope | None = None) -> RequestHead | None:
         """Wait for the next request head; None when the client leaves or idles out between requests.
 
         The idle wait ends at the first byte; from there the whole head must arrive within
-        ``header_read_timeout`` (slowloris protection)."""
+        ``header_read_timeout`` (slowloris protection). ``scope`` is the caller's cancel scope
+        around this call (the server's, one per connection): the timeouts are its deadline, set
+        here and reset to none before this returns or raises, instead of a scope per request.
+        When that deadline cancels it, :meth:`head_timeout` says what to answer. Without one,
+        a head that began and timed out raises ``RequestTimeout``."""
         raise NotImplementedError
+
+    async def _next_request_alone(self, idle_timeout: float) -> RequestHead | None:
+        """:meth:`next_request` in a scope of its own."""
+        with trio.CancelScope() as scope:
+            return await self.next_request(idle_timeout, scope)
+        timed_out = self.head_timeout()
+        if timed_out is not None:
+            raise timed_out
+        return None
+
+    def head_timeout(self) -> RequestTimeout | None:
+        """After :meth:`next_request`'s deadline cancelled its scope: a 408 for a head that had
+        begun (then close), None for a connection that idled out (close silently)."""
+        if self.head_started:
+            return RequestTimeout(f"request head not received within {self.config.header_read_timeout:g} s")
+        return None
 
     def body_chunks(self) -> AsyncGenerator[bytes, None]:
         """Yield the request body as it arrives; a gap over ``client_body_timeout`` is a 408."""
@@ -133,12 +188,10 @@ class HTTPConnection:
         limit; past that, watching stops and the send path detects a disconnect instead."""
         pending = 0
         while pending <= self.config.max_header_bytes:
-            if self._socket is not None:
+            try:
                 # Wait on the socket itself: this task waits here for the whole of a stream, and
                 # a pending receive_some holds several more frames (1.5 KB per parked stream).
-                await trio.lowlevel.wait_readable(self._socket)
-            try:
-                data = await self._receive()
+                data = await (self._receive() if self._socket is None else self._receive_ready(self._socket))
             except ClientGone:
                 return
             if not data:
@@ -275,14 +328,30 @@ class HTTPConnection:
         rest = memoryview(data)[sent:] if sent else data
         try:
             with trio.CancelScope(deadline=trio.current_time() + self.config.client_write_timeout) as scope:
-                await self.stream.send_all(rest)
+                await self._send_rest(rest)
         except _SOCKET_ERRORS as exc:
             self.send_failed()
             raise _gone(exc) from exc
         if scope.cancelled_caught:
             self.send_failed()
             raise ClientGone(f"client did not read the response for {self.config.client_write_timeout:g} s")
-        self.bytes_out += len(rest)
+
+    async def _send_rest(self, data: bytes | memoryview) -> None:
+        """Write all of ``rest`` (``send_all``'s semantics), waiting for the socket when it is full."""
+        sock = self._socket
+        if sock is None:  # an in-memory stream (tests, benches)
+            await self.stream.send_all(data)
+            self.bytes_out += len(data)
+            return
+        rest = memoryview(data)
+        while rest:
+            await wait_writable(sock)  # a checkpoint: a cancelled or timed-out write stops here
+            try:
+                sent = os.write(sock.fileno(), rest)
+            except BlockingIOError:
+                continue
+            self.bytes_out += sent
+            rest = rest[sent:]
 
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")

@@ -8,10 +8,12 @@ tested against.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncGenerator
 
 import h11
 import trio
+from trio.lowlevel import cancel_shielded_checkpoint
 
 from ..config import ServerConfig
 from ..errors import BadRequest, HeadersTooLarge, RequestTimeout, client_text
@@ -43,48 +45,50 @@ class H11Connection(HTTPConnection):
         except h11.RemoteProtocolError as exc:
             raise h11_refusal(exc, self.config.max_header_bytes) from exc
 
-    async def next_request(self, idle_timeout: float) -> RequestHead | None:
-        """Wait for the next request head; None when the client leaves or idles out between requests.
-
-        The idle wait ends at the first byte; from there the whole head must arrive within
-        ``header_read_timeout`` (slowloris protection).
-        """
+    async def next_request(self, idle_timeout: float, scope: trio.CancelScope | None = None) -> RequestHead | None:
+        if scope is None:
+            return await self._next_request_alone(idle_timeout)
         self.head_bytes_in = self.bytes_in - len(self.conn.trailing_data[0])
         self.request_done = trio.Event()
         self.head_only = False
-        deadline = trio.current_time() + idle_timeout
-        started = bool(self.conn.trailing_data[0])
-        if started:
-            deadline = trio.current_time() + self.config.header_read_timeout
-        while True:
-            event = self._next_event()
-            if isinstance(event, h11.Request):
-                self.head_only = event.method == b"HEAD"  # known before any refusal below is answered
-                # h11 only bounds heads it is still waiting for; a complete one read in a
-                # single receive is measured here.
-                head_size = self.bytes_in - len(self.conn.trailing_data[0]) - self.head_bytes_in
-                if head_size > self.config.max_header_bytes:
-                    raise HeadersTooLarge(f"request head exceeds {self.config.max_header_bytes} bytes")
-                return self._head_from_h11(event)
-            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                return None
-            assert event is h11.NEED_DATA, event
-            data = b""
-            with trio.move_on_at(deadline):
-                data = await self._receive()
+        started = self.head_started = bool(self.conn.trailing_data[0])
+        if started:  # pipelined: a schedule point per request, which no read gives (see _receive)
+            await cancel_shielded_checkpoint()
+        timeout = self.config.header_read_timeout if started else idle_timeout
+        arm = True  # the scope's deadline is to be set (from now) before the next read
+        armed = False
+        try:
+            while True:
+                event = self._next_event()
+                if isinstance(event, h11.Request):
+                    self.head_only = event.method == b"HEAD"  # known before any refusal below is answered
+                    # h11 only bounds heads it is still waiting for; a complete one read in a
+                    # single receive is measured here.
+                    head_size = self.bytes_in - len(self.conn.trailing_data[0]) - self.head_bytes_in
+                    if head_size > self.config.max_header_bytes:
+                        raise HeadersTooLarge(f"request head exceeds {self.config.max_header_bytes} bytes")
+                    return self._head_from_h11(event)
+                if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                    return None
+                assert event is h11.NEED_DATA, event
+                if arm:
+                    scope.deadline = trio.current_time() + timeout
+                    arm = False
+                    armed = True
+                data = await self._receive()  # the deadline cancels the caller's scope
                 if not data:
                     self.conn.receive_data(b"")
                     if not started:
                         return None
                     raise BadRequest("connection closed in the middle of the request head", code="malformed_http")
                 self.conn.receive_data(data)
-                if not started:
-                    started = True
-                    deadline = trio.current_time() + self.config.header_read_timeout
-                continue
-            if started:
-                raise RequestTimeout(f"request head not received within {self.config.header_read_timeout:g} s")
-            return None
+                if not started:  # the first byte: the whole head within header_read_timeout
+                    started = self.head_started = True
+                    timeout = self.config.header_read_timeout
+                    arm = True
+        finally:
+            if armed:
+                scope.deadline = math.inf
 
     def _head_from_h11(self, event: h11.Request) -> RequestHead:
         self.head_only = event.method == b"HEAD"  # known before any refusal below is answered

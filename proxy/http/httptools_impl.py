@@ -19,10 +19,12 @@ streams). Where llhttp and h11 disagree, h11 decides:
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncGenerator
 
 import h11
 import trio
+from trio.lowlevel import cancel_shielded_checkpoint
 
 from ..config import ServerConfig
 from ..errors import BadRequest, HeadersTooLarge, RequestTimeout
@@ -60,46 +62,56 @@ class HttptoolsConnection(HTTPConnection):
 
     # --- receiving ------------------------------------------------------------------------
 
-    async def next_request(self, idle_timeout: float) -> RequestHead | None:
+    async def next_request(self, idle_timeout: float, scope: trio.CancelScope | None = None) -> RequestHead | None:
+        if scope is None:
+            return await self._next_request_alone(idle_timeout)
         buffer = self._buffer
         self.head_bytes_in = self.bytes_in - len(buffer)
         self.request_done = trio.Event()
         self.head_only = False
         limit = self.config.max_header_bytes
-        started = bool(buffer)
-        deadline = trio.current_time() + (self.config.header_read_timeout if started else idle_timeout)
-        while True:
-            if not buffer:  # nothing yet (as a kept-alive connection starts): nothing to look for
-                pass
-            elif buffer[0] < 0x21:  # h11 refuses this before the head is complete
-                head = self._h11_head(bytes(buffer), self._eof)
-                if head is not None:
-                    return head
-            else:
-                end = parsers.head_end(buffer)
-                if end >= 0:
-                    head_bytes = bytes(buffer[:end])
-                    del buffer[:end]
-                    return self._take_head(head_bytes)
-                if len(buffer) > limit:
-                    raise HeadersTooLarge(f"request head exceeds {limit} bytes")
-            if self._eof:
-                if not started:
-                    return None
-                raise BadRequest("connection closed in the middle of the request head", code="malformed_http")
-            with trio.move_on_at(deadline):
-                data = await self._receive()
+        started = self.head_started = bool(buffer)
+        if started:  # pipelined: a schedule point per request, which no read gives (see _receive)
+            await cancel_shielded_checkpoint()
+        timeout = self.config.header_read_timeout if started else idle_timeout
+        arm = True  # the scope's deadline is to be set (from now) before the next read
+        armed = False
+        try:
+            while True:
+                if not buffer:  # nothing yet (as a kept-alive connection starts): nothing to look for
+                    pass
+                elif buffer[0] < 0x21:  # h11 refuses this before the head is complete
+                    head = self._h11_head(bytes(buffer), self._eof)
+                    if head is not None:
+                        return head
+                else:
+                    end = parsers.head_end(buffer)
+                    if end >= 0:
+                        head_bytes = bytes(buffer[:end])
+                        del buffer[:end]
+                        return self._take_head(head_bytes)
+                    if len(buffer) > limit:
+                        raise HeadersTooLarge(f"request head exceeds {limit} bytes")
+                if self._eof:
+                    if not started:
+                        return None
+                    raise BadRequest("connection closed in the middle of the request head", code="malformed_http")
+                if arm:
+                    scope.deadline = trio.current_time() + timeout
+                    arm = False
+                    armed = True
+                data = await self._receive()  # the deadline cancels the caller's scope
                 if not data:
                     self._eof = True
                     continue
                 buffer += data
-                if not started:
-                    started = True
-                    deadline = trio.current_time() + self.config.header_read_timeout
-                continue
-            if started:
-                raise RequestTimeout(f"request head not received within {self.config.header_read_timeout:g} s")
-            return None
+                if not started:  # the first byte: the whole head within header_read_timeout
+                    started = self.head_started = True
+                    timeout = self.config.header_read_timeout
+                    arm = True
+        finally:
+            if armed:
+                scope.deadline = math.inf
 
     def _h11_head(self, data: bytes, closed: bool, head_size: int = 0) -> RequestHead | None:
         """h11 reads what llhttp would not (see the module docstring): its refusal, its head

@@ -147,28 +147,27 @@ class Server:
 
     async def _serve_connection(self, conn: HTTPConnection) -> None:
         # One scope for the connection's whole life, in the idle set only while it waits for a
-        # head: shutdown cancels it there (a scope per request cost 4-6 µs each). A head that
-        # arrived as the shutdown began (the scope cancelled, nothing raised) is answered
-        # outside it, as the last on its connection.
+        # head: shutdown cancels it there (a scope per request cost 4-6 µs each). The head's
+        # timeouts are its deadline too, set by next_request only while it reads. A head that
+        # arrived as the scope was cancelled (shutdown, or its deadline just then; nothing
+        # raised) is answered outside it, as the last on its connection; so is a refused one.
         first = True
         head: RequestHead | None = None
+        refusal: ParkwayError | None = None
         idle_set = self._idle
         with trio.CancelScope() as idle:
             while not self.draining:
                 idle_set.add(idle)
                 try:
                     head = await conn.next_request(
-                        self.config.header_read_timeout if first else self.config.keepalive_timeout
+                        self.config.header_read_timeout if first else self.config.keepalive_timeout, idle
                     )
-                except ParkwayError as exc:  # malformed head, too large, too slow
-                    idle_set.discard(idle)  # the refusal is not idle: shutdown leaves it to the drain
-                    if conn.can_respond:
-                        conn.close_after_response()
-                        await self.app.reject(None, conn, exc)
-                    return
+                except ParkwayError as exc:  # malformed head, too large
+                    refusal = exc
+                    break
                 finally:
                     idle_set.discard(idle)
-                if head is None or self.draining:  # draining: shutdown cancelled the scope as the head came
+                if head is None or self.draining or idle.cancel_called:
                     break
                 first = False
                 await self.app.handle(head, conn)
@@ -176,6 +175,14 @@ class Server:
                     return
                 conn.start_next_cycle()
                 head = None
+        if idle.cancelled_caught and not self.draining:  # the head's deadline: too slow, or idle
+            refusal = conn.head_timeout()
+        if refusal is not None:
+            # Answered outside the scope: shutdown leaves a refusal to the drain.
+            if conn.can_respond:
+                conn.close_after_response()
+                await self.app.reject(None, conn, refusal)
+            return
         if head is not None and not idle.cancelled_caught:
             conn.close_after_response()
             await self.app.handle(head, conn)

@@ -746,8 +746,10 @@ async def test_a_head_that_arrives_as_shutdown_begins_is_answered_then_the_conne
     read_head = impl.next_request
     app = FakeApp()
 
-    async def shutdown_as_it_arrives(self: HTTPConnection, idle_timeout: float) -> RequestHead | None:
-        head = await read_head(self, idle_timeout)
+    async def shutdown_as_it_arrives(
+        self: HTTPConnection, idle_timeout: float, scope: trio.CancelScope | None = None
+    ) -> RequestHead | None:
+        head = await read_head(self, idle_timeout, scope)
         if head is not None and head.path == "/last":
             run.server.shutdown()
         return head
@@ -766,6 +768,40 @@ async def test_a_head_that_arrives_as_shutdown_begins_is_answered_then_the_conne
     assert (response.status_code, body) == (200, b"/last ")
     assert header(response, b"connection") == [b"close"]
     assert [head.path for head in app.heads] == ["/first", "/last"]
+
+
+async def test_a_head_that_arrives_as_its_deadline_fires_is_answered_then_the_connection_closed(
+    autojump_clock, monkeypatch, http_parser
+):
+    """The head's timeouts are the connection scope's deadline: one that fires in the instant a
+    head came (read, nothing raised) must not cancel its handler; the head is answered, last."""
+    impl = type(open_connection(trio.testing.memory_stream_pair()[0], ServerConfig(**TIMEOUTS), PEER))
+    read_head = impl.next_request
+
+    async def deadline_as_it_arrives(
+        self: HTTPConnection, idle_timeout: float, scope: trio.CancelScope | None = None
+    ) -> RequestHead | None:
+        head = await read_head(self, idle_timeout, scope)
+        if head is not None and head.path == "/last" and scope is not None:
+            scope.cancel()  # what the deadline does when it passes before the scope is reset
+        return head
+
+    monkeypatch.setattr(impl, "next_request", deadline_as_it_arrives)
+    app = FakeApp()
+    async with serving(app) as run:
+        client, stream = run.listener.connect()
+        await client.request(target="/first")
+        assert (await client.response())[0].status_code == 200
+        client.reuse()
+        await client.request(target="/last")
+        response, body = await client.response()
+        await client.assert_closed()
+        await stream.closed.wait()
+
+    assert (response.status_code, body) == (200, b"/last ")
+    assert header(response, b"connection") == [b"close"]
+    assert [head.path for head in app.heads] == ["/first", "/last"]
+    assert app.rejected == []
 
 
 async def test_shutdown_lets_an_in_flight_request_finish_within_the_drain(autojump_clock):
@@ -815,6 +851,110 @@ async def test_drain_timeout_cancels_a_handler_that_never_finishes(autojump_cloc
         assert trio.current_time() - asked == pytest.approx(30.0)
         assert cancelled.is_set()
         assert await read_until_eof(client.stream) == b""  # no response was started
+
+
+# --- over real sockets: the client face reads and writes the socket itself -----------------
+
+REAL_GUARD = 60  # real seconds: only a hang reaches it
+
+
+@asynccontextmanager
+async def serving_tcp(app: FakeApp, **overrides) -> AsyncIterator[Callable[[], Awaitable[trio.SocketStream]]]:
+    """``Server.serve`` on a real listening socket on 127.0.0.1, and a way to connect to it;
+    shut down, and the clients closed, when the block ends."""
+    server = Server(ServerConfig(**{**TIMEOUTS, **overrides}), app)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    clients: list[trio.SocketStream] = []
+
+    async def connect() -> trio.SocketStream:
+        clients.append(await trio.open_tcp_stream("127.0.0.1", port))
+        return clients[-1]
+
+    with trio.fail_after(REAL_GUARD):
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve, listeners)
+                yield connect
+                server.shutdown()
+        finally:
+            for client in clients:
+                await trio.aclose_forcefully(client)
+
+
+async def test_pipelined_requests_on_a_socket_each_let_other_tasks_run():
+    """Requests already buffered are read without touching the socket: each still yields once,
+    so a client that pipelines many cheap requests cannot keep every other task waiting."""
+    ticks = 0
+    seen: list[int] = []
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await trio.lowlevel.checkpoint()
+            ticks += 1
+
+    async def answer(head: RequestHead, conn: HTTPConnection) -> None:
+        seen.append(ticks)
+        await refuse_unread(head, conn)
+
+    count = 60
+    async with serving_tcp(FakeApp(answer)) as connect, trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        stream = await connect()
+        pipelined = b"".join(b"GET /%d HTTP/1.1\r\nhost: x\r\n\r\n" % i for i in range(count - 1))
+        await stream.send_all(pipelined + b"GET /last HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        raw = await read_until_eof(stream)
+        nursery.cancel_scope.cancel()
+
+    assert raw.count(b"HTTP/1.1 403 ") == count
+    assert len(seen) == count
+    # The ticker runs once per scheduler batch, before or after the connection's task (the order
+    # in a batch is random): about once per request when each yields, not at all when none does.
+    assert seen[-1] - seen[0] >= count // 2, seen
+
+
+async def test_a_body_trickling_in_over_a_socket_is_read_exactly():
+    async with serving_tcp(FakeApp()) as connect:
+        stream = await connect()
+        body = bytes(range(256)) * 1024
+        await stream.send_all(
+            b"POST /up HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
+        )
+        for i in range(0, len(body), 50_000):
+            await stream.send_all(body[i : i + 50_000])
+            await trio.sleep(0.01)  # separate reads, some of which wait for the socket
+        reply = parse_response(await read_until_eof(stream), "POST")
+
+    assert reply.status == 200
+    assert reply.body == b"/up " + body
+
+
+async def test_a_client_that_stops_reading_a_socket_makes_sends_raise_client_gone_after_the_write_timeout():
+    outcome: dict[str, object] = {}
+
+    async def stream_forever(head: RequestHead, conn: HTTPConnection) -> None:
+        await conn.send_head(200, [(b"content-type", b"text/event-stream")])
+        chunk = b"data: " + b"x" * 65536 + b"\n\n"
+        started = trio.current_time()
+        try:
+            while True:
+                await conn.send_data(chunk)
+        except ClientGone as exc:
+            outcome["after"] = trio.current_time() - started
+            outcome["exc"] = exc
+            outcome["out"] = conn.bytes_out
+            raise
+
+    async with serving_tcp(FakeApp(stream_forever), client_write_timeout=0.5) as connect:
+        stream = await connect()
+        await stream.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        while "exc" not in outcome:  # never reads
+            await trio.sleep(0.05)
+
+    assert "did not read the response for 0.5 s" in str(outcome["exc"])
+    assert 0.5 <= outcome["after"] < REAL_GUARD  # type: ignore[operator]
+    assert outcome["out"] > 65536  # type: ignore[operator]
 
 
 # --- listen addresses --------------------------------------------------------------------
