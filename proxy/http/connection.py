@@ -157,6 +157,19 @@ class HTTPConnection:
         a head that began and timed out raises ``RequestTimeout``."""
         raise NotImplementedError
 
+    async def _begin_head(self, buffered: int, idle_timeout: float) -> tuple[bool, float]:
+        """A request cycle's start, for both implementations' :meth:`next_request`: where its head
+        is counted from, and whether it has begun (``buffered`` bytes of a pipelined request are
+        here: a schedule point per request, which no read gives, and ``header_read_timeout`` at
+        once). Returns that, and the timeout of the first read."""
+        self.head_bytes_in = self.bytes_in - buffered
+        self.request_done = trio.Event()
+        self.head_only = False
+        started = self.head_started = buffered > 0
+        if started:
+            await cancel_shielded_checkpoint()
+        return started, self.config.header_read_timeout if started else idle_timeout
+
     async def _next_request_alone(self, idle_timeout: float) -> RequestHead | None:
         """:meth:`next_request` in a scope of its own."""
         with trio.CancelScope() as scope:

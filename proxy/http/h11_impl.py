@@ -13,7 +13,6 @@ from collections.abc import AsyncGenerator
 
 import h11
 import trio
-from trio.lowlevel import cancel_shielded_checkpoint
 
 from ..config import ServerConfig
 from ..errors import BadRequest, HeadersTooLarge, RequestTimeout, client_text
@@ -48,13 +47,7 @@ class H11Connection(HTTPConnection):
     async def next_request(self, idle_timeout: float, scope: trio.CancelScope | None = None) -> RequestHead | None:
         if scope is None:
             return await self._next_request_alone(idle_timeout)
-        self.head_bytes_in = self.bytes_in - len(self.conn.trailing_data[0])
-        self.request_done = trio.Event()
-        self.head_only = False
-        started = self.head_started = bool(self.conn.trailing_data[0])
-        if started:  # pipelined: a schedule point per request, which no read gives (see _receive)
-            await cancel_shielded_checkpoint()
-        timeout = self.config.header_read_timeout if started else idle_timeout
+        started, timeout = await self._begin_head(len(self.conn.trailing_data[0]), idle_timeout)
         arm = True  # the scope's deadline is to be set (from now) before the next read
         armed = False
         try:

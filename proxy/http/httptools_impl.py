@@ -24,7 +24,6 @@ from collections.abc import AsyncGenerator
 
 import h11
 import trio
-from trio.lowlevel import cancel_shielded_checkpoint
 
 from ..config import ServerConfig
 from ..errors import BadRequest, HeadersTooLarge, RequestTimeout
@@ -66,14 +65,8 @@ class HttptoolsConnection(HTTPConnection):
         if scope is None:
             return await self._next_request_alone(idle_timeout)
         buffer = self._buffer
-        self.head_bytes_in = self.bytes_in - len(buffer)
-        self.request_done = trio.Event()
-        self.head_only = False
         limit = self.config.max_header_bytes
-        started = self.head_started = bool(buffer)
-        if started:  # pipelined: a schedule point per request, which no read gives (see _receive)
-            await cancel_shielded_checkpoint()
-        timeout = self.config.header_read_timeout if started else idle_timeout
+        started, timeout = await self._begin_head(len(buffer), idle_timeout)
         arm = True  # the scope's deadline is to be set (from now) before the next read
         armed = False
         try:
