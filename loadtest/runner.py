@@ -704,18 +704,7 @@ class Bench:
             raw = self.drive(
                 target,
                 "small",
-                [
-                    "--target",
-                    target.request_target("small=1"),
-                    "--body",
-                    SMALL_BODY,
-                    "--clients",
-                    str(clients),
-                    "--seconds",
-                    str(a.seconds),
-                    "--warmup",
-                    str(a.warmup),
-                ],
+                small_argv(target, clients, a.seconds, a.warmup),
                 a.seconds + a.warmup + 60,
                 profile_name=f"{workload}-{clients}" if profile else None,
             )
@@ -794,16 +783,7 @@ class Bench:
                 target,
                 "small",
                 [
-                    "--target",
-                    target.request_target("small=1"),
-                    "--body",
-                    SMALL_BODY,
-                    "--clients",
-                    str(CALLS_CLIENTS),
-                    "--seconds",
-                    str(a.seconds),
-                    "--warmup",
-                    str(max(1.0, a.warmup)),
+                    *small_argv(target, CALLS_CLIENTS, a.seconds, max(1.0, a.warmup)),
                     "--signal-pid",
                     str(target.proc.pid),
                 ],
@@ -953,6 +933,12 @@ class Bench:
         for proc in reversed(self.procs):
             proc.stop(timeout=5)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def small_argv(target: Target, clients: int, seconds: float, warmup: float) -> list[str]:
+    """The load generator's arguments for small signed POSTs from ``clients`` keep-alive clients."""
+    return ["--target", target.request_target("small=1"), "--body", SMALL_BODY, "--clients", str(clients),
+            "--seconds", str(seconds), "--warmup", str(warmup)]  # fmt: skip
 
 
 def parkway_config(port: int, upstream: str, level: str, ca: Path | None = None) -> str:
