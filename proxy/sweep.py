@@ -19,6 +19,9 @@ import trio
 
 MAX_TICK = 1.0
 MIN_TICK = 0.001  # a limit shorter than 8 ms is checked every millisecond, not more often
+# What a scope's deadline becomes in the table once the sweep has cancelled it: its owner tells
+# its own limit from any other cancellation with one lookup (``cancel_called`` reads the clock).
+FIRED = -math.inf
 
 
 def tick_for(*limits: float) -> float:
@@ -33,6 +36,9 @@ class _OnScopes(dict[trio.CancelScope, float]):
     def __setitem__(self, scope: trio.CancelScope, deadline: float) -> None:
         scope.deadline = deadline
 
+    def __getitem__(self, scope: trio.CancelScope) -> float:
+        return FIRED if scope.cancel_called else scope.deadline
+
     def __delitem__(self, scope: trio.CancelScope) -> None:
         scope.deadline = math.inf
 
@@ -41,8 +47,8 @@ class Sweep:
     """Cancel scope → deadline (on trio's clock, :attr:`now`), enforced by :meth:`run` every tick.
 
     The owner of a wait enters its scope in :attr:`deadlines` (again to move its deadline) and
-    deletes it when the wait ends; the sweep only cancels. A scope it cancelled stays in the table
-    until its owner deletes it. ``tick`` gives the current tick (limits may be reloaded)."""
+    deletes it when the wait ends; the sweep only cancels, and marks the scope :data:`FIRED` in
+    the table until its owner deletes it. ``tick`` gives the current tick (limits may be reloaded)."""
 
     __slots__ = ("_tick", "deadlines", "now", "running")
 
@@ -72,6 +78,8 @@ class Sweep:
             self.running = False
 
     def expire(self, now: float) -> None:
-        """Cancel every scope whose deadline is ``now`` or earlier."""
-        for scope in [scope for scope, deadline in self.deadlines.items() if deadline <= now]:
+        """Cancel every scope whose deadline is ``now`` or earlier, and mark it :data:`FIRED`."""
+        deadlines = self.deadlines
+        for scope in [scope for scope, deadline in deadlines.items() if FIRED < deadline <= now]:
+            deadlines[scope] = FIRED
             scope.cancel()

@@ -14,7 +14,7 @@ import trio
 
 from ..config import ServerConfig
 from ..errors import InternalError, Overloaded, ParkwayError
-from ..sweep import Sweep, tick_for
+from ..sweep import FIRED, Sweep, tick_for
 from ..urls import split_host_port
 from . import parsers
 from .connection import _SOCKET_ERRORS, RECEIVE_SIZE, ClientGone, HTTPConnection, RequestHead, log
@@ -176,8 +176,9 @@ class Server:
                     refusal = exc
                     break
                 finally:
+                    fired = deadlines[idle] == FIRED  # the head's deadline passed as it came
                     del deadlines[idle]
-                if head is None or self.draining or idle.cancel_called:
+                if head is None or self.draining or fired:
                     break
                 first = False
                 await self.app.handle(head, conn)

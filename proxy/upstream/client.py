@@ -28,7 +28,7 @@ import trio
 from ..config import ServerConfig
 from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from ..http.parsers import resolve as resolve_parser
-from ..sweep import Sweep, tick_for
+from ..sweep import FIRED, Sweep, tick_for
 from .connection import UpstreamConnection
 from .response import HeadReader, Informational, StaleConnection, UpstreamResponse
 from .ssrf import DEFAULT_POLICY, AddressPolicy, Resolver, check_scheme, resolve
@@ -115,34 +115,40 @@ class _Exchange:
         else:
             # The caller's scope carries the first byte's deadline until the head: entered in the
             # client's sweep (a dict store and a del; it cancels the scope once the deadline has
-            # passed), not set on the scope (lowering and restoring a trio deadline cost ~25 calls).
-            # A fired scope stays cancelled, so the wait is told from the clock: the first byte's
-            # deadline passed while the scope's own had not (the scope had the earlier one).
+            # passed and marks it FIRED there), not set on the scope (lowering and restoring a trio
+            # deadline cost ~25 calls). A fired scope stays cancelled, so the wait is told from the
+            # mark (from the clock, with no sweep running: the first byte's deadline passed while
+            # the scope's own had not, the scope having the earlier one).
             overall, first_byte = scope.deadline, self.now + client.first_byte_timeout
             if first_byte >= overall:  # the scope's own limit comes first: nothing to carry
                 self.response = await client._exchange(req, origin, target, host_header)
+            elif client.first_bytes.running:
+                deadlines = client.first_bytes.deadlines
+                deadlines[scope] = first_byte
+                try:
+                    self.response = await client._exchange(req, origin, target, host_header)
+                except trio.Cancelled:
+                    if deadlines[scope] == FIRED:
+                        raise client._no_first_byte(origin) from None
+                    raise
+                finally:
+                    fired = deadlines[scope] == FIRED
+                    del deadlines[scope]
+                if fired:  # as the head arrived: late (the scope cannot be un-cancelled)
+                    self.response.conn.close()
+                    raise client._no_first_byte(origin)
             else:
-                sweep = client.first_bytes
-                deadlines = sweep.deadlines if sweep.running else None  # else on the scope (no app)
-                if deadlines is None:
-                    scope.deadline = first_byte
-                else:
-                    deadlines[scope] = first_byte
+                scope.deadline = first_byte
                 try:
                     self.response = await client._exchange(req, origin, target, host_header)
                 except trio.Cancelled:
                     if scope.cancel_called and trio.current_time() >= first_byte:
                         raise client._no_first_byte(origin) from None
                     raise
-                finally:
-                    if deadlines is not None:
-                        del deadlines[scope]
                 if scope.cancel_called and trio.current_time() >= first_byte:
-                    # The deadline fired as the head arrived: late (the scope cannot be un-cancelled).
                     self.response.conn.close()
                     raise client._no_first_byte(origin)
-                if deadlines is None:
-                    scope.deadline = overall
+                scope.deadline = overall
         self.origin = origin
         if origin.scheme == "https" and origin not in client._sessions:
             # Taken at the head, not when the body ends: streams that open while this one

@@ -8,7 +8,7 @@ import math
 import pytest
 import trio
 
-from proxy.sweep import MAX_TICK, MIN_TICK, Sweep, tick_for
+from proxy.sweep import FIRED, MAX_TICK, MIN_TICK, Sweep, tick_for
 
 
 def test_the_tick_is_an_eighth_of_the_shortest_limit_within_its_bounds():
@@ -30,6 +30,7 @@ async def test_a_scope_past_its_deadline_is_cancelled_within_a_tick_and_never_be
     assert scope.cancelled_caught
     assert deadline <= fired <= deadline + tick_for(limit)
     assert scope.deadline == math.inf  # no trio deadline was set
+    assert sweep.deadlines[scope] == FIRED  # how its owner tells its limit from another cancellation
 
 
 async def test_a_scope_taken_out_before_its_deadline_is_left_alone(autojump_clock, nursery):
@@ -50,4 +51,7 @@ async def test_a_sweep_that_never_runs_sets_the_scopes_own_deadlines(autojump_cl
         assert scope.deadline == pytest.approx(trio.current_time() + 3.0)
         del sweep.deadlines[scope]
         assert scope.deadline == math.inf
-    assert not sweep.deadlines and not sweep.running
+        assert sweep.deadlines[scope] == math.inf
+        scope.cancel()
+        assert sweep.deadlines[scope] == FIRED
+    assert not sweep.running
