@@ -143,7 +143,7 @@ class HeadReader:
                     response = await self._parse(response)
                 if response is not None:
                     return response
-            await trio.lowlevel.wait_readable(self.conn.sock)
+            await trio.lowlevel.wait_readable(self.conn.fd)  # the number: trio asks a socket for it (one call)
             self._receive_nowait()
 
     def _receive_nowait(self) -> None:
