@@ -26,7 +26,7 @@ FIRED = -math.inf
 
 def tick_for(*limits: float) -> float:
     """How often to check: an eighth of the shortest limit, within [``MIN_TICK``, ``MAX_TICK``]."""
-    return max(MIN_TICK, min(MAX_TICK, *(limit / 8 for limit in limits if limit > 0)))
+    return max(MIN_TICK, min((MAX_TICK, *(limit / 8 for limit in limits if limit > 0))))
 
 
 class _OnScopes(dict[trio.CancelScope, float]):

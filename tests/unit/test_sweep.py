@@ -16,6 +16,7 @@ def test_the_tick_is_an_eighth_of_the_shortest_limit_within_its_bounds():
     assert tick_for(0.4, 75.0) == 0.05
     assert tick_for(120.0, 2.0) == 0.25
     assert tick_for(0.002) == MIN_TICK
+    assert tick_for() == tick_for(0.0) == MAX_TICK  # no limit (or none above 0): the longest tick
 
 
 @pytest.mark.parametrize("limit", [0.05, 0.4, 5.0, 30.0])
