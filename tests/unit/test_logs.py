@@ -140,3 +140,60 @@ def test_the_level_is_structlogs() -> None:
     stamp = logs._stamper()
     for method in ("debug", "info", "warn", "warning", "error", "exception", "critical"):
         assert stamp(None, method, {})["level"] == structlog.processors.add_log_level(None, method, {})["level"]
+
+
+def _bound() -> dict[str, object]:
+    return dict(structlog.contextvars.merge_contextvars(None, "info", {}))
+
+
+@given(st.dictionaries(st.sampled_from(["request_id", "credential", "user", "job", "w"]), st.none() | st.text(max_size=4)),
+       st.none() | st.text(max_size=4), st.none() | st.text(max_size=4))  # fmt: skip
+@settings(max_examples=100, deadline=None)
+def test_a_requests_fields_are_bound_and_reset_as_structlogs_bind_and_reset_do(
+    before: dict[str, object], credential: str | None, user: str | None
+) -> None:
+    """RequestFields sets structlog's own variables: merge_contextvars sees what bind_contextvars
+    would have bound, and the reset puts back what was bound before (or unbinds)."""
+    fields = logs.RequestFields()
+    assert fields.direct  # this structlog keeps its variables where logs reads them
+
+    def run(bind: object) -> tuple[dict[str, object], dict[str, object], dict[str, object]]:
+        structlog.contextvars.bind_contextvars(**before)
+        tokens = bind("r1")  # type: ignore[operator]
+        fresh = _bound()
+        if isinstance(tokens, tuple):
+            fields.credential(credential)
+            fields.user(user)
+        else:
+            structlog.contextvars.bind_contextvars(credential=credential)
+            structlog.contextvars.bind_contextvars(user=user)
+        later = _bound()
+        fields.reset(tokens) if isinstance(tokens, tuple) else structlog.contextvars.reset_contextvars(**tokens)
+        return fresh, later, _bound()
+
+    ours = contextvars.copy_context().run(run, fields.bind)
+    theirs = contextvars.copy_context().run(
+        run, lambda rid: structlog.contextvars.bind_contextvars(request_id=rid, credential=None, user=None, job=None)
+    )
+    assert ours == theirs
+    fresh, later, after = ours
+    assert fresh == {**before, "request_id": "r1", "credential": None, "user": None, "job": None}
+    assert (later["credential"], later["user"]) == (credential, user)
+    assert after == before
+
+
+def test_without_structlogs_variables_a_requests_fields_use_its_bind_and_reset(monkeypatch) -> None:
+    monkeypatch.setattr(structlog.contextvars, "_CONTEXT_VARS", None, raising=False)
+    fields = logs.RequestFields()
+    monkeypatch.undo()
+    assert not fields.direct
+
+    def run() -> None:
+        tokens = fields.bind("r2")
+        fields.credential("c2")
+        fields.user("u2")
+        assert _bound() == {"request_id": "r2", "credential": "c2", "user": "u2", "job": None}
+        fields.reset(tokens)
+        assert _bound() == {}
+
+    contextvars.copy_context().run(run)
