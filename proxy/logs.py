@@ -147,13 +147,15 @@ class RequestFields:
 request_fields = RequestFields()
 
 
-def _stamper() -> Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]:
+def _stamper(json_lines: bool = False) -> Callable[[Any, str, MutableMapping[str, Any]], Any]:
     """One processor for what every line gets: the bound request fields, the level, the time,
-    then redaction (last, so it sees every field)."""
+    then redaction (last, so it sees every field); with ``json_lines``, the JSON line too (what
+    :func:`_render_json` makes, in the same call: a line's whole chain is one processor)."""
     timestamp = _UTCTimestamp()
     merge = _context_merger()
     # structlog's add_log_level, as a lookup: "warn" is "warning", "exception" is "error".
     levels = {"warn": "warning", "exception": "error"}
+    encode = _ENCODE
 
     def stamp(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         event_dict = merge(logger, method, event_dict)
@@ -163,7 +165,17 @@ def _stamper() -> Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[
             return event_dict
         return redact(logger, method, event_dict)
 
-    return stamp
+    def line(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> str:
+        event_dict = merge(logger, method, event_dict)
+        event_dict["level"] = levels.get(method, method)
+        event_dict["timestamp"] = timestamp()
+        if not _PLAIN_KEYS.issuperset(event_dict):
+            event_dict = redact(logger, method, event_dict)
+        if "exc_info" in event_dict:
+            event_dict = structlog.processors.format_exc_info(logger, method, event_dict)
+        return encode(event_dict)
+
+    return line if json_lines else stamp
 
 
 def _json_default(obj: Any) -> Any:
@@ -209,14 +221,63 @@ def _json_encoder() -> Callable[[Any], str]:
 _ENCODE = _json_encoder()
 
 
+def _bound_logger_class(min_level: int) -> type[Any]:
+    """structlog's filtering bound logger at ``min_level``, each enabled level's method running
+    the processors itself. The event dict is structlog's (the bound context, the keywords, then
+    ``event``), the processors and the logger's method the same; where structlog's method passes
+    the keywords on twice and copies them twice more (``_proxy_to_logger``, ``_process_event``),
+    this one uses the keywords' own dict. A call with positional arguments (interpolation) is
+    structlog's own method."""
+    base: Any = structlog.make_filtering_bound_logger(min_level)
+
+    def make(name: str) -> Callable[..., Any]:
+        structlogs = getattr(base, name)
+
+        def method(self: Any, event: str | None = None, *args: Any, **kw: Any) -> Any:
+            if args:
+                return structlogs(self, event, *args, **kw)
+            context = self._context
+            event_dict: Any = {**context, **kw} if context else kw
+            if event is not None:
+                event_dict["event"] = event
+            logger = self._logger
+            try:
+                for processor in self._processors:
+                    event_dict = processor(logger, name, event_dict)
+            except structlog.DropEvent:
+                return None
+            if isinstance(event_dict, (str, bytes, bytearray)):
+                return getattr(logger, name)(event_dict)
+            if isinstance(event_dict, tuple):
+                return getattr(logger, name)(*event_dict[0], **event_dict[1])
+            if isinstance(event_dict, dict):
+                return getattr(logger, name)(**event_dict)
+            raise ValueError(
+                "Last processor didn't return an appropriate value: a dict, an (args, kwargs) tuple, a str or bytes."
+            )
+
+        method.__name__ = name
+        return method
+
+    methods: dict[str, Any] = {}
+    for name in ("debug", "info", "warning", "error", "critical"):
+        if logging.getLevelNamesMapping()[name.upper()] >= min_level:
+            methods[name] = make(name)
+    aliases = {"warn": "warning", "msg": "info", "fatal": "critical"}
+    methods.update({alias: methods[name] for alias, name in aliases.items() if name in methods})
+    return type(base.__name__, (base,), methods)
+
+
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Configure structlog process-wide; called once by the command line."""
     # JSON lines carry a traceback as text in "exception" (exc_info alone renders as `true`);
     # the console renderer formats exc_info itself, and warns if it was formatted before it.
-    tail = [_render_json] if fmt == "json" else [structlog.dev.ConsoleRenderer(colors=False)]
+    chain: list[Any] = (
+        [_stamper(json_lines=True)] if fmt == "json" else [_stamper(), structlog.dev.ConsoleRenderer(colors=False)]
+    )
     structlog.configure(
-        processors=[_stamper(), *tail],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        processors=chain,
+        wrapper_class=_bound_logger_class(logging.getLevelNamesMapping()[level.upper()]),
         # One write() per line: workers share stderr, and print() writes the newline apart.
         logger_factory=structlog.WriteLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=True,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextvars
 import io
 import json
+import logging
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from hypothesis import given, settings
@@ -197,3 +199,65 @@ def test_without_structlogs_variables_a_requests_fields_use_its_bind_and_reset(m
         assert _bound() == {}
 
     contextvars.copy_context().run(run)
+
+
+@given(
+    st.sampled_from(["debug", "info", "warning", "warn", "error", "critical", "fatal", "msg", "exception"]),
+    st.sampled_from(["debug", "info", "warning", "error"]),
+    st.dictionaries(st.sampled_from(["a", "event_x", "user", "level"]), st.integers(), max_size=3),
+    st.dictionaries(st.sampled_from(["b", "user", "method"]), st.none() | st.text(max_size=3), max_size=3),
+    st.sampled_from([(), ("x",), ({"k": 1},)]),
+)
+@settings(max_examples=200, deadline=None)
+def test_the_bound_logger_hands_the_processors_and_the_logger_what_structlogs_does(
+    method: str, level: str, context: dict[str, object], kw: dict[str, object], args: tuple[object, ...]
+) -> None:
+    """logs' bound logger class runs the chain itself: the same event dicts (bound context, keywords,
+    event, in that order), the same method names, the same calls on the logger, at every level."""
+    min_level = logging.getLevelNamesMapping()[level.upper()]
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, object]] = []
+
+        def __getattr__(self, name: str) -> Any:
+            return lambda *a, **k: self.calls.append((name, (a, k)))
+
+    def run(cls: Any) -> tuple[list[object], list[tuple[str, object]]]:
+        seen: list[object] = []
+
+        def processor(_logger: object, name: str, event_dict: dict[str, object]) -> object:
+            seen.append((name, list(event_dict.items())))
+            return {"dict": dict(event_dict)} if name == "info" else json.dumps(list(event_dict), default=str)
+
+        recorder = Recorder()
+        logger = cls(recorder, processors=[processor], context=dict(context))
+        event = "e %s" if args else "e"
+        getattr(logger, method)(event, *args, **kw)
+        return seen, recorder.calls
+
+    assert run(logs._bound_logger_class(min_level)) == run(structlog.make_filtering_bound_logger(min_level))
+
+
+def test_a_dropped_event_writes_nothing() -> None:
+    calls: list[object] = []
+
+    def drop(*_: object) -> object:
+        raise structlog.DropEvent
+
+    logger = logs._bound_logger_class(logging.INFO)(calls, processors=[drop], context={})
+    assert logger.info("x", a=1) is None and calls == []
+
+
+@given(st.dictionaries(st.sampled_from(["event", "method", "api_key", "signature", "Password", "n", "exc_info"]),
+                       st.none() | st.text(max_size=10) | st.integers()))  # fmt: skip
+@settings(max_examples=100, deadline=None)
+def test_a_json_lines_one_processor_writes_what_the_stamp_and_the_renderer_write(event_dict: dict[str, Any]) -> None:
+    frozen = time.time()
+    real, time.time = time.time, lambda: frozen  # type: ignore[assignment]
+    try:
+        one = logs._stamper(json_lines=True)(None, "warning", dict(event_dict))
+        two = logs._render_json(None, "warning", logs._stamper()(None, "warning", dict(event_dict)))
+    finally:
+        time.time = real  # type: ignore[assignment]
+    assert one == two
