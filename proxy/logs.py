@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import select
 import sys
+import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 import structlog
@@ -268,17 +271,111 @@ def _bound_logger_class(min_level: int) -> type[Any]:
     return type(base.__name__, (base,), methods)
 
 
+# A write of at most this many bytes to a pipe is never interleaved with another process's
+# (workers share the supervisor's stderr); a batch of lines is written in pieces this size.
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+
+
+class LineWriter:
+    """The logger structlog writes through: each line (with its newline) one ``write`` and a
+    flush, under a lock, as structlog's ``WriteLogger`` does. While :func:`turn_batches` is
+    on (a Trio run), the lines the run's thread logs wait in a list and are written together
+    when the run loop is about to wait for I/O: a turn's lines, one system call instead of one
+    each, and never later than the loop's next sleep. Only for ASCII lines (JSON), whose
+    length is their size in bytes."""
+
+    def __init__(self, stream: TextIO, batchable: bool):
+        self.stream = stream
+        self.batchable = batchable
+        self._write = stream.write
+        self._flush = stream.flush
+        self._lock = threading.Lock()
+        self._pending: list[str] | None = None  # a turn's lines, while batching
+        self._owner = 0  # the thread that batches
+
+    def msg(self, message: str) -> None:
+        pending = self._pending
+        if pending is not None and threading.get_ident() == self._owner:
+            pending.append(message)
+            return
+        with self._lock:
+            self._write(message + "\n")
+            self._flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+    def start(self) -> None:
+        self._owner, self._pending = threading.get_ident(), []
+
+    def stop(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._pending = None
+
+    def flush(self, _timeout: float = 0.0) -> None:
+        """Write the lines waiting, in order, in writes of at most :data:`PIPE_BUF` bytes
+        (a longer line alone, as it would be unbatched)."""
+        lines = self._pending
+        if not lines:
+            return
+        self._pending = []
+        try:
+            with self._lock:
+                start, size = 0, 0
+                for i, line in enumerate(lines):
+                    if size and size + len(line) >= PIPE_BUF:  # (each line's newline: +1 byte)
+                        self._write("\n".join(lines[start:i]) + "\n")
+                        self._flush()
+                        start, size = i, 0
+                    size += len(line) + 1
+                self._write("\n".join(lines[start:]) + "\n")
+                self._flush()
+        except BaseException:
+            self._pending = None  # a failed write stops the batching: each line is written itself again
+            raise
+
+
+_writer: LineWriter | None = None
+
+
+@contextmanager
+def turn_batches() -> Iterator[list[Any]]:
+    """The instruments for ``trio.run`` that write the lines of each turn of its loop together
+    (:class:`LineWriter`), batching while the ``with`` lasts; on leaving it (the run over, or
+    failed), whatever waits is written. Nothing to batch (not configured, console lines): none."""
+    writer = _writer
+    if writer is None or not writer.batchable:
+        yield []
+        return
+    import trio
+
+    class TurnEnd(trio.abc.Instrument):
+        """Calls the writer's flush before each wait for I/O and when the run ends."""
+
+    turn_end = TurnEnd()  # the writer's own method as the hooks: one call a turn
+    turn_end.before_io_wait = turn_end.after_run = writer.flush  # type: ignore[method-assign, assignment]
+    writer.start()
+    try:
+        yield [turn_end]
+    finally:
+        writer.stop()
+
+
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Configure structlog process-wide; called once by the command line."""
     # JSON lines carry a traceback as text in "exception" (exc_info alone renders as `true`);
     # the console renderer formats exc_info itself, and warns if it was formatted before it.
+    global _writer
+    _writer = writer = LineWriter(stream or sys.stderr, batchable=fmt == "json")
     chain: list[Any] = (
         [_stamper(json_lines=True)] if fmt == "json" else [_stamper(), structlog.dev.ConsoleRenderer(colors=False)]
     )
     structlog.configure(
         processors=chain,
         wrapper_class=_bound_logger_class(logging.getLevelNamesMapping()[level.upper()]),
-        # One write() per line: workers share stderr, and print() writes the newline apart.
-        logger_factory=structlog.WriteLoggerFactory(stream or sys.stderr),
+        # One write() per line or per turn (workers share stderr; print() writes the newline apart).
+        logger_factory=lambda *_args: writer,
         cache_logger_on_first_use=True,
     )

@@ -6,11 +6,14 @@ import contextvars
 import io
 import json
 import logging
+import os
 import time
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 import structlog
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -261,3 +264,116 @@ def test_a_json_lines_one_processor_writes_what_the_stamp_and_the_renderer_write
     finally:
         time.time = real  # type: ignore[assignment]
     assert one == two
+
+
+class _Writes(io.StringIO):
+    """A stream that keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def _configured(stream: Any) -> Any:
+    logs.configure("info", "json", stream)
+    return structlog.get_logger("test").bind()
+
+
+def test_a_turns_lines_are_written_together_in_order_in_pieces_no_larger_than_pipe_buf() -> None:
+    out = _Writes()
+    log = _configured(out)
+    try:
+
+        async def main() -> None:
+            for i in range(40):  # about 6 KB: two writes
+                log.info("line", i=i, pad="x" * 100)
+            assert out.writes == []  # held until the loop waits
+            await trio.sleep(0)
+            assert len(out.writes) == 2
+
+        with logs.turn_batches() as instruments:
+            trio.run(main, instruments=instruments)
+    finally:
+        structlog.reset_defaults()
+    assert all(len(w.encode()) <= logs.PIPE_BUF and w.endswith("\n") for w in out.writes)
+    assert [json.loads(line)["i"] for line in out.getvalue().splitlines()] == list(range(40))
+
+
+def test_a_line_is_out_before_the_loop_waits_for_io() -> None:
+    """The hook is the loop's own wait: a task waiting on the pipe the line goes to is woken by it."""
+    read_fd, write_fd = os.pipe()
+    stream = io.TextIOWrapper(io.FileIO(write_fd, "w"), write_through=True)
+    log = _configured(stream)
+    try:
+
+        async def main() -> None:
+            log.warning("prompt")
+            with trio.fail_after(30):
+                await trio.lowlevel.wait_readable(read_fd)
+            assert b'"event": "prompt"' in os.read(read_fd, 65536)
+
+        with logs.turn_batches() as instruments:
+            trio.run(main, instruments=instruments)
+    finally:
+        structlog.reset_defaults()
+        stream.close()
+        os.close(read_fd)
+
+
+def test_lines_waiting_when_a_run_fails_are_written_and_other_threads_write_at_once() -> None:
+    out = _Writes()
+    log = _configured(out)
+    try:
+
+        async def main() -> None:
+            def in_thread() -> None:
+                log.info("from_thread")
+                assert "from_thread" in out.getvalue()  # not held for the Trio thread's turn
+
+            await trio.to_thread.run_sync(in_thread)
+            log.error("last_words")
+            raise ValueError("boom")
+
+        with pytest.raises(ValueError), logs.turn_batches() as instruments:
+            trio.run(main, instruments=instruments)
+        assert "last_words" in out.getvalue()
+        log.info("after")  # not batching any more: written at once
+        assert json.loads(out.getvalue().splitlines()[-1])["event"] == "after"
+    finally:
+        structlog.reset_defaults()
+
+
+def test_a_failed_write_ends_the_batching() -> None:
+    class Failing(_Writes):
+        fail = True
+
+        def write(self, text: str) -> int:
+            if self.fail:
+                self.fail = False
+                raise BlockingIOError
+            return super().write(text)
+
+    out = Failing()
+    log = _configured(out)
+    try:
+        with logs.turn_batches():
+            log.info("lost")
+            with pytest.raises(BlockingIOError):
+                logs._writer.flush()  # type: ignore[union-attr]
+            log.info("kept")
+            assert "kept" in out.getvalue()
+    finally:
+        structlog.reset_defaults()
+
+
+def test_console_lines_are_not_batched() -> None:
+    logs.configure("info", "console", io.StringIO())
+    try:
+        with logs.turn_batches() as instruments:
+            assert instruments == []
+    finally:
+        structlog.reset_defaults()
