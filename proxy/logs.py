@@ -1,8 +1,10 @@
 """structlog set-up: a pipeline of small processors ending in JSON lines (or console text).
 
-Request-scoped fields (``request_id``, ``credential``) are bound once with
-``structlog.contextvars`` and merged into every line. A redaction processor is the last
-line of defence: whatever a caller passes, values of secret-looking keys never get out.
+Request-scoped fields (``request_id``, ``credential``) are bound once on
+``structlog.contextvars``' variables (:class:`RequestFields`) and merged into every line. A
+redaction processor is the last line of defence: whatever a caller passes, values of
+secret-looking keys never get out. Lines go out through :class:`LineWriter`: during a Trio
+run, a turn's lines in one write (:func:`turn_batches`).
 """
 
 from __future__ import annotations
