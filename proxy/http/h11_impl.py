@@ -9,7 +9,7 @@ tested against.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 
 import h11
 import trio
@@ -25,6 +25,17 @@ def h11_refusal(exc: h11.RemoteProtocolError, max_header_bytes: int) -> BadReque
         return HeadersTooLarge(f"request head exceeds {max_header_bytes} bytes")
     # h11 quotes the offending line: shown capped and escaped, never whole (up to 16 KB).
     return BadRequest(f"malformed HTTP request: {client_text(str(exc), 160, quoted=False)}", code="malformed_http")
+
+
+def header_pairs(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """h11's headers as (lower-case name, value) pairs, in order: read from the triples h11 keeps
+    in one comprehension, where iterating its ``Headers`` costs two Python calls per header
+    (``Sequence.__iter__``, ``Headers.__getitem__``) and an IndexError at the end. Its public
+    iteration if h11 ever keeps them otherwise (tests/unit/http/test_connection.py checks both agree)."""
+    items = getattr(headers, "_full_items", None)
+    if items is None:
+        return list(headers)
+    return [(name, value) for _, name, value in items]
 
 
 class H11Connection(HTTPConnection):
@@ -85,16 +96,19 @@ class H11Connection(HTTPConnection):
 
     def _head_from_h11(self, event: h11.Request) -> RequestHead:
         self.head_only = event.method == b"HEAD"  # known before any refusal below is answered
-        headers = tuple(event.headers)
+        headers = header_pairs(event.headers)
         fields = check_head(headers)
         method, version = event.method, event.http_version
-        return RequestHead(  # positional: a head is built for every request
-            TEXT[method] if method in TEXT else method.decode("ascii", "replace"),
-            event.target.decode("latin-1"),
-            headers,
-            TEXT[version] if version in TEXT else version.decode("ascii"),
-            self.peer,
-            fields,
+        return tuple.__new__(  # a head is built for every request: the tuple itself, no __new__ of its own
+            RequestHead,
+            (
+                TEXT[method] if method in TEXT else method.decode("ascii", "replace"),
+                event.target.decode("latin-1"),
+                tuple(headers),
+                TEXT[version] if version in TEXT else version.decode("ascii"),
+                self.peer,
+                fields,
+            ),
         )
 
     async def body_chunks(self) -> AsyncGenerator[bytes, None]:

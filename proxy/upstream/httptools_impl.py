@@ -17,6 +17,7 @@ import h11
 import httptools
 
 from ..http.chunked import ChunkScanner, body_framing
+from ..http.h11_impl import header_pairs
 from .wire import (
     BodyReader,
     BrokenResponse,
@@ -127,7 +128,7 @@ class HttptoolsHTTP:
             raise BrokenResponse(str(exc)) from None
         if type(event) is not h11.Response and type(event) is not h11.InformationalResponse:
             raise BrokenResponse("not a response")
-        return self._head(event.status_code, event.http_version, list(event.headers))
+        return self._head(event.status_code, event.http_version, header_pairs(event.headers))
 
     def _head(self, status: int, version: bytes, headers: Headers) -> ResponseHead:
         if status < 200:
