@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from http import HTTPStatus
 from typing import NamedTuple
@@ -386,9 +386,12 @@ class HTTPConnection:
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def header_fields(headers: Iterable[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+def header_fields(headers: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
     """Name → value, repeated headers joined with ``, `` in order (what :meth:`RequestHead.header` reads)."""
-    fields: dict[bytes, bytes] = {}
+    fields = dict(headers)  # one C call; as many entries as headers: no name is repeated, done
+    if len(fields) == len(headers):
+        return fields
+    fields = {}
     for name, value in headers:
         fields[name] = fields[name] + b", " + value if name in fields else value
     return fields

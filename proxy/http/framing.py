@@ -71,6 +71,41 @@ def request_framing(method: bytes, target: bytes, version: bytes, headers: Heade
     names and stripped values; returned as h11 would hand them on (one Content-Length, a
     lower-cased Transfer-Encoding). Raises :class:`FramingError`.
     """
+    fields = dict(headers)  # one C call; as many entries as headers: no name is repeated
+    if len(fields) == len(headers):
+        decided = _plain_framing(method, version, fields)
+        if decided is not None:
+            return decided, headers
+    return _framing_each(method, version, headers)
+
+
+def _plain_framing(method: bytes, version: bytes, fields: dict[bytes, bytes]) -> RequestFraming | None:
+    """:func:`request_framing` of a head without a repeated name, by look-ups rather than a pass
+    over every header; None unless the head is valid and h11 keeps its headers as they are (a
+    plain Content-Length, ``chunked`` as such, a Host where HTTP/1.1 needs one): the pass decides."""
+    coding = fields.get(b"transfer-encoding")
+    if coding is not None and coding != b"chunked":
+        return None
+    text = fields.get(b"content-length")
+    if text is not None and not (text.isdigit() and len(text) <= CONTENT_LENGTH_MAX_DIGITS):
+        return None
+    if version == b"1.1" and b"host" not in fields:
+        return None
+    modern = version >= b"1.1"
+    connection = fields.get(b"connection")
+    expect = fields.get(b"expect")
+    upgrade = fields.get(b"upgrade")
+    return RequestFraming(
+        coding is not None,
+        0 if coding is not None or text is None else int(text),
+        modern and not (connection is not None and b"close" in comma_tokens(connection)),  # keep_alive
+        modern and expect is not None and b"100-continue" in comma_tokens(expect),  # expect_continue
+        method == b"CONNECT" or (upgrade is not None and bool(comma_tokens(upgrade))),  # switch_proposed
+    )
+
+
+def _framing_each(method: bytes, version: bytes, headers: Headers) -> tuple[RequestFraming, Headers]:
+    """:func:`request_framing` header by header, in h11's order of refusals."""
     length = 0
     chunked = False
     host_count = 0

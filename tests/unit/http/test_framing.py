@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import h11
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.http import framing
@@ -147,3 +147,55 @@ def test_a_content_length_is_read_as_h11_reads_it(value: bytes) -> None:
         return
     assert isinstance(event, h11.Request)
     assert framing.content_length(value.strip()) == dict(event.headers)[b"content-length"]
+
+
+REQUEST_FIELDS = [
+    (b"host", b"a"),
+    (b"content-length", b"3"),
+    (b"content-length", b"3, 3"),
+    (b"content-length", b"9" * 21),
+    (b"content-length", b"x"),
+    (b"transfer-encoding", b"chunked"),
+    (b"transfer-encoding", b"Chunked"),
+    (b"transfer-encoding", b"gzip"),
+    (b"connection", b"close"),
+    (b"connection", b"keep-alive, Close"),
+    (b"expect", b"100-continue"),
+    (b"expect", b"nothing"),
+    (b"upgrade", b"websocket"),
+    (b"upgrade", b","),
+    (b"x-a", b"1"),
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    method=st.sampled_from([b"GET", b"POST", b"CONNECT"]),
+    version=st.sampled_from([b"1.1", b"1.0"]),
+    headers=st.lists(st.sampled_from(REQUEST_FIELDS), max_size=5),
+)
+def test_a_request_head_is_framed_as_h11_frames_it(method: bytes, version: bytes, headers: list) -> None:
+    """The look-up path (no repeated name) and the pass over every header alike: h11's refusal
+    (its words), or its headers, keep-alive, 100-continue, framing and switch."""
+    conn = h11.Connection(h11.SERVER)
+    lines = b"".join(b"%s: %s\r\n" % h for h in headers)
+    target = b"a:1" if method == b"CONNECT" else b"/"
+    conn.receive_data(b"%s %s HTTP/%s\r\n%s\r\n" % (method, target, version, lines))
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        with pytest.raises(framing.FramingError) as refused:
+            framing.request_framing(method, target, version, headers)
+        assert str(refused.value) == str(exc)
+        return
+    assert isinstance(event, h11.Request)
+    decided, normalized = framing.request_framing(method, target, version, headers)
+    assert normalized == list(event.headers)
+    assert decided.keep_alive == conn._cstate.keep_alive
+    assert decided.expect_continue == conn.they_are_waiting_for_100_continue
+    assert decided.chunked == (type(conn._reader).__name__ == "ChunkedReader")
+    if not decided.chunked:
+        assert decided.length == (getattr(conn._reader, "_length", 0) if conn._reader is not None else 0)
+    assert decided.switch_proposed == (
+        method == b"CONNECT" or any(n == b"upgrade" for n, _ in event.headers if _.strip(b", "))
+    )
