@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import h11
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from proxy.http import framing
@@ -46,6 +46,10 @@ def h11_server(method: bytes | None, version: bytes | None, close: bool) -> h11.
     close=st.booleans(),
     body=st.sampled_from([b"", b"abc", b"abcd"]),
 )
+# A tunnel's and a HEAD's answer have no body whatever the headers say.
+@example(status=200, headers=[(b"x-a", b"1")], method=b"CONNECT", version=b"1.1", close=False, body=b"")
+@example(status=200, headers=[(b"x-a", b"1")], method=b"HEAD", version=b"1.1", close=False, body=b"")
+@example(status=200, headers=[(b"content-length", b"3")], method=b"HEAD", version=b"1.1", close=False, body=b"abc")
 def test_a_response_is_written_as_h11_writes_it(status, headers, method, version, close, body) -> None:
     conn = h11_server(method, version, close)
     keep_alive = conn._cstate.keep_alive  # what the request allowed
