@@ -61,10 +61,14 @@ class H11Connection(HTTPConnection):
         started, timeout = await self._begin_head(len(self.conn.trailing_data[0]), idle_timeout)
         arm = True  # the scope's deadline is to be set (from now) before the next read
         armed = False
+        # Nothing buffered, the client's side open: h11 (IDLE, at a cycle's start) can only say
+        # NEED_DATA, so it is first asked once bytes have come (its empty look: 18 calls, 1.9 us).
+        ask = started or self.conn.trailing_data[1]
         try:
             while True:
-                event = self._next_event()
-                if isinstance(event, h11.Request):
+                event = self._next_event() if ask else h11.NEED_DATA
+                ask = True
+                if type(event) is h11.Request:  # not isinstance: a miss costs an ABC check (two calls)
                     self.head_only = event.method == b"HEAD"  # known before any refusal below is answered
                     # h11 only bounds heads it is still waiting for; a complete one read in a
                     # single receive is measured here.
@@ -72,7 +76,7 @@ class H11Connection(HTTPConnection):
                     if head_size > self.config.max_header_bytes:
                         raise HeadersTooLarge(f"request head exceeds {self.config.max_header_bytes} bytes")
                     return self._head_from_h11(event)
-                if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                if type(event) is h11.ConnectionClosed or event is h11.PAUSED:
                     return None
                 assert event is h11.NEED_DATA, event
                 if arm:
@@ -116,11 +120,15 @@ class H11Connection(HTTPConnection):
         if self.conn.they_are_waiting_for_100_continue:
             # curl and others hold larger bodies back until told to go on (RFC 9110 10.1.1).
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        conn = self.conn
         while True:
-            event = self._next_event()
-            if isinstance(event, h11.Data):
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise h11_refusal(exc, self.config.max_header_bytes) from exc
+            if type(event) is h11.Data:
                 yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
+            elif type(event) is h11.EndOfMessage:
                 self.request_done.set()
                 return
             elif event is h11.NEED_DATA:
@@ -173,7 +181,7 @@ class H11Connection(HTTPConnection):
                 event = self.conn.next_event()
             except h11.RemoteProtocolError:
                 return
-            if not isinstance(event, h11.Data):
+            if type(event) is not h11.Data:
                 return
 
     async def send_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
