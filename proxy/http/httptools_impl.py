@@ -284,7 +284,8 @@ class HttptoolsConnection(HTTPConnection):
         await self.flush()
 
     async def send_head(self, status: int, headers: list[tuple[bytes, bytes]], *, flush: bool = True) -> None:
-        self._settle_request()
+        if self._theirs == BODY:
+            self._settle_request()
         if self._close_after or not self.request_complete:
             # An unread request body cannot be skipped safely: close after this response.
             headers = [*headers, (b"connection", b"close")]

@@ -19,6 +19,7 @@ import httptools
 from ..http.chunked import ChunkScanner, body_framing
 from ..http.h11_impl import header_pairs
 from .wire import (
+    PLAIN_HEAD,
     BodyReader,
     BrokenResponse,
     Headers,
@@ -28,7 +29,6 @@ from .wire import (
     deframe_chunked,
     keep_alive,
     normalized,
-    plain_head,
     request_head,
 )
 
@@ -53,7 +53,7 @@ class _Collector:
 
 def _llhttp_head(head: bytes) -> tuple[int, bytes, Headers] | None:
     """Status, version and headers of a plain head, or None when it is not one llhttp takes."""
-    if not plain_head(head):
+    if PLAIN_HEAD.fullmatch(head) is None:  # plain_head, without its frame
         return None
     collector = _Collector()
     parser: Any = httptools.HttpResponseParser(collector)
