@@ -193,19 +193,39 @@ class H11Connection(HTTPConnection):
         await self._send(h11.InformationalResponse(status_code=status, headers=headers, reason=reason))
 
     async def send_head(self, status: int, headers: list[tuple[bytes, bytes]], *, flush: bool = True) -> None:
-        """Send the response head; with ``flush=False`` it is held and goes out with the next write."""
-        self._settle_request()
-        if self._close_after or not self.request_complete:
+        """Send the response head; with ``flush=False`` it is held and goes out with the next write.
+        (``_settle_request``, ``request_complete`` and ``_send`` written out: a response per request.)"""
+        conn = self.conn
+        theirs = conn.their_state
+        if theirs is h11.SEND_BODY:
+            self._settle_request()
+            theirs = conn.their_state
+        if self._close_after or theirs not in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
             # An unread request body cannot be skipped safely: close after this response.
             headers = [*headers, (b"connection", b"close")]
-        reason = REASONS.get(status, b"")
-        await self._send(h11.Response(status_code=status, headers=headers, reason=reason), flush=flush)
+        try:
+            data = conn.send(h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b"")))
+        except h11.LocalProtocolError:
+            conn.send_failed()
+            raise
+        if data:
+            self._unsent.append(data)
+        if flush:
+            await self.flush()
 
     def frame_data(self, data: bytes) -> bytes:
-        return self._encode(h11.Data(data=data))
+        try:
+            return self.conn.send(h11.Data(data=data)) or b""
+        except h11.LocalProtocolError:
+            self.conn.send_failed()
+            raise
 
     def frame_end(self) -> bytes:
-        return self._encode(h11.EndOfMessage())
+        try:
+            return self.conn.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            self.conn.send_failed()
+            raise
 
     @property
     def client_gets_chunked(self) -> bool:
