@@ -106,6 +106,18 @@ def test_a_request_h11_refuses_is_refused(head, error) -> None:
         framing.request_framing(*head)
 
 
+def test_an_answer_to_no_request_without_a_length_says_close() -> None:
+    """Before any request was read the client is taken for HTTP/1.0: a body of unknown length is
+    delimited by the close, which the head says and the answer's keep-alive follows."""
+    conn = h11_server(None, None, False)
+    expected = conn.send(h11.Response(status_code=400, headers=[(b"x-a", b"1")], reason=b"R"))
+    start = framing.response_head(
+        400, b"R", [(b"x-a", b"1")], request_method=None, client_version=None, keep_alive=True
+    )
+    assert start.head == expected == b"HTTP/1.1 400 R\r\nx-a: 1\r\nConnection: close\r\n\r\n"
+    assert (start.body, start.keep_alive) == (framing.CLOSE, False)
+
+
 @pytest.mark.parametrize(
     ("version", "headers", "keep_alive", "expect", "switch"),
     [
