@@ -92,16 +92,30 @@ def body_framing(method: str, status: int, headers: list[tuple[bytes, bytes]]) -
         if len(lengths) != 1:
             raise UpstreamProtocolError("upstream sent conflicting Content-Length values")
         (text,) = lengths
-        framing = _LENGTHS.get(text)
-        if framing is not None:
-            return framing
-        if not text.isdigit() or len(text) > 18:
-            raise UpstreamProtocolError(f"upstream sent a malformed Content-Length: {text[:40]!r}")
-        framing = Framing("length", int(text))
-        if len(_LENGTHS) < 4096:
-            _LENGTHS[text] = framing
-        return framing
+        return _length_framing(text)
     return _CLOSE
+
+
+def plain_body_framing(method: str, status: int, length: bytes | None, chunked: bool) -> Framing:
+    """:func:`body_framing` of headers whose framing ones are already read: at most one
+    Content-Length (``length``, digits), at most one Transfer-Encoding, ``chunked`` (``chunked``)."""
+    if method == "HEAD" or status < 200 or status in (204, 304):
+        return _EMPTY
+    if chunked:
+        return _CHUNKED_DROPPED if length is not None else _CHUNKED
+    return _CLOSE if length is None else _length_framing(length)
+
+
+def _length_framing(text: bytes) -> Framing:
+    framing = _LENGTHS.get(text)
+    if framing is not None:
+        return framing
+    if not text.isdigit() or len(text) > 18:
+        raise UpstreamProtocolError(f"upstream sent a malformed Content-Length: {text[:40]!r}")
+    framing = Framing("length", int(text))
+    if len(_LENGTHS) < 4096:
+        _LENGTHS[text] = framing
+    return framing
 
 
 class ChunkScanner:

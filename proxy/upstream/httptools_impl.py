@@ -16,7 +16,7 @@ from typing import Any
 import h11
 import httptools
 
-from ..http.chunked import ChunkScanner, body_framing
+from ..http.chunked import ChunkScanner, Framing, body_framing, plain_body_framing
 from ..http.h11_impl import header_pairs
 from .wire import (
     PLAIN_HEAD,
@@ -51,8 +51,9 @@ class _Collector:
         self.complete = True
 
 
-def _llhttp_head(head: bytes) -> tuple[int, bytes, Headers] | None:
-    """Status, version and headers of a plain head, or None when it is not one llhttp takes."""
+def _llhttp_head(head: bytes) -> tuple[int, bytes, Headers, bytes | None, bool, bool] | None:
+    """Status, version and headers of a plain head, with what :func:`~proxy.upstream.wire.normalized`
+    saw of them, or None when it is not one llhttp takes."""
     if PLAIN_HEAD.fullmatch(head) is None:  # plain_head, without its frame
         return None
     collector = _Collector()
@@ -65,11 +66,12 @@ def _llhttp_head(head: bytes) -> tuple[int, bytes, Headers] | None:
         return None
     if not collector.complete:
         return None
-    headers = normalized(collector.headers)
+    plain = normalized(collector.headers)
     status = int(head[9:12])  # the plain status line: b"HTTP/x.y NNN"
-    if headers is None or status < 100 or status == 101:  # 101: h11's refusal (nothing proposed it)
+    if plain is None or status < 100 or status == 101:  # 101: h11's refusal (nothing proposed it)
         return None
-    return status, head[5:8], headers
+    headers, length, chunked, connection = plain
+    return status, head[5:8], headers, length, chunked, connection
 
 
 def _h11_reader(method: str) -> h11.Connection:
@@ -115,8 +117,13 @@ class HttptoolsHTTP:
         parsed = _llhttp_head(head)
         if parsed is None:
             return self._h11_head(head)
-        status, version, headers = parsed
-        return self._head(status, version, headers)
+        status, version, headers, length, chunked, connection = parsed
+        if status < 200:
+            return ResponseHead(status, version, headers, None)
+        # The framing and keep-alive from what the header pass saw: no pass of their own.
+        framing = plain_body_framing(self.method, status, length, chunked)
+        alive = keep_alive(version, headers) if connection else version >= b"1.1"
+        return self._final(status, version, headers, framing, alive)
 
     def _h11_head(self, head: bytes) -> ResponseHead:
         """A head the fast path does not take: h11's reading, or its refusal."""
@@ -134,7 +141,10 @@ class HttptoolsHTTP:
         if status < 200:
             return ResponseHead(status, version, headers, None)
         framing = body_framing(self.method, status, headers)
-        self.their_keep_alive = keep_alive(version, headers)
+        return self._final(status, version, headers, framing, keep_alive(version, headers))
+
+    def _final(self, status: int, version: bytes, headers: Headers, framing: Framing, alive: bool) -> ResponseHead:
+        self.their_keep_alive = alive
         if framing.kind == "chunked":
             self.scanner = ChunkScanner()
         else:

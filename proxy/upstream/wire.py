@@ -279,16 +279,19 @@ def plain_head(head: bytes) -> bool:
     return PLAIN_HEAD.fullmatch(head) is not None
 
 
-def normalized(headers: Headers) -> Headers | None:
+def normalized(headers: Headers) -> tuple[Headers, bytes | None, bool, bool] | None:
     """``headers`` (names lower-cased, values stripped) as h11 keeps them, or None where h11's
     rule is not the plain one (a length that is a list, repeated or malformed; a transfer
-    coding other than ``chunked``, or two): the head then goes to h11, which decides."""
-    length = coding = False
+    coding other than ``chunked``, or two): the head then goes to h11, which decides. With the
+    headers, what the pass saw: the Content-Length (None: none), whether the Transfer-Encoding
+    is there (then ``chunked``), whether a Connection header is (:func:`keep_alive` reads it)."""
+    length: bytes | None = None
+    coding = connection = False
     for i, (name, value) in enumerate(headers):
         if name == b"content-length":
-            if length or not value.isdigit() or len(value) > CONTENT_LENGTH_MAX_DIGITS:
+            if length is not None or not value.isdigit() or len(value) > CONTENT_LENGTH_MAX_DIGITS:
                 return None
-            length = True
+            length = value
         elif name == b"transfer-encoding":
             if coding:
                 return None
@@ -297,7 +300,9 @@ def normalized(headers: Headers) -> Headers | None:
                 return None
             headers[i] = (name, lower)
             coding = True
-    return headers
+        elif name == b"connection":
+            connection = True
+    return headers, length, coding, connection
 
 
 def keep_alive(version: bytes, headers: Headers) -> bool:
