@@ -21,7 +21,7 @@ def _plan() -> Plan:
         request_id="r1",
         upstream_url="http://127.0.0.1:1/v1/x",
         signature="s",
-        expires_at=datetime(2026, 1, 1, tzinfo=UTC),
+        expires_at=datetime(2026, 1, 1, tzinfo=UTC).timestamp(),
         credential=Credential(id="app", secrets=("k",)),
         ctx=forwarding.ForwardContext(client_ip="127.0.0.1", prefix=""),
         origin=None,
@@ -77,8 +77,9 @@ def test_the_header_map_reads_as_a_dict_of_each_value_decoded(headers) -> None:
         assert (name in text) == (name in expected)
         assert text.get(name) == expected.get(name)
         assert text.get(name, "-") == expected.get(name, "-")
-    with pytest.raises(KeyError):
-        text["\u20ac"]
+    for missing in ("\u20ac", "missing"):
+        with pytest.raises(KeyError):
+            text[missing]
     assert 3 not in text
 
 
