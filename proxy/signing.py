@@ -124,7 +124,7 @@ def canonical_headers(headers: Sequence[tuple[str, str]]) -> tuple[str, str]:
 
 
 def canonical_request(method: str, path: str, query: str, headers: Sequence[tuple[str, str]], body: bytes) -> bytes:
-    header_block, names = canonical_headers(headers)
+    header_block, names = canonical_headers(headers) if headers else ("", "")
     head = f"{method}\n{path}\n{query}\n{header_block}\n\n{names}\n"
     return head.encode("utf-8") + body
 
@@ -236,10 +236,10 @@ def _decoded_field(field: str) -> tuple[str, str]:
 
 
 # Of a signed URL's fields only the date and the signature change from one URL to the next: a
-# field found here is one lookup, where splitting and testing it took four calls. Fields up to
-# MAX_CACHED_FIELD characters only (any client can send fields; these stay at most ~1.5 MB).
+# field found here is one lookup, where splitting and testing it took four calls. The fields of
+# queries up to MAX_CACHED_QUERY characters only (any client can send fields: these stay a few MB).
 _cached_field = lru_cache(maxsize=1024)(_decoded_field)
-MAX_CACHED_FIELD = 512
+MAX_CACHED_QUERY = 2048
 
 
 def _too_many_fields(raw_query: str) -> bool:
@@ -307,6 +307,7 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
     """
     if raw_query and raw_query.count("&") >= MAX_QUERY_FIELDS:  # _too_many_fields, inline
         raise BadRequest("query string has too many parameters", code="malformed_signed_url")
+    decode = _cached_field if len(raw_query) <= MAX_CACHED_QUERY else _decoded_field
     found: dict[str, str] = {}  # Signway's parameters
     extras: dict[str, str] = {}  # the others (last one wins)
     params: list[tuple[str, str]] = []  # every parameter but the signature, in order
@@ -315,7 +316,7 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
         for field in raw_query.split("&") if raw_query else ():
             if not field:
                 continue
-            key, value = pair = _cached_field(field) if len(field) <= MAX_CACHED_FIELD else _decoded_field(field)
+            key, value = pair = decode(field)
             if key in _SIGNWAY_PARAMS or key.startswith("X-Sw-"):
                 if key in found and repeated is None:
                     repeated = key  # refused once the whole query decoded (a bad escape is named first)
@@ -493,7 +494,7 @@ def verify_signature(
     to accept (the request's own first). Each comparison is constant-time; stopping at the
     first match reveals only which spelling the client itself sent.
     """
-    header_lists = signed_header_values(req, headers, body)
+    header_lists = signed_header_values(req, headers, body) if req.signed_headers else [[]]
     expected = req.signature  # 64 hex digits (parse_signed_request): ASCII, as compare_digest needs
     body = body or b""
     # The first candidate, built without the generator: what every SDK signs (their own path,

@@ -377,28 +377,30 @@ class Gateway:
             # Consume the (empty) body's end now: from here on a client that leaves is noticed,
             # even while queued for a slot.
             await self._drain_request_body(conn)
+        single_use = (
+            limits.wants_single_use(credential.single_use, extras, config.server.single_use_param)
+            if extras
+            else credential.single_use
+        )
+        # Positional, in Plan's field order (a test holds it to the names): 0.6 against 1.5 µs.
         return Plan(
-            request_id=request_id,
-            upstream_url=upstream_url,
-            signature=signed.signature,
-            expires_at=signed.signed_at + signed.expires,
-            credential=credential,
-            ctx=ctx,
-            origin=origin,
-            body=body,
-            declared_length=declared_length,
-            body_follows=body_follows,
-            rules=rules,
-            user=user,
-            single_use=(
-                limits.wants_single_use(credential.single_use, extras, config.server.single_use_param)
-                if extras
-                else credential.single_use
-            ),
-            websocket=websocket,
-            background=background,
-            prefix=config.server.public_path_prefix or ctx.prefix,
-            cache=cached,
+            request_id,
+            upstream_url,
+            signed.signature,
+            signed.signed_at + signed.expires,  # expires_at
+            credential,
+            ctx,
+            origin,
+            body,
+            declared_length,
+            body_follows,
+            rules,
+            user,
+            single_use,
+            websocket,
+            background,
+            config.server.public_path_prefix or ctx.prefix,  # prefix
+            cached,  # cache
         )
 
     @staticmethod
