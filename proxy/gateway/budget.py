@@ -31,6 +31,7 @@ from ..limits import (
     BudgetTicket,
     Charge,
     RequestCost,
+    Settlement,
     amount,
     applied_budgets,
     charge_for,
@@ -162,8 +163,8 @@ async def _settle(
             background=plan.background is not None,
         )  # fmt: skip
     amounts = [amount(b, charge, ticket.price) for b in ticket.budgets]
-    recorded = await gw.store.settle(ticket.budgets, ticket.hold_id, amounts)
-    _tell(gw, record, plan, ticket, charge, recorded, prices_version)
+    settled = await gw.store.settle(ticket.budgets, ticket.hold_id, amounts)
+    _tell(gw, record, plan, ticket, charge, settled, prices_version)
 
 
 def _tell(
@@ -172,10 +173,11 @@ def _tell(
     plan: Plan,
     ticket: BudgetTicket,
     charge: Charge,
-    recorded: bool,
+    settled: Settlement,
     prices_version: str,
 ) -> None:
-    """The charge in the request's log line and the metrics; a lost charge is an error."""
+    """The charge in the request's log line and the metrics; a lost charge is an error, one whose
+    fate Redis has not told yet a warning (docs/budgets.md#when-redis-fails-to-answer)."""
     tokens = charge.input_tokens + charge.output_tokens
     fields = record.budget if record.budget is not None else {}
     fields.update(
@@ -196,12 +198,20 @@ def _tell(
         log.warning(
             "budget_hold_exceeded", hold=ticket.cost.tokens, charge=tokens, unbounded=list(ticket.cost.unbounded)
         )
-    if not recorded:
+    if settled is Settlement.NOT_RECORDED:
         log.error(
             "budget_charge_lost",
             charge=tokens,
             budgets=[b.name for b in ticket.budgets],
-            reason="the shared budget store is unreachable; the hold expires with its lease",
+            reason="the shared budget store is unreachable; the charge was not sent; the hold expires with its lease",
+        )
+    elif settled is Settlement.UNKNOWN:
+        log.warning(
+            "budget_charge_unknown",
+            charge=tokens,
+            budgets=[b.name for b in ticket.budgets],
+            reason="the shared budget store did not answer; the settlement may be recorded when Redis answers, "
+            "else the hold expires with its lease",
         )
 
 

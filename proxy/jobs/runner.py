@@ -436,9 +436,11 @@ async def settle_job_budget(
     difference between what it cost (``charge_of`` the hold's cost, plus the hold for each of the
     ``interrupted`` runs: cut off, maybe billed upstream) and the hold. Used by the runner when a
     run's end is stored and by ``DELETE /jobs/<id>`` for a job it took out of the queue; logged
-    ``job_budget_settled``, or ``budget_charge_lost`` when the budget store could not record it
-    (the hold then stays charged: never overspent). Shielded: the job store has recorded the job's
-    end already, so a settlement given up would never be made. True when recorded."""
+    ``job_budget_settled``, ``budget_charge_lost`` when the budget store surely did not record it
+    (the hold then stays charged: never overspent), or ``budget_charge_unknown`` when it was sent
+    but not answered (it may be recorded when Redis answers; else the hold stays charged).
+    Shielded: the job store has recorded the job's end already, so a settlement given up would
+    never be made. True when recorded."""
     assert job.budget is not None
     try:
         hold = limits.JobHold.from_json(job.budget)
@@ -450,7 +452,8 @@ async def settle_job_budget(
     ledger = budgets.ledger if budgets is not None else ""
     amounts = limits.job_settlement(hold, charge, interrupted=interrupted, ledger=ledger)
     with trio.CancelScope(shield=True):
-        recorded = budgets is not None and await budgets.settle(hold.budgets, "job", amounts)
+        settled = await budgets.settle(hold.budgets, "job", amounts) if budgets is not None else None
+    recorded = settled is limits.Settlement.RECORDED
     tokens = charge.input_tokens + charge.output_tokens + interrupted * hold.cost.tokens
     estimate = limits.USAGE if charge.kind == limits.USAGE else f"{charge.kind}:{charge.why}"
     if recorded and metrics is not None:
@@ -468,7 +471,10 @@ async def settle_job_budget(
     )  # fmt: skip
     if recorded:
         log.info("job_budget_settled", **fields)
+    elif settled is limits.Settlement.UNKNOWN:
+        log.warning("budget_charge_unknown", **fields, reason="the budget store did not answer; the settlement may "
+                    "be recorded when Redis answers, else the job stays charged its hold")  # fmt: skip
     else:
         log.error("budget_charge_lost", **fields, reason="the budget store is unreachable or not running here; "
-                  "the job stays charged its hold")  # fmt: skip
+                  "the settlement was not sent; the job stays charged its hold")  # fmt: skip
     return recorded

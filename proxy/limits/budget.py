@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from typing import Any
 
 from ..errors import BadRequest, Forbidden, TooManyRequests
@@ -383,6 +384,18 @@ class _Window:
     held: int = 0
     holds: dict[str, int] = field(default_factory=dict)
     expires_at: float = 0.0
+
+
+class Settlement(Enum):
+    """What is known of a settlement (``BudgetStore.settle``): operators reconcile from it.
+
+    ``UNKNOWN``: the settle script may have reached Redis (it timed out, or the connection broke
+    after it could have been written), so it may still run when Redis answers; either way the
+    hold was an upper bound, so the budget is never overspent."""
+
+    RECORDED = "recorded"
+    NOT_RECORDED = "not_recorded"  # never sent: the outage policy skipped it, or the connection was refused
+    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True, slots=True)

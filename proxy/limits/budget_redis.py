@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import structlog
 import trio
 
-from .budget import Applied, Level, Reservation
+from .budget import Applied, Level, Reservation, Settlement
 from .limiter import storage_key
 from .outage import unavailable
 from .redis import LeasedRedisStore, _Unavailable
@@ -177,10 +177,10 @@ class RedisBudgets(LeasedRedisStore):
         levels = tuple(Level(int(reply[1 + 2 * i]), int(reply[2 + 2 * i])) for i in range(len(budgets)))
         return Reservation(True, levels)
 
-    async def settle(self, budgets: Sequence[Applied], hold_id: str, amounts: Sequence[int]) -> bool:
+    async def settle(self, budgets: Sequence[Applied], hold_id: str, amounts: Sequence[int]) -> Settlement:
         self._leases.pop(hold_id, None)
         if not budgets:
-            return True
+            return Settlement.RECORDED
         keys: list[str] = []
         args: list[str | int] = [hold_id]
         for b, charge in zip(budgets, amounts, strict=True):
@@ -189,9 +189,10 @@ class RedisBudgets(LeasedRedisStore):
         with trio.CancelScope(shield=True):  # a charge must be recorded even when the request was cancelled
             try:
                 await self._call(lambda: self._settle(keys=keys, args=args))
-            except _Unavailable:
-                return False
-        return True
+            except _Unavailable as exc:
+                # A script that may have reached a stalled Redis may still run when it answers.
+                return Settlement.UNKNOWN if exc.may_have_run else Settlement.NOT_RECORDED
+        return Settlement.RECORDED
 
     async def levels(self, keys: Sequence[str]) -> list[Level]:
         redis_keys = [k for key in keys for k in self._keys(key)]

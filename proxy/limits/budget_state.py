@@ -15,7 +15,18 @@ from datetime import datetime
 from typing import Protocol
 
 from ..config import Config, StateConfig
-from .budget import CREDENTIAL, USER, Applied, BudgetLedger, BudgetSpec, Level, Reservation, budget_key, window
+from .budget import (
+    CREDENTIAL,
+    USER,
+    Applied,
+    BudgetLedger,
+    BudgetSpec,
+    Level,
+    Reservation,
+    Settlement,
+    budget_key,
+    window,
+)
 
 
 class BudgetStore(Protocol):
@@ -25,8 +36,10 @@ class BudgetStore(Protocol):
         """Hold each budget's ``hold`` if every one has room (``spent + held + hold <= limit``),
         else hold nothing. With Redis unreachable: 503 (closed) or an unenforced admission (open)."""
 
-    async def settle(self, budgets: Sequence[Applied], hold_id: str, amounts: Sequence[int]) -> bool:
-        """Drop the hold and add ``amounts`` to spent; False when the charge could not be recorded."""
+    async def settle(self, budgets: Sequence[Applied], hold_id: str, amounts: Sequence[int]) -> Settlement:
+        """Drop the hold and add ``amounts`` to spent: RECORDED, NOT_RECORDED (never sent: the hold
+        stays until its lease ends), or UNKNOWN (sent to a store that did not answer: it may
+        still be recorded when the store answers)."""
 
     async def levels(self, keys: Sequence[str]) -> list[Level]:
         """Spent and live held amounts of budget windows, for ``parkway budget show``."""
@@ -43,9 +56,9 @@ class MemoryBudgets:
     async def reserve(self, budgets: Sequence[Applied], hold_id: str) -> Reservation:
         return self.book.reserve(budgets, hold_id, self.clock().timestamp())
 
-    async def settle(self, budgets: Sequence[Applied], hold_id: str, amounts: Sequence[int]) -> bool:
+    async def settle(self, budgets: Sequence[Applied], hold_id: str, amounts: Sequence[int]) -> Settlement:
         self.book.settle(budgets, hold_id, amounts, self.clock().timestamp())
-        return True
+        return Settlement.RECORDED
 
     async def levels(self, keys: Sequence[str]) -> list[Level]:
         now = self.clock().timestamp()

@@ -120,7 +120,28 @@ REFRESH_BATCH = 500  # lease keys per refresh script call
 
 
 class _Unavailable(Exception):
-    """Redis could not be used for this operation; the failure policy applies."""
+    """Redis could not be used for this operation; the failure policy applies.
+
+    ``may_have_run``: the operation may have reached Redis (it timed out, or the connection broke
+    after it could have been written), so Redis may still run it once it answers. False only
+    when it surely was not sent: the outage policy skipped it, or the connection was refused."""
+
+    def __init__(self, may_have_run: bool = False):
+        super().__init__()
+        self.may_have_run = may_have_run
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Whether ``exc`` proves the command never left this process: a refused connect (coredis
+    wraps it in its ConnectionError). Anything else may have been written: conservative."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the cause chain is short; bounded all the same
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class LeasedRedisStore(RedisClientOwner):
@@ -188,7 +209,7 @@ class LeasedRedisStore(RedisClientOwner):
                     failure_policy=self.failure_policy,
                     retry_interval=self.retry_interval,
                 )
-            raise _Unavailable from exc
+            raise _Unavailable(may_have_run=not _never_sent(exc)) from exc
         length = self.outage.succeeded(trio.current_time())
         if length is not None:
             self.log.warning(

@@ -26,7 +26,7 @@ from proxy.config import Config, StateConfig
 from proxy.demo.mock_openai import MockOpenAI, serve_mock
 from proxy.errors import Overloaded
 from proxy.jobs.model import JobsConfig
-from proxy.limits.budget import Level, applied_budgets, budget_key, request_cost
+from proxy.limits.budget import Level, Settlement, applied_budgets, budget_key, request_cost
 from proxy.limits.budget_redis import RedisBudgets
 from proxy.limits.budget_spec import NANO_USD, USD, BudgetsConfig, BudgetSpec, Price, PriceTable
 from proxy.limits.budget_state import budget_report
@@ -449,6 +449,72 @@ async def test_a_refund_the_budget_store_cannot_record_is_logged_and_the_hold_st
     parkway.parkway.shutdown()
 
 
+async def levels_become(redis: RedisServer, key: str, wanted: Level) -> None:
+    """Poll the real Redis (a client of its own, patient) until ``key``'s levels are ``wanted``:
+    the only signal that a script sent to a stalled Redis ran once it resumed. Bounded."""
+    async with RedisBudgets(redis.url, key_prefix="parkway-e2e:", timeout=5) as budgets:
+        with trio.move_on_after(10):
+            while (await budgets.levels([key]))[0] != wanted:
+                await trio.sleep(0.05)
+        assert (await budgets.levels([key]))[0] == wanted
+
+
+async def test_a_refund_a_stalled_redis_did_not_answer_is_logged_unknown_and_applied_when_it_resumes(
+    nursery, upstream, redis, tmp_path
+):  # fmt: skip
+    budget = BudgetSpec(5000, "tokens", "day")
+    state = StateConfig(backend="redis", url=redis.url, key_prefix="parkway-e2e:", timeout=1)
+    parkway = await run_parkway(nursery, queueing_one_job(tmp_path, budget, state))  # jobs in SQLite
+    with watch_logs() as logs:
+        _running, queued, before = await one_running_one_queued(parkway, upstream, budget, logs)
+        redis.process.send_signal(signal.SIGSTOP)  # hung, not down: the refund is sent, not answered
+        try:
+            deleted = await call(parkway.port, "DELETE", queued, timeout=20)
+            assert (deleted.status, deleted.json()["status"]) == (200, "cancelled")
+            [unknown] = logs.find(event="budget_charge_unknown")
+            assert (unknown["budget_estimate"], unknown["job"]) == ("nothing:cancelled", queued.rpartition("/")[2][:12])
+            assert "may be recorded when Redis answers" in unknown["reason"]
+            assert not logs.find(event="budget_charge_lost") and not logs.find(event="job_budget_settled")
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+    await levels_become(redis, alice_key(parkway, budget), Level(before, 0))  # the refund ran after all
+    parkway.parkway.shutdown()
+
+
+async def test_a_charge_a_stalled_redis_did_not_answer_is_logged_unknown_and_applied_when_it_resumes(
+    nursery, redis
+):  # fmt: skip
+    app = MockOpenAI(text=WORDS, delay=0.01, created=CREATED)
+    upstream = await nursery.start(serve_mock, app)
+    budget = BudgetSpec(5000, "tokens", "day")
+    state = StateConfig(backend="redis", url=redis.url, key_prefix="parkway-e2e:", timeout=1)
+    config = replace(make_config(credentials=(replace(TEST_CREDENTIAL, user_budget=budget),)), state=state)
+    parkway = await run_parkway(nursery, config)
+    # One request settled first: Redis has the settle script cached, as it has in a running
+    # deployment (one it must first load could never run from the stalled EVALSHA: NOSCRIPT).
+    first = await post(parkway.port, signed(parkway.base, upstream), chat(20))
+    assert first.status == 200
+    body = chat(50, stream=True)
+    with watch_logs() as logs:
+        stream = await Call.open(parkway.port, "POST", signed(parkway.base, upstream), body=body)
+        with trio.fail_after(10):
+            await stream.read_until(b'"role":"assistant"')  # held in Redis, streaming
+        redis.process.send_signal(signal.SIGSTOP)  # hung, not down: the charge is sent, not answered
+        try:
+            with trio.fail_after(20):
+                reply = await stream.finish()
+                line = await logs.wait_for(event="request", request_id=reply.headers["x-request-id"])
+            assert reply.status == 200
+            [unknown] = logs.find(event="budget_charge_unknown")
+            assert unknown["charge"] == line["budget_charge"] == 9 + 50
+            assert "may be recorded when Redis answers" in unknown["reason"]
+            assert not logs.find(event="budget_charge_lost")
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+    await levels_become(redis, alice_key(parkway, budget), Level(9 + 20 + 9 + 50, 0))  # charged, hold dropped
+    parkway.parkway.shutdown()
+
+
 async def test_a_realtime_session_is_closed_with_1008_once_it_used_its_hold(start_parkway, nursery):
     realtime = await nursery.start(RealtimeUpstream().serve)  # each response.done reports 18 tokens
     budget = BudgetSpec(60, "tokens", "day")
@@ -626,4 +692,28 @@ async def test_redis_unreachable_follows_the_failure_policy(redis: RedisServer) 
         assert info.value.code == "state_unavailable" and info.value.status == 503
         admitted = await opened.reserve(budgets, "3")
         assert admitted.allowed and not admitted.enforced
-        assert not await opened.settle(budgets, "3", [10])  # the charge could not be written: said so
+        # Refused at once, or skipped by the outage policy: the charge surely was not written.
+        assert await opened.settle(budgets, "3", [10]) is Settlement.NOT_RECORDED
+
+
+async def test_a_settlement_is_unknown_while_redis_stalls_runs_when_it_resumes_and_not_recorded_when_it_is_down(
+    redis: RedisServer,
+) -> None:
+    spec = BudgetSpec(1000, "tokens", "day")
+    cost = request_cost(chat(100), path=CHAT, settings=BudgetsConfig(), cap=None, want_usage=True)
+    budgets, _ = applied_budgets("app", None, "alice", spec, cost, PriceTable(), datetime.now(UTC))
+    key = budgets[0].key
+    with trio.fail_after(30):
+        async with RedisBudgets(redis.url, key_prefix="parkway-e2e:", timeout=1, retry_interval=0) as store:
+            assert (await store.reserve(budgets, "0")).allowed
+            assert await store.settle(budgets, "0", [5]) is Settlement.RECORDED  # the scripts are cached
+            assert (await store.reserve(budgets, "1")).allowed
+            redis.process.send_signal(signal.SIGSTOP)  # hung, not down: the script is written, not answered
+            try:
+                assert await store.settle(budgets, "1", [10]) is Settlement.UNKNOWN
+            finally:
+                redis.process.send_signal(signal.SIGCONT)
+            await levels_become(redis, key, Level(5 + 10, 0))  # it ran once Redis resumed: hold dropped, charged
+            assert (await store.reserve(budgets, "2")).allowed  # on the connection it left, if still there
+            await redis.kill()  # down: the connection is refused, nothing is sent
+            assert await store.settle(budgets, "2", [20]) is Settlement.NOT_RECORDED
