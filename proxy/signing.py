@@ -299,54 +299,38 @@ def _proxy_url(text: str) -> str:
     return normalize_url(text, schemes=PROXY_SCHEMES)
 
 
-def _sort_parameters(
-    pairs: list[tuple[str, str]],
-) -> tuple[dict[str, str], dict[str, str], list[tuple[str, str]]]:
-    """(Signway's parameters, the others, all but the signature in order) of a query's decoded
-    pairs, refusing a repeated Signway parameter (the others may repeat: the last one wins)."""
-    found: dict[str, str] = {}
-    extras: dict[str, str] = {}
-    params: list[tuple[str, str]] = []
-    repeated: str | None = None
-    for pair in pairs:
-        key, value = pair
-        if key in _SIGNWAY_PARAMS or key.startswith("X-Sw-"):
-            if key in found and repeated is None:
-                repeated = key
-            found[key] = value
-        else:
-            extras[key] = value
-        if key != X_SIGNATURE:
-            params.append(pair)
-    if repeated is not None:
-        raise BadRequest(
-            f"parameter {client_text(repeated, quoted=False)} appears more than once", code="malformed_signed_url"
-        )
-    return found, extras, params
-
-
 def parse_signed_request(raw_query: str) -> SignedRequest:
     """Parse the ``X-Sw-*`` parameters; a :class:`BadRequest` names the first missing or invalid one.
 
-    The fields are decoded as :func:`parse_query` decodes them, then sorted out: in C for the
-    common URL (Signway's parameters, each once), by :func:`_sort_parameters` otherwise.
+    One pass over the query (as :func:`parse_query` decodes it): the parameters are decoded,
+    checked for repeats and collected as they come, the signer's extra ones apart.
     """
     if raw_query and raw_query.count("&") >= MAX_QUERY_FIELDS:  # _too_many_fields, inline
         raise BadRequest("query string has too many parameters", code="malformed_signed_url")
     decode = _cached_field if len(raw_query) <= MAX_CACHED_QUERY else _decoded_field
-    try:  # every field decoded first: a bad escape is named before a repeated parameter
-        pairs = list(map(decode, filter(None, raw_query.split("&"))))  # (empty fields, as in &&, skipped)
+    found: dict[str, str] = {}  # Signway's parameters
+    extras: dict[str, str] = {}  # the others (last one wins)
+    params: list[tuple[str, str]] = []  # every parameter but the signature, in order
+    repeated: str | None = None
+    try:
+        for field in raw_query.split("&") if raw_query else ():
+            if not field:
+                continue
+            key, value = pair = decode(field)
+            if key in _SIGNWAY_PARAMS or key.startswith("X-Sw-"):
+                if key in found and repeated is None:
+                    repeated = key  # refused once the whole query decoded (a bad escape is named first)
+                found[key] = value
+            else:
+                extras[key] = value
+            if key != X_SIGNATURE:
+                params.append(pair)
     except UnicodeDecodeError:
         raise _not_utf8() from None
-    found = dict(pairs)
-    extras: dict[str, str]
-    if len(found) == len(pairs) and found.keys() <= _SIGNWAY_PARAMS:
-        # The common URL: Signway's parameters, each once, nothing else (sorted out in C, not a loop).
-        extras, params = {}, pairs
-        if X_SIGNATURE in found:
-            params.remove((X_SIGNATURE, found[X_SIGNATURE]))
-    else:
-        found, extras, params = _sort_parameters(pairs)
+    if repeated is not None:
+        raise BadRequest(
+            f"parameter {client_text(repeated, quoted=False)} appears more than once", code="malformed_signed_url"
+        )
     if not found:
         raise BadRequest("not a signed URL: the X-Sw-* query parameters are missing", code="missing_signature_params")
     if not found.keys() >= _SIGNWAY_PARAMS:
