@@ -74,6 +74,49 @@ def bench_log() -> Callable[[], object]:
     return lambda: log.info("request", **fields)
 
 
+def bench_log_request() -> Callable[[], object]:
+    """A small request's whole log line: ``record.log_request`` from the record to the written line."""
+    import structlog
+
+    from proxy import logs
+    from proxy.http.connection import RequestHead
+    from proxy.record import RequestRecord, log_request
+
+    logs.configure("info", "json", stream=io.StringIO())
+    structlog.contextvars.bind_contextvars(request_id="0123456789abcdef", credential="micro", user=None, job=None)
+    head = RequestHead("POST", "/", (), "1.1", "127.0.0.1")
+    record = RequestRecord(
+        0.0, 0, 0, credential="micro", status=200, ttfb=0.0004, duration=0.0006, bytes_in=900, bytes_out=300,
+        upstream_host="127.0.0.1:9000", upstream_path="/v1/chat/completions",
+    )  # fmt: skip
+    return lambda: log_request(head, record)
+
+
+def bench_request_fields() -> Callable[[], object]:
+    """A request's bound log fields: its id (credential, user, job unset), the credential, the reset."""
+    import structlog
+
+    from proxy import logs
+
+    fields = getattr(logs, "request_fields", None)
+    if fields is None:  # before logs.RequestFields: structlog's bind and reset
+        bind, reset = structlog.contextvars.bind_contextvars, structlog.contextvars.reset_contextvars
+
+        def structlogs() -> None:
+            tokens = bind(request_id="0123456789abcdef", credential=None, user=None, job=None)
+            bind(credential="micro")
+            reset(**tokens)
+
+        return structlogs
+
+    def direct() -> None:
+        tokens = fields.bind("0123456789abcdef")
+        fields.credential("micro")
+        fields.reset(tokens)
+
+    return direct
+
+
 def bench_query() -> Callable[[], object]:
     from proxy.signing import parse_query
 
@@ -307,6 +350,8 @@ def bench_upstream_httptools() -> Callable[[], object]:
 
 BENCHES: dict[str, Callable[[], Callable[[], object]]] = {
     "log": bench_log,
+    "log_request": bench_log_request,
+    "request_fields": bench_request_fields,
     "query": bench_query,
     "signed": bench_signed,
     "verify": bench_verify,

@@ -115,7 +115,8 @@ def _run_trio(fn: Callable[..., Awaitable[int | None]], *args: Any) -> int:
     import trio
 
     try:
-        result = trio.run(fn, *args)
+        with logs.turn_batches() as instruments:
+            result = trio.run(fn, *args, instruments=instruments)
     except OSError as exc:
         print(f"parkway: {exc}", file=sys.stderr)
         return 1

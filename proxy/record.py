@@ -85,19 +85,20 @@ class RequestRecord:
 
 def log_request(head: RequestHead, record: RequestRecord) -> None:
     """The request's one log line: info when it was served, warning otherwise."""
-    fields: dict[str, Any] = dict(
-        method=head.method,
-        client=record.client or head.peer,
-        user=record.user,
-        upstream_host=record.upstream_host,
-        upstream_path=record.upstream_path,
-        status=record.status,
-        bytes_in=record.bytes_in,
-        bytes_out=record.bytes_out,
-        ttfb_ms=round(record.ttfb * 1000, 1) if record.ttfb is not None else None,
-        duration_ms=round(record.duration * 1000, 1),
-        outcome=record.outcome,
-    )
+    ttfb = record.ttfb
+    fields: dict[str, Any] = {
+        "method": head.method,
+        "client": record.client or head.peer,
+        "user": record.user,
+        "upstream_host": record.upstream_host,
+        "upstream_path": record.upstream_path,
+        "status": record.status,
+        "bytes_in": record.bytes_in,
+        "bytes_out": record.bytes_out,
+        "ttfb_ms": round(ttfb * 1000, 1) if ttfb is not None else None,
+        "duration_ms": round(record.duration * 1000, 1),
+        "outcome": record.outcome,
+    }
     if record.cache is not None:
         fields["cache"] = record.cache
     if record.error:
