@@ -21,13 +21,13 @@ def _allowed_origin(cors: CorsConfig, origin: str | None) -> str | None:
 
 def response_headers(cors: CorsConfig, origin: str | None) -> Headers:
     """CORS headers for an actual (non-preflight) response to a request from ``origin``."""
-    allowed = _allowed_origin(cors, origin)
-    headers: Headers = []
-    if "*" not in cors.allow_origins:
-        headers.append((b"vary", b"Origin"))
-    if allowed is None:
-        return headers
-    headers.append((b"access-control-allow-origin", allowed.encode("latin-1")))
+    headers: Headers
+    if "*" in cors.allow_origins:  # (as _allowed_origin decides, written out: one call a response)
+        headers = [(b"access-control-allow-origin", b"*")]
+    elif origin is not None and origin in cors.allow_origins:
+        headers = [(b"vary", b"Origin"), (b"access-control-allow-origin", origin.encode("latin-1"))]
+    else:
+        return [(b"vary", b"Origin")]
     if cors.allow_credentials:
         headers.append((b"access-control-allow-credentials", b"true"))
     if cors.expose_headers:

@@ -113,6 +113,12 @@ def _is_trusted(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.
     return any(ip in n for n in networks)
 
 
+@lru_cache(maxsize=1024)  # one lookup: a client's requests (a connection's, a host's) share one
+def _direct(peer: str) -> ForwardContext:
+    """The context of a client that reached Parkway directly: its own address, nothing believed."""
+    return ForwardContext(client_ip=peer, forwarded_for=peer)
+
+
 def forward_context(peer: str, headers: Mapping[str, str], trusted_proxies: tuple[str, ...]) -> ForwardContext:
     """Believe ``X-Forwarded-For/Proto/Prefix`` only when the peer is a trusted proxy.
 
@@ -120,10 +126,10 @@ def forward_context(peer: str, headers: Mapping[str, str], trusted_proxies: tupl
     everything left of it could have been written by the client.
     """
     if not trusted_proxies:  # the common case: no address to parse, nothing to believe
-        return ForwardContext(client_ip=peer, forwarded_for=peer)
+        return _direct(peer)
     networks = _networks(trusted_proxies)
     if not _is_trusted(peer, networks):
-        return ForwardContext(client_ip=peer, forwarded_for=peer)
+        return _direct(peer)
     chain = [a.strip() for a in headers.get("x-forwarded-for", "").split(",") if a.strip()]
     client = peer
     for address in reversed(chain):
@@ -220,4 +226,7 @@ def response_trailers(lines: Iterable[bytes]) -> list[bytes]:
 
 
 def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    return any(n == b"content-type" and v.lower().startswith(b"text/event-stream") for n, v in headers)
+    for n, v in headers:  # a loop, not any() over a generator: one call, not one per header
+        if n == b"content-type" and v.lower().startswith(b"text/event-stream"):
+            return True
+    return False

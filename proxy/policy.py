@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, overload
 
 from .errors import BadRequest, BodyTooLarge, Forbidden
@@ -45,20 +45,22 @@ class RequestPolicy:
     inspect_bytes: int = 65536  # most body bytes held back while the JSON rules are checked
     overflow: str = "refuse"  # when the required fields are not within inspect_bytes: refuse | stream
 
+    # Derived once from the fields above (a policy is built once per credential, read per request).
+    json_rules: bool = field(init=False, repr=False, compare=False)  # JSON body rules to check
+    # Whether a body must pass through a BodyInspector (JSON rules or a size cap).
+    inspects_body: bool = field(init=False, repr=False, compare=False)
+    checks_head: bool = field(init=False, repr=False, compare=False)  # any rule check_request applies
+
     def __post_init__(self) -> None:
         if self.overflow not in OVERFLOW_CHOICES:
             raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_CHOICES)}")
         if self.inspect_bytes < 1:
             raise ValueError("inspect_bytes must be at least 1")
-
-    @property
-    def inspects_body(self) -> bool:
-        """Whether a body must pass through a :class:`BodyInspector` (JSON rules or a size cap)."""
-        return self.json_rules or self.max_body_bytes is not None
-
-    @property
-    def json_rules(self) -> bool:
-        return bool(self.allowed_models) or self.max_tokens_cap is not None or self.max_n is not None
+        json_rules = bool(self.allowed_models) or self.max_tokens_cap is not None or self.max_n is not None
+        object.__setattr__(self, "json_rules", json_rules)
+        object.__setattr__(self, "inspects_body", json_rules or self.max_body_bytes is not None)
+        checks_head = bool(self.allowed_methods or self.allowed_path_prefixes) or self.max_body_bytes is not None
+        object.__setattr__(self, "checks_head", checks_head)
 
 
 # --- the body, as forwarded ----------------------------------------------------------------
@@ -151,6 +153,8 @@ def check_content_length(policy: RequestPolicy, content_length: int | None) -> N
 
 def check_request(policy: RequestPolicy, *, method: str, upstream_path: str, content_length: int | None) -> None:
     """Every rule that needs no body, in the order a client would fix them."""
+    if not policy.checks_head:  # no such rule (most credentials): nothing to call
+        return
     check_method(policy, method)
     check_path(policy, upstream_path)
     check_content_length(policy, content_length)

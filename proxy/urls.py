@@ -160,6 +160,7 @@ def normalize_url(text: str, *, schemes: frozenset[str] = frozenset({"http", "ht
     return url
 
 
+@lru_cache(maxsize=512)  # pure, and called with the same normalised upstream URLs request after request
 def origin_and_target(url: str) -> tuple[str, str, str]:
     """Split a normalised URL into (scheme, host[:port], request-target without fragment)."""
     parts = urlsplit(url)
@@ -180,9 +181,7 @@ def url_allowed(url: str, prefixes: tuple[str, ...]) -> bool:
     An empty tuple allows any URL. Prefixes end at a path boundary as written: the operator
     who writes ``https://api.openai.com/v1`` allows ``/v1beta`` too, and ``/v1/`` does not.
     """
-    if not prefixes:
-        return True
-    return any(url.startswith(p) for p in prefixes)
+    return not prefixes or url.startswith(prefixes)
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -241,6 +240,8 @@ def path_ambiguity(path: str) -> str | None:
 def check_unambiguous_path(url: str) -> None:
     """Refuse (403 ``ambiguous_path``) a normalised URL whose path an upstream could read two ways;
     called when the path is checked against a prefix (``allowed_upstreams``, ``allowed_paths``)."""
+    if "%" not in url:  # nothing encoded anywhere in it (the common case): nothing to read two ways
+        return
     path = urlsplit(url).path
     reason = path_ambiguity(path)
     if reason is not None:

@@ -4,7 +4,7 @@ credential's and user's limits (429) and single use (403), with every slot given
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import trio
 
@@ -94,8 +94,6 @@ class Admission:
     async def check_single_use(self, config: Config, plan: Plan) -> None:
         if plan.single_use:
             # Remembered until the last moment the URL could still verify.
-            last_valid = plan.expires_at + timedelta(seconds=config.server.clock_skew)
-            if not await self.state.check_and_add_signature(
-                plan.signature, last_valid.timestamp(), self.clock().timestamp()
-            ):
+            last_valid = plan.expires_at + config.server.clock_skew
+            if not await self.state.check_and_add_signature(plan.signature, last_valid, self.clock().timestamp()):
                 raise limits.replay_refusal()

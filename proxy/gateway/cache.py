@@ -72,6 +72,8 @@ def cache_ask(
     """The cache's part of the plan, before the key (None: not cacheable). Unless it bypasses
     the cache, the key is made by :func:`keyed` once the body is read (bounded by the caller)."""
     settings, rules = config.cache, credential.cache or NO_CACHE_RULES
+    if not extras and not rules.ttl:  # neither the signer nor the credential asks for it (most requests)
+        return None
     ttl = signed_ttl(extras.get(settings.param), rules.ttl, settings.max_ttl, settings.param)
     if ttl <= 0:
         return None  # the common case: nothing more to look at

@@ -81,8 +81,8 @@ if TYPE_CHECKING:  # loaded only when tracing is on
     from ..telemetry.tracing import Tracing
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+# The gateway's default clock: a partial, so that reading it runs no Python frame.
+utcnow: Callable[[], datetime] = partial(datetime.now, UTC)
 
 
 class _RequestIds:
@@ -332,7 +332,8 @@ class Gateway:
         if record.trace is not None:  # from here the signed pw_traceparent may be the trace's parent
             record.trace.verified(trace_route(head, config))
         # A signed header must reach the upstream as signed: no Connection header may strip it.
-        forwarding.check_connection_header(head.headers, signed.signed_headers, credential.headers)
+        if b"connection" in head.fields:
+            forwarding.check_connection_header(head.headers, signed.signed_headers, credential.headers)
         _scheme, host, target = origin_and_target(signed.proxy_url)
         record.upstream_host, record.upstream_path = host, target.partition("?")[0]
         websocket = check_upstream(
@@ -342,8 +343,9 @@ class Gateway:
         # 6b: request policy (method, path, size), the end user, then admission: global
         # in-flight cap (503), the credential's and user's limits (429), single use (403).
         # All after the signature: nobody can spend a credential's budget with forged URLs.
-        extras = signed.extra_params()
-        user = limits.end_user(extras, config.server.user_param)
+        # (Without extra signed parameters, the common case, there is no user, job or single-use ask.)
+        extras = signed.extras
+        user = limits.end_user(extras, config.server.user_param) if extras else None
         if user is not None:
             record.user = user
             request_fields.user(user)
@@ -355,7 +357,7 @@ class Gateway:
         policy.check_request(
             rules, method=head.method, upstream_path=record.upstream_path, content_length=declared_length
         )
-        background = None if websocket else background_ask(
+        background = None if websocket or not extras else background_ask(
             extras, head.header(b"prefer"), config.jobs,
             credential=credential.id, allowed_callbacks=credential.allowed_callbacks,
         )  # fmt: skip
@@ -374,24 +376,30 @@ class Gateway:
             # Consume the (empty) body's end now: from here on a client that leaves is noticed,
             # even while queued for a slot.
             await self._drain_request_body(conn)
+        single_use = (
+            limits.wants_single_use(credential.single_use, extras, config.server.single_use_param)
+            if extras
+            else credential.single_use
+        )
+        # Positional, in Plan's field order (a test holds it to the names): 0.6 against 1.5 µs.
         return Plan(
-            request_id=request_id,
-            upstream_url=upstream_url,
-            signature=signed.signature,
-            expires_at=signed.expires_at,
-            credential=credential,
-            ctx=ctx,
-            origin=origin,
-            body=body,
-            declared_length=declared_length,
-            body_follows=body_follows,
-            rules=rules,
-            user=user,
-            single_use=limits.wants_single_use(credential.single_use, extras, config.server.single_use_param),
-            websocket=websocket,
-            background=background,
-            prefix=config.server.public_path_prefix or ctx.prefix,
-            cache=cached,
+            request_id,
+            upstream_url,
+            signed.signature,
+            signed.signed_at + signed.expires,  # expires_at
+            credential,
+            ctx,
+            origin,
+            body,
+            declared_length,
+            body_follows,
+            rules,
+            user,
+            single_use,
+            websocket,
+            background,
+            config.server.public_path_prefix or ctx.prefix,  # prefix
+            cached,  # cache
         )
 
     @staticmethod

@@ -7,7 +7,6 @@ and address policy.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from datetime import datetime
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -39,7 +38,7 @@ class Plan(NamedTuple):
     request_id: str
     upstream_url: str  # the normalised X-Sw-Proxy, without fragment
     signature: str  # for single use
-    expires_at: datetime
+    expires_at: float  # POSIX seconds: the signed URL's date plus its X-Sw-Expires
     credential: Credential
     ctx: forwarding.ForwardContext
     origin: str | None
@@ -86,21 +85,24 @@ class HeaderText(Mapping[str, str]):
         self._head = head
 
     def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        # Without an exception for a missing header: most asked for (Upgrade) are not there.
         try:
             key = name.encode("latin-1")
         except UnicodeEncodeError:
-            raise KeyError(name) from None
-        value = self._head.fields[key]
+            return default
+        value = self._head.fields.get(key)
+        if value is None:
+            return default
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError:  # each of the repeated values decoded on its own, as it was signed
             return ", ".join(_text(v) for n, v in self._head.headers if n == key)
-
-    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        try:
-            return self[name]
-        except KeyError:
-            return default
 
     def __contains__(self, name: object) -> bool:
         try:
@@ -175,24 +177,26 @@ def check_upstream(
     A WebSocket handshake (valid, from an allowed origin) for a WebSocket URL, and a WebSocket
     URL only with a handshake; allowed_upstreams match it in its http(s) form.
     """
-    websocket = ws_policy.is_websocket_request(head.method, headers)
+    # (Upgrade first: is_websocket_request asks the header map, which decodes; most requests have none.)
+    websocket = b"upgrade" in head.fields and ws_policy.is_websocket_request(head.method, headers)
     if websocket:
         ws_policy.check_handshake(head.http_version, headers)
         ws_policy.check_origin(config.cors.allow_origins, origin)
-    elif ws_policy.is_websocket_url(proxy_url):
+    elif proxy_url.startswith(("ws:", "wss:")):  # ws_policy.is_websocket_url of a normalised (lower-case) scheme
         raise BadRequest(
             "X-Sw-Proxy is a WebSocket URL: open it with a WebSocket handshake (GET, Upgrade: websocket)",
             code="websocket_required",
         )
-    allowed = url_allowed(proxy_url, credential.allowed_upstreams)
+    prefixes = credential.allowed_upstreams
+    allowed = url_allowed(proxy_url, prefixes)
     if websocket and not allowed:  # an https:// prefix (as the config stores wss://) covers wss://
-        allowed = url_allowed(ws_policy.http_form(proxy_url), credential.allowed_upstreams)
+        allowed = url_allowed(ws_policy.http_form(proxy_url), prefixes)
     if not allowed:
         raise Forbidden(
             f"upstream {named} is not allowed for credential {credential.id!r}",
             code="upstream_not_allowed",
         )
-    if credential.allowed_upstreams or credential.allowed_paths:
+    if prefixes or credential.allowed_paths:
         check_unambiguous_path(proxy_url)  # what was checked is what the upstream reads
     return websocket
 

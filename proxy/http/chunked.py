@@ -60,6 +60,12 @@ class Framing:
         return self.kind in ("empty", "length", "chunked") and not self.dropped_length
 
 
+# The framings every response shares (a Framing is immutable): built once, not per response.
+_EMPTY, _CLOSE = Framing("empty"), Framing("close")
+_CHUNKED, _CHUNKED_DROPPED = Framing("chunked"), Framing("chunked", dropped_length=True)
+_LENGTHS: dict[bytes, Framing] = {}  # by the Content-Length as sent; bounded below
+
+
 def body_framing(method: str, status: int, headers: list[tuple[bytes, bytes]]) -> Framing:
     """The framing of a response to ``method`` with ``status`` and (lower-case) ``headers``.
 
@@ -67,26 +73,49 @@ def body_framing(method: str, status: int, headers: list[tuple[bytes, bytes]]) -
     a transfer coding other than chunked, or conflicting lengths.
     """
     if method == "HEAD" or status < 200 or status in (204, 304):
-        return Framing("empty")
+        return _EMPTY
     codings: list[bytes] = []
     lengths: set[bytes] = set()
     for name, value in headers:
         if name == b"transfer-encoding":
             codings += [c.strip().lower() for c in value.split(b",") if c.strip()]
         elif name == b"content-length":
-            lengths.update(v.strip() for v in value.split(b","))
+            if value.isdigit():  # one plain number (the common case): no split
+                lengths.add(value)
+            else:
+                lengths.update([v.strip() for v in value.split(b",")])
     if codings:
         if codings != [b"chunked"]:
             raise UpstreamProtocolError(f"upstream used an unsupported transfer coding: {b', '.join(codings)!r}")
-        return Framing("chunked", dropped_length=bool(lengths))
+        return _CHUNKED_DROPPED if lengths else _CHUNKED
     if lengths:
         if len(lengths) != 1:
             raise UpstreamProtocolError("upstream sent conflicting Content-Length values")
         (text,) = lengths
-        if not text.isdigit() or len(text) > 18:
-            raise UpstreamProtocolError(f"upstream sent a malformed Content-Length: {text[:40]!r}")
-        return Framing("length", int(text))
-    return Framing("close")
+        return _length_framing(text)
+    return _CLOSE
+
+
+def plain_body_framing(method: str, status: int, length: bytes | None, chunked: bool) -> Framing:
+    """:func:`body_framing` of headers whose framing ones are already read: at most one
+    Content-Length (``length``, digits), at most one Transfer-Encoding, ``chunked`` (``chunked``)."""
+    if method == "HEAD" or status < 200 or status in (204, 304):
+        return _EMPTY
+    if chunked:
+        return _CHUNKED_DROPPED if length is not None else _CHUNKED
+    return _CLOSE if length is None else _length_framing(length)
+
+
+def _length_framing(text: bytes) -> Framing:
+    framing = _LENGTHS.get(text)
+    if framing is not None:
+        return framing
+    if not text.isdigit() or len(text) > 18:
+        raise UpstreamProtocolError(f"upstream sent a malformed Content-Length: {text[:40]!r}")
+    framing = Framing("length", int(text))
+    if len(_LENGTHS) < 4096:
+        _LENGTHS[text] = framing
+    return framing
 
 
 class ChunkScanner:

@@ -71,6 +71,41 @@ def request_framing(method: bytes, target: bytes, version: bytes, headers: Heade
     names and stripped values; returned as h11 would hand them on (one Content-Length, a
     lower-cased Transfer-Encoding). Raises :class:`FramingError`.
     """
+    fields = dict(headers)  # one C call; as many entries as headers: no name is repeated
+    if len(fields) == len(headers):
+        decided = _plain_framing(method, version, fields)
+        if decided is not None:
+            return decided, headers
+    return _framing_each(method, version, headers)
+
+
+def _plain_framing(method: bytes, version: bytes, fields: dict[bytes, bytes]) -> RequestFraming | None:
+    """:func:`request_framing` of a head without a repeated name, by look-ups rather than a pass
+    over every header; None unless the head is valid and h11 keeps its headers as they are (a
+    plain Content-Length, ``chunked`` as such, a Host where HTTP/1.1 needs one): the pass decides."""
+    coding = fields.get(b"transfer-encoding")
+    if coding is not None and coding != b"chunked":
+        return None
+    text = fields.get(b"content-length")
+    if text is not None and not (text.isdigit() and len(text) <= CONTENT_LENGTH_MAX_DIGITS):
+        return None
+    if version == b"1.1" and b"host" not in fields:
+        return None
+    modern = version >= b"1.1"
+    connection = fields.get(b"connection")
+    expect = fields.get(b"expect")
+    upgrade = fields.get(b"upgrade")
+    return RequestFraming(
+        coding is not None,
+        0 if coding is not None or text is None else int(text),
+        modern and not (connection is not None and b"close" in comma_tokens(connection)),  # keep_alive
+        modern and expect is not None and b"100-continue" in comma_tokens(expect),  # expect_continue
+        method == b"CONNECT" or (upgrade is not None and bool(comma_tokens(upgrade))),  # switch_proposed
+    )
+
+
+def _framing_each(method: bytes, version: bytes, headers: Headers) -> tuple[RequestFraming, Headers]:
+    """:func:`request_framing` header by header, in h11's order of refusals."""
     length = 0
     chunked = False
     host_count = 0
@@ -153,9 +188,15 @@ def _write_head(start: bytes, headers: list[tuple[bytes, bytes, bytes]]) -> byte
 
 def _normalized(headers: Headers) -> list[tuple[bytes, bytes, bytes]]:
     """(raw name, lower-case name, value), Content-Length and Transfer-Encoding as h11 normalizes them."""
+    return _read_fields(headers)[0]
+
+
+def _read_fields(headers: Headers) -> tuple[list[tuple[bytes, bytes, bytes]], bytes | None, bool, bool]:
+    """:func:`_normalized`, and what the pass saw: the Content-Length, whether a Transfer-Encoding
+    and a Connection header are there (so that the framing and keep-alive need no pass of their own)."""
     out: list[tuple[bytes, bytes, bytes]] = []
     seen_length: bytes | None = None
-    seen_coding = False
+    seen_coding = seen_connection = False
     for raw, value in headers:
         name = raw.lower()
         if name == b"content-length":
@@ -172,20 +213,19 @@ def _normalized(headers: Headers) -> list[tuple[bytes, bytes, bytes]]:
             if value != b"chunked":
                 raise FramingError("Only Transfer-Encoding: chunked is supported")
             seen_coding = True
+        elif name == b"connection":
+            seen_connection = True
         out.append((raw, name, value))
-    return out
+    return out, seen_length, seen_coding, seen_connection
 
 
-def _body_kind(method: bytes | None, status: int, headers: list[tuple[bytes, bytes, bytes]]) -> tuple[str, int]:
-    """h11's ``_body_framing`` for a response: (kind, length)."""
+def _body_kind(method: bytes | None, status: int, length: bytes | None, chunked: bool) -> tuple[str, int]:
+    """h11's ``_body_framing`` for a response: (kind, length), from the headers' one Content-Length
+    (None: none) and whether ``Transfer-Encoding: chunked`` is there (it wins, wherever it is)."""
     if status in (204, 304) or method == b"HEAD" or (method == b"CONNECT" and 200 <= status < 300):
         return LENGTH, 0
-    length: bytes | None = None
-    for _, name, value in headers:
-        if name == b"transfer-encoding":
-            return CHUNKED, 0
-        if name == b"content-length":
-            length = value
+    if chunked:
+        return CHUNKED, 0
     if length is not None:
         return LENGTH, int(length)
     return CLOSE, 0
@@ -214,28 +254,33 @@ def response_head(
     ``request_method`` and ``client_version`` are None when no valid request was read (an
     error answer): the client is then taken for HTTP/1.0. ``keep_alive`` is what the request
     allowed."""
-    items = _normalized(headers)
+    items, length_text, chunked, connection = _read_fields(headers)
     need_close = False
-    kind, length = _body_kind(b"GET" if request_method == b"HEAD" else request_method, status, items)
+    kind, length = _body_kind(b"GET" if request_method == b"HEAD" else request_method, status, length_text, chunked)
     if kind != LENGTH:  # a body of unknown length
         _set_header(items, b"content-length", [])
+        length_text = None
         if client_version is None or client_version < b"1.1":
             _set_header(items, b"transfer-encoding", [])
+            chunked = False
             if request_method != b"HEAD":
                 need_close = True
         else:
             _set_header(items, b"transfer-encoding", [b"chunked"])
+            chunked = True
     if not keep_alive or need_close:
         tokens: set[bytes] = set()
-        for _, name, value in items:
-            if name == b"connection":
-                tokens.update(comma_tokens(value))
+        if connection:
+            for _, name, value in items:
+                if name == b"connection":
+                    tokens.update(comma_tokens(value))
         tokens.discard(b"keep-alive")
         tokens.add(b"close")
         _set_header(items, b"connection", sorted(tokens))
+        connection = True
     if kind != LENGTH or request_method == b"HEAD":  # else the headers that decide it are as they were
-        kind, length = _body_kind(request_method, status, items)
-    if keep_alive:
+        kind, length = _body_kind(request_method, status, length_text, chunked)
+    if keep_alive and connection:
         for _, name, value in items:
             if name == b"connection" and b"close" in comma_tokens(value):
                 keep_alive = False

@@ -29,7 +29,7 @@ from ..errors import BadRequest, HeadersTooLarge, RequestTimeout
 from ..sweep import Sweep
 from . import framing, parsers
 from .connection import REASONS, TEXT, ClientGone, HTTPConnection, RequestHead, check_head
-from .h11_impl import h11_refusal
+from .h11_impl import h11_refusal, header_pairs
 
 # Their side (the request) and ours (the response), as h11 names the states that matter here.
 IDLE, BODY, DONE, MIGHT_SWITCH, ERROR = range(5)  # theirs
@@ -118,7 +118,9 @@ class HttptoolsConnection(HTTPConnection):
             return None
         self._buffer = bytearray(conn.trailing_data[0])
         size = head_size or len(data) - len(self._buffer)
-        return self._start(event.method, event.target, event.http_version, list(event.headers), size, checked=True)
+        return self._start(
+            event.method, event.target, event.http_version, header_pairs(event.headers), size, checked=True
+        )
 
     def _take_head(self, head: bytes) -> RequestHead:
         try:
@@ -164,13 +166,16 @@ class HttptoolsConnection(HTTPConnection):
         if head_size > self.config.max_header_bytes:
             raise HeadersTooLarge(f"request head exceeds {self.config.max_header_bytes} bytes")
         fields = check_head(headers, controls=checked)  # llhttp refused control characters itself
-        return RequestHead(  # positional: a head is built for every request
-            TEXT[method] if method in TEXT else method.decode("ascii", "replace"),
-            target.decode("latin-1"),
-            tuple(headers),
-            TEXT[version] if version in TEXT else version.decode("ascii"),
-            self.peer,
-            fields,
+        return tuple.__new__(  # a head is built for every request: the tuple itself, no __new__ of its own
+            RequestHead,
+            (
+                TEXT[method] if method in TEXT else method.decode("ascii", "replace"),
+                target.decode("latin-1"),
+                tuple(headers),
+                TEXT[version] if version in TEXT else version.decode("ascii"),
+                self.peer,
+                fields,
+            ),
         )
 
     def _body_ended(self) -> None:
@@ -273,7 +278,8 @@ class HttptoolsConnection(HTTPConnection):
         await self.flush()
 
     async def send_head(self, status: int, headers: list[tuple[bytes, bytes]], *, flush: bool = True) -> None:
-        self._settle_request()
+        if self._theirs == BODY:
+            self._settle_request()
         if self._close_after or not self.request_complete:
             # An unread request body cannot be skipped safely: close after this response.
             headers = [*headers, (b"connection", b"close")]

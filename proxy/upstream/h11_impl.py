@@ -10,6 +10,7 @@ from __future__ import annotations
 import h11
 
 from ..http.chunked import ChunkScanner, body_framing
+from ..http.h11_impl import header_pairs
 from .wire import BrokenResponse, Headers, RequestRefused, ResponseHead, deframe_chunked
 
 
@@ -50,10 +51,10 @@ class H11HTTP:
         except h11.RemoteProtocolError as exc:
             raise BrokenResponse(str(exc)) from None
         if type(event) is h11.InformationalResponse:
-            return ResponseHead(event.status_code, event.http_version, list(event.headers), None)
+            return ResponseHead(event.status_code, event.http_version, header_pairs(event.headers), None)
         if type(event) is not h11.Response:
             raise BrokenResponse("not a response")
-        headers = list(event.headers)
+        headers = header_pairs(event.headers)
         framing = body_framing(self.method, event.status_code, headers)
         if framing.kind == "chunked":
             self.scanner = ChunkScanner()

@@ -16,8 +16,10 @@ from typing import Any
 import h11
 import httptools
 
-from ..http.chunked import ChunkScanner, body_framing
+from ..http.chunked import ChunkScanner, Framing, body_framing, plain_body_framing
+from ..http.h11_impl import header_pairs
 from .wire import (
+    PLAIN_HEAD,
     BodyReader,
     BrokenResponse,
     Headers,
@@ -27,7 +29,6 @@ from .wire import (
     deframe_chunked,
     keep_alive,
     normalized,
-    plain_head,
     request_head,
 )
 
@@ -50,9 +51,10 @@ class _Collector:
         self.complete = True
 
 
-def _llhttp_head(head: bytes) -> tuple[int, bytes, Headers] | None:
-    """Status, version and headers of a plain head, or None when it is not one llhttp takes."""
-    if not plain_head(head):
+def _llhttp_head(head: bytes) -> tuple[int, bytes, Headers, bytes | None, bool, bool] | None:
+    """Status, version and headers of a plain head, with what :func:`~proxy.upstream.wire.normalized`
+    saw of them, or None when it is not one llhttp takes."""
+    if PLAIN_HEAD.fullmatch(head) is None:  # plain_head, without its frame
         return None
     collector = _Collector()
     parser: Any = httptools.HttpResponseParser(collector)
@@ -64,11 +66,12 @@ def _llhttp_head(head: bytes) -> tuple[int, bytes, Headers] | None:
         return None
     if not collector.complete:
         return None
-    headers = normalized(collector.headers)
+    plain = normalized(collector.headers)
     status = int(head[9:12])  # the plain status line: b"HTTP/x.y NNN"
-    if headers is None or status < 100 or status == 101:  # 101: h11's refusal (nothing proposed it)
+    if plain is None or status < 100 or status == 101:  # 101: h11's refusal (nothing proposed it)
         return None
-    return status, head[5:8], headers
+    headers, length, chunked, connection = plain
+    return status, head[5:8], headers, length, chunked, connection
 
 
 def _h11_reader(method: str) -> h11.Connection:
@@ -114,8 +117,13 @@ class HttptoolsHTTP:
         parsed = _llhttp_head(head)
         if parsed is None:
             return self._h11_head(head)
-        status, version, headers = parsed
-        return self._head(status, version, headers)
+        status, version, headers, length, chunked, connection = parsed
+        if status < 200:
+            return ResponseHead(status, version, headers, None)
+        # The framing and keep-alive from what the header pass saw: no pass of their own.
+        framing = plain_body_framing(self.method, status, length, chunked)
+        alive = keep_alive(version, headers) if connection else version >= b"1.1"
+        return self._final(status, version, headers, framing, alive)
 
     def _h11_head(self, head: bytes) -> ResponseHead:
         """A head the fast path does not take: h11's reading, or its refusal."""
@@ -127,13 +135,16 @@ class HttptoolsHTTP:
             raise BrokenResponse(str(exc)) from None
         if type(event) is not h11.Response and type(event) is not h11.InformationalResponse:
             raise BrokenResponse("not a response")
-        return self._head(event.status_code, event.http_version, list(event.headers))
+        return self._head(event.status_code, event.http_version, header_pairs(event.headers))
 
     def _head(self, status: int, version: bytes, headers: Headers) -> ResponseHead:
         if status < 200:
             return ResponseHead(status, version, headers, None)
         framing = body_framing(self.method, status, headers)
-        self.their_keep_alive = keep_alive(version, headers)
+        return self._final(status, version, headers, framing, keep_alive(version, headers))
+
+    def _final(self, status: int, version: bytes, headers: Headers, framing: Framing, alive: bool) -> ResponseHead:
+        self.their_keep_alive = alive
         if framing.kind == "chunked":
             self.scanner = ChunkScanner()
         else:

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.errors import BadRequest, BodyTooLarge, Forbidden, Refused
 from proxy.policy import (
@@ -24,6 +26,41 @@ from proxy.policy import (
 )
 
 # --- method, path, length ------------------------------------------------------------------------
+
+
+@given(
+    st.builds(
+        RequestPolicy,
+        allowed_methods=st.sampled_from([(), ("POST",), ("GET", "POST")]),
+        allowed_path_prefixes=st.sampled_from([(), ("/v1/",), ("/v1/chat", "/x")]),
+        max_body_bytes=st.sampled_from([None, 0, 10]),
+        allowed_models=st.sampled_from([(), ("m",)]),
+        max_n=st.sampled_from([None, 1]),
+    ),
+    st.sampled_from(["GET", "POST", "post", "PUT"]),
+    st.sampled_from(["/", "/v1/chat", "/v1/chat/x", "/v1%2fchat", "/x"]),
+    st.sampled_from([None, 0, 10, 11]),
+)
+def test_check_request_is_each_check_in_turn(policy, method, path, length) -> None:
+    """Its shortcut (no rule for the head) refuses exactly what the three checks refuse."""
+
+    def outcome(*checks) -> str | None:
+        try:
+            for check in checks:
+                check()
+        except (Forbidden, BodyTooLarge) as exc:
+            return exc.message
+        return None
+
+    assert outcome(lambda: check_request(policy, method=method, upstream_path=path, content_length=length)) == outcome(
+        lambda: check_method(policy, method),
+        lambda: check_path(policy, path),
+        lambda: check_content_length(policy, length),
+    )
+    assert policy.inspects_body is (policy.json_rules or policy.max_body_bytes is not None)
+    assert policy.json_rules is (
+        bool(policy.allowed_models) or policy.max_tokens_cap is not None or policy.max_n is not None
+    )
 
 
 @pytest.mark.parametrize(

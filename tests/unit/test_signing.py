@@ -24,10 +24,13 @@ from proxy.signing import (
     QUERY_ENCODINGS,
     REQUIRED_PARAMS,
     canonical_query,
+    canonical_request,
     check_validity,
     parse_query,
     parse_signed_request,
     sign_url,
+    signature,
+    signed_header_values,
     signing_key,
     verify_signature,
 )
@@ -874,3 +877,85 @@ def test_x_sw_date_is_read_field_by_field(text: str) -> None:
         return
     parsed = parse_signed_request(query)
     assert parsed.date == expected and parsed.date.tzinfo is UTC and parsed.date_text == text
+
+
+# --- the fast paths give the answers of the code they replaced -----------------------------------
+# The references below are the previous implementations, kept here verbatim: the canonical query
+# formatted pair by pair, the one-shot HMAC, and verification as a loop over every candidate.
+
+_TEXT = st.text(
+    st.sampled_from(["a", "Z", "0", " ", "+", "%", "&", "=", "/", "~", "!", "*", "(", "é", "😀"]), max_size=6
+)
+_PARAMS = st.lists(st.tuples(st.sampled_from(["X-Sw-Date", "X-Sw-Proxy", "pw_user", "k"]) | _TEXT, _TEXT), max_size=6)
+
+
+def _old_canonical_query(params, encode) -> str:
+    return "&".join(sorted([f"{encode(k)}={encode(v)}" for k, v in params if k != "X-Sw-Signature"]))
+
+
+def _old_signature(secret: str, date_text: str, canonical: bytes) -> str:
+    day = date_text[:8]
+    to_sign = f"SW1-HMAC-SHA256\n{date_text}\n{day}\n{hashlib.sha256(canonical).hexdigest()}"
+    return hmac.digest(signing_key(secret, day), to_sign.encode(), "sha256").hex()
+
+
+@given(_PARAMS | _PARAMS.map(lambda p: [*p, ("X-Sw-Signature", "0" * 64)]))
+@settings(max_examples=300, deadline=None)
+def test_canonical_query_is_the_pairwise_format(params) -> None:
+    for encode in QUERY_ENCODINGS:
+        assert canonical_query(params, encode) == _old_canonical_query(params, encode)
+    assert canonical_query(params, str.upper) == _old_canonical_query(params, str.upper)  # any other encoding
+
+
+@given(st.text(max_size=20), st.sampled_from(["20261120T120000Z", "00010101T000000Z"]), st.binary(max_size=300))
+@settings(max_examples=200, deadline=None)
+def test_signature_is_the_one_shot_hmac(secret: str, date_text: str, canonical: bytes) -> None:
+    assert signature(secret, date_text, canonical) == _old_signature(secret, date_text, canonical)
+    assert signature(secret, date_text, canonical) == _old_signature(secret, date_text, canonical)  # keyed, cached
+
+
+@st.composite
+def _verification(draw: st.DrawFn):
+    """A signed request, the paths and secrets it is checked with, and a signature made from one of
+    the spellings a signer may use (or from none)."""
+    proxy_text = draw(st.sampled_from([CHAT, "HTTPS://api.openai.com:443/v1/a b", "https://h/x?q=a+b"]))
+    params = [("X-Sw-Date", "20261120T120000Z"), ("X-Sw-Proxy", proxy_text)] + draw(_PARAMS)
+    headers = draw(st.sampled_from([{}, {"content-type": "application/json"}]))
+    body = draw(st.sampled_from([None, b"{}", "é".encode()]))
+    req = parse_signed_request(
+        "&".join(f"{quote_plus(k)}={quote_plus(v)}" for k, v in params if not k.startswith("X-Sw-"))
+        + f"&{_Q}&X-Sw-Expires=300&X-Sw-Proxy={quote_plus(proxy_text)}"
+        + f"&X-Sw-SignedHeaders={quote_plus(';'.join([*headers, *(['content-length'] if body else [])]))}"
+        + f"&X-Sw-Body={'true' if body is not None else 'false'}&X-Sw-Signature={'0' * 64}"
+    )
+    paths = draw(st.lists(st.sampled_from(["/", "/ai/", "/x"]), min_size=1, max_size=3))
+    secrets = draw(st.lists(st.sampled_from([SECRET, OLD_SECRET, "other"]), min_size=1, max_size=2))
+    method = draw(st.sampled_from(["GET", "POST"]))
+    header_lists = signed_header_values(req, headers, body)
+    proxies = dict.fromkeys([req.proxy_text, req.proxy_url])
+    spellings = [
+        canonical_request(
+            method, path, _old_canonical_query([(k, p if k == "X-Sw-Proxy" else v) for k, v in req.params], enc), h,
+            body or b"",
+        )
+        for path in paths for p in proxies for enc in QUERY_ENCODINGS for h in header_lists
+    ]  # fmt: skip
+    signed = draw(st.sampled_from(spellings + [b"not one of them"]))
+    sig = _old_signature(draw(st.sampled_from([SECRET, OLD_SECRET, "other", "nobody"])), req.date_text, signed)
+    return req._replace(signature=sig), method, paths, secrets, headers, body, spellings
+
+
+@given(_verification())
+@settings(max_examples=300, deadline=None)
+def test_verify_signature_accepts_what_the_loop_over_every_candidate_accepted(case) -> None:
+    req, method, paths, secrets, headers, body, spellings = case
+    expected = any(
+        hmac.compare_digest(_old_signature(s, req.date_text, c), req.signature) for c in spellings for s in secrets
+    )
+    try:
+        verify_signature(req, method=method, secrets=secrets, paths=paths, headers=headers, body=body)
+    except Forbidden as exc:
+        assert exc.code == "signature_mismatch"
+        assert not expected
+    else:
+        assert expected

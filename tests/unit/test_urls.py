@@ -6,9 +6,23 @@ Signway's Rust ``url`` crate give), not computed, so a change in behaviour shows
 
 from __future__ import annotations
 
-import pytest
+from urllib.parse import urlsplit
 
-from proxy.urls import InvalidURL, normalize_prefix, normalize_url, origin_and_target, split_host_port, url_allowed
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.errors import Forbidden
+from proxy.urls import (
+    InvalidURL,
+    check_unambiguous_path,
+    normalize_prefix,
+    normalize_url,
+    origin_and_target,
+    path_ambiguity,
+    split_host_port,
+    url_allowed,
+)
 
 NORMALIZE = {
     # scheme and host case, default ports
@@ -212,3 +226,30 @@ def test_split_host_port(address, split):
 def test_split_host_port_refuses(address):
     with pytest.raises(ValueError):
         split_host_port(address)
+
+
+# --- the shortcuts give the answers of the code they replaced --------------------------------------
+
+_URLS = st.lists(
+    st.sampled_from(["http://h", "https://h:1", "/v1", "/", "%2f", "%25", "%2e", "%41", "?q=%2F", "#%2F", "a"])
+)
+
+
+@given(_URLS.map("".join), st.lists(_URLS.map("".join), max_size=3).map(tuple))
+def test_url_allowed_is_any_prefix(url: str, prefixes: tuple[str, ...]) -> None:
+    assert url_allowed(url, prefixes) is (not prefixes or any(url.startswith(p) for p in prefixes))
+
+
+@given(_URLS.map("".join))
+def test_an_unambiguous_path_check_skips_only_urls_without_escapes(url: str) -> None:
+    """Refused exactly when the path is ambiguous, as when every URL was split first."""
+    try:
+        reason = path_ambiguity(urlsplit(url).path)
+    except ValueError:  # not a URL urlsplit reads: nothing to compare
+        return
+    try:
+        check_unambiguous_path(url)
+    except Forbidden as exc:
+        assert reason is not None and reason in exc.message
+    else:
+        assert reason is None

@@ -21,7 +21,7 @@ def _plan() -> Plan:
         request_id="r1",
         upstream_url="http://127.0.0.1:1/v1/x",
         signature="s",
-        expires_at=datetime(2026, 1, 1, tzinfo=UTC),
+        expires_at=datetime(2026, 1, 1, tzinfo=UTC).timestamp(),
         credential=Credential(id="app", secrets=("k",)),
         ctx=forwarding.ForwardContext(client_ip="127.0.0.1", prefix=""),
         origin=None,
@@ -77,8 +77,9 @@ def test_the_header_map_reads_as_a_dict_of_each_value_decoded(headers) -> None:
         assert (name in text) == (name in expected)
         assert text.get(name) == expected.get(name)
         assert text.get(name, "-") == expected.get(name, "-")
-    with pytest.raises(KeyError):
-        text["\u20ac"]
+    for missing in ("\u20ac", "missing"):
+        with pytest.raises(KeyError):
+            text[missing]
     assert 3 not in text
 
 
@@ -94,3 +95,28 @@ def test_the_header_map_reads_as_a_dict_of_each_value_decoded(headers) -> None:
 )
 def test_has_body(headers, expected) -> None:
     assert has_body(head(*headers)) is expected
+
+
+def test_the_gateway_builds_the_plan_in_its_field_order() -> None:
+    """Gateway._plan builds Plan positionally (the cheaper call): each argument must name the field
+    it fills, by its variable or attribute name, or by a comment on its line."""
+    import ast
+    import inspect
+    import textwrap
+
+    from proxy.gateway.handler import Gateway
+
+    source = textwrap.dedent(inspect.getsource(Gateway._plan))
+    lines = source.splitlines()
+    calls = [
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Plan"
+    ]
+    assert len(calls) == 1 and not calls[0].keywords
+    args = calls[0].args
+    assert len(args) == len(Plan._fields) - 1  # all but budget, which admission sets
+    for arg, name in zip(args, Plan._fields, strict=False):
+        said = arg.id if isinstance(arg, ast.Name) else arg.attr if isinstance(arg, ast.Attribute) else None
+        comment = lines[arg.lineno - 1].partition("#")[2].strip()
+        assert name in (said, comment), f"argument {ast.unparse(arg)} is in the place of {name}"

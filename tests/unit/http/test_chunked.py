@@ -6,9 +6,11 @@ import random
 
 import h11
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.errors import UpstreamProtocolError
-from proxy.http.chunked import ChunkScanner, Framing, MalformedChunks, body_framing
+from proxy.http.chunked import ChunkScanner, Framing, MalformedChunks, body_framing, plain_body_framing
 
 # (wire bytes of a whole chunked body, de-framed data, terminator)
 WELL_FORMED = [
@@ -228,3 +230,31 @@ def test_a_read_of_whole_bare_chunks_passes_as_it_came() -> None:
     scanner.feed(b"2\r\nok\r\n")
     scanner.feed(b"2\r\nok\r\n3\r\nabc\r\n")
     assert scanner.rewritten is None
+
+
+@given(
+    method=st.sampled_from(["GET", "HEAD", "POST"]),
+    status=st.sampled_from([100, 200, 204, 304, 404]),
+    length=st.one_of(st.none(), st.sampled_from([b"0", b"12", b"9" * 18, b"9" * 19])),
+    chunked=st.booleans(),
+    others=st.lists(st.sampled_from([(b"connection", b"close"), (b"x-a", b"1")]), max_size=2),
+)
+def test_the_plain_framing_is_body_framings(
+    method: str, status: int, length: bytes | None, chunked: bool, others
+) -> None:
+    """What the upstream's header pass saw (one digits-only length, one chunked coding) gives
+    :func:`body_framing`'s answer for those headers, or its refusal."""
+    headers = [*others]
+    if length is not None:
+        headers.append((b"content-length", length))
+    if chunked:
+        headers.append((b"transfer-encoding", b"chunked"))
+    try:
+        expected: object = body_framing(method, status, headers)
+    except UpstreamProtocolError as exc:
+        expected = str(exc)
+    try:
+        got: object = plain_body_framing(method, status, length, chunked)
+    except UpstreamProtocolError as exc:
+        got = str(exc)
+    assert got == expected

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import h11
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from proxy.http import framing
@@ -46,6 +46,10 @@ def h11_server(method: bytes | None, version: bytes | None, close: bool) -> h11.
     close=st.booleans(),
     body=st.sampled_from([b"", b"abc", b"abcd"]),
 )
+# A tunnel's and a HEAD's answer have no body whatever the headers say.
+@example(status=200, headers=[(b"x-a", b"1")], method=b"CONNECT", version=b"1.1", close=False, body=b"")
+@example(status=200, headers=[(b"x-a", b"1")], method=b"HEAD", version=b"1.1", close=False, body=b"")
+@example(status=200, headers=[(b"content-length", b"3")], method=b"HEAD", version=b"1.1", close=False, body=b"abc")
 def test_a_response_is_written_as_h11_writes_it(status, headers, method, version, close, body) -> None:
     conn = h11_server(method, version, close)
     keep_alive = conn._cstate.keep_alive  # what the request allowed
@@ -102,6 +106,18 @@ def test_a_request_h11_refuses_is_refused(head, error) -> None:
         framing.request_framing(*head)
 
 
+def test_an_answer_to_no_request_without_a_length_says_close() -> None:
+    """Before any request was read the client is taken for HTTP/1.0: a body of unknown length is
+    delimited by the close, which the head says and the answer's keep-alive follows."""
+    conn = h11_server(None, None, False)
+    expected = conn.send(h11.Response(status_code=400, headers=[(b"x-a", b"1")], reason=b"R"))
+    start = framing.response_head(
+        400, b"R", [(b"x-a", b"1")], request_method=None, client_version=None, keep_alive=True
+    )
+    assert start.head == expected == b"HTTP/1.1 400 R\r\nx-a: 1\r\nConnection: close\r\n\r\n"
+    assert (start.body, start.keep_alive) == (framing.CLOSE, False)
+
+
 @pytest.mark.parametrize(
     ("version", "headers", "keep_alive", "expect", "switch"),
     [
@@ -147,3 +163,55 @@ def test_a_content_length_is_read_as_h11_reads_it(value: bytes) -> None:
         return
     assert isinstance(event, h11.Request)
     assert framing.content_length(value.strip()) == dict(event.headers)[b"content-length"]
+
+
+REQUEST_FIELDS = [
+    (b"host", b"a"),
+    (b"content-length", b"3"),
+    (b"content-length", b"3, 3"),
+    (b"content-length", b"9" * 21),
+    (b"content-length", b"x"),
+    (b"transfer-encoding", b"chunked"),
+    (b"transfer-encoding", b"Chunked"),
+    (b"transfer-encoding", b"gzip"),
+    (b"connection", b"close"),
+    (b"connection", b"keep-alive, Close"),
+    (b"expect", b"100-continue"),
+    (b"expect", b"nothing"),
+    (b"upgrade", b"websocket"),
+    (b"upgrade", b","),
+    (b"x-a", b"1"),
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    method=st.sampled_from([b"GET", b"POST", b"CONNECT"]),
+    version=st.sampled_from([b"1.1", b"1.0"]),
+    headers=st.lists(st.sampled_from(REQUEST_FIELDS), max_size=5),
+)
+def test_a_request_head_is_framed_as_h11_frames_it(method: bytes, version: bytes, headers: list) -> None:
+    """The look-up path (no repeated name) and the pass over every header alike: h11's refusal
+    (its words), or its headers, keep-alive, 100-continue, framing and switch."""
+    conn = h11.Connection(h11.SERVER)
+    lines = b"".join(b"%s: %s\r\n" % h for h in headers)
+    target = b"a:1" if method == b"CONNECT" else b"/"
+    conn.receive_data(b"%s %s HTTP/%s\r\n%s\r\n" % (method, target, version, lines))
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        with pytest.raises(framing.FramingError) as refused:
+            framing.request_framing(method, target, version, headers)
+        assert str(refused.value) == str(exc)
+        return
+    assert isinstance(event, h11.Request)
+    decided, normalized = framing.request_framing(method, target, version, headers)
+    assert normalized == list(event.headers)
+    assert decided.keep_alive == conn._cstate.keep_alive
+    assert decided.expect_continue == conn.they_are_waiting_for_100_continue
+    assert decided.chunked == (type(conn._reader).__name__ == "ChunkedReader")
+    if not decided.chunked:
+        assert decided.length == (getattr(conn._reader, "_length", 0) if conn._reader is not None else 0)
+    assert decided.switch_proposed == (
+        method == b"CONNECT" or any(n == b"upgrade" for n, _ in event.headers if _.strip(b", "))
+    )
