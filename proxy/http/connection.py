@@ -185,7 +185,7 @@ class HTTPConnection:
         ``header_read_timeout`` (slowloris protection). ``scope`` is the caller's cancel scope
         around this call (the server's, one per connection) and ``sweep`` the server's table of
         connections waiting for a head (:class:`~proxy.sweep.Sweep`): the timeouts are the
-        scope's deadline there, entered when a read would wait (:meth:`_arm`), and the sweep
+        scope's deadline there, entered when a read has to wait (:meth:`_enter_deadline`); the sweep
         cancels the scope once it has passed; the caller takes the scope out of the table when
         this returns. When that cancels it, :meth:`head_timeout` says what to answer. Without a
         scope, a head that began and timed out raises ``RequestTimeout``."""
