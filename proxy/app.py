@@ -176,8 +176,7 @@ class Parkway:
                     tracing=self.tracing,
                 )
                 nursery = await stack.enter_async_context(trio.open_nursery())
-                if self.engine is not None:
-                    await nursery.start(self._run_engine)
+                await nursery.start(self._run_until_drained)
                 if self.runner is not None:
                     await nursery.start(self.runner.run)
                     nursery.start_soon(self._refresh_job_stats)
@@ -217,10 +216,15 @@ class Parkway:
             self._engine_scope.cancel()
             self.admin_server.shutdown()
 
-    async def _run_engine(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        assert self.engine is not None
+    async def _run_until_drained(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The relay engine and the upstream client's first-byte sweep, until the public server
+        has drained (the last stream relayed, the last upstream head waited for)."""
         with self._engine_scope:
-            await self.engine.run(task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                if self.engine is not None:
+                    await nursery.start(self.engine.run)
+                await nursery.start(self.upstream.first_bytes.run)
+                task_status.started()
 
     async def _refresh_job_stats(self) -> None:
         """The store's counts into the metrics, until the drain begins."""

@@ -26,6 +26,7 @@ from trio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled, w
 
 from ..config import ServerConfig
 from ..errors import BadRequest, BodyTooLarge, RequestTimeout, client_text
+from ..sweep import Sweep
 
 log = structlog.get_logger("parkway.server")
 
@@ -115,6 +116,11 @@ class HTTPConnection:
         self._close_after = False
         self.head_only = False  # the current request is HEAD: its response has no body (RFC 9110 §9.3.2)
         self.handed_over = False  # the connection now speaks another protocol (see hand_over)
+        # The head's pending deadline while next_request reads one (seconds from when it is entered;
+        # negative: enter it at the next read, waiting or not), and where it goes (see _enter_deadline).
+        self._arm_in = 0.0
+        self._head_scope: trio.CancelScope | None = None
+        self._sweep: Sweep | None = None
         self._unsent: list[bytes] = []  # encoded by a send with flush=False, written at the next flush
         # Written to directly when it is a real socket (see flush); None for in-memory streams.
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -127,8 +133,14 @@ class HTTPConnection:
         is noticed before reading, and a read that finds bytes ready still yields once
         (``cancel_shielded_checkpoint``, as trio does), so that a client that always has bytes
         ready (a flooding one, its requests refused without waiting for anything) cannot keep
-        every other connection waiting. A read that had to wait yields in the wait."""
+        every other connection waiting. A read that had to wait yields in the wait.
+
+        While :meth:`next_request` reads a head, its pending deadline (``_arm_in``) is entered in
+        the sweep's table only when the read has to wait: a busy server finds a kept-alive
+        connection's next request there already, and then enters none."""
         sock = self._socket
+        if self._arm_in and (self._arm_in < 0 or sock is None):  # a head's deadline to enter at once
+            self._enter_deadline()
         if sock is None:  # an in-memory stream (tests, benches)
             try:
                 data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
@@ -140,6 +152,8 @@ class HTTPConnection:
         try:
             data = os.read(sock.fileno(), RECEIVE_SIZE)  # the socket is non-blocking
         except BlockingIOError:
+            if self._arm_in:  # a head's deadline, entered only now that the read has to wait
+                self._enter_deadline()
             return await self._receive_ready(sock)
         except OSError as exc:
             raise _gone(exc) from exc
@@ -162,34 +176,57 @@ class HTTPConnection:
 
     # --- what each implementation provides ---------------------------------------------------
 
-    async def next_request(self, idle_timeout: float, scope: trio.CancelScope | None = None) -> RequestHead | None:
+    async def next_request(
+        self, idle_timeout: float, scope: trio.CancelScope | None = None, sweep: Sweep | None = None
+    ) -> RequestHead | None:
         """Wait for the next request head; None when the client leaves or idles out between requests.
 
         The idle wait ends at the first byte; from there the whole head must arrive within
         ``header_read_timeout`` (slowloris protection). ``scope`` is the caller's cancel scope
-        around this call (the server's, one per connection): the timeouts are its deadline, set
-        here and reset to none before this returns or raises, instead of a scope per request.
-        When that deadline cancels it, :meth:`head_timeout` says what to answer. Without one,
-        a head that began and timed out raises ``RequestTimeout``."""
+        around this call (the server's, one per connection) and ``sweep`` the server's table of
+        connections waiting for a head (:class:`~proxy.sweep.Sweep`): the timeouts are the
+        scope's deadline there, entered when a read has to wait (:meth:`_enter_deadline`); the sweep
+        cancels the scope once it has passed; the caller takes the scope out of the table when
+        this returns. When that cancels it, :meth:`head_timeout` says what to answer. Without a
+        scope, a head that began and timed out raises ``RequestTimeout``."""
         raise NotImplementedError
 
-    async def _begin_head(self, buffered: int, idle_timeout: float) -> tuple[bool, float]:
+    async def _begin_head(self, buffered: int, idle_timeout: float, scope: trio.CancelScope, sweep: Sweep) -> bool:
         """A request cycle's start, for both implementations' :meth:`next_request`: where its head
-        is counted from, and whether it has begun (``buffered`` bytes of a pipelined request are
+        is counted from, whether it has begun (``buffered`` bytes of a pipelined request are
         here: a schedule point per request, which no read gives, and ``header_read_timeout`` at
-        once). Returns that, and the timeout of the first read."""
+        once), and the first read's timeout, pending (:meth:`_enter_deadline`)."""
         self.head_bytes_in = self.bytes_in - buffered
         self.request_done = trio.Event()
         self.head_only = False
+        self._head_scope, self._sweep = scope, sweep
         started = self.head_started = buffered > 0
         if started:
+            self._arm_in = self.config.header_read_timeout
             await cancel_shielded_checkpoint()
-        return started, self.config.header_read_timeout if started else idle_timeout
+        else:
+            self._arm_in = idle_timeout
+        return started
+
+    def _head_began(self) -> None:
+        """The head's first byte has come: from here the whole head within ``header_read_timeout``.
+        Counted from the next read that has to wait when no deadline was entered yet (none is
+        running: the bytes so far came without waiting), else entered at the next read."""
+        self.head_started = True
+        timeout = self.config.header_read_timeout
+        self._arm_in = timeout if self._arm_in else -timeout
+
+    def _enter_deadline(self) -> None:
+        """Enter the pending head deadline, from now, in the sweep's table (it cancels the head's scope)."""
+        sweep = self._sweep
+        assert sweep is not None and self._head_scope is not None
+        sweep.deadlines[self._head_scope] = sweep.now() + abs(self._arm_in)
+        self._arm_in = 0.0
 
     async def _next_request_alone(self, idle_timeout: float) -> RequestHead | None:
-        """:meth:`next_request` in a scope of its own."""
+        """:meth:`next_request` in a scope of its own, its deadline the scope's own (no sweep)."""
         with trio.CancelScope() as scope:
-            return await self.next_request(idle_timeout, scope)
+            return await self.next_request(idle_timeout, scope, Sweep.on_scopes())
         timed_out = self.head_timeout()
         if timed_out is not None:
             raise timed_out

@@ -8,7 +8,6 @@ tested against.
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncGenerator, Sequence
 
 import h11
@@ -16,6 +15,7 @@ import trio
 
 from ..config import ServerConfig
 from ..errors import BadRequest, HeadersTooLarge, RequestTimeout, client_text
+from ..sweep import Sweep
 from .connection import REASONS, TEXT, ClientGone, HTTPConnection, RequestHead, check_head
 
 
@@ -55,12 +55,12 @@ class H11Connection(HTTPConnection):
         except h11.RemoteProtocolError as exc:
             raise h11_refusal(exc, self.config.max_header_bytes) from exc
 
-    async def next_request(self, idle_timeout: float, scope: trio.CancelScope | None = None) -> RequestHead | None:
-        if scope is None:
+    async def next_request(
+        self, idle_timeout: float, scope: trio.CancelScope | None = None, sweep: Sweep | None = None
+    ) -> RequestHead | None:
+        if scope is None or sweep is None:
             return await self._next_request_alone(idle_timeout)
-        started, timeout = await self._begin_head(len(self.conn.trailing_data[0]), idle_timeout)
-        arm = True  # the scope's deadline is to be set (from now) before the next read
-        armed = False
+        started = await self._begin_head(len(self.conn.trailing_data[0]), idle_timeout, scope, sweep)
         # Nothing buffered, the client's side open: h11 (IDLE, at a cycle's start) can only say
         # NEED_DATA, so it is first asked once bytes have come (its empty look: 18 calls, 1.9 us).
         ask = started or self.conn.trailing_data[1]
@@ -79,11 +79,7 @@ class H11Connection(HTTPConnection):
                 if type(event) is h11.ConnectionClosed or event is h11.PAUSED:
                     return None
                 assert event is h11.NEED_DATA, event
-                if arm:
-                    scope.deadline = trio.current_time() + timeout
-                    arm = False
-                    armed = True
-                data = await self._receive()  # the deadline cancels the caller's scope
+                data = await self._receive()  # a read that waits enters the head's deadline first
                 if not data:
                     self.conn.receive_data(b"")
                     if not started:
@@ -91,12 +87,10 @@ class H11Connection(HTTPConnection):
                     raise BadRequest("connection closed in the middle of the request head", code="malformed_http")
                 self.conn.receive_data(data)
                 if not started:  # the first byte: the whole head within header_read_timeout
-                    started = self.head_started = True
-                    timeout = self.config.header_read_timeout
-                    arm = True
+                    started = True
+                    self._head_began()
         finally:
-            if armed:
-                scope.deadline = math.inf
+            self._arm_in = 0.0
 
     def _head_from_h11(self, event: h11.Request) -> RequestHead:
         self.head_only = event.method == b"HEAD"  # known before any refusal below is answered

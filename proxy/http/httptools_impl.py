@@ -19,7 +19,6 @@ streams). Where llhttp and h11 disagree, h11 decides:
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncGenerator
 
 import h11
@@ -27,6 +26,7 @@ import trio
 
 from ..config import ServerConfig
 from ..errors import BadRequest, HeadersTooLarge, RequestTimeout
+from ..sweep import Sweep
 from . import framing, parsers
 from .connection import REASONS, TEXT, ClientGone, HTTPConnection, RequestHead, check_head
 from .h11_impl import h11_refusal, header_pairs
@@ -61,14 +61,14 @@ class HttptoolsConnection(HTTPConnection):
 
     # --- receiving ------------------------------------------------------------------------
 
-    async def next_request(self, idle_timeout: float, scope: trio.CancelScope | None = None) -> RequestHead | None:
-        if scope is None:
+    async def next_request(
+        self, idle_timeout: float, scope: trio.CancelScope | None = None, sweep: Sweep | None = None
+    ) -> RequestHead | None:
+        if scope is None or sweep is None:
             return await self._next_request_alone(idle_timeout)
         buffer = self._buffer
         limit = self.config.max_header_bytes
-        started, timeout = await self._begin_head(len(buffer), idle_timeout)
-        arm = True  # the scope's deadline is to be set (from now) before the next read
-        armed = False
+        started = await self._begin_head(len(buffer), idle_timeout, scope, sweep)
         try:
             while True:
                 if not buffer:  # nothing yet (as a kept-alive connection starts): nothing to look for
@@ -89,22 +89,16 @@ class HttptoolsConnection(HTTPConnection):
                     if not started:
                         return None
                     raise BadRequest("connection closed in the middle of the request head", code="malformed_http")
-                if arm:
-                    scope.deadline = trio.current_time() + timeout
-                    arm = False
-                    armed = True
-                data = await self._receive()  # the deadline cancels the caller's scope
+                data = await self._receive()  # a read that waits enters the head's deadline first
                 if not data:
                     self._eof = True
                     continue
                 buffer += data
                 if not started:  # the first byte: the whole head within header_read_timeout
-                    started = self.head_started = True
-                    timeout = self.config.header_read_timeout
-                    arm = True
+                    started = True
+                    self._head_began()
         finally:
-            if armed:
-                scope.deadline = math.inf
+            self._arm_in = 0.0
 
     def _h11_head(self, data: bytes, closed: bool, head_size: int = 0) -> RequestHead | None:
         """h11 reads what llhttp would not (see the module docstring): its refusal, its head

@@ -7,12 +7,14 @@ connection, the connection cap and the graceful drain. Each connection is an
 from __future__ import annotations
 
 import errno
+import math
 from typing import Protocol
 
 import trio
 
 from ..config import ServerConfig
 from ..errors import InternalError, Overloaded, ParkwayError
+from ..sweep import FIRED, Sweep, tick_for
 from ..urls import split_host_port
 from . import parsers
 from .connection import _SOCKET_ERRORS, RECEIVE_SIZE, ClientGone, HTTPConnection, RequestHead, log
@@ -48,7 +50,9 @@ class Server:
         self.app = app
         self.open_connections = 0
         self.draining = False
-        self._idle: set[trio.CancelScope] = set()
+        # The connections waiting for a request head, each with its head's deadline (inf until
+        # next_request sets one): shutdown cancels them all, the sweep those past their deadline.
+        self.heads = Sweep(lambda: tick_for(self.config.header_read_timeout, self.config.keepalive_timeout))
         self._connections: trio.Nursery | None = None
         self._accepting: trio.CancelScope | None = None
 
@@ -59,20 +63,23 @@ class Server:
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until :meth:`shutdown` has drained every connection (or the drain deadline hit)."""
-        async with trio.open_nursery() as connections:
-            self._connections = connections
-            try:
-                with trio.CancelScope() as accepting:
-                    self._accepting = accepting
-                    async with trio.open_nursery() as accept_loops:
+        async with trio.open_nursery() as sweeping:
+            await sweeping.start(self.heads.run)
+            async with trio.open_nursery() as connections:
+                self._connections = connections
+                try:
+                    with trio.CancelScope() as accepting:
+                        self._accepting = accepting
+                        async with trio.open_nursery() as accept_loops:
+                            for listener in listeners:
+                                accept_loops.start_soon(self._accept_loop, listener, connections)
+                            task_status.started(listeners)
+                finally:
+                    with trio.CancelScope(shield=True):
                         for listener in listeners:
-                            accept_loops.start_soon(self._accept_loop, listener, connections)
-                        task_status.started(listeners)
-            finally:
-                with trio.CancelScope(shield=True):
-                    for listener in listeners:
-                        await listener.aclose()
-            # From here the nursery waits for in-flight connections, up to the drain deadline.
+                            await listener.aclose()
+                # From here the nursery waits for in-flight connections, up to the drain deadline.
+            sweeping.cancel_scope.cancel()
 
     def shutdown(self) -> None:
         """Stop accepting, close idle keep-alive connections, cancel the rest after ``drain_timeout``."""
@@ -81,7 +88,7 @@ class Server:
         self.draining = True
         if self._accepting is not None:
             self._accepting.cancel()
-        for scope in list(self._idle):
+        for scope in list(self.heads.deadlines):
             scope.cancel()
         if self._connections is not None:
             self._connections.cancel_scope.deadline = trio.current_time() + self.config.drain_timeout
@@ -146,28 +153,32 @@ class Server:
             await self.app.reject(head, conn, exc)
 
     async def _serve_connection(self, conn: HTTPConnection) -> None:
-        # One scope for the connection's whole life, in the idle set only while it waits for a
-        # head: shutdown cancels it there (a scope per request cost 4-6 µs each). The head's
-        # timeouts are its deadline too, set by next_request only while it reads. A head that
-        # arrived as the scope was cancelled (shutdown, or its deadline just then; nothing
-        # raised) is answered outside it, as the last on its connection; so is a refused one.
+        # One scope for the connection's whole life, in the heads' table only while it waits for
+        # a head: shutdown cancels it there (a scope per request cost 4-6 µs each), and so does
+        # the sweep once the head's deadline, which next_request enters there, has passed (no
+        # trio deadline to set and lift per request). A head that arrived as the scope was
+        # cancelled (shutdown, or its deadline just then; nothing raised) is answered outside
+        # it, as the last on its connection; so is a refused one.
         first = True
         head: RequestHead | None = None
         refusal: ParkwayError | None = None
-        idle_set = self._idle
+        # (Served outside serve(), as some tests do, the deadlines are the scope's own.)
+        heads = self.heads if self.heads.running else Sweep.on_scopes()
+        deadlines = heads.deadlines
         with trio.CancelScope() as idle:
             while not self.draining:
-                idle_set.add(idle)
+                deadlines[idle] = math.inf
                 try:
                     head = await conn.next_request(
-                        self.config.header_read_timeout if first else self.config.keepalive_timeout, idle
+                        self.config.header_read_timeout if first else self.config.keepalive_timeout, idle, heads
                     )
                 except ParkwayError as exc:  # malformed head, too large
                     refusal = exc
                     break
                 finally:
-                    idle_set.discard(idle)
-                if head is None or self.draining or idle.cancel_called:
+                    fired = deadlines[idle] == FIRED  # the head's deadline passed as it came
+                    del deadlines[idle]
+                if head is None or self.draining or fired:
                     break
                 first = False
                 await self.app.handle(head, conn)

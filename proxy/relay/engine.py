@@ -39,6 +39,9 @@ _GONE = _RDHUP | getattr(select, "EPOLLHUP", 0) | getattr(select, "EPOLLERR", 0)
 async def relay_portable(stream: RelayStream, initial: bytes) -> None:
     """Relay ``stream`` (``initial``: body bytes that came with the head) in the calling task."""
     state = stream.start(initial)
+    if state == DONE:  # the whole body came with the head (a small answer): no wait, no scope
+        stream.finish_observers()
+        return
     up = stream.up
     idle, slack = stream.idle_timeout, min(1.0, stream.idle_timeout / 8)
     try:

@@ -28,6 +28,7 @@ import trio
 from ..config import ServerConfig
 from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from ..http.parsers import resolve as resolve_parser
+from ..sweep import FIRED, Sweep, tick_for
 from .connection import UpstreamConnection
 from .response import HeadReader, Informational, StaleConnection, UpstreamResponse
 from .ssrf import DEFAULT_POLICY, AddressPolicy, Resolver, check_scheme, resolve
@@ -112,13 +113,30 @@ class _Exchange:
             if waited.cancelled_caught:
                 raise client._no_first_byte(origin)
         else:
-            # The caller's scope carries the first byte's deadline until the head (a scope of
-            # its own cost ~40 Python calls a request, lowering and restoring a deadline ~20).
-            # A fired scope stays cancelled, so the wait is told from the clock: the first byte's
-            # deadline passed while the scope's own had not (the scope had the earlier one).
+            # The caller's scope carries the first byte's deadline until the head: entered in the
+            # client's sweep (a dict store and a del; it cancels the scope once the deadline has
+            # passed and marks it FIRED there), not set on the scope (lowering and restoring a trio
+            # deadline cost ~25 calls). A fired scope stays cancelled, so the wait is told from the
+            # mark (from the clock, with no sweep running: the first byte's deadline passed while
+            # the scope's own had not, the scope having the earlier one).
             overall, first_byte = scope.deadline, self.now + client.first_byte_timeout
             if first_byte >= overall:  # the scope's own limit comes first: nothing to carry
                 self.response = await client._exchange(req, origin, target, host_header)
+            elif client.first_bytes.running:
+                deadlines = client.first_bytes.deadlines
+                deadlines[scope] = first_byte
+                try:
+                    self.response = await client._exchange(req, origin, target, host_header)
+                except trio.Cancelled:
+                    if deadlines[scope] == FIRED:
+                        raise client._no_first_byte(origin) from None
+                    raise
+                finally:
+                    fired = deadlines[scope] == FIRED
+                    del deadlines[scope]
+                if fired:  # as the head arrived: late (the scope cannot be un-cancelled)
+                    self.response.conn.close()
+                    raise client._no_first_byte(origin)
             else:
                 scope.deadline = first_byte
                 try:
@@ -128,7 +146,6 @@ class _Exchange:
                         raise client._no_first_byte(origin) from None
                     raise
                 if scope.cancel_called and trio.current_time() >= first_byte:
-                    # The deadline fired as the head arrived: late (the scope cannot be un-cancelled).
                     self.response.conn.close()
                     raise client._no_first_byte(origin)
                 scope.deadline = overall
@@ -162,6 +179,9 @@ class UpstreamClient:
         self.connect_timeout = config.upstream_connect_timeout
         self.first_byte_timeout = config.upstream_first_byte_timeout
         self.idle_timeout = config.upstream_idle_timeout
+        # The first byte's deadlines of requests that carry it on their own scope (open); the
+        # app runs it. Its tick follows a reloaded first_byte_timeout.
+        self.first_bytes = Sweep(lambda: tick_for(self.first_byte_timeout))
         self.parser = resolve_parser(config.http)  # h11 | httptools: HTTP/1.1 on new connections
         allow_private = config.allow_private_upstreams
         self.default_policy = AddressPolicy(allow_private=allow_private) if allow_private else DEFAULT_POLICY
@@ -228,7 +248,8 @@ class UpstreamClient:
 
         ``scope``: the caller's enclosing cancel scope (the request's overall one), which then carries
         the first-byte timeout counted from ``now`` (the caller's clock reading) instead of a scope of
-        its own. A first byte that comes too late raises :class:`UpstreamTimeout` here either way;
+        its own: :attr:`first_bytes` cancels it within a tick after the timeout (exactly, when that
+        sweep is not running). A first byte that comes too late raises :class:`UpstreamTimeout` here either way;
         the caller's scope is then cancelled too, and whoever catches its cancellation must answer
         with this error (gateway.handler does, through the request's record)."""
         return _Exchange(self, req, scope, now)

@@ -135,15 +135,21 @@ class HeadReader:
         return None
 
     async def read(self) -> UpstreamResponse:
-        """The final response head, waiting for it (1xx heads before it passed on)."""
+        """The final response head, waiting for it (1xx heads before it passed on).
+
+        The request has just gone out, so first the task only yields (the other tasks run) and
+        then reads: on a busy server the answer has come by then, and the wait's ``epoll_ctl``
+        and trio's registration are saved; otherwise it waits."""
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        self._receive_nowait()
         while True:
-            if self.buf:  # nothing can be there before the first wait: an answer was just asked for
+            if self.buf:
                 response = self._next_head()
                 if isinstance(response, tuple):
                     response = await self._parse(response)
                 if response is not None:
                     return response
-            await trio.lowlevel.wait_readable(self.conn.sock)
+            await trio.lowlevel.wait_readable(self.conn.fd)  # the number: trio asks a socket for it (one call)
             self._receive_nowait()
 
     def _receive_nowait(self) -> None:

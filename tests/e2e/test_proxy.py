@@ -426,6 +426,39 @@ async def test_the_first_byte_and_the_overall_timeouts_each_fire_with_their_own_
         await upstream.disconnected.wait()
 
 
+async def test_the_first_byte_deadline_waits_in_the_sweep_not_on_the_request_scope(
+    start_parkway, upstream, client, nursery, relay_path
+):
+    # The request's own scope keeps its overall deadline while the first byte's is an entry in
+    # the upstream client's sweep (no trio deadline lowered and restored per request); the
+    # sweep still answers 504 with the first byte's own error, within its tick.
+    first_byte, overall = 2.0, 30.0
+    parkway = await start_parkway(upstream_first_byte_timeout=first_byte, request_timeout=overall)
+    sweep = parkway.parkway.upstream.first_bytes
+    upstream.behaviour = hang
+    responses: list[httpx.Response] = []
+    answered = trio.Event()
+
+    async def call() -> None:
+        responses.append(await client.get(parkway.sign(f"{upstream.base}/v1/models")))
+        answered.set()
+
+    with watch_logs() as logs:
+        nursery.start_soon(call)
+        with trio.fail_after(first_byte):  # entered before the request went out
+            await upstream.wait_for_requests()
+        assert sweep.running
+        [(scope, deadline)] = sweep.deadlines.items()
+        assert scope.deadline - deadline == pytest.approx(overall - first_byte, abs=0.5)
+        with trio.fail_after(first_byte + 10):
+            entry = await logs.wait_for(event="request", outcome="upstream_error")
+            await answered.wait()
+    assert not sweep.deadlines
+    assert_refused(responses[0], 504, "upstream_timeout")
+    assert entry["error"].endswith(f"sent no response within {first_byte:g} s")
+    assert first_byte * 1000 <= entry["duration_ms"]
+
+
 async def test_a_head_in_time_lifts_the_first_byte_deadline_for_the_body(start_parkway, upstream, client):
     # The first byte's deadline is the request scope's until the head; a body slower than it is not cut.
     first_byte = 0.3

@@ -32,6 +32,7 @@ from proxy.errors import (
 )
 from proxy.http.connection import ClientGone, HTTPConnection, RequestHead
 from proxy.http.server import Server, open_connection
+from proxy.sweep import Sweep, tick_for
 from proxy.urls import split_host_port
 from support.http import parse_response, read_until_eof
 
@@ -308,7 +309,7 @@ async def test_head_trickling_in_past_header_read_timeout_gets_408_then_close(au
             answered = trio.current_time()
             await stream.closed.wait()
 
-    assert answered - started == pytest.approx(5.0)
+    assert fired_within_a_tick(answered - started, 5.0)
     reply = parse_response(raw)
     assert reply.closed
     assert reply.status == 408
@@ -325,7 +326,7 @@ async def test_connection_silent_for_header_read_timeout_is_closed_without_respo
         client, stream = run.listener.connect()
         started = trio.current_time()
         assert await read_until_eof(client.stream) == b""
-        assert trio.current_time() - started == pytest.approx(5.0)
+        assert fired_within_a_tick(trio.current_time() - started, 5.0)
         assert stream.closed.is_set()
     assert app.heads == [] and app.rejected == []
 
@@ -383,9 +384,64 @@ async def test_idle_past_keepalive_timeout_is_closed_silently(autojump_clock):
         await client.response()
         done = trio.current_time()
         await client.assert_closed()
-        assert trio.current_time() - done == pytest.approx(20.0)
+        assert fired_within_a_tick(trio.current_time() - done, 20.0)
         assert stream.closed.is_set()
     assert len(app.heads) == 1 and app.rejected == []
+
+
+def fired_within_a_tick(elapsed: float, limit: float, *limits: float) -> bool:
+    """A head's timeouts are the server's sweep (proxy.sweep): enforced within a tick after they
+    pass, never before (the tick from the server's two limits, TIMEOUTS unless given)."""
+    tick = tick_for(*(limits or (TIMEOUTS["header_read_timeout"], TIMEOUTS["keepalive_timeout"])))
+    return limit <= elapsed <= limit + tick
+
+
+async def test_a_kept_alive_connection_waits_for_its_next_head_with_no_trio_deadline(autojump_clock):
+    """The idle limit is an entry in the server's sweep, not a deadline set (and lifted) on the
+    connection's scope for every request."""
+    app = FakeApp()
+    async with serving(app) as run:
+        client, _ = run.listener.connect()
+        await client.request()
+        await client.response()
+        done = trio.current_time()
+        await trio.sleep(1.0)
+        [(scope, deadline)] = run.server.heads.deadlines.items()
+        assert scope.deadline == math.inf
+        assert done <= deadline - 20.0 <= done + 1.0
+        client.reuse()
+        await client.request(target="/two")
+        assert (await client.response())[0].status_code == 200
+        await trio.sleep(1.0)
+        [(same, later)] = run.server.heads.deadlines.items()
+        assert same is scope and later > deadline and scope.deadline == math.inf
+    assert [h.path for h in app.heads] == ["/", "/two"]
+
+
+@pytest.mark.parametrize("which", ["header_read_timeout", "keepalive_timeout"])
+async def test_a_limit_shorter_than_the_default_tick_fires_within_its_own_tick(autojump_clock, which):
+    """The sweep's tick follows the shortest limit (an eighth of it): 50 ms is not enforced a second late."""
+    limits = {**{k: TIMEOUTS[k] for k in ("header_read_timeout", "keepalive_timeout")}, which: 0.05}
+    app = FakeApp()
+    async with serving(app, **limits) as run:
+        client, stream = run.listener.connect()
+        if which == "keepalive_timeout":  # an answer, then silence: a silent close
+            await client.request()
+            await client.response()
+            started = trio.current_time()
+            await client.assert_closed()
+        else:  # a head begun, never finished: 408, then close
+            await client.stream.send_all(b"GET / HTTP/1.1\r\n")
+            started = trio.current_time()
+            reply = parse_response(await read_until_eof(client.stream))
+            assert reply.status == 408 and error_of(reply.body)["code"] == "client_timeout"
+        assert fired_within_a_tick(trio.current_time() - started, 0.05, *limits.values())
+        await stream.closed.wait()
+    if which == "header_read_timeout":
+        [(head, exc)] = app.rejected
+        assert head is None and isinstance(exc, RequestTimeout)
+    else:
+        assert len(app.heads) == 1 and app.rejected == []
 
 
 # --- refusing bad heads ------------------------------------------------------------------
@@ -747,9 +803,9 @@ async def test_a_head_that_arrives_as_shutdown_begins_is_answered_then_the_conne
     app = FakeApp()
 
     async def shutdown_as_it_arrives(
-        self: HTTPConnection, idle_timeout: float, scope: trio.CancelScope | None = None
+        self: HTTPConnection, idle_timeout: float, scope: trio.CancelScope | None = None, sweep: Sweep | None = None
     ) -> RequestHead | None:
-        head = await read_head(self, idle_timeout, scope)
+        head = await read_head(self, idle_timeout, scope, sweep)
         if head is not None and head.path == "/last":
             run.server.shutdown()
         return head
@@ -773,17 +829,17 @@ async def test_a_head_that_arrives_as_shutdown_begins_is_answered_then_the_conne
 async def test_a_head_that_arrives_as_its_deadline_fires_is_answered_then_the_connection_closed(
     autojump_clock, monkeypatch, http_parser
 ):
-    """The head's timeouts are the connection scope's deadline: one that fires in the instant a
-    head came (read, nothing raised) must not cancel its handler; the head is answered, last."""
+    """The head's timeouts cancel the connection's scope (the sweep does): one that fires in the
+    instant a head came (read, nothing raised) must not cancel its handler; the head is answered, last."""
     impl = type(open_connection(trio.testing.memory_stream_pair()[0], ServerConfig(**TIMEOUTS), PEER))
     read_head = impl.next_request
 
     async def deadline_as_it_arrives(
-        self: HTTPConnection, idle_timeout: float, scope: trio.CancelScope | None = None
+        self: HTTPConnection, idle_timeout: float, scope: trio.CancelScope | None = None, sweep: Sweep | None = None
     ) -> RequestHead | None:
-        head = await read_head(self, idle_timeout, scope)
-        if head is not None and head.path == "/last" and scope is not None:
-            scope.cancel()  # what the deadline does when it passes before the scope is reset
+        head = await read_head(self, idle_timeout, scope, sweep)
+        if head is not None and head.path == "/last" and sweep is not None:
+            sweep.expire(math.inf)  # what the sweep does when the deadline passes before the scope is taken out
         return head
 
     monkeypatch.setattr(impl, "next_request", deadline_as_it_arrives)
