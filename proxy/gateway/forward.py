@@ -42,17 +42,22 @@ class Forward:
         try:
             content_length: int | None = None
             upstream_body: bytes | AsyncGenerator[bytes, None] | None = None
+            # Without body rules checked_body returns the body itself: not awaited then (a coroutine less).
             if plan.body is not None:
-                upstream_body = await policy.checked_body(plan.rules, plan.declared_length, plan.body)
+                upstream_body = plan.body
+                if plan.rules.inspects_body:
+                    upstream_body = await policy.checked_body(plan.rules, plan.declared_length, plan.body)
                 content_length = len(plan.body)
             elif plan.body_follows:
                 # An unsigned body streams through; only what the body rules need is held back.
                 content_length = plan.declared_length
                 chunks = conn.body_chunks()
                 opened.append(chunks)
-                upstream_body = await policy.checked_body(plan.rules, plan.declared_length, chunks)
-                if upstream_body is not chunks:
-                    opened.append(upstream_body)
+                upstream_body = chunks
+                if plan.rules.inspects_body:
+                    upstream_body = await policy.checked_body(plan.rules, plan.declared_length, chunks)
+                    if upstream_body is not chunks:
+                        opened.append(upstream_body)
             headers = forwarding.request_headers(
                 head.headers, plan.credential.headers, plan.ctx, content_length=content_length
             )
@@ -83,13 +88,18 @@ class Forward:
                     head_at = record.clock()
                     record.ttfb = head_at - record.started
                     record.status = response.status
-                    record.streamed = response.content_type.lower().startswith("text/event-stream")
                     usage = UsageObserver(
                         response.content_type, details=call is not None, on_first_chunk=record.first_chunk_now
                     )
-                    remover = usage_remover(plan, response)  # the usage chunk a budget asked for, not the client
+                    record.streamed = usage.streamed
                     observers: tuple[BodyObserver, ...] = (usage,)
-                    await respond(conn, response, record, config, plan, (*cache_headers, *budget_headers(plan)))
+                    if plan.budget is None:  # no budget: no usage chunk of its own, no header of its own
+                        remover = None
+                        extra = cache_headers
+                    else:
+                        remover = usage_remover(plan, response)  # the usage chunk a budget asked for, not the client
+                        extra = (*cache_headers, *budget_headers(plan))
+                    await respond(conn, response, record, config, plan, extra)
                     record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
                     await relay(conn, response, record, observers, engine=self.engine, watcher=record.client_watch,
                                 rewrite=remover)  # fmt: skip
@@ -109,8 +119,13 @@ class Forward:
             finally:
                 self.metrics.in_flight.dec()
         finally:
-            if opened:
-                await close_all(opened)
+            if opened:  # close_all's first step here: the common one generator without its coroutine
+                generator = opened.pop()
+                try:
+                    await generator.aclose()
+                finally:
+                    if opened:
+                        await close_all(opened)
 
 
 async def close_all(generators: list[AsyncGenerator[bytes, None]]) -> None:

@@ -112,21 +112,22 @@ class UsageObserver:
     """A body observer (see :mod:`proxy.relay.pump`): ``feed`` it the response body as it is written,
     then ``finish``; ``usage`` is then the response's usage, if it reported one, and ``model``,
     ``response_id`` (and with ``details`` ``finish_reasons``) what the answer said of itself.
-    ``on_first_chunk`` is called once, when the first body bytes have been written."""
+    ``on_first_chunk`` is called once, when the first body bytes have been written; ``streamed``
+    says whether the answer is an event stream (its content type, as the caller's record needs it)."""
 
     __slots__ = (
-        "_sse", "_buf", "_skipping", "usage",
+        "streamed", "_buf", "_skipping", "usage",
         "_details", "_want_head", "_on_first", "model", "response_id", "finish_reasons",
     )  # fmt: skip
 
     def __init__(self, content_type: str, *, details: bool = False, on_first_chunk: Callable[[], None] | None = None):
         ct = content_type.lower()
-        self._sse = ct.startswith("text/event-stream")
-        self._buf: bytearray | None = bytearray() if (self._sse or ct.startswith("application/json")) else None
+        self.streamed = ct.startswith("text/event-stream")
+        self._buf: bytearray | None = bytearray() if (self.streamed or ct.startswith("application/json")) else None
         self._skipping = False
         self.usage: Usage | None = None
         self._details = details
-        self._want_head = self._sse  # the model and id of a stream: from the first event that names them
+        self._want_head = self.streamed  # the model and id of a stream: from the first event that names them
         self._on_first = on_first_chunk
         self.model: str | None = None
         self.response_id: str | None = None
@@ -138,7 +139,7 @@ class UsageObserver:
             self._on_first = None
         if self._buf is None:
             return
-        if not self._sse:
+        if not self.streamed:
             self._buf += chunk
             if len(self._buf) > MAX_JSON_BODY:
                 self._buf = None
@@ -209,13 +210,13 @@ class UsageObserver:
         (``complete`` False) reports no usage. Calling it again changes nothing."""
         if not complete:
             self._buf, self.usage = None, None
-        elif self._buf is not None and not self._sse and self._buf:
+        elif self._buf is not None and not self.streamed and self._buf:
             obj = _json_body(self._buf)
             self.usage = _usage(obj) or self.usage
             if type(obj) is dict or isinstance(obj, dict):
                 self._describe(obj)
             self._buf = None
-        elif self._sse and self._buf:
+        elif self.streamed and self._buf:
             self._line(bytes(self._buf).rstrip(b"\r"))
             self._buf = None
 
