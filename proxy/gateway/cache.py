@@ -296,7 +296,7 @@ class ServeCacheable:
                     close_delimited=response.framing.kind == "close",
                 )
                 flight.detail = reason
-                headers_out = tuple(forwarding.response_headers(response.headers))
+                headers_out = tuple(forwarding.response_headers(response.headers, lowered=True))
                 flight.begin(response.status, headers_out, share=reason is None)
                 # The usage chunk a budget asked for is read here and recorded for no client.
                 remover = usage_remover(plan, response) if response.framing.kind == "chunked" else None

@@ -148,13 +148,20 @@ async def respond(
     extra_headers: tuple[Header, ...] = (),
 ) -> None:
     """Send the client the upstream's status and headers (hop-by-hop ones replaced by ours)."""
-    out_headers = forwarding.response_headers(response.headers)
-    record.expected_length = None
+    out_headers = forwarding.response_headers(response.headers, lowered=True)  # a ResponseHead's names
+    # One pass for both: the first Content-Length, and whether any Content-Type is an event
+    # stream (forwarding.is_event_stream's test).
+    expected_length: int | None = None
+    length_seen = event_stream = False
     for name, value in out_headers:
         if name == b"content-length":
-            record.expected_length = int(value) if value.isdigit() else None
-            break
-    if forwarding.is_event_stream(out_headers):
+            if not length_seen:
+                length_seen = True
+                expected_length = int(value) if value.isdigit() else None
+        elif name == b"content-type" and not event_stream:
+            event_stream = value.lower().startswith(b"text/event-stream")
+    record.expected_length = expected_length
+    if event_stream:
         # nginx in front would otherwise buffer the stream (X-Accel-Buffering).
         out_headers.append((b"x-accel-buffering", b"no"))
     out_headers += cors.response_headers(config.cors, plan.origin)
@@ -171,4 +178,4 @@ async def respond(
 
 async def pass_informational(conn: HTTPConnection, status: int, headers: list[Header]) -> None:
     """An upstream's unasked 1xx (103 Early Hints) to the client, under the response header policy."""
-    await conn.send_informational(status, forwarding.response_headers(headers))
+    await conn.send_informational(status, forwarding.response_headers(headers, lowered=True))
