@@ -122,8 +122,10 @@ class UsageObserver:
 
     def __init__(self, content_type: str, *, details: bool = False, on_first_chunk: Callable[[], None] | None = None):
         ct = content_type.lower()
-        self.streamed = ct.startswith("text/event-stream")
-        self._buf: bytearray | None = bytearray() if (self.streamed or ct.startswith("application/json")) else None
+        # The JSON test first: the common small answer's content type is tested once.
+        json_body = ct.startswith("application/json")
+        self.streamed = not json_body and ct.startswith("text/event-stream")
+        self._buf: bytearray | None = bytearray() if (json_body or self.streamed) else None
         self._skipping = False
         self.usage: Usage | None = None
         self._details = details
