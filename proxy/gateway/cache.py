@@ -279,7 +279,7 @@ class ServeCacheable:
             address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
         )
         usage: UsageObserver | None = None
-        self.metrics.in_flight.inc()
+        self.metrics.in_flight += 1
         try:
             async with self.upstream.open(request) as response:
                 if call is not None:
@@ -326,7 +326,7 @@ class ServeCacheable:
                 call.first_chunk = record.first_chunk
                 call.end(usage, True)
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight -= 1
 
 
 async def body_chunks(response: UpstreamResponse) -> AsyncIterator[bytes]:

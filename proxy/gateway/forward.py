@@ -82,7 +82,7 @@ class Forward:
                 informational=partial(pass_informational, conn),
             )
             usage: UsageObserver | None = None
-            self.metrics.in_flight.inc()
+            self.metrics.in_flight += 1
             try:
                 async with self.upstream.open(request, record.scope, forward_at) as response:
                     head_at = record.clock()
@@ -117,7 +117,7 @@ class Forward:
                     call.status, call.first_chunk = record.status, record.first_chunk
                     call.end(usage, record.completed, tokens=record.usage)  # a budget's usage chunk included
             finally:
-                self.metrics.in_flight.dec()
+                self.metrics.in_flight -= 1
         finally:
             if opened:  # close_all's first step here: the common one generator without its coroutine
                 generator = opened.pop()
