@@ -135,6 +135,11 @@ class Credential:
     budget: BudgetSpec | None = None  # tokens or USD per window, the credential as a whole (docs/budgets.md)
     user_budget: BudgetSpec | None = None  # the same for each end user; URLs must then name one
     propagate_trace: bool = False  # send traceparent upstream (third parties see it): docs/operations.md
+    # Derived once (a credential is built once, read per request): budget or user_budget is set.
+    budgeted: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budgeted", self.budget is not None or self.user_budget is not None)
 
     def __hash__(self) -> int:
         # By id alone (equal credentials have equal ids): the per-credential caches (the request

@@ -190,13 +190,15 @@ def request_headers(
     return out
 
 
-def response_headers(upstream: Iterable[tuple[bytes, bytes]]) -> Headers:
+def response_headers(upstream: Iterable[tuple[bytes, bytes]], *, lowered: bool = False) -> Headers:
     """Headers to send to the client: the upstream's, minus hop-by-hop and cookies.
 
     Cookies set by an API upstream would land on Parkway's (the app's) domain, so they are
-    dropped rather than handed to the browser.
+    dropped rather than handed to the browser. ``lowered``: the names are lower-case already
+    (an :class:`~proxy.upstream.wire.ResponseHead`'s), so not lowered again (a call per header).
     """
-    upstream = [(n.lower(), v) for n, v in upstream]
+    if not lowered:
+        upstream = [(n.lower(), v) for n, v in upstream]
     tokens = _connection_tokens(upstream)
     dropped = RESPONSE_DROPPED | tokens if tokens else RESPONSE_DROPPED
     return [(n, v) for n, v in upstream if n not in dropped]

@@ -65,7 +65,11 @@ class Metrics:
             ["credential", "status_class", "outcome"],
             registry=r,
         )
-        self.in_flight = Gauge("parkway_streams_in_flight", "Upstream requests in flight.", registry=r)
+        # Counted in a plain attribute (``metrics.in_flight += 1``: no Gauge.inc/dec and their lock on
+        # every request), read when scraped.
+        self.in_flight = 0
+        self.in_flight_gauge = Gauge("parkway_streams_in_flight", "Upstream requests in flight.", registry=r)
+        self.in_flight_gauge.set_function(lambda: self.in_flight)
         self.connections = Gauge("parkway_open_connections", "Open client connections.", registry=r)
         self.connections.set_function(open_connections)
         self.bytes = Counter("parkway_client_bytes", "Bytes exchanged with clients.", ["direction"], registry=r)

@@ -11,7 +11,7 @@ import trio
 from .. import limits
 from ..config import Config
 from ..limits import GlobalGate, StateBackend
-from .budget import Budgets, budget_hold, has_budget
+from .budget import Budgets, budget_hold
 from .plan import Plan, Request, Step
 
 
@@ -64,7 +64,7 @@ class Admission:
             try:
                 if plan.single_use and not limits_passed:
                     await self.check_single_use(req.config, plan)
-                if not has_budget(credential):
+                if not credential.budgeted:
                     if trace is not None:  # limits passed; a refusal: closed at the end
                         trace.end_step(step)
                     await step7(req)

@@ -63,7 +63,8 @@ class Budgets:
 
 
 def has_budget(credential: Credential) -> bool:
-    return credential.budget is not None or credential.user_budget is not None
+    """Whether budgets apply to the credential's requests (decided once, when it is built)."""
+    return credential.budgeted
 
 
 @asynccontextmanager
@@ -74,7 +75,7 @@ async def budget_hold(gw: Budgets, req: Request) -> AsyncIterator[Request]:
     read whole by the plan (:func:`~proxy.gateway.handler.read_body_if_needed`)."""
     config, record, plan = req.config, req.record, req.plan
     credential = plan.credential
-    if not has_budget(credential):
+    if not credential.budgeted:
         yield req
         return
     if plan.websocket:

@@ -279,7 +279,7 @@ class ServeCacheable:
             address_policy=address_policy(plan.credential, config.server.allow_private_upstreams),
         )
         usage: UsageObserver | None = None
-        self.metrics.in_flight.inc()
+        self.metrics.in_flight += 1
         try:
             async with self.upstream.open(request) as response:
                 if call is not None:
@@ -296,7 +296,7 @@ class ServeCacheable:
                     close_delimited=response.framing.kind == "close",
                 )
                 flight.detail = reason
-                headers_out = tuple(forwarding.response_headers(response.headers))
+                headers_out = tuple(forwarding.response_headers(response.headers, lowered=True))
                 flight.begin(response.status, headers_out, share=reason is None)
                 # The usage chunk a budget asked for is read here and recorded for no client.
                 remover = usage_remover(plan, response) if response.framing.kind == "chunked" else None
@@ -326,7 +326,7 @@ class ServeCacheable:
                 call.first_chunk = record.first_chunk
                 call.end(usage, True)
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight -= 1
 
 
 async def body_chunks(response: UpstreamResponse) -> AsyncIterator[bytes]:

@@ -42,17 +42,22 @@ class Forward:
         try:
             content_length: int | None = None
             upstream_body: bytes | AsyncGenerator[bytes, None] | None = None
+            # Without body rules checked_body returns the body itself: not awaited then (a coroutine less).
             if plan.body is not None:
-                upstream_body = await policy.checked_body(plan.rules, plan.declared_length, plan.body)
+                upstream_body = plan.body
+                if plan.rules.inspects_body:
+                    upstream_body = await policy.checked_body(plan.rules, plan.declared_length, plan.body)
                 content_length = len(plan.body)
             elif plan.body_follows:
                 # An unsigned body streams through; only what the body rules need is held back.
                 content_length = plan.declared_length
                 chunks = conn.body_chunks()
                 opened.append(chunks)
-                upstream_body = await policy.checked_body(plan.rules, plan.declared_length, chunks)
-                if upstream_body is not chunks:
-                    opened.append(upstream_body)
+                upstream_body = chunks
+                if plan.rules.inspects_body:
+                    upstream_body = await policy.checked_body(plan.rules, plan.declared_length, chunks)
+                    if upstream_body is not chunks:
+                        opened.append(upstream_body)
             headers = forwarding.request_headers(
                 head.headers, plan.credential.headers, plan.ctx, content_length=content_length
             )
@@ -77,19 +82,24 @@ class Forward:
                 informational=partial(pass_informational, conn),
             )
             usage: UsageObserver | None = None
-            self.metrics.in_flight.inc()
+            self.metrics.in_flight += 1
             try:
                 async with self.upstream.open(request, record.scope, forward_at) as response:
                     head_at = record.clock()
                     record.ttfb = head_at - record.started
                     record.status = response.status
-                    record.streamed = response.content_type.lower().startswith("text/event-stream")
                     usage = UsageObserver(
                         response.content_type, details=call is not None, on_first_chunk=record.first_chunk_now
                     )
-                    remover = usage_remover(plan, response)  # the usage chunk a budget asked for, not the client
+                    record.streamed = usage.streamed
                     observers: tuple[BodyObserver, ...] = (usage,)
-                    await respond(conn, response, record, config, plan, (*cache_headers, *budget_headers(plan)))
+                    if plan.budget is None:  # no budget: no usage chunk of its own, no header of its own
+                        remover = None
+                        extra = cache_headers
+                    else:
+                        remover = usage_remover(plan, response)  # the usage chunk a budget asked for, not the client
+                        extra = (*cache_headers, *budget_headers(plan))
+                    await respond(conn, response, record, config, plan, extra)
                     record.overhead = (forward_at - record.started) + (record.head_sent_at - head_at)
                     await relay(conn, response, record, observers, engine=self.engine, watcher=record.client_watch,
                                 rewrite=remover)  # fmt: skip
@@ -107,10 +117,15 @@ class Forward:
                     call.status, call.first_chunk = record.status, record.first_chunk
                     call.end(usage, record.completed, tokens=record.usage)  # a budget's usage chunk included
             finally:
-                self.metrics.in_flight.dec()
+                self.metrics.in_flight -= 1
         finally:
-            if opened:
-                await close_all(opened)
+            if opened:  # close_all's first step here: the common one generator without its coroutine
+                generator = opened.pop()
+                try:
+                    await generator.aclose()
+                finally:
+                    if opened:
+                        await close_all(opened)
 
 
 async def close_all(generators: list[AsyncGenerator[bytes, None]]) -> None:
@@ -133,13 +148,20 @@ async def respond(
     extra_headers: tuple[Header, ...] = (),
 ) -> None:
     """Send the client the upstream's status and headers (hop-by-hop ones replaced by ours)."""
-    out_headers = forwarding.response_headers(response.headers)
-    record.expected_length = None
+    out_headers = forwarding.response_headers(response.headers, lowered=True)  # a ResponseHead's names
+    # One pass for both: the first Content-Length, and whether any Content-Type is an event
+    # stream (forwarding.is_event_stream's test).
+    expected_length: int | None = None
+    length_seen = event_stream = False
     for name, value in out_headers:
         if name == b"content-length":
-            record.expected_length = int(value) if value.isdigit() else None
-            break
-    if forwarding.is_event_stream(out_headers):
+            if not length_seen:
+                length_seen = True
+                expected_length = int(value) if value.isdigit() else None
+        elif name == b"content-type" and not event_stream:
+            event_stream = value.lower().startswith(b"text/event-stream")
+    record.expected_length = expected_length
+    if event_stream:
         # nginx in front would otherwise buffer the stream (X-Accel-Buffering).
         out_headers.append((b"x-accel-buffering", b"no"))
     out_headers += cors.response_headers(config.cors, plan.origin)
@@ -156,4 +178,4 @@ async def respond(
 
 async def pass_informational(conn: HTTPConnection, status: int, headers: list[Header]) -> None:
     """An upstream's unasked 1xx (103 Early Hints) to the client, under the response header policy."""
-    await conn.send_informational(status, forwarding.response_headers(headers))
+    await conn.send_informational(status, forwarding.response_headers(headers, lowered=True))

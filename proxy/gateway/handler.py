@@ -61,7 +61,7 @@ from ..upstream.client import UpstreamClient
 from ..urls import origin_and_target
 from ..websocket.session import WebSocketProxy
 from .admit import Admission
-from .budget import Budgets, has_budget
+from .budget import Budgets
 from .cache import ServeCacheable, cache_ask, keyed
 from .forward import Forward
 from .jobs import enqueue, serve_job
@@ -368,7 +368,7 @@ class Gateway:
             cached = cache_ask(head, config, credential, extras, body is not None, declared_length)
         body_follows = has_body(head)  # two lookups in the head's header map
         if body is None and body_follows:
-            budgeted = has_budget(credential) and not websocket
+            budgeted = credential.budgeted and not websocket
             body = await read_body_if_needed(conn, head, config, background, cached, budgeted)
         if cached is not None and not cached.bypass:
             cached = keyed(cached, head, config, credential, upstream_url, user, body)

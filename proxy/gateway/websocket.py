@@ -43,11 +43,11 @@ async def open_session(
 
     record.session = report = SessionReport()
     span = record.trace.websocket(plan.upstream_url) if record.trace is not None else None
-    metrics.in_flight.inc()
+    metrics.in_flight += 1
     try:
         await websockets.run(session, hand_over, report)
     finally:
-        metrics.in_flight.dec()
+        metrics.in_flight -= 1
         if span is not None and record.trace is not None:
             record.trace.end_websocket(span, report)
         if report.outcome is not None:  # the client was handed over: the session decided

@@ -95,15 +95,13 @@ class EpollEngine:
         # is watched with no system call. Closing the socket removes it from the set.
         self._kept: dict[int, object] = {}
         self._tick = 1.0
-
-    @property
-    def running(self) -> bool:
-        return self._epoll is not None
+        self.running = False  # while run() owns the epoll set (an attribute: read on every request)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Relay until cancelled; streams still in flight then end with :class:`UpstreamProtocolError`."""
         epoll = select.epoll()
         self._epoll = epoll
+        self.running = True
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sweep_timeouts)
@@ -111,6 +109,7 @@ class EpollEngine:
                 await self._loop(epoll)
         finally:
             self._epoll = None
+            self.running = False
             self._watched.clear()
             self._kept.clear()
             for stream in list(dict.fromkeys(self._streams.values())):
@@ -166,6 +165,10 @@ class EpollEngine:
         if state == DONE:
             stream.finish_observers()
             return
+        await self.follow(stream, state)
+
+    async def follow(self, stream: RelayStream, state: int) -> None:
+        """:meth:`relay` of a stream already started (``state``: what :meth:`RelayStream.start` left, not DONE)."""
         epoll = self._epoll
         assert epoll is not None
         stream.task = trio.lowlevel.current_task()

@@ -25,7 +25,7 @@ from ..http.connection import ClientGone, HTTPConnection
 from ..record import RequestRecord
 from ..upstream.client import UpstreamResponse
 from .engine import EpollEngine, relay_portable
-from .stream import BodyObserver, BodyRewrite, RelayStream
+from .stream import DONE, BodyObserver, BodyRewrite, RelayStream
 
 __all__ = ["BodyObserver", "BodyRewrite", "EpollEngine", "relay", "send_held"]
 
@@ -54,7 +54,13 @@ async def relay(
         if engine is not None and engine.running and stream.client_fd >= 0:
             if watcher is not None:
                 watcher.cancel()
-            await engine.relay(stream, response.initial)
+            # engine.relay's first step here: a body that came whole with the head (a small answer)
+            # ends without the engine's coroutine.
+            state = stream.start(response.initial)
+            if state == DONE:
+                stream.finish_observers()
+            else:
+                await engine.follow(stream, state)
         else:
             await relay_portable(stream, response.initial)
     except ParkwayError:

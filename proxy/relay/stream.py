@@ -192,7 +192,9 @@ class RelayStream:
         conn = self.conn
         out = [conn.frame_data(p) for p in pieces if p]
         if self.complete:
-            out.append(conn.frame_end())
+            end = conn.frame_end()
+            if end:  # nothing after a fixed length: the one piece goes as it is, not joined
+                out.append(end)
         if observed is not None:
             observed += pieces
         return out[0] if len(out) == 1 else b"".join(out)

@@ -30,24 +30,41 @@ class Usage:
 
 
 def _usage(obj: object) -> Usage | None:
-    if not isinstance(obj, dict):
+    # ``type(x) is T or isinstance(x, T)``: the same test, told without a call for what JSON gives
+    # (a plain dict, a plain int); ``k in d`` and ``d[k]`` likewise stand for ``d.get`` (once per
+    # response, in every request's path).
+    if not (type(obj) is dict or isinstance(obj, dict)):
         return None
-    u = obj.get("usage")
-    if not isinstance(u, dict):
+    u = obj["usage"] if "usage" in obj else None
+    if not (type(u) is dict or isinstance(u, dict)):
         # The Responses API's response.completed and realtime's response.done nest it.
         inner = obj.get("response")
         u = inner.get("usage") if isinstance(inner, dict) else None
         if not isinstance(u, dict):
             return None
-    prompt = u.get("prompt_tokens", u.get("input_tokens"))
-    completion = u.get("completion_tokens", u.get("output_tokens"))
-    if not isinstance(prompt, int) or not isinstance(completion, int):
+    prompt = u["prompt_tokens"] if "prompt_tokens" in u else u.get("input_tokens")
+    completion = u["completion_tokens"] if "completion_tokens" in u else u.get("output_tokens")
+    if not (type(prompt) is int or isinstance(prompt, int)) or not (
+        type(completion) is int or isinstance(completion, int)
+    ):
         return None
-    total = u.get("total_tokens")
-    details = u.get("prompt_tokens_details", u.get("input_tokens_details"))
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    cached = cached if isinstance(cached, int) and not isinstance(cached, bool) and 0 <= cached <= prompt else 0
-    return Usage(prompt, completion, total if isinstance(total, int) else prompt + completion, cached)
+    total = u["total_tokens"] if "total_tokens" in u else None
+    if "prompt_tokens_details" in u:
+        details = u["prompt_tokens_details"]
+    else:
+        details = u["input_tokens_details"] if "input_tokens_details" in u else None
+    cached = None
+    if type(details) is dict or (details is not None and isinstance(details, dict)):
+        cached = details["cached_tokens"] if "cached_tokens" in details else None
+    if not (
+        cached is not None
+        and (type(cached) is int or (isinstance(cached, int) and not isinstance(cached, bool)))
+        and 0 <= cached <= prompt
+    ):
+        cached = 0
+    if not (type(total) is int or (total is not None and isinstance(total, int))):
+        total = prompt + completion
+    return Usage(prompt, completion, total, cached)
 
 
 def usage_of(obj: object) -> Usage | None:
@@ -69,25 +86,50 @@ def _has_finish_reason(data: bytes) -> bool:
     return b'"finish_reason":"' in data or b'"finish_reason": "' in data
 
 
+_DECODER = json.JSONDecoder()  # json.loads's own: the same options
+
+
+def _json_body(body: bytearray) -> object:
+    """``json.loads(body)``, None where it raises ValueError. A JSON object in UTF-8 (what every
+    JSON answer is) is decoded without json.loads's encoding sniffing and whitespace passes (a
+    dozen calls); anything else goes to json.loads itself."""
+    if body[:1] != b"{" or body[1:2] == b"\0":  # a NUL second byte: json.loads would read UTF-16
+        try:
+            return json.loads(body)
+        except ValueError:
+            return None
+    try:
+        text = body.decode("utf-8", "surrogatepass")
+        obj, end = _DECODER.raw_decode(text)
+    except ValueError:
+        return None
+    if end != len(text) and text[end:].strip(" \t\n\r"):  # json.loads: "Extra data"
+        return None
+    return obj
+
+
 class UsageObserver:
     """A body observer (see :mod:`proxy.relay.pump`): ``feed`` it the response body as it is written,
     then ``finish``; ``usage`` is then the response's usage, if it reported one, and ``model``,
     ``response_id`` (and with ``details`` ``finish_reasons``) what the answer said of itself.
-    ``on_first_chunk`` is called once, when the first body bytes have been written."""
+    ``on_first_chunk`` is called once, when the first body bytes have been written; ``streamed``
+    says whether the answer is an event stream (its content type, as the caller's record needs it)."""
 
     __slots__ = (
-        "_sse", "_buf", "_skipping", "usage",
+        "streamed", "_buf", "_skipping", "usage",
         "_details", "_want_head", "_on_first", "model", "response_id", "finish_reasons",
     )  # fmt: skip
 
     def __init__(self, content_type: str, *, details: bool = False, on_first_chunk: Callable[[], None] | None = None):
         ct = content_type.lower()
-        self._sse = ct.startswith("text/event-stream")
-        self._buf: bytearray | None = bytearray() if (self._sse or ct.startswith("application/json")) else None
+        # The JSON test first: the common small answer's content type is tested once.
+        json_body = ct.startswith("application/json")
+        self.streamed = not json_body and ct.startswith("text/event-stream")
+        self._buf: bytearray | None = bytearray() if (json_body or self.streamed) else None
         self._skipping = False
         self.usage: Usage | None = None
         self._details = details
-        self._want_head = self._sse  # the model and id of a stream: from the first event that names them
+        self._want_head = self.streamed  # the model and id of a stream: from the first event that names them
         self._on_first = on_first_chunk
         self.model: str | None = None
         self.response_id: str | None = None
@@ -99,7 +141,7 @@ class UsageObserver:
             self._on_first = None
         if self._buf is None:
             return
-        if not self._sse:
+        if not self.streamed:
             self._buf += chunk
             if len(self._buf) > MAX_JSON_BODY:
                 self._buf = None
@@ -155,11 +197,12 @@ class UsageObserver:
     def _describe(self, obj: dict) -> None:
         """The answer's model, id and finish reasons, from a parsed event or body."""
         if self.model is None:
-            model, rid = obj.get("model"), obj.get("id")
-            if isinstance(model, str):
+            model = obj["model"] if "model" in obj else None
+            rid = obj["id"] if "id" in obj else None
+            if type(model) is str or (model is not None and isinstance(model, str)):
                 self.model = model[:128]
                 self._want_head = False
-            if isinstance(rid, str):
+            if type(rid) is str or (rid is not None and isinstance(rid, str)):
                 self.response_id = rid[:128]
         if self._details:
             self.finish_reasons += _finish_reasons(obj)
@@ -169,16 +212,13 @@ class UsageObserver:
         (``complete`` False) reports no usage. Calling it again changes nothing."""
         if not complete:
             self._buf, self.usage = None, None
-        elif self._buf is not None and not self._sse and self._buf:
-            try:
-                obj = json.loads(self._buf)
-            except ValueError:
-                obj = None
+        elif self._buf is not None and not self.streamed and self._buf:
+            obj = _json_body(self._buf)
             self.usage = _usage(obj) or self.usage
-            if isinstance(obj, dict):
+            if type(obj) is dict or isinstance(obj, dict):
                 self._describe(obj)
             self._buf = None
-        elif self._sse and self._buf:
+        elif self.streamed and self._buf:
             self._line(bytes(self._buf).rstrip(b"\r"))
             self._buf = None
 

@@ -41,7 +41,11 @@ class UpstreamResponse:
         if framing.kind == "chunked":  # RFC 9112 6.1: the chunks frame it, a Content-Length beside them goes
             headers = [(n, v) for n, v in headers if n != b"content-length"]
         self.headers = headers
-        self.content_type = next((v.decode("latin-1") for n, v in headers if n == b"content-type"), "")
+        self.content_type = ""
+        for n, v in headers:  # a loop, not next() over a generator: no generator and its frames
+            if n == b"content-type":
+                self.content_type = v.decode("latin-1")
+                break
         self.framing = framing
         self.conn = conn
         self.initial = initial

@@ -187,3 +187,11 @@ def test_trailers_follow_the_response_policy():
     lines = [b"x-usage: 7\r\n", b"Set-Cookie: s=1\r\n", b"connection: close\r\n", b"content-length: 3\r\n",
              b"server-timing: db;dur=5\r\n", b"Trailer: x\r\n"]  # fmt: skip
     assert response_trailers(lines) == [b"x-usage: 7\r\n", b"server-timing: db;dur=5\r\n"]
+
+
+@pytest.mark.parametrize("upstream, expected", RESPONSE_CASES.values(), ids=RESPONSE_CASES.keys())
+def test_response_headers_of_names_already_lowered(upstream, expected):
+    """``lowered=True`` (a ResponseHead's names) gives what lowering them first gives."""
+    lowered = [(n.lower(), v) for n, v in upstream]
+    assert response_headers(lowered, lowered=True) == expected
+    assert response_headers(lowered, lowered=True) is not lowered  # a list of its own: callers append to it

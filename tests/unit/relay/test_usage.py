@@ -11,8 +11,10 @@ import json
 import tracemalloc
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from proxy.relay.usage import MAX_JSON_BODY, MAX_LINE, Usage, UsageObserver
+from proxy.relay.usage import MAX_JSON_BODY, MAX_LINE, Usage, UsageObserver, _json_body, _usage
 
 SSE = "text/event-stream"
 JSON = "application/json"
@@ -310,3 +312,146 @@ def test_the_first_chunk_callback_runs_once():
     for chunk in chunkings(NAMED_STREAM)["sevens"]:
         observer.feed(chunk)
     assert calls == [1]
+
+
+# --- the fast paths, held to the code they replaced (Hypothesis) -----------------------------------
+
+
+def reference_usage(obj: object) -> Usage | None:
+    """``_usage`` as it was: isinstance and ``dict.get`` throughout (the oracle)."""
+    if not isinstance(obj, dict):
+        return None
+    u = obj.get("usage")
+    if not isinstance(u, dict):
+        inner = obj.get("response")
+        u = inner.get("usage") if isinstance(inner, dict) else None
+        if not isinstance(u, dict):
+            return None
+    prompt = u.get("prompt_tokens", u.get("input_tokens"))
+    completion = u.get("completion_tokens", u.get("output_tokens"))
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    total = u.get("total_tokens")
+    details = u.get("prompt_tokens_details", u.get("input_tokens_details"))
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    cached = cached if isinstance(cached, int) and not isinstance(cached, bool) and 0 <= cached <= prompt else 0
+    return Usage(prompt, completion, total if isinstance(total, int) else prompt + completion, cached)
+
+
+def reference_json_body(body: bytearray) -> object:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+class SubDict(dict):
+    pass
+
+
+class SubInt(int):
+    pass
+
+
+class SubStr(str):
+    pass
+
+
+USAGE_KEYS = [
+    "usage", "response", "prompt_tokens", "input_tokens", "completion_tokens", "output_tokens", "total_tokens",
+    "prompt_tokens_details", "input_tokens_details", "cached_tokens", "model", "id", "x",
+]  # fmt: skip
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 50),
+    st.integers(-5, 50).map(SubInt),
+    st.floats(allow_nan=False),
+    st.text(max_size=3),
+    st.text(max_size=3).map(SubStr),
+)
+json_like = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=2),
+        st.dictionaries(st.sampled_from(USAGE_KEYS), inner, max_size=6),
+        st.dictionaries(st.sampled_from(USAGE_KEYS), inner, max_size=6).map(SubDict),
+    ),
+    max_leaves=20,
+)
+
+
+dicts = st.sampled_from([dict, SubDict])
+tokens = st.one_of(st.integers(-2, 60), scalars)  # half of them plain ints
+details_like = st.one_of(
+    st.tuples(dicts, st.fixed_dictionaries({}, optional={"cached_tokens": tokens, "x": scalars})).map(
+        lambda t: t[0](t[1])
+    ),
+    scalars,
+)
+TOKEN_KEYS = ["prompt_tokens", "input_tokens", "completion_tokens", "output_tokens", "total_tokens"]
+optional_fields = {
+    **{key: tokens for key in TOKEN_KEYS},
+    "prompt_tokens_details": details_like,
+    "input_tokens_details": details_like,
+}
+usage_fields = st.one_of(
+    st.fixed_dictionaries(
+        {"prompt_tokens": tokens, "completion_tokens": tokens},
+        optional={k: v for k, v in optional_fields.items() if k not in ("prompt_tokens", "completion_tokens")},
+    ),
+    st.fixed_dictionaries({}, optional=optional_fields),
+)
+usage_like = st.tuples(dicts, dicts, st.sampled_from(["usage", "response", "x"]), usage_fields).map(
+    lambda t: t[0]({t[2]: t[1](t[3])} if t[2] != "response" else {"response": t[0]({"usage": t[1](t[3])})})
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(json_like, usage_like))
+@example({"usage": {"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": True}}})
+@example({"usage": {"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": SubInt(2)}}})
+@example({"usage": {"prompt_tokens": True, "completion_tokens": SubInt(1), "total_tokens": False}})
+@example(
+    SubDict(response=SubDict(usage=SubDict(input_tokens=3, output_tokens=4, input_tokens_details={"cached_tokens": 3})))
+)
+def test_usage_reads_what_the_isinstance_version_read(obj):
+    assert repr(_usage(obj)) == repr(reference_usage(obj))
+
+
+def encodings_of(obj: object) -> st.SearchStrategy[bytes]:
+    text = json.dumps(obj)
+    return st.sampled_from([
+        text.encode(), json.dumps(obj, separators=(",", ":")).encode(), (text + " \r\n\t").encode(),
+        (" " + text).encode(), (text + " x").encode(), (text + "}").encode(), text.encode()[:-1],
+        text.encode("utf-16-le"), text.encode("utf-16"), text.encode("utf-32"), text.encode("utf-8-sig"),
+        (text + "\x0b").encode(), text.encode().replace(b'"', b"\xff", 1),
+    ])  # fmt: skip
+
+
+json_bodies = st.one_of(
+    st.binary(max_size=12),
+    st.binary(max_size=8).map(lambda b: b"{" + b),
+    st.dictionaries(st.text(max_size=3), json_like, max_size=4).flatmap(encodings_of),
+    json_like.flatmap(encodings_of),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(json_bodies)
+def test_a_json_body_is_read_as_json_loads_reads_it(body):
+    assert repr(_json_body(bytearray(body))) == repr(reference_json_body(bytearray(body)))
+
+
+@settings(max_examples=500, deadline=None)
+@given(json_like, st.booleans())
+def test_a_json_answer_is_described_as_before(obj, details):
+    """The observer's model, id and usage of a JSON answer: what the old parse and checks gave."""
+    body = json.dumps(obj).encode()
+    observer = described(JSON, [body], details=details)
+    parsed = json.loads(body)
+    expected_model = parsed.get("model") if isinstance(parsed, dict) else None
+    expected_id = parsed.get("id") if isinstance(parsed, dict) else None
+    assert observer.usage == reference_usage(parsed)
+    assert observer.model == (expected_model[:128] if isinstance(expected_model, str) else None)
+    assert observer.response_id == (expected_id[:128] if isinstance(expected_id, str) else None)
