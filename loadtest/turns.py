@@ -51,21 +51,21 @@ def _patch() -> None:
     from proxy.relay.engine import EpollEngine
 
     connection_task = Server._connection_task
-    relay = EpollEngine.relay
+    follow = EpollEngine.follow  # where a stream joins the engine (the pump calls it, not relay)
 
     async def timed_connection(self: Server, *args: Any, **kwargs: Any) -> None:
         _started.set(time.perf_counter())
         await connection_task(self, *args, **kwargs)
 
-    async def timed_relay(self: EpollEngine, *args: Any, **kwargs: Any) -> None:
+    async def timed_follow(self: EpollEngine, *args: Any, **kwargs: Any) -> None:
         started = _started.get()
         if started is not None:  # a connection's first relayed response
             setups.append((started - _origin, time.perf_counter() - started))
             _started.set(None)
-        await relay(self, *args, **kwargs)
+        await follow(self, *args, **kwargs)
 
     Server._connection_task = timed_connection  # type: ignore[method-assign]
-    EpollEngine.relay = timed_relay  # type: ignore[method-assign]
+    EpollEngine.follow = timed_follow  # type: ignore[method-assign]
 
     run = trio.run
 
