@@ -273,14 +273,14 @@ def _judge(
     if fig.key == "workers_ratio" and met:
         # A ratio bought with errors is not met (they are listed under the table).
         met = not any(r["error_count"] for r in runs if r["workload"] == "workers" and r["target"] == label)
-    if fig.key == "rss_per_stream_kb" and met:
-        # Only a proxy that held every stream at once meets a per-parked-stream target.
+    if fig.key in ("rss_per_stream_kb", "tls_rss_per_stream_kb") and met:
+        # Only a proxy that held every stream of the figure's own workload at once meets a
+        # per-parked-stream target (the plain figure was judged by the TLS runs' peak too).
+        workload = "parked-tls" if fig.key.startswith("tls_") else "parked"
         held = [
             r
             for r in runs
-            if r["workload"] in ("parked", "parked-tls")
-            and r["target"] == label
-            and r["streams"] == max(opts["streams"])
+            if r["workload"] == workload and r["target"] == label and r["streams"] == max(opts["streams"])
         ]
         met = all(r.get("parked_peak", 0) >= r["streams"] for r in held)
     judged = {"value": value, "ratio_vs_nginx": ratio, "repeats": values, "met": met}
