@@ -31,7 +31,7 @@ def tick_for(*limits: float) -> float:
 
 class _OnScopes(dict[trio.CancelScope, float]):
     """A table whose entries are the scopes' own trio deadlines: for a wait with no sweep running
-    (a connection read outside a server, a client used outside the app)."""
+    (a connection read outside a server)."""
 
     def __setitem__(self, scope: trio.CancelScope, deadline: float) -> None:
         scope.deadline = deadline

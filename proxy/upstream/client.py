@@ -107,48 +107,33 @@ class _Exchange:
     async def __aenter__(self) -> UpstreamResponse:
         client, req, scope = self.client, self.req, self.scope
         origin, target, host_header = client._parse(req.url, req.address_policy or client.default_policy)
-        if scope is None:
+        first_bytes = client.first_bytes
+        if scope is None or not first_bytes.running:  # (a client used outside the app: no sweep)
             with trio.move_on_after(client.first_byte_timeout) as waited:
                 self.response = await client._exchange(req, origin, target, host_header)
             if waited.cancelled_caught:
                 raise client._no_first_byte(origin)
+        elif self.now + client.first_byte_timeout >= scope.deadline:  # the scope's own limit comes first
+            self.response = await client._exchange(req, origin, target, host_header)
         else:
             # The caller's scope carries the first byte's deadline until the head: entered in the
             # client's sweep (a dict store and a del; it cancels the scope once the deadline has
             # passed and marks it FIRED there), not set on the scope (lowering and restoring a trio
-            # deadline cost ~25 calls). A fired scope stays cancelled, so the wait is told from the
-            # mark (from the clock, with no sweep running: the first byte's deadline passed while
-            # the scope's own had not, the scope having the earlier one).
-            overall, first_byte = scope.deadline, self.now + client.first_byte_timeout
-            if first_byte >= overall:  # the scope's own limit comes first: nothing to carry
+            # deadline cost ~25 calls). A fired scope stays cancelled, so the wait is told from the mark.
+            deadlines = first_bytes.deadlines
+            deadlines[scope] = self.now + client.first_byte_timeout
+            try:
                 self.response = await client._exchange(req, origin, target, host_header)
-            elif client.first_bytes.running:
-                deadlines = client.first_bytes.deadlines
-                deadlines[scope] = first_byte
-                try:
-                    self.response = await client._exchange(req, origin, target, host_header)
-                except trio.Cancelled:
-                    if deadlines[scope] == FIRED:
-                        raise client._no_first_byte(origin) from None
-                    raise
-                finally:
-                    fired = deadlines[scope] == FIRED
-                    del deadlines[scope]
-                if fired:  # as the head arrived: late (the scope cannot be un-cancelled)
-                    self.response.conn.close()
-                    raise client._no_first_byte(origin)
-            else:
-                scope.deadline = first_byte
-                try:
-                    self.response = await client._exchange(req, origin, target, host_header)
-                except trio.Cancelled:
-                    if scope.cancel_called and trio.current_time() >= first_byte:
-                        raise client._no_first_byte(origin) from None
-                    raise
-                if scope.cancel_called and trio.current_time() >= first_byte:
-                    self.response.conn.close()
-                    raise client._no_first_byte(origin)
-                scope.deadline = overall
+            except trio.Cancelled:
+                if deadlines[scope] == FIRED:
+                    raise client._no_first_byte(origin) from None
+                raise
+            finally:
+                fired = deadlines[scope] == FIRED
+                del deadlines[scope]
+            if fired:  # as the head arrived: late (the scope cannot be un-cancelled)
+                self.response.conn.close()
+                raise client._no_first_byte(origin)
         self.origin = origin
         if origin.scheme == "https" and origin not in client._sessions:
             # Taken at the head, not when the body ends: streams that open while this one
@@ -248,8 +233,8 @@ class UpstreamClient:
 
         ``scope``: the caller's enclosing cancel scope (the request's overall one), which then carries
         the first-byte timeout counted from ``now`` (the caller's clock reading) instead of a scope of
-        its own: :attr:`first_bytes` cancels it within a tick after the timeout (exactly, when that
-        sweep is not running). A first byte that comes too late raises :class:`UpstreamTimeout` here either way;
+        its own: :attr:`first_bytes` cancels it within a tick after the timeout (when that sweep is
+        not running, the exchange has a scope of its own, exact). A first byte that comes too late raises :class:`UpstreamTimeout` here either way;
         the caller's scope is then cancelled too, and whoever catches its cancellation must answer
         with this error (gateway.handler does, through the request's record)."""
         return _Exchange(self, req, scope, now)
