@@ -792,35 +792,57 @@ async def test_shutdown_closes_an_idle_connection_promptly(autojump_clock, serve
         assert stream.closed.is_set()
 
 
-async def test_a_head_that_arrives_as_shutdown_begins_is_answered_then_the_connection_closed(
-    autojump_clock, monkeypatch, http_parser
-):
-    """Shutdown cancels a connection waiting for a head; one whose head came in the same
-    instant (read, nothing raised) is still answered, with the connection closed after it."""
+async def first_then_last(
+    monkeypatch: pytest.MonkeyPatch,
+    http_parser: str,
+    as_last_arrives: Callable[[Running, Sweep | None], None],
+    *,
+    server_stops: bool = False,
+) -> tuple[FakeApp, h11.Response, bytes]:
+    """Serve ``/first``, then ``/last`` on the same kept-alive connection, with ``as_last_arrives``
+    called in the instant ``/last``'s head has been read (nothing raised yet). Returns once the
+    client saw the connection close and the server closed its end (and, with ``server_stops``,
+    the server stopped): the app, ``/last``'s answer."""
     impl = type(open_connection(trio.testing.memory_stream_pair()[0], ServerConfig(**TIMEOUTS), PEER))
     assert impl.parser == http_parser
     read_head = impl.next_request
     app = FakeApp()
+    running: list[Running] = []
 
-    async def shutdown_as_it_arrives(
+    async def next_request(
         self: HTTPConnection, idle_timeout: float, scope: trio.CancelScope | None = None, sweep: Sweep | None = None
     ) -> RequestHead | None:
         head = await read_head(self, idle_timeout, scope, sweep)
         if head is not None and head.path == "/last":
-            run.server.shutdown()
+            as_last_arrives(running[0], sweep)
         return head
 
-    monkeypatch.setattr(impl, "next_request", shutdown_as_it_arrives)
+    monkeypatch.setattr(impl, "next_request", next_request)
     async with serving(app) as run:
-        client, _ = run.listener.connect()
+        running.append(run)
+        client, stream = run.listener.connect()
         await client.request(target="/first")
         assert (await client.response())[0].status_code == 200
         client.reuse()
         await client.request(target="/last")
         response, body = await client.response()
         await client.assert_closed()
-        await run.stopped.wait()
+        await stream.closed.wait()
+        if server_stops:
+            await run.stopped.wait()
+    return app, response, body
 
+
+async def test_a_head_that_arrives_as_shutdown_begins_is_answered_then_the_connection_closed(
+    autojump_clock, monkeypatch, http_parser
+):
+    """Shutdown cancels a connection waiting for a head; one whose head came in the same
+    instant (read, nothing raised) is still answered, with the connection closed after it."""
+
+    def shutdown(run: Running, _sweep: Sweep | None) -> None:
+        run.server.shutdown()
+
+    app, response, body = await first_then_last(monkeypatch, http_parser, shutdown, server_stops=True)
     assert (response.status_code, body) == (200, b"/last ")
     assert header(response, b"connection") == [b"close"]
     assert [head.path for head in app.heads] == ["/first", "/last"]
@@ -831,29 +853,12 @@ async def test_a_head_that_arrives_as_its_deadline_fires_is_answered_then_the_co
 ):
     """The head's timeouts cancel the connection's scope (the sweep does): one that fires in the
     instant a head came (read, nothing raised) must not cancel its handler; the head is answered, last."""
-    impl = type(open_connection(trio.testing.memory_stream_pair()[0], ServerConfig(**TIMEOUTS), PEER))
-    read_head = impl.next_request
 
-    async def deadline_as_it_arrives(
-        self: HTTPConnection, idle_timeout: float, scope: trio.CancelScope | None = None, sweep: Sweep | None = None
-    ) -> RequestHead | None:
-        head = await read_head(self, idle_timeout, scope, sweep)
-        if head is not None and head.path == "/last" and sweep is not None:
-            sweep.expire(math.inf)  # what the sweep does when the deadline passes before the scope is taken out
-        return head
+    def deadline_passes(_run: Running, sweep: Sweep | None) -> None:
+        assert sweep is not None
+        sweep.expire(math.inf)  # what the sweep does when the deadline passes before the scope is taken out
 
-    monkeypatch.setattr(impl, "next_request", deadline_as_it_arrives)
-    app = FakeApp()
-    async with serving(app) as run:
-        client, stream = run.listener.connect()
-        await client.request(target="/first")
-        assert (await client.response())[0].status_code == 200
-        client.reuse()
-        await client.request(target="/last")
-        response, body = await client.response()
-        await client.assert_closed()
-        await stream.closed.wait()
-
+    app, response, body = await first_then_last(monkeypatch, http_parser, deadline_passes)
     assert (response.status_code, body) == (200, b"/last ")
     assert header(response, b"connection") == [b"close"]
     assert [head.path for head in app.heads] == ["/first", "/last"]
