@@ -118,14 +118,14 @@ def bench_request_fields() -> Callable[[], object]:
 
 
 def bench_query() -> Callable[[], object]:
-    from proxy.signing import parse_query
+    from proxy.verify import parse_query
 
     query = signed_query()
     return lambda: parse_query(query)
 
 
 def bench_signed() -> Callable[[], object]:
-    from proxy.signing import parse_signed_request
+    from proxy.verify import parse_signed_request
 
     query = signed_query()
     return lambda: parse_signed_request(query)
@@ -135,7 +135,7 @@ def bench_verify() -> Callable[[], object]:
     """The whole signature path of a request: parse, validity, verify (the gateway's steps 1, 3, 5)."""
     from datetime import UTC, datetime
 
-    from proxy.signing import check_validity, parse_signed_request, verify_signature
+    from proxy.verify import check_validity, parse_signed_request, verify_signature
 
     query = signed_query()
     now = datetime.now(UTC)

@@ -37,6 +37,7 @@ PURE = [
     "policy",
     "relay.usage",
     "signing",
+    "verify",
     "telemetry.model",
     "upstream.wire",
     "urls",

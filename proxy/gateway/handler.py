@@ -1,10 +1,10 @@
 """The gateway: the one place that sees every pure piece, in the order a request needs them.
 
-1. parse the signed URL          (signing.parse_signed_request)
+1. parse the signed URL          (verify.parse_signed_request)
 2. find the credential's secrets (config)
-3. check validity and headers    (signing.check_validity)
+3. check validity and headers    (verify.check_validity)
 4. read the body only if signed  (:func:`read_body`, bounded)
-5. verify the signature          (signing.verify_signature)
+5. verify the signature          (verify.verify_signature)
 6. apply the credential's policy (urls.url_allowed, policy), read a job's or a cache key's body
    (:func:`read_body` again), then admission (:mod:`proxy.gateway.admit`)
 7. forward and stream back       (:mod:`proxy.gateway.forward`)
@@ -56,9 +56,9 @@ from ..metrics import Metrics
 from ..record import RequestRecord, count_request, finish_trace, log, log_request, trace_route
 from ..relay.client_watch import unless_client_leaves
 from ..relay.pump import EpollEngine
-from ..signing import check_validity, parse_signed_request, verify_signature
 from ..upstream.client import UpstreamClient
 from ..urls import origin_and_target
+from ..verify import check_validity, parse_signed_request, verify_signature
 from ..websocket.session import WebSocketProxy
 from .admit import Admission
 from .budget import Budgets

@@ -37,7 +37,7 @@ from prometheus_client import Counter
 
 from .. import __version__
 from ..relay.usage import Usage, UsageObserver
-from ..signing import parse_query
+from ..verify import parse_query
 from .model import (
     MODEL_SNIFF_BYTES,
     TRACEPARENT_PARAM,

@@ -14,7 +14,7 @@ import signway_sdk
 from proxy.cli import build_parser, main, serve_config, signway_compat_config
 from proxy.config import CorsConfig, LogConfig
 from proxy.errors import Forbidden
-from proxy.signing import parse_signed_request, verify_signature
+from proxy.verify import parse_signed_request, verify_signature
 
 SECRET = "super-secure-string"
 PROXY = "https://api.openai.com/v1/chat/completions"

@@ -21,8 +21,9 @@ import structlog
 from proxy import logs
 from proxy.errors import BadRequest, Forbidden, ParkwayError, client_text, error_body
 from proxy.forwarding import check_connection_header
-from proxy.signing import check_validity, parse_signed_request, sign_url
+from proxy.signing import sign_url
 from proxy.urls import InvalidURL, check_unambiguous_path, normalize_url, path_ambiguity
+from proxy.verify import check_validity, parse_signed_request
 
 SECRET = "s3cret"
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)

@@ -29,12 +29,10 @@ from proxy.signing import (
     X_PROXY,
     X_SIGNATURE,
     X_SIGNED_HEADERS,
-    check_validity,
-    parse_signed_request,
     sign_url,
-    verify_signature,
 )
 from proxy.urls import InvalidURL, check_unambiguous_path, normalize_url, path_ambiguity
+from proxy.verify import check_validity, parse_signed_request, verify_signature
 
 # Deterministic and quick: no example database written into the repository, no deadline
 # on a loaded machine; derandomized so a failure seen once is seen again.

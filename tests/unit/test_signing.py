@@ -25,15 +25,11 @@ from proxy.signing import (
     REQUIRED_PARAMS,
     canonical_query,
     canonical_request,
-    check_validity,
-    parse_query,
-    parse_signed_request,
     sign_url,
     signature,
-    signed_header_values,
     signing_key,
-    verify_signature,
 )
+from proxy.verify import check_validity, parse_query, parse_signed_request, signed_header_values, verify_signature
 
 ID = "app-id"
 SECRET = "super-secure-string"
