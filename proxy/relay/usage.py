@@ -81,9 +81,16 @@ def _finish_reasons(obj: dict) -> tuple[str, ...]:
     return (reason,) if isinstance(reason, str) else ()
 
 
-def _has_finish_reason(data: bytes) -> bool:
-    """A finish_reason with a value (streamed chunks carry ``"finish_reason":null`` until the last)."""
-    return b'"finish_reason":"' in data or b'"finish_reason": "' in data
+# What makes a line worth parsing, by what the observer still looks for: (the model and id, the
+# finish reasons) -> one scan for all of its words (one ``in`` per word cost ~3x that per event).
+# ``usage`` always; a finish_reason only with a value (streamed chunks carry ``"finish_reason":null``
+# until the last).
+_NOTABLE = {
+    (False, False): re.compile(rb'"usage"').search,
+    (True, False): re.compile(rb'"(?:usage|model)"').search,
+    (False, True): re.compile(rb'"(?:usage"|finish_reason": ?")').search,
+    (True, True): re.compile(rb'"(?:usage"|model"|finish_reason": ?")').search,
+}
 
 
 _DECODER = json.JSONDecoder()  # json.loads's own: the same options
@@ -117,7 +124,7 @@ class UsageObserver:
 
     __slots__ = (
         "streamed", "_buf", "_skipping", "usage",
-        "_details", "_want_head", "_on_first", "model", "response_id", "finish_reasons",
+        "_details", "_notable", "_on_first", "model", "response_id", "finish_reasons",
     )  # fmt: skip
 
     def __init__(self, content_type: str, *, details: bool = False, on_first_chunk: Callable[[], None] | None = None):
@@ -129,7 +136,8 @@ class UsageObserver:
         self._skipping = False
         self.usage: Usage | None = None
         self._details = details
-        self._want_head = self.streamed  # the model and id of a stream: from the first event that names them
+        # A stream's model and id come from the first event that names them: looked for until then.
+        self._notable = _NOTABLE[self.streamed, details]
         self._on_first = on_first_chunk
         self.model: str | None = None
         self.response_id: str | None = None
@@ -146,13 +154,7 @@ class UsageObserver:
             if len(self._buf) > MAX_JSON_BODY:
                 self._buf = None
             return
-        if (
-            not self._buf
-            and chunk.endswith(b"\n")
-            and b'"usage"' not in chunk
-            and not (self._want_head and b'"model"' in chunk)
-            and not (self._details and _has_finish_reason(chunk))
-        ):
+        if not self._buf and chunk.endswith(b"\n") and self._notable(chunk) is None:
             # Whole lines, none of them about usage, model or finish (most events): nothing to parse or keep.
             self._skipping = False
             return
@@ -180,9 +182,9 @@ class UsageObserver:
     def _line(self, line: bytes) -> None:
         if not line.startswith(b"data:"):
             return
-        usage = b'"usage"' in line
-        if not (usage or (self._want_head and b'"model"' in line) or (self._details and _has_finish_reason(line))):
+        if self._notable(line) is None:
             return
+        usage = b'"usage"' in line
         try:
             obj = json.loads(line[5:])
         except ValueError:
@@ -201,7 +203,7 @@ class UsageObserver:
             rid = obj["id"] if "id" in obj else None
             if type(model) is str or (model is not None and isinstance(model, str)):
                 self.model = model[:128]
-                self._want_head = False
+                self._notable = _NOTABLE[False, self._details]
             if type(rid) is str or (rid is not None and isinstance(rid, str)):
                 self.response_id = rid[:128]
         if self._details:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from proxy.relay.usage import MAX_JSON_BODY, MAX_LINE, Usage, UsageObserver, _json_body, _usage
+from proxy.relay.usage import _NOTABLE, MAX_JSON_BODY, MAX_LINE, Usage, UsageObserver, _json_body, _usage
 
 SSE = "text/event-stream"
 JSON = "application/json"
@@ -455,3 +455,23 @@ def test_a_json_answer_is_described_as_before(obj, details):
     assert observer.usage == reference_usage(parsed)
     assert observer.model == (expected_model[:128] if isinstance(expected_model, str) else None)
     assert observer.response_id == (expected_id[:128] if isinstance(expected_id, str) else None)
+
+
+def reference_notable(line: bytes, want_head: bool, details: bool) -> bool:
+    """Whether a line is worth parsing, one ``in`` per word (the code ``_NOTABLE``'s one scan replaced)."""
+    finish = b'"finish_reason":"' in line or b'"finish_reason": "' in line
+    return b'"usage"' in line or (want_head and b'"model"' in line) or (details and finish)
+
+
+notable_words = st.sampled_from([
+    b'"usage"', b'"model"', b'"finish_reason":"', b'"finish_reason": "', b'"finish_reason":null', b'"finish_reason":  "',
+    b'"', b"usage", b'model"', b'"usag', b"finish_reason", b":", b" ", b'"x":1', b"\n", b"data: ",
+])  # fmt: skip
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(notable_words, max_size=12).map(b"".join), st.booleans(), st.booleans())
+@example(b'"finish_reason": "stop"', False, True)
+@example(b'"model"', False, True)
+def test_one_scan_finds_what_the_word_scans_found(line, want_head, details):
+    assert (_NOTABLE[want_head, details](line) is not None) == reference_notable(line, want_head, details)
