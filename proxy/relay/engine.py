@@ -31,6 +31,9 @@ log = structlog.get_logger("parkway.relay")
 # Linux's epoll flags; elsewhere this module is imported but EpollEngine is never started.
 _IN, _OUT, _RDHUP = (getattr(select, f"EPOLL{n}", 0) for n in ("IN", "OUT", "RDHUP"))
 _GONE = _RDHUP | getattr(select, "EPOLLHUP", 0) | getattr(select, "EPOLLERR", 0)
+# A client watched for leaving: reported once, then disarmed by the kernel (EPOLLONESHOT), so a
+# departure needs no EPOLL_CTL_DEL (the socket's close takes it out of the set).
+_WATCH = _RDHUP | getattr(select, "EPOLLONESHOT", 0)
 
 
 # --- the portable driver: the relay in the request's own task ------------------------------------
@@ -89,7 +92,7 @@ class EpollEngine:
         self._epoll: select.epoll | None = None
         self._streams: dict[int, RelayStream] = {}  # fd (upstream's and client's) -> stream
         self._watched: dict[int, Callable[[], None]] = {}  # client fd -> what to call when it leaves
-        # Client fds left registered for EPOLLRDHUP between the requests of a kept-alive
+        # Client fds left registered (armed, ``_WATCH``) between the requests of a kept-alive
         # connection, each with its socket (a closed one's number may come back with a new
         # connection, whose fd is then no longer in the set): that connection's next request
         # is watched with no system call. Closing the socket removes it from the set.
@@ -125,10 +128,10 @@ class EpollEngine:
         epoll = self._epoll
         if epoll is None or fd in self._watched or fd in self._streams:
             return False
-        if self._kept.get(fd) is owner:  # registered for EPOLLRDHUP since this connection's last request
+        if self._kept.get(fd) is owner:  # registered since this connection's last request
             del self._kept[fd]
         else:
-            self._claim(epoll, fd, _RDHUP)
+            self._claim(epoll, fd, _WATCH, owner)
         self._watched[fd] = gone
         return True
 
@@ -137,24 +140,32 @@ class EpollEngine:
         if self._watched.pop(fd, None) is not None and self._epoll is not None:
             self._kept[fd] = owner
 
-    def _claim(self, epoll: select.epoll, fd: int, events: int) -> None:
-        """Register a client fd, or modify its kept registration. A kept fd whose socket was
-        closed (and whose number a new connection now has) is no longer in the set: register."""
-        if self._kept.pop(fd, None) is not None:
+    def _claim(self, epoll: select.epoll, fd: int, events: int, owner: object) -> None:
+        """Register a client fd (``owner``: its socket), or modify the registration its connection
+        kept. A kept fd of another socket was closed, so it left the set (its number came back
+        with a new connection): registered with no failing modify first."""
+        if self._kept.pop(fd, None) is owner:
             try:
                 epoll.modify(fd, events)
                 return
             except FileNotFoundError:
                 pass
-        epoll.register(fd, events)
-
-    def _keep(self, epoll: select.epoll, fd: int, owner: object) -> None:
-        """Leave a client fd registered for EPOLLRDHUP only, for its connection's next request."""
         try:
-            epoll.modify(fd, _RDHUP)
-        except OSError:  # already gone from the set (closed)
+            epoll.register(fd, events)
+        except FileExistsError:  # this connection's watch fired (and disarmed itself) earlier
+            epoll.modify(fd, events)
+
+    def _keep(self, epoll: select.epoll, stream: RelayStream) -> None:
+        """Leave a stream's client fd registered (armed, ``_WATCH``) for its connection's next request."""
+        fd, events = stream.client_fd, stream.client_events
+        if not events:  # its watch fired: the client has left, the connection ends
             return
-        self._kept[fd] = owner
+        if events != _WATCH:
+            try:
+                epoll.modify(fd, _WATCH)
+            except OSError:  # already gone from the set (closed)
+                return
+        self._kept[fd] = stream.conn.socket
 
     async def relay(self, stream: RelayStream, initial: bytes) -> None:
         """Relay ``stream`` to its end; returns when its body is complete, raises on failure.
@@ -176,7 +187,7 @@ class EpollEngine:
         streams[stream.up.fd] = streams[stream.client_fd] = stream
         # A watched client stays registered: the stream takes the registration over.
         watched = self._watched.pop(stream.client_fd, None) is not None
-        client_events = _OUT | _RDHUP if state == BLOCKED else _RDHUP
+        client_events = _OUT | _RDHUP if state == BLOCKED else _WATCH
         stream.last_read = trio.current_time()  # the idle limit counts from here (the sweep reads it)
         if state == BLOCKED:
             stream.blocked_since = stream.last_read
@@ -184,10 +195,11 @@ class EpollEngine:
         else:
             epoll.register(stream.up.fd, _IN)
         if watched:
-            if client_events != _RDHUP:  # a watched client is registered for EPOLLRDHUP already
+            if client_events != _WATCH:  # a watched client is registered (armed) already
                 epoll.modify(stream.client_fd, client_events)
         else:
-            self._claim(epoll, stream.client_fd, client_events)
+            self._claim(epoll, stream.client_fd, client_events, stream.conn.socket)
+        stream.client_events = client_events
         self._tick = min(self._tick, stream.idle_timeout / 8, stream.write_timeout / 8)
 
         def abort(_: object) -> trio.lowlevel.Abort:
@@ -207,12 +219,11 @@ class EpollEngine:
             for fd, events in poll(0):
                 stream = streams.get(fd)
                 if stream is None:
+                    # A watch fired (and disarmed itself): nothing more comes from this fd.
                     if self._kept.pop(fd, None) is not None:  # a client between requests left (or HUP, ERR)
-                        epoll.unregister(fd)
                         continue
                     gone = self._watched.pop(fd, None)
                     if gone is not None:  # a client left while its request waited (queue, upstream head)
-                        epoll.unregister(fd)
                         try:
                             gone()
                         except Exception:
@@ -223,12 +234,15 @@ class EpollEngine:
                         stream.last_read = now
                         state = stream.on_upstream(stream.up.recv_nowait())
                     elif events & _GONE and not events & _OUT:
+                        if stream.client_events == _WATCH:
+                            stream.client_events = 0  # fired once: disarmed
                         raise ClientGone("client closed the connection before the response was complete")
                     else:
                         state = stream.on_client_writable()
                         if state == WROTE:
                             stream.last_read = now
-                            epoll.modify(stream.client_fd, _RDHUP)
+                            epoll.modify(stream.client_fd, _WATCH)
+                            stream.client_events = _WATCH
                             epoll.modify(stream.up.fd, _IN)
                     if state == DONE:
                         self._finish(stream, None)
@@ -236,6 +250,7 @@ class EpollEngine:
                         stream.blocked_since = now
                         epoll.modify(stream.up.fd, 0)  # back pressure: stop reading this upstream
                         epoll.modify(stream.client_fd, _OUT | _RDHUP)
+                        stream.client_events = _OUT | _RDHUP
                 except Exception as exc:  # noqa: BLE001 - one stream's failure, delivered to its task
                     self._finish(stream, exc)
 
@@ -260,7 +275,7 @@ class EpollEngine:
             except OSError:
                 pass
         if self._streams.pop(stream.client_fd, None) is not None and epoll is not None:
-            self._keep(epoll, stream.client_fd, stream.conn.socket)
+            self._keep(epoll, stream)
 
     def _finish(self, stream: RelayStream, error: BaseException | None) -> None:
         self._remove(stream)

@@ -65,6 +65,7 @@ class RelayStream:
     __slots__ = (
         "_up_http",
         "blocked_since",
+        "client_events",
         "client_fd",
         "complete",
         "conn",
@@ -113,6 +114,7 @@ class RelayStream:
         self.client_fd = sock.fileno() if sock is not None else -1
         self.last_read = 0.0  # the engine's: set when it takes the stream (a small answer ends before)
         self.blocked_since = 0.0
+        self.client_events = 0  # the engine's: what the client's fd is registered for (0: nothing armed)
         self.relayed = 0
         self.complete = False
         self.reusable = False  # the upstream connection may carry another request

@@ -294,31 +294,51 @@ _EPOLL = getattr(select, "epoll", None)
 
 
 class _CountingEpoll:
-    """The engine's epoll, counting registrations (each fd added to the set)."""
+    """The engine's epoll, counting registrations (each fd added to the set), changes, removals and
+    the calls that failed (each a system call for nothing)."""
 
     registered: list[int] = []
     modified: list[int] = []  # each fd whose registration was changed
+    unregistered: list[int] = []
+    failed: list[tuple[str, int, int | None]] = []  # (call, fd, errno)
 
     def __init__(self) -> None:
         self._epoll = _EPOLL()
-        self.fileno, self.poll = self._epoll.fileno, self._epoll.poll
-        self.unregister, self.close = self._epoll.unregister, self._epoll.close
+        self.fileno, self.poll, self.close = self._epoll.fileno, self._epoll.poll, self._epoll.close
+
+    def _call(self, name: str, fd: int, *args: int) -> None:
+        try:
+            getattr(self._epoll, name)(fd, *args)
+        except OSError as exc:  # e.g. a stale fd (its socket closed): not counted as done
+            _CountingEpoll.failed.append((name, fd, exc.errno))
+            raise
 
     def register(self, fd: int, eventmask: int) -> None:
+        self._call("register", fd, eventmask)
         _CountingEpoll.registered.append(fd)
-        self._epoll.register(fd, eventmask)
 
     def modify(self, fd: int, eventmask: int) -> None:
-        self._epoll.modify(fd, eventmask)  # a stale fd (its socket closed) raises: not counted
+        self._call("modify", fd, eventmask)
         _CountingEpoll.modified.append(fd)
 
+    def unregister(self, fd: int) -> None:
+        self._call("unregister", fd)
+        _CountingEpoll.unregistered.append(fd)
 
-async def test_a_kept_alive_client_is_registered_with_the_engine_once(start_parkway, scripted, relay_path, monkeypatch):
+
+def count_engine_calls(relay_path: str, monkeypatch: pytest.MonkeyPatch) -> type[_CountingEpoll]:
+    """Count the calls on the epoll set of each engine started from now on (the test's body: the
+    fixtures' own epolls, made before, are left alone)."""
     if relay_path != "epoll":
         pytest.skip("the epoll engine's registrations")
     monkeypatch.setattr(engine_module.select, "epoll", _CountingEpoll)
-    monkeypatch.setattr(_CountingEpoll, "registered", [])
-    monkeypatch.setattr(_CountingEpoll, "modified", [])
+    for name in ("registered", "modified", "unregistered", "failed"):
+        monkeypatch.setattr(_CountingEpoll, name, [])
+    return _CountingEpoll
+
+
+async def test_a_kept_alive_client_is_registered_with_the_engine_once(start_parkway, scripted, relay_path, monkeypatch):
+    counting_epoll = count_engine_calls(relay_path, monkeypatch)
     # Each answer's body comes with its head: the relay ends at once, registering no upstream.
     scripted.answers = [answer_with(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello") for _ in range(6)]
     parkway = await start_parkway()
@@ -334,5 +354,33 @@ async def test_a_kept_alive_client_is_registered_with_the_engine_once(start_park
 
     # Each connection's client socket is registered once (watched while its requests wait), and
     # stays registered between its requests: watching the next one costs no system call.
-    assert len(_CountingEpoll.registered) == 2, _CountingEpoll.registered
-    assert _CountingEpoll.modified == [], _CountingEpoll.modified
+    assert len(counting_epoll.registered) == 2, counting_epoll.registered
+    assert counting_epoll.modified == [], counting_epoll.modified
+    assert counting_epoll.failed == [], counting_epoll.failed
+
+
+async def test_a_stream_costs_its_upstreams_add_and_delete(start_parkway, scripted, relay_path, monkeypatch):
+    """A stream costs the engine the add and the delete of its upstream's fd and the add of its
+    client's, nothing more: the client is not changed when the body ends (it never filled up),
+    nor deleted when it leaves (its watch disarms itself; the close takes it out of the set), and
+    no call fails, also for a new connection that got a closed one's fd number back."""
+    counting_epoll = count_engine_calls(relay_path, monkeypatch)
+    scripted.answers = [paced(CHUNKED_HEAD, b"5\r\nhello\r\n", b"0\r\n\r\n") for _ in range(3)]
+    parkway = await start_parkway()
+    url = parkway.sign(f"{scripted.base}/v1/chat")
+    with trio.fail_after(10):
+        # The client leaves first (its watch fires), then Parkway closes first (connection: close),
+        # then a connection likely on the last one's fd number.
+        for close in (False, True, False):
+            async with await open_stream(parkway.port, url, close=close) as stream:
+                raw = await receive_until(stream, b"hello\r\n0\r\n\r\n")
+                assert raw.startswith(b"HTTP/1.1 200 ")
+                if close:
+                    assert (await read_to_close(stream)) == b""
+            await trio.testing.wait_all_tasks_blocked(0.05)  # Parkway has taken the client's leaving in
+
+    assert counting_epoll.failed == [], counting_epoll.failed
+    assert counting_epoll.modified == [], counting_epoll.modified
+    assert len(counting_epoll.registered) == 6, counting_epoll.registered  # 3 clients, 3 upstream streams
+    assert len(counting_epoll.unregistered) == 3, counting_epoll.unregistered  # the upstream's, at each end
+    assert set(counting_epoll.unregistered) < set(counting_epoll.registered)
