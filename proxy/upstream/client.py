@@ -269,14 +269,15 @@ class UpstreamClient:
                         f"{conn.host} closed a kept-alive connection before answering; "
                         f"a {req.method} request is not sent twice"
                     ) from None
+        https = origin.scheme == "https"
         conn = await UpstreamConnection.connect(
             origin.host,
             origin.port,
             policy=origin.policy,
-            ssl_context=self._ssl_context() if origin.scheme == "https" else None,
+            ssl_context=self._ssl_context() if https else None,
             timeout=self.connect_timeout,
             resolver=self._resolver,
-            tls_session=self._sessions.get(origin),
+            tls_session=self._sessions.get(origin) if https else None,  # (an Origin's hash is two Python calls)
             parser=self.parser,
         )
         if conn.tls:
