@@ -79,16 +79,15 @@ class UpstreamConnection:
     __slots__ = ("_in", "_out", "_poller", "_tls", "fd", "host", "http", "idle_since", "sent", "sock")
 
     def __init__(self, sock: socket.socket, host: str, tls: ssl.SSLObject | None = None,
-                 bios: tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None = None, *, parser: str = "h11",
-                 poller: select.poll | None = None):  # fmt: skip
+                 bios: tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None = None, *, parser: str = "h11"):  # fmt: skip
         self.sock = sock
         self.fd = sock.fileno()
         self.host = host  # host[:port], for messages
         self.http = new_http(parser)
         self.idle_since = 0.0
         self.sent = 0  # bytes written to the socket: whether any of a request went out
-        # For the pool's check: the connect's (registered for POLLIN), else made at the first check.
-        self._poller = poller
+        # Made when the connection is first checked (pooled), not at connect: 300 bytes a parked stream.
+        self._poller: select.poll | None = None
         self._tls = tls
         self._in: ssl.MemoryBIO | None = bios[0] if bios is not None else None
         self._out: ssl.MemoryBIO | None = bios[1] if bios is not None else None
@@ -142,8 +141,7 @@ class UpstreamConnection:
             # is the TCP connect's, and it has its own scope (opened only when the connect did
             # not complete within the call, as it does to a peer on this host).
             policy.check(literal, host=host)
-            sock, poller = await _connect_first([literal], port, name, deadline)
-            return cls(sock, name, parser=parser, poller=poller)
+            return cls(await _connect_first([literal], port, name, deadline), name, parser=parser)
         with trio.CancelScope(deadline=deadline) as scope:
             if literal is not None:
                 addresses = [literal]
@@ -156,8 +154,8 @@ class UpstreamConnection:
                     raise UpstreamConnectError(f"{host} has no address")
             for address in addresses:  # all of them: a mixed answer is refused, not filtered
                 policy.check(address, host=host)
-            sock, poller = await _connect_first(addresses, port, name, math.inf)  # (this scope's deadline)
-            conn = cls(sock, name, parser=parser, poller=poller)
+            sock = await _connect_first(addresses, port, name, math.inf)  # (this scope's deadline)
+            conn = cls(sock, name, parser=parser)
             if ssl_context is not None:
                 try:
                     await conn._start_tls(ssl_context, host.strip("[]"), tls_session)
@@ -354,18 +352,13 @@ async def _writable_or_readable(sock: socket.socket) -> bool:
     return readable
 
 
-async def _connect_first(
-    addresses: list[str], port: int, name: str, deadline: float
-) -> tuple[socket.socket, select.poll]:
-    """A socket connected to the first address that takes the connection, with the poll object
-    that found it connected (registered for POLLIN: the pool's check). ``deadline`` limits the
-    wait for a connect still under way (math.inf: the caller's scope does)."""
+async def _connect_first(addresses: list[str], port: int, name: str, deadline: float) -> socket.socket:
+    """A socket connected to the first address that takes the connection; ``deadline`` limits
+    the wait for a connect still under way (math.inf: the caller's scope does)."""
     error: str | None = None
     for address in addresses:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
-        poller = select.poll()  # (user space until polled: no system call)
-        poller.register(sock, select.POLLOUT)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -374,6 +367,8 @@ async def _connect_first(
                 # A peer on this host has answered within the call (the kernel runs the handshake
                 # there): one poll that waits for nothing says so, without a trip through trio's
                 # epoll (two epoll_ctl, a scheduler turn) and the deadline's cancel scope.
+                poller = select.poll()
+                poller.register(sock, select.POLLOUT)
                 ready = poller.poll(0)
                 if not ready:
                     if deadline == math.inf:
@@ -393,8 +388,7 @@ async def _connect_first(
             sock.close()
             raise
         if code == 0:
-            poller.modify(sock, select.POLLIN)
-            return sock, poller
+            return sock
         trio.lowlevel.notify_closing(sock)
         sock.close()
         error = f"cannot connect to {name}: [Errno {code}] {os.strerror(code)}"
