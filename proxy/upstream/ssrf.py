@@ -240,7 +240,7 @@ class AddressPolicy:
         allowed.add(ip)
 
 
-_ALLOWED_MAX = 1024  # addresses remembered per policy as allowed: a bound, not a working set
+_ALLOWED_MAX = 256  # addresses remembered per policy as allowed (a policy per credential, 256 of them: plan.py)
 
 
 DEFAULT_POLICY = AddressPolicy()
