@@ -329,6 +329,20 @@ def config_warnings(config: Config) -> list[ConfigProblem]:
     return warnings
 
 
+def kept_per_process(config: Config) -> list[str]:
+    """What the memory state backend keeps in each process, so that several processes (``--workers``)
+    each enforce it alone: a limit or budget N times over, a single-use URL once per process."""
+    if config.state.backend != "memory":
+        return []
+    credentials = config.credentials
+    kept = []
+    if any(c.limits or c.user_limits for c in credentials):
+        kept.append("limits")
+    if any(c.budgeted for c in credentials):
+        kept.append("budgets")
+    return [*kept, "single-use URLs"]  # any signer may make a URL single-use (server.single_use_param)
+
+
 def jobs_problems(jobs: JobsConfig) -> list[ConfigProblem]:
     """What keeps jobs from starting: they are on without a ``public_url`` to build their URLs from.
     Checked on load and again when Parkway starts (a configuration built in code)."""
