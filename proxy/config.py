@@ -88,6 +88,7 @@ class ServerConfig:
     upstream_connect_timeout: float = 10.0
     upstream_first_byte_timeout: float = 120.0  # until response headers arrive
     upstream_idle_timeout: float = 120.0  # max gap between upstream body chunks
+    upstream_dns_ttl: float = 30.0  # seconds an upstream host name's addresses are kept, 0 = resolve per connection
     request_timeout: float = 900.0  # overall cap on one request, 0 = none
     max_header_bytes: int = 16384
     max_signed_body_bytes: int = 1048576  # max body buffered for signed-body verification
@@ -412,8 +413,8 @@ _LIMITS = ["max_header_bytes", "max_signed_body_bytes", "max_connections", "max_
 _SERVER_RULES: Mapping[str, _Convert] = {
     "listen": _list_of(_listen_address, single_ok=True, non_empty=True),
     **dict.fromkeys(_TIMEOUTS, _number(0, above=True)),
-    # 0 means: no overall cap / cancel in-flight requests at once / no clock tolerance.
-    **dict.fromkeys(["request_timeout", "drain_timeout", "clock_skew"], _number(0)),
+    # 0 means: no overall cap / cancel in-flight requests at once / no clock tolerance / no DNS cache.
+    **dict.fromkeys(["request_timeout", "drain_timeout", "clock_skew", "upstream_dns_ttl"], _number(0)),
     **dict.fromkeys(_LIMITS, _number(1, integer=True)),
     "public_path_prefix": lambda value, path: _path_prefix(value, path),
     "trusted_proxies": _list_of(lambda value, path: _network(value, path), single_ok=True),
