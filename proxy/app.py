@@ -98,6 +98,7 @@ class Parkway:
             open_connections=lambda: self.server.open_connections,
             websocket_sessions=lambda: self.websockets.active,
             upstream_tls_handshakes=lambda: (self.upstream.tls_full, self.upstream.tls_resumed),
+            upstream_dns=lambda: (self.upstream.dns.lookups, self.upstream.dns.hits),
         )
         self.clock = clock
         self.tracing: Tracing | None = None

@@ -9,6 +9,7 @@ import trio
 
 from proxy.config import Credential
 from support.http import read_until_eof, request_bytes
+from support.metrics import Scrape, parse_metrics
 from support.parkway import INJECTED, SECRET, RunningParkway
 from support.processes import free_port
 from support.scripted import ScriptedUpstream, answer_with
@@ -42,6 +43,8 @@ async def test_a_named_upstream_is_resolved_once_across_fresh_connections(start_
         assert (await fetch(parkway, parkway.sign(by_name(scripted, f"/v1/{i}")))).endswith(b"\r\n\r\nok")
     assert [r.connection for r in scripted.requests] == [1, 2, 3]  # three connections, one look-up
     assert (dns.lookups, dns.hits) == (1, 2)
+    scrape = Scrape(parse_metrics(parkway.parkway.metrics.render().decode()))
+    assert scrape.by("parkway_upstream_dns_total", "kept") == {("false",): 1, ("true",): 2}
 
 
 async def test_a_ttl_of_zero_resolves_for_every_connection(start_parkway, scripted):
