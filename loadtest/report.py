@@ -160,6 +160,14 @@ FIGURES = [
         None,
     ),
     Figure(
+        "setup_cpu_per_stream_us",
+        "CPU per stream beyond its events at that rate (set-up, teardown, ramp), µs",
+        "(info)",
+        _parked("setup_cpu_per_stream_us"),
+        None,
+        0,
+    ),
+    Figure(
         "steady_cpu_pct", "CPU while all streams parked, % of one core", "(info)", _parked("steady_cpu_pct"), None, 0
     ),
     Figure(

@@ -680,6 +680,7 @@ class Bench:
             "cpu_s": m["cpu_s"],
             "cpu_per_event_us": 1e6 * m["cpu_s"] / r["events"] if r["events"] else None,
             **steady,
+            "setup_cpu_per_stream_us": _setup_cpu(m["cpu_s"], r["events"], streams, steady["steady_cpu_per_event_us"]),
             # --profile turns: the set-up inside Parkway and its run loop's turns (loadtest.turns).
             **in_proxy,
             "upstream_cpu_pct": m["upstream_cpu_pct"],
@@ -991,6 +992,15 @@ def _at(samples: list[procstat.Sample], t: float) -> procstat.Sample:
             break
         best = s
     return best
+
+
+def _setup_cpu(cpu_s: float, events: int, streams: int, steady_per_event_us: float | None) -> float | None:
+    """CPU per stream beyond its events at the steady rate: its set-up and teardown, and what
+    relaying cost more during the ramp than once all were parked. The run's whole CPU figure
+    mixes the two; this is the part a cheaper set-up would cut."""
+    if steady_per_event_us is None or not streams:
+        return None
+    return (1e6 * cpu_s - steady_per_event_us * events) / streams
 
 
 def _steady(raw: dict[str, Any], streams: int, group: procstat.Group) -> dict[str, Any]:

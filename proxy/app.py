@@ -91,11 +91,14 @@ class Parkway:
         relay = os.environ.get("PARKWAY_RELAY", "epoll" if hasattr(select, "epoll") else "portable")
         self.engine = EpollEngine() if relay == "epoll" and hasattr(select, "epoll") else None
         self._engine_scope = trio.CancelScope()
-        self.websockets = WebSocketProxy(config.websocket, ssl_context=lambda: self.upstream.ssl_context)
+        self.websockets = WebSocketProxy(
+            config.websocket, ssl_context=lambda: self.upstream.ssl_context, resolver=self.upstream.dns
+        )
         self.metrics = Metrics(
             open_connections=lambda: self.server.open_connections,
             websocket_sessions=lambda: self.websockets.active,
             upstream_tls_handshakes=lambda: (self.upstream.tls_full, self.upstream.tls_resumed),
+            upstream_dns=lambda: (self.upstream.dns.lookups, self.upstream.dns.hits),
         )
         self.clock = clock
         self.tracing: Tracing | None = None

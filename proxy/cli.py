@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from . import __version__, logs
-from .config import Config, config_from_dict, config_warnings, load_config
+from .config import Config, config_from_dict, config_warnings, kept_per_process, load_config
 from .errors import ConfigError, ParkwayError
 from .overrides import ConfigOverrides
 from .urls import split_host_port
@@ -140,7 +140,9 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 1
     logs.configure(config.log.level, config.log.format)
     if args.workers > 1:
-        from .supervisor import Supervisor
+        from .supervisor import Supervisor, warn_kept_per_worker
+
+        warn_kept_per_worker(args.workers, kept_per_process(config))
 
         worker_argv = [
             [sys.executable, "-m", "proxy", *_without_workers(args.argv), "--worker-index", str(i)]

@@ -88,6 +88,7 @@ class ServerConfig:
     upstream_connect_timeout: float = 10.0
     upstream_first_byte_timeout: float = 120.0  # until response headers arrive
     upstream_idle_timeout: float = 120.0  # max gap between upstream body chunks
+    upstream_dns_ttl: float = 30.0  # seconds an upstream host name's addresses are kept, 0 = resolve per connection
     request_timeout: float = 900.0  # overall cap on one request, 0 = none
     max_header_bytes: int = 16384
     max_signed_body_bytes: int = 1048576  # max body buffered for signed-body verification
@@ -329,6 +330,20 @@ def config_warnings(config: Config) -> list[ConfigProblem]:
     return warnings
 
 
+def kept_per_process(config: Config) -> list[str]:
+    """What the memory state backend keeps in each process, so that several processes (``--workers``)
+    each enforce it alone: a limit or budget N times over, a single-use URL once per process."""
+    if config.state.backend != "memory":
+        return []
+    credentials = config.credentials
+    kept = []
+    if any(c.limits or c.user_limits for c in credentials):
+        kept.append("limits")
+    if any(c.budgeted for c in credentials):
+        kept.append("budgets")
+    return [*kept, "single-use URLs"]  # any signer may make a URL single-use (server.single_use_param)
+
+
 def jobs_problems(jobs: JobsConfig) -> list[ConfigProblem]:
     """What keeps jobs from starting: they are on without a ``public_url`` to build their URLs from.
     Checked on load and again when Parkway starts (a configuration built in code)."""
@@ -398,8 +413,8 @@ _LIMITS = ["max_header_bytes", "max_signed_body_bytes", "max_connections", "max_
 _SERVER_RULES: Mapping[str, _Convert] = {
     "listen": _list_of(_listen_address, single_ok=True, non_empty=True),
     **dict.fromkeys(_TIMEOUTS, _number(0, above=True)),
-    # 0 means: no overall cap / cancel in-flight requests at once / no clock tolerance.
-    **dict.fromkeys(["request_timeout", "drain_timeout", "clock_skew"], _number(0)),
+    # 0 means: no overall cap / cancel in-flight requests at once / no clock tolerance / no DNS cache.
+    **dict.fromkeys(["request_timeout", "drain_timeout", "clock_skew", "upstream_dns_ttl"], _number(0)),
     **dict.fromkeys(_LIMITS, _number(1, integer=True)),
     "public_path_prefix": lambda value, path: _path_prefix(value, path),
     "trusted_proxies": _list_of(lambda value, path: _network(value, path), single_ok=True),

@@ -30,22 +30,18 @@ SESSION_BUCKETS = (0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)  # We
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
-class _TLSHandshakes:
-    """``parkway_upstream_tls_handshakes_total{resumed}``, read from the upstream client's two
-    counts when scraped: nothing is done per connection for it."""
+class _ReadAtScrape:
+    """A counter with a ``true``/``false`` label read from two plain counts when scraped:
+    nothing is done per connection for it (the upstream client keeps the counts)."""
 
-    def __init__(self, counts: Callable[[], tuple[int, int]]):
-        self.counts = counts
+    def __init__(self, name: str, documentation: str, label: str, counts: Callable[[], tuple[int, int]]):
+        self.name, self.documentation, self.label, self.counts = name, documentation, label, counts
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        full, resumed = self.counts()
-        family = CounterMetricFamily(
-            "parkway_upstream_tls_handshakes",
-            "TLS handshakes with upstreams, by whether they resumed a session.",
-            labels=["resumed"],
-        )
-        family.add_metric(["false"], full)
-        family.add_metric(["true"], resumed)
+        false, true = self.counts()
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        family.add_metric(["false"], false)
+        family.add_metric(["true"], true)
         yield family
 
 
@@ -55,10 +51,27 @@ class Metrics:
         open_connections: Callable[[], float] = lambda: 0,
         websocket_sessions: Callable[[], float] = lambda: 0,
         upstream_tls_handshakes: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        upstream_dns: Callable[[], tuple[int, int]] = lambda: (0, 0),
     ):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        r.register(_TLSHandshakes(upstream_tls_handshakes))
+        r.register(
+            _ReadAtScrape(
+                "parkway_upstream_tls_handshakes",
+                "TLS handshakes with upstreams, by whether they resumed a session.",
+                "resumed",
+                upstream_tls_handshakes,
+            )
+        )
+        r.register(
+            _ReadAtScrape(
+                "parkway_upstream_dns",
+                "Upstream host names a new connection needed, by whether a kept answer gave them "
+                "(upstream_dns_ttl) or the resolver was asked.",
+                "kept",
+                upstream_dns,
+            )
+        )
         self.requests = Counter(
             "parkway_requests",
             "Requests answered, by credential, status class and outcome.",

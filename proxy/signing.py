@@ -38,7 +38,7 @@ REQUIRED_PARAMS = (X_ALGORITHM, X_CREDENTIAL, X_DATE, X_EXPIRES, X_PROXY, X_SIGN
 # each afresh was a tenth of the cost of verifying a signature.
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1024)
 def _form(s: str) -> str:  # Python quote_plus, Ruby CGI.escape
     return quote_plus(s, safe="")
 
@@ -77,6 +77,22 @@ PAIR_ENCODINGS: dict[Callable[[str], str], Callable[[str, str], str]] = {
     _form: form_pair,
     _rfc3986: _rfc3986_pair,
     _js: _js_pair,
+}
+
+
+def _uncached_pair(encode: Callable[[str], str]) -> Callable[[str, str], str]:
+    plain = encode.__wrapped__  # type: ignore[attr-defined]  # the function lru_cache wraps
+
+    def pair(k: str, v: str) -> str:
+        return f"{plain(k)}={plain(v)}"
+
+    return pair
+
+
+# The same encodings of a pair, never cached: for queries too long to keep (any client can send
+# one, and each failed verification would otherwise keep three encodings of its every value).
+UNCACHED_PAIRS: dict[Callable[[str, str], str], Callable[[str, str], str]] = {
+    cached: _uncached_pair(encode) for encode, cached in PAIR_ENCODINGS.items()
 }
 
 

@@ -34,6 +34,19 @@ def _ignore_sighup_until_ready() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+def warn_kept_per_worker(workers: int, kept: Sequence[str]) -> None:
+    """Say once, at start, what each worker enforces on its own (the memory state backend)."""
+    if kept:
+        log.warning(
+            "state_per_worker",
+            workers=workers,
+            kept=list(kept),
+            problem=f"[state] backend is memory: each of the {workers} workers enforces these on its own "
+            f"(a limit or budget up to {workers} times over, a single-use URL once per worker); "
+            'set [state] backend = "redis" to share them',
+        )
+
+
 class Supervisor:
     def __init__(self, worker_argv: Sequence[Sequence[str]], drain_timeout: float):
         self.worker_argv = [list(a) for a in worker_argv]

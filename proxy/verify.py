@@ -17,7 +17,7 @@ two different requests share a signature; and Parkway always forwards the *norma
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import NamedTuple
@@ -29,6 +29,7 @@ from .signing import (
     PAIR_ENCODINGS,
     PROXY_SCHEMES,
     REQUIRED_PARAMS,
+    UNCACHED_PAIRS,
     X_ALGORITHM,
     X_BODY,
     X_CREDENTIAL,
@@ -75,6 +76,7 @@ class SignedRequest(NamedTuple):
     signature: str
     params: tuple[tuple[str, str], ...]  # every decoded parameter except the signature
     extras: dict[str, str]  # the signer's own parameters (not X-Sw-*): read, never changed
+    cacheable: bool = True  # a query short enough for its texts to be kept (MAX_CACHED_QUERY)
 
     @property
     def expires_at(self) -> datetime:
@@ -100,21 +102,34 @@ def _form_decode(text: str) -> str:
     return unquote(text, errors="strict") if "%" in text else text
 
 
-def _decoded_field(field: str) -> tuple[str, str]:
+_plain_decode = _form_decode.__wrapped__  # the same, never cached
+
+
+def _decoded_field(field: str, decode: Callable[[str], str] = _form_decode) -> tuple[str, str]:
     """One ``name=value`` field of a query, form-decoded (as :func:`parse_query` does it)."""
     name, _, value = field.partition("=")
     if "%" in name or "+" in name:
-        name = _form_decode(name)
+        name = decode(name)
     if "%" in value or "+" in value:
-        value = _form_decode(value)
+        value = decode(value)
     return name, value
 
 
+def _plain_field(field: str) -> tuple[str, str]:
+    return _decoded_field(field, _plain_decode)
+
+
 # Of a signed URL's fields only the date and the signature change from one URL to the next: a
-# field found here is one lookup, where splitting and testing it took four calls. The fields of
-# queries up to MAX_CACHED_QUERY characters only (any client can send fields: these stay a few MB).
+# field found here is one lookup, where splitting and testing it took four calls.
 _cached_field = lru_cache(maxsize=1024)(_decoded_field)
-MAX_CACHED_QUERY = 2048
+
+# Only the texts of a query up to this many characters are kept by any cache here or in
+# proxy.signing (its fields, their decoded and encoded forms, the proxy URL, the signed header
+# names): any client can send a query, and a failed verification must not keep what it sent.
+# Unbounded, 5,000 refused requests with a 12 KB parameter each kept 330 MB; now the caches
+# hold at most a few MB in all (tests/unit/test_verify_caches.py). A normal signed query is
+# 300-600 characters.
+MAX_CACHED_QUERY = 1024
 
 
 def _too_many_fields(raw_query: str) -> bool:
@@ -137,15 +152,16 @@ def parse_query(raw_query: str) -> list[tuple[str, str]]:
     if _too_many_fields(raw_query):
         raise BadRequest("query string has too many parameters", code="malformed_signed_url")
     pairs = []
+    decode = _form_decode if len(raw_query) <= MAX_CACHED_QUERY else _plain_decode
     try:
         for field in raw_query.split("&"):
             if not field:
                 continue
             name, _, value = field.partition("=")
             if "%" in name or "+" in name:
-                name = _form_decode(name)
+                name = decode(name)
             if "%" in value or "+" in value:
-                value = _form_decode(value)
+                value = decode(value)
             pairs.append((name, value))
     except UnicodeDecodeError:
         raise _not_utf8() from None
@@ -182,7 +198,8 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
     """
     if raw_query and raw_query.count("&") >= MAX_QUERY_FIELDS:  # _too_many_fields, inline
         raise BadRequest("query string has too many parameters", code="malformed_signed_url")
-    decode = _cached_field if len(raw_query) <= MAX_CACHED_QUERY else _decoded_field
+    cacheable = len(raw_query) <= MAX_CACHED_QUERY
+    decode = _cached_field if cacheable else _plain_field
     found: dict[str, str] = {}  # Signway's parameters
     extras: dict[str, str] = {}  # the others (last one wins)
     params: list[tuple[str, str]] = []  # every parameter but the signature, in order
@@ -245,10 +262,15 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
     if not _SIGNATURE_RE.match(sig):
         raise _invalid(X_SIGNATURE, "expected 64 hex digits")
     signed_names = found[X_SIGNED_HEADERS]
-    names = _signed_header_names(signed_names) if signed_names else ()
+    if not signed_names:
+        names: tuple[str, ...] = ()
+    else:
+        names = _signed_header_names(signed_names) if cacheable else _signed_header_names.__wrapped__(signed_names)
     proxy_text = found[X_PROXY]
     try:
-        proxy_url = _proxy_url(proxy_text)
+        proxy_url = (
+            _proxy_url(proxy_text) if cacheable else normalize_url.__wrapped__(proxy_text, schemes=PROXY_SCHEMES)
+        )
     except InvalidURL as exc:
         raise _invalid(X_PROXY, str(exc)) from None
     # Positional, in the order of the fields: half the cost of keywords (1.1 against 0.6 µs).
@@ -265,6 +287,7 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
         sig.lower(),
         tuple(params),
         extras,
+        cacheable,
     )
 
 
@@ -346,7 +369,7 @@ def candidate_requests(
                 req.params if proxy is req.proxy_text else [(k, proxy if k == X_PROXY else v) for k, v in req.params]
             )
             for pair in PAIR_ENCODINGS.values():
-                query = signed_query(params, pair)
+                query = signed_query(params, pair if req.cacheable else UNCACHED_PAIRS[pair])
                 for headers in header_lists:
                     canonical = canonical_request(method, path, query, headers, body)
                     if canonical not in seen:
@@ -374,7 +397,8 @@ def verify_signature(
     body = body or b""
     # The first candidate, built without the generator: what every SDK signs (their own path,
     # the proxy text as signed, form encoding), so a normal request stops here.
-    first = canonical_request(method, paths[0], signed_query(req.params, form_pair), header_lists[0], body)
+    pair = form_pair if req.cacheable else UNCACHED_PAIRS[form_pair]
+    first = canonical_request(method, paths[0], signed_query(req.params, pair), header_lists[0], body)
     if signed_by(first, secrets, req.date_text, expected):
         return
     candidates = candidate_requests(req, method, paths, header_lists, body)

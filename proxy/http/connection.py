@@ -103,16 +103,26 @@ class HTTPConnection:
     :mod:`proxy.http.httptools_impl` the accelerated twin; both answer byte for byte alike."""
 
     parser = "h11"  # which implementation this is (the start-up log line and /metrics name it)
+    # Set once the current request's body is fully read: a new one per request (_begin_head), none
+    # before the first (a connection that never sends a head makes no event).
+    request_done: trio.Event
 
-    def __init__(self, stream: trio.abc.Stream, config: ServerConfig, peer: str):
-        self.stream = stream
+    def __init__(self, stream: trio.abc.Stream | trio.socket.SocketType, config: ServerConfig, peer: str):
+        # A socket the server accepted itself is the connection (no SocketStream around it, see
+        # the stream property); a trio stream is read through its socket when it has one.
+        if isinstance(stream, trio.socket.SocketType):
+            self._stream: trio.abc.Stream | None = None
+            self._socket: trio.socket.SocketType | None = stream
+        else:
+            self._stream = stream
+            # Written to directly when it is a real socket (see flush); None for in-memory streams.
+            self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.config = config
         self.peer = peer
         self.bytes_in = 0
         self.bytes_out = 0
         self.head_bytes_in = 0  # bytes_in when the current request began
         self.head_started = False  # bytes of the head next_request waits for have arrived
-        self.request_done = trio.Event()  # set once the current request's body is fully read
         self._close_after = False
         self.head_only = False  # the current request is HEAD: its response has no body (RFC 9110 §9.3.2)
         self.handed_over = False  # the connection now speaks another protocol (see hand_over)
@@ -122,8 +132,15 @@ class HTTPConnection:
         self._head_scope: trio.CancelScope | None = None
         self._sweep: Sweep | None = None
         self._unsent: list[bytes] = []  # encoded by a send with flush=False, written at the next flush
-        # Written to directly when it is a real socket (see flush); None for in-memory streams.
-        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+
+    @property
+    def stream(self) -> trio.abc.Stream:
+        """The connection as a trio stream: made on first use for a socket the server accepted
+        itself (a WebSocket's hand-over, a lingering close), which the common path never needs."""
+        if self._stream is None:
+            assert self._socket is not None
+            self._stream = trio.SocketStream(self._socket)
+        return self._stream
 
     async def _receive(self) -> bytes:
         """The next bytes from the client (b"" at its end), read from the socket itself.

@@ -43,7 +43,7 @@ class H11Connection(HTTPConnection):
 
     parser = "h11"
 
-    def __init__(self, stream: trio.abc.Stream, config: ServerConfig, peer: str):
+    def __init__(self, stream: trio.abc.Stream | trio.socket.SocketType, config: ServerConfig, peer: str):
         super().__init__(stream, config, peer)
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
 

@@ -43,7 +43,7 @@ class HttptoolsConnection(HTTPConnection):
 
     parser = "httptools"
 
-    def __init__(self, stream: trio.abc.Stream, config: ServerConfig, peer: str):
+    def __init__(self, stream: trio.abc.Stream | trio.socket.SocketType, config: ServerConfig, peer: str):
         super().__init__(stream, config, peer)
         self._buffer = bytearray()  # received, not yet consumed: the body, a pipelined request
         self._eof = False  # the client closed its side (seen while reading a head)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import errno
 import math
-from typing import Protocol
+import socket
+import weakref
+from typing import Any, Protocol
 
 import trio
+from trio.lowlevel import checkpoint, wait_readable
 
 from ..config import ServerConfig
 from ..errors import InternalError, Overloaded, ParkwayError
@@ -26,6 +29,21 @@ except ImportError:  # a bare install: h11 only
     HttptoolsConnection = None  # type: ignore[assignment,misc]
 
 ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# What accept says about the connection it was about to return, not about the listener: skipped,
+# as trio's SocketListener.accept skips them (a connection reset or refused before it was accepted).
+SKIPPED_ACCEPT_ERRNOS = {
+    getattr(errno, name)
+    for name in (
+        "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+        "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT", "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET",
+    )
+    if hasattr(errno, name)
+}  # fmt: skip
+CLOSED_ERRNOS = {errno.EBADF, errno.ENOTSOCK}  # the listening socket was closed under the loop
+ACCEPT_BATCH = 64  # connections accepted per wake-up of an accept loop, at most, before it yields
+
+# The listening sockets open_listeners made, by listener: accepted from directly (_accept_batches).
+_LISTENING: weakref.WeakKeyDictionary[trio.SocketListener, socket.socket] = weakref.WeakKeyDictionary()
 
 
 class Application(Protocol):
@@ -34,9 +52,11 @@ class Application(Protocol):
     async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None: ...
 
 
-def open_connection(stream: trio.abc.Stream, config: ServerConfig, peer: str) -> HTTPConnection:
+def open_connection(
+    stream: trio.abc.Stream | trio.socket.SocketType, config: ServerConfig, peer: str
+) -> HTTPConnection:
     """The client connection of the implementation ``config.http`` resolves to (auto: httptools
-    when installed, else h11)."""
+    when installed, else h11), on a stream or on an accepted socket itself."""
     if parsers.resolve(config.http) == "httptools" and HttptoolsConnection is not None:
         return HttptoolsConnection(stream, config, peer)
     return H11Connection(stream, config, peer)
@@ -94,22 +114,61 @@ class Server:
             self._connections.cancel_scope.deadline = trio.current_time() + self.config.drain_timeout
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        while True:
+        raw = _LISTENING.get(listener)
+        if raw is not None:
+            await self._accept_batches(raw, nursery)
+            return
+        while True:  # a listener from elsewhere (tests): trio's accept, one connection per call
             try:
                 stream = await listener.accept()
             except OSError as exc:
                 if exc.errno in ACCEPT_ERRNOS:
-                    log.error("accept_failed", error=errno.errorcode.get(exc.errno, str(exc.errno)), retry_in=0.1)
-                    await trio.sleep(0.1)
+                    await _accept_failed(exc)
                     continue
                 raise
             nursery.start_soon(self._connection_task, stream)
 
-    async def _connection_task(self, stream: trio.SocketStream) -> None:
-        try:
-            peer = stream.socket.getpeername()[0]
-        except OSError:
-            peer = "unknown"
+    async def _accept_batches(self, raw: socket.socket, nursery: trio.Nursery) -> None:
+        """Accept from the listening socket itself: up to ``ACCEPT_BATCH`` connections per
+        wake-up, until it has no more, then wait for it to be readable again (a full batch yields
+        once first, so a burst cannot keep the streams already served waiting). trio's
+        ``SocketListener.accept`` yields twice around every connection it returns (one per turn
+        of the run loop), wraps each socket in a ``SocketStream`` and leaves the peer's address
+        to a ``getpeername``: here the address comes with the connection, and the socket is the
+        connection's own (:class:`~proxy.http.connection.HTTPConnection` makes a stream of it
+        only if something needs one)."""
+        accept = raw.accept
+        spawn = nursery.start_soon
+        task = self._connection_task
+        wrap = trio.socket.from_stdlib_socket  # non-blocking, and closed with trio's notify_closing
+        while True:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    sock, address = accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in SKIPPED_ACCEPT_ERRNOS:
+                        continue
+                    if exc.errno in CLOSED_ERRNOS:
+                        raise trio.ClosedResourceError("the listening socket was closed") from None
+                    if exc.errno in ACCEPT_ERRNOS:
+                        await _accept_failed(exc)
+                        break
+                    raise
+                _set_options(sock)
+                spawn(task, wrap(sock), _peer(address))
+            else:
+                await checkpoint()  # a full batch: let the connections just taken, and the others, run
+                continue
+            await wait_readable(raw)
+
+    async def _connection_task(self, stream: trio.abc.Stream | trio.socket.SocketType, peer: str | None = None) -> None:
+        if peer is None:  # a stream from trio's accept (or a test's listener)
+            try:
+                peer = stream.socket.getpeername()[0]  # type: ignore[union-attr]
+            except OSError:
+                peer = "unknown"
         conn = open_connection(stream, self.config, peer)
         self.open_connections += 1
         try:
@@ -126,10 +185,17 @@ class Server:
             await self._answer_internal_error(conn)
         finally:
             self.open_connections -= 1
-            with trio.CancelScope(shield=True):
-                if not conn.request_complete and conn.response_started and not conn.handed_over:
-                    await _lingering_close(stream)
-                await trio.aclose_forcefully(stream)
+            if not conn.request_complete and conn.response_started and not conn.handed_over:
+                with trio.CancelScope(shield=True):
+                    await _lingering_close(conn.stream)
+            sock = conn.socket
+            if sock is not None:
+                # What SocketStream.aclose does, without trio.aclose_forcefully's cancelled scope
+                # and checkpoint (three scopes and a turn of the run loop per connection): the
+                # close wakes any task still waiting on the socket (trio's notify_closing).
+                sock.close()
+            else:  # an in-memory stream (tests, benches)
+                await trio.aclose_forcefully(conn.stream)
 
     async def _answer_internal_error(self, conn: HTTPConnection) -> None:
         """500 ``internal_error`` if a response can still be sent, else a truncated one."""
@@ -199,7 +265,28 @@ class Server:
             await self.app.handle(head, conn)
 
 
-async def _lingering_close(stream: trio.SocketStream, seconds: float = 2.0, limit: int = 1 << 20) -> None:
+async def _accept_failed(exc: OSError) -> None:
+    """Out of descriptors or memory: say so, and try again in a moment (the backlog holds the rest)."""
+    log.error("accept_failed", error=errno.errorcode.get(exc.errno or 0, str(exc.errno)), retry_in=0.1)
+    await trio.sleep(0.1)
+
+
+def _set_options(sock: socket.socket) -> None:
+    """The options trio's SocketStream sets on a connection: no Nagle delay (an event goes out
+    when written), and at most 16 KB unsent in the kernel before the socket counts as full."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 1 << 14)
+    except OSError:  # a connection already reset: its first read says so
+        pass
+
+
+def _peer(address: Any) -> str:
+    """The client's IP address from accept's address (IPv4 and IPv6 alike: the host first)."""
+    return address[0] if isinstance(address, tuple) and address else "unknown"
+
+
+async def _lingering_close(stream: trio.abc.Stream, seconds: float = 2.0, limit: int = 1 << 20) -> None:
     """Read and discard an unread request body for a moment before closing.
 
     Closing a socket with unread input makes the kernel send RST, which can destroy the
@@ -207,7 +294,8 @@ async def _lingering_close(stream: trio.SocketStream, seconds: float = 2.0, limi
     """
     with trio.move_on_after(seconds):
         try:
-            await stream.send_eof()
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
             received = 0
             while received < limit:
                 data = await stream.receive_some(RECEIVE_SIZE)
@@ -219,17 +307,21 @@ async def _lingering_close(stream: trio.SocketStream, seconds: float = 2.0, limi
 
 
 async def open_listeners(addresses: tuple[str, ...], *, reuse_port: bool = False) -> list[trio.SocketListener]:
-    """Bind every listen address (a backlog sized for thousands of connections)."""
+    """Bind every listen address (a backlog sized for thousands of connections). The server
+    accepts from these sockets itself (:meth:`Server._accept_batches`)."""
     listeners: list[trio.SocketListener] = []
     for address in addresses:
         host, port = split_host_port(address)
-        sock = trio.socket.socket(trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        raw = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock = trio.socket.from_stdlib_socket(raw)  # the same socket, non-blocking
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
-            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         await sock.bind((host, port))
         sock.listen(4096)
-        listeners.append(trio.SocketListener(sock))
+        listener = trio.SocketListener(sock)
+        _LISTENING[listener] = raw
+        listeners.append(listener)
     return listeners
 
 

@@ -26,10 +26,11 @@ from urllib.parse import urlsplit
 import trio
 
 from ..config import ServerConfig
-from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from ..errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from ..http.parsers import resolve as resolve_parser
 from ..sweep import FIRED, Sweep, tick_for
 from .connection import UpstreamConnection
+from .dns import DNSCache
 from .response import HeadReader, Informational, StaleConnection, UpstreamResponse
 from .ssrf import DEFAULT_POLICY, AddressPolicy, Resolver, check_scheme, resolve
 from .wire import RequestRefused
@@ -174,7 +175,8 @@ class UpstreamClient:
         self._verify = verify
         self._ca_file = config.upstream_ca_file
         self._ssl: ssl.SSLContext | None = None
-        self._resolver = resolver
+        # Host names resolved once per upstream_dns_ttl (the resolver given, e.g. a test's, behind it).
+        self.dns = DNSCache(config.upstream_dns_ttl, resolver)
         self._sessions: dict[Origin, ssl.SSLSession] = {}  # the last TLS session per origin, to resume
         self.tls_full = 0  # TLS handshakes with upstreams, full and resumed (/metrics)
         self.tls_resumed = 0
@@ -201,6 +203,9 @@ class UpstreamClient:
         self.first_byte_timeout = config.upstream_first_byte_timeout
         self.idle_timeout = config.upstream_idle_timeout
         self.parser = resolve_parser(config.http)  # new connections; pooled ones keep theirs (same answers)
+        if config.upstream_dns_ttl != self.dns.ttl:
+            self.dns.ttl = config.upstream_dns_ttl
+            self.dns.clear()
         allow_private = config.allow_private_upstreams
         self.default_policy = AddressPolicy(allow_private=allow_private) if allow_private else DEFAULT_POLICY
         if config.upstream_ca_file != self._ca_file:
@@ -269,16 +274,21 @@ class UpstreamClient:
                         f"{conn.host} closed a kept-alive connection before answering; "
                         f"a {req.method} request is not sent twice"
                     ) from None
-        conn = await UpstreamConnection.connect(
-            origin.host,
-            origin.port,
-            policy=origin.policy,
-            ssl_context=self._ssl_context() if origin.scheme == "https" else None,
-            timeout=self.connect_timeout,
-            resolver=self._resolver,
-            tls_session=self._sessions.get(origin),
-            parser=self.parser,
-        )
+        https = origin.scheme == "https"
+        try:
+            conn = await UpstreamConnection.connect(
+                origin.host,
+                origin.port,
+                policy=origin.policy,
+                ssl_context=self._ssl_context() if https else None,
+                timeout=self.connect_timeout,
+                resolver=self.dns,
+                tls_session=self._sessions.get(origin) if https else None,  # (an Origin's hash is two Python calls)
+                parser=self.parser,
+            )
+        except (UpstreamConnectError, UpstreamTimeout):
+            self.dns.forget(origin.host, origin.port)  # no kept address took it: ask the resolver next time
+            raise
         if conn.tls:
             if conn.tls_resumed:
                 self.tls_resumed += 1

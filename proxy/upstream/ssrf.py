@@ -225,8 +225,22 @@ class AddressPolicy:
         object.__setattr__(self, "explicitly_allowed", frozenset(str(n) for n in nets))
         object.__setattr__(self, "_nets", nets)
 
+    # Addresses this policy allowed (a verdict depends on the address and the policy only): a
+    # fresh connection to one of them skips parsing and classifying it again. Refusals are
+    # never remembered; at most _ALLOWED_MAX entries, cleared when full.
+    _allowed: set[str | IPAddress] = field(default_factory=set, init=False, repr=False, compare=False, hash=False)
+
     def check(self, ip: str | IPAddress, host: str | None = None) -> None:
+        allowed = self._allowed
+        if ip in allowed:
+            return
         _check(parse_ip(ip), self.allow_private, self._nets, host)
+        if len(allowed) >= _ALLOWED_MAX:
+            allowed.clear()
+        allowed.add(ip)
+
+
+_ALLOWED_MAX = 256  # addresses remembered per policy as allowed (a policy per credential, 256 of them: plan.py)
 
 
 DEFAULT_POLICY = AddressPolicy()

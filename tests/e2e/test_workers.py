@@ -65,6 +65,10 @@ async def start_workers(processes: ProcessGroup, tmp_path: Path) -> tuple[Parkwa
         assert startup["admin"] == [f"127.0.0.1:{admin_port + index}"]
         pids[index] = startup["pid"]
     assert len({supervisor.pid, *pids.values()}) == 3
+    # The default state backend is memory: said once, by the supervisor, before the workers start.
+    (kept,) = await supervisor.logs.wait_for(event="state_per_worker", timeout=1)
+    assert (kept["level"], kept["workers"], kept["kept"]) == ("warning", 2, ["single-use URLs"])
+    assert "worker" not in kept and 'backend = "redis"' in kept["problem"]
     return supervisor, pids
 
 

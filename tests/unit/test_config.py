@@ -730,3 +730,17 @@ def test_propagate_trace_is_a_credential_setting():
     config = parse_config(CRED + "propagate_trace = true\n", ENV)
     assert config.credentials[0].propagate_trace is True
     assert parse_config(CRED, ENV).credentials[0].propagate_trace is False
+
+
+def test_what_the_memory_state_keeps_in_each_process_is_named_for_the_workers_warning():
+    from proxy.config import kept_per_process
+
+    assert kept_per_process(parse_config(CRED, ENV)) == ["single-use URLs"]
+    limited = parse_config(CRED + 'limits = { rate = "5/s" }\n', ENV)
+    assert kept_per_process(limited) == ["limits", "single-use URLs"]
+    budgeted = parse_config(CRED + 'user_budget = { tokens = 50_000, per = "day" }\n', ENV)
+    assert kept_per_process(budgeted) == ["budgets", "single-use URLs"]
+    both = parse_config(CRED + 'user_limits = { rate = "1/s" }\nbudget = { tokens = 1_000, per = "day" }\n', ENV)
+    assert kept_per_process(both) == ["limits", "budgets", "single-use URLs"]
+    shared = parse_config('[state]\nbackend = "redis"\n' + CRED + 'limits = { rate = "5/s" }\n', ENV)
+    assert kept_per_process(shared) == []

@@ -52,3 +52,19 @@ def test_each_memory_figure_is_judged_by_whether_its_own_workload_held_every_str
     assert verdicts(runs) == {"rss_per_stream_kb": True, "tls_rss_per_stream_kb": True}
     runs[1]["parked_peak"] = 9000
     assert verdicts(runs) == {"rss_per_stream_kb": False, "tls_rss_per_stream_kb": True}
+
+
+def test_set_up_cpu_per_stream_is_the_cpu_beyond_its_events_at_the_steady_rate():
+    from loadtest.runner import _setup_cpu
+
+    # 2 s of CPU, 100,000 events at 15 µs once parked (1.5 s): 0.5 s over 1,000 streams.
+    assert _setup_cpu(2.0, 100_000, 1_000, 15.0) == 500.0
+    assert _setup_cpu(2.0, 100_000, 1_000, None) is None  # no window with every stream parked
+    nginx, parkway = parked("parked", "nginx", 17.0, STREAMS), parked("parked", "parkway (httptools)", 15.0, STREAMS)
+    nginx["setup_cpu_per_stream_us"], parkway["setup_cpu_per_stream_us"] = 160.0, 800.0
+    summary = report.summarise(
+        [nginx, parkway], {"streams": [STREAMS], "clients": 64, "pool_clients": [16, 512], "interval_ms": 200}
+    )
+    figure = summary["setup_cpu_per_stream_us"]
+    assert figure["met"] is None  # information, no target
+    assert (figure["parkway"], figure["nginx"], figure["ratio_vs_nginx"]) == (800.0, 160.0, 5.0)

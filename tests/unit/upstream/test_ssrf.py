@@ -15,6 +15,8 @@ import httpx2 as httpx  # the maintained drop-in fork; see upstream.py
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.errors import Forbidden
 from proxy.upstream.outbound import POLICY_EXTENSION, GuardedTransport
@@ -117,6 +119,52 @@ def test_check_address(ip: str, allow_private: bool, listed: tuple[str, ...], ok
         assert (info.value.status, info.value.code) == (403, "upstream_address_refused")
         with pytest.raises(Forbidden):
             policy.check(ip)
+
+
+def _verdict(check: object, *args: object, **kwargs: object) -> str | None:
+    try:
+        check(*args, **kwargs)  # type: ignore[operator]
+    except Forbidden as exc:
+        return exc.message
+    return None
+
+
+# Addresses near every edge of the policy: the table above, their neighbours and spellings, any.
+_EDGES = [ip for ip, _ in CLASSES] + ["127.0.0.2", "10.0.0.5", "10.0.0.6", "169.254.169.253", "::ffff:10.0.0.5"]
+_ADDRESSES = st.one_of(
+    st.sampled_from(_EDGES),
+    st.ip_addresses().map(str),
+    st.ip_addresses(v=4).map(lambda ip: f"::ffff:{ip}"),
+    st.ip_addresses(v=4).map(lambda ip: f"64:ff9b::{ip}"),
+)
+_LISTABLE = ["10.0.0.5", "10.0.0.0/8", "169.254.169.254", "169.254.0.0/16", "127.0.0.1", "::1", "0.0.0.0",
+             "fd00:ec2::254", "192.0.2.0/24", "224.0.0.0/4", "2001:db8::/32"]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    allow_private=st.booleans(),
+    listed=st.frozensets(st.sampled_from(_LISTABLE), max_size=4),
+    calls=st.lists(st.tuples(_ADDRESSES, st.sampled_from([None, "api.example", "127.0.0.1"])), max_size=12),
+)
+def test_a_policy_remembering_its_verdicts_answers_as_the_uncached_check(
+    allow_private: bool, listed: frozenset[str], calls: list[tuple[str, str | None]]
+) -> None:
+    # AddressPolicy.check remembers the addresses it allowed: each call (repeats too, in any
+    # order, with any host) answers as check_address does from scratch, refusals word for word.
+    policy = AddressPolicy(allow_private, listed)
+    for ip, host in calls + calls[::-1]:
+        expected = _verdict(check_address, ip, allow_private=allow_private, explicitly_allowed=listed, host=host)
+        assert _verdict(policy.check, ip, host=host) == expected, (ip, host)
+
+
+def test_remembered_verdicts_are_bounded() -> None:
+    policy = AddressPolicy(allow_private=True)
+    for n in range(3000):
+        policy.check(f"10.{n >> 8}.{n & 255}.1")
+    assert 0 < len(policy._allowed) <= 256
+    with pytest.raises(Forbidden):
+        policy.check("169.254.169.254")  # still refused after any number of allowed ones
 
 
 @pytest.mark.parametrize(

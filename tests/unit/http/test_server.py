@@ -1,0 +1,253 @@
+"""proxy.http.server over real sockets on the loopback: the accept loops (batches from the
+listening socket itself, accept errors, listeners made elsewhere), the peer address, and a
+connection's close (the lingering one included).
+
+Real time, with generous ``fail_after`` guards: nothing here waits for a timer to pass except
+the 0.1 s retry after an accept error.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import structlog
+import trio
+
+from proxy.config import ServerConfig
+from proxy.errors import ParkwayError, error_response
+from proxy.http import server as server_module
+from proxy.http.connection import HTTPConnection, RequestHead
+from proxy.http.server import Server, bound_address, open_listeners
+from proxy.urls import split_host_port
+from support.http import parse_response, read_until_eof
+
+GUARD = 60  # real seconds: only a hang reaches it
+
+
+@pytest.fixture(params=["h11", "httptools"])
+def http(request) -> str:
+    return request.param
+
+
+class PeerApp:
+    """Answers every request 200 with the peer address the server gave its head."""
+
+    def __init__(self, *, read_body: bool = True):
+        self.read_body = read_body
+
+    async def handle(self, head: RequestHead, conn: HTTPConnection) -> None:
+        if self.read_body:
+            await conn.read_body(1 << 20)
+        payload = head.peer.encode()
+        if not self.read_body:  # refused at once, the body unread (as a bad signature is)
+            await conn.send_full(403, [(b"content-length", str(len(payload)).encode())], payload)
+            return
+        await conn.send_full(200, [(b"content-length", str(len(payload)).encode())], payload)
+
+    async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None:
+        status, headers, body = error_response(exc)
+        await conn.send_full(status, headers, body)
+
+
+@asynccontextmanager
+async def serving(listeners: list[trio.SocketListener], http: str, app: PeerApp | None = None) -> AsyncIterator[Server]:
+    """``Server.serve`` on ``listeners`` until the block ends, then shut down (and drained)."""
+    server = Server(ServerConfig(http=http, drain_timeout=5.0), app or PeerApp())  # type: ignore[arg-type]
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, listeners)
+            yield server
+            server.shutdown()
+
+
+async def connect(listener: trio.SocketListener) -> trio.SocketStream:
+    host, port = split_host_port(bound_address(listener))
+    return await trio.open_tcp_stream(host, port)
+
+
+async def get(stream: trio.SocketStream, target: str = "/") -> tuple[int, bytes]:
+    """One keep-alive request; the status and body of its answer."""
+    await stream.send_all(f"GET {target} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + _length(data):
+        chunk = await stream.receive_some()
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def _length(data: bytes) -> int:
+    for line in data.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+class AcceptSteps(trio.abc.Instrument):
+    """How many connection tasks each step of an accept loop started."""
+
+    def __init__(self) -> None:
+        self.current: trio.lowlevel.Task | None = None
+        self.steps: list[int] = []
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.current = task
+        if task.name.endswith("_accept_loop"):
+            self.steps.append(0)
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.current = None
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        if self.current is not None and self.current.name.endswith("_accept_loop"):
+            assert task.name.endswith("_connection_task"), task.name
+            self.steps[-1] += 1
+
+
+# --- accepting ---------------------------------------------------------------------------
+
+
+async def test_a_burst_in_the_backlog_is_accepted_in_bounded_batches_and_every_connection_served(http, monkeypatch):
+    """40 connections already queued: the first wake-up takes a whole batch (trio's accept took
+    one per step), no step takes more than a batch (the loop yields between them), every
+    connection is answered with its own peer address, and shutdown closes them all."""
+    monkeypatch.setattr(server_module, "ACCEPT_BATCH", 8)
+    listeners = await open_listeners(("127.0.0.1:0",))
+    clients = [await connect(listeners[0]) for _ in range(40)]  # in the backlog: nothing accepts yet
+    for n, client in enumerate(clients):
+        await client.send_all(f"GET /{n} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+    steps = AcceptSteps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        async with serving(listeners, http):
+            answers = []
+            for client in clients:
+                data = b""
+                while not data.endswith(b"127.0.0.1"):
+                    chunk = await client.receive_some()
+                    assert chunk, data
+                    data += chunk
+                answers.append(parse_response(data).status)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert answers == [200] * 40
+    taken = [n for n in steps.steps if n]
+    assert taken[0] == 8 and max(taken) == 8 and sum(taken) == 40, steps.steps
+    for client in clients:  # shutdown closed each idle keep-alive connection
+        with trio.fail_after(GUARD):
+            assert await read_until_eof(client) == b""
+        await client.aclose()
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "address, peer",
+    [
+        ("127.0.0.1:0", "127.0.0.1"),
+        pytest.param("[::1]:0", "::1", marks=pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")),
+    ],
+)
+async def test_the_peer_address_comes_with_the_accepted_connection(http, address, peer):
+    listeners = await open_listeners((address,))
+    async with serving(listeners, http):
+        client = await connect(listeners[0])
+        assert await get(client) == (200, peer.encode())
+        assert await get(client, "/again") == (200, peer.encode())  # kept alive
+        await client.aclose()
+
+
+class FlakyListeningSocket:
+    """The listening socket, its accept failing first with ``errnos`` in turn."""
+
+    def __init__(self, raw: socket.socket, errnos: list[int]):
+        self.raw = raw
+        self.errnos = errnos
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.errnos:
+            code = self.errnos.pop(0)
+            raise OSError(code, errno.errorcode[code])
+        return self.raw.accept()
+
+
+async def test_accept_errors_are_logged_and_retried_or_skipped_and_the_connection_still_served(http):
+    """Out of descriptors (EMFILE): logged and retried after a pause; a connection aborted
+    before it was accepted (ECONNABORTED): skipped without a word, as trio's accept does."""
+    listeners = await open_listeners(("127.0.0.1:0",))
+    flaky = FlakyListeningSocket(server_module._LISTENING[listeners[0]], [errno.EMFILE, errno.ECONNABORTED])
+    server_module._LISTENING[listeners[0]] = flaky  # type: ignore[assignment]
+    client = await connect(listeners[0])
+    with structlog.testing.capture_logs() as logs:
+        async with serving(listeners, http):
+            started = trio.current_time()
+            assert await get(client) == (200, b"127.0.0.1")
+            assert trio.current_time() - started >= 0.1  # the retry's pause
+            await client.aclose()
+    failed = [entry for entry in logs if entry["event"] == "accept_failed"]
+    assert failed == [{"event": "accept_failed", "error": "EMFILE", "retry_in": 0.1, "log_level": "error"}], logs
+    assert flaky.errnos == []
+
+
+async def test_an_unexpected_accept_error_is_not_swallowed(http):
+    listeners = await open_listeners(("127.0.0.1:0",))
+    server_module._LISTENING[listeners[0]] = FlakyListeningSocket(
+        server_module._LISTENING[listeners[0]], [errno.EINVAL]
+    )  # type: ignore[assignment]
+    server = Server(ServerConfig(http=http), PeerApp())  # type: ignore[arg-type]
+    with trio.fail_after(GUARD), pytest.raises(ExceptionGroup) as raised:
+        await server.serve(listeners)
+    assert raised.value.subgroup(lambda exc: isinstance(exc, OSError) and exc.errno == errno.EINVAL), raised.value
+
+
+async def test_a_listener_made_elsewhere_is_served_through_trio_accept(http):
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    assert listeners[0] not in server_module._LISTENING
+    async with serving(listeners, http):
+        client = await connect(listeners[0])
+        assert await get(client) == (200, b"127.0.0.1")
+        await client.aclose()
+
+
+# --- closing -----------------------------------------------------------------------------
+
+
+async def test_a_refusal_with_the_body_unread_lingers_so_the_client_reads_it_whole(http):
+    """The answer goes out before the body is read: the server reads and discards what still
+    comes (the socket made a stream only for this) instead of closing on unread bytes, which
+    would reset the connection under the client's feet."""
+    listeners = await open_listeners(("127.0.0.1:0",))
+    async with serving(listeners, http, PeerApp(read_body=False)):
+        client = await connect(listeners[0])
+        body = 1 << 20
+        await client.send_all(f"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {body}\r\n\r\n".encode() + b"x" * 1000)
+        answer = b""
+        while not answer.endswith(b"127.0.0.1"):
+            chunk = await client.receive_some()
+            assert chunk, answer
+            answer += chunk
+        # The rest of the body still goes out whole (a reset would fail these sends), then EOF both ways.
+        for _ in range(body // 65536):
+            await client.send_all(b"x" * 65536)
+        await client.send_eof()
+        assert await read_until_eof(client) == b""
+        await client.aclose()
+    # (parse_response reads one reply that ends with the connection: the server's EOF came.)
+    reply = parse_response(answer, "POST")
+    assert (reply.status, reply.headers.get("connection")) == (403, "close")
