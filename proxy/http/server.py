@@ -276,9 +276,13 @@ def _set_options(sock: socket.socket) -> None:
     when written), and at most 16 KB unsent in the kernel before the socket counts as full."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 1 << 14)
+        if _NOTSENT_LOWAT is not None:  # Linux and macOS; trio sets it where the platform has it
+            sock.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, 1 << 14)
     except OSError:  # a connection already reset: its first read says so
         pass
+
+
+_NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 
 
 def _peer(address: Any) -> str:

@@ -251,3 +251,32 @@ async def test_a_refusal_with_the_body_unread_lingers_so_the_client_reads_it_who
     # (parse_response reads one reply that ends with the connection: the server's EOF came.)
     reply = parse_response(answer, "POST")
     assert (reply.status, reply.headers.get("connection")) == (403, "close")
+
+
+class OptionsApp(PeerApp):
+    """Answers with the accepted socket's TCP_NODELAY and TCP_NOTSENT_LOWAT."""
+
+    async def handle(self, head: RequestHead, conn: HTTPConnection) -> None:
+        await conn.read_body(1 << 20)
+        sock = conn.socket
+        assert sock is not None
+        lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+        options = [sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)]
+        if lowat is not None:
+            options.append(sock.getsockopt(socket.IPPROTO_TCP, lowat))
+        payload = ",".join(str(o) for o in options).encode()
+        await conn.send_full(200, [(b"content-length", str(len(payload)).encode())], payload)
+
+
+async def test_an_accepted_connection_sends_each_write_at_once(http):
+    """No Nagle delay on the client's socket (an SSE event goes out when written), and 16 KB
+    unsent at most before it counts as full, as trio's SocketStream set them."""
+    listeners = await open_listeners(("127.0.0.1:0",))
+    async with serving(listeners, http, OptionsApp()):
+        client = await connect(listeners[0])
+        status, body = await get(client)
+        await client.aclose()
+    assert status == 200
+    nodelay, *lowat = body.split(b",")
+    assert int(nodelay) != 0
+    assert [int(v) for v in lowat] in ([], [1 << 14])
