@@ -118,7 +118,7 @@ def bench_request_fields() -> Callable[[], object]:
 
 
 def bench_query() -> Callable[[], object]:
-    from proxy.verify import parse_query
+    from proxy.query import parse_query
 
     query = signed_query()
     return lambda: parse_query(query)

@@ -17,13 +17,13 @@ two different requests share a signature; and Parkway always forwards the *norma
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import NamedTuple
-from urllib.parse import unquote
 
 from .errors import BadRequest, Forbidden, client_text
+from .query import MAX_CACHED_QUERY, MAX_QUERY_FIELDS, cached_field, not_utf8, plain_field
 from .signing import (
     ALGORITHM,
     PAIR_ENCODINGS,
@@ -89,85 +89,6 @@ class SignedRequest(NamedTuple):
         return self.extras
 
 
-MAX_QUERY_FIELDS = 200
-
-
-@lru_cache(maxsize=256)
-def _form_decode(text: str) -> str:
-    """One form-encoded name or value, decoded (``+`` is a space; UnicodeDecodeError when the
-    bytes are not UTF-8). Cached: the encoded texts of a signed URL (its upstream URL, its
-    credential) come back request after request, and ``unquote`` is the dearest step of parsing."""
-    if "+" in text:
-        text = text.replace("+", " ")
-    return unquote(text, errors="strict") if "%" in text else text
-
-
-_plain_decode = _form_decode.__wrapped__  # the same, never cached
-
-
-def _decoded_field(field: str, decode: Callable[[str], str] = _form_decode) -> tuple[str, str]:
-    """One ``name=value`` field of a query, form-decoded (as :func:`parse_query` does it)."""
-    name, _, value = field.partition("=")
-    if "%" in name or "+" in name:
-        name = decode(name)
-    if "%" in value or "+" in value:
-        value = decode(value)
-    return name, value
-
-
-def _plain_field(field: str) -> tuple[str, str]:
-    return _decoded_field(field, _plain_decode)
-
-
-# Of a signed URL's fields only the date and the signature change from one URL to the next: a
-# field found here is one lookup, where splitting and testing it took four calls.
-_cached_field = lru_cache(maxsize=1024)(_decoded_field)
-
-# Only the texts of a query up to this many characters are kept by any cache here or in
-# proxy.signing (its fields, their decoded and encoded forms, the proxy URL, the signed header
-# names): any client can send a query, and a failed verification must not keep what it sent.
-# Unbounded, 5,000 refused requests with a 12 KB parameter each kept 330 MB; now the caches
-# hold at most a few MB in all (tests/unit/test_verify_caches.py). A normal signed query is
-# 300-600 characters.
-MAX_CACHED_QUERY = 1024
-
-
-def _too_many_fields(raw_query: str) -> bool:
-    return raw_query.count("&") >= MAX_QUERY_FIELDS
-
-
-def _not_utf8() -> BadRequest:
-    return BadRequest("query string is not valid UTF-8 after percent-decoding", code="malformed_signed_url")
-
-
-def parse_query(raw_query: str) -> list[tuple[str, str]]:
-    """Form-decode a query string (``+`` is a space), refusing bytes that are not UTF-8.
-
-    Exactly ``parse_qsl(raw_query, keep_blank_values=True, errors="strict", max_num_fields=200)``
-    (a property test holds it to that), split by hand: a signed query's parameters are mostly
-    plain text, and only those with ``%`` or ``+`` are decoded.
-    """
-    if not raw_query:
-        return []
-    if _too_many_fields(raw_query):
-        raise BadRequest("query string has too many parameters", code="malformed_signed_url")
-    pairs = []
-    decode = _form_decode if len(raw_query) <= MAX_CACHED_QUERY else _plain_decode
-    try:
-        for field in raw_query.split("&"):
-            if not field:
-                continue
-            name, _, value = field.partition("=")
-            if "%" in name or "+" in name:
-                name = decode(name)
-            if "%" in value or "+" in value:
-                value = decode(value)
-            pairs.append((name, value))
-    except UnicodeDecodeError:
-        raise _not_utf8() from None
-    return pairs
-
-
 def _invalid(name: str, why: str) -> BadRequest:
     return BadRequest(f"invalid {name}: {why}", code="malformed_signed_url")
 
@@ -193,13 +114,13 @@ def _proxy_url(text: str) -> str:
 def parse_signed_request(raw_query: str) -> SignedRequest:
     """Parse the ``X-Sw-*`` parameters; a :class:`BadRequest` names the first missing or invalid one.
 
-    One pass over the query (as :func:`parse_query` decodes it): the parameters are decoded,
+    One pass over the query (as :func:`proxy.query.parse_query` decodes it): the parameters are decoded,
     checked for repeats and collected as they come, the signer's extra ones apart.
     """
-    if raw_query and raw_query.count("&") >= MAX_QUERY_FIELDS:  # _too_many_fields, inline
+    if raw_query and raw_query.count("&") >= MAX_QUERY_FIELDS:  # query's field limit, inline
         raise BadRequest("query string has too many parameters", code="malformed_signed_url")
     cacheable = len(raw_query) <= MAX_CACHED_QUERY
-    decode = _cached_field if cacheable else _plain_field
+    decode = cached_field if cacheable else plain_field
     found: dict[str, str] = {}  # Signway's parameters
     extras: dict[str, str] = {}  # the others (last one wins)
     params: list[tuple[str, str]] = []  # every parameter but the signature, in order
@@ -218,7 +139,7 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
             if key != X_SIGNATURE:
                 params.append(pair)
     except UnicodeDecodeError:
-        raise _not_utf8() from None
+        raise not_utf8() from None
     if repeated is not None:
         raise BadRequest(
             f"parameter {client_text(repeated, quoted=False)} appears more than once", code="malformed_signed_url"

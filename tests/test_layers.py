@@ -38,6 +38,7 @@ PURE = [
     "relay.usage",
     "signing",
     "verify",
+    "query",
     "telemetry.model",
     "upstream.wire",
     "urls",

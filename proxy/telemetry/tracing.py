@@ -36,8 +36,8 @@ from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanK
 from prometheus_client import Counter
 
 from .. import __version__
+from ..query import parse_query
 from ..relay.usage import Usage, UsageObserver
-from ..verify import parse_query
 from .model import (
     MODEL_SNIFF_BYTES,
     TRACEPARENT_PARAM,

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import BadRequest, Forbidden, ParkwayError
+from proxy.query import parse_query
 from proxy.signing import (
     QUERY_ENCODINGS,
     REQUIRED_PARAMS,
@@ -29,7 +30,7 @@ from proxy.signing import (
     signature,
     signing_key,
 )
-from proxy.verify import check_validity, parse_query, parse_signed_request, signed_header_values, verify_signature
+from proxy.verify import check_validity, parse_signed_request, signed_header_values, verify_signature
 
 ID = "app-id"
 SECRET = "super-secure-string"

@@ -20,10 +20,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy import signing, urls, verify
+from proxy import query, signing, urls, verify
 from proxy.errors import BadRequest, Forbidden, ParkwayError
+from proxy.query import MAX_CACHED_QUERY, parse_query
 from proxy.signing import PAIR_ENCODINGS, UNCACHED_PAIRS, sign_url
-from proxy.verify import MAX_CACHED_QUERY, parse_query, parse_signed_request, verify_signature
+from proxy.verify import parse_signed_request, verify_signature
 
 SECRET = "s3cret-for-tests"
 PROXY = "https://api.example.com/v1/chat/completions"
@@ -37,7 +38,7 @@ def caches() -> list[_lru_cache_wrapper[object]]:
     """Every cache of Parkway's that verifying a query can fill with the query's texts."""
     found = [
         f
-        for module in (signing, verify)
+        for module in (signing, verify, query)
         for f in vars(module).values()
         if isinstance(f, _lru_cache_wrapper) and f.__module__ == module.__name__ and f.__name__ not in FIXED_SIZE
     ]
