@@ -239,9 +239,10 @@ class UpstreamClient:
         ``scope``: the caller's enclosing cancel scope (the request's overall one), which then carries
         the first-byte timeout counted from ``now`` (the caller's clock reading) instead of a scope of
         its own: :attr:`first_bytes` cancels it within a tick after the timeout (when that sweep is
-        not running, the exchange has a scope of its own, exact). A first byte that comes too late raises :class:`UpstreamTimeout` here either way;
-        the caller's scope is then cancelled too, and whoever catches its cancellation must answer
-        with this error (gateway.handler does, through the request's record)."""
+        not running, the exchange has a scope of its own, exact). A first byte that comes too late
+        raises :class:`UpstreamTimeout` here either way; the caller's scope is then cancelled too,
+        and whoever catches its cancellation must answer with this error (gateway.handler does,
+        through the request's record)."""
         return _Exchange(self, req, scope, now)
 
     def _no_first_byte(self, origin: Origin) -> UpstreamTimeout:
