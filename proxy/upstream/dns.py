@@ -12,7 +12,6 @@ answer is, so a kept answer can never reach an address the policy refuses.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import trio
@@ -81,7 +80,7 @@ class DNSCache:
             if addresses:
                 if key not in self._kept and len(self._kept) >= self._max:
                     del self._kept[next(iter(self._kept))]
-                self._kept[key] = (self._clock() + self.ttl if math.isfinite(self.ttl) else math.inf, addresses)
+                self._kept[key] = (self._clock() + self.ttl, addresses)  # an infinite TTL stays infinite
                 lookup.addresses = addresses
             return addresses
         finally:
