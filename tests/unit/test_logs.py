@@ -377,3 +377,82 @@ def test_console_lines_are_not_batched() -> None:
             assert instruments == []
     finally:
         structlog.reset_defaults()
+
+
+def test_work_left_to_soon_runs_when_the_loop_next_sleeps_in_the_callers_context_at_its_time() -> None:
+    out = _Writes()
+    log = _configured(out)
+    ran: list[float] = []
+
+    def settle(n: int) -> None:
+        ran.append(time.time())
+        log.info("request", n=n)
+
+    try:
+
+        async def main() -> None:
+            tokens = logs.request_fields.bind("r1")
+            before = time.time()
+            logs.soon(settle, 1)
+            asked = time.time()
+            logs.request_fields.reset(tokens)  # the caller's context as it was at the call counts
+            await trio.sleep(0)  # a poll between ready tasks is not a sleep
+            await trio.sleep(0)
+            assert ran == [] and out.writes == []
+            await trio.sleep(0.001)  # the loop sleeps: the work runs first, its line goes out with the turn's
+            assert len(ran) == 1 and len(out.writes) == 1
+            line = json.loads(out.getvalue())
+            assert (line["event"], line["n"], line["request_id"]) == ("request", 1, "r1")
+            stamped = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
+            assert before - 1e-6 <= stamped <= asked + 1e-6 and stamped <= ran[0]
+
+        with logs.turn_batches() as instruments:
+            trio.run(main, instruments=instruments)
+    finally:
+        structlog.reset_defaults()
+
+
+def test_work_left_to_soon_runs_at_once_unbatched_at_the_cap_and_at_the_runs_end() -> None:
+    _configured(_Writes())
+    ran: list[int] = []
+    try:
+        logs.soon(ran.append, 0)  # not batching: at once
+        assert ran == [0]
+
+        async def main() -> None:
+            for i in range(1, logs.LATER_MAX):
+                logs.soon(ran.append, i)
+            assert ran == [0]
+            logs.soon(ran.append, logs.LATER_MAX)  # the cap: all of it now, in order
+            assert ran == list(range(logs.LATER_MAX + 1))
+            logs.soon(ran.append, -1)  # never slept on: run as the run ends
+
+        with logs.turn_batches() as instruments:
+            trio.run(main, instruments=instruments)
+        assert ran[-1] == -1
+    finally:
+        structlog.reset_defaults()
+
+
+def test_a_failure_in_work_left_to_soon_is_logged_and_the_rest_still_runs() -> None:
+    out = _Writes()
+    _configured(out)
+    ran: list[int] = []
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    try:
+
+        async def main() -> None:
+            logs.soon(broken)
+            logs.soon(ran.append, 1)
+            await trio.sleep(0.001)
+
+        with logs.turn_batches() as instruments:
+            trio.run(main, instruments=instruments)
+    finally:
+        structlog.reset_defaults()
+    assert ran == [1]
+    line = json.loads(out.getvalue())
+    assert line["event"] == "deferred_failed" and "RuntimeError: boom" in line["exception"]
