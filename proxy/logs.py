@@ -4,8 +4,7 @@ Request-scoped fields (``request_id``, ``credential``) are bound once on
 ``structlog.contextvars``' variables (:class:`RequestFields`) and merged into every line. A
 redaction processor is the last line of defence: whatever a caller passes, values of
 secret-looking keys never get out. Lines go out through :class:`LineWriter`: during a Trio
-run, a turn's lines in one write (:func:`turn_batches`), and work that only makes lines and
-counts (a finished request's line and metrics) waits for the loop's next sleep (:func:`soon`).
+run, a turn's lines in one write (:func:`turn_batches`).
 """
 
 from __future__ import annotations
@@ -52,10 +51,6 @@ def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> 
     return event_dict
 
 
-# The time a line run by :func:`soon` carries: when it was asked for, not when it ran (else None: now).
-_line_time: list[float | None] = [None]
-
-
 class _UTCTimestamp:
     """ISO 8601 UTC with microseconds (``2026-12-07T00:37:23.618191Z``), the date and time of
     day formatted once per second rather than through a ``datetime`` per line."""
@@ -65,7 +60,7 @@ class _UTCTimestamp:
         self._prefix = ""
 
     def __call__(self) -> str:
-        now = _line_time[0] or time.time()
+        now = time.time()
         second = int(now)
         if second != self._second:
             self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
@@ -299,8 +294,6 @@ class LineWriter:
         self._lock = threading.Lock()
         self._pending: list[str] | None = None  # a turn's lines, while batching
         self._owner = 0  # the thread that batches
-        # What soon() holds for the loop's next sleep: (context, wall time, function, arguments).
-        self.later: list[tuple[contextvars.Context, float, Callable[..., object], tuple[Any, ...]]] = []
 
     def msg(self, message: str) -> None:
         pending = self._pending
@@ -319,35 +312,9 @@ class LineWriter:
 
     def stop(self) -> None:
         try:
-            self.run_later()
             self.flush()
         finally:
             self._pending = None
-
-    def before_io_wait(self, timeout: float) -> None:
-        """The loop is about to wait for I/O: what :func:`soon` holds runs when it will sleep
-        (``timeout`` > 0; not on a poll between batches of ready tasks), then the lines go out."""
-        if self.later and timeout > 0:
-            self.run_later()
-        self.flush()
-
-    def after_run(self) -> None:
-        self.run_later()
-        self.flush()
-
-    def run_later(self) -> None:
-        """Run what :func:`soon` holds, in order, each in its caller's context; a failure is logged
-        (as it would have been where it was asked for), and the others still run."""
-        later, self.later = self.later, []
-        for context, at, fn, args in later:
-            _line_time[0] = at
-            try:
-                context.run(fn, *args)
-            except Exception:
-                failed = structlog.get_logger("parkway.logs").exception
-                context.run(failed, "deferred_failed", work=getattr(fn, "__qualname__", repr(fn)))
-            finally:
-                _line_time[0] = None
 
     def flush(self, _timeout: float = 0.0) -> None:
         """Write the lines waiting, in order, in writes of at most :data:`PIPE_BUF` bytes
@@ -387,39 +354,15 @@ def turn_batches() -> Iterator[list[Any]]:
     import trio
 
     class TurnEnd(trio.abc.Instrument):
-        """Before each wait for I/O: what :func:`soon` holds, when the loop will sleep, then the
-        turn's lines; the same when the run ends."""
+        """Calls the writer's flush before each wait for I/O and when the run ends."""
 
-    turn_end = TurnEnd()  # the writer's own methods as the hooks: one call a turn
-    turn_end.before_io_wait = writer.before_io_wait  # type: ignore[method-assign]
-    turn_end.after_run = writer.after_run  # type: ignore[method-assign]
+    turn_end = TurnEnd()  # the writer's own method as the hooks: one call a turn
+    turn_end.before_io_wait = turn_end.after_run = writer.flush  # type: ignore[method-assign, assignment]
     writer.start()
     try:
         yield [turn_end]
     finally:
         writer.stop()
-
-
-# Held by soon() at most this many before they run at once: a loop that never sleeps (a saturated
-# server) runs them every this many requests, so its lines and metrics lag by that much at most.
-LATER_MAX = 64
-
-
-def soon(fn: Callable[..., object], *args: Any) -> None:
-    """``fn(*args)``, for work whose only effects are log lines and counters (a finished request's
-    line and metrics): while :func:`turn_batches` is on, in the Trio thread, it runs when the loop
-    is next about to sleep, not on the way of the request after it (a keep-alive client's next
-    request is often read before this request's line is made: it waits for none of it). It runs
-    in the caller's context (the request's bound fields) and its lines carry the time of this
-    call. Otherwise, at once."""
-    writer = _writer
-    if writer is None or writer._pending is None or threading.get_ident() != writer._owner:
-        fn(*args)
-        return
-    later = writer.later
-    later.append((contextvars.copy_context(), time.time(), fn, args))
-    if len(later) >= LATER_MAX:
-        writer.run_later()
 
 
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:

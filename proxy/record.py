@@ -129,13 +129,6 @@ def log_request(head: RequestHead, record: RequestRecord) -> None:
         log.warning("request", **fields)
 
 
-def report_request(head: RequestHead, record: RequestRecord, metrics: Metrics, config: Config) -> None:
-    """A finished request's log line, then its metrics: what the handler leaves to
-    :func:`proxy.logs.soon` once the answer is out (the record is no longer written to)."""
-    log_request(head, record)
-    count_request(metrics, config, record)
-
-
 def count_request(metrics: Metrics, config: Config, record: RequestRecord) -> None:
     """Metrics for one finished request; labels only from bounded sets."""
     m = metrics

@@ -51,9 +51,9 @@ from ..http.connection import ClientGone, HTTPConnection, RequestHead
 from ..jobs.api import JobAPI
 from ..jobs.background import BackgroundAsk, background_ask, job_id_from_path
 from ..limits import BudgetStore, GlobalGate, MemoryBudgets, MemoryState, StateBackend
-from ..logs import request_fields, soon
+from ..logs import request_fields
 from ..metrics import Metrics
-from ..record import RequestRecord, count_request, finish_trace, log, report_request, trace_route
+from ..record import RequestRecord, count_request, finish_trace, log, log_request, trace_route
 from ..relay.client_watch import unless_client_leaves
 from ..relay.pump import EpollEngine
 from ..upstream.client import UpstreamClient
@@ -216,9 +216,8 @@ class Gateway:
                     # Cancelled from outside (drain deadline, overall timeout) mid-way.
                     record.outcome = "cancelled"
                 record.settle(conn.bytes_in, conn.bytes_out, clock())
-                # The line and the metrics when the loop next sleeps: a keep-alive client's next
-                # request, often here already, does not wait for them (proxy.logs.soon).
-                soon(report_request, head, record, self.metrics, config)
+                log_request(head, record)
+                count_request(self.metrics, config, record)
                 if record.trace is not None:
                     finish_trace(head, record, config, request_id)
         finally:
