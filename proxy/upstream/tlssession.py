@@ -19,13 +19,16 @@ offsets of CPython's ``_ssl`` structures. That layout is checked against what it
 (each object's context field is the context the caller has) before anything is dereferenced,
 and when it does not hold, or ``ctypes``/``libssl`` are not there, :func:`keep` gives a
 :class:`KeptSession` that resumes through the stdlib (``fast`` False), as before.
+``PARKWAY_TLS_SESSIONS=stdlib`` in the environment chooses that path outright.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import ssl
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["KeptSession", "keep", "wrap"]
@@ -57,7 +60,9 @@ def _bind(fn: Any, restype: Any, *argtypes: Any) -> Any:
     return fn
 
 
-def _load() -> _LibSSL | None:
+def _load(environ: Mapping[str, str] = os.environ) -> _LibSSL | None:
+    if environ.get("PARKWAY_TLS_SESSIONS") == "stdlib":
+        return None  # the operator's choice: every session through the ssl module, as before
     if sys.implementation.name != "cpython" or not (3, 8) <= sys.version_info[:2] <= (3, 13):
         return None  # layouts read below are CPython's, checked for these versions
     if ssl._ssl._SSLSocket.__basicsize__ < _HEAD + 3 * _WORD:  # type: ignore[attr-defined]

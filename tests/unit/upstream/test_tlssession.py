@@ -123,3 +123,8 @@ def test_a_layout_that_does_not_hold_falls_back_to_the_stdlib(certificate, monke
     kept = keep(first)
     assert kept is not None and not kept.fast
     assert connect(client, server, kept).session_reused
+
+
+def test_the_operator_can_choose_the_stdlib_path():
+    assert tlssession._load({"PARKWAY_TLS_SESSIONS": "stdlib"}) is None
+    assert (tlssession._load({}) is None) == (tlssession._LIB is None)  # otherwise as found at import
