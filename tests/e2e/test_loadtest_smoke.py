@@ -4,6 +4,7 @@ anything is: performance is measured by hand (README, Performance)."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 
 import pytest
@@ -188,6 +189,10 @@ def test_runner_measures_the_floor_beside_parkway_and_counts_their_calls(tmp_pat
 def test_every_micro_benchmark_runs_against_the_current_code(name):
     """``python -m loadtest.micro`` builds each piece from Parkway's own modules: one that no
     longer fits them (a renamed attribute, a changed signature) fails here, not when measured."""
-    piece = micro.BENCHES[name]()
-    for _ in range(3):
-        piece()
+
+    def run() -> None:
+        piece = micro.BENCHES[name]()
+        for _ in range(3):
+            piece()
+
+    contextvars.copy_context().run(run)  # what a piece binds (the log's request fields) stays in there
