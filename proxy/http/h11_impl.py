@@ -8,6 +8,7 @@ tested against.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncGenerator, Sequence
 
 import h11
@@ -43,7 +44,7 @@ class H11Connection(HTTPConnection):
 
     parser = "h11"
 
-    def __init__(self, stream: trio.abc.Stream | trio.socket.SocketType, config: ServerConfig, peer: str):
+    def __init__(self, stream: trio.abc.Stream | socket.socket, config: ServerConfig, peer: str):
         super().__init__(stream, config, peer)
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
 
@@ -123,7 +124,7 @@ class H11Connection(HTTPConnection):
             if type(event) is h11.Data:
                 yield bytes(event.data)
             elif type(event) is h11.EndOfMessage:
-                self.request_done.set()
+                self._body_read()
                 return
             elif event is h11.NEED_DATA:
                 with trio.move_on_after(self.config.client_body_timeout) as scope:

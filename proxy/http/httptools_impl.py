@@ -19,6 +19,7 @@ streams). Where llhttp and h11 disagree, h11 decides:
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncGenerator
 
 import h11
@@ -43,7 +44,7 @@ class HttptoolsConnection(HTTPConnection):
 
     parser = "httptools"
 
-    def __init__(self, stream: trio.abc.Stream | trio.socket.SocketType, config: ServerConfig, peer: str):
+    def __init__(self, stream: trio.abc.Stream | socket.socket, config: ServerConfig, peer: str):
         super().__init__(stream, config, peer)
         self._buffer = bytearray()  # received, not yet consumed: the body, a pipelined request
         self._eof = False  # the client closed its side (seen while reading a head)
@@ -227,7 +228,7 @@ class HttptoolsConnection(HTTPConnection):
             if piece:
                 yield piece
             elif piece is not None:
-                self.request_done.set()
+                self._body_read()
                 return
             else:
                 with trio.move_on_after(self.config.client_body_timeout) as scope:

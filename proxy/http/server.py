@@ -52,9 +52,7 @@ class Application(Protocol):
     async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None: ...
 
 
-def open_connection(
-    stream: trio.abc.Stream | trio.socket.SocketType, config: ServerConfig, peer: str
-) -> HTTPConnection:
+def open_connection(stream: trio.abc.Stream | socket.socket, config: ServerConfig, peer: str) -> HTTPConnection:
     """The client connection of the implementation ``config.http`` resolves to (auto: httptools
     when installed, else h11), on a stream or on an accepted socket itself."""
     if parsers.resolve(config.http) == "httptools" and HttptoolsConnection is not None:
@@ -135,12 +133,11 @@ class Server:
         ``SocketListener.accept`` yields twice around every connection it returns (one per turn
         of the run loop), wraps each socket in a ``SocketStream`` and leaves the peer's address
         to a ``getpeername``: here the address comes with the connection, and the socket is the
-        connection's own (:class:`~proxy.http.connection.HTTPConnection` makes a stream of it
-        only if something needs one)."""
+        connection's own, the stdlib socket itself (:class:`~proxy.http.connection.HTTPConnection`
+        makes a trio stream of it only if something needs one)."""
         accept = raw.accept
         spawn = nursery.start_soon
         task = self._connection_task
-        wrap = trio.socket.from_stdlib_socket  # non-blocking, and closed with trio's notify_closing
         while True:
             for _ in range(ACCEPT_BATCH):
                 try:
@@ -156,14 +153,15 @@ class Server:
                         await _accept_failed(exc)
                         break
                     raise
+                sock.setblocking(False)
                 _set_options(sock)
-                spawn(task, wrap(sock), _peer(address))
+                spawn(task, sock, _peer(address))
             else:
                 await checkpoint()  # a full batch: let the connections just taken, and the others, run
                 continue
             await wait_readable(raw)
 
-    async def _connection_task(self, stream: trio.abc.Stream | trio.socket.SocketType, peer: str | None = None) -> None:
+    async def _connection_task(self, stream: trio.abc.Stream | socket.socket, peer: str | None = None) -> None:
         if peer is None:  # a stream from trio's accept (or a test's listener)
             try:
                 peer = stream.socket.getpeername()[0]  # type: ignore[union-attr]
@@ -188,13 +186,9 @@ class Server:
             if not conn.request_complete and conn.response_started and not conn.handed_over:
                 with trio.CancelScope(shield=True):
                     await _lingering_close(conn.stream)
-            sock = conn.socket
-            if sock is not None:
-                # What SocketStream.aclose does, without trio.aclose_forcefully's cancelled scope
-                # and checkpoint (three scopes and a turn of the run loop per connection): the
-                # close wakes any task still waiting on the socket (trio's notify_closing).
-                sock.close()
-            else:  # an in-memory stream (tests, benches)
+            # Without trio.aclose_forcefully's cancelled scope and checkpoint (three scopes and a
+            # turn of the run loop per connection): see close_socket.
+            if not conn.close_socket():  # an in-memory stream (tests, benches)
                 await trio.aclose_forcefully(conn.stream)
 
     async def _answer_internal_error(self, conn: HTTPConnection) -> None:

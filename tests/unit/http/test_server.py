@@ -280,3 +280,64 @@ async def test_an_accepted_connection_sends_each_write_at_once(http):
     nodelay, *lowat = body.split(b",")
     assert int(nodelay) != 0
     assert [int(v) for v in lowat] in ([], [1 << 14])
+
+
+# --- a connection's own steps and its close ----------------------------------------------
+
+
+class ConnectionSteps(trio.abc.Instrument):
+    """How many steps the connection tasks ran."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("_connection_task"):
+            self.steps += 1
+
+
+async def test_a_request_and_the_close_already_there_take_the_connection_one_step(http):
+    """The head and the client's end are in the socket when it is accepted: its task reads the
+    head without yielding first (its spawn was its turn), answers, and ends at the client's end
+    without a step more for it (nothing else is read): one task step in all, where a read that
+    found bytes yielded each time (three)."""
+    listeners = await open_listeners(("127.0.0.1:0",))
+    client = await connect(listeners[0])  # in the backlog: nothing accepts yet
+    await client.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    await client.send_eof()
+    steps = ConnectionSteps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        async with serving(listeners, http):
+            with trio.fail_after(GUARD):
+                answer = await read_until_eof(client)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert parse_response(answer).status == 200
+    assert steps.steps == 1
+    await client.aclose()
+
+
+async def test_an_accepted_connection_is_closed_without_trio_notify_closing(http, monkeypatch):
+    """Nothing waits on an accepted socket once its task ends, so it is closed as it is: no
+    ``notify_closing`` (whose ``EPOLL_CTL_DEL`` fails for a socket trio never waited on, and
+    is not needed for one it did: the close takes it out of the set). The listener's own close
+    at shutdown still goes through trio."""
+    notified: list[int] = []
+    original = trio.lowlevel.notify_closing
+
+    def notify_closing(fd) -> None:  # noqa: ANN001 - trio's own signature
+        notified.append(fd if isinstance(fd, int) else fd.fileno())
+        original(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "notify_closing", notify_closing)
+    listeners = await open_listeners(("127.0.0.1:0",))
+    async with serving(listeners, http):
+        client = await connect(listeners[0])
+        assert await get(client) == (200, b"127.0.0.1")  # a keep-alive wait on it in between:
+        assert await get(client, "/again") == (200, b"127.0.0.1")  # trio waited on this socket
+        await client.send_eof()
+        with trio.fail_after(GUARD):
+            assert await read_until_eof(client) == b""  # the server closed it
+        assert notified == []
+    await client.aclose()
