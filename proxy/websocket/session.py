@@ -34,6 +34,7 @@ from wsproto.utilities import ProtocolError as WSProtocolError
 from ..errors import ParkwayError, UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from ..relay.usage import Usage
 from ..upstream.connection import UpstreamConnection
+from ..upstream.dns import DNSCache
 from ..upstream.ssrf import AddressPolicy, Resolver, resolve
 from . import policy as ws_policy
 from .policy import CLIENT, UPSTREAM, Ending, UpstreamTarget, WebSocketConfig
@@ -320,9 +321,14 @@ class WebSocketProxy:
     async def _connect(self, target: UpstreamTarget, policy: AddressPolicy) -> trio.abc.Stream:
         """TCP through the SSRF guard that proxied requests use (the name resolved once, every
         address checked, a checked address connected), then TLS against the name."""
-        conn = await UpstreamConnection.connect(
-            target.host, target.port, policy=policy, ssl_context=None, timeout=math.inf, resolver=self._resolve
-        )
+        try:
+            conn = await UpstreamConnection.connect(
+                target.host, target.port, policy=policy, ssl_context=None, timeout=math.inf, resolver=self._resolve
+            )
+        except (UpstreamConnectError, trio.Cancelled):  # refused, or handshake_timeout ran out while connecting
+            if isinstance(self._resolve, DNSCache):
+                self._resolve.forget(target.host, target.port)  # no kept address took it: ask the resolver next time
+            raise
         stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn.sock))
         if target.tls:
             tls = trio.SSLStream(stream, self.ssl_context, server_hostname=target.host, https_compatible=True)

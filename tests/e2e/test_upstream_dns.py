@@ -1,11 +1,15 @@
 """An upstream named by host name (``localhost``, the system resolver) through a running Parkway:
-resolved once per ``upstream_dns_ttl`` across fresh connections, again after a failed connect,
+resolved once per ``upstream_dns_ttl`` across fresh connections, again after a failed connect
+(a WebSocket session's too),
 and the address guard applied to the kept answer on every connect, credential by credential."""
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import pytest
 import trio
+from trio_websocket import ConnectionRejected
 
 from proxy.config import Credential
 from support.http import read_until_eof, request_bytes
@@ -13,6 +17,7 @@ from support.metrics import Scrape, parse_metrics
 from support.parkway import INJECTED, SECRET, RunningParkway
 from support.processes import free_port
 from support.scripted import ScriptedUpstream, answer_with
+from support.websocket import ws_client
 
 pytestmark = pytest.mark.usefixtures("http_parser")
 CLOSING = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
@@ -74,3 +79,17 @@ async def test_the_kept_answer_is_checked_again_for_a_credential_that_may_not_re
     assert refused.startswith(b"HTTP/1.1 403 ") and b"upstream_address_refused" in refused
     assert parkway.parkway.upstream.dns.hits == 1  # the answer was kept, and still refused
     assert len(scripted.requests) == 1
+
+
+async def test_a_websocket_upstream_whose_addresses_refused_the_connection_is_looked_up_again(start_parkway):
+    parkway = await start_parkway()
+    dead = f"ws://localhost:{free_port()}/v1/realtime"  # nothing listens there
+    for _ in range(2):
+        signed = urlsplit(parkway.sign(dead))
+        with trio.fail_after(5), pytest.raises(ConnectionRejected) as rejected:
+            async with ws_client(
+                parkway.port, f"{signed.path}?{signed.query}", headers=[(b"origin", b"https://app.example.com")]
+            ):
+                pass
+        assert rejected.value.status_code == 502
+    assert (parkway.parkway.upstream.dns.lookups, parkway.parkway.upstream.dns.hits) == (2, 0)
