@@ -16,7 +16,7 @@ import trio
 
 from ..config import ServerConfig
 from ..errors import BadRequest, HeadersTooLarge, RequestTimeout, client_text
-from ..sweep import Sweep
+from ..sweep import Cancellable, Sweep
 from .connection import REASONS, TEXT, ClientGone, HTTPConnection, RequestHead, check_head
 
 
@@ -57,7 +57,7 @@ class H11Connection(HTTPConnection):
             raise h11_refusal(exc, self.config.max_header_bytes) from exc
 
     async def next_request(
-        self, idle_timeout: float, scope: trio.CancelScope | None = None, sweep: Sweep | None = None
+        self, idle_timeout: float, scope: Cancellable | None = None, sweep: Sweep | None = None
     ) -> RequestHead | None:
         if scope is None or sweep is None:
             return await self._next_request_alone(idle_timeout)
@@ -90,8 +90,9 @@ class H11Connection(HTTPConnection):
                 if not started:  # the first byte: the whole head within header_read_timeout
                     started = True
                     self._head_began()
-        finally:
+        finally:  # no pending deadline, no interruption left (see HTTPConnection.cancel)
             self._arm_in = 0.0
+            self._interrupted = False
 
     def _head_from_h11(self, event: h11.Request) -> RequestHead:
         self.head_only = event.method == b"HEAD"  # known before any refusal below is answered

@@ -27,7 +27,7 @@ import trio
 
 from ..config import ServerConfig
 from ..errors import BadRequest, HeadersTooLarge, RequestTimeout
-from ..sweep import Sweep
+from ..sweep import Cancellable, Sweep
 from . import framing, parsers
 from .connection import REASONS, TEXT, ClientGone, HTTPConnection, RequestHead, check_head
 from .h11_impl import h11_refusal, header_pairs
@@ -63,7 +63,7 @@ class HttptoolsConnection(HTTPConnection):
     # --- receiving ------------------------------------------------------------------------
 
     async def next_request(
-        self, idle_timeout: float, scope: trio.CancelScope | None = None, sweep: Sweep | None = None
+        self, idle_timeout: float, scope: Cancellable | None = None, sweep: Sweep | None = None
     ) -> RequestHead | None:
         if scope is None or sweep is None:
             return await self._next_request_alone(idle_timeout)
@@ -98,8 +98,9 @@ class HttptoolsConnection(HTTPConnection):
                 if not started:  # the first byte: the whole head within header_read_timeout
                     started = True
                     self._head_began()
-        finally:
+        finally:  # no pending deadline, no interruption left (see HTTPConnection.cancel)
             self._arm_in = 0.0
+            self._interrupted = False
 
     def _h11_head(self, data: bytes, closed: bool, head_size: int = 0) -> RequestHead | None:
         """h11 reads what llhttp would not (see the module docstring): its refusal, its head

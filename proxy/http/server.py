@@ -17,10 +17,10 @@ from trio.lowlevel import checkpoint, wait_readable
 
 from ..config import ServerConfig
 from ..errors import InternalError, Overloaded, ParkwayError
-from ..sweep import FIRED, Sweep, tick_for
+from ..sweep import FIRED, Cancellable, Sweep, tick_for
 from ..urls import split_host_port
 from . import parsers
-from .connection import _SOCKET_ERRORS, RECEIVE_SIZE, ClientGone, HTTPConnection, RequestHead, log
+from .connection import _SOCKET_ERRORS, RECEIVE_SIZE, ClientGone, HeadInterrupted, HTTPConnection, RequestHead, log
 from .h11_impl import H11Connection
 
 try:
@@ -106,8 +106,8 @@ class Server:
         self.draining = True
         if self._accepting is not None:
             self._accepting.cancel()
-        for scope in list(self.heads.deadlines):
-            scope.cancel()
+        for waiting in list(self.heads.deadlines):  # a connection's scope, or the connection itself
+            waiting.cancel()
         if self._connections is not None:
             self._connections.cancel_scope.deadline = trio.current_time() + self.config.drain_timeout
 
@@ -213,31 +213,43 @@ class Server:
             await self.app.reject(head, conn, exc)
 
     async def _serve_connection(self, conn: HTTPConnection) -> None:
-        # One scope for the connection's whole life, in the heads' table only while it waits for
-        # a head: shutdown cancels it there (a scope per request cost 4-6 µs each), and so does
-        # the sweep once the head's deadline, which next_request enters there, has passed (no
-        # trio deadline to set and lift per request). A head that arrived as the scope was
-        # cancelled (shutdown, or its deadline just then; nothing raised) is answered outside
-        # it, as the last on its connection; so is a refused one.
+        # The connection's head waits are stopped through the heads' table, where it is only
+        # while it waits for a head: shutdown cancels it there, and so does the sweep once the
+        # head's deadline, which next_request enters there, has passed (no trio deadline to set
+        # and lift per request). On a socket the server accepted the table holds the connection
+        # itself (HTTPConnection.cancel: no cancel scope per connection, ~30 calls); otherwise
+        # one scope for the connection's whole life. A head that arrived as the wait was
+        # stopped (shutdown, or its deadline just then; nothing raised) is answered outside
+        # the scope, as the last on its connection; so is a refused one.
         first = True
         head: RequestHead | None = None
         refusal: ParkwayError | None = None
+        interrupted = False
         # (Served outside serve(), as some tests do, the deadlines are the scope's own.)
         heads = self.heads if self.heads.running else Sweep.on_scopes()
         deadlines = heads.deadlines
-        with trio.CancelScope() as idle:
+        idle: trio.CancelScope | _NoScope
+        if conn.fd >= 0 and heads is self.heads:
+            key: Cancellable = conn
+            idle = _NO_SCOPE
+        else:
+            key = idle = trio.CancelScope()
+        with idle:
             while not self.draining:
-                deadlines[idle] = math.inf
+                deadlines[key] = math.inf
                 try:
                     head = await conn.next_request(
-                        self.config.header_read_timeout if first else self.config.keepalive_timeout, idle, heads
+                        self.config.header_read_timeout if first else self.config.keepalive_timeout, key, heads
                     )
                 except ParkwayError as exc:  # malformed head, too large
                     refusal = exc
                     break
+                except HeadInterrupted:  # what the scope's cancellation is, without a scope
+                    interrupted = True
+                    break
                 finally:
-                    fired = deadlines[idle] == FIRED  # the head's deadline passed as it came
-                    del deadlines[idle]
+                    fired = deadlines[key] == FIRED  # the head's deadline passed as it came
+                    del deadlines[key]
                 if head is None or self.draining or fired:
                     break
                 first = False
@@ -246,7 +258,8 @@ class Server:
                     return
                 conn.start_next_cycle()
                 head = None
-        if idle.cancelled_caught and not self.draining:  # the head's deadline: too slow, or idle
+        interrupted = interrupted or idle.cancelled_caught
+        if interrupted and not self.draining:  # the head's deadline: too slow, or idle
             refusal = conn.head_timeout()
         if refusal is not None:
             # Answered outside the scope: shutdown leaves a refusal to the drain.
@@ -254,9 +267,24 @@ class Server:
                 conn.close_after_response()
                 await self.app.reject(None, conn, refusal)
             return
-        if head is not None and not idle.cancelled_caught:
+        if head is not None and not interrupted:
             conn.close_after_response()
             await self.app.handle(head, conn)
+
+
+class _NoScope:
+    """In place of the scope of a connection whose head waits are stopped without one."""
+
+    cancelled_caught = False
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_SCOPE = _NoScope()
 
 
 async def _accept_failed(exc: OSError) -> None:

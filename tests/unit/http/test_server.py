@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 import pytest
 import structlog
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 from proxy.config import ServerConfig
 from proxy.errors import ParkwayError, error_response
@@ -54,9 +55,11 @@ class PeerApp:
 
 
 @asynccontextmanager
-async def serving(listeners: list[trio.SocketListener], http: str, app: PeerApp | None = None) -> AsyncIterator[Server]:
+async def serving(
+    listeners: list[trio.SocketListener], http: str, app: PeerApp | None = None, **config: float
+) -> AsyncIterator[Server]:
     """``Server.serve`` on ``listeners`` until the block ends, then shut down (and drained)."""
-    server = Server(ServerConfig(http=http, drain_timeout=5.0), app or PeerApp())  # type: ignore[arg-type]
+    server = Server(ServerConfig(http=http, drain_timeout=5.0, **config), app or PeerApp())  # type: ignore[arg-type]
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, listeners)
@@ -341,3 +344,81 @@ async def test_an_accepted_connection_is_closed_without_trio_notify_closing(http
             assert await read_until_eof(client) == b""  # the server closed it
         assert notified == []
     await client.aclose()
+
+
+# --- the head waits of an accepted socket, stopped without a cancel scope -----------------
+# (Real time: the limits are short, the checks generous; nothing here can pass by waiting.)
+
+
+class ScopeCount(trio.abc.Instrument):
+    """Cancel scopes a connection task opened, by the cancel status it steps in (a new status
+    object for each scope it enters)."""
+
+    def __init__(self) -> None:
+        self.statuses: set[int] = set()
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("_connection_task"):
+            self.statuses.add(id(task._cancel_status))
+
+
+async def test_an_accepted_connection_waits_for_its_heads_without_a_cancel_scope(http):
+    """Two requests on a kept-alive connection, each head waited for: every step of the
+    connection's task, its first included, runs in the cancel status it was spawned in (no
+    scope of its own around its head waits)."""
+    listeners = await open_listeners(("127.0.0.1:0",))
+    scopes = ScopeCount()
+    async with serving(listeners, http):
+        trio.lowlevel.add_instrument(scopes)
+        try:
+            client = await connect(listeners[0])
+            assert await get(client) == (200, b"127.0.0.1")
+            assert await get(client, "/again") == (200, b"127.0.0.1")
+            await client.send_eof()
+            with trio.fail_after(GUARD):
+                assert await read_until_eof(client) == b""
+        finally:
+            trio.lowlevel.remove_instrument(scopes)
+        await client.aclose()
+    assert len(scopes.statuses) == 1, scopes.statuses
+
+
+async def test_an_accepted_connection_idle_past_its_limit_is_closed_silently(http):
+    listeners = await open_listeners(("127.0.0.1:0",))
+    async with serving(listeners, http, keepalive_timeout=0.3, header_read_timeout=0.3):
+        client = await connect(listeners[0])
+        assert await get(client) == (200, b"127.0.0.1")
+        started = trio.current_time()
+        with trio.fail_after(GUARD):
+            assert await read_until_eof(client) == b""
+        assert trio.current_time() - started >= 0.3
+        await client.aclose()
+
+
+async def test_an_accepted_connection_whose_head_trickles_past_its_limit_gets_408(http):
+    listeners = await open_listeners(("127.0.0.1:0",))
+    async with serving(listeners, http, header_read_timeout=0.3):
+        client = await connect(listeners[0])
+        await client.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n")  # and no more
+        with trio.fail_after(GUARD):
+            answer = await read_until_eof(client)
+        reply = parse_response(answer)
+        assert (reply.status, reply.headers.get("connection")) == (408, "close")
+        await client.aclose()
+
+
+async def test_shutdown_closes_an_accepted_connection_waiting_for_its_head(http):
+    listeners = await open_listeners(("127.0.0.1:0",))
+    async with serving(listeners, http, keepalive_timeout=3600, header_read_timeout=3600) as server:
+        client = await connect(listeners[0])
+        assert await get(client) == (200, b"127.0.0.1")
+        fresh = await connect(listeners[0])  # accepted, its first head never comes
+        while server.open_connections < 2:
+            await trio.sleep(0.01)
+        await wait_all_tasks_blocked()
+        server.shutdown()
+        with trio.fail_after(GUARD):
+            assert await read_until_eof(client) == b""
+            assert await read_until_eof(fresh) == b""
+    await client.aclose()
+    await fresh.aclose()
