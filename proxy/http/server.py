@@ -9,8 +9,9 @@ from __future__ import annotations
 import errno
 import math
 import socket
+import sys
 import weakref
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 from trio.lowlevel import checkpoint, wait_readable
@@ -52,12 +53,16 @@ class Application(Protocol):
     async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None: ...
 
 
-def open_connection(stream: trio.abc.Stream | socket.socket, config: ServerConfig, peer: str) -> HTTPConnection:
-    """The client connection of the implementation ``config.http`` resolves to (auto: httptools
-    when installed, else h11), on a stream or on an accepted socket itself."""
+def connection_class(config: ServerConfig) -> type[HTTPConnection]:
+    """The implementation ``config.http`` resolves to (auto: httptools when installed, else h11)."""
     if parsers.resolve(config.http) == "httptools" and HttptoolsConnection is not None:
-        return HttptoolsConnection(stream, config, peer)
-    return H11Connection(stream, config, peer)
+        return HttptoolsConnection
+    return H11Connection
+
+
+def open_connection(stream: trio.abc.Stream | socket.socket, config: ServerConfig, peer: str) -> HTTPConnection:
+    """The client connection of :func:`connection_class`, on a stream or on an accepted socket itself."""
+    return connection_class(config)(stream, config, peer)
 
 
 class Server:
@@ -73,6 +78,7 @@ class Server:
         self.heads = Sweep(lambda: tick_for(self.config.header_read_timeout, self.config.keepalive_timeout))
         self._connections: trio.Nursery | None = None
         self._accepting: trio.CancelScope | None = None
+        self._connection_class = connection_class(config)  # chosen once, not per connection
 
     async def serve(
         self,
@@ -134,10 +140,12 @@ class Server:
         of the run loop), wraps each socket in a ``SocketStream`` and leaves the peer's address
         to a ``getpeername``: here the address comes with the connection, and the socket is the
         connection's own, the stdlib socket itself (:class:`~proxy.http.connection.HTTPConnection`
-        makes a trio stream of it only if something needs one)."""
+        makes a trio stream of it only if something needs one). On Linux it has its options
+        already: an accepted socket inherits them from the listening one (:func:`open_listeners`)."""
         accept = raw.accept
         spawn = nursery.start_soon
         task = self._connection_task
+        set_options = None if _INHERITS_OPTIONS else _set_options
         while True:
             for _ in range(ACCEPT_BATCH):
                 try:
@@ -154,8 +162,9 @@ class Server:
                         break
                     raise
                 sock.setblocking(False)
-                _set_options(sock)
-                spawn(task, sock, _peer(address))
+                if set_options is not None:
+                    set_options(sock)
+                spawn(task, sock, address[0])  # an IPv4 or IPv6 address: (host, port, ...)
             else:
                 await checkpoint()  # a full batch: let the connections just taken, and the others, run
                 continue
@@ -167,7 +176,7 @@ class Server:
                 peer = stream.socket.getpeername()[0]  # type: ignore[union-attr]
             except OSError:
                 peer = "unknown"
-        conn = open_connection(stream, self.config, peer)
+        conn = self._connection_class(stream, self.config, peer)
         self.open_connections += 1
         try:
             if self.open_connections > self.config.max_connections:
@@ -305,11 +314,10 @@ def _set_options(sock: socket.socket) -> None:
 
 
 _NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
-
-
-def _peer(address: Any) -> str:
-    """The client's IP address from accept's address (IPv4 and IPv6 alike: the host first)."""
-    return address[0] if isinstance(address, tuple) and address else "unknown"
+# Linux copies a listening TCP socket's options (TCP_NODELAY, TCP_NOTSENT_LOWAT) to each socket
+# it accepts: set once on the listener, not twice per connection (two system calls). Elsewhere
+# each accepted socket gets them (tests/unit/http/test_server.py checks them on an accepted one).
+_INHERITS_OPTIONS = sys.platform.startswith("linux")
 
 
 async def _lingering_close(stream: trio.abc.Stream, seconds: float = 2.0, limit: int = 1 << 20) -> None:
@@ -344,6 +352,8 @@ async def open_listeners(addresses: tuple[str, ...], *, reuse_port: bool = False
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         await sock.bind((host, port))
+        if _INHERITS_OPTIONS:
+            _set_options(raw)  # inherited by every connection accepted from it
         sock.listen(4096)
         listener = trio.SocketListener(sock)
         _LISTENING[listener] = raw

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -283,6 +284,29 @@ async def test_an_accepted_connection_sends_each_write_at_once(http):
     nodelay, *lowat = body.split(b",")
     assert int(nodelay) != 0
     assert [int(v) for v in lowat] in ([], [1 << 14])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux copies a listener's TCP options")
+async def test_on_linux_the_listening_socket_carries_the_options_its_connections_inherit(http, monkeypatch):
+    """Set once on the listener (Linux copies them to each accepted socket), not per connection:
+    an accepted socket has them although nothing sets them on it."""
+    set_on: list[socket.socket] = []
+    original = server_module._set_options
+
+    def set_options(sock: socket.socket) -> None:
+        set_on.append(sock)
+        original(sock)
+
+    monkeypatch.setattr(server_module, "_set_options", set_options)
+    listeners = await open_listeners(("127.0.0.1:0",))
+    raw = listeners[0].socket
+    assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 1 << 14
+    async with serving(listeners, http, OptionsApp()):
+        client = await connect(listeners[0])
+        assert await get(client) == (200, b"1,16384")
+        await client.aclose()
+    assert len(set_on) == 1  # the listener's
 
 
 # --- a connection's own steps and its close ----------------------------------------------
