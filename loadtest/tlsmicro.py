@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from proxy.upstream.tlssession import KeptSession, keep, wrap
+
 from .tls import make_certificate
 
 EVENT = b"data: " + b"x" * 130 + b"\n\n"
@@ -69,19 +71,24 @@ class Bench:
         self.server_ctx.load_cert_chain(cert, key)
         self.client_ctx = ssl.create_default_context(cafile=str(cert))
         self.keep: list[object] = []  # sockets and objects the timed calls use
-        _, _, self.session = self._bio_client()
+        (tls, *_), _, self.session = self._bio_client()
+        self.kept = keep(tls)  # Parkway's kept session (proxy.upstream.tlssession)
 
     def _bio_client(
-        self, session: ssl.SSLSession | None = None
+        self, session: ssl.SSLSession | None = None, kept: KeptSession | None = None
     ) -> tuple[tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, socket.socket, Server], float, ssl.SSLSession]:
-        """A handshaken client over memory BIOs and a socketpair; the client's seconds in it."""
+        """A handshaken client over memory BIOs and a socketpair; the client's seconds in it
+        (``session``: resumed through the stdlib, ``kept``: as Parkway resumes)."""
         mine, theirs = socket.socketpair()
         mine.setblocking(False)
         theirs.setblocking(False)
         server = Server(self.server_ctx, theirs)
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         start = time.perf_counter()
-        tls = self.client_ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1", session=session)
+        if kept is not None:
+            tls = wrap(self.client_ctx, incoming, outgoing, "127.0.0.1", kept)
+        else:
+            tls = self.client_ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1", session=session)
         spent = time.perf_counter() - start  # with a session, its copy is part of resuming
         for _ in range(8):
             start = time.perf_counter()
@@ -187,6 +194,17 @@ class Bench:
 
         return call
 
+    def wrap_kept(self) -> Timed:
+        """Parkway's way (``proxy.upstream.tlssession.wrap``): OpenSSL's in-memory copy of the
+        kept session, no DER."""
+
+        def call() -> float:
+            start = time.perf_counter()
+            wrap(self.client_ctx, ssl.MemoryBIO(), ssl.MemoryBIO(), "127.0.0.1", self.kept)
+            return time.perf_counter() - start
+
+        return call
+
     def session_get(self) -> Timed:
         (tls, *_), _, _ = self._bio_client()
 
@@ -203,6 +221,16 @@ class Bench:
     def handshake_resumed(self) -> Timed:
         return lambda: self._bio_client(self.session)[1]
 
+    def handshake_kept(self) -> Timed:
+        """A resumed handshake as Parkway makes it (fails if it does not resume)."""
+
+        def call() -> float:
+            (tls, *_), spent, _ = self._bio_client(kept=self.kept)
+            assert tls.session_reused, "the kept session was not resumed"
+            return spent
+
+        return call
+
 
 PIECES = (
     "read_raw",
@@ -210,11 +238,13 @@ PIECES = (
     "read_sslsocket",
     "wrap",
     "wrap_session",
+    "wrap_kept",
     "session_get",
     "handshake_full",
     "handshake_resumed",
+    "handshake_kept",
 )
-SLOW = {"wrap_session", "session_get", "handshake_full", "handshake_resumed"}
+SLOW = {"wrap_session", "session_get", "handshake_full", "handshake_resumed", "handshake_kept"}
 
 
 def main(argv: list[str] | None = None) -> int:

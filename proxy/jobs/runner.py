@@ -182,7 +182,13 @@ class JobRunner:
             if job is None:
                 await self._sleep_until_woken("_wake_jobs")
                 continue
-            lease = await self._take_concurrency(job, config)
+            try:
+                lease = await self._take_concurrency(job, config)
+            except BaseException:  # the drain deadline while the state answered: not run, so not kept
+                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                    await self._quietly(self.store.finish, jobs.released(job), self.owner)
+                log.warning("job_released", job=job.id[:12], reason="drain deadline before its run began")
+                raise
             if lease is False:
                 continue  # given back: its credential or user is at max_concurrent
             scope = trio.CancelScope()

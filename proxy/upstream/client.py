@@ -33,6 +33,7 @@ from .connection import UpstreamConnection
 from .dns import DNSCache
 from .response import HeadReader, Informational, StaleConnection, UpstreamResponse
 from .ssrf import DEFAULT_POLICY, AddressPolicy, Resolver, check_scheme, resolve
+from .tlssession import KeptSession
 from .wire import RequestRefused
 
 Headers = list[tuple[bytes, bytes]]
@@ -177,7 +178,7 @@ class UpstreamClient:
         self._ssl: ssl.SSLContext | None = None
         # Host names resolved once per upstream_dns_ttl (the resolver given, e.g. a test's, behind it).
         self.dns = DNSCache(config.upstream_dns_ttl, resolver)
-        self._sessions: dict[Origin, ssl.SSLSession] = {}  # the last TLS session per origin, to resume
+        self._sessions: dict[Origin, KeptSession] = {}  # the last TLS session per origin, to resume
         self.tls_full = 0  # TLS handshakes with upstreams, full and resumed (/metrics)
         self.tls_resumed = 0
         self._parsed: dict[tuple[str, AddressPolicy], tuple[Origin, bytes, bytes]] = {}

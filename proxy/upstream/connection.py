@@ -31,6 +31,7 @@ import trio
 from ..errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from .h11_impl import H11HTTP
 from .ssrf import AddressPolicy, Resolver, resolve
+from .tlssession import KeptSession, keep, wrap
 from .wire import UpstreamHTTP
 
 RECEIVE_SIZE = 65536
@@ -101,17 +102,11 @@ class UpstreamConnection:
         return self._tls is not None and self._tls.session_reused
 
     @property
-    def tls_session(self) -> ssl.SSLSession | None:
+    def tls_session(self) -> KeptSession | None:
         """The TLS session to resume on the next connection to the same origin (a cheaper handshake);
         None while there is none that can be: TLS 1.3 resumes only with a ticket, which the server
         sends after the handshake (it has come by the time the response head has)."""
-        tls = self._tls
-        if tls is None:
-            return None
-        session = tls.session
-        if session is None or not (session.has_ticket or (session.id and tls.version() != "TLSv1.3")):
-            return None
-        return session
+        return None if self._tls is None else keep(self._tls)
 
     # --- connecting ---------------------------------------------------------------------------
 
@@ -125,7 +120,7 @@ class UpstreamConnection:
         ssl_context: ssl.SSLContext | None,
         timeout: float,
         resolver: Resolver = resolve,
-        tls_session: ssl.SSLSession | None = None,
+        tls_session: KeptSession | None = None,
         parser: str = "h11",
     ) -> UpstreamConnection:
         """Resolve, check every address, connect to the first that answers, then TLS if asked.
@@ -166,9 +161,9 @@ class UpstreamConnection:
         assert scope.cancelled_caught  # (only the deadline leaves the scope without a return or a raise)
         raise UpstreamTimeout(f"connecting to {name} timed out")
 
-    async def _start_tls(self, context: ssl.SSLContext, server_hostname: str, session: ssl.SSLSession | None) -> None:
+    async def _start_tls(self, context: ssl.SSLContext, server_hostname: str, session: KeptSession | None) -> None:
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname, session=session)
+        tls = wrap(context, incoming, outgoing, server_hostname, session)
         self._tls, self._in, self._out = tls, incoming, outgoing
         while True:
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,17 +19,18 @@ import pytest
 import trio
 from standardwebhooks.webhooks import Webhook
 
-from proxy.config import Config, Credential
+from proxy.config import Config, Credential, StateConfig
 from proxy.jobs import model as jobs
 from proxy.jobs import webhooks
 from proxy.jobs.calls import run_headers
 from proxy.jobs.model import JobRequest, JobsConfig
 from proxy.jobs.runner import JobRunner
 from proxy.jobs.sqlite import SQLiteJobStore
-from proxy.limits.limiter import LimitSpec
-from proxy.limits.state import MemoryState
+from proxy.limits.limiter import CREDENTIAL, LimitKey, LimitSpec
+from proxy.limits.state import MemoryState, open_state
 from proxy.upstream.outbound import outbound_client
 from support.parkway import TEST_SERVER
+from support.redis import RedisServer
 from support.signing import INJECTED, SECRET, UPSTREAM_KEY
 from support.upstream import Exchange, Upstream, hang, respond_with
 
@@ -415,4 +417,43 @@ async def test_a_credential_runs_its_share_and_max_concurrent_applies_to_job_run
         runner.drain(0)
         with trio.fail_after(5):
             await done.wait()
+    await client.aclose()
+
+
+async def test_a_job_claimed_while_a_stalled_redis_holds_its_slot_goes_back_on_a_drain(
+    nursery: trio.Nursery, tmp_path: Path, redis: RedisServer
+) -> None:
+    """A claimed job waiting for its ``max_concurrent`` slot when the drain deadline comes is given
+    back to the queue at once, its claim not counted, not left leased until another runner takes
+    it ``lease`` seconds later. Redis is stopped (SIGSTOP), not down: the slot's script waits."""
+    config = Config(
+        server=TEST_SERVER,
+        credentials=(Credential("capped", (SECRET,), INJECTED, limits=LimitSpec(max_concurrent=1)),),
+        jobs=JobsConfig(enabled=True, path=str(tmp_path / "jobs.sqlite3"), poll_interval=0.05),
+    )
+    store, client = SQLiteJobStore(config.jobs.path), outbound_client()
+    request = JobRequest("GET", "http://127.0.0.1:9/never")  # never called: the run never begins
+    job = jobs.new_job(credential="capped", request=request, status_url_prefix="http://p/jobs",
+                       callback=None, user=None, now=time.time())  # fmt: skip
+    state_config = StateConfig(backend="redis", url=redis.url, key_prefix="parkway-jobs:", timeout=30)
+    async with store, open_state(state_config) as state:
+        await store.add(job, max_queued=10)
+        runner = JobRunner(store, client, lambda: config, state=state)
+        done = trio.Event()
+        # Connected first: a stopped Redis still takes a TCP connection, then never answers.
+        warm = await state.acquire([LimitKey(CREDENTIAL, "warm-up", LimitSpec(max_concurrent=1))], trio.current_time())
+        await state.release(warm.lease)
+        redis.process.send_signal(signal.SIGSTOP)
+        try:
+            await nursery.start(_start, runner, done)
+            with trio.fail_after(10):  # claimed, then waiting on Redis (the store has no signal of its own)
+                while (claimed := await store.get(job.id, now=time.time())) is None or claimed.status != "in_progress":
+                    await trio.sleep(0.02)
+            runner.drain(0)
+            with trio.fail_after(5):
+                await done.wait()
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+        given_back = await store.get(job.id, now=time.time())
+        assert given_back is not None and (given_back.status, given_back.attempts) == ("queued", 0)
     await client.aclose()
