@@ -312,8 +312,9 @@ class HTTPConnection:
         """Stop the head wait of :meth:`next_request` on a socket the server accepted (the
         sweep and shutdown call this, as they cancel a scope): a read waiting in trio is woken
         at once (``notify_closing``, which leaves the socket open), and the wait raises
-        :class:`HeadInterrupted` at its next read (next_request clears this when it ends). A connection waits for its heads this way
-        instead of in a cancel scope of its own (a scope costs a connection ~30 calls)."""
+        :class:`HeadInterrupted` at its next read (next_request clears this when it ends). A
+        connection waits for its heads this way instead of in a cancel scope of its own (a
+        scope costs a connection ~30 calls)."""
         assert self.fd >= 0
         self._interrupted = True
         trio.lowlevel.notify_closing(self.fd)
