@@ -323,11 +323,11 @@ class ConnectionSteps(trio.abc.Instrument):
             self.steps += 1
 
 
-async def test_a_request_and_the_close_already_there_take_the_connection_one_step(http):
+async def test_a_request_and_the_close_already_there_take_the_connection_two_steps(http):
     """The head and the client's end are in the socket when it is accepted: its task reads the
-    head without yielding first (its spawn was its turn), answers, and ends at the client's end
-    without a step more for it (nothing else is read): one task step in all, where a read that
-    found bytes yielded each time (three)."""
+    head (and yields once, as every read that finds bytes does), answers, and ends at the
+    client's end without a step more for it (nothing else is read): two task steps in all,
+    where the read that found the end yielded too (three)."""
     listeners = await open_listeners(("127.0.0.1:0",))
     client = await connect(listeners[0])  # in the backlog: nothing accepts yet
     await client.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -341,7 +341,7 @@ async def test_a_request_and_the_close_already_there_take_the_connection_one_ste
     finally:
         trio.lowlevel.remove_instrument(steps)
     assert parse_response(answer).status == 200
-    assert steps.steps == 1
+    assert steps.steps == 2
     await client.aclose()
 
 
