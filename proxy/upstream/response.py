@@ -9,6 +9,7 @@ the request's way out are :mod:`proxy.upstream.client`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -24,6 +25,11 @@ Headers = list[tuple[bytes, bytes]]
 Informational = Callable[[int, Headers], Awaitable[None]]
 
 MAX_HEAD = 65536
+# How long after a request went out HeadReader.read keeps yielding rather than waiting, when the
+# answer has not come with its first turn (see there): measured on one sequential client, 50 µs took
+# Parkway's added latency from 494 to 433 µs; 100 µs did no better.
+SPIN = 50e-6
+_monotonic = time.monotonic  # a duration only (one C call, where trio.current_time is three frames)
 
 
 class UpstreamResponse:
@@ -143,9 +149,18 @@ class HeadReader:
 
         The request has just gone out, so first the task only yields (the other tasks run) and
         then reads: on a busy server the answer has come by then, and the wait's ``epoll_ctl``
-        and trio's registration are saved; otherwise it waits."""
+        and trio's registration are saved. On an idle one it keeps yielding and reading for
+        :data:`SPIN` after the send before it waits: a nearby upstream answers within that, and
+        the loop then never sleeps, so the answer does not wait for the process to be woken
+        (an idle core's wake-up costs tens of µs, more than the turns). A busy loop's first
+        turn outlasts the window: no extra turn there."""
         await trio.lowlevel.cancel_shielded_checkpoint()
         self._receive_nowait()
+        if not self.buf:
+            until = _monotonic() + SPIN
+            while not self.buf and _monotonic() < until:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                self._receive_nowait()
         while True:
             if self.buf:
                 response = self._next_head()

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from loadtest import nginx, runner
+from loadtest import micro, nginx, runner
 
 ARGV = [
     "run",
@@ -182,3 +182,12 @@ def test_runner_measures_the_floor_beside_parkway_and_counts_their_calls(tmp_pat
     table = (tmp_path / "floor.md").read_text()
     assert "| Floor (httptools) | Parkway ÷ nginx | Parkway ÷ floor | met |" in table
     assert "Python function calls per small request by component" in table
+
+
+@pytest.mark.parametrize("name", sorted(micro.BENCHES))
+def test_every_micro_benchmark_runs_against_the_current_code(name):
+    """``python -m loadtest.micro`` builds each piece from Parkway's own modules: one that no
+    longer fits them (a renamed attribute, a changed signature) fails here, not when measured."""
+    piece = micro.BENCHES[name]()
+    for _ in range(3):
+        piece()
