@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
@@ -24,27 +25,38 @@ MIN_TICK = 0.001  # a limit shorter than 8 ms is checked every millisecond, not 
 FIRED = -math.inf
 
 
+class Cancellable(Protocol):
+    """What a table holds: a cancel scope, or anything else a wait can be stopped through
+    (a client connection waiting for a head, :meth:`~proxy.http.connection.HTTPConnection.cancel`)."""
+
+    def cancel(self) -> None: ...
+
+
 def tick_for(*limits: float) -> float:
     """How often to check: an eighth of the shortest limit, within [``MIN_TICK``, ``MAX_TICK``]."""
     return max(MIN_TICK, min((MAX_TICK, *(limit / 8 for limit in limits if limit > 0))))
 
 
-class _OnScopes(dict[trio.CancelScope, float]):
+class _OnScopes(dict[Cancellable, float]):
     """A table whose entries are the scopes' own trio deadlines: for a wait with no sweep running
-    (a connection read outside a server)."""
+    (a connection read outside a server). It holds cancel scopes only."""
 
-    def __setitem__(self, scope: trio.CancelScope, deadline: float) -> None:
+    def __setitem__(self, scope: Cancellable, deadline: float) -> None:
+        assert isinstance(scope, trio.CancelScope)
         scope.deadline = deadline
 
-    def __getitem__(self, scope: trio.CancelScope) -> float:
+    def __getitem__(self, scope: Cancellable) -> float:
+        assert isinstance(scope, trio.CancelScope)
         return FIRED if scope.cancel_called else scope.deadline
 
-    def __delitem__(self, scope: trio.CancelScope) -> None:
+    def __delitem__(self, scope: Cancellable) -> None:
+        assert isinstance(scope, trio.CancelScope)
         scope.deadline = math.inf
 
 
 class Sweep:
-    """Cancel scope → deadline (on trio's clock, :attr:`now`), enforced by :meth:`run` every tick.
+    """Cancel scope (or any :class:`Cancellable`) → deadline (on trio's clock, :attr:`now`),
+    enforced by :meth:`run` every tick.
 
     The owner of a wait enters its scope in :attr:`deadlines` (again to move its deadline) and
     deletes it when the wait ends; the sweep only cancels, and marks the scope :data:`FIRED` in
@@ -54,7 +66,7 @@ class Sweep:
 
     def __init__(self, tick: Callable[[], float]):
         self._tick = tick
-        self.deadlines: dict[trio.CancelScope, float] = {}
+        self.deadlines: dict[Cancellable, float] = {}
         self.now: Callable[[], float] = trio.current_time  # run() binds the run's clock itself (one frame a read)
         self.running = False
 

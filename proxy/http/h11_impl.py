@@ -8,6 +8,7 @@ tested against.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncGenerator, Sequence
 
 import h11
@@ -15,7 +16,7 @@ import trio
 
 from ..config import ServerConfig
 from ..errors import BadRequest, HeadersTooLarge, RequestTimeout, client_text
-from ..sweep import Sweep
+from ..sweep import Cancellable, Sweep
 from .connection import REASONS, TEXT, ClientGone, HTTPConnection, RequestHead, check_head
 
 
@@ -43,7 +44,7 @@ class H11Connection(HTTPConnection):
 
     parser = "h11"
 
-    def __init__(self, stream: trio.abc.Stream | trio.socket.SocketType, config: ServerConfig, peer: str):
+    def __init__(self, stream: trio.abc.Stream | socket.socket, config: ServerConfig, peer: str):
         super().__init__(stream, config, peer)
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
 
@@ -56,7 +57,7 @@ class H11Connection(HTTPConnection):
             raise h11_refusal(exc, self.config.max_header_bytes) from exc
 
     async def next_request(
-        self, idle_timeout: float, scope: trio.CancelScope | None = None, sweep: Sweep | None = None
+        self, idle_timeout: float, scope: Cancellable | None = None, sweep: Sweep | None = None
     ) -> RequestHead | None:
         if scope is None or sweep is None:
             return await self._next_request_alone(idle_timeout)
@@ -89,8 +90,9 @@ class H11Connection(HTTPConnection):
                 if not started:  # the first byte: the whole head within header_read_timeout
                     started = True
                     self._head_began()
-        finally:
+        finally:  # no pending deadline, no interruption left (see HTTPConnection.cancel)
             self._arm_in = 0.0
+            self._interrupted = False
 
     def _head_from_h11(self, event: h11.Request) -> RequestHead:
         self.head_only = event.method == b"HEAD"  # known before any refusal below is answered
@@ -123,7 +125,7 @@ class H11Connection(HTTPConnection):
             if type(event) is h11.Data:
                 yield bytes(event.data)
             elif type(event) is h11.EndOfMessage:
-                self.request_done.set()
+                self._body_read()
                 return
             elif event is h11.NEED_DATA:
                 with trio.move_on_after(self.config.client_body_timeout) as scope:

@@ -19,6 +19,7 @@ streams). Where llhttp and h11 disagree, h11 decides:
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncGenerator
 
 import h11
@@ -26,7 +27,7 @@ import trio
 
 from ..config import ServerConfig
 from ..errors import BadRequest, HeadersTooLarge, RequestTimeout
-from ..sweep import Sweep
+from ..sweep import Cancellable, Sweep
 from . import framing, parsers
 from .connection import REASONS, TEXT, ClientGone, HTTPConnection, RequestHead, check_head
 from .h11_impl import h11_refusal, header_pairs
@@ -43,7 +44,7 @@ class HttptoolsConnection(HTTPConnection):
 
     parser = "httptools"
 
-    def __init__(self, stream: trio.abc.Stream | trio.socket.SocketType, config: ServerConfig, peer: str):
+    def __init__(self, stream: trio.abc.Stream | socket.socket, config: ServerConfig, peer: str):
         super().__init__(stream, config, peer)
         self._buffer = bytearray()  # received, not yet consumed: the body, a pipelined request
         self._eof = False  # the client closed its side (seen while reading a head)
@@ -62,7 +63,7 @@ class HttptoolsConnection(HTTPConnection):
     # --- receiving ------------------------------------------------------------------------
 
     async def next_request(
-        self, idle_timeout: float, scope: trio.CancelScope | None = None, sweep: Sweep | None = None
+        self, idle_timeout: float, scope: Cancellable | None = None, sweep: Sweep | None = None
     ) -> RequestHead | None:
         if scope is None or sweep is None:
             return await self._next_request_alone(idle_timeout)
@@ -97,8 +98,9 @@ class HttptoolsConnection(HTTPConnection):
                 if not started:  # the first byte: the whole head within header_read_timeout
                     started = True
                     self._head_began()
-        finally:
+        finally:  # no pending deadline, no interruption left (see HTTPConnection.cancel)
             self._arm_in = 0.0
+            self._interrupted = False
 
     def _h11_head(self, data: bytes, closed: bool, head_size: int = 0) -> RequestHead | None:
         """h11 reads what llhttp would not (see the module docstring): its refusal, its head
@@ -227,7 +229,7 @@ class HttptoolsConnection(HTTPConnection):
             if piece:
                 yield piece
             elif piece is not None:
-                self.request_done.set()
+                self._body_read()
                 return
             else:
                 with trio.move_on_after(self.config.client_body_timeout) as scope:

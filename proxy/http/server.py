@@ -9,18 +9,19 @@ from __future__ import annotations
 import errno
 import math
 import socket
+import sys
 import weakref
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 from trio.lowlevel import checkpoint, wait_readable
 
 from ..config import ServerConfig
 from ..errors import InternalError, Overloaded, ParkwayError
-from ..sweep import FIRED, Sweep, tick_for
+from ..sweep import FIRED, Cancellable, Sweep, tick_for
 from ..urls import split_host_port
 from . import parsers
-from .connection import _SOCKET_ERRORS, RECEIVE_SIZE, ClientGone, HTTPConnection, RequestHead, log
+from .connection import _SOCKET_ERRORS, RECEIVE_SIZE, ClientGone, HeadInterrupted, HTTPConnection, RequestHead, log
 from .h11_impl import H11Connection
 
 try:
@@ -52,14 +53,16 @@ class Application(Protocol):
     async def reject(self, head: RequestHead | None, conn: HTTPConnection, exc: ParkwayError) -> None: ...
 
 
-def open_connection(
-    stream: trio.abc.Stream | trio.socket.SocketType, config: ServerConfig, peer: str
-) -> HTTPConnection:
-    """The client connection of the implementation ``config.http`` resolves to (auto: httptools
-    when installed, else h11), on a stream or on an accepted socket itself."""
+def connection_class(config: ServerConfig) -> type[HTTPConnection]:
+    """The implementation ``config.http`` resolves to (auto: httptools when installed, else h11)."""
     if parsers.resolve(config.http) == "httptools" and HttptoolsConnection is not None:
-        return HttptoolsConnection(stream, config, peer)
-    return H11Connection(stream, config, peer)
+        return HttptoolsConnection
+    return H11Connection
+
+
+def open_connection(stream: trio.abc.Stream | socket.socket, config: ServerConfig, peer: str) -> HTTPConnection:
+    """The client connection of :func:`connection_class`, on a stream or on an accepted socket itself."""
+    return connection_class(config)(stream, config, peer)
 
 
 class Server:
@@ -75,6 +78,7 @@ class Server:
         self.heads = Sweep(lambda: tick_for(self.config.header_read_timeout, self.config.keepalive_timeout))
         self._connections: trio.Nursery | None = None
         self._accepting: trio.CancelScope | None = None
+        self._connection_class = connection_class(config)  # chosen once, not per connection
 
     async def serve(
         self,
@@ -108,8 +112,8 @@ class Server:
         self.draining = True
         if self._accepting is not None:
             self._accepting.cancel()
-        for scope in list(self.heads.deadlines):
-            scope.cancel()
+        for waiting in list(self.heads.deadlines):  # a connection's scope, or the connection itself
+            waiting.cancel()
         if self._connections is not None:
             self._connections.cancel_scope.deadline = trio.current_time() + self.config.drain_timeout
 
@@ -135,12 +139,13 @@ class Server:
         ``SocketListener.accept`` yields twice around every connection it returns (one per turn
         of the run loop), wraps each socket in a ``SocketStream`` and leaves the peer's address
         to a ``getpeername``: here the address comes with the connection, and the socket is the
-        connection's own (:class:`~proxy.http.connection.HTTPConnection` makes a stream of it
-        only if something needs one)."""
+        connection's own, the stdlib socket itself (:class:`~proxy.http.connection.HTTPConnection`
+        makes a trio stream of it only if something needs one). On Linux it has its options
+        already: an accepted socket inherits them from the listening one (:func:`open_listeners`)."""
         accept = raw.accept
         spawn = nursery.start_soon
         task = self._connection_task
-        wrap = trio.socket.from_stdlib_socket  # non-blocking, and closed with trio's notify_closing
+        set_options = None if _INHERITS_OPTIONS else _set_options
         while True:
             for _ in range(ACCEPT_BATCH):
                 try:
@@ -156,20 +161,22 @@ class Server:
                         await _accept_failed(exc)
                         break
                     raise
-                _set_options(sock)
-                spawn(task, wrap(sock), _peer(address))
+                sock.setblocking(False)
+                if set_options is not None:
+                    set_options(sock)
+                spawn(task, sock, address[0])  # an IPv4 or IPv6 address: (host, port, ...)
             else:
                 await checkpoint()  # a full batch: let the connections just taken, and the others, run
                 continue
             await wait_readable(raw)
 
-    async def _connection_task(self, stream: trio.abc.Stream | trio.socket.SocketType, peer: str | None = None) -> None:
+    async def _connection_task(self, stream: trio.abc.Stream | socket.socket, peer: str | None = None) -> None:
         if peer is None:  # a stream from trio's accept (or a test's listener)
             try:
                 peer = stream.socket.getpeername()[0]  # type: ignore[union-attr]
             except OSError:
                 peer = "unknown"
-        conn = open_connection(stream, self.config, peer)
+        conn = self._connection_class(stream, self.config, peer)
         self.open_connections += 1
         try:
             if self.open_connections > self.config.max_connections:
@@ -188,13 +195,9 @@ class Server:
             if not conn.request_complete and conn.response_started and not conn.handed_over:
                 with trio.CancelScope(shield=True):
                     await _lingering_close(conn.stream)
-            sock = conn.socket
-            if sock is not None:
-                # What SocketStream.aclose does, without trio.aclose_forcefully's cancelled scope
-                # and checkpoint (three scopes and a turn of the run loop per connection): the
-                # close wakes any task still waiting on the socket (trio's notify_closing).
-                sock.close()
-            else:  # an in-memory stream (tests, benches)
+            # Without trio.aclose_forcefully's cancelled scope and checkpoint (three scopes and a
+            # turn of the run loop per connection): see close_socket.
+            if not conn.close_socket():  # an in-memory stream (tests, benches)
                 await trio.aclose_forcefully(conn.stream)
 
     async def _answer_internal_error(self, conn: HTTPConnection) -> None:
@@ -219,31 +222,43 @@ class Server:
             await self.app.reject(head, conn, exc)
 
     async def _serve_connection(self, conn: HTTPConnection) -> None:
-        # One scope for the connection's whole life, in the heads' table only while it waits for
-        # a head: shutdown cancels it there (a scope per request cost 4-6 µs each), and so does
-        # the sweep once the head's deadline, which next_request enters there, has passed (no
-        # trio deadline to set and lift per request). A head that arrived as the scope was
-        # cancelled (shutdown, or its deadline just then; nothing raised) is answered outside
-        # it, as the last on its connection; so is a refused one.
+        # The connection's head waits are stopped through the heads' table, where it is only
+        # while it waits for a head: shutdown cancels it there, and so does the sweep once the
+        # head's deadline, which next_request enters there, has passed (no trio deadline to set
+        # and lift per request). On a socket the server accepted the table holds the connection
+        # itself (HTTPConnection.cancel: no cancel scope per connection, ~30 calls); otherwise
+        # one scope for the connection's whole life. A head that arrived as the wait was
+        # stopped (shutdown, or its deadline just then; nothing raised) is answered outside
+        # the scope, as the last on its connection; so is a refused one.
         first = True
         head: RequestHead | None = None
         refusal: ParkwayError | None = None
+        interrupted = False
         # (Served outside serve(), as some tests do, the deadlines are the scope's own.)
         heads = self.heads if self.heads.running else Sweep.on_scopes()
         deadlines = heads.deadlines
-        with trio.CancelScope() as idle:
+        idle: trio.CancelScope | _NoScope
+        if conn.fd >= 0 and heads is self.heads:
+            key: Cancellable = conn
+            idle = _NO_SCOPE
+        else:
+            key = idle = trio.CancelScope()
+        with idle:
             while not self.draining:
-                deadlines[idle] = math.inf
+                deadlines[key] = math.inf
                 try:
                     head = await conn.next_request(
-                        self.config.header_read_timeout if first else self.config.keepalive_timeout, idle, heads
+                        self.config.header_read_timeout if first else self.config.keepalive_timeout, key, heads
                     )
                 except ParkwayError as exc:  # malformed head, too large
                     refusal = exc
                     break
+                except HeadInterrupted:  # what the scope's cancellation is, without a scope
+                    interrupted = True
+                    break
                 finally:
-                    fired = deadlines[idle] == FIRED  # the head's deadline passed as it came
-                    del deadlines[idle]
+                    fired = deadlines[key] == FIRED  # the head's deadline passed as it came
+                    del deadlines[key]
                 if head is None or self.draining or fired:
                     break
                 first = False
@@ -252,7 +267,8 @@ class Server:
                     return
                 conn.start_next_cycle()
                 head = None
-        if idle.cancelled_caught and not self.draining:  # the head's deadline: too slow, or idle
+        interrupted = interrupted or idle.cancelled_caught
+        if interrupted and not self.draining:  # the head's deadline: too slow, or idle
             refusal = conn.head_timeout()
         if refusal is not None:
             # Answered outside the scope: shutdown leaves a refusal to the drain.
@@ -260,9 +276,24 @@ class Server:
                 conn.close_after_response()
                 await self.app.reject(None, conn, refusal)
             return
-        if head is not None and not idle.cancelled_caught:
+        if head is not None and not interrupted:
             conn.close_after_response()
             await self.app.handle(head, conn)
+
+
+class _NoScope:
+    """In place of the scope of a connection whose head waits are stopped without one."""
+
+    cancelled_caught = False
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_SCOPE = _NoScope()
 
 
 async def _accept_failed(exc: OSError) -> None:
@@ -283,11 +314,10 @@ def _set_options(sock: socket.socket) -> None:
 
 
 _NOTSENT_LOWAT: int | None = getattr(socket, "TCP_NOTSENT_LOWAT", None)
-
-
-def _peer(address: Any) -> str:
-    """The client's IP address from accept's address (IPv4 and IPv6 alike: the host first)."""
-    return address[0] if isinstance(address, tuple) and address else "unknown"
+# Linux copies a listening TCP socket's options (TCP_NODELAY, TCP_NOTSENT_LOWAT) to each socket
+# it accepts: set once on the listener, not twice per connection (two system calls). Elsewhere
+# each accepted socket gets them (tests/unit/http/test_server.py checks them on an accepted one).
+_INHERITS_OPTIONS = sys.platform.startswith("linux")
 
 
 async def _lingering_close(stream: trio.abc.Stream, seconds: float = 2.0, limit: int = 1 << 20) -> None:
@@ -322,6 +352,8 @@ async def open_listeners(addresses: tuple[str, ...], *, reuse_port: bool = False
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         await sock.bind((host, port))
+        if _INHERITS_OPTIONS:
+            _set_options(raw)  # inherited by every connection accepted from it
         sock.listen(4096)
         listener = trio.SocketListener(sock)
         _LISTENING[listener] = raw

@@ -31,9 +31,9 @@ async def unless_client_leaves(
     ``scope.cancelled_caught`` with ``record.outcome == "client_gone"`` and aborts the
     connection. Otherwise a watcher task does, and the connection is aborted here.
     """
-    sock = conn.socket
-    if engine is not None and sock is not None:
-        fd = sock.fileno()
+    fd = conn.fd
+    if engine is not None and fd >= 0:
+        sock = conn.socket
         if engine.watch_client(fd, partial(client_left, scope, record), sock):
             try:
                 await work()

@@ -99,11 +99,14 @@ class EpollEngine:
         self._kept: dict[int, object] = {}
         self._tick = 1.0
         self.running = False  # while run() owns the epoll set (an attribute: read on every request)
+        # The run's clock, bound by run(): one frame a read (trio.current_time is three).
+        self._now: Callable[[], float] = trio.current_time
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Relay until cancelled; streams still in flight then end with :class:`UpstreamProtocolError`."""
         epoll = select.epoll()
         self._epoll = epoll
+        self._now = trio.lowlevel.current_clock().current_time
         self.running = True
         try:
             async with trio.open_nursery() as nursery:
@@ -188,7 +191,7 @@ class EpollEngine:
         # A watched client stays registered: the stream takes the registration over.
         watched = self._watched.pop(stream.client_fd, None) is not None
         client_events = _OUT | _RDHUP if state == BLOCKED else _WATCH
-        stream.last_read = trio.current_time()  # the idle limit counts from here (the sweep reads it)
+        stream.last_read = self._now()  # the idle limit counts from here (the sweep reads it)
         if state == BLOCKED:
             stream.blocked_since = stream.last_read
             epoll.register(stream.up.fd, 0)
@@ -213,9 +216,10 @@ class EpollEngine:
         epfd = epoll.fileno()
         poll = epoll.poll
         streams = self._streams
+        clock = self._now
         while True:
             await trio.lowlevel.wait_readable(epfd)
-            now = trio.current_time()
+            now = clock()
             for fd, events in poll(0):
                 stream = streams.get(fd)
                 if stream is None:
@@ -259,7 +263,7 @@ class EpollEngine:
         an eighth of the shortest limit): a limit is enforced within ``tick`` after it passes."""
         while True:
             await trio.sleep(self._tick)
-            now = trio.current_time()
+            now = self._now()
             for stream in list(dict.fromkeys(self._streams.values())):
                 if stream.pending is not None:
                     if now - stream.blocked_since > stream.write_timeout:

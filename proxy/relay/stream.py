@@ -110,8 +110,7 @@ class RelayStream:
         self.observers = tuple(observers)
         self.pending: memoryview | None = None  # what the client's socket has not taken yet
         self.unobserved: list[bytes] = []  # de-framed data written but not yet fed to observers
-        sock = conn.socket
-        self.client_fd = sock.fileno() if sock is not None else -1
+        self.client_fd = conn.fd
         self.last_read = 0.0  # the engine's: set when it takes the stream (a small answer ends before)
         self.blocked_since = 0.0
         self.client_events = 0  # the engine's: what the client's fd is registered for (0: nothing armed)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 import structlog
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 from proxy.config import ServerConfig
 from proxy.errors import ParkwayError, error_response
@@ -54,9 +56,11 @@ class PeerApp:
 
 
 @asynccontextmanager
-async def serving(listeners: list[trio.SocketListener], http: str, app: PeerApp | None = None) -> AsyncIterator[Server]:
+async def serving(
+    listeners: list[trio.SocketListener], http: str, app: PeerApp | None = None, **config: float
+) -> AsyncIterator[Server]:
     """``Server.serve`` on ``listeners`` until the block ends, then shut down (and drained)."""
-    server = Server(ServerConfig(http=http, drain_timeout=5.0), app or PeerApp())  # type: ignore[arg-type]
+    server = Server(ServerConfig(http=http, drain_timeout=5.0, **config), app or PeerApp())  # type: ignore[arg-type]
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, listeners)
@@ -280,3 +284,165 @@ async def test_an_accepted_connection_sends_each_write_at_once(http):
     nodelay, *lowat = body.split(b",")
     assert int(nodelay) != 0
     assert [int(v) for v in lowat] in ([], [1 << 14])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux copies a listener's TCP options")
+async def test_on_linux_the_listening_socket_carries_the_options_its_connections_inherit(http, monkeypatch):
+    """Set once on the listener (Linux copies them to each accepted socket), not per connection:
+    an accepted socket has them although nothing sets them on it."""
+    set_on: list[socket.socket] = []
+    original = server_module._set_options
+
+    def set_options(sock: socket.socket) -> None:
+        set_on.append(sock)
+        original(sock)
+
+    monkeypatch.setattr(server_module, "_set_options", set_options)
+    listeners = await open_listeners(("127.0.0.1:0",))
+    raw = listeners[0].socket
+    assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 1 << 14
+    async with serving(listeners, http, OptionsApp()):
+        client = await connect(listeners[0])
+        assert await get(client) == (200, b"1,16384")
+        await client.aclose()
+    assert len(set_on) == 1  # the listener's
+
+
+# --- a connection's own steps and its close ----------------------------------------------
+
+
+class ConnectionSteps(trio.abc.Instrument):
+    """How many steps the connection tasks ran."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("_connection_task"):
+            self.steps += 1
+
+
+async def test_a_request_and_the_close_already_there_take_the_connection_two_steps(http):
+    """The head and the client's end are in the socket when it is accepted: its task reads the
+    head (and yields once, as every read that finds bytes does), answers, and ends at the
+    client's end without a step more for it (nothing else is read): two task steps in all,
+    where the read that found the end yielded too (three)."""
+    listeners = await open_listeners(("127.0.0.1:0",))
+    client = await connect(listeners[0])  # in the backlog: nothing accepts yet
+    await client.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    await client.send_eof()
+    steps = ConnectionSteps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        async with serving(listeners, http):
+            with trio.fail_after(GUARD):
+                answer = await read_until_eof(client)
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert parse_response(answer).status == 200
+    assert steps.steps == 2
+    await client.aclose()
+
+
+async def test_an_accepted_connection_is_closed_without_trio_notify_closing(http, monkeypatch):
+    """Nothing waits on an accepted socket once its task ends, so it is closed as it is: no
+    ``notify_closing`` (whose ``EPOLL_CTL_DEL`` fails for a socket trio never waited on, and
+    is not needed for one it did: the close takes it out of the set). The listener's own close
+    at shutdown still goes through trio."""
+    notified: list[int] = []
+    original = trio.lowlevel.notify_closing
+
+    def notify_closing(fd) -> None:  # noqa: ANN001 - trio's own signature
+        notified.append(fd if isinstance(fd, int) else fd.fileno())
+        original(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "notify_closing", notify_closing)
+    listeners = await open_listeners(("127.0.0.1:0",))
+    async with serving(listeners, http):
+        client = await connect(listeners[0])
+        assert await get(client) == (200, b"127.0.0.1")  # a keep-alive wait on it in between:
+        assert await get(client, "/again") == (200, b"127.0.0.1")  # trio waited on this socket
+        await client.send_eof()
+        with trio.fail_after(GUARD):
+            assert await read_until_eof(client) == b""  # the server closed it
+        assert notified == []
+    await client.aclose()
+
+
+# --- the head waits of an accepted socket, stopped without a cancel scope -----------------
+# (Real time: the limits are short, the checks generous; nothing here can pass by waiting.)
+
+
+class ScopeCount(trio.abc.Instrument):
+    """Cancel scopes a connection task opened, by the cancel status it steps in (a new status
+    object for each scope it enters)."""
+
+    def __init__(self) -> None:
+        self.statuses: set[int] = set()
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("_connection_task"):
+            self.statuses.add(id(task._cancel_status))
+
+
+async def test_an_accepted_connection_waits_for_its_heads_without_a_cancel_scope(http):
+    """Two requests on a kept-alive connection, each head waited for: every step of the
+    connection's task, its first included, runs in the cancel status it was spawned in (no
+    scope of its own around its head waits)."""
+    listeners = await open_listeners(("127.0.0.1:0",))
+    scopes = ScopeCount()
+    async with serving(listeners, http):
+        trio.lowlevel.add_instrument(scopes)
+        try:
+            client = await connect(listeners[0])
+            assert await get(client) == (200, b"127.0.0.1")
+            assert await get(client, "/again") == (200, b"127.0.0.1")
+            await client.send_eof()
+            with trio.fail_after(GUARD):
+                assert await read_until_eof(client) == b""
+        finally:
+            trio.lowlevel.remove_instrument(scopes)
+        await client.aclose()
+    assert len(scopes.statuses) == 1, scopes.statuses
+
+
+async def test_an_accepted_connection_idle_past_its_limit_is_closed_silently(http):
+    listeners = await open_listeners(("127.0.0.1:0",))
+    async with serving(listeners, http, keepalive_timeout=0.3, header_read_timeout=0.3):
+        client = await connect(listeners[0])
+        assert await get(client) == (200, b"127.0.0.1")
+        started = trio.current_time()
+        with trio.fail_after(GUARD):
+            assert await read_until_eof(client) == b""
+        assert trio.current_time() - started >= 0.3
+        await client.aclose()
+
+
+async def test_an_accepted_connection_whose_head_trickles_past_its_limit_gets_408(http):
+    listeners = await open_listeners(("127.0.0.1:0",))
+    async with serving(listeners, http, header_read_timeout=0.3):
+        client = await connect(listeners[0])
+        await client.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n")  # and no more
+        with trio.fail_after(GUARD):
+            answer = await read_until_eof(client)
+        reply = parse_response(answer)
+        assert (reply.status, reply.headers.get("connection")) == (408, "close")
+        await client.aclose()
+
+
+async def test_shutdown_closes_an_accepted_connection_waiting_for_its_head(http):
+    listeners = await open_listeners(("127.0.0.1:0",))
+    async with serving(listeners, http, keepalive_timeout=3600, header_read_timeout=3600) as server:
+        client = await connect(listeners[0])
+        assert await get(client) == (200, b"127.0.0.1")
+        fresh = await connect(listeners[0])  # accepted, its first head never comes
+        while server.open_connections < 2:
+            await trio.sleep(0.01)
+        await wait_all_tasks_blocked()
+        server.shutdown()
+        with trio.fail_after(GUARD):
+            assert await read_until_eof(client) == b""
+            assert await read_until_eof(fresh) == b""
+    await client.aclose()
+    await fresh.aclose()
