@@ -250,9 +250,9 @@ class UpstreamClient:
         return UpstreamTimeout(f"{origin.host}:{origin.port} sent no response within {self.first_byte_timeout:g} s")
 
     def _remember_session(self, origin: Origin, conn: UpstreamConnection) -> None:
-        """Keep one TLS session per origin for every new connection to resume (reading it costs
-        as much as relaying several events, so it is taken once and forgotten when a handshake
-        did not resume it; the next answer's session replaces it)."""
+        """Keep one TLS session per origin for every new connection to resume (a private copy,
+        :mod:`proxy.upstream.tlssession`: taken once, and forgotten when a handshake did not resume
+        it; the next answer's session replaces it)."""
         session = conn.tls_session
         if session is not None:
             self._sessions[origin] = session
