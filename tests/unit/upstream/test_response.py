@@ -26,35 +26,42 @@ def pair() -> Iterator[tuple[UpstreamConnection, socket.socket]]:
     theirs.close()
 
 
+class Waits(list[int]):
+    """The reader's waits on its socket (trio.lowlevel.wait_readable), and an Event set at the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.begun = trio.Event()
+
+
 @pytest.fixture
-def waits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The reader's waits on its socket (trio.lowlevel.wait_readable), counted."""
-    counted: list[int] = []
+def waits(monkeypatch: pytest.MonkeyPatch) -> Waits:
+    counted = Waits()
     wait = trio.lowlevel.wait_readable
 
     async def counting(fd: Any) -> None:
         counted.append(fd)
+        counted.begun.set()
         await wait(fd)
 
     monkeypatch.setattr(trio.lowlevel, "wait_readable", counting)
     return counted
 
 
+async def read_into(got: list[Any], reader: HeadReader) -> None:
+    got.append(await reader.read())
+
+
 @pytest.mark.parametrize("turns", [0, 1, 3])
 async def test_an_answer_within_a_few_turns_is_read_without_waiting_on_the_socket(
-    pair: tuple[UpstreamConnection, socket.socket], waits: list[int], monkeypatch: pytest.MonkeyPatch, turns: int
+    pair: tuple[UpstreamConnection, socket.socket], waits: Waits, monkeypatch: pytest.MonkeyPatch, turns: int
 ) -> None:
     monkeypatch.setattr(response_module, "SPIN", 30.0)  # generous: a loaded machine's turns are slow
     conn, upstream = pair
-    reader = HeadReader(conn, "GET", 5.0, None)
     got: list[Any] = []
-
-    async def read() -> None:
-        got.append(await reader.read())
-
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(read)
+            nursery.start_soon(read_into, got, HeadReader(conn, "GET", 5.0, None))
             for _ in range(turns):
                 await trio.sleep(0)
             upstream.send(ANSWER)
@@ -63,7 +70,7 @@ async def test_an_answer_within_a_few_turns_is_read_without_waiting_on_the_socke
 
 
 async def test_a_later_answer_is_waited_for_after_the_window(
-    pair: tuple[UpstreamConnection, socket.socket], waits: list[int], monkeypatch: pytest.MonkeyPatch
+    pair: tuple[UpstreamConnection, socket.socket], waits: Waits, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     conn, upstream = pair
     reads = 0
@@ -75,18 +82,14 @@ async def test_a_later_answer_is_waited_for_after_the_window(
         return receive(self)
 
     monkeypatch.setattr(UpstreamConnection, "recv_nowait", counting)
-    reader = HeadReader(conn, "GET", 5.0, None)
     got: list[Any] = []
-
-    async def read() -> None:
-        got.append(await reader.read())
-
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(read)
-            await trio.sleep(0.05)  # far past the window: the reader must be waiting on the socket
+            nursery.start_soon(read_into, got, HeadReader(conn, "GET", 5.0, None))
+            await waits.begun.wait()  # no answer: past the window the reader waits on the socket
             assert waits == [conn.fd]
             upstream.send(ANSWER)
     assert got[0].status == 200
-    # Yielding lasted SPIN (50 µs), not the 50 ms: a few reads, then the wait, then the answer's.
+    # It yielded for SPIN (50 µs) and then waited, not until the answer: a few reads, then the
+    # wait, then the answer's.
     assert reads < 200
