@@ -60,6 +60,10 @@ def not_utf8() -> BadRequest:
     return BadRequest("query string is not valid UTF-8 after percent-decoding", code="malformed_signed_url")
 
 
+def too_many_fields() -> BadRequest:
+    return BadRequest("query string has too many parameters", code="malformed_signed_url")
+
+
 def parse_query(raw_query: str) -> list[tuple[str, str]]:
     """Form-decode a query string (``+`` is a space), refusing bytes that are not UTF-8.
 
@@ -69,7 +73,7 @@ def parse_query(raw_query: str) -> list[tuple[str, str]]:
     if not raw_query:
         return []
     if raw_query.count("&") >= MAX_QUERY_FIELDS:
-        raise BadRequest("query string has too many parameters", code="malformed_signed_url")
+        raise too_many_fields()
     decode = cached_field if len(raw_query) <= MAX_CACHED_QUERY else plain_field
     try:
         return [decode(field) for field in raw_query.split("&") if field]

@@ -23,7 +23,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from .errors import BadRequest, Forbidden, client_text
-from .query import MAX_CACHED_QUERY, MAX_QUERY_FIELDS, cached_field, not_utf8, plain_field
+from .query import MAX_CACHED_QUERY, MAX_QUERY_FIELDS, cached_field, not_utf8, plain_field, too_many_fields
 from .signing import (
     ALGORITHM,
     PAIR_ENCODINGS,
@@ -117,8 +117,8 @@ def parse_signed_request(raw_query: str) -> SignedRequest:
     One pass over the query (as :func:`proxy.query.parse_query` decodes it): the parameters are decoded,
     checked for repeats and collected as they come, the signer's extra ones apart.
     """
-    if raw_query and raw_query.count("&") >= MAX_QUERY_FIELDS:  # query's field limit, inline
-        raise BadRequest("query string has too many parameters", code="malformed_signed_url")
+    if raw_query and raw_query.count("&") >= MAX_QUERY_FIELDS:  # parse_query's limit, checked inline
+        raise too_many_fields()
     cacheable = len(raw_query) <= MAX_CACHED_QUERY
     decode = cached_field if cacheable else plain_field
     found: dict[str, str] = {}  # Signway's parameters
